@@ -1,0 +1,70 @@
+"""Map an (N, C, *spatial) array onto one of the two kernel layouts, without copying
+when its memory already fits one.
+
+* ``FIRST``: C-contiguous, viewed as ``(N, C, S)`` with ``S = prod(spatial)``
+  (and a Fortran-ordered ``(N, C)`` array, viewed as ``(1, C, N)``).
+* ``LAST``:  channels-last (C varies fastest, as ``img_nhwc.transpose(0, 3, 1, 2)``),
+  viewed as ``(M, C)`` rows with ``M = N * S``.  A C-contiguous ``(N, C)`` array
+  (and any array with ``S == 1``) is also this layout: one row per sample.
+
+Anything else is copied to C order: that copy is the documented price of an
+arbitrary stride pattern.
+"""
+import math
+
+import numpy as np
+
+FIRST = "channels_first"
+LAST = "channels_last"
+
+
+def _is_channels_last(x):
+    return np.moveaxis(x, 1, -1).flags.c_contiguous
+
+
+def layout_of(x):
+    """Return FIRST or LAST if ``x`` can be viewed without a copy, else None."""
+    spatial = math.prod(x.shape[2:])
+    if x.flags.c_contiguous:
+        return LAST if spatial == 1 else FIRST
+    if x.ndim > 2 and _is_channels_last(x):
+        return LAST
+    if x.ndim == 2 and x.flags.f_contiguous:
+        return FIRST
+    return None
+
+
+def copy_layout(x):
+    """The layout to copy an arbitrarily strided ``x`` into."""
+    return LAST if math.prod(x.shape[2:]) == 1 else FIRST
+
+
+def kernel_view(x, layout):
+    """View ``x`` (already in ``layout``) as the kernel's 3-D or 2-D array."""
+    n, c = x.shape[0], x.shape[1]
+    spatial = math.prod(x.shape[2:])
+    if layout == FIRST:
+        if x.ndim == 2:
+            return x.T.reshape(1, c, n)
+        return x.reshape(n, c, spatial)
+    return np.moveaxis(x, 1, -1).reshape(n * spatial, c)
+
+
+def empty_like_layout(x, layout, dtype):
+    """A new array shaped like ``x`` whose memory is in ``layout`` (and x's order)."""
+    if x.ndim == 2:
+        order = "F" if layout == FIRST else "C"
+        return np.empty(x.shape, dtype=dtype, order=order)
+    if layout == FIRST:
+        return np.empty(x.shape, dtype=dtype)
+    moved = np.empty((x.shape[0],) + x.shape[2:] + (x.shape[1],), dtype=dtype)
+    return np.moveaxis(moved, -1, 1)
+
+
+def to_layout(x, layout):
+    """``x`` itself if it is in ``layout``, else a copy that is."""
+    if layout_of(x) == layout:
+        return x
+    copy = empty_like_layout(x, layout, x.dtype)
+    np.copyto(copy, x)
+    return copy

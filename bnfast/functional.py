@@ -1,0 +1,234 @@
+"""Functional BatchNorm, mirroring ``torch.nn.functional.batch_norm``.
+
+Validation happens here, once; the compiled kernels in ``bnfast._stats`` and
+``bnfast._normalize`` assume what this module checked.
+"""
+import math
+
+import numpy as np
+
+from . import _layout, _normalize, _stats
+from ._threads import resolve_threads
+from ._validation import (
+    check_channel_vector,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_same_shape,
+    check_training_size,
+    same_memory,
+)
+
+__all__ = ["batch_norm", "fused_batch_norm"]
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, addend=None, relu=False, out=None,
+               n_threads=None, return_stats=False):
+    """Batch Normalization over the channel axis (axis 1), as ``torch.nn.functional.batch_norm``.
+
+    Computes ``y = (x - mean) / sqrt(var + eps) * weight + bias``, then
+    optionally ``y += addend`` and ``y = max(y, 0)`` in the same pass.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, *spatial)
+        float32 or float64.  C-contiguous and channels-last memory
+        (``nhwc.transpose(0, 3, 1, 2)``) are used in place; other strides are
+        copied once.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics.  In training they are updated **in place**
+        (running_var with the unbiased batch variance); in evaluation they
+        normalise the input and are required.
+    weight, bias : array_like of shape (C,) or None
+        Affine parameters (gamma, beta); None means 1 and 0.
+    training : bool
+        Use batch statistics (and update the running ones) if True.
+    momentum : float
+        ``running = (1 - momentum) * running + momentum * batch``.
+    eps : float
+        Added to the variance; must be positive.
+    addend : array_like of input's shape and dtype, optional
+        Added after the affine map (a residual connection).
+    relu : bool
+        Apply ``max(y, 0)`` last (NaN stays NaN, as in ``torch.relu``).
+    out : ndarray, optional
+        Where to write the result; may be ``input`` or ``addend`` itself.
+    n_threads : int, optional
+        OpenMP threads; default: the OpenMP maximum (see ``OMP_NUM_THREADS``,
+        ``threadpoolctl``).  Results do not depend on it.
+    return_stats : bool
+        Also return ``(save_mean, save_invstd)``, float64 arrays of shape (C,):
+        the batch mean and ``1/sqrt(var + eps)`` in training, the running mean
+        and ``1/sqrt(running_var + eps)`` in evaluation.  They are what
+        ``batch_norm_backward`` takes.
+
+    Returns
+    -------
+    out : ndarray
+        Same shape and dtype as input, and the same memory layout
+        (channels-last in, channels-last out).
+    save_mean, save_invstd : ndarray
+        Only with ``return_stats=True``.
+
+    Raises
+    ------
+    TypeError
+        A non-float array, mismatched dtypes between input, addend and out.
+    ValueError
+        Fewer than 2 dimensions, a (C,) vector of the wrong size, eps <= 0,
+        a single value per channel in training, or missing running stats in
+        evaluation.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> bnfast.batch_norm(x, rm, rv, training=True).round(3)
+    array([[-1.342, -1.342],
+           [-0.447, -0.447],
+           [ 0.447,  0.447],
+           [ 1.342,  1.342]], dtype=float32)
+    >>> rm
+    array([0.3, 0.4], dtype=float32)
+    """
+    x = check_input(input)
+    C = x.shape[1]
+    eps = check_eps(eps)
+    running_mean = check_channel_vector(running_mean, "running_mean", C)
+    running_var = check_channel_vector(running_var, "running_var", C)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be arrays or both be None")
+    weight = check_channel_vector(weight, "weight", C)
+    bias = check_channel_vector(bias, "bias", C)
+    if addend is not None:
+        addend = check_same_shape(addend, "addend", x)
+    if out is not None:
+        out = _check_out(out, x)
+    nt = resolve_threads(n_threads)
+
+    if training:
+        momentum = check_momentum(momentum)
+        check_training_size(x)
+        if running_mean is not None:
+            _check_writable_buffers(running_mean, running_var)
+    elif running_mean is None:
+        raise ValueError("running_mean must be defined in evaluation mode "
+                         "(pass training=True to normalise with batch statistics)")
+
+    layout = _layout.layout_of(x)
+    if layout is None:
+        layout = _layout.copy_layout(x)
+        x = _layout.to_layout(x, layout)
+    xk = _layout.kernel_view(x, layout)
+    stat_kernel = _stats.channels_first if layout == _layout.FIRST else _stats.channels_last
+    norm_kernel = _normalize.channels_first if layout == _layout.FIRST else _normalize.channels_last
+
+    coef = np.empty((4, C), dtype=np.float64)
+    w_arr, b_arr = _param_pair(weight, bias, C)
+    empty = x.size == 0
+    if training:
+        mean = np.zeros(C)
+        var = np.zeros(C)
+        if not empty:
+            stat_kernel(xk, mean, var, nt)
+            if running_mean is not None:
+                _update_running(running_mean, running_var, mean, var,
+                                x.size // max(C, 1), momentum)
+        _normalize.coefficients(mean, var, w_arr, b_arr, weight is not None,
+                                bias is not None, eps, coef)
+    else:
+        rm, rv = _stat_pair(running_mean, running_var)
+        _normalize.coefficients(rm, rv, w_arr, b_arr, weight is not None,
+                                bias is not None, eps, coef)
+
+    result, target = _output_for(x, layout, out, addend)
+    if not empty:
+        add_k = None if addend is None else _layout.kernel_view(_layout.to_layout(addend, layout), layout)
+        norm_kernel(xk, coef, _layout.kernel_view(target, layout), add_k, bool(relu), nt)
+    if target is not result:
+        np.copyto(result, target)
+    if return_stats:
+        return result, coef[0], coef[1]
+    return result
+
+
+def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, addend=None,
+                     training=False, momentum=0.1, eps=1e-5, *, out=None, n_threads=None,
+                     return_stats=False):
+    """``relu(batch_norm(input) + addend)`` in one pass: OneFlow's fused BatchNorm.
+
+    Same parameters as :func:`batch_norm`; ``addend`` (optional) is added
+    before the ReLU.  Equivalent to
+    ``batch_norm(..., addend=addend, relu=True)``.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1., -1.], [3., 1.]], dtype=np.float32)
+    >>> bnfast.fused_batch_norm(x, None, None, training=True)
+    array([[0.      , 0.      ],
+           [0.999995, 0.99998 ]], dtype=float32)
+    """
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      addend=addend, relu=True, out=out, n_threads=n_threads,
+                      return_stats=return_stats)
+
+
+def _check_out(out, x):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    out = check_same_shape(out, "out", x)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out
+
+
+def _check_writable_buffers(running_mean, running_var):
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(buf, np.ndarray) or not buf.flags.writeable:
+            raise ValueError(f"{name} must be a writable numpy array: it is updated in place "
+                             "during training")
+
+
+def _param_pair(weight, bias, C):
+    """weight and bias as two contiguous arrays of one dtype (dummies where None)."""
+    if weight is None and bias is None:
+        dummy = np.empty(C, dtype=np.float64)
+        return dummy, dummy
+    if weight is None or bias is None:
+        given = weight if weight is not None else bias
+        given = np.ascontiguousarray(given)
+        return given, given
+    return _stat_pair(weight, bias)
+
+
+def _stat_pair(a, b):
+    """Two (C,) arrays as contiguous arrays of one dtype (float64 if they differ: lossless)."""
+    if a.dtype != b.dtype:
+        a = a.astype(np.float64)
+        b = b.astype(np.float64)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update, computed in float64 and rounded once into the buffers."""
+    unbiased = var * (count / (count - 1)) if count > 1 else np.full_like(var, np.nan)
+    keep = 1.0 - momentum
+    running_mean[...] = keep * running_mean.astype(np.float64) + momentum * mean
+    running_var[...] = keep * running_var.astype(np.float64) + momentum * unbiased
+
+
+def _output_for(x, layout, out, addend):
+    """(array returned to the caller, array the kernel writes in ``layout``)."""
+    if out is None:
+        result = _layout.empty_like_layout(x, layout, x.dtype)
+        return result, result
+    aliased = False
+    for other in (x, addend):
+        if other is not None and np.may_share_memory(out, other) and not same_memory(out, other):
+            aliased = True  # partial overlap: elementwise in-place would read written values
+    if not aliased and _layout.layout_of(out) == layout:
+        return out, out
+    return out, _layout.empty_like_layout(x, layout, x.dtype)

@@ -1,0 +1,253 @@
+"""BatchNorm1d/2d/3d: thin holders of parameters and running buffers.
+
+They mirror ``torch.nn.BatchNormXd`` (constructor, attributes, train/eval,
+state_dict keys, error messages) and dispatch to :mod:`bnfast.functional`.
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from . import functional as F
+from ._validation import SUPPORTED_DTYPES, check_eps, check_input
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+class _BatchNorm:
+    """Shared implementation; subclasses set the accepted input dimensions."""
+
+    _ndims = ()            # accepted input.ndim values
+    _ndim_text = ""        # as PyTorch words it: "4D", "2D or 3D"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, bias=True, dtype=np.float32, n_threads=None):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        dtype = np.dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if momentum is not None:
+            F.check_momentum(momentum)
+        self.num_features = int(num_features)
+        self.eps = check_eps(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.n_threads = n_threads
+        self.training = True
+        C = self.num_features
+        if self.affine:
+            self.weight = np.empty(C, dtype)
+            self.bias = np.empty(C, dtype) if bias else None
+        else:
+            self.weight = None
+            self.bias = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, dtype)
+            self.running_var = np.ones(C, dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        self.reset_parameters()
+
+    # -- PyTorch's Module surface -------------------------------------------------
+    def reset_running_stats(self):
+        """Running mean to 0, running variance to 1, num_batches_tracked to 0."""
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics, weight to 1 and bias to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.fill(1)
+            if self.bias is not None:
+                self.bias.fill(0)
+
+    def train(self, mode=True):
+        """Set training mode (batch statistics, running buffers updated); returns self."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        return self
+
+    def eval(self):
+        """Set evaluation mode (running statistics); returns self."""
+        return self.train(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input, *, out=None):
+        """Normalise ``input`` (see :func:`bnfast.batch_norm`); returns the output array."""
+        return self._forward(input, None, False, out)
+
+    def _forward(self, input, addend, relu, out):
+        x = check_input(input)
+        self._check_input_dim(x)
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the module's dtype {self.dtype}: "
+                f"build the module with dtype=np.{x.dtype} or cast the input explicitly"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels (axis 1), "
+                             f"got input of shape {x.shape}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when no running stats exist.
+        use_batch_stats = self.training or self.running_mean is None
+        tracking = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.weight, self.bias, use_batch_stats, factor, self.eps,
+            addend=addend, relu=relu, out=out, n_threads=self.n_threads,
+        )
+
+    def _check_input_dim(self, x):
+        if x.ndim not in self._ndims:
+            raise ValueError(f"expected {self._ndim_text} input (got {x.ndim}D input)")
+
+    # -- state dict ---------------------------------------------------------------
+    def state_dict(self):
+        """Parameters and buffers under PyTorch's key names (arrays, not copies)."""
+        state = {}
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(self, key)
+            if value is not None:
+                state[key] = value
+        return state
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy values from ``state_dict`` (NumPy arrays or torch tensors) into this module.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys as produced by :meth:`state_dict` or by ``torch.nn.BatchNormXd``.
+            A state dict without ``num_batches_tracked`` (from old PyTorch) keeps
+            the current count, as PyTorch does.
+        strict : bool
+            Raise on missing or unexpected keys.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, as PyTorch returns.
+
+        Raises
+        ------
+        RuntimeError
+            Missing/unexpected keys (strict) or a shape mismatch, listing all of them.
+        """
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
+        unexpected = [k for k in state_dict if k not in own]
+        errors = []
+        staged = {}
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = np.asarray(_to_numpy(state_dict[key]))
+            if value.shape != target.shape:
+                errors.append(f"size mismatch for {key}: copying a param with shape "
+                              f"{value.shape} from checkpoint, the shape in current model "
+                              f"is {target.shape}.")
+                continue
+            staged[key] = value
+        if strict:
+            if missing:
+                errors.insert(0, "Missing key(s) in state_dict: "
+                              + ", ".join(f'"{k}"' for k in missing) + ".")
+            if unexpected:
+                errors.insert(0, "Unexpected key(s) in state_dict: "
+                              + ", ".join(f'"{k}"' for k in unexpected) + ".")
+        if errors:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                               + "\n\t".join(errors))
+        for key, value in staged.items():  # all checked first: nothing half-loaded
+            np.copyto(own[key], value, casting="unsafe" if key == "num_batches_tracked" else "same_kind")
+        return IncompatibleKeys(missing, unexpected)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats})")
+
+
+def _to_numpy(value):
+    """Accept torch tensors without importing torch."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch Normalization over (N, C) or (N, C, L) input, as ``torch.nn.BatchNorm1d``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance; must be positive.
+    momentum : float or None, default 0.1
+        Running-stat update factor; None for a cumulative average.
+    affine : bool, default True
+        Learnable ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
+    bias : bool, default True (keyword-only)
+        With ``affine``, whether there is a ``bias``.
+    dtype : {np.float32, np.float64}, default np.float32
+        Dtype of the parameters and buffers; input must have the same dtype.
+    n_threads : int or None (keyword-only)
+        OpenMP threads (None: the OpenMP maximum).
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm1d(3)
+    >>> y = bn(np.random.default_rng(0).standard_normal((8, 3), dtype=np.float32))
+    >>> bn.num_batches_tracked
+    array(1)
+    """
+
+    _ndims = (2, 3)
+    _ndim_text = "2D or 3D"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch Normalization over (N, C, H, W) input, as ``torch.nn.BatchNorm2d``.
+
+    Parameters are those of :class:`BatchNorm1d`.  Channels-last input
+    (``nhwc.transpose(0, 3, 1, 2)``) is used without a copy and gives
+    channels-last output.
+    """
+
+    _ndims = (4,)
+    _ndim_text = "4D"
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch Normalization over (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``.
+
+    Parameters are those of :class:`BatchNorm1d`.
+    """
+
+    _ndims = (5,)
+    _ndim_text = "5D"

@@ -1,0 +1,1 @@
+"""Backward kernels (placeholder module, filled by the backward pass work)."""

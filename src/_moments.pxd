@@ -1,0 +1,95 @@
+# Building blocks for numerically stable per-channel moments, shared (inlined)
+# by the statistics and backward kernels.  Everything accumulates in double.
+#
+# A "partial" is (count, mean, m2) with m2 = sum((x - mean)**2).  Partials are
+# produced by shifted one-pass sums over a chunk (the shift is a value *from*
+# that chunk, which bounds the cancellation in s2 - s1**2/n to about
+# eps * (1 + n) relative) and combined with Chan et al.'s pairwise update.
+# Chunks are cut by the array's shape only, never by the thread count, so the
+# result is bit-identical for any number of threads.
+from cython cimport floating
+
+
+cdef extern from "bnfast_simd.h" nogil:
+    void bnfast_shifted_sums_f32(const float* x, Py_ssize_t n, double shift, double* s1, double* s2)
+    void bnfast_shifted_sums_f64(const double* x, Py_ssize_t n, double shift, double* s1, double* s2)
+    void bnfast_centered_dot_f32(const float* x, const float* y, Py_ssize_t n, double shift,
+                                 double* sy, double* sxy)
+    void bnfast_centered_dot_f64(const double* x, const double* y, Py_ssize_t n, double shift,
+                                 double* sy, double* sxy)
+    void bnfast_shifted_colsums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
+                                    const float* shift, double* s1, double* s2)
+    void bnfast_shifted_colsums_f64(const double* x, Py_ssize_t rows, Py_ssize_t W,
+                                    const double* shift, double* s1, double* s2)
+
+
+cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double shift,
+                              double* s1, double* s2) noexcept nogil:
+    """Add sum(x - shift) to s1[0] and sum((x - shift)**2) to s2[0] (SIMD leaf)."""
+    if floating is float:
+        bnfast_shifted_sums_f32(x, n, shift, s1, s2)
+    else:
+        bnfast_shifted_sums_f64(x, n, shift, s1, s2)
+
+
+cdef inline void shifted_colsums(const floating* x, Py_ssize_t rows, Py_ssize_t W,
+                                 const floating* shift, double* s1, double* s2) noexcept nogil:
+    """Add column j's sum(x[:, j] - shift[j]) to s1[j], squares to s2[j] (SIMD leaf)."""
+    if floating is float:
+        bnfast_shifted_colsums_f32(x, rows, W, shift, s1, s2)
+    else:
+        bnfast_shifted_colsums_f64(x, rows, W, shift, s1, s2)
+
+
+cdef inline void centered_dot(const floating* x, const floating* y, Py_ssize_t n, double shift,
+                              double* sy, double* sxy) noexcept nogil:
+    """Add sum(y) to sy[0] and sum((x - shift) * y) to sxy[0] (SIMD leaf)."""
+    if floating is float:
+        bnfast_centered_dot_f32(x, y, n, shift, sy, sxy)
+    else:
+        bnfast_centered_dot_f64(x, y, n, shift, sy, sxy)
+
+
+cdef inline void merge_shifted(double* count, double* mean, double* m2,
+                               double n, double shift, double s1, double s2) noexcept nogil:
+    """Merge a chunk given by its shifted sums into the partial (count, mean, m2)."""
+    if n <= 0:
+        return
+    cdef double chunk_m2 = s2 - s1 * s1 / n
+    if chunk_m2 < 0.0:  # rounding can leave a tiny negative for a constant chunk
+        chunk_m2 = 0.0
+    merge_partial(count, mean, m2, n, shift + s1 / n, chunk_m2)
+
+
+cdef inline void merge_rows(double* mean, double* m2, const double* part_mean,
+                            const double* part_m2, Py_ssize_t C, double n_a, double n_b) noexcept nogil:
+    """Fold C partials that all count n_b into C accumulators that all count n_a.
+
+    Every channel sees the same counts, so the ratios are computed once and the
+    channel loop is division-free and vectorisable.
+    """
+    if n_b <= 0:
+        return
+    cdef double r = n_b / (n_a + n_b)
+    cdef double q = n_a * r
+    cdef double delta
+    cdef Py_ssize_t c
+    for c in range(C):
+        delta = part_mean[c] - mean[c]
+        mean[c] = mean[c] + delta * r
+        m2[c] = m2[c] + part_m2[c] + delta * delta * q
+
+
+cdef inline void merge_partial(double* count, double* mean, double* m2,
+                               double n_b, double mean_b, double m2_b) noexcept nogil:
+    """Chan et al.: fold the partial (n_b, mean_b, m2_b) into (count, mean, m2)."""
+    if n_b <= 0:
+        return
+    cdef double n_a = count[0]
+    cdef double n = n_a + n_b
+    cdef double delta = mean_b - mean[0]
+    # With n_a == 0 this gives mean_b and m2_b exactly; a constant channel keeps
+    # delta == 0, so its mean stays exact and its m2 stays 0.
+    mean[0] = mean[0] + delta * (n_b / n)
+    m2[0] = m2[0] + m2_b + delta * delta * (n_a * n_b / n)
+    count[0] = n

@@ -1,0 +1,164 @@
+"""The normalise pass with its fused epilogue: ``y = relu?((x - mean) * scale + shift + addend?)``.
+
+Per-channel coefficients are prepared in double (``coefficients``) and applied
+in the storage type.  The mean is split as ``m = float(mean)``, and its rounding
+error is folded into the shift, so float32 data far from zero (mean 1e6,
+std 1) still normalises to ~1e-6: ``x - m`` is exact there (Sterbenz).
+
+One read of x (and addend), one write of y, in either memory layout.  ``out``
+may be ``x`` or ``addend`` itself: every element is read before it is written.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+ctypedef fused stat_t:
+    float
+    double
+
+ctypedef fused param_t:
+    float
+    double
+
+cdef enum:
+    # Elements per parallel task in the channels-last layout.
+    BLOCK_ELEMS = 16384
+    # Target width of a widened row (see _stats.pyx).
+    ROW_WIDTH = 64
+    # Below this many elements, threads cost more than they save.
+    SERIAL_ELEMS = 65536
+
+# Rows of the coefficient table.
+MEAN, INVSTD, SCALE, SHIFT = 0, 1, 2, 3
+
+
+def coefficients(const stat_t[::1] mean,      # IN (C,) batch or running mean
+                 const stat_t[::1] var,       # IN (C,) biased batch or running variance
+                 const param_t[::1] weight,   # IN (C,) gamma (ignored unless has_weight)
+                 const param_t[::1] bias,     # IN (C,) beta (ignored unless has_bias)
+                 bint has_weight, bint has_bias, double eps,
+                 double[:, ::1] coef):        # OUT (4, C): mean, invstd, scale, shift
+    """Per-channel coefficients in double: invstd = 1/sqrt(var + eps), scale = weight * invstd."""
+    cdef Py_ssize_t c, C = mean.shape[0]
+    cdef double invstd
+    with nogil:
+        for c in range(C):
+            invstd = 1.0 / sqrt(<double>var[c] + eps)
+            coef[0, c] = mean[c]
+            coef[1, c] = invstd
+            coef[2, c] = invstd * weight[c] if has_weight else invstd
+            coef[3, c] = bias[c] if has_bias else 0.0
+
+
+cdef inline int _threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) noexcept nogil:
+    if elems < SERIAL_ELEMS or tasks < 2:
+        return 1
+    if n_threads > tasks:
+        return <int>tasks
+    return n_threads if n_threads > 0 else 1
+
+
+cdef inline floating _shift_in(floating m, const double[:, ::1] coef, Py_ssize_t c) noexcept nogil:
+    """Storage-type shift b for y = (x - m) * a + b, with m = storage-type mean.
+
+    The mean's rounding error (mean - m) is folded into b, in double.
+    """
+    return <floating>(coef[3, c] - (coef[0, c] - <double>m) * coef[2, c])
+
+
+cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
+                               Py_ssize_t n, floating m, floating a, floating b,
+                               bint relu) noexcept nogil:
+    # Loop-invariant branches: the compiler unswitches them into tight loops.
+    cdef Py_ssize_t i
+    cdef floating v
+    for i in range(n):
+        v = (x[i] - m) * a + b
+        if addend != NULL:
+            v = v + addend[i]
+        if relu and v < 0:  # NaN stays NaN, as in torch.relu
+            v = 0
+        y[i] = v
+
+
+cdef inline void _apply_vector(const floating* x, const floating* addend, floating* y,
+                               Py_ssize_t n, const floating* m, const floating* a,
+                               const floating* b, bint relu) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v
+    for i in range(n):
+        v = (x[i] - m[i]) * a[i] + b[i]
+        if addend != NULL:
+            v = v + addend[i]
+        if relu and v < 0:
+            v = 0
+        y[i] = v
+
+
+def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
+                   const double[:, ::1] coef,         # IN  (4, C) from coefficients()
+                   floating[:, :, ::1] out,           # OUT (N, C, S), may be x or addend
+                   const floating[:, :, ::1] addend,  # IN  (N, C, S) or None
+                   bint relu, int n_threads):
+    """Apply the per-channel affine map (and epilogue) to an (N, C, S) array."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    if N == 0 or C == 0 or S == 0:
+        return
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0]
+    cdef const floating* ap = NULL if addend is None else &addend[0, 0, 0]
+    cdef Py_ssize_t t, c, off
+    cdef floating m, a, b
+    cdef int nt = _threads_for(N * C, N * C * S, n_threads)
+    with nogil:
+        for t in prange(N * C, schedule='static', num_threads=nt):
+            c = t % C
+            # Assigned here, not through pointers, so each thread keeps its own.
+            m = <floating>coef[0, c]
+            a = <floating>coef[2, c]
+            b = _shift_in(m, coef, c)
+            off = t * S
+            _apply_scalar(xp + off, NULL if ap == NULL else ap + off, yp + off, S, m, a, b, relu)
+
+
+def channels_last(const floating[:, ::1] x,       # IN  (M, C)
+                  const double[:, ::1] coef,      # IN  (4, C) from coefficients()
+                  floating[:, ::1] out,           # OUT (M, C), may be x or addend
+                  const floating[:, ::1] addend,  # IN  (M, C) or None
+                  bint relu, int n_threads):
+    """Apply the per-channel affine map (and epilogue) to an (M, C) array."""
+    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
+    if M == 0 or C == 0:
+        return
+    # The coefficient pattern repeats every C values of the flat array: tile it
+    # k times so that small C still gives long vector loops.  Every W-aligned
+    # piece starts at channel 0, so a short last piece needs no special case.
+    cdef Py_ssize_t k = ROW_WIDTH // C if C < ROW_WIDTH else 1
+    cdef Py_ssize_t W = k * C, total = M * C
+    cdef Py_ssize_t per_block = (BLOCK_ELEMS // W if W < BLOCK_ELEMS else 1) * W
+    cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
+    cdef floating* tile = <floating*>malloc(3 * W * sizeof(floating))
+    if tile == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t j, blk, i, i_end, n
+    for j in range(W):
+        tile[j] = <floating>coef[0, j % C]
+        tile[W + j] = <floating>coef[2, j % C]
+        tile[2 * W + j] = _shift_in(tile[j], coef, j % C)
+    cdef const floating* xp = &x[0, 0]
+    cdef floating* yp = &out[0, 0]
+    cdef const floating* ap = NULL if addend is None else &addend[0, 0]
+    cdef int nt = _threads_for(blocks, total, n_threads)
+    try:
+        with nogil:
+            for blk in prange(blocks, schedule='static', num_threads=nt):
+                i_end = min(total, (blk + 1) * per_block)
+                i = blk * per_block
+                while i < i_end:
+                    n = min(W, i_end - i)
+                    _apply_vector(xp + i, NULL if ap == NULL else ap + i, yp + i, n,
+                                  tile, tile + W, tile + 2 * W, relu)
+                    i = i + W
+    finally:
+        free(tile)

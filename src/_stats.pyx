@@ -1,0 +1,192 @@
+"""Per-channel batch statistics (mean and biased variance), float64 accumulation.
+
+Two memory layouts, one pass over the input each:
+
+* ``channels_first``: x is ``(N, C, S)`` C-contiguous (NCHW and friends).  Work is
+  cut into tasks of (channel, block of samples); each task streams its
+  contiguous runs once.  Tasks outnumber threads even when C is small, so a
+  (256, 3, 32, 32) batch is split over the batch as well as the channels.
+* ``channels_last``: x is ``(M, C)`` C-contiguous (NHWC viewed as rows, and
+  plain (N, C)).  Rows are read as wide rows of ``k * C`` values so that small C
+  still gives long vectorisable inner loops; each block of wide rows yields one
+  partial per column.
+
+Partials are merged per channel in a fixed order (see ``_moments.pxd``): the
+partition depends on the shape only, so any thread count gives the same bits.
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport calloc, free, malloc
+
+from _moments cimport merge_rows, merge_shifted, shifted_colsums, shifted_sums
+from _openmp_helpers cimport bnfast_thread_num
+
+cdef enum:
+    # Elements per shifted-sum chunk (bounds cancellation error to ~eps * CHUNK).
+    CHUNK = 4096
+    # Elements per (channel, sample block) task in the channels-first layout.
+    TASK_ELEMS = 32768
+    # Target width (values) of a widened row in the channels-last layout.
+    ROW_WIDTH = 64
+    # Channels-last blocks: about this many elements, at most MAX_BLOCK_ROWS rows.
+    BLOCK_ELEMS = 32768
+    MAX_BLOCK_ROWS = 4096
+    # Below this many elements, threads cost more than they save.
+    SERIAL_ELEMS = 65536
+
+
+cdef inline int _threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) noexcept nogil:
+    if elems < SERIAL_ELEMS or tasks < 2:
+        return 1
+    if n_threads > tasks:
+        return <int>tasks
+    return n_threads if n_threads > 0 else 1
+
+
+cdef void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
+    """Turn the accumulated m2 (stored in the var array) into the biased variance."""
+    cdef Py_ssize_t c
+    for c in range(C):
+        m2[c] = m2[c] / count
+
+
+def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
+                   double[::1] mean,              # OUT (C,)
+                   double[::1] var,               # OUT (C,) biased
+                   int n_threads):
+    """Per-channel mean and biased variance of an (N, C, S) array."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    if N == 0 or C == 0 or S == 0:
+        return
+    cdef Py_ssize_t per_task = TASK_ELEMS // S if S < TASK_ELEMS else 1
+    cdef Py_ssize_t blocks = (N + per_task - 1) // per_task
+    cdef Py_ssize_t tasks = C * blocks
+    # Partials laid out [block][channel] so the merge runs along channels.
+    cdef double* part = <double*>malloc(2 * tasks * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    cdef double* part_m2 = part + tasks
+    cdef const floating* base = &x[0, 0, 0]
+    cdef const floating* run_start
+    cdef Py_ssize_t t, c, b, n, s0, run, n_end
+    cdef double cnt, mu, m2, shift, s1, s2, chunk_n
+    cdef int nt = _threads_for(tasks, N * C * S, n_threads)
+    try:
+        with nogil:
+            for t in prange(tasks, schedule='static', num_threads=nt):
+                c = t // blocks
+                b = t - c * blocks
+                cnt = 0.0
+                mu = 0.0
+                m2 = 0.0
+                chunk_n = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                shift = 0.0
+                n_end = min(N, (b + 1) * per_task)
+                for n in range(b * per_task, n_end):
+                    # Runs of S values; a chunk may span several runs (small S).
+                    s0 = 0
+                    while s0 < S:
+                        run = min(S - s0, CHUNK)
+                        run_start = base + (n * C + c) * S + s0
+                        if chunk_n == 0.0:
+                            shift = run_start[0]
+                        shifted_sums(run_start, run, shift, &s1, &s2)
+                        chunk_n = chunk_n + run
+                        s0 = s0 + run
+                        if chunk_n >= CHUNK:
+                            merge_shifted(&cnt, &mu, &m2, chunk_n, shift, s1, s2)
+                            chunk_n = 0.0
+                            s1 = 0.0
+                            s2 = 0.0
+                merge_shifted(&cnt, &mu, &m2, chunk_n, shift, s1, s2)
+                part[b * C + c] = mu
+                part_m2[b * C + c] = m2
+            mean[:] = 0.0
+            var[:] = 0.0
+            for b in range(blocks):
+                n = min(N, (b + 1) * per_task) - b * per_task
+                merge_rows(&mean[0], &var[0], part + b * C, part_m2 + b * C, C,
+                           <double>(b * per_task * S), <double>(n * S))
+            _finish(&mean[0], &var[0], C, <double>(N * S))
+    finally:
+        free(part)
+
+
+def channels_last(const floating[:, ::1] x,  # IN  (M, C)
+                  double[::1] mean,           # OUT (C,)
+                  double[::1] var,            # OUT (C,) biased
+                  int n_threads):
+    """Per-channel mean and biased variance of an (M, C) array (channels-last rows)."""
+    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
+    if M == 0 or C == 0:
+        return
+    # View the first (M // k) * k rows as wide rows of W = k * C values.
+    cdef Py_ssize_t k = ROW_WIDTH // C if C < ROW_WIDTH else 1
+    if k > M:
+        k = M
+    cdef Py_ssize_t W = k * C
+    cdef Py_ssize_t rows = M // k
+    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, BLOCK_ELEMS // W))
+    cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
+    # Partial means and m2 per (block, column); counts follow from the block.
+    cdef double* part = <double*>malloc(2 * blocks * W * sizeof(double))
+    cdef int nt = _threads_for(blocks, M * C, n_threads)
+    # Per-thread column sums, allocated up front: a thread that skipped the
+    # worksharing loop on a failed malloc would deadlock the others.
+    # Each thread's slice is padded to whole cache lines (no false sharing).
+    cdef Py_ssize_t slice_len = (2 * W + 7) // 8 * 8 + 8
+    cdef double* scratch = <double*>malloc(nt * slice_len * sizeof(double))
+    if part == NULL or scratch == NULL:
+        free(part)
+        free(scratch)
+        raise MemoryError()
+    cdef double* part_m2 = part + blocks * W
+    cdef const floating* base = &x[0, 0]
+    cdef const floating* first
+    cdef double* s1 = NULL
+    cdef double* s2 = NULL
+    cdef Py_ssize_t b, r, j, l, r_end
+    cdef double d, cnt, n_a
+    try:
+        with nogil:
+            with parallel(num_threads=nt):
+                s1 = scratch + slice_len * bnfast_thread_num()
+                s2 = s1 + W
+                for b in prange(blocks, schedule='static'):
+                    for j in range(W):
+                        s1[j] = 0.0
+                        s2[j] = 0.0
+                    r_end = min(rows, (b + 1) * per_block)
+                    # Shift: the block's first wide row (values from the chunk).
+                    first = base + b * per_block * W
+                    shifted_colsums(first, r_end - b * per_block, W, first, s1, s2)
+                    cnt = <double>(r_end - b * per_block)
+                    for j in range(W):
+                        d = s2[j] - s1[j] * s1[j] / cnt
+                        part[b * W + j] = first[j] + s1[j] / cnt
+                        part_m2[b * W + j] = d if d > 0.0 else 0.0
+            # Fold (block, lane) partials in order, then the rows that did not
+            # fill a wide row (count 1, m2 0: scratch holds the zeros and values).
+            mean[:] = 0.0
+            var[:] = 0.0
+            n_a = 0.0
+            for b in range(blocks):
+                cnt = <double>(min(rows, (b + 1) * per_block) - b * per_block)
+                for l in range(k):
+                    merge_rows(&mean[0], &var[0], part + b * W + l * C,
+                               part_m2 + b * W + l * C, C, n_a, cnt)
+                    n_a = n_a + cnt
+            for j in range(C):
+                scratch[C + j] = 0.0
+            for r in range(rows * k, M):
+                for j in range(C):
+                    scratch[j] = base[r * C + j]
+                merge_rows(&mean[0], &var[0], scratch, scratch + C, C, n_a, 1.0)
+                n_a = n_a + 1.0
+            _finish(&mean[0], &var[0], C, <double>M)
+    finally:
+        free(scratch)
+        free(part)
+
