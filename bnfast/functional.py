@@ -169,7 +169,7 @@ def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, a
     >>> x = np.array([[1., -1.], [3., 1.]], dtype=np.float32)
     >>> bnfast.fused_batch_norm(x, None, None, training=True)
     array([[0.      , 0.      ],
-           [0.999995, 0.99998 ]], dtype=float32)
+           [0.999995, 0.999995]], dtype=float32)
     """
     return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       addend=addend, relu=True, out=out, n_threads=n_threads,

@@ -30,8 +30,8 @@ class FusedBatchNorm1d(_FusedMixin, BatchNorm1d):
     >>> m = bnfast.FusedBatchNorm1d(2)
     >>> x = np.array([[1., 2.], [3., 4.]], dtype=np.float32)
     >>> m(x, addend=np.zeros_like(x))
-    array([[0.     , 0.     ],
-           [0.99999, 0.99999]], dtype=float32)
+    array([[0.      , 0.      ],
+           [0.999995, 0.999995]], dtype=float32)
     """
 
 
