@@ -78,7 +78,8 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         debug = _env_flag("BNFAST_DEBUG")
-        cflags = ["-O0", "-g"] if debug else ["-O3"]
+        # -fno-math-errno lets sqrt vectorise (we never read errno); no -ffast-math.
+        cflags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno"]
         if self.compiler.compiler_type == "msvc":
             cflags = ["/Od"] if debug else ["/O2"]
         if _env_flag("BNFAST_NATIVE"):

@@ -41,14 +41,27 @@ def coefficients(const stat_t[::1] mean,      # IN (C,) batch or running mean
                  double[:, ::1] coef):        # OUT (4, C): mean, invstd, scale, shift
     """Per-channel coefficients in double: invstd = 1/sqrt(var + eps), scale = weight * invstd."""
     cdef Py_ssize_t c, C = mean.shape[0]
-    cdef double invstd
+    cdef double* mu = &coef[0, 0]
+    cdef double* invstd = mu + C
+    cdef double* scale = mu + 2 * C
+    cdef double* shift = mu + 3 * C
     with nogil:
+        # Separate branch-free loops so each one vectorises.
         for c in range(C):
-            invstd = 1.0 / sqrt(<double>var[c] + eps)
-            coef[0, c] = mean[c]
-            coef[1, c] = invstd
-            coef[2, c] = invstd * weight[c] if has_weight else invstd
-            coef[3, c] = bias[c] if has_bias else 0.0
+            mu[c] = mean[c]
+            invstd[c] = 1.0 / sqrt(<double>var[c] + eps)
+        if has_weight:
+            for c in range(C):
+                scale[c] = invstd[c] * weight[c]
+        else:
+            for c in range(C):
+                scale[c] = invstd[c]
+        if has_bias:
+            for c in range(C):
+                shift[c] = bias[c]
+        else:
+            for c in range(C):
+                shift[c] = 0.0
 
 
 cdef inline int _threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) noexcept nogil:
@@ -59,41 +72,50 @@ cdef inline int _threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) 
     return n_threads if n_threads > 0 else 1
 
 
-cdef inline floating _shift_in(floating m, const double[:, ::1] coef, Py_ssize_t c) noexcept nogil:
-    """Storage-type shift b for y = (x - m) * a + b, with m = storage-type mean.
+cdef void _fill_table(const double[:, ::1] coef, Py_ssize_t C, Py_ssize_t repeat,
+                      floating* table) noexcept nogil:
+    """Fill [m | a | b], each of length repeat * C, for y = (x - m) * a + b.
 
-    The mean's rounding error (mean - m) is folded into b, in double.
+    m is the mean rounded to the storage type; its rounding error is folded
+    into b in double, so float32 data far from zero keeps its precision.
+    The channel pattern is repeated ``repeat`` times (a channels-last tile).
     """
-    return <floating>(coef[3, c] - (coef[0, c] - <double>m) * coef[2, c])
+    cdef Py_ssize_t W = repeat * C, j, c
+    for j in range(W):
+        c = j % C
+        table[j] = <floating>coef[0, c]
+        table[W + j] = <floating>coef[2, c]
+        table[2 * W + j] = <floating>(coef[3, c] - (coef[0, c] - <double>table[j]) * coef[2, c])
+
+
+cdef extern from "bnfast_simd.h" nogil:
+    # SIMD leaves (AVX2 picked at run time); the epilogue branches are hoisted there.
+    void bnfast_affine_scalar_f32(const float* x, const float* add, float* y, Py_ssize_t n,
+                                  float m, float a, float b, int relu)
+    void bnfast_affine_scalar_f64(const double* x, const double* add, double* y, Py_ssize_t n,
+                                  double m, double a, double b, int relu)
+    void bnfast_affine_tiled_f32(const float* x, const float* add, float* y, Py_ssize_t n,
+                                 const float* m, const float* a, const float* b, int relu)
+    void bnfast_affine_tiled_f64(const double* x, const double* add, double* y, Py_ssize_t n,
+                                 const double* m, const double* a, const double* b, int relu)
 
 
 cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
                                Py_ssize_t n, floating m, floating a, floating b,
                                bint relu) noexcept nogil:
-    # Loop-invariant branches: the compiler unswitches them into tight loops.
-    cdef Py_ssize_t i
-    cdef floating v
-    for i in range(n):
-        v = (x[i] - m) * a + b
-        if addend != NULL:
-            v = v + addend[i]
-        if relu and v < 0:  # NaN stays NaN, as in torch.relu
-            v = 0
-        y[i] = v
+    if floating is float:
+        bnfast_affine_scalar_f32(x, addend, y, n, m, a, b, relu)
+    else:
+        bnfast_affine_scalar_f64(x, addend, y, n, m, a, b, relu)
 
 
 cdef inline void _apply_vector(const floating* x, const floating* addend, floating* y,
                                Py_ssize_t n, const floating* m, const floating* a,
                                const floating* b, bint relu) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating v
-    for i in range(n):
-        v = (x[i] - m[i]) * a[i] + b[i]
-        if addend != NULL:
-            v = v + addend[i]
-        if relu and v < 0:
-            v = 0
-        y[i] = v
+    if floating is float:
+        bnfast_affine_tiled_f32(x, addend, y, n, m, a, b, relu)
+    else:
+        bnfast_affine_tiled_f64(x, addend, y, n, m, a, b, relu)
 
 
 def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
@@ -108,18 +130,30 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &out[0, 0, 0]
     cdef const floating* ap = NULL if addend is None else &addend[0, 0, 0]
-    cdef Py_ssize_t t, c, off
-    cdef floating m, a, b
-    cdef int nt = _threads_for(N * C, N * C * S, n_threads)
-    with nogil:
-        for t in prange(N * C, schedule='static', num_threads=nt):
-            c = t % C
-            # Assigned here, not through pointers, so each thread keeps its own.
-            m = <floating>coef[0, c]
-            a = <floating>coef[2, c]
-            b = _shift_in(m, coef, c)
-            off = t * S
-            _apply_scalar(xp + off, NULL if ap == NULL else ap + off, yp + off, S, m, a, b, relu)
+    # Tasks are blocks of consecutive (n, c) runs: the channel index is found
+    # with one division per block and then stepped.
+    cdef Py_ssize_t runs = N * C
+    cdef Py_ssize_t per_block = BLOCK_ELEMS // S if S < BLOCK_ELEMS else 1
+    cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
+    cdef Py_ssize_t blk, t, c, off
+    cdef floating* table = <floating*>malloc(3 * C * sizeof(floating))
+    if table == NULL:
+        raise MemoryError()
+    _fill_table(coef, C, 1, table)
+    cdef int nt = _threads_for(blocks, runs * S, n_threads)
+    try:
+        with nogil:
+            for blk in prange(blocks, schedule='static', num_threads=nt):
+                c = (blk * per_block) % C
+                for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
+                    off = t * S
+                    _apply_scalar(xp + off, NULL if ap == NULL else ap + off, yp + off, S,
+                                  table[c], table[C + c], table[2 * C + c], relu)
+                    c = c + 1
+                    if c == C:
+                        c = 0
+    finally:
+        free(table)
 
 
 def channels_last(const floating[:, ::1] x,       # IN  (M, C)
@@ -141,11 +175,8 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     cdef floating* tile = <floating*>malloc(3 * W * sizeof(floating))
     if tile == NULL:
         raise MemoryError()
-    cdef Py_ssize_t j, blk, i, i_end, n
-    for j in range(W):
-        tile[j] = <floating>coef[0, j % C]
-        tile[W + j] = <floating>coef[2, j % C]
-        tile[2 * W + j] = _shift_in(tile[j], coef, j % C)
+    _fill_table(coef, C, k, tile)
+    cdef Py_ssize_t blk, i, i_end, n
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &out[0, 0]
     cdef const floating* ap = NULL if addend is None else &addend[0, 0]

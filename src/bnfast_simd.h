@@ -174,7 +174,61 @@ BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_base, double, )
 BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_base, float, )
 BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 
+/* ---------------------------------------------------------------------------
+ * Elementwise normalise with the fused epilogue, in the storage type:
+ *   y = (x - m) * a + b  [+ addend]  [relu]
+ * SCALAR: one (m, a, b) for the whole run (channels-first).
+ * TILED:  per-element m[i], a[i], b[i] (a channels-last tile).
+ * The four epilogue variants are separate loops so each vectorises; ivdep
+ * because y may be x or addend itself (same index: no loop-carried dependence).
+ * relu keeps NaN (v < 0 is false for NaN), as torch.relu does.
+ * ------------------------------------------------------------------------- */
+#if defined(__clang__)
+#define BNFAST_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define BNFAST_IVDEP _Pragma("GCC ivdep")
+#else
+#define BNFAST_IVDEP
+#endif
+
+#define BNFAST_EPILOGUE_LOOPS(T, AFFINE)                                             \
+    ptrdiff_t i;                                                                     \
+    T v;                                                                             \
+    if (add == NULL && !relu) {                                                      \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = AFFINE; }                      \
+    } else if (add == NULL) {                                                        \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { v = AFFINE; y[i] = v < 0 ? (T)0 : v; } \
+    } else if (!relu) {                                                              \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = AFFINE + add[i]; }             \
+    } else {                                                                         \
+        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
+            v = AFFINE + add[i]; y[i] = v < 0 ? (T)0 : v;                            \
+        }                                                                            \
+    }
+
+#define BNFAST_DEFINE_AFFINE_SCALAR(NAME, T, ATTR)                                   \
+    ATTR static void NAME(const T *x, const T *add, T *y, ptrdiff_t n,               \
+                          T m, T a, T b, int relu) {                                 \
+        BNFAST_EPILOGUE_LOOPS(T, (x[i] - m) * a + b)                                 \
+    }
+
+#define BNFAST_DEFINE_AFFINE_TILED(NAME, T, ATTR)                                    \
+    ATTR static void NAME(const T *x, const T *add, T *y, ptrdiff_t n,               \
+                          const T *m, const T *a, const T *b, int relu) {            \
+        BNFAST_EPILOGUE_LOOPS(T, (x[i] - m[i]) * a[i] + b[i])                        \
+    }
+
+
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32_base, float, )
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_base, double, )
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_base, float, )
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_base, double, )
+
 #if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32_avx2, float, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_avx2, double, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_avx2, float, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_avx2, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f32_avx2, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f64_avx2, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_avx2, float, BNFAST_AVX2_TARGET)
@@ -218,6 +272,23 @@ static inline void bnfast_shifted_colsums_f32(const float *x, ptrdiff_t rows, pt
 static inline void bnfast_shifted_colsums_f64(const double *x, ptrdiff_t rows, ptrdiff_t W,
                                               const double *shift, double *s1, double *s2) {
     BNFAST_PICK(bnfast_shifted_colsums_f64_base, bnfast_shifted_colsums_f64_avx2)(x, rows, W, shift, s1, s2);
+}
+
+static inline void bnfast_affine_scalar_f32(const float *x, const float *add, float *y, ptrdiff_t n,
+                                            float m, float a, float b, int relu) {
+    BNFAST_PICK(bnfast_affine_scalar_f32_base, bnfast_affine_scalar_f32_avx2)(x, add, y, n, m, a, b, relu);
+}
+static inline void bnfast_affine_scalar_f64(const double *x, const double *add, double *y, ptrdiff_t n,
+                                            double m, double a, double b, int relu) {
+    BNFAST_PICK(bnfast_affine_scalar_f64_base, bnfast_affine_scalar_f64_avx2)(x, add, y, n, m, a, b, relu);
+}
+static inline void bnfast_affine_tiled_f32(const float *x, const float *add, float *y, ptrdiff_t n,
+                                           const float *m, const float *a, const float *b, int relu) {
+    BNFAST_PICK(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2)(x, add, y, n, m, a, b, relu);
+}
+static inline void bnfast_affine_tiled_f64(const double *x, const double *add, double *y, ptrdiff_t n,
+                                           const double *m, const double *a, const double *b, int relu) {
+    BNFAST_PICK(bnfast_affine_tiled_f64_base, bnfast_affine_tiled_f64_avx2)(x, add, y, n, m, a, b, relu);
 }
 
 #endif /* BNFAST_SIMD_H */
