@@ -8,7 +8,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import functional as F
-from ._validation import SUPPORTED_DTYPES, check_eps, check_input
+from ._validation import SUPPORTED_DTYPES, as_float_array, check_eps
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -92,8 +92,8 @@ class _BatchNorm:
         return self._forward(input, None, False, out)
 
     def _forward(self, input, addend, relu, out):
-        x = check_input(input)
-        self._check_input_dim(x)
+        x = as_float_array(input, "input")
+        self._check_input_dim(x)  # before any generic shape check: torch's message
         if x.dtype != self.dtype:
             raise TypeError(
                 f"input dtype {x.dtype} does not match the module's dtype {self.dtype}: "
@@ -103,20 +103,22 @@ class _BatchNorm:
             raise ValueError(f"expected input with {self.num_features} channels (axis 1), "
                              f"got input of shape {x.shape}")
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked += 1
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        counted = self.training and self.track_running_stats
+        if counted and self.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(self.num_batches_tracked + 1)
         # Batch statistics in training, and in eval when no running stats exist.
         use_batch_stats = self.training or self.running_mean is None
         tracking = not self.training or self.track_running_stats
-        return F.batch_norm(
+        result = F.batch_norm(
             x,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.weight, self.bias, use_batch_stats, factor, self.eps,
             addend=addend, relu=relu, out=out, n_threads=self.n_threads,
         )
+        if counted:  # only once the call succeeded: a rejected call changes nothing
+            self.num_batches_tracked += 1
+        return result
 
     def _check_input_dim(self, x):
         if x.ndim not in self._ndims:
