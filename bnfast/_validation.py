@@ -9,12 +9,18 @@ import numbers
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# dtype.char of the native-order float32/float64 (a byte-swapped array has the
+# same char but fails isnative; it is rejected rather than silently misread).
+_FLOAT_CHARS = ("f", "d")
 
 
 def as_float_array(value, name):
     """``np.asarray(value)``, required to be float32 or float64 (never cast)."""
     arr = value if type(value) is np.ndarray else np.asarray(value)
-    if arr.dtype not in SUPPORTED_DTYPES:
+    dtype = arr.dtype
+    if dtype.char in _FLOAT_CHARS and dtype.isnative:  # fast path: this runs per call
+        return arr
+    if dtype not in SUPPORTED_DTYPES:
         hint = " (cast it explicitly, e.g. .astype(np.float32))" if arr.dtype.kind in "biuf" else ""
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}{hint}")
     return arr
@@ -51,6 +57,8 @@ def check_same_shape(value, name, x):
 
 
 def check_eps(eps):
+    if type(eps) is float and eps > 0.0:  # fast path
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     eps = float(eps)
