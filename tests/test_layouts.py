@@ -1,0 +1,272 @@
+"""Memory layouts: channels-last in place, other strides copied, outputs keep the layout.
+
+Also the hypothesis property test over shapes x layouts against the reference.
+"""
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bnfast
+from conftest import (
+    LAYOUT_ULPS,
+    STAT_TOL,
+    assert_close,
+    assert_within_ulps,
+    channels_last,
+    is_channels_last,
+    make_input,
+    make_params,
+    make_running,
+    reference_batch_norm,
+    with_layout,
+)
+
+# Shapes for channels-last: 1d (N, C, L) stored as NLC, 2d NHWC, 3d NDHWC; small C,
+# C=1, C just above the kernels' 64-value row width, row counts that do not
+# fill a widened row, and a few multi-block sizes.
+CL_SHAPES = [
+    (4, 3, 7), (2, 1, 33), (3, 70, 5), (16, 5, 129),
+    (2, 3, 5, 7), (4, 1, 6, 6), (3, 13, 3, 5), (2, 70, 3, 3), (8, 3, 64, 64), (2, 64, 17, 17),
+    (2, 3, 2, 3, 4), (1, 1, 4, 4, 4), (2, 6, 3, 5, 7), (2, 3, 16, 32, 32),
+]
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_matches_contiguous(dtype, rng, shape, training):
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    xl = channels_last(x)
+    weight, bias = make_params(rng, C, dtype)
+    rm, rv = make_running(rng, C, dtype)
+    rm_l, rv_l = rm.copy(), rv.copy()
+    ref = reference_batch_norm(x, rm, rv, weight, bias, training=training)
+
+    y = bnfast.batch_norm(x, rm, rv, weight, bias, training=training)
+    yl = bnfast.batch_norm(xl, rm_l, rv_l, weight, bias, training=training)
+
+    assert is_channels_last(yl) and yl.shape == shape and yl.dtype == dtype
+    assert y.flags.c_contiguous
+    assert_within_ulps(yl, y, LAYOUT_ULPS[dtype])
+    assert_close(yl, ref.out, dtype)
+    if dtype == np.float32:  # rounded once from double statistics
+        np.testing.assert_array_equal(rm_l, rm)
+        np.testing.assert_array_equal(rv_l, rv)
+    else:
+        np.testing.assert_allclose(rm_l, rm, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(rv_l, rv, rtol=1e-14)
+    assert_close(rm_l, ref.running_mean, dtype, STAT_TOL)
+    assert_close(rv_l, ref.running_var, dtype, STAT_TOL)
+
+
+@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (4, 3, 9)),
+                                       (bnfast.BatchNorm2d, (2, 3, 4, 5)),
+                                       (bnfast.BatchNorm3d, (2, 3, 2, 3, 4))], ids=str)
+def test_channels_last_modules(dtype, rng, cls, shape):
+    x = make_input(rng, shape, dtype)
+    a, b = cls(3, dtype=dtype), cls(3, dtype=dtype)
+    for training in (True, True, False):
+        a.train(training)
+        b.train(training)
+        y = a(x)
+        yl = b(channels_last(x))
+        assert is_channels_last(yl)
+        assert_within_ulps(yl, y, LAYOUT_ULPS[dtype])
+    assert_close(b.running_mean, a.running_mean, dtype, STAT_TOL)
+    assert int(b.num_batches_tracked) == 2
+
+
+def test_nlc_viewed_as_ncl(dtype, rng):
+    # The 1d channels-last case as users write it: (N, L, C) data, transposed.
+    nlc = make_input(rng, (5, 11, 4), dtype)
+    ncl = nlc.transpose(0, 2, 1)
+    y = bnfast.BatchNorm1d(4, dtype=dtype)(ncl)
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous
+    assert_close(y, reference_batch_norm(ncl, training=True).out, dtype)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 7), (2, 3, 5, 7), (2, 3, 2, 3, 4), (4, 1, 6, 6)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_in_place_without_copy(dtype, rng, shape, training):
+    x = make_input(rng, shape, dtype)
+    rm, rv = make_running(rng, shape[1], dtype)
+    ref = reference_batch_norm(x, rm, rv, training=training)
+    xl = channels_last(x)
+    y = bnfast.batch_norm(xl, rm, rv, training=training, out=xl)
+    assert y is xl and np.shares_memory(y, xl) and is_channels_last(xl)
+    assert_close(xl, ref.out, dtype)
+
+
+def _peak_allocation(func):
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        func()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_common_layouts_allocate_no_copy(rng, layout):
+    # NumPy reports its data buffers to tracemalloc: in place on a 2 MB input,
+    # bnfast may allocate (C,) vectors and scratch, never a copy of x.
+    x = with_layout(make_input(rng, (8, 4, 128, 128), np.float32), layout)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    peak = _peak_allocation(lambda: bnfast.batch_norm(x, rm, rv, training=True, out=x))
+    assert peak < x.nbytes // 8
+    peak = _peak_allocation(lambda: bnfast.batch_norm(x, rm, rv, training=False, out=x))
+    assert peak < x.nbytes // 8
+
+
+def test_strided_input_is_copied_once(rng):
+    # The same measurement sees the documented copy for an arbitrary stride pattern.
+    x = with_layout(make_input(rng, (8, 4, 128, 128), np.float32), "strided")
+    peak = _peak_allocation(lambda: bnfast.batch_norm(x, None, None, training=True, out=x))
+    assert x.nbytes <= peak < 3 * x.nbytes
+
+
+def _strided_views(x):
+    yield "every-other-W", np.ascontiguousarray(np.repeat(x, 2, axis=-1))[..., ::2]
+    yield "every-other-N", np.repeat(x, 2, axis=0)[::2]
+    yield "negative-W", np.ascontiguousarray(x[..., ::-1])[..., ::-1]
+    yield "swapped-HW", np.ascontiguousarray(x.swapaxes(-1, -2)).swapaxes(-1, -2)
+    yield "fortran", np.asfortranarray(x)
+    yield "channel-slice", np.repeat(x, 2, axis=1)[:, ::2]
+    yield "cl-batch-slice", channels_last(np.repeat(x, 2, axis=0))[::2]
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 6), (3, 3, 4, 6), (2, 3, 2, 4, 6)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_non_contiguous_input(dtype, rng, shape, training):
+    x = make_input(rng, shape, dtype)
+    weight, bias = make_params(rng, shape[1], dtype)
+    rm0, rv0 = make_running(rng, shape[1], dtype)
+    ref = reference_batch_norm(x, rm0, rv0, weight, bias, training=training)
+    for name, view in _strided_views(x):
+        np.testing.assert_array_equal(view, x)
+        rm, rv = rm0.copy(), rv0.copy()
+        before = view.copy()
+        y = bnfast.batch_norm(view, rm, rv, weight, bias, training=training)
+        assert y.shape == shape and y.dtype == dtype, name
+        assert y.flags.c_contiguous or is_channels_last(y), name
+        assert not np.shares_memory(y, view), name
+        np.testing.assert_array_equal(view, before, err_msg=name)
+        assert_close(y, ref.out, dtype)
+        assert_close(rm, ref.running_mean, dtype, STAT_TOL)
+        assert_close(rv, ref.running_var, dtype, STAT_TOL)
+
+
+def test_non_contiguous_in_place(dtype, rng):
+    # out=view of a strided input: the result lands in the view, the gaps are untouched.
+    big = make_input(rng, (3, 4, 5, 12), dtype)
+    view = big[..., ::2]
+    gaps = big[..., 1::2].copy()
+    ref = reference_batch_norm(view, training=True)
+    assert bnfast.batch_norm(view, None, None, training=True, out=view) is view
+    assert_close(view, ref.out, dtype)
+    np.testing.assert_array_equal(big[..., 1::2], gaps)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fortran_2d_input_keeps_order(dtype, rng, training):
+    x = make_input(rng, (37, 5), dtype)
+    xf = np.asfortranarray(x)
+    rm, rv = make_running(rng, 5, dtype)
+    rm_c, rv_c = rm.copy(), rv.copy()
+    ref = reference_batch_norm(x, rm, rv, training=training)
+    y = bnfast.batch_norm(xf, rm, rv, training=training)
+    yc = bnfast.batch_norm(x, rm_c, rv_c, training=training)
+    assert y.flags.f_contiguous and yc.flags.c_contiguous
+    assert_close(y, ref.out, dtype)
+    assert_within_ulps(y, yc, LAYOUT_ULPS[dtype])
+    assert_close(rm, ref.running_mean, dtype, STAT_TOL)
+    # In place on the Fortran array.
+    assert bnfast.batch_norm(xf, rm, rv, training=False, out=xf) is xf
+    assert xf.flags.f_contiguous
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 1), (4, 3, 1, 1), (5, 2, 1, 1, 1)], ids=str)
+def test_singleton_spatial_dims(dtype, rng, shape):
+    # S == 1: contiguous and channels-last coincide.
+    x = make_input(rng, shape, dtype)
+    ref = reference_batch_norm(x, training=True)
+    y = bnfast.batch_norm(x, None, None, training=True)
+    assert_close(y, ref.out, dtype)
+    assert y.flags.c_contiguous
+    assert_close(bnfast.batch_norm(x.reshape(shape[:2]), None, None, training=True),
+                 ref.out.reshape(shape[:2]), dtype)
+
+
+@pytest.mark.parametrize("x_layout,other_layout", [("channels_last", "contiguous"),
+                                                   ("contiguous", "channels_last"),
+                                                   ("channels_last", "strided"),
+                                                   ("strided", "channels_last")])
+def test_addend_and_out_in_other_layouts(dtype, rng, x_layout, other_layout):
+    x = make_input(rng, (3, 4, 5, 6), dtype)
+    addend = make_input(rng, x.shape, dtype, loc=0.0, scale=1.0)
+    ref = reference_batch_norm(x, training=True, addend=addend, relu=True)
+    xl = with_layout(x, x_layout)
+    al = with_layout(addend, other_layout)
+    y = bnfast.batch_norm(xl, None, None, training=True, addend=al, relu=True)
+    assert_close(y, ref.out, dtype)
+    out = with_layout(np.zeros_like(x), other_layout)
+    assert bnfast.batch_norm(xl, None, None, training=True, addend=al, relu=True, out=out) is out
+    assert_close(out, ref.out, dtype)
+    np.testing.assert_array_equal(al, addend)
+
+
+# -- property test ---------------------------------------------------------------------
+@st.composite
+def _cases(draw):
+    n = draw(st.integers(1, 5))
+    c = draw(st.integers(1, 7))
+    spatial = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=3)))
+    shape = (n, c) + spatial
+    layouts = ["contiguous", "channels_last", "strided"] + (["fortran"] if not spatial else [])
+    return dict(
+        shape=shape,
+        layout=draw(st.sampled_from(layouts)),
+        dtype=draw(st.sampled_from([np.float32, np.float64])),
+        training=draw(st.booleans()),
+        affine=draw(st.booleans()),
+        addend=draw(st.booleans()),
+        relu=draw(st.booleans()),
+        in_place=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_cases())
+def test_property_matches_reference(case):
+    rng = np.random.default_rng(case["seed"])
+    shape, dtype = case["shape"], case["dtype"]
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    weight, bias = make_params(rng, C, dtype) if case["affine"] else (None, None)
+    rm, rv = make_running(rng, C, dtype)
+    addend = make_input(rng, shape, dtype, 0.0, 1.0) if case["addend"] else None
+    xv = with_layout(x, case["layout"])
+    out = xv if case["in_place"] else None
+    kwargs = dict(training=case["training"], addend=addend, relu=case["relu"], out=out)
+    if case["training"] and math.prod(shape) // C == 1:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            bnfast.batch_norm(xv, rm, rv, weight, bias, **kwargs)
+        return
+    ref = reference_batch_norm(x, rm, rv, weight, bias, training=case["training"],
+                               addend=addend, relu=case["relu"])
+    y = bnfast.batch_norm(xv, rm, rv, weight, bias, **kwargs)
+    assert y.shape == shape and y.dtype == dtype
+    if case["in_place"]:
+        assert y is xv
+    if case["layout"] == "channels_last" and not case["in_place"]:
+        assert is_channels_last(y)
+    assert_close(y, ref.out, dtype)
+    assert_close(rm, ref.running_mean, dtype, STAT_TOL)
+    assert_close(rv, ref.running_var, dtype, STAT_TOL)
