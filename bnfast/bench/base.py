@@ -1,0 +1,77 @@
+"""The interface every benchmarked implementation (bnfast, a peer, the copy roofline) follows."""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+__all__ = ["Prepared", "Implementation", "Unavailable"]
+
+
+class Unavailable(Exception):
+    """Raised by an implementation's constructor when it cannot run here (e.g. not installed)."""
+
+
+@dataclass
+class Prepared:
+    """One implementation set up for one case.
+
+    Attributes
+    ----------
+    run : callable
+        The timed call, with all inputs and (preallocated) outputs bound.
+    check : callable or None
+        Runs the operation once from the case's initial state and returns its
+        outputs as a dict (the keys of :func:`bnfast.bench.reference.reference`);
+        None for the copy roofline, which computes nothing to check.
+    allocates : bool
+        True if ``run`` allocates its output on every call.
+    """
+
+    run: Callable[[], object]
+    check: Optional[Callable[[], dict]] = None
+    allocates: bool = False
+
+
+class Implementation:
+    """Base class: one library's way of running each mode.
+
+    Subclasses set ``name``, raise :class:`Unavailable` from ``__init__`` when
+    their library cannot be imported, and implement :meth:`prepare`.
+
+    Parameters
+    ----------
+    threads : int or None
+        Thread count to use; None keeps the library's default.
+    allocate : bool
+        Let every call allocate its outputs (as user code usually does)
+        instead of writing into buffers allocated once.
+    """
+
+    name = "?"
+    #: Modes this implementation can run.
+    modes = ("eval", "train", "backward", "fused_eval")
+
+    def __init__(self, threads=None, allocate=False):
+        self.threads = threads
+        self.allocate = allocate
+
+    @property
+    def version(self):
+        """Version string of the library measured."""
+        return None
+
+    @property
+    def effective_threads(self):
+        """Threads this implementation runs with (an int, or a description)."""
+        return self.threads
+
+    def unsupported(self, case):
+        """Why this implementation cannot run ``case``, or None if it can."""
+        if case.mode not in self.modes:
+            return f"{self.name} is not benchmarked in {case.mode} mode"
+        return None
+
+    def prepare(self, case, inputs):
+        """Return a :class:`Prepared` for ``case`` on ``inputs`` (a :class:`~bnfast.bench.data.Inputs`)."""
+        raise NotImplementedError
+
+    def close(self):
+        """Undo global settings made in ``__init__`` (thread counts)."""

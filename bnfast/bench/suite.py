@@ -1,0 +1,170 @@
+"""What to benchmark: the shape suite, the modes, the dtypes, and the bytes each mode must move.
+
+A *case* is one (mode, dtype, shape) triple.  The default suite covers the
+BatchNorm layers of ResNet-50 at batch 32, BatchNorm1d in MLPs, single-image
+inference tensors and a few odd shapes (3 channels, large batch).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Case", "DEFAULT_SHAPES", "QUICK_SHAPES", "MODES", "DTYPES",
+    "parse_shapes", "parse_modes", "parse_dtypes", "format_shape", "make_cases",
+]
+
+#: Default shape suite, in report order.
+DEFAULT_SHAPES = (
+    (32, 64, 112, 112),   # ResNet-50 stem
+    (32, 256, 56, 56),    # ResNet-50 stage 1
+    (32, 512, 28, 28),    # stage 2
+    (32, 1024, 14, 14),   # stage 3
+    (32, 2048, 7, 7),     # stage 4
+    (64, 2048, 7, 7),     # stage 4, batch 64
+    (8, 64, 56, 56),      # small batch
+    (256, 3, 32, 32),     # CIFAR input, 3 channels
+    (256, 1024),          # MLP BatchNorm1d
+    (4096, 512),          # MLP BatchNorm1d, large batch
+    (1, 512, 7, 7),       # single-image inference
+    (1, 64, 56, 56),      # single-image inference
+)
+
+#: ``--quick``: a medium, an MLP and a tiny shape.
+QUICK_SHAPES = ((8, 64, 56, 56), (256, 1024), (1, 512, 7, 7))
+
+#: Benchmark modes, in report order.
+#:
+#: eval        ``y = batch_norm(x)`` with running statistics.
+#: train       forward with batch statistics, including the running-stat update.
+#: backward    ``(grad_input, grad_weight, grad_bias)`` from a training forward's stats.
+#: fused_eval  ``y = relu(batch_norm(x) + addend)`` with running statistics.
+MODES = ("eval", "train", "backward", "fused_eval")
+
+DTYPES = ("float32", "float64")
+
+#: Bytes a mode must move, in multiples of ``x.nbytes``: the traffic of the
+#: best two-pass algorithm when the tensor does not fit in cache.
+#: eval: read x, write y.  train: read x (statistics), read x and write y.
+#: backward: read dy and x (reductions), read dy and x and write dx.
+#: fused_eval: read x and addend, write y.
+TRAFFIC = {"eval": 2, "train": 3, "backward": 5, "fused_eval": 3}
+
+#: Modes that use batch statistics (they need more than one value per channel).
+_BATCH_STAT_MODES = ("train", "backward")
+
+_DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "single": "float32",
+                  "float64": "float64", "f64": "float64", "double": "float64"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case.
+
+    Attributes
+    ----------
+    mode : str
+        One of :data:`MODES`.
+    dtype : str
+        ``"float32"`` or ``"float64"``.
+    shape : tuple of int
+        ``(N, C, *spatial)``.
+    """
+
+    mode: str
+    dtype: str
+    shape: tuple
+
+    @property
+    def nbytes(self):
+        """Size of one array of this shape and dtype, in bytes."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def bytes_moved(self):
+        """Bytes the operation must read and write (see :data:`TRAFFIC`)."""
+        return TRAFFIC[self.mode] * self.nbytes
+
+    @property
+    def values_per_channel(self):
+        """``N * prod(spatial)``: how many values each channel's statistics see."""
+        return self.shape[0] * math.prod(self.shape[2:])
+
+    def skip_reason(self):
+        """A reason this case cannot run, or None."""
+        if self.mode in _BATCH_STAT_MODES and self.values_per_channel < 2:
+            return "needs more than one value per channel"
+        return None
+
+    @property
+    def label(self):
+        return f"{self.mode} {self.dtype} {format_shape(self.shape)}"
+
+
+def format_shape(shape):
+    """``(32, 64, 112, 112)`` -> ``"32x64x112x112"`` (the ``--shapes`` syntax)."""
+    return "x".join(str(d) for d in shape)
+
+
+def parse_shapes(text):
+    """Parse ``"32x64x112x112,256x1024"`` into a tuple of shapes.
+
+    Raises
+    ------
+    ValueError
+        Empty list, a non-integer or non-positive dimension, or fewer than two
+        dimensions (BatchNorm needs ``(N, C, ...)``).
+    """
+    shapes = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        try:
+            dims = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"bad shape {item!r}: expected integers joined by 'x', "
+                             "e.g. 32x64x56x56") from None
+        if len(dims) < 2:
+            raise ValueError(f"bad shape {item!r}: BatchNorm needs at least 2 dimensions (N, C, ...)")
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"bad shape {item!r}: dimensions must be positive")
+        shapes.append(dims)
+    if not shapes:
+        raise ValueError(f"no shapes in {text!r}")
+    return tuple(shapes)
+
+
+def _parse_choices(text, choices, what, aliases=None):
+    picked = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item == "all":
+            return tuple(choices)
+        if aliases is not None:
+            item = aliases.get(item, item)
+        if item not in choices:
+            raise ValueError(f"unknown {what} {item!r}; choose from {', '.join(choices)} (or all)")
+        if item not in picked:
+            picked.append(item)
+    if not picked:
+        raise ValueError(f"no {what}s in {text!r}")
+    return tuple(picked)
+
+
+def parse_modes(text):
+    """Parse ``"eval,train"`` (or ``"all"``) into a tuple of :data:`MODES`."""
+    return _parse_choices(text, MODES, "mode")
+
+
+def parse_dtypes(text):
+    """Parse ``"float32,float64"`` (``f32``/``f64`` accepted, or ``"all"``)."""
+    return _parse_choices(text, DTYPES, "dtype", _DTYPE_ALIASES)
+
+
+def make_cases(shapes, modes, dtypes):
+    """All cases, ordered by mode, then dtype, then shape."""
+    return [Case(mode, dtype, tuple(shape)) for mode in modes for dtype in dtypes for shape in shapes]
