@@ -174,6 +174,6 @@ def rng():
 @pytest.fixture
 def torch():
     """PyTorch, or skip the test when it is not installed."""
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)  # the parity tests are tiny; keep torch off our cores
-    return torch
+    # No torch.set_num_threads here: torch may share the OpenMP runtime (libgomp)
+    # with bnfast, and omp_set_num_threads would then limit bnfast for the session.
+    return pytest.importorskip("torch")

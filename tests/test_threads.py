@@ -1,0 +1,130 @@
+"""Thread count never changes a bit of the result (fixed, shape-only partitions)."""
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import bnfast
+from bnfast import _openmp
+from bnfast._threads import resolve_threads
+from conftest import assert_close, channels_last, make_input, make_params, reference_batch_norm
+
+# (shape, layout): C smaller than the thread count, tiny inputs that stay serial,
+# large batches, a single sample with a large plane, 3-d volumes.
+CASES = [
+    ((256, 3, 32, 32), "contiguous"),
+    ((256, 3, 32, 32), "channels_last"),
+    ((512, 3), "contiguous"),
+    ((65536, 3), "contiguous"),
+    ((20000, 16), "contiguous"),
+    ((1, 2, 512, 256), "contiguous"),
+    ((1, 2, 512, 256), "channels_last"),
+    ((4096, 5, 17), "contiguous"),
+    ((4096, 5, 17), "channels_last"),
+    ((8, 4, 16, 32, 32), "contiguous"),
+    ((8, 4, 16, 32, 32), "channels_last"),
+    ((3, 70, 33, 33), "channels_last"),
+]
+
+
+def _layout(x, layout):
+    return channels_last(x) if layout == "channels_last" else x
+
+
+def _params(x):
+    return make_params(np.random.default_rng(1), x.shape[1], x.dtype)
+
+
+def _run(x, n_threads=None, training=True, addend=None):
+    C = x.shape[1]
+    weight, bias = _params(x)
+    rm, rv = np.zeros(C, x.dtype), np.ones(C, x.dtype)
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, weight, bias, training=training,
+                                        addend=addend, relu=addend is not None,
+                                        n_threads=n_threads, return_stats=True)
+    return y, rm, rv, mean, invstd
+
+
+def _assert_identical(a, b):
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+        assert u.dtype == v.dtype
+
+
+@pytest.mark.parametrize("shape,layout", CASES, ids=str)
+def test_explicit_thread_counts_bit_identical(dtype, rng, shape, layout):
+    x = _layout(make_input(rng, shape, dtype), layout)
+    one = _run(x, n_threads=1)
+    for n in (2, 3, -1):
+        _assert_identical(_run(x, n_threads=n), one)
+    # And the answer is right (not just consistently wrong).
+    weight, bias = _params(x)
+    assert_close(one[0], reference_batch_norm(x, None, None, weight, bias, training=True).out,
+                 dtype)
+
+
+@pytest.mark.parametrize("shape,layout", CASES[:3] + CASES[8:10], ids=str)
+def test_threadpool_limits_bit_identical(dtype, rng, shape, layout):
+    x = _layout(make_input(rng, shape, dtype), layout)
+    with threadpool_limits(1, "openmp"):
+        assert resolve_threads(None) == 1
+        serial = _run(x)
+        serial_eval = _run(x, training=False)
+    with threadpool_limits(2, "openmp"):
+        assert resolve_threads(None) == (2 if bnfast.openmp_enabled() else 1)
+        _assert_identical(_run(x), serial)
+        _assert_identical(_run(x, training=False), serial_eval)
+
+
+def test_large_input_bit_identical(rng):
+    # ~13 MB float32, channels-first and channels-last, with the fused epilogue.
+    x = make_input(rng, (64, 48, 32, 34), np.float32)
+    addend = make_input(rng, x.shape, np.float32, 0.0, 1.0)
+    for xv in (x, channels_last(x)):
+        one = _run(xv, n_threads=1, addend=addend)
+        _assert_identical(_run(xv, n_threads=2, addend=addend), one)
+        _assert_identical(_run(xv, n_threads=5, addend=addend), one)
+    ref = reference_batch_norm(x[:8], training=True)
+    assert_close(bnfast.batch_norm(x[:8], None, None, training=True), ref.out, np.float32)
+
+
+def test_module_sequence_bit_identical(dtype, rng):
+    xs = [make_input(rng, (128, 3, 24, 24), dtype, loc=float(i)) for i in range(3)]
+    results = []
+    for n in (1, 2):
+        m = bnfast.BatchNorm2d(3, momentum=None, dtype=dtype, n_threads=n)
+        ys = [m(x) for x in xs] + [m.eval()(xs[0])]
+        results.append((ys, m.running_mean.copy(), m.running_var.copy()))
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+def test_resolve_threads():
+    max_threads = _openmp.max_threads()
+    assert resolve_threads(None) == max_threads
+    if bnfast.openmp_enabled():
+        assert resolve_threads(1) == 1
+        assert resolve_threads(3) == 3
+        assert resolve_threads(-1) == max_threads
+        assert resolve_threads(-2) == max(1, max_threads - 1)
+    assert resolve_threads(-1000) == 1
+    with pytest.raises(ValueError, match="n_threads=0"):
+        resolve_threads(0)
+    with threadpool_limits(1, "openmp"):
+        assert resolve_threads(None) == 1
+        assert resolve_threads(-1) == 1
+
+
+@pytest.mark.parametrize("n_threads", [-1, -2, -1000, 1, 2, 7, np.int64(2)])
+def test_n_threads_values_accepted(rng, n_threads):
+    x = make_input(rng, (64, 3, 32, 32), np.float64)
+    y = bnfast.batch_norm(x, None, None, training=True, n_threads=n_threads)
+    assert_close(y, reference_batch_norm(x, training=True).out, np.float64)
+    m = bnfast.BatchNorm2d(3, dtype=np.float64, n_threads=n_threads)
+    np.testing.assert_array_equal(m(x), y)
+
+
+def test_openmp_is_reported():
+    assert isinstance(bnfast.openmp_enabled(), bool)
+    assert _openmp.max_threads() >= 1
