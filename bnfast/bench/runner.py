@@ -147,10 +147,10 @@ def _cases_by_data(cases):
 def _row(case, impl, status, note=None, allocates=None):
     return {
         "mode": case.mode, "dtype": case.dtype, "shape": list(case.shape), "impl": impl,
-        "status": status, "note": note, "median_s": None, "times_s": [], "number": None,
+        "status": status, "note": note, "median_s": None, "min_s": None, "times_s": [], "number": None,
         "bytes_moved": None, "gbps": None, "fraction_of_copy_bandwidth": None,
         "bnfast_speedup": None, "allocates": allocates, "max_abs_error": None,
-        "error": None, "tolerance": TOLERANCE[case.dtype], "correct": None,
+        "error": None, "worst": None, "tolerance": TOLERANCE[case.dtype], "correct": None,
     }
 
 
@@ -186,6 +186,7 @@ def _run_case(case, inputs, impls, policy, bar):
             rows.append(row)
             continue
         row["median_s"] = timing.median
+        row["min_s"] = min(timing.times)
         row["times_s"] = timing.times
         row["number"] = timing.number
         row["bytes_moved"] = (CopyRoofline.bytes_moved(case) if impl.name == "copy"

@@ -56,6 +56,8 @@ note : str or null
     Why it is not ``ok``, or what went wrong in the check.
 median_s : float or null
     Median seconds per call.
+min_s : float or null
+    Fastest sample, seconds per call (less sensitive to a busy machine).
 times_s : list of float
     Seconds per call of every sample.
 number : int or null
@@ -79,6 +81,8 @@ max_abs_error : float or null
     three gradients).
 error : float or null
     Largest difference scaled by ``max(1, max |reference|)`` of its output.
+worst : str or null
+    The output that ``error`` comes from (``y``, ``running_var``, ``grad_weight``...).
 tolerance : float
     Accepted ``error`` for the dtype.
 correct : bool or null
@@ -96,9 +100,9 @@ MACHINE_KEYS = ("cpu", "cores", "usable_cores", "platform", "load_average")
 VERSION_KEYS = ("python", "numpy", "bnfast", "torch", "onnxruntime", "threadpoolctl")
 SETTINGS_KEYS = ("shapes", "modes", "dtypes", "peers", "threads", "outputs", "quick", "repeat",
                  "min_time", "tolerance")
-RESULT_KEYS = ("mode", "dtype", "shape", "impl", "status", "note", "median_s", "times_s", "number",
+RESULT_KEYS = ("mode", "dtype", "shape", "impl", "status", "note", "median_s", "min_s", "times_s", "number",
                "bytes_moved", "gbps", "fraction_of_copy_bandwidth", "bnfast_speedup", "allocates",
-               "max_abs_error", "error", "tolerance", "correct")
+               "max_abs_error", "error", "worst", "tolerance", "correct")
 STATUSES = ("ok", "unsupported", "skipped", "error")
 
 

@@ -1,0 +1,317 @@
+"""``python -m bnfast``: the bench command end to end, its JSON, plot, peers and errors.
+
+Every run here is tiny (a few small shapes, ``--repeat 2``); nothing asserts
+on timings.
+"""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast.__main__ import main
+from bnfast.bench import schema
+from bnfast.bench.data import Inputs
+from bnfast.bench.progress import progress
+from bnfast.bench.reference import compare, reference
+from bnfast.bench.suite import MODES, parse_shapes
+from bnfast.bench.timing import TimingPolicy, measure
+
+TINY = ["--shapes", "4x3x5x5,16x8", "--repeat", "2", "--no-progress"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_json(tmp_path, *args):
+    """Run ``bench`` in-process with ``args``; return (exit code, document)."""
+    path = tmp_path / "bench.json"
+    code = main(["bench", *TINY, "--json", str(path), *args])
+    return code, json.loads(path.read_text())
+
+
+def rows(doc, **match):
+    return [r for r in doc["results"] if all(r[k] == v for k, v in match.items())]
+
+
+# --- the command line ------------------------------------------------------
+
+def test_no_subcommand_prints_short_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "bench" in out and "config" in out
+
+
+def test_config_subcommand_shows_build(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "OpenMP" in out and bnfast.__version__ in out
+
+
+def test_quick_end_to_end_json_follows_documented_keys(tmp_path, capsys):
+    code, doc = run_json(tmp_path, "--quick", "--dtypes", "float32,float64")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "eval" in out and "GB/s" in out and "check" in out
+    assert schema.validate(doc) == []
+    assert doc["settings"]["quick"] is True
+    assert doc["settings"]["shapes"] == [[4, 3, 5, 5], [16, 8]]
+    assert doc["build"] == bnfast._config.config()
+    # every (mode, dtype, shape) has a copy roofline and a bnfast row
+    n_cases = len(MODES) * 2 * 2
+    assert len(rows(doc, impl="copy", status="ok")) == n_cases
+    assert len(rows(doc, impl="bnfast")) == n_cases
+    for r in rows(doc, impl="bnfast", status="ok"):
+        assert r["correct"] is True, r
+        assert r["gbps"] > 0 and r["fraction_of_copy_bandwidth"] > 0
+        assert math.isclose(r["bnfast_speedup"], 1.0)
+    for r in rows(doc, impl="numpy", status="ok"):
+        assert r["correct"] is True, r
+
+
+def test_documented_keys_appear_in_the_schema_docstring():
+    doc = schema.__doc__
+    for key in (schema.TOP_LEVEL_KEYS + schema.RESULT_KEYS + schema.MACHINE_KEYS
+                + schema.VERSION_KEYS + schema.SETTINGS_KEYS):
+        assert key in doc, key
+
+
+def test_json_to_stdout_is_parseable(capsys):
+    assert main(["bench", *TINY, "--modes", "eval", "--peers", "none", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert schema.validate(doc) == []
+    assert "GB/s" in captured.err  # the table moves to stderr
+
+
+def test_backward_mode_reports_availability(tmp_path, monkeypatch):
+    code, doc = run_json(tmp_path, "--modes", "backward", "--peers", "numpy")
+    assert code == 0
+    ours = rows(doc, impl="bnfast")
+    if hasattr(bnfast, "batch_norm_backward"):
+        assert all(r["status"] == "ok" and r["correct"] for r in ours), ours
+    monkeypatch.delattr(bnfast, "batch_norm_backward", raising=False)
+    code, doc = run_json(tmp_path, "--modes", "backward", "--peers", "numpy")
+    assert code == 0
+    assert all(r["status"] == "unsupported" and "batch_norm_backward" in r["note"]
+               for r in rows(doc, impl="bnfast"))
+    assert all(r["correct"] for r in rows(doc, impl="numpy"))  # peers still run
+
+
+# --- peers -----------------------------------------------------------------
+
+def test_torch_and_onnxruntime_peers_are_correct_when_installed(tmp_path):
+    code, doc = run_json(tmp_path, "--modes", "eval,train,backward,fused_eval",
+                         "--dtypes", "float32,float64")
+    assert code == 0
+    for peer in ("torch", "onnxruntime"):
+        if peer in doc["unavailable"]:
+            continue
+        ran = rows(doc, impl=peer, status="ok")
+        assert ran, peer
+        assert all(r["correct"] for r in ran), [r for r in ran if not r["correct"]]
+    for r in rows(doc, impl="onnxruntime"):
+        if r["mode"] in ("train", "backward"):
+            assert r["status"] == "unsupported"
+
+
+def test_missing_peers_are_reported_not_crashed_on(tmp_path):
+    path = tmp_path / "bench.json"
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.modules['onnxruntime'] = None\n"
+        "sys.modules['tqdm'] = None\n"
+        "from bnfast.__main__ import main\n"
+        f"sys.exit(main(['bench', '--quick', *{TINY!r}, '--json', {str(path)!r}]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch: skipped" in proc.stdout and "onnxruntime: skipped" in proc.stdout
+    doc = json.loads(path.read_text())
+    assert schema.validate(doc) == []
+    assert set(doc["unavailable"]) == {"torch", "onnxruntime"}
+    assert doc["versions"]["torch"] is None
+    assert {r["impl"] for r in doc["results"]} == {"copy", "bnfast", "numpy"}
+
+
+def test_peer_that_raises_is_an_error_row_not_a_crash(tmp_path, monkeypatch):
+    from bnfast.bench import impl_numpy
+
+    def broken(self, case, inputs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(impl_numpy.NumpyPeer, "prepare", broken)
+    code, doc = run_json(tmp_path, "--modes", "eval", "--peers", "numpy")
+    assert code == 0
+    assert all(r["status"] == "error" and "boom" in r["note"] for r in rows(doc, impl="numpy"))
+
+
+def test_fast_wrong_answer_shows_as_wrong(tmp_path, capsys, monkeypatch):
+    from bnfast.bench import impl_bnfast
+
+    real = bnfast.batch_norm
+
+    def off_by_a_little(*args, **kwargs):
+        y = real(*args, **kwargs)
+        y += y.dtype.type(1e-3)
+        return y
+
+    monkeypatch.setattr(impl_bnfast.bnfast, "batch_norm", off_by_a_little)
+    code, doc = run_json(tmp_path, "--modes", "eval", "--peers", "none")
+    assert code == 1
+    assert "WRONG" in capsys.readouterr().out
+    assert all(r["correct"] is False for r in rows(doc, impl="bnfast"))
+
+
+# --- threads ---------------------------------------------------------------
+
+def test_threads_option_applies_to_every_implementation(tmp_path):
+    before = None
+    try:
+        import torch
+        before = torch.get_num_threads()
+    except ImportError:
+        torch = None
+    code, doc = run_json(tmp_path, "--modes", "eval", "--threads", "1")
+    assert code == 0
+    assert doc["settings"]["threads"] == 1
+    assert doc["threads"]["bnfast"] == 1
+    for peer in ("torch", "onnxruntime"):
+        if peer not in doc["unavailable"]:
+            assert doc["threads"][peer] == 1
+    if torch is not None:
+        assert torch.get_num_threads() == before  # restored after the run
+
+
+# --- plot ------------------------------------------------------------------
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedup.png"
+    assert main(["bench", *TINY, "--modes", "eval,fused_eval", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_without_matplotlib_is_a_clean_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *TINY, "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- argument errors -------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--shapes", "32x"], "bad shape"),
+    (["--shapes", "axb"], "bad shape"),
+    (["--shapes", "32"], "at least 2 dimensions"),
+    (["--shapes", "0x3"], "positive"),
+    (["--shapes", ","], "no shapes"),
+    (["--modes", "inference"], "unknown mode"),
+    (["--dtypes", "float16"], "unknown dtype"),
+    (["--peers", "jax"], "unknown peer"),
+    (["--threads", "0"], "positive integer"),
+    (["--repeat", "two"], "positive integer"),
+])
+def test_bad_arguments_give_a_clean_argparse_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_module_runs_as_a_script():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bnfast", "bench", "--shapes", "3x4x5", "--modes", "eval",
+                           "--dtypes", "float32", "--peers", "numpy", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "bnfast", "bench", "--shapes", "3x"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 2 and "bad shape" in proc.stderr
+
+
+# --- building blocks -------------------------------------------------------
+
+def test_parse_shapes_accepts_the_documented_syntax():
+    assert parse_shapes("32x64x112x112, 256X1024") == ((32, 64, 112, 112), (256, 1024))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_agrees_with_torch(mode):
+    torch = pytest.importorskip("torch")
+    inputs = Inputs((4, 3, 5, 5), "float64")
+    ref = reference(mode, inputs)
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+    x, w, b = t(inputs.x), t(inputs.weight), t(inputs.bias)
+    rm, rv = t(inputs.running_mean), t(inputs.running_var)
+    F = torch.nn.functional
+    if mode == "eval":
+        got = {"y": F.batch_norm(x, rm, rv, w, b, False, 0.1, inputs.eps)}
+    elif mode == "fused_eval":
+        got = {"y": torch.relu(F.batch_norm(x, rm, rv, w, b, False, 0.1, inputs.eps) + t(inputs.addend))}
+    elif mode == "train":
+        y = F.batch_norm(x, rm, rv, w, b, True, inputs.momentum, inputs.eps)
+        got = {"y": y, "running_mean": rm, "running_var": rv}
+    else:
+        xr = x.clone().requires_grad_(True)
+        wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        F.batch_norm(xr, None, None, wr, br, True, 0.1, inputs.eps).backward(t(inputs.grad_output))
+        got = {"grad_input": xr.grad, "grad_weight": wr.grad, "grad_bias": br.grad}
+    got = {k: v.detach().numpy() for k, v in got.items()}
+    assert compare(got, ref, "float64")["correct"]
+
+
+def test_compare_flags_nan_missing_and_misshaped_outputs():
+    ref = {"y": np.ones((2, 3))}
+    assert compare({"y": np.ones((2, 3), np.float32)}, ref, "float32")["correct"]
+    nan = np.ones((2, 3))
+    nan[0, 0] = np.nan
+    assert compare({"y": nan}, ref, "float64")["correct"] is False
+    assert compare({}, ref, "float64")["correct"] is False
+    assert compare({"y": np.ones(6)}, ref, "float64")["correct"] is False
+    assert compare({"y": np.ones((2, 3)) + 1e-3}, ref, "float32")["correct"] is False
+
+
+def test_measure_takes_the_requested_samples():
+    calls = []
+    timing = measure(lambda: calls.append(1), TimingPolicy(repeat=3))
+    assert len(timing.times) == 3 and timing.median > 0
+    assert len(calls) >= 3 * timing.number
+
+
+def test_progress_falls_back_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    stream = io.StringIO()
+    bar = progress(2, stream=stream)
+    bar.update("eval float32 2x3", "bnfast")
+    bar.update("eval float32 2x3", "numpy")
+    bar.close()
+    assert "[1/2] eval float32 2x3" in stream.getvalue()
+
+
+def test_onnx_model_passes_the_onnx_checker():
+    onnx = pytest.importorskip("onnx")
+    from bnfast.bench.onnx_model import batch_norm_model
+    p = np.ones(3, np.float32)
+    for fused in (False, True):
+        model = onnx.load_from_string(batch_norm_model((2, 3, 4), np.float32, p, p, p, p, 1e-5, fused))
+        onnx.checker.check_model(model, full_check=True)
+
+
+def test_import_bnfast_does_not_import_torch():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "import sys, bnfast, bnfast.__main__; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=ROOT)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
