@@ -13,6 +13,8 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
+from _openmp_helpers cimport threads_for
+
 ctypedef fused stat_t:
     float
     double
@@ -26,8 +28,6 @@ cdef enum:
     BLOCK_ELEMS = 16384
     # Target width of a widened row (see _stats.pyx).
     ROW_WIDTH = 64
-    # Below this many elements, threads cost more than they save.
-    SERIAL_ELEMS = 65536
 
 # Rows of the coefficient table.
 MEAN, INVSTD, SCALE, SHIFT = 0, 1, 2, 3
@@ -62,14 +62,6 @@ def coefficients(const stat_t[::1] mean,      # IN (C,) batch or running mean
         else:
             for c in range(C):
                 shift[c] = 0.0
-
-
-cdef inline int _threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) noexcept nogil:
-    if elems < SERIAL_ELEMS or tasks < 2:
-        return 1
-    if n_threads > tasks:
-        return <int>tasks
-    return n_threads if n_threads > 0 else 1
 
 
 cdef void _fill_table(const double[:, ::1] coef, Py_ssize_t C, Py_ssize_t repeat,
@@ -140,7 +132,7 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
     if table == NULL:
         raise MemoryError()
     _fill_table(coef, C, 1, table)
-    cdef int nt = _threads_for(blocks, runs * S, n_threads)
+    cdef int nt = threads_for(blocks, runs * S, n_threads)
     try:
         with nogil:
             for blk in prange(blocks, schedule='static', num_threads=nt):
@@ -180,7 +172,7 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &out[0, 0]
     cdef const floating* ap = NULL if addend is None else &addend[0, 0]
-    cdef int nt = _threads_for(blocks, total, n_threads)
+    cdef int nt = threads_for(blocks, total, n_threads)
     try:
         with nogil:
             for blk in prange(blocks, schedule='static', num_threads=nt):

@@ -17,3 +17,17 @@ cdef extern from *:
     bint BNFAST_OPENMP
     int bnfast_max_threads() noexcept nogil
     int bnfast_thread_num() noexcept nogil
+
+
+cdef enum:
+    # Below this many elements a parallel region costs more than it saves.
+    SERIAL_ELEMS = 65536
+
+
+cdef inline int threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) noexcept nogil:
+    """Threads for a call: 1 for small work, never more than there are tasks."""
+    if elems < SERIAL_ELEMS or tasks < 2 or n_threads < 2:
+        return 1
+    if n_threads > tasks:
+        return <int>tasks
+    return n_threads

@@ -19,7 +19,7 @@ from cython.parallel cimport parallel, prange
 from libc.stdlib cimport calloc, free, malloc
 
 from _moments cimport merge_rows, merge_shifted, shifted_colsums, shifted_sums
-from _openmp_helpers cimport bnfast_thread_num
+from _openmp_helpers cimport bnfast_thread_num, threads_for
 
 cdef enum:
     # Elements per shifted-sum chunk (bounds cancellation error to ~eps * CHUNK).
@@ -31,16 +31,6 @@ cdef enum:
     # Channels-last blocks: about this many elements, at most MAX_BLOCK_ROWS rows.
     BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
-    # Below this many elements, threads cost more than they save.
-    SERIAL_ELEMS = 65536
-
-
-cdef inline int _threads_for(Py_ssize_t tasks, Py_ssize_t elems, int n_threads) noexcept nogil:
-    if elems < SERIAL_ELEMS or tasks < 2:
-        return 1
-    if n_threads > tasks:
-        return <int>tasks
-    return n_threads if n_threads > 0 else 1
 
 
 cdef void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
@@ -70,7 +60,7 @@ def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
     cdef const floating* run_start
     cdef Py_ssize_t t, c, b, n, s0, run, n_end
     cdef double cnt, mu, m2, shift, s1, s2, chunk_n
-    cdef int nt = _threads_for(tasks, N * C * S, n_threads)
+    cdef int nt = threads_for(tasks, N * C * S, n_threads)
     try:
         with nogil:
             for t in prange(tasks, schedule='static', num_threads=nt):
@@ -132,7 +122,7 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
     cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
     # Partial means and m2 per (block, column); counts follow from the block.
     cdef double* part = <double*>malloc(2 * blocks * W * sizeof(double))
-    cdef int nt = _threads_for(blocks, M * C, n_threads)
+    cdef int nt = threads_for(blocks, M * C, n_threads)
     # Per-thread column sums, allocated up front: a thread that skipped the
     # worksharing loop on a failed malloc would deadlock the others.
     # Each thread's slice is padded to whole cache lines (no false sharing).

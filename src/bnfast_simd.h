@@ -34,6 +34,29 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #define BNFAST_COMBINE8(v) \
     ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
 
+/* Columns [J0, W) of every group of four rows, then all columns of the
+ * leftover rows: the scalar part of the shifted column sums (see below). */
+#define BNFAST_COLSUMS_SCALAR_PART(T, J0)                                           \
+    {                                                                               \
+        double k, e0, e1, e2, e3;                                                   \
+        for (r = 0; r + 4 <= rows; r += 4) {                                        \
+            const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;      \
+            for (j = (J0); j < W; j++) {                                            \
+                k = (double)shift[j];                                               \
+                e0 = (double)p0[j] - k; e1 = (double)p1[j] - k;                     \
+                e2 = (double)p2[j] - k; e3 = (double)p3[j] - k;                     \
+                s1[j] += (e0 + e1) + (e2 + e3);                                     \
+                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                 \
+            }                                                                       \
+        }                                                                           \
+        for (; r < rows; r++) {                                                     \
+            const T *p = x + r * W;                                                 \
+            for (j = 0; j < W; j++) {                                               \
+                e0 = (double)p[j] - (double)shift[j]; s1[j] += e0; s2[j] += e0 * e0; \
+            }                                                                       \
+        }                                                                           \
+    }
+
 #if BNFAST_VECTOR_EXT
 /* Load 4 values of type T as doubles (the compiler emits the widening load). */
 #define BNFAST_LOAD4(T, p) ((bnfast_v4d){(double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3]})
@@ -88,13 +111,13 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
  * Rows are walked in order, four at a time (their terms summed in registers
  * before one update of s1/s2, which stay in L1); leftover rows one at a time.
  * Walking down narrow column tiles instead would hit 4K aliasing when W is a
- * power of two. */
+ * power of two.  Vector columns first, then BNFAST_COLSUMS_SCALAR_PART does the
+ * rest in the same per-column order (it is the whole job without SIMD). */
 #define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR)                                \
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, const T *shift,  \
                           double *s1, double *s2) {                                 \
-        ptrdiff_t r = 0, j, j4 = W - W % 4;                                         \
-        double k, e0, e1, e2, e3;                                                   \
-        for (; r + 4 <= rows; r += 4) {                                             \
+        ptrdiff_t r, j, j4 = W - W % 4;                                             \
+        for (r = 0; r + 4 <= rows; r += 4) {                                        \
             const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;      \
             for (j = 0; j < j4; j += 4) {                                           \
                 bnfast_v4d kv = BNFAST_LOAD4(T, shift + j);                         \
@@ -105,20 +128,8 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
                 *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                   \
                 *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3); \
             }                                                                       \
-            for (j = j4; j < W; j++) {                                              \
-                k = (double)shift[j];                                               \
-                e0 = (double)p0[j] - k; e1 = (double)p1[j] - k;                     \
-                e2 = (double)p2[j] - k; e3 = (double)p3[j] - k;                     \
-                s1[j] += (e0 + e1) + (e2 + e3);                                     \
-                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                 \
-            }                                                                       \
         }                                                                           \
-        for (; r < rows; r++) {                                                     \
-            const T *p = x + r * W;                                                 \
-            for (j = 0; j < W; j++) {                                               \
-                e0 = (double)p[j] - (double)shift[j]; s1[j] += e0; s2[j] += e0 * e0; \
-            }                                                                       \
-        }                                                                           \
+        BNFAST_COLSUMS_SCALAR_PART(T, j4)                                           \
     }
 #else
 #define BNFAST_DEFINE_SHIFTED_SUMS(NAME, T, ATTR)                                   \
@@ -146,24 +157,8 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR)                                \
     static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, const T *shift,       \
                      double *s1, double *s2) {                                      \
-        ptrdiff_t r = 0, j;                                                         \
-        double k, e0, e1, e2, e3;                                                   \
-        for (; r + 4 <= rows; r += 4) {                                             \
-            const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;      \
-            for (j = 0; j < W; j++) {                                               \
-                k = (double)shift[j];                                               \
-                e0 = (double)p0[j] - k; e1 = (double)p1[j] - k;                     \
-                e2 = (double)p2[j] - k; e3 = (double)p3[j] - k;                     \
-                s1[j] += (e0 + e1) + (e2 + e3);                                     \
-                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                 \
-            }                                                                       \
-        }                                                                           \
-        for (; r < rows; r++) {                                                     \
-            const T *p = x + r * W;                                                 \
-            for (j = 0; j < W; j++) {                                               \
-                e0 = (double)p[j] - (double)shift[j]; s1[j] += e0; s2[j] += e0 * e0; \
-            }                                                                       \
-        }                                                                           \
+        ptrdiff_t r, j;                                                             \
+        BNFAST_COLSUMS_SCALAR_PART(T, 0)                                            \
     }
 #endif
 
