@@ -23,11 +23,14 @@ class Prepared:
         None for the copy roofline, which computes nothing to check.
     allocates : bool
         True if ``run`` allocates its output on every call.
+    note : str or None
+        How it ran, when that needs saying (e.g. the roofline's variant).
     """
 
     run: Callable[[], object]
     check: Optional[Callable[[], dict]] = None
     allocates: bool = False
+    note: Optional[str] = None
 
 
 class Implementation:

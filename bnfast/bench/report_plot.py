@@ -61,6 +61,7 @@ def plot_speedups(doc, path):
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_title(f"{mode}: bnfast speedup (peer time / bnfast time)", fontsize=10)
+        ax.set_xlim(-0.5, max(1, len(labels)) - 0.5)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=7, rotation=30 if len(labels) > 6 else 0)
         if ax.has_data() and any(r["bnfast_speedup"] for r in rows if r["impl"] in peers):

@@ -172,11 +172,12 @@ def _run_case(case, inputs, impls, policy, bar):
         try:
             prepared = impl.prepare(case, inputs)
             row["allocates"] = prepared.allocates
+            row["note"] = prepared.note
             if prepared.check is not None:
                 if expected is None:
                     expected = reference(case.mode, inputs)
                 checked = compare(prepared.check(), expected, case.dtype)
-                row["note"] = checked.pop("note", None)
+                row["note"] = checked.pop("note", None) or row["note"]
                 row.update(checked)
             time.sleep(_SETTLE)
             timing = measure(prepared.run, policy)
