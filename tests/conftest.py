@@ -56,6 +56,13 @@ def reference_batch_norm(x, running_mean=None, running_var=None, weight=None, bi
         statistics used to normalise (batch ones in training, running ones in
         evaluation).
     """
+    with np.errstate(invalid="ignore"):  # NaN/Inf inputs give NaN where torch does
+        return _reference(x, running_mean, running_var, weight, bias, training, momentum,
+                          eps, addend, relu)
+
+
+def _reference(x, running_mean, running_var, weight, bias, training, momentum, eps,
+               addend, relu):
     x = np.asarray(x, dtype=np.float64)
     C = x.shape[1]
     axes = (0,) + tuple(range(2, x.ndim))
@@ -67,8 +74,12 @@ def reference_batch_norm(x, running_mean=None, running_var=None, weight=None, bi
         if count == 0:
             mean, var = np.zeros(C), np.zeros(C)
         else:
-            mean = x.mean(axis=axes)
-            var = ((x - mean.reshape(bshape)) ** 2).mean(axis=axes)  # biased, two-pass
+            # Shifted by one finite sample of each channel, then two-pass: exact to
+            # about an ulp of the mean even for data far from zero (mean 1e12, std 1).
+            first = x[(0, slice(None)) + (0,) * (x.ndim - 2)]
+            shift = np.where(np.isfinite(first), first, 0.0).reshape(bshape)
+            mean = (x - shift).mean(axis=axes) + shift.ravel()
+            var = ((x - mean.reshape(bshape)) ** 2).mean(axis=axes)  # biased
             if rm is not None:
                 unbiased = var * count / (count - 1) if count > 1 else np.full(C, np.nan)
                 rm = (1.0 - momentum) * rm + momentum * mean
