@@ -11,11 +11,12 @@ Examples
 """
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
 
-_QUICK = dict(min_time=0.05, min_repeat=3, max_repeat=10)
+_QUICK = dict(min_time=0.25, min_repeat=5, max_repeat=25)
 
 
 def _arg_type(parse, what):
@@ -90,7 +91,7 @@ def build_parser():
     run.add_argument("--repeat", type=_arg_type(_positive_int, "repeat"), metavar="N",
                      help="exactly N timed samples per measurement (default: enough for --min-time)")
     run.add_argument("--min-time", type=_arg_type(_positive_float, "min_time"), metavar="SECONDS",
-                     help="target timed seconds per measurement (default 0.4; --quick 0.05)")
+                     help="target timed seconds per measurement (default 0.4; --quick 0.25)")
     out = bench.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     out.add_argument("--plot", metavar="FILE.png", help="draw speedup bars (needs matplotlib)")
@@ -125,12 +126,19 @@ def _bench(args, parser, argv):
     from .bench.report_plot import matplotlib_missing, plot_speedups
     from .bench.report_table import format_report
 
-    if args.plot:
-        missing = matplotlib_missing()
-        if missing:  # fail before a long run, not after it
-            parser.error(missing)
-    doc = run_benchmark(_settings(args), show_progress=not args.no_progress,
-                        command=["bnfast"] + list(argv))
+    # fail before a long run, not after it
+    if args.plot and matplotlib_missing():
+        parser.error(matplotlib_missing())
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{option} {path}: directory {os.path.dirname(os.path.abspath(path))} "
+                         "does not exist")
+    try:
+        doc = run_benchmark(_settings(args), show_progress=not args.no_progress,
+                            command=["bnfast"] + list(argv))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     report = format_report(doc)
     if args.json == "-":
         print(report, file=sys.stderr)

@@ -1,4 +1,8 @@
 """The text table ``python -m bnfast bench`` prints: one row per case."""
+import math
+
+import numpy as np
+
 from .suite import format_shape
 
 __all__ = ["format_report", "format_time"]
@@ -80,10 +84,7 @@ def format_report(doc):
         previous_mode = mode
         ours = rows.get("bnfast")
         ok = ours is not None and ours["status"] == "ok"
-        itemsize = 4 if dtype == "float32" else 8
-        nbytes = itemsize
-        for d in shape:
-            nbytes *= d
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         cells = [mode, dtype, format_shape(shape), _size(nbytes),
                  format_time(ours["median_s"]) if ok else _check_cell(ours),
                  f"{ours['gbps']:.1f}" if ok and ours["gbps"] else "-",
@@ -124,7 +125,8 @@ def format_report(doc):
                      f"error {r['error']!r} > {r['tolerance']:g}" + (f" ({r['note']})" if r["note"] else ""))
     seen = set()
     for r in doc["results"]:
-        if r["status"] in ("error", "unsupported") and r["impl"] == "bnfast" or r["status"] == "error":
+        bnfast_missing = r["impl"] == "bnfast" and r["status"] == "unsupported"
+        if r["status"] == "error" or bnfast_missing:
             key = (r["impl"], r["mode"], r["note"])
             if key not in seen:
                 seen.add(key)
