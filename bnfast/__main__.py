@@ -55,8 +55,9 @@ def build_parser():
     from .bench.peers import PEERS, parse_peers
     from .bench.suite import DTYPES, MODES, parse_dtypes, parse_modes, parse_shapes
 
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
-        prog="python -m bnfast",
+        prog="bnfast" if script == "bnfast" else "python -m bnfast",
         description="bnfast: PyTorch-exact BatchNorm for NumPy arrays (Cython + OpenMP).")
     sub = parser.add_subparsers(dest="command", metavar="{bench,config}")
 
