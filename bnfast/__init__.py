@@ -2,6 +2,8 @@
 __version__ = "0.1.0"
 
 from ._config import openmp_enabled, show_config
+from .backward import (ReluMask, batch_norm_backward, fused_batch_norm_backward, no_grad,
+                       relu_mask)
 from .functional import batch_norm, fused_batch_norm
 from .fused import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -13,8 +15,13 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "ReluMask",
     "batch_norm",
+    "batch_norm_backward",
     "fused_batch_norm",
+    "fused_batch_norm_backward",
+    "no_grad",
     "openmp_enabled",
+    "relu_mask",
     "show_config",
 ]

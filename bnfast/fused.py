@@ -18,6 +18,28 @@ class _FusedMixin:
         """
         return self._forward(input, addend, True, out)
 
+    def backward(self, grad_output, *, retain_graph=False):
+        """Gradients of the last forward: ``(grad_input, grad_addend)``.
+
+        ``grad_addend`` is ``grad_output`` where the ReLU passed it, 0
+        elsewhere (None if that forward had no addend).  The forward keeps its
+        ReLU mask packed 1 bit per value (not a copy of its output), and a
+        reference to its input.  Otherwise as :meth:`bnfast.BatchNorm2d.backward`:
+        parameter gradients accumulate into ``weight_grad``/``bias_grad``.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> m = bnfast.FusedBatchNorm1d(2, dtype=np.float64)
+        >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+        >>> y = m(x, addend=np.full_like(x, 0.5))
+        >>> gx, ga = m.backward(np.ones_like(y))
+        >>> ga
+        array([[0., 0.],
+               [1., 1.]])
+        """
+        return self._backward(grad_output, retain_graph)
+
 
 class FusedBatchNorm1d(_FusedMixin, BatchNorm1d):
     """``relu(BatchNorm1d(x) + addend)`` over (N, C) or (N, C, L) input, fused.

@@ -2,17 +2,34 @@
 
 They mirror ``torch.nn.BatchNormXd`` (constructor, attributes, train/eval,
 state_dict keys, error messages) and dispatch to :mod:`bnfast.functional`.
+``backward`` (see :mod:`bnfast.backward`) replays the last forward from what
+it saved, and accumulates parameter gradients into ``weight_grad``/``bias_grad``.
 """
 from collections import namedtuple
 
 import numpy as np
 
+from . import backward as B
 from . import functional as F
 from ._validation import SUPPORTED_DTYPES, as_float_array, check_eps
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+_NO_FORWARD = "backward() needs a forward() first: nothing was saved for backward"
+
+
+class _Saved:
+    """What a forward keeps for backward (torch's saved tensors): a reference to
+    the input, the statistics it normalised with, and the packed ReLU mask."""
+
+    __slots__ = ("input", "weight", "mean", "invstd", "batch_stats", "relu_mask",
+                 "has_addend", "input_overwritten")
+
+    def __init__(self, **fields):
+        for key, value in fields.items():
+            setattr(self, key, value)
 
 
 class _BatchNorm:
@@ -55,6 +72,11 @@ class _BatchNorm:
             self.running_mean = None
             self.running_var = None
             self.num_batches_tracked = None
+        # Gradients accumulated by backward(), as torch's .grad (None until then).
+        self.weight_grad = None
+        self.bias_grad = None
+        self._saved = None
+        self._saved_missing = _NO_FORWARD
         self.reset_parameters()
 
     # -- PyTorch's Module surface -------------------------------------------------
@@ -109,16 +131,124 @@ class _BatchNorm:
         # Batch statistics in training, and in eval when no running stats exist.
         use_batch_stats = self.training or self.running_mean is None
         tracking = not self.training or self.track_running_stats
+        save = B.is_grad_enabled()
         result = F.batch_norm(
             x,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.weight, self.bias, use_batch_stats, factor, self.eps,
             addend=addend, relu=relu, out=out, n_threads=self.n_threads,
+            return_stats=save,
         )
         if counted:  # only once the call succeeded: a rejected call changes nothing
             self.num_batches_tracked += 1
+        if save:
+            result = self._save_for_backward(x, addend, relu, use_batch_stats, *result)
+        else:
+            self._saved = None
+            self._saved_missing = ("the last forward() ran under bnfast.no_grad(), "
+                                   "which saves nothing for backward")
         return result
+
+    # -- backward -----------------------------------------------------------------
+    def _save_for_backward(self, x, addend, relu, batch_stats, out, mean, invstd):
+        self._saved = _Saved(
+            input=x,  # a reference, as torch saves it: mutating it before backward is undefined
+            weight=None if self.weight is None else self.weight.copy(),
+            mean=mean, invstd=invstd, batch_stats=batch_stats,
+            relu_mask=B.relu_mask(out, n_threads=self.n_threads) if relu else None,
+            has_addend=addend is not None,
+            input_overwritten=bool(np.may_share_memory(out, x)),
+        )
+        return out
+
+    def backward(self, grad_output, *, retain_graph=False):
+        """Gradient of the last forward with respect to its input.
+
+        Uses what that forward saved: a reference to its input (do not modify
+        it in between: the result is then undefined) and the statistics it
+        normalised with (batch statistics in training and whenever there are
+        no running statistics, else the running ones).  Parameter gradients
+        are *added* to ``weight_grad`` and ``bias_grad`` (created on first
+        use; see :meth:`zero_grad`), as torch accumulates ``.grad``.
+
+        Parameters
+        ----------
+        grad_output : array_like
+            Gradient of the loss with respect to the forward's output (its
+            shape and dtype).
+        retain_graph : bool
+            Keep the saved state for another backward; by default it is
+            released, as torch frees its graph.
+
+        Returns
+        -------
+        ndarray
+            The input's gradient (input's shape, dtype and memory layout).
+
+        Raises
+        ------
+        RuntimeError
+            No forward since the last backward (or it ran under
+            :func:`bnfast.no_grad`), or it wrote its output over its input.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> m = bnfast.BatchNorm1d(2, dtype=np.float64)
+        >>> y = m(np.array([[1.0, 2.0], [3.0, 6.0]]))
+        >>> m.backward(np.ones_like(y))
+        array([[0., 0.],
+               [0., 0.]])
+        >>> m.bias_grad
+        array([2., 2.])
+        """
+        return self._backward(grad_output, retain_graph)[0]
+
+    def zero_grad(self, set_to_none=True):
+        """Reset ``weight_grad``/``bias_grad``: to None (default, as torch), or fill with zeros."""
+        for name in ("weight_grad", "bias_grad"):
+            grad = getattr(self, name)
+            if set_to_none:
+                setattr(self, name, None)
+            elif grad is not None:
+                grad.fill(0)
+
+    def _backward(self, grad_output, retain_graph):
+        """(grad_input, grad_addend) of the last forward; accumulates parameter gradients."""
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(self._saved_missing)
+        if saved.input_overwritten:
+            raise RuntimeError("backward() needs the forward's input, but that forward wrote "
+                               "its output over it (out=input): run it out of place")
+        has_w, has_b = saved.weight is not None, self.bias is not None
+        if saved.relu_mask is None:
+            gx, gw, gb = B.batch_norm_backward(
+                grad_output, saved.input, saved.weight, saved.mean, saved.invstd,
+                saved.batch_stats, self.eps, output_mask=(True, has_w, has_b),
+                n_threads=self.n_threads)
+            ga = None
+        else:
+            gx, gw, gb, ga = B.fused_batch_norm_backward(
+                grad_output, saved.input, saved.relu_mask, saved.weight, saved.mean,
+                saved.invstd, saved.batch_stats, self.eps,
+                output_mask=(True, has_w, has_b, saved.has_addend), n_threads=self.n_threads)
+        if not retain_graph:
+            self._saved = None
+            self._saved_missing = ("backward() was already called on the last forward, which "
+                                   "freed what it saved (pass retain_graph=True to keep it)")
+        if gw is not None:
+            if self.weight_grad is None:
+                self.weight_grad = gw
+            else:
+                self.weight_grad += gw
+        if gb is not None:
+            if self.bias_grad is None:
+                self.bias_grad = gb
+            else:
+                self.bias_grad += gb
+        return gx, ga
 
     def _check_input_dim(self, x):
         if x.ndim not in self._ndims:

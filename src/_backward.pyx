@@ -1,1 +1,510 @@
-"""Backward kernels (placeholder module, filled by the backward pass work)."""
+"""Backward pass of Batch Normalization (and of its fused ReLU/addend epilogue).
+
+With ``dy`` the output gradient (masked by the ReLU for the fused variant),
+per channel ``sum_dy = sum(dy)`` and ``sum_xdy = sum((x - mean) * dy)``, and
+``a = invstd * weight``:
+
+* training: ``dx = (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * a``
+* eval:     ``dx = dy * a``
+* ``grad_weight = sum_xdy * invstd``, ``grad_bias = sum_dy``.
+
+Two passes over the data, in the forward's two memory layouts:
+
+1. ``reduce_*``: both sums in ONE read of ``x`` and ``dy`` (double
+   accumulation, 8 fixed lanes, see ``bnfast_simd.h``).  The work is cut by
+   the shape only and the partials are merged in a fixed order, so any thread
+   count gives the same bits.
+2. ``apply_*``: ``dx = (dy * a + (x - m) * b) + d`` per element, in the
+   storage type.  ``m`` is the storage-type mean and its rounding error is
+   folded into ``d`` (in double), as in ``_normalize.pyx``: float32 data far
+   from zero (mean 1e6, std 1) keeps ``x - m`` exact.
+
+The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
+1/32 of a float32 copy).  Masked gradients are selected chunk by chunk into
+an L1 buffer, or straight into ``g`` (the addend's gradient) when that is
+wanted: pass 1 then writes ``g`` and pass 2 reads it instead of ``dy``.
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport free, malloc
+
+from _moments cimport centered_dot
+from _openmp_helpers cimport bnfast_thread_num, threads_for
+
+cdef extern from "bnfast_backward_simd.h" nogil:
+    void bnfast_centered_coldot_f32(const float* x, const float* y, Py_ssize_t rows,
+                                    Py_ssize_t W, const double* shift, double* sy, double* sxy)
+    void bnfast_centered_coldot_f64(const double* x, const double* y, Py_ssize_t rows,
+                                    Py_ssize_t W, const double* shift, double* sy, double* sxy)
+    void bnfast_mask_select_f32(const float* y, const unsigned char* bits, Py_ssize_t pos,
+                                Py_ssize_t n, float* out)
+    void bnfast_mask_select_f64(const double* y, const unsigned char* bits, Py_ssize_t pos,
+                                Py_ssize_t n, double* out)
+    void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
+    void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
+    void bnfast_grad_scalar_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                float m, float a, float b, float d)
+    void bnfast_grad_scalar_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                                double m, double a, double b, double d)
+    void bnfast_grad_tiled_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                               const float* m, const float* a, const float* b, const float* d)
+    void bnfast_grad_tiled_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                               const double* m, const double* a, const double* b,
+                               const double* d)
+    void bnfast_scale_scalar_f32(const float* dy, float* dx, Py_ssize_t n, float a)
+    void bnfast_scale_scalar_f64(const double* dy, double* dx, Py_ssize_t n, double a)
+    void bnfast_scale_tiled_f32(const float* dy, float* dx, Py_ssize_t n, const float* a)
+    void bnfast_scale_tiled_f64(const double* dy, double* dx, Py_ssize_t n, const double* a)
+
+ctypedef fused param_t:
+    float
+    double
+
+cdef enum:
+    # Channels-first pass 1: a task covers a block of samples times a block of
+    # channels, read in memory order.  Per sample it spans about RUN_ELEMS
+    # contiguous values (whole channels), and TASK_ELEMS values in all.
+    RUN_ELEMS = 8192
+    TASK_ELEMS = 32768
+    # Channels-last pass 1 (as _stats.pyx): wide rows of about ROW_WIDTH values,
+    # blocks of about BLOCK_ELEMS values, at most MAX_BLOCK_ROWS rows.
+    ROW_WIDTH = 64
+    BLOCK_ELEMS = 32768
+    MAX_BLOCK_ROWS = 4096
+    # Pass 2: blocks of about APPLY_ELEMS values; channels-last coefficient
+    # tiles of about APPLY_WIDTH values.
+    APPLY_ELEMS = 16384
+    APPLY_WIDTH = 256
+    # Masked gradients are selected this many values at a time (L1 buffer).
+    TILE = 2048
+    # The mask is packed this many values (a multiple of 8) per task.
+    PACK_ELEMS = 65536
+
+# Rows of the coefficient table written by coefficients().
+MEAN, SCALE, SLOPE, OFFSET, GRAD_WEIGHT, GRAD_BIAS = 0, 1, 2, 3, 4, 5
+
+
+# -- typed wrappers around the SIMD leaves -----------------------------------------
+cdef inline void _coldot(const floating* x, const floating* y, Py_ssize_t rows, Py_ssize_t W,
+                         const double* shift, double* sy, double* sxy) noexcept nogil:
+    if floating is float:
+        bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
+    else:
+        bnfast_centered_coldot_f64(x, y, rows, W, shift, sy, sxy)
+
+
+cdef inline void _select(const floating* y, const unsigned char* bits, Py_ssize_t pos,
+                         Py_ssize_t n, floating* out) noexcept nogil:
+    if floating is float:
+        bnfast_mask_select_f32(y, bits, pos, n, out)
+    else:
+        bnfast_mask_select_f64(y, bits, pos, n, out)
+
+
+cdef inline void _grad_scalar(const floating* x, const floating* dy, floating* dx, Py_ssize_t n,
+                              floating m, floating a, floating b, floating d,
+                              bint training) noexcept nogil:
+    if floating is float:
+        if training:
+            bnfast_grad_scalar_f32(x, dy, dx, n, m, a, b, d)
+        else:
+            bnfast_scale_scalar_f32(dy, dx, n, a)
+    else:
+        if training:
+            bnfast_grad_scalar_f64(x, dy, dx, n, m, a, b, d)
+        else:
+            bnfast_scale_scalar_f64(dy, dx, n, a)
+
+
+cdef inline void _grad_tiled(const floating* x, const floating* dy, floating* dx, Py_ssize_t n,
+                             const floating* tile, Py_ssize_t W, bint training) noexcept nogil:
+    # tile holds the rows m, a, b, d, W values each.
+    if floating is float:
+        if training:
+            bnfast_grad_tiled_f32(x, dy, dx, n, tile, tile + W, tile + 2 * W, tile + 3 * W)
+        else:
+            bnfast_scale_tiled_f32(dy, dx, n, tile + W)
+    else:
+        if training:
+            bnfast_grad_tiled_f64(x, dy, dx, n, tile, tile + W, tile + 2 * W, tile + 3 * W)
+        else:
+            bnfast_scale_tiled_f64(dy, dx, n, tile + W)
+
+
+cdef inline void _masked_dot(const floating* x, const floating* dy, const unsigned char* bits,
+                             Py_ssize_t pos, Py_ssize_t n, double shift, double* sy, double* sxy,
+                             floating* g, floating* buf) noexcept nogil:
+    """centered_dot of x and the masked dy, selected TILE values at a time into g or buf."""
+    cdef Py_ssize_t s = 0, run
+    cdef floating* dst
+    while s < n:
+        run = min(n - s, TILE)
+        dst = g + s if g != NULL else buf
+        _select(dy + s, bits, pos + s, run, dst)
+        centered_dot(x + s, dst, run, shift, sy, sxy)
+        s = s + run
+
+
+cdef inline floating _offset_in(floating m, const double[:, ::1] coef, Py_ssize_t c) noexcept nogil:
+    """Storage-type d for dx = (dy * a + (x - m) * b) + d, with m = storage-type mean.
+
+    (x - mean) = (x - m) - (mean - m): the mean's rounding error moves into d, in double.
+    """
+    return <floating>(coef[3, c] - (coef[0, c] - <double>m) * coef[2, c])
+
+
+# -- pass 1 ---------------------------------------------------------------------------
+def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
+                          const floating[:, :, ::1] dy,   # IN  (N, C, S)
+                          const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
+                          const double[::1] mean,         # IN  (C,) save_mean
+                          double[::1] sum_dy,             # OUT (C,)
+                          double[::1] sum_xdy,            # OUT (C,)
+                          floating[:, :, ::1] g,          # OUT (N, C, S) masked dy, or None
+                          int n_threads):
+    """Per-channel sum(dy) and sum((x - mean) * dy) of (N, C, S) arrays, one read of each."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    sum_dy[:] = 0.0
+    sum_xdy[:] = 0.0
+    if N == 0 or C == 0 or S == 0:
+        return
+    # Tasks: samples [nb * npt, +npt) x channels [cb * cpt, +cpt), walked in memory order.
+    cdef Py_ssize_t cpt = C if C * S <= RUN_ELEMS else max(1, RUN_ELEMS // S)
+    cdef Py_ssize_t npt = max(1, TASK_ELEMS // (cpt * S))
+    cdef Py_ssize_t nblocks = (N + npt - 1) // npt
+    cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
+    cdef Py_ssize_t tasks = nblocks * cblocks
+    cdef int nt = threads_for(tasks, N * C * S, n_threads)
+    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
+    cdef floating* gp = NULL if g is None else &g[0, 0, 0]
+    # Partials laid out [sample block][channel]; each task owns its slice.
+    cdef double* part = <double*>malloc(2 * nblocks * C * sizeof(double))
+    # Per-thread select buffers (masked, without g), allocated up front: a thread
+    # that skipped the worksharing loop on a failed malloc would deadlock the others.
+    cdef Py_ssize_t slice_len = TILE + 64
+    cdef floating* scratch = NULL
+    if bits != NULL and gp == NULL:
+        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
+        if scratch == NULL:
+            free(part)
+            raise MemoryError()
+    if part == NULL:
+        free(scratch)
+        raise MemoryError()
+    cdef double* part_xdy = part + nblocks * C
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef floating* buf = NULL
+    cdef Py_ssize_t t, nb, cb, c, c0, c1, n, off
+    try:
+        with nogil:
+            with parallel(num_threads=nt):
+                if scratch != NULL:
+                    buf = scratch + slice_len * bnfast_thread_num()
+                for t in prange(tasks, schedule='static'):
+                    nb = t // cblocks
+                    cb = t - nb * cblocks
+                    c0 = cb * cpt
+                    c1 = min(C, c0 + cpt)
+                    for c in range(c0, c1):
+                        part[nb * C + c] = 0.0
+                        part_xdy[nb * C + c] = 0.0
+                    for n in range(nb * npt, min(N, (nb + 1) * npt)):
+                        for c in range(c0, c1):
+                            off = (n * C + c) * S
+                            if bits == NULL:
+                                centered_dot(xp + off, dyp + off, S, mean[c],
+                                             part + nb * C + c, part_xdy + nb * C + c)
+                            else:
+                                _masked_dot(xp + off, dyp + off, bits, off, S, mean[c],
+                                            part + nb * C + c, part_xdy + nb * C + c,
+                                            NULL if gp == NULL else gp + off, buf)
+            for nb in range(nblocks):
+                for c in range(C):
+                    sum_dy[c] += part[nb * C + c]
+                    sum_xdy[c] += part_xdy[nb * C + c]
+    finally:
+        free(scratch)
+        free(part)
+
+
+def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
+                         const floating[:, ::1] dy,      # IN  (M, C)
+                         const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
+                         const double[::1] mean,         # IN  (C,) save_mean
+                         double[::1] sum_dy,             # OUT (C,)
+                         double[::1] sum_xdy,            # OUT (C,)
+                         floating[:, ::1] g,             # OUT (M, C) masked dy, or None
+                         int n_threads):
+    """Per-channel sum(dy) and sum((x - mean) * dy) of (M, C) rows, one read of each."""
+    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
+    sum_dy[:] = 0.0
+    sum_xdy[:] = 0.0
+    if M == 0 or C == 0:
+        return
+    # Wide rows of W = k * C values (long inner loops for small C), as in _stats.pyx.
+    cdef Py_ssize_t k = ROW_WIDTH // C if C < ROW_WIDTH else 1
+    if k > M:
+        k = M
+    cdef Py_ssize_t W = k * C
+    cdef Py_ssize_t rows = M // k
+    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, BLOCK_ELEMS // W))
+    cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
+    cdef Py_ssize_t sub_rows = max(1, TILE // W)  # rows selected at a time (masked)
+    cdef int nt = threads_for(blocks, M * C, n_threads)
+    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
+    cdef floating* gp = NULL if g is None else &g[0, 0]
+    # Partials per (block, column), then the tiled mean (the shift of every column).
+    cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
+    cdef Py_ssize_t slice_len = sub_rows * W + 64
+    cdef floating* scratch = NULL
+    if bits != NULL and gp == NULL:
+        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
+        if scratch == NULL:
+            free(part)
+            raise MemoryError()
+    if part == NULL:
+        free(scratch)
+        raise MemoryError()
+    cdef double* part_xdy = part + blocks * W
+    cdef double* shift = part + 2 * blocks * W
+    cdef const floating* xp = &x[0, 0]
+    cdef const floating* dyp = &dy[0, 0]
+    cdef floating* buf = NULL
+    cdef floating* dst
+    cdef Py_ssize_t b, j, l, r, r0, r1, nr, c
+    cdef double v
+    for j in range(W):
+        shift[j] = mean[j % C]
+    try:
+        with nogil:
+            with parallel(num_threads=nt):
+                if scratch != NULL:
+                    buf = scratch + slice_len * bnfast_thread_num()
+                for b in prange(blocks, schedule='static'):
+                    for j in range(W):
+                        part[b * W + j] = 0.0
+                        part_xdy[b * W + j] = 0.0
+                    r0 = b * per_block
+                    r1 = min(rows, r0 + per_block)
+                    if bits == NULL:
+                        _coldot(xp + r0 * W, dyp + r0 * W, r1 - r0, W, shift,
+                                part + b * W, part_xdy + b * W)
+                    else:
+                        r = r0
+                        while r < r1:
+                            nr = min(sub_rows, r1 - r)
+                            dst = buf if gp == NULL else gp + r * W
+                            _select(dyp + r * W, bits, r * W, nr * W, dst)
+                            _coldot(xp + r * W, dst, nr, W, shift,
+                                    part + b * W, part_xdy + b * W)
+                            r = r + nr
+            # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
+            for b in range(blocks):
+                for l in range(k):
+                    for c in range(C):
+                        sum_dy[c] += part[b * W + l * C + c]
+                        sum_xdy[c] += part_xdy[b * W + l * C + c]
+            for r in range(rows * k, M):
+                for c in range(C):
+                    j = r * C + c
+                    v = dyp[j]
+                    if bits != NULL:
+                        if not ((bits[j >> 3] >> (j & 7)) & 1):
+                            v = 0.0
+                        if gp != NULL:
+                            gp[j] = <floating>v
+                    sum_dy[c] += v
+                    sum_xdy[c] += (<double>xp[j] - mean[c]) * v
+    finally:
+        free(scratch)
+        free(part)
+
+
+# -- coefficients ----------------------------------------------------------------------
+def coefficients(const double[::1] sum_dy,    # IN  (C,) from reduce_*
+                 const double[::1] sum_xdy,   # IN  (C,) from reduce_*
+                 const double[::1] mean,      # IN  (C,) save_mean
+                 const double[::1] invstd,    # IN  (C,) save_invstd
+                 const param_t[::1] weight,   # IN  (C,) gamma (ignored unless has_weight)
+                 bint has_weight, double count, bint training,
+                 double[:, ::1] coef):        # OUT (6, C): mean, a, b, d, grad_weight, grad_bias
+    """Per-channel coefficients of dx = dy * a + (x - mean) * b + d, and the parameter grads."""
+    cdef Py_ssize_t c, C = mean.shape[0]
+    cdef double a, k
+    with nogil:
+        for c in range(C):
+            a = invstd[c] * weight[c] if has_weight else invstd[c]
+            coef[0, c] = mean[c]
+            coef[1, c] = a
+            if training and count > 0:
+                # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
+                k = invstd[c] * invstd[c] * (sum_xdy[c] / count)
+                coef[2, c] = -(k * a)
+                coef[3, c] = -((sum_dy[c] / count) * a)
+            else:
+                coef[2, c] = 0.0
+                coef[3, c] = 0.0
+            coef[4, c] = sum_xdy[c] * invstd[c]
+            coef[5, c] = sum_dy[c]
+
+
+# -- pass 2 ---------------------------------------------------------------------------
+def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not read in eval)
+                         const floating[:, :, ::1] dy,   # IN  (N, C, S)
+                         const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
+                         const double[:, ::1] coef,      # IN  (>= 4, C) from coefficients()
+                         floating[:, :, ::1] dx,         # OUT (N, C, S), or None (g only)
+                         floating[:, :, ::1] g,          # OUT (N, C, S) masked dy, or None
+                         bint training, int n_threads):
+    """dx of (N, C, S) arrays (and the masked dy into g when asked), one pass."""
+    cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], S = dy.shape[2]
+    if N == 0 or C == 0 or S == 0 or (dx is None and (mask is None or g is None)):
+        return
+    # Blocks of consecutive (n, c) runs: the channel is found once per block and
+    # then stepped (a division per run costs more than a 7x7 run itself).
+    cdef Py_ssize_t runs = N * C
+    cdef Py_ssize_t per_block = APPLY_ELEMS // S if S < APPLY_ELEMS else 1
+    cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
+    cdef int nt = threads_for(blocks, runs * S, n_threads)
+    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
+    cdef floating* gp = NULL if g is None else &g[0, 0, 0]
+    cdef floating* dxp = NULL if dx is None else &dx[0, 0, 0]
+    cdef Py_ssize_t slice_len = TILE + 64
+    cdef floating* scratch = NULL
+    if bits != NULL and gp == NULL:
+        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
+        if scratch == NULL:
+            raise MemoryError()
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef floating* buf = NULL
+    cdef floating* src
+    cdef Py_ssize_t blk, t, c, off, s, run
+    cdef floating m, a, b, d
+    try:
+        with nogil:
+            with parallel(num_threads=nt):
+                if scratch != NULL:
+                    buf = scratch + slice_len * bnfast_thread_num()
+                for blk in prange(blocks, schedule='static'):
+                    c = (blk * per_block) % C
+                    for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
+                        # Assigned here, not through pointers, so each thread keeps its own.
+                        m = <floating>coef[0, c]
+                        a = <floating>coef[1, c]
+                        b = <floating>coef[2, c]
+                        d = _offset_in(m, coef, c)
+                        off = t * S
+                        if bits == NULL:
+                            _grad_scalar(xp + off, dyp + off, dxp + off, S, m, a, b, d, training)
+                        else:
+                            s = 0
+                            while s < S:
+                                run = min(S - s, TILE)
+                                src = buf if gp == NULL else gp + off + s
+                                _select(dyp + off + s, bits, off + s, run, src)
+                                if dxp != NULL:
+                                    _grad_scalar(xp + off + s, src, dxp + off + s, run,
+                                                 m, a, b, d, training)
+                                s = s + run
+                        c = c + 1
+                        if c == C:
+                            c = 0
+    finally:
+        free(scratch)
+
+
+def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read in eval)
+                        const floating[:, ::1] dy,      # IN  (M, C)
+                        const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
+                        const double[:, ::1] coef,      # IN  (>= 4, C) from coefficients()
+                        floating[:, ::1] dx,            # OUT (M, C), or None (g only)
+                        floating[:, ::1] g,             # OUT (M, C) masked dy, or None
+                        bint training, int n_threads):
+    """dx of (M, C) rows (and the masked dy into g when asked), one pass."""
+    cdef Py_ssize_t M = dy.shape[0], C = dy.shape[1]
+    if M == 0 or C == 0 or (dx is None and (mask is None or g is None)):
+        return
+    # The coefficient pattern repeats every C values of the flat array: tile it
+    # k times; every W-aligned piece starts at channel 0.
+    cdef Py_ssize_t k = APPLY_WIDTH // C if C < APPLY_WIDTH else 1
+    cdef Py_ssize_t W = k * C, total = M * C
+    cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
+    cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
+    cdef Py_ssize_t chunk = (TILE // W if W < TILE else 1) * W  # masked: values per select
+    cdef int nt = threads_for(blocks, total, n_threads)
+    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
+    cdef floating* gp = NULL if g is None else &g[0, 0]
+    cdef floating* dxp = NULL if dx is None else &dx[0, 0]
+    cdef Py_ssize_t slice_len = chunk + 64
+    cdef floating* tile = <floating*>malloc(4 * W * sizeof(floating))
+    cdef floating* scratch = NULL
+    if bits != NULL and gp == NULL:
+        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
+        if scratch == NULL:
+            free(tile)
+            raise MemoryError()
+    if tile == NULL:
+        free(scratch)
+        raise MemoryError()
+    cdef Py_ssize_t j, blk, i, i_end, n, s, run
+    for j in range(W):
+        tile[j] = <floating>coef[0, j % C]
+        tile[W + j] = <floating>coef[1, j % C]
+        tile[2 * W + j] = <floating>coef[2, j % C]
+        tile[3 * W + j] = _offset_in(tile[j], coef, j % C)
+    cdef const floating* xp = &x[0, 0]
+    cdef const floating* dyp = &dy[0, 0]
+    cdef floating* buf = NULL
+    cdef floating* src
+    try:
+        with nogil:
+            with parallel(num_threads=nt):
+                if scratch != NULL:
+                    buf = scratch + slice_len * bnfast_thread_num()
+                for blk in prange(blocks, schedule='static'):
+                    i_end = min(total, (blk + 1) * per_block)
+                    i = blk * per_block
+                    while i < i_end:
+                        if bits == NULL:
+                            n = min(W, i_end - i)
+                            _grad_tiled(xp + i, dyp + i, dxp + i, n, tile, W, training)
+                            i = i + W
+                        else:
+                            run = min(chunk, i_end - i)
+                            src = buf if gp == NULL else gp + i
+                            _select(dyp + i, bits, i, run, src)
+                            if dxp != NULL:
+                                s = 0
+                                while s < run:
+                                    n = min(W, run - s)
+                                    _grad_tiled(xp + i + s, src + s, dxp + i + s, n, tile, W,
+                                                training)
+                                    s = s + W
+                            i = i + run
+    finally:
+        free(scratch)
+        free(tile)
+
+
+# -- the ReLU mask ----------------------------------------------------------------------
+def pack_positive(const floating[::1] y,      # IN  flat output of the fused forward
+                  unsigned char[::1] bits,    # OUT (ceil(n / 8),) little bit order
+                  int n_threads):
+    """bits of ``not (y <= 0)``: where the ReLU passed its input's gradient (NaN included)."""
+    cdef Py_ssize_t n = y.shape[0]
+    if n == 0:
+        return
+    cdef Py_ssize_t blocks = (n + PACK_ELEMS - 1) // PACK_ELEMS
+    cdef int nt = threads_for(blocks, n, n_threads)
+    cdef const floating* yp = &y[0]
+    cdef unsigned char* bp = &bits[0]
+    cdef Py_ssize_t blk, i0
+    with nogil:
+        for blk in prange(blocks, schedule='static', num_threads=nt):
+            i0 = blk * PACK_ELEMS
+            if floating is float:
+                bnfast_pack_positive_f32(yp + i0, min(PACK_ELEMS, n - i0), bp + i0 // 8)
+            else:
+                bnfast_pack_positive_f64(yp + i0, min(PACK_ELEMS, n - i0), bp + i0 // 8)

@@ -1,0 +1,352 @@
+"""Backward pass of Batch Normalization, mirroring ``torch.ops.aten.native_batch_norm_backward``.
+
+Validation happens here, once; the compiled kernels in ``bnfast._backward``
+assume what this module checked.  The forward hands over what the backward
+needs without recomputing it: ``batch_norm(..., return_stats=True)`` returns
+``(out, save_mean, save_invstd)``.
+"""
+import contextlib
+import numbers
+import threading
+
+import numpy as np
+
+from . import _backward, _layout
+from ._threads import resolve_threads
+from ._validation import check_channel_vector, check_eps, check_input, check_same_shape
+
+__all__ = [
+    "ReluMask",
+    "batch_norm_backward",
+    "fused_batch_norm_backward",
+    "is_grad_enabled",
+    "no_grad",
+    "relu_mask",
+]
+
+_grad_state = threading.local()
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Context manager: module forwards inside it save nothing for backward.
+
+    Like ``torch.no_grad()`` for inference: a module's forward then keeps no
+    reference to its input and a fused module skips packing its ReLU mask.
+    ``m.backward`` after such a forward raises RuntimeError.  Thread-local.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> m = bnfast.BatchNorm1d(2).eval()
+    >>> with bnfast.no_grad():
+    ...     y = m(np.ones((3, 2), np.float32))
+    """
+    previous = is_grad_enabled()
+    _grad_state.enabled = False
+    try:
+        yield
+    finally:
+        _grad_state.enabled = previous
+
+
+def is_grad_enabled():
+    """False inside :func:`no_grad` (in this thread), True otherwise."""
+    return getattr(_grad_state, "enabled", True)
+
+
+class ReluMask:
+    """Where a fused forward's ReLU let the gradient through, packed 8 values per byte.
+
+    Made by :func:`relu_mask`; 1/32 of the memory of a float32 copy of the
+    output.  Bit ``i`` (little bit order) belongs to the ``i``-th value of the
+    output in its memory order (``layout``: ``"channels_first"`` or
+    ``"channels_last"``, see ``bnfast._layout``).
+
+    Attributes
+    ----------
+    bits : ndarray of uint8, shape (ceil(size / 8),)
+    shape : tuple
+        The output's shape.
+    layout : str
+    """
+
+    __slots__ = ("bits", "shape", "layout")
+
+    def __init__(self, bits, shape, layout):
+        self.bits = bits
+        self.shape = tuple(shape)
+        self.layout = layout
+
+    @property
+    def nbytes(self):
+        return self.bits.nbytes
+
+    def to_array(self):
+        """The mask as a bool array of the output's shape (True: gradient passes)."""
+        size = int(np.prod(self.shape))
+        flat = np.unpackbits(self.bits, count=size, bitorder="little").view(np.bool_)
+        return _from_kernel_order(flat, self.shape, self.layout)
+
+    def __repr__(self):
+        return f"ReluMask(shape={self.shape}, layout={self.layout!r}, nbytes={self.nbytes})"
+
+
+def relu_mask(output, *, n_threads=None):
+    """Pack ``not (output <= 0)`` into a :class:`ReluMask` (one parallel read of ``output``).
+
+    That is where ``relu`` passes its input's gradient, as torch's
+    ``threshold_backward`` decides it (a NaN output passes it too).
+
+    Parameters
+    ----------
+    output : array_like, shape (N, C, *spatial)
+        The output of :func:`bnfast.fused_batch_norm` (or of ``batch_norm``
+        with ``relu=True``).
+    n_threads : int, optional
+        OpenMP threads (see :func:`bnfast.batch_norm`).
+
+    Returns
+    -------
+    ReluMask
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bnfast.relu_mask(np.array([[1.0, 0.0], [-2.0, 3.0]])).to_array()
+    array([[ True, False],
+           [False,  True]])
+    """
+    y = check_input(output, "output")
+    nt = resolve_threads(n_threads)
+    return _pack_mask(y, nt)
+
+
+def _pack_mask(y, nt, layout=None):
+    if layout is None:
+        layout = _layout.layout_of(y) or _layout.copy_layout(y)
+    y = _layout.to_layout(y, layout)
+    flat = _layout.kernel_view(y, layout).reshape(-1)
+    bits = np.empty((flat.size + 7) // 8, dtype=np.uint8)
+    _backward.pack_positive(flat, bits, nt)
+    return ReluMask(bits, y.shape, layout)
+
+
+def _from_kernel_order(flat, shape, layout):
+    """A flat array in ``layout``'s memory order, as an array of the logical ``shape``."""
+    n, c = shape[0], shape[1]
+    if layout == _layout.FIRST:
+        if len(shape) == 2:
+            return flat.reshape(c, n).T
+        return flat.reshape(shape)
+    return np.moveaxis(flat.reshape((n,) + tuple(shape[2:]) + (c,)), -1, 1)
+
+
+def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True,
+                        eps=1e-5, *, output_mask=(True, True, True), n_threads=None):
+    """Gradients of :func:`bnfast.batch_norm`, as ``torch.ops.aten.native_batch_norm_backward``.
+
+    With ``a = save_invstd * weight`` per channel, ``sum_dy = sum(grad_output)``
+    and ``sum_xdy = sum((input - save_mean) * grad_output)`` over all axes but 1,
+    and ``n`` values per channel:
+
+    * training: ``grad_input = (grad_output - sum_dy/n - (input - save_mean)
+      * save_invstd**2 * sum_xdy/n) * a``
+    * evaluation: ``grad_input = grad_output * a``
+    * ``grad_weight = sum_xdy * save_invstd``, ``grad_bias = sum_dy``.
+
+    Parameters
+    ----------
+    grad_output : array_like, shape (N, C, *spatial)
+        Gradient of the loss with respect to the forward's output; input's dtype.
+    input : array_like, shape (N, C, *spatial)
+        The forward's input (float32 or float64).
+    weight : array_like of shape (C,) or None
+        The forward's weight (gamma); None means ones.
+    save_mean, save_invstd : array_like of shape (C,)
+        From ``batch_norm(..., return_stats=True)``: in training the batch mean
+        and ``1/sqrt(var + eps)``; in evaluation the running mean and
+        ``1/sqrt(running_var + eps)``.
+    training : bool
+        Whether the forward normalised with batch statistics (then the
+        gradient flows through the mean and variance too).
+    eps : float
+        Validated for parity with torch's signature; ``save_invstd`` already
+        includes it.
+    output_mask : sequence of 3 bools
+        Which of ``(grad_input, grad_weight, grad_bias)`` to compute; the
+        others are returned as None.  In training, ``grad_input`` needs the
+        reduction pass anyway; without it only that pass runs.
+    n_threads : int, optional
+        OpenMP threads; results do not depend on it.
+
+    Returns
+    -------
+    grad_input : ndarray or None
+        Input's shape and dtype, and its memory layout (channels-last in,
+        channels-last out).
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Input's dtype (computed in float64, rounded once).
+
+    Raises
+    ------
+    TypeError
+        Non-float arrays, or grad_output's dtype differs from input's.
+    ValueError
+        Shapes that do not match input's, a missing save_mean/save_invstd, or a
+        malformed output_mask.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> y, mean, invstd = bnfast.batch_norm(x, None, None, training=True, return_stats=True)
+    >>> gx, gw, gb = bnfast.batch_norm_backward(np.ones_like(x), x, None, mean, invstd)
+    >>> gx
+    array([[0., 0.],
+           [0., 0.]])
+    >>> gb
+    array([2., 2.])
+    """
+    x, dy, weight, mean, invstd, nt, mask = _check_common(
+        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3, n_threads)
+    gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, bool(training), mask + (False,), nt)
+    return gx, gw, gb
+
+
+def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, save_invstd,
+                              training=True, eps=1e-5, *, output_mask=(True, True, True, True),
+                              n_threads=None):
+    """Gradients of :func:`bnfast.fused_batch_norm`: ``y = relu(batch_norm(input) + addend)``.
+
+    The ReLU's mask ``m = not (y <= 0)`` (torch's ``threshold_backward``)
+    gates ``grad_output`` on the fly: ``g = where(m, grad_output, 0)`` is the
+    addend's gradient, and :func:`batch_norm_backward` of ``g`` gives the rest.
+    Two passes over the data in training, one in evaluation; ``g`` is never
+    materialised unless asked for.
+
+    Parameters
+    ----------
+    grad_output, input, weight, save_mean, save_invstd, training, eps, n_threads
+        As in :func:`batch_norm_backward`.
+    output : ndarray or ReluMask
+        The fused forward's output ``y`` (input's shape), or ``relu_mask(y)``
+        (keep that instead of ``y`` to save memory: 1 bit per value).
+    output_mask : sequence of 4 bools
+        Which of ``(grad_input, grad_weight, grad_bias, grad_addend)`` to compute.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias : ndarray or None
+        As in :func:`batch_norm_backward`.
+    grad_addend : ndarray or None
+        ``where(m, grad_output, 0)``, input's shape, dtype and memory layout.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As in :func:`batch_norm_backward`; also an ``output`` whose shape or
+        dtype differs from input's.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> a = np.array([[0.5, -5.0], [0.5, 5.0]])  # the residual
+    >>> y, mean, invstd = bnfast.fused_batch_norm(x, None, None, addend=a, training=True,
+    ...                                           return_stats=True)
+    >>> gx, gw, gb, ga = bnfast.fused_batch_norm_backward(np.ones_like(x), x, y, None,
+    ...                                                   mean, invstd)
+    >>> ga
+    array([[0., 0.],
+           [1., 1.]])
+    """
+    x, dy, weight, mean, invstd, nt, mask = _check_common(
+        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4, n_threads)
+    layout = _layout.layout_of(x) or _layout.copy_layout(x)
+    if isinstance(output, ReluMask):
+        if output.shape != x.shape:
+            raise ValueError(f"output (a ReluMask) must have the input's shape {x.shape}, "
+                             f"got shape {output.shape}")
+        relu = output
+        if relu.layout != layout:  # rare: the forward wrote into an out= of another layout
+            passed = _layout.to_layout(relu.to_array(), layout)
+            flat = _layout.kernel_view(passed, layout).reshape(-1)
+            relu = ReluMask(np.packbits(flat, bitorder="little"), x.shape, layout)
+    else:
+        y = check_same_shape(output, "output", x)
+        relu = _pack_mask(y, nt, layout)
+    return _run(x, dy, relu.bits, weight, mean, invstd, bool(training), mask, nt)
+
+
+def _check_common(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask,
+                  n_threads):
+    x = check_input(input)
+    dy = check_same_shape(grad_output, "grad_output", x)
+    C = x.shape[1]
+    weight = check_channel_vector(weight, "weight", C)
+    stats = []
+    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if value is None:
+            raise ValueError(f"{name} is required: pass what batch_norm(..., return_stats=True) "
+                             "returned (the running statistics' in evaluation)")
+        stats.append(np.ascontiguousarray(check_channel_vector(value, name, C), dtype=np.float64))
+    check_eps(eps)
+    mask = _check_output_mask(output_mask, n_mask)
+    return x, dy, weight, stats[0], stats[1], resolve_threads(n_threads), mask
+
+
+def _check_output_mask(output_mask, n):
+    try:
+        mask = tuple(output_mask)
+    except TypeError:
+        raise TypeError(f"output_mask must be a sequence of {n} bools, "
+                        f"got {type(output_mask).__name__}") from None
+    if len(mask) != n or not all(isinstance(m, (bool, np.bool_)) for m in mask):
+        raise ValueError(f"output_mask must be a sequence of {n} bools, got {output_mask!r}")
+    return tuple(bool(m) for m in mask)
+
+
+def _run(x, dy, bits, weight, mean, invstd, training, mask, nt):
+    """Both passes on validated arrays; mask = (input, weight, bias, addend) wanted."""
+    want_dx, want_w, want_b, want_g = mask
+    want_g = want_g and bits is not None
+    C = x.shape[1]
+    layout = _layout.layout_of(x)
+    if layout is None:
+        layout = _layout.copy_layout(x)
+        x = _layout.to_layout(x, layout)
+    dy = _layout.to_layout(dy, layout)
+    xk = _layout.kernel_view(x, layout)
+    dyk = _layout.kernel_view(dy, layout)
+    first = layout == _layout.FIRST
+    reduce = _backward.reduce_channels_first if first else _backward.reduce_channels_last
+    apply = _backward.apply_channels_first if first else _backward.apply_channels_last
+
+    dx = _layout.empty_like_layout(x, layout, x.dtype) if want_dx else None
+    g = _layout.empty_like_layout(x, layout, x.dtype) if want_g else None
+    dxk = None if dx is None else _layout.kernel_view(dx, layout)
+    gk = None if g is None else _layout.kernel_view(g, layout)
+
+    sum_dy = np.zeros(C)
+    sum_xdy = np.zeros(C)
+    g_done = False
+    if want_w or want_b or (training and want_dx):
+        # Pass 1; it also writes the masked gradient when that is wanted, and
+        # pass 2 then reads it instead of grad_output and the mask.
+        reduce(xk, dyk, bits, mean, sum_dy, sum_xdy, gk, nt)
+        g_done = gk is not None
+    coef = np.empty((6, C))
+    w_arr = weight if weight is not None else mean
+    if w_arr.dtype != np.float64 and w_arr.dtype != np.float32:
+        w_arr = w_arr.astype(np.float64)
+    _backward.coefficients(sum_dy, sum_xdy, mean, invstd, np.ascontiguousarray(w_arr),
+                           weight is not None, float(x.size // max(C, 1)), training, coef)
+    if want_dx or (want_g and not g_done):
+        if g_done:
+            apply(xk, gk, None, coef, dxk, None, training, nt)
+        else:
+            apply(xk, dyk, bits, coef, dxk, gk, training, nt)
+    gw = coef[4].astype(x.dtype) if want_w else None
+    gb = coef[5].astype(x.dtype) if want_b else None
+    return dx, gw, gb, g
