@@ -232,12 +232,13 @@ def _cases(draw):
     return dict(
         shape=shape,
         layout=draw(st.sampled_from(layouts)),
+        addend_layout=draw(st.sampled_from(layouts)),
         dtype=draw(st.sampled_from([np.float32, np.float64])),
         training=draw(st.booleans()),
         affine=draw(st.booleans()),
         addend=draw(st.booleans()),
         relu=draw(st.booleans()),
-        in_place=draw(st.booleans()),
+        out=draw(st.sampled_from(["new", "input", "addend"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -253,8 +254,9 @@ def test_property_matches_reference(case):
     rm, rv = make_running(rng, C, dtype)
     addend = make_input(rng, shape, dtype, 0.0, 1.0) if case["addend"] else None
     xv = with_layout(x, case["layout"])
-    out = xv if case["in_place"] else None
-    kwargs = dict(training=case["training"], addend=addend, relu=case["relu"], out=out)
+    av = None if addend is None else with_layout(addend, case["addend_layout"])
+    out = {"new": None, "input": xv, "addend": av}[case["out"]]
+    kwargs = dict(training=case["training"], addend=av, relu=case["relu"], out=out)
     if case["training"] and math.prod(shape) // C == 1:
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             bnfast.batch_norm(xv, rm, rv, weight, bias, **kwargs)
@@ -263,9 +265,9 @@ def test_property_matches_reference(case):
                                addend=addend, relu=case["relu"])
     y = bnfast.batch_norm(xv, rm, rv, weight, bias, **kwargs)
     assert y.shape == shape and y.dtype == dtype
-    if case["in_place"]:
-        assert y is xv
-    if case["layout"] == "channels_last" and not case["in_place"]:
+    if out is not None:
+        assert y is out
+    elif case["layout"] == "channels_last":
         assert is_channels_last(y)
     assert_close(y, ref.out, dtype)
     assert_close(rm, ref.running_mean, dtype, STAT_TOL)
