@@ -107,7 +107,7 @@ def format_shape(shape):
 
 
 def parse_shapes(text):
-    """Parse ``"32x64x112x112,256x1024"`` into a tuple of shapes.
+    """Parse ``"32x64x112x112,256x1024"`` into a tuple of shapes (repeats dropped).
 
     Raises
     ------
@@ -130,7 +130,8 @@ def parse_shapes(text):
             raise ValueError(f"bad shape {item!r}: BatchNorm needs at least 2 dimensions (N, C, ...)")
         if any(d <= 0 for d in dims):
             raise ValueError(f"bad shape {item!r}: dimensions must be positive")
-        shapes.append(dims)
+        if dims not in shapes:
+            shapes.append(dims)
     if not shapes:
         raise ValueError(f"no shapes in {text!r}")
     return tuple(shapes)
