@@ -30,8 +30,12 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect ``bench_*.py`` as test modules (pytest's default is ``test_*.py``)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    """Collect ``bench_*.py`` as test modules (pytest's default is ``test_*.py``).
+
+    A file named on the command line is collected by pytest itself already.
+    """
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

@@ -73,6 +73,14 @@ def test_quick_end_to_end_json_follows_documented_keys(tmp_path, capsys):
         assert r["correct"] is True, r
 
 
+def test_allocate_outputs_mode_times_allocating_calls(tmp_path):
+    code, doc = run_json(tmp_path, "--modes", "eval,train,fused_eval", "--outputs", "allocate")
+    assert code == 0
+    assert doc["settings"]["outputs"] == "allocate"
+    timed = [r for r in doc["results"] if r["status"] == "ok" and r["impl"] != "copy"]
+    assert timed and all(r["allocates"] and r["correct"] for r in timed)
+
+
 def test_documented_keys_appear_in_the_schema_docstring():
     doc = schema.__doc__
     for key in (schema.TOP_LEVEL_KEYS + schema.RESULT_KEYS + schema.MACHINE_KEYS
