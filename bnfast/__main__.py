@@ -72,7 +72,7 @@ def build_parser():
                "Keys of the --json document: see bnfast/bench/schema.py.")
     suite = bench.add_argument_group("suite")
     suite.add_argument("--quick", action="store_true",
-                       help="a ~20 s run: 3 small/medium shapes, float32, few repeats")
+                       help="a short run (10-20 s): 3 small/medium shapes, float32, fewer repeats")
     suite.add_argument("--shapes", type=_arg_type(parse_shapes, "shapes"), metavar="NxCx...",
                        help="comma-separated shapes, e.g. 32x64x112x112,256x1024 "
                             "(default: the ResNet-50/MLP/inference suite)")
