@@ -8,6 +8,7 @@
 # Chunks are cut by the array's shape only, never by the thread count, so the
 # result is bit-identical for any number of threads.
 from cython cimport floating
+from libc.math cimport INFINITY
 
 
 cdef extern from "bnfast_simd.h" nogil:
@@ -50,15 +51,44 @@ cdef inline void centered_dot(const floating* x, const floating* y, Py_ssize_t n
         bnfast_centered_dot_f64(x, y, n, shift, sy, sxy)
 
 
+cdef inline double finite_or_zero(double v) noexcept nogil:
+    """A usable shift: an infinite one would turn the chunk's +inf into NaN (inf - inf)."""
+    return v if v - v == 0.0 else 0.0
+
+
+cdef inline double m2_from_sums(double n, double s1, double s2) noexcept nogil:
+    """sum((x - mean)**2) from shifted sums: s2 - s1**2 / n, never negative.
+
+    Finite data whose squares overflowed (|x| > 1e154 in float64) gives inf,
+    as PyTorch's variance does, not inf - inf = NaN.  NaN data stays NaN.
+    """
+    cdef double m2 = s2 - s1 * s1 / n
+    if m2 < 0.0:  # rounding can leave a tiny negative for a constant chunk
+        return 0.0
+    if m2 != m2 and s2 == INFINITY and s1 - s1 == 0.0:
+        return INFINITY
+    return m2
+
+
+cdef inline double merged_mean(double mean_a, double mean_b, double r) noexcept nogil:
+    """(1 - r) * mean_a + r * mean_b, as mean_a + (mean_b - mean_a) * r.
+
+    That form keeps equal means exact (a constant channel normalises to exactly
+    0); where the difference is not finite (an infinite mean) the weighted form
+    gives +-inf like PyTorch instead of inf - inf = NaN.
+    """
+    cdef double m = mean_a + (mean_b - mean_a) * r
+    if m != m:
+        m = mean_a * (1.0 - r) + mean_b * r
+    return m
+
+
 cdef inline void merge_shifted(double* count, double* mean, double* m2,
                                double n, double shift, double s1, double s2) noexcept nogil:
     """Merge a chunk given by its shifted sums into the partial (count, mean, m2)."""
     if n <= 0:
         return
-    cdef double chunk_m2 = s2 - s1 * s1 / n
-    if chunk_m2 < 0.0:  # rounding can leave a tiny negative for a constant chunk
-        chunk_m2 = 0.0
-    merge_partial(count, mean, m2, n, shift + s1 / n, chunk_m2)
+    merge_partial(count, mean, m2, n, shift + s1 / n, m2_from_sums(n, s1, s2))
 
 
 cdef inline void merge_rows(double* mean, double* m2, const double* part_mean,
@@ -76,8 +106,9 @@ cdef inline void merge_rows(double* mean, double* m2, const double* part_mean,
     cdef Py_ssize_t c
     for c in range(C):
         delta = part_mean[c] - mean[c]
-        mean[c] = mean[c] + delta * r
-        m2[c] = m2[c] + part_m2[c] + delta * delta * q
+        mean[c] = merged_mean(mean[c], part_mean[c], r)
+        # delta * (delta * q): 0 for the first partial (q == 0) even if delta**2 overflows
+        m2[c] = m2[c] + part_m2[c] + delta * (delta * q)
 
 
 cdef inline void merge_partial(double* count, double* mean, double* m2,
@@ -87,9 +118,10 @@ cdef inline void merge_partial(double* count, double* mean, double* m2,
         return
     cdef double n_a = count[0]
     cdef double n = n_a + n_b
+    cdef double r = n_b / n
     cdef double delta = mean_b - mean[0]
     # With n_a == 0 this gives mean_b and m2_b exactly; a constant channel keeps
     # delta == 0, so its mean stays exact and its m2 stays 0.
-    mean[0] = mean[0] + delta * (n_b / n)
-    m2[0] = m2[0] + m2_b + delta * delta * (n_a * n_b / n)
+    mean[0] = merged_mean(mean[0], mean_b, r)
+    m2[0] = m2[0] + m2_b + delta * (delta * (n_a * r))
     count[0] = n

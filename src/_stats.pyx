@@ -18,7 +18,8 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport calloc, free, malloc
 
-from _moments cimport merge_rows, merge_shifted, shifted_colsums, shifted_sums
+from _moments cimport (finite_or_zero, m2_from_sums, merge_rows, merge_shifted,
+                      shifted_colsums, shifted_sums)
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
 cdef enum:
@@ -81,7 +82,7 @@ def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
                         run = min(S - s0, CHUNK)
                         run_start = base + (n * C + c) * S + s0
                         if chunk_n == 0.0:
-                            shift = run_start[0]
+                            shift = finite_or_zero(run_start[0])
                         shifted_sums(run_start, run, shift, &s1, &s2)
                         chunk_n = chunk_n + run
                         s0 = s0 + run
@@ -128,22 +129,27 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
     # Each thread's slice is padded to whole cache lines (no false sharing).
     cdef Py_ssize_t slice_len = (2 * W + 7) // 8 * 8 + 8
     cdef double* scratch = <double*>malloc(nt * slice_len * sizeof(double))
-    if part == NULL or scratch == NULL:
+    # Per-thread column shifts in the storage type (the SIMD leaf reads them so).
+    cdef floating* shifts = <floating*>malloc(nt * slice_len * sizeof(floating))
+    if part == NULL or scratch == NULL or shifts == NULL:
         free(part)
         free(scratch)
+        free(shifts)
         raise MemoryError()
     cdef double* part_m2 = part + blocks * W
     cdef const floating* base = &x[0, 0]
     cdef const floating* first
+    cdef floating* shift = NULL
     cdef double* s1 = NULL
     cdef double* s2 = NULL
     cdef Py_ssize_t b, r, j, l, r_end
-    cdef double d, cnt, n_a
+    cdef double cnt, n_a
     try:
         with nogil:
             with parallel(num_threads=nt):
                 s1 = scratch + slice_len * bnfast_thread_num()
                 s2 = s1 + W
+                shift = shifts + slice_len * bnfast_thread_num()
                 for b in prange(blocks, schedule='static'):
                     for j in range(W):
                         s1[j] = 0.0
@@ -151,12 +157,13 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
                     r_end = min(rows, (b + 1) * per_block)
                     # Shift: the block's first wide row (values from the chunk).
                     first = base + b * per_block * W
-                    shifted_colsums(first, r_end - b * per_block, W, first, s1, s2)
+                    for j in range(W):
+                        shift[j] = <floating>finite_or_zero(first[j])
+                    shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2)
                     cnt = <double>(r_end - b * per_block)
                     for j in range(W):
-                        d = s2[j] - s1[j] * s1[j] / cnt
-                        part[b * W + j] = first[j] + s1[j] / cnt
-                        part_m2[b * W + j] = d if d > 0.0 else 0.0
+                        part[b * W + j] = shift[j] + s1[j] / cnt
+                        part_m2[b * W + j] = m2_from_sums(cnt, s1[j], s2[j])
             # Fold (block, lane) partials in order, then the rows that did not
             # fill a wide row (count 1, m2 0: scratch holds the zeros and values).
             mean[:] = 0.0
@@ -177,6 +184,7 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
                 n_a = n_a + 1.0
             _finish(&mean[0], &var[0], C, <double>M)
     finally:
+        free(shifts)
         free(scratch)
         free(part)
 

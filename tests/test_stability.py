@@ -157,10 +157,46 @@ def test_non_finite_value_confined_to_its_channel(dtype, rng, bad, shape, layout
     assert_close(y[:, good], ref.out[:, good], dtype)
     assert_close(rm[good], ref.running_mean[good], dtype, STAT_TOL)
     assert_close(rv[good], ref.running_var[good], dtype, STAT_TOL)
-    # The bad channel: non-finite mean, NaN variance -> every output NaN (as torch).
+    # The bad channel, as torch: mean NaN for NaN, +-inf for +-inf (wherever the
+    # value sits: first or later chunk, block or lane); NaN variance; all-NaN output.
     assert np.isnan(y[:, 2]).all()
     assert np.isnan(rv[2])
-    assert not np.isfinite(rm[2])
+    if np.isnan(bad):
+        assert np.isnan(rm[2])
+    else:
+        assert rm[2] == 0.1 * bad
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("shape", [(6, 4), (4, 4, 5, 5), (16, 4, 64, 64)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_infinite_value_gives_infinite_mean_anywhere(dtype, rng, bad, where, shape, layout):
+    # An infinite value that starts a chunk (the shift) or meets a finite partial
+    # in a merge once gave NaN (inf - inf); torch's mean is +-inf.
+    x = make_input(rng, shape, dtype)
+    n = {"first": 0, "middle": shape[0] // 2, "last": shape[0] - 1}[where]
+    x[(n, 2) + tuple(0 for _ in shape[2:])] = bad
+    _, save_mean, _ = bnfast.batch_norm(_in(x, layout), None, None, training=True,
+                                        return_stats=True)
+    assert save_mean[2] == bad
+    assert np.isfinite(save_mean[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float64_squares_overflow_like_torch(rng, torch, layout):
+    # |x| ~ 1e154..1e300: squared deviations overflow float64.  torch reports an
+    # infinite variance and normalises to 0; inf - inf must not turn that into NaN.
+    for scale in (1e155, 1e300):
+        x = make_input(rng, (4, 3, 5, 5), np.float64) * scale
+        rm, rv = np.zeros(3), np.ones(3)
+        t_rm, t_rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        expected = torch.nn.functional.batch_norm(torch.from_numpy(x), t_rm, t_rv,
+                                                  training=True).numpy()
+        y = bnfast.batch_norm(_in(x, layout), rm, rv, training=True)
+        assert not np.isnan(y).any()
+        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_array_equal(rv, t_rv.numpy())
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
