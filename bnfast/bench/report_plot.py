@@ -65,14 +65,24 @@ def plot_speedups(doc, path):
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=7, rotation=30 if len(labels) > 6 else 0)
         if ax.has_data() and any(r["bnfast_speedup"] for r in rows if r["impl"] in peers):
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         else:
             ax.text(0.5, 0.5, "no peer results", transform=ax.transAxes, ha="center")
         ax.yaxis.set_major_formatter(_times_formatter())
+        ax.yaxis.set_minor_formatter(_times_formatter(minor=True))
     fig.suptitle(f"bnfast {doc['versions']['bnfast']} on {doc['machine']['cpu']}", fontsize=11)
     fig.savefig(path, dpi=110)
 
 
-def _times_formatter():
+def _times_formatter(minor=False):
+    """Tick labels as ``2x``; minor ticks labelled only at 2, 3 and 5 times a power of 10."""
     from matplotlib.ticker import FuncFormatter
-    return FuncFormatter(lambda v, _: f"{v:g}x" if v > 0 and math.isfinite(v) else "")
+
+    def label(v, _):
+        if not (v > 0 and math.isfinite(v)):
+            return ""
+        if minor and round(v / 10 ** math.floor(math.log10(v)), 6) not in (2, 3, 5):
+            return ""
+        return f"{v:g}x"
+
+    return FuncFormatter(label)
