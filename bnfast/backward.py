@@ -6,14 +6,15 @@ needs without recomputing it: ``batch_norm(..., return_stats=True)`` returns
 ``(out, save_mean, save_invstd)``.
 """
 import contextlib
-import numbers
+import math
 import threading
 
 import numpy as np
 
 from . import _backward, _layout
 from ._threads import resolve_threads
-from ._validation import check_channel_vector, check_eps, check_input, check_same_shape
+from ._validation import (check_channel_vector, check_eps, check_input, check_same_shape,
+                          same_memory)
 
 __all__ = [
     "ReluMask",
@@ -25,6 +26,10 @@ __all__ = [
 ]
 
 _grad_state = threading.local()
+
+# grad_input is written with non-temporal stores (bypassing the caches) from this
+# size of input up: pass 2 then saves the read-for-ownership of every line.
+STREAM_BYTES = 1 << 24
 
 
 @contextlib.contextmanager
@@ -126,10 +131,24 @@ def _pack_mask(y, nt, layout=None):
     if layout is None:
         layout = _layout.layout_of(y) or _layout.copy_layout(y)
     y = _layout.to_layout(y, layout)
-    flat = _layout.kernel_view(y, layout).reshape(-1)
+    flat = _kernel_view(y, layout).reshape(-1)
     bits = np.empty((flat.size + 7) // 8, dtype=np.uint8)
     _backward.pack_positive(flat, bits, nt)
     return ReluMask(bits, y.shape, layout)
+
+
+_LAST_AXES = {nd: (0,) + tuple(range(2, nd)) + (1,) for nd in range(3, 33)}
+
+
+def _kernel_view(a, layout):
+    """``_layout.kernel_view`` without moveaxis (a few microseconds per call here)."""
+    n, c = a.shape[0], a.shape[1]
+    if a.ndim == 2:
+        return a.T.reshape(1, c, n) if layout == _layout.FIRST else a
+    s = math.prod(a.shape[2:])
+    if layout == _layout.FIRST:
+        return a.reshape(n, c, s)
+    return a.transpose(_LAST_AXES[a.ndim]).reshape(n * s, c)
 
 
 def _from_kernel_order(flat, shape, layout):
@@ -143,7 +162,7 @@ def _from_kernel_order(flat, shape, layout):
 
 
 def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True,
-                        eps=1e-5, *, output_mask=(True, True, True), n_threads=None):
+                        eps=1e-5, *, output_mask=(True, True, True), out=None, n_threads=None):
     """Gradients of :func:`bnfast.batch_norm`, as ``torch.ops.aten.native_batch_norm_backward``.
 
     With ``a = save_invstd * weight`` per channel, ``sum_dy = sum(grad_output)``
@@ -177,6 +196,10 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
         Which of ``(grad_input, grad_weight, grad_bias)`` to compute; the
         others are returned as None.  In training, ``grad_input`` needs the
         reduction pass anyway; without it only that pass runs.
+    out : ndarray, optional
+        Where to write grad_input (input's shape and dtype): saves allocating
+        (and page-faulting) a new array.  May be ``grad_output`` or ``input``
+        itself (in place).
     n_threads : int, optional
         OpenMP threads; results do not depend on it.
 
@@ -191,10 +214,10 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     Raises
     ------
     TypeError
-        Non-float arrays, or grad_output's dtype differs from input's.
+        Non-float arrays, or grad_output's (or out's) dtype differs from input's.
     ValueError
-        Shapes that do not match input's, a missing save_mean/save_invstd, or a
-        malformed output_mask.
+        Shapes that do not match input's, a missing save_mean/save_invstd, a
+        malformed output_mask, or a read-only out.
 
     Examples
     --------
@@ -210,13 +233,14 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     """
     x, dy, weight, mean, invstd, nt, mask = _check_common(
         grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3, n_threads)
-    gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, bool(training), mask + (False,), nt)
+    gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, bool(training), mask + (False,), nt,
+                         out=out)
     return gx, gw, gb
 
 
 def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, save_invstd,
                               training=True, eps=1e-5, *, output_mask=(True, True, True, True),
-                              n_threads=None):
+                              out=None, addend_out=None, n_threads=None):
     """Gradients of :func:`bnfast.fused_batch_norm`: ``y = relu(batch_norm(input) + addend)``.
 
     The ReLU's mask ``m = not (y <= 0)`` (torch's ``threshold_backward``)
@@ -234,6 +258,10 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
         (keep that instead of ``y`` to save memory: 1 bit per value).
     output_mask : sequence of 4 bools
         Which of ``(grad_input, grad_weight, grad_bias, grad_addend)`` to compute.
+    out : ndarray, optional
+        Where to write grad_input, as in :func:`batch_norm_backward`.
+    addend_out : ndarray, optional
+        Where to write grad_addend; may be ``grad_output`` itself.
 
     Returns
     -------
@@ -263,6 +291,9 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
     """
     x, dy, weight, mean, invstd, nt, mask = _check_common(
         grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4, n_threads)
+    if out is not None and addend_out is not None and np.may_share_memory(out, addend_out):
+        raise ValueError("out and addend_out must not share memory: they receive different "
+                         "gradients")
     layout = _layout.layout_of(x) or _layout.copy_layout(x)
     if isinstance(output, ReluMask):
         if output.shape != x.shape:
@@ -271,12 +302,13 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
         relu = output
         if relu.layout != layout:  # rare: the forward wrote into an out= of another layout
             passed = _layout.to_layout(relu.to_array(), layout)
-            flat = _layout.kernel_view(passed, layout).reshape(-1)
+            flat = _kernel_view(passed, layout).reshape(-1)
             relu = ReluMask(np.packbits(flat, bitorder="little"), x.shape, layout)
     else:
         y = check_same_shape(output, "output", x)
         relu = _pack_mask(y, nt, layout)
-    return _run(x, dy, relu.bits, weight, mean, invstd, bool(training), mask, nt)
+    return _run(x, dy, relu.bits, weight, mean, invstd, bool(training), mask, nt,
+                out=out, addend_out=addend_out)
 
 
 def _check_common(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask,
@@ -307,46 +339,80 @@ def _check_output_mask(output_mask, n):
     return tuple(bool(m) for m in mask)
 
 
-def _run(x, dy, bits, weight, mean, invstd, training, mask, nt):
+def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend_out=None):
     """Both passes on validated arrays; mask = (input, weight, bias, addend) wanted."""
     want_dx, want_w, want_b, want_g = mask
     want_g = want_g and bits is not None
     C = x.shape[1]
+    x_given, dy_given = x, dy
     layout = _layout.layout_of(x)
     if layout is None:
         layout = _layout.copy_layout(x)
         x = _layout.to_layout(x, layout)
     dy = _layout.to_layout(dy, layout)
-    xk = _layout.kernel_view(x, layout)
-    dyk = _layout.kernel_view(dy, layout)
+    xk = _kernel_view(x, layout)
+    dyk = _kernel_view(dy, layout)
     first = layout == _layout.FIRST
     reduce = _backward.reduce_channels_first if first else _backward.reduce_channels_last
     apply = _backward.apply_channels_first if first else _backward.apply_channels_last
 
-    dx = _layout.empty_like_layout(x, layout, x.dtype) if want_dx else None
-    g = _layout.empty_like_layout(x, layout, x.dtype) if want_g else None
-    dxk = None if dx is None else _layout.kernel_view(dx, layout)
-    gk = None if g is None else _layout.kernel_view(g, layout)
+    # grad_input is written in pass 2, elementwise after reading x and dy at the
+    # same index: it may be either of them.  g is written in pass 1 and read in
+    # pass 2 (with x): it may only be grad_output itself.
+    dx, dx_t = _target(out, "out", x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
+    g, g_t = _target(addend_out, "addend_out", x, layout, want_g, same_ok=(dy_given,),
+                     avoid=(x_given, dx_t))
+    dxk = None if dx_t is None else _kernel_view(dx_t, layout)
+    gk = None if g_t is None else _kernel_view(g_t, layout)
 
-    sum_dy = np.zeros(C)
-    sum_xdy = np.zeros(C)
+    # One block for the per-channel work: the two sums, then coefficients() rows.
+    work = np.zeros((8, C))
+    sum_dy, sum_xdy, coef = work[0], work[1], work[2:]
     g_done = False
     if want_w or want_b or (training and want_dx):
         # Pass 1; it also writes the masked gradient when that is wanted, and
         # pass 2 then reads it instead of grad_output and the mask.
         reduce(xk, dyk, bits, mean, sum_dy, sum_xdy, gk, nt)
         g_done = gk is not None
-    coef = np.empty((6, C))
-    w_arr = weight if weight is not None else mean
-    if w_arr.dtype != np.float64 and w_arr.dtype != np.float32:
-        w_arr = w_arr.astype(np.float64)
-    _backward.coefficients(sum_dy, sum_xdy, mean, invstd, np.ascontiguousarray(w_arr),
-                           weight is not None, float(x.size // max(C, 1)), training, coef)
+    w_arr = np.ascontiguousarray(weight) if weight is not None else mean
+    _backward.coefficients(sum_dy, sum_xdy, mean, invstd, w_arr, weight is not None,
+                           float(x.size // max(C, 1)), training, coef)
     if want_dx or (want_g and not g_done):
+        # Non-temporal stores for dx only when the arrays are well beyond the caches.
+        stream = want_dx and x.nbytes >= STREAM_BYTES
         if g_done:
-            apply(xk, gk, None, coef, dxk, None, training, nt)
+            apply(xk, gk, None, coef, dxk, None, training, stream, nt)
         else:
-            apply(xk, dyk, bits, coef, dxk, gk, training, nt)
+            apply(xk, dyk, bits, coef, dxk, gk, training, stream, nt)
+    for result, target in ((dx, dx_t), (g, g_t)):
+        if target is not result:
+            np.copyto(result, target)
     gw = coef[4].astype(x.dtype) if want_w else None
     gb = coef[5].astype(x.dtype) if want_b else None
     return dx, gw, gb, g
+
+
+def _target(out, name, x, layout, wanted, same_ok, avoid):
+    """(array returned, array the kernel writes in ``layout``) for one output.
+
+    A caller's ``out`` is written directly when it is in ``layout`` and overlaps
+    nothing it must not: ``same_ok`` arrays only as exactly the same elements,
+    ``avoid`` arrays not at all.  Otherwise the kernel writes a temporary that
+    is copied into ``out`` at the end.
+    """
+    if not wanted:
+        return None, None
+    if out is None:
+        result = _layout.empty_like_layout(x, layout, x.dtype)
+        return result, result
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    out = check_same_shape(out, name, x)
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    clash = any(o is not None and np.may_share_memory(out, o) for o in avoid)
+    clash = clash or any(np.may_share_memory(out, o) and not same_memory(out, o)
+                         for o in same_ok)
+    if not clash and _layout.layout_of(out) == layout:
+        return out, out
+    return out, _layout.empty_like_layout(x, layout, x.dtype)

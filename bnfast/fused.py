@@ -18,7 +18,7 @@ class _FusedMixin:
         """
         return self._forward(input, addend, True, out)
 
-    def backward(self, grad_output, *, retain_graph=False):
+    def backward(self, grad_output, *, out=None, retain_graph=False):
         """Gradients of the last forward: ``(grad_input, grad_addend)``.
 
         ``grad_addend`` is ``grad_output`` where the ReLU passed it, 0
@@ -38,7 +38,7 @@ class _FusedMixin:
         array([[0., 0.],
                [1., 1.]])
         """
-        return self._backward(grad_output, retain_graph)
+        return self._backward(grad_output, retain_graph, out)
 
 
 class FusedBatchNorm1d(_FusedMixin, BatchNorm1d):

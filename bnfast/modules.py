@@ -162,7 +162,7 @@ class _BatchNorm:
         )
         return out
 
-    def backward(self, grad_output, *, retain_graph=False):
+    def backward(self, grad_output, *, out=None, retain_graph=False):
         """Gradient of the last forward with respect to its input.
 
         Uses what that forward saved: a reference to its input (do not modify
@@ -177,6 +177,8 @@ class _BatchNorm:
         grad_output : array_like
             Gradient of the loss with respect to the forward's output (its
             shape and dtype).
+        out : ndarray, optional
+            Where to write the input's gradient (may be ``grad_output``).
         retain_graph : bool
             Keep the saved state for another backward; by default it is
             released, as torch frees its graph.
@@ -203,7 +205,7 @@ class _BatchNorm:
         >>> m.bias_grad
         array([2., 2.])
         """
-        return self._backward(grad_output, retain_graph)[0]
+        return self._backward(grad_output, retain_graph, out)[0]
 
     def zero_grad(self, set_to_none=True):
         """Reset ``weight_grad``/``bias_grad``: to None (default, as torch), or fill with zeros."""
@@ -214,7 +216,7 @@ class _BatchNorm:
             elif grad is not None:
                 grad.fill(0)
 
-    def _backward(self, grad_output, retain_graph):
+    def _backward(self, grad_output, retain_graph, out=None):
         """(grad_input, grad_addend) of the last forward; accumulates parameter gradients."""
         saved = self._saved
         if saved is None:
@@ -226,14 +228,15 @@ class _BatchNorm:
         if saved.relu_mask is None:
             gx, gw, gb = B.batch_norm_backward(
                 grad_output, saved.input, saved.weight, saved.mean, saved.invstd,
-                saved.batch_stats, self.eps, output_mask=(True, has_w, has_b),
+                saved.batch_stats, self.eps, output_mask=(True, has_w, has_b), out=out,
                 n_threads=self.n_threads)
             ga = None
         else:
             gx, gw, gb, ga = B.fused_batch_norm_backward(
                 grad_output, saved.input, saved.relu_mask, saved.weight, saved.mean,
                 saved.invstd, saved.batch_stats, self.eps,
-                output_mask=(True, has_w, has_b, saved.has_addend), n_threads=self.n_threads)
+                output_mask=(True, has_w, has_b, saved.has_addend), out=out,
+                n_threads=self.n_threads)
         if not retain_graph:
             self._saved = None
             self._saved_missing = ("backward() was already called on the last forward, which "

@@ -17,31 +17,43 @@ Two passes over the data, in the forward's two memory layouts:
 2. ``apply_*``: ``dx = (dy * a + (x - m) * b) + d`` per element, in the
    storage type.  ``m`` is the storage-type mean and its rounding error is
    folded into ``d`` (in double), as in ``_normalize.pyx``: float32 data far
-   from zero (mean 1e6, std 1) keeps ``x - m`` exact.
+   from zero (mean 1e6, std 1) keeps ``x - m`` exact.  Arrays far larger than
+   the caches are written with non-temporal stores.
 
 The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
-1/32 of a float32 copy).  Masked gradients are selected chunk by chunk into
-an L1 buffer, or straight into ``g`` (the addend's gradient) when that is
-wanted: pass 1 then writes ``g`` and pass 2 reads it instead of ``dy``.
+1/32 of a float32 copy) and applies it on the fly, inside the SIMD leaves
+(``bnfast_backward_simd.h``).  When the addend's gradient ``g`` is wanted,
+pass 1 writes it, and pass 2 reads it instead of ``dy`` and the mask.
 """
 from cython cimport floating
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from _moments cimport centered_dot
-from _openmp_helpers cimport bnfast_thread_num, threads_for
+from _openmp_helpers cimport threads_for
 
 cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_centered_coldot_f32(const float* x, const float* y, Py_ssize_t rows,
                                     Py_ssize_t W, const double* shift, double* sy, double* sxy)
     void bnfast_centered_coldot_f64(const double* x, const double* y, Py_ssize_t rows,
                                     Py_ssize_t W, const double* shift, double* sy, double* sxy)
-    void bnfast_mask_select_f32(const float* y, const unsigned char* bits, Py_ssize_t pos,
-                                Py_ssize_t n, float* out)
-    void bnfast_mask_select_f64(const double* y, const unsigned char* bits, Py_ssize_t pos,
-                                Py_ssize_t n, double* out)
+    void bnfast_centered_dot_masked_f32(const float* x, const float* y, const unsigned char* bits,
+                                        Py_ssize_t pos, Py_ssize_t n, double shift, double* sy,
+                                        double* sxy, float* g)
+    void bnfast_centered_dot_masked_f64(const double* x, const double* y,
+                                        const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                        double shift, double* sy, double* sxy, double* g)
+    void bnfast_centered_coldot_masked_f32(const float* x, const float* y,
+                                           const unsigned char* bits, Py_ssize_t pos,
+                                           Py_ssize_t rows, Py_ssize_t W, const double* shift,
+                                           double* sy, double* sxy, float* g)
+    void bnfast_centered_coldot_masked_f64(const double* x, const double* y,
+                                           const unsigned char* bits, Py_ssize_t pos,
+                                           Py_ssize_t rows, Py_ssize_t W, const double* shift,
+                                           double* sy, double* sxy, double* g)
     void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
+    # Elementwise dx: training (grad) and eval (scale), cached and non-temporal stores.
     void bnfast_grad_scalar_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
                                 float m, float a, float b, float d)
     void bnfast_grad_scalar_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
@@ -55,6 +67,36 @@ cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_scale_scalar_f64(const double* dy, double* dx, Py_ssize_t n, double a)
     void bnfast_scale_tiled_f32(const float* dy, float* dx, Py_ssize_t n, const float* a)
     void bnfast_scale_tiled_f64(const double* dy, double* dx, Py_ssize_t n, const double* a)
+    void bnfast_grad_scalar_f32_nt(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                   float m, float a, float b, float d)
+    void bnfast_grad_scalar_f64_nt(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                                   double m, double a, double b, double d)
+    void bnfast_grad_tiled_f32_nt(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                  const float* m, const float* a, const float* b, const float* d)
+    void bnfast_grad_tiled_f64_nt(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                                  const double* m, const double* a, const double* b,
+                                  const double* d)
+    void bnfast_scale_scalar_f32_nt(const float* dy, float* dx, Py_ssize_t n, float a)
+    void bnfast_scale_scalar_f64_nt(const double* dy, double* dx, Py_ssize_t n, double a)
+    void bnfast_scale_tiled_f32_nt(const float* dy, float* dx, Py_ssize_t n, const float* a)
+    void bnfast_scale_tiled_f64_nt(const double* dy, double* dx, Py_ssize_t n, const double* a)
+    void bnfast_stream_fence()
+    # The same from the masked dy (fused variant); dx and g may each be NULL.
+    void bnfast_grad_masked_scalar_f32(const float* x, const float* dy, const unsigned char* bits,
+                                       Py_ssize_t pos, Py_ssize_t n, float m, float a, float b,
+                                       float d, int training, float* dx, float* g)
+    void bnfast_grad_masked_scalar_f64(const double* x, const double* dy,
+                                       const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                       double m, double a, double b, double d, int training,
+                                       double* dx, double* g)
+    void bnfast_grad_masked_tiled_f32(const float* x, const float* dy, const unsigned char* bits,
+                                      Py_ssize_t pos, Py_ssize_t n, const float* m,
+                                      const float* a, const float* b, const float* d,
+                                      int training, float* dx, float* g)
+    void bnfast_grad_masked_tiled_f64(const double* x, const double* dy,
+                                      const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                      const double* m, const double* a, const double* b,
+                                      const double* d, int training, double* dx, double* g)
 
 ctypedef fused param_t:
     float
@@ -75,8 +117,6 @@ cdef enum:
     # tiles of about APPLY_WIDTH values.
     APPLY_ELEMS = 16384
     APPLY_WIDTH = 256
-    # Masked gradients are selected this many values at a time (L1 buffer).
-    TILE = 2048
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
 
@@ -85,64 +125,111 @@ MEAN, SCALE, SLOPE, OFFSET, GRAD_WEIGHT, GRAD_BIAS = 0, 1, 2, 3, 4, 5
 
 
 # -- typed wrappers around the SIMD leaves -----------------------------------------
-cdef inline void _coldot(const floating* x, const floating* y, Py_ssize_t rows, Py_ssize_t W,
-                         const double* shift, double* sy, double* sxy) noexcept nogil:
-    if floating is float:
-        bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
+cdef inline void _dot(const floating* x, const floating* y, const unsigned char* bits,
+                      Py_ssize_t pos, Py_ssize_t n, double shift, double* sy, double* sxy,
+                      floating* g) noexcept nogil:
+    """sy += sum(y'), sxy += sum((x - shift) * y'): y' = y, or y masked by bits (then g = y')."""
+    if bits == NULL:
+        centered_dot(x, y, n, shift, sy, sxy)
+    elif floating is float:
+        bnfast_centered_dot_masked_f32(x, y, bits, pos, n, shift, sy, sxy, g)
     else:
-        bnfast_centered_coldot_f64(x, y, rows, W, shift, sy, sxy)
+        bnfast_centered_dot_masked_f64(x, y, bits, pos, n, shift, sy, sxy, g)
 
 
-cdef inline void _select(const floating* y, const unsigned char* bits, Py_ssize_t pos,
-                         Py_ssize_t n, floating* out) noexcept nogil:
+cdef inline void _coldot(const floating* x, const floating* y, const unsigned char* bits,
+                         Py_ssize_t pos, Py_ssize_t rows, Py_ssize_t W, const double* shift,
+                         double* sy, double* sxy, floating* g) noexcept nogil:
+    """Per-column _dot of (rows, W) row-major blocks."""
     if floating is float:
-        bnfast_mask_select_f32(y, bits, pos, n, out)
+        if bits == NULL:
+            bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
+        else:
+            bnfast_centered_coldot_masked_f32(x, y, bits, pos, rows, W, shift, sy, sxy, g)
     else:
-        bnfast_mask_select_f64(y, bits, pos, n, out)
+        if bits == NULL:
+            bnfast_centered_coldot_f64(x, y, rows, W, shift, sy, sxy)
+        else:
+            bnfast_centered_coldot_masked_f64(x, y, bits, pos, rows, W, shift, sy, sxy, g)
 
 
-cdef inline void _grad_scalar(const floating* x, const floating* dy, floating* dx, Py_ssize_t n,
-                              floating m, floating a, floating b, floating d,
-                              bint training) noexcept nogil:
-    if floating is float:
+cdef inline void _grad_scalar(const floating* x, const floating* dy, const unsigned char* bits,
+                              Py_ssize_t pos, Py_ssize_t n, floating m, floating a, floating b,
+                              floating d, bint training, bint stream, floating* dx,
+                              floating* g) noexcept nogil:
+    """dx (and, masked, g) of a run with one (m, a, b, d)."""
+    if bits != NULL:
+        if floating is float:
+            bnfast_grad_masked_scalar_f32(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
+        else:
+            bnfast_grad_masked_scalar_f64(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
+    elif floating is float:
         if training:
-            bnfast_grad_scalar_f32(x, dy, dx, n, m, a, b, d)
+            if stream:
+                bnfast_grad_scalar_f32_nt(x, dy, dx, n, m, a, b, d)
+            else:
+                bnfast_grad_scalar_f32(x, dy, dx, n, m, a, b, d)
+        elif stream:
+            bnfast_scale_scalar_f32_nt(dy, dx, n, a)
         else:
             bnfast_scale_scalar_f32(dy, dx, n, a)
     else:
         if training:
-            bnfast_grad_scalar_f64(x, dy, dx, n, m, a, b, d)
+            if stream:
+                bnfast_grad_scalar_f64_nt(x, dy, dx, n, m, a, b, d)
+            else:
+                bnfast_grad_scalar_f64(x, dy, dx, n, m, a, b, d)
+        elif stream:
+            bnfast_scale_scalar_f64_nt(dy, dx, n, a)
         else:
             bnfast_scale_scalar_f64(dy, dx, n, a)
 
 
-cdef inline void _grad_tiled(const floating* x, const floating* dy, floating* dx, Py_ssize_t n,
-                             const floating* tile, Py_ssize_t W, bint training) noexcept nogil:
-    # tile holds the rows m, a, b, d, W values each.
-    if floating is float:
-        if training:
-            bnfast_grad_tiled_f32(x, dy, dx, n, tile, tile + W, tile + 2 * W, tile + 3 * W)
+cdef inline void _grad_tiled(const floating* x, const floating* dy, const unsigned char* bits,
+                             Py_ssize_t pos, Py_ssize_t n, const floating* tile, Py_ssize_t W,
+                             bint training, bint stream, floating* dx,
+                             floating* g) noexcept nogil:
+    """dx (and, masked, g) of a W-aligned piece; tile holds the rows m, a, b, d (W each)."""
+    cdef const floating* m = tile
+    cdef const floating* a = tile + W
+    cdef const floating* b = tile + 2 * W
+    cdef const floating* d = tile + 3 * W
+    if bits != NULL:
+        if floating is float:
+            bnfast_grad_masked_tiled_f32(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
         else:
-            bnfast_scale_tiled_f32(dy, dx, n, tile + W)
+            bnfast_grad_masked_tiled_f64(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
+    elif floating is float:
+        if training:
+            if stream:
+                bnfast_grad_tiled_f32_nt(x, dy, dx, n, m, a, b, d)
+            else:
+                bnfast_grad_tiled_f32(x, dy, dx, n, m, a, b, d)
+        elif stream:
+            bnfast_scale_tiled_f32_nt(dy, dx, n, a)
+        else:
+            bnfast_scale_tiled_f32(dy, dx, n, a)
     else:
         if training:
-            bnfast_grad_tiled_f64(x, dy, dx, n, tile, tile + W, tile + 2 * W, tile + 3 * W)
+            if stream:
+                bnfast_grad_tiled_f64_nt(x, dy, dx, n, m, a, b, d)
+            else:
+                bnfast_grad_tiled_f64(x, dy, dx, n, m, a, b, d)
+        elif stream:
+            bnfast_scale_tiled_f64_nt(dy, dx, n, a)
         else:
-            bnfast_scale_tiled_f64(dy, dx, n, tile + W)
+            bnfast_scale_tiled_f64(dy, dx, n, a)
 
 
-cdef inline void _masked_dot(const floating* x, const floating* dy, const unsigned char* bits,
-                             Py_ssize_t pos, Py_ssize_t n, double shift, double* sy, double* sxy,
-                             floating* g, floating* buf) noexcept nogil:
-    """centered_dot of x and the masked dy, selected TILE values at a time into g or buf."""
-    cdef Py_ssize_t s = 0, run
-    cdef floating* dst
-    while s < n:
-        run = min(n - s, TILE)
-        dst = g + s if g != NULL else buf
-        _select(dy + s, bits, pos + s, run, dst)
-        centered_dot(x + s, dst, run, shift, sy, sxy)
-        s = s + run
+cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+cdef inline bint _aligned16(const void* p, Py_ssize_t piece_bytes) noexcept nogil:
+    """p on a 16-byte boundary, and so is every multiple of piece_bytes after it."""
+    return p != NULL and (<size_t>p) % 16 == 0 and piece_bytes % 16 == 0
 
 
 cdef inline floating _offset_in(floating m, const double[:, ::1] coef, Py_ssize_t c) noexcept nogil:
@@ -172,6 +259,8 @@ def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
     cdef Py_ssize_t cpt = C if C * S <= RUN_ELEMS else max(1, RUN_ELEMS // S)
     cdef Py_ssize_t npt = max(1, TASK_ELEMS // (cpt * S))
     cdef Py_ssize_t nblocks = (N + npt - 1) // npt
+    npt = (N + nblocks - 1) // nblocks  # even blocks: 8 samples as 4 + 4, not 5 + 3
+    nblocks = (N + npt - 1) // npt
     cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
     cdef Py_ssize_t tasks = nblocks * cblocks
     cdef int nt = threads_for(tasks, N * C * S, n_threads)
@@ -179,52 +268,33 @@ def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
     cdef floating* gp = NULL if g is None else &g[0, 0, 0]
     # Partials laid out [sample block][channel]; each task owns its slice.
     cdef double* part = <double*>malloc(2 * nblocks * C * sizeof(double))
-    # Per-thread select buffers (masked, without g), allocated up front: a thread
-    # that skipped the worksharing loop on a failed malloc would deadlock the others.
-    cdef Py_ssize_t slice_len = TILE + 64
-    cdef floating* scratch = NULL
-    if bits != NULL and gp == NULL:
-        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
-        if scratch == NULL:
-            free(part)
-            raise MemoryError()
     if part == NULL:
-        free(scratch)
         raise MemoryError()
     cdef double* part_xdy = part + nblocks * C
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* dyp = &dy[0, 0, 0]
-    cdef floating* buf = NULL
     cdef Py_ssize_t t, nb, cb, c, c0, c1, n, off
     try:
         with nogil:
-            with parallel(num_threads=nt):
-                if scratch != NULL:
-                    buf = scratch + slice_len * bnfast_thread_num()
-                for t in prange(tasks, schedule='static'):
-                    nb = t // cblocks
-                    cb = t - nb * cblocks
-                    c0 = cb * cpt
-                    c1 = min(C, c0 + cpt)
+            for t in prange(tasks, schedule='static', num_threads=nt):
+                nb = t // cblocks
+                cb = t - nb * cblocks
+                c0 = cb * cpt
+                c1 = min(C, c0 + cpt)
+                for c in range(c0, c1):
+                    part[nb * C + c] = 0.0
+                    part_xdy[nb * C + c] = 0.0
+                for n in range(nb * npt, min(N, (nb + 1) * npt)):
                     for c in range(c0, c1):
-                        part[nb * C + c] = 0.0
-                        part_xdy[nb * C + c] = 0.0
-                    for n in range(nb * npt, min(N, (nb + 1) * npt)):
-                        for c in range(c0, c1):
-                            off = (n * C + c) * S
-                            if bits == NULL:
-                                centered_dot(xp + off, dyp + off, S, mean[c],
-                                             part + nb * C + c, part_xdy + nb * C + c)
-                            else:
-                                _masked_dot(xp + off, dyp + off, bits, off, S, mean[c],
-                                            part + nb * C + c, part_xdy + nb * C + c,
-                                            NULL if gp == NULL else gp + off, buf)
+                        off = (n * C + c) * S
+                        _dot(xp + off, dyp + off, bits, off, S, mean[c],
+                             part + nb * C + c, part_xdy + nb * C + c,
+                             NULL if gp == NULL else gp + off)
             for nb in range(nblocks):
                 for c in range(C):
                     sum_dy[c] += part[nb * C + c]
                     sum_xdy[c] += part_xdy[nb * C + c]
     finally:
-        free(scratch)
         free(part)
 
 
@@ -250,55 +320,31 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
     cdef Py_ssize_t rows = M // k
     cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, BLOCK_ELEMS // W))
     cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
-    cdef Py_ssize_t sub_rows = max(1, TILE // W)  # rows selected at a time (masked)
     cdef int nt = threads_for(blocks, M * C, n_threads)
     cdef const unsigned char* bits = NULL if mask is None else &mask[0]
     cdef floating* gp = NULL if g is None else &g[0, 0]
     # Partials per (block, column), then the tiled mean (the shift of every column).
     cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
-    cdef Py_ssize_t slice_len = sub_rows * W + 64
-    cdef floating* scratch = NULL
-    if bits != NULL and gp == NULL:
-        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
-        if scratch == NULL:
-            free(part)
-            raise MemoryError()
     if part == NULL:
-        free(scratch)
         raise MemoryError()
     cdef double* part_xdy = part + blocks * W
     cdef double* shift = part + 2 * blocks * W
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
-    cdef floating* buf = NULL
-    cdef floating* dst
-    cdef Py_ssize_t b, j, l, r, r0, r1, nr, c
+    cdef Py_ssize_t b, j, l, r, r0, c
     cdef double v
     for j in range(W):
         shift[j] = mean[j % C]
     try:
         with nogil:
-            with parallel(num_threads=nt):
-                if scratch != NULL:
-                    buf = scratch + slice_len * bnfast_thread_num()
-                for b in prange(blocks, schedule='static'):
-                    for j in range(W):
-                        part[b * W + j] = 0.0
-                        part_xdy[b * W + j] = 0.0
-                    r0 = b * per_block
-                    r1 = min(rows, r0 + per_block)
-                    if bits == NULL:
-                        _coldot(xp + r0 * W, dyp + r0 * W, r1 - r0, W, shift,
-                                part + b * W, part_xdy + b * W)
-                    else:
-                        r = r0
-                        while r < r1:
-                            nr = min(sub_rows, r1 - r)
-                            dst = buf if gp == NULL else gp + r * W
-                            _select(dyp + r * W, bits, r * W, nr * W, dst)
-                            _coldot(xp + r * W, dst, nr, W, shift,
-                                    part + b * W, part_xdy + b * W)
-                            r = r + nr
+            for b in prange(blocks, schedule='static', num_threads=nt):
+                for j in range(W):
+                    part[b * W + j] = 0.0
+                    part_xdy[b * W + j] = 0.0
+                r0 = b * per_block
+                _coldot(xp + r0 * W, dyp + r0 * W, bits, r0 * W, min(rows, r0 + per_block) - r0,
+                        W, shift, part + b * W, part_xdy + b * W,
+                        NULL if gp == NULL else gp + r0 * W)
             # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
             for b in range(blocks):
                 for l in range(k):
@@ -317,7 +363,6 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
                     sum_dy[c] += v
                     sum_xdy[c] += (<double>xp[j] - mean[c]) * v
     finally:
-        free(scratch)
         free(part)
 
 
@@ -356,8 +401,12 @@ def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not re
                          const double[:, ::1] coef,      # IN  (>= 4, C) from coefficients()
                          floating[:, :, ::1] dx,         # OUT (N, C, S), or None (g only)
                          floating[:, :, ::1] g,          # OUT (N, C, S) masked dy, or None
-                         bint training, int n_threads):
-    """dx of (N, C, S) arrays (and the masked dy into g when asked), one pass."""
+                         bint training, bint stream, int n_threads):
+    """dx of (N, C, S) arrays (and the masked dy into g when asked), one pass.
+
+    ``stream``: store dx with non-temporal stores (outputs much larger than the
+    caches); honoured for unmasked gradients whose runs are 16-byte aligned.
+    """
     cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], S = dy.shape[2]
     if N == 0 or C == 0 or S == 0 or (dx is None and (mask is None or g is None)):
         return
@@ -370,49 +419,31 @@ def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not re
     cdef const unsigned char* bits = NULL if mask is None else &mask[0]
     cdef floating* gp = NULL if g is None else &g[0, 0, 0]
     cdef floating* dxp = NULL if dx is None else &dx[0, 0, 0]
-    cdef Py_ssize_t slice_len = TILE + 64
-    cdef floating* scratch = NULL
-    if bits != NULL and gp == NULL:
-        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
-        if scratch == NULL:
-            raise MemoryError()
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* dyp = &dy[0, 0, 0]
-    cdef floating* buf = NULL
-    cdef floating* src
-    cdef Py_ssize_t blk, t, c, off, s, run
+    cdef Py_ssize_t blk, t, c, off
     cdef floating m, a, b, d
-    try:
-        with nogil:
-            with parallel(num_threads=nt):
-                if scratch != NULL:
-                    buf = scratch + slice_len * bnfast_thread_num()
-                for blk in prange(blocks, schedule='static'):
-                    c = (blk * per_block) % C
-                    for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
-                        # Assigned here, not through pointers, so each thread keeps its own.
-                        m = <floating>coef[0, c]
-                        a = <floating>coef[1, c]
-                        b = <floating>coef[2, c]
-                        d = _offset_in(m, coef, c)
-                        off = t * S
-                        if bits == NULL:
-                            _grad_scalar(xp + off, dyp + off, dxp + off, S, m, a, b, d, training)
-                        else:
-                            s = 0
-                            while s < S:
-                                run = min(S - s, TILE)
-                                src = buf if gp == NULL else gp + off + s
-                                _select(dyp + off + s, bits, off + s, run, src)
-                                if dxp != NULL:
-                                    _grad_scalar(xp + off + s, src, dxp + off + s, run,
-                                                 m, a, b, d, training)
-                                s = s + run
-                        c = c + 1
-                        if c == C:
-                            c = 0
-    finally:
-        free(scratch)
+    # Streaming stores only where every run starts on a 16-byte boundary: a line
+    # written partly by movnt and partly by plain stores is very slow.
+    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(floating))
+    with nogil:
+        for blk in prange(blocks, schedule='static', num_threads=nt):
+            c = (blk * per_block) % C
+            for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
+                # Assigned here, not through pointers, so each thread keeps its own.
+                m = <floating>coef[0, c]
+                a = <floating>coef[1, c]
+                b = <floating>coef[2, c]
+                d = _offset_in(m, coef, c)
+                off = t * S
+                _grad_scalar(xp + off, dyp + off, bits, off, S, m, a, b, d, training, stream,
+                             NULL if dxp == NULL else dxp + off,
+                             NULL if gp == NULL else gp + off)
+                c = c + 1
+                if c == C:
+                    c = 0
+            if stream:
+                bnfast_stream_fence()
 
 
 def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read in eval)
@@ -421,34 +452,30 @@ def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read i
                         const double[:, ::1] coef,      # IN  (>= 4, C) from coefficients()
                         floating[:, ::1] dx,            # OUT (M, C), or None (g only)
                         floating[:, ::1] g,             # OUT (M, C) masked dy, or None
-                        bint training, int n_threads):
-    """dx of (M, C) rows (and the masked dy into g when asked), one pass."""
+                        bint training, bint stream, int n_threads):
+    """dx of (M, C) rows (and the masked dy into g when asked), one pass (see apply_channels_first)."""
     cdef Py_ssize_t M = dy.shape[0], C = dy.shape[1]
     if M == 0 or C == 0 or (dx is None and (mask is None or g is None)):
         return
     # The coefficient pattern repeats every C values of the flat array: tile it
-    # k times; every W-aligned piece starts at channel 0.
+    # k times; every W-aligned piece starts at channel 0.  k is rounded to a
+    # multiple of q so that W values are whole 16-byte units where possible.
     cdef Py_ssize_t k = APPLY_WIDTH // C if C < APPLY_WIDTH else 1
+    cdef Py_ssize_t q = (16 // sizeof(floating)) // _gcd(C, 16 // sizeof(floating))
+    if k >= q:
+        k = k - k % q
     cdef Py_ssize_t W = k * C, total = M * C
     cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
-    cdef Py_ssize_t chunk = (TILE // W if W < TILE else 1) * W  # masked: values per select
     cdef int nt = threads_for(blocks, total, n_threads)
     cdef const unsigned char* bits = NULL if mask is None else &mask[0]
     cdef floating* gp = NULL if g is None else &g[0, 0]
     cdef floating* dxp = NULL if dx is None else &dx[0, 0]
-    cdef Py_ssize_t slice_len = chunk + 64
     cdef floating* tile = <floating*>malloc(4 * W * sizeof(floating))
-    cdef floating* scratch = NULL
-    if bits != NULL and gp == NULL:
-        scratch = <floating*>malloc(nt * slice_len * sizeof(floating))
-        if scratch == NULL:
-            free(tile)
-            raise MemoryError()
     if tile == NULL:
-        free(scratch)
         raise MemoryError()
-    cdef Py_ssize_t j, blk, i, i_end, n, s, run
+    cdef Py_ssize_t j, blk, i, i_end
+    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(floating))
     for j in range(W):
         tile[j] = <floating>coef[0, j % C]
         tile[W + j] = <floating>coef[1, j % C]
@@ -456,35 +483,19 @@ def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read i
         tile[3 * W + j] = _offset_in(tile[j], coef, j % C)
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
-    cdef floating* buf = NULL
-    cdef floating* src
     try:
         with nogil:
-            with parallel(num_threads=nt):
-                if scratch != NULL:
-                    buf = scratch + slice_len * bnfast_thread_num()
-                for blk in prange(blocks, schedule='static'):
-                    i_end = min(total, (blk + 1) * per_block)
-                    i = blk * per_block
-                    while i < i_end:
-                        if bits == NULL:
-                            n = min(W, i_end - i)
-                            _grad_tiled(xp + i, dyp + i, dxp + i, n, tile, W, training)
-                            i = i + W
-                        else:
-                            run = min(chunk, i_end - i)
-                            src = buf if gp == NULL else gp + i
-                            _select(dyp + i, bits, i, run, src)
-                            if dxp != NULL:
-                                s = 0
-                                while s < run:
-                                    n = min(W, run - s)
-                                    _grad_tiled(xp + i + s, src + s, dxp + i + s, n, tile, W,
-                                                training)
-                                    s = s + W
-                            i = i + run
+            for blk in prange(blocks, schedule='static', num_threads=nt):
+                i_end = min(total, (blk + 1) * per_block)
+                i = blk * per_block
+                while i < i_end:
+                    _grad_tiled(xp + i, dyp + i, bits, i, min(W, i_end - i), tile, W, training,
+                                stream, NULL if dxp == NULL else dxp + i,
+                                NULL if gp == NULL else gp + i)
+                    i = i + W
+                if stream:
+                    bnfast_stream_fence()
     finally:
-        free(scratch)
         free(tile)
 
 

@@ -6,8 +6,8 @@
  *   centered_coldot   per-column sum(y) and sum((x - shift) * y) of a row-major
  *                     block (channels-last pass 1); double accumulation, fixed
  *                     order, no FMA, so every variant gives the same bits.
- *   mask_select       out = ReLU-mask bit ? y : 0, the mask packed 8 per byte
- *                     (little bit order) starting at any bit position.
+ *   *_masked          the same with the ReLU mask applied on the fly (fused
+ *                     variant); the mask is packed 8 per byte, little bit order.
  *   pack_positive     the mask itself: bit i = !(y[i] <= 0), as torch's
  *                     threshold_backward (NaN passes the gradient).
  *   grad_* / scale_*  the elementwise dx in the storage type, one (m, a, b, d)
@@ -117,66 +117,252 @@
 #endif
 
 /* ---------------------------------------------------------------------------
- * mask_select: out[i] = bit (pos + i) ? y[i] : 0.  A select, not a product:
- * a masked-out NaN or Inf gradient gives 0, as torch's threshold_backward.
- * out may be y itself.
+ * Masked leaves of the fused variant: the gradient is y where the ReLU mask's
+ * bit is set and 0 elsewhere -- a select, not a product, so a masked-out NaN
+ * or Inf gives 0 as in torch's threshold_backward.  The mask is read 8 (or 4)
+ * bits at a time from any bit position; g, when not NULL, receives the
+ * masked gradient (the addend's gradient).
+ *
+ *   centered_dot_masked    centered_dot of x and the masked y   (pass 1, channels-first)
+ *   centered_coldot_masked centered_coldot of the same          (pass 1, channels-last)
+ *   grad_masked_scalar/_tiled  dx from the masked dy            (pass 2)
  * ------------------------------------------------------------------------- */
-#define BNFAST_MASK_SELECT_SCALAR(T, lo, hi)                                             \
-    for (i = (lo); i < (hi); i++) {                                                      \
-        out[i] = BNFAST_BIT(bits, pos + i) ? y[i] : (T)0;                                \
-    }
+/* 8 (4) mask bits from bit p on, reading the next byte only when they straddle it. */
+#define BNFAST_BYTE_AT(bits, p)                                                          \
+    ((((unsigned)(bits)[(p) >> 3]                                                        \
+       | (((p) & 7) ? (unsigned)(bits)[((p) >> 3) + 1] << 8 : 0u)) >> ((p) & 7)) & 0xFFu)
+#define BNFAST_NIBBLE_AT(bits, p)                                                        \
+    ((((unsigned)(bits)[(p) >> 3]                                                        \
+       | (((p) & 7) > 4 ? (unsigned)(bits)[((p) >> 3) + 1] << 8 : 0u)) >> ((p) & 7)) & 0xFu)
 
 #if BNFAST_VECTOR_EXT
 typedef float bnfast_v8f __attribute__((vector_size(32), aligned(4)));
 typedef int bnfast_v8i __attribute__((vector_size(32), aligned(4)));
+typedef double bnfast_v8d __attribute__((vector_size(64), aligned(8)));
+typedef long long bnfast_v8l __attribute__((vector_size(64), aligned(8)));
 typedef long long bnfast_v4l __attribute__((vector_size(32), aligned(8)));
-typedef double bnfast_v4du __attribute__((vector_size(32), aligned(8)));
+/* 8 values of the storage type, and the integer vector of the same width. */
+#define BNFAST_V8_float bnfast_v8f
+#define BNFAST_I8_float bnfast_v8i
+#define BNFAST_V8_double bnfast_v8d
+#define BNFAST_I8_double bnfast_v8l
 
-#define BNFAST_DEFINE_MASK_SELECT_F32(NAME, ATTR)                                        \
-    ATTR static void NAME(const float *y, const unsigned char *bits, ptrdiff_t pos,      \
-                          ptrdiff_t n, float *out) {                                     \
-        ptrdiff_t i, head = (8 - (pos & 7)) & 7;                                         \
-        const bnfast_v8i lane = {1, 2, 4, 8, 16, 32, 64, 128};                           \
-        if (head > n) head = n;                                                          \
-        BNFAST_MASK_SELECT_SCALAR(float, 0, head)                                        \
-        for (i = head; i + 8 <= n; i += 8) {                                             \
-            int b = bits[(pos + i) >> 3];                                                \
-            bnfast_v8i sel = (bnfast_v8i)(((bnfast_v8i){b, b, b, b, b, b, b, b} & lane) != 0);          \
-            bnfast_v8i v = (bnfast_v8i)(*(const bnfast_v8f *)(y + i));                   \
-            *(bnfast_v8f *)(out + i) = (bnfast_v8f)(v & sel);                            \
+typedef float bnfast_m4f __attribute__((vector_size(16), aligned(4)));
+typedef int bnfast_m4i __attribute__((vector_size(16), aligned(4)));
+typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
+#define BNFAST_V4_float bnfast_m4f
+#define BNFAST_I4_float bnfast_m4i
+#define BNFAST_V4_double bnfast_m4d
+#define BNFAST_I4_double bnfast_v4l
+
+/* The select is done in the storage type and the result widened: selecting on
+ * the widened doubles makes GCC 12 crash (ICE in convert_mode_scalar) for
+ * float on a plain SSE2 target. */
+/* 4 values of type T at p, lanes whose bit in nib (bit k for lane k) is clear zeroed. */
+#define BNFAST_SELECT4(T, p, nib)                                                        \
+    ((BNFAST_V4_##T)((BNFAST_I4_##T)(*(const BNFAST_V4_##T *)(p))                        \
+                     & (BNFAST_I4_##T)((((BNFAST_I4_##T){nib, nib, nib, nib})            \
+                                        & (BNFAST_I4_##T){1, 2, 4, 8}) != 0)))
+#define BNFAST_WIDEN4(s, o)                                                              \
+    ((bnfast_v4d){(double)(s)[(o)], (double)(s)[(o) + 1], (double)(s)[(o) + 2], (double)(s)[(o) + 3]})
+/* 8 values of type T at p, lanes whose bit in byte is clear zeroed (storage type). */
+#define BNFAST_SELECT8(T, p, byte)                                                       \
+    ((BNFAST_V8_##T)((BNFAST_I8_##T)(*(const BNFAST_V8_##T *)(p))                        \
+                     & (BNFAST_I8_##T)((((BNFAST_I8_##T){byte, byte, byte, byte, byte, byte, \
+                         byte, byte}) & (BNFAST_I8_##T){1, 2, 4, 8, 16, 32, 64, 128}) != 0)))
+
+#define BNFAST_DEFINE_CENTERED_DOT_MASKED(NAME, T, ATTR)                                 \
+    ATTR static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, \
+                          ptrdiff_t n, double shift, double *sy, double *sxy, T *g) {    \
+        bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, y0, y1;                 \
+        double a[8], b[8], v;                                                            \
+        ptrdiff_t i, n8 = n - n % 8;                                                     \
+        unsigned byte;                                                                   \
+        BNFAST_V8_##T u;                                                                 \
+        for (i = 0; i < n8; i += 8) {                                                    \
+            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
+            u = BNFAST_SELECT8(T, y + i, byte);                                          \
+            if (g) *(BNFAST_V8_##T *)(g + i) = u;                                        \
+            y0 = BNFAST_WIDEN4(u, 0);                                                    \
+            y1 = BNFAST_WIDEN4(u, 4);                                                    \
+            a0 += y0; a1 += y1;                                                          \
+            b0 += (BNFAST_LOAD4(T, x + i) - shift) * y0;                                 \
+            b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * y1;                             \
         }                                                                                \
-        BNFAST_MASK_SELECT_SCALAR(float, i, n)                                           \
+        for (i = 0; i < 4; i++) {                                                        \
+            a[i] = a0[i]; a[i + 4] = a1[i]; b[i] = b0[i]; b[i + 4] = b1[i];              \
+        }                                                                                \
+        for (i = n8; i < n; i++) {                                                       \
+            v = BNFAST_BIT(bits, pos + i) ? (double)y[i] : 0.0;                          \
+            if (g) g[i] = BNFAST_BIT(bits, pos + i) ? y[i] : (T)0;                       \
+            a[i - n8] += v;                                                              \
+            b[i - n8] += ((double)x[i] - shift) * v;                                     \
+        }                                                                                \
+        *sy += BNFAST_COMBINE8(a);                                                       \
+        *sxy += BNFAST_COMBINE8(b);                                                      \
     }
 
-#define BNFAST_DEFINE_MASK_SELECT_F64(NAME, ATTR)                                        \
-    ATTR static void NAME(const double *y, const unsigned char *bits, ptrdiff_t pos,     \
-                          ptrdiff_t n, double *out) {                                    \
-        ptrdiff_t i, head = (8 - (pos & 7)) & 7;                                         \
-        const bnfast_v4l lane0 = {1, 2, 4, 8}, lane1 = {16, 32, 64, 128};                \
-        if (head > n) head = n;                                                          \
-        BNFAST_MASK_SELECT_SCALAR(double, 0, head)                                       \
-        for (i = head; i + 8 <= n; i += 8) {                                             \
-            long long b = bits[(pos + i) >> 3];                                          \
-            bnfast_v4l bv = {b, b, b, b};                                                \
-            bnfast_v4l v0 = (bnfast_v4l)(*(const bnfast_v4du *)(y + i));                 \
-            bnfast_v4l v1 = (bnfast_v4l)(*(const bnfast_v4du *)(y + i + 4));             \
-            *(bnfast_v4du *)(out + i) = (bnfast_v4du)(v0 & (bnfast_v4l)((bv & lane0) != 0));         \
-            *(bnfast_v4du *)(out + i + 4) = (bnfast_v4du)(v1 & (bnfast_v4l)((bv & lane1) != 0));     \
+/* The masked twin of centered_coldot; the mask bit of x[r*W + j] is pos + r*W + j. */
+#define BNFAST_DEFINE_CENTERED_COLDOT_MASKED(NAME, T, ATTR)                              \
+    ATTR static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, \
+                          ptrdiff_t rows, ptrdiff_t W, const double *shift, double *sy,  \
+                          double *sxy, T *g) {                                           \
+        ptrdiff_t r = 0, j, j4 = W - W % 4, q;                                           \
+        double e, f;                                                                     \
+        for (; r + 4 <= rows; r += 4) {                                                  \
+            ptrdiff_t q0 = pos + r * W, q1 = q0 + W, q2 = q1 + W, q3 = q2 + W;           \
+            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
+            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
+            for (j = 0; j < j4; j += 4) {                                                \
+                bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                        \
+                BNFAST_V4_##T s0 = BNFAST_SELECT4(T, y0 + j, BNFAST_NIBBLE_AT(bits, q0 + j)); \
+                BNFAST_V4_##T s1 = BNFAST_SELECT4(T, y1 + j, BNFAST_NIBBLE_AT(bits, q1 + j)); \
+                BNFAST_V4_##T s2 = BNFAST_SELECT4(T, y2 + j, BNFAST_NIBBLE_AT(bits, q2 + j)); \
+                BNFAST_V4_##T s3 = BNFAST_SELECT4(T, y3 + j, BNFAST_NIBBLE_AT(bits, q3 + j)); \
+                bnfast_v4d v0 = BNFAST_WIDEN4(s0, 0), v1 = BNFAST_WIDEN4(s1, 0);         \
+                bnfast_v4d v2 = BNFAST_WIDEN4(s2, 0), v3 = BNFAST_WIDEN4(s3, 0);         \
+                bnfast_v4d d0 = BNFAST_LOAD4(T, x0 + j) - kv;                            \
+                bnfast_v4d d1 = BNFAST_LOAD4(T, x1 + j) - kv;                            \
+                bnfast_v4d d2 = BNFAST_LOAD4(T, x2 + j) - kv;                            \
+                bnfast_v4d d3 = BNFAST_LOAD4(T, x3 + j) - kv;                            \
+                if (g) {                                                                 \
+                    T *g0 = g + r * W + j;                                               \
+                    *(BNFAST_V4_##T *)g0 = s0;                                           \
+                    *(BNFAST_V4_##T *)(g0 + W) = s1;                                     \
+                    *(BNFAST_V4_##T *)(g0 + 2 * W) = s2;                                 \
+                    *(BNFAST_V4_##T *)(g0 + 3 * W) = s3;                                 \
+                }                                                                        \
+                *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                        \
+                *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);   \
+            }                                                                            \
+            for (j = j4; j < W; j++) {                                                   \
+                double w0 = BNFAST_BIT(bits, q0 + j) ? (double)y0[j] : 0.0;              \
+                double w1 = BNFAST_BIT(bits, q1 + j) ? (double)y1[j] : 0.0;              \
+                double w2 = BNFAST_BIT(bits, q2 + j) ? (double)y2[j] : 0.0;              \
+                double w3 = BNFAST_BIT(bits, q3 + j) ? (double)y3[j] : 0.0;              \
+                if (g) {                                                                 \
+                    g[r * W + j] = (T)w0; g[(r + 1) * W + j] = (T)w1;                    \
+                    g[(r + 2) * W + j] = (T)w2; g[(r + 3) * W + j] = (T)w3;              \
+                }                                                                        \
+                sy[j] += (w0 + w1) + (w2 + w3);                                          \
+                sxy[j] += (((double)x0[j] - shift[j]) * w0 + ((double)x1[j] - shift[j]) * w1) \
+                          + (((double)x2[j] - shift[j]) * w2 + ((double)x3[j] - shift[j]) * w3); \
+            }                                                                            \
         }                                                                                \
-        BNFAST_MASK_SELECT_SCALAR(double, i, n)                                          \
+        for (; r < rows; r++) {                                                          \
+            for (j = 0; j < W; j++) {                                                    \
+                q = r * W + j;                                                           \
+                f = BNFAST_BIT(bits, pos + q) ? (double)y[q] : 0.0;                      \
+                if (g) g[q] = (T)f;                                                      \
+                e = (double)x[q] - shift[j];                                             \
+                sy[j] += f; sxy[j] += e * f;                                             \
+            }                                                                            \
+        }                                                                                \
+    }
+
+/* dx (and g) from the masked dy, 8 values at a time in the storage type.  The
+ * coefficient expressions M, A, B, D are scalars (SCALAR) or tile loads (TILED). */
+#define BNFAST_GRAD_MASKED_BODY(T, M, A, B, D, m_i, a_i, b_i, d_i)                       \
+    ptrdiff_t i;                                                                         \
+    unsigned byte;                                                                       \
+    T v;                                                                                 \
+    for (i = 0; i + 8 <= n; i += 8) {                                                    \
+        byte = BNFAST_BYTE_AT(bits, pos + i);                                            \
+        BNFAST_V8_##T u = BNFAST_SELECT8(T, dy + i, byte);                               \
+        if (g) *(BNFAST_V8_##T *)(g + i) = u;                                            \
+        if (dx) {                                                                        \
+            if (training)                                                                \
+                *(BNFAST_V8_##T *)(dx + i) =                                             \
+                    (u * A + (*(const BNFAST_V8_##T *)(x + i) - M) * B) + D;             \
+            else                                                                         \
+                *(BNFAST_V8_##T *)(dx + i) = u * A;                                      \
+        }                                                                                \
+    }                                                                                    \
+    for (; i < n; i++) {                                                                 \
+        v = BNFAST_BIT(bits, pos + i) ? dy[i] : (T)0;                                    \
+        if (g) g[i] = v;                                                                 \
+        if (dx) dx[i] = training ? (v * a_i + (x[i] - m_i) * b_i) + d_i : v * a_i;       \
+    }
+
+#define BNFAST_TILE8(T, p) (*(const BNFAST_V8_##T *)((p) + i))
+#define BNFAST_DEFINE_GRAD_MASKED(SCALAR, TILED, T, ATTR)                                \
+    ATTR static void SCALAR(const T *x, const T *dy, const unsigned char *bits,    \
+                                   ptrdiff_t pos, ptrdiff_t n, T m, T a, T b, T d,       \
+                                   int training, T *dx, T *g) {                          \
+        BNFAST_GRAD_MASKED_BODY(T, m, a, b, d, m, a, b, d)                               \
+    }                                                                                    \
+    ATTR static void TILED(const T *x, const T *dy, const unsigned char *bits,    \
+                                  ptrdiff_t pos, ptrdiff_t n, const T *m, const T *a,    \
+                                  const T *b, const T *d, int training, T *dx, T *g) {   \
+        BNFAST_GRAD_MASKED_BODY(T, BNFAST_TILE8(T, m), BNFAST_TILE8(T, a),               \
+                                BNFAST_TILE8(T, b), BNFAST_TILE8(T, d),                  \
+                                m[i], a[i], b[i], d[i])                                  \
     }
 #else
-#define BNFAST_DEFINE_MASK_SELECT_F32(NAME, ATTR)                                        \
-    static void NAME(const float *y, const unsigned char *bits, ptrdiff_t pos,           \
-                     ptrdiff_t n, float *out) {                                          \
+/* Plain loops (BNFAST_NO_SIMD or a compiler without vector extensions). */
+#define BNFAST_DEFINE_CENTERED_DOT_MASKED(NAME, T, ATTR)                                 \
+    static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos,   \
+                     ptrdiff_t n, double shift, double *sy, double *sxy, T *g) {         \
+        double a[8] = {0}, b[8] = {0}, v;                                                \
         ptrdiff_t i;                                                                     \
-        BNFAST_MASK_SELECT_SCALAR(float, 0, n)                                           \
+        for (i = 0; i < n; i++) {                                                        \
+            v = BNFAST_BIT(bits, pos + i) ? (double)y[i] : 0.0;                          \
+            if (g) g[i] = (T)v;                                                          \
+            a[i % 8] += v;                                                               \
+            b[i % 8] += ((double)x[i] - shift) * v;                                      \
+        }                                                                                \
+        *sy += BNFAST_COMBINE8(a);                                                       \
+        *sxy += BNFAST_COMBINE8(b);                                                      \
     }
-#define BNFAST_DEFINE_MASK_SELECT_F64(NAME, ATTR)                                        \
-    static void NAME(const double *y, const unsigned char *bits, ptrdiff_t pos,          \
-                     ptrdiff_t n, double *out) {                                         \
-        ptrdiff_t i;                                                                     \
-        BNFAST_MASK_SELECT_SCALAR(double, 0, n)                                          \
+#define BNFAST_DEFINE_CENTERED_COLDOT_MASKED(NAME, T, ATTR)                              \
+    static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos,   \
+                     ptrdiff_t rows, ptrdiff_t W, const double *shift, double *sy,       \
+                     double *sxy, T *g) {                                                \
+        ptrdiff_t r = 0, j;                                                              \
+        double w[4], e;                                                                  \
+        int k;                                                                           \
+        for (; r + 4 <= rows; r += 4) {                                                  \
+            for (j = 0; j < W; j++) {                                                    \
+                for (k = 0; k < 4; k++) {                                                \
+                    ptrdiff_t q = (r + k) * W + j;                                       \
+                    w[k] = BNFAST_BIT(bits, pos + q) ? (double)y[q] : 0.0;               \
+                    if (g) g[q] = (T)w[k];                                               \
+                }                                                                        \
+                sy[j] += (w[0] + w[1]) + (w[2] + w[3]);                                  \
+                sxy[j] += (((double)x[r * W + j] - shift[j]) * w[0]                      \
+                           + ((double)x[(r + 1) * W + j] - shift[j]) * w[1])             \
+                          + (((double)x[(r + 2) * W + j] - shift[j]) * w[2]              \
+                             + ((double)x[(r + 3) * W + j] - shift[j]) * w[3]);          \
+            }                                                                            \
+        }                                                                                \
+        for (; r < rows; r++) {                                                          \
+            for (j = 0; j < W; j++) {                                                    \
+                ptrdiff_t q = r * W + j;                                                 \
+                w[0] = BNFAST_BIT(bits, pos + q) ? (double)y[q] : 0.0;                   \
+                if (g) g[q] = (T)w[0];                                                   \
+                e = (double)x[q] - shift[j];                                             \
+                sy[j] += w[0]; sxy[j] += e * w[0];                                       \
+            }                                                                            \
+        }                                                                                \
+    }
+#define BNFAST_GRAD_MASKED_LOOP(T, m_i, a_i, b_i, d_i)                                   \
+    ptrdiff_t i;                                                                         \
+    T v;                                                                                 \
+    for (i = 0; i < n; i++) {                                                            \
+        v = BNFAST_BIT(bits, pos + i) ? dy[i] : (T)0;                                    \
+        if (g) g[i] = v;                                                                 \
+        if (dx) dx[i] = training ? (v * a_i + (x[i] - m_i) * b_i) + d_i : v * a_i;       \
+    }
+#define BNFAST_DEFINE_GRAD_MASKED(SCALAR, TILED, T, ATTR)                                \
+    static void SCALAR(const T *x, const T *dy, const unsigned char *bits,        \
+                              ptrdiff_t pos, ptrdiff_t n, T m, T a, T b, T d,            \
+                              int training, T *dx, T *g) {                               \
+        BNFAST_GRAD_MASKED_LOOP(T, m, a, b, d)                                           \
+    }                                                                                    \
+    static void TILED(const T *x, const T *dy, const unsigned char *bits,         \
+                             ptrdiff_t pos, ptrdiff_t n, const T *m, const T *a,         \
+                             const T *b, const T *d, int training, T *dx, T *g) {        \
+        BNFAST_GRAD_MASKED_LOOP(T, m[i], a[i], b[i], d[i])                               \
     }
 #endif
 
@@ -265,8 +451,14 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
 #define BNFAST_BWD_LEAVES(SUFFIX, ATTR)                                                  \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f32_##SUFFIX, float, ATTR)      \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f64_##SUFFIX, double, ATTR)     \
-    BNFAST_DEFINE_MASK_SELECT_F32(bnfast_mask_select_f32_##SUFFIX, ATTR)                 \
-    BNFAST_DEFINE_MASK_SELECT_F64(bnfast_mask_select_f64_##SUFFIX, ATTR)                 \
+    BNFAST_DEFINE_CENTERED_DOT_MASKED(bnfast_centered_dot_masked_f32_##SUFFIX, float, ATTR) \
+    BNFAST_DEFINE_CENTERED_DOT_MASKED(bnfast_centered_dot_masked_f64_##SUFFIX, double, ATTR) \
+    BNFAST_DEFINE_CENTERED_COLDOT_MASKED(bnfast_centered_coldot_masked_f32_##SUFFIX, float, ATTR) \
+    BNFAST_DEFINE_CENTERED_COLDOT_MASKED(bnfast_centered_coldot_masked_f64_##SUFFIX, double, ATTR) \
+    BNFAST_DEFINE_GRAD_MASKED(bnfast_grad_masked_scalar_f32_##SUFFIX,                     \
+                              bnfast_grad_masked_tiled_f32_##SUFFIX, float, ATTR)          \
+    BNFAST_DEFINE_GRAD_MASKED(bnfast_grad_masked_scalar_f64_##SUFFIX,                     \
+                              bnfast_grad_masked_tiled_f64_##SUFFIX, double, ATTR)         \
     BNFAST_DEFINE_GRAD_SCALAR(bnfast_grad_scalar_f32_##SUFFIX, float, ATTR)              \
     BNFAST_DEFINE_GRAD_SCALAR(bnfast_grad_scalar_f64_##SUFFIX, double, ATTR)             \
     BNFAST_DEFINE_GRAD_TILED(bnfast_grad_tiled_f32_##SUFFIX, float, ATTR)                \
@@ -284,6 +476,70 @@ BNFAST_BWD_LEAVES(avx2, BNFAST_AVX2_TARGET)
 #define BNFAST_BWD_PICK(name) name##_base
 #endif
 
+/* ---------------------------------------------------------------------------
+ * Streaming (non-temporal) twins of the elementwise dx leaves, for outputs far
+ * larger than the caches: the same arithmetic per element (so the same bits),
+ * stored with movntps/movntpd once dx + i is 16-byte aligned.  That saves the
+ * read-for-ownership of every dx line (a quarter of pass 2's traffic).  Call
+ * bnfast_stream_fence() before another thread may read what was stored.
+ * ------------------------------------------------------------------------- */
+#if BNFAST_HAVE_SSE2_PACK
+#define BNFAST_HAVE_STREAM 1
+typedef float bnfast_v4f __attribute__((vector_size(16), aligned(4)));
+typedef double bnfast_v2d __attribute__((vector_size(16), aligned(8)));
+#define BNFAST_STREAM_f32(p, v) _mm_stream_ps((p), (__m128)(v))
+#define BNFAST_STREAM_f64(p, v) _mm_stream_pd((p), (__m128d)(v))
+#define BNFAST_V_f32 bnfast_v4f
+#define BNFAST_V_f64 bnfast_v2d
+#define BNFAST_L_f32 4
+#define BNFAST_L_f64 2
+#define BNFAST_LD(SFX, p) (*(const BNFAST_V_##SFX *)(p))
+
+#define BNFAST_STREAM_LOOP(SFX, SCALAR, VECTOR)                                          \
+    ptrdiff_t i = 0;                                                                     \
+    for (; i < n && ((size_t)(dx + i) & 15); i++) { dx[i] = SCALAR; }                    \
+    for (; i + BNFAST_L_##SFX <= n; i += BNFAST_L_##SFX) {                               \
+        BNFAST_STREAM_##SFX(dx + i, VECTOR);                                             \
+    }                                                                                    \
+    for (; i < n; i++) { dx[i] = SCALAR; }
+
+#define BNFAST_DEFINE_STREAM_LEAVES(SFX, T)                                              \
+    static void bnfast_grad_scalar_##SFX##_nt(const T *x, const T *dy, T *dx,            \
+                                              ptrdiff_t n, T m, T a, T b, T d) {         \
+        BNFAST_STREAM_LOOP(SFX, (dy[i] * a + (x[i] - m) * b) + d,                        \
+                           (BNFAST_LD(SFX, dy + i) * a + (BNFAST_LD(SFX, x + i) - m) * b) + d) \
+    }                                                                                    \
+    static void bnfast_grad_tiled_##SFX##_nt(const T *x, const T *dy, T *dx, ptrdiff_t n, \
+                                             const T *m, const T *a, const T *b,         \
+                                             const T *d) {                               \
+        BNFAST_STREAM_LOOP(SFX, (dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i],            \
+                           (BNFAST_LD(SFX, dy + i) * BNFAST_LD(SFX, a + i)                \
+                            + (BNFAST_LD(SFX, x + i) - BNFAST_LD(SFX, m + i))             \
+                              * BNFAST_LD(SFX, b + i)) + BNFAST_LD(SFX, d + i))           \
+    }                                                                                    \
+    static void bnfast_scale_scalar_##SFX##_nt(const T *dy, T *dx, ptrdiff_t n, T a) {   \
+        BNFAST_STREAM_LOOP(SFX, dy[i] * a, BNFAST_LD(SFX, dy + i) * a)                   \
+    }                                                                                    \
+    static void bnfast_scale_tiled_##SFX##_nt(const T *dy, T *dx, ptrdiff_t n,           \
+                                              const T *a) {                              \
+        BNFAST_STREAM_LOOP(SFX, dy[i] * a[i], BNFAST_LD(SFX, dy + i) * BNFAST_LD(SFX, a + i)) \
+    }
+BNFAST_DEFINE_STREAM_LEAVES(f32, float)
+BNFAST_DEFINE_STREAM_LEAVES(f64, double)
+static inline void bnfast_stream_fence(void) { _mm_sfence(); }
+#else
+#define BNFAST_HAVE_STREAM 0
+#define bnfast_grad_scalar_f32_nt bnfast_grad_scalar_f32
+#define bnfast_grad_scalar_f64_nt bnfast_grad_scalar_f64
+#define bnfast_grad_tiled_f32_nt bnfast_grad_tiled_f32
+#define bnfast_grad_tiled_f64_nt bnfast_grad_tiled_f64
+#define bnfast_scale_scalar_f32_nt bnfast_scale_scalar_f32
+#define bnfast_scale_scalar_f64_nt bnfast_scale_scalar_f64
+#define bnfast_scale_tiled_f32_nt bnfast_scale_tiled_f32
+#define bnfast_scale_tiled_f64_nt bnfast_scale_tiled_f64
+static inline void bnfast_stream_fence(void) {}
+#endif
+
 static inline void bnfast_centered_coldot_f32(const float *x, const float *y, ptrdiff_t rows,
                                               ptrdiff_t W, const double *shift, double *sy,
                                               double *sxy) {
@@ -294,14 +550,32 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
                                               double *sxy) {
     BNFAST_BWD_PICK(bnfast_centered_coldot_f64)(x, y, rows, W, shift, sy, sxy);
 }
-static inline void bnfast_mask_select_f32(const float *y, const unsigned char *bits,
-                                          ptrdiff_t pos, ptrdiff_t n, float *out) {
-    BNFAST_BWD_PICK(bnfast_mask_select_f32)(y, bits, pos, n, out);
-}
-static inline void bnfast_mask_select_f64(const double *y, const unsigned char *bits,
-                                          ptrdiff_t pos, ptrdiff_t n, double *out) {
-    BNFAST_BWD_PICK(bnfast_mask_select_f64)(y, bits, pos, n, out);
-}
+#define BNFAST_DISPATCH_MASKED(T, SFX)                                                   \
+    static inline void bnfast_centered_dot_masked_##SFX(                                 \
+            const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            double shift, double *sy, double *sxy, T *g) {                               \
+        BNFAST_BWD_PICK(bnfast_centered_dot_masked_##SFX)(x, y, bits, pos, n, shift, sy, sxy, g); \
+    }                                                                                    \
+    static inline void bnfast_centered_coldot_masked_##SFX(                              \
+            const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t rows, \
+            ptrdiff_t W, const double *shift, double *sy, double *sxy, T *g) {           \
+        BNFAST_BWD_PICK(bnfast_centered_coldot_masked_##SFX)(x, y, bits, pos, rows, W, shift, \
+                                                             sy, sxy, g);                \
+    }                                                                                    \
+    static inline void bnfast_grad_masked_scalar_##SFX(                                  \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            T m, T a, T b, T d, int training, T *dx, T *g) {                             \
+        BNFAST_BWD_PICK(bnfast_grad_masked_scalar_##SFX)(x, dy, bits, pos, n, m, a, b, d, \
+                                                           training, dx, g);             \
+    }                                                                                    \
+    static inline void bnfast_grad_masked_tiled_##SFX(                                   \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            const T *m, const T *a, const T *b, const T *d, int training, T *dx, T *g) { \
+        BNFAST_BWD_PICK(bnfast_grad_masked_tiled_##SFX)(x, dy, bits, pos, n, m, a, b, d, \
+                                                          training, dx, g);              \
+    }
+BNFAST_DISPATCH_MASKED(float, f32)
+BNFAST_DISPATCH_MASKED(double, f64)
 static inline void bnfast_grad_scalar_f32(const float *x, const float *dy, float *dx, ptrdiff_t n,
                                           float m, float a, float b, float d) {
     BNFAST_BWD_PICK(bnfast_grad_scalar_f32)(x, dy, dx, n, m, a, b, d);

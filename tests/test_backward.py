@@ -774,3 +774,106 @@ def test_fused_module_in_place_on_addend_still_backward(rng):
     gx, ga = m.backward(dy)
     np.testing.assert_array_equal(gx, gx_ref)
     np.testing.assert_array_equal(ga, ga_ref)
+
+
+# -- out= and streaming stores ---------------------------------------------------------------
+def _keep_layout_copy(a):
+    return np.copy(a, order="K")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_out_direct_in_place_and_overlapping(dtype, rng, layout):
+    shape = (4, 3, 8, 8)
+    x = with_layout(make_input(rng, shape, dtype), layout)
+    dy = with_layout(rng.standard_normal(shape).astype(dtype), layout)
+    w, _ = make_params(rng, 3, dtype)
+    _, mean, invstd = _forward(x, True, w)
+    expected = bnfast.batch_norm_backward(dy, x, w, mean, invstd)[0]
+
+    out = np.empty_like(x)
+    got = bnfast.batch_norm_backward(dy, x, w, mean, invstd, out=out)[0]
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    # In place on grad_output, and on input.
+    d2 = _keep_layout_copy(dy)
+    assert bnfast.batch_norm_backward(d2, x, w, mean, invstd, out=d2)[0] is d2
+    np.testing.assert_array_equal(d2, expected)
+    x2 = _keep_layout_copy(x)
+    bnfast.batch_norm_backward(dy, x2, w, mean, invstd, out=x2)
+    np.testing.assert_array_equal(x2, expected)
+    # out in the other layout, and out overlapping grad_output partially.
+    other = np.empty(shape, dtype) if layout == "channels_last" else channels_last(
+        np.empty(shape, dtype))
+    bnfast.batch_norm_backward(dy, x, w, mean, invstd, out=other)
+    np.testing.assert_array_equal(other, expected)
+    big = np.zeros(x.size + 1, dtype)
+    d3 = big[:-1].reshape(shape)
+    d3[...] = dy
+    shifted = big[1:].reshape(shape)
+    bnfast.batch_norm_backward(d3, x, w, mean, invstd, out=shifted)
+    np.testing.assert_array_equal(shifted, expected)
+
+
+def test_out_validation(rng):
+    x = make_input(rng, (4, 3, 5), np.float32)
+    mean, invstd = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match="out"):
+        bnfast.batch_norm_backward(x, x, None, mean, invstd, out=np.empty(x.shape))
+    with pytest.raises(ValueError, match="out"):
+        bnfast.batch_norm_backward(x, x, None, mean, invstd, out=np.empty((4, 3), np.float32))
+    with pytest.raises(TypeError, match="out"):
+        bnfast.batch_norm_backward(x, x, None, mean, invstd, out=[0.0])
+    ro = np.empty_like(x)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        bnfast.batch_norm_backward(x, x, None, mean, invstd, out=ro)
+    both = np.empty_like(x)
+    with pytest.raises(ValueError, match="share memory"):
+        bnfast.fused_batch_norm_backward(x, x, x, None, mean, invstd, out=both, addend_out=both)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_addend_out_may_be_grad_output(dtype, rng, training):
+    shape = (4, 3, 6, 6)
+    x = make_input(rng, shape, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    a = rng.standard_normal(shape).astype(dtype)
+    y, mean, invstd = _forward(x, training, addend=a, relu=True)
+    expected = bnfast.fused_batch_norm_backward(dy, x, y, None, mean, invstd, training)
+    d2, x2 = dy.copy(), x.copy()
+    got = bnfast.fused_batch_norm_backward(d2, x, y, None, mean, invstd, training,
+                                           addend_out=d2)
+    assert got[3] is d2
+    # addend_out on the input: x is still needed by pass 2, so a temporary is used.
+    got2 = bnfast.fused_batch_norm_backward(dy, x2, y, None, mean, invstd, training,
+                                            addend_out=x2)
+    out = np.empty_like(x)
+    got3 = bnfast.fused_batch_norm_backward(dy, x, y, None, mean, invstd, training, out=out)
+    assert got3[0] is out
+    for g in (got, got2, got3):
+        for u, v in zip(g, expected):
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 8, 16, 16), "contiguous"),
+                                          ((4, 8, 7, 7), "contiguous"),
+                                          ((4, 3, 16, 16), "channels_last"),
+                                          ((4, 64, 5, 5), "channels_last"),
+                                          ((300, 1000), "contiguous"),
+                                          ((300, 6), "contiguous")], ids=str)
+def test_streaming_stores_give_the_same_bits(dtype, rng, shape, layout, monkeypatch):
+    x = with_layout(make_input(rng, shape, dtype), layout)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = make_params(rng, shape[1], dtype)
+    y, mean, invstd = _forward(x, True, w, b, relu=True)
+
+    def run(training):
+        return (bnfast.batch_norm_backward(dy, x, w, mean, invstd, training)
+                + bnfast.fused_batch_norm_backward(dy, x, y, w, mean, invstd, training))
+
+    monkeypatch.setattr(bnfast.backward, "STREAM_BYTES", 1 << 62)
+    cached = run(True) + run(False)
+    monkeypatch.setattr(bnfast.backward, "STREAM_BYTES", 0)
+    streamed = run(True) + run(False)
+    for u, v in zip(cached, streamed):
+        np.testing.assert_array_equal(u, v)
