@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 
+from .runner import UNSTABLE
 from .suite import format_shape
 
 __all__ = ["format_report", "format_time"]
@@ -85,8 +86,11 @@ def format_report(doc):
         ours = rows.get("bnfast")
         ok = ours is not None and ours["status"] == "ok"
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        cells = [mode, dtype, format_shape(shape), _size(nbytes),
-                 format_time(ours["median_s"]) if ok else _check_cell(ours),
+        time_cell = _check_cell(ours)
+        if ok:
+            time_cell = format_time(ours["median_s"])
+            time_cell += "~" if ours["median_s"] > UNSTABLE * ours["min_s"] else " "
+        cells = [mode, dtype, format_shape(shape), _size(nbytes), time_cell,
                  f"{ours['gbps']:.1f}" if ok and ours["gbps"] else "-",
                  f"{100 * ours['fraction_of_copy_bandwidth']:.0f}%"
                  if ok and ours["fraction_of_copy_bandwidth"] else "-"]
@@ -102,7 +106,7 @@ def format_report(doc):
 
     out = [_header(doc), "", line(titles), line(["-" * w for w in widths])]
     out += ["" if c is None else line(c) for c in body]
-    out += ["", "bnfast: median time per call; GB/s: bytes that must move (eval 2, train 3, backward 5, "
+    out += ["", f"bnfast: median time per call ('~': unstable, median > {UNSTABLE:g}x the fastest sample); GB/s: bytes that must move (eval 2, train 3, backward 5, "
                 "fused_eval 3 x array size) / time;",
             "%copy: that bandwidth relative to np.copyto of the same array (np.add with the addend "
             "for fused_eval);",

@@ -25,6 +25,9 @@ from .timing import TimingPolicy, measure
 
 __all__ = ["BenchSettings", "run_benchmark"]
 
+#: A measurement whose median exceeds its fastest sample by this factor is unstable.
+UNSTABLE = 1.5
+
 #: Seconds to pause before each measurement, so that the previous
 #: implementation's spinning worker threads go to sleep and do not steal cores.
 _SETTLE = 0.005
@@ -96,6 +99,11 @@ def run_benchmark(settings, show_progress=True, command=None):
     for name, why in missing.items():
         notes.append(f"{name}: skipped, {why}")
     _derive(results)
+    timed = [r for r in results if r["status"] == "ok"]
+    unstable = [r for r in timed if r["median_s"] > UNSTABLE * r["min_s"]]
+    if len(unstable) > 0.05 * len(timed):
+        notes.append(f"{len(unstable)} of {len(timed)} measurements are unstable (median more than "
+                     f"{UNSTABLE:g}x the fastest sample): other work on the machine, rerun when idle")
     return {
         "schema": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
