@@ -1,4 +1,6 @@
 """bnfast itself, called through its public functional API."""
+import inspect
+
 import numpy as np
 
 import bnfast
@@ -7,6 +9,13 @@ from bnfast._threads import resolve_threads
 from .base import Implementation, Prepared
 
 __all__ = ["Bnfast", "backward_available"]
+
+
+def _accepts_out(fn):
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def backward_available():
@@ -78,16 +87,19 @@ class Bnfast(Implementation):
         if case.mode == "backward":
             backward = bnfast.batch_norm_backward
             dy, save_mean, save_invstd = inputs.grad_output, inputs.save_mean, inputs.save_invstd
+            # grad_input into a preallocated buffer where this bnfast's backward takes out=
+            gi = out if out is not None and _accepts_out(backward) else None
 
             def run():
-                return backward(dy, x, w, save_mean, save_invstd, True, eps, n_threads=nt)
+                if gi is None:
+                    return backward(dy, x, w, save_mean, save_invstd, True, eps, n_threads=nt)
+                return backward(dy, x, w, save_mean, save_invstd, True, eps, out=gi, n_threads=nt)
 
             def check():
-                gi, gw, gb = run()
-                return {"grad_input": gi, "grad_weight": gw, "grad_bias": gb}
+                grad_input, gw, gb = run()
+                return {"grad_input": grad_input.copy(), "grad_weight": gw, "grad_bias": gb}
 
-            # batch_norm_backward has no out=: it allocates grad_input every call.
-            return Prepared(run, check, allocates=True)
+            return Prepared(run, check, allocates=gi is None)
 
         raise ValueError(f"unknown mode {case.mode!r}")
 
