@@ -102,13 +102,15 @@ def _reduce_axes(x):
 
 
 # -- functional vs the float64 reference -------------------------------------------------
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+# (N, C) has no channels-last layout of its own.
+SHAPE_LAYOUTS = [(s, lay) for s in SHAPES for lay in ("contiguous", "channels_last", "strided")
+                 if not (lay == "channels_last" and len(s) == 2)]
+
+
+@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
 def test_matches_float64_reference(dtype, rng, shape, layout, training, affine):
-    if layout == "channels_last" and len(shape) == 2:
-        pytest.skip("(N, C) has one layout")
     x = with_layout(make_input(rng, shape, dtype), layout)
     dy = with_layout(rng.standard_normal(shape).astype(dtype), layout)
     w, b = make_params(rng, shape[1], dtype)
@@ -447,20 +449,36 @@ def test_fused_mask_from_output_or_relu_mask_identical(dtype, rng):
             np.testing.assert_array_equal(u, w)
 
 
-def test_masked_out_nan_gradient_gives_zero_and_nan_output_passes(dtype, rng):
-    """torch.threshold_backward: where(out <= 0, 0, grad), a select, not a product."""
-    shape = (4, 2, 3)
+@pytest.mark.parametrize("shape", [(4, 2, 3), (4, 2, 19), (37, 3)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("output_mask", [(True, True, True, True), (True, False, False, True),
+                                         (True, True, True, False), (False, False, False, True)])
+def test_masked_out_nan_gradient_gives_zero_and_nan_output_passes(dtype, rng, shape, training,
+                                                                  output_mask):
+    """torch.threshold_backward: where(out <= 0, 0, grad), a select, not a product.
+
+    The output masks route the mask through each kernel: pass 1 writing the
+    addend's gradient, pass 2 selecting on its own, with and without it.
+    """
     x = make_input(rng, shape, dtype)
-    y, mean, invstd = _forward(x, False, relu=True)
+    y, mean, invstd = _forward(x, training, relu=True)
     dy = np.ones(shape, dtype)
     dy[y <= 0] = np.nan  # only where the ReLU blocks: must not leak
     y_nan = y.copy()
-    y_nan[0, 0, 0] = np.nan  # a NaN output passes its gradient
-    dy[0, 0, 0] = 7.0
-    gx, gw, gb, ga = bnfast.fused_batch_norm_backward(dy, x, y_nan, None, mean, invstd, False)
-    assert np.isfinite(ga).all() and np.isfinite(gx).all() and np.isfinite(gb).all()
-    assert ga[0, 0, 0] == 7.0
-    np.testing.assert_array_equal(ga, np.where(y_nan <= 0, 0, dy))
+    y_nan.flat[0] = np.nan  # a NaN output passes its gradient
+    dy.flat[0] = 7.0
+    got = bnfast.fused_batch_norm_backward(dy, x, y_nan, None, mean, invstd, training,
+                                           output_mask=output_mask)
+    for g in got:
+        assert g is None or np.isfinite(g).all()
+    gx, gw, gb, ga = got
+    if ga is not None:
+        assert ga.flat[0] == 7.0
+        np.testing.assert_array_equal(ga, np.where(y_nan <= 0, 0, dy))
+    if gx is not None:
+        clean = np.where(y_nan <= 0, 0, dy)
+        ref = reference_backward(x, clean, None, mean, invstd, training)
+        assert_grads((gx,), ref[:1], REF_TOL[dtype], _scales(x, clean, None, mean, invstd))
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 1001), (1, 1, 9), (9, 7), (5000, 3), (2, 3, 5, 7)],
@@ -699,6 +717,19 @@ def test_module_in_place_forward_cannot_backward(rng):
     m(x, out=x)
     with pytest.raises(RuntimeError, match="out=input"):
         m.backward(np.ones_like(x))
+
+
+def test_module_backward_out(rng):
+    m = bnfast.FusedBatchNorm2d(3, dtype=np.float64)
+    x = make_input(rng, (2, 3, 4, 4), np.float64)
+    dy = rng.standard_normal(x.shape)
+    m(x, np.zeros_like(x))
+    expected, ga = m.backward(dy, retain_graph=True)
+    out = np.empty_like(x)
+    got, ga2 = m.backward(dy, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(ga2, ga)
 
 
 def test_module_uses_forward_time_weight(rng):
