@@ -221,6 +221,13 @@ cdef inline void _grad_tiled(const floating* x, const floating* dy, const unsign
             bnfast_scale_tiled_f64(dy, dx, n, a)
 
 
+cdef inline void _add_into(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
+    """acc[i] += part[i]: the fixed-order merge of one block's partials (vectorises)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        acc[i] = acc[i] + part[i]
+
+
 cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     while b:
         a, b = b, a % b
@@ -291,9 +298,8 @@ def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
                              part + nb * C + c, part_xdy + nb * C + c,
                              NULL if gp == NULL else gp + off)
             for nb in range(nblocks):
-                for c in range(C):
-                    sum_dy[c] += part[nb * C + c]
-                    sum_xdy[c] += part_xdy[nb * C + c]
+                _add_into(&sum_dy[0], part + nb * C, C)
+                _add_into(&sum_xdy[0], part_xdy + nb * C, C)
     finally:
         free(part)
 
@@ -348,9 +354,8 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
             # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
             for b in range(blocks):
                 for l in range(k):
-                    for c in range(C):
-                        sum_dy[c] += part[b * W + l * C + c]
-                        sum_xdy[c] += part_xdy[b * W + l * C + c]
+                    _add_into(&sum_dy[0], part + b * W + l * C, C)
+                    _add_into(&sum_xdy[0], part_xdy + b * W + l * C, C)
             for r in range(rows * k, M):
                 for c in range(C):
                     j = r * C + c
@@ -376,22 +381,27 @@ def coefficients(const double[::1] sum_dy,    # IN  (C,) from reduce_*
                  double[:, ::1] coef):        # OUT (6, C): mean, a, b, d, grad_weight, grad_bias
     """Per-channel coefficients of dx = dy * a + (x - mean) * b + d, and the parameter grads."""
     cdef Py_ssize_t c, C = mean.shape[0]
+    if C == 0:
+        return
     cdef double a, k
+    cdef double* mu = &coef[0, 0]
+    cdef double* scale = mu + C
+    cdef double* slope = mu + 2 * C
+    cdef double* offset = mu + 3 * C
+    cdef double* gw = mu + 4 * C
+    cdef double* gb = mu + 5 * C
+    # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
+    cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
     with nogil:
         for c in range(C):
             a = invstd[c] * weight[c] if has_weight else invstd[c]
-            coef[0, c] = mean[c]
-            coef[1, c] = a
-            if training and count > 0:
-                # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
-                k = invstd[c] * invstd[c] * (sum_xdy[c] / count)
-                coef[2, c] = -(k * a)
-                coef[3, c] = -((sum_dy[c] / count) * a)
-            else:
-                coef[2, c] = 0.0
-                coef[3, c] = 0.0
-            coef[4, c] = sum_xdy[c] * invstd[c]
-            coef[5, c] = sum_dy[c]
+            k = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n)
+            mu[c] = mean[c]
+            scale[c] = a
+            slope[c] = -(k * a)
+            offset[c] = -((sum_dy[c] * inv_n) * a)
+            gw[c] = sum_xdy[c] * invstd[c]
+            gb[c] = sum_dy[c]
 
 
 # -- pass 2 ---------------------------------------------------------------------------
