@@ -300,6 +300,15 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
             raise ValueError(f"output (a ReluMask) must have the input's shape {x.shape}, "
                              f"got shape {output.shape}")
         relu = output
+        bits = relu.bits
+        if (not isinstance(bits, np.ndarray) or bits.dtype != np.uint8 or bits.ndim != 1
+                or bits.size < (x.size + 7) // 8
+                or relu.layout not in (_layout.FIRST, _layout.LAST)):
+            raise ValueError("output (a ReluMask) is malformed: bits must be a 1-D uint8 array "
+                             f"of at least {(x.size + 7) // 8} bytes and layout "
+                             f"'{_layout.FIRST}' or '{_layout.LAST}'")
+        if not bits.flags.c_contiguous:
+            relu = ReluMask(np.ascontiguousarray(bits), relu.shape, relu.layout)
         if relu.layout != layout:  # rare: the forward wrote into an out= of another layout
             passed = _layout.to_layout(relu.to_array(), layout)
             flat = _kernel_view(passed, layout).reshape(-1)

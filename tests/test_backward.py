@@ -590,6 +590,12 @@ def test_errors(rng):
         fbb(dy, x, bnfast.relu_mask(x[:1]), None, mean, invstd)
     with pytest.raises(ValueError, match="output_mask"):
         fbb(dy, x, x, None, mean, invstd, output_mask=(True, True, True))
+    good = bnfast.relu_mask(x)
+    for bad in (bnfast.ReluMask(good.bits[:-1], x.shape, good.layout),
+                bnfast.ReluMask(good.bits.astype(np.int64), x.shape, good.layout),
+                bnfast.ReluMask(good.bits, x.shape, "nchw")):
+        with pytest.raises(ValueError, match="malformed"):
+            fbb(dy, x, bad, None, mean, invstd)
 
 
 # -- modules ------------------------------------------------------------------------------
