@@ -16,3 +16,12 @@ class _Kernel:
 
 channels_first: _Kernel  # x: (N, C, S) C-contiguous
 channels_last: _Kernel   # x: (M, C) C-contiguous
+
+class _Update:
+    def __call__(self, running_mean: npt.NDArray[np.floating[Any]],
+                 running_var: npt.NDArray[np.floating[Any]], mean: npt.NDArray[np.float64],
+                 var: npt.NDArray[np.float64], count: float, momentum: float) -> None: ...
+    def __getitem__(self, ctype: str) -> "_Update": ...
+
+# In place: running = (1 - momentum) * running + momentum * batch (unbiased var).
+update_running: _Update

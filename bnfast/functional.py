@@ -32,6 +32,7 @@ _NORMALIZE = {
     (layout, char): getattr(_normalize, layout)[ctype]
     for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()
 }
+_UPDATE_RUNNING = {char: _stats.update_running[ctype] for char, ctype in _CTYPE.items()}
 _COEFFICIENTS = {
     (s, p): _normalize.coefficients[_CTYPE[s], _CTYPE[p]] for s in _CTYPE for p in _CTYPE
 }
@@ -144,8 +145,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     w_arr, b_arr = _param_pair(weight, bias, C)
     empty = x.size == 0
     if training:
-        mean = np.zeros(C)
-        var = np.zeros(C)
+        mean, var = np.zeros((2, C))
         if not empty:
             _STATS[layout, char](xk, mean, var, nt)
             if running_mean is not None:
@@ -232,11 +232,18 @@ def _contiguous(a):
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    """PyTorch's update, computed in float64 and rounded once into the buffers."""
-    unbiased = var * (count / (count - 1)) if count > 1 else np.full_like(var, np.nan)
-    keep = 1.0 - momentum
-    running_mean[...] = keep * running_mean.astype(np.float64) + momentum * mean
-    running_var[...] = keep * running_var.astype(np.float64) + momentum * unbiased
+    """PyTorch's update, computed in float64 and rounded once into the buffers.
+
+    Buffers of another dtype or stride are updated through a contiguous float64
+    copy (lossless for the arithmetic) and written back.
+    """
+    rm, rv = running_mean, running_var
+    if not (rm.dtype == rv.dtype and rm.flags.c_contiguous and rv.flags.c_contiguous):
+        rm, rv = rm.astype(np.float64), rv.astype(np.float64)
+    _UPDATE_RUNNING[rm.dtype.char](rm, rv, mean, var, float(count), momentum)
+    if rm is not running_mean:
+        np.copyto(running_mean, rm, casting="unsafe")
+        np.copyto(running_var, rv, casting="unsafe")
 
 
 def _output_for(x, layout, out, addend):

@@ -188,3 +188,27 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
         free(scratch)
         free(part)
 
+
+
+ctypedef fused buffer_t:
+    float
+    double
+
+
+def update_running(buffer_t[::1] running_mean,  # IN/OUT (C,)
+                   buffer_t[::1] running_var,   # IN/OUT (C,)
+                   const double[::1] mean,      # IN (C,) batch mean
+                   const double[::1] var,       # IN (C,) biased batch variance
+                   double count, double momentum):
+    """PyTorch's running-stat update, computed in double and rounded once.
+
+    running = (1 - momentum) * running + momentum * batch, with the unbiased
+    variance var * count / (count - 1) for running_var.
+    """
+    cdef Py_ssize_t c, C = mean.shape[0]
+    cdef double keep = 1.0 - momentum
+    cdef double unbias = count / (count - 1.0)
+    with nogil:
+        for c in range(C):
+            running_mean[c] = <buffer_t>(keep * running_mean[c] + momentum * mean[c])
+            running_var[c] = <buffer_t>(keep * running_var[c] + momentum * (var[c] * unbias))
