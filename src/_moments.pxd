@@ -56,16 +56,23 @@ cdef inline double finite_or_zero(double v) noexcept nogil:
     return v if v - v == 0.0 else 0.0
 
 
-cdef inline double m2_from_sums(double n, double s1, double s2) noexcept nogil:
-    """sum((x - mean)**2) from shifted sums: s2 - s1**2 / n, never negative.
+cdef inline double m2_from_sums(double inv_n, double s1, double s2) noexcept nogil:
+    """sum((x - mean)**2) from shifted sums over n values: s2 - s1**2 / n, never negative.
 
     Finite data whose squares overflowed (|x| > 1e154 in float64) gives inf,
     as PyTorch's variance does, not inf - inf = NaN.  NaN data stays NaN.
     """
-    cdef double m2 = s2 - s1 * s1 / n
-    if m2 < 0.0:  # rounding can leave a tiny negative for a constant chunk
+    cdef double m2 = s2 - s1 * (s1 * inv_n)
+    if m2 >= 0.0:  # the common case, predictable
+        return m2
+    return m2_fixup(m2, s1, s2)
+
+
+cdef inline double m2_fixup(double m2, double s1, double s2) noexcept nogil:
+    """The rare cases of m2_from_sums: a tiny negative from rounding, or NaN."""
+    if m2 < 0.0:  # a constant chunk can round to a tiny negative
         return 0.0
-    if m2 != m2 and s2 == INFINITY and s1 - s1 == 0.0:
+    if s2 == INFINITY and s1 - s1 == 0.0:  # finite data, squares overflowed
         return INFINITY
     return m2
 
@@ -78,9 +85,8 @@ cdef inline double merged_mean(double mean_a, double mean_b, double r) noexcept 
     gives +-inf like PyTorch instead of inf - inf = NaN.
     """
     cdef double m = mean_a + (mean_b - mean_a) * r
-    if m != m:
-        m = mean_a * (1.0 - r) + mean_b * r
-    return m
+    cdef double weighted = mean_a * (1.0 - r) + mean_b * r
+    return m if m == m else weighted  # both computed: a select, so the loop vectorises
 
 
 cdef inline void merge_shifted(double* count, double* mean, double* m2,
@@ -88,7 +94,8 @@ cdef inline void merge_shifted(double* count, double* mean, double* m2,
     """Merge a chunk given by its shifted sums into the partial (count, mean, m2)."""
     if n <= 0:
         return
-    merge_partial(count, mean, m2, n, shift + s1 / n, m2_from_sums(n, s1, s2))
+    cdef double inv_n = 1.0 / n
+    merge_partial(count, mean, m2, n, shift + s1 * inv_n, m2_from_sums(inv_n, s1, s2))
 
 
 cdef inline void merge_rows(double* mean, double* m2, const double* part_mean,

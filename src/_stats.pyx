@@ -18,7 +18,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport calloc, free, malloc
 
-from _moments cimport (finite_or_zero, m2_from_sums, merge_rows, merge_shifted,
+from _moments cimport (finite_or_zero, m2_fixup, merge_rows, merge_shifted,
                       shifted_colsums, shifted_sums)
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
@@ -143,7 +143,7 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
     cdef double* s1 = NULL
     cdef double* s2 = NULL
     cdef Py_ssize_t b, r, j, l, r_end
-    cdef double cnt, n_a
+    cdef double cnt, n_a, inv_cnt
     try:
         with nogil:
             with parallel(num_threads=nt):
@@ -160,10 +160,14 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
                     for j in range(W):
                         shift[j] = <floating>finite_or_zero(first[j])
                     shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2)
-                    cnt = <double>(r_end - b * per_block)
+                    inv_cnt = 1.0 / <double>(r_end - b * per_block)
+                    # Plain arithmetic first (vectorises), rare fix-ups after.
                     for j in range(W):
-                        part[b * W + j] = shift[j] + s1[j] / cnt
-                        part_m2[b * W + j] = m2_from_sums(cnt, s1[j], s2[j])
+                        part[b * W + j] = shift[j] + s1[j] * inv_cnt
+                        part_m2[b * W + j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
+                    for j in range(W):
+                        if not part_m2[b * W + j] >= 0.0:
+                            part_m2[b * W + j] = m2_fixup(part_m2[b * W + j], s1[j], s2[j])
             # Fold (block, lane) partials in order, then the rows that did not
             # fill a wide row (count 1, m2 0: scratch holds the zeros and values).
             mean[:] = 0.0
