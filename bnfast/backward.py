@@ -337,15 +337,21 @@ def _check_common(grad_output, input, weight, save_mean, save_invstd, eps, outpu
     return x, dy, weight, stats[0], stats[1], resolve_threads(n_threads), mask
 
 
+_BOOLS = (bool, np.bool_)
+
+
 def _check_output_mask(output_mask, n):
     try:
         mask = tuple(output_mask)
     except TypeError:
         raise TypeError(f"output_mask must be a sequence of {n} bools, "
                         f"got {type(output_mask).__name__}") from None
-    if len(mask) != n or not all(isinstance(m, (bool, np.bool_)) for m in mask):
+    if len(mask) != n:
         raise ValueError(f"output_mask must be a sequence of {n} bools, got {output_mask!r}")
-    return tuple(bool(m) for m in mask)
+    for m in mask:
+        if not isinstance(m, _BOOLS):
+            raise ValueError(f"output_mask must be a sequence of {n} bools, got {output_mask!r}")
+    return mask if type(mask[0]) is bool else tuple(bool(m) for m in mask)
 
 
 def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend_out=None):
@@ -375,7 +381,7 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
     gk = None if g_t is None else _kernel_view(g_t, layout)
 
     # One block for the per-channel work: the two sums, then coefficients() rows.
-    work = np.zeros((8, C))
+    work = np.empty((8, C))
     sum_dy, sum_xdy, coef = work[0], work[1], work[2:]
     g_done = False
     if want_w or want_b or (training and want_dx):
@@ -383,6 +389,8 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
         # pass 2 then reads it instead of grad_output and the mask.
         reduce(xk, dyk, bits, mean, sum_dy, sum_xdy, gk, nt)
         g_done = gk is not None
+    else:
+        work[:2] = 0.0
     w_arr = np.ascontiguousarray(weight) if weight is not None else mean
     _backward.coefficients(sum_dy, sum_xdy, mean, invstd, w_arr, weight is not None,
                            float(x.size // max(C, 1)), training, coef)
