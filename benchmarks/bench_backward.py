@@ -135,7 +135,9 @@ def _torch(mode, inputs, allocate, y):
 
 
 def _as_dict(grads):
-    return {k: np.array(g) for k, g in zip(KEYS, grads) if g is not None}
+    """Gradients (ndarrays or torch tensors) by name, as float64 NumPy arrays."""
+    return {k: (g.numpy() if hasattr(g, "numpy") else g).astype(np.float64)
+            for k, g in zip(KEYS, grads) if g is not None}
 
 
 PAIRS = [(m, i) for m in MODES for i in IMPLS]
