@@ -150,14 +150,10 @@
 #if BNFAST_VECTOR_EXT
 typedef float bnfast_v8f __attribute__((vector_size(32), aligned(4)));
 typedef int bnfast_v8i __attribute__((vector_size(32), aligned(4)));
-typedef double bnfast_v8d __attribute__((vector_size(64), aligned(8)));
-typedef long long bnfast_v8l __attribute__((vector_size(64), aligned(8)));
 typedef long long bnfast_v4l __attribute__((vector_size(32), aligned(8)));
-/* 8 values of the storage type, and the integer vector of the same width. */
+/* 8 floats, and the integer vector of the same width. */
 #define BNFAST_V8_float bnfast_v8f
 #define BNFAST_I8_float bnfast_v8i
-#define BNFAST_V8_double bnfast_v8d
-#define BNFAST_I8_double bnfast_v8l
 
 typedef float bnfast_m4f __attribute__((vector_size(16), aligned(4)));
 typedef int bnfast_m4i __attribute__((vector_size(16), aligned(4)));
@@ -177,7 +173,36 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
                                         & (BNFAST_I4_##T){1, 2, 4, 8}) != 0)))
 #define BNFAST_WIDEN4(s, o)                                                              \
     ((bnfast_v4d){(double)(s)[(o)], (double)(s)[(o) + 1], (double)(s)[(o) + 2], (double)(s)[(o) + 3]})
-/* 8 values of type T at p, lanes whose bit in byte is clear zeroed (storage type). */
+
+/* 32-byte vectors of the storage type (8 floats or 4 doubles): GCC's code for
+ * wider generic vectors it must split (64-byte double vectors on AVX2) goes
+ * through the stack and ran the fused pass 1 at half speed. */
+#define BNFAST_V32_float bnfast_v8f
+#define BNFAST_V32_double bnfast_m4d
+#define BNFAST_N32_float 8
+#define BNFAST_N32_double 4
+#define BNFAST_SELECT32_float(p, bv) BNFAST_SELECT8(float, p, bv)
+#define BNFAST_SELECT32_double(p, bv) BNFAST_SELECT4(double, p, bv)
+/* The 8 masked values at y + i (mask byte `byte`) as two v4d, lo and hi; into g + i too if g. */
+#define BNFAST_MASKED8_float(y, g, i, byte, lo, hi)                                     \
+    do {                                                                                 \
+        bnfast_v8f u_ = BNFAST_SELECT8(float, (y) + (i), byte);                          \
+        if (g) *(bnfast_v8f *)((g) + (i)) = u_;                                          \
+        lo = BNFAST_WIDEN4(u_, 0);                                                       \
+        hi = BNFAST_WIDEN4(u_, 4);                                                       \
+    } while (0)
+#define BNFAST_MASKED8_double(y, g, i, byte, lo, hi)                                    \
+    do {                                                                                 \
+        bnfast_m4d u0_ = BNFAST_SELECT4(double, (y) + (i), byte);                        \
+        bnfast_m4d u1_ = BNFAST_SELECT4(double, (y) + (i) + 4, (byte) >> 4);             \
+        if (g) {                                                                         \
+            *(bnfast_m4d *)((g) + (i)) = u0_;                                            \
+            *(bnfast_m4d *)((g) + (i) + 4) = u1_;                                        \
+        }                                                                                \
+        lo = (bnfast_v4d)u0_;                                                            \
+        hi = (bnfast_v4d)u1_;                                                            \
+    } while (0)
+/* 8 floats at p, lanes whose bit in byte is clear zeroed. */
 #define BNFAST_SELECT8(T, p, byte)                                                       \
     ((BNFAST_V8_##T)((BNFAST_I8_##T)(*(const BNFAST_V8_##T *)(p))                        \
                      & (BNFAST_I8_##T)((((BNFAST_I8_##T){byte, byte, byte, byte, byte, byte, \
@@ -190,13 +215,9 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
         double a[8], b[8], v;                                                            \
         ptrdiff_t i, n8 = n - n % 8;                                                     \
         unsigned byte;                                                                   \
-        BNFAST_V8_##T u;                                                                 \
         for (i = 0; i < n8; i += 8) {                                                    \
             byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
-            u = BNFAST_SELECT8(T, y + i, byte);                                          \
-            if (g) *(BNFAST_V8_##T *)(g + i) = u;                                        \
-            y0 = BNFAST_WIDEN4(u, 0);                                                    \
-            y1 = BNFAST_WIDEN4(u, 4);                                                    \
+            BNFAST_MASKED8_##T(y, g, i, byte, y0, y1);                                   \
             a0 += y0; a1 += y1;                                                          \
             b0 += (BNFAST_LOAD4(T, x + i) - shift) * y0;                                 \
             b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * y1;                             \
@@ -284,19 +305,21 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
 /* dx (and g) from the masked dy, 8 values at a time in the storage type.  The
  * coefficient expressions M, A, B, D are scalars (SCALAR) or tile loads (TILED). */
 #define BNFAST_GRAD_MASKED_BODY(T, M, A, B, D, m_i, a_i, b_i, d_i)                       \
-    ptrdiff_t i;                                                                         \
+    ptrdiff_t i, h;                                                                      \
     unsigned byte;                                                                       \
     T v;                                                                                 \
     for (i = 0; i + 8 <= n; i += 8) {                                                    \
         byte = BNFAST_BYTE_AT(bits, pos + i);                                            \
-        BNFAST_V8_##T u = BNFAST_SELECT8(T, dy + i, byte);                               \
-        if (g) *(BNFAST_V8_##T *)(g + i) = u;                                            \
-        if (dx) {                                                                        \
-            if (training)                                                                \
-                *(BNFAST_V8_##T *)(dx + i) =                                             \
-                    (u * A + (*(const BNFAST_V8_##T *)(x + i) - M) * B) + D;             \
-            else                                                                         \
-                *(BNFAST_V8_##T *)(dx + i) = u * A;                                      \
+        for (h = 0; h < 8; h += BNFAST_N32_##T) { /* 1 (float) or 2 (double) steps */    \
+            BNFAST_V32_##T u = BNFAST_SELECT32_##T(dy + i + h, byte >> h);               \
+            if (g) *(BNFAST_V32_##T *)(g + i + h) = u;                                   \
+            if (dx) {                                                                    \
+                if (training)                                                            \
+                    *(BNFAST_V32_##T *)(dx + i + h) =                                    \
+                        (u * A + (*(const BNFAST_V32_##T *)(x + i + h) - M) * B) + D;    \
+                else                                                                     \
+                    *(BNFAST_V32_##T *)(dx + i + h) = u * A;                             \
+            }                                                                            \
         }                                                                                \
     }                                                                                    \
     for (; i < n; i++) {                                                                 \
@@ -305,7 +328,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
         if (dx) dx[i] = training ? (v * a_i + (x[i] - m_i) * b_i) + d_i : v * a_i;       \
     }
 
-#define BNFAST_TILE8(T, p) (*(const BNFAST_V8_##T *)((p) + i))
+#define BNFAST_TILE32(T, p) (*(const BNFAST_V32_##T *)((p) + i + h))
 #define BNFAST_DEFINE_GRAD_MASKED(SCALAR, TILED, T, ATTR)                                \
     ATTR static void SCALAR(const T *x, const T *dy, const unsigned char *bits,    \
                                    ptrdiff_t pos, ptrdiff_t n, T m, T a, T b, T d,       \
@@ -315,8 +338,8 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
     ATTR static void TILED(const T *x, const T *dy, const unsigned char *bits,    \
                                   ptrdiff_t pos, ptrdiff_t n, const T *m, const T *a,    \
                                   const T *b, const T *d, int training, T *dx, T *g) {   \
-        BNFAST_GRAD_MASKED_BODY(T, BNFAST_TILE8(T, m), BNFAST_TILE8(T, a),               \
-                                BNFAST_TILE8(T, b), BNFAST_TILE8(T, d),                  \
+        BNFAST_GRAD_MASKED_BODY(T, BNFAST_TILE32(T, m), BNFAST_TILE32(T, a),             \
+                                BNFAST_TILE32(T, b), BNFAST_TILE32(T, d),                \
                                 m[i], a[i], b[i], d[i])                                  \
     }
 #else
