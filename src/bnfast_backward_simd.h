@@ -55,8 +55,7 @@
  * time.  The grouping depends on W and the type only, and the scalar column
  * tail uses the same expression tree, so the result depends on the shape only.
  * ------------------------------------------------------------------------- */
-#define BNFAST_ROW_GROUP(T, W) \
-    (((size_t)(W) * sizeof(T) <= 256 || (size_t)(W) * sizeof(T) >= 4096) ? 4 : 1)
+/* BNFAST_ROW_GROUP(T, W): see bnfast_simd.h */
 #if BNFAST_VECTOR_EXT
 #define BNFAST_DEFINE_CENTERED_COLDOT(NAME, T, ATTR)                                     \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,           \

@@ -34,6 +34,23 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #define BNFAST_COMBINE8(v) \
     ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
 
+/* Rows four at a time, except where four row streams would interleave inside
+ * one 4 KiB page (rows over 256 B and under 2 KiB): that confuses the hardware
+ * prefetchers and halves the speed, so such rows go one at a time.  Depends on
+ * W and the type only, so sums still depend on the shape only. */
+#define BNFAST_ROW_GROUP(T, W) \
+    (((size_t)(W) * sizeof(T) <= 256 || (size_t)(W) * sizeof(T) >= 2048) ? 4 : 1)
+
+/* One row at a time, columns [J0, W): the row-by-row form of the column sums. */
+#define BNFAST_COLSUMS_ROWWISE_SCALAR(T, J0)                                        \
+    for (r = 0; r < rows; r++) {                                                    \
+        const T *p = x + r * W;                                                     \
+        double e;                                                                   \
+        for (j = (J0); j < W; j++) {                                                \
+            e = (double)p[j] - (double)shift[j]; s1[j] += e; s2[j] += e * e;        \
+        }                                                                           \
+    }
+
 /* Columns [J0, W) of every group of four rows, then all columns of the
  * leftover rows: the scalar part of the shifted column sums (see below). */
 #define BNFAST_COLSUMS_SCALAR_PART(T, J0)                                           \
@@ -117,6 +134,18 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, const T *shift,  \
                           double *s1, double *s2) {                                 \
         ptrdiff_t r, j, j4 = W - W % 4;                                             \
+        if (BNFAST_ROW_GROUP(T, W) == 1) {                                          \
+            for (r = 0; r < rows; r++) {                                            \
+                const T *p = x + r * W;                                             \
+                for (j = 0; j < j4; j += 4) {                                       \
+                    bnfast_v4d d = BNFAST_LOAD4(T, p + j) - BNFAST_LOAD4(T, shift + j); \
+                    *(bnfast_v4d *)(s1 + j) += d;                                   \
+                    *(bnfast_v4d *)(s2 + j) += d * d;                               \
+                }                                                                   \
+            }                                                                       \
+            BNFAST_COLSUMS_ROWWISE_SCALAR(T, j4)                                    \
+            return;                                                                 \
+        }                                                                           \
         for (r = 0; r + 4 <= rows; r += 4) {                                        \
             const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;      \
             for (j = 0; j < j4; j += 4) {                                           \
@@ -158,6 +187,10 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
     static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, const T *shift,       \
                      double *s1, double *s2) {                                      \
         ptrdiff_t r, j;                                                             \
+        if (BNFAST_ROW_GROUP(T, W) == 1) {                                          \
+            BNFAST_COLSUMS_ROWWISE_SCALAR(T, 0)                                     \
+            return;                                                                 \
+        }                                                                           \
         BNFAST_COLSUMS_SCALAR_PART(T, 0)                                            \
     }
 #endif
