@@ -27,9 +27,17 @@ class _Saved:
     __slots__ = ("input", "weight", "mean", "invstd", "batch_stats", "relu_mask",
                  "has_addend", "input_overwritten")
 
-    def __init__(self, **fields):
-        for key, value in fields.items():
-            setattr(self, key, value)
+    def __init__(self, input, weight, mean, invstd, batch_stats, relu_mask, has_addend,
+                 input_overwritten):
+        # Plain assignments: this runs on every forward (a **kwargs loop cost microseconds).
+        self.input = input
+        self.weight = weight
+        self.mean = mean
+        self.invstd = invstd
+        self.batch_stats = batch_stats
+        self.relu_mask = relu_mask
+        self.has_addend = has_addend
+        self.input_overwritten = input_overwritten
 
 
 class _BatchNorm:
@@ -143,7 +151,8 @@ class _BatchNorm:
         if counted:  # only once the call succeeded: a rejected call changes nothing
             self.num_batches_tracked += 1
         if save:
-            result = self._save_for_backward(x, addend, relu, use_batch_stats, *result)
+            result = self._save_for_backward(x, addend, relu, use_batch_stats, out is not None,
+                                             *result)
         else:
             self._saved = None
             self._saved_missing = ("the last forward() ran under bnfast.no_grad(), "
@@ -151,14 +160,15 @@ class _BatchNorm:
         return result
 
     # -- backward -----------------------------------------------------------------
-    def _save_for_backward(self, x, addend, relu, batch_stats, out, mean, invstd):
+    def _save_for_backward(self, x, addend, relu, batch_stats, out_given, out, mean, invstd):
         self._saved = _Saved(
             input=x,  # a reference, as torch saves it: mutating it before backward is undefined
             weight=None if self.weight is None else self.weight.copy(),
             mean=mean, invstd=invstd, batch_stats=batch_stats,
             relu_mask=B.relu_mask(out, n_threads=self.n_threads) if relu else None,
             has_addend=addend is not None,
-            input_overwritten=bool(np.may_share_memory(out, x)),
+            # Only a caller's out= can be the input: a fresh output cannot.
+            input_overwritten=out_given and bool(np.may_share_memory(out, x)),
         )
         return out
 
