@@ -72,12 +72,18 @@ cdef void _fill_table(const double[:, ::1] coef, Py_ssize_t C, Py_ssize_t repeat
     into b in double, so float32 data far from zero keeps its precision.
     The channel pattern is repeated ``repeat`` times (a channels-last tile).
     """
-    cdef Py_ssize_t W = repeat * C, j, c
-    for j in range(W):
-        c = j % C
-        table[j] = <floating>coef[0, c]
-        table[W + j] = <floating>coef[2, c]
-        table[2 * W + j] = <floating>(coef[3, c] - (coef[0, c] - <double>table[j]) * coef[2, c])
+    cdef Py_ssize_t W = repeat * C, c, j
+    cdef const double* mean = &coef[0, 0]
+    cdef const double* scale = mean + 2 * C
+    cdef const double* shift = mean + 3 * C
+    for c in range(C):
+        table[c] = <floating>mean[c]
+        table[W + c] = <floating>scale[c]
+        table[2 * W + c] = <floating>(shift[c] - (mean[c] - <double>table[c]) * scale[c])
+    for j in range(C, W):  # the tile's repeats
+        table[j] = table[j - C]
+        table[W + j] = table[W + j - C]
+        table[2 * W + j] = table[2 * W + j - C]
 
 
 cdef extern from "bnfast_simd.h" nogil:
