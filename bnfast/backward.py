@@ -6,7 +6,6 @@ needs without recomputing it: ``batch_norm(..., return_stats=True)`` returns
 ``(out, save_mean, save_invstd)``.
 """
 import contextlib
-import math
 import threading
 
 import numpy as np
@@ -131,24 +130,10 @@ def _pack_mask(y, nt, layout=None):
     if layout is None:
         layout = _layout.layout_of(y) or _layout.copy_layout(y)
     y = _layout.to_layout(y, layout)
-    flat = _kernel_view(y, layout).reshape(-1)
+    flat = _layout.kernel_view(y, layout).reshape(-1)
     bits = np.empty((flat.size + 7) // 8, dtype=np.uint8)
     _backward.pack_positive(flat, bits, nt)
     return ReluMask(bits, y.shape, layout)
-
-
-_LAST_AXES = {nd: (0,) + tuple(range(2, nd)) + (1,) for nd in range(3, 33)}
-
-
-def _kernel_view(a, layout):
-    """``_layout.kernel_view`` without moveaxis (a few microseconds per call here)."""
-    n, c = a.shape[0], a.shape[1]
-    if a.ndim == 2:
-        return a.T.reshape(1, c, n) if layout == _layout.FIRST else a
-    s = math.prod(a.shape[2:])
-    if layout == _layout.FIRST:
-        return a.reshape(n, c, s)
-    return a.transpose(_LAST_AXES[a.ndim]).reshape(n * s, c)
 
 
 def _from_kernel_order(flat, shape, layout):
@@ -158,7 +143,7 @@ def _from_kernel_order(flat, shape, layout):
         if len(shape) == 2:
             return flat.reshape(c, n).T
         return flat.reshape(shape)
-    return np.moveaxis(flat.reshape((n,) + tuple(shape[2:]) + (c,)), -1, 1)
+    return flat.reshape((n,) + tuple(shape[2:]) + (c,)).transpose(_layout._from_last(len(shape)))
 
 
 def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True,
@@ -311,7 +296,7 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
             relu = ReluMask(np.ascontiguousarray(bits), relu.shape, relu.layout)
         if relu.layout != layout:  # rare: the forward wrote into an out= of another layout
             passed = _layout.to_layout(relu.to_array(), layout)
-            flat = _kernel_view(passed, layout).reshape(-1)
+            flat = _layout.kernel_view(passed, layout).reshape(-1)
             relu = ReluMask(np.packbits(flat, bitorder="little"), x.shape, layout)
     else:
         y = check_same_shape(output, "output", x)
@@ -365,8 +350,8 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
         layout = _layout.copy_layout(x)
         x = _layout.to_layout(x, layout)
     dy = _layout.to_layout(dy, layout)
-    xk = _kernel_view(x, layout)
-    dyk = _kernel_view(dy, layout)
+    xk = _layout.kernel_view(x, layout)
+    dyk = _layout.kernel_view(dy, layout)
     first = layout == _layout.FIRST
     reduce = _backward.reduce_channels_first if first else _backward.reduce_channels_last
     apply = _backward.apply_channels_first if first else _backward.apply_channels_last
@@ -377,8 +362,8 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
     dx, dx_t = _target(out, "out", x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
     g, g_t = _target(addend_out, "addend_out", x, layout, want_g, same_ok=(dy_given,),
                      avoid=(x_given, dx_t))
-    dxk = None if dx_t is None else _kernel_view(dx_t, layout)
-    gk = None if g_t is None else _kernel_view(g_t, layout)
+    dxk = None if dx_t is None else _layout.kernel_view(dx_t, layout)
+    gk = None if g_t is None else _layout.kernel_view(g_t, layout)
 
     # One block for the per-channel work: the two sums, then coefficients() rows.
     work = np.empty((8, C))

@@ -3,7 +3,6 @@
 Validation happens here, once; the compiled kernels in ``bnfast._stats`` and
 ``bnfast._normalize`` assume what this module checked.
 """
-import math
 
 import numpy as np
 

@@ -30,6 +30,7 @@ from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from _moments cimport centered_dot
+from _tiling cimport tile_repeat
 from _openmp_helpers cimport threads_for
 
 cdef extern from "bnfast_backward_simd.h" nogil:
@@ -108,9 +109,6 @@ cdef enum:
     # contiguous values (whole channels), and TASK_ELEMS values in all.
     RUN_ELEMS = 8192
     TASK_ELEMS = 32768
-    # Channels-last pass 1 (as _stats.pyx): wide rows of about ROW_WIDTH values,
-    # blocks of about BLOCK_ELEMS values, at most MAX_BLOCK_ROWS rows.
-    ROW_WIDTH = 64
     BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
     # Pass 2: blocks of about APPLY_ELEMS values; channels-last coefficient
@@ -319,7 +317,7 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
     if M == 0 or C == 0:
         return
     # Wide rows of W = k * C values (long inner loops for small C), as in _stats.pyx.
-    cdef Py_ssize_t k = ROW_WIDTH // C if C < ROW_WIDTH else 1
+    cdef Py_ssize_t k = tile_repeat(C)
     if k > M:
         k = M
     cdef Py_ssize_t W = k * C

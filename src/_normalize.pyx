@@ -13,6 +13,7 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
+from _tiling cimport tile_repeat
 from _openmp_helpers cimport threads_for
 
 ctypedef fused stat_t:
@@ -26,8 +27,6 @@ ctypedef fused param_t:
 cdef enum:
     # Elements per parallel task in the channels-last layout.
     BLOCK_ELEMS = 16384
-    # Target width of a widened row (see _stats.pyx).
-    ROW_WIDTH = 64
 
 # Rows of the coefficient table.
 MEAN, INVSTD, SCALE, SHIFT = 0, 1, 2, 3
@@ -93,9 +92,11 @@ cdef extern from "bnfast_simd.h" nogil:
     void bnfast_affine_scalar_f64(const double* x, const double* add, double* y, Py_ssize_t n,
                                   double m, double a, double b, int relu)
     void bnfast_affine_tiled_f32(const float* x, const float* add, float* y, Py_ssize_t n,
-                                 const float* m, const float* a, const float* b, int relu)
+                                 Py_ssize_t W, const float* m, const float* a, const float* b,
+                                 int relu)
     void bnfast_affine_tiled_f64(const double* x, const double* add, double* y, Py_ssize_t n,
-                                 const double* m, const double* a, const double* b, int relu)
+                                 Py_ssize_t W, const double* m, const double* a, const double* b,
+                                 int relu)
 
 
 cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
@@ -107,13 +108,14 @@ cdef inline void _apply_scalar(const floating* x, const floating* addend, floati
         bnfast_affine_scalar_f64(x, addend, y, n, m, a, b, relu)
 
 
-cdef inline void _apply_vector(const floating* x, const floating* addend, floating* y,
-                               Py_ssize_t n, const floating* m, const floating* a,
-                               const floating* b, bint relu) noexcept nogil:
+cdef inline void _apply_tiled(const floating* x, const floating* addend, floating* y,
+                              Py_ssize_t n, Py_ssize_t W, const floating* m, const floating* a,
+                              const floating* b, bint relu) noexcept nogil:
+    # n values from a W-aligned start, as pieces of the W-long tile m, a, b.
     if floating is float:
-        bnfast_affine_tiled_f32(x, addend, y, n, m, a, b, relu)
+        bnfast_affine_tiled_f32(x, addend, y, n, W, m, a, b, relu)
     else:
-        bnfast_affine_tiled_f64(x, addend, y, n, m, a, b, relu)
+        bnfast_affine_tiled_f64(x, addend, y, n, W, m, a, b, relu)
 
 
 def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
@@ -166,7 +168,7 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     # The coefficient pattern repeats every C values of the flat array: tile it
     # k times so that small C still gives long vector loops.  Every W-aligned
     # piece starts at channel 0, so a short last piece needs no special case.
-    cdef Py_ssize_t k = ROW_WIDTH // C if C < ROW_WIDTH else 1
+    cdef Py_ssize_t k = tile_repeat(C)
     cdef Py_ssize_t W = k * C, total = M * C
     cdef Py_ssize_t per_block = (BLOCK_ELEMS // W if W < BLOCK_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
@@ -174,7 +176,7 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     if tile == NULL:
         raise MemoryError()
     _fill_table(coef, C, k, tile)
-    cdef Py_ssize_t blk, i, i_end, n
+    cdef Py_ssize_t blk, i
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &out[0, 0]
     cdef const floating* ap = NULL if addend is None else &addend[0, 0]
@@ -182,12 +184,8 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     try:
         with nogil:
             for blk in prange(blocks, schedule='static', num_threads=nt):
-                i_end = min(total, (blk + 1) * per_block)
                 i = blk * per_block
-                while i < i_end:
-                    n = min(W, i_end - i)
-                    _apply_vector(xp + i, NULL if ap == NULL else ap + i, yp + i, n,
-                                  tile, tile + W, tile + 2 * W, relu)
-                    i = i + W
+                _apply_tiled(xp + i, NULL if ap == NULL else ap + i, yp + i,
+                             min(total, i + per_block) - i, W, tile, tile + W, tile + 2 * W, relu)
     finally:
         free(tile)

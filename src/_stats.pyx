@@ -20,6 +20,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 from _moments cimport (finite_or_zero, m2_fixup, merge_rows, merge_shifted,
                       shifted_colsums, shifted_sums)
+from _tiling cimport tile_repeat
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
 cdef enum:
@@ -27,8 +28,6 @@ cdef enum:
     CHUNK = 4096
     # Elements per (channel, sample block) task in the channels-first layout.
     TASK_ELEMS = 32768
-    # Target width (values) of a widened row in the channels-last layout.
-    ROW_WIDTH = 64
     # Channels-last blocks: about this many elements, at most MAX_BLOCK_ROWS rows.
     BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
@@ -114,7 +113,7 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
     if M == 0 or C == 0:
         return
     # View the first (M // k) * k rows as wide rows of W = k * C values.
-    cdef Py_ssize_t k = ROW_WIDTH // C if C < ROW_WIDTH else 1
+    cdef Py_ssize_t k = tile_repeat(C)
     if k > M:
         k = M
     cdef Py_ssize_t W = k * C

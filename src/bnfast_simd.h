@@ -35,11 +35,11 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
     ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
 
 /* Rows four at a time, except where four row streams would interleave inside
- * one 4 KiB page (rows over 256 B and under 2 KiB): that confuses the hardware
+ * one 4 KiB page (rows of 512 B up to 2 KiB): that confuses the hardware
  * prefetchers and halves the speed, so such rows go one at a time.  Depends on
  * W and the type only, so sums still depend on the shape only. */
 #define BNFAST_ROW_GROUP(T, W) \
-    (((size_t)(W) * sizeof(T) <= 256 || (size_t)(W) * sizeof(T) >= 2048) ? 4 : 1)
+    (((size_t)(W) * sizeof(T) < 512 || (size_t)(W) * sizeof(T) >= 2048) ? 4 : 1)
 
 /* One row at a time, columns [J0, W): the row-by-row form of the column sums. */
 #define BNFAST_COLSUMS_ROWWISE_SCALAR(T, J0)                                        \
@@ -240,10 +240,19 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
         BNFAST_EPILOGUE_LOOPS(T, (x[i] - m) * a + b)                                 \
     }
 
+/* TILED walks `total` values as consecutive pieces of W (the tile's length),
+ * the last one possibly shorter: one call per block, not per piece. */
 #define BNFAST_DEFINE_AFFINE_TILED(NAME, T, ATTR)                                    \
-    ATTR static void NAME(const T *x, const T *add, T *y, ptrdiff_t n,               \
-                          const T *m, const T *a, const T *b, int relu) {            \
-        BNFAST_EPILOGUE_LOOPS(T, (x[i] - m[i]) * a[i] + b[i])                        \
+    ATTR static void NAME(const T *x0, const T *add0, T *y0, ptrdiff_t total,        \
+                          ptrdiff_t W, const T *m, const T *a, const T *b, int relu) { \
+        ptrdiff_t i0, n;                                                             \
+        for (i0 = 0; i0 < total; i0 += W) {                                          \
+            const T *x = x0 + i0;                                                    \
+            const T *add = add0 == NULL ? NULL : add0 + i0;                          \
+            T *y = y0 + i0;                                                          \
+            n = total - i0 < W ? total - i0 : W;                                     \
+            { BNFAST_EPILOGUE_LOOPS(T, (x[i] - m[i]) * a[i] + b[i]) }                \
+        }                                                                            \
     }
 
 
@@ -311,12 +320,14 @@ static inline void bnfast_affine_scalar_f64(const double *x, const double *add, 
     BNFAST_PICK(bnfast_affine_scalar_f64_base, bnfast_affine_scalar_f64_avx2)(x, add, y, n, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_f32(const float *x, const float *add, float *y, ptrdiff_t n,
-                                           const float *m, const float *a, const float *b, int relu) {
-    BNFAST_PICK(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2)(x, add, y, n, m, a, b, relu);
+                                           ptrdiff_t W, const float *m, const float *a,
+                                           const float *b, int relu) {
+    BNFAST_PICK(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2)(x, add, y, n, W, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_f64(const double *x, const double *add, double *y, ptrdiff_t n,
-                                           const double *m, const double *a, const double *b, int relu) {
-    BNFAST_PICK(bnfast_affine_tiled_f64_base, bnfast_affine_tiled_f64_avx2)(x, add, y, n, m, a, b, relu);
+                                           ptrdiff_t W, const double *m, const double *a,
+                                           const double *b, int relu) {
+    BNFAST_PICK(bnfast_affine_tiled_f64_base, bnfast_affine_tiled_f64_avx2)(x, add, y, n, W, m, a, b, relu);
 }
 
 #endif /* BNFAST_SIMD_H */

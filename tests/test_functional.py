@@ -7,7 +7,6 @@ import pytest
 import bnfast
 from conftest import (
     STAT_TOL,
-    TOL,
     TORCH_TOL,
     assert_close,
     make_input,

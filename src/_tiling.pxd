@@ -1,0 +1,25 @@
+# How channels-last (M, C) rows are widened: k rows of C values are read as one
+# "wide row" of W = k * C values, so small C still gives long vector loops.
+# Shared by the statistics, normalise and backward kernels so their tiles agree.
+
+cdef enum:
+    # Wide rows reach at least this many values (when C is smaller).
+    ROW_WIDTH = 64
+    # W is made a multiple of this many values: whole SIMD vectors, no scalar tail.
+    ROW_MULTIPLE = 8
+
+
+cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+cdef inline Py_ssize_t tile_repeat(Py_ssize_t C) noexcept nogil:
+    """k, the rows per wide row: 1 for C >= ROW_WIDTH, else the smallest k with
+    k * C >= ROW_WIDTH and k * C a multiple of ROW_MULTIPLE (C=3: k=24, W=72)."""
+    if C >= ROW_WIDTH:
+        return 1
+    cdef Py_ssize_t step = ROW_MULTIPLE // _gcd(C, ROW_MULTIPLE)
+    cdef Py_ssize_t k = (ROW_WIDTH + C - 1) // C
+    return (k + step - 1) // step * step
