@@ -54,50 +54,24 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                            double* sy, double* sxy, double* g)
     void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
-    # Elementwise dx: training (grad) and eval (scale), cached and non-temporal stores.
-    void bnfast_grad_scalar_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
-                                float m, float a, float b, float d)
-    void bnfast_grad_scalar_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
-                                double m, double a, double b, double d)
-    void bnfast_grad_tiled_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
-                               const float* m, const float* a, const float* b, const float* d)
-    void bnfast_grad_tiled_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
-                               const double* m, const double* a, const double* b,
-                               const double* d)
-    void bnfast_scale_scalar_f32(const float* dy, float* dx, Py_ssize_t n, float a)
-    void bnfast_scale_scalar_f64(const double* dy, double* dx, Py_ssize_t n, double a)
-    void bnfast_scale_tiled_f32(const float* dy, float* dx, Py_ssize_t n, const float* a)
-    void bnfast_scale_tiled_f64(const double* dy, double* dx, Py_ssize_t n, const double* a)
-    void bnfast_grad_scalar_f32_nt(const float* x, const float* dy, float* dx, Py_ssize_t n,
-                                   float m, float a, float b, float d)
-    void bnfast_grad_scalar_f64_nt(const double* x, const double* dy, double* dx, Py_ssize_t n,
-                                   double m, double a, double b, double d)
-    void bnfast_grad_tiled_f32_nt(const float* x, const float* dy, float* dx, Py_ssize_t n,
-                                  const float* m, const float* a, const float* b, const float* d)
-    void bnfast_grad_tiled_f64_nt(const double* x, const double* dy, double* dx, Py_ssize_t n,
-                                  const double* m, const double* a, const double* b,
-                                  const double* d)
-    void bnfast_scale_scalar_f32_nt(const float* dy, float* dx, Py_ssize_t n, float a)
-    void bnfast_scale_scalar_f64_nt(const double* dy, double* dx, Py_ssize_t n, double a)
-    void bnfast_scale_tiled_f32_nt(const float* dy, float* dx, Py_ssize_t n, const float* a)
-    void bnfast_scale_tiled_f64_nt(const double* dy, double* dx, Py_ssize_t n, const double* a)
     void bnfast_stream_fence()
-    # The same from the masked dy (fused variant); dx and g may each be NULL.
-    void bnfast_grad_masked_scalar_f32(const float* x, const float* dy, const unsigned char* bits,
-                                       Py_ssize_t pos, Py_ssize_t n, float m, float a, float b,
-                                       float d, int training, float* dx, float* g)
-    void bnfast_grad_masked_scalar_f64(const double* x, const double* dy,
-                                       const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
-                                       double m, double a, double b, double d, int training,
-                                       double* dx, double* g)
-    void bnfast_grad_masked_tiled_f32(const float* x, const float* dy, const unsigned char* bits,
-                                      Py_ssize_t pos, Py_ssize_t n, const float* m,
-                                      const float* a, const float* b, const float* d,
-                                      int training, float* dx, float* g)
-    void bnfast_grad_masked_tiled_f64(const double* x, const double* dy,
-                                      const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
-                                      const double* m, const double* a, const double* b,
-                                      const double* d, int training, double* dx, double* g)
+    # dx (and, masked, the addend's gradient g) of one run: every variant behind one entry.
+    void bnfast_grad_run_scalar_f32(const float* x, const float* dy, const unsigned char* bits,
+                                    Py_ssize_t pos, Py_ssize_t n, float m, float a, float b,
+                                    float d, int training, int stream, float* dx, float* g)
+    void bnfast_grad_run_scalar_f64(const double* x, const double* dy,
+                                    const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                    double m, double a, double b, double d, int training,
+                                    int stream, double* dx, double* g)
+    void bnfast_grad_run_tiled_f32(const float* x, const float* dy, const unsigned char* bits,
+                                   Py_ssize_t pos, Py_ssize_t n, const float* m, const float* a,
+                                   const float* b, const float* d, int training, int stream,
+                                   float* dx, float* g)
+    void bnfast_grad_run_tiled_f64(const double* x, const double* dy,
+                                   const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                   const double* m, const double* a, const double* b,
+                                   const double* d, int training, int stream, double* dx,
+                                   double* g)
 
 ctypedef fused param_t:
     float
@@ -156,31 +130,10 @@ cdef inline void _grad_scalar(const floating* x, const floating* dy, const unsig
                               floating d, bint training, bint stream, floating* dx,
                               floating* g) noexcept nogil:
     """dx (and, masked, g) of a run with one (m, a, b, d)."""
-    if bits != NULL:
-        if floating is float:
-            bnfast_grad_masked_scalar_f32(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
-        else:
-            bnfast_grad_masked_scalar_f64(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
-    elif floating is float:
-        if training:
-            if stream:
-                bnfast_grad_scalar_f32_nt(x, dy, dx, n, m, a, b, d)
-            else:
-                bnfast_grad_scalar_f32(x, dy, dx, n, m, a, b, d)
-        elif stream:
-            bnfast_scale_scalar_f32_nt(dy, dx, n, a)
-        else:
-            bnfast_scale_scalar_f32(dy, dx, n, a)
+    if floating is float:
+        bnfast_grad_run_scalar_f32(x, dy, bits, pos, n, m, a, b, d, training, stream, dx, g)
     else:
-        if training:
-            if stream:
-                bnfast_grad_scalar_f64_nt(x, dy, dx, n, m, a, b, d)
-            else:
-                bnfast_grad_scalar_f64(x, dy, dx, n, m, a, b, d)
-        elif stream:
-            bnfast_scale_scalar_f64_nt(dy, dx, n, a)
-        else:
-            bnfast_scale_scalar_f64(dy, dx, n, a)
+        bnfast_grad_run_scalar_f64(x, dy, bits, pos, n, m, a, b, d, training, stream, dx, g)
 
 
 cdef inline void _grad_tiled(const floating* x, const floating* dy, const unsigned char* bits,
@@ -188,35 +141,12 @@ cdef inline void _grad_tiled(const floating* x, const floating* dy, const unsign
                              bint training, bint stream, floating* dx,
                              floating* g) noexcept nogil:
     """dx (and, masked, g) of a W-aligned piece; tile holds the rows m, a, b, d (W each)."""
-    cdef const floating* m = tile
-    cdef const floating* a = tile + W
-    cdef const floating* b = tile + 2 * W
-    cdef const floating* d = tile + 3 * W
-    if bits != NULL:
-        if floating is float:
-            bnfast_grad_masked_tiled_f32(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
-        else:
-            bnfast_grad_masked_tiled_f64(x, dy, bits, pos, n, m, a, b, d, training, dx, g)
-    elif floating is float:
-        if training:
-            if stream:
-                bnfast_grad_tiled_f32_nt(x, dy, dx, n, m, a, b, d)
-            else:
-                bnfast_grad_tiled_f32(x, dy, dx, n, m, a, b, d)
-        elif stream:
-            bnfast_scale_tiled_f32_nt(dy, dx, n, a)
-        else:
-            bnfast_scale_tiled_f32(dy, dx, n, a)
+    if floating is float:
+        bnfast_grad_run_tiled_f32(x, dy, bits, pos, n, tile, tile + W, tile + 2 * W,
+                                  tile + 3 * W, training, stream, dx, g)
     else:
-        if training:
-            if stream:
-                bnfast_grad_tiled_f64_nt(x, dy, dx, n, m, a, b, d)
-            else:
-                bnfast_grad_tiled_f64(x, dy, dx, n, m, a, b, d)
-        elif stream:
-            bnfast_scale_tiled_f64_nt(dy, dx, n, a)
-        else:
-            bnfast_scale_tiled_f64(dy, dx, n, a)
+        bnfast_grad_run_tiled_f64(x, dy, bits, pos, n, tile, tile + W, tile + 2 * W,
+                                  tile + 3 * W, training, stream, dx, g)
 
 
 cdef inline void _add_into(double* acc, const double* part, Py_ssize_t n) noexcept nogil:

@@ -651,4 +651,35 @@ static inline void bnfast_scale_tiled_f64(const double *dy, double *dx, ptrdiff_
     BNFAST_BWD_PICK(bnfast_scale_tiled_f64)(dy, dx, n, a);
 }
 
+
+/* ---------------------------------------------------------------------------
+ * dx of one run, whatever the variant: masked (fused ReLU), training or eval,
+ * cached or streaming stores.  SCALAR: one (m, a, b, d) for the run; TILED:
+ * per-element tiles.  The Cython kernels call these two entries only.
+ * ------------------------------------------------------------------------- */
+#define BNFAST_DEFINE_GRAD_RUNS(SFX, T)                                                    \
+    static inline void bnfast_grad_run_scalar_##SFX(                                       \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            T m, T a, T b, T d, int training, int stream, T *dx, T *g) {                   \
+        if (bits != NULL)                                                                  \
+            bnfast_grad_masked_scalar_##SFX(x, dy, bits, pos, n, m, a, b, d, training, dx, g); \
+        else if (training && stream) bnfast_grad_scalar_##SFX##_nt(x, dy, dx, n, m, a, b, d); \
+        else if (training) bnfast_grad_scalar_##SFX(x, dy, dx, n, m, a, b, d);             \
+        else if (stream) bnfast_scale_scalar_##SFX##_nt(dy, dx, n, a);                     \
+        else bnfast_scale_scalar_##SFX(dy, dx, n, a);                                      \
+    }                                                                                      \
+    static inline void bnfast_grad_run_tiled_##SFX(                                        \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            const T *m, const T *a, const T *b, const T *d, int training, int stream,      \
+            T *dx, T *g) {                                                                 \
+        if (bits != NULL)                                                                  \
+            bnfast_grad_masked_tiled_##SFX(x, dy, bits, pos, n, m, a, b, d, training, dx, g); \
+        else if (training && stream) bnfast_grad_tiled_##SFX##_nt(x, dy, dx, n, m, a, b, d); \
+        else if (training) bnfast_grad_tiled_##SFX(x, dy, dx, n, m, a, b, d);              \
+        else if (stream) bnfast_scale_tiled_##SFX##_nt(dy, dx, n, a);                      \
+        else bnfast_scale_tiled_##SFX(dy, dx, n, a);                                       \
+    }
+BNFAST_DEFINE_GRAD_RUNS(f32, float)
+BNFAST_DEFINE_GRAD_RUNS(f64, double)
+
 #endif /* BNFAST_BACKWARD_SIMD_H */
