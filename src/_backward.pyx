@@ -30,7 +30,7 @@ from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from _moments cimport centered_dot
-from _tiling cimport tile_repeat
+from _tiling cimport RowBlocks, row_blocks
 from _openmp_helpers cimport threads_for
 
 cdef extern from "bnfast_backward_simd.h" nogil:
@@ -246,14 +246,10 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
     sum_xdy[:] = 0.0
     if M == 0 or C == 0:
         return
-    # Wide rows of W = k * C values (long inner loops for small C), as in _stats.pyx.
-    cdef Py_ssize_t k = tile_repeat(C)
-    if k > M:
-        k = M
-    cdef Py_ssize_t W = k * C
-    cdef Py_ssize_t rows = M // k
-    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, BLOCK_ELEMS // W))
-    cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
+    # Wide rows of W = k * C values (long inner loops for small C), in blocks.
+    cdef RowBlocks tiling = row_blocks(M, C, BLOCK_ELEMS, MAX_BLOCK_ROWS)
+    cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
+    cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
     cdef int nt = threads_for(blocks, M * C, n_threads)
     cdef const unsigned char* bits = NULL if mask is None else &mask[0]
     cdef floating* gp = NULL if g is None else &g[0, 0]

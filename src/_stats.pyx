@@ -20,7 +20,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 from _moments cimport (finite_or_zero, m2_fixup, merge_rows, merge_shifted,
                       shifted_colsums, shifted_sums)
-from _tiling cimport tile_repeat
+from _tiling cimport RowBlocks, row_blocks
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
 cdef enum:
@@ -112,14 +112,10 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     if M == 0 or C == 0:
         return
-    # View the first (M // k) * k rows as wide rows of W = k * C values.
-    cdef Py_ssize_t k = tile_repeat(C)
-    if k > M:
-        k = M
-    cdef Py_ssize_t W = k * C
-    cdef Py_ssize_t rows = M // k
-    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, BLOCK_ELEMS // W))
-    cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
+    # Wide rows of W = k * C values (long inner loops for small C), in blocks.
+    cdef RowBlocks tiling = row_blocks(M, C, BLOCK_ELEMS, MAX_BLOCK_ROWS)
+    cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
+    cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
     # Partial means and m2 per (block, column); counts follow from the block.
     cdef double* part = <double*>malloc(2 * blocks * W * sizeof(double))
     cdef int nt = threads_for(blocks, M * C, n_threads)

@@ -23,3 +23,24 @@ cdef inline Py_ssize_t tile_repeat(Py_ssize_t C) noexcept nogil:
     cdef Py_ssize_t step = ROW_MULTIPLE // _gcd(C, ROW_MULTIPLE)
     cdef Py_ssize_t k = (ROW_WIDTH + C - 1) // C
     return (k + step - 1) // step * step
+
+
+cdef struct RowBlocks:
+    Py_ssize_t k          # rows of C values per wide row
+    Py_ssize_t W          # values per wide row: k * C
+    Py_ssize_t rows       # whole wide rows; the M - rows * k rows left over are few
+    Py_ssize_t per_block  # wide rows per block (the last block may have fewer)
+    Py_ssize_t blocks
+
+
+cdef inline RowBlocks row_blocks(Py_ssize_t M, Py_ssize_t C, Py_ssize_t block_elems,
+                                 Py_ssize_t max_block_rows) noexcept nogil:
+    """Cut M channels-last rows into blocks of wide rows, by the shape only
+    (never the thread count), so reductions are bit-identical for any threads."""
+    cdef RowBlocks t
+    t.k = min(tile_repeat(C), M)
+    t.W = t.k * C
+    t.rows = M // t.k
+    t.per_block = max(1, min(max_block_rows, block_elems // t.W))
+    t.blocks = (t.rows + t.per_block - 1) // t.per_block
+    return t
