@@ -7,6 +7,7 @@ Validation happens here, once; the compiled kernels in ``bnfast._stats`` and
 import numpy as np
 
 from . import _layout, _normalize, _stats
+from .backward import ReluMask
 from ._threads import resolve_threads
 from ._validation import (
     check_channel_vector,
@@ -108,6 +109,22 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> rm
     array([0.3, 0.4], dtype=float32)
     """
+    result, save_mean, save_invstd, _ = _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        addend=addend, relu=relu, out=out, n_threads=n_threads, want_mask=False)
+    if return_stats:
+        return result, save_mean, save_invstd
+    return result
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
+                addend, relu, out, n_threads, want_mask):
+    """batch_norm's work; returns (out, save_mean, save_invstd, relu_mask or None).
+
+    ``want_mask`` (with relu): also pack the ReLU mask for backward inside the
+    normalise pass (a ``bnfast.ReluMask`` in the kernel's memory order), so a
+    fused module's forward costs no extra pass over its output.
+    """
     x = check_input(input)
     C = x.shape[1]
     eps = check_eps(eps)
@@ -158,15 +175,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                                                bias is not None, eps, coef)
 
     result, target = _output_for(x, layout, out, addend)
+    bits = np.zeros((x.size + 7) // 8, dtype=np.uint8) if want_mask and relu else None
     if not empty:
         add_k = None if addend is None else _layout.kernel_view(_layout.to_layout(addend, layout), layout)
         _NORMALIZE[layout, char](xk, coef, _layout.kernel_view(target, layout), add_k,
-                                 bool(relu), nt)
+                                 bool(relu), nt, bits)
     if target is not result:
         np.copyto(result, target)
-    if return_stats:
-        return result, coef[0], coef[1]
-    return result
+    mask = None if bits is None else ReluMask(bits, x.shape, layout)
+    return result, coef[0], coef[1], mask
 
 
 def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, addend=None,

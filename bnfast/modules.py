@@ -140,19 +140,20 @@ class _BatchNorm:
         use_batch_stats = self.training or self.running_mean is None
         tracking = not self.training or self.track_running_stats
         save = B.is_grad_enabled()
-        result = F.batch_norm(
+        # With grad enabled, the ReLU mask for backward is packed inside the
+        # normalise pass (no extra read of the output).
+        result, mean, invstd, mask = F._batch_norm(
             x,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.weight, self.bias, use_batch_stats, factor, self.eps,
-            addend=addend, relu=relu, out=out, n_threads=self.n_threads,
-            return_stats=save,
+            addend=addend, relu=relu, out=out, n_threads=self.n_threads, want_mask=save,
         )
         if counted:  # only once the call succeeded: a rejected call changes nothing
             self.num_batches_tracked += 1
         if save:
-            result = self._save_for_backward(x, addend, relu, use_batch_stats, out is not None,
-                                             *result)
+            self._save_for_backward(x, addend, use_batch_stats, out is not None, result, mean,
+                                    invstd, mask)
         else:
             self._saved = None
             self._saved_missing = ("the last forward() ran under bnfast.no_grad(), "
@@ -160,12 +161,12 @@ class _BatchNorm:
         return result
 
     # -- backward -----------------------------------------------------------------
-    def _save_for_backward(self, x, addend, relu, batch_stats, out_given, out, mean, invstd):
+    def _save_for_backward(self, x, addend, batch_stats, out_given, out, mean, invstd, mask):
         self._saved = _Saved(
             input=x,  # a reference, as torch saves it: mutating it before backward is undefined
             weight=None if self.weight is None else self.weight.copy(),
             mean=mean, invstd=invstd, batch_stats=batch_stats,
-            relu_mask=B.relu_mask(out, n_threads=self.n_threads) if relu else None,
+            relu_mask=mask,
             has_addend=addend is not None,
             # Only a caller's out= can be the input: a fresh output cannot.
             input_overwritten=out_given and bool(np.may_share_memory(out, x)),

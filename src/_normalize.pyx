@@ -13,7 +13,7 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
-from _tiling cimport tile_repeat
+from _tiling cimport _gcd, tile_repeat
 from _openmp_helpers cimport threads_for
 
 ctypedef fused stat_t:
@@ -99,6 +99,31 @@ cdef extern from "bnfast_simd.h" nogil:
                                  int relu)
 
 
+cdef extern from "bnfast_backward_simd.h" nogil:
+    void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
+    void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
+
+
+cdef inline void _pack_block(const floating* y, Py_ssize_t start, Py_ssize_t n,
+                             unsigned char* bits) noexcept nogil:
+    """ReLU mask bits of y[start:start + n], just written (still in cache).
+
+    ``start`` is a multiple of 8, so threads never share a byte.
+    """
+    if bits == NULL:
+        return
+    if floating is float:
+        bnfast_pack_positive_f32(y + start, n, bits + start // 8)
+    else:
+        bnfast_pack_positive_f64(y + start, n, bits + start // 8)
+
+
+cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noexcept nogil:
+    """units rounded up so that units * unit_len is a multiple of 8 (whole mask bytes)."""
+    cdef Py_ssize_t step = 8 // _gcd(unit_len, 8)
+    return (units + step - 1) // step * step
+
+
 cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
                                Py_ssize_t n, floating m, floating a, floating b,
                                bint relu) noexcept nogil:
@@ -122,8 +147,13 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
                    const double[:, ::1] coef,         # IN  (4, C) from coefficients()
                    floating[:, :, ::1] out,           # OUT (N, C, S), may be x or addend
                    const floating[:, :, ::1] addend,  # IN  (N, C, S) or None
-                   bint relu, int n_threads):
-    """Apply the per-channel affine map (and epilogue) to an (N, C, S) array."""
+                   bint relu, int n_threads,
+                   unsigned char[::1] mask=None):     # OUT (ceil(N*C*S / 8),) or None
+    """Apply the per-channel affine map (and epilogue) to an (N, C, S) array.
+
+    With ``mask``, also pack ``not (out <= 0)`` (where a ReLU passes gradient)
+    from each block while it is in cache: no second pass over ``out``.
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     if N == 0 or C == 0 or S == 0:
         return
@@ -133,9 +163,10 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
     # Tasks are blocks of consecutive (n, c) runs: the channel index is found
     # with one division per block and then stepped.
     cdef Py_ssize_t runs = N * C
-    cdef Py_ssize_t per_block = BLOCK_ELEMS // S if S < BLOCK_ELEMS else 1
+    cdef Py_ssize_t per_block = _byte_aligned(BLOCK_ELEMS // S if S < BLOCK_ELEMS else 1, S)
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
     cdef Py_ssize_t blk, t, c, off
+    cdef unsigned char* bits = NULL if mask is None else &mask[0]
     cdef floating* table = <floating*>malloc(3 * C * sizeof(floating))
     if table == NULL:
         raise MemoryError()
@@ -152,6 +183,8 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
                     c = c + 1
                     if c == C:
                         c = 0
+                t = blk * per_block
+                _pack_block(yp, t * S, (min(runs, t + per_block) - t) * S, bits)
     finally:
         free(table)
 
@@ -160,8 +193,12 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
                   const double[:, ::1] coef,      # IN  (4, C) from coefficients()
                   floating[:, ::1] out,           # OUT (M, C), may be x or addend
                   const floating[:, ::1] addend,  # IN  (M, C) or None
-                  bint relu, int n_threads):
-    """Apply the per-channel affine map (and epilogue) to an (M, C) array."""
+                  bint relu, int n_threads,
+                  unsigned char[::1] mask=None):  # OUT (ceil(M*C / 8),) or None
+    """Apply the per-channel affine map (and epilogue) to an (M, C) array.
+
+    ``mask``: as in :func:`channels_first`.
+    """
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     if M == 0 or C == 0:
         return
@@ -170,13 +207,14 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     # piece starts at channel 0, so a short last piece needs no special case.
     cdef Py_ssize_t k = tile_repeat(C)
     cdef Py_ssize_t W = k * C, total = M * C
-    cdef Py_ssize_t per_block = (BLOCK_ELEMS // W if W < BLOCK_ELEMS else 1) * W
+    cdef Py_ssize_t per_block = _byte_aligned(BLOCK_ELEMS // W if W < BLOCK_ELEMS else 1, W) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef floating* tile = <floating*>malloc(3 * W * sizeof(floating))
     if tile == NULL:
         raise MemoryError()
     _fill_table(coef, C, k, tile)
     cdef Py_ssize_t blk, i
+    cdef unsigned char* bits = NULL if mask is None else &mask[0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &out[0, 0]
     cdef const floating* ap = NULL if addend is None else &addend[0, 0]
@@ -187,5 +225,6 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
                 i = blk * per_block
                 _apply_tiled(xp + i, NULL if ap == NULL else ap + i, yp + i,
                              min(total, i + per_block) - i, W, tile, tile + W, tile + 2 * W, relu)
+                _pack_block(yp, i, min(total, i + per_block) - i, bits)
     finally:
         free(tile)

@@ -7,6 +7,7 @@ from conftest import (
     STAT_TOL,
     TORCH_TOL,
     assert_close,
+    channels_last,
     make_input,
     make_params,
     make_running,
@@ -202,3 +203,36 @@ def test_fused_module_is_a_batchnorm():
     assert m.eps == 1e-3 and m.momentum is None and m.weight is None
     assert repr(m) == ("FusedBatchNorm3d(4, eps=0.001, momentum=None, affine=False, bias=False, "
                        "track_running_stats=True)")
+
+
+# -- the ReLU mask a fused module keeps for backward -------------------------------------
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5, 7), (4, 3, 49, 49), (2, 5, 3, 9, 11),
+                                   (40, 7, 61), (3000, 5)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_module_mask_packed_in_forward_equals_relu_mask(dtype, rng, shape, layout, n_threads):
+    # The forward packs the mask inside its normalise pass, block by block (blocks
+    # of runs whose lengths are not multiples of 8 here); it must equal packing the
+    # output afterwards, bit for bit, for any thread count and layout.
+    x = make_input(rng, shape, dtype)
+    if layout == "channels_last" and x.ndim > 2:
+        x = channels_last(x)
+    elif layout == "strided":
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+    cls = {2: bnfast.FusedBatchNorm1d, 3: bnfast.FusedBatchNorm1d,
+           4: bnfast.FusedBatchNorm2d, 5: bnfast.FusedBatchNorm3d}[x.ndim]
+    m = cls(shape[1], dtype=dtype, n_threads=n_threads)
+    y = m(x, addend=np.full_like(x, -0.25))
+    saved = m._saved.relu_mask
+    np.testing.assert_array_equal(saved.to_array(), ~(y <= 0))
+    expected = bnfast.relu_mask(y)
+    if expected.layout == saved.layout:
+        np.testing.assert_array_equal(saved.bits, expected.bits)
+    # and the backward it feeds equals the functional one given the output itself
+    dy = make_input(rng, shape, dtype)
+    gx, ga = m.backward(dy)
+    _, mean, invstd = bnfast.fused_batch_norm(x, None, None, training=True, return_stats=True,
+                                              addend=np.full_like(x, -0.25))
+    ref = bnfast.fused_batch_norm_backward(dy, x, y, m.weight, mean, invstd, True)
+    np.testing.assert_array_equal(gx, ref[0])
+    np.testing.assert_array_equal(ga, ref[3])
