@@ -1,4 +1,7 @@
-"""What OpenMP the kernels were built with, queried at run time."""
+"""What OpenMP the kernels were built with, queried at run time.
+
+(No array arguments here, so none of the const memoryviews the kernels use.)
+"""
 from _openmp_helpers cimport BNFAST_OPENMP, bnfast_max_threads
 
 

@@ -56,26 +56,46 @@
  * tail uses the same expression tree, so the result depends on the shape only.
  * ------------------------------------------------------------------------- */
 /* BNFAST_ROW_GROUP(T, W): see bnfast_simd.h */
+/* The vector part: columns [0, j4) of four rows (COLDOT_VEC4) or of one row
+ * (COLDOT_VEC1); without vector extensions j4 is 0 and they vanish, and the
+ * scalar loops below cover every column in the same order. */
 #if BNFAST_VECTOR_EXT
+#define BNFAST_COLDOT_VECTOR_COLUMNS(W) ((W) - (W) % 4)
+#define BNFAST_COLDOT_VEC4(T)                                                            \
+    for (j = 0; j < j4; j += 4) {                                                        \
+        bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                                \
+        bnfast_v4d v0 = BNFAST_LOAD4(T, y0 + j), v1 = BNFAST_LOAD4(T, y1 + j);           \
+        bnfast_v4d v2 = BNFAST_LOAD4(T, y2 + j), v3 = BNFAST_LOAD4(T, y3 + j);           \
+        bnfast_v4d d0 = BNFAST_LOAD4(T, x0 + j) - kv;                                    \
+        bnfast_v4d d1 = BNFAST_LOAD4(T, x1 + j) - kv;                                    \
+        bnfast_v4d d2 = BNFAST_LOAD4(T, x2 + j) - kv;                                    \
+        bnfast_v4d d3 = BNFAST_LOAD4(T, x3 + j) - kv;                                    \
+        *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                                \
+        *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);           \
+    }
+#define BNFAST_COLDOT_VEC1(T)                                                            \
+    for (j = 0; j < j4; j += 4) {                                                        \
+        bnfast_v4d v0 = BNFAST_LOAD4(T, yp + j);                                         \
+        *(bnfast_v4d *)(sy + j) += v0;                                                   \
+        *(bnfast_v4d *)(sxy + j) +=                                                      \
+            (BNFAST_LOAD4(T, xp + j) - *(const bnfast_v4d *)(shift + j)) * v0;           \
+    }
+#else
+#define BNFAST_COLDOT_VECTOR_COLUMNS(W) 0
+#define BNFAST_COLDOT_VEC4(T)
+#define BNFAST_COLDOT_VEC1(T)
+#endif
+
 #define BNFAST_DEFINE_CENTERED_COLDOT(NAME, T, ATTR)                                     \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,           \
                           const double *shift, double *sy, double *sxy) {                \
-        ptrdiff_t r = 0, j, j4 = W - W % 4, group = BNFAST_ROW_GROUP(T, W);              \
+        ptrdiff_t r = 0, j, j4 = BNFAST_COLDOT_VECTOR_COLUMNS(W);                        \
+        ptrdiff_t group = BNFAST_ROW_GROUP(T, W);                                        \
         double k, e0, e1, e2, e3, f0, f1, f2, f3;                                        \
         for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
             const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
             const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
-            for (j = 0; j < j4; j += 4) {                                                \
-                bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                        \
-                bnfast_v4d v0 = BNFAST_LOAD4(T, y0 + j), v1 = BNFAST_LOAD4(T, y1 + j);   \
-                bnfast_v4d v2 = BNFAST_LOAD4(T, y2 + j), v3 = BNFAST_LOAD4(T, y3 + j);   \
-                bnfast_v4d d0 = BNFAST_LOAD4(T, x0 + j) - kv;                            \
-                bnfast_v4d d1 = BNFAST_LOAD4(T, x1 + j) - kv;                            \
-                bnfast_v4d d2 = BNFAST_LOAD4(T, x2 + j) - kv;                            \
-                bnfast_v4d d3 = BNFAST_LOAD4(T, x3 + j) - kv;                            \
-                *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                        \
-                *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);   \
-            }                                                                            \
+            BNFAST_COLDOT_VEC4(T)                                                        \
             for (j = j4; j < W; j++) {                                                   \
                 k = shift[j];                                                            \
                 f0 = (double)y0[j]; f1 = (double)y1[j];                                  \
@@ -88,44 +108,12 @@
         }                                                                                \
         for (; r < rows; r++) {                                                          \
             const T *xp = x + r * W, *yp = y + r * W;                                    \
-            for (j = 0; j < j4; j += 4) {                                                \
-                bnfast_v4d v0 = BNFAST_LOAD4(T, yp + j);                                 \
-                *(bnfast_v4d *)(sy + j) += v0;                                           \
-                *(bnfast_v4d *)(sxy + j) +=                                              \
-                    (BNFAST_LOAD4(T, xp + j) - *(const bnfast_v4d *)(shift + j)) * v0;   \
-            }                                                                            \
+            BNFAST_COLDOT_VEC1(T)                                                        \
             for (j = j4; j < W; j++) {                                                   \
                 f0 = (double)yp[j]; sy[j] += f0; sxy[j] += ((double)xp[j] - shift[j]) * f0; \
             }                                                                            \
         }                                                                                \
     }
-#else
-#define BNFAST_DEFINE_CENTERED_COLDOT(NAME, T, ATTR)                                     \
-    static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,                \
-                     const double *shift, double *sy, double *sxy) {                     \
-        ptrdiff_t r = 0, j, group = BNFAST_ROW_GROUP(T, W);                              \
-        double k, e0, e1, e2, e3, f0, f1, f2, f3;                                        \
-        for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
-            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
-            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
-            for (j = 0; j < W; j++) {                                                    \
-                k = shift[j];                                                            \
-                f0 = (double)y0[j]; f1 = (double)y1[j];                                  \
-                f2 = (double)y2[j]; f3 = (double)y3[j];                                  \
-                e0 = (double)x0[j] - k; e1 = (double)x1[j] - k;                          \
-                e2 = (double)x2[j] - k; e3 = (double)x3[j] - k;                          \
-                sy[j] += (f0 + f1) + (f2 + f3);                                          \
-                sxy[j] += (e0 * f0 + e1 * f1) + (e2 * f2 + e3 * f3);                     \
-            }                                                                            \
-        }                                                                                \
-        for (; r < rows; r++) {                                                          \
-            const T *xp = x + r * W, *yp = y + r * W;                                    \
-            for (j = 0; j < W; j++) {                                                    \
-                f0 = (double)yp[j]; sy[j] += f0; sxy[j] += ((double)xp[j] - shift[j]) * f0; \
-            }                                                                            \
-        }                                                                                \
-    }
-#endif
 
 /* ---------------------------------------------------------------------------
  * Masked leaves of the fused variant: the gradient is y where the ReLU mask's
