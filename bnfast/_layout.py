@@ -50,6 +50,20 @@ def copy_layout(x):
     return LAST if math.prod(x.shape[2:]) == 1 else FIRST
 
 
+def kernel_layout(x):
+    """The layout the kernels process ``x`` in: its own, else the one it is copied to."""
+    return layout_of(x) or copy_layout(x)
+
+
+def in_kernel_layout(x):
+    """``(x, layout)``: ``x`` itself if its memory fits a kernel layout, else a copy that does."""
+    layout = layout_of(x)
+    if layout is None:
+        layout = copy_layout(x)
+        x = _copied(x, layout)
+    return x, layout
+
+
 def kernel_view(x, layout):
     """View ``x`` (already in ``layout``) as the kernel's 3-D or 2-D array."""
     n, c = x.shape[0], x.shape[1]
@@ -74,8 +88,36 @@ def empty_like_layout(x, layout, dtype):
 
 def to_layout(x, layout):
     """``x`` itself if it is in ``layout``, else a copy that is."""
-    if layout_of(x) == layout:
-        return x
+    return x if layout_of(x) == layout else _copied(x, layout)
+
+
+def _copied(x, layout):
     copy = empty_like_layout(x, layout, x.dtype)
     np.copyto(copy, x)
     return copy
+
+
+def same_memory(a, b):
+    """True if a and b are the same elements of the same buffer (elementwise in-place is safe)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def write_target(out, x, layout, same_ok=(), avoid=()):
+    """``(array returned, array the kernel writes in layout)`` for an output like ``x``.
+
+    A fresh array when ``out`` is None.  A caller's ``out`` is written directly
+    when it is in ``layout`` and overlaps nothing it must not: the ``same_ok``
+    arrays only as exactly the same elements (elementwise in place is safe), the
+    ``avoid`` arrays not at all.  Otherwise the kernel writes a temporary that
+    the caller copies into ``out`` at the end.  ``out`` is already validated.
+    """
+    if out is None:
+        result = empty_like_layout(x, layout, x.dtype)
+        return result, result
+    clash = any(o is not None and np.may_share_memory(out, o) for o in avoid)
+    clash = clash or any(o is not None and np.may_share_memory(out, o) and not same_memory(out, o)
+                         for o in same_ok)
+    if not clash and layout_of(out) == layout:
+        return out, out
+    return out, empty_like_layout(x, layout, x.dtype)

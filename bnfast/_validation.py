@@ -81,7 +81,11 @@ def check_training_size(x):
         )
 
 
-def same_memory(a, b):
-    """True if a and b are the same elements of the same buffer (elementwise in-place is safe)."""
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.strides == b.strides and a.shape == b.shape)
+def check_out(out, x, name="out"):
+    """A caller's output array: an ndarray of x's shape and dtype, writable."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    out = check_same_shape(out, name, x)
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out

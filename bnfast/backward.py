@@ -12,8 +12,8 @@ import numpy as np
 
 from . import _backward, _layout
 from ._threads import resolve_threads
-from ._validation import (check_channel_vector, check_eps, check_input, check_same_shape,
-                          same_memory)
+from ._validation import (check_channel_vector, check_eps, check_input, check_out,
+                          check_same_shape)
 
 __all__ = [
     "ReluMask",
@@ -128,7 +128,7 @@ def relu_mask(output, *, n_threads=None):
 
 def _pack_mask(y, nt, layout=None):
     if layout is None:
-        layout = _layout.layout_of(y) or _layout.copy_layout(y)
+        layout = _layout.kernel_layout(y)
     y = _layout.to_layout(y, layout)
     flat = _layout.kernel_view(y, layout).reshape(-1)
     bits = np.empty((flat.size + 7) // 8, dtype=np.uint8)
@@ -279,7 +279,7 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
     if out is not None and addend_out is not None and np.may_share_memory(out, addend_out):
         raise ValueError("out and addend_out must not share memory: they receive different "
                          "gradients")
-    layout = _layout.layout_of(x) or _layout.copy_layout(x)
+    layout = _layout.kernel_layout(x)
     if isinstance(output, ReluMask):
         if output.shape != x.shape:
             raise ValueError(f"output (a ReluMask) must have the input's shape {x.shape}, "
@@ -345,10 +345,7 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
     want_g = want_g and bits is not None
     C = x.shape[1]
     x_given, dy_given = x, dy
-    layout = _layout.layout_of(x)
-    if layout is None:
-        layout = _layout.copy_layout(x)
-        x = _layout.to_layout(x, layout)
+    x, layout = _layout.in_kernel_layout(x)
     dy = _layout.to_layout(dy, layout)
     xk = _layout.kernel_view(x, layout)
     dyk = _layout.kernel_view(dy, layout)
@@ -395,26 +392,9 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
 
 
 def _target(out, name, x, layout, wanted, same_ok, avoid):
-    """(array returned, array the kernel writes in ``layout``) for one output.
-
-    A caller's ``out`` is written directly when it is in ``layout`` and overlaps
-    nothing it must not: ``same_ok`` arrays only as exactly the same elements,
-    ``avoid`` arrays not at all.  Otherwise the kernel writes a temporary that
-    is copied into ``out`` at the end.
-    """
+    """Validate a caller's ``out`` and pick where the kernel writes (see ``_layout.write_target``)."""
     if not wanted:
         return None, None
-    if out is None:
-        result = _layout.empty_like_layout(x, layout, x.dtype)
-        return result, result
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    out = check_same_shape(out, name, x)
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    clash = any(o is not None and np.may_share_memory(out, o) for o in avoid)
-    clash = clash or any(np.may_share_memory(out, o) and not same_memory(out, o)
-                         for o in same_ok)
-    if not clash and _layout.layout_of(out) == layout:
-        return out, out
-    return out, _layout.empty_like_layout(x, layout, x.dtype)
+    if out is not None:
+        out = check_out(out, x, name)
+    return _layout.write_target(out, x, layout, same_ok, avoid)

@@ -14,9 +14,9 @@ from ._validation import (
     check_eps,
     check_input,
     check_momentum,
+    check_out,
     check_same_shape,
     check_training_size,
-    same_memory,
 )
 
 __all__ = ["batch_norm", "fused_batch_norm"]
@@ -138,7 +138,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if addend is not None:
         addend = check_same_shape(addend, "addend", x)
     if out is not None:
-        out = _check_out(out, x)
+        out = check_out(out, x)
     nt = resolve_threads(n_threads)
 
     if training:
@@ -150,10 +150,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         raise ValueError("running_mean must be defined in evaluation mode "
                          "(pass training=True to normalise with batch statistics)")
 
-    layout = _layout.layout_of(x)
-    if layout is None:
-        layout = _layout.copy_layout(x)
-        x = _layout.to_layout(x, layout)
+    x, layout = _layout.in_kernel_layout(x)
     xk = _layout.kernel_view(x, layout)
     char = x.dtype.char
 
@@ -174,7 +171,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     _COEFFICIENTS[stat_char, w_arr.dtype.char](mean, var, w_arr, b_arr, weight is not None,
                                                bias is not None, eps, coef)
 
-    result, target = _output_for(x, layout, out, addend)
+    # out may be x or addend itself (elementwise), but no partial overlap of them.
+    result, target = _layout.write_target(out, x, layout, same_ok=(x, addend))
     bits = np.zeros((x.size + 7) // 8, dtype=np.uint8) if want_mask and relu else None
     if not empty:
         add_k = None if addend is None else _layout.kernel_view(_layout.to_layout(addend, layout), layout)
@@ -207,14 +205,6 @@ def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, a
                       addend=addend, relu=True, out=out, n_threads=n_threads,
                       return_stats=return_stats)
 
-
-def _check_out(out, x):
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    out = check_same_shape(out, "out", x)
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    return out
 
 
 def _check_writable_buffers(running_mean, running_var):
@@ -261,16 +251,3 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
         np.copyto(running_mean, rm, casting="unsafe")
         np.copyto(running_var, rv, casting="unsafe")
 
-
-def _output_for(x, layout, out, addend):
-    """(array returned to the caller, array the kernel writes in ``layout``)."""
-    if out is None:
-        result = _layout.empty_like_layout(x, layout, x.dtype)
-        return result, result
-    aliased = False
-    for other in (x, addend):
-        if other is not None and np.may_share_memory(out, other) and not same_memory(out, other):
-            aliased = True  # partial overlap: elementwise in-place would read written values
-    if not aliased and _layout.layout_of(out) == layout:
-        return out, out
-    return out, _layout.empty_like_layout(x, layout, x.dtype)
