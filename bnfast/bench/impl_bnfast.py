@@ -1,6 +1,4 @@
 """bnfast itself, called through its public functional API."""
-import inspect
-
 import numpy as np
 
 import bnfast
@@ -8,19 +6,7 @@ from bnfast._threads import resolve_threads
 
 from .base import Implementation, Prepared
 
-__all__ = ["Bnfast", "backward_available"]
-
-
-def _accepts_out(fn):
-    try:
-        return "out" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def backward_available():
-    """True if this bnfast has ``batch_norm_backward``."""
-    return callable(getattr(bnfast, "batch_norm_backward", None))
+__all__ = ["Bnfast"]
 
 
 class Bnfast(Implementation):
@@ -44,11 +30,6 @@ class Bnfast(Implementation):
     @property
     def effective_threads(self):
         return self.n_threads
-
-    def unsupported(self, case):
-        if case.mode == "backward" and not backward_available():
-            return "not available: this bnfast has no batch_norm_backward"
-        return super().unsupported(case)
 
     def prepare(self, case, inputs):
         x, nt, eps, momentum = inputs.x, self.n_threads, inputs.eps, inputs.momentum
@@ -87,19 +68,15 @@ class Bnfast(Implementation):
         if case.mode == "backward":
             backward = bnfast.batch_norm_backward
             dy, save_mean, save_invstd = inputs.grad_output, inputs.save_mean, inputs.save_invstd
-            # grad_input into a preallocated buffer where this bnfast's backward takes out=
-            gi = out if out is not None and _accepts_out(backward) else None
 
             def run():
-                if gi is None:
-                    return backward(dy, x, w, save_mean, save_invstd, True, eps, n_threads=nt)
-                return backward(dy, x, w, save_mean, save_invstd, True, eps, out=gi, n_threads=nt)
+                return backward(dy, x, w, save_mean, save_invstd, True, eps, out=out, n_threads=nt)
 
             def check():
                 grad_input, gw, gb = run()
                 return {"grad_input": grad_input.copy(), "grad_weight": gw, "grad_bias": gb}
 
-            return Prepared(run, check, allocates=gi is None)
+            return Prepared(run, check, self.allocate)
 
         raise ValueError(f"unknown mode {case.mode!r}")
 
