@@ -30,24 +30,21 @@ def _arg_type(parse, what):
     return convert
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"expected a positive integer, got {text!r}")
-    return value
+def _positive(cast, noun):
+    """A parser for positive numbers of type ``cast`` ("integer" or "number" in messages)."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise ValueError(f"expected a positive {noun}, got {text!r}") from None
+        if not value > 0:
+            raise ValueError(f"expected a positive {noun}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _positive(int, "integer")
+_positive_float = _positive(float, "number")
 
 
 def build_parser():
