@@ -24,7 +24,13 @@ __all__ = [
     "relu_mask",
 ]
 
-_grad_state = threading.local()
+class _GradState(threading.local):
+    # A class default, so a thread that never entered no_grad reads it without
+    # the AttributeError that getattr(local, name, default) raises inside (0.6 us).
+    enabled = True
+
+
+_grad_state = _GradState()
 
 # grad_input is written with non-temporal stores (bypassing the caches) from this
 # size of input up: pass 2 then saves the read-for-ownership of every line.
@@ -56,7 +62,7 @@ def no_grad():
 
 def is_grad_enabled():
     """False inside :func:`no_grad` (in this thread), True otherwise."""
-    return getattr(_grad_state, "enabled", True)
+    return _grad_state.enabled
 
 
 class ReluMask:

@@ -411,10 +411,35 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
     }
 
 #if BNFAST_HAVE_SSE2_PACK
+#if BNFAST_DISPATCH_AVX2
+#include <immintrin.h>
+/* AVX2: 32 floats -> one 32-bit store (the SSE2 loop is bound by its byte stores). */
+BNFAST_AVX2_TARGET static ptrdiff_t bnfast_pack_positive_f32_avx2(const float *y, ptrdiff_t n,
+                                                                  unsigned char *bits) {
+    const __m256 z = _mm256_setzero_ps();
+    ptrdiff_t i;
+    for (i = 0; i + 32 <= n; i += 32) {
+        unsigned b0 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + i), z, _CMP_NLE_UQ));
+        unsigned b1 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + i + 8), z, _CMP_NLE_UQ));
+        unsigned b2 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + i + 16), z, _CMP_NLE_UQ));
+        unsigned b3 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + i + 24), z, _CMP_NLE_UQ));
+        unsigned word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+        bits[(i >> 3)] = (unsigned char)word;           /* byte stores: no alignment or */
+        bits[(i >> 3) + 1] = (unsigned char)(word >> 8);  /* endianness assumption; GCC */
+        bits[(i >> 3) + 2] = (unsigned char)(word >> 16); /* merges them into one store */
+        bits[(i >> 3) + 3] = (unsigned char)(word >> 24);
+    }
+    return i;
+}
+#endif
+
 static void bnfast_pack_positive_f32(const float *y, ptrdiff_t n, unsigned char *bits) {
     const __m128 z = _mm_setzero_ps();
-    ptrdiff_t i;
-    for (i = 0; i + 8 <= n; i += 8) {
+    ptrdiff_t i = 0;
+#if BNFAST_DISPATCH_AVX2
+    if (bnfast_use_avx2()) i = bnfast_pack_positive_f32_avx2(y, n, bits);
+#endif
+    for (; i + 8 <= n; i += 8) {
         int lo = _mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(y + i), z));
         int hi = _mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(y + i + 4), z));
         bits[i >> 3] = (unsigned char)(lo | (hi << 4));

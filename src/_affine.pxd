@@ -1,0 +1,248 @@
+# The normalise pass at the C level, shared by the memoryview entry points
+# (_normalize.pyx, for the functional layer) and the ndarray fast path for
+# evaluation (_inference.pyx):
+#
+#   fill_coefficients  per-channel mean, invstd, scale, shift in double
+#   fill_table         those as [m | a | b] in the storage type (tiled for rows)
+#   normalize          table + blocked apply: y = relu?((x - m) * a + b + addend?)
+#
+# The mean is split as m = storage(mean) and its rounding error is folded into
+# the shift, so float32 data far from zero (mean 1e6, std 1) still normalises
+# to ~1e-6: x - m is exact there (Sterbenz).  One read of x (and addend), one
+# write of y; y may be x or addend itself (every element is read before it is
+# written).
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+from _tiling cimport _gcd, tile_repeat
+from _openmp_helpers cimport threads_for
+
+ctypedef fused stat_t:
+    float
+    double
+
+ctypedef fused param_t:
+    float
+    double
+
+cdef enum:
+    # Elements per parallel task.
+    BLOCK_ELEMS = 16384
+    # ... when the ReLU mask is packed from each block: small enough that the
+    # block just written is still in L1 when it is read back.
+    MASK_BLOCK_ELEMS = 2048
+
+
+cdef inline void fill_coefficients(const stat_t* mean, const stat_t* var,
+                                   const param_t* weight, const param_t* bias, Py_ssize_t C,
+                                   double eps, double* coef) noexcept nogil:
+    """coef rows (C each): mean, invstd, scale, shift.  weight/bias NULL mean 1 and 0."""
+    cdef Py_ssize_t c
+    cdef double* mu = coef
+    cdef double* invstd = coef + C
+    cdef double* scale = coef + 2 * C
+    cdef double* shift = coef + 3 * C
+    # Separate branch-free loops so each one vectorises.
+    for c in range(C):
+        mu[c] = mean[c]
+        invstd[c] = 1.0 / sqrt(<double>var[c] + eps)
+    if weight != NULL:
+        for c in range(C):
+            scale[c] = invstd[c] * weight[c]
+    else:
+        for c in range(C):
+            scale[c] = invstd[c]
+    if bias != NULL:
+        for c in range(C):
+            shift[c] = bias[c]
+    else:
+        for c in range(C):
+            shift[c] = 0.0
+
+
+cdef inline void fill_table(const double* coef, Py_ssize_t C, Py_ssize_t repeat,
+                            floating* table) noexcept nogil:
+    """Fill [m | a | b], each of length repeat * C, for y = (x - m) * a + b.
+
+    m is the mean rounded to the storage type; its rounding error is folded
+    into b in double, so float32 data far from zero keeps its precision.
+    The channel pattern is repeated ``repeat`` times (a channels-last tile).
+    """
+    cdef Py_ssize_t W = repeat * C, c, j
+    cdef const double* mean = coef
+    cdef const double* scale = coef + 2 * C
+    cdef const double* shift = coef + 3 * C
+    for c in range(C):
+        table[c] = <floating>mean[c]
+        table[W + c] = <floating>scale[c]
+        table[2 * W + c] = <floating>(shift[c] - (mean[c] - <double>table[c]) * scale[c])
+    for j in range(C, W):  # the tile's repeats
+        table[j] = table[j - C]
+        table[W + j] = table[W + j - C]
+        table[2 * W + j] = table[2 * W + j - C]
+
+
+cdef extern from "bnfast_simd.h" nogil:
+    # SIMD leaves (AVX2 picked at run time); the epilogue branches are hoisted there.
+    void bnfast_affine_scalar_f32(const float* x, const float* add, float* y, Py_ssize_t n,
+                                  float m, float a, float b, int relu)
+    void bnfast_affine_scalar_f64(const double* x, const double* add, double* y, Py_ssize_t n,
+                                  double m, double a, double b, int relu)
+    void bnfast_affine_tiled_f32(const float* x, const float* add, float* y, Py_ssize_t n,
+                                 Py_ssize_t W, const float* m, const float* a, const float* b,
+                                 int relu)
+    void bnfast_affine_tiled_f64(const double* x, const double* add, double* y, Py_ssize_t n,
+                                 Py_ssize_t W, const double* m, const double* a, const double* b,
+                                 int relu)
+
+
+cdef extern from "bnfast_backward_simd.h" nogil:
+    void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
+    void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
+
+
+cdef inline void _pack_block(const floating* y, Py_ssize_t start, Py_ssize_t n,
+                             unsigned char* bits) noexcept nogil:
+    """ReLU mask bits of y[start:start + n], just written (still in cache).
+
+    ``start`` is a multiple of 8, so threads never share a byte.
+    """
+    if bits == NULL:
+        return
+    if floating is float:
+        bnfast_pack_positive_f32(y + start, n, bits + start // 8)
+    else:
+        bnfast_pack_positive_f64(y + start, n, bits + start // 8)
+
+
+cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noexcept nogil:
+    """units rounded up so that units * unit_len is a multiple of 8 (whole mask bytes)."""
+    cdef Py_ssize_t step = 8 // _gcd(unit_len, 8)
+    return (units + step - 1) // step * step
+
+
+cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
+                               Py_ssize_t n, floating m, floating a, floating b,
+                               bint relu) noexcept nogil:
+    if floating is float:
+        bnfast_affine_scalar_f32(x, addend, y, n, m, a, b, relu)
+    else:
+        bnfast_affine_scalar_f64(x, addend, y, n, m, a, b, relu)
+
+
+cdef inline void _apply_tiled(const floating* x, const floating* addend, floating* y,
+                              Py_ssize_t n, Py_ssize_t W, const floating* m, const floating* a,
+                              const floating* b, bint relu) noexcept nogil:
+    # n values from a W-aligned start, as pieces of the W-long tile m, a, b.
+    if floating is float:
+        bnfast_affine_tiled_f32(x, addend, y, n, W, m, a, b, relu)
+    else:
+        bnfast_affine_tiled_f64(x, addend, y, n, W, m, a, b, relu)
+
+
+cdef inline void _first_block(const floating* xp, const floating* ap, floating* yp,
+                              Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
+                              Py_ssize_t first, Py_ssize_t last, const floating* table,
+                              bint relu, unsigned char* bits) noexcept nogil:
+    """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
+    cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
+    for t in range(first, last):
+        off = t * S
+        _apply_scalar(xp + off, NULL if ap == NULL else ap + off, yp + off, S,
+                      table[c], table[C + c], table[2 * C + c], relu)
+        c = c + 1
+        if c == C:
+            c = 0
+    _pack_block(yp, first * S, (last - first) * S, bits)
+
+
+cdef inline void apply_first(const floating* xp, const floating* ap, floating* yp,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const floating* table,
+                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
+    """relu?((x - m) * a + b + addend?) over (N, C, S); table = [m | a | b] (C each)."""
+    # Tasks are blocks of consecutive (n, c) runs.
+    cdef Py_ssize_t runs = N * C
+    cdef Py_ssize_t elems = BLOCK_ELEMS if bits == NULL else MASK_BLOCK_ELEMS
+    cdef Py_ssize_t per_block = _byte_aligned(elems // S if S < elems else 1, S)
+    cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
+    cdef Py_ssize_t blk
+    cdef int nt = threads_for(blocks, runs * S, n_threads)
+    if nt == 1:  # no parallel region at all: entering one costs ~1 us even for 1 thread
+        for blk in range(blocks):
+            _first_block(xp, ap, yp, runs, C, S, blk * per_block,
+                         min(runs, (blk + 1) * per_block), table, relu, bits)
+        return
+    for blk in prange(blocks, schedule='static', num_threads=nt):
+        _first_block(xp, ap, yp, runs, C, S, blk * per_block,
+                     min(runs, (blk + 1) * per_block), table, relu, bits)
+
+
+cdef inline void _last_block(const floating* xp, const floating* ap, floating* yp,
+                             Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W,
+                             const floating* tile, bint relu, unsigned char* bits) noexcept nogil:
+    """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
+    _apply_tiled(xp + start, NULL if ap == NULL else ap + start, yp + start, stop - start, W,
+                 tile, tile + W, tile + 2 * W, relu)
+    _pack_block(yp, start, stop - start, bits)
+
+
+cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp,
+                            Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const floating* tile,
+                            bint relu, int n_threads, unsigned char* bits) noexcept nogil:
+    """The same over (M, C) rows; tile = [m | a | b], each the channels repeated k times."""
+    # The coefficient pattern repeats every C values of the flat array: tiled
+    # k times, small C still gives long vector loops.  Every W-aligned piece
+    # starts at channel 0, so a short last piece needs no special case.
+    cdef Py_ssize_t W = k * C, total = M * C
+    cdef Py_ssize_t elems = BLOCK_ELEMS if bits == NULL else MASK_BLOCK_ELEMS
+    cdef Py_ssize_t per_block = _byte_aligned(elems // W if W < elems else 1, W) * W
+    cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
+    cdef Py_ssize_t blk
+    cdef int nt = threads_for(blocks, total, n_threads)
+    if nt == 1:  # see apply_first
+        for blk in range(blocks):
+            _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
+                        relu, bits)
+        return
+    for blk in prange(blocks, schedule='static', num_threads=nt):
+        _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
+                    relu, bits)
+
+
+cdef inline int make_table(const double* coef, Py_ssize_t C, Py_ssize_t S,
+                           floating** table) noexcept nogil:
+    """Allocate and fill the storage-type table for apply_table (free() it after).
+
+    S == 0 means channels-last rows (the table is then tiled).  Returns -1
+    without memory.
+    """
+    cdef Py_ssize_t k = 1 if S else tile_repeat(C)
+    table[0] = <floating*>malloc(3 * k * C * sizeof(floating))
+    if table[0] == NULL:
+        return -1
+    fill_table(coef, C, k, table[0])
+    return 0
+
+
+cdef inline void apply_table(const floating* xp, const floating* ap, floating* yp,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const floating* table,
+                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
+    """y = relu?((x - m) * a + b + addend?) over (N, C, S), or N rows of C when S == 0."""
+    if S:
+        apply_first(xp, ap, yp, N, C, S, table, relu, n_threads, bits)
+    else:
+        apply_last(xp, ap, yp, N, C, tile_repeat(C), table, relu, n_threads, bits)
+
+
+cdef inline int normalize(const floating* xp, const floating* ap, floating* yp, Py_ssize_t N,
+                          Py_ssize_t C, Py_ssize_t S, const double* coef, bint relu,
+                          int n_threads, unsigned char* bits) noexcept nogil:
+    """make_table + apply_table; returns -1 without memory."""
+    cdef floating* table = NULL
+    if make_table(coef, C, S, &table):
+        return -1
+    apply_table(xp, ap, yp, N, C, S, table, relu, n_threads, bits)
+    free(table)
+    return 0
