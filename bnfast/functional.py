@@ -6,7 +6,7 @@ Validation happens here, once; the compiled kernels in ``bnfast._stats`` and
 
 import numpy as np
 
-from . import _layout, _normalize, _stats
+from . import _inference, _layout, _normalize, _stats
 from .backward import ReluMask
 from ._threads import resolve_threads
 from ._validation import (
@@ -109,6 +109,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> rm
     array([0.3, 0.4], dtype=float32)
     """
+    if not training and type(input) is np.ndarray and input.ndim >= 2:
+        # Plain evaluation calls: one compiled call (see bnfast._inference).
+        coef = np.empty((4, input.shape[1])) if return_stats else None
+        result = _inference.normalize_with_running_stats(
+            input, running_mean, running_var, weight, bias, eps, addend, relu, out, n_threads,
+            coef, None, None)
+        if result is not None:
+            return (result, coef[0], coef[1]) if return_stats else result
     result, save_mean, save_invstd, _ = _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         addend=addend, relu=relu, out=out, n_threads=n_threads, want_mask=False)
