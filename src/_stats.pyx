@@ -1,43 +1,14 @@
 """Per-channel batch statistics (mean and biased variance), float64 accumulation.
 
-Two memory layouts, one pass over the input each:
-
-* ``channels_first``: x is ``(N, C, S)`` C-contiguous (NCHW and friends).  Work is
-  cut into tasks of (channel, block of samples); each task streams its
-  contiguous runs once.  Tasks outnumber threads even when C is small, so a
-  (256, 3, 32, 32) batch is split over the batch as well as the channels.
-* ``channels_last``: x is ``(M, C)`` C-contiguous (NHWC viewed as rows, and
-  plain (N, C)).  Rows are read as wide rows of ``k * C`` values so that small C
-  still gives long vectorisable inner loops; each block of wide rows yields one
-  partial per column.
-
-Partials are merged per channel in a fixed order (see ``_moments.pxd``): the
-partition depends on the shape only, so any thread count gives the same bits.
+The kernels live in ``_batch_stats.pxd`` (shared with the one-call paths of
+``_inference.pyx``); these are their typed-memoryview entry points for the
+functional layer.  ``channels_first`` takes ``(N, C, S)``, ``channels_last``
+``(M, C)`` rows; any thread count gives the same bits.
 """
 from cython cimport floating
-from cython.parallel cimport parallel, prange
-from libc.stdlib cimport calloc, free, malloc
 
-from _moments cimport (finite_or_zero, m2_fixup, merge_rows, merge_shifted,
-                      shifted_colsums, shifted_sums)
-from _tiling cimport RowBlocks, row_blocks
-from _openmp_helpers cimport bnfast_thread_num, threads_for
-
-cdef enum:
-    # Elements per shifted-sum chunk (bounds cancellation error to ~eps * CHUNK).
-    CHUNK = 4096
-    # Elements per (channel, sample block) task in the channels-first layout.
-    TASK_ELEMS = 32768
-    # Channels-last blocks: about this many elements, at most MAX_BLOCK_ROWS rows.
-    BLOCK_ELEMS = 32768
-    MAX_BLOCK_ROWS = 4096
-
-
-cdef void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
-    """Turn the accumulated m2 (stored in the var array) into the biased variance."""
-    cdef Py_ssize_t c
-    for c in range(C):
-        m2[c] = m2[c] / count
+cimport _batch_stats
+from _batch_stats cimport buffer_t, stats_first, stats_last
 
 
 def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
@@ -48,60 +19,11 @@ def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     if N == 0 or C == 0 or S == 0:
         return
-    cdef Py_ssize_t per_task = TASK_ELEMS // S if S < TASK_ELEMS else 1
-    cdef Py_ssize_t blocks = (N + per_task - 1) // per_task
-    cdef Py_ssize_t tasks = C * blocks
-    # Partials laid out [block][channel] so the merge runs along channels.
-    cdef double* part = <double*>malloc(2 * tasks * sizeof(double))
-    if part == NULL:
+    cdef int status
+    with nogil:
+        status = stats_first(&x[0, 0, 0], N, C, S, &mean[0], &var[0], n_threads)
+    if status:
         raise MemoryError()
-    cdef double* part_m2 = part + tasks
-    cdef const floating* base = &x[0, 0, 0]
-    cdef const floating* run_start
-    cdef Py_ssize_t t, c, b, n, s0, run, n_end
-    cdef double cnt, mu, m2, shift, s1, s2, chunk_n
-    cdef int nt = threads_for(tasks, N * C * S, n_threads)
-    try:
-        with nogil:
-            for t in prange(tasks, schedule='static', num_threads=nt):
-                c = t // blocks
-                b = t - c * blocks
-                cnt = 0.0
-                mu = 0.0
-                m2 = 0.0
-                chunk_n = 0.0
-                s1 = 0.0
-                s2 = 0.0
-                shift = 0.0
-                n_end = min(N, (b + 1) * per_task)
-                for n in range(b * per_task, n_end):
-                    # Runs of S values; a chunk may span several runs (small S).
-                    s0 = 0
-                    while s0 < S:
-                        run = min(S - s0, CHUNK)
-                        run_start = base + (n * C + c) * S + s0
-                        if chunk_n == 0.0:
-                            shift = finite_or_zero(run_start[0])
-                        shifted_sums(run_start, run, shift, &s1, &s2)
-                        chunk_n = chunk_n + run
-                        s0 = s0 + run
-                        if chunk_n >= CHUNK:
-                            merge_shifted(&cnt, &mu, &m2, chunk_n, shift, s1, s2)
-                            chunk_n = 0.0
-                            s1 = 0.0
-                            s2 = 0.0
-                merge_shifted(&cnt, &mu, &m2, chunk_n, shift, s1, s2)
-                part[b * C + c] = mu
-                part_m2[b * C + c] = m2
-            mean[:] = 0.0
-            var[:] = 0.0
-            for b in range(blocks):
-                n = min(N, (b + 1) * per_task) - b * per_task
-                merge_rows(&mean[0], &var[0], part + b * C, part_m2 + b * C, C,
-                           <double>(b * per_task * S), <double>(n * S))
-            _finish(&mean[0], &var[0], C, <double>(N * S))
-    finally:
-        free(part)
 
 
 def channels_last(const floating[:, ::1] x,  # IN  (M, C)
@@ -112,86 +34,11 @@ def channels_last(const floating[:, ::1] x,  # IN  (M, C)
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     if M == 0 or C == 0:
         return
-    # Wide rows of W = k * C values (long inner loops for small C), in blocks.
-    cdef RowBlocks tiling = row_blocks(M, C, BLOCK_ELEMS, MAX_BLOCK_ROWS)
-    cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
-    cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
-    # Partial means and m2 per (block, column); counts follow from the block.
-    cdef double* part = <double*>malloc(2 * blocks * W * sizeof(double))
-    cdef int nt = threads_for(blocks, M * C, n_threads)
-    # Per-thread column sums, allocated up front: a thread that skipped the
-    # worksharing loop on a failed malloc would deadlock the others.
-    # Each thread's slice is padded to whole cache lines (no false sharing).
-    cdef Py_ssize_t slice_len = (2 * W + 7) // 8 * 8 + 8
-    cdef double* scratch = <double*>malloc(nt * slice_len * sizeof(double))
-    # Per-thread column shifts in the storage type (the SIMD leaf reads them so).
-    cdef floating* shifts = <floating*>malloc(nt * slice_len * sizeof(floating))
-    if part == NULL or scratch == NULL or shifts == NULL:
-        free(part)
-        free(scratch)
-        free(shifts)
+    cdef int status
+    with nogil:
+        status = stats_last(&x[0, 0], M, C, &mean[0], &var[0], n_threads)
+    if status:
         raise MemoryError()
-    cdef double* part_m2 = part + blocks * W
-    cdef const floating* base = &x[0, 0]
-    cdef const floating* first
-    cdef floating* shift = NULL
-    cdef double* s1 = NULL
-    cdef double* s2 = NULL
-    cdef Py_ssize_t b, r, j, l, r_end
-    cdef double cnt, n_a, inv_cnt
-    try:
-        with nogil:
-            with parallel(num_threads=nt):
-                s1 = scratch + slice_len * bnfast_thread_num()
-                s2 = s1 + W
-                shift = shifts + slice_len * bnfast_thread_num()
-                for b in prange(blocks, schedule='static'):
-                    for j in range(W):
-                        s1[j] = 0.0
-                        s2[j] = 0.0
-                    r_end = min(rows, (b + 1) * per_block)
-                    # Shift: the block's first wide row (values from the chunk).
-                    first = base + b * per_block * W
-                    for j in range(W):
-                        shift[j] = <floating>finite_or_zero(first[j])
-                    shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2)
-                    inv_cnt = 1.0 / <double>(r_end - b * per_block)
-                    # Plain arithmetic first (vectorises), rare fix-ups after.
-                    for j in range(W):
-                        part[b * W + j] = shift[j] + s1[j] * inv_cnt
-                        part_m2[b * W + j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
-                    for j in range(W):
-                        if not part_m2[b * W + j] >= 0.0:
-                            part_m2[b * W + j] = m2_fixup(part_m2[b * W + j], s1[j], s2[j])
-            # Fold (block, lane) partials in order, then the rows that did not
-            # fill a wide row (count 1, m2 0: scratch holds the zeros and values).
-            mean[:] = 0.0
-            var[:] = 0.0
-            n_a = 0.0
-            for b in range(blocks):
-                cnt = <double>(min(rows, (b + 1) * per_block) - b * per_block)
-                for l in range(k):
-                    merge_rows(&mean[0], &var[0], part + b * W + l * C,
-                               part_m2 + b * W + l * C, C, n_a, cnt)
-                    n_a = n_a + cnt
-            for j in range(C):
-                scratch[C + j] = 0.0
-            for r in range(rows * k, M):
-                for j in range(C):
-                    scratch[j] = base[r * C + j]
-                merge_rows(&mean[0], &var[0], scratch, scratch + C, C, n_a, 1.0)
-                n_a = n_a + 1.0
-            _finish(&mean[0], &var[0], C, <double>M)
-    finally:
-        free(shifts)
-        free(scratch)
-        free(part)
-
-
-
-ctypedef fused buffer_t:
-    float
-    double
 
 
 def update_running(buffer_t[::1] running_mean,  # IN/OUT (C,)
@@ -199,15 +46,13 @@ def update_running(buffer_t[::1] running_mean,  # IN/OUT (C,)
                    const double[::1] mean,      # IN (C,) batch mean
                    const double[::1] var,       # IN (C,) biased batch variance
                    double count, double momentum):
-    """PyTorch's running-stat update, computed in double and rounded once.
+    """PyTorch's running-stat update in place, computed in double and rounded once.
 
     running = (1 - momentum) * running + momentum * batch, with the unbiased
     variance var * count / (count - 1) for running_var.
     """
-    cdef Py_ssize_t c, C = mean.shape[0]
-    cdef double keep = 1.0 - momentum
-    cdef double unbias = count / (count - 1.0)
+    if mean.shape[0] == 0:
+        return
     with nogil:
-        for c in range(C):
-            running_mean[c] = <buffer_t>(keep * running_mean[c] + momentum * mean[c])
-            running_var[c] = <buffer_t>(keep * running_var[c] + momentum * (var[c] * unbias))
+        _batch_stats.update_running(&running_mean[0], &running_var[0], &mean[0], &var[0],
+                                    mean.shape[0], count, momentum)
