@@ -109,12 +109,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> rm
     array([0.3, 0.4], dtype=float32)
     """
-    if not training and type(input) is np.ndarray and input.ndim >= 2:
-        # Plain evaluation calls: one compiled call (see bnfast._inference).
+    if type(input) is np.ndarray and input.ndim >= 2:
+        # Plain calls: one compiled call (see bnfast._inference); None otherwise.
         coef = np.empty((4, input.shape[1])) if return_stats else None
-        result = _inference.normalize_with_running_stats(
-            input, running_mean, running_var, weight, bias, eps, addend, relu, out, n_threads,
-            coef, None, None)
+        if training:
+            result = _inference.normalize_with_batch_stats(
+                input, running_mean, running_var, weight, bias, eps, momentum, addend, relu,
+                out, n_threads, coef, None)
+        else:
+            result = _inference.normalize_with_running_stats(
+                input, running_mean, running_var, weight, bias, eps, addend, relu, out,
+                n_threads, coef, None, None)
         if result is not None:
             return (result, coef[0], coef[1]) if return_stats else result
     result, save_mean, save_invstd, _ = _batch_norm(

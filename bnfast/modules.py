@@ -126,10 +126,73 @@ class _BatchNorm:
         return self._forward(input, None, False, out)
 
     def _forward(self, input, addend, relu, out):
-        if not self.training and self.running_mean is not None:
-            result = self._forward_eval_fast(input, addend, relu, out)
-            if result is not None:
-                return result
+        factor = 0.0 if self.momentum is None else self.momentum
+        counted = self.training and self.track_running_stats
+        if counted and self.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(self.num_batches_tracked + 1)
+        # Batch statistics in training, and in eval when no running stats exist.
+        use_batch_stats = self.training or self.running_mean is None
+        tracking = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracking else None
+        running_var = self.running_var if tracking else None
+        save = B.is_grad_enabled()
+        done = None
+        if type(input) is np.ndarray and input.ndim in self._ndims and input.dtype == self.dtype:
+            done = self._forward_plain(input, running_mean, running_var, use_batch_stats, factor,
+                                       addend, relu, out, save)
+        if done is None:
+            done = self._forward_general(input, running_mean, running_var, use_batch_stats,
+                                         factor, addend, relu, out, save)
+        x, result, weight, mean, invstd, mask = done
+        if counted:  # only once the call succeeded: a rejected call changes nothing
+            self.num_batches_tracked += 1
+        if save:
+            self._save_for_backward(x, addend, use_batch_stats, out is not None, result, weight,
+                                    mean, invstd, mask)
+        else:
+            self._saved = None
+            self._saved_missing = _NO_GRAD
+        return result
+
+    def _forward_plain(self, x, running_mean, running_var, use_batch_stats, factor, addend,
+                       relu, out, save):
+        """A forward in one compiled call (see ``bnfast._inference``), or None if the
+        arguments are not plain (then the general path validates and explains).
+
+        Small inputs are dominated by per-call overhead, not by memory traffic:
+        this keeps it to about a microsecond.  Returns (input, out, saved weight,
+        saved mean, saved invstd, ReLU mask or None).
+        """
+        # With grad enabled, the ReLU mask for backward is packed inside the
+        # normalise pass (no extra read of the output).
+        bits = np.zeros((x.size + 7) // 8, dtype=np.uint8) if save and relu else None
+        weight = mean = invstd = None
+        if use_batch_stats:
+            coef = np.empty((4, self.num_features)) if save else None
+            result = _inference.normalize_with_batch_stats(
+                x, running_mean, running_var, self.weight, self.bias, self.eps, factor,
+                addend, relu, out, self.n_threads, coef, bits)
+            if result is None:
+                return None
+            if save:
+                weight = None if self.weight is None else self.weight.copy()
+                mean, invstd = coef[0], coef[1]
+        else:
+            cache = self._coef_cache
+            result = _inference.normalize_with_running_stats(
+                x, running_mean, running_var, self.weight, self.bias, self.eps, addend, relu,
+                out, self.n_threads, None, bits, cache)
+            if result is None:
+                return None
+            # The cache's arrays are read-only and replaced on change, never
+            # rewritten: views of them are this forward's own snapshot.
+            weight, mean, invstd = cache.weight, cache.mean, cache.invstd
+        mask = None if bits is None else B.ReluMask(bits, x.shape, _layout.layout_of(x))
+        return x, result, weight, mean, invstd, mask
+
+    def _forward_general(self, input, running_mean, running_var, use_batch_stats, factor,
+                         addend, relu, out, save):
+        """Validate, then the functional layer; returns what _forward_plain returns."""
         x = as_float_array(input, "input")
         self._check_input_dim(x)  # before any generic shape check: torch's message
         if x.dtype != self.dtype:
@@ -140,62 +203,13 @@ class _BatchNorm:
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected input with {self.num_features} channels (axis 1), "
                              f"got input of shape {x.shape}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        counted = self.training and self.track_running_stats
-        if counted and self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        # Batch statistics in training, and in eval when no running stats exist.
-        use_batch_stats = self.training or self.running_mean is None
-        tracking = not self.training or self.track_running_stats
-        save = B.is_grad_enabled()
-        # With grad enabled, the ReLU mask for backward is packed inside the
-        # normalise pass (no extra read of the output).
         result, mean, invstd, mask = F._batch_norm(
-            x,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps,
-            addend=addend, relu=relu, out=out, n_threads=self.n_threads, want_mask=save,
+            x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+            self.eps, addend=addend, relu=relu, out=out, n_threads=self.n_threads,
+            want_mask=save,
         )
-        if counted:  # only once the call succeeded: a rejected call changes nothing
-            self.num_batches_tracked += 1
-        if save:
-            weight = None if self.weight is None else self.weight.copy()
-            self._save_for_backward(x, addend, use_batch_stats, out is not None, result, weight,
-                                    mean, invstd, mask)
-        else:
-            self._saved = None
-            self._saved_missing = _NO_GRAD
-        return result
-
-    def _forward_eval_fast(self, input, addend, relu, out):
-        """An evaluation forward in one compiled call, or None for the general path.
-
-        Covers plain arrays (see ``bnfast._inference``): a C-contiguous input of
-        the module's dtype, its own buffers.  Small inputs are dominated by
-        per-call overhead, not by memory traffic; this path keeps it to ~1 us.
-        """
-        if type(input) is not np.ndarray or input.ndim not in self._ndims \
-                or input.dtype != self.dtype:
-            return None
-        save = B.is_grad_enabled()
-        bits = np.zeros((input.size + 7) // 8, dtype=np.uint8) if save and relu else None
-        cache = self._coef_cache
-        result = _inference.normalize_with_running_stats(
-            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-            addend, relu, out, self.n_threads, None, bits, cache)
-        if result is None:
-            return None
-        if save:
-            # The cache's arrays are read-only and replaced on change, never
-            # rewritten: views of them are this forward's own snapshot.
-            mask = None if bits is None else B.ReluMask(bits, input.shape, _layout.layout_of(input))
-            self._save_for_backward(input, addend, False, out is not None, result, cache.weight,
-                                    cache.mean, cache.invstd, mask)
-        else:
-            self._saved = None
-            self._saved_missing = _NO_GRAD
-        return result
+        weight = None if not save or self.weight is None else self.weight.copy()
+        return x, result, weight, mean, invstd, mask
 
     # -- backward -----------------------------------------------------------------
     def _save_for_backward(self, x, addend, batch_stats, out_given, out, weight, mean, invstd,

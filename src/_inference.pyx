@@ -1,14 +1,21 @@
-"""Evaluation-mode batch norm from ndarray objects in one compiled call.
+"""Batch norm from ndarray objects in one compiled call: the small-input paths.
 
 A module's eval call on a small array (ResNet's last block: (1, 512, 7, 7), ~3 us
 of copying) used to spend ~15 us around the kernel: Python validation, eight
 typed-memoryview acquisitions, an OpenMP region for one thread and 512 square
-roots.  ``normalize_with_running_stats`` checks what it needs through the NumPy
-C API (nanoseconds each), reuses the coefficients while the running statistics,
-weight, bias and eps are bitwise unchanged (``CoefficientCache``), and runs the
-kernels of ``_affine.pxd``.  It accepts only the plain case and returns None for
-anything else, so the Python layer stays the one place that validates and
-explains errors.
+roots.  The entries here check what they need through the NumPy C API
+(nanoseconds each) and run the kernels of ``_batch_stats.pxd`` and
+``_affine.pxd`` directly:
+
+* ``normalize_with_running_stats`` (evaluation) reuses the coefficients while
+  the running statistics, weight, bias and eps are bitwise unchanged
+  (``CoefficientCache``);
+* ``normalize_with_batch_stats`` (training, and evaluation without running
+  statistics) computes the batch statistics, updates the running ones and
+  normalises, in one call.
+
+They accept only the plain case and return None for anything else, so the
+Python layer stays the one place that validates and explains errors.
 """
 cimport numpy as cnp
 from cython cimport floating
@@ -16,6 +23,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
 from _affine cimport apply_table, fill_coefficients, fill_table, make_table
+from _batch_stats cimport stats_first, stats_last, update_running
 from _tiling cimport tile_repeat
 from _openmp_helpers cimport bnfast_max_threads
 
@@ -155,6 +163,80 @@ cdef void* _data_or_null(object a) noexcept:
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef struct Call:
+    # What the checks of a plain call found; S == 0 means N rows of C (channels-last).
+    int typenum
+    Py_ssize_t N, C, S
+    int n_threads
+
+
+cdef bint _check_call(object x, object weight, object bias, object eps, object addend,
+                      bint relu, object out, object n_threads, object mask, Call* call):
+    """The checks both entries share (see normalize_with_running_stats); fills call."""
+    if not cnp.PyArray_CheckExact(x):
+        return False
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int typenum = cnp.PyArray_TYPE(xa)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        return False
+    cdef int ndim = cnp.PyArray_NDIM(xa)
+    if ndim < 2 or not _is_plain(x, typenum) or cnp.PyArray_SIZE(xa) == 0:
+        return False
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, 1), S = 1
+    cdef int d
+    for d in range(2, ndim):
+        S *= cnp.PyArray_DIM(xa, d)
+    if not ((weight is None or _is_vector(weight, typenum, C))
+            and (bias is None or _is_vector(bias, typenum, C))):
+        return False
+    if not (type(eps) is float and <double>eps > 0.0):
+        return False
+    if n_threads is None:
+        call.n_threads = bnfast_max_threads()
+    elif type(n_threads) is int and 0 < n_threads <= 1 << 16:
+        call.n_threads = n_threads
+    else:
+        return False
+    if addend is not None and not (_is_plain(addend, typenum)
+                                   and _same_shape(<cnp.ndarray>addend, xa)
+                                   and _apart_or_same(<cnp.ndarray>addend, xa)):
+        return False
+    if out is not None and not (_is_plain(out, typenum) and _same_shape(<cnp.ndarray>out, xa)
+                                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+                                and _apart_or_same(<cnp.ndarray>out, xa)
+                                and (addend is None
+                                     or _apart_or_same(<cnp.ndarray>out, <cnp.ndarray>addend))):
+        return False
+    if mask is not None and not (_is_plain(mask, cnp.NPY_UINT8)
+                                 and cnp.PyArray_SIZE(<cnp.ndarray>mask)
+                                 == (cnp.PyArray_SIZE(xa) + 7) // 8
+                                 and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>mask)):
+        return False
+    call.typenum = typenum
+    call.N = cnp.PyArray_DIM(xa, 0)
+    call.C = C
+    # A C-contiguous array with one value per (sample, channel) is the rows layout.
+    call.S = 0 if S == 1 else S
+    return True
+
+
+cdef bint _is_coef(object coef, Py_ssize_t C) noexcept:
+    """None, or a writable (4, C) float64 table to fill."""
+    return coef is None or (_is_plain(coef, cnp.NPY_FLOAT64)
+                            and cnp.PyArray_NDIM(<cnp.ndarray>coef) == 2
+                            and cnp.PyArray_DIM(<cnp.ndarray>coef, 0) == 4
+                            and cnp.PyArray_DIM(<cnp.ndarray>coef, 1) == C
+                            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>coef))
+
+
+cdef object _output(object x, object out):
+    """out, or a new C-contiguous array like x."""
+    if out is not None:
+        return out
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+
+
 def normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps,
                                  addend, bint relu, out, n_threads, coef, mask, cache):
     """Evaluation-mode batch norm in one call, or None if the arguments are not plain.
@@ -177,51 +259,13 @@ def normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps
     ndarray or None
         The output (``out`` if given).
     """
-    if not cnp.PyArray_CheckExact(x):
+    cdef Call call
+    if not _check_call(x, weight, bias, eps, addend, relu, out, n_threads, mask, &call):
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int typenum = cnp.PyArray_TYPE(xa)
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        return None
-    cdef int ndim = cnp.PyArray_NDIM(xa)
-    if ndim < 2 or not _is_plain(x, typenum) or cnp.PyArray_SIZE(xa) == 0:
-        return None
-    cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1), S = 1
-    cdef int d
-    for d in range(2, ndim):
-        S *= cnp.PyArray_DIM(xa, d)
+    cdef int typenum = call.typenum
+    cdef Py_ssize_t C = call.C
     if not (_is_vector(running_mean, typenum, C) and _is_vector(running_var, typenum, C)
-            and (weight is None or _is_vector(weight, typenum, C))
-            and (bias is None or _is_vector(bias, typenum, C))):
-        return None
-    if not (type(eps) is float and <double>eps > 0.0):
-        return None
-    cdef int nt
-    if n_threads is None:
-        nt = bnfast_max_threads()
-    elif type(n_threads) is int and 0 < n_threads <= 1 << 16:
-        nt = n_threads
-    else:
-        return None
-    if addend is not None and not (_is_plain(addend, typenum)
-                                   and _same_shape(<cnp.ndarray>addend, xa)
-                                   and _apart_or_same(<cnp.ndarray>addend, xa)):
-        return None
-    if out is not None and not (_is_plain(out, typenum) and _same_shape(<cnp.ndarray>out, xa)
-                                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
-                                and _apart_or_same(<cnp.ndarray>out, xa)
-                                and (addend is None
-                                     or _apart_or_same(<cnp.ndarray>out, <cnp.ndarray>addend))):
-        return None
-    if coef is not None and not (_is_plain(coef, cnp.NPY_FLOAT64)
-                                 and cnp.PyArray_NDIM(<cnp.ndarray>coef) == 2
-                                 and cnp.PyArray_DIM(<cnp.ndarray>coef, 0) == 4
-                                 and cnp.PyArray_DIM(<cnp.ndarray>coef, 1) == C
-                                 and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>coef)):
-        return None
-    if mask is not None and not (_is_plain(mask, cnp.NPY_UINT8)
-                                 and cnp.PyArray_SIZE(<cnp.ndarray>mask) == (N * C * S + 7) // 8
-                                 and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>mask)):
+            and _is_coef(coef, C)):
         return None
     if cache is not None and type(cache) is not CoefficientCache:
         return None
@@ -237,43 +281,130 @@ def normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps
                                                       running_var, weight, bias)
         if coef is not None:
             memcpy(cnp.PyArray_DATA(<cnp.ndarray>coef), table_coef, 4 * C * sizeof(double))
-        if S > 1 or tile_repeat(C) == 1:
+        if call.S or tile_repeat(C) == 1:
             storage = (<CoefficientCache>cache).storage_table
-    elif coef is not None:
-        table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>coef)
     else:
-        table_coef = scratch = <double*>malloc(4 * C * sizeof(double))
-        if scratch == NULL:
-            raise MemoryError()
-    if cache is None:
+        if coef is not None:
+            table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>coef)
+        else:
+            table_coef = scratch = <double*>malloc(4 * C * sizeof(double))
+            if scratch == NULL:
+                raise MemoryError()
         parts[0] = cnp.PyArray_DATA(<cnp.ndarray>running_mean)
         parts[1] = cnp.PyArray_DATA(<cnp.ndarray>running_var)
         parts[2] = _data_or_null(weight)
         parts[3] = _data_or_null(bias)
         _compute_coefficients(typenum, C, eps, parts, table_coef)
-    if out is None:
-        out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), typenum, 0)
-    # A C-contiguous array with one value per (sample, channel) is the rows layout.
-    cdef Py_ssize_t runs = 0 if S == 1 else S
+    out = _output(x, out)
     cdef int status
     try:
-        if typenum == cnp.NPY_FLOAT32:
-            status = _apply[float](
-                <const float*>cnp.PyArray_DATA(xa), <const float*>_data_or_null(addend),
-                <float*>_data_or_null(out), N, C, runs, table_coef,
-                <const float*>_data_or_null(storage), relu, nt,
-                <unsigned char*>_data_or_null(mask))
-        else:
-            status = _apply[double](
-                <const double*>cnp.PyArray_DATA(xa), <const double*>_data_or_null(addend),
-                <double*>_data_or_null(out), N, C, runs, table_coef,
-                <const double*>_data_or_null(storage), relu, nt,
-                <unsigned char*>_data_or_null(mask))
+        status = _apply_call(x, addend, out, &call, table_coef, _data_or_null(storage), relu,
+                             mask)
     finally:
         free(scratch)
     if status:
         raise MemoryError()
     return out
+
+
+def normalize_with_batch_stats(x, running_mean, running_var, weight, bias, eps, momentum,
+                               addend, bint relu, out, n_threads, coef, mask):
+    """Batch norm with batch statistics in one call, or None if the arguments are not plain.
+
+    Training (and evaluation without running statistics): the per-channel
+    mean and biased variance of ``x`` normalise it; when ``running_mean`` and
+    ``running_var`` are given they are updated in place with ``momentum`` (a
+    float: the module's factor) and the unbiased variance, as
+    ``functional.batch_norm`` does.  Plain as in
+    :func:`normalize_with_running_stats`, and: more than one value per
+    channel; running buffers both None or both writable (C,) arrays of x's
+    dtype; ``momentum`` a float.  ``coef`` (optional) receives the batch mean,
+    invstd, scale and shift.
+
+    Returns
+    -------
+    ndarray or None
+        The output (``out`` if given).
+    """
+    cdef Call call
+    if not _check_call(x, weight, bias, eps, addend, relu, out, n_threads, mask, &call):
+        return None
+    cdef int typenum = call.typenum
+    cdef Py_ssize_t C = call.C
+    if call.N * (call.S if call.S else 1) < 2 or type(momentum) is not float \
+            or not _is_coef(coef, C):
+        return None
+    if running_mean is not None or running_var is not None:
+        if not (_is_vector(running_mean, typenum, C) and _is_vector(running_var, typenum, C)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+            return None
+    out = _output(x, out)
+    cdef double* table_coef
+    cdef double* scratch = NULL
+    if coef is not None:
+        table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>coef)
+    else:
+        table_coef = scratch = <double*>malloc(4 * C * sizeof(double))
+        if scratch == NULL:
+            raise MemoryError()
+    cdef int status
+    try:
+        if typenum == cnp.NPY_FLOAT32:
+            status = _batch_coefficients[float](
+                <const float*>cnp.PyArray_DATA(<cnp.ndarray>x), &call,
+                <float*>_data_or_null(running_mean), <float*>_data_or_null(running_var),
+                <const float*>_data_or_null(weight), <const float*>_data_or_null(bias),
+                eps, momentum, table_coef)
+        else:
+            status = _batch_coefficients[double](
+                <const double*>cnp.PyArray_DATA(<cnp.ndarray>x), &call,
+                <double*>_data_or_null(running_mean), <double*>_data_or_null(running_var),
+                <const double*>_data_or_null(weight), <const double*>_data_or_null(bias),
+                eps, momentum, table_coef)
+        if status == 0:
+            status = _apply_call(x, addend, out, &call, table_coef, NULL, relu, mask)
+    finally:
+        free(scratch)
+    if status:
+        raise MemoryError()
+    return out
+
+
+cdef int _batch_coefficients(const floating* xp, const Call* call, floating* running_mean,
+                             floating* running_var, const floating* weight,
+                             const floating* bias, double eps, double momentum,
+                             double* coef) noexcept:
+    """Batch mean and variance into coef rows 0 and 1, the running update, then the
+    coefficients in place (row 1 becomes invstd).  -1 without memory."""
+    cdef Py_ssize_t C = call.C, count = call.N * (call.S if call.S else 1)
+    cdef int status
+    with nogil:
+        if call.S:
+            status = stats_first(xp, call.N, C, call.S, coef, coef + C, call.n_threads)
+        else:
+            status = stats_last(xp, call.N, C, coef, coef + C, call.n_threads)
+        if status == 0:
+            if running_mean != NULL:
+                update_running(running_mean, running_var, coef, coef + C, C, <double>count,
+                               momentum)
+            fill_coefficients(<const double*>coef, <const double*>(coef + C), weight, bias, C,
+                              eps, coef)
+    return status
+
+
+cdef int _apply_call(object x, object addend, object out, const Call* call, const double* coef,
+                     const void* table, bint relu, object mask) noexcept:
+    """Apply the coefficients (or the ready storage table) to x into out.  -1 without memory."""
+    if call.typenum == cnp.NPY_FLOAT32:
+        return _apply[float](
+            <const float*>cnp.PyArray_DATA(<cnp.ndarray>x), <const float*>_data_or_null(addend),
+            <float*>_data_or_null(out), call.N, call.C, call.S, coef, <const float*>table,
+            relu, call.n_threads, <unsigned char*>_data_or_null(mask))
+    return _apply[double](
+        <const double*>cnp.PyArray_DATA(<cnp.ndarray>x), <const double*>_data_or_null(addend),
+        <double*>_data_or_null(out), call.N, call.C, call.S, coef, <const double*>table,
+        relu, call.n_threads, <unsigned char*>_data_or_null(mask))
 
 
 cdef int _apply(const floating* xp, const floating* ap, floating* yp, Py_ssize_t N,
