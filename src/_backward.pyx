@@ -176,6 +176,27 @@ cdef inline floating _offset_in(floating m, const double[:, ::1] coef, Py_ssize_
 
 
 # -- pass 1 ---------------------------------------------------------------------------
+cdef inline void _reduce_first_task(Py_ssize_t t, const floating* xp, const floating* dyp,
+                                    const unsigned char* bits, const double* mean,
+                                    floating* gp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                    Py_ssize_t cpt, Py_ssize_t npt, Py_ssize_t cblocks,
+                                    double* part, double* part_xdy) noexcept nogil:
+    """Task t = (sample block nb, channel block cb): its sums into part[nb * C + c]."""
+    cdef Py_ssize_t nb = t // cblocks
+    cdef Py_ssize_t cb = t - nb * cblocks
+    cdef Py_ssize_t c0 = cb * cpt
+    cdef Py_ssize_t c1 = min(C, c0 + cpt)
+    cdef Py_ssize_t c, n, off
+    for c in range(c0, c1):
+        part[nb * C + c] = 0.0
+        part_xdy[nb * C + c] = 0.0
+    for n in range(nb * npt, min(N, (nb + 1) * npt)):
+        for c in range(c0, c1):
+            off = (n * C + c) * S
+            _dot(xp + off, dyp + off, bits, off, S, mean[c], part + nb * C + c,
+                 part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
+
+
 def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
                           const floating[:, :, ::1] dy,   # IN  (N, C, S)
                           const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
@@ -208,28 +229,36 @@ def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
     cdef double* part_xdy = part + nblocks * C
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* dyp = &dy[0, 0, 0]
-    cdef Py_ssize_t t, nb, cb, c, c0, c1, n, off
+    cdef Py_ssize_t t, nb
     try:
         with nogil:
-            for t in prange(tasks, schedule='static', num_threads=nt):
-                nb = t // cblocks
-                cb = t - nb * cblocks
-                c0 = cb * cpt
-                c1 = min(C, c0 + cpt)
-                for c in range(c0, c1):
-                    part[nb * C + c] = 0.0
-                    part_xdy[nb * C + c] = 0.0
-                for n in range(nb * npt, min(N, (nb + 1) * npt)):
-                    for c in range(c0, c1):
-                        off = (n * C + c) * S
-                        _dot(xp + off, dyp + off, bits, off, S, mean[c],
-                             part + nb * C + c, part_xdy + nb * C + c,
-                             NULL if gp == NULL else gp + off)
+            if nt == 1:  # no OpenMP region: entering one costs ~1 us even for 1 thread
+                for t in range(tasks):
+                    _reduce_first_task(t, xp, dyp, bits, &mean[0], gp, N, C, S, cpt, npt,
+                                       cblocks, part, part_xdy)
+            else:
+                for t in prange(tasks, schedule='static', num_threads=nt):
+                    _reduce_first_task(t, xp, dyp, bits, &mean[0], gp, N, C, S, cpt, npt,
+                                       cblocks, part, part_xdy)
             for nb in range(nblocks):
                 _add_into(&sum_dy[0], part + nb * C, C)
                 _add_into(&sum_xdy[0], part_xdy + nb * C, C)
     finally:
         free(part)
+
+
+cdef inline void _reduce_last_block(Py_ssize_t b, const floating* xp, const floating* dyp,
+                                    const unsigned char* bits, floating* gp, Py_ssize_t rows,
+                                    Py_ssize_t per_block, Py_ssize_t W, const double* shift,
+                                    double* part, double* part_xdy) noexcept nogil:
+    """Block b of wide rows: its column sums into part[b * W:], part_xdy[b * W:]."""
+    cdef Py_ssize_t j
+    for j in range(W):
+        part[b * W + j] = 0.0
+        part_xdy[b * W + j] = 0.0
+    cdef Py_ssize_t r0 = b * per_block
+    _coldot(xp + r0 * W, dyp + r0 * W, bits, r0 * W, min(rows, r0 + per_block) - r0, W, shift,
+            part + b * W, part_xdy + b * W, NULL if gp == NULL else gp + r0 * W)
 
 
 def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
@@ -261,20 +290,20 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
     cdef double* shift = part + 2 * blocks * W
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
-    cdef Py_ssize_t b, j, l, r, r0, c
+    cdef Py_ssize_t b, j, l, r, c
     cdef double v
     for j in range(W):
         shift[j] = mean[j % C]
     try:
         with nogil:
-            for b in prange(blocks, schedule='static', num_threads=nt):
-                for j in range(W):
-                    part[b * W + j] = 0.0
-                    part_xdy[b * W + j] = 0.0
-                r0 = b * per_block
-                _coldot(xp + r0 * W, dyp + r0 * W, bits, r0 * W, min(rows, r0 + per_block) - r0,
-                        W, shift, part + b * W, part_xdy + b * W,
-                        NULL if gp == NULL else gp + r0 * W)
+            if nt == 1:  # see reduce_channels_first
+                for b in range(blocks):
+                    _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
+                                       part_xdy)
+            else:
+                for b in prange(blocks, schedule='static', num_threads=nt):
+                    _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
+                                       part_xdy)
             # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
             for b in range(blocks):
                 for l in range(k):
@@ -329,6 +358,30 @@ def coefficients(const double[::1] sum_dy,    # IN  (C,) from reduce_*
 
 
 # -- pass 2 ---------------------------------------------------------------------------
+cdef inline void _apply_first_block(Py_ssize_t blk, const floating* xp, const floating* dyp,
+                                    const unsigned char* bits, const double[:, ::1] coef,
+                                    floating* dxp, floating* gp, Py_ssize_t runs, Py_ssize_t C,
+                                    Py_ssize_t S, Py_ssize_t per_block, bint training,
+                                    bint stream) noexcept nogil:
+    """Runs [blk * per_block, ...) of (N, C, S): run t is channel t % C."""
+    cdef Py_ssize_t c = (blk * per_block) % C
+    cdef Py_ssize_t t, off
+    cdef floating m, a, b, d
+    for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
+        m = <floating>coef[0, c]
+        a = <floating>coef[1, c]
+        b = <floating>coef[2, c]
+        d = _offset_in(m, coef, c)
+        off = t * S
+        _grad_scalar(xp + off, dyp + off, bits, off, S, m, a, b, d, training, stream,
+                     NULL if dxp == NULL else dxp + off, NULL if gp == NULL else gp + off)
+        c = c + 1
+        if c == C:
+            c = 0
+    if stream:
+        bnfast_stream_fence()
+
+
 def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not read in eval)
                          const floating[:, :, ::1] dy,   # IN  (N, C, S)
                          const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
@@ -355,29 +408,35 @@ def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not re
     cdef floating* dxp = NULL if dx is None else &dx[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* dyp = &dy[0, 0, 0]
-    cdef Py_ssize_t blk, t, c, off
-    cdef floating m, a, b, d
+    cdef Py_ssize_t blk
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
     stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(floating))
     with nogil:
-        for blk in prange(blocks, schedule='static', num_threads=nt):
-            c = (blk * per_block) % C
-            for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
-                # Assigned here, not through pointers, so each thread keeps its own.
-                m = <floating>coef[0, c]
-                a = <floating>coef[1, c]
-                b = <floating>coef[2, c]
-                d = _offset_in(m, coef, c)
-                off = t * S
-                _grad_scalar(xp + off, dyp + off, bits, off, S, m, a, b, d, training, stream,
-                             NULL if dxp == NULL else dxp + off,
-                             NULL if gp == NULL else gp + off)
-                c = c + 1
-                if c == C:
-                    c = 0
-            if stream:
-                bnfast_stream_fence()
+        if nt == 1:  # see reduce_channels_first
+            for blk in range(blocks):
+                _apply_first_block(blk, xp, dyp, bits, coef, dxp, gp, runs, C, S, per_block,
+                                   training, stream)
+        else:
+            for blk in prange(blocks, schedule='static', num_threads=nt):
+                _apply_first_block(blk, xp, dyp, bits, coef, dxp, gp, runs, C, S, per_block,
+                                   training, stream)
+
+
+cdef inline void _apply_last_block(Py_ssize_t blk, const floating* xp, const floating* dyp,
+                                   const unsigned char* bits, const floating* tile,
+                                   floating* dxp, floating* gp, Py_ssize_t total, Py_ssize_t W,
+                                   Py_ssize_t per_block, bint training,
+                                   bint stream) noexcept nogil:
+    """Values [blk * per_block, ...) of the flat (M, C) array, in W-long tile pieces."""
+    cdef Py_ssize_t i_end = min(total, (blk + 1) * per_block)
+    cdef Py_ssize_t i = blk * per_block
+    while i < i_end:
+        _grad_tiled(xp + i, dyp + i, bits, i, min(W, i_end - i), tile, W, training, stream,
+                    NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
+        i = i + W
+    if stream:
+        bnfast_stream_fence()
 
 
 def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read in eval)
@@ -408,7 +467,7 @@ def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read i
     cdef floating* tile = <floating*>malloc(4 * W * sizeof(floating))
     if tile == NULL:
         raise MemoryError()
-    cdef Py_ssize_t j, blk, i, i_end
+    cdef Py_ssize_t j, blk
     stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(floating))
     for j in range(W):
         tile[j] = <floating>coef[0, j % C]
@@ -419,21 +478,28 @@ def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read i
     cdef const floating* dyp = &dy[0, 0]
     try:
         with nogil:
-            for blk in prange(blocks, schedule='static', num_threads=nt):
-                i_end = min(total, (blk + 1) * per_block)
-                i = blk * per_block
-                while i < i_end:
-                    _grad_tiled(xp + i, dyp + i, bits, i, min(W, i_end - i), tile, W, training,
-                                stream, NULL if dxp == NULL else dxp + i,
-                                NULL if gp == NULL else gp + i)
-                    i = i + W
-                if stream:
-                    bnfast_stream_fence()
+            if nt == 1:  # see reduce_channels_first
+                for blk in range(blocks):
+                    _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block,
+                                      training, stream)
+            else:
+                for blk in prange(blocks, schedule='static', num_threads=nt):
+                    _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block,
+                                      training, stream)
     finally:
         free(tile)
 
 
 # -- the ReLU mask ----------------------------------------------------------------------
+cdef inline void _pack_block(const floating* yp, unsigned char* bp, Py_ssize_t i0,
+                             Py_ssize_t n) noexcept nogil:
+    """Bits of y[i0:i0 + n] into bp[i0 // 8:] (i0 a multiple of 8)."""
+    if floating is float:
+        bnfast_pack_positive_f32(yp + i0, n, bp + i0 // 8)
+    else:
+        bnfast_pack_positive_f64(yp + i0, n, bp + i0 // 8)
+
+
 def pack_positive(const floating[::1] y,      # IN  flat output of the fused forward
                   unsigned char[::1] bits,    # OUT (ceil(n / 8),) little bit order
                   int n_threads):
@@ -445,11 +511,11 @@ def pack_positive(const floating[::1] y,      # IN  flat output of the fused for
     cdef int nt = threads_for(blocks, n, n_threads)
     cdef const floating* yp = &y[0]
     cdef unsigned char* bp = &bits[0]
-    cdef Py_ssize_t blk, i0
+    cdef Py_ssize_t blk
     with nogil:
-        for blk in prange(blocks, schedule='static', num_threads=nt):
-            i0 = blk * PACK_ELEMS
-            if floating is float:
-                bnfast_pack_positive_f32(yp + i0, min(PACK_ELEMS, n - i0), bp + i0 // 8)
-            else:
-                bnfast_pack_positive_f64(yp + i0, min(PACK_ELEMS, n - i0), bp + i0 // 8)
+        if nt == 1:  # see reduce_channels_first
+            for blk in range(blocks):
+                _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+        else:
+            for blk in prange(blocks, schedule='static', num_threads=nt):
+                _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
