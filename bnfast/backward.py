@@ -32,6 +32,16 @@ class _GradState(threading.local):
 
 _grad_state = _GradState()
 
+# Specialised kernels looked up once per (layout, dtype char): Cython's fused-type
+# dispatch costs microseconds per call, a dict lookup tens of nanoseconds.
+_CTYPE = {"f": "float", "d": "double"}
+_REDUCE = {(layout, char): getattr(_backward, "reduce_" + layout)[ctype]
+           for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()}
+_APPLY = {(layout, char): getattr(_backward, "apply_" + layout)[ctype]
+          for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()}
+_COEFFICIENTS = {char: _backward.coefficients[ctype] for char, ctype in _CTYPE.items()}
+_PACK_POSITIVE = {char: _backward.pack_positive[ctype] for char, ctype in _CTYPE.items()}
+
 # grad_input is written with non-temporal stores (bypassing the caches) from this
 # size of input up: pass 2 then saves the read-for-ownership of every line.
 STREAM_BYTES = 1 << 24
@@ -138,7 +148,7 @@ def _pack_mask(y, nt, layout=None):
     y = _layout.to_layout(y, layout)
     flat = _layout.kernel_view(y, layout).reshape(-1)
     bits = np.empty((flat.size + 7) // 8, dtype=np.uint8)
-    _backward.pack_positive(flat, bits, nt)
+    _PACK_POSITIVE[flat.dtype.char](flat, bits, nt)
     return ReluMask(bits, y.shape, layout)
 
 
@@ -355,9 +365,8 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
     dy = _layout.to_layout(dy, layout)
     xk = _layout.kernel_view(x, layout)
     dyk = _layout.kernel_view(dy, layout)
-    first = layout == _layout.FIRST
-    reduce = _backward.reduce_channels_first if first else _backward.reduce_channels_last
-    apply = _backward.apply_channels_first if first else _backward.apply_channels_last
+    reduce = _REDUCE[layout, x.dtype.char]
+    apply = _APPLY[layout, x.dtype.char]
 
     # grad_input is written in pass 2, elementwise after reading x and dy at the
     # same index: it may be either of them.  g is written in pass 1 and read in
@@ -380,8 +389,8 @@ def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend
     else:
         work[:2] = 0.0
     w_arr = np.ascontiguousarray(weight) if weight is not None else mean
-    _backward.coefficients(sum_dy, sum_xdy, mean, invstd, w_arr, weight is not None,
-                           float(x.size // max(C, 1)), training, coef)
+    _COEFFICIENTS[w_arr.dtype.char](sum_dy, sum_xdy, mean, invstd, w_arr, weight is not None,
+                                    float(x.size // max(C, 1)), training, coef)
     if want_dx or (want_g and not g_done):
         # Non-temporal stores for dx only when the arrays are well beyond the caches.
         stream = want_dx and x.nbytes >= STREAM_BYTES
