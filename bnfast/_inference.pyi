@@ -1,7 +1,9 @@
-"""Type stub for the one-call evaluation path (src/_inference.pyx).
+"""Type stub for the one-call paths (src/_inference.pyx).
 
-``normalize_with_running_stats`` returns the output, or None when an argument
-is not "plain" (then the caller takes the validating general path).
+``normalize_with_running_stats`` (evaluation) and ``normalize_with_batch_stats``
+(training; evaluation without running statistics) return the output, or None
+when an argument is not "plain" (then the caller takes the validating general
+path).
 """
 from typing import Any, Optional
 
@@ -25,4 +27,10 @@ def normalize_with_running_stats(
     addend: Any, relu: bool, out: Any, n_threads: Any,
     coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
     cache: Optional[CoefficientCache],
+) -> Optional[_F]: ...
+
+def normalize_with_batch_stats(
+    x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: Any,
+    momentum: Any, addend: Any, relu: bool, out: Any, n_threads: Any,
+    coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
 ) -> Optional[_F]: ...

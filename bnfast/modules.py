@@ -137,7 +137,8 @@ class _BatchNorm:
         running_var = self.running_var if tracking else None
         save = B.is_grad_enabled()
         done = None
-        if type(input) is np.ndarray and input.ndim in self._ndims and input.dtype == self.dtype:
+        if (type(input) is np.ndarray and input.ndim in self._ndims and input.dtype == self.dtype
+                and input.shape[1] == self.num_features):
             done = self._forward_plain(input, running_mean, running_var, use_batch_stats, factor,
                                        addend, relu, out, save)
         if done is None:

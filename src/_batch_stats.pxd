@@ -168,7 +168,8 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
             for b in prange(blocks, schedule='static'):
                 _last_block(base, b, rows, per_block, W, shift, s1, s1 + W, part, part_m2)
     # Fold (block, lane) partials in order, then the rows that did not fill a
-    # wide row (count 1, m2 0: scratch holds the zeros and values).
+    # wide row (count 1; scratch holds the values and their m2: 0, or NaN for a
+    # non-finite value, as a chunk's shifted sums give).
     for j in range(C):
         mean[j] = 0.0
         var[j] = 0.0
@@ -178,11 +179,10 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
         for l in range(k):
             merge_rows(mean, var, part + b * W + l * C, part_m2 + b * W + l * C, C, n_a, cnt)
             n_a = n_a + cnt
-    for j in range(C):
-        scratch[C + j] = 0.0
     for r in range(rows * k, M):
         for j in range(C):
             scratch[j] = base[r * C + j]
+            scratch[C + j] = scratch[j] - scratch[j]
         merge_rows(mean, var, scratch, scratch + C, C, n_a, 1.0)
         n_a = n_a + 1.0
     _finish(mean, var, C, <double>M)
