@@ -188,3 +188,29 @@ def torch():
     # No torch.set_num_threads here: torch may share the OpenMP runtime (libgomp)
     # with bnfast, and omp_set_num_threads would then limit bnfast for the session.
     return pytest.importorskip("torch")
+
+
+class NonPlainArray(np.ndarray):
+    """An ndarray subclass: never taken by the one-call paths (bnfast._inference)."""
+
+
+class GeneralPathSpy:
+    """Counts the calls that reach ``bnfast.functional._batch_norm`` (the general path)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+@pytest.fixture
+def general_path(monkeypatch):
+    """A GeneralPathSpy in place of ``bnfast.functional._batch_norm``: ``.calls == 0``
+    after a call means it took a one-call path."""
+    import bnfast.functional as F
+    spy = GeneralPathSpy(F._batch_norm)
+    monkeypatch.setattr(F, "_batch_norm", spy)
+    return spy
