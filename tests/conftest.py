@@ -214,3 +214,21 @@ def general_path(monkeypatch):
     spy = GeneralPathSpy(F._batch_norm)
     monkeypatch.setattr(F, "_batch_norm", spy)
     return spy
+
+
+def assert_same(actual, expected, msg=""):
+    """Bit for bit (NaN where NaN), same dtype and shape."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
+    if not np.array_equal(actual, expected):  # a quick pass first: big arrays are compared often
+        np.testing.assert_array_equal(actual, expected, err_msg=msg)
+
+
+def other_float(dtype):
+    """The other supported float dtype."""
+    return np.float64 if np.dtype(dtype) == np.float32 else np.float32
+
+
+def read_only_copy(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a

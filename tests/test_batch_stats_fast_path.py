@@ -21,6 +21,9 @@ from bnfast import functional as F
 from bnfast._inference import normalize_with_batch_stats
 from conftest import (
     NonPlainArray,
+    assert_same,
+    other_float,
+    read_only_copy,
     LAYOUT_ULPS,
     STAT_TOL,
     TOL,
@@ -67,13 +70,6 @@ def _general(x, rm, rv, w, b, training, momentum, eps=EPS, addend=None, relu=Fal
                             out=out, n_threads=None, want_mask=want_mask)
 
 
-def _assert_same(actual, expected, msg=""):
-    """Bit for bit (NaN where NaN), same dtype and shape."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
-    if not np.array_equal(actual, expected):  # a quick pass first: big arrays are compared often
-        np.testing.assert_array_equal(actual, expected, err_msg=msg)
-
-
 def _assert_close(actual, expected, dtype, table=TOL):
     """conftest.assert_close, with a quick vectorised pass first (big arrays)."""
     a = np.asarray(actual, dtype=np.float64)
@@ -82,16 +78,6 @@ def _assert_close(actual, expected, dtype, table=TOL):
                                      + table[dtype]["rtol"] * np.abs(e)):
         return
     assert_close(actual, expected, dtype, table)  # NaN-aware, with the message
-
-
-def _other(dtype):
-    return np.float64 if np.dtype(dtype) == np.float32 else np.float32
-
-
-def _read_only(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
 
 
 def _copies(*arrays):
@@ -136,12 +122,12 @@ def test_functional_training_fast_path_equals_general_path(dtype, rng, general_p
         assert y is not x and y.flags.c_contiguous, case
         ey, emean, einvstd, _ = _general(x, erm, erv, w, b, True, momentum, addend=addend,
                                          relu=relu)
-        _assert_same(y, ey, case)
-        _assert_same(mean, emean, case)
-        _assert_same(invstd, einvstd, case)
+        assert_same(y, ey, case)
+        assert_same(mean, emean, case)
+        assert_same(invstd, einvstd, case)
         if running:
-            _assert_same(rm, erm, case)
-            _assert_same(rv, erv, case)
+            assert_same(rm, erm, case)
+            assert_same(rv, erv, case)
 
         # Independently: the float64 formula (the output does not depend on the
         # momentum), and what momentum 0 and 1 mean exactly.
@@ -154,12 +140,12 @@ def test_functional_training_fast_path_equals_general_path(dtype, rng, general_p
                 assert_close(rm, base.running_mean, dtype, STAT_TOL)
                 assert_close(rv, base.running_var, dtype, STAT_TOL)
         elif running and momentum == 0.0:
-            _assert_same(rm, rm0, case)
-            _assert_same(rv, rv0, case)
+            assert_same(rm, rm0, case)
+            assert_same(rv, rv0, case)
         elif running and momentum == 1.0:
-            _assert_same(rm, mean.astype(dtype), case)
-    _assert_same(x, x_before)  # inputs are read, never written
-    _assert_same(addend0, addend_before)
+            assert_same(rm, mean.astype(dtype), case)
+    assert_same(x, x_before)  # inputs are read, never written
+    assert_same(addend0, addend_before)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 8), (3, 5, 1)], ids=str)
@@ -176,9 +162,9 @@ def test_functional_training_without_return_stats_and_read_only_input(dtype, rng
     assert general_path.calls == 0
     assert type(y) is np.ndarray
     ey = _general(x, erm, erv, w, b, True, 0.1)[0]
-    _assert_same(y, ey)
-    _assert_same(rm, erm)
-    _assert_same(rv, erv)
+    assert_same(y, ey)
+    assert_same(rm, erm)
+    assert_same(rv, erv)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 8), (6, 70)], ids=str)
@@ -197,11 +183,11 @@ def test_functional_training_out_on_fast_path(dtype, rng, general_path, shape, t
                                               return_stats=True)
     assert general_path.calls == 0
     assert y is out
-    _assert_same(y, ey)
-    _assert_same(mean, emean)  # statistics of x before it was overwritten
-    _assert_same(invstd, einvstd)
-    _assert_same(rm, erm)
-    _assert_same(rv, erv)
+    assert_same(y, ey)
+    assert_same(mean, emean)  # statistics of x before it was overwritten
+    assert_same(invstd, einvstd)
+    assert_same(rm, erm)
+    assert_same(rv, erv)
 
 
 @pytest.mark.parametrize("shape", [(1, 512, 7, 7), (4, 3, 5, 5), (16, 8), (3, 5, 1),
@@ -240,9 +226,9 @@ def test_running_buffers_that_are_views_are_updated_in_place(dtype, rng, general
     spread[0:12:2], spread[12:24:2] = rm0, rv0
     y_spread = bnfast.batch_norm(x, spread[0:12:2], spread[12:24:2], training=True)
     assert general_path.calls == 1
-    _assert_same(y_rows, y_spread)
-    _assert_same(rows[0], spread[0:12:2])
-    _assert_same(rows[1], spread[12:24:2])
+    assert_same(y_rows, y_spread)
+    assert_same(rows[0], spread[0:12:2])
+    assert_same(rows[1], spread[12:24:2])
     np.testing.assert_array_equal(spread[1::2], 0)  # the gaps are untouched
     ref = reference_batch_norm(x, rm0, rv0, training=True)
     assert_close(rows[0], ref.running_mean, dtype, STAT_TOL)
@@ -274,7 +260,7 @@ def test_equal_non_plain_input_takes_general_path_with_same_result(dtype, rng, g
     if layout == "strided":  # copied to C order: the fast path's kernels, bit for bit
         for actual, expected in ((gy, y), (gmean, mean), (ginvstd, invstd), (grm, rm),
                                  (grv, rv)):
-            _assert_same(np.ascontiguousarray(actual), expected)
+            assert_same(np.ascontiguousarray(actual), expected)
     else:
         assert_within_ulps(gy, y, LAYOUT_ULPS[dtype])
         assert_close(gmean, mean, dtype, STATS64_TOL)
@@ -314,18 +300,18 @@ def test_module_training_fast_path_equals_general_path(dtype, rng, general_path,
         with bnfast.no_grad():
             y = m(*args)
     assert general_path.calls == 0, "the plain training call did not take the fast path"
-    _assert_same(y, ey)
-    _assert_same(m.running_mean, erm)
-    _assert_same(m.running_var, erv)
+    assert_same(y, ey)
+    assert_same(m.running_mean, erm)
+    assert_same(m.running_var, erv)
     assert int(m.num_batches_tracked) == 1
     if not grad:
         assert m._saved is None
         return
     saved = m._saved
     assert saved.batch_stats is True
-    _assert_same(saved.mean, emean)
-    _assert_same(saved.invstd, einvstd)
-    _assert_same(saved.weight, m.weight)
+    assert_same(saved.mean, emean)
+    assert_same(saved.invstd, einvstd)
+    assert_same(saved.weight, m.weight)
     assert not np.may_share_memory(saved.weight, m.weight)  # a snapshot
     if fused:
         assert saved.relu_mask.layout == emask.layout
@@ -387,14 +373,14 @@ def test_module_sequence_matches_torch_and_general_path(dtype, rng, torch, gener
         with torch.no_grad():
             yt = tm(torch.from_numpy(x)).numpy()
 
-        _assert_same(y, ey, f"step {step}")
+        assert_same(y, ey, f"step {step}")
         assert_close(y, yt, dtype, TORCH_TOL)
         if not track:
             assert all(getattr(m, k) is None for k in BUFFERS)
             assert all(getattr(tm, k) is None for k in BUFFERS)
             continue
-        _assert_same(m.running_mean, erm, f"step {step}")
-        _assert_same(m.running_var, erv, f"step {step}")
+        assert_same(m.running_mean, erm, f"step {step}")
+        assert_same(m.running_var, erv, f"step {step}")
         assert_close(m.running_mean, tm.running_mean.numpy(), dtype, TORCH_TOL)
         assert_close(m.running_var, tm.running_var.numpy(), dtype, TORCH_TOL)
         assert m.num_batches_tracked.dtype == np.int64 and m.num_batches_tracked.shape == ()
@@ -415,7 +401,7 @@ def test_cumulative_average_through_fast_path_is_mean_of_batch_statistics(dtype,
         means.append(x64.mean(axis=(0, 2, 3)))
         unbiased.append(x64.var(axis=(0, 2, 3), ddof=1))
         if len(means) == 1:  # factor 1: the first batch's statistics exactly
-            _assert_same(m.running_mean, m._saved.mean.astype(dtype))
+            assert_same(m.running_mean, m._saved.mean.astype(dtype))
     assert general_path.calls == 0
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(m.running_mean, np.mean(means, axis=0), **tol)
@@ -440,7 +426,7 @@ def test_track_running_stats_false_train_and_eval_match_torch(dtype, rng, torch,
         with torch.no_grad():
             yt = tm(torch.from_numpy(x)).numpy()
         assert_close(y, yt, dtype, TORCH_TOL)
-        _assert_same(y, _general(x, None, None, m.weight, m.bias, True, 0.1)[0])
+        assert_same(y, _general(x, None, None, m.weight, m.bias, True, 0.1)[0])
         assert_close(y, reference_batch_norm(x, training=True).out, dtype)
         assert m.running_mean is None and m.num_batches_tracked is None
 
@@ -462,8 +448,8 @@ def test_one_value_per_channel_in_training_raises(dtype, rng, torch, general_pat
             call()
         assert general_path.calls == 1
     if running:
-        _assert_same(rm, rm0)
-        _assert_same(rv, rv0)
+        assert_same(rm, rm0)
+        assert_same(rv, rv0)
 
     # Modules: training, and eval without running statistics, raise (as torch); the
     # module is unchanged; eval with running statistics works.
@@ -498,8 +484,8 @@ def test_read_only_running_buffers_raise_in_training(dtype, rng, general_path, w
     with pytest.raises(ValueError, match=rf"^{first} must be a writable numpy array"):
         bnfast.batch_norm(x, rm, rv, training=True)
     assert general_path.calls == 1
-    _assert_same(rm, rm0)  # the writable one is not updated either
-    _assert_same(rv, rv0)
+    assert_same(rm, rm0)  # the writable one is not updated either
+    assert_same(rv, rv0)
 
     m = bnfast.BatchNorm2d(3, dtype=dtype)
     m.running_mean[...], m.running_var[...] = rm0, rv0
@@ -509,11 +495,11 @@ def test_read_only_running_buffers_raise_in_training(dtype, rng, general_path, w
     with pytest.raises(ValueError, match=rf"^{first} must be a writable numpy array"):
         m(x)
     assert int(m.num_batches_tracked) == 0
-    _assert_same(m.running_mean, rm0)
-    _assert_same(m.running_var, rv0)
+    assert_same(m.running_mean, rm0)
+    assert_same(m.running_var, rv0)
     # Read-only buffers are fine where they are only read.
     m.eval()
-    _assert_same(m(x), _general(x, rm0, rv0, m.weight, m.bias, False, 0.1)[0])
+    assert_same(m(x), _general(x, rm0, rv0, m.weight, m.bias, False, 0.1)[0])
 
 
 @pytest.mark.parametrize("missing", ["running_mean", "running_var"])
@@ -528,8 +514,8 @@ def test_only_one_running_buffer_raises(dtype, rng, general_path, missing):
                                          "both be None"):
         bnfast.batch_norm(x, training=True, **args)
     assert general_path.calls == 1
-    _assert_same(rm, rm0)
-    _assert_same(rv, rv0)
+    assert_same(rm, rm0)
+    assert_same(rv, rv0)
 
 
 @pytest.mark.parametrize("momentum", ["0.1", True, False, None, 0.1j],
@@ -542,8 +528,8 @@ def test_non_real_momentum_raises_type_error(dtype, rng, general_path, momentum)
     with pytest.raises(TypeError, match="momentum must be a real number"):
         bnfast.batch_norm(x, rm, rv, training=True, momentum=momentum)
     assert general_path.calls == 1
-    _assert_same(rm, rm0)
-    _assert_same(rv, rv0)
+    assert_same(rm, rm0)
+    assert_same(rv, rv0)
     if momentum is None:
         return  # None is the module's cumulative average, not a factor
     m = bnfast.BatchNorm2d(3, dtype=dtype)
@@ -573,21 +559,21 @@ def test_real_non_float_momentum_works_via_fallback(dtype, rng, general_path, mo
                                            momentum=float(momentum), return_stats=True)
     assert general_path.calls == 1  # the float momentum is plain
     for actual, expected in ((y, ey), (mean, emean), (invstd, einvstd), (rm, erm), (rv, erv)):
-        _assert_same(actual, expected)
+        assert_same(actual, expected)
 
     # A module built with it: the same steps as with the float.
     m = bnfast.BatchNorm2d(3, momentum=momentum, dtype=dtype)
     mf = bnfast.BatchNorm2d(3, momentum=float(momentum), dtype=dtype)
     for _ in range(2):
-        _assert_same(m(x), mf(x))
-    _assert_same(m.running_mean, mf.running_mean)
-    _assert_same(m.running_var, mf.running_var)
+        assert_same(m(x), mf(x))
+    assert_same(m.running_mean, mf.running_mean)
+    assert_same(m.running_var, mf.running_var)
     assert int(m.num_batches_tracked) == int(mf.num_batches_tracked) == 2
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 8)], ids=str)
 def test_running_buffers_of_other_dtype_work_via_fallback(dtype, rng, general_path, shape):
-    other = _other(dtype)
+    other = other_float(dtype)
     C = shape[1]
     x = make_input(rng, shape, dtype)
     w, b = make_params(rng, C, dtype)
@@ -601,9 +587,9 @@ def test_running_buffers_of_other_dtype_work_via_fallback(dtype, rng, general_pa
     ey, emean, einvstd = bnfast.batch_norm(x, None, None, w, b, training=True,
                                            return_stats=True)
     assert general_path.calls == 1
-    _assert_same(y, ey)
-    _assert_same(mean, emean)
-    _assert_same(invstd, einvstd)
+    assert_same(y, ey)
+    assert_same(mean, emean)
+    assert_same(invstd, einvstd)
     ref = reference_batch_norm(x, rm0, rv0, w, b, training=True)
     assert_close(rm, ref.running_mean, other, STAT_TOL)
     assert_close(rv, ref.running_var, other, STAT_TOL)
@@ -612,8 +598,8 @@ def test_running_buffers_of_other_dtype_work_via_fallback(dtype, rng, general_pa
         # float64 buffers, then rounded.
         frm, frv = rm0.astype(np.float64), rv0.astype(np.float64)
         bnfast.batch_norm(x, frm, frv, w, b, training=True)
-        _assert_same(rm, frm.astype(np.float32))
-        _assert_same(rv, frv.astype(np.float32))
+        assert_same(rm, frm.astype(np.float32))
+        assert_same(rv, frv.astype(np.float32))
 
 
 def _fail_one_value(m, x, extra):
@@ -643,7 +629,7 @@ def _fail_channels(m, x, extra):
 
 
 def _fail_dtype(m, x, extra):
-    return m(x.astype(_other(x.dtype)), *(e.astype(_other(e.dtype)) for e in extra))
+    return m(x.astype(other_float(x.dtype)), *(e.astype(other_float(e.dtype)) for e in extra))
 
 
 def _fail_eps(m, x, extra):
@@ -694,14 +680,14 @@ def test_failed_call_leaves_module_unchanged(dtype, rng, failure, shape):
     with pytest.raises(error):
         fail(m, x, extra)
     for k, v in before.items():
-        _assert_same(np.asarray(getattr(m, k)), v, k)
+        assert_same(np.asarray(getattr(m, k)), v, k)
     # The next plain step is the second one: factor 1/2.
     erm, erv = _copies(m.running_mean, m.running_var)
     ey = _general(x, erm, erv, m.weight, m.bias, True, 0.5, m.eps, addend=extra[0] if fused
                   else None, relu=fused)[0]
-    _assert_same(m(x, *extra), ey)
-    _assert_same(m.running_mean, erm)
-    _assert_same(m.running_var, erv)
+    assert_same(m(x, *extra), ey)
+    assert_same(m.running_mean, erm)
+    assert_same(m.running_var, erv)
     assert int(m.num_batches_tracked) == 2
 
 
@@ -801,15 +787,15 @@ def test_non_finite_value_stays_in_its_channel(dtype, rng, general_path, shape, 
     assert np.isnan(rv[1]), f"running_var[1] = {rv[1]}, expected NaN (as torch)"
     assert np.isnan(invstd[1]), f"save_invstd[1] = {invstd[1]}, expected NaN (as torch)"
     assert not np.isfinite(rm[1]) and not np.isfinite(mean[1])
-    _assert_same(y[:, others], clean[:, others])
-    _assert_same(rm[others], clean_rm[others])
-    _assert_same(rv[others], clean_rv[others])
-    _assert_same(mean[others], cmean[others])
-    _assert_same(invstd[others], cinvstd[others])
+    assert_same(y[:, others], clean[:, others])
+    assert_same(rm[others], clean_rm[others])
+    assert_same(rv[others], clean_rv[others])
+    assert_same(mean[others], cmean[others])
+    assert_same(invstd[others], cinvstd[others])
     erm, erv = _copies(rm0, rv0)
-    _assert_same(y, _general(xb, erm, erv, w, b, True, 0.1)[0])
-    _assert_same(rm, erm)
-    _assert_same(rv, erv)
+    assert_same(y, _general(xb, erm, erv, w, b, True, 0.1)[0])
+    assert_same(rm, erm)
+    assert_same(rv, erv)
 
 
 @pytest.mark.parametrize("shape", [(8, 64, 32, 32), (40000, 24), (4096, 96, 1), (100000, 3),
@@ -836,7 +822,7 @@ def test_thread_counts_bit_identical(dtype, rng, shape):
             results.append((y_f, rm_f, rv_f))
     for got in results[1:]:
         for a, e in zip(got, results[0]):
-            _assert_same(a, e)
+            assert_same(a, e)
     y, rm, rv, coef, bits = results[0]
     np.testing.assert_array_equal(
         np.unpackbits(bits, count=x.size, bitorder="little").astype(bool), (y > 0).reshape(-1))
@@ -882,12 +868,12 @@ def test_backward_after_training_fast_forward(dtype, rng, torch, general_path, s
     gx_ref, gw_ref, gb_ref = bnfast.batch_norm_backward(
         g, x, w0, mean0, invstd0, training=True, eps=m.eps,
         output_mask=(True, affine, affine))
-    _assert_same(gx, gx_ref)
+    assert_same(gx, gx_ref)
     tgx, tgw, tgb, _ = _torch_train_grads(torch, x, g, w0, b0, m.eps)
     assert_close(gx, tgx, dtype, TORCH_TOL)
     if affine:
-        _assert_same(m.weight_grad, gw_ref)
-        _assert_same(m.bias_grad, gb_ref)
+        assert_same(m.weight_grad, gw_ref)
+        assert_same(m.bias_grad, gb_ref)
         assert_close(m.weight_grad, tgw, dtype, TORCH_TOL)
         assert_close(m.bias_grad, tgb, dtype, TORCH_TOL)
     else:
@@ -919,17 +905,17 @@ def test_fused_backward_after_training_fast_forward(dtype, rng, torch, general_p
     general_path.calls = 0
     y = m(x, addend)
     assert general_path.calls == 0
-    _assert_same(y, y0)
+    assert_same(y, y0)
     m.weight[...] = -m.weight
     m.bias[...] += 5
     gx, ga = m.backward(g)
 
     gx_ref, gw_ref, gb_ref, ga_ref = bnfast.fused_batch_norm_backward(
         g, x, y0, w0, mean0, invstd0, training=True, eps=m.eps)
-    _assert_same(gx, gx_ref)
-    _assert_same(ga, ga_ref)
-    _assert_same(m.weight_grad, gw_ref)
-    _assert_same(m.bias_grad, gb_ref)
+    assert_same(gx, gx_ref)
+    assert_same(ga, ga_ref)
+    assert_same(m.weight_grad, gw_ref)
+    assert_same(m.bias_grad, gb_ref)
     tgx, tgw, tgb, tga = _torch_train_grads(torch, x, g, w0, b0, m.eps, addend, relu=True)
     assert_close(gx, tgx, dtype, TORCH_TOL)
     assert_close(ga, tga, dtype, TORCH_TOL)
@@ -949,7 +935,7 @@ def test_saved_statistics_are_not_overwritten_by_the_next_forward(dtype, rng):
     m.weight[...] += 1
     m(x2)
     for k, v in kept.items():
-        _assert_same(getattr(saved, k), v, k)
+        assert_same(getattr(saved, k), v, k)
     assert not np.array_equal(m._saved.mean, kept["mean"])
 
 
@@ -982,7 +968,7 @@ NOT_PLAIN = {
     "x-strided": lambda a: dict(x=strided(a["x"])),
     "x-subclass": lambda a: dict(x=a["x"].view(NonPlainArray)),
     "x-list": lambda a: dict(x=a["x"].tolist()),
-    "x-other-dtype": lambda a: dict(x=a["x"].astype(_other(a["x"].dtype))),
+    "x-other-dtype": lambda a: dict(x=a["x"].astype(other_float(a["x"].dtype))),
     "x-byteswapped": lambda a: dict(x=a["x"].astype(a["x"].dtype.newbyteorder())),
     "x-2d-fortran": lambda a: dict(x=np.asfortranarray(a["x"].reshape(3, -1)), addend=None,
                                    out=None, mask=None, coef=None, running_mean=None,
@@ -999,15 +985,15 @@ NOT_PLAIN = {
     "momentum-bool": lambda a: dict(momentum=True),
     "momentum-str": lambda a: dict(momentum="0.1"),
     "momentum-None": lambda a: dict(momentum=None),
-    "running_mean-read-only": lambda a: dict(running_mean=_read_only(a["running_mean"])),
-    "running_var-read-only": lambda a: dict(running_var=_read_only(a["running_var"])),
+    "running_mean-read-only": lambda a: dict(running_mean=read_only_copy(a["running_mean"])),
+    "running_var-read-only": lambda a: dict(running_var=read_only_copy(a["running_var"])),
     "running_mean-None": lambda a: dict(running_mean=None),
     "running_var-None": lambda a: dict(running_var=None),
     "running_mean-other-dtype": lambda a: dict(
-        running_mean=a["running_mean"].astype(_other(a["x"].dtype))),
+        running_mean=a["running_mean"].astype(other_float(a["x"].dtype))),
     "running_both-other-dtype": lambda a: dict(
-        running_mean=a["running_mean"].astype(_other(a["x"].dtype)),
-        running_var=a["running_var"].astype(_other(a["x"].dtype))),
+        running_mean=a["running_mean"].astype(other_float(a["x"].dtype)),
+        running_var=a["running_var"].astype(other_float(a["x"].dtype))),
     "running_var-strided": lambda a: dict(running_var=np.repeat(a["running_var"], 2)[::2]),
     "running_var-list": lambda a: dict(running_var=a["running_var"].tolist()),
     "running_mean-too-long": lambda a: dict(running_mean=np.append(a["running_mean"], 0)),
@@ -1016,20 +1002,20 @@ NOT_PLAIN = {
                                  running_var=a["running_var"][None]),
     "x-other-channel-count": _other_channels,
     "weight-too-short": lambda a: dict(weight=a["weight"][:-1].copy()),
-    "bias-other-dtype": lambda a: dict(bias=a["bias"].astype(_other(a["x"].dtype))),
+    "bias-other-dtype": lambda a: dict(bias=a["bias"].astype(other_float(a["x"].dtype))),
     "eps-int": lambda a: dict(eps=1),
     "eps-zero": lambda a: dict(eps=0.0),
     "eps-nan": lambda a: dict(eps=float("nan")),
     "n_threads-zero": lambda a: dict(n_threads=0),
     "n_threads-np.int64": lambda a: dict(n_threads=np.int64(2)),
     "addend-fortran": lambda a: dict(addend=np.asfortranarray(a["addend"])),
-    "out-read-only": lambda a: dict(out=_read_only(a["out"])),
+    "out-read-only": lambda a: dict(out=read_only_copy(a["out"])),
     "out-strided": lambda a: dict(out=strided(a["out"])),
     "coef-float32": lambda a: dict(coef=a["coef"].astype(np.float32)),
     "coef-wrong-shape": lambda a: dict(coef=a["coef"][:3].copy()),
-    "coef-read-only": lambda a: dict(coef=_read_only(a["coef"])),
+    "coef-read-only": lambda a: dict(coef=read_only_copy(a["coef"])),
     "mask-too-short": lambda a: dict(mask=a["mask"][:-1].copy()),
-    "mask-read-only": lambda a: dict(mask=_read_only(a["mask"])),
+    "mask-read-only": lambda a: dict(mask=read_only_copy(a["mask"])),
 }
 
 
@@ -1046,7 +1032,7 @@ def test_direct_entry_returns_none_and_writes_nothing(dtype, rng, case):
     snapshots = {k: args[k].copy() for k in names if isinstance(args[k], np.ndarray)}
     assert normalize_with_batch_stats(**args) is None
     for k, v in snapshots.items():
-        _assert_same(args[k], v, k)
+        assert_same(args[k], v, k)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 5), (16, 8), (3, 5, 1), (2, 70)], ids=str)
@@ -1059,15 +1045,15 @@ def test_direct_entry_plain_arguments_work(dtype, rng, shape):
                                             relu=True, want_mask=True)
     y = normalize_with_batch_stats(**args)
     assert y is args["out"]
-    _assert_same(y, expected)
-    _assert_same(args["running_mean"], erm)
-    _assert_same(args["running_var"], erv)
+    assert_same(y, expected)
+    assert_same(args["running_mean"], erm)
+    assert_same(args["running_var"], erv)
     np.testing.assert_array_equal(args["mask"], mask.bits)
     coef = args["coef"]
-    _assert_same(coef[0], mean)
-    _assert_same(coef[1], invstd)
-    _assert_same(coef[2], invstd * w.astype(np.float64))
-    _assert_same(coef[3], b.astype(np.float64))
+    assert_same(coef[0], mean)
+    assert_same(coef[1], invstd)
+    assert_same(coef[2], invstd * w.astype(np.float64))
+    assert_same(coef[3], b.astype(np.float64))
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 5), (16, 8)], ids=str)
@@ -1078,17 +1064,17 @@ def test_direct_entry_without_running_buffers_coef_or_params(dtype, rng, shape):
     y = normalize_with_batch_stats(x, None, None, None, None, 1e-3, 0.1, None, False, None, 1,
                                    coef, None)
     ey, emean, einvstd, _ = _general(x, None, None, None, None, True, 0.1, 1e-3)
-    _assert_same(y, ey)
-    _assert_same(coef[0], emean)
-    _assert_same(coef[1], einvstd)
-    _assert_same(coef[2], einvstd)  # no weight: scale is invstd
-    _assert_same(coef[3], np.zeros(C))  # no bias: shift is 0
+    assert_same(y, ey)
+    assert_same(coef[0], emean)
+    assert_same(coef[1], einvstd)
+    assert_same(coef[2], einvstd)  # no weight: scale is invstd
+    assert_same(coef[3], np.zeros(C))  # no bias: shift is 0
     ref = reference_batch_norm(x, training=True, eps=1e-3)
     assert_close(y, ref.out, dtype)
     # The momentum is irrelevant without buffers, but must still be a float.
     y2 = normalize_with_batch_stats(x, None, None, None, None, 1e-3, 0.7, None, False, None,
                                     None, None, None)
-    _assert_same(y2, ey)
+    assert_same(y2, ey)
 
 
 def test_direct_entry_out_is_x_or_addend(dtype, rng):
@@ -1100,5 +1086,5 @@ def test_direct_entry_out_is_x_or_addend(dtype, rng):
         args["out"] = args[target]
         y = normalize_with_batch_stats(**args)
         assert y is args[target]
-        _assert_same(y, expected, target)
-        _assert_same(args["running_mean"], erm)
+        assert_same(y, expected, target)
+        assert_same(args["running_mean"], erm)

@@ -23,6 +23,9 @@ from bnfast import functional as F
 from bnfast._inference import CoefficientCache, normalize_with_running_stats
 from conftest import (
     NonPlainArray,
+    assert_same,
+    other_float,
+    read_only_copy,
     TORCH_TOL,
     assert_close,
     channels_last,
@@ -90,12 +93,6 @@ def _reference(m, x, addend=None, relu=False, eps=None):
                                 training=False, eps=float(eps), addend=addend, relu=relu).out
 
 
-def _assert_same(actual, expected):
-    """Bit for bit, same dtype and shape."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    np.testing.assert_array_equal(actual, expected)
-
-
 def _overlapping(shape, dtype, shift):
     """Two C-contiguous arrays of ``shape`` in one buffer, ``shift`` elements apart."""
     n = int(np.prod(shape))
@@ -122,8 +119,8 @@ def test_module_fast_path_equals_general_path(dtype, rng, general_path, shape, a
     assert general_path.calls == 0, "the plain eval call did not take the fast path"
     assert m._coef_cache.table is not None
     assert y is not x and y.flags.c_contiguous
-    _assert_same(y, expected)
-    _assert_same(y_again, expected)
+    assert_same(y, expected)
+    assert_same(y_again, expected)
     assert_close(y, ref, dtype)
     assert (m._saved is not None) is grad
 
@@ -143,7 +140,7 @@ def test_fused_module_fast_path_equals_general_path(dtype, rng, general_path, sh
     with _grad_context(grad):
         y = m(x, addend)
     assert general_path.calls == 0
-    _assert_same(y, expected)
+    assert_same(y, expected)
     assert_close(y, ref, dtype)
     assert (y == 0).any() and (y > 0).any()  # the relu did something, not everything
     if grad:  # the ReLU mask packed in the fast pass is where the output is positive
@@ -173,7 +170,7 @@ def test_read_only_input_takes_fast_path(dtype, rng, general_path):
     general_path.calls = 0
     y = m(x)
     assert general_path.calls == 0
-    _assert_same(y, expected)
+    assert_same(y, expected)
 
 
 # -- 2. everything that is not plain goes the general way ------------------------------
@@ -192,8 +189,8 @@ FALLBACKS = {
     "eps-np.float32": ((2, 4, 3, 3), dict(module=lambda m: setattr(m, "eps", np.float32(1e-2)))),
     "eps-int": ((2, 4, 3, 3), dict(module=lambda m: setattr(m, "eps", 1))),
     "running-buffers-other-dtype": ((2, 4, 3, 3), dict(module=lambda m: (
-        setattr(m, "running_mean", m.running_mean.astype(_other(m.dtype))),
-        setattr(m, "running_var", m.running_var.astype(_other(m.dtype)))))),
+        setattr(m, "running_mean", m.running_mean.astype(other_float(m.dtype))),
+        setattr(m, "running_var", m.running_var.astype(other_float(m.dtype)))))),
     "weight-strided": ((2, 4, 3, 3), dict(module=lambda m: setattr(
         m, "weight", np.repeat(m.weight, 2)[::2]))),
     "bias-list": ((2, 4, 3, 3), dict(module=lambda m: setattr(m, "bias", m.bias.tolist()))),
@@ -236,7 +233,7 @@ def test_track_running_stats_false_uses_batch_stats_in_eval(dtype, rng):
     for loc in (0.5, -3.0):  # two batches: the second is not normalised with the first's
         x = make_input(rng, (3, 4, 2, 2), dtype, loc=loc)
         y = m(x)
-        _assert_same(y, bnfast.batch_norm(x, None, None, w, b, training=True))
+        assert_same(y, bnfast.batch_norm(x, None, None, w, b, training=True))
         assert_close(y, reference_batch_norm(x, None, None, w, b, training=True).out, dtype)
     assert m._coef_cache.table is None
 
@@ -268,7 +265,7 @@ def test_fused_non_plain_addend_or_out_falls_back(dtype, rng, general_path, case
     assert general_path.calls == (0 if case == "fresh" else 1)
     if out is not None:
         assert y is out
-    _assert_same(np.ascontiguousarray(y), expected)
+    assert_same(np.ascontiguousarray(y), expected)
 
 
 def test_wrong_dtype_raises_type_error(dtype, rng):
@@ -340,7 +337,7 @@ def test_out_partially_overlapping_input_is_correct(dtype, rng, general_path):
         y = m(x, out=out)
         assert general_path.calls == 1
         assert y is out
-        _assert_same(y, expected)
+        assert_same(y, expected)
 
 
 def test_out_read_only_raises(dtype, rng):
@@ -357,7 +354,7 @@ def test_out_read_only_raises(dtype, rng):
     before = x.copy()
     with pytest.raises(ValueError, match="out is read-only"):
         m(x, out=x)
-    _assert_same(x, before)
+    assert_same(x, before)
 
 
 def test_out_wrong_dtype_or_shape_raises(dtype, rng):
@@ -459,14 +456,14 @@ def test_cache_sees_every_change(dtype, rng, general_path, edit, fused):
     m = _eval_module(rng, shape, dtype, fused=fused)
     x = make_input(rng, shape, dtype)
     before = m(x)
-    _assert_same(before, _general(m, x, relu=fused))
+    assert_same(before, _general(m, x, relu=fused))
 
     EDITS[edit](m)
     general_path.calls = 0
     after = m(x)
     assert general_path.calls == 0  # still the fast path
     expected = _general(m, x, relu=fused)
-    _assert_same(after, expected)
+    assert_same(after, expected)
     assert_close(after, _reference(m, x, relu=fused), dtype)
     _assert_cache_holds(m)
     if edit not in ULP_EDITS:  # a one-ulp edit need not change a rounded output
@@ -484,10 +481,10 @@ def test_cache_edit_and_revert_sequence(dtype, rng, shape):
         arr = getattr(m, name)
         arr[-1] = arr[-1] * 2 + 1
         y1 = m(x)
-        _assert_same(y1, _general(m, x))
+        assert_same(y1, _general(m, x))
         assert not np.array_equal(y1, y0)
         arr[...] = original[name]
-        _assert_same(m(x), y0)
+        assert_same(m(x), y0)
 
 
 def test_bitwise_equal_rewrites_reuse_coefficients(dtype, rng):
@@ -502,7 +499,7 @@ def test_bitwise_equal_rewrites_reuse_coefficients(dtype, rng):
     m.bias = np.array(m.bias)
     m.eps = float(str(m.eps))
     y1 = m(x)
-    _assert_same(y1, y0)
+    assert_same(y1, y0)
     assert m._coef_cache.table is table  # compared by value, not by identity
 
 
@@ -533,7 +530,7 @@ def test_cache_shared_across_dtype_channels_eps_and_presence(rng):
                                                   None, None, None, cache)
         without = normalize_with_running_stats(x, m_, v, w_, b_, eps, None, False, None,
                                                None, None, None, None)
-        _assert_same(with_cache, without)
+        assert_same(with_cache, without)
         ref = reference_batch_norm(x, m_, v, w_, b_, eps=eps).out
         assert_close(with_cache, ref, x.dtype.type)
         assert cache.key.dtype == x.dtype and cache.table.shape == (4, x.shape[1]), i
@@ -578,9 +575,9 @@ def test_backward_uses_forward_time_values(dtype, rng, torch, general_path, shap
 
     gx_ref, gw_ref, gb_ref = bnfast.batch_norm_backward(g, x, w0, mean0, invstd0,
                                                         training=False, eps=m.eps)
-    _assert_same(gx, gx_ref)
-    _assert_same(m.weight_grad, gw_ref)
-    _assert_same(m.bias_grad, gb_ref)
+    assert_same(gx, gx_ref)
+    assert_same(m.weight_grad, gw_ref)
+    assert_same(m.bias_grad, gb_ref)
     # And against the float64 formula, and torch, for the forward-time values.
     bshape = (1, -1) + (1,) * (len(shape) - 2)
     axes = (0,) + tuple(range(2, len(shape)))
@@ -614,10 +611,10 @@ def test_fused_backward_uses_forward_time_values(dtype, rng, torch, general_path
 
     gx_ref, gw_ref, gb_ref, ga_ref = bnfast.fused_batch_norm_backward(
         g, x, y0, w0, mean0, invstd0, training=False, eps=m.eps)
-    _assert_same(gx, gx_ref)
-    _assert_same(ga, ga_ref)
-    _assert_same(m.weight_grad, gw_ref)
-    _assert_same(m.bias_grad, gb_ref)
+    assert_same(gx, gx_ref)
+    assert_same(ga, ga_ref)
+    assert_same(m.weight_grad, gw_ref)
+    assert_same(m.bias_grad, gb_ref)
     tgx, tgw, tgb, tga = _torch_eval_grads(torch, x, g, w0, b0, rm0, rv0, m.eps, addend,
                                            relu=True)
     assert_close(gx, tgx, dtype, TORCH_TOL)
@@ -639,7 +636,7 @@ def test_saved_views_survive_a_cache_miss(dtype, rng):
     with bnfast.no_grad():
         m(x)  # a miss: new coefficients
     for k, v in kept.items():
-        _assert_same(getattr(saved, k), v)
+        assert_same(getattr(saved, k), v)
     np.testing.assert_array_equal(m._coef_cache.weight, m.weight)
 
 
@@ -660,7 +657,7 @@ def test_cache_arrays_are_read_only(dtype, rng):
     assert cache.key.dtype == dtype and cache.key.shape == (4, 4)
     assert cache.table.dtype == np.float64 and cache.table.shape == (4, 4)
     assert cache.storage_table.dtype == dtype and cache.storage_table.shape == (3, 4)
-    _assert_same(m(x), y0)
+    assert_same(m(x), y0)
     with pytest.raises(AttributeError):
         cache.table = np.zeros((4, 4))
 
@@ -677,12 +674,12 @@ def test_out_on_fast_path(dtype, rng, general_path, shape, target):
     y = m(x, out=out)
     assert general_path.calls == 0
     assert y is out
-    _assert_same(y, expected)
+    assert_same(y, expected)
     if target == "input":
         with pytest.raises(RuntimeError, match="wrote its output over"):
             m.backward(np.ones_like(x))
     else:
-        _assert_same(m.backward(np.ones_like(x)),
+        assert_same(m.backward(np.ones_like(x)),
                      bnfast.batch_norm_backward(np.ones_like(x), x, m.weight,
                                                 *bnfast.batch_norm(
                                                     x, m.running_mean, m.running_var,
@@ -704,11 +701,11 @@ def test_fused_out_on_fast_path(dtype, rng, general_path, shape, target):
     y = m(x, addend, out=out)
     assert general_path.calls == 0
     assert y is out
-    _assert_same(y, expected)
+    assert_same(y, expected)
     if target != "input":
-        _assert_same(x, x0)
+        assert_same(x, x0)
     if target != "addend":
-        _assert_same(addend, addend0)
+        assert_same(addend, addend0)
     g = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
     if target == "input":
         with pytest.raises(RuntimeError, match="wrote its output over"):
@@ -719,8 +716,8 @@ def test_fused_out_on_fast_path(dtype, rng, general_path, shape, target):
     gx_ref, _, _, ga_ref = bnfast.fused_batch_norm_backward(g, x0, expected, m.weight, mean,
                                                             invstd, training=False)
     gx, ga = m.backward(g)
-    _assert_same(gx, gx_ref)
-    _assert_same(ga, ga_ref)
+    assert_same(gx, gx_ref)
+    assert_same(ga, ga_ref)
 
 
 # -- 6. copies and pickles -------------------------------------------------------------
@@ -737,16 +734,16 @@ def test_copy_and_pickle_round_trip(dtype, rng, fused, how):
     assert type(m2) is type(m) and m2.training is False
     assert m2._coef_cache is not m._coef_cache
     assert m2._coef_cache.table is None  # a copy starts with an empty cache
-    _assert_same(m2(*args), y)
+    assert_same(m2(*args), y)
     assert m2._coef_cache.table is not None
     # Independent: editing the original changes neither the copy's buffers nor its output.
     m.weight[...] *= 2
     m.running_mean[...] += 1
-    _assert_same(m2(*args), y)
+    assert_same(m2(*args), y)
     assert not np.array_equal(m(*args), y)
     # And the copy's cache follows its own edits.
     m2.bias[...] += 1
-    _assert_same(m2(*args), _general(m2, x, args[1] if fused else None, relu=fused))
+    assert_same(m2(*args), _general(m2, x, args[1] if fused else None, relu=fused))
 
 
 def test_pickle_of_cache_alone_is_empty(rng):
@@ -824,16 +821,6 @@ def _direct_args(rng, dtype, shape=(2, 4, 3, 3)):
                 mask=np.zeros((x.size + 7) // 8, np.uint8), cache=CoefficientCache())
 
 
-def _other(dtype):
-    return np.float64 if np.dtype(dtype) == np.float32 else np.float32
-
-
-def _read_only(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
 def _overlapping_x_out(a):
     x, out = _overlapping(a["x"].shape, a["x"].dtype, 5)
     x[...] = a["x"]
@@ -855,7 +842,7 @@ NOT_PLAIN = {
     "x-list": lambda a: dict(x=a["x"].tolist()),
     "x-float16": lambda a: dict(x=a["x"].astype(np.float16)),
     "x-int": lambda a: dict(x=a["x"].astype(np.int32)),
-    "x-other-dtype": lambda a: dict(x=a["x"].astype(_other(a["x"].dtype))),
+    "x-other-dtype": lambda a: dict(x=a["x"].astype(other_float(a["x"].dtype))),
     "x-1d": lambda a: dict(x=a["x"].reshape(-1)),
     "x-0d": lambda a: dict(x=a["x"].reshape(-1)[0]),
     "x-empty": lambda a: dict(x=a["x"][:0], out=None, addend=None, mask=None),
@@ -865,13 +852,13 @@ NOT_PLAIN = {
     "x-subclass": lambda a: dict(x=a["x"].view(NonPlainArray)),
     "x-byteswapped": lambda a: dict(x=a["x"].astype(a["x"].dtype.newbyteorder())),
     "running_mean-other-dtype": lambda a: dict(
-        running_mean=a["running_mean"].astype(_other(a["x"].dtype))),
+        running_mean=a["running_mean"].astype(other_float(a["x"].dtype))),
     "running_mean-None": lambda a: dict(running_mean=None),
     "running_var-too-long": lambda a: dict(running_var=np.append(a["running_var"], 1)),
     "running_var-2d": lambda a: dict(running_var=a["running_var"][None]),
     "weight-strided": lambda a: dict(weight=np.repeat(a["weight"], 2)[::2]),
     "weight-list": lambda a: dict(weight=a["weight"].tolist()),
-    "bias-other-dtype": lambda a: dict(bias=a["bias"].astype(_other(a["x"].dtype))),
+    "bias-other-dtype": lambda a: dict(bias=a["bias"].astype(other_float(a["x"].dtype))),
     "bias-subclass": lambda a: dict(bias=a["bias"].view(NonPlainArray)),
     "eps-int": lambda a: dict(eps=1),
     "eps-np.float64": lambda a: dict(eps=np.float64(1e-5)),
@@ -885,23 +872,23 @@ NOT_PLAIN = {
     "n_threads-np.int64": lambda a: dict(n_threads=np.int64(2)),
     "n_threads-huge": lambda a: dict(n_threads=(1 << 16) + 1),
     "addend-wrong-shape": lambda a: dict(addend=a["addend"][:1]),
-    "addend-other-dtype": lambda a: dict(addend=a["addend"].astype(_other(a["x"].dtype))),
+    "addend-other-dtype": lambda a: dict(addend=a["addend"].astype(other_float(a["x"].dtype))),
     "addend-fortran": lambda a: dict(addend=np.asfortranarray(a["addend"])),
     "addend-overlaps-x": _overlapping_x_addend,
-    "out-read-only": lambda a: dict(out=_read_only(a["out"])),
+    "out-read-only": lambda a: dict(out=read_only_copy(a["out"])),
     "out-overlaps-x": _overlapping_x_out,
     "out-overlaps-addend": _overlapping_addend_out,
-    "out-other-dtype": lambda a: dict(out=a["out"].astype(_other(a["x"].dtype))),
+    "out-other-dtype": lambda a: dict(out=a["out"].astype(other_float(a["x"].dtype))),
     "out-wrong-shape": lambda a: dict(out=a["out"].reshape(a["x"].shape[0], -1)),
     "out-strided": lambda a: dict(out=strided(a["out"])),
     "out-list": lambda a: dict(out=a["out"].tolist()),
     "coef-float32": lambda a: dict(coef=a["coef"].astype(np.float32)),
     "coef-wrong-shape": lambda a: dict(coef=a["coef"][:3]),
-    "coef-read-only": lambda a: dict(coef=_read_only(a["coef"])),
+    "coef-read-only": lambda a: dict(coef=read_only_copy(a["coef"])),
     "coef-fortran": lambda a: dict(coef=np.asfortranarray(a["coef"])),
     "mask-too-short": lambda a: dict(mask=a["mask"][:-1].copy()),
     "mask-bool": lambda a: dict(mask=a["mask"].astype(bool)),
-    "mask-read-only": lambda a: dict(mask=_read_only(a["mask"])),
+    "mask-read-only": lambda a: dict(mask=read_only_copy(a["mask"])),
     "cache-wrong-type": lambda a: dict(cache=object()),
 }
 
@@ -929,7 +916,7 @@ def test_direct_entry_plain_arguments_work(dtype, rng):
         args["eps"], addend=addend, relu=True, out=None, n_threads=None, want_mask=True)
     y = normalize_with_running_stats(**args)
     assert y is args["out"]
-    _assert_same(y, expected)
+    assert_same(y, expected)
     np.testing.assert_array_equal(args["mask"], mask.bits)
     np.testing.assert_array_equal(args["coef"][0], mean)
     np.testing.assert_array_equal(args["coef"][1], invstd)
@@ -957,7 +944,7 @@ def test_direct_entry_same_or_apart_memory_is_plain(dtype, rng, case):
         args.update(x=x, addend=addend, out=out)
     y = normalize_with_running_stats(**args)
     assert y is args["out"]
-    _assert_same(y, expected)
+    assert_same(y, expected)
 
 
 @pytest.mark.parametrize("present", ["weight+bias", "weight", "bias", "none"])
@@ -990,7 +977,7 @@ def test_direct_entry_coef_rows(dtype, rng, present, with_cache, shape):
         np.testing.assert_array_equal(cache.invstd, coef[1])
         assert (cache.weight is None) == (w is None)
         if w is not None:
-            _assert_same(cache.weight, w)
+            assert_same(cache.weight, w)
 
 
 @pytest.mark.parametrize("shape", [(8, 64, 32, 32), (4096, 24), (2048, 96, 1)], ids=str)
@@ -1005,7 +992,7 @@ def test_direct_entry_thread_counts_bit_identical(dtype, rng, shape):
         bits = np.zeros((x.size + 7) // 8, np.uint8)
         y = normalize_with_running_stats(x, rm, rv, w, b, 1e-5, None, True, None, nt, None,
                                          bits, CoefficientCache())
-        _assert_same(y, expected)
+        assert_same(y, expected)
         np.testing.assert_array_equal(
             np.unpackbits(bits, count=x.size, bitorder="little").astype(bool),
             (expected > 0).reshape(-1))
