@@ -10,12 +10,33 @@ when its memory already fits one.
 Anything else is copied to C order: that copy is the documented price of an
 arbitrary stride pattern.
 """
+import enum
 import math
 
 import numpy as np
 
-FIRST = "channels_first"
-LAST = "channels_last"
+
+class Layout(enum.IntEnum):
+    """The two memory layouts the kernels process; the value is what the compiled
+    entries take (``src/_dtypes.pxd``'s ``Layout``)."""
+
+    CHANNELS_FIRST = 0   # (N, C, S), C-contiguous
+    CHANNELS_LAST = 1    # (M, C) rows, C varies fastest
+
+    def __str__(self):
+        return self.name.lower()
+
+    @classmethod
+    def _missing_(cls, value):
+        # Layout("channels_last"): the names users see in ReluMask.layout.
+        for member in cls:
+            if value == str(member):
+                return member
+        return None
+
+
+FIRST = Layout.CHANNELS_FIRST
+LAST = Layout.CHANNELS_LAST
 
 
 def _to_last(ndim):

@@ -35,9 +35,9 @@ _grad_state = _GradState()
 # Specialised kernels looked up once per (layout, dtype char): Cython's fused-type
 # dispatch costs microseconds per call, a dict lookup tens of nanoseconds.
 _CTYPE = {"f": "float", "d": "double"}
-_REDUCE = {(layout, char): getattr(_backward, "reduce_" + layout)[ctype]
+_REDUCE = {(layout, char): getattr(_backward, "reduce_" + str(layout))[ctype]
            for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()}
-_APPLY = {(layout, char): getattr(_backward, "apply_" + layout)[ctype]
+_APPLY = {(layout, char): getattr(_backward, "apply_" + str(layout))[ctype]
           for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()}
 _COEFFICIENTS = {char: _backward.coefficients[ctype] for char, ctype in _CTYPE.items()}
 _PACK_POSITIVE = {char: _backward.pack_positive[ctype] for char, ctype in _CTYPE.items()}
@@ -96,7 +96,10 @@ class ReluMask:
     def __init__(self, bits, shape, layout):
         self.bits = bits
         self.shape = tuple(shape)
-        self.layout = layout
+        try:  # "channels_first"/"channels_last" or a _layout.Layout
+            self.layout = _layout.Layout(layout)
+        except ValueError:  # kept as given: the backward that reads it says what is wrong
+            self.layout = layout
 
     @property
     def nbytes(self):
@@ -109,7 +112,7 @@ class ReluMask:
         return _from_kernel_order(flat, self.shape, self.layout)
 
     def __repr__(self):
-        return f"ReluMask(shape={self.shape}, layout={self.layout!r}, nbytes={self.nbytes})"
+        return f"ReluMask(shape={self.shape}, layout={str(self.layout)!r}, nbytes={self.nbytes})"
 
 
 def relu_mask(output, *, n_threads=None):

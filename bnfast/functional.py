@@ -25,11 +25,11 @@ __all__ = ["batch_norm", "fused_batch_norm"]
 # microseconds per call, a dict lookup tens of nanoseconds.
 _CTYPE = {"f": "float", "d": "double"}
 _STATS = {
-    (layout, char): getattr(_stats, layout)[ctype]
+    (layout, char): getattr(_stats, str(layout))[ctype]
     for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()
 }
 _NORMALIZE = {
-    (layout, char): getattr(_normalize, layout)[ctype]
+    (layout, char): getattr(_normalize, str(layout))[ctype]
     for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()
 }
 _UPDATE_RUNNING = {char: _stats.update_running[ctype] for char, ctype in _CTYPE.items()}
