@@ -1,6 +1,12 @@
 """bnfast: PyTorch-exact Batch Normalization for NumPy arrays, Cython + OpenMP kernels."""
 __version__ = "0.1.0"
 
+try:
+    from . import _openmp  # noqa: F401  (the first compiled module; the others sit beside it)
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    from ._not_built import not_built_error
+    raise not_built_error(exc) from exc
+
 from ._config import openmp_enabled, show_config
 from .backward import (ReluMask, batch_norm_backward, fused_batch_norm_backward, no_grad,
                        relu_mask)
