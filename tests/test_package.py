@@ -15,7 +15,8 @@ def test_unbuilt_source_tree_says_how_to_build(tmp_path):
     # do, not report a circular import.
     shutil.copytree(PACKAGE, tmp_path / "bnfast",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    result = subprocess.run([sys.executable, "-c", "import bnfast"], cwd=tmp_path,
+    # -S: no site-packages, so an editable install cannot supply the modules.
+    result = subprocess.run([sys.executable, "-S", "-c", "import bnfast"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "bnfast is not built: run `pip install -e .`" in result.stderr
