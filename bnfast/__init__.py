@@ -5,7 +5,7 @@ try:
     from . import _openmp  # noqa: F401  (the first compiled module; the others sit beside it)
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     from ._not_built import not_built_error
-    raise not_built_error(exc) from exc
+    raise not_built_error(exc) from None  # the message carries the cause
 
 from ._config import openmp_enabled, show_config
 from .backward import (ReluMask, batch_norm_backward, fused_batch_norm_backward, no_grad,
