@@ -25,7 +25,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["_openmp", "_stats", "_normalize", "_inference", "_backward"]
+KERNELS = ["_openmp", "_forward", "_backward"]
 
 _PROBE = textwrap.dedent(
     """

@@ -56,9 +56,9 @@ def _is_channels_last(x):
 
 def layout_of(x):
     """Return FIRST or LAST if ``x`` can be viewed without a copy, else None."""
-    spatial = math.prod(x.shape[2:])
     if x.flags.c_contiguous:
-        return LAST if spatial == 1 else FIRST
+        # One value per (sample, channel): rows.  (Empty arrays: either will do.)
+        return LAST if x.size == x.shape[0] * x.shape[1] else FIRST
     if x.ndim > 2 and _is_channels_last(x):
         return LAST
     if x.ndim == 2 and x.flags.f_contiguous:
@@ -134,7 +134,8 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
     the caller copies into ``out`` at the end.  ``out`` is already validated.
     """
     if out is None:
-        result = empty_like_layout(x, layout, x.dtype)
+        # x is in layout: empty_like keeps its memory order (C, F or channels-last).
+        result = np.empty_like(x)
         return result, result
     clash = any(o is not None and np.may_share_memory(out, o) for o in avoid)
     clash = clash or any(o is not None and np.may_share_memory(out, o) and not same_memory(out, o)
@@ -142,3 +143,23 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
     if not clash and layout_of(out) == layout:
         return out, out
     return out, empty_like_layout(x, layout, x.dtype)
+
+
+def updatable_pair(running_mean, running_var):
+    """The running buffers as the kernel updates them: both C-contiguous, of one dtype.
+
+    Themselves when they are; otherwise float64 copies (lossless for the
+    update, which is computed in double and rounded once) for
+    :func:`write_back_pair` to copy back.
+    """
+    if (running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous
+            and running_var.flags.c_contiguous):
+        return running_mean, running_var
+    return running_mean.astype(np.float64), running_var.astype(np.float64)
+
+
+def write_back_pair(updated, running_mean, running_var):
+    """Copy :func:`updatable_pair`'s temporaries (if any) back into the buffers."""
+    if updated[0] is not running_mean:
+        np.copyto(running_mean, updated[0], casting="unsafe")
+        np.copyto(running_var, updated[1], casting="unsafe")

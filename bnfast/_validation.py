@@ -3,24 +3,18 @@
 Every check raises TypeError (wrong kind of thing) or ValueError (right kind,
 wrong shape or value) and names the argument and the shape it got.
 """
-import math
 import numbers
 
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# dtype.char of the native-order float32/float64 (a byte-swapped array has the
-# same char but fails isnative; it is rejected rather than silently misread).
-_FLOAT_CHARS = ("f", "d")
 
 
 def as_float_array(value, name):
     """``np.asarray(value)``, required to be float32 or float64 (never cast)."""
     arr = value if type(value) is np.ndarray else np.asarray(value)
-    dtype = arr.dtype
-    if dtype.char in _FLOAT_CHARS and dtype.isnative:  # fast path: this runs per call
-        return arr
-    if dtype not in SUPPORTED_DTYPES:
+    # A byte-swapped float32 compares unequal to the native one: rejected, not misread.
+    if arr.dtype not in SUPPORTED_DTYPES:
         hint = " (cast it explicitly, e.g. .astype(np.float32))" if arr.dtype.kind in "biuf" else ""
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}{hint}")
     return arr
@@ -56,29 +50,64 @@ def check_same_shape(value, name, x):
     return arr
 
 
+# Real scalar types taken without the (slow) numbers.Real ABC check: Python and
+# NumPy floats and ints cost the same per call.
+_REAL_SCALARS = frozenset([float, int, np.float64, np.float32, np.float16, np.int64, np.int32,
+                           np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8])
+
+
+def _real(value, name):
+    """``float(value)`` for a real scalar (not a bool), else TypeError."""
+    if type(value) in _REAL_SCALARS:
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_eps(eps):
-    if type(eps) is float and eps > 0.0:  # fast path
-        return eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    """eps as a positive float."""
+    eps = _real(eps, "eps")
     if not eps > 0.0:  # also rejects NaN
         raise ValueError(f"batch_norm eps must be positive, but got {eps}")
     return eps
 
 
 def check_momentum(momentum):
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
-    return float(momentum)
+    """momentum as a float."""
+    return _real(momentum, "momentum")
+
+
+def check_running_stats(running_mean, running_var, num_channels, batch_stats):
+    """Both None or both (C,) float arrays; with ``batch_stats`` they are updated in
+    place (writable ndarrays), without it they are required."""
+    if running_mean is None and running_var is None:
+        if not batch_stats:
+            raise ValueError("running_mean must be defined in evaluation mode "
+                             "(pass training=True to normalise with batch statistics)")
+        return None, None
+    if batch_stats:
+        _check_writable(running_mean, "running_mean")
+        _check_writable(running_var, "running_var")
+    running_mean = check_channel_vector(running_mean, "running_mean", num_channels)
+    running_var = check_channel_vector(running_var, "running_var", num_channels)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must both be arrays or both be None")
+    return running_mean, running_var
 
 
 def check_training_size(x):
     """PyTorch's rule: batch statistics need more than one value per channel."""
-    if x.shape[0] * math.prod(x.shape[2:]) == 1:
+    if x.size == x.shape[1] and x.size:  # N * prod(spatial) == 1
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
+
+
+def _check_writable(buffer, name):
+    if buffer is not None and (not isinstance(buffer, np.ndarray) or not buffer.flags.writeable):
+        raise ValueError(f"{name} must be a writable numpy array: it is updated in place "
+                         "during training")
 
 
 def check_out(out, x, name="out"):

@@ -9,10 +9,21 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _inference, _layout
+from . import _forward
 from . import backward as B
 from . import functional as F
-from ._validation import SUPPORTED_DTYPES, as_float_array, check_eps
+from ._threads import resolve_threads
+from ._validation import (
+    SUPPORTED_DTYPES,
+    as_float_array,
+    check_channel_vector,
+    check_eps,
+    check_momentum,
+    check_out,
+    check_running_stats,
+    check_same_shape,
+    check_training_size,
+)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -58,7 +69,7 @@ class _BatchNorm:
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if momentum is not None:
-            F.check_momentum(momentum)
+            check_momentum(momentum)
         self.num_features = int(num_features)
         self.eps = check_eps(eps)
         self.momentum = momentum
@@ -88,7 +99,7 @@ class _BatchNorm:
         self._saved = None
         self._saved_missing = _NO_FORWARD
         # Evaluation coefficients, reused while the buffers and parameters are unchanged.
-        self._coef_cache = _inference.CoefficientCache()
+        self._coef_cache = _forward.CoefficientCache()
         self.reset_parameters()
 
     # -- PyTorch's Module surface -------------------------------------------------
@@ -126,74 +137,6 @@ class _BatchNorm:
         return self._forward(input, None, False, out)
 
     def _forward(self, input, addend, relu, out):
-        factor = 0.0 if self.momentum is None else self.momentum
-        counted = self.training and self.track_running_stats
-        if counted and self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        # Batch statistics in training, and in eval when no running stats exist.
-        use_batch_stats = self.training or self.running_mean is None
-        tracking = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracking else None
-        running_var = self.running_var if tracking else None
-        save = B.is_grad_enabled()
-        done = None
-        if (type(input) is np.ndarray and input.ndim in self._ndims and input.dtype == self.dtype
-                and input.shape[1] == self.num_features):
-            done = self._forward_plain(input, running_mean, running_var, use_batch_stats, factor,
-                                       addend, relu, out, save)
-        if done is None:
-            done = self._forward_general(input, running_mean, running_var, use_batch_stats,
-                                         factor, addend, relu, out, save)
-        x, result, weight, mean, invstd, mask = done
-        if counted:  # only once the call succeeded: a rejected call changes nothing
-            self.num_batches_tracked += 1
-        if save:
-            self._save_for_backward(x, addend, use_batch_stats, out is not None, result, weight,
-                                    mean, invstd, mask)
-        else:
-            self._saved = None
-            self._saved_missing = _NO_GRAD
-        return result
-
-    def _forward_plain(self, x, running_mean, running_var, use_batch_stats, factor, addend,
-                       relu, out, save):
-        """A forward in one compiled call (see ``bnfast._inference``), or None if the
-        arguments are not plain (then the general path validates and explains).
-
-        Small inputs are dominated by per-call overhead, not by memory traffic:
-        this keeps it to about a microsecond.  Returns (input, out, saved weight,
-        saved mean, saved invstd, ReLU mask or None).
-        """
-        # With grad enabled, the ReLU mask for backward is packed inside the
-        # normalise pass (no extra read of the output).
-        bits = np.zeros((x.size + 7) // 8, dtype=np.uint8) if save and relu else None
-        weight = mean = invstd = None
-        if use_batch_stats:
-            coef = np.empty((4, self.num_features)) if save else None
-            result = _inference.normalize_with_batch_stats(
-                x, running_mean, running_var, self.weight, self.bias, self.eps, factor,
-                addend, relu, out, self.n_threads, coef, bits)
-            if result is None:
-                return None
-            if save:
-                weight = None if self.weight is None else self.weight.copy()
-                mean, invstd = coef[0], coef[1]
-        else:
-            cache = self._coef_cache
-            result = _inference.normalize_with_running_stats(
-                x, running_mean, running_var, self.weight, self.bias, self.eps, addend, relu,
-                out, self.n_threads, None, bits, cache)
-            if result is None:
-                return None
-            # The cache's arrays are read-only and replaced on change, never
-            # rewritten: views of them are this forward's own snapshot.
-            weight, mean, invstd = cache.weight, cache.mean, cache.invstd
-        mask = None if bits is None else B.ReluMask(bits, x.shape, _layout.layout_of(x))
-        return x, result, weight, mean, invstd, mask
-
-    def _forward_general(self, input, running_mean, running_var, use_batch_stats, factor,
-                         addend, relu, out, save):
-        """Validate, then the functional layer; returns what _forward_plain returns."""
         x = as_float_array(input, "input")
         self._check_input_dim(x)  # before any generic shape check: torch's message
         if x.dtype != self.dtype:
@@ -201,27 +144,58 @@ class _BatchNorm:
                 f"input dtype {x.dtype} does not match the module's dtype {self.dtype}: "
                 f"build the module with dtype=np.{x.dtype} or cast the input explicitly"
             )
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels (axis 1), "
+        C = self.num_features
+        if x.shape[1] != C:
+            raise ValueError(f"expected input with {C} channels (axis 1), "
                              f"got input of shape {x.shape}")
-        result, mean, invstd, mask = F._batch_norm(
-            x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
-            self.eps, addend=addend, relu=relu, out=out, n_threads=self.n_threads,
-            want_mask=save,
-        )
-        weight = None if not save or self.weight is None else self.weight.copy()
-        return x, result, weight, mean, invstd, mask
+        counted = self.training and self.track_running_stats
+        if self.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(self.num_batches_tracked + 1) if counted else 0.0
+        else:
+            factor = check_momentum(self.momentum)
+        # Batch statistics in training, and in eval when no running stats exist.
+        batch_stats = self.training or self.running_mean is None
+        tracking = not self.training or self.track_running_stats
+        running_mean, running_var = check_running_stats(
+            self.running_mean if tracking else None, self.running_var if tracking else None,
+            C, batch_stats)
+        weight = check_channel_vector(self.weight, "weight", C)
+        bias = check_channel_vector(self.bias, "bias", C)
+        eps = check_eps(self.eps)
+        if addend is not None:
+            addend = check_same_shape(addend, "addend", x)
+        if out is not None:
+            out = check_out(out, x)
+        nt = resolve_threads(self.n_threads)
+        if batch_stats:
+            check_training_size(x)
+        save = B.is_grad_enabled()
+        cache = None if batch_stats else self._coef_cache
+        result, coef, mask = F.normalize(x, running_mean, running_var, weight, bias, batch_stats,
+                                         factor, eps, addend, relu, out, nt, save and batch_stats,
+                                         save, cache)
+        if counted:  # only once the call succeeded: a rejected call changes nothing
+            self.num_batches_tracked += 1
+        if save:
+            if batch_stats:
+                saved_weight = None if weight is None else weight.copy()
+                mean, invstd = coef[0], coef[1]
+            else:
+                # The cache's arrays are read-only and replaced on change, never
+                # rewritten: they are this forward's own snapshot.
+                saved_weight, mean, invstd = cache.weight, cache.mean, cache.invstd
+            # Positional: keyword arguments cost ~0.3 us on this per-call path.  x is
+            # a reference, as torch saves it: mutating it before backward is
+            # undefined.  Only a caller's out= can be the input: a fresh one cannot.
+            self._saved = _Saved(x, saved_weight, mean, invstd, batch_stats, mask,
+                                 addend is not None,
+                                 out is not None and bool(np.may_share_memory(out, x)))
+        else:
+            self._saved = None
+            self._saved_missing = _NO_GRAD
+        return result
 
     # -- backward -----------------------------------------------------------------
-    def _save_for_backward(self, x, addend, batch_stats, out_given, out, weight, mean, invstd,
-                           mask):
-        """``weight``: a snapshot of the weight (a later in-place edit must not reach it)."""
-        # Positional: keyword arguments cost ~0.3 us on this per-call path.
-        # x is a reference, as torch saves it: mutating it before backward is
-        # undefined.  Only a caller's out= can be the input: a fresh one cannot.
-        self._saved = _Saved(x, weight, mean, invstd, batch_stats, mask, addend is not None,
-                             out_given and bool(np.may_share_memory(out, x)))
-
     def backward(self, grad_output, *, out=None, retain_graph=False):
         """Gradient of the last forward with respect to its input.
 
