@@ -149,8 +149,10 @@ class _BatchNorm:
             raise ValueError(f"expected input with {C} channels (axis 1), "
                              f"got input of shape {x.shape}")
         counted = self.training and self.track_running_stats
-        if self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked + 1) if counted else 0.0
+        if not counted:
+            factor = 0.0  # no running statistics are updated
+        elif self.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(self.num_batches_tracked + 1)
         else:
             factor = check_momentum(self.momentum)
         # Batch statistics in training, and in eval when no running stats exist.
