@@ -10,6 +10,7 @@ Environment variables
 BNFAST_FAIL_NO_OPENMP=1  fail instead of building serially.
 BNFAST_DEBUG=1           bounds/wraparound checks on, -O0 -g (for tests).
 BNFAST_NATIVE=1          add -march=native (never for distributed wheels).
+BNFAST_WERROR=1          turn compiler warnings into errors (CI: a clean build prints none).
 """
 import os
 import shutil
@@ -84,6 +85,8 @@ class BuildExt(build_ext):
             cflags = ["/Od"] if debug else ["/O2"]
         if _env_flag("BNFAST_NATIVE"):
             cflags.append("-march=native")
+        if _env_flag("BNFAST_WERROR") and self.compiler.compiler_type != "msvc":
+            cflags.append("-Werror")
         lflags = []
         omp = _openmp_flags(self.compiler)
         if omp is None:

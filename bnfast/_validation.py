@@ -33,6 +33,8 @@ def check_channel_vector(value, name, num_channels):
     """None, or a float array of shape (C,)."""
     if value is None:
         return None
+    if type(value) is np.ndarray and value.dtype in SUPPORTED_DTYPES and value.shape == (num_channels,):
+        return value  # the common case, without a function call: this runs per call
     arr = as_float_array(value, name)
     if arr.shape != (num_channels,):
         raise ValueError(f"{name} must have shape ({num_channels},) to match the input's "
@@ -81,6 +83,10 @@ def check_momentum(momentum):
 def check_running_stats(running_mean, running_var, num_channels, batch_stats):
     """Both None or both (C,) float arrays; with ``batch_stats`` they are updated in
     place (writable ndarrays), without it they are required."""
+    if not batch_stats and running_mean is not None and running_var is not None:
+        # Evaluation with running statistics: the common case first.
+        return (check_channel_vector(running_mean, "running_mean", num_channels),
+                check_channel_vector(running_var, "running_var", num_channels))
     if running_mean is None and running_var is None:
         if not batch_stats:
             raise ValueError("running_mean must be defined in evaluation mode "

@@ -56,7 +56,7 @@ class _Saved:
 class _BatchNorm:
     """Shared implementation; subclasses set the accepted input dimensions."""
 
-    _ndims = ()            # accepted input.ndim values
+    _ndims: "tuple[int, ...]" = ()   # accepted input.ndim values
     _ndim_text = ""        # as PyTorch words it: "4D", "2D or 3D"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,

@@ -1,0 +1,41 @@
+"""Type stub for the forward entry (src/_forward.pyx).
+
+``forward`` is the one compiled forward: statistics, running update,
+coefficients and the normalise pass with its epilogue.  It trusts its
+arguments; ``bnfast.functional.normalize`` checks and lays them out.
+"""
+from typing import Any, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+_F = npt.NDArray[np.floating[Any]]
+
+MEAN: int
+INVSTD: int
+SCALE: int
+SHIFT: int
+
+class CoefficientCache:
+    """A module's last evaluation coefficients, reused while their inputs are bitwise equal."""
+    @property
+    def key(self) -> Optional[tuple[Optional[_F], Optional[_F], Optional[_F], Optional[_F]]]: ...
+    @property
+    def table(self) -> Optional[npt.NDArray[np.float64]]: ...
+    @property
+    def storage_table(self) -> Optional[_F]: ...
+    @property
+    def mean(self) -> Optional[npt.NDArray[np.float64]]: ...
+    @property
+    def invstd(self) -> Optional[npt.NDArray[np.float64]]: ...
+    @property
+    def weight(self) -> Optional[_F]: ...
+    def __init__(self) -> None: ...
+
+def forward(
+    x: _F, layout: int, running_mean: Optional[_F], running_var: Optional[_F],
+    weight: Optional[_F], bias: Optional[_F], batch_stats: bool, momentum: float, eps: float,
+    addend: Optional[_F], relu: bool, out: _F, n_threads: int,
+    coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
+    cache: Optional[CoefficientCache],
+) -> None: ...
