@@ -83,23 +83,20 @@ def check_momentum(momentum):
 def check_running_stats(running_mean, running_var, num_channels, batch_stats):
     """Both None or both (C,) float arrays; with ``batch_stats`` they are updated in
     place (writable ndarrays), without it they are required."""
-    if not batch_stats and running_mean is not None and running_var is not None:
-        # Evaluation with running statistics: the common case first.
-        return (check_channel_vector(running_mean, "running_mean", num_channels),
-                check_channel_vector(running_var, "running_var", num_channels))
     if running_mean is None and running_var is None:
         if not batch_stats:
             raise ValueError("running_mean must be defined in evaluation mode "
                              "(pass training=True to normalise with batch statistics)")
         return None, None
-    if batch_stats:
-        _check_writable(running_mean, "running_mean")
-        _check_writable(running_var, "running_var")
-    running_mean = check_channel_vector(running_mean, "running_mean", num_channels)
-    running_var = check_channel_vector(running_var, "running_var", num_channels)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must both be arrays or both be None")
-    return running_mean, running_var
+    mean = check_channel_vector(running_mean, "running_mean", num_channels)
+    var = check_channel_vector(running_var, "running_var", num_channels)
+    if batch_stats and not (mean is running_mean and var is running_var
+                            and mean.flags.writeable and var.flags.writeable):
+        _check_writable(running_mean, "running_mean")
+        _check_writable(running_var, "running_var")
+    return mean, var
 
 
 def check_training_size(x):
