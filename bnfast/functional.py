@@ -112,14 +112,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if type(input) is np.ndarray and input.ndim >= 2:
         # Plain calls: one compiled call (see bnfast._inference); None otherwise.
         coef = np.empty((4, input.shape[1])) if return_stats else None
+        nt = resolve_threads(n_threads)  # here, not in C: 1 in a forked child
         if training:
             result = _inference.normalize_with_batch_stats(
                 input, running_mean, running_var, weight, bias, eps, momentum, addend, relu,
-                out, n_threads, coef, None)
+                out, nt, coef, None)
         else:
             result = _inference.normalize_with_running_stats(
                 input, running_mean, running_var, weight, bias, eps, addend, relu, out,
-                n_threads, coef, None, None)
+                nt, coef, None, None)
         if result is not None:
             return (result, coef[0], coef[1]) if return_stats else result
     result, save_mean, save_invstd, _ = _batch_norm(
