@@ -12,7 +12,7 @@ import numpy as np
 from . import _forward
 from . import backward as B
 from . import functional as F
-from ._threads import resolve_threads
+from ._threads import check_n_threads, resolve_threads
 from ._validation import (
     SUPPORTED_DTYPES,
     as_float_array,
@@ -70,6 +70,7 @@ class _BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if momentum is not None:
             check_momentum(momentum)
+        n_threads = check_n_threads(n_threads)
         self.num_features = int(num_features)
         self.eps = check_eps(eps)
         self.momentum = momentum
@@ -306,10 +307,16 @@ class _BatchNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Copy values from ``state_dict`` (NumPy arrays or torch tensors) into this module.
 
+        Values are cast to the module's dtype as torch casts them (a bfloat16
+        or float16 torch state dict loads into a float32 module).  Everything
+        is checked and converted before anything is written: a call that
+        raises leaves the module unchanged.
+
         Parameters
         ----------
         state_dict : mapping
-            Keys as produced by :meth:`state_dict` or by ``torch.nn.BatchNormXd``.
+            Keys as produced by :meth:`state_dict` or by ``torch.nn.BatchNormXd``;
+            values array-likes of real numbers (float, int or bool).
             A state dict without ``num_batches_tracked`` (from old PyTorch) keeps
             the current count, as PyTorch does.
         strict : bool
@@ -322,24 +329,50 @@ class _BatchNorm:
 
         Raises
         ------
+        TypeError
+            A value that is not an array of real numbers (a string, a complex
+            array, ...), naming its key.
         RuntimeError
             Missing/unexpected keys (strict) or a shape mismatch, listing all of them.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> m = bnfast.BatchNorm1d(2)
+        >>> m.load_state_dict({"weight": [1, 2], "bias": np.ones(2)}, strict=False)
+        IncompatibleKeys(missing_keys=['running_mean', 'running_var'], unexpected_keys=[])
+        >>> m.weight
+        array([1., 2.], dtype=float32)
         """
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
         unexpected = [k for k in state_dict if k not in own]
-        errors = []
+        bad, errors = [], []
         staged = {}
         for key, target in own.items():
             if key not in state_dict:
                 continue
-            value = np.asarray(_to_numpy(state_dict[key]))
+            try:
+                value = _to_numpy(state_dict[key])
+            except (TypeError, ValueError) as exc:
+                bad.append(f"{key!r} ({exc})")
+                continue
+            if value.dtype.kind not in "biuf":
+                bad.append(f"{key!r} (dtype {value.dtype})")
+                continue
             if value.shape != target.shape:
                 errors.append(f"size mismatch for {key}: copying a param with shape "
                               f"{value.shape} from checkpoint, the shape in current model "
                               f"is {target.shape}.")
                 continue
-            staged[key] = value
+            # A converted copy: the writes below cannot fail, nor see one another
+            # (the state dict may hold this module's own arrays).  Floats truncate
+            # into the integer count, as torch's copy_ does.
+            casting = "unsafe" if key == "num_batches_tracked" else "same_kind"
+            staged[key] = value.astype(target.dtype, casting=casting)
+        if bad:
+            raise TypeError(f"state_dict values must be arrays of real numbers (float, int or "
+                            f"bool) to load into {type(self).__name__}; got " + ", ".join(bad))
         if strict:
             if missing:
                 errors.insert(0, "Missing key(s) in state_dict: "
@@ -350,8 +383,8 @@ class _BatchNorm:
         if errors:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                                + "\n\t".join(errors))
-        for key, value in staged.items():  # all checked first: nothing half-loaded
-            np.copyto(own[key], value, casting="unsafe" if key == "num_batches_tracked" else "same_kind")
+        for key, value in staged.items():  # all checked and converted first
+            own[key][...] = value
         return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self):
@@ -361,10 +394,20 @@ class _BatchNorm:
 
 
 def _to_numpy(value):
-    """Accept torch tensors without importing torch."""
+    """``value`` as a NumPy array; torch tensors are accepted without importing torch.
+
+    Floating tensors narrower than float32 (bfloat16, float8: no NumPy dtype)
+    are widened to float32 first, which is exact; the caller then casts to the
+    module's dtype, as torch's ``load_state_dict`` casts.
+    """
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        return value.detach().cpu().numpy()
-    return value
+        tensor = value.detach().cpu()
+        if tensor.is_floating_point() and tensor.element_size() < 4:
+            tensor = tensor.float()
+        elif tensor.is_complex():
+            raise TypeError(f"a complex tensor ({tensor.dtype})")
+        return tensor.numpy()
+    return np.asarray(value)
 
 
 class BatchNorm1d(_BatchNorm):

@@ -306,12 +306,16 @@ def test_module_out_errors_leave_state(cls):
 
 # -- n_threads -------------------------------------------------------------------------
 @pytest.mark.parametrize("bad,exc", [(0, ValueError), (1.5, TypeError), (True, TypeError),
-                                     ("2", TypeError)])
+                                     ("2", TypeError), (2**40, ValueError),
+                                     (-2**40, ValueError), ((1 << 16) + 1, ValueError)])
 def test_bad_n_threads(bad, exc):
     x = np.ones((4, 3), np.float32)
     with pytest.raises(exc, match="n_threads"):
         bnfast.batch_norm(x, None, None, training=True, n_threads=bad)
-    m = bnfast.BatchNorm1d(3, n_threads=bad)
+    with pytest.raises(exc, match="n_threads"):  # the constructor checks it too
+        bnfast.BatchNorm1d(3, n_threads=bad)
+    m = bnfast.BatchNorm1d(3)
+    m.n_threads = bad  # and so does every call, when it is set later
     with pytest.raises(exc, match="n_threads"):
         m(x)
     assert int(m.num_batches_tracked) == 0

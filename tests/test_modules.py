@@ -392,6 +392,91 @@ def test_load_state_dict_casts_to_module_dtype(torch):
     np.testing.assert_array_equal(m.running_mean, np.float32(0.1))
 
 
+
+@pytest.mark.parametrize("bad", [np.array(["1", "2", "3"]), np.ones(3, np.complex128),
+                                 np.full(3, None), [[1.0], [1.0, 2.0]], "abc"],
+                         ids=["string", "complex", "object", "ragged", "str"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_bad_value_is_type_error_and_loads_nothing(dtype, bad, strict):
+    # Keys before and after the bad one: none of them may be written.
+    m = bnfast.BatchNorm2d(3, dtype=dtype)
+    state = {"weight": np.full(3, 2.0), "bias": np.full(3, 1.0), "running_mean": bad,
+             "running_var": np.full(3, 9.0), "num_batches_tracked": np.array(4)}
+    with pytest.raises(TypeError, match="'running_mean'"):
+        m.load_state_dict(state, strict=strict)
+    np.testing.assert_array_equal(m.weight, 1.0)
+    np.testing.assert_array_equal(m.bias, 0.0)
+    np.testing.assert_array_equal(m.running_mean, 0.0)
+    np.testing.assert_array_equal(m.running_var, 1.0)
+    assert int(m.num_batches_tracked) == 0
+
+
+def test_load_state_dict_complex_tensor_is_type_error(torch):
+    m = bnfast.BatchNorm1d(3)
+    tm = torch.nn.BatchNorm1d(3)
+    state = dict(tm.state_dict(), running_var=torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="'running_var'"):
+        m.load_state_dict(state)
+    np.testing.assert_array_equal(m.running_var, 1.0)
+
+
+def test_load_state_dict_of_its_own_arrays(dtype, rng):
+    m = bnfast.BatchNorm1d(3, dtype=dtype)
+    m.weight[...], m.bias[...] = make_params(rng, 3, dtype)
+    expected = {k: v.copy() for k, v in m.state_dict().items()}
+    m.load_state_dict(m.state_dict())
+    m.load_state_dict({"weight": m.bias, "bias": m.weight}, strict=False)  # a swap
+    np.testing.assert_array_equal(m.weight, expected["bias"])
+    np.testing.assert_array_equal(m.bias, expected["weight"])
+
+
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_load_half_precision_torch_state_dict_as_torch_does(dtype, rng, torch, source, name):
+    # torch casts a bfloat16/float16 state dict into a float32/float64 module.
+    half = getattr(torch.nn, name)(C, momentum=0.3, dtype=getattr(torch, source))
+    with torch.no_grad():
+        half.weight.uniform_(0.5, 2)
+        half.bias.uniform_(-1, 1)
+        for _ in range(3):
+            half(torch.randn(4, C, *(3,) * int(name[-2]), dtype=getattr(torch, source)))
+    state = half.state_dict()
+    tm = _torch_module(torch, name, dtype)
+    tm.load_state_dict(state)
+    m = getattr(bnfast, name)(C, dtype=dtype)
+    assert m.load_state_dict(state) == ([], [])
+    for key, value in _torch_buffers(tm).items():
+        np.testing.assert_array_equal(getattr(m, key), value, err_msg=key)
+        assert getattr(m, key).dtype == value.dtype
+    assert int(m.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("spelling", [None, 1, 2, -1, np.int64(2), 65536, -65536],
+                         ids=repr)
+def test_every_n_threads_spelling_gives_the_same_result(dtype, rng, spelling):
+    # Large enough to run threaded; the module's call takes the one-call path.
+    x = make_input(rng, (16, 3, 64, 64), dtype)
+    serial = bnfast.BatchNorm2d(3, dtype=dtype, n_threads=1)
+    m = bnfast.BatchNorm2d(3, dtype=dtype, n_threads=spelling)
+    for training in (True, False):
+        serial.train(training)
+        m.train(training)
+        np.testing.assert_array_equal(m(x), serial(x))
+    np.testing.assert_array_equal(
+        bnfast.batch_norm(x, None, None, training=True, n_threads=spelling),
+        bnfast.batch_norm(x, None, None, training=True, n_threads=1))
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**40, -2**40, 65537, np.int64(2**40)], ids=repr)
+def test_n_threads_out_of_range_is_value_error(bad):
+    with pytest.raises(ValueError, match="n_threads"):
+        bnfast.BatchNorm2d(3, n_threads=bad)
+    m = bnfast.BatchNorm2d(3)
+    m.n_threads = bad
+    with pytest.raises(ValueError, match="n_threads"):
+        m(np.ones((2, 3, 2, 2), np.float32))
+    assert int(m.num_batches_tracked) == 0
+
 # -- repr ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
 @pytest.mark.parametrize("kwargs", [
