@@ -17,10 +17,8 @@ class NumpyPeer(Implementation):
     """BatchNorm in plain NumPy (single-threaded: ufuncs and reductions do not use threads)."""
 
     name = "numpy"
-
-    @property
-    def version(self):
-        return np.__version__
+    version = np.__version__
+    modes = ("eval", "train", "backward", "fused_eval")
 
     @property
     def effective_threads(self):
@@ -79,8 +77,7 @@ class NumpyPeer(Implementation):
 
         if case.mode == "backward":
             dy = inputs.grad_output
-            mean = inputs.save_mean.astype(dtype)
-            invstd = inputs.save_invstd.astype(dtype)
+            mean, invstd = (s.astype(dtype) for s in inputs.stats(True))
             count = x.size // x.shape[1]
             gi = None if alloc else np.empty_like(x)
 

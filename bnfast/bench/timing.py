@@ -1,4 +1,4 @@
-"""Median-of-repeats timing with warm-up, in the manner of ``timeit.Timer.autorange``."""
+"""Median- and mean-of-repeats timing with warm-up, in the manner of ``timeit.Timer.autorange``."""
 import gc
 import math
 import statistics
@@ -40,6 +40,8 @@ class Timing:
     ----------
     median : float
         Median seconds per call.
+    mean : float
+        Mean seconds per call, stalls included (what a shared machine costs).
     times : list of float
         Seconds per call of every sample.
     number : int
@@ -47,12 +49,13 @@ class Timing:
     """
 
     median: float
+    mean: float
     times: list = field(default_factory=list)
     number: int = 1
 
 
 def measure(fn, policy=TimingPolicy()):
-    """Time ``fn()``: warm up, pick calls per sample, return the median per call.
+    """Time ``fn()``: warm up, pick calls per sample, return the median and mean per call.
 
     The first call (warm-up) pays one-off costs: page faults on fresh output
     buffers, lazy initialisation, thread-pool start-up.  The garbage collector
@@ -85,4 +88,4 @@ def measure(fn, policy=TimingPolicy()):
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing(statistics.median(times), times, number)
+    return Timing(statistics.median(times), statistics.fmean(times), times, number)
