@@ -121,6 +121,7 @@ def test_busy_runs_neighbour_processes_during_the_measurement(tmp_path, capsys):
 
 def test_quiet_run_has_no_neighbours(tmp_path):
     code, doc = run_json(tmp_path, "--modes", "eval", "--peers", "none")
+    assert code == 0
     assert doc["settings"]["busy"] == 0 and doc["neighbours"] is None
 
 
