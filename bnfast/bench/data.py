@@ -7,17 +7,7 @@ import numpy as np
 
 from bnfast.testing import reference_batch_norm
 
-__all__ = ["Inputs", "channel_axes", "channel_view"]
-
-
-def channel_axes(ndim):
-    """The axes BatchNorm reduces over: all but axis 1."""
-    return (0,) + tuple(range(2, ndim))
-
-
-def channel_view(vec, ndim):
-    """A (C,) vector shaped to broadcast against an (N, C, *spatial) array."""
-    return vec.reshape((1, -1) + (1,) * (ndim - 2))
+__all__ = ["Inputs"]
 
 
 def _read_only(a):

@@ -8,9 +8,18 @@ NumPy allocates them.
 import numpy as np
 
 from .base import Implementation, Prepared
-from .data import channel_axes, channel_view
 
 __all__ = ["NumpyPeer"]
+
+
+def channel_axes(ndim):
+    """The axes BatchNorm reduces over: all but axis 1."""
+    return (0,) + tuple(range(2, ndim))
+
+
+def channel_view(vec, ndim):
+    """A (C,) vector shaped to broadcast against an (N, C, *spatial) array."""
+    return vec.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 class NumpyPeer(Implementation):

@@ -3,6 +3,7 @@
 The result is one JSON-ready dict (see :mod:`bnfast.bench.schema`) that the
 table, the JSON file and the plot are all made from.
 """
+import contextlib
 import datetime
 import math
 import platform
@@ -21,7 +22,6 @@ from .peers import PEERS, load_peers
 from .progress import progress
 from .schema import KEYS, SCHEMA_VERSION
 from .suite import DEFAULT_SHAPES, DTYPES, MODES, make_cases
-from .threads import limit_threads
 from .timing import TimingPolicy, measure
 
 __all__ = ["BenchSettings", "run_benchmark"]
@@ -79,7 +79,7 @@ def run_benchmark(settings, show_progress=True, command=None):
                      f"{machine['usable_cores']} cores): timings may be noisy")
     cases = make_cases(settings.shapes, settings.modes, settings.dtypes)
     results = []
-    with limit_threads(settings.threads) as note, neighbours(settings.busy) as busy:
+    with _limit_threads(settings.threads) as note, neighbours(settings.busy) as busy:
         if note:
             notes.append(note)
         impls, missing = load_peers(settings.peers, settings.threads, settings.allocate)
@@ -136,6 +136,32 @@ def run_benchmark(settings, show_progress=True, command=None):
         "results": results,
         "summary": _summary(results),
     }
+
+
+@contextlib.contextmanager
+def _limit_threads(n):
+    """Limit OpenMP and BLAS thread pools to ``n`` (no-op for None).
+
+    Uses ``threadpoolctl.threadpool_limits`` when installed; each
+    implementation also receives ``n`` itself (bnfast ``n_threads``,
+    ``torch.set_num_threads``, ONNX Runtime ``intra_op_num_threads``), so
+    threadpoolctl only adds the BLAS pools of NumPy & co.
+
+    Yields
+    ------
+    str or None
+        A note when threadpoolctl is missing and the limit is partial.
+    """
+    if n is None:
+        yield None
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield "threadpoolctl is not installed: BLAS thread pools are not limited"
+        return
+    with threadpool_limits(limits=int(n)):
+        yield None
 
 
 def _versions(impls):
