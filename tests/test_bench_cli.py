@@ -112,7 +112,7 @@ def test_busy_runs_neighbour_processes_during_the_measurement(tmp_path, capsys):
     assert doc["settings"]["busy"] == 2
     n = doc["neighbours"]
     assert n["processes"] == 2 and len(n["calls"]) == 2 and all(c > 0 for c in n["calls"])
-    assert "busy: 2 neighbour processes" in capsys.readouterr().out
+    assert "busy: 2 neighbour process(es) running bnfast" in capsys.readouterr().out
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("bnfast-busy")]
     for r in rows(doc, status="ok"):
         assert r["mean_s"] > 0 and r["median_s"] > 0

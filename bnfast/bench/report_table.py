@@ -65,8 +65,8 @@ def _header(doc):
     return (f"bnfast {doc['versions']['bnfast']} bench | {m['cpu']} ({m['usable_cores']} cores) | "
             f"OpenMP {'on' if b.get('openmp') else 'OFF'} | threads: {threads} | "
             f"outputs {doc['settings']['outputs']}"
-            + (f" | busy: {n['processes']} neighbour processes ({n['calls']} calls)"
-               if (n := doc["neighbours"]) else ""))
+            + (f" | busy: {n['processes']} neighbour process(es) running bnfast "
+               f"({'+'.join(map(str, n['calls']))} calls)" if (n := doc["neighbours"]) else ""))
 
 
 def format_report(doc):
