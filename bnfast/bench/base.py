@@ -4,7 +4,7 @@ An implementation's module imports its library at the top, so that a missing
 library is an ImportError when :func:`bnfast.bench.peers.make` loads it.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from .suite import MODES
 
@@ -51,8 +51,8 @@ class Implementation:
     """
 
     name = "?"
-    modes = MODES
-    version = None  #: version string of the library measured
+    modes: Tuple[str, ...] = MODES
+    version: Optional[str] = None  #: version string of the library measured
 
     def __init__(self, threads=None, allocate=False):
         self.threads = threads

@@ -9,6 +9,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import bnfast
 from bnfast._config import config as build_config
@@ -62,7 +63,7 @@ class BenchSettings:
     modes: tuple = MODES
     dtypes: tuple = DTYPES
     peers: tuple = PEERS
-    threads: int = None
+    threads: Optional[int] = None
     allocate: bool = False
     policy: TimingPolicy = field(default_factory=TimingPolicy)
     quick: bool = False

@@ -4,6 +4,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 __all__ = ["Timing", "TimingPolicy", "measure"]
 
@@ -28,7 +29,7 @@ class TimingPolicy:
     min_time: float = 0.4
     min_repeat: int = 5
     max_repeat: int = 50
-    repeat: int = None
+    repeat: Optional[int] = None
     min_sample: float = 1e-3
 
 
