@@ -179,11 +179,13 @@ def reference_batch_norm_backward(grad_output, x, weight, save_mean, save_invstd
     >>> from bnfast.testing import reference_batch_norm, reference_batch_norm_backward
     >>> x = np.array([[1.0], [2.0], [6.0]])
     >>> fwd = reference_batch_norm(x, training=True, eps=0.0)
-    >>> g = reference_batch_norm_backward(np.ones_like(x), x, None, fwd.mean, fwd.invstd)
-    >>> g.grad_input.round(12) + 0.0, g.grad_weight.round(12) + 0.0, g.grad_bias
-    (array([[0.],
-           [0.],
-           [0.]]), array([0.]), array([3.]))
+    >>> g = reference_batch_norm_backward([[1.0], [0.0], [0.0]], x, [2.0], fwd.mean, fwd.invstd)
+    >>> g.grad_input.round(4)  # sums to zero: the batch mean absorbs any shift of x
+    array([[ 0.3527],
+           [-0.4409],
+           [ 0.0882]])
+    >>> g.grad_weight.round(4), g.grad_bias
+    (array([-0.9258]), array([1.]))
     >>> y = reference_batch_norm(x, training=True, eps=0.0, relu=True).out
     >>> reference_batch_norm_backward(np.ones_like(x), x, None, fwd.mean, fwd.invstd,
     ...                               output=y).grad_addend
