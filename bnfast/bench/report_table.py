@@ -117,7 +117,8 @@ def format_report(doc):
             "for fused_eval);",
             f"{', '.join(_PEER_TITLES.get(p, p) for p in peers) or 'peers'}: peer time / bnfast time "
             "(median; >1: bnfast faster), '!' = that peer's result is WRONG;",
-            "err: max abs error vs the float64 reference (bnfast.testing), divided by max(1, max|reference|); "
+            "err: max abs error vs the float64 reference (bnfast.testing), divided by "
+            "max(1, max|reference|); "
             "check: WRONG when err > " + ", ".join(f"{v:g} ({k})" for k, v in
                                                     doc["settings"]["tolerance"].items()) + "."]
     if doc["summary"]:
