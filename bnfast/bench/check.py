@@ -35,8 +35,9 @@ def expected(mode, inputs):
         if mode != "train":
             return {"y": ref.out}
         return {"y": ref.out, "running_mean": ref.running_mean, "running_var": ref.running_var}
-    training = mode != "backward_eval"
-    fused = mode == "fused_backward"
+    if mode not in ("backward", "backward_eval", "fused_backward"):
+        raise ValueError(f"unknown mode {mode!r}")
+    training, fused = mode != "backward_eval", mode == "fused_backward"
     grads = reference_batch_norm_backward(inputs.grad_output, inputs.x, inputs.weight,
                                           *inputs.stats(training), training,
                                           output=inputs.relu_output if fused else None)
