@@ -12,7 +12,7 @@ Compared side by side (one group per shape and dtype):
 * ``onnxruntime``            a one-node graph, ``InferenceSession.run`` (allocating)
 * ``copy``                   ``np.copyto`` of the same array: the floor for one read + one write
 
-Every result is checked against the float64 reference before it is timed.
+Every result is checked against the float64 reference (:mod:`bnfast.testing`) before it is timed.
 """
 import contextlib
 
@@ -23,7 +23,7 @@ pytest.importorskip("pytest_benchmark")
 
 import bnfast  # noqa: E402
 from bnfast.bench.data import Inputs  # noqa: E402
-from bnfast.bench.reference import compare, reference  # noqa: E402
+from bnfast.bench.check import compare, expected  # noqa: E402
 from bnfast.bench.suite import format_shape  # noqa: E402
 
 SHAPES = [(1, 512, 7, 7), (1, 64, 56, 56), (1, 2048, 1, 1)]
@@ -72,7 +72,8 @@ def _prepare(impl, inputs, stack):
         return lambda: m(tx), lambda: m(tx).detach().numpy()
     if impl == "onnxruntime":
         ort = pytest.importorskip("onnxruntime")
-        from bnfast.bench.onnx_model import batch_norm_model
+        pytest.importorskip("onnx")
+        from bnfast.bench.impl_onnxruntime import batch_norm_model
         model = batch_norm_model(inputs.shape, inputs.dtype, inputs.weight, inputs.bias,
                                  inputs.running_mean, inputs.running_var, inputs.eps)
         options = ort.SessionOptions()
@@ -98,7 +99,7 @@ def test_module_latency(benchmark, shape, dtype, impl):
     with contextlib.ExitStack() as stack:
         call, result = _prepare(impl, inputs, stack)
         if result is not None:  # never time a wrong answer
-            checked = compare({"y": np.asarray(result())}, reference("eval", inputs), dtype)
+            checked = compare({"y": np.asarray(result())}, expected("eval", inputs), dtype)
             assert checked["correct"], checked
         benchmark.group = f"module eval latency {dtype} {format_shape(shape)}"
         benchmark.extra_info.update(shape=list(shape), dtype=dtype, impl=impl)

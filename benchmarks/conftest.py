@@ -8,8 +8,10 @@ Options choose the suite::
 
 Fixtures for suites: ``bench_shape`` and ``bench_dtype`` (parametrized from
 the options), ``bench_inputs`` (the cached :class:`bnfast.bench.data.Inputs`
-for them) and ``implementation`` (a factory: name -> the adapter from
-``bnfast.bench``, skipping when the library is not installed).
+for them), ``implementation`` (name -> the implementation from the
+``bnfast bench`` registry, skipping when the library is not installed) and
+``bench_case`` (check against :mod:`bnfast.testing`, then time one mode of
+one implementation).
 """
 import functools
 
@@ -66,25 +68,48 @@ _IMPLS = {}
 
 @pytest.fixture(scope="session")
 def implementation():
-    """``implementation(name)``: the ``bnfast.bench`` adapter for bnfast, numpy, torch,
-    onnxruntime or copy, made once per session with each library's default threads."""
-    def get(name):
-        if name not in _IMPLS:
-            if name in ("torch", "onnxruntime"):
-                pytest.importorskip(name)
-            from bnfast.bench.impl_bnfast import Bnfast
-            from bnfast.bench.impl_copy import CopyRoofline
-            from bnfast.bench.impl_numpy import NumpyPeer
-            classes = {"bnfast": Bnfast, "copy": CopyRoofline, "numpy": NumpyPeer}
-            if name == "torch":
-                from bnfast.bench.impl_torch import TorchPeer as cls
-            elif name == "onnxruntime":
-                from bnfast.bench.impl_onnxruntime import OnnxRuntimePeer as cls
-            else:
-                cls = classes[name]
-            _IMPLS[name] = cls()
-        return _IMPLS[name]
+    """``implementation(name, allocate=False)``: the implementation from the
+    :mod:`bnfast.bench.peers` registry (bnfast, numpy, torch, onnxruntime or
+    copy), made once per session with each library's default threads; skips
+    the test when its library is not installed."""
+    from bnfast.bench.peers import make
+
+    def get(name, allocate=False):
+        if (name, allocate) not in _IMPLS:
+            try:
+                _IMPLS[name, allocate] = make(name, allocate=allocate)
+            except ImportError as exc:
+                pytest.skip(str(exc))
+        return _IMPLS[name, allocate]
     yield get
     for impl in _IMPLS.values():
         impl.close()
     _IMPLS.clear()
+
+
+@pytest.fixture
+def bench_case(benchmark, implementation, bench_inputs, bench_shape, bench_dtype):
+    """``bench_case(mode, impl)``: check one implementation of one case against
+    :mod:`bnfast.testing` (never time a wrong answer), then time it in the
+    group ``"<mode> <dtype> <shape>"``.  ``impl`` may end in ``-alloc``: the
+    call allocates its outputs (as user code usually does)."""
+    from bnfast.bench.check import compare, expected
+    from bnfast.bench.suite import Case
+
+    def run(mode, impl):
+        case = Case(mode, bench_dtype, tuple(bench_shape))
+        name, _, alloc = impl.partition("-")
+        adapter = implementation(name, allocate=bool(alloc))
+        why = case.skip_reason() or adapter.unsupported(case)
+        if why:
+            pytest.skip(why)
+        prepared = adapter.prepare(case, bench_inputs)
+        if prepared.check is not None:
+            checked = compare(prepared.check(), expected(mode, bench_inputs), bench_dtype)
+            assert checked["correct"], checked
+        benchmark.group = f"{mode} {bench_dtype} {format_shape(bench_shape)}"
+        benchmark.extra_info.update(
+            mode=mode, dtype=bench_dtype, shape=list(bench_shape), threads=adapter.effective_threads,
+            bytes_moved=adapter.bytes_moved(case) if name == "copy" else case.bytes_moved)
+        benchmark(prepared.run)
+    return run

@@ -8,6 +8,7 @@ Examples
     python -m bnfast bench --quick              # ~20 s self-check against NumPy/PyTorch/ONNX Runtime
     python -m bnfast bench --modes eval,train --dtypes float32 --json out.json --plot out.png
     python -m bnfast bench --shapes 32x64x112x112,256x1024 --threads 1
+    python -m bnfast bench --quick --busy 1     # beside a neighbour process running bnfast
 """
 import argparse
 import json
@@ -44,6 +45,12 @@ def _positive(cast, noun):
 
 
 _positive_int = _positive(int, "integer")
+
+
+def _non_negative_int(text):
+    if not text.strip().isdigit():
+        raise ValueError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
 _positive_float = _positive(float, "number")
 
 
@@ -88,6 +95,9 @@ def build_parser():
                           "or let every call allocate as typical user code does")
     run.add_argument("--repeat", type=_arg_type(_positive_int, "repeat"), metavar="N",
                      help="exactly N timed samples per measurement (default: enough for --min-time)")
+    run.add_argument("--busy", type=_arg_type(_non_negative_int, "busy"), default=0, metavar="N",
+                     help="run N neighbour processes calling bnfast (default threads) during the "
+                          "measurements, as on a shared server; compare the mean times")
     run.add_argument("--min-time", type=_arg_type(_positive_float, "min_time"), metavar="SECONDS",
                      help="target timed seconds per measurement (default 0.4; --quick 0.25)")
     out = bench.add_argument_group("output")
@@ -111,11 +121,12 @@ def _settings(args):
         shapes=args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES),
         modes=args.modes or MODES,
         dtypes=args.dtypes or (("float32",) if args.quick else DTYPES),
-        peers=args.peers if args.peers is not None else tuple(PEERS),
+        peers=args.peers if args.peers is not None else PEERS,
         threads=args.threads,
         allocate=args.outputs == "allocate",
         policy=TimingPolicy(**policy),
         quick=args.quick,
+        busy=args.busy,
     )
 
 

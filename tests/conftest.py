@@ -1,15 +1,14 @@
-"""Shared test machinery: a float64 NumPy reference, tolerances, layouts, fixtures.
+"""Shared test machinery: tolerances, layouts, data, fixtures.
 
-``reference_batch_norm`` is the specification the compiled kernels are held
-to: PyTorch's ``batch_norm`` written out in float64 NumPy (two-pass variance),
-including the running-statistics update and the fused ``+ addend``, ``relu``
-epilogue.  Test modules import the helpers directly (``from conftest import
-...``); pytest puts this directory on ``sys.path``.
+The float64 reference the kernels are held to is :mod:`bnfast.testing`
+(re-exported here as ``reference_batch_norm``).  Test modules import the
+helpers directly (``from conftest import ...``); pytest puts this directory
+on ``sys.path``.
 """
-import collections
-
 import numpy as np
 import pytest
+
+from bnfast.testing import reference_batch_norm  # noqa: F401 (re-exported for the tests)
 
 DTYPES = (np.float32, np.float64)
 
@@ -37,67 +36,6 @@ TORCH_TOL = {
 LAYOUT_ULPS = {np.float32: 1, np.float64: 64}
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
-
-Reference = collections.namedtuple(
-    "Reference", ["out", "running_mean", "running_var", "mean", "invstd"])
-
-
-def reference_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-                         training=False, momentum=0.1, eps=1e-5, addend=None, relu=False):
-    """PyTorch's ``batch_norm`` (+ ``addend``, ``relu``) in float64 NumPy.
-
-    Pure: the running buffers are not modified; their updated values are returned.
-
-    Returns
-    -------
-    Reference
-        ``out`` (float64, x's shape); ``running_mean``, ``running_var`` after the
-        step (float64, or None when not given); ``mean``, ``invstd``: the
-        statistics used to normalise (batch ones in training, running ones in
-        evaluation).
-    """
-    with np.errstate(invalid="ignore"):  # NaN/Inf inputs give NaN where torch does
-        return _reference(x, running_mean, running_var, weight, bias, training, momentum,
-                          eps, addend, relu)
-
-
-def _reference(x, running_mean, running_var, weight, bias, training, momentum, eps,
-               addend, relu):
-    x = np.asarray(x, dtype=np.float64)
-    C = x.shape[1]
-    axes = (0,) + tuple(range(2, x.ndim))
-    bshape = (1, C) + (1,) * (x.ndim - 2)
-    count = x.size // C if C else 0
-    rm = None if running_mean is None else np.array(running_mean, dtype=np.float64)
-    rv = None if running_var is None else np.array(running_var, dtype=np.float64)
-    if training:
-        if count == 0:
-            mean, var = np.zeros(C), np.zeros(C)
-        else:
-            # Shifted by one finite sample of each channel, then two-pass: exact to
-            # about an ulp of the mean even for data far from zero (mean 1e12, std 1).
-            first = x[(0, slice(None)) + (0,) * (x.ndim - 2)]
-            shift = np.where(np.isfinite(first), first, 0.0).reshape(bshape)
-            mean = (x - shift).mean(axis=axes) + shift.ravel()
-            var = ((x - mean.reshape(bshape)) ** 2).mean(axis=axes)  # biased
-            if rm is not None:
-                unbiased = var * count / (count - 1) if count > 1 else np.full(C, np.nan)
-                rm = (1.0 - momentum) * rm + momentum * mean
-                rv = (1.0 - momentum) * rv + momentum * unbiased
-    else:
-        mean, var = rm, rv
-    invstd = 1.0 / np.sqrt(var + eps)
-    y = (x - mean.reshape(bshape)) * invstd.reshape(bshape)
-    if weight is not None:
-        y = y * np.asarray(weight, dtype=np.float64).reshape(bshape)
-    if bias is not None:
-        y = y + np.asarray(bias, dtype=np.float64).reshape(bshape)
-    if addend is not None:
-        y = y + np.asarray(addend, dtype=np.float64)
-    if relu:
-        y = np.maximum(y, 0.0)  # NaN propagates, as torch.relu
-    return Reference(y, rm, rv, mean, invstd)
-
 
 # -- layouts -------------------------------------------------------------------------
 def channels_last(x):

@@ -9,6 +9,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import bnfast
+from bnfast.testing import reference_batch_norm_backward
 from conftest import (channels_last, is_channels_last, make_input, make_params, make_running,
                       with_layout)
 
@@ -22,33 +23,6 @@ REF_TOL = {np.float32: 1e-6, np.float64: 1e-13}
 TORCH_TOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 SHAPES = [(16, 5), (4, 3, 17), (4, 3, 6, 5), (2, 3, 4, 3, 5)]
-
-
-# -- float64 reference -----------------------------------------------------------------
-def reference_backward(x, dy, weight, mean, invstd, training, relu_out=None):
-    """torch's native_batch_norm_backward (after the ReLU mask) in float64 NumPy.
-
-    Returns (grad_input, grad_weight, grad_bias, grad_addend).
-    """
-    x = np.asarray(x, np.float64)
-    dy = np.asarray(dy, np.float64)
-    if relu_out is not None:
-        dy = np.where(np.asarray(relu_out) <= 0, 0.0, dy)
-    C = x.shape[1]
-    axes = (0,) + tuple(range(2, x.ndim))
-    bshape = (1, C) + (1,) * (x.ndim - 2)
-    mean = np.asarray(mean, np.float64).reshape(bshape)
-    invstd = np.asarray(invstd, np.float64).reshape(bshape)
-    w = np.ones(bshape) if weight is None else np.asarray(weight, np.float64).reshape(bshape)
-    n = x.size // C
-    sum_dy = dy.sum(axis=axes)
-    sum_xdy = ((x - mean) * dy).sum(axis=axes)
-    if training:
-        k = invstd ** 2 * (sum_xdy / n).reshape(bshape)
-        dx = (dy - (sum_dy / n).reshape(bshape) - (x - mean) * k) * invstd * w
-    else:
-        dx = dy * invstd * w
-    return dx, sum_xdy * invstd.ravel(), sum_dy, dy
 
 
 def _grad_scale(x, dy, weight, invstd):
@@ -118,7 +92,7 @@ def test_matches_float64_reference(dtype, rng, shape, layout, training, affine):
     bias = b if affine == "weight+bias" else None
     _, mean, invstd = _forward(x, training, weight, bias)
     got = bnfast.batch_norm_backward(dy, x, weight, mean, invstd, training)
-    ref = reference_backward(x, dy, weight, mean, invstd, training)[:3]
+    ref = reference_batch_norm_backward(dy, x, weight, mean, invstd, training)[:3]
     assert_grads(got, ref, REF_TOL[dtype], _scales(x, dy, weight, mean, invstd))
     for g in got:
         assert g.dtype == dtype
@@ -165,7 +139,7 @@ def test_wide_and_narrow_channels_last(dtype, rng):
         w, _ = make_params(rng, shape[1], dtype)
         _, mean, invstd = _forward(x, True, w)
         got = bnfast.batch_norm_backward(dy, x, w, mean, invstd)
-        ref = reference_backward(x, dy, w, mean, invstd, True)[:3]
+        ref = reference_batch_norm_backward(dy, x, w, mean, invstd, True)[:3]
         assert_grads(got, ref, REF_TOL[dtype], _scales(x, dy, w, mean, invstd))
 
 
@@ -178,7 +152,7 @@ def test_large_offset_float32_stays_exact(rng):
         xl = with_layout(x, layout)
         _, mean, invstd = _forward(xl, True)
         got = bnfast.batch_norm_backward(dy, xl, None, mean, invstd)
-        ref = reference_backward(x, dy, None, mean, invstd, True)[:3]
+        ref = reference_batch_norm_backward(dy, x, None, mean, invstd, True)[:3]
         assert_grads(got, ref, REF_TOL[np.float32], _scales(x, dy, None, mean, invstd))
 
 
@@ -187,7 +161,7 @@ def test_one_value_per_channel_in_eval(dtype, rng):
     dy = rng.standard_normal((1, 4)).astype(dtype)
     _, mean, invstd = _forward(x, False)
     got = bnfast.batch_norm_backward(dy, x, None, mean, invstd, False)
-    ref = reference_backward(x, dy, None, mean, invstd, False)[:3]
+    ref = reference_batch_norm_backward(dy, x, None, mean, invstd, False)[:3]
     assert_grads(got, ref, REF_TOL[dtype], _scales(x, dy, None, mean, invstd))
 
 
@@ -198,7 +172,7 @@ def test_float32_saved_statistics_accepted(rng):
     _, mean, invstd = _forward(x, True)
     m32, i32 = mean.astype(np.float32), invstd.astype(np.float32)
     got = bnfast.batch_norm_backward(dy, x, None, m32, i32)
-    ref = reference_backward(x, dy, None, m32, i32, True)[:3]
+    ref = reference_batch_norm_backward(dy, x, None, m32, i32, True)[:3]
     assert_grads(got, ref, REF_TOL[np.float32], _scales(x, dy, None, m32, i32))
 
 
@@ -477,7 +451,7 @@ def test_masked_out_nan_gradient_gives_zero_and_nan_output_passes(dtype, rng, sh
         np.testing.assert_array_equal(ga, np.where(y_nan <= 0, 0, dy))
     if gx is not None:
         clean = np.where(y_nan <= 0, 0, dy)
-        ref = reference_backward(x, clean, None, mean, invstd, training)
+        ref = reference_batch_norm_backward(clean, x, None, mean, invstd, training)
         assert_grads((gx,), ref[:1], REF_TOL[dtype], _scales(x, clean, None, mean, invstd))
 
 
@@ -491,7 +465,7 @@ def test_fused_unaligned_mask_offsets(dtype, rng, shape):
         for training in (True, False):
             y, mean, invstd = _forward(x, training, relu=True)
             got = bnfast.fused_batch_norm_backward(dy, x, y, None, mean, invstd, training)
-            ref = reference_backward(x, dy, None, mean, invstd, training, relu_out=y)
+            ref = reference_batch_norm_backward(dy, x, None, mean, invstd, training, output=y)
             assert_grads(got, (ref[0], ref[1], ref[2], ref[3]), REF_TOL[dtype],
                          _scales(x, ref[3], None, mean, invstd))
 
@@ -549,7 +523,7 @@ def test_thread_count_never_changes_a_bit(dtype, rng, shape, layout):
             np.testing.assert_array_equal(u, v)
     for u, v in zip(one, limited):
         np.testing.assert_array_equal(u, v)
-    ref = reference_backward(x, dy, w, mean, invstd, True)
+    ref = reference_batch_norm_backward(dy, x, w, mean, invstd, True)
     assert_grads(one[:3], ref[:3], REF_TOL[dtype], _scales(x, dy, w, mean, invstd))
 
 

@@ -1,13 +1,14 @@
-"""``python -m bnfast bench``: bnfast against NumPy, PyTorch and ONNX Runtime, and the copy roofline.
+"""``bnfast bench``: bnfast against NumPy, PyTorch and ONNX Runtime, and the copy roofline.
 
 Modules, one job each:
 
 * :mod:`~bnfast.bench.suite`     shapes, modes, dtypes, bytes each mode must move
 * :mod:`~bnfast.bench.data`      deterministic inputs per (shape, dtype)
-* :mod:`~bnfast.bench.reference` float64 NumPy reference and the correctness check
-* :mod:`~bnfast.bench.timing`    warm-up and median of repeats
+* :mod:`~bnfast.bench.check`     the correctness check against :mod:`bnfast.testing`
+* :mod:`~bnfast.bench.timing`    warm-up, median and mean of repeats
+* :mod:`~bnfast.bench.busy`      ``--busy N``: neighbour processes running bnfast
 * ``impl_*``                     bnfast, the NumPy/PyTorch/ONNX Runtime peers, np.copyto
-* :mod:`~bnfast.bench.peers`     which peers are importable (skipped with a note if not)
+* :mod:`~bnfast.bench.peers`     the registry of implementations (also for ``benchmarks/``)
 * :mod:`~bnfast.bench.runner`    the loop over cases and implementations
 * :mod:`~bnfast.bench.schema`    the JSON document, documented key by key
 * ``report_table``, ``report_plot``  the text table and the speedup plot

@@ -1,12 +1,14 @@
-"""The interface every benchmarked implementation (bnfast, a peer, the copy roofline) follows."""
+"""The interface every benchmarked implementation (bnfast, a peer, the copy roofline) follows.
+
+An implementation's module imports its library at the top, so that a missing
+library is an ImportError when :func:`bnfast.bench.peers.make` loads it.
+"""
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
-__all__ = ["Prepared", "Implementation", "Unavailable"]
+from .suite import MODES
 
-
-class Unavailable(Exception):
-    """Raised by an implementation's constructor when it cannot run here (e.g. not installed)."""
+__all__ = ["Prepared", "Implementation"]
 
 
 @dataclass
@@ -19,7 +21,7 @@ class Prepared:
         The timed call, with all inputs and (preallocated) outputs bound.
     check : callable or None
         Runs the operation once from the case's initial state and returns its
-        outputs as a dict (the keys of :func:`bnfast.bench.reference.reference`);
+        outputs as a dict (the keys of :func:`bnfast.bench.check.expected`);
         None for the copy roofline, which computes nothing to check.
     allocates : bool
         True if ``run`` allocates its output on every call.
@@ -36,8 +38,8 @@ class Prepared:
 class Implementation:
     """Base class: one library's way of running each mode.
 
-    Subclasses set ``name``, raise :class:`Unavailable` from ``__init__`` when
-    their library cannot be imported, and implement :meth:`prepare`.
+    Subclasses set ``name`` (and ``modes`` if not all of
+    :data:`~bnfast.bench.suite.MODES`) and implement :meth:`prepare`.
 
     Parameters
     ----------
@@ -49,17 +51,12 @@ class Implementation:
     """
 
     name = "?"
-    #: Modes this implementation can run.
-    modes = ("eval", "train", "backward", "fused_eval")
+    modes: Tuple[str, ...] = MODES
+    version: Optional[str] = None  #: version string of the library measured
 
     def __init__(self, threads=None, allocate=False):
         self.threads = threads
         self.allocate = allocate
-
-    @property
-    def version(self):
-        """Version string of the library measured."""
-        return None
 
     @property
     def effective_threads(self):

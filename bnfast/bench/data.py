@@ -1,24 +1,18 @@
 """Deterministic inputs for one (shape, dtype): activations, parameters, statistics.
 
-Every implementation of a case gets the same arrays (read-only views where it
-must not write), so their results can be compared with one reference.
+Every implementation of a case gets the same arrays (read-only: nothing may
+write to them), so their results can be compared with one reference.
 """
 import numpy as np
 
-__all__ = ["Inputs", "channel_axes", "channel_view"]
+from bnfast.testing import reference_batch_norm
 
-EPS = 1e-5
-MOMENTUM = 0.1
-
-
-def channel_axes(ndim):
-    """The axes BatchNorm reduces over: all but axis 1."""
-    return (0,) + tuple(range(2, ndim))
+__all__ = ["Inputs"]
 
 
-def channel_view(vec, ndim):
-    """A (C,) vector shaped to broadcast against an (N, C, *spatial) array."""
-    return vec.reshape((1, -1) + (1,) * (ndim - 2))
+def _read_only(a):
+    a.flags.writeable = False
+    return a
 
 
 class Inputs:
@@ -40,74 +34,59 @@ class Inputs:
         variance computation).
     weight, bias, running_mean, running_var : ndarray of shape (C,)
         Affine parameters and running statistics, in ``dtype``.
+    addend, grad_output : ndarray
+        The residual of the fused modes and the upstream gradient of the
+        backward modes (standard normal, made on first use).
     eps, momentum : float
         BatchNorm constants (PyTorch's defaults).
     """
 
+    eps = 1e-5
+    momentum = 0.1
+
     def __init__(self, shape, dtype, seed=0):
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-        self.eps = EPS
-        self.momentum = MOMENTUM
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self._rng = np.random.default_rng(seed)
         C = self.shape[1]
-        self.x = self._normal(self.shape, scale=2.0, loc=0.5)
-        self.weight = self._rng.uniform(0.5, 1.5, C).astype(self.dtype)
-        self.bias = (0.1 * self._rng.standard_normal(C)).astype(self.dtype)
-        self.running_mean = (0.5 + 0.1 * self._rng.standard_normal(C)).astype(self.dtype)
-        self.running_var = self._rng.uniform(0.5, 2.0, C).astype(self.dtype)
-        for a in (self.x, self.weight, self.bias, self.running_mean, self.running_var):
-            a.flags.writeable = False
-        self._addend = self._grad_output = self._stats = None
+        self.x = _read_only(self._normal() * self.dtype.type(2) + self.dtype.type(0.5))
+        self.weight = _read_only(self._rng.uniform(0.5, 1.5, C).astype(self.dtype))
+        self.bias = _read_only((0.1 * self._rng.standard_normal(C)).astype(self.dtype))
+        self.running_mean = _read_only((0.5 + 0.1 * self._rng.standard_normal(C)).astype(self.dtype))
+        self.running_var = _read_only(self._rng.uniform(0.5, 2.0, C).astype(self.dtype))
+        self._cache = {}
 
-    def _normal(self, shape, scale=1.0, loc=0.0):
-        a = self._rng.standard_normal(shape, dtype=self.dtype)
-        if scale != 1.0:
-            a *= scale
-        if loc:
-            a += loc
-        return a
+    def _normal(self):
+        return self._rng.standard_normal(self.shape, dtype=self.dtype)
 
-    @property
-    def ndim(self):
-        return len(self.shape)
+    def _once(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     @property
     def addend(self):
-        """Residual added before the ReLU in ``fused_eval`` (standard normal)."""
-        if self._addend is None:
-            self._addend = self._normal(self.shape)
-            self._addend.flags.writeable = False
-        return self._addend
+        return self._once("addend", lambda: _read_only(self._normal()))
 
     @property
     def grad_output(self):
-        """Upstream gradient for ``backward`` (standard normal)."""
-        if self._grad_output is None:
-            self._grad_output = self._normal(self.shape)
-            self._grad_output.flags.writeable = False
-        return self._grad_output
+        return self._once("grad_output", lambda: _read_only(self._normal()))
+
+    def forward(self, training, fused=False):
+        """:func:`bnfast.testing.reference_batch_norm` of these inputs (float64, cached)."""
+        return self._once(("forward", training, fused), lambda: reference_batch_norm(
+            self.x, self.running_mean, self.running_var, self.weight, self.bias, training,
+            self.momentum, self.eps, addend=self.addend if fused else None, relu=fused))
+
+    def stats(self, training):
+        """``(save_mean, save_invstd)`` in float64: batch ones, or the running ones in evaluation."""
+        ref = self.forward(training)
+        return _read_only(ref.mean), _read_only(ref.invstd)
 
     @property
-    def save_mean(self):
-        """Batch mean of ``x`` per channel, float64 (what a training forward saves)."""
-        return self._batch_stats()[0]
-
-    @property
-    def save_invstd(self):
-        """``1 / sqrt(batch_var + eps)`` per channel, float64 (biased variance)."""
-        return self._batch_stats()[1]
-
-    def _batch_stats(self):
-        if self._stats is None:
-            x64 = self.x.astype(np.float64)
-            axes = channel_axes(self.ndim)
-            mean = x64.mean(axis=axes)
-            var = x64.var(axis=axes)
-            invstd = 1.0 / np.sqrt(var + self.eps)
-            mean.flags.writeable = invstd.flags.writeable = False
-            self._stats = (mean, invstd)
-        return self._stats
+    def relu_output(self):
+        """``relu(bn(x) + addend)`` of a training forward, in ``dtype``: the fused backward's gate."""
+        return self._once("relu_output", lambda: _read_only(
+            self.forward(True, fused=True).out.astype(self.dtype)))
 
     def fresh_running_stats(self):
         """Writable copies of the running statistics (training updates them in place)."""

@@ -5,12 +5,14 @@ import bnfast
 from bnfast._threads import resolve_threads
 
 from .base import Implementation, Prepared
+from .check import GRADS
 
 __all__ = ["Bnfast"]
 
 
 class Bnfast(Implementation):
-    """``bnfast.batch_norm`` / ``fused_batch_norm`` / ``batch_norm_backward``.
+    """``bnfast.batch_norm`` (``addend``, ``relu`` in fused_eval), ``batch_norm_backward``
+    and ``fused_batch_norm_backward`` (from the packed ``relu_mask`` a fused module keeps).
 
     With ``threads=None`` the OpenMP default is resolved when this object is
     made (before any peer is imported: torch's start-up may change the OpenMP
@@ -18,44 +20,32 @@ class Bnfast(Implementation):
     """
 
     name = "bnfast"
+    version = bnfast.__version__
 
     def __init__(self, threads=None, allocate=False):
         super().__init__(threads, allocate)
         self.n_threads = resolve_threads(threads)
 
     @property
-    def version(self):
-        return bnfast.__version__
-
-    @property
     def effective_threads(self):
         return self.n_threads
 
     def prepare(self, case, inputs):
-        x, nt, eps, momentum = inputs.x, self.n_threads, inputs.eps, inputs.momentum
-        w, b = inputs.weight, inputs.bias
-        out = None if self.allocate else np.empty_like(x)
+        mode, nt, alloc = case.mode, self.n_threads, self.allocate
+        x, w, b, eps, momentum = inputs.x, inputs.weight, inputs.bias, inputs.eps, inputs.momentum
+        out = None if alloc else np.empty_like(x)
 
-        if case.mode == "eval":
+        if mode in ("eval", "fused_eval"):
             rm, rv = inputs.running_mean, inputs.running_var
+            addend = inputs.addend if mode == "fused_eval" else None
 
             def run():
-                return bnfast.batch_norm(x, rm, rv, w, b, False, momentum, eps, out=out, n_threads=nt)
+                return bnfast.batch_norm(x, rm, rv, w, b, False, momentum, eps, addend=addend,
+                                         relu=addend is not None, out=out, n_threads=nt)
 
-            return Prepared(run, lambda: {"y": run().copy()}, self.allocate)
+            return Prepared(run, lambda: {"y": run().copy()}, alloc)
 
-        if case.mode == "fused_eval":
-            rm, rv, addend = inputs.running_mean, inputs.running_var, inputs.addend
-
-            def run():
-                return bnfast.fused_batch_norm(x, rm, rv, w, b, addend, False, momentum, eps,
-                                               out=out, n_threads=nt)
-
-            return Prepared(run, lambda: {"y": run().copy()}, self.allocate)
-
-        if case.mode == "train":
-            rm_run, rv_run = inputs.fresh_running_stats()
-
+        if mode == "train":
             def train(rm, rv):
                 return bnfast.batch_norm(x, rm, rv, w, b, True, momentum, eps, out=out, n_threads=nt)
 
@@ -63,20 +53,22 @@ class Bnfast(Implementation):
                 rm, rv = inputs.fresh_running_stats()
                 return {"y": train(rm, rv).copy(), "running_mean": rm, "running_var": rv}
 
-            return Prepared(lambda: train(rm_run, rv_run), check, self.allocate)
+            running = inputs.fresh_running_stats()
+            return Prepared(lambda: train(*running), check, alloc)
 
-        if case.mode == "backward":
-            backward = bnfast.batch_norm_backward
-            dy, save_mean, save_invstd = inputs.grad_output, inputs.save_mean, inputs.save_invstd
+        dy, training = inputs.grad_output, mode != "backward_eval"
+        mean, invstd = inputs.stats(training)
+        if mode == "fused_backward":
+            mask = bnfast.relu_mask(inputs.relu_output, n_threads=nt)  # what a fused module keeps
+            addend_out = None if alloc else np.empty_like(x)
 
             def run():
-                return backward(dy, x, w, save_mean, save_invstd, True, eps, out=out, n_threads=nt)
+                return bnfast.fused_batch_norm_backward(dy, x, mask, w, mean, invstd, True, eps,
+                                                        out=out, addend_out=addend_out,
+                                                        n_threads=nt)
+        else:
+            def run():
+                return bnfast.batch_norm_backward(dy, x, w, mean, invstd, training, eps, out=out,
+                                                  n_threads=nt)
 
-            def check():
-                grad_input, gw, gb = run()
-                return {"grad_input": grad_input.copy(), "grad_weight": gw, "grad_bias": gb}
-
-            return Prepared(run, check, self.allocate)
-
-        raise ValueError(f"unknown mode {case.mode!r}")
-
+        return Prepared(run, lambda: {k: g.copy() for k, g in zip(GRADS, run())}, alloc)

@@ -29,15 +29,12 @@ class CopyRoofline(Implementation):
     """
 
     name = "copy"
+    version = np.__version__
 
     def __init__(self, threads=None, allocate=False):
         super().__init__(threads, allocate)
         self.n_threads = resolve_threads(threads)
         self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
-
-    @property
-    def version(self):
-        return np.__version__
 
     @property
     def effective_threads(self):

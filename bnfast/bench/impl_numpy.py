@@ -8,19 +8,26 @@ NumPy allocates them.
 import numpy as np
 
 from .base import Implementation, Prepared
-from .data import channel_axes, channel_view
 
 __all__ = ["NumpyPeer"]
+
+
+def channel_axes(ndim):
+    """The axes BatchNorm reduces over: all but axis 1."""
+    return (0,) + tuple(range(2, ndim))
+
+
+def channel_view(vec, ndim):
+    """A (C,) vector shaped to broadcast against an (N, C, *spatial) array."""
+    return vec.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 class NumpyPeer(Implementation):
     """BatchNorm in plain NumPy (single-threaded: ufuncs and reductions do not use threads)."""
 
     name = "numpy"
-
-    @property
-    def version(self):
-        return np.__version__
+    version = np.__version__
+    modes = ("eval", "train", "backward", "fused_eval")
 
     @property
     def effective_threads(self):
@@ -79,8 +86,7 @@ class NumpyPeer(Implementation):
 
         if case.mode == "backward":
             dy = inputs.grad_output
-            mean = inputs.save_mean.astype(dtype)
-            invstd = inputs.save_invstd.astype(dtype)
+            mean, invstd = (s.astype(dtype) for s in inputs.stats(True))
             count = x.size // x.shape[1]
             gi = None if alloc else np.empty_like(x)
 

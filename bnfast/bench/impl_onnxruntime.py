@@ -1,37 +1,62 @@
-"""The ONNX Runtime peer: a BatchNormalization graph (BN->Add->Relu for fused_eval), inference only."""
+"""The ONNX Runtime peer: a BatchNormalization graph (BN->Add->Relu for fused_eval), inference only.
+
+Needs the ``onnx`` extra (``pip install 'bnfast[onnx]'``): ``onnx`` builds the
+graph, ``onnxruntime`` runs it.
+"""
 import numpy as np
 
-from .base import Implementation, Prepared, Unavailable
-from .onnx_model import batch_norm_model
+try:
+    import onnx
+    import onnxruntime
+except ImportError as exc:
+    raise ImportError(f"{exc.name or exc} is not installed: the ONNX Runtime peer needs "
+                      "pip install 'bnfast[onnx]'") from exc
 
-__all__ = ["OnnxRuntimePeer"]
+from .base import Implementation, Prepared
+
+__all__ = ["OnnxRuntimePeer", "batch_norm_model"]
+
+OPSET = 15
+
+
+def batch_norm_model(shape, dtype, weight, bias, running_mean, running_var, eps, fused=False):
+    """Serialised ONNX model (bytes): ``Y = BatchNormalization(X)``, or ``Relu(Add(BN(X), A))``.
+
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are initializers
+    (constants, as in an exported inference model); X, A and Y have the fixed
+    ``shape`` and ``dtype``.
+    """
+    h, dtype = onnx.helper, np.dtype(dtype)
+    elem = h.np_dtype_to_tensor_dtype(dtype)
+    params = {"scale": weight, "B": bias, "mean": running_mean, "var": running_var}
+    nodes = [h.make_node("BatchNormalization", ["X", *params], ["T" if fused else "Y"],
+                         epsilon=float(eps))]
+    inputs = [h.make_tensor_value_info("X", elem, shape)]
+    if fused:
+        nodes += [h.make_node("Add", ["T", "A"], ["U"]), h.make_node("Relu", ["U"], ["Y"])]
+        inputs.append(h.make_tensor_value_info("A", elem, shape))
+    graph = h.make_graph(nodes, "bnfast_bench", inputs,
+                         [h.make_tensor_value_info("Y", elem, shape)],
+                         [onnx.numpy_helper.from_array(np.asarray(v, dtype), k)
+                          for k, v in params.items()])
+    model = h.make_model(graph, producer_name="bnfast.bench", opset_imports=[h.make_opsetid("", OPSET)])
+    model.ir_version = 8  # what onnxruntime releases since 1.10 load
+    return model.SerializeToString()
 
 
 class OnnxRuntimePeer(Implementation):
     """ONNX Runtime's CPU execution provider on a one-node (or three-node) graph.
 
-    The graph is built by :mod:`bnfast.bench.onnx_model` (the ``onnx`` package
-    is not needed).  Inputs and the output are bound to the NumPy buffers with
-    ``io_binding`` (no copies) unless every call should allocate, in which
-    case ``InferenceSession.run`` is timed.  ``threads`` sets
+    Inputs and the output are bound to the NumPy buffers with ``io_binding``
+    (no copies) unless every call should allocate, in which case
+    ``InferenceSession.run`` is timed.  ``threads`` sets
     ``intra_op_num_threads``; None keeps ONNX Runtime's default (one thread
     per physical core).
     """
 
     name = "onnxruntime"
+    version = onnxruntime.__version__
     modes = ("eval", "fused_eval")
-
-    def __init__(self, threads=None, allocate=False):
-        super().__init__(threads, allocate)
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise Unavailable(f"onnxruntime is not importable ({exc})") from None
-        self.ort = onnxruntime
-
-    @property
-    def version(self):
-        return self.ort.__version__
 
     @property
     def effective_threads(self):
@@ -42,22 +67,17 @@ class OnnxRuntimePeer(Implementation):
             return "onnxruntime: BatchNormalization is benchmarked for inference (eval) only"
         return None
 
-    def _session(self, case, inputs):
+    def prepare(self, case, inputs):
         fused = case.mode == "fused_eval"
         model = batch_norm_model(case.shape, inputs.dtype, inputs.weight, inputs.bias,
-                                 inputs.running_mean, inputs.running_var, inputs.eps, fused=fused)
-        options = self.ort.SessionOptions()
+                                 inputs.running_mean, inputs.running_var, inputs.eps, fused)
+        options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only
         options.inter_op_num_threads = 1
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
-        return self.ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-    def prepare(self, case, inputs):
-        sess = self._session(case, inputs)
-        feeds = {"X": inputs.x}
-        if case.mode == "fused_eval":
-            feeds["A"] = inputs.addend
+        sess = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        feeds = {"X": inputs.x, "A": inputs.addend} if fused else {"X": inputs.x}
 
         if self.allocate:
             def run():

@@ -1,7 +1,10 @@
 """The PyTorch CPU peer (imported only when the benchmark runs, never by ``import bnfast``)."""
 import warnings
 
-from .base import Implementation, Prepared, Unavailable
+import torch
+
+from .base import Implementation, Prepared
+from .check import GRADS
 
 __all__ = ["TorchPeer"]
 
@@ -13,106 +16,97 @@ class TorchPeer(Implementation):
 
     * eval, train: ``F.batch_norm`` / ``aten.native_batch_norm.out`` (the
       kernel ``F.batch_norm`` dispatches to on CPU, writing into ``out``).
-    * backward: ``aten.native_batch_norm_backward`` / its ``.out`` overload,
-      with the saved statistics in PyTorch's own dtype.
+    * backward, backward_eval: ``aten.native_batch_norm_backward`` / its
+      ``.out`` overload, with the saved (training) or running (evaluation)
+      statistics in PyTorch's own dtype.
     * fused_eval: ``relu_(F.batch_norm(x).add_(addend))``, three passes, as
       PyTorch has no fused CPU kernel for it.
+    * fused_backward: ``aten.threshold_backward`` (the ReLU's gradient, which
+      is also ``grad_addend``), then ``native_batch_norm_backward``.
 
     ``threads`` sets ``torch.set_num_threads`` (restored by :meth:`close`).
     """
 
     name = "torch"
+    version = torch.__version__
 
     def __init__(self, threads=None, allocate=False):
         super().__init__(threads, allocate)
-        try:
-            import torch
-        except ImportError as exc:  # also when sys.modules["torch"] is None
-            raise Unavailable(f"torch is not importable ({exc})") from None
-        self.torch = torch
         self._saved_threads = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(int(threads))
 
     @property
-    def version(self):
-        return self.torch.__version__
-
-    @property
     def effective_threads(self):
-        return self.torch.get_num_threads()
+        return torch.get_num_threads()
 
     def close(self):
-        self.torch.set_num_threads(self._saved_threads)
-
-    def _tensor(self, array):
-        # Inputs are read-only arrays; torch warns about that but never writes to them.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return self.torch.from_numpy(array)
+        torch.set_num_threads(self._saved_threads)
 
     def prepare(self, case, inputs):
-        torch, F = self.torch, self.torch.nn.functional
-        aten = torch.ops.aten
-        t = self._tensor
-        x, w, b = t(inputs.x), t(inputs.weight), t(inputs.bias)
-        eps, m = inputs.eps, inputs.momentum
-        alloc = self.allocate
+        F, aten, mode = torch.nn.functional, torch.ops.aten, case.mode
+
+        def t(array):  # inputs are read-only arrays: torch warns, but never writes to them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(array)
+
+        x, w, b, rm, rv = (t(a) for a in (inputs.x, inputs.weight, inputs.bias,
+                                          inputs.running_mean, inputs.running_var))
+        eps, m, alloc = inputs.eps, inputs.momentum, self.allocate
         y = None if alloc else torch.empty_like(x)
         # save_mean/save_invstd outputs of the .out overload (empty in evaluation)
-        save = (torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype))
+        save = dict(save_mean=torch.empty(0, dtype=x.dtype), save_invstd=torch.empty(0, dtype=x.dtype))
 
-        if case.mode in ("eval", "fused_eval"):
-            rm, rv = t(inputs.running_mean), t(inputs.running_var)
-            a = t(inputs.addend) if case.mode == "fused_eval" else None
+        def forward(rm, rv, training):
+            if alloc:
+                return F.batch_norm(x, rm, rv, w, b, training, m, eps)
+            return aten.native_batch_norm.out(x, w, b, rm, rv, training, m, eps, out=y, **save)[0]
+
+        if mode in ("eval", "fused_eval"):
+            a = t(inputs.addend) if mode == "fused_eval" else None
 
             def run():
-                if alloc:
-                    out = F.batch_norm(x, rm, rv, w, b, False, m, eps)
-                else:
-                    out = aten.native_batch_norm.out(x, w, b, rm, rv, False, m, eps, out=y,
-                                                     save_mean=save[0], save_invstd=save[1])[0]
-                if a is not None:
-                    torch.relu_(out.add_(a))
-                return out
+                out = forward(rm, rv, False)
+                return out if a is None else torch.relu_(out.add_(a))
 
             return Prepared(run, lambda: {"y": run().numpy().copy()}, alloc)
 
-        if case.mode == "train":
-            def train(rm, rv):
-                if alloc:
-                    return F.batch_norm(x, rm, rv, w, b, True, m, eps)
-                return aten.native_batch_norm.out(x, w, b, rm, rv, True, m, eps, out=y,
-                                                  save_mean=save[0], save_invstd=save[1])[0]
-
-            rm_run, rv_run = (torch.from_numpy(a) for a in inputs.fresh_running_stats())
-
+        if mode == "train":
             def check():
                 rm, rv = inputs.fresh_running_stats()
-                out = train(torch.from_numpy(rm), torch.from_numpy(rv))
+                out = forward(torch.from_numpy(rm), torch.from_numpy(rv), True)
                 return {"y": out.numpy().copy(), "running_mean": rm, "running_var": rv}
 
-            return Prepared(lambda: train(rm_run, rv_run), check, alloc)
+            running = [torch.from_numpy(a) for a in inputs.fresh_running_stats()]
+            return Prepared(lambda: forward(*running, True), check, alloc)
 
-        if case.mode == "backward":
-            dy = t(inputs.grad_output)
-            sm = torch.from_numpy(inputs.save_mean.astype(inputs.dtype))
-            si = torch.from_numpy(inputs.save_invstd.astype(inputs.dtype))
-            mask = [True, True, True]
+        dy, training = t(inputs.grad_output), mode != "backward_eval"
+        if training:
+            stats = (None, None) + tuple(torch.from_numpy(s.astype(inputs.dtype))
+                                         for s in inputs.stats(True))
+        else:
+            stats = (rm, rv, None, None)
+        grads = tuple(torch.empty_like(a) for a in (x, w, w, x))
+
+        def bn_backward(g):
+            args = (g, x, w, *stats, training, eps, [True, True, True])
             if alloc:
-                def run():
-                    return aten.native_batch_norm_backward(dy, x, w, None, None, sm, si, True, eps, mask)
-            else:
-                gi, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+                return aten.native_batch_norm_backward(*args)
+            return aten.native_batch_norm_backward.out(*args, out0=grads[0], out1=grads[1],
+                                                       out2=grads[2])
 
-                def run():
-                    return aten.native_batch_norm_backward.out(dy, x, w, None, None, sm, si, True, eps,
-                                                               mask, out0=gi, out1=gw, out2=gb)
+        if mode == "fused_backward":
+            relu_out = t(inputs.relu_output)
 
-            def check():
-                grads = run()
-                return {k: g.numpy().copy() for k, g in zip(("grad_input", "grad_weight", "grad_bias"), grads)}
+            def run():
+                if alloc:
+                    g = aten.threshold_backward(dy, relu_out, 0)
+                else:
+                    g = aten.threshold_backward.grad_input(dy, relu_out, 0, grad_input=grads[3])
+                return tuple(bn_backward(g)) + (g,)
+        else:
+            def run():
+                return bn_backward(dy)
 
-            return Prepared(run, check, alloc)
-
-        raise ValueError(f"unknown mode {case.mode!r}")
+        return Prepared(run, lambda: {k: g.numpy().copy() for k, g in zip(GRADS, run())}, alloc)

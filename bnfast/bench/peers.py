@@ -1,20 +1,37 @@
-"""Which implementations take part: bnfast, the copy roofline, and the optional peers.
+"""The one registry of implementations, for ``bnfast bench`` and ``benchmarks/`` alike.
 
-A peer that cannot be imported is reported with a note, never an error.
+bnfast, the copy roofline and the optional peers.  A peer whose library
+cannot be imported is reported with a note, never an error.
 """
-from .base import Unavailable
-from .impl_bnfast import Bnfast
-from .impl_copy import CopyRoofline
+import importlib
 
-__all__ = ["PEERS", "load_peers", "parse_peers"]
+__all__ = ["IMPLEMENTATIONS", "PEERS", "make", "load_peers", "parse_peers"]
 
-#: Peer name -> (module, class), imported lazily so that torch and
-#: onnxruntime load only when the benchmark runs.
-PEERS = {
+#: Name -> (module in this package, class).  Imported on first use, so that
+#: torch and onnxruntime load only when a benchmark runs.
+IMPLEMENTATIONS = {
+    "copy": ("impl_copy", "CopyRoofline"),
+    "bnfast": ("impl_bnfast", "Bnfast"),
     "numpy": ("impl_numpy", "NumpyPeer"),
     "torch": ("impl_torch", "TorchPeer"),
     "onnxruntime": ("impl_onnxruntime", "OnnxRuntimePeer"),
 }
+
+#: The peers bnfast is compared with (``--peers``).
+PEERS = ("numpy", "torch", "onnxruntime")
+
+
+def make(name, threads=None, allocate=False):
+    """The implementation called ``name`` (see :class:`~bnfast.bench.base.Implementation`).
+
+    Raises
+    ------
+    ImportError
+        Its library is not installed (the message says what to install).
+    """
+    module_name, class_name = IMPLEMENTATIONS[name]
+    module = importlib.import_module(f"{__package__}.{module_name}")
+    return getattr(module, class_name)(threads, allocate)
 
 
 def parse_peers(text):
@@ -25,7 +42,7 @@ def parse_peers(text):
         if item in ("", "none"):
             continue
         if item == "all":
-            return tuple(PEERS)
+            return PEERS
         if item in ("ort", "onnx"):
             item = "onnxruntime"
         if item not in PEERS:
@@ -36,10 +53,10 @@ def parse_peers(text):
 
 
 def load_peers(names, threads=None, allocate=False):
-    """Make bnfast, the roofline and the named peers.
+    """Make the roofline, bnfast and the named peers.
 
-    bnfast is made first, so that its default thread count is read before a
-    peer's import can change the OpenMP default.
+    bnfast is made before any peer, so that its default thread count is read
+    before a peer's import can change the OpenMP default.
 
     Returns
     -------
@@ -48,17 +65,13 @@ def load_peers(names, threads=None, allocate=False):
     missing : dict of str to str
         Peer name -> why it is unavailable.
     """
-    import importlib
-
-    impls = [CopyRoofline(threads, allocate), Bnfast(threads, allocate)]
+    impls = [make("copy", threads, allocate), make("bnfast", threads, allocate)]
     missing = {}
     for name in names:
-        module_name, class_name = PEERS[name]
         try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-            impls.append(getattr(module, class_name)(threads, allocate))
-        except Unavailable as exc:
-            missing[name] = str(exc)
+            impls.append(make(name, threads, allocate))
+        except ImportError as exc:
+            missing[name] = f"not importable ({exc})"
         except Exception as exc:  # a broken install must not stop the benchmark
-            missing[name] = f"{name} failed to load: {type(exc).__name__}: {exc}"
+            missing[name] = f"failed to load: {type(exc).__name__}: {exc}"
     return impls, missing

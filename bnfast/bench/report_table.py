@@ -1,4 +1,4 @@
-"""The text table ``python -m bnfast bench`` prints: one row per case."""
+"""The text table ``bnfast bench`` prints: one row per case."""
 import math
 
 import numpy as np
@@ -64,7 +64,9 @@ def _header(doc):
     threads = ", ".join(f"{k} {v}" for k, v in doc["threads"].items() if k != "copy")
     return (f"bnfast {doc['versions']['bnfast']} bench | {m['cpu']} ({m['usable_cores']} cores) | "
             f"OpenMP {'on' if b.get('openmp') else 'OFF'} | threads: {threads} | "
-            f"outputs {doc['settings']['outputs']}")
+            f"outputs {doc['settings']['outputs']}"
+            + (f" | busy: {n['processes']} neighbour process(es) running bnfast "
+               f"({'+'.join(map(str, n['calls']))} calls)" if (n := doc["neighbours"]) else ""))
 
 
 def format_report(doc):
@@ -74,7 +76,7 @@ def format_report(doc):
     for r in doc["results"]:
         cases.setdefault((r["mode"], r["dtype"], tuple(r["shape"])), {})[r["impl"]] = r
 
-    titles = ["mode", "dtype", "shape", "size", "bnfast", "GB/s", "%copy"]
+    titles = ["mode", "dtype", "shape", "size", "bnfast", "mean", "GB/s", "%copy"]
     titles += [_PEER_TITLES.get(p, p) for p in peers] + ["err", "check"]
     right = set(range(3, len(titles) - 1))
     body = []
@@ -91,6 +93,7 @@ def format_report(doc):
             time_cell = format_time(ours["median_s"])
             time_cell += "~" if ours["median_s"] > UNSTABLE * ours["min_s"] else " "
         cells = [mode, dtype, format_shape(shape), _size(nbytes), time_cell,
+                 format_time(ours["mean_s"]) if ok else "-",
                  f"{ours['gbps']:.1f}" if ok and ours["gbps"] else "-",
                  f"{100 * ours['fraction_of_copy_bandwidth']:.0f}%"
                  if ok and ours["fraction_of_copy_bandwidth"] else "-"]
@@ -106,13 +109,16 @@ def format_report(doc):
 
     out = [_header(doc), "", line(titles), line(["-" * w for w in widths])]
     out += ["" if c is None else line(c) for c in body]
-    out += ["", f"bnfast: median time per call ('~': unstable, median > {UNSTABLE:g}x the fastest sample); GB/s: bytes that must move (eval 2, train 3, backward 5, "
-                "fused_eval 3 x array size) / time;",
+    out += ["", f"bnfast: median time per call ('~': unstable, median > {UNSTABLE:g}x the fastest "
+                "sample); mean: mean time per call, stalls included;",
+            "GB/s: bytes that must move (eval 2, train 3, backward 5, backward_eval 4, fused_eval 3, "
+            "fused_backward 6 x array size) / median time;",
             "%copy: that bandwidth relative to np.copyto of the same array (np.add with the addend "
             "for fused_eval);",
             f"{', '.join(_PEER_TITLES.get(p, p) for p in peers) or 'peers'}: peer time / bnfast time "
-            "(>1: bnfast faster), '!' = that peer's result is WRONG;",
-            "err: max abs error vs a float64 NumPy reference, divided by max(1, max|reference|); "
+            "(median; >1: bnfast faster), '!' = that peer's result is WRONG;",
+            "err: max abs error vs the float64 reference (bnfast.testing), divided by "
+            "max(1, max|reference|); "
             "check: WRONG when err > " + ", ".join(f"{v:g} ({k})" for k, v in
                                                     doc["settings"]["tolerance"].items()) + "."]
     if doc["summary"]:
@@ -121,7 +127,7 @@ def format_report(doc):
         for mode, per_peer in doc["summary"].items():
             parts = [f"{_PEER_TITLES.get(p, p)} {v['geomean_speedup']:.2f}x ({v['cases']} cases)"
                      for p, v in per_peer.items()]
-            out.append(f"  {mode:<10} " + ", ".join(parts))
+            out.append(f"  {mode:<14} " + ", ".join(parts))
     notes = list(doc["notes"])
     wrong = [r for r in doc["results"] if r["correct"] is False]
     for r in wrong:

@@ -3,24 +3,26 @@
 The result is one JSON-ready dict (see :mod:`bnfast.bench.schema`) that the
 table, the JSON file and the plot are all made from.
 """
+import contextlib
 import datetime
 import math
 import platform
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import bnfast
 from bnfast._config import config as build_config
 
+from .busy import neighbours
+from .check import TOLERANCE, compare, expected
 from .data import Inputs
 from .impl_copy import CopyRoofline
 from .machine import machine_info, package_version
 from .peers import PEERS, load_peers
 from .progress import progress
-from .reference import TOLERANCE, compare, reference
-from .schema import SCHEMA_VERSION
+from .schema import KEYS, SCHEMA_VERSION
 from .suite import DEFAULT_SHAPES, DTYPES, MODES, make_cases
-from .threads import limit_threads
 from .timing import TimingPolicy, measure
 
 __all__ = ["BenchSettings", "run_benchmark"]
@@ -52,16 +54,20 @@ class BenchSettings:
         Warm-up and repeat rules.
     quick : bool
         Recorded in the JSON only.
+    busy : int
+        Neighbour processes running bnfast during the measurements (see
+        :mod:`bnfast.bench.busy`).
     """
 
     shapes: tuple = DEFAULT_SHAPES
     modes: tuple = MODES
     dtypes: tuple = DTYPES
-    peers: tuple = tuple(PEERS)
-    threads: int = None
+    peers: tuple = PEERS
+    threads: Optional[int] = None
     allocate: bool = False
     policy: TimingPolicy = field(default_factory=TimingPolicy)
     quick: bool = False
+    busy: int = 0
 
 
 def run_benchmark(settings, show_progress=True, command=None):
@@ -74,7 +80,7 @@ def run_benchmark(settings, show_progress=True, command=None):
                      f"{machine['usable_cores']} cores): timings may be noisy")
     cases = make_cases(settings.shapes, settings.modes, settings.dtypes)
     results = []
-    with limit_threads(settings.threads) as note:
+    with _limit_threads(settings.threads) as note, neighbours(settings.busy) as busy:
         if note:
             notes.append(note)
         impls, missing = load_peers(settings.peers, settings.threads, settings.allocate)
@@ -121,14 +127,42 @@ def run_benchmark(settings, show_progress=True, command=None):
             "quick": settings.quick,
             "repeat": settings.policy.repeat,
             "min_time": settings.policy.min_time,
+            "busy": settings.busy,
             "tolerance": dict(TOLERANCE),
         },
         "threads": threads,
         "unavailable": dict(missing),
+        "neighbours": busy if settings.busy else None,
         "notes": notes,
         "results": results,
         "summary": _summary(results),
     }
+
+
+@contextlib.contextmanager
+def _limit_threads(n):
+    """Limit OpenMP and BLAS thread pools to ``n`` (no-op for None).
+
+    Uses ``threadpoolctl.threadpool_limits`` when installed; each
+    implementation also receives ``n`` itself (bnfast ``n_threads``,
+    ``torch.set_num_threads``, ONNX Runtime ``intra_op_num_threads``), so
+    threadpoolctl only adds the BLAS pools of NumPy & co.
+
+    Yields
+    ------
+    str or None
+        A note when threadpoolctl is missing and the limit is partial.
+    """
+    if n is None:
+        yield None
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield "threadpoolctl is not installed: BLAS thread pools are not limited"
+        return
+    with threadpool_limits(limits=int(n)):
+        yield None
 
 
 def _versions(impls):
@@ -152,14 +186,12 @@ def _cases_by_data(cases):
         yield group, Inputs(shape, dtype)
 
 
-def _row(case, impl, status, note=None, allocates=None):
-    return {
-        "mode": case.mode, "dtype": case.dtype, "shape": list(case.shape), "impl": impl,
-        "status": status, "note": note, "median_s": None, "min_s": None, "times_s": [], "number": None,
-        "bytes_moved": None, "gbps": None, "fraction_of_copy_bandwidth": None,
-        "bnfast_speedup": None, "allocates": allocates, "max_abs_error": None,
-        "error": None, "worst": None, "tolerance": TOLERANCE[case.dtype], "correct": None,
-    }
+def _row(case, impl, status, note=None):
+    """A result (keys: :mod:`bnfast.bench.schema`, *Each result*), not timed yet."""
+    row = dict.fromkeys(KEYS["Each result"])
+    row.update(mode=case.mode, dtype=case.dtype, shape=list(case.shape), impl=impl, status=status,
+               note=note, times_s=[], tolerance=TOLERANCE[case.dtype])
+    return row
 
 
 def _run_case(case, inputs, impls, policy, bar):
@@ -168,7 +200,7 @@ def _run_case(case, inputs, impls, policy, bar):
         for impl in impls:
             bar.update(case.label, impl.name)
         return [_row(case, impl.name, "skipped", skip) for impl in impls]
-    expected = None
+    want = None
     rows = []
     for impl in impls:
         bar.update(case.label, impl.name)
@@ -182,9 +214,9 @@ def _run_case(case, inputs, impls, policy, bar):
             row["allocates"] = prepared.allocates
             row["note"] = prepared.note
             if prepared.check is not None:
-                if expected is None:
-                    expected = reference(case.mode, inputs)
-                checked = compare(prepared.check(), expected, case.dtype)
+                if want is None:
+                    want = expected(case.mode, inputs)
+                checked = compare(prepared.check(), want, case.dtype)
                 row["note"] = checked.pop("note", None) or row["note"]
                 row.update(checked)
             time.sleep(_SETTLE)
@@ -195,6 +227,7 @@ def _run_case(case, inputs, impls, policy, bar):
             rows.append(row)
             continue
         row["median_s"] = timing.median
+        row["mean_s"] = timing.mean
         row["min_s"] = min(timing.times)
         row["times_s"] = timing.times
         row["number"] = timing.number

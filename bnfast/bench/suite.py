@@ -35,11 +35,14 @@ QUICK_SHAPES = ((8, 64, 56, 56), (256, 1024), (1, 512, 7, 7))
 
 #: Benchmark modes, in report order.
 #:
-#: eval        ``y = batch_norm(x)`` with running statistics.
-#: train       forward with batch statistics, including the running-stat update.
-#: backward    ``(grad_input, grad_weight, grad_bias)`` from a training forward's stats.
-#: fused_eval  ``y = relu(batch_norm(x) + addend)`` with running statistics.
-MODES = ("eval", "train", "backward", "fused_eval")
+#: eval            ``y = batch_norm(x)`` with running statistics.
+#: train           forward with batch statistics, including the running-stat update.
+#: backward        ``(grad_input, grad_weight, grad_bias)`` after a training forward.
+#: backward_eval   the same after an evaluation forward (running statistics).
+#: fused_eval      ``y = relu(batch_norm(x) + addend)`` with running statistics.
+#: fused_backward  the gradients of a training ``relu(batch_norm(x) + addend)``,
+#:                 and ``grad_addend``, from the packed ReLU mask.
+MODES = ("eval", "train", "backward", "backward_eval", "fused_eval", "fused_backward")
 
 DTYPES = ("float32", "float64")
 
@@ -47,11 +50,14 @@ DTYPES = ("float32", "float64")
 #: best two-pass algorithm when the tensor does not fit in cache.
 #: eval: read x, write y.  train: read x (statistics), read x and write y.
 #: backward: read dy and x (reductions), read dy and x and write dx.
+#: backward_eval: read dy and x (parameter gradients), read dy and write dx.
 #: fused_eval: read x and addend, write y.
-TRAFFIC = {"eval": 2, "train": 3, "backward": 5, "fused_eval": 3}
+#: fused_backward: backward's, plus writing grad_addend (the mask is 1/32 of x).
+TRAFFIC = {"eval": 2, "train": 3, "backward": 5, "backward_eval": 4, "fused_eval": 3,
+           "fused_backward": 6}
 
 #: Modes that use batch statistics (they need more than one value per channel).
-_BATCH_STAT_MODES = ("train", "backward")
+_BATCH_STAT_MODES = ("train", "backward", "fused_backward")
 
 _DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "single": "float32",
                   "float64": "float64", "f64": "float64", "double": "float64"}

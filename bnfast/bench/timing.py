@@ -1,9 +1,10 @@
-"""Median-of-repeats timing with warm-up, in the manner of ``timeit.Timer.autorange``."""
+"""Median- and mean-of-repeats timing with warm-up, in the manner of ``timeit.Timer.autorange``."""
 import gc
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 __all__ = ["Timing", "TimingPolicy", "measure"]
 
@@ -28,7 +29,7 @@ class TimingPolicy:
     min_time: float = 0.4
     min_repeat: int = 5
     max_repeat: int = 50
-    repeat: int = None
+    repeat: Optional[int] = None
     min_sample: float = 1e-3
 
 
@@ -40,6 +41,8 @@ class Timing:
     ----------
     median : float
         Median seconds per call.
+    mean : float
+        Mean seconds per call, stalls included (what a shared machine costs).
     times : list of float
         Seconds per call of every sample.
     number : int
@@ -47,12 +50,13 @@ class Timing:
     """
 
     median: float
+    mean: float
     times: list = field(default_factory=list)
     number: int = 1
 
 
 def measure(fn, policy=TimingPolicy()):
-    """Time ``fn()``: warm up, pick calls per sample, return the median per call.
+    """Time ``fn()``: warm up, pick calls per sample, return the median and mean per call.
 
     The first call (warm-up) pays one-off costs: page faults on fresh output
     buffers, lazy initialisation, thread-pool start-up.  The garbage collector
@@ -85,4 +89,4 @@ def measure(fn, policy=TimingPolicy()):
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing(statistics.median(times), times, number)
+    return Timing(statistics.median(times), statistics.fmean(times), times, number)

@@ -1,15 +1,16 @@
-"""The float64 NumPy reference every implementation is checked against, and the check.
+"""The correctness column: each implementation's outputs against :mod:`bnfast.testing`.
 
-The formulas are PyTorch's definitions written out plainly, computed in float64
-from the same inputs; they are the ground truth for the correctness column.
+The expected outputs are the float64 reference of the package
+(:func:`bnfast.testing.reference_batch_norm` and
+:func:`~bnfast.testing.reference_batch_norm_backward`) on the case's inputs.
 """
 import math
 
 import numpy as np
 
-from .data import channel_axes, channel_view
+from bnfast.testing import reference_batch_norm_backward
 
-__all__ = ["reference", "compare", "TOLERANCE"]
+__all__ = ["expected", "compare", "TOLERANCE", "GRADS"]
 
 #: Largest accepted error per dtype, scaled by ``max(1, max |reference|)``.
 #: Float32 carries ~7 digits; summing a million values in float32 costs
@@ -17,56 +18,30 @@ __all__ = ["reference", "compare", "TOLERANCE"]
 #: running variance, a missing eps, a wrong channel) costs far more than that.
 TOLERANCE = {"float32": 1e-4, "float64": 1e-9}
 
+#: Output names of the backward modes, in the order the calls return them.
+GRADS = ("grad_input", "grad_weight", "grad_bias", "grad_addend")
 
-def reference(mode, inputs):
-    """Exact-as-possible outputs of ``mode`` for ``inputs``, as a dict of float64 arrays.
+
+def expected(mode, inputs):
+    """The reference outputs of ``mode`` for ``inputs`` (a :class:`~bnfast.bench.data.Inputs`).
 
     Keys: ``y`` (eval, fused_eval); ``y``, ``running_mean``, ``running_var``
     (train, from the initial running statistics); ``grad_input``,
-    ``grad_weight``, ``grad_bias`` (backward).
+    ``grad_weight``, ``grad_bias`` (the backward modes; fused_backward also
+    ``grad_addend``).
     """
-    x = inputs.x.astype(np.float64)
-    nd = x.ndim
-    axes = channel_axes(nd)
-    w = inputs.weight.astype(np.float64)
-    b = inputs.bias.astype(np.float64)
-    rm = inputs.running_mean.astype(np.float64)
-    rv = inputs.running_var.astype(np.float64)
-    eps = inputs.eps
-
-    if mode in ("eval", "fused_eval"):
-        scale = w / np.sqrt(rv + eps)
-        y = (x - channel_view(rm, nd)) * channel_view(scale, nd) + channel_view(b, nd)
-        if mode == "fused_eval":
-            y += inputs.addend
-            np.maximum(y, 0.0, out=y)
-        return {"y": y}
-
-    if mode == "train":
-        count = x.size // x.shape[1]
-        mean = x.mean(axis=axes)
-        var = x.var(axis=axes)
-        y = (x - channel_view(mean, nd)) / channel_view(np.sqrt(var + eps), nd)
-        y = y * channel_view(w, nd) + channel_view(b, nd)
-        m = inputs.momentum
-        return {
-            "y": y,
-            "running_mean": (1 - m) * rm + m * mean,
-            "running_var": (1 - m) * rv + m * var * count / (count - 1),
-        }
-
-    if mode == "backward":
-        dy = inputs.grad_output.astype(np.float64)
-        mean, invstd = inputs.save_mean, inputs.save_invstd
-        count = x.size // x.shape[1]
-        xhat = (x - channel_view(mean, nd)) * channel_view(invstd, nd)
-        grad_bias = dy.sum(axis=axes)
-        grad_weight = (dy * xhat).sum(axis=axes)
-        grad_input = channel_view(w * invstd, nd) * (
-            dy - channel_view(grad_bias / count, nd) - xhat * channel_view(grad_weight / count, nd))
-        return {"grad_input": grad_input, "grad_weight": grad_weight, "grad_bias": grad_bias}
-
-    raise ValueError(f"unknown mode {mode!r}")
+    if mode in ("eval", "train", "fused_eval"):
+        ref = inputs.forward(mode == "train", fused=mode == "fused_eval")
+        if mode != "train":
+            return {"y": ref.out}
+        return {"y": ref.out, "running_mean": ref.running_mean, "running_var": ref.running_var}
+    if mode not in ("backward", "backward_eval", "fused_backward"):
+        raise ValueError(f"unknown mode {mode!r}")
+    training, fused = mode != "backward_eval", mode == "fused_backward"
+    grads = reference_batch_norm_backward(inputs.grad_output, inputs.x, inputs.weight,
+                                          *inputs.stats(training), training,
+                                          output=inputs.relu_output if fused else None)
+    return dict(zip(GRADS[:4 if fused else 3], grads))
 
 
 def compare(outputs, expected, dtype):
@@ -75,7 +50,7 @@ def compare(outputs, expected, dtype):
     Parameters
     ----------
     outputs, expected : dict of str to ndarray
-        The implementation's results and :func:`reference`'s, same keys.
+        The implementation's results and :func:`expected`'s, same keys.
     dtype : str
         Storage dtype of the case (selects the tolerance).
 
