@@ -1,4 +1,5 @@
 """bnfast.batch_norm against the float64 reference and torch.nn.functional.batch_norm."""
+import fractions
 import itertools
 
 import numpy as np
@@ -7,11 +8,14 @@ import pytest
 import bnfast
 from conftest import (
     STAT_TOL,
+    TOL,
     TORCH_TOL,
     assert_close,
+    assert_same,
     make_input,
     make_params,
     make_running,
+    other_float,
     reference_batch_norm,
 )
 
@@ -350,15 +354,6 @@ def test_all_option_combinations_small(dtype, rng):
 # Behaviour once held by the "fast path equals general path" suites (issue 9, part 4):
 # every argument form, through the one public road, against the reference and torch.
 # =====================================================================================
-import fractions  # noqa: E402
-
-from conftest import (  # noqa: E402
-    TOL,
-    assert_same,
-    other_float,
-    strided,
-)
-
 # ResNet's last block (N == 1), C < the channels-last tile width with S > 1, (N, C)
 # rows, S == 1 in 3-D, a 5-D volume, and the smallest batch of a wide row.
 TRAIN_SHAPES = [(1, 512, 7, 7), (4, 3, 5, 5), (16, 8), (3, 5, 1), (2, 4, 3, 3, 3), (2, 70)]

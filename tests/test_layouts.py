@@ -15,6 +15,7 @@ from conftest import (
     LAYOUT_ULPS,
     STAT_TOL,
     assert_close,
+    assert_same,
     assert_within_ulps,
     channels_last,
     is_channels_last,
@@ -277,8 +278,6 @@ def test_property_matches_reference(case):
 # =====================================================================================
 # Behaviour once held by the "fast path equals general path" suites (issue 9, part 4).
 # =====================================================================================
-from conftest import assert_same  # noqa: E402
-
 EVAL_LAYOUT_SHAPES = [(2, 3, 5, 7), (3, 70, 5), (2, 64, 17, 17), (2, 6, 3, 5, 7), (6, 70),
                       (16, 8)]
 

@@ -1,6 +1,9 @@
 """BatchNorm1d/2d/3d (and the fused modules' shared surface) against torch.nn.BatchNormXd."""
 import contextlib
+import copy
+import fractions
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -11,9 +14,15 @@ from conftest import (
     TOL,
     TORCH_TOL,
     assert_close,
+    assert_same,
+    channels_last,
+    is_channels_last,
     make_input,
     make_params,
+    make_running,
+    other_float,
     reference_batch_norm,
+    strided,
 )
 
 C = 4
@@ -441,19 +450,6 @@ def test_option_grid_against_reference(dtype, rng, cls, shape):
 # modules in train and eval, every argument form, out=, failures, copies, backward.
 # (Kept as one block: other work appends its own tests after it.)
 # =====================================================================================
-import copy  # noqa: E402
-import fractions  # noqa: E402
-import pickle  # noqa: E402
-
-from conftest import (  # noqa: E402
-    assert_same,
-    channels_last,
-    is_channels_last,
-    make_running,
-    other_float,
-    strided,
-)
-
 MODULE_OF_NDIM = {2: bnfast.BatchNorm1d, 3: bnfast.BatchNorm1d, 4: bnfast.BatchNorm2d,
                   5: bnfast.BatchNorm3d}
 FUSED_OF_NDIM = {2: bnfast.FusedBatchNorm1d, 3: bnfast.FusedBatchNorm1d,
@@ -785,9 +781,9 @@ def test_wrong_channel_count_raises_without_params_or_buffers(dtype, rng, traini
         4, affine=False, track_running_stats=False, dtype=dtype).train(training)
     x = make_input(rng, (2, 5, 3, 3), dtype)
     for xin in (x, channels_last(x)):
-        with pytest.raises(ValueError, match=r"expected input with 4 channels.*\(2, 5, 3, 3\)"):
-            with (contextlib.nullcontext() if grad else bnfast.no_grad()):
-                m(xin)
+        with (pytest.raises(ValueError, match=r"expected input with 4 channels.*\(2, 5, 3, 3\)"),
+              contextlib.nullcontext() if grad else bnfast.no_grad()):
+            m(xin)
 
 
 def _torch_grads(torch, x, g, w, b, eps, training, rm=None, rv=None, addend=None, relu=False):

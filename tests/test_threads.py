@@ -1,4 +1,9 @@
 """Thread count never changes a bit of the result (fixed, shape-only partitions)."""
+import contextlib
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -6,7 +11,14 @@ from threadpoolctl import threadpool_limits
 import bnfast
 from bnfast import _openmp
 from bnfast._threads import resolve_threads
-from conftest import assert_close, channels_last, make_input, make_params, reference_batch_norm
+from conftest import (
+    assert_close,
+    assert_same,
+    channels_last,
+    make_input,
+    make_params,
+    reference_batch_norm,
+)
 
 # (shape, layout): C smaller than the thread count, tiny inputs that stay serial,
 # large batches, a single sample with a large plane, 3-d volumes.
@@ -133,13 +145,6 @@ def test_openmp_is_reported():
 # =====================================================================================
 # Behaviour once held by the "fast path equals general path" suites (issue 9, part 4).
 # =====================================================================================
-import contextlib  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-from conftest import assert_same  # noqa: E402
-
 
 @pytest.mark.parametrize("shape,layout", [((8, 64, 16, 16), "contiguous"),
                                           ((8, 64, 16, 16), "channels_last"),
