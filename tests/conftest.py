@@ -128,32 +128,6 @@ def torch():
     return pytest.importorskip("torch")
 
 
-class NonPlainArray(np.ndarray):
-    """An ndarray subclass: never taken by the one-call paths (bnfast._inference)."""
-
-
-class GeneralPathSpy:
-    """Counts the calls that reach ``bnfast.functional._batch_norm`` (the general path)."""
-
-    def __init__(self, real):
-        self.real = real
-        self.calls = 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.real(*args, **kwargs)
-
-
-@pytest.fixture
-def general_path(monkeypatch):
-    """A GeneralPathSpy in place of ``bnfast.functional._batch_norm``: ``.calls == 0``
-    after a call means it took a one-call path."""
-    import bnfast.functional as F
-    spy = GeneralPathSpy(F._batch_norm)
-    monkeypatch.setattr(F, "_batch_norm", spy)
-    return spy
-
-
 def assert_same(actual, expected, msg=""):
     """Bit for bit (NaN where NaN), same dtype and shape."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg

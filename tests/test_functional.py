@@ -1,4 +1,5 @@
 """bnfast.batch_norm against the float64 reference and torch.nn.functional.batch_norm."""
+import fractions
 import itertools
 
 import numpy as np
@@ -7,11 +8,14 @@ import pytest
 import bnfast
 from conftest import (
     STAT_TOL,
+    TOL,
     TORCH_TOL,
     assert_close,
+    assert_same,
     make_input,
     make_params,
     make_running,
+    other_float,
     reference_batch_norm,
 )
 
@@ -344,3 +348,300 @@ def test_all_option_combinations_small(dtype, rng):
         if running:
             assert_close(rm, ref.running_mean, dtype, STAT_TOL)
             assert_close(rv, ref.running_var, dtype, STAT_TOL)
+
+
+# =====================================================================================
+# Behaviour once held by the "fast path equals general path" suites (issue 9, part 4):
+# every argument form, through the one public road, against the reference and torch.
+# =====================================================================================
+# ResNet's last block (N == 1), C < the channels-last tile width with S > 1, (N, C)
+# rows, S == 1 in 3-D, a 5-D volume, and the smallest batch of a wide row.
+TRAIN_SHAPES = [(1, 512, 7, 7), (4, 3, 5, 5), (16, 8), (3, 5, 1), (2, 4, 3, 3, 3), (2, 70)]
+# (addend given, relu)
+EPILOGUES = {"plain": (False, False), "addend": (True, False), "relu": (False, True),
+             "relu+addend": (True, True)}
+# Batch statistics (computed in float64 whatever the storage) vs the float64 reference.
+STATS64_TOL = {np.float32: dict(rtol=1e-10, atol=1e-12), np.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def _copies(*arrays):
+    return tuple(None if a is None else a.copy() for a in arrays)
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("running", [True, False], ids=["running", "no_running"])
+def test_training_epilogues_momenta_and_stats(dtype, rng, shape, affine, running):
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    x.flags.writeable = False  # read, never written
+    w, b = _params(rng, C, dtype, affine)
+    addend0 = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    addend0.flags.writeable = False
+    rm0, rv0 = make_running(rng, C, dtype)
+    base = reference_batch_norm(x, rm0, rv0, w, b, training=True, momentum=0.1)
+    for (epilogue, (with_addend, relu)), momentum in itertools.product(EPILOGUES.items(),
+                                                                        (0.1, 0.0, 1.0)):
+        case = f"{epilogue}, momentum={momentum}"
+        addend = addend0 if with_addend else None
+        rm, rv = _copies(rm0, rv0) if running else (None, None)
+        f = bnfast.fused_batch_norm if relu else bnfast.batch_norm
+        kwargs = dict(addend=addend) if relu else dict(addend=addend, relu=False)
+        y, mean, invstd = f(x, rm, rv, w, b, training=True, momentum=momentum,
+                            return_stats=True, **kwargs)
+        assert type(y) is np.ndarray and y.dtype == dtype and y.flags.c_contiguous, case
+        # The output and the statistics do not depend on the momentum.
+        expected = base.out if addend is None else base.out + addend.astype(np.float64)
+        assert_close(y, np.maximum(expected, 0.0) if relu else expected, dtype)
+        assert mean.dtype == invstd.dtype == np.float64 and mean.shape == (C,)
+        assert_close(mean, base.mean, dtype, STATS64_TOL)
+        assert_close(invstd, base.invstd, dtype, STATS64_TOL)
+        if not running:
+            continue
+        if momentum == 0.1:
+            assert_close(rm, base.running_mean, dtype, STAT_TOL)
+            assert_close(rv, base.running_var, dtype, STAT_TOL)
+        elif momentum == 0.0:  # exactly unchanged
+            assert_same(rm, rm0, case)
+            assert_same(rv, rv0, case)
+        else:  # exactly the batch statistics, rounded once
+            assert_same(rm, mean.astype(dtype), case)
+            n = x.size // C  # the unbiased batch variance
+            assert_close(rv, (base.invstd ** -2 - 1e-5) * n / (n - 1), dtype, STAT_TOL)
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 7, 7), (4, 3, 5, 5), (16, 8), (2, 4, 3, 3, 3),
+                                   (2, 70)], ids=str)
+def test_training_matches_torch_native_batch_norm(dtype, rng, torch, shape):
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    w, b = make_params(rng, C, dtype)
+    rm, rv = make_running(rng, C, dtype)
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-3,
+                                        return_stats=True)
+    yt, tmean, tinvstd = torch.native_batch_norm(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), trm, trv, True, 0.3, 1e-3)
+    assert_close(y, yt.numpy(), dtype, TORCH_TOL)
+    assert_close(rm, trm.numpy(), dtype, TORCH_TOL)
+    assert_close(rv, trv.numpy(), dtype, TORCH_TOL)
+    assert_close(mean, tmean.double().numpy(), dtype, TORCH_TOL)
+    assert_close(invstd, tinvstd.double().numpy(), dtype, TORCH_TOL)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 8), (6, 70)], ids=str)
+@pytest.mark.parametrize("target", ["fresh", "input", "addend"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_out_targets(dtype, rng, shape, target, training):
+    # out= a fresh array, the input itself or the addend itself: the statistics are
+    # those of x before it is overwritten; nothing else is written.
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    x0, addend0 = x.copy(), addend.copy()
+    w, b = make_params(rng, C, dtype)
+    rm, rv = make_running(rng, C, dtype)
+    ref = reference_batch_norm(x0, rm, rv, w, b, training=training, addend=addend0, relu=True)
+    out = {"fresh": np.full(shape, np.nan, dtype), "input": x, "addend": addend}[target]
+    y, mean, invstd = bnfast.fused_batch_norm(x, rm, rv, w, b, addend, training=training,
+                                              out=out, return_stats=True)
+    assert y is out
+    assert_close(y, ref.out, dtype)
+    assert_close(mean, ref.mean, dtype, STATS64_TOL)
+    assert_close(invstd, ref.invstd, dtype, STATS64_TOL)
+    if training:
+        assert_close(rm, ref.running_mean, dtype, STAT_TOL)
+        assert_close(rv, ref.running_var, dtype, STAT_TOL)
+    if target != "input":
+        assert_same(x, x0)
+    if target != "addend":
+        assert_same(addend, addend0)
+
+
+@pytest.mark.parametrize("shift", [1, 7, -1], ids=["1", "7", "size-1"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("partner", ["input", "addend"])
+def test_out_partially_overlapping_input_or_addend(dtype, rng, shift, training, partner):
+    # out and the input (or the addend) in one buffer, ``shift`` elements apart.
+    shape = (2, 4, 3, 3)
+    n = int(np.prod(shape))
+    shift = n - 1 if shift == -1 else shift
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    rm, rv = make_running(rng, 4, dtype)
+    ref = reference_batch_norm(x, rm, rv, training=training, addend=addend, relu=True)
+    buf = np.zeros(n + shift, dtype)
+    shared, out = buf[:n].reshape(shape), buf[shift:].reshape(shape)
+    if partner == "input":
+        shared[...] = x
+        x = shared
+    else:
+        shared[...] = addend
+        addend = shared
+    y = bnfast.fused_batch_norm(x, rm, rv, None, None, addend, training=training, out=out)
+    assert y is out
+    assert_close(y, ref.out, dtype)
+
+
+def test_running_buffers_that_are_views_are_updated_in_place(dtype, rng):
+    # Rows of one (2, C) array (contiguous views), and every other element of a longer
+    # array (strided views): both are updated in place, to the same values.
+    x = make_input(rng, (4, 6, 3, 3), dtype)
+    rm0, rv0 = make_running(rng, 6, dtype)
+    rows = np.stack([rm0, rv0])
+    y_rows = bnfast.batch_norm(x, rows[0], rows[1], training=True)
+    spread = np.zeros(24, dtype)
+    spread[0:12:2], spread[12:24:2] = rm0, rv0
+    y_spread = bnfast.batch_norm(x, spread[0:12:2], spread[12:24:2], training=True)
+    assert_same(y_rows, y_spread)
+    assert_same(rows[0], spread[0:12:2])
+    assert_same(rows[1], spread[12:24:2])
+    np.testing.assert_array_equal(spread[1::2], 0)  # the gaps are untouched
+    ref = reference_batch_norm(x, rm0, rv0, training=True)
+    assert_close(rows[0], ref.running_mean, dtype, STAT_TOL)
+    assert_close(rows[1], ref.running_var, dtype, STAT_TOL)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 8)], ids=str)
+def test_running_buffers_of_other_dtype_do_not_change_the_output(dtype, rng, shape):
+    other = other_float(dtype)
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    w, b = make_params(rng, C, dtype)
+    rm0, rv0 = make_running(rng, C, other)
+    rm, rv = _copies(rm0, rv0)
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, training=True, return_stats=True)
+    assert rm.dtype == rv.dtype == other
+    # The output depends on the batch only: the bits of the call without buffers.
+    ey, emean, einvstd = bnfast.batch_norm(x, None, None, w, b, training=True, return_stats=True)
+    assert_same(y, ey)
+    assert_same(mean, emean)
+    assert_same(invstd, einvstd)
+    ref = reference_batch_norm(x, rm0, rv0, w, b, training=True)
+    assert_close(rm, ref.running_mean, other, STAT_TOL)
+    assert_close(rv, ref.running_var, other, STAT_TOL)
+    if dtype == np.float64:  # float32 buffers: the float64 update rounded once
+        frm, frv = rm0.astype(np.float64), rv0.astype(np.float64)
+        bnfast.batch_norm(x, frm, frv, w, b, training=True)
+        assert_same(rm, frm.astype(np.float32))
+        assert_same(rv, frv.astype(np.float32))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_and_mixed_dtype_channel_vectors(dtype, rng, training):
+    # (C,) vectors that are views with a stride, or of the other float dtype (float64
+    # parameters with float32 data), give the values they hold.
+    shape, C = (4, 5, 3, 3), 5
+    x = make_input(rng, shape, dtype)
+    w, b = make_params(rng, C, other_float(dtype))
+    rm0, rv0 = make_running(rng, C, dtype)
+    big = np.zeros((4, 2 * C), dtype)
+    big[0, ::2], big[1, ::2], big[2, ::2], big[3, ::2] = w, b, rm0, rv0
+    ws, bs, rms, rvs = big[0, ::2], big[1, ::2], big[2, ::2], big[3, ::2]
+    for args in ((w, b, rm0.copy(), rv0.copy()), (ws, bs, rms, rvs),
+                 (w[::-1][::-1], bs, rm0.astype(other_float(dtype)), rv0.copy())):
+        ref = reference_batch_norm(x, *args[2:], *args[:2], training=training)
+        y = bnfast.batch_norm(x, args[2], args[3], args[0], args[1], training=training)
+        assert y.dtype == dtype
+        assert_close(y, ref.out, dtype)
+        if training:
+            assert_close(args[2], ref.running_mean, args[2].dtype.type, STAT_TOL)
+            assert_close(args[3], ref.running_var, args[3].dtype.type, STAT_TOL)
+    np.testing.assert_array_equal(big[:, 1::2], 0)  # the gaps are untouched
+
+
+@pytest.mark.parametrize("value", [np.float64(0.25), np.float32(0.25), 1, 0,
+                                   fractions.Fraction(1, 4)],
+                         ids=["np.float64", "np.float32", "int-1", "int-0", "Fraction"])
+def test_real_non_float_momentum_and_eps_equal_their_float(dtype, rng, value):
+    # NumPy scalars, ints and other real numbers behave as float(value), bit for bit.
+    x = make_input(rng, (4, 3, 5, 5), dtype)
+    w, b = make_params(rng, 3, dtype)
+    rm0, rv0 = make_running(rng, 3, dtype)
+    eps = value if value else 1e-5  # eps must be positive
+    results = []
+    for m, e in ((value, eps), (float(value), float(eps))):
+        rm, rv = _copies(rm0, rv0)
+        results.append(bnfast.batch_norm(x, rm, rv, w, b, training=True, momentum=m, eps=e,
+                                         return_stats=True) + (rm, rv))
+        results.append((bnfast.batch_norm(x, rm0, rv0, w, b, eps=e),))
+    for a, e in zip(results[0] + results[1], results[2] + results[3]):
+        assert_same(a, e)
+    ref = reference_batch_norm(x, rm0, rv0, w, b, training=True, momentum=float(value),
+                               eps=float(eps))
+    assert_close(results[0][0], ref.out, dtype)
+    assert_close(results[0][3], ref.running_mean, dtype, STAT_TOL)
+
+
+@pytest.mark.parametrize("momentum", ["0.1", True, False, None, 0.1j],
+                         ids=["str", "True", "False", "None", "complex"])
+def test_non_real_momentum_raises_type_error_and_changes_nothing(dtype, rng, momentum):
+    x = make_input(rng, (4, 3, 5, 5), dtype)
+    rm0, rv0 = make_running(rng, 3, dtype)
+    rm, rv = _copies(rm0, rv0)
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        bnfast.batch_norm(x, rm, rv, training=True, momentum=momentum)
+    assert_same(rm, rm0)
+    assert_same(rv, rv0)
+    # Evaluation does not use the momentum.
+    assert_close(bnfast.batch_norm(x, rm, rv, momentum=momentum),
+                 reference_batch_norm(x, rm0, rv0).out, dtype)
+
+
+class _Subclass(np.ndarray):
+    """An ndarray subclass: it must behave exactly as the ndarray it views."""
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ndarray_subclasses_behave_like_ndarrays(dtype, rng, training):
+    shape = (2, 4, 3, 3)
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    w, b = make_params(rng, 4, dtype)
+    rm0, rv0 = make_running(rng, 4, dtype)
+    rm, rv = _copies(rm0, rv0)
+    expected = bnfast.batch_norm(x, rm, rv, w, b, training=training, addend=addend, relu=True,
+                                 return_stats=True) + (rm, rv)
+    sub = [a.copy().view(_Subclass) for a in (x, rm0, rv0, w, b, addend)]
+    y, mean, invstd = bnfast.batch_norm(sub[0], sub[1], sub[2], sub[3], sub[4],
+                                        training=training, addend=sub[5], relu=True,
+                                        return_stats=True)
+    assert type(y) is np.ndarray
+    for actual, e in zip((y, mean, invstd, sub[1], sub[2]), expected):
+        assert_same(np.asarray(actual), e)
+    assert_close(y, reference_batch_norm(x, rm0, rv0, w, b, training=training, addend=addend,
+                                         relu=True).out, dtype)
+    # An out= of a subclass is written.
+    out = np.zeros(shape, dtype).view(_Subclass)
+    bnfast.batch_norm(x, rm0.copy(), rv0.copy(), w, b, training=training, addend=addend,
+                      relu=True, out=out)
+    assert_same(np.asarray(out), expected[0])
+
+
+@pytest.mark.xfail(strict=True, reason="out= of an ndarray subclass: batch_norm returns a "
+                                       "base-class view of it, not out itself")
+def test_out_of_a_subclass_is_returned(rng):
+    x = make_input(rng, (2, 4, 3, 3), np.float32)
+    out = np.zeros(x.shape, np.float32).view(_Subclass)
+    assert bnfast.batch_norm(x, None, None, training=True, out=out) is out
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 3, 0), (0, 2, 4, 4)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_input_with_every_option(dtype, rng, shape, training):
+    # An empty batch with addend, relu, out and return_stats: an empty output, buffers
+    # unchanged (no batch, no update), the running statistics returned in eval.
+    C = shape[1]
+    x = np.zeros(shape, dtype)
+    rm0, rv0 = make_running(rng, C, dtype)
+    rm, rv = _copies(rm0, rv0)
+    w, b = make_params(rng, C, dtype)
+    out = np.zeros(shape, dtype)
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, training=training, addend=x.copy(),
+                                        relu=True, out=out, return_stats=True)
+    assert y is out and y.size == 0
+    assert_same(rm, rm0)
+    assert_same(rv, rv0)
+    if not training:
+        assert_close(mean, rm0, dtype, STATS64_TOL)
+        assert_close(invstd, 1 / np.sqrt(rv0.astype(np.float64) + 1e-5), dtype, TOL)

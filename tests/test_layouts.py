@@ -15,6 +15,7 @@ from conftest import (
     LAYOUT_ULPS,
     STAT_TOL,
     assert_close,
+    assert_same,
     assert_within_ulps,
     channels_last,
     is_channels_last,
@@ -272,3 +273,76 @@ def test_property_matches_reference(case):
     assert_close(y, ref.out, dtype)
     assert_close(rm, ref.running_mean, dtype, STAT_TOL)
     assert_close(rv, ref.running_var, dtype, STAT_TOL)
+
+
+# =====================================================================================
+# Behaviour once held by the "fast path equals general path" suites (issue 9, part 4).
+# =====================================================================================
+EVAL_LAYOUT_SHAPES = [(2, 3, 5, 7), (3, 70, 5), (2, 64, 17, 17), (2, 6, 3, 5, 7), (6, 70),
+                      (16, 8)]
+
+
+@pytest.mark.parametrize("shape", EVAL_LAYOUT_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "fortran"])
+def test_eval_is_bit_identical_across_layouts(dtype, rng, shape, layout):
+    # Evaluation is elementwise with per-channel coefficients: the memory layout of the
+    # input (and of addend and out) cannot change a bit of the result.
+    if layout == "fortran" and len(shape) != 2:
+        return
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    w, b = make_params(rng, C, dtype)
+    rm, rv = make_running(rng, C, dtype)
+    xl, al = with_layout(x, layout), with_layout(addend, layout)
+    for kwargs in (dict(), dict(relu=True), dict(addend=addend, relu=True)):
+        expected = bnfast.batch_norm(x, rm, rv, w, b, **kwargs)
+        if "addend" in kwargs:
+            kwargs = dict(kwargs, addend=al)
+        y = bnfast.batch_norm(xl, rm, rv, w, b, **kwargs)
+        assert_same(np.ascontiguousarray(y), expected)
+        if layout == "channels_last" and len(shape) > 2:
+            assert is_channels_last(y)
+    assert_close(expected, reference_batch_norm(x, rm, rv, w, b, addend=addend, relu=True).out,
+                 dtype)
+    # A module in eval, the same.
+    m = {2: bnfast.BatchNorm1d, 3: bnfast.BatchNorm1d, 4: bnfast.BatchNorm2d,
+         5: bnfast.BatchNorm3d}[len(shape)](C, dtype=dtype).eval()
+    m.weight[...], m.bias[...], m.running_mean[...], m.running_var[...] = w, b, rm, rv
+    assert_same(np.ascontiguousarray(m(xl)), m(x))
+
+
+@pytest.mark.parametrize("layout,shape", [("fortran", (16, 8)), ("fortran", (6, 70)),
+                                          ("channels_last", (4, 3, 5, 5)),
+                                          ("channels_last", (2, 70, 3, 3)),
+                                          ("strided", (4, 3, 5, 5)), ("strided", (16, 8))],
+                         ids=str)
+def test_training_in_other_layouts_agrees_with_contiguous(dtype, rng, layout, shape):
+    # The same values in other memory: within a few ulps of the C-contiguous call
+    # (another summation order), and bit for bit where the input is copied to C order.
+    C = shape[1]
+    x = make_input(rng, shape, dtype)
+    w, b = make_params(rng, C, dtype)
+    rm0, rv0 = make_running(rng, C, dtype)
+    rm, rv = rm0.copy(), rv0.copy()
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, training=True, return_stats=True)
+    lrm, lrv = rm0.copy(), rv0.copy()
+    xl = with_layout(x, layout)
+    ly, lmean, linvstd = bnfast.batch_norm(xl, lrm, lrv, w, b, training=True, return_stats=True)
+    if layout == "strided":
+        assert ly.flags.c_contiguous
+        for actual, expected in ((ly, y), (lmean, mean), (linvstd, invstd), (lrm, rm),
+                                 (lrv, rv)):
+            assert_same(actual, expected)
+    else:
+        assert ly.strides == xl.strides
+        assert_within_ulps(ly, y, LAYOUT_ULPS[dtype])
+        stats_tol = {np.float32: dict(rtol=1e-10, atol=1e-12),
+                     np.float64: dict(rtol=1e-10, atol=1e-12)}
+        assert_close(lmean, mean, dtype, stats_tol)
+        assert_close(linvstd, invstd, dtype, stats_tol)
+        assert_close(lrm, rm, dtype, STAT_TOL)
+        assert_close(lrv, rv, dtype, STAT_TOL)
+    ref = reference_batch_norm(x, rm0, rv0, w, b, training=True)
+    assert_close(ly, ref.out, dtype)
+    assert_close(lrm, ref.running_mean, dtype, STAT_TOL)

@@ -1,5 +1,9 @@
 """BatchNorm1d/2d/3d (and the fused modules' shared surface) against torch.nn.BatchNormXd."""
+import contextlib
+import copy
+import fractions
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -10,9 +14,15 @@ from conftest import (
     TOL,
     TORCH_TOL,
     assert_close,
+    assert_same,
+    channels_last,
+    is_channels_last,
     make_input,
     make_params,
+    make_running,
+    other_float,
     reference_batch_norm,
+    strided,
 )
 
 C = 4
@@ -518,3 +528,466 @@ def test_option_grid_against_reference(dtype, rng, cls, shape):
                 assert int(m.num_batches_tracked) == nbt
                 assert_close(m.running_mean, ref.running_mean, dtype, STAT_TOL)
                 assert_close(m.running_var, ref.running_var, dtype, STAT_TOL)
+
+
+# =====================================================================================
+# Behaviour once held by the "fast path equals general path" suites (issue 9, part 4):
+# modules in train and eval, every argument form, out=, failures, copies, backward.
+# (Kept as one block: other work appends its own tests after it.)
+# =====================================================================================
+MODULE_OF_NDIM = {2: bnfast.BatchNorm1d, 3: bnfast.BatchNorm1d, 4: bnfast.BatchNorm2d,
+                  5: bnfast.BatchNorm3d}
+FUSED_OF_NDIM = {2: bnfast.FusedBatchNorm1d, 3: bnfast.FusedBatchNorm1d,
+                 4: bnfast.FusedBatchNorm2d, 5: bnfast.FusedBatchNorm3d}
+# ResNet's last block, C < the channels-last tile width with S > 1, (N, C) rows, S == 1
+# in 3-D, a 5-D volume, rows with C >= 64, and (N, C, L).
+EVAL_SHAPES = [(1, 512, 7, 7), (2, 3, 5, 5), (4, 16), (3, 8, 1), (2, 4, 3, 3, 3), (5, 80),
+               (3, 6, 7)]
+SUM_TOL = {np.float32: dict(rtol=1e-5, atol=1e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
+
+
+def _module(rng, shape, dtype, *, fused=False, training=False, **kwargs):
+    """A module of ``shape``'s kind with parameters and buffers that are not the defaults."""
+    C = shape[1]
+    m = (FUSED_OF_NDIM if fused else MODULE_OF_NDIM)[len(shape)](C, dtype=dtype, **kwargs)
+    if m.weight is not None:
+        m.weight[...] = make_params(rng, C, dtype)[0]
+    if m.bias is not None:
+        m.bias[...] = make_params(rng, C, dtype)[1]
+    if m.running_mean is not None:
+        m.running_mean[...], m.running_var[...] = make_running(rng, C, dtype)
+    return m.train(training)
+
+
+def _expected(m, x, addend=None, relu=False):
+    """The float64 reference of m's next call on its current values (training: momentum)."""
+    batch = m.training or m.running_mean is None
+    momentum = m.momentum if m.momentum is not None else 1.0 / (int(m.num_batches_tracked) + 1)
+    return reference_batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
+                                training=batch, momentum=float(momentum), eps=float(m.eps),
+                                addend=addend, relu=relu)
+
+
+@pytest.mark.parametrize("shape", EVAL_SHAPES, ids=str)
+@pytest.mark.parametrize("affine,bias", AFFINE, ids=["affine", "affine-nobias", "noaffine"])
+def test_eval_module_matches_reference(dtype, rng, shape, affine, bias):
+    m = _module(rng, shape, dtype, affine=affine, bias=bias)
+    x = make_input(rng, shape, dtype)
+    ref = _expected(m, x)
+    for grad in (False, True):
+        with (contextlib.nullcontext() if grad else bnfast.no_grad()):
+            y = m(x)
+            y_again = m(x)
+        assert type(y) is np.ndarray and y is not x and y.flags.c_contiguous
+        assert_close(y, ref.out, dtype)
+        assert_same(y_again, y)
+        if grad:
+            assert m.backward(np.zeros_like(x)).shape == shape
+        else:
+            with pytest.raises(RuntimeError, match="no_grad"):
+                m.backward(np.zeros_like(x))
+
+
+@pytest.mark.parametrize("shape", EVAL_SHAPES, ids=str)
+@pytest.mark.parametrize("with_addend", [True, False], ids=["addend", "no_addend"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_module_relu_and_its_gradient_mask(dtype, rng, shape, with_addend, training):
+    m = _module(rng, shape, dtype, fused=True, training=training)
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0) if with_addend else None
+    ref = _expected(m, x, addend, relu=True)
+    y = m(x, addend)
+    assert_close(y, ref.out, dtype)
+    assert (y == 0).any() and (y > 0).any()  # the relu did something, not everything
+    # The gradient flows exactly where the output is positive.
+    gx, ga = m.backward(np.ones_like(x))
+    if with_addend:
+        np.testing.assert_array_equal(ga, (y > 0).astype(dtype))
+    else:
+        assert ga is None
+    if not training:  # eval: an elementwise map, so the input's gradient is masked the same
+        np.testing.assert_array_equal(gx == 0, y <= 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 7, 7), (4, 16), (3, 8, 1), (2, 4, 3, 3, 3)], ids=str)
+def test_eval_module_matches_torch(dtype, rng, torch, shape):
+    m = _module(rng, shape, dtype, eps=1e-3)
+    x = make_input(rng, shape, dtype)
+    tm = getattr(torch.nn, type(m).__name__)(shape[1], eps=1e-3,
+                                             dtype=getattr(torch, np.dtype(dtype).name))
+    tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in m.state_dict().items()})
+    tm.eval()
+    with torch.no_grad():
+        yt = tm(torch.from_numpy(x)).numpy()
+    assert_close(m(x), yt, dtype, TORCH_TOL)
+
+
+def _set(name, value):
+    return lambda m: setattr(m, name, value(m) if callable(value) else value)
+
+
+# Argument forms a module call must take as the plain ones: (shape, module edit, input map).
+ARGUMENT_FORMS = {
+    "fortran-2d": ((6, 4), None, np.asfortranarray),
+    "fortran-4d": ((2, 4, 3, 3), None, np.asfortranarray),
+    "strided": ((2, 4, 3, 3), None, strided),
+    "strided-2d": ((6, 4), None, strided),
+    "channels_last": ((2, 4, 3, 3), None, channels_last),
+    "read-only": ((2, 4, 3, 3), None, lambda x: np.lib.stride_tricks.as_strided(
+        x, writeable=False)),
+    "subclass": ((2, 4, 3, 3), None, lambda x: x.view(_ModuleSubclass)),
+    "n_threads=-1": ((2, 4, 3, 3), _set("n_threads", -1), None),
+    "n_threads=np.int64": ((2, 4, 3, 3), _set("n_threads", np.int64(1)), None),
+    "eps-np.float64": ((2, 4, 3, 3), _set("eps", np.float64(1e-3)), None),
+    "eps-np.float32": ((2, 4, 3, 3), _set("eps", np.float32(1e-2)), None),
+    "eps-int": ((2, 4, 3, 3), _set("eps", 1), None),
+    "momentum-np.float32": ((2, 4, 3, 3), _set("momentum", np.float32(0.25)), None),
+    "momentum-int": ((2, 4, 3, 3), _set("momentum", 1), None),
+    "momentum-Fraction": ((2, 4, 3, 3), _set("momentum", fractions.Fraction(1, 3)), None),
+    "running-buffers-other-dtype": ((2, 4, 3, 3), lambda m: (
+        setattr(m, "running_mean", m.running_mean.astype(other_float(m.dtype))),
+        setattr(m, "running_var", m.running_var.astype(other_float(m.dtype)))), None),
+    "params-other-dtype": ((2, 4, 3, 3), lambda m: (
+        setattr(m, "weight", m.weight.astype(np.float64) * 1.25),
+        setattr(m, "bias", m.bias.astype(np.float64) / 3)), None),
+    "weight-strided": ((2, 4, 3, 3), _set("weight", lambda m: np.repeat(m.weight, 2)[::2]),
+                       None),
+    "running_var-strided": ((2, 4, 3, 3),
+                            _set("running_var", lambda m: np.repeat(m.running_var, 2)[::2]),
+                            None),
+    "bias-list": ((2, 4, 3, 3), _set("bias", lambda m: m.bias.tolist()), None),
+    "empty-batch": ((0, 4, 3, 3), None, None),
+    "empty-spatial": ((2, 4, 0), None, None),
+}
+
+
+class _ModuleSubclass(np.ndarray):
+    """An ndarray subclass: behaves as the ndarray it views."""
+
+
+@pytest.mark.parametrize("case", list(ARGUMENT_FORMS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_argument_forms(dtype, rng, case, training):
+    shape, edit, as_input = ARGUMENT_FORMS[case]
+    if training and case == "bias-list":
+        return  # a list is a parameter value, fine in both modes, tested once
+    m = _module(rng, shape, dtype, training=training)
+    x = make_input(rng, shape, dtype)
+    if edit is not None:
+        edit(m)
+    xin = x if as_input is None else as_input(x.copy())
+    ref = _expected(m, x)
+    y = m(xin)
+    assert type(y) is np.ndarray and y.dtype == dtype and y.shape == shape
+    assert_close(y, ref.out, dtype)
+    if case == "channels_last":
+        assert is_channels_last(y)
+    if training and ref.running_mean is not None and x.size:
+        rdt = m.running_mean.dtype.type
+        assert_close(m.running_mean, ref.running_mean, rdt, STAT_TOL)
+        assert_close(m.running_var, ref.running_var, rdt, STAT_TOL)
+    if x.size == 0:
+        assert y.size == 0
+        return
+    # The same module on the plain input next: still right (nothing stuck from the last call).
+    ref = _expected(m, x)
+    assert_close(m(x), ref.out, dtype)
+    if not training:  # eval is elementwise: the same bits whatever the input's memory
+        assert_same(np.ascontiguousarray(y), m(x))
+
+
+def test_numpy_scalar_and_int_hyperparameters_equal_their_floats(dtype, rng):
+    # A module built with NumPy-scalar / int eps and momentum steps exactly as one built
+    # with the equal Python floats.
+    x = make_input(rng, (4, 3, 5, 5), dtype)
+    for eps, momentum in ((np.float64(1e-3), np.float32(0.25)), (1, 1), (np.float32(0.5), 0)):
+        a = bnfast.BatchNorm2d(3, eps=eps, momentum=momentum, dtype=dtype)
+        b = bnfast.BatchNorm2d(3, eps=float(eps), momentum=float(momentum), dtype=dtype)
+        for m in (a, b):
+            m.weight[...], m.bias[...] = make_params(np.random.default_rng(3), 3, dtype)
+        for training in (True, True, False):
+            assert_same(a.train(training)(x), b.train(training)(x))
+        assert_same(a.running_mean, b.running_mean)
+        assert_same(a.running_var, b.running_var)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 2
+        assert_same(a.backward(x), b.backward(x))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("target", ["fresh", "input", "addend"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (6, 70)], ids=str)
+def test_module_out_and_backward_after_it(dtype, rng, fused, target, training, shape):
+    if target == "addend" and not fused:
+        return
+    m = _module(rng, shape, dtype, fused=fused, training=training)
+    twin = copy.deepcopy(m)
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0) if fused else None
+    x0 = x.copy()
+    addend0 = None if addend is None else addend.copy()
+    ref = _expected(m, x0, addend0, relu=fused)
+    args = (x, addend) if fused else (x,)
+    out = {"fresh": np.full(shape, np.nan, dtype), "input": x, "addend": addend}[target]
+    y = m(*args, out=out)
+    assert y is out
+    assert_close(y, ref.out, dtype)
+    if target != "input":
+        assert_same(x, x0)
+    if fused and target != "addend":
+        assert_same(addend, addend0)
+    # The twin, called without out=, is the same module: same bits, same gradients.
+    assert_same(y, twin(*((x0, addend0) if fused else (x0,))))
+    assert_same(m.running_mean, twin.running_mean)
+    g = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    if target == "input":
+        with pytest.raises(RuntimeError, match="wrote its output over"):
+            m.backward(g)
+        return
+    grads, twin_grads = m.backward(g), twin.backward(g)
+    for a, e in zip(grads if fused else (grads,), twin_grads if fused else (twin_grads,)):
+        assert_same(a, e)
+    assert_same(m.weight_grad, twin.weight_grad)
+
+
+def test_module_out_partially_overlapping_input(dtype, rng):
+    shape = (2, 4, 3, 3)
+    n = int(np.prod(shape))
+    for training in (True, False):
+        m = _module(rng, shape, dtype, training=training)
+        values = make_input(rng, shape, dtype)
+        for shift in (1, 7, n - 1):
+            buf = np.zeros(n + shift, dtype)
+            x, out = buf[:n].reshape(shape), buf[shift:].reshape(shape)
+            x[...] = values
+            ref = _expected(m, values)
+            assert m(x, out=out) is out
+            assert_close(out, ref.out, dtype)
+
+
+def _fail_one_value(m, x, extra):
+    one = (slice(0, 1), slice(None)) + (slice(0, 1),) * (x.ndim - 2)
+    return m(x[one], *(e[one] for e in extra))
+
+
+def _fail_read_only_var(m, x, extra):
+    m.running_var.flags.writeable = False
+    try:
+        return m(x, *extra)
+    finally:
+        m.running_var.flags.writeable = True
+
+
+def _fail_attribute(name, value):
+    def fail(m, x, extra):
+        saved = getattr(m, name)
+        setattr(m, name, value)
+        try:
+            return m(x, *extra)
+        finally:
+            setattr(m, name, saved)
+    return fail
+
+
+def _fail_channels(m, x, extra):
+    bigger = np.concatenate([x, x[:, :1]], axis=1)
+    return m(bigger, *(np.concatenate([e, e[:, :1]], axis=1) for e in extra))
+
+
+def _fail_dtype(m, x, extra):
+    return m(x.astype(other_float(x.dtype)), *(e.astype(other_float(e.dtype)) for e in extra))
+
+
+def _fail_byteswapped(m, x, extra):
+    return m(x.astype(x.dtype.newbyteorder()), *extra)
+
+
+def _fail_out(m, x, extra):
+    return m(x, *extra, out=np.zeros(x.shape, other_float(x.dtype)))
+
+
+def _fail_addend(m, x, extra):
+    return m(x, x[:1].copy())
+
+
+FAILURES = {
+    "one-value-per-channel": (_fail_one_value, ValueError, "more than 1 value per channel"),
+    "read-only-running_var": (_fail_read_only_var, ValueError, "running_var must be a writable"),
+    "momentum-str": (_fail_attribute("momentum", "0.1"), TypeError, "momentum must be a real"),
+    "wrong-channels": (_fail_channels, ValueError, "expected input with"),
+    "wrong-dtype": (_fail_dtype, TypeError, "does not match the module's dtype"),
+    "byteswapped": (_fail_byteswapped, TypeError, "float32 or float64"),
+    "eps-zero": (_fail_attribute("eps", 0.0), ValueError, "eps must be positive"),
+    "n_threads-zero": (_fail_attribute("n_threads", 0), ValueError, "n_threads"),
+    "weight-too-long": (_fail_attribute("weight", np.ones(5)), ValueError,
+                        r"weight must have shape \(3,\)"),
+    "out-wrong-dtype": (_fail_out, TypeError, "out must have the input's dtype"),
+    "addend-wrong-shape": (_fail_addend, ValueError, "addend must have the input's shape"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 3)], ids=str)
+def test_failed_call_leaves_module_unchanged(dtype, rng, failure, shape):
+    # Cumulative average: a count bumped by the failed call would change the next
+    # step's factor (1/3 instead of 1/2), so the next step shows it as well.
+    fail, error, message = FAILURES[failure]
+    fused = failure == "addend-wrong-shape"
+    m = _module(rng, shape, dtype, fused=fused, training=True, momentum=None)
+    x0 = make_input(rng, shape, dtype, loc=1.0)
+    x = make_input(rng, shape, dtype, loc=-2.0)
+    extra = (make_input(rng, shape, dtype, 0.0, 1.0),) if fused else ()
+    m(x0, *extra)
+    before = {k: np.array(getattr(m, k)) for k in
+              ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")}
+    with pytest.raises(error, match=message):
+        fail(m, x, extra)
+    for k, v in before.items():
+        assert_same(np.asarray(getattr(m, k)), v, k)
+    # The next step is the second one: factor 1/2, and the backward of the first
+    # forward is still there (the failed call saved nothing over it).
+    gx = m.backward(np.ones_like(x0))
+    assert (gx[0] if fused else gx).shape == shape
+    ref = _expected(m, x, extra[0] if fused else None, relu=fused)
+    assert_close(m(x, *extra), ref.out, dtype)
+    assert_close(m.running_mean, ref.running_mean, dtype, STAT_TOL)
+    assert_close(m.running_var, ref.running_var, dtype, STAT_TOL)
+    assert int(m.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_wrong_channel_count_raises_without_params_or_buffers(dtype, rng, training, grad,
+                                                              fused):
+    # No (C,) array to compare the input against: the module's channel count still holds,
+    # whatever the grad mode and the input's memory layout.
+    m = (FUSED_OF_NDIM if fused else MODULE_OF_NDIM)[4](
+        4, affine=False, track_running_stats=False, dtype=dtype).train(training)
+    x = make_input(rng, (2, 5, 3, 3), dtype)
+    for xin in (x, channels_last(x)):
+        with (pytest.raises(ValueError, match=r"expected input with 4 channels.*\(2, 5, 3, 3\)"),
+              contextlib.nullcontext() if grad else bnfast.no_grad()):
+            m(xin)
+
+
+def _torch_grads(torch, x, g, w, b, eps, training, rm=None, rv=None, addend=None, relu=False):
+    """torch's (grad_input, grad_weight, grad_bias, grad_addend) of one batch norm."""
+    xt = torch.from_numpy(x.copy()).requires_grad_()
+    wt = None if w is None else torch.from_numpy(w.copy()).requires_grad_()
+    bt = None if b is None else torch.from_numpy(b.copy()).requires_grad_()
+    at = None if addend is None else torch.from_numpy(addend.copy()).requires_grad_()
+    rmt = None if rm is None else torch.from_numpy(rm.copy())
+    rvt = None if rv is None else torch.from_numpy(rv.copy())
+    y = torch.nn.functional.batch_norm(xt, rmt, rvt, wt, bt, training=training, eps=eps)
+    if at is not None:
+        y = y + at
+    if relu:
+        y = torch.relu(y)
+    y.backward(torch.from_numpy(g))
+    return tuple(None if t is None else t.grad.numpy() for t in (xt, wt, bt, at))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (6, 70), (3, 8, 1), (1, 512, 7, 7)], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_training_backward_uses_forward_time_values(dtype, rng, torch, shape, affine, fused):
+    m = _module(rng, shape, dtype, fused=fused, training=True, affine=affine)
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0) if fused else None
+    g = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    w0, b0 = (None, None) if not affine else (m.weight.copy(), m.bias.copy())
+    m(*((x, addend) if fused else (x,)))
+    if affine:  # edit everything in place between forward and backward
+        m.weight[...] *= -3
+        m.bias[...] -= 2
+    m.running_mean[...] += 1
+    m.running_var[...] *= 4
+    m.eps = 0.5  # the backward uses the forward's eps too (torch: the saved invstd)
+    gx, ga = m.backward(g) if fused else (m.backward(g), None)
+    # The float64 formula, with the gradient masked where the forward's ReLU cut.
+    axes = (0,) + tuple(range(2, len(shape)))
+    bshape = (1, -1) + (1,) * (len(shape) - 2)
+    x64 = x.astype(np.float64)
+    ref = reference_batch_norm(x, None, None, w0, b0, training=True, addend=addend, relu=fused)
+    g64 = g.astype(np.float64) * ((ref.out > 0) if fused else 1.0)
+    inv = 1.0 / np.sqrt(x64.var(axis=axes) + 1e-5)
+    xhat = (x64 - x64.mean(axis=axes).reshape(bshape)) * inv.reshape(bshape)
+    wv = np.ones(shape[1]) if w0 is None else w0.astype(np.float64)
+    gx64 = (wv * inv).reshape(bshape) * (g64 - g64.mean(axis=axes, keepdims=True)
+                                         - xhat * (g64 * xhat).mean(axis=axes, keepdims=True))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(gx, gx64, **tol)
+    if fused:
+        np.testing.assert_array_equal(ga, g * (ref.out > 0))
+    if affine:
+        assert_close(m.weight_grad, (g64 * xhat).sum(axis=axes), dtype, SUM_TOL)
+        assert_close(m.bias_grad, g64.sum(axis=axes), dtype, SUM_TOL)
+    else:
+        assert m.weight_grad is None and m.bias_grad is None
+    if shape != (2, 4, 3, 3):
+        return  # torch is slow to call: once per kind is enough
+    tgx, tgw, tgb, tga = _torch_grads(torch, x, g, w0, b0, 1e-5, True, addend=addend,
+                                      relu=fused)
+    assert_close(gx, tgx, dtype, TORCH_TOL)
+    if fused:
+        assert_close(ga, tga, dtype, TORCH_TOL)
+    if affine:
+        assert_close(m.weight_grad, tgw, dtype, TORCH_TOL)
+        assert_close(m.bias_grad, tgb, dtype, TORCH_TOL)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mixed_dtype_parameters_forward_and_backward(rng, torch, training):
+    # float64 parameters and running stats in a float32 module: used at their float64
+    # values (as the functional call does), the data and the gradients stay float32.
+    shape, C = (4, 3, 5, 5), 3
+    m = _module(rng, shape, np.float32, training=training)
+    w, b = make_params(rng, C, np.float64)
+    rm, rv = make_running(rng, C, np.float64)
+    m.weight, m.bias, m.running_mean, m.running_var = w, b, rm.copy(), rv.copy()
+    x = make_input(rng, shape, np.float32)
+    g = make_input(rng, shape, np.float32, loc=0.0, scale=1.0)
+    ref = reference_batch_norm(x, rm, rv, w, b, training=training)
+    y = m(x)
+    assert y.dtype == np.float32
+    assert_close(y, ref.out, np.float32)
+    if training:
+        assert_close(m.running_mean, ref.running_mean, np.float64, STAT_TOL)
+        assert_close(m.running_var, ref.running_var, np.float64, STAT_TOL)
+    gx = m.backward(g)
+    assert gx.dtype == np.float32
+    tgx, tgw, tgb, _ = _torch_grads(torch, x.astype(np.float64), g.astype(np.float64), w, b,
+                                    1e-5, training, rm, rv)
+    assert_close(gx, tgx, np.float32, TORCH_TOL)
+    assert_close(m.weight_grad, tgw, np.float32, TORCH_TOL)
+    assert_close(m.bias_grad, tgb, np.float32, TORCH_TOL)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_copy_and_pickle_round_trip(dtype, rng, fused, how, training):
+    shape = (2, 4, 3, 3)
+    m = _module(rng, shape, dtype, fused=fused, training=training)
+    x = make_input(rng, shape, dtype)
+    args = (x, make_input(rng, shape, dtype, 0.0, 1.0)) if fused else (x,)
+    with bnfast.no_grad():
+        m(*args)  # one step (training: the running stats move), eval coefficients held
+    m2 = copy.deepcopy(m) if how == "deepcopy" else pickle.loads(pickle.dumps(m))
+    assert type(m2) is type(m) and m2.training is training and m2.eps == m.eps
+    for k, v in m.state_dict().items():
+        assert_same(np.asarray(m2.state_dict()[k]), np.asarray(v), k)
+        assert not np.may_share_memory(m2.state_dict()[k], v)
+    y2 = m2(*args)
+    assert_same(m(*args), y2)
+    # Independent: editing the original changes neither the copy's buffers nor its output.
+    m.weight[...] *= 2
+    m.running_mean[...] += 1
+    m.eval(), m2.eval()
+    y2 = m2(*args)
+    assert not np.array_equal(m(*args), y2)
+    # And the copy follows its own edits.
+    m2.bias[...] += 1
+    assert_close(m2(*args), _expected(m2, x, args[1] if fused else None, relu=fused).out, dtype)
+    assert not np.array_equal(m2(*args), y2)

@@ -1,4 +1,9 @@
 """Thread count never changes a bit of the result (fixed, shape-only partitions)."""
+import contextlib
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -6,7 +11,14 @@ from threadpoolctl import threadpool_limits
 import bnfast
 from bnfast import _openmp
 from bnfast._threads import resolve_threads
-from conftest import assert_close, channels_last, make_input, make_params, reference_batch_norm
+from conftest import (
+    assert_close,
+    assert_same,
+    channels_last,
+    make_input,
+    make_params,
+    reference_batch_norm,
+)
 
 # (shape, layout): C smaller than the thread count, tiny inputs that stay serial,
 # large batches, a single sample with a large plane, 3-d volumes.
@@ -128,3 +140,104 @@ def test_n_threads_values_accepted(rng, n_threads):
 def test_openmp_is_reported():
     assert isinstance(bnfast.openmp_enabled(), bool)
     assert _openmp.max_threads() >= 1
+
+
+# =====================================================================================
+# Behaviour once held by the "fast path equals general path" suites (issue 9, part 4).
+# =====================================================================================
+
+@pytest.mark.parametrize("shape,layout", [((8, 64, 16, 16), "contiguous"),
+                                          ((8, 64, 16, 16), "channels_last"),
+                                          ((4096, 24), "contiguous")], ids=str)
+def test_fused_module_forward_and_backward_bit_identical(dtype, rng, shape, layout):
+    # Training and evaluation steps of a fused module (the ReLU mask saved for backward
+    # included): the same bits for 1, 2 and 3 threads.
+    x = _layout(make_input(rng, shape, dtype), layout)
+    addend = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    g = make_input(rng, shape, dtype, loc=0.0, scale=1.0)
+    w, b = _params(x)
+    cls = bnfast.FusedBatchNorm2d if len(shape) == 4 else bnfast.FusedBatchNorm1d
+    results = []
+    for n in (1, 2, 3):
+        m = cls(shape[1], dtype=dtype, n_threads=n)
+        m.weight[...], m.bias[...] = w, b
+        got = []
+        for training in (True, False):
+            m.train(training)
+            got.append(m(x, addend))
+            got.extend(m.backward(g))
+            got.extend(a.copy() for a in (m.running_mean, m.running_var, m.weight_grad,
+                                          m.bias_grad))
+        results.append(got)
+    for got in results[1:]:
+        for a, e in zip(got, results[0]):
+            assert_same(a, e)
+    ref = reference_batch_norm(x, None, None, w, b, training=True, addend=addend, relu=True)
+    assert_close(results[0][0], ref.out, dtype)
+
+
+@pytest.mark.parametrize("shape,calls", [
+    ((2, 16, 4, 4), 500),
+    ((8, 16), 500),
+    pytest.param((1, 4096, 16, 16), 40, marks=pytest.mark.xfail(
+        strict=True, reason="use-after-free: a concurrent eval call that misses the coefficient cache "
+               "frees the table another call is still normalising with (src/_forward.pyx "
+               "keeps raw pointers, no reference, across its nogil pass)")),
+], ids=str)
+def test_concurrent_eval_calls_while_weight_is_rewritten(rng, shape, calls):
+    # Two threads call one eval module while a third swaps its weight between two value
+    # sets in place: every output is one of the two valid outputs, never a mix.
+    dtype = np.float32
+    C = shape[1]
+    m = bnfast.BatchNorm2d(C, dtype=dtype) if len(shape) == 4 else bnfast.BatchNorm1d(C)
+    m.running_mean[...] = rng.uniform(-1, 1, C)
+    m.running_var[...] = rng.uniform(0.5, 2, C)
+    m.eval()
+    x = make_input(rng, shape, dtype)
+    wa = rng.uniform(0.5, 2.0, C).astype(dtype)
+    wb = (wa * -1.5 + 0.25).astype(dtype)
+    valid = [bnfast.batch_norm(x, m.running_mean, m.running_var, w, m.bias) for w in (wa, wb)]
+    for v, w in zip(valid, (wa, wb)):
+        assert_close(v, reference_batch_norm(x, m.running_mean, m.running_var, w, m.bias).out,
+                     dtype)
+    m.weight[...] = wa
+    small = x[:1, :, :1] if len(shape) == 4 else x[:2]  # a quick call that refreshes the cache
+    stop = threading.Event()
+    seen = [0, 0]
+    bad = []
+
+    def call(grad):
+        with contextlib.nullcontext() if grad else bnfast.no_grad():
+            for _ in range(calls):
+                y = m(x)
+                for i, v in enumerate(valid):
+                    if np.array_equal(y, v):
+                        seen[i] += 1
+                        break
+                else:
+                    bad.append(y)
+
+    def swap():
+        while not stop.is_set():
+            for w in (wb, wa):
+                np.copyto(m.weight, w)  # C values: numpy holds the GIL for the copy
+                with bnfast.no_grad():
+                    m(small)
+                time.sleep(0)  # let the callers run with this value
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        writer = threading.Thread(target=swap)
+        callers = [threading.Thread(target=call, args=(grad,)) for grad in (True, False)]
+        writer.start()
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        stop.set()
+        writer.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not bad, f"{len(bad)} of {2 * calls} outputs matched neither weight"
+    assert seen[0] > 0 and seen[1] > 0, seen  # the swaps were seen mid-run
