@@ -117,7 +117,7 @@ def check_out(out, x, name="out"):
     """A caller's output array: an ndarray of x's shape and dtype, writable."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    out = check_same_shape(out, name, x)
+    check_same_shape(out, name, x)  # out itself is returned (a subclass stays itself)
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out

@@ -111,7 +111,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         check_training_size(x)
     else:
         momentum = 0.0  # unused: nothing is updated in evaluation
-    result, coef, _ = normalize(x, running_mean, running_var, weight, bias, training, momentum,
+    result, coef, _, _ = normalize(x, running_mean, running_var, weight, bias, training, momentum,
                                 eps, addend, relu, out, nt, return_stats, False, None)
     if return_stats:
         return result, coef[0], coef[1]
@@ -122,9 +122,10 @@ def normalize(x, running_mean, running_var, weight, bias, batch_stats, momentum,
               relu, out, n_threads, want_stats, want_mask, cache):
     """Lay out validated arguments and make the one compiled call.
 
-    Returns ``(out, coef or None, ReluMask or None)``: ``coef`` the (4, C)
-    float64 table (mean, invstd, scale, shift) when ``want_stats``; the mask
-    (packed in the normalise pass, for backward) when ``want_mask`` and ``relu``.
+    Returns ``(out, coef or None, ReluMask or None, CoefficientTable or None)``:
+    ``coef`` the (4, C) float64 table (mean, invstd, scale, shift) when
+    ``want_stats``; the mask (packed in the normalise pass, for backward) when
+    ``want_mask`` and ``relu``; the cache entry the call used, when ``cache``.
     Arguments are as :func:`batch_norm` has checked them: ``x`` an ndarray of
     shape (N, C, *spatial); (C,) vectors or None; ``momentum`` and ``eps``
     floats; ``n_threads`` resolved; ``cache`` a module's CoefficientCache or None.
@@ -138,17 +139,17 @@ def normalize(x, running_mean, running_var, weight, bias, batch_stats, momentum,
     bits = np.zeros((x.size + 7) // 8, np.uint8) if want_mask and relu else None
     if batch_stats and running_mean is not None:
         buffers = _layout.updatable_pair(running_mean, running_var)
-        _forward.forward(x, layout, buffers[0], buffers[1], weight, bias, True, momentum, eps,
-                         addend, relu, target, n_threads, coef, bits, None)
+        entry = _forward.forward(x, layout, buffers[0], buffers[1], weight, bias, True, momentum,
+                                 eps, addend, relu, target, n_threads, coef, bits, None)
         _layout.write_back_pair(buffers, running_mean, running_var)
     else:
-        _forward.forward(x, layout, running_mean, running_var, weight, bias, batch_stats,
-                         momentum, eps, addend, relu, target, n_threads, coef, bits,
-                         None if batch_stats else cache)
+        entry = _forward.forward(x, layout, running_mean, running_var, weight, bias,
+                                 batch_stats, momentum, eps, addend, relu, target, n_threads,
+                                 coef, bits, None if batch_stats else cache)
     if target is not result:
         np.copyto(result, target)
     mask = None if bits is None else ReluMask(bits, x.shape, layout)
-    return result, coef, mask
+    return result, coef, mask, entry
 
 
 def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, addend=None,

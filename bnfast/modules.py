@@ -174,7 +174,7 @@ class _BatchNorm:
             check_training_size(x)
         save = B.is_grad_enabled()
         cache = None if batch_stats else self._coef_cache
-        result, coef, mask = F.normalize(x, running_mean, running_var, weight, bias, batch_stats,
+        result, coef, mask, entry = F.normalize(x, running_mean, running_var, weight, bias, batch_stats,
                                          factor, eps, addend, relu, out, nt, save and batch_stats,
                                          save, cache)
         if counted:  # only once the call succeeded: a rejected call changes nothing
@@ -184,9 +184,8 @@ class _BatchNorm:
                 saved_weight = None if weight is None else weight.copy()
                 mean, invstd = coef[0], coef[1]
             else:
-                # The cache's arrays are read-only and replaced on change, never
-                # rewritten: they are this forward's own snapshot.
-                saved_weight, mean, invstd = cache.weight, cache.mean, cache.invstd
+                # The cache entry this call used: immutable, so its own snapshot.
+                saved_weight, mean, invstd = entry.weight, entry.mean, entry.invstd
             # Positional: keyword arguments cost ~0.3 us on this per-call path.  x is
             # a reference, as torch saves it: mutating it before backward is
             # undefined.  Only a caller's out= can be the input: a fresh one cannot.

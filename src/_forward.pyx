@@ -90,78 +90,122 @@ cdef void _coefficients(object mean, object var, object weight, object bias, Py_
                       <const double*>b, C, eps, coef)
 
 
-cdef class CoefficientCache:
-    """A module's last evaluation coefficients, reused while their inputs are bitwise equal.
+cdef class CoefficientTable:
+    """One set of evaluation coefficients and the inputs they were computed from.
 
-    Keeps a copy of the running mean, running variance, weight and bias (and
-    eps) the table was computed from; every call compares them byte for byte
-    (``memcmp``: ~0.2 us for 512 channels, against ~1 us of square roots and
-    divisions), so in-place edits of any of them are always seen.  (Not a
-    cache by array identity: NumPy has no version counter to trust.)
-
-    Its arrays are read-only and replaced, never rewritten, on a miss: a
-    backward may hold views of them (the forward's statistics and weight).
+    Immutable: its arrays are read-only and never rewritten, so a forward may
+    keep it as its snapshot for backward, and a kernel may read its tables
+    without the GIL while another thread's call replaces the cache's entry.
 
     Attributes
     ----------
     key : tuple of 4 (ndarray or None)
-        Copies of running_mean, running_var, weight, bias as last used.
-    table : ndarray of shape (4, C), float64, or None
+        Copies of running_mean, running_var, weight, bias.
+    table : ndarray of shape (4, C), float64
         mean, invstd, scale, shift computed from ``key``.
-    storage_table : ndarray of shape (3, C), or None
+    storage_table : ndarray of shape (3, C)
         ``[m | a | b]`` for ``y = (x - m) * a + b`` in the data's dtype, as
         the kernels apply it without tiling.
-    mean, invstd : ndarray of shape (C,), float64, or None
+    mean, invstd : ndarray of shape (C,), float64
         ``table[0]`` and ``table[1]``.
     weight : ndarray of shape (C,), or None
         ``key[2]``.
     """
     cdef readonly tuple key
-    cdef readonly object table
-    cdef readonly object storage_table
-    cdef readonly object mean, invstd, weight
+    cdef readonly object table, storage_table, mean, invstd, weight
     cdef double eps
     cdef int data_type
 
-    def __reduce__(self):
-        # Copies and pickles of a module start with an empty cache.
-        return (CoefficientCache, ())
-
-    cdef bint _matches(self, object mean, object var, object weight, object bias,
-                       int data_type, Py_ssize_t C, double eps) noexcept:
-        if self.key is None or self.eps != eps or self.data_type != data_type \
+    cdef bint matches(self, object mean, object var, object weight, object bias,
+                      int data_type, Py_ssize_t C, double eps) noexcept:
+        if self.eps != eps or self.data_type != data_type \
                 or cnp.PyArray_DIM(<cnp.ndarray>self.table, 1) != C:
             return False
         return (_same_bytes(self.key[0], mean) and _same_bytes(self.key[1], var)
                 and _same_bytes(self.key[2], weight) and _same_bytes(self.key[3], bias))
 
-    cdef double* lookup(self, object mean, object var, object weight, object bias,
-                        int data_type, Py_ssize_t C, double eps) except NULL:
-        """The coefficients for these inputs: the stored ones if they match, else new ones."""
-        if self._matches(mean, var, weight, bias, data_type, C, eps):
-            return <double*>cnp.PyArray_DATA(<cnp.ndarray>self.table)
-        key = tuple(None if p is None else _frozen_copy(p) for p in (mean, var, weight, bias))
-        cdef cnp.npy_intp dims[2]
-        dims[0], dims[1] = 4, C
-        cdef cnp.ndarray table = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
-        cdef double* coef = <double*>cnp.PyArray_DATA(table)
-        cdef double* scratch = <double*>malloc(2 * C * sizeof(double) + 1)
-        if scratch == NULL:
-            raise MemoryError()
-        _coefficients(mean, var, weight, bias, C, eps, coef, scratch)
-        free(scratch)
-        dims[0] = 3
-        cdef cnp.ndarray storage = cnp.PyArray_EMPTY(2, dims, data_type, 0)
-        if data_type == cnp.NPY_FLOAT32:
-            fill_table(coef, C, 1, <float*>cnp.PyArray_DATA(storage))
-        else:
-            fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage))
-        cnp.PyArray_CLEARFLAGS(table, cnp.NPY_ARRAY_WRITEABLE)
-        cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
-        self.key, self.table, self.storage_table = key, table, storage
-        self.eps, self.data_type = eps, data_type
-        self.mean, self.invstd, self.weight = table[0], table[1], key[2]
-        return coef
+
+cdef CoefficientTable _new_table(object mean, object var, object weight, object bias,
+                                 int data_type, Py_ssize_t C, double eps):
+    cdef CoefficientTable entry = CoefficientTable.__new__(CoefficientTable)
+    entry.key = tuple(None if p is None else _frozen_copy(p) for p in (mean, var, weight, bias))
+    cdef cnp.npy_intp dims[2]
+    dims[0], dims[1] = 4, C
+    cdef cnp.ndarray table = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef double* coef = <double*>cnp.PyArray_DATA(table)
+    cdef double* scratch = <double*>malloc(2 * C * sizeof(double) + 1)
+    if scratch == NULL:
+        raise MemoryError()
+    _coefficients(mean, var, weight, bias, C, eps, coef, scratch)
+    free(scratch)
+    dims[0] = 3
+    cdef cnp.ndarray storage = cnp.PyArray_EMPTY(2, dims, data_type, 0)
+    if data_type == cnp.NPY_FLOAT32:
+        fill_table(coef, C, 1, <float*>cnp.PyArray_DATA(storage))
+    else:
+        fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage))
+    cnp.PyArray_CLEARFLAGS(table, cnp.NPY_ARRAY_WRITEABLE)
+    cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
+    entry.table, entry.storage_table = table, storage
+    entry.mean, entry.invstd, entry.weight = table[0], table[1], entry.key[2]
+    entry.eps, entry.data_type = eps, data_type
+    return entry
+
+
+cdef class CoefficientCache:
+    """A module's last evaluation coefficients, reused while their inputs are bitwise equal.
+
+    Holds the last :class:`CoefficientTable`; every call compares its key with
+    the running mean, running variance, weight and bias byte for byte
+    (``memcmp``: ~0.2 us for 512 channels, against ~1 us of square roots and
+    divisions), and eps, so in-place edits of any of them are always seen.
+    (Not a cache by array identity: NumPy has no version counter to trust.)
+    A miss replaces the entry, never rewrites it: calls in flight keep theirs.
+
+    Attributes
+    ----------
+    current : CoefficientTable or None
+        The last entry; ``key``, ``table``, ``storage_table``, ``mean``,
+        ``invstd`` and ``weight`` read its attributes (None when empty).
+    """
+    cdef readonly CoefficientTable current
+
+    def __reduce__(self):
+        # Copies and pickles of a module start with an empty cache.
+        return (CoefficientCache, ())
+
+    cdef CoefficientTable lookup(self, object mean, object var, object weight, object bias,
+                                 int data_type, Py_ssize_t C, double eps):
+        """The entry for these inputs: the stored one if it matches, else a new one."""
+        cdef CoefficientTable entry = self.current
+        if entry is None or not entry.matches(mean, var, weight, bias, data_type, C, eps):
+            entry = _new_table(mean, var, weight, bias, data_type, C, eps)
+            self.current = entry
+        return entry
+
+    @property
+    def key(self):
+        return None if self.current is None else self.current.key
+
+    @property
+    def table(self):
+        return None if self.current is None else self.current.table
+
+    @property
+    def storage_table(self):
+        return None if self.current is None else self.current.storage_table
+
+    @property
+    def mean(self):
+        return None if self.current is None else self.current.mean
+
+    @property
+    def invstd(self):
+        return None if self.current is None else self.current.invstd
+
+    @property
+    def weight(self):
+        return None if self.current is None else self.current.weight
 
 
 cdef inline bint _same_bytes(object mine, object given) noexcept:
@@ -208,6 +252,11 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     mask : None, or a zeroed writable uint8 array of ``ceil(x.size / 8)`` bytes;
         OUT: the ReLU mask bits ``not (out <= 0)`` in memory order
     cache : None, or the module's CoefficientCache (evaluation only)
+
+    Returns
+    -------
+    CoefficientTable or None
+        The cache entry this call used (its snapshot for backward), if any.
     """
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef Shape shape = _kernel_shape(xa, layout)
@@ -218,13 +267,16 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     cdef const void* storage = NULL
     cdef double* scratch = NULL
     cdef int status = 0
+    # A local reference: the entry's tables stay alive while the kernel reads them.
+    cdef CoefficientTable entry = None
     try:
         if cache is not None and not batch_stats:
-            table_coef = cache.lookup(running_mean, running_var, weight, bias, data_type, C, eps)
+            entry = cache.lookup(running_mean, running_var, weight, bias, data_type, C, eps)
+            table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>entry.table)
             if coef is not None:
                 memcpy(cnp.PyArray_DATA(<cnp.ndarray>coef), table_coef, 4 * C * sizeof(double))
             if layout == CHANNELS_FIRST or tile_repeat(C) == 1:
-                storage = cnp.PyArray_DATA(<cnp.ndarray>cache.storage_table)
+                storage = cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
         else:
             # Weight/bias as doubles (2 * C), and the table unless the caller's is used.
             scratch = <double*>malloc(6 * C * sizeof(double) + 1)
@@ -255,6 +307,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
         free(scratch)
     if status:
         raise MemoryError()
+    return entry
 
 
 cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,

@@ -618,8 +618,6 @@ def test_ndarray_subclasses_behave_like_ndarrays(dtype, rng, training):
     assert_same(np.asarray(out), expected[0])
 
 
-@pytest.mark.xfail(strict=True, reason="out= of an ndarray subclass: batch_norm returns a "
-                                       "base-class view of it, not out itself")
 def test_out_of_a_subclass_is_returned(rng):
     x = make_input(rng, (2, 4, 3, 3), np.float32)
     out = np.zeros(x.shape, np.float32).view(_Subclass)
