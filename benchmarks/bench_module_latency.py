@@ -6,6 +6,8 @@ Compared side by side (one group per shape and dtype):
 
 * ``bnfast-module``          ``bnfast.BatchNorm2d(...).eval()(x)`` (grad on: saves for backward)
 * ``bnfast-module-no_grad``  the same under ``bnfast.no_grad()`` (pure inference)
+* ``bnfast-module-channels_last``  the module on a channels-last view of the same values
+* ``bnfast-module-numpy_eps``      the module with ``m.eps`` a NumPy float64 scalar
 * ``bnfast-functional``      ``bnfast.batch_norm(x, ...)``, allocating
 * ``torch-module``           ``torch.nn.BatchNorm2d(...).eval()(x)`` (weights require grad)
 * ``torch-module-no_grad``   the same under ``torch.inference_mode()``
@@ -27,8 +29,13 @@ from bnfast.bench.check import compare, expected  # noqa: E402
 from bnfast.bench.suite import format_shape  # noqa: E402
 
 SHAPES = [(1, 512, 7, 7), (1, 64, 56, 56), (1, 2048, 1, 1)]
-IMPLS = ["bnfast-module", "bnfast-module-no_grad", "bnfast-functional", "torch-module",
-         "torch-module-no_grad", "onnxruntime", "copy"]
+IMPLS = ["bnfast-module", "bnfast-module-no_grad", "bnfast-module-channels_last",
+         "bnfast-module-numpy_eps", "bnfast-functional", "torch-module", "torch-module-no_grad",
+         "onnxruntime", "copy"]
+# Training forward of one module: Python floats, and NumPy scalars / ints for eps and
+# momentum (they must cost the same).
+TRAIN_IMPLS = ["bnfast-module", "bnfast-module-numpy_scalars", "bnfast-module-channels_last",
+               "torch-module"]
 
 
 def _bnfast_module(inputs):
@@ -57,6 +64,10 @@ def _prepare(impl, inputs, stack):
         m = _bnfast_module(inputs)
         if impl.endswith("no_grad"):
             stack.enter_context(bnfast.no_grad())
+        if impl.endswith("channels_last"):
+            x = _channels_last(x)
+        if impl.endswith("numpy_eps"):
+            m.eps = np.float64(m.eps)
         return lambda: m(x), lambda: m(x)
     if impl == "bnfast-functional":
         rm, rv, w, b = inputs.running_mean, inputs.running_var, inputs.weight, inputs.bias
@@ -91,6 +102,11 @@ def _prepare(impl, inputs, stack):
     return copy, None
 
 
+def _channels_last(x):
+    """The same values, channels varying fastest in memory."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[format_shape(s) for s in SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
@@ -104,3 +120,31 @@ def test_module_latency(benchmark, shape, dtype, impl):
         benchmark.group = f"module eval latency {dtype} {format_shape(shape)}"
         benchmark.extra_info.update(shape=list(shape), dtype=dtype, impl=impl)
         benchmark(call)
+
+
+def _prepare_train(impl, inputs):
+    """(call, first output as ndarray) for a module's training forward."""
+    x = inputs.x
+    if impl.startswith("bnfast-module"):
+        m = _bnfast_module(inputs).train()
+        if impl.endswith("numpy_scalars"):
+            m.eps, m.momentum = np.float64(m.eps), np.float32(m.momentum)
+        if impl.endswith("channels_last"):
+            x = _channels_last(x)
+        return lambda: m(x), np.asarray(m(x))
+    m, tx = _torch_module(inputs)
+    m.train()
+    return lambda: m(tx), m(tx).detach().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32"])
+@pytest.mark.parametrize("shape", SHAPES[:1], ids=[format_shape(s) for s in SHAPES[:1]])
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
+def test_module_train_latency(benchmark, shape, dtype, impl):
+    inputs = Inputs(shape, dtype)
+    call, first = _prepare_train(impl, inputs)
+    checked = compare({"y": first}, {"y": expected("train", inputs)["y"]}, dtype)
+    assert checked["correct"], checked
+    benchmark.group = f"module train latency {dtype} {format_shape(shape)}"
+    benchmark.extra_info.update(shape=list(shape), dtype=dtype, impl=impl)
+    benchmark(call)
