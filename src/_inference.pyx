@@ -25,7 +25,7 @@ from libc.string cimport memcmp, memcpy
 from _affine cimport apply_table, fill_coefficients, fill_table, make_table
 from _batch_stats cimport stats_first, stats_last, update_running
 from _tiling cimport tile_repeat
-from _openmp_helpers cimport bnfast_max_threads
+from _openmp_helpers cimport bnfast_default_threads
 
 cnp.import_array()
 
@@ -192,7 +192,7 @@ cdef bint _check_call(object x, object weight, object bias, object eps, object a
     if not (type(eps) is float and <double>eps > 0.0):
         return False
     if n_threads is None:
-        call.n_threads = bnfast_max_threads()
+        call.n_threads = bnfast_default_threads()
     elif type(n_threads) is int and 0 < n_threads <= 1 << 16:
         call.n_threads = n_threads
     else:
