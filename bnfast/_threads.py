@@ -75,9 +75,12 @@ def resolve_threads(n_threads=None):
     n_threads : int or None
         ``None`` means the OpenMP maximum *now* (``omp_get_max_threads()``), so
         ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits`` are
-        honoured.  A positive int is used as given; a negative one counts back
-        from the maximum (``-1``: all, ``-2``: all but one).  ``0`` and values
-        beyond ``MAX_THREADS`` (65536) either way are errors.
+        honoured; but 1 while other processes compete for the cores (for a
+        second after the kernel last preempted one of this process's
+        threads: a team is only as fast as its preempted thread).  A positive
+        int is used as given; a negative one counts back from the maximum
+        (``-1``: all, ``-2``: all but one).  ``0`` and values beyond
+        ``MAX_THREADS`` (65536) either way are errors.
 
     Returns
     -------
@@ -93,7 +96,7 @@ def resolve_threads(n_threads=None):
     """
     global _went_parallel
     if n_threads is None:
-        nt = _openmp.max_threads()
+        nt = _openmp.default_threads()
     else:
         nt = check_n_threads(n_threads)
         if nt < 0:

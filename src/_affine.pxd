@@ -174,7 +174,7 @@ cdef inline void apply_first(const floating* xp, const floating* ap, floating* y
             _first_block(xp, ap, yp, runs, C, S, blk * per_block,
                          min(runs, (blk + 1) * per_block), table, relu, bits)
         return
-    for blk in prange(blocks, schedule='static', num_threads=nt):
+    for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _first_block(xp, ap, yp, runs, C, S, blk * per_block,
                      min(runs, (blk + 1) * per_block), table, relu, bits)
 
@@ -206,7 +206,7 @@ cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp
             _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
                         relu, bits)
         return
-    for blk in prange(blocks, schedule='static', num_threads=nt):
+    for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
                     relu, bits)
 

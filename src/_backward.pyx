@@ -237,7 +237,7 @@ def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
                     _reduce_first_task(t, xp, dyp, bits, &mean[0], gp, N, C, S, cpt, npt,
                                        cblocks, part, part_xdy)
             else:
-                for t in prange(tasks, schedule='static', num_threads=nt):
+                for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
                     _reduce_first_task(t, xp, dyp, bits, &mean[0], gp, N, C, S, cpt, npt,
                                        cblocks, part, part_xdy)
             for nb in range(nblocks):
@@ -301,7 +301,7 @@ def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
                     _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
                                        part_xdy)
             else:
-                for b in prange(blocks, schedule='static', num_threads=nt):
+                for b in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
                     _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
                                        part_xdy)
             # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
@@ -418,7 +418,7 @@ def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not re
                 _apply_first_block(blk, xp, dyp, bits, coef, dxp, gp, runs, C, S, per_block,
                                    training, stream)
         else:
-            for blk in prange(blocks, schedule='static', num_threads=nt):
+            for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
                 _apply_first_block(blk, xp, dyp, bits, coef, dxp, gp, runs, C, S, per_block,
                                    training, stream)
 
@@ -483,7 +483,7 @@ def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read i
                     _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block,
                                       training, stream)
             else:
-                for blk in prange(blocks, schedule='static', num_threads=nt):
+                for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
                     _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block,
                                       training, stream)
     finally:
@@ -517,5 +517,5 @@ def pack_positive(const floating[::1] y,      # IN  flat output of the fused for
             for blk in range(blocks):
                 _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
         else:
-            for blk in prange(blocks, schedule='static', num_threads=nt):
+            for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
                 _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))

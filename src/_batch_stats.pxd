@@ -93,7 +93,7 @@ cdef inline int stats_first(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ss
         for t in range(tasks):
             _first_task(x, N, C, S, t, blocks, per_task, part, part_m2)
     else:
-        for t in prange(tasks, schedule='static', num_threads=nt):
+        for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
             _first_task(x, N, C, S, t, blocks, per_task, part, part_m2)
     for c in range(C):
         mean[c] = 0.0
@@ -165,7 +165,7 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
         with parallel(num_threads=nt):
             s1 = scratch + slice_len * bnfast_thread_num()
             shift = shifts + slice_len * bnfast_thread_num()
-            for b in prange(blocks, schedule='static'):
+            for b in prange(blocks, schedule='dynamic', chunksize=1):
                 _last_block(base, b, rows, per_block, W, shift, s1, s1 + W, part, part_m2)
     # Fold (block, lane) partials in order, then the rows that did not fill a
     # wide row (count 1; scratch holds the values and their m2: 0, or NaN for a

@@ -2,7 +2,7 @@
 
 (No array arguments here, so none of the const memoryviews the kernels use.)
 """
-from _openmp_helpers cimport BNFAST_OPENMP, bnfast_max_threads
+from _openmp_helpers cimport BNFAST_OPENMP, bnfast_default_threads, bnfast_max_threads
 
 
 def openmp_enabled():
@@ -17,3 +17,9 @@ def max_threads():
     change the OpenMP runtime's setting, are honoured.
     """
     return bnfast_max_threads()
+
+
+def default_threads():
+    """Return the thread count for ``n_threads=None``: ``max_threads()``, or 1
+    while other processes compete for the cores (see _openmp_helpers.pxd)."""
+    return bnfast_default_threads()

@@ -19,6 +19,58 @@ cdef extern from *:
     int bnfast_thread_num() noexcept nogil
 
 
+# The default thread count on shared machines.  Beside other busy processes a
+# team thread is often waiting for a core, and the call then lasts until it gets
+# one (a scheduler slice, 1000x a small call).  So the default is the OpenMP
+# maximum, but 1 for a second after the kernel last preempted one of this
+# process's threads (an involuntary context switch: something else wanted the
+# core); one busy thread per process is then the best anyone gets.  Results
+# never depend on the thread count.  The state is per extension module (each
+# asks the kernel itself), and callers hold the GIL, so no locking.
+# (The OpenMP wait policy is left alone: OMP_WAIT_POLICY=passive also ends the
+# stalls but makes mid-size calls on a quiet machine 2-3x slower, as each region
+# then wakes sleeping threads; a smaller GOMP_SPINCOUNT does not end them.)
+cdef extern from *:
+    """
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <sys/resource.h>
+    #include <time.h>
+    #define BNFAST_CONTENTION_HOLD 1.0  /* seconds on one thread after a preemption */
+    static long bnfast_seen_nivcsw = -1;
+    static double bnfast_checked_at = -1.0, bnfast_serial_until = 0.0;
+    static inline int bnfast_contended(void) {
+        struct rusage ru;
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts))
+            return 0;
+        double now = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+        /* getrusage costs ~1 us (a small call ~7 us): ask at most once a ms */
+        if (now - bnfast_checked_at >= 1e-3 && !getrusage(RUSAGE_SELF, &ru)) {
+            bnfast_checked_at = now;
+            if (ru.ru_nivcsw != bnfast_seen_nivcsw) {
+                if (bnfast_seen_nivcsw >= 0)
+                    bnfast_serial_until = now + BNFAST_CONTENTION_HOLD;
+                bnfast_seen_nivcsw = ru.ru_nivcsw;
+            }
+        }
+        return now < bnfast_serial_until;
+    }
+    #else
+    static inline int bnfast_contended(void) { return 0; }
+    #endif
+    static inline int bnfast_default_threads(void) {
+        int n = bnfast_max_threads();
+        return n > 1 && bnfast_contended() ? 1 : n;
+    }
+    """
+    int bnfast_default_threads() noexcept nogil
+
+
+# Every prange hands out its shape-defined blocks one at a time
+# (schedule='dynamic', chunksize=1): a thread the kernel preempts mid-call then
+# holds up only the block it has, not a static share of the work.  Partials are
+# merged in block order after the region, so the hand-out order never changes
+# a bit of the result.
 cdef enum:
     # Below this many elements a parallel region costs more than it saves.
     SERIAL_ELEMS = 65536
