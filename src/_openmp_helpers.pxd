@@ -22,11 +22,13 @@ cdef extern from *:
 # The default thread count on shared machines.  Beside other busy processes a
 # team thread is often waiting for a core, and the call then lasts until it gets
 # one (a scheduler slice, 1000x a small call).  So the default is the OpenMP
-# maximum, but 1 for a second after the kernel last preempted one of this
-# process's threads (an involuntary context switch: something else wanted the
-# core); one busy thread per process is then the best anyone gets.  Results
-# never depend on the thread count.  The state is per extension module (each
-# asks the kernel itself), and callers hold the GIL, so no locking.
+# maximum, but 1 for a second after the kernel preempted this process's threads
+# twice within 50 ms (involuntary context switches: something else wants the
+# cores); one busy thread per process is then the best anyone gets.  A lone
+# preemption (a daemon waking on a quiet machine) does not count: a competing
+# busy process preempts us every few milliseconds.  Results never depend on the
+# thread count.  The state is per extension module (each asks the kernel
+# itself), and callers hold the GIL, so no locking.
 # (The OpenMP wait policy is left alone: OMP_WAIT_POLICY=passive also ends the
 # stalls but makes mid-size calls on a quiet machine 2-3x slower, as each region
 # then wakes sleeping threads; a smaller GOMP_SPINCOUNT does not end them.)
@@ -35,9 +37,11 @@ cdef extern from *:
     #if defined(__unix__) || defined(__APPLE__)
     #include <sys/resource.h>
     #include <time.h>
-    #define BNFAST_CONTENTION_HOLD 1.0  /* seconds on one thread after a preemption */
+    #define BNFAST_CONTENTION_HOLD 1.0     /* seconds on one thread after a burst */
+    #define BNFAST_CONTENTION_BURST 0.05   /* two preemptions this close make a burst */
     static long bnfast_seen_nivcsw = -1;
     static double bnfast_checked_at = -1.0, bnfast_serial_until = 0.0;
+    static double bnfast_preempted_at = -1.0;
     static inline int bnfast_contended(void) {
         struct rusage ru;
         struct timespec ts;
@@ -46,12 +50,16 @@ cdef extern from *:
         double now = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
         /* getrusage costs ~1 us (a small call ~7 us): ask at most once a ms */
         if (now - bnfast_checked_at >= 1e-3 && !getrusage(RUSAGE_SELF, &ru)) {
-            bnfast_checked_at = now;
-            if (ru.ru_nivcsw != bnfast_seen_nivcsw) {
-                if (bnfast_seen_nivcsw >= 0)
+            long rise = bnfast_seen_nivcsw >= 0 ? ru.ru_nivcsw - bnfast_seen_nivcsw : 0;
+            if (rise > 0) {
+                int burst = (rise >= 2 && now - bnfast_checked_at < BNFAST_CONTENTION_BURST)
+                            || now - bnfast_preempted_at < BNFAST_CONTENTION_BURST;
+                if (burst)
                     bnfast_serial_until = now + BNFAST_CONTENTION_HOLD;
-                bnfast_seen_nivcsw = ru.ru_nivcsw;
+                bnfast_preempted_at = now;
             }
+            bnfast_seen_nivcsw = ru.ru_nivcsw;
+            bnfast_checked_at = now;
         }
         return now < bnfast_serial_until;
     }
