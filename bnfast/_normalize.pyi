@@ -4,7 +4,8 @@
 rows mean, invstd, scale (= weight * invstd), shift (= bias).  The apply
 kernels compute ``relu?((x - mean) * scale + shift + addend?)``; ``out`` may be
 ``x`` or ``addend`` itself; ``mask`` (optional, ``ceil(size / 8)`` bytes)
-receives the packed ReLU mask bits ``not (out <= 0)``.  Index a kernel with ``"float"``/``"double"`` (and
+receives the packed ReLU mask bits ``not (out <= 0)``; ``residual`` (optional,
+from ``_stats``) is the batch mean's rounding residual, folded into the shift.  Index a kernel with ``"float"``/``"double"`` (and
 ``coefficients`` with a pair) to get a specialisation directly.
 """
 from typing import Any, Optional
@@ -22,7 +23,8 @@ class _Coefficients:
 class _Apply:
     def __call__(self, x: _F, coef: npt.NDArray[np.float64], out: _F, addend: Optional[_F],
                  relu: bool, n_threads: int,
-                 mask: Optional[npt.NDArray[np.uint8]] = None) -> None: ...
+                 mask: Optional[npt.NDArray[np.uint8]] = None,
+                 residual: Optional[npt.NDArray[np.float64]] = None) -> None: ...
     def __getitem__(self, ctype: str) -> "_Apply": ...
 
 coefficients: _Coefficients

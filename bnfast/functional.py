@@ -171,15 +171,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     w_arr, b_arr = _param_pair(weight, bias, C)
     empty = x.size == 0
     if training:
-        mean, var = np.zeros((2, C))
+        mean, var, residual = np.zeros((3, C))
         if not empty:
-            _STATS[layout, char](xk, mean, var, nt)
+            _STATS[layout, char](xk, mean, var, nt, residual)
             if running_mean is not None:
                 _update_running(running_mean, running_var, mean, var,
                                 x.size // max(C, 1), momentum)
         stat_char = "d"
     else:
         mean, var = _stat_pair(running_mean, running_var)
+        residual = None  # a given mean is exact as it is
         stat_char = mean.dtype.char
     _COEFFICIENTS[stat_char, w_arr.dtype.char](mean, var, w_arr, b_arr, weight is not None,
                                                bias is not None, eps, coef)
@@ -190,7 +191,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if not empty:
         add_k = None if addend is None else _layout.kernel_view(_layout.to_layout(addend, layout), layout)
         _NORMALIZE[layout, char](xk, coef, _layout.kernel_view(target, layout), add_k,
-                                 bool(relu), nt, bits)
+                                 bool(relu), nt, bits, residual)
     if target is not result:
         np.copyto(result, target)
     mask = None if bits is None else ReluMask(bits, x.shape, layout)

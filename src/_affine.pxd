@@ -3,14 +3,20 @@
 # evaluation (_inference.pyx):
 #
 #   fill_coefficients  per-channel mean, invstd, scale, shift in double
-#   fill_table         those as [m | a | b] in the storage type (tiled for rows)
+#   fill_table         those as the double table [m | a | b] (tiled for rows)
 #   normalize          table + blocked apply: y = relu?((x - m) * a + b + addend?)
 #
-# The mean is split as m = storage(mean) and its rounding error is folded into
-# the shift, so float32 data far from zero (mean 1e6, std 1) still normalises
-# to ~1e-6: x - m is exact there (Sterbenz).  One read of x (and addend), one
-# write of y; y may be x or addend itself (every element is read before it is
-# written).
+# The apply computes in double whatever the storage type and rounds once (the
+# SIMD leaves in bnfast_simd.h), so float32 data cannot overflow in x - m and
+# a scale beyond float32's range (eps=1e-300) stays finite.
+#
+# Batch statistics come as mean + residual (_batch_stats.pxd): the float64
+# mean rounded to a double and what that rounding lost.  m is the rounded mean
+# (a double, so x - m is exact for float64 data near it: Sterbenz) and the
+# residual is folded into b, so the output error does not grow with the offset
+# (float64 data at 1e10 with std 1 normalises to ~1e-15, not 1e-6).
+# One read of x (and addend), one write of y; y may be x or addend itself
+# (every element is read before it is written).
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
@@ -63,21 +69,28 @@ cdef inline void fill_coefficients(const stat_t* mean, const stat_t* var,
 
 
 cdef inline void fill_table(const double* coef, Py_ssize_t C, Py_ssize_t repeat,
-                            floating* table) noexcept nogil:
+                            double* table, const double* residual) noexcept nogil:
     """Fill [m | a | b], each of length repeat * C, for y = (x - m) * a + b.
 
-    m is the mean rounded to the storage type; its rounding error is folded
-    into b in double, so float32 data far from zero keeps its precision.
-    The channel pattern is repeated ``repeat`` times (a channels-last tile).
+    m = coef's mean, a = scale, b = shift - residual * scale: ``residual``
+    (C,), or NULL for none, is what the exact mean adds to coef's rounded one
+    (the batch statistics' residual output; NULL for a given mean, which is
+    exact as it is).  The channel pattern is repeated ``repeat`` times (a
+    channels-last tile).
     """
     cdef Py_ssize_t W = repeat * C, c, j
     cdef const double* mean = coef
     cdef const double* scale = coef + 2 * C
     cdef const double* shift = coef + 3 * C
     for c in range(C):
-        table[c] = <floating>mean[c]
-        table[W + c] = <floating>scale[c]
-        table[2 * W + c] = <floating>(shift[c] - (mean[c] - <double>table[c]) * scale[c])
+        table[c] = mean[c]
+        table[W + c] = scale[c]
+        table[2 * W + c] = shift[c]
+    if residual != NULL:
+        for c in range(C):
+            # A zero residual leaves b alone even where the scale is infinite.
+            if residual[c] != 0.0:
+                table[2 * W + c] = shift[c] - residual[c] * scale[c]
     for j in range(C, W):  # the tile's repeats
         table[j] = table[j - C]
         table[W + j] = table[W + j - C]
@@ -87,12 +100,12 @@ cdef inline void fill_table(const double* coef, Py_ssize_t C, Py_ssize_t repeat,
 cdef extern from "bnfast_simd.h" nogil:
     # SIMD leaves (AVX2 picked at run time); the epilogue branches are hoisted there.
     void bnfast_affine_scalar_f32(const float* x, const float* add, float* y, Py_ssize_t n,
-                                  float m, float a, float b, int relu)
+                                  double m, double a, double b, int relu)
     void bnfast_affine_scalar_f64(const double* x, const double* add, double* y, Py_ssize_t n,
                                   double m, double a, double b, int relu)
     void bnfast_affine_tiled_f32(const float* x, const float* add, float* y, Py_ssize_t n,
-                                 Py_ssize_t W, const float* m, const float* a, const float* b,
-                                 int relu)
+                                 Py_ssize_t W, const double* m, const double* a,
+                                 const double* b, int relu)
     void bnfast_affine_tiled_f64(const double* x, const double* add, double* y, Py_ssize_t n,
                                  Py_ssize_t W, const double* m, const double* a, const double* b,
                                  int relu)
@@ -124,7 +137,7 @@ cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noex
 
 
 cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
-                               Py_ssize_t n, floating m, floating a, floating b,
+                               Py_ssize_t n, double m, double a, double b,
                                bint relu) noexcept nogil:
     if floating is float:
         bnfast_affine_scalar_f32(x, addend, y, n, m, a, b, relu)
@@ -133,8 +146,8 @@ cdef inline void _apply_scalar(const floating* x, const floating* addend, floati
 
 
 cdef inline void _apply_tiled(const floating* x, const floating* addend, floating* y,
-                              Py_ssize_t n, Py_ssize_t W, const floating* m, const floating* a,
-                              const floating* b, bint relu) noexcept nogil:
+                              Py_ssize_t n, Py_ssize_t W, const double* m, const double* a,
+                              const double* b, bint relu) noexcept nogil:
     # n values from a W-aligned start, as pieces of the W-long tile m, a, b.
     if floating is float:
         bnfast_affine_tiled_f32(x, addend, y, n, W, m, a, b, relu)
@@ -144,7 +157,7 @@ cdef inline void _apply_tiled(const floating* x, const floating* addend, floatin
 
 cdef inline void _first_block(const floating* xp, const floating* ap, floating* yp,
                               Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
-                              Py_ssize_t first, Py_ssize_t last, const floating* table,
+                              Py_ssize_t first, Py_ssize_t last, const double* table,
                               bint relu, unsigned char* bits) noexcept nogil:
     """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
     cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
@@ -159,7 +172,7 @@ cdef inline void _first_block(const floating* xp, const floating* ap, floating* 
 
 
 cdef inline void apply_first(const floating* xp, const floating* ap, floating* yp,
-                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const floating* table,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """relu?((x - m) * a + b + addend?) over (N, C, S); table = [m | a | b] (C each)."""
     # Tasks are blocks of consecutive (n, c) runs.
@@ -181,7 +194,7 @@ cdef inline void apply_first(const floating* xp, const floating* ap, floating* y
 
 cdef inline void _last_block(const floating* xp, const floating* ap, floating* yp,
                              Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W,
-                             const floating* tile, bint relu, unsigned char* bits) noexcept nogil:
+                             const double* tile, bint relu, unsigned char* bits) noexcept nogil:
     """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
     _apply_tiled(xp + start, NULL if ap == NULL else ap + start, yp + start, stop - start, W,
                  tile, tile + W, tile + 2 * W, relu)
@@ -189,7 +202,7 @@ cdef inline void _last_block(const floating* xp, const floating* ap, floating* y
 
 
 cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp,
-                            Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const floating* tile,
+                            Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const double* tile,
                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """The same over (M, C) rows; tile = [m | a | b], each the channels repeated k times."""
     # The coefficient pattern repeats every C values of the flat array: tiled
@@ -212,22 +225,22 @@ cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp
 
 
 cdef inline int make_table(const double* coef, Py_ssize_t C, Py_ssize_t S,
-                           floating** table) noexcept nogil:
-    """Allocate and fill the storage-type table for apply_table (free() it after).
+                           double** table, const double* residual) noexcept nogil:
+    """Allocate and fill the double table for apply_table (free() it after).
 
-    S == 0 means channels-last rows (the table is then tiled).  Returns -1
-    without memory.
+    S == 0 means channels-last rows (the table is then tiled).  ``residual``:
+    as in fill_table.  Returns -1 without memory.
     """
     cdef Py_ssize_t k = 1 if S else tile_repeat(C)
-    table[0] = <floating*>malloc(3 * k * C * sizeof(floating))
+    table[0] = <double*>malloc(3 * k * C * sizeof(double))
     if table[0] == NULL:
         return -1
-    fill_table(coef, C, k, table[0])
+    fill_table(coef, C, k, table[0], residual)
     return 0
 
 
 cdef inline void apply_table(const floating* xp, const floating* ap, floating* yp,
-                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const floating* table,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """y = relu?((x - m) * a + b + addend?) over (N, C, S), or N rows of C when S == 0."""
     if S:
@@ -238,10 +251,11 @@ cdef inline void apply_table(const floating* xp, const floating* ap, floating* y
 
 cdef inline int normalize(const floating* xp, const floating* ap, floating* yp, Py_ssize_t N,
                           Py_ssize_t C, Py_ssize_t S, const double* coef, bint relu,
-                          int n_threads, unsigned char* bits) noexcept nogil:
-    """make_table + apply_table; returns -1 without memory."""
-    cdef floating* table = NULL
-    if make_table(coef, C, S, &table):
+                          int n_threads, unsigned char* bits,
+                          const double* residual) noexcept nogil:
+    """make_table + apply_table (``residual``: as in fill_table); -1 without memory."""
+    cdef double* table = NULL
+    if make_table(coef, C, S, &table, residual):
         return -1
     apply_table(xp, ap, yp, N, C, S, table, relu, n_threads, bits)
     free(table)

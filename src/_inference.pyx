@@ -49,9 +49,9 @@ cdef class CoefficientCache:
         absent weight or bias are unspecified).
     table : ndarray of shape (4, C), float64, or None
         mean, invstd, scale, shift computed from ``key``.
-    storage_table : ndarray of shape (3, C) in the storage dtype, or None
+    storage_table : ndarray of shape (3, C), float64, or None
         ``[m | a | b]`` for ``y = (x - m) * a + b``, as the kernels apply it
-        (``_affine.fill_table`` with no tiling).
+        (in double, ``_affine.fill_table`` with no tiling).
     mean, invstd : ndarray of shape (C,), float64, or None
         ``table[0]`` and ``table[1]``.
     weight : ndarray of shape (C,), or None
@@ -101,11 +101,8 @@ cdef class CoefficientCache:
         cdef double* coef = <double*>cnp.PyArray_DATA(table)
         _compute_coefficients(typenum, C, eps, parts, coef)
         dims[0] = 3
-        cdef cnp.ndarray storage = cnp.PyArray_EMPTY(2, dims, typenum, 0)
-        if typenum == cnp.NPY_FLOAT32:
-            fill_table(coef, C, 1, <float*>cnp.PyArray_DATA(storage))
-        else:
-            fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage))
+        cdef cnp.ndarray storage = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage), NULL)
         for arr in (key, table, storage):
             cnp.PyArray_CLEARFLAGS(<cnp.ndarray>arr, cnp.NPY_ARRAY_WRITEABLE)
         self.key, self.table, self.storage_table = key, table, storage
@@ -298,8 +295,8 @@ def normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps
     out = _output(x, out)
     cdef int status
     try:
-        status = _apply_call(x, addend, out, &call, table_coef, _data_or_null(storage), relu,
-                             mask)
+        status = _apply_call(x, addend, out, &call, table_coef, NULL,
+                             <const double*>_data_or_null(storage), relu, mask)
     finally:
         free(scratch)
     if status:
@@ -341,13 +338,15 @@ def normalize_with_batch_stats(x, running_mean, running_var, weight, bias, eps, 
             return None
     out = _output(x, out)
     cdef double* table_coef
-    cdef double* scratch = NULL
+    # The batch mean's residual (C), then the coefficients unless coef is given (4 * C).
+    cdef double* scratch = <double*>malloc((C if coef is not None else 5 * C) * sizeof(double))
+    if scratch == NULL:
+        raise MemoryError()
+    cdef double* residual = scratch
     if coef is not None:
         table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>coef)
     else:
-        table_coef = scratch = <double*>malloc(4 * C * sizeof(double))
-        if scratch == NULL:
-            raise MemoryError()
+        table_coef = scratch + C
     cdef int status
     try:
         if typenum == cnp.NPY_FLOAT32:
@@ -355,15 +354,15 @@ def normalize_with_batch_stats(x, running_mean, running_var, weight, bias, eps, 
                 <const float*>cnp.PyArray_DATA(<cnp.ndarray>x), &call,
                 <float*>_data_or_null(running_mean), <float*>_data_or_null(running_var),
                 <const float*>_data_or_null(weight), <const float*>_data_or_null(bias),
-                eps, momentum, table_coef)
+                eps, momentum, table_coef, residual)
         else:
             status = _batch_coefficients[double](
                 <const double*>cnp.PyArray_DATA(<cnp.ndarray>x), &call,
                 <double*>_data_or_null(running_mean), <double*>_data_or_null(running_var),
                 <const double*>_data_or_null(weight), <const double*>_data_or_null(bias),
-                eps, momentum, table_coef)
+                eps, momentum, table_coef, residual)
         if status == 0:
-            status = _apply_call(x, addend, out, &call, table_coef, NULL, relu, mask)
+            status = _apply_call(x, addend, out, &call, table_coef, residual, NULL, relu, mask)
     finally:
         free(scratch)
     if status:
@@ -374,16 +373,18 @@ def normalize_with_batch_stats(x, running_mean, running_var, weight, bias, eps, 
 cdef int _batch_coefficients(const floating* xp, const Call* call, floating* running_mean,
                              floating* running_var, const floating* weight,
                              const floating* bias, double eps, double momentum,
-                             double* coef) noexcept:
-    """Batch mean and variance into coef rows 0 and 1, the running update, then the
-    coefficients in place (row 1 becomes invstd).  -1 without memory."""
+                             double* coef, double* residual) noexcept:
+    """Batch mean and variance into coef rows 0 and 1 (the mean's residual into
+    residual), the running update, then the coefficients in place (row 1 becomes
+    invstd).  -1 without memory."""
     cdef Py_ssize_t C = call.C, count = call.N * (call.S if call.S else 1)
     cdef int status
     with nogil:
         if call.S:
-            status = stats_first(xp, call.N, C, call.S, coef, coef + C, call.n_threads)
+            status = stats_first(xp, call.N, C, call.S, coef, coef + C, call.n_threads,
+                                 residual)
         else:
-            status = stats_last(xp, call.N, C, coef, coef + C, call.n_threads)
+            status = stats_last(xp, call.N, C, coef, coef + C, call.n_threads, residual)
         if status == 0:
             if running_mean != NULL:
                 update_running(running_mean, running_var, coef, coef + C, C, <double>count,
@@ -394,27 +395,29 @@ cdef int _batch_coefficients(const floating* xp, const Call* call, floating* run
 
 
 cdef int _apply_call(object x, object addend, object out, const Call* call, const double* coef,
-                     const void* table, bint relu, object mask) noexcept:
-    """Apply the coefficients (or the ready storage table) to x into out.  -1 without memory."""
+                     const double* residual, const double* table, bint relu,
+                     object mask) noexcept:
+    """Apply the coefficients (with the mean's residual, or NULL), or the ready
+    table, to x into out.  -1 without memory."""
     if call.typenum == cnp.NPY_FLOAT32:
         return _apply[float](
             <const float*>cnp.PyArray_DATA(<cnp.ndarray>x), <const float*>_data_or_null(addend),
-            <float*>_data_or_null(out), call.N, call.C, call.S, coef, <const float*>table,
+            <float*>_data_or_null(out), call.N, call.C, call.S, coef, residual, table,
             relu, call.n_threads, <unsigned char*>_data_or_null(mask))
     return _apply[double](
         <const double*>cnp.PyArray_DATA(<cnp.ndarray>x), <const double*>_data_or_null(addend),
-        <double*>_data_or_null(out), call.N, call.C, call.S, coef, <const double*>table,
+        <double*>_data_or_null(out), call.N, call.C, call.S, coef, residual, table,
         relu, call.n_threads, <unsigned char*>_data_or_null(mask))
 
 
 cdef int _apply(const floating* xp, const floating* ap, floating* yp, Py_ssize_t N,
-                Py_ssize_t C, Py_ssize_t S, const double* coef, const floating* table,
-                bint relu, int n_threads, unsigned char* bits) noexcept:
+                Py_ssize_t C, Py_ssize_t S, const double* coef, const double* residual,
+                const double* table, bint relu, int n_threads, unsigned char* bits) noexcept:
     """Apply ``table`` (or one made from coef here, GIL held: coef may be the
     cache's) without the GIL.  S == 0: N rows of C.  Returns -1 without memory."""
-    cdef floating* own = NULL
+    cdef double* own = NULL
     if table == NULL:
-        if make_table(coef, C, S, &own):
+        if make_table(coef, C, S, &own, residual):
             return -1
         table = own
     with nogil:

@@ -1,9 +1,9 @@
 """The normalise pass with its fused epilogue: ``y = relu?((x - mean) * scale + shift + addend?)``.
 
 Per-channel coefficients are prepared in double (``coefficients``) and applied
-in the storage type.  The mean is split as ``m = float(mean)``, and its rounding
-error is folded into the shift, so float32 data far from zero (mean 1e6,
-std 1) still normalises to ~1e-6: ``x - m`` is exact there (Sterbenz).
+in double, rounded once to the storage type.  A batch mean comes with its
+residual (``_stats``), folded into the shift, so data far from zero keeps its
+precision: ``x - mean`` is exact there (Sterbenz).
 
 One read of x (and addend), one write of y, in either memory layout.  ``out``
 may be ``x`` or ``addend`` itself: every element is read before it is written.
@@ -35,11 +35,13 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
                    floating[:, :, ::1] out,           # OUT (N, C, S), may be x or addend
                    const floating[:, :, ::1] addend,  # IN  (N, C, S) or None
                    bint relu, int n_threads,
-                   unsigned char[::1] mask=None):     # OUT (ceil(N*C*S / 8),) or None
+                   unsigned char[::1] mask=None,      # OUT (ceil(N*C*S / 8),) or None
+                   const double[::1] residual=None):  # IN  (C,) from _stats, or None
     """Apply the per-channel affine map (and epilogue) to an (N, C, S) array.
 
     With ``mask``, also pack ``not (out <= 0)`` (where a ReLU passes gradient)
     from each block while it is in cache: no second pass over ``out``.
+    ``residual``: the batch mean's residual (``_stats``), folded into the shift.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     if N == 0 or C == 0 or S == 0:
@@ -48,7 +50,8 @@ def channels_first(const floating[:, :, ::1] x,       # IN  (N, C, S)
     with nogil:
         status = normalize(&x[0, 0, 0], NULL if addend is None else &addend[0, 0, 0],
                            &out[0, 0, 0], N, C, S, &coef[0, 0], relu, n_threads,
-                           NULL if mask is None else &mask[0])
+                           NULL if mask is None else &mask[0],
+                           NULL if residual is None else &residual[0])
     if status:
         raise MemoryError()
 
@@ -58,10 +61,11 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
                   floating[:, ::1] out,           # OUT (M, C), may be x or addend
                   const floating[:, ::1] addend,  # IN  (M, C) or None
                   bint relu, int n_threads,
-                  unsigned char[::1] mask=None):  # OUT (ceil(M*C / 8),) or None
+                  unsigned char[::1] mask=None,      # OUT (ceil(M*C / 8),) or None
+                  const double[::1] residual=None):  # IN  (C,) from _stats, or None
     """Apply the per-channel affine map (and epilogue) to an (M, C) array.
 
-    ``mask``: as in :func:`channels_first`.
+    ``mask``, ``residual``: as in :func:`channels_first`.
     """
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     if M == 0 or C == 0:
@@ -70,7 +74,8 @@ def channels_last(const floating[:, ::1] x,       # IN  (M, C)
     with nogil:
         status = normalize(&x[0, 0], NULL if addend is None else &addend[0, 0],
                            &out[0, 0], M, C, 0, &coef[0, 0], relu, n_threads,
-                           NULL if mask is None else &mask[0])
+                           NULL if mask is None else &mask[0],
+                           NULL if residual is None else &residual[0])
     if status:
         raise MemoryError()
 

@@ -14,14 +14,16 @@ from _batch_stats cimport buffer_t, stats_first, stats_last
 def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
                    double[::1] mean,              # OUT (C,)
                    double[::1] var,               # OUT (C,) biased
-                   int n_threads):
+                   int n_threads,
+                   double[::1] residual=None):    # OUT (C,) exact mean - mean, or None
     """Per-channel mean and biased variance of an (N, C, S) array."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     if N == 0 or C == 0 or S == 0:
         return
     cdef int status
     with nogil:
-        status = stats_first(&x[0, 0, 0], N, C, S, &mean[0], &var[0], n_threads)
+        status = stats_first(&x[0, 0, 0], N, C, S, &mean[0], &var[0], n_threads,
+                             NULL if residual is None else &residual[0])
     if status:
         raise MemoryError()
 
@@ -29,14 +31,16 @@ def channels_first(const floating[:, :, ::1] x,  # IN  (N, C, S)
 def channels_last(const floating[:, ::1] x,  # IN  (M, C)
                   double[::1] mean,           # OUT (C,)
                   double[::1] var,            # OUT (C,) biased
-                  int n_threads):
+                  int n_threads,
+                  double[::1] residual=None): # OUT (C,) exact mean - mean, or None
     """Per-channel mean and biased variance of an (M, C) array (channels-last rows)."""
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     if M == 0 or C == 0:
         return
     cdef int status
     with nogil:
-        status = stats_last(&x[0, 0], M, C, &mean[0], &var[0], n_threads)
+        status = stats_last(&x[0, 0], M, C, &mean[0], &var[0], n_threads,
+                            NULL if residual is None else &residual[0])
     if status:
         raise MemoryError()
 

@@ -203,13 +203,19 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_base, float, )
 BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 
 /* ---------------------------------------------------------------------------
- * Elementwise normalise with the fused epilogue, in the storage type:
- *   y = (x - m) * a + b  [+ addend]  [relu]
+ * Elementwise normalise with the fused epilogue, computed in double whatever
+ * the storage type T, and rounded to T once:
+ *   y = (T)relu?(((double)x - m) * a + b  [+ (double)addend])
  * SCALAR: one (m, a, b) for the whole run (channels-first).
  * TILED:  per-element m[i], a[i], b[i] (a channels-last tile).
+ * In double, float32 data can neither overflow in x - m (values near +-3e38)
+ * nor meet a scale beyond float32's range (a constant channel with eps=1e-300
+ * scales by 1e150: 0 * 1e150 + b is exactly b, where float32 gave 0 * inf).
+ * The loop is memory-bound, so the widening costs nothing measurable.
  * The four epilogue variants are separate loops so each vectorises; ivdep
  * because y may be x or addend itself (same index: no loop-carried dependence).
- * relu keeps NaN (v < 0 is false for NaN), as torch.relu does.
+ * relu keeps NaN (v < 0 is false for NaN), as torch.relu does.  No FMA (the
+ * AVX2 target does not enable it), so every variant rounds the same way.
  * ------------------------------------------------------------------------- */
 #if defined(__clang__)
 #define BNFAST_IVDEP _Pragma("clang loop vectorize(assume_safety)")
@@ -221,37 +227,40 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 
 #define BNFAST_EPILOGUE_LOOPS(T, AFFINE)                                             \
     ptrdiff_t i;                                                                     \
-    T v;                                                                             \
+    double v;                                                                        \
     if (add == NULL && !relu) {                                                      \
-        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = AFFINE; }                      \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = (T)(AFFINE); }                 \
     } else if (add == NULL) {                                                        \
-        BNFAST_IVDEP for (i = 0; i < n; i++) { v = AFFINE; y[i] = v < 0 ? (T)0 : v; } \
+        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
+            v = AFFINE; y[i] = (T)(v < 0 ? 0.0 : v);                                 \
+        }                                                                            \
     } else if (!relu) {                                                              \
-        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = AFFINE + add[i]; }             \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = (T)(AFFINE + (double)add[i]); } \
     } else {                                                                         \
         BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-            v = AFFINE + add[i]; y[i] = v < 0 ? (T)0 : v;                            \
+            v = AFFINE + (double)add[i]; y[i] = (T)(v < 0 ? 0.0 : v);                \
         }                                                                            \
     }
 
 #define BNFAST_DEFINE_AFFINE_SCALAR(NAME, T, ATTR)                                   \
     ATTR static void NAME(const T *x, const T *add, T *y, ptrdiff_t n,               \
-                          T m, T a, T b, int relu) {                                 \
-        BNFAST_EPILOGUE_LOOPS(T, (x[i] - m) * a + b)                                 \
+                          double m, double a, double b, int relu) {                  \
+        BNFAST_EPILOGUE_LOOPS(T, ((double)x[i] - m) * a + b)                         \
     }
 
 /* TILED walks `total` values as consecutive pieces of W (the tile's length),
  * the last one possibly shorter: one call per block, not per piece. */
 #define BNFAST_DEFINE_AFFINE_TILED(NAME, T, ATTR)                                    \
     ATTR static void NAME(const T *x0, const T *add0, T *y0, ptrdiff_t total,        \
-                          ptrdiff_t W, const T *m, const T *a, const T *b, int relu) { \
+                          ptrdiff_t W, const double *m, const double *a,             \
+                          const double *b, int relu) {                               \
         ptrdiff_t i0, n;                                                             \
         for (i0 = 0; i0 < total; i0 += W) {                                          \
             const T *x = x0 + i0;                                                    \
             const T *add = add0 == NULL ? NULL : add0 + i0;                          \
             T *y = y0 + i0;                                                          \
             n = total - i0 < W ? total - i0 : W;                                     \
-            { BNFAST_EPILOGUE_LOOPS(T, (x[i] - m[i]) * a[i] + b[i]) }                \
+            { BNFAST_EPILOGUE_LOOPS(T, ((double)x[i] - m[i]) * a[i] + b[i]) }        \
         }                                                                            \
     }
 
@@ -312,7 +321,7 @@ static inline void bnfast_shifted_colsums_f64(const double *x, ptrdiff_t rows, p
 }
 
 static inline void bnfast_affine_scalar_f32(const float *x, const float *add, float *y, ptrdiff_t n,
-                                            float m, float a, float b, int relu) {
+                                            double m, double a, double b, int relu) {
     BNFAST_PICK(bnfast_affine_scalar_f32_base, bnfast_affine_scalar_f32_avx2)(x, add, y, n, m, a, b, relu);
 }
 static inline void bnfast_affine_scalar_f64(const double *x, const double *add, double *y, ptrdiff_t n,
@@ -320,8 +329,8 @@ static inline void bnfast_affine_scalar_f64(const double *x, const double *add, 
     BNFAST_PICK(bnfast_affine_scalar_f64_base, bnfast_affine_scalar_f64_avx2)(x, add, y, n, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_f32(const float *x, const float *add, float *y, ptrdiff_t n,
-                                           ptrdiff_t W, const float *m, const float *a,
-                                           const float *b, int relu) {
+                                           ptrdiff_t W, const double *m, const double *a,
+                                           const double *b, int relu) {
     BNFAST_PICK(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2)(x, add, y, n, W, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_f64(const double *x, const double *add, double *y, ptrdiff_t n,
