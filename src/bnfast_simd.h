@@ -205,7 +205,7 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 /* ---------------------------------------------------------------------------
  * Elementwise normalise with the fused epilogue, computed in double whatever
  * the storage type T, and rounded to T once:
- *   y = (T)relu?(((double)x - m) * a + b  [+ (double)addend])
+ *   y = relu?((T)(((double)x - m) * a + b  [+ (double)addend]))
  * SCALAR: one (m, a, b) for the whole run (channels-first).
  * TILED:  per-element m[i], a[i], b[i] (a channels-last tile).
  * In double, float32 data can neither overflow in x - m (values near +-3e38)
@@ -214,6 +214,8 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
  * The loop is memory-bound, so the widening costs nothing measurable.
  * The four epilogue variants are separate loops so each vectorises; ivdep
  * because y may be x or addend itself (same index: no loop-carried dependence).
+ * The ReLU acts on the rounded value (the same as rounding the ReLU's result, up
+ * to the sign of a zero; in T so that GCC vectorises the select).
  * relu keeps NaN (v < 0 is false for NaN), as torch.relu does.  No FMA (the
  * AVX2 target does not enable it), so every variant rounds the same way.
  * ------------------------------------------------------------------------- */
@@ -227,18 +229,16 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 
 #define BNFAST_EPILOGUE_LOOPS(T, AFFINE)                                             \
     ptrdiff_t i;                                                                     \
-    double v;                                                                        \
+    T v;                                                                             \
     if (add == NULL && !relu) {                                                      \
         BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = (T)(AFFINE); }                 \
     } else if (add == NULL) {                                                        \
-        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-            v = AFFINE; y[i] = (T)(v < 0 ? 0.0 : v);                                 \
-        }                                                                            \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { v = (T)(AFFINE); y[i] = v < 0 ? (T)0 : v; } \
     } else if (!relu) {                                                              \
         BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = (T)(AFFINE + (double)add[i]); } \
     } else {                                                                         \
         BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-            v = AFFINE + (double)add[i]; y[i] = (T)(v < 0 ? 0.0 : v);                \
+            v = (T)(AFFINE + (double)add[i]); y[i] = v < 0 ? (T)0 : v;               \
         }                                                                            \
     }
 
