@@ -16,7 +16,7 @@ class CoefficientCache:
     """A module's last coefficients, reused while its inputs are bitwise equal."""
     key: Optional[_F]                          # (4, C): running_mean, running_var, weight, bias
     table: Optional[npt.NDArray[np.float64]]   # (4, C): mean, invstd, scale, shift
-    storage_table: Optional[npt.NDArray[np.float64]]  # (3, C): m, a, b (applied in double)
+    storage_table: Optional[npt.NDArray[np.float64]]  # _affine.table_len(C): the apply table
     mean: Optional[npt.NDArray[np.float64]]    # table[0]
     invstd: Optional[npt.NDArray[np.float64]]  # table[1]
     weight: Optional[_F]                       # key[2], or None without a weight

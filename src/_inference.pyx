@@ -22,7 +22,7 @@ from cython cimport floating
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
-from _affine cimport apply_table, fill_coefficients, fill_table, make_table
+from _affine cimport apply_table, fill_coefficients, fill_table, make_table, table_len
 from _batch_stats cimport stats_first, stats_last, update_running
 from _tiling cimport tile_repeat
 from _openmp_helpers cimport bnfast_max_threads
@@ -49,9 +49,10 @@ cdef class CoefficientCache:
         absent weight or bias are unspecified).
     table : ndarray of shape (4, C), float64, or None
         mean, invstd, scale, shift computed from ``key``.
-    storage_table : ndarray of shape (3, C), float64, or None
-        ``[m | a | b]`` for ``y = (x - m) * a + b``, as the kernels apply it
-        (in double, ``_affine.fill_table`` with no tiling).
+    storage_table : ndarray of shape (_affine.table_len(C),), float64, or None
+        The apply table for ``y = (x - m) * a + b`` (``_affine.fill_table``
+        with no tiling: ``[m | a | b]`` in double, then in float32, then the
+        flag saying whether float32 data may use the float rows).
     mean, invstd : ndarray of shape (C,), float64, or None
         ``table[0]`` and ``table[1]``.
     weight : ndarray of shape (C,), or None
@@ -100,8 +101,8 @@ cdef class CoefficientCache:
                 memcpy(stored + i * row, parts[i], row)
         cdef double* coef = <double*>cnp.PyArray_DATA(table)
         _compute_coefficients(typenum, C, eps, parts, coef)
-        dims[0] = 3
-        cdef cnp.ndarray storage = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        dims[0] = table_len(C)
+        cdef cnp.ndarray storage = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)
         fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage), NULL)
         for arr in (key, table, storage):
             cnp.PyArray_CLEARFLAGS(<cnp.ndarray>arr, cnp.NPY_ARRAY_WRITEABLE)

@@ -656,8 +656,8 @@ def test_cache_arrays_are_read_only(dtype, rng):
             arr[(0,) * arr.ndim] = 123
     assert cache.key.dtype == dtype and cache.key.shape == (4, 4)
     assert cache.table.dtype == np.float64 and cache.table.shape == (4, 4)
-    # Applied in double whatever the storage dtype (no float32 overflow in x - m or the scale).
-    assert cache.storage_table.dtype == np.float64 and cache.storage_table.shape == (3, 4)
+    # The apply table: [m | a | b] in double and in float32, and a flag (_affine.table_len).
+    assert cache.storage_table.dtype == np.float64 and cache.storage_table.shape == (3 * 4 + 6 + 1,)
     assert_same(m(x), y0)
     with pytest.raises(AttributeError):
         cache.table = np.zeros((4, 4))
