@@ -3,17 +3,34 @@
 # evaluation (_inference.pyx):
 #
 #   fill_coefficients  per-channel mean, invstd, scale, shift in double
-#   fill_table         those as [m | a | b] in the storage type (tiled for rows)
+#   fill_table         those as the apply table (tiled for rows), see below
 #   normalize          table + blocked apply: y = relu?((x - m) * a + b + addend?)
 #
-# The mean is split as m = storage(mean) and its rounding error is folded into
-# the shift, so float32 data far from zero (mean 1e6, std 1) still normalises
-# to ~1e-6: x - m is exact there (Sterbenz).  One read of x (and addend), one
-# write of y; y may be x or addend itself (every element is read before it is
-# written).
+# The table (table_len(W) doubles for W = repeat * C coefficients per row):
+#   [m | a | b]    3 W doubles: float64 data, and float32 data the float rows
+#                  cannot carry, computed in double and rounded once
+#   [m | a | b]    3 W floats: float32 data, computed in float32 (as fast as a
+#                  copy when in cache; double costs ~3x there)
+#   flag           1.0 if the float rows are usable: every channel's finite a
+#                  and b fit float32 and its finite m has |m| <= 2^100, so
+#                  x - m cannot overflow for finite x.  (One choice per table,
+#                  so both layouts give the same bits.)  Otherwise float32 data is computed in double:
+#                  values near +-3e38 with a mean of 1e37 normalise to the exact
+#                  result rounded (not -inf), and a constant channel with
+#                  eps=1e-300 (scale 1e150) gives exactly the bias (not NaN).
+#
+# Batch statistics come as mean + residual (_batch_stats.pxd): the float64
+# mean rounded to a double and what that rounding lost.  m is the rounded mean
+# (a double, so x - m is exact for float64 data near it: Sterbenz) and the
+# residual is folded into b, so the output error does not grow with the offset
+# (float64 data at 1e10 with std 1 normalises to ~1e-15, not 1e-6).  The float
+# rows round m to float32 and fold that error into b too (mean 1e6, std 1
+# still normalises to ~1e-7).
+# One read of x (and addend), one write of y; y may be x or addend itself
+# (every element is read before it is written).
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport fabs, sqrt
 from libc.stdlib cimport free, malloc
 
 from _tiling cimport _gcd, tile_repeat
@@ -62,37 +79,82 @@ cdef inline void fill_coefficients(const stat_t* mean, const stat_t* var,
             shift[c] = 0.0
 
 
-cdef inline void fill_table(const double* coef, Py_ssize_t C, Py_ssize_t repeat,
-                            floating* table) noexcept nogil:
-    """Fill [m | a | b], each of length repeat * C, for y = (x - m) * a + b.
+cdef inline Py_ssize_t table_len(Py_ssize_t W) noexcept nogil:
+    """Doubles in an apply table with W coefficients per row (see the top)."""
+    return 3 * W + (3 * W + 1) // 2 + 1
 
-    m is the mean rounded to the storage type; its rounding error is folded
-    into b in double, so float32 data far from zero keeps its precision.
-    The channel pattern is repeated ``repeat`` times (a channels-last tile).
+
+cdef inline bint float_rows(const double* table, Py_ssize_t W) noexcept nogil:
+    """Whether float32 data may use the table's float rows."""
+    return table[table_len(W) - 1] != 0.0
+
+
+cdef inline void fill_table(const double* coef, Py_ssize_t C, Py_ssize_t repeat,
+                            double* table, const double* residual) noexcept nogil:
+    """Fill the apply table (table_len(repeat * C) doubles) for y = (x - m) * a + b.
+
+    m = coef's mean, a = scale, b = shift - residual * scale: ``residual``
+    (C,), or NULL for none, is what the exact mean adds to coef's rounded one
+    (the batch statistics' residual output; NULL for a given mean, which is
+    exact as it is).  The float rows hold m rounded to float32, a, and b with
+    m's rounding error folded in.  The channel pattern is repeated ``repeat``
+    times (a channels-last tile).
     """
     cdef Py_ssize_t W = repeat * C, c, j
     cdef const double* mean = coef
     cdef const double* scale = coef + 2 * C
     cdef const double* shift = coef + 3 * C
+    cdef float* ft = <float*>(table + 3 * W)
+    cdef int unfit = 0
+    cdef double r
+    # Branch-free loops, so each vectorises (a table is made per call without a cache).
     for c in range(C):
-        table[c] = <floating>mean[c]
-        table[W + c] = <floating>scale[c]
-        table[2 * W + c] = <floating>(shift[c] - (mean[c] - <double>table[c]) * scale[c])
+        table[c] = mean[c]
+        table[W + c] = scale[c]
+        table[2 * W + c] = shift[c]
+    if residual != NULL:
+        for c in range(C):
+            # A zero residual leaves b alone even where the scale is infinite.
+            r = residual[c]
+            table[2 * W + c] = shift[c] - r * scale[c] if r != 0.0 else shift[c]
+    for c in range(C):
+        ft[c] = <float>mean[c]
+        ft[W + c] = <float>scale[c]
+        ft[2 * W + c] = <float>(table[2 * W + c] - (mean[c] - <double>ft[c]) * scale[c])
+    for c in range(C):
+        # Finite coefficients only: a non-finite one (a NaN or infinite channel, an
+        # infinite weight) gives the same NaN/inf either way, and must not change
+        # the other channels' bits.  2^100: x - m cannot reach inf beyond it.
+        unfit |= (((fabs(ft[c]) > 1.2676506002282294e30) & (fabs(mean[c]) <= 1.7976931348623157e308))
+                  | ((fabs(ft[W + c]) > 3.4028234663852886e38)
+                     & (fabs(scale[c]) <= 1.7976931348623157e308))
+                  | ((fabs(ft[2 * W + c]) > 3.4028234663852886e38)
+                     & (fabs(table[2 * W + c]) <= 1.7976931348623157e308)))
+    cdef bint fits = unfit == 0
     for j in range(C, W):  # the tile's repeats
         table[j] = table[j - C]
         table[W + j] = table[W + j - C]
         table[2 * W + j] = table[2 * W + j - C]
+        ft[j] = ft[j - C]
+        ft[W + j] = ft[W + j - C]
+        ft[2 * W + j] = ft[2 * W + j - C]
+    table[table_len(W) - 1] = 1.0 if fits else 0.0
 
 
 cdef extern from "bnfast_simd.h" nogil:
     # SIMD leaves (AVX2 picked at run time); the epilogue branches are hoisted there.
     void bnfast_affine_scalar_f32(const float* x, const float* add, float* y, Py_ssize_t n,
                                   float m, float a, float b, int relu)
+    void bnfast_affine_scalar_f32d(const float* x, const float* add, float* y, Py_ssize_t n,
+                                   double m, double a, double b, int relu)
     void bnfast_affine_scalar_f64(const double* x, const double* add, double* y, Py_ssize_t n,
                                   double m, double a, double b, int relu)
     void bnfast_affine_tiled_f32(const float* x, const float* add, float* y, Py_ssize_t n,
-                                 Py_ssize_t W, const float* m, const float* a, const float* b,
-                                 int relu)
+                                 Py_ssize_t W, const float* m, const float* a,
+                                 const float* b, int relu)
+    void bnfast_affine_tiled_f32d(const float* x, const float* add, float* y, Py_ssize_t n,
+                                  Py_ssize_t W, const double* m, const double* a,
+                                  const double* b, int relu)
     void bnfast_affine_tiled_f64(const double* x, const double* add, double* y, Py_ssize_t n,
                                  Py_ssize_t W, const double* m, const double* a, const double* b,
                                  int relu)
@@ -124,34 +186,59 @@ cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noex
 
 
 cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
-                               Py_ssize_t n, floating m, floating a, floating b,
-                               bint relu) noexcept nogil:
+                               Py_ssize_t n, const double* table, Py_ssize_t W, Py_ssize_t c,
+                               bint use_float, bint relu) noexcept nogil:
+    # Channel c of the table: its float rows (use_float) or its double rows.
+    cdef const float* ft
     if floating is float:
-        bnfast_affine_scalar_f32(x, addend, y, n, m, a, b, relu)
+        if use_float:
+            ft = <const float*>(table + 3 * W)
+            bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+        else:
+            bnfast_affine_scalar_f32d(x, addend, y, n, table[c], table[W + c],
+                                      table[2 * W + c], relu)
     else:
-        bnfast_affine_scalar_f64(x, addend, y, n, m, a, b, relu)
+        bnfast_affine_scalar_f64(x, addend, y, n, table[c], table[W + c], table[2 * W + c],
+                                 relu)
 
 
 cdef inline void _apply_tiled(const floating* x, const floating* addend, floating* y,
-                              Py_ssize_t n, Py_ssize_t W, const floating* m, const floating* a,
-                              const floating* b, bint relu) noexcept nogil:
-    # n values from a W-aligned start, as pieces of the W-long tile m, a, b.
+                              Py_ssize_t n, Py_ssize_t W, const double* tile,
+                              bint use_float, bint relu) noexcept nogil:
+    # n values from a W-aligned start, as pieces of the W-long tile.
+    cdef const float* ft
     if floating is float:
-        bnfast_affine_tiled_f32(x, addend, y, n, W, m, a, b, relu)
+        if use_float:
+            ft = <const float*>(tile + 3 * W)
+            bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+        else:
+            bnfast_affine_tiled_f32d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
     else:
-        bnfast_affine_tiled_f64(x, addend, y, n, W, m, a, b, relu)
+        bnfast_affine_tiled_f64(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
 
 
 cdef inline void _first_block(const floating* xp, const floating* ap, floating* yp,
                               Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
-                              Py_ssize_t first, Py_ssize_t last, const floating* table,
-                              bint relu, unsigned char* bits) noexcept nogil:
+                              Py_ssize_t first, Py_ssize_t last, const double* table,
+                              bint use_float, bint relu, unsigned char* bits) noexcept nogil:
     """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
     cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
+    cdef const float* ft = <const float*>(table + 3 * C)
+    if floating is float:
+        if use_float:  # the choice hoisted out of the run loop (short runs: 49 values)
+            for t in range(first, last):
+                off = t * S
+                bnfast_affine_scalar_f32(xp + off, NULL if ap == NULL else ap + off, yp + off,
+                                         S, ft[c], ft[C + c], ft[2 * C + c], relu)
+                c = c + 1
+                if c == C:
+                    c = 0
+            _pack_block(yp, first * S, (last - first) * S, bits)
+            return
     for t in range(first, last):
         off = t * S
         _apply_scalar(xp + off, NULL if ap == NULL else ap + off, yp + off, S,
-                      table[c], table[C + c], table[2 * C + c], relu)
+                      table, C, c, False, relu)
         c = c + 1
         if c == C:
             c = 0
@@ -159,9 +246,9 @@ cdef inline void _first_block(const floating* xp, const floating* ap, floating* 
 
 
 cdef inline void apply_first(const floating* xp, const floating* ap, floating* yp,
-                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const floating* table,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits) noexcept nogil:
-    """relu?((x - m) * a + b + addend?) over (N, C, S); table = [m | a | b] (C each)."""
+    """relu?((x - m) * a + b + addend?) over (N, C, S); table: fill_table's, untiled."""
     # Tasks are blocks of consecutive (n, c) runs.
     cdef Py_ssize_t runs = N * C
     cdef Py_ssize_t elems = BLOCK_ELEMS if bits == NULL else MASK_BLOCK_ELEMS
@@ -169,29 +256,31 @@ cdef inline void apply_first(const floating* xp, const floating* ap, floating* y
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
     cdef Py_ssize_t blk
     cdef int nt = threads_for(blocks, runs * S, n_threads)
+    cdef bint use_float = float_rows(table, C)
     if nt == 1:  # no parallel region at all: entering one costs ~1 us even for 1 thread
         for blk in range(blocks):
             _first_block(xp, ap, yp, runs, C, S, blk * per_block,
-                         min(runs, (blk + 1) * per_block), table, relu, bits)
+                         min(runs, (blk + 1) * per_block), table, use_float, relu, bits)
         return
     for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _first_block(xp, ap, yp, runs, C, S, blk * per_block,
-                     min(runs, (blk + 1) * per_block), table, relu, bits)
+                     min(runs, (blk + 1) * per_block), table, use_float, relu, bits)
 
 
 cdef inline void _last_block(const floating* xp, const floating* ap, floating* yp,
                              Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W,
-                             const floating* tile, bint relu, unsigned char* bits) noexcept nogil:
+                             const double* tile, bint use_float, bint relu,
+                             unsigned char* bits) noexcept nogil:
     """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
     _apply_tiled(xp + start, NULL if ap == NULL else ap + start, yp + start, stop - start, W,
-                 tile, tile + W, tile + 2 * W, relu)
+                 tile, use_float, relu)
     _pack_block(yp, start, stop - start, bits)
 
 
 cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp,
-                            Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const floating* tile,
+                            Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const double* tile,
                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
-    """The same over (M, C) rows; tile = [m | a | b], each the channels repeated k times."""
+    """The same over (M, C) rows; tile: fill_table's with the channels repeated k times."""
     # The coefficient pattern repeats every C values of the flat array: tiled
     # k times, small C still gives long vector loops.  Every W-aligned piece
     # starts at channel 0, so a short last piece needs no special case.
@@ -201,33 +290,34 @@ cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef Py_ssize_t blk
     cdef int nt = threads_for(blocks, total, n_threads)
+    cdef bint use_float = float_rows(tile, W)
     if nt == 1:  # see apply_first
         for blk in range(blocks):
             _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                        relu, bits)
+                        use_float, relu, bits)
         return
     for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                    relu, bits)
+                    use_float, relu, bits)
 
 
 cdef inline int make_table(const double* coef, Py_ssize_t C, Py_ssize_t S,
-                           floating** table) noexcept nogil:
-    """Allocate and fill the storage-type table for apply_table (free() it after).
+                           double** table, const double* residual) noexcept nogil:
+    """Allocate and fill the apply table for apply_table (free() it after).
 
-    S == 0 means channels-last rows (the table is then tiled).  Returns -1
-    without memory.
+    S == 0 means channels-last rows (the table is then tiled).  ``residual``:
+    as in fill_table.  Returns -1 without memory.
     """
     cdef Py_ssize_t k = 1 if S else tile_repeat(C)
-    table[0] = <floating*>malloc(3 * k * C * sizeof(floating))
+    table[0] = <double*>malloc(table_len(k * C) * sizeof(double))
     if table[0] == NULL:
         return -1
-    fill_table(coef, C, k, table[0])
+    fill_table(coef, C, k, table[0], residual)
     return 0
 
 
 cdef inline void apply_table(const floating* xp, const floating* ap, floating* yp,
-                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const floating* table,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """y = relu?((x - m) * a + b + addend?) over (N, C, S), or N rows of C when S == 0."""
     if S:
@@ -238,10 +328,11 @@ cdef inline void apply_table(const floating* xp, const floating* ap, floating* y
 
 cdef inline int normalize(const floating* xp, const floating* ap, floating* yp, Py_ssize_t N,
                           Py_ssize_t C, Py_ssize_t S, const double* coef, bint relu,
-                          int n_threads, unsigned char* bits) noexcept nogil:
-    """make_table + apply_table; returns -1 without memory."""
-    cdef floating* table = NULL
-    if make_table(coef, C, S, &table):
+                          int n_threads, unsigned char* bits,
+                          const double* residual) noexcept nogil:
+    """make_table + apply_table (``residual``: as in fill_table); -1 without memory."""
+    cdef double* table = NULL
+    if make_table(coef, C, S, &table, residual):
         return -1
     apply_table(xp, ap, yp, N, C, S, table, relu, n_threads, bits)
     free(table)

@@ -15,13 +15,19 @@
 #
 # Partials are merged per channel in a fixed order (see _moments.pxd): the
 # partition depends on the shape only, so any thread count gives the same bits.
+#
+# Means are accumulated relative to a per-channel origin (the channel's first
+# value), then returned as the rounded float64 mean plus, optionally, the
+# residual that rounding lost: the normalise pass subtracts the rounded mean
+# (exact for data near it) and folds the residual into its shift, so float64
+# data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 
-from _moments cimport (finite_or_zero, m2_fixup, merge_rows, merge_shifted,
-                      shifted_colsums, shifted_sums)
+from _moments cimport (channel_origin, finite_or_zero, m2_fixup, merge_rows, merge_shifted,
+                      shifted_colsums, shifted_sums, unshift_means)
 from _tiling cimport RowBlocks, row_blocks
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
@@ -48,8 +54,9 @@ cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) n
 
 cdef inline void _first_task(const floating* base, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                              Py_ssize_t t, Py_ssize_t blocks, Py_ssize_t per_task,
-                             double* part, double* part_m2) noexcept nogil:
-    """Task t = (channel c, sample block b): the block's mean and m2 into part[b * C + c]."""
+                             const double* origin, double* part, double* part_m2) noexcept nogil:
+    """Task t = (channel c, sample block b): the block's mean (relative to origin[c])
+    and m2 into part[b * C + c]."""
     cdef Py_ssize_t c = t // blocks
     cdef Py_ssize_t b = t - c * blocks
     cdef double cnt = 0.0, mu = 0.0, m2 = 0.0, chunk_n = 0.0, s1 = 0.0, s2 = 0.0, shift = 0.0
@@ -67,34 +74,41 @@ cdef inline void _first_task(const floating* base, Py_ssize_t N, Py_ssize_t C, P
             chunk_n = chunk_n + run
             s0 = s0 + run
             if chunk_n >= CHUNK:
-                merge_shifted(&cnt, &mu, &m2, chunk_n, shift, s1, s2)
+                merge_shifted(&cnt, &mu, &m2, chunk_n, shift - origin[c], s1, s2)
                 chunk_n = 0.0
                 s1 = 0.0
                 s2 = 0.0
-    merge_shifted(&cnt, &mu, &m2, chunk_n, shift, s1, s2)
+    merge_shifted(&cnt, &mu, &m2, chunk_n, shift - origin[c], s1, s2)
     part[b * C + c] = mu
     part_m2[b * C + c] = m2
 
 
 cdef inline int stats_first(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                            double* mean, double* var, int n_threads) noexcept nogil:
-    """Mean and biased variance per channel of (N, C, S), all > 0.  -1 without memory."""
+                            double* mean, double* var, int n_threads,
+                            double* residual) noexcept nogil:
+    """Mean and biased variance per channel of (N, C, S), all > 0.  -1 without memory.
+
+    ``residual`` (C,), or NULL: receives the exact mean minus the float64 one.
+    """
     cdef Py_ssize_t per_task = TASK_ELEMS // S if S < TASK_ELEMS else 1
     cdef Py_ssize_t blocks = (N + per_task - 1) // per_task
     cdef Py_ssize_t tasks = C * blocks
     # Partials laid out [block][channel] so the merge runs along channels.
-    cdef double* part = <double*>malloc(2 * tasks * sizeof(double))
+    cdef double* part = <double*>malloc((2 * tasks + C) * sizeof(double))
     if part == NULL:
         return -1
     cdef double* part_m2 = part + tasks
+    cdef double* origin = part + 2 * tasks
     cdef Py_ssize_t t, b, c, n
+    for c in range(C):
+        origin[c] = channel_origin(x[c * S])
     cdef int nt = threads_for(tasks, N * C * S, n_threads)
     if nt == 1:
         for t in range(tasks):
-            _first_task(x, N, C, S, t, blocks, per_task, part, part_m2)
+            _first_task(x, N, C, S, t, blocks, per_task, origin, part, part_m2)
     else:
         for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _first_task(x, N, C, S, t, blocks, per_task, part, part_m2)
+            _first_task(x, N, C, S, t, blocks, per_task, origin, part, part_m2)
     for c in range(C):
         mean[c] = 0.0
         var[c] = 0.0
@@ -103,14 +117,17 @@ cdef inline int stats_first(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ss
         merge_rows(mean, var, part + b * C, part_m2 + b * C, C,
                    <double>(b * per_task * S), <double>(n * S))
     _finish(mean, var, C, <double>(N * S))
+    unshift_means(mean, residual, origin, C)
     free(part)
     return 0
 
 
 cdef inline void _last_block(const floating* base, Py_ssize_t b, Py_ssize_t rows,
                              Py_ssize_t per_block, Py_ssize_t W, floating* shift, double* s1,
-                             double* s2, double* part, double* part_m2) noexcept nogil:
-    """Block b of wide rows: per-column mean and m2 into part[b * W:], part_m2[b * W:]."""
+                             double* s2, const double* origin, double* part,
+                             double* part_m2) noexcept nogil:
+    """Block b of wide rows: per-column mean (relative to origin[j], the column's
+    channel origin) and m2 into part[b * W:], part_m2[b * W:]."""
     cdef Py_ssize_t j
     for j in range(W):
         s1[j] = 0.0
@@ -124,7 +141,7 @@ cdef inline void _last_block(const floating* base, Py_ssize_t b, Py_ssize_t rows
     cdef double inv_cnt = 1.0 / <double>(r_end - b * per_block)
     # Plain arithmetic first (vectorises), rare fix-ups after.
     for j in range(W):
-        part[b * W + j] = shift[j] + s1[j] * inv_cnt
+        part[b * W + j] = (<double>shift[j] - origin[j]) + s1[j] * inv_cnt
         part_m2[b * W + j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
     for j in range(W):
         if not part_m2[b * W + j] >= 0.0:
@@ -132,15 +149,18 @@ cdef inline void _last_block(const floating* base, Py_ssize_t b, Py_ssize_t rows
 
 
 cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, double* mean,
-                           double* var, int n_threads) noexcept nogil:
-    """Mean and biased variance per channel of (M, C) rows, both > 0.  -1 without memory."""
+                           double* var, int n_threads, double* residual) noexcept nogil:
+    """Mean and biased variance per channel of (M, C) rows, both > 0.  -1 without memory.
+
+    ``residual``: as in stats_first.
+    """
     # Wide rows of W = k * C values (long inner loops for small C), in blocks.
     cdef RowBlocks tiling = row_blocks(M, C, STATS_BLOCK_ELEMS, MAX_BLOCK_ROWS)
     cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
     cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
     cdef int nt = threads_for(blocks, M * C, n_threads)
     # Partial means and m2 per (block, column); counts follow from the block.
-    cdef double* part = <double*>malloc(2 * blocks * W * sizeof(double))
+    cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
     # Per-thread column sums, allocated up front: a thread that skipped the
     # worksharing loop on a failed malloc would deadlock the others.
     # Each thread's slice is padded to whole cache lines (no false sharing).
@@ -154,19 +174,25 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
         free(shifts)
         return -1
     cdef double* part_m2 = part + blocks * W
+    # Channel origins (row 0), tiled over the wide row.
+    cdef double* origin = part + 2 * blocks * W
     cdef double* s1
     cdef floating* shift
     cdef Py_ssize_t b, r, j, l
     cdef double cnt, n_a
+    for j in range(W):
+        origin[j] = channel_origin(base[j % C])
     if nt == 1:
         for b in range(blocks):
-            _last_block(base, b, rows, per_block, W, shifts, scratch, scratch + W, part, part_m2)
+            _last_block(base, b, rows, per_block, W, shifts, scratch, scratch + W, origin, part,
+                        part_m2)
     else:
         with parallel(num_threads=nt):
             s1 = scratch + slice_len * bnfast_thread_num()
             shift = shifts + slice_len * bnfast_thread_num()
             for b in prange(blocks, schedule='dynamic', chunksize=1):
-                _last_block(base, b, rows, per_block, W, shift, s1, s1 + W, part, part_m2)
+                _last_block(base, b, rows, per_block, W, shift, s1, s1 + W, origin, part,
+                            part_m2)
     # Fold (block, lane) partials in order, then the rows that did not fill a
     # wide row (count 1; scratch holds the values and their m2: 0, or NaN for a
     # non-finite value, as a chunk's shifted sums give).
@@ -181,11 +207,12 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
             n_a = n_a + cnt
     for r in range(rows * k, M):
         for j in range(C):
-            scratch[j] = base[r * C + j]
+            scratch[j] = <double>base[r * C + j] - origin[j]
             scratch[C + j] = scratch[j] - scratch[j]
         merge_rows(mean, var, scratch, scratch + C, C, n_a, 1.0)
         n_a = n_a + 1.0
     _finish(mean, var, C, <double>M)
+    unshift_means(mean, residual, origin, C)
     free(shifts)
     free(scratch)
     free(part)

@@ -12,10 +12,10 @@ costs what the kernels cost plus well under a microsecond.
 """
 cimport numpy as cnp
 from cython cimport floating
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy
 
-from _affine cimport apply_first, apply_last, fill_coefficients, fill_table
+from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, table_len
 from _batch_stats cimport stats_first, stats_last, update_running
 from _dtypes cimport CHANNELS_FIRST
 from _tiling cimport tile_repeat
@@ -103,9 +103,9 @@ cdef class CoefficientTable:
         Copies of running_mean, running_var, weight, bias.
     table : ndarray of shape (4, C), float64
         mean, invstd, scale, shift computed from ``key``.
-    storage_table : ndarray of shape (3, C)
-        ``[m | a | b]`` for ``y = (x - m) * a + b`` in the data's dtype, as
-        the kernels apply it without tiling.
+    storage_table : ndarray of float64, shape (table_len(C),)
+        The apply table for ``y = (x - m) * a + b`` without tiling, as
+        ``_affine.fill_table`` lays it out (double rows, float rows, a flag).
     mean, invstd : ndarray of shape (C,), float64
         ``table[0]`` and ``table[1]``.
     weight : ndarray of shape (C,), or None
@@ -138,12 +138,9 @@ cdef CoefficientTable _new_table(object mean, object var, object weight, object 
         raise MemoryError()
     _coefficients(mean, var, weight, bias, C, eps, coef, scratch)
     free(scratch)
-    dims[0] = 3
-    cdef cnp.ndarray storage = cnp.PyArray_EMPTY(2, dims, data_type, 0)
-    if data_type == cnp.NPY_FLOAT32:
-        fill_table(coef, C, 1, <float*>cnp.PyArray_DATA(storage))
-    else:
-        fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage))
+    dims[0] = table_len(C)
+    cdef cnp.ndarray storage = cnp.PyArray_ZEROS(1, dims, cnp.NPY_FLOAT64, 0)
+    fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage), NULL)
     cnp.PyArray_CLEARFLAGS(table, cnp.NPY_ARRAY_WRITEABLE)
     cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
     entry.table, entry.storage_table = table, storage
@@ -264,7 +261,8 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     cdef int data_type = cnp.PyArray_TYPE(xa)
     cdef Py_ssize_t count = shape.count
     cdef double* table_coef
-    cdef const void* storage = NULL
+    cdef const double* storage = NULL
+    cdef double* residual = NULL   # the batch mean's rounding error, folded into the shift
     cdef double* scratch = NULL
     cdef int status = 0
     # A local reference: the entry's tables stay alive while the kernel reads them.
@@ -276,16 +274,18 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
             if coef is not None:
                 memcpy(cnp.PyArray_DATA(<cnp.ndarray>coef), table_coef, 4 * C * sizeof(double))
             if layout == CHANNELS_FIRST or tile_repeat(C) == 1:
-                storage = cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
+                storage = <const double*>cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
         else:
-            # Weight/bias as doubles (2 * C), and the table unless the caller's is used.
-            scratch = <double*>malloc(6 * C * sizeof(double) + 1)
+            # Weight/bias as doubles (2 * C), the mean's residual (C), and the table
+            # unless the caller's is used (4 * C).
+            scratch = <double*>malloc(7 * C * sizeof(double) + 1)
             if scratch == NULL:
                 raise MemoryError()
-            table_coef = scratch + 2 * C if coef is None \
+            table_coef = scratch + 3 * C if coef is None \
                 else <double*>cnp.PyArray_DATA(<cnp.ndarray>coef)
             if batch_stats:
-                status = _batch_moments(xa, data_type, shape, table_coef, n_threads)
+                residual = scratch + 2 * C
+                status = _batch_moments(xa, data_type, shape, table_coef, residual, n_threads)
                 if status == 0 and running_mean is not None and count > 0:
                     _update_running(running_mean, running_var, table_coef, C, count, momentum)
                 _coefficients(None, None, weight, bias, C, eps, table_coef, scratch)
@@ -296,12 +296,12 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
             if data_type == cnp.NPY_FLOAT32:
                 status = _apply[float](<const float*>cnp.PyArray_DATA(xa),
                                        <const float*>_data(addend), <float*>_data(out), shape,
-                                       table_coef, <const float*>storage, relu, n_threads,
+                                       table_coef, residual, storage, relu, n_threads,
                                        <unsigned char*>_data(mask))
             else:
                 status = _apply[double](<const double*>cnp.PyArray_DATA(xa),
                                         <const double*>_data(addend), <double*>_data(out), shape,
-                                        table_coef, <const double*>storage, relu, n_threads,
+                                        table_coef, residual, storage, relu, n_threads,
                                         <unsigned char*>_data(mask))
     finally:
         free(scratch)
@@ -311,25 +311,31 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
 
 
 cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,
-                        int n_threads) noexcept:
-    """Batch mean and biased variance into coef rows 0 and 1 (zeros for an empty batch)."""
+                        double* residual, int n_threads) noexcept:
+    """Batch mean and biased variance into coef rows 0 and 1, and the exact mean's
+    residual (zeros for an empty batch)."""
     cdef Py_ssize_t c
     if shape.count == 0:
         for c in range(2 * shape.C):
             coef[c] = 0.0
+        for c in range(shape.C):
+            residual[c] = 0.0
         return 0
     if data_type == cnp.NPY_FLOAT32:
-        return _moments[float](<const float*>cnp.PyArray_DATA(x), shape, coef, n_threads)
-    return _moments[double](<const double*>cnp.PyArray_DATA(x), shape, coef, n_threads)
+        return _moments[float](<const float*>cnp.PyArray_DATA(x), shape, coef, residual,
+                               n_threads)
+    return _moments[double](<const double*>cnp.PyArray_DATA(x), shape, coef, residual, n_threads)
 
 
-cdef int _moments(const floating* xp, Shape shape, double* coef, int n_threads) noexcept:
+cdef int _moments(const floating* xp, Shape shape, double* coef, double* residual,
+                  int n_threads) noexcept:
     cdef int status
     with nogil:
         if shape.layout == CHANNELS_FIRST:
-            status = stats_first(xp, shape.N, shape.C, shape.S, coef, coef + shape.C, n_threads)
+            status = stats_first(xp, shape.N, shape.C, shape.S, coef, coef + shape.C, n_threads,
+                                 residual)
         else:
-            status = stats_last(xp, shape.N, shape.C, coef, coef + shape.C, n_threads)
+            status = stats_last(xp, shape.N, shape.C, coef, coef + shape.C, n_threads, residual)
     return status
 
 
@@ -347,17 +353,17 @@ cdef void _update_running(object running_mean, object running_var, const double*
 
 
 cdef int _apply(const floating* xp, const floating* ap, floating* yp, Shape shape,
-                const double* coef, const floating* table, bint relu, int n_threads,
-                unsigned char* bits) noexcept:
-    """The normalise pass with ``table`` ([m | a | b]), or one made here from coef
-    (tiled for channels-last rows).  -1 without memory."""
+                const double* coef, const double* residual, const double* table, bint relu,
+                int n_threads, unsigned char* bits) noexcept:
+    """The normalise pass with ``table`` (fill_table's), or one made here from coef and
+    the mean's residual (tiled for channels-last rows).  -1 without memory."""
     cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C)
-    cdef floating* own = NULL
+    cdef double* own = NULL
     if table == NULL:
-        own = <floating*>malloc(3 * k * shape.C * sizeof(floating))
+        own = <double*>calloc(table_len(k * shape.C), sizeof(double))
         if own == NULL:
             return -1
-        fill_table(coef, shape.C, k, own)
+        fill_table(coef, shape.C, k, own, residual)
         table = own
     with nogil:
         if shape.layout == CHANNELS_FIRST:

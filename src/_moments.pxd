@@ -132,3 +132,33 @@ cdef inline void merge_partial(double* count, double* mean, double* m2,
     mean[0] = merged_mean(mean[0], mean_b, r)
     m2[0] = m2[0] + m2_b + delta * (delta * (n_a * r))
     count[0] = n
+
+
+cdef inline double channel_origin(double first_value) noexcept nogil:
+    """The per-channel origin the statistics are accumulated from: a data value.
+
+    Partial means are kept relative to it (small numbers for data far from
+    zero, so merges round at the scale of the spread, not of the offset) and it
+    is added back once, with its rounding error kept (see unshift_means).
+    """
+    return finite_or_zero(first_value)
+
+
+cdef inline void unshift_means(double* mean, double* residual, const double* origin,
+                               Py_ssize_t C) noexcept nogil:
+    """mean[c] (relative to origin[c]) becomes origin[c] + mean[c] rounded to double;
+    residual[c] (if not NULL) gets what that rounding lost, exactly (Knuth's
+    TwoSum), so mean + residual is the mean as accumulated.  A non-finite mean
+    has residual 0.
+    """
+    cdef Py_ssize_t c
+    cdef double a, d, s, bb, lo
+    for c in range(C):
+        a = origin[c]
+        d = mean[c]
+        s = a + d
+        mean[c] = s
+        if residual != NULL:
+            bb = s - a
+            lo = (a - (s - bb)) + (d - bb)
+            residual[c] = lo if lo - lo == 0.0 else 0.0

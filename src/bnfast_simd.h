@@ -203,13 +203,24 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_base, float, )
 BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 
 /* ---------------------------------------------------------------------------
- * Elementwise normalise with the fused epilogue, in the storage type:
- *   y = (x - m) * a + b  [+ addend]  [relu]
+ * Elementwise normalise with the fused epilogue, computed in U and rounded to
+ * the storage type T once:
+ *   y = relu?((T)(((U)x - m) * a + b  [+ (U)addend]))
  * SCALAR: one (m, a, b) for the whole run (channels-first).
  * TILED:  per-element m[i], a[i], b[i] (a channels-last tile).
+ * U = T, except the f32d leaves: float32 data computed in double, for tables
+ * that float32 cannot carry (_affine.pxd chooses per call): a mean beyond
+ * 2^100, where x - m could overflow float32 (values near +-3e38), or a scale
+ * beyond float32's range (a constant channel with eps=1e-300 scales by 1e150:
+ * 0 * 1e150 + b is exactly b, where float32 gave 0 * inf).  Double costs ~3x
+ * the float arithmetic (the conversions), visible when the data is in cache,
+ * so float32 data keeps the float leaves whenever the table allows.
  * The four epilogue variants are separate loops so each vectorises; ivdep
  * because y may be x or addend itself (same index: no loop-carried dependence).
- * relu keeps NaN (v < 0 is false for NaN), as torch.relu does.
+ * The ReLU acts on the rounded value (the same as rounding the ReLU's result, up
+ * to the sign of a zero; in T so that GCC vectorises the select).
+ * relu keeps NaN (v < 0 is false for NaN), as torch.relu does.  No FMA (the
+ * AVX2 target does not enable it), so every variant rounds the same way.
  * ------------------------------------------------------------------------- */
 #if defined(__clang__)
 #define BNFAST_IVDEP _Pragma("clang loop vectorize(assume_safety)")
@@ -219,53 +230,57 @@ BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 #define BNFAST_IVDEP
 #endif
 
-#define BNFAST_EPILOGUE_LOOPS(T, AFFINE)                                             \
+#define BNFAST_EPILOGUE_LOOPS(T, U, AFFINE)                                          \
     ptrdiff_t i;                                                                     \
     T v;                                                                             \
     if (add == NULL && !relu) {                                                      \
-        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = AFFINE; }                      \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = (T)(AFFINE); }                 \
     } else if (add == NULL) {                                                        \
-        BNFAST_IVDEP for (i = 0; i < n; i++) { v = AFFINE; y[i] = v < 0 ? (T)0 : v; } \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { v = (T)(AFFINE); y[i] = v < 0 ? (T)0 : v; } \
     } else if (!relu) {                                                              \
-        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = AFFINE + add[i]; }             \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { y[i] = (T)(AFFINE + (U)add[i]); }     \
     } else {                                                                         \
         BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-            v = AFFINE + add[i]; y[i] = v < 0 ? (T)0 : v;                            \
+            v = (T)(AFFINE + (U)add[i]); y[i] = v < 0 ? (T)0 : v;                    \
         }                                                                            \
     }
 
-#define BNFAST_DEFINE_AFFINE_SCALAR(NAME, T, ATTR)                                   \
+#define BNFAST_DEFINE_AFFINE_SCALAR(NAME, T, U, ATTR)                                \
     ATTR static void NAME(const T *x, const T *add, T *y, ptrdiff_t n,               \
-                          T m, T a, T b, int relu) {                                 \
-        BNFAST_EPILOGUE_LOOPS(T, (x[i] - m) * a + b)                                 \
+                          U m, U a, U b, int relu) {                                 \
+        BNFAST_EPILOGUE_LOOPS(T, U, ((U)x[i] - m) * a + b)                           \
     }
 
 /* TILED walks `total` values as consecutive pieces of W (the tile's length),
  * the last one possibly shorter: one call per block, not per piece. */
-#define BNFAST_DEFINE_AFFINE_TILED(NAME, T, ATTR)                                    \
+#define BNFAST_DEFINE_AFFINE_TILED(NAME, T, U, ATTR)                                 \
     ATTR static void NAME(const T *x0, const T *add0, T *y0, ptrdiff_t total,        \
-                          ptrdiff_t W, const T *m, const T *a, const T *b, int relu) { \
+                          ptrdiff_t W, const U *m, const U *a, const U *b, int relu) { \
         ptrdiff_t i0, n;                                                             \
         for (i0 = 0; i0 < total; i0 += W) {                                          \
             const T *x = x0 + i0;                                                    \
             const T *add = add0 == NULL ? NULL : add0 + i0;                          \
             T *y = y0 + i0;                                                          \
             n = total - i0 < W ? total - i0 : W;                                     \
-            { BNFAST_EPILOGUE_LOOPS(T, (x[i] - m[i]) * a[i] + b[i]) }                \
+            { BNFAST_EPILOGUE_LOOPS(T, U, ((U)x[i] - m[i]) * a[i] + b[i]) }          \
         }                                                                            \
     }
 
 
-BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32_base, float, )
-BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_base, double, )
-BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_base, float, )
-BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_base, double, )
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32_base, float, float, )
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32d_base, float, double, )
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_base, double, double, )
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_base, float, float, )
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32d_base, float, double, )
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_base, double, double, )
 
 #if BNFAST_DISPATCH_AVX2
-BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32_avx2, float, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_avx2, double, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_avx2, float, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_avx2, double, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32_avx2, float, float, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f32d_avx2, float, double, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_avx2, double, double, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_avx2, float, float, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32d_avx2, float, double, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_avx2, double, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f32_avx2, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f64_avx2, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_avx2, float, BNFAST_AVX2_TARGET)
@@ -315,6 +330,10 @@ static inline void bnfast_affine_scalar_f32(const float *x, const float *add, fl
                                             float m, float a, float b, int relu) {
     BNFAST_PICK(bnfast_affine_scalar_f32_base, bnfast_affine_scalar_f32_avx2)(x, add, y, n, m, a, b, relu);
 }
+static inline void bnfast_affine_scalar_f32d(const float *x, const float *add, float *y, ptrdiff_t n,
+                                             double m, double a, double b, int relu) {
+    BNFAST_PICK(bnfast_affine_scalar_f32d_base, bnfast_affine_scalar_f32d_avx2)(x, add, y, n, m, a, b, relu);
+}
 static inline void bnfast_affine_scalar_f64(const double *x, const double *add, double *y, ptrdiff_t n,
                                             double m, double a, double b, int relu) {
     BNFAST_PICK(bnfast_affine_scalar_f64_base, bnfast_affine_scalar_f64_avx2)(x, add, y, n, m, a, b, relu);
@@ -323,6 +342,11 @@ static inline void bnfast_affine_tiled_f32(const float *x, const float *add, flo
                                            ptrdiff_t W, const float *m, const float *a,
                                            const float *b, int relu) {
     BNFAST_PICK(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2)(x, add, y, n, W, m, a, b, relu);
+}
+static inline void bnfast_affine_tiled_f32d(const float *x, const float *add, float *y, ptrdiff_t n,
+                                            ptrdiff_t W, const double *m, const double *a,
+                                            const double *b, int relu) {
+    BNFAST_PICK(bnfast_affine_tiled_f32d_base, bnfast_affine_tiled_f32d_avx2)(x, add, y, n, W, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_f64(const double *x, const double *add, double *y, ptrdiff_t n,
                                            ptrdiff_t W, const double *m, const double *a,

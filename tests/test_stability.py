@@ -91,6 +91,139 @@ def test_float64_large_offset(rng, offset, shape, layout):
     assert np.abs(y).max() < 6  # still normalised
 
 
+# The long double reference: extended precision (64-bit significand) on x86; where long
+# double is just double (or double-double, whose spacing is irregular) it proves nothing.
+EXTENDED = np.finfo(np.longdouble).nmant == 63
+needs_extended = pytest.mark.skipif(
+    not EXTENDED, reason="np.longdouble is not x87 extended precision on this platform")
+
+
+def _long_double_reference(x, weight, bias, eps, mean=None, var=None):
+    """y, mean of batch norm in long double; batch statistics when mean is None.
+
+    The batch mean is taken after subtracting one data value per channel (exact in
+    long double): a long double sum of values near 1e10 would itself round by ~1e-9.
+    """
+    L = np.longdouble
+    axes = (0,) + tuple(range(2, x.ndim))
+    sh = (1, -1) + (1,) * (x.ndim - 2)
+    xl = x.astype(L)
+    if mean is None:
+        k = xl[(0, slice(None)) + (0,) * (x.ndim - 2)].reshape(sh)
+        d = xl - k
+        md = d.mean(axis=axes)
+        var = ((d - md.reshape(sh)) ** 2).mean(axis=axes)
+        centered, mean = d - md.reshape(sh), md + k.ravel()
+    else:
+        mean, var = mean.astype(L), var.astype(L)
+        centered = xl - mean.reshape(sh)
+    y = centered / np.sqrt(var.reshape(sh) + L(eps)) * weight.astype(L).reshape(sh) \
+        + bias.astype(L).reshape(sh)
+    return y, mean
+
+
+# Largest error allowed against the long double reference (issue 9, section 6): it must
+# not grow with the offset.  float64 gets ~1e-15 here (the mean's rounding residual is
+# carried into the shift), float32 its own rounding.
+OFFSET_BOUND = [(np.float64, 1e8, 1e-9), (np.float64, -1e10, 1e-7), (np.float64, 1e10, 1e-7),
+                (np.float64, 1e12, 1e-7), (np.float32, 1e6, 1e-6), (np.float32, -1e6, 1e-6)]
+
+
+@needs_extended
+@pytest.mark.parametrize("dt, offset, bound", OFFSET_BOUND, ids=str)
+@pytest.mark.parametrize("shape", [(16, 4, 8, 8), (4096, 3), (32, 2, 64, 64), (3, 5, 300)],
+                         ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_offset_against_long_double(rng, dt, offset, bound, shape, layout):
+    C = shape[1]
+    x = (rng.standard_normal(shape) + offset).astype(dt)
+    w = rng.uniform(0.5, 2.0, C).astype(dt)
+    b = rng.uniform(-1.0, 1.0, C).astype(dt)
+    # Training: batch statistics.
+    y, save_mean, _ = bnfast.batch_norm(_in(x, layout), None, None, w, b, training=True,
+                                        return_stats=True)
+    ref, ref_mean = _long_double_reference(x, w, b, 1e-5)
+    err = float(np.abs(y.astype(np.longdouble) - ref).max())
+    assert err <= bound, f"train: max error {err:.3g} > {bound:g}"
+    # save_mean keeps its meaning: the mean, to within an ulp of float64.
+    assert np.all(np.abs(save_mean - ref_mean) <= np.spacing(np.abs(save_mean)))
+    # Evaluation with running statistics near the data: exact w.r.t. the given mean.
+    rm = (x.astype(np.longdouble).mean(axis=(0,) + tuple(range(2, x.ndim)))).astype(dt)
+    rv = rng.uniform(0.5, 2.0, C).astype(dt)
+    y = bnfast.batch_norm(_in(x, layout), rm, rv, w, b)
+    ref, _ = _long_double_reference(x, w, b, 1e-5, rm, rv)
+    err = float(np.abs(y.astype(np.longdouble) - ref).max())
+    assert err <= bound, f"eval: max error {err:.3g} > {bound:g}"
+
+
+@needs_extended
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_offset_fused_against_long_double(rng, layout):
+    # The addend and the ReLU are added in double and rounded once too.
+    x = rng.standard_normal((8, 3, 6, 6)) + 1e10
+    addend = rng.standard_normal(x.shape)
+    y = bnfast.fused_batch_norm(_in(x, layout), None, None, addend=_in(addend, layout),
+                                training=True)
+    ref, _ = _long_double_reference(x, np.ones(3), np.zeros(3), 1e-5)
+    ref = np.maximum(ref + addend.astype(np.longdouble), 0)
+    assert float(np.abs(y.astype(np.longdouble) - ref).max()) <= 1e-12
+
+
+# -- scales and values beyond float32's range in the normalise step --------------------
+@pytest.mark.parametrize("eps", [1e-300, 1e-80])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_constant_channel_tiny_eps_gives_exactly_bias(rng, eps, layout):
+    # The scale 1/sqrt(eps) (up to 1e150) does not fit float32; the normalise step
+    # computes in double, where 0 * 1e150 + bias is exactly the bias (not 0 * inf = NaN).
+    shape = (4, 3, 5, 5)
+    x = make_input(rng, shape, np.float32)
+    x[:, 1] = np.float32(2.5)
+    w = np.array([1.0, 3.0, 1.0], np.float32)
+    b = np.array([0.1, -0.2, 0.3], np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = bnfast.batch_norm(_in(x, layout), None, None, w, b, training=True, eps=eps)
+        assert np.all(y[:, 1] == b[1]), np.unique(y[:, 1])
+        y = bnfast.fused_batch_norm(_in(x, layout), None, None, w, -b, training=True, eps=eps)
+        assert np.all(y[:, 1] == -b[1])  # relu(0.2)
+        # Evaluation: the running variance 0, the running mean the channel's value.
+        rm = np.array([0.0, 2.5, 0.0], np.float32)
+        rv = np.array([1.0, 0.0, 1.0], np.float32)
+        y = bnfast.batch_norm(_in(x, layout), rm, rv, w, b, eps=eps)
+        assert np.all(y[:, 1] == b[1]), np.unique(y[:, 1])
+    assert np.isfinite(y[:, [0, 2]]).all()
+
+
+def _is_rounding_of(y, exact):
+    """y (float32) is the float64 value ``exact`` rounded to float32 (within half an ulp)."""
+    half_ulp = 0.5 * np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    return np.all(np.abs(y.astype(np.float64) - exact) <= half_ulp * (1 + 1e-9))
+
+
+@pytest.mark.parametrize("shape", [(8, 2, 3, 3), (64, 2), (5, 2, 70)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_values_near_max_normalise_finite(rng, shape, layout):
+    # x - mean overflows float32 (|x| ~ 3e38 of both signs); the statistics are right
+    # (double) and the normalise step computes in double too: the exact result, rounded.
+    x = (rng.uniform(-1, 1, shape) * 3.3e38).astype(np.float32)
+    w = np.array([1.5, -0.5], np.float32)
+    b = np.array([0.25, 1.0], np.float32)
+    with np.errstate(over="ignore"):  # the running variance (~1e76) does not fit float32
+        y = bnfast.batch_norm(_in(x, layout), None, None, w, b, training=True)
+        ref = reference_batch_norm(x, None, None, w, b, training=True)
+        assert np.isfinite(y).all()
+        assert _is_rounding_of(y, ref.out)
+        addend = rng.standard_normal(shape).astype(np.float32)
+        y = bnfast.fused_batch_norm(_in(x, layout), None, None, w, b, _in(addend, layout),
+                                    training=True)
+        assert _is_rounding_of(y, np.maximum(ref.out + addend, 0))
+    # Evaluation with a running mean of the other sign: x - mean ~ -6e38.
+    rm = np.full(2, 3e38, np.float32)
+    rv = np.full(2, 3e38, np.float32)
+    y = bnfast.batch_norm(_in(x, layout), rm, rv, w, b)
+    assert np.isfinite(y).all()
+    assert _is_rounding_of(y, reference_batch_norm(x, rm, rv, w, b).out)
+
+
 # -- extreme magnitudes ----------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1e30, 1e-30, 1e100, 1e-100, 1e150])
 @pytest.mark.parametrize("layout", LAYOUTS)
