@@ -228,7 +228,7 @@ cdef inline void _first_block(const floating* xp, const floating* ap, floating* 
         if use_float:  # the choice hoisted out of the run loop (short runs: 49 values)
             for t in range(first, last):
                 off = t * S
-                bnfast_affine_scalar_f32(xp + off, NULL if ap == NULL else ap + off, yp + off,
+                bnfast_affine_scalar_f32(xp + off, ap if ap == NULL else ap + off, yp + off,
                                          S, ft[c], ft[C + c], ft[2 * C + c], relu)
                 c = c + 1
                 if c == C:
@@ -237,7 +237,7 @@ cdef inline void _first_block(const floating* xp, const floating* ap, floating* 
             return
     for t in range(first, last):
         off = t * S
-        _apply_scalar(xp + off, NULL if ap == NULL else ap + off, yp + off, S,
+        _apply_scalar(xp + off, ap if ap == NULL else ap + off, yp + off, S,
                       table, C, c, False, relu)
         c = c + 1
         if c == C:
@@ -272,7 +272,7 @@ cdef inline void _last_block(const floating* xp, const floating* ap, floating* y
                              const double* tile, bint use_float, bint relu,
                              unsigned char* bits) noexcept nogil:
     """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
-    _apply_tiled(xp + start, NULL if ap == NULL else ap + start, yp + start, stop - start, W,
+    _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,
                  tile, use_float, relu)
     _pack_block(yp, start, stop - start, bits)
 

@@ -176,8 +176,8 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
     cdef double* part_m2 = part + blocks * W
     # Channel origins (row 0), tiled over the wide row.
     cdef double* origin = part + 2 * blocks * W
-    cdef double* s1
-    cdef floating* shift
+    cdef double* s1 = scratch      # (set per thread below; initialised for the compiler)
+    cdef floating* shift = shifts
     cdef Py_ssize_t b, r, j, l
     cdef double cnt, n_a
     for j in range(W):
