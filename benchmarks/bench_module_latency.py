@@ -24,8 +24,8 @@ import pytest
 pytest.importorskip("pytest_benchmark")
 
 import bnfast  # noqa: E402
-from bnfast.bench.data import Inputs  # noqa: E402
 from bnfast.bench.check import compare, expected  # noqa: E402
+from bnfast.bench.data import Inputs  # noqa: E402
 from bnfast.bench.suite import format_shape  # noqa: E402
 
 SHAPES = [(1, 512, 7, 7), (1, 64, 56, 56), (1, 2048, 1, 1)]

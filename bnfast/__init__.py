@@ -8,8 +8,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     raise not_built_error(exc) from None  # the message carries the cause
 
 from ._config import openmp_enabled, show_config
-from .backward import (ReluMask, batch_norm_backward, fused_batch_norm_backward, no_grad,
-                       relu_mask)
+from .backward import ReluMask, batch_norm_backward, fused_batch_norm_backward, no_grad, relu_mask
 from .functional import batch_norm, fused_batch_norm
 from .fused import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d

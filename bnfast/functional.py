@@ -8,7 +8,6 @@ documented copy), then one compiled call (``bnfast._forward.forward``).
 import numpy as np
 
 from . import _forward, _layout
-from .backward import ReluMask
 from ._threads import resolve_threads
 from ._validation import (
     check_channel_vector,
@@ -20,6 +19,7 @@ from ._validation import (
     check_same_shape,
     check_training_size,
 )
+from .backward import ReluMask
 
 __all__ = ["batch_norm", "fused_batch_norm"]
 
