@@ -28,21 +28,13 @@
 # still normalises to ~1e-7).
 # One read of x (and addend), one write of y; y may be x or addend itself
 # (every element is read before it is written).
-from cython cimport floating
+from _dtypes cimport real_t
 from cython.parallel cimport prange
 from libc.math cimport fabs, sqrt
 from libc.stdlib cimport free, malloc
 
 from _tiling cimport _gcd, tile_repeat
 from _openmp_helpers cimport threads_for
-
-ctypedef fused stat_t:
-    float
-    double
-
-ctypedef fused param_t:
-    float
-    double
 
 cdef enum:
     # Elements per parallel task.
@@ -52,8 +44,8 @@ cdef enum:
     MASK_BLOCK_ELEMS = 2048
 
 
-cdef inline void fill_coefficients(const stat_t* mean, const stat_t* var,
-                                   const param_t* weight, const param_t* bias, Py_ssize_t C,
+cdef inline void fill_coefficients(const double* mean, const double* var,
+                                   const double* weight, const double* bias, Py_ssize_t C,
                                    double eps, double* coef) noexcept nogil:
     """coef rows (C each): mean, invstd, scale, shift.  weight/bias NULL mean 1 and 0."""
     cdef Py_ssize_t c
@@ -165,7 +157,7 @@ cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
 
 
-cdef inline void _pack_block(const floating* y, Py_ssize_t start, Py_ssize_t n,
+cdef inline void _pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
                              unsigned char* bits) noexcept nogil:
     """ReLU mask bits of y[start:start + n], just written (still in cache).
 
@@ -173,7 +165,7 @@ cdef inline void _pack_block(const floating* y, Py_ssize_t start, Py_ssize_t n,
     """
     if bits == NULL:
         return
-    if floating is float:
+    if real_t is float:
         bnfast_pack_positive_f32(y + start, n, bits + start // 8)
     else:
         bnfast_pack_positive_f64(y + start, n, bits + start // 8)
@@ -185,12 +177,12 @@ cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noex
     return (units + step - 1) // step * step
 
 
-cdef inline void _apply_scalar(const floating* x, const floating* addend, floating* y,
+cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
                                Py_ssize_t n, const double* table, Py_ssize_t W, Py_ssize_t c,
                                bint use_float, bint relu) noexcept nogil:
     # Channel c of the table: its float rows (use_float) or its double rows.
     cdef const float* ft
-    if floating is float:
+    if real_t is float:
         if use_float:
             ft = <const float*>(table + 3 * W)
             bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
@@ -202,12 +194,12 @@ cdef inline void _apply_scalar(const floating* x, const floating* addend, floati
                                  relu)
 
 
-cdef inline void _apply_tiled(const floating* x, const floating* addend, floating* y,
+cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
                               Py_ssize_t n, Py_ssize_t W, const double* tile,
                               bint use_float, bint relu) noexcept nogil:
     # n values from a W-aligned start, as pieces of the W-long tile.
     cdef const float* ft
-    if floating is float:
+    if real_t is float:
         if use_float:
             ft = <const float*>(tile + 3 * W)
             bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
@@ -217,14 +209,14 @@ cdef inline void _apply_tiled(const floating* x, const floating* addend, floatin
         bnfast_affine_tiled_f64(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
 
 
-cdef inline void _first_block(const floating* xp, const floating* ap, floating* yp,
+cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
                               Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
                               Py_ssize_t first, Py_ssize_t last, const double* table,
                               bint use_float, bint relu, unsigned char* bits) noexcept nogil:
     """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
     cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
     cdef const float* ft = <const float*>(table + 3 * C)
-    if floating is float:
+    if real_t is float:
         if use_float:  # the choice hoisted out of the run loop (short runs: 49 values)
             for t in range(first, last):
                 off = t * S
@@ -245,7 +237,7 @@ cdef inline void _first_block(const floating* xp, const floating* ap, floating* 
     _pack_block(yp, first * S, (last - first) * S, bits)
 
 
-cdef inline void apply_first(const floating* xp, const floating* ap, floating* yp,
+cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """relu?((x - m) * a + b + addend?) over (N, C, S); table: fill_table's, untiled."""
@@ -267,7 +259,7 @@ cdef inline void apply_first(const floating* xp, const floating* ap, floating* y
                      min(runs, (blk + 1) * per_block), table, use_float, relu, bits)
 
 
-cdef inline void _last_block(const floating* xp, const floating* ap, floating* yp,
+cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W,
                              const double* tile, bint use_float, bint relu,
                              unsigned char* bits) noexcept nogil:
@@ -277,7 +269,7 @@ cdef inline void _last_block(const floating* xp, const floating* ap, floating* y
     _pack_block(yp, start, stop - start, bits)
 
 
-cdef inline void apply_last(const floating* xp, const floating* ap, floating* yp,
+cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
                             Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const double* tile,
                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """The same over (M, C) rows; tile: fill_table's with the channels repeated k times."""
@@ -316,7 +308,7 @@ cdef inline int make_table(const double* coef, Py_ssize_t C, Py_ssize_t S,
     return 0
 
 
-cdef inline void apply_table(const floating* xp, const floating* ap, floating* yp,
+cdef inline void apply_table(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits) noexcept nogil:
     """y = relu?((x - m) * a + b + addend?) over (N, C, S), or N rows of C when S == 0."""
@@ -326,7 +318,7 @@ cdef inline void apply_table(const floating* xp, const floating* ap, floating* y
         apply_last(xp, ap, yp, N, C, tile_repeat(C), table, relu, n_threads, bits)
 
 
-cdef inline int normalize(const floating* xp, const floating* ap, floating* yp, Py_ssize_t N,
+cdef inline int normalize(const real_t* xp, const real_t* ap, real_t* yp, Py_ssize_t N,
                           Py_ssize_t C, Py_ssize_t S, const double* coef, bint relu,
                           int n_threads, unsigned char* bits,
                           const double* residual) noexcept nogil:

@@ -22,7 +22,7 @@
 # (exact for data near it) and folds the residual into its shift, so float64
 # data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
-from cython cimport floating
+from _dtypes cimport real_t
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 
@@ -40,10 +40,6 @@ cdef enum:
     STATS_BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
 
-ctypedef fused buffer_t:
-    float
-    double
-
 
 cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
     """Turn the accumulated m2 (stored in the var array) into the biased variance."""
@@ -52,7 +48,7 @@ cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) n
         m2[c] = m2[c] / count
 
 
-cdef inline void _first_task(const floating* base, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef inline void _first_task(const real_t* base, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                              Py_ssize_t t, Py_ssize_t blocks, Py_ssize_t per_task,
                              const double* origin, double* part, double* part_m2) noexcept nogil:
     """Task t = (channel c, sample block b): the block's mean (relative to origin[c])
@@ -61,7 +57,7 @@ cdef inline void _first_task(const floating* base, Py_ssize_t N, Py_ssize_t C, P
     cdef Py_ssize_t b = t - c * blocks
     cdef double cnt = 0.0, mu = 0.0, m2 = 0.0, chunk_n = 0.0, s1 = 0.0, s2 = 0.0, shift = 0.0
     cdef Py_ssize_t n, s0, run
-    cdef const floating* run_start
+    cdef const real_t* run_start
     for n in range(b * per_task, min(N, (b + 1) * per_task)):
         # Runs of S values; a chunk may span several runs (small S).
         s0 = 0
@@ -83,7 +79,7 @@ cdef inline void _first_task(const floating* base, Py_ssize_t N, Py_ssize_t C, P
     part_m2[b * C + c] = m2
 
 
-cdef inline int stats_first(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                             double* mean, double* var, int n_threads,
                             double* residual) noexcept nogil:
     """Mean and biased variance per channel of (N, C, S), all > 0.  -1 without memory.
@@ -122,8 +118,8 @@ cdef inline int stats_first(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ss
     return 0
 
 
-cdef inline void _last_block(const floating* base, Py_ssize_t b, Py_ssize_t rows,
-                             Py_ssize_t per_block, Py_ssize_t W, floating* shift, double* s1,
+cdef inline void _last_block(const real_t* base, Py_ssize_t b, Py_ssize_t rows,
+                             Py_ssize_t per_block, Py_ssize_t W, real_t* shift, double* s1,
                              double* s2, const double* origin, double* part,
                              double* part_m2) noexcept nogil:
     """Block b of wide rows: per-column mean (relative to origin[j], the column's
@@ -134,9 +130,9 @@ cdef inline void _last_block(const floating* base, Py_ssize_t b, Py_ssize_t rows
         s2[j] = 0.0
     cdef Py_ssize_t r_end = min(rows, (b + 1) * per_block)
     # Shift: the block's first wide row (values from the chunk).
-    cdef const floating* first = base + b * per_block * W
+    cdef const real_t* first = base + b * per_block * W
     for j in range(W):
-        shift[j] = <floating>finite_or_zero(first[j])
+        shift[j] = <real_t>finite_or_zero(first[j])
     shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2)
     cdef double inv_cnt = 1.0 / <double>(r_end - b * per_block)
     # Plain arithmetic first (vectorises), rare fix-ups after.
@@ -148,7 +144,7 @@ cdef inline void _last_block(const floating* base, Py_ssize_t b, Py_ssize_t rows
             part_m2[b * W + j] = m2_fixup(part_m2[b * W + j], s1[j], s2[j])
 
 
-cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, double* mean,
+cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, double* mean,
                            double* var, int n_threads, double* residual) noexcept nogil:
     """Mean and biased variance per channel of (M, C) rows, both > 0.  -1 without memory.
 
@@ -167,7 +163,7 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
     cdef Py_ssize_t slice_len = (2 * W + 7) // 8 * 8 + 8
     cdef double* scratch = <double*>malloc(nt * slice_len * sizeof(double))
     # Per-thread column shifts in the storage type (the SIMD leaf reads them so).
-    cdef floating* shifts = <floating*>malloc(nt * slice_len * sizeof(floating))
+    cdef real_t* shifts = <real_t*>malloc(nt * slice_len * sizeof(real_t))
     if part == NULL or scratch == NULL or shifts == NULL:
         free(part)
         free(scratch)
@@ -177,7 +173,7 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
     # Channel origins (row 0), tiled over the wide row.
     cdef double* origin = part + 2 * blocks * W
     cdef double* s1 = scratch      # (set per thread below; initialised for the compiler)
-    cdef floating* shift = shifts
+    cdef real_t* shift = shifts
     cdef Py_ssize_t b, r, j, l
     cdef double cnt, n_a
     for j in range(W):
@@ -219,7 +215,7 @@ cdef inline int stats_last(const floating* base, Py_ssize_t M, Py_ssize_t C, dou
     return 0
 
 
-cdef inline void update_running(buffer_t* running_mean, buffer_t* running_var,
+cdef inline void update_running(real_t* running_mean, real_t* running_var,
                                 const double* mean, const double* var, Py_ssize_t C,
                                 double count, double momentum) noexcept nogil:
     """PyTorch's running-stat update, computed in double and rounded once.
@@ -231,5 +227,5 @@ cdef inline void update_running(buffer_t* running_mean, buffer_t* running_var,
     cdef double keep = 1.0 - momentum
     cdef double unbias = count / (count - 1.0)
     for c in range(C):
-        running_mean[c] = <buffer_t>(keep * running_mean[c] + momentum * mean[c])
-        running_var[c] = <buffer_t>(keep * running_var[c] + momentum * (var[c] * unbias))
+        running_mean[c] = <real_t>(keep * running_mean[c] + momentum * mean[c])
+        running_var[c] = <real_t>(keep * running_var[c] + momentum * (var[c] * unbias))

@@ -1,5 +1,12 @@
 # Types shared by every compiled module: the kernel layouts (the values of
-# bnfast._layout.Layout) and, in one place, the fused storage types.
+# bnfast._layout.Layout) and, in one place, the storage types of the data.
+# Every kernel body is written once over real_t (accumulating in double); a new
+# storage type (float16, bfloat16) is one more line here and in the entries'
+# type-number switch.
+
+ctypedef fused real_t:
+    float
+    double
 
 cdef enum Layout:
     CHANNELS_FIRST = 0   # (N, C, S), C-contiguous

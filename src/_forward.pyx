@@ -11,13 +11,12 @@ out every argument (the contract is in :func:`forward`'s docstring), so a call
 costs what the kernels cost plus well under a microsecond.
 """
 cimport numpy as cnp
-from cython cimport floating
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy
 
+from _dtypes cimport CHANNELS_FIRST, real_t
 from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, table_len
 from _batch_stats cimport stats_first, stats_last, update_running
-from _dtypes cimport CHANNELS_FIRST
 from _tiling cimport tile_repeat
 
 cnp.import_array()
@@ -327,7 +326,7 @@ cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,
     return _moments[double](<const double*>cnp.PyArray_DATA(x), shape, coef, residual, n_threads)
 
 
-cdef int _moments(const floating* xp, Shape shape, double* coef, double* residual,
+cdef int _moments(const real_t* xp, Shape shape, double* coef, double* residual,
                   int n_threads) noexcept:
     cdef int status
     with nogil:
@@ -352,7 +351,7 @@ cdef void _update_running(object running_mean, object running_var, const double*
                        <double>count, momentum)
 
 
-cdef int _apply(const floating* xp, const floating* ap, floating* yp, Shape shape,
+cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
                 const double* coef, const double* residual, const double* table, bint relu,
                 int n_threads, unsigned char* bits) noexcept:
     """The normalise pass with ``table`` (fill_table's), or one made here from coef and

@@ -7,7 +7,7 @@
 # eps * (1 + n) relative) and combined with Chan et al.'s pairwise update.
 # Chunks are cut by the array's shape only, never by the thread count, so the
 # result is bit-identical for any number of threads.
-from cython cimport floating
+from _dtypes cimport real_t
 from libc.math cimport INFINITY
 
 
@@ -24,28 +24,28 @@ cdef extern from "bnfast_simd.h" nogil:
                                     const double* shift, double* s1, double* s2)
 
 
-cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double shift,
+cdef inline void shifted_sums(const real_t* x, Py_ssize_t n, double shift,
                               double* s1, double* s2) noexcept nogil:
     """Add sum(x - shift) to s1[0] and sum((x - shift)**2) to s2[0] (SIMD leaf)."""
-    if floating is float:
+    if real_t is float:
         bnfast_shifted_sums_f32(x, n, shift, s1, s2)
     else:
         bnfast_shifted_sums_f64(x, n, shift, s1, s2)
 
 
-cdef inline void shifted_colsums(const floating* x, Py_ssize_t rows, Py_ssize_t W,
-                                 const floating* shift, double* s1, double* s2) noexcept nogil:
+cdef inline void shifted_colsums(const real_t* x, Py_ssize_t rows, Py_ssize_t W,
+                                 const real_t* shift, double* s1, double* s2) noexcept nogil:
     """Add column j's sum(x[:, j] - shift[j]) to s1[j], squares to s2[j] (SIMD leaf)."""
-    if floating is float:
+    if real_t is float:
         bnfast_shifted_colsums_f32(x, rows, W, shift, s1, s2)
     else:
         bnfast_shifted_colsums_f64(x, rows, W, shift, s1, s2)
 
 
-cdef inline void centered_dot(const floating* x, const floating* y, Py_ssize_t n, double shift,
+cdef inline void centered_dot(const real_t* x, const real_t* y, Py_ssize_t n, double shift,
                               double* sy, double* sxy) noexcept nogil:
     """Add sum(y) to sy[0] and sum((x - shift) * y) to sxy[0] (SIMD leaf)."""
-    if floating is float:
+    if real_t is float:
         bnfast_centered_dot_f32(x, y, n, shift, sy, sxy)
     else:
         bnfast_centered_dot_f64(x, y, n, shift, sy, sxy)
