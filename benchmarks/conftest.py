@@ -4,7 +4,8 @@
 project's ``testpaths`` is ``tests``, so plain ``pytest`` never runs them).
 Options choose the suite::
 
-    pytest benchmarks/ --benchmark-only --bench-shapes 32x256x56x56,256x1024 --bench-dtypes float32,float64
+    pytest benchmarks/ --benchmark-only \\
+        --bench-shapes 32x256x56x56,256x1024 --bench-dtypes float32,float64
 
 Fixtures for suites: ``bench_shape`` and ``bench_dtype`` (parametrized from
 the options), ``bench_inputs`` (the cached :class:`bnfast.bench.data.Inputs`
@@ -109,7 +110,8 @@ def bench_case(benchmark, implementation, bench_inputs, bench_shape, bench_dtype
             assert checked["correct"], checked
         benchmark.group = f"{mode} {bench_dtype} {format_shape(bench_shape)}"
         benchmark.extra_info.update(
-            mode=mode, dtype=bench_dtype, shape=list(bench_shape), threads=adapter.effective_threads,
+            mode=mode, dtype=bench_dtype, shape=list(bench_shape),
+            threads=adapter.effective_threads,
             bytes_moved=adapter.bytes_moved(case) if name == "copy" else case.bytes_moved)
         benchmark(prepared.run)
     return run

@@ -5,7 +5,7 @@ Examples
 ::
 
     python -m bnfast config                     # build and thread configuration
-    python -m bnfast bench --quick              # ~20 s self-check against NumPy/PyTorch/ONNX Runtime
+    python -m bnfast bench --quick              # ~20 s self-check vs NumPy/PyTorch/ONNX Runtime
     python -m bnfast bench --modes eval,train --dtypes float32 --json out.json --plot out.png
     python -m bnfast bench --shapes 32x64x112x112,256x1024 --threads 1
     python -m bnfast bench --quick --busy 1     # beside a neighbour process running bnfast
@@ -94,7 +94,8 @@ def build_parser():
                      help="write into output buffers made once (default; isolates the kernels), "
                           "or let every call allocate as typical user code does")
     run.add_argument("--repeat", type=_arg_type(_positive_int, "repeat"), metavar="N",
-                     help="exactly N timed samples per measurement (default: enough for --min-time)")
+                     help="exactly N timed samples per measurement "
+                          "(default: enough for --min-time)")
     run.add_argument("--busy", type=_arg_type(_non_negative_int, "busy"), default=0, metavar="N",
                      help="run N neighbour processes calling bnfast (default threads) during the "
                           "measurements, as on a shared server; compare the mean times")

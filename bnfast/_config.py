@@ -9,7 +9,8 @@ from . import _openmp
 try:
     from ._build_info import BUILD_INFO
 except ImportError:  # built by a tool that bypassed setup.py's build_ext
-    BUILD_INFO = {"compile_args": [], "link_args": [], "openmp": None, "compiler": "", "debug": False}
+    BUILD_INFO = {"compile_args": [], "link_args": [], "openmp": None, "compiler": "",
+                  "debug": False}
 
 
 def openmp_enabled():

@@ -13,7 +13,8 @@ def not_built_error(cause):
     missing OpenMP runtime, another Python): the original error says why.
     """
     here = os.path.dirname(os.path.abspath(__file__))
-    compiled = [p for p in glob.glob(os.path.join(here, "_openmp.*")) if p.endswith((".so", ".pyd"))]
+    compiled = [p for p in glob.glob(os.path.join(here, "_openmp.*"))
+                if p.endswith((".so", ".pyd"))]
     if not compiled:
         return ImportError(
             f"bnfast is not built: run `pip install -e .` in the repository to build the "

@@ -60,7 +60,8 @@ def check_n_threads(n_threads):
         raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}")
     n_threads = int(n_threads)
     if n_threads == 0:
-        raise ValueError("n_threads=0 is invalid: use None for the OpenMP default, or a positive int")
+        raise ValueError("n_threads=0 is invalid: use None for the OpenMP default, "
+                         "or a positive int")
     if abs(n_threads) > MAX_THREADS:
         raise ValueError(f"n_threads={n_threads} is out of range: at most {MAX_THREADS} threads "
                          f"(or at least -{MAX_THREADS}, counting back from the maximum)")

@@ -257,8 +257,9 @@ def test_bad_arguments_give_a_clean_argparse_error(args, message, capsys):
 
 def test_module_runs_as_a_script():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bnfast", "bench", "--shapes", "3x4x5", "--modes", "eval",
-                           "--dtypes", "float32", "--peers", "numpy", "--repeat", "1"],
+    proc = subprocess.run([sys.executable, "-m", "bnfast", "bench", "--shapes", "3x4x5",
+                           "--modes", "eval", "--dtypes", "float32", "--peers", "numpy",
+                           "--repeat", "1"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0
     proc = subprocess.run([sys.executable, "-m", "bnfast", "bench", "--shapes", "3x"],
@@ -305,13 +306,15 @@ def test_onnx_model_passes_the_onnx_checker():
     from bnfast.bench.impl_onnxruntime import batch_norm_model
     p = np.ones(3, np.float32)
     for fused in (False, True):
-        model = onnx.load_from_string(batch_norm_model((2, 3, 4), np.float32, p, p, p, p, 1e-5, fused))
+        model = onnx.load_from_string(
+            batch_norm_model((2, 3, 4), np.float32, p, p, p, p, 1e-5, fused))
         onnx.checker.check_model(model, full_check=True)
 
 
 def test_import_bnfast_does_not_import_torch():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = "import sys, bnfast, bnfast.__main__; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    code = ("import sys, bnfast, bnfast.__main__; "
+            "print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env, cwd=ROOT)
     assert proc.stdout.split() == ["False", "False"], proc.stderr

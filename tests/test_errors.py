@@ -74,7 +74,8 @@ def test_integer_list_is_not_silently_cast():
 
 
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
-@pytest.mark.parametrize("bad", [np.int64, np.float16, np.complex128], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("bad", [np.int64, np.float16, np.complex128],
+                         ids=lambda d: np.dtype(d).name)
 def test_non_float_channel_vectors(name, bad):
     x = np.ones((4, 3), np.float32)
     kwargs = dict(running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32))
@@ -206,7 +207,8 @@ def test_one_value_per_channel_message_like_torch(torch):
         bnfast.BatchNorm1d(3)(np.ones((1, 3), np.float32))
 
 
-@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (1, 3)), (bnfast.BatchNorm1d, (1, 3, 1)),
+@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (1, 3)),
+                                       (bnfast.BatchNorm1d, (1, 3, 1)),
                                        (bnfast.BatchNorm2d, (1, 3, 1, 1)),
                                        (bnfast.BatchNorm3d, (1, 3, 1, 1, 1)),
                                        (bnfast.FusedBatchNorm2d, (1, 3, 1, 1))], ids=str)

@@ -130,7 +130,8 @@ def test_step_sequence_matches_torch_and_reference(dtype, rng, torch, kind, affi
             assert_close(after["running_var"], ref.running_var, dtype, STAT_TOL)
 
 
-@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (0, 3)), (bnfast.BatchNorm1d, (0, 3, 4)),
+@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (0, 3)),
+                                       (bnfast.BatchNorm1d, (0, 3, 4)),
                                        (bnfast.BatchNorm2d, (0, 3, 4, 4)),
                                        (bnfast.BatchNorm3d, (0, 3, 2, 2, 2))], ids=str)
 def test_empty_batch_like_torch(dtype, torch, cls, shape):
@@ -158,7 +159,8 @@ def test_cumulative_average_is_mean_of_batch_statistics(dtype, rng):
         unbiased.append(x.astype(np.float64).var(axis=0, ddof=1))
     # running = (1 - 1/k) running + (1/k) batch_k, starting from (0, 1): the mean of
     # the batch statistics (the initial values get weight 0 at k = 1).
-    tol = dict(rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6 if dtype == np.float32 else 1e-13)
+    tol = dict(rtol=1e-5 if dtype == np.float32 else 1e-12,
+               atol=1e-6 if dtype == np.float32 else 1e-13)
     np.testing.assert_allclose(m.running_mean, np.mean(means, axis=0), **tol)
     np.testing.assert_allclose(m.running_var, np.mean(unbiased, axis=0), **tol)
     assert int(m.num_batches_tracked) == 4
@@ -274,7 +276,8 @@ def test_state_dict_to_torch(dtype, rng, torch):
     for _ in range(3):
         m(make_input(rng, (4, C, 3, 3), dtype))
     tm = _torch_module(torch, "BatchNorm2d", dtype)
-    result = tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in m.state_dict().items()})
+    result = tm.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in m.state_dict().items()})
     assert list(result.missing_keys) == [] and list(result.unexpected_keys) == []
     for key, value in _torch_buffers(tm).items():
         np.testing.assert_array_equal(value, getattr(m, key), err_msg=key)
@@ -503,7 +506,8 @@ def test_fused_repr_names_fused_class():
 
 
 # -- every combination, every class, against the reference only (no torch needed) ----
-@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (6, 3)), (bnfast.BatchNorm1d, (3, 3, 4)),
+@pytest.mark.parametrize("cls,shape", [(bnfast.BatchNorm1d, (6, 3)),
+                                       (bnfast.BatchNorm1d, (3, 3, 4)),
                                        (bnfast.BatchNorm2d, (2, 3, 3, 4)),
                                        (bnfast.BatchNorm3d, (2, 3, 2, 2, 3))],
                          ids=["1d-2D", "1d-3D", "2d", "3d"])

@@ -5,8 +5,8 @@ one of the defects found: the forward against the float64 reference across
 dtypes, layouts and options; ``load_state_dict`` all or nothing; ``n_threads``
 validated in every entry; torch state dicts of any floating dtype; a forked
 child never hangs; and two float32 numerics cases (a constant channel with an
-eps below float32's range; values near float32's largest).  Derandomized with small example counts: the same
-cases every run, a few seconds in all.
+eps below float32's range; values near float32's largest).  Derandomized with
+small example counts: the same cases every run, a few seconds in all.
 """
 import os
 import signal

@@ -248,7 +248,8 @@ def test_concurrent_eval_calls_while_weight_is_rewritten(rng, shape, calls):
 def test_relu_mask_bit_identical(dtype, rng):
     # Pass 1 of the fused backward packs the mask in blocks handed out to the threads.
     x = make_input(rng, (9, 5, 123, 129), dtype)
-    y = bnfast.fused_batch_norm(x, None, None, training=True, addend=make_input(rng, x.shape, dtype))
+    y = bnfast.fused_batch_norm(x, None, None, training=True,
+                                addend=make_input(rng, x.shape, dtype))
     for yv in (y, channels_last(y)):
         one = bnfast.relu_mask(yv, n_threads=1).to_array()
         np.testing.assert_array_equal(one, ~(yv <= 0))

@@ -70,7 +70,10 @@ class Implementation:
         return None
 
     def prepare(self, case, inputs):
-        """Return a :class:`Prepared` for ``case`` on ``inputs`` (a :class:`~bnfast.bench.data.Inputs`)."""
+        """Return a :class:`Prepared` for ``case`` on ``inputs``.
+
+        ``inputs`` is a :class:`~bnfast.bench.data.Inputs`.
+        """
         raise NotImplementedError
 
     def close(self):

@@ -68,7 +68,8 @@ def compare(outputs, expected, dtype):
     for key, ref in expected.items():
         got = outputs.get(key)
         if got is None or np.shape(got) != ref.shape:
-            note = f"{key}: missing" if got is None else f"{key}: shape {np.shape(got)}, expected {ref.shape}"
+            note = (f"{key}: missing" if got is None
+                    else f"{key}: shape {np.shape(got)}, expected {ref.shape}")
             return {"max_abs_error": None, "error": None, "worst": key, "tolerance": tol,
                     "correct": False, "note": note}
         if ref.size == 0:
@@ -77,7 +78,8 @@ def compare(outputs, expected, dtype):
         d = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)))  # NaN propagates
         errors[key] = (d, d / max(1.0, float(np.max(np.abs(ref)))))
     if not errors:
-        return {"max_abs_error": 0.0, "error": 0.0, "worst": None, "tolerance": tol, "correct": True}
+        return {"max_abs_error": 0.0, "error": 0.0, "worst": None, "tolerance": tol,
+                "correct": True}
     worst = max(errors, key=lambda k: math.inf if math.isnan(errors[k][1]) else errors[k][1])
     abs_errors = [d for d, _ in errors.values()]
     max_abs = math.nan if any(math.isnan(d) for d in abs_errors) else max(abs_errors)

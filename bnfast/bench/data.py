@@ -51,7 +51,8 @@ class Inputs:
         self.x = _read_only(self._normal() * self.dtype.type(2) + self.dtype.type(0.5))
         self.weight = _read_only(self._rng.uniform(0.5, 1.5, C).astype(self.dtype))
         self.bias = _read_only((0.1 * self._rng.standard_normal(C)).astype(self.dtype))
-        self.running_mean = _read_only((0.5 + 0.1 * self._rng.standard_normal(C)).astype(self.dtype))
+        self.running_mean = _read_only(
+            (0.5 + 0.1 * self._rng.standard_normal(C)).astype(self.dtype))
         self.running_var = _read_only(self._rng.uniform(0.5, 2.0, C).astype(self.dtype))
         self._cache = {}
 
@@ -78,13 +79,16 @@ class Inputs:
             self.momentum, self.eps, addend=self.addend if fused else None, relu=fused))
 
     def stats(self, training):
-        """``(save_mean, save_invstd)`` in float64: batch ones, or the running ones in evaluation."""
+        """``(save_mean, save_invstd)`` in float64: batch ones, or the running ones in eval."""
         ref = self.forward(training)
         return _read_only(ref.mean), _read_only(ref.invstd)
 
     @property
     def relu_output(self):
-        """``relu(bn(x) + addend)`` of a training forward, in ``dtype``: the fused backward's gate."""
+        """``relu(bn(x) + addend)`` of a training forward, in ``dtype``.
+
+        The fused backward's gate.
+        """
         return self._once("relu_output", lambda: _read_only(
             self.forward(True, fused=True).out.astype(self.dtype)))
 

@@ -47,7 +47,8 @@ class Bnfast(Implementation):
 
         if mode == "train":
             def train(rm, rv):
-                return bnfast.batch_norm(x, rm, rv, w, b, True, momentum, eps, out=out, n_threads=nt)
+                return bnfast.batch_norm(x, rm, rv, w, b, True, momentum, eps, out=out,
+                                         n_threads=nt)
 
             def check():
                 rm, rv = inputs.fresh_running_stats()

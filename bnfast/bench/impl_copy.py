@@ -75,8 +75,10 @@ class CopyRoofline(Implementation):
                 pass
 
         if _quick_time(threaded) < _quick_time(serial):
-            return Prepared(run=threaded, note=f"{name} on {len(chunks)} chunks in {self.n_threads} threads")
-        return Prepared(run=serial, note=f"{name}, 1 thread (faster than {self.n_threads} threads here)")
+            return Prepared(run=threaded,
+                            note=f"{name} on {len(chunks)} chunks in {self.n_threads} threads")
+        return Prepared(run=serial,
+                        note=f"{name}, 1 thread (faster than {self.n_threads} threads here)")
 
     def _chunks(self, y, srcs):
         flat = [a.reshape(-1) for a in (y,) + srcs]

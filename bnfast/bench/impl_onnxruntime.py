@@ -39,7 +39,8 @@ def batch_norm_model(shape, dtype, weight, bias, running_mean, running_var, eps,
                          [h.make_tensor_value_info("Y", elem, shape)],
                          [onnx.numpy_helper.from_array(np.asarray(v, dtype), k)
                           for k, v in params.items()])
-    model = h.make_model(graph, producer_name="bnfast.bench", opset_imports=[h.make_opsetid("", OPSET)])
+    model = h.make_model(graph, producer_name="bnfast.bench",
+                         opset_imports=[h.make_opsetid("", OPSET)])
     model.ir_version = 8  # what onnxruntime releases since 1.10 load
     return model.SerializeToString()
 

@@ -56,7 +56,8 @@ class TorchPeer(Implementation):
         eps, m, alloc = inputs.eps, inputs.momentum, self.allocate
         y = None if alloc else torch.empty_like(x)
         # save_mean/save_invstd outputs of the .out overload (empty in evaluation)
-        save = dict(save_mean=torch.empty(0, dtype=x.dtype), save_invstd=torch.empty(0, dtype=x.dtype))
+        save = dict(save_mean=torch.empty(0, dtype=x.dtype),
+                    save_invstd=torch.empty(0, dtype=x.dtype))
 
         def forward(rm, rv, training):
             if alloc:

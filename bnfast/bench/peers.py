@@ -46,7 +46,8 @@ def parse_peers(text):
         if item in ("ort", "onnx"):
             item = "onnxruntime"
         if item not in PEERS:
-            raise ValueError(f"unknown peer {item!r}; choose from {', '.join(PEERS)} (or all, none)")
+            raise ValueError(f"unknown peer {item!r}; "
+                             f"choose from {', '.join(PEERS)} (or all, none)")
         if item not in picked:
             picked.append(item)
     return tuple(picked)

@@ -37,7 +37,8 @@ def plot_speedups(doc, path):
     peers = [p for p in doc["threads"] if p not in ("copy", "bnfast")]
     modes = [m for m in doc["settings"]["modes"]]
     multi_dtype = len(doc["settings"]["dtypes"]) > 1
-    fig = Figure(figsize=(max(6.0, 1.1 * len(doc["settings"]["shapes"]) * len(doc["settings"]["dtypes"])),
+    fig = Figure(figsize=(max(6.0, 1.1 * len(doc["settings"]["shapes"])
+                              * len(doc["settings"]["dtypes"])),
                           2.8 * max(1, len(modes))), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(max(1, len(modes)), 1, squeeze=False)[:, 0]

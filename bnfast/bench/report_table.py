@@ -101,7 +101,8 @@ def format_report(doc):
         cells += [_err_cell(ours), _check_cell(ours)]
         body.append(cells)
 
-    widths = [max([len(t)] + [len(c[i]) for c in body if c is not None]) for i, t in enumerate(titles)]
+    widths = [max([len(t)] + [len(c[i]) for c in body if c is not None])
+              for i, t in enumerate(titles)]
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -111,12 +112,13 @@ def format_report(doc):
     out += ["" if c is None else line(c) for c in body]
     out += ["", f"bnfast: median time per call ('~': unstable, median > {UNSTABLE:g}x the fastest "
                 "sample); mean: mean time per call, stalls included;",
-            "GB/s: bytes that must move (eval 2, train 3, backward 5, backward_eval 4, fused_eval 3, "
-            "fused_backward 6 x array size) / median time;",
+            "GB/s: bytes that must move (eval 2, train 3, backward 5, backward_eval 4, "
+            "fused_eval 3, fused_backward 6 x array size) / median time;",
             "%copy: that bandwidth relative to np.copyto of the same array (np.add with the addend "
             "for fused_eval);",
-            f"{', '.join(_PEER_TITLES.get(p, p) for p in peers) or 'peers'}: peer time / bnfast time "
-            "(median; >1: bnfast faster), '!' = that peer's result is WRONG;",
+            f"{', '.join(_PEER_TITLES.get(p, p) for p in peers) or 'peers'}: "
+            "peer time / bnfast time (median; >1: bnfast faster), '!' = that peer's result "
+            "is WRONG;",
             "err: max abs error vs the float64 reference (bnfast.testing), divided by "
             "max(1, max|reference|); "
             "check: WRONG when err > " + ", ".join(f"{v:g} ({k})" for k, v in
@@ -132,7 +134,8 @@ def format_report(doc):
     wrong = [r for r in doc["results"] if r["correct"] is False]
     for r in wrong:
         notes.append(f"WRONG: {r['impl']} {r['mode']} {r['dtype']} {format_shape(r['shape'])}: "
-                     f"error {r['error']!r} > {r['tolerance']:g}" + (f" ({r['note']})" if r["note"] else ""))
+                     f"error {r['error']!r} > {r['tolerance']:g}"
+                     + (f" ({r['note']})" if r["note"] else ""))
     seen = set()
     for r in doc["results"]:
         bnfast_missing = r["impl"] == "bnfast" and r["status"] == "unsupported"

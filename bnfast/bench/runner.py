@@ -108,8 +108,9 @@ def run_benchmark(settings, show_progress=True, command=None):
     timed = [r for r in results if r["status"] == "ok"]
     unstable = [r for r in timed if r["median_s"] > UNSTABLE * r["min_s"]]
     if len(unstable) > 0.05 * len(timed):
-        notes.append(f"{len(unstable)} of {len(timed)} measurements are unstable (median more than "
-                     f"{UNSTABLE:g}x the fastest sample): other work on the machine, rerun when idle")
+        notes.append(f"{len(unstable)} of {len(timed)} measurements are unstable (median more "
+                     f"than {UNSTABLE:g}x the fastest sample): other work on the machine, "
+                     "rerun when idle")
     return {
         "schema": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -260,7 +261,8 @@ def _summary(results):
     for r in results:
         if r["impl"] in ("bnfast", "copy") or r["bnfast_speedup"] is None:
             continue
-        logs.setdefault(r["mode"], {}).setdefault(r["impl"], []).append(math.log(r["bnfast_speedup"]))
+        logs.setdefault(r["mode"], {}).setdefault(r["impl"], []).append(
+            math.log(r["bnfast_speedup"]))
     return {mode: {peer: {"geomean_speedup": math.exp(sum(v) / len(v)), "cases": len(v)}
                    for peer, v in peers.items()}
             for mode, peers in logs.items()}

@@ -144,7 +144,8 @@ STATUSES = ("ok", "unsupported", "skipped", "error")
 def _sections(doc):
     """Section title -> the keys it documents (``name : type`` lines, comma lists too)."""
     keys = {}
-    for title, body in re.findall(r"^(\w[\w ]*)\n-+\n(.*?)(?=^\w[\w ]*\n-+\n|\Z)", doc, re.M | re.S):
+    sections = re.findall(r"^(\w[\w ]*)\n-+\n(.*?)(?=^\w[\w ]*\n-+\n|\Z)", doc, re.M | re.S)
+    for title, body in sections:
         names = re.findall(r"^([a-z_][\w, ]*) : ", body, re.M)
         keys[title] = tuple(k.strip() for line in names for k in line.split(","))
     return keys
@@ -165,7 +166,8 @@ def validate(doc):
             return
         got, want = set(obj), set(KEYS[section])
         if got != want:
-            problems.append(f"{where}: missing {sorted(want - got)}, unexpected {sorted(got - want)}")
+            problems.append(f"{where}: missing {sorted(want - got)}, "
+                            f"unexpected {sorted(got - want)}")
 
     keys(doc, "Top level", "top level")
     if problems:

@@ -133,7 +133,8 @@ def parse_shapes(text):
             raise ValueError(f"bad shape {item!r}: expected integers joined by 'x', "
                              "e.g. 32x64x56x56") from None
         if len(dims) < 2:
-            raise ValueError(f"bad shape {item!r}: BatchNorm needs at least 2 dimensions (N, C, ...)")
+            raise ValueError(f"bad shape {item!r}: "
+                             "BatchNorm needs at least 2 dimensions (N, C, ...)")
         if any(d <= 0 for d in dims):
             raise ValueError(f"bad shape {item!r}: dimensions must be positive")
         if dims not in shapes:
@@ -174,4 +175,5 @@ def parse_dtypes(text):
 
 def make_cases(shapes, modes, dtypes):
     """All cases, ordered by mode, then dtype, then shape."""
-    return [Case(mode, dtype, tuple(shape)) for mode in modes for dtype in dtypes for shape in shapes]
+    return [Case(mode, dtype, tuple(shape))
+            for mode in modes for dtype in dtypes for shape in shapes]
