@@ -134,6 +134,12 @@ def check_saved_stat(value, name, num_channels):
 
 def check_output_mask(output_mask, n):
     """A sequence of ``n`` bools (Python or NumPy), as a tuple of Python bools."""
+    if type(output_mask) is tuple and len(output_mask) == n:
+        for m in output_mask:
+            if type(m) is not bool:
+                break
+        else:  # the common case, without building a new tuple: this runs per call
+            return output_mask
     try:
         mask = tuple(output_mask)
     except TypeError:

@@ -12,9 +12,17 @@ import numpy as np
 
 from . import _backward, _layout
 from ._threads import resolve_threads
-from ._validation import (check_channel_vector, check_distinct_outputs, check_eps, check_input,
-                          check_out, check_output_mask, check_relu_mask, check_same_shape,
-                          check_saved_stat)
+from ._validation import (
+    check_channel_vector,
+    check_distinct_outputs,
+    check_eps,
+    check_input,
+    check_out,
+    check_output_mask,
+    check_relu_mask,
+    check_same_shape,
+    check_saved_stat,
+)
 
 # grad_input is written with non-temporal stores (bypassing the caches) from this
 # size of input up: pass 2 then saves the read-for-ownership of every line.
@@ -341,7 +349,7 @@ def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out)
     want_g = want_g and relu is not None
     x_given, dy_given = x, dy
     x, layout = _layout.in_kernel_layout(x)
-    if dy is not x_given:
+    if dy.strides != x.strides:  # same shape and dtype: same strides, same layout
         dy = _layout.to_layout(dy, layout)
     bits = None
     if relu is not None:
@@ -352,7 +360,10 @@ def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out)
     # grad_input is written in pass 2, elementwise after reading x and dy at the
     # same index: it may be either of them.  g is written in pass 1 and read in
     # pass 2 (with x): it may only be grad_output itself.
-    dx, dx_t = _target(out, x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
+    if out is None:  # the common case: x is in layout, empty_like keeps its memory order
+        dx = dx_t = np.empty_like(x) if want_dx else None
+    else:
+        dx, dx_t = _target(out, x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
     g, g_t = _target(addend_out, x, layout, want_g, same_ok=(dy_given,), avoid=(x_given, dx_t))
     C = x.shape[1]
     gw = np.empty(C, x.dtype) if want_w else None

@@ -38,13 +38,18 @@ from libc.stdlib cimport free, malloc
 
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST
-from _moments cimport centered_dot
 from _openmp_helpers cimport threads_for
 from _tiling cimport RowBlocks, _gcd, row_blocks
 
 cnp.import_array()
 
 cdef extern from "bnfast_backward_simd.h" nogil:
+    void bnfast_centered_dot_runs_f32(const float* x, const float* y, Py_ssize_t runs,
+                                      Py_ssize_t n, const double* shift, double* sy,
+                                      double* sxy)
+    void bnfast_centered_dot_runs_f64(const double* x, const double* y, Py_ssize_t runs,
+                                      Py_ssize_t n, const double* shift, double* sy,
+                                      double* sxy)
     void bnfast_centered_coldot_f32(const float* x, const float* y, Py_ssize_t rows,
                                     Py_ssize_t W, const double* shift, double* sy, double* sxy)
     void bnfast_centered_coldot_f64(const double* x, const double* y, Py_ssize_t rows,
@@ -103,13 +108,20 @@ cdef enum:
 
 
 # -- typed wrappers around the SIMD leaves -----------------------------------------
-cdef inline void _dot(const floating* x, const floating* y, const unsigned char* bits,
-                      Py_ssize_t pos, Py_ssize_t n, double shift, double* sy, double* sxy,
-                      floating* g) noexcept nogil:
-    """sy += sum(y'), sxy += sum((x - shift) * y'): y' = y, or y masked by bits (then g = y')."""
-    if bits == NULL:
-        centered_dot(x, y, n, shift, sy, sxy)
-    elif floating is float:
+cdef inline void _dot_runs(const floating* x, const floating* y, Py_ssize_t runs, Py_ssize_t n,
+                           const double* shift, double* sy, double* sxy) noexcept nogil:
+    """sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r) over consecutive runs of n."""
+    if floating is float:
+        bnfast_centered_dot_runs_f32(x, y, runs, n, shift, sy, sxy)
+    else:
+        bnfast_centered_dot_runs_f64(x, y, runs, n, shift, sy, sxy)
+
+
+cdef inline void _dot_masked(const floating* x, const floating* y, const unsigned char* bits,
+                             Py_ssize_t pos, Py_ssize_t n, double shift, double* sy,
+                             double* sxy, floating* g) noexcept nogil:
+    """sy += sum(y'), sxy += sum((x - shift) * y'), y' = y masked by bits (and g = y' if g)."""
+    if floating is float:
         bnfast_centered_dot_masked_f32(x, y, bits, pos, n, shift, sy, sxy, g)
     else:
         bnfast_centered_dot_masked_f64(x, y, bits, pos, n, shift, sy, sxy, g)
@@ -183,10 +195,15 @@ cdef inline void _reduce_first_task(Py_ssize_t t, const floating* xp, const floa
         part[nb * C + c] = 0.0
         part_xdy[nb * C + c] = 0.0
     for n in range(nb * npt, min(N, (nb + 1) * npt)):
+        if bits == NULL:  # the runs of channels c0..c1 are consecutive: one call
+            off = (n * C + c0) * S
+            _dot_runs(xp + off, dyp + off, c1 - c0, S, mean + c0, part + nb * C + c0,
+                      part_xdy + nb * C + c0)
+            continue
         for c in range(c0, c1):
             off = (n * C + c) * S
-            _dot(xp + off, dyp + off, bits, off, S, mean[c], part + nb * C + c,
-                 part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
+            _dot_masked(xp + off, dyp + off, bits, off, S, mean[c], part + nb * C + c,
+                        part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
 
 
 cdef int _reduce_first(const floating* xp, const floating* dyp, const unsigned char* bits,

@@ -116,6 +116,84 @@
     }
 
 /* ---------------------------------------------------------------------------
+ * centered_dot_runs: for each of `runs` consecutive runs of n values (run r at
+ * x + r * n, y + r * n):  sy[r] += sum(y),  sxy[r] += sum((x - shift[r]) * y).
+ * Per run exactly bnfast_centered_dot's arithmetic (bnfast_simd.h: 8 lanes,
+ * lane j summing i % 8 == j, the tail into lanes 0.., one fixed combine), two
+ * runs interleaved: short runs (a 7x7 image is 49 values) are bound by the
+ * latency of their own adds, and two independent chains overlap.  Channels-
+ * first pass 1 (unmasked); one call per sample and block of channels.
+ * ------------------------------------------------------------------------- */
+#if BNFAST_VECTOR_EXT
+/* Lanes (A0, A1 | B0, B1) of the run at (xr, yr), plus its tail, into *SY, *SXY. */
+#define BNFAST_DOT_RUN_FINISH(T, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
+    {                                                                                    \
+        double a_[8], b_[8];                                                             \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < 4; i_++) {                                                     \
+            a_[i_] = (A0)[i_]; a_[i_ + 4] = (A1)[i_];                                    \
+            b_[i_] = (B0)[i_]; b_[i_ + 4] = (B1)[i_];                                    \
+        }                                                                                \
+        for (i_ = n8; i_ < n; i_++) {                                                    \
+            a_[i_ - n8] += (double)(yr)[i_];                                             \
+            b_[i_ - n8] += ((double)(xr)[i_] - (k)) * (double)(yr)[i_];                  \
+        }                                                                                \
+        *(SY) += BNFAST_COMBINE8(a_);                                                    \
+        *(SXY) += BNFAST_COMBINE8(b_);                                                   \
+    }
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR)                                   \
+    ATTR static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,           \
+                          const double *shift, double *sy, double *sxy) {                \
+        ptrdiff_t r = 0, i, n8 = n - n % 8;                                              \
+        for (; r + 2 <= runs; r += 2) {                                                  \
+            const T *xp = x + r * n, *yp = y + r * n, *xq = xp + n, *yq = yp + n;        \
+            double kp = shift[r], kq = shift[r + 1];                                     \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0;                     \
+            bnfast_v4d c0 = a0, c1 = a0, d0 = a0, d1 = a0, u0, u1, v0, v1;               \
+            for (i = 0; i < n8; i += 8) {                                                \
+                u0 = BNFAST_LOAD4(T, yp + i); u1 = BNFAST_LOAD4(T, yp + i + 4);          \
+                v0 = BNFAST_LOAD4(T, yq + i); v1 = BNFAST_LOAD4(T, yq + i + 4);          \
+                a0 += u0; a1 += u1; c0 += v0; c1 += v1;                                  \
+                b0 += (BNFAST_LOAD4(T, xp + i) - kp) * u0;                               \
+                b1 += (BNFAST_LOAD4(T, xp + i + 4) - kp) * u1;                           \
+                d0 += (BNFAST_LOAD4(T, xq + i) - kq) * v0;                               \
+                d1 += (BNFAST_LOAD4(T, xq + i + 4) - kq) * v1;                           \
+            }                                                                            \
+            BNFAST_DOT_RUN_FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+            BNFAST_DOT_RUN_FINISH(T, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1) \
+        }                                                                                \
+        for (; r < runs; r++) {                                                          \
+            const T *xp = x + r * n, *yp = y + r * n;                                    \
+            double kp = shift[r];                                                        \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
+            for (i = 0; i < n8; i += 8) {                                                \
+                u0 = BNFAST_LOAD4(T, yp + i); u1 = BNFAST_LOAD4(T, yp + i + 4);          \
+                a0 += u0; a1 += u1;                                                      \
+                b0 += (BNFAST_LOAD4(T, xp + i) - kp) * u0;                               \
+                b1 += (BNFAST_LOAD4(T, xp + i + 4) - kp) * u1;                           \
+            }                                                                            \
+            BNFAST_DOT_RUN_FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+        }                                                                                \
+    }
+#else
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR)                                   \
+    static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,                \
+                     const double *shift, double *sy, double *sxy) {                     \
+        ptrdiff_t r, i;                                                                  \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xp = x + r * n, *yp = y + r * n;                                    \
+            double a[8] = {0}, b[8] = {0};                                               \
+            for (i = 0; i < n; i++) {                                                    \
+                a[i % 8] += (double)yp[i];                                               \
+                b[i % 8] += ((double)xp[i] - shift[r]) * (double)yp[i];                  \
+            }                                                                            \
+            sy[r] += BNFAST_COMBINE8(a);                                                 \
+            sxy[r] += BNFAST_COMBINE8(b);                                                \
+        }                                                                                \
+    }
+#endif
+
+/* ---------------------------------------------------------------------------
  * Masked leaves of the fused variant: the gradient is y where the ReLU mask's
  * bit is set and 0 elsewhere -- a select, not a product, so a masked-out NaN
  * or Inf gives 0 as in torch's threshold_backward.  The mask is read 8 (or 4)
@@ -505,6 +583,8 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     }
 
 #define BNFAST_BWD_LEAVES(SUFFIX, ATTR)                                                  \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f32_##SUFFIX, float, ATTR)  \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f64_##SUFFIX, double, ATTR) \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f32_##SUFFIX, float, ATTR)      \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f64_##SUFFIX, double, ATTR)     \
     BNFAST_DEFINE_CENTERED_DOT_MASKED(bnfast_centered_dot_masked_f32_##SUFFIX, float, ATTR) \
@@ -607,6 +687,11 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
     BNFAST_BWD_PICK(bnfast_centered_coldot_f64)(x, y, rows, W, shift, sy, sxy);
 }
 #define BNFAST_DISPATCH_MASKED(T, SFX)                                                   \
+    static inline void bnfast_centered_dot_runs_##SFX(                                   \
+            const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n, const double *shift,    \
+            double *sy, double *sxy) {                                                   \
+        BNFAST_BWD_PICK(bnfast_centered_dot_runs_##SFX)(x, y, runs, n, shift, sy, sxy);  \
+    }                                                                                    \
     static inline void bnfast_centered_dot_masked_##SFX(                                 \
             const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
             double shift, double *sy, double *sxy, T *g) {                               \
