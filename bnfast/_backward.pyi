@@ -18,11 +18,11 @@ def backward(
     weight: np.ndarray | None,
     grad_input: np.ndarray | None,
     grad_addend: np.ndarray | None,
-    grad_weight: np.ndarray | None,
-    grad_bias: np.ndarray | None,
+    want_weight: bool,
+    want_bias: bool,
     layout: int,
     training: bool,
     stream: bool,
     n_threads: int,
-) -> None: ...
+) -> tuple[np.ndarray | None, np.ndarray | None]: ...
 def pack_positive(output: np.ndarray, bits: np.ndarray, n_threads: int) -> None: ...

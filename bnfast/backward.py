@@ -365,11 +365,8 @@ def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out)
     else:
         dx, dx_t = _target(out, x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
     g, g_t = _target(addend_out, x, layout, want_g, same_ok=(dy_given,), avoid=(x_given, dx_t))
-    C = x.shape[1]
-    gw = np.empty(C, x.dtype) if want_w else None
-    gb = np.empty(C, x.dtype) if want_b else None
-    _backward.backward(x, dy, bits, mean, invstd, weight, dx_t, g_t, gw, gb, layout, training,
-                       x.nbytes >= STREAM_BYTES, nt)
+    gw, gb = _backward.backward(x, dy, bits, mean, invstd, weight, dx_t, g_t, want_w, want_b,
+                                layout, training, x.nbytes >= STREAM_BYTES, nt)
     if dx is not dx_t:
         np.copyto(dx, dx_t)
     if g is not g_t:

@@ -527,8 +527,7 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
              cnp.ndarray weight,                # IN  (C,) gamma, or None (ones)
              cnp.ndarray grad_input,            # OUT x's shape, dtype, layout; or None
              cnp.ndarray grad_addend,           # OUT masked grad_output, like x; or None
-             cnp.ndarray grad_weight,           # OUT (C,) x's dtype, or None
-             cnp.ndarray grad_bias,             # OUT (C,) x's dtype, or None
+             bint want_weight, bint want_bias,  # return grad_weight, grad_bias?
              int layout, bint training, bint stream, int n_threads):
     """Gradients of one batch norm (plain, or fused with a ReLU when ``mask`` is given).
 
@@ -540,8 +539,11 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     contiguous uint8, at least ``ceil(x.size / 8)`` bytes, one bit per value of
     ``x`` in its memory order.  ``grad_addend`` only with ``mask``.  The (C,)
     vectors are float32 or float64, any stride; ``grad_weight``/``grad_bias``
-    are contiguous.  Outputs that are None are not computed.  ``stream``:
-    write grad_input with non-temporal stores (arrays far beyond the caches).
+    Outputs that are None are not computed.  ``stream``: write grad_input
+    with non-temporal stores (arrays far beyond the caches).
+
+    Returns ``(grad_weight, grad_bias)``: new (C,) arrays of x's dtype, or
+    None where not wanted.
     """
     cdef Job job
     job.shape = kernel_shape(x, layout)
@@ -554,12 +556,16 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     job.bits = <const unsigned char*>data_or_null(mask)
     job.dx = data_or_null(grad_input)
     job.g = data_or_null(grad_addend)
-    job.grad_weight = data_or_null(grad_weight)
-    job.grad_bias = data_or_null(grad_bias)
     job.has_weight = weight is not None
     cdef int typenum = cnp.PyArray_TYPE(x)
     if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
         raise TypeError(f"backward: float32 or float64 arrays only, got {x.dtype}")
+    cdef cnp.npy_intp dims[1]
+    dims[0] = C
+    grad_weight = cnp.PyArray_EMPTY(1, dims, typenum, 0) if want_weight else None
+    grad_bias = cnp.PyArray_EMPTY(1, dims, typenum, 0) if want_bias else None
+    job.grad_weight = data_or_null(grad_weight)
+    job.grad_bias = data_or_null(grad_bias)
     cdef double* work = <double*>malloc((8 * C + 1) * sizeof(double))
     if work == NULL:
         raise MemoryError()
@@ -576,6 +582,7 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     free(work)
     if rc != 0:
         raise MemoryError()
+    return grad_weight, grad_bias
 
 
 # -- the ReLU mask ----------------------------------------------------------------------
