@@ -34,13 +34,7 @@
 #define BNFAST_HAVE_SSE2_PACK 0
 #endif
 
-#if defined(__clang__)
-#define BNFAST_BWD_IVDEP _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define BNFAST_BWD_IVDEP _Pragma("GCC ivdep")
-#else
-#define BNFAST_BWD_IVDEP
-#endif
+/* Loops below use bnfast_simd.h's BNFAST_IVDEP. */
 
 /* Bit (pos) of a little-bit-order packed mask. */
 #define BNFAST_BIT(bits, pos) (((bits)[(pos) >> 3] >> ((pos) & 7)) & 1)
@@ -559,7 +553,7 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t n,                   \
                           T m, T a, T b, T d) {                                          \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) {                                       \
+        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
             dx[i] = (dy[i] * a + (x[i] - m) * b) + d;                                    \
         }                                                                                \
     }
@@ -567,19 +561,19 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t n,                   \
                           const T *m, const T *a, const T *b, const T *d) {              \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) {                                       \
+        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
             dx[i] = (dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i];                        \
         }                                                                                \
     }
 #define BNFAST_DEFINE_SCALE_SCALAR(NAME, T, ATTR)                                        \
     ATTR static void NAME(const T *dy, T *dx, ptrdiff_t n, T a) {                        \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a; }                  \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a; }                  \
     }
 #define BNFAST_DEFINE_SCALE_TILED(NAME, T, ATTR)                                         \
     ATTR static void NAME(const T *dy, T *dx, ptrdiff_t n, const T *a) {                 \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a[i]; }               \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a[i]; }               \
     }
 
 #define BNFAST_BWD_LEAVES(SUFFIX, ATTR)                                                  \
@@ -620,7 +614,6 @@ BNFAST_BWD_LEAVES(avx2, BNFAST_AVX2_TARGET)
  * bnfast_stream_fence() before another thread may read what was stored.
  * ------------------------------------------------------------------------- */
 #if BNFAST_HAVE_SSE2_PACK
-#define BNFAST_HAVE_STREAM 1
 typedef float bnfast_v4f __attribute__((vector_size(16), aligned(4)));
 typedef double bnfast_v2d __attribute__((vector_size(16), aligned(8)));
 #define BNFAST_STREAM_f32(p, v) _mm_stream_ps((p), (__m128)(v))
@@ -664,7 +657,6 @@ BNFAST_DEFINE_STREAM_LEAVES(f32, float)
 BNFAST_DEFINE_STREAM_LEAVES(f64, double)
 static inline void bnfast_stream_fence(void) { _mm_sfence(); }
 #else
-#define BNFAST_HAVE_STREAM 0
 #define bnfast_grad_scalar_f32_nt bnfast_grad_scalar_f32
 #define bnfast_grad_scalar_f64_nt bnfast_grad_scalar_f64
 #define bnfast_grad_tiled_f32_nt bnfast_grad_tiled_f32
