@@ -105,6 +105,10 @@ cdef enum:
     APPLY_WIDTH = 256
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
+    # Pass 1 widens both inputs to double and costs about this many times a
+    # value of an elementwise pass (threads_for's unit): it pays for a
+    # parallel region at a quarter of the size (a (1, 512, 7, 7) batch).
+    REDUCE_COST = 4
 
 
 # -- typed wrappers around the SIMD leaves -----------------------------------------
@@ -220,8 +224,10 @@ cdef int _reduce_first(const floating* xp, const floating* dyp, const unsigned c
     npt = (N + nblocks - 1) // nblocks  # even blocks: 8 samples as 4 + 4, not 5 + 3
     nblocks = (N + npt - 1) // npt
     cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
+    cpt = (C + cblocks - 1) // cblocks  # even blocks of channels (the sums do not change)
+    cblocks = (C + cpt - 1) // cpt
     cdef Py_ssize_t tasks = nblocks * cblocks
-    cdef int nt = threads_for(tasks, N * C * S, n_threads)
+    cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
     cdef double* part = <double*>malloc(2 * nblocks * C * sizeof(double))
     if part == NULL:
@@ -267,7 +273,7 @@ cdef int _reduce_last(const floating* xp, const floating* dyp, const unsigned ch
     cdef RowBlocks tiling = row_blocks(M, C, BLOCK_ELEMS, MAX_BLOCK_ROWS)
     cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
     cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
-    cdef int nt = threads_for(blocks, M * C, n_threads)
+    cdef int nt = threads_for(blocks, M * C * REDUCE_COST, n_threads)
     # Partials per (block, column), then the tiled mean (the shift of every column).
     cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
     if part == NULL:
@@ -360,6 +366,8 @@ cdef void _apply_first(const floating* xp, const floating* dyp, const unsigned c
     cdef Py_ssize_t runs = N * C
     cdef Py_ssize_t per_block = APPLY_ELEMS // S if S < APPLY_ELEMS else 1
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
+    per_block = (runs + blocks - 1) // blocks  # even blocks: a thread count never idles one
+    blocks = (runs + per_block - 1) // per_block
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef Py_ssize_t blk
     # Streaming stores only where every run starts on a 16-byte boundary: a line
