@@ -1,7 +1,9 @@
 """Backward pass of Batch Normalization, mirroring ``torch.ops.aten.native_batch_norm_backward``.
 
-Validation happens here, once; the compiled kernels in ``bnfast._backward``
-assume what this module checked.  The forward hands over what the backward
+Every call reaches the compiled entry ``bnfast._backward.backward`` by one
+road: validate once (the checks live in ``_validation``), lay the arrays out
+(``_run``), one compiled call.  A module's backward validates only what its
+caller passes and trusts what its own forward saved.  The forward hands over what the backward
 needs without recomputing it: ``batch_norm(..., return_stats=True)`` returns
 ``(out, save_mean, save_invstd)``.
 """
