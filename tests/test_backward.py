@@ -574,6 +574,10 @@ THREAD_CASES = [
     ((1, 2, 512, 256), "contiguous"),
     ((3, 70, 33, 33), "channels_last"),
     ((8, 4, 16, 32, 32), "channels_last"),
+    # Small batches whose pass 1 alone may run in a parallel region (REDUCE_COST).
+    ((1, 512, 7, 7), "contiguous"),
+    ((1, 512, 7, 7), "channels_last"),
+    ((256, 96), "contiguous"),
 ]
 
 
