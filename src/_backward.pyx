@@ -451,14 +451,18 @@ cdef struct Job:
     void* g
     void* grad_weight
     void* grad_bias
-    bint has_weight
+    # (C,) doubles: the caller's arrays when they are contiguous float64, else
+    # copies in the work rows; weight NULL for none.
+    const double* mean
+    const double* invstd
+    const double* weight
 
 
 cdef int _run(const Job* job, double* work, floating* kind) noexcept nogil:
     """Both passes of one backward; ``kind`` (NULL) picks the storage type.
 
-    ``work`` holds 8 rows of C doubles: mean, invstd, weight (filled by the
-    caller), then sum_dy, sum_xdy, scale, slope, offset.  -1 if out of memory.
+    ``work`` holds 5 rows of C doubles: sum_dy, sum_xdy, scale, slope, offset.
+    -1 if out of memory.
     """
     cdef Py_ssize_t c, C = job.shape.C, count = job.shape.count
     cdef bint training = job.training
@@ -469,14 +473,14 @@ cdef int _run(const Job* job, double* work, floating* kind) noexcept nogil:
     cdef floating* gp = <floating*>job.g
     cdef floating* gw = <floating*>job.grad_weight
     cdef floating* gb = <floating*>job.grad_bias
-    cdef double* mean = work
-    cdef double* invstd = work + C
-    cdef double* weight = work + 2 * C
-    cdef double* sum_dy = work + 3 * C
-    cdef double* sum_xdy = work + 4 * C
-    cdef double* scale = work + 5 * C
-    cdef double* slope = work + 6 * C
-    cdef double* offset = work + 7 * C
+    cdef const double* mean = job.mean
+    cdef const double* invstd = job.invstd
+    cdef const double* weight = job.weight
+    cdef double* sum_dy = work
+    cdef double* sum_xdy = work + C
+    cdef double* scale = work + 2 * C
+    cdef double* slope = work + 3 * C
+    cdef double* offset = work + 4 * C
     for c in range(C):
         sum_dy[c] = 0.0
         sum_xdy[c] = 0.0
@@ -498,7 +502,7 @@ cdef int _run(const Job* job, double* work, floating* kind) noexcept nogil:
     cdef double a, s
     cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
     for c in range(C):
-        a = invstd[c] * weight[c] if job.has_weight else invstd[c]
+        a = invstd[c] * weight[c] if weight != NULL else invstd[c]
         s = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n)
         scale[c] = a
         slope[c] = -(s * a)
@@ -525,6 +529,14 @@ cdef int _run(const Job* job, double* work, floating* kind) noexcept nogil:
         for c in range(C):
             gb[c] = <floating>sum_dy[c]
     return rc
+
+
+cdef const double* _as_doubles(cnp.ndarray v, Py_ssize_t C, double* scratch) noexcept:
+    """A (C,) float vector as doubles: its own data if contiguous float64, else a copy."""
+    if cnp.PyArray_TYPE(v) == cnp.NPY_FLOAT64 and (C < 2 or cnp.PyArray_STRIDE(v, 0) == 8):
+        return <const double*>cnp.PyArray_DATA(v)
+    load_doubles(v, C, scratch)
+    return scratch
 
 
 def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layout`
@@ -564,7 +576,6 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     job.bits = <const unsigned char*>data_or_null(mask)
     job.dx = data_or_null(grad_input)
     job.g = data_or_null(grad_addend)
-    job.has_weight = weight is not None
     cdef int typenum = cnp.PyArray_TYPE(x)
     if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
         raise TypeError(f"backward: float32 or float64 arrays only, got {x.dtype}")
@@ -577,10 +588,11 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     cdef double* work = <double*>malloc((8 * C + 1) * sizeof(double))
     if work == NULL:
         raise MemoryError()
-    load_doubles(mean, C, work)
-    load_doubles(invstd, C, work + C)
+    job.mean = _as_doubles(mean, C, work + 5 * C)
+    job.invstd = _as_doubles(invstd, C, work + 6 * C)
+    job.weight = NULL
     if weight is not None:
-        load_doubles(weight, C, work + 2 * C)
+        job.weight = _as_doubles(weight, C, work + 7 * C)
     cdef int rc
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
