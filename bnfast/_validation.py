@@ -169,3 +169,24 @@ def check_distinct_outputs(out, addend_out):
     if out is not None and addend_out is not None and np.may_share_memory(out, addend_out):
         raise ValueError("out and addend_out must not share memory: they receive different "
                          "gradients")
+
+
+def check_backward(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask):
+    """What both backwards share: ``(x, dy, weight, mean, invstd, output_mask)``.
+
+    The common case (ndarrays of the input's shape and dtype, a float eps, a
+    tuple of bools) is recognised inline: this runs per call.
+    """
+    x = check_input(input)
+    if type(grad_output) is np.ndarray and grad_output.shape == x.shape \
+            and grad_output.dtype == x.dtype:
+        dy = grad_output
+    else:
+        dy = check_same_shape(grad_output, "grad_output", x)
+    C = x.shape[1]
+    weight = check_channel_vector(weight, "weight", C)
+    mean = check_saved_stat(save_mean, "save_mean", C)
+    invstd = check_saved_stat(save_invstd, "save_invstd", C)
+    if type(eps) is not float or not eps > 0.0:
+        check_eps(eps)
+    return x, dy, weight, mean, invstd, check_output_mask(output_mask, n_mask)

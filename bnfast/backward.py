@@ -15,15 +15,12 @@ import numpy as np
 from . import _backward, _layout
 from ._threads import resolve_threads
 from ._validation import (
-    check_channel_vector,
+    check_backward,
     check_distinct_outputs,
-    check_eps,
     check_input,
     check_out,
-    check_output_mask,
     check_relu_mask,
     check_same_shape,
-    check_saved_stat,
 )
 
 # grad_input is written with non-temporal stores (bypassing the caches) from this
@@ -236,8 +233,9 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     >>> gb
     array([2., 2.])
     """
-    x, dy, weight, mean, invstd, nt, mask = _check_common(
-        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3, n_threads)
+    x, dy, weight, mean, invstd, mask = check_backward(
+        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3)
+    nt = resolve_threads(n_threads)
     if out is not None:
         out = check_out(out, x)
     gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, bool(training), mask + (False,), nt,
@@ -296,8 +294,9 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
     array([[0., 0.],
            [1., 1.]])
     """
-    x, dy, weight, mean, invstd, nt, mask = _check_common(
-        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4, n_threads)
+    x, dy, weight, mean, invstd, mask = check_backward(
+        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4)
+    nt = resolve_threads(n_threads)
     if out is not None:
         out = check_out(out, x)
     if addend_out is not None:
@@ -312,20 +311,6 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
         y = check_same_shape(output, "output", x)
         relu = _pack_mask(y, nt, _layout.kernel_layout(x))
     return _run(x, dy, relu, weight, mean, invstd, bool(training), mask, nt, out, addend_out)
-
-
-def _check_common(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask,
-                  n_threads):
-    """The arguments both public backwards share, validated (see ``_validation``)."""
-    x = check_input(input)
-    dy = check_same_shape(grad_output, "grad_output", x)
-    C = x.shape[1]
-    weight = check_channel_vector(weight, "weight", C)
-    mean = check_saved_stat(save_mean, "save_mean", C)
-    invstd = check_saved_stat(save_invstd, "save_invstd", C)
-    check_eps(eps)
-    mask = check_output_mask(output_mask, n_mask)
-    return x, dy, weight, mean, invstd, resolve_threads(n_threads), mask
 
 
 def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out):
