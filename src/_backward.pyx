@@ -68,6 +68,12 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                            const unsigned char* bits, Py_ssize_t pos,
                                            Py_ssize_t rows, Py_ssize_t W, const double* shift,
                                            double* sy, double* sxy, double* g)
+    void bnfast_grad_runs_f32(const float* x, const float* dy, float* dx, Py_ssize_t runs,
+                              Py_ssize_t n, const float* m, const float* a, const float* b,
+                              const float* d)
+    void bnfast_grad_runs_f64(const double* x, const double* dy, double* dx, Py_ssize_t runs,
+                              Py_ssize_t n, const double* m, const double* a, const double* b,
+                              const double* d)
     void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_stream_fence()
@@ -351,16 +357,37 @@ cdef inline void _apply_first_block(Py_ssize_t blk, const floating* xp, const fl
         bnfast_stream_fence()
 
 
-cdef void _apply_first(const floating* xp, const floating* dyp, const unsigned char* bits,
-                       Coef k, floating* dxp, floating* gp, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t S, bint training, bint stream, int n_threads) noexcept nogil:
+cdef inline void _apply_first_runs(Py_ssize_t blk, const floating* xp, const floating* dyp,
+                                   const floating* table, floating* dxp, Py_ssize_t runs,
+                                   Py_ssize_t C, Py_ssize_t S,
+                                   Py_ssize_t per_block) noexcept nogil:
+    """_apply_first_block in training without mask or streaming: the block's runs in
+    stretches of consecutive channels, one leaf call each; table holds the rows
+    m, a, b, d (C each) in the storage type."""
+    cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
+    cdef Py_ssize_t c, n
+    while t < t_end:
+        c = t % C
+        n = min(t_end - t, C - c)
+        if floating is float:
+            bnfast_grad_runs_f32(xp + t * S, dyp + t * S, dxp + t * S, n, S, table + c,
+                                 table + C + c, table + 2 * C + c, table + 3 * C + c)
+        else:
+            bnfast_grad_runs_f64(xp + t * S, dyp + t * S, dxp + t * S, n, S, table + c,
+                                 table + C + c, table + 2 * C + c, table + 3 * C + c)
+        t = t + n
+
+
+cdef int _apply_first(const floating* xp, const floating* dyp, const unsigned char* bits,
+                      Coef k, floating* dxp, floating* gp, Py_ssize_t N, Py_ssize_t C,
+                      Py_ssize_t S, bint training, bint stream, int n_threads) noexcept nogil:
     """dx of (N, C, S) arrays (and the masked dy into g when asked), one pass.
 
     ``stream``: store dx with non-temporal stores; honoured for unmasked
     gradients whose runs are 16-byte aligned.
     """
     if N == 0 or C == 0 or S == 0:
-        return
+        return 0
     # Blocks of consecutive (n, c) runs: the channel is found once per block and
     # then stepped (a division per run costs more than a 7x7 run itself).
     cdef Py_ssize_t runs = N * C
@@ -373,6 +400,27 @@ cdef void _apply_first(const floating* xp, const floating* dyp, const unsigned c
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
     stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(floating))
+    cdef floating* table
+    cdef Py_ssize_t c
+    if training and bits == NULL and not stream and gp == NULL:
+        # The common case: the storage-type coefficients once per channel, then
+        # one leaf call per stretch of consecutive channels (the same arithmetic).
+        table = <floating*>malloc(4 * C * sizeof(floating))
+        if table == NULL:
+            return -1
+        for c in range(C):
+            table[c] = <floating>k.mean[c]
+            table[C + c] = <floating>k.scale[c]
+            table[2 * C + c] = <floating>k.slope[c]
+            table[3 * C + c] = _offset_in(table[c], k, c)
+        if nt == 1:
+            for blk in range(blocks):
+                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
+        else:
+            for blk in prange(blocks, schedule='static', num_threads=nt):
+                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
+        free(table)
+        return 0
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
             _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
@@ -381,6 +429,7 @@ cdef void _apply_first(const floating* xp, const floating* dyp, const unsigned c
         for blk in prange(blocks, schedule='static', num_threads=nt):
             _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
                                stream)
+    return 0
 
 
 cdef inline void _apply_last_block(Py_ssize_t blk, const floating* xp, const floating* dyp,
@@ -517,8 +566,8 @@ cdef int _run(const Job* job, double* work, floating* kind) noexcept nogil:
             bits = NULL
             gp = NULL
         if job.shape.layout == CHANNELS_FIRST:
-            _apply_first(xp, dyp, bits, k, dxp, gp, job.shape.N, C, job.shape.S, training,
-                         stream, job.n_threads)
+            rc = _apply_first(xp, dyp, bits, k, dxp, gp, job.shape.N, C, job.shape.S, training,
+                              stream, job.n_threads)
         else:
             rc = _apply_last(xp, dyp, bits, k, dxp, gp, job.shape.N, C, training, stream,
                              job.n_threads)

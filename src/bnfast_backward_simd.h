@@ -557,6 +557,20 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
             dx[i] = (dy[i] * a + (x[i] - m) * b) + d;                                    \
         }                                                                                \
     }
+/* grad_scalar over `runs` consecutive runs of n values, run r with (m[r], a[r],
+ * b[r], d[r]): one call for a block of channels (short runs: no per-run call). */
+#define BNFAST_DEFINE_GRAD_RUNS(NAME, T, ATTR)                                           \
+    ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs, ptrdiff_t n,   \
+                          const T *m, const T *a, const T *b, const T *d) {              \
+        ptrdiff_t r, i;                                                                  \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xr = x + r * n, *yr = dy + r * n;                                   \
+            T *zr = dx + r * n, mr = m[r], ar = a[r], br = b[r], dr = d[r];              \
+            BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
+                zr[i] = (yr[i] * ar + (xr[i] - mr) * br) + dr;                           \
+            }                                                                            \
+        }                                                                                \
+    }
 #define BNFAST_DEFINE_GRAD_TILED(NAME, T, ATTR)                                          \
     ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t n,                   \
                           const T *m, const T *a, const T *b, const T *d) {              \
@@ -590,6 +604,8 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     BNFAST_DEFINE_GRAD_MASKED(bnfast_grad_masked_scalar_f64_##SUFFIX,                     \
                               bnfast_grad_masked_tiled_f64_##SUFFIX, double, ATTR)         \
     BNFAST_DEFINE_GRAD_SCALAR(bnfast_grad_scalar_f32_##SUFFIX, float, ATTR)              \
+    BNFAST_DEFINE_GRAD_RUNS(bnfast_grad_runs_f32_##SUFFIX, float, ATTR)                  \
+    BNFAST_DEFINE_GRAD_RUNS(bnfast_grad_runs_f64_##SUFFIX, double, ATTR)                 \
     BNFAST_DEFINE_GRAD_SCALAR(bnfast_grad_scalar_f64_##SUFFIX, double, ATTR)             \
     BNFAST_DEFINE_GRAD_TILED(bnfast_grad_tiled_f32_##SUFFIX, float, ATTR)                \
     BNFAST_DEFINE_GRAD_TILED(bnfast_grad_tiled_f64_##SUFFIX, double, ATTR)               \
@@ -709,6 +725,16 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
     }
 BNFAST_DISPATCH_MASKED(float, f32)
 BNFAST_DISPATCH_MASKED(double, f64)
+static inline void bnfast_grad_runs_f32(const float *x, const float *dy, float *dx,
+                                        ptrdiff_t runs, ptrdiff_t n, const float *m,
+                                        const float *a, const float *b, const float *d) {
+    BNFAST_BWD_PICK(bnfast_grad_runs_f32)(x, dy, dx, runs, n, m, a, b, d);
+}
+static inline void bnfast_grad_runs_f64(const double *x, const double *dy, double *dx,
+                                        ptrdiff_t runs, ptrdiff_t n, const double *m,
+                                        const double *a, const double *b, const double *d) {
+    BNFAST_BWD_PICK(bnfast_grad_runs_f64)(x, dy, dx, runs, n, m, a, b, d);
+}
 static inline void bnfast_grad_scalar_f32(const float *x, const float *dy, float *dx, ptrdiff_t n,
                                           float m, float a, float b, float d) {
     BNFAST_BWD_PICK(bnfast_grad_scalar_f32)(x, dy, dx, n, m, a, b, d);
