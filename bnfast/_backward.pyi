@@ -1,36 +1,28 @@
-"""Type stub for the compiled backward kernels (src/_backward.pyx).
+"""Type stub for the compiled backward entry (src/_backward.pyx).
 
-Arrays are float32 or float64 (one dtype per call, C-contiguous); ``mask`` is a
-packed ReLU mask (uint8, little bit order) or None.  The caller validates.
+Nothing is validated there: ``bnfast.backward`` checks and lays out every
+argument first (see ``backward``'s docstring for the contract).
 """
-from typing import Optional
 
 import numpy as np
-import numpy.typing as npt
 
-_Float = npt.NDArray[np.floating]
-_F64 = npt.NDArray[np.float64]
-_Bits = npt.NDArray[np.uint8]
+# Cython's doctest dictionary (the docstrings of the def functions).
+__test__: dict[str, str]
 
-MEAN: int
-SCALE: int
-SLOPE: int
-OFFSET: int
-GRAD_WEIGHT: int
-GRAD_BIAS: int
-
-def reduce_channels_first(x: _Float, dy: _Float, mask: Optional[_Bits], mean: _F64,
-                          sum_dy: _F64, sum_xdy: _F64, g: Optional[_Float],
-                          n_threads: int) -> None: ...
-def reduce_channels_last(x: _Float, dy: _Float, mask: Optional[_Bits], mean: _F64,
-                         sum_dy: _F64, sum_xdy: _F64, g: Optional[_Float],
-                         n_threads: int) -> None: ...
-def coefficients(sum_dy: _F64, sum_xdy: _F64, mean: _F64, invstd: _F64, weight: _Float,
-                 has_weight: bool, count: float, training: bool, coef: _F64) -> None: ...
-def apply_channels_first(x: _Float, dy: _Float, mask: Optional[_Bits], coef: _F64,
-                         dx: Optional[_Float], g: Optional[_Float], training: bool,
-                         stream: bool, n_threads: int) -> None: ...
-def apply_channels_last(x: _Float, dy: _Float, mask: Optional[_Bits], coef: _F64,
-                        dx: Optional[_Float], g: Optional[_Float], training: bool,
-                        stream: bool, n_threads: int) -> None: ...
-def pack_positive(y: _Float, bits: _Bits, n_threads: int) -> None: ...
+def backward(
+    x: np.ndarray,
+    grad_output: np.ndarray,
+    mask: np.ndarray | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    weight: np.ndarray | None,
+    grad_input: np.ndarray | None,
+    grad_addend: np.ndarray | None,
+    want_weight: bool,
+    want_bias: bool,
+    layout: int,
+    training: bool,
+    stream: bool,
+    n_threads: int,
+) -> tuple[np.ndarray | None, np.ndarray | None]: ...
+def pack_positive(output: np.ndarray, bits: np.ndarray, n_threads: int) -> None: ...

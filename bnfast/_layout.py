@@ -73,7 +73,8 @@ def copy_layout(x):
 
 def kernel_layout(x):
     """The layout the kernels process ``x`` in: its own, else the one it is copied to."""
-    return layout_of(x) or copy_layout(x)
+    layout = layout_of(x)
+    return copy_layout(x) if layout is None else layout  # not `or`: FIRST is 0, falsy
 
 
 def in_kernel_layout(x):

@@ -121,3 +121,72 @@ def check_out(out, x, name="out"):
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out
+
+
+# -- backward ------------------------------------------------------------------
+def check_saved_stat(value, name, num_channels):
+    """save_mean/save_invstd: required, a float array of shape (C,)."""
+    if value is None:
+        raise ValueError(f"{name} is required: pass what batch_norm(..., return_stats=True) "
+                         "returned (the running statistics' in evaluation)")
+    return check_channel_vector(value, name, num_channels)
+
+
+def check_output_mask(output_mask, n):
+    """A sequence of ``n`` bools (Python or NumPy), as a tuple of Python bools."""
+    if type(output_mask) is tuple and len(output_mask) == n:
+        for m in output_mask:
+            if type(m) is not bool:
+                break
+        else:  # the common case, without building a new tuple: this runs per call
+            return output_mask
+    try:
+        mask = tuple(output_mask)
+    except TypeError:
+        raise TypeError(f"output_mask must be a sequence of {n} bools, "
+                        f"got {type(output_mask).__name__}") from None
+    if len(mask) != n or not all(type(m) is bool or type(m) is np.bool_ for m in mask):
+        raise ValueError(f"output_mask must be a sequence of {n} bools, got {output_mask!r}")
+    return tuple(bool(m) for m in mask)
+
+
+def check_relu_mask(relu, x):
+    """A ReluMask for ``x``: x's shape, 1-D uint8 bits covering x, a known layout."""
+    from ._layout import Layout
+    if relu.shape != x.shape:
+        raise ValueError(f"output (a ReluMask) must have the input's shape {x.shape}, "
+                         f"got shape {relu.shape}")
+    bits = relu.bits
+    if (not isinstance(bits, np.ndarray) or bits.dtype != np.uint8 or bits.ndim != 1
+            or bits.size < (x.size + 7) // 8 or relu.layout not in tuple(Layout)):
+        raise ValueError("output (a ReluMask) is malformed: bits must be a 1-D uint8 array "
+                         f"of at least {(x.size + 7) // 8} bytes and layout "
+                         f"'{Layout.CHANNELS_FIRST}' or '{Layout.CHANNELS_LAST}'")
+
+
+def check_distinct_outputs(out, addend_out):
+    """out and addend_out (validated, or None) must not share memory."""
+    if out is not None and addend_out is not None and np.may_share_memory(out, addend_out):
+        raise ValueError("out and addend_out must not share memory: they receive different "
+                         "gradients")
+
+
+def check_backward(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask):
+    """What both backwards share: ``(x, dy, weight, mean, invstd, output_mask)``.
+
+    The common case (ndarrays of the input's shape and dtype, a float eps, a
+    tuple of bools) is recognised inline: this runs per call.
+    """
+    x = check_input(input)
+    if type(grad_output) is np.ndarray and grad_output.shape == x.shape \
+            and grad_output.dtype == x.dtype:
+        dy = grad_output
+    else:
+        dy = check_same_shape(grad_output, "grad_output", x)
+    C = x.shape[1]
+    weight = check_channel_vector(weight, "weight", C)
+    mean = check_saved_stat(save_mean, "save_mean", C)
+    invstd = check_saved_stat(save_invstd, "save_invstd", C)
+    if type(eps) is not float or not eps > 0.0:
+        check_eps(eps)
+    return x, dy, weight, mean, invstd, check_output_mask(output_mask, n_mask)

@@ -1,7 +1,9 @@
 """Backward pass of Batch Normalization, mirroring ``torch.ops.aten.native_batch_norm_backward``.
 
-Validation happens here, once; the compiled kernels in ``bnfast._backward``
-assume what this module checked.  The forward hands over what the backward
+Every call reaches the compiled entry ``bnfast._backward.backward`` by one
+road: validate once (the checks live in ``_validation``), lay the arrays out
+(``_run``), one compiled call.  A module's backward validates only what its
+caller passes and trusts what its own forward saved.  The forward hands over what the backward
 needs without recomputing it: ``batch_norm(..., return_stats=True)`` returns
 ``(out, save_mean, save_invstd)``.
 """
@@ -12,8 +14,18 @@ import numpy as np
 
 from . import _backward, _layout
 from ._threads import resolve_threads
-from ._validation import (check_channel_vector, check_eps, check_input, check_out,
-                          check_same_shape)
+from ._validation import (
+    check_backward,
+    check_distinct_outputs,
+    check_input,
+    check_out,
+    check_relu_mask,
+    check_same_shape,
+)
+
+# grad_input is written with non-temporal stores (bypassing the caches) from this
+# size of input up: pass 2 then saves the read-for-ownership of every line.
+STREAM_BYTES = 1 << 24
 
 __all__ = [
     "ReluMask",
@@ -31,21 +43,6 @@ class _GradState(threading.local):
 
 
 _grad_state = _GradState()
-
-# Specialised kernels looked up once per (layout, dtype char): Cython's fused-type
-# dispatch costs microseconds per call, a dict lookup tens of nanoseconds.
-_CTYPE = {"f": "float", "d": "double"}
-_REDUCE = {(layout, char): getattr(_backward, "reduce_" + str(layout))[ctype]
-           for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()}
-_APPLY = {(layout, char): getattr(_backward, "apply_" + str(layout))[ctype]
-          for layout in (_layout.FIRST, _layout.LAST) for char, ctype in _CTYPE.items()}
-_COEFFICIENTS = {char: _backward.coefficients[ctype] for char, ctype in _CTYPE.items()}
-_PACK_POSITIVE = {char: _backward.pack_positive[ctype] for char, ctype in _CTYPE.items()}
-
-# grad_input is written with non-temporal stores (bypassing the caches) from this
-# size of input up: pass 2 then saves the read-for-ownership of every line.
-STREAM_BYTES = 1 << 24
-
 
 @contextlib.contextmanager
 def no_grad():
@@ -146,12 +143,13 @@ def relu_mask(output, *, n_threads=None):
 
 
 def _pack_mask(y, nt, layout=None):
+    """The ReluMask of a validated ``y``, its bits in ``layout``'s memory order
+    (by default ``y``'s own kernel layout; else ``y`` is copied into it first)."""
     if layout is None:
         layout = _layout.kernel_layout(y)
     y = _layout.to_layout(y, layout)
-    flat = _layout.kernel_view(y, layout).reshape(-1)
-    bits = np.empty((flat.size + 7) // 8, dtype=np.uint8)
-    _PACK_POSITIVE[flat.dtype.char](flat, bits, nt)
+    bits = np.empty((y.size + 7) // 8, dtype=np.uint8)
+    _backward.pack_positive(y, bits, nt)
     return ReluMask(bits, y.shape, layout)
 
 
@@ -235,10 +233,13 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     >>> gb
     array([2., 2.])
     """
-    x, dy, weight, mean, invstd, nt, mask = _check_common(
-        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3, n_threads)
+    x, dy, weight, mean, invstd, mask = check_backward(
+        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3)
+    nt = resolve_threads(n_threads)
+    if out is not None:
+        out = check_out(out, x)
     gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, bool(training), mask + (False,), nt,
-                         out=out)
+                         out, None)
     return gx, gw, gb
 
 
@@ -293,126 +294,83 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
     array([[0., 0.],
            [1., 1.]])
     """
-    x, dy, weight, mean, invstd, nt, mask = _check_common(
-        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4, n_threads)
-    if out is not None and addend_out is not None and np.may_share_memory(out, addend_out):
-        raise ValueError("out and addend_out must not share memory: they receive different "
-                         "gradients")
-    layout = _layout.kernel_layout(x)
+    x, dy, weight, mean, invstd, mask = check_backward(
+        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4)
+    nt = resolve_threads(n_threads)
+    if out is not None:
+        out = check_out(out, x)
+    if addend_out is not None:
+        addend_out = check_out(addend_out, x, "addend_out")
+    check_distinct_outputs(out, addend_out)
     if isinstance(output, ReluMask):
-        if output.shape != x.shape:
-            raise ValueError(f"output (a ReluMask) must have the input's shape {x.shape}, "
-                             f"got shape {output.shape}")
+        check_relu_mask(output, x)
         relu = output
-        bits = relu.bits
-        if (not isinstance(bits, np.ndarray) or bits.dtype != np.uint8 or bits.ndim != 1
-                or bits.size < (x.size + 7) // 8
-                or relu.layout not in (_layout.FIRST, _layout.LAST)):
-            raise ValueError("output (a ReluMask) is malformed: bits must be a 1-D uint8 array "
-                             f"of at least {(x.size + 7) // 8} bytes and layout "
-                             f"'{_layout.FIRST}' or '{_layout.LAST}'")
-        if not bits.flags.c_contiguous:
-            relu = ReluMask(np.ascontiguousarray(bits), relu.shape, relu.layout)
-        if relu.layout != layout:  # rare: the forward wrote into an out= of another layout
-            passed = _layout.to_layout(relu.to_array(), layout)
-            flat = _layout.kernel_view(passed, layout).reshape(-1)
-            relu = ReluMask(np.packbits(flat, bitorder="little"), x.shape, layout)
+        if not relu.bits.flags.c_contiguous:
+            relu = ReluMask(np.ascontiguousarray(relu.bits), relu.shape, relu.layout)
     else:
         y = check_same_shape(output, "output", x)
-        relu = _pack_mask(y, nt, layout)
-    return _run(x, dy, relu.bits, weight, mean, invstd, bool(training), mask, nt,
-                out=out, addend_out=addend_out)
+        relu = _pack_mask(y, nt, _layout.kernel_layout(x))
+    return _run(x, dy, relu, weight, mean, invstd, bool(training), mask, nt, out, addend_out)
 
 
-def _check_common(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask,
-                  n_threads):
-    x = check_input(input)
-    dy = check_same_shape(grad_output, "grad_output", x)
-    C = x.shape[1]
-    weight = check_channel_vector(weight, "weight", C)
-    stats = []
-    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if value is None:
-            raise ValueError(f"{name} is required: pass what batch_norm(..., return_stats=True) "
-                             "returned (the running statistics' in evaluation)")
-        stats.append(np.ascontiguousarray(check_channel_vector(value, name, C), dtype=np.float64))
-    check_eps(eps)
-    mask = _check_output_mask(output_mask, n_mask)
-    return x, dy, weight, stats[0], stats[1], resolve_threads(n_threads), mask
+def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out):
+    """One backward on validated arguments: lay them out, then one compiled call.
 
+    Nothing is checked here: the public functions validate, and a module's
+    backward passes what its own forward saved (only ``grad_output`` and
+    ``out`` are its caller's, and it validates those).  The contract:
 
-_BOOLS = (bool, np.bool_)
+    * ``x`` a float32/float64 ndarray of shape (N, C, ...); ``dy`` one of x's
+      shape and dtype (any strides: copied into x's kernel layout if needed);
+    * ``relu`` None (plain backward) or a well-formed ReluMask of x's shape;
+    * ``weight`` None or, like ``mean`` and ``invstd``, a (C,) float32/float64
+      ndarray of any stride;
+    * ``mask`` = (input, weight, bias, addend) gradients wanted, 4 bools;
+    * ``nt`` a positive int; ``out``/``addend_out`` None or writable ndarrays
+      of x's shape and dtype that do not share memory with each other.
 
-
-def _check_output_mask(output_mask, n):
-    try:
-        mask = tuple(output_mask)
-    except TypeError:
-        raise TypeError(f"output_mask must be a sequence of {n} bools, "
-                        f"got {type(output_mask).__name__}") from None
-    if len(mask) != n:
-        raise ValueError(f"output_mask must be a sequence of {n} bools, got {output_mask!r}")
-    for m in mask:
-        if not isinstance(m, _BOOLS):
-            raise ValueError(f"output_mask must be a sequence of {n} bools, got {output_mask!r}")
-    return mask if type(mask[0]) is bool else tuple(bool(m) for m in mask)
-
-
-def _run(x, dy, bits, weight, mean, invstd, training, mask, nt, out=None, addend_out=None):
-    """Both passes on validated arrays; mask = (input, weight, bias, addend) wanted."""
+    Returns ``(grad_input, grad_weight, grad_bias, grad_addend)``, None for
+    what was not wanted.
+    """
     want_dx, want_w, want_b, want_g = mask
-    want_g = want_g and bits is not None
-    C = x.shape[1]
+    want_g = want_g and relu is not None
     x_given, dy_given = x, dy
     x, layout = _layout.in_kernel_layout(x)
-    dy = _layout.to_layout(dy, layout)
-    xk = _layout.kernel_view(x, layout)
-    dyk = _layout.kernel_view(dy, layout)
-    reduce = _REDUCE[layout, x.dtype.char]
-    apply = _APPLY[layout, x.dtype.char]
+    if dy.strides != x.strides:  # same shape and dtype: same strides, same layout
+        dy = _layout.to_layout(dy, layout)
+    bits = None
+    if relu is not None:
+        if relu.layout != layout:  # rare: the forward wrote into an out= of another layout
+            relu = _relayout(relu, layout)
+        bits = relu.bits
 
     # grad_input is written in pass 2, elementwise after reading x and dy at the
     # same index: it may be either of them.  g is written in pass 1 and read in
     # pass 2 (with x): it may only be grad_output itself.
-    dx, dx_t = _target(out, "out", x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
-    g, g_t = _target(addend_out, "addend_out", x, layout, want_g, same_ok=(dy_given,),
-                     avoid=(x_given, dx_t))
-    dxk = None if dx_t is None else _layout.kernel_view(dx_t, layout)
-    gk = None if g_t is None else _layout.kernel_view(g_t, layout)
-
-    # One block for the per-channel work: the two sums, then coefficients() rows.
-    work = np.empty((8, C))
-    sum_dy, sum_xdy, coef = work[0], work[1], work[2:]
-    g_done = False
-    if want_w or want_b or (training and want_dx):
-        # Pass 1; it also writes the masked gradient when that is wanted, and
-        # pass 2 then reads it instead of grad_output and the mask.
-        reduce(xk, dyk, bits, mean, sum_dy, sum_xdy, gk, nt)
-        g_done = gk is not None
+    if out is None:  # the common case: x is in layout, empty_like keeps its memory order
+        dx = dx_t = np.empty_like(x) if want_dx else None
     else:
-        work[:2] = 0.0
-    w_arr = np.ascontiguousarray(weight) if weight is not None else mean
-    _COEFFICIENTS[w_arr.dtype.char](sum_dy, sum_xdy, mean, invstd, w_arr, weight is not None,
-                                    float(x.size // max(C, 1)), training, coef)
-    if want_dx or (want_g and not g_done):
-        # Non-temporal stores for dx only when the arrays are well beyond the caches.
-        stream = want_dx and x.nbytes >= STREAM_BYTES
-        if g_done:
-            apply(xk, gk, None, coef, dxk, None, training, stream, nt)
-        else:
-            apply(xk, dyk, bits, coef, dxk, gk, training, stream, nt)
-    for result, target in ((dx, dx_t), (g, g_t)):
-        if target is not result:
-            np.copyto(result, target)
-    gw = coef[4].astype(x.dtype) if want_w else None
-    gb = coef[5].astype(x.dtype) if want_b else None
+        dx, dx_t = _target(out, x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
+    g, g_t = _target(addend_out, x, layout, want_g, same_ok=(dy_given,), avoid=(x_given, dx_t))
+    gw, gb = _backward.backward(x, dy, bits, mean, invstd, weight, dx_t, g_t, want_w, want_b,
+                                layout, training, x.nbytes >= STREAM_BYTES, nt)
+    if dx is not dx_t:
+        np.copyto(dx, dx_t)
+    if g is not g_t:
+        np.copyto(g, g_t)
     return dx, gw, gb, g
 
 
-def _target(out, name, x, layout, wanted, same_ok, avoid):
-    """Validate a caller's ``out`` and pick where the kernel writes (see ``_layout.write_target``)."""
+def _relayout(relu, layout):
+    """``relu`` with its bits in ``layout``'s memory order (one documented copy)."""
+    passed = _layout.to_layout(relu.to_array(), layout)
+    flat = _layout.kernel_view(passed, layout).reshape(-1)
+    return ReluMask(np.packbits(flat, bitorder="little"), relu.shape, layout)
+
+
+def _target(out, x, layout, wanted, same_ok, avoid):
+    """``(array returned, array the kernel writes)`` for a validated ``out`` (see
+    ``_layout.write_target``), or ``(None, None)`` when not wanted."""
     if not wanted:
         return None, None
-    if out is not None:
-        out = check_out(out, x, name)
     return _layout.write_target(out, x, layout, same_ok, avoid)

@@ -260,19 +260,16 @@ class _BatchNorm:
         if saved.input_overwritten:
             raise RuntimeError("backward() needs the forward's input, but that forward wrote "
                                "its output over it (out=input): run it out of place")
-        has_w, has_b = saved.weight is not None, self.bias is not None
-        if saved.relu_mask is None:
-            gx, gw, gb = B.batch_norm_backward(
-                grad_output, saved.input, saved.weight, saved.mean, saved.invstd,
-                saved.batch_stats, self.eps, output_mask=(True, has_w, has_b), out=out,
-                n_threads=self.n_threads)
-            ga = None
-        else:
-            gx, gw, gb, ga = B.fused_batch_norm_backward(
-                grad_output, saved.input, saved.relu_mask, saved.weight, saved.mean,
-                saved.invstd, saved.batch_stats, self.eps,
-                output_mask=(True, has_w, has_b, saved.has_addend), out=out,
-                n_threads=self.n_threads)
+        # Only grad_output and out come from the caller: what the forward saved
+        # (its input, statistics, weight snapshot and ReLU mask) is trusted.
+        x = saved.input
+        dy = check_same_shape(grad_output, "grad_output", x)
+        if out is not None:
+            out = check_out(out, x)
+        wanted = (True, saved.weight is not None, self.bias is not None, saved.has_addend)
+        gx, gw, gb, ga = B._run(x, dy, saved.relu_mask, saved.weight, saved.mean, saved.invstd,
+                                saved.batch_stats, wanted, resolve_threads(self.n_threads), out,
+                                None)
         if not retain_graph:
             self._saved = None
             self._saved_missing = ("backward() was already called on the last forward, which "

@@ -1,4 +1,5 @@
-"""Backward pass of Batch Normalization (and of its fused ReLU/addend epilogue).
+"""The backward entry: every batch norm backward, functional or module, plain or
+fused, reaches the kernels here (and ``relu_mask`` reaches ``pack_positive``).
 
 With ``dy`` the output gradient (masked by the ReLU for the fused variant),
 per channel ``sum_dy = sum(dy)`` and ``sum_xdy = sum((x - mean) * dy)``, and
@@ -10,30 +11,44 @@ per channel ``sum_dy = sum(dy)`` and ``sum_xdy = sum((x - mean) * dy)``, and
 
 Two passes over the data, in the forward's two memory layouts:
 
-1. ``reduce_*``: both sums in ONE read of ``x`` and ``dy`` (double
-   accumulation, 8 fixed lanes, see ``bnfast_simd.h``).  The work is cut by
-   the shape only and the partials are merged in a fixed order, so any thread
-   count gives the same bits.
-2. ``apply_*``: ``dx = (dy * a + (x - m) * b) + d`` per element, in the
-   storage type.  ``m`` is the storage-type mean and its rounding error is
-   folded into ``d`` (in double), as in ``_normalize.pyx``: float32 data far
-   from zero (mean 1e6, std 1) keeps ``x - m`` exact.  Arrays far larger than
-   the caches are written with non-temporal stores.
+1. reduce: both sums in ONE read of ``x`` and ``dy`` (double accumulation,
+   8 fixed lanes, see ``bnfast_simd.h``).  The work is cut by the shape only
+   and the partials are merged in a fixed order, so any thread count gives
+   the same bits.
+2. apply: ``dx = (dy * a + (x - m) * b) + d`` per element, in the storage
+   type.  ``m`` is the storage-type mean and its rounding error is folded into
+   ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
+   ``x - m`` exact.  Arrays far larger than the caches are written with
+   non-temporal stores.
 
 The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
 1/32 of a float32 copy) and applies it on the fly, inside the SIMD leaves
 (``bnfast_backward_simd.h``).  When the addend's gradient ``g`` is wanted,
 pass 1 writes it, and pass 2 reads it instead of ``dy`` and the mask.
+
+Nothing here validates: ``bnfast.backward`` has checked and laid out every
+argument (the contract is in :func:`backward`'s docstring).  The dtype switch
+happens here, on the NumPy type number; the kernels have one body per mode.
+Work below ``SERIAL_ELEMS`` values runs without entering an OpenMP region.
 """
-from cython cimport floating
+cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
-from _moments cimport centered_dot
-from _tiling cimport RowBlocks, row_blocks
+from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
+from _dtypes cimport CHANNELS_FIRST, real_t
 from _openmp_helpers cimport threads_for
+from _tiling cimport RowBlocks, _gcd, row_blocks
+
+cnp.import_array()
 
 cdef extern from "bnfast_backward_simd.h" nogil:
+    void bnfast_centered_dot_runs_f32(const float* x, const float* y, Py_ssize_t runs,
+                                      Py_ssize_t n, const double* shift, double* sy,
+                                      double* sxy)
+    void bnfast_centered_dot_runs_f64(const double* x, const double* y, Py_ssize_t runs,
+                                      Py_ssize_t n, const double* shift, double* sy,
+                                      double* sxy)
     void bnfast_centered_coldot_f32(const float* x, const float* y, Py_ssize_t rows,
                                     Py_ssize_t W, const double* shift, double* sy, double* sxy)
     void bnfast_centered_coldot_f64(const double* x, const double* y, Py_ssize_t rows,
@@ -52,6 +67,12 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                            const unsigned char* bits, Py_ssize_t pos,
                                            Py_ssize_t rows, Py_ssize_t W, const double* shift,
                                            double* sy, double* sxy, double* g)
+    void bnfast_grad_runs_f32(const float* x, const float* dy, float* dx, Py_ssize_t runs,
+                              Py_ssize_t n, const float* m, const float* a, const float* b,
+                              const float* d)
+    void bnfast_grad_runs_f64(const double* x, const double* dy, double* dx, Py_ssize_t runs,
+                              Py_ssize_t n, const double* m, const double* a, const double* b,
+                              const double* d)
     void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_stream_fence()
@@ -73,16 +94,14 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                    const double* d, int training, int stream, double* dx,
                                    double* g)
 
-ctypedef fused param_t:
-    float
-    double
-
 cdef enum:
     # Channels-first pass 1: a task covers a block of samples times a block of
     # channels, read in memory order.  Per sample it spans about RUN_ELEMS
     # contiguous values (whole channels), and TASK_ELEMS values in all.
     RUN_ELEMS = 8192
     TASK_ELEMS = 32768
+    # Channels-last pass 1: blocks of about BLOCK_ELEMS values, at most
+    # MAX_BLOCK_ROWS wide rows.
     BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
     # Pass 2: blocks of about APPLY_ELEMS values; channels-last coefficient
@@ -91,29 +110,37 @@ cdef enum:
     APPLY_WIDTH = 256
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
-
-# Rows of the coefficient table written by coefficients().
-MEAN, SCALE, SLOPE, OFFSET, GRAD_WEIGHT, GRAD_BIAS = 0, 1, 2, 3, 4, 5
+    # Pass 1 widens both inputs to double and costs about this many times a
+    # value of an elementwise pass (threads_for's unit): it pays for a
+    # parallel region at a quarter of the size (a (1, 512, 7, 7) batch).
+    REDUCE_COST = 4
 
 
 # -- typed wrappers around the SIMD leaves -----------------------------------------
-cdef inline void _dot(const floating* x, const floating* y, const unsigned char* bits,
-                      Py_ssize_t pos, Py_ssize_t n, double shift, double* sy, double* sxy,
-                      floating* g) noexcept nogil:
-    """sy += sum(y'), sxy += sum((x - shift) * y'): y' = y, or y masked by bits (then g = y')."""
-    if bits == NULL:
-        centered_dot(x, y, n, shift, sy, sxy)
-    elif floating is float:
+cdef inline void _dot_runs(const real_t* x, const real_t* y, Py_ssize_t runs, Py_ssize_t n,
+                           const double* shift, double* sy, double* sxy) noexcept nogil:
+    """sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r) over consecutive runs of n."""
+    if real_t is float:
+        bnfast_centered_dot_runs_f32(x, y, runs, n, shift, sy, sxy)
+    else:
+        bnfast_centered_dot_runs_f64(x, y, runs, n, shift, sy, sxy)
+
+
+cdef inline void _dot_masked(const real_t* x, const real_t* y, const unsigned char* bits,
+                             Py_ssize_t pos, Py_ssize_t n, double shift, double* sy,
+                             double* sxy, real_t* g) noexcept nogil:
+    """sy += sum(y'), sxy += sum((x - shift) * y'), y' = y masked by bits (and g = y' if g)."""
+    if real_t is float:
         bnfast_centered_dot_masked_f32(x, y, bits, pos, n, shift, sy, sxy, g)
     else:
         bnfast_centered_dot_masked_f64(x, y, bits, pos, n, shift, sy, sxy, g)
 
 
-cdef inline void _coldot(const floating* x, const floating* y, const unsigned char* bits,
+cdef inline void _coldot(const real_t* x, const real_t* y, const unsigned char* bits,
                          Py_ssize_t pos, Py_ssize_t rows, Py_ssize_t W, const double* shift,
-                         double* sy, double* sxy, floating* g) noexcept nogil:
+                         double* sy, double* sxy, real_t* g) noexcept nogil:
     """Per-column _dot of (rows, W) row-major blocks."""
-    if floating is float:
+    if real_t is float:
         if bits == NULL:
             bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
         else:
@@ -125,23 +152,23 @@ cdef inline void _coldot(const floating* x, const floating* y, const unsigned ch
             bnfast_centered_coldot_masked_f64(x, y, bits, pos, rows, W, shift, sy, sxy, g)
 
 
-cdef inline void _grad_scalar(const floating* x, const floating* dy, const unsigned char* bits,
-                              Py_ssize_t pos, Py_ssize_t n, floating m, floating a, floating b,
-                              floating d, bint training, bint stream, floating* dx,
-                              floating* g) noexcept nogil:
+cdef inline void _grad_scalar(const real_t* x, const real_t* dy, const unsigned char* bits,
+                              Py_ssize_t pos, Py_ssize_t n, real_t m, real_t a, real_t b,
+                              real_t d, bint training, bint stream, real_t* dx,
+                              real_t* g) noexcept nogil:
     """dx (and, masked, g) of a run with one (m, a, b, d)."""
-    if floating is float:
+    if real_t is float:
         bnfast_grad_run_scalar_f32(x, dy, bits, pos, n, m, a, b, d, training, stream, dx, g)
     else:
         bnfast_grad_run_scalar_f64(x, dy, bits, pos, n, m, a, b, d, training, stream, dx, g)
 
 
-cdef inline void _grad_tiled(const floating* x, const floating* dy, const unsigned char* bits,
-                             Py_ssize_t pos, Py_ssize_t n, const floating* tile, Py_ssize_t W,
-                             bint training, bint stream, floating* dx,
-                             floating* g) noexcept nogil:
+cdef inline void _grad_tiled(const real_t* x, const real_t* dy, const unsigned char* bits,
+                             Py_ssize_t pos, Py_ssize_t n, const real_t* tile, Py_ssize_t W,
+                             bint training, bint stream, real_t* dx,
+                             real_t* g) noexcept nogil:
     """dx (and, masked, g) of a W-aligned piece; tile holds the rows m, a, b, d (W each)."""
-    if floating is float:
+    if real_t is float:
         bnfast_grad_run_tiled_f32(x, dy, bits, pos, n, tile, tile + W, tile + 2 * W,
                                   tile + 3 * W, training, stream, dx, g)
     else:
@@ -156,29 +183,15 @@ cdef inline void _add_into(double* acc, const double* part, Py_ssize_t n) noexce
         acc[i] = acc[i] + part[i]
 
 
-cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
-    while b:
-        a, b = b, a % b
-    return a
-
-
 cdef inline bint _aligned16(const void* p, Py_ssize_t piece_bytes) noexcept nogil:
     """p on a 16-byte boundary, and so is every multiple of piece_bytes after it."""
     return p != NULL and (<size_t>p) % 16 == 0 and piece_bytes % 16 == 0
 
 
-cdef inline floating _offset_in(floating m, const double[:, ::1] coef, Py_ssize_t c) noexcept nogil:
-    """Storage-type d for dx = (dy * a + (x - m) * b) + d, with m = storage-type mean.
-
-    (x - mean) = (x - m) - (mean - m): the mean's rounding error moves into d, in double.
-    """
-    return <floating>(coef[3, c] - (coef[0, c] - <double>m) * coef[2, c])
-
-
 # -- pass 1 ---------------------------------------------------------------------------
-cdef inline void _reduce_first_task(Py_ssize_t t, const floating* xp, const floating* dyp,
+cdef inline void _reduce_first_task(Py_ssize_t t, const real_t* xp, const real_t* dyp,
                                     const unsigned char* bits, const double* mean,
-                                    floating* gp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                    real_t* gp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                                     Py_ssize_t cpt, Py_ssize_t npt, Py_ssize_t cblocks,
                                     double* part, double* part_xdy) noexcept nogil:
     """Task t = (sample block nb, channel block cb): its sums into part[nb * C + c]."""
@@ -191,26 +204,24 @@ cdef inline void _reduce_first_task(Py_ssize_t t, const floating* xp, const floa
         part[nb * C + c] = 0.0
         part_xdy[nb * C + c] = 0.0
     for n in range(nb * npt, min(N, (nb + 1) * npt)):
+        if bits == NULL:  # the runs of channels c0..c1 are consecutive: one call
+            off = (n * C + c0) * S
+            _dot_runs(xp + off, dyp + off, c1 - c0, S, mean + c0, part + nb * C + c0,
+                      part_xdy + nb * C + c0)
+            continue
         for c in range(c0, c1):
             off = (n * C + c) * S
-            _dot(xp + off, dyp + off, bits, off, S, mean[c], part + nb * C + c,
-                 part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
+            _dot_masked(xp + off, dyp + off, bits, off, S, mean[c], part + nb * C + c,
+                        part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
 
 
-def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
-                          const floating[:, :, ::1] dy,   # IN  (N, C, S)
-                          const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
-                          const double[::1] mean,         # IN  (C,) save_mean
-                          double[::1] sum_dy,             # OUT (C,)
-                          double[::1] sum_xdy,            # OUT (C,)
-                          floating[:, :, ::1] g,          # OUT (N, C, S) masked dy, or None
-                          int n_threads):
-    """Per-channel sum(dy) and sum((x - mean) * dy) of (N, C, S) arrays, one read of each."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
-    sum_dy[:] = 0.0
-    sum_xdy[:] = 0.0
+cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char* bits,
+                       const double* mean, double* sum_dy, double* sum_xdy, real_t* gp,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads) noexcept nogil:
+    """Add the per-channel sum(dy) and sum((x - mean) * dy) of (N, C, S) arrays into
+    sum_dy, sum_xdy (zeroed by the caller), one read of each; -1 if out of memory."""
     if N == 0 or C == 0 or S == 0:
-        return
+        return 0
     # Tasks: samples [nb * npt, +npt) x channels [cb * cpt, +cpt), walked in memory order.
     cdef Py_ssize_t cpt = C if C * S <= RUN_ELEMS else max(1, RUN_ELEMS // S)
     cdef Py_ssize_t npt = max(1, TASK_ELEMS // (cpt * S))
@@ -218,37 +229,33 @@ def reduce_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S)
     npt = (N + nblocks - 1) // nblocks  # even blocks: 8 samples as 4 + 4, not 5 + 3
     nblocks = (N + npt - 1) // npt
     cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
+    cpt = (C + cblocks - 1) // cblocks  # even blocks of channels (the sums do not change)
+    cblocks = (C + cpt - 1) // cpt
     cdef Py_ssize_t tasks = nblocks * cblocks
-    cdef int nt = threads_for(tasks, N * C * S, n_threads)
-    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
-    cdef floating* gp = NULL if g is None else &g[0, 0, 0]
+    cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
     cdef double* part = <double*>malloc(2 * nblocks * C * sizeof(double))
     if part == NULL:
-        raise MemoryError()
+        return -1
     cdef double* part_xdy = part + nblocks * C
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef const floating* dyp = &dy[0, 0, 0]
     cdef Py_ssize_t t, nb
-    try:
-        with nogil:
-            if nt == 1:  # no OpenMP region: entering one costs ~1 us even for 1 thread
-                for t in range(tasks):
-                    _reduce_first_task(t, xp, dyp, bits, &mean[0], gp, N, C, S, cpt, npt,
-                                       cblocks, part, part_xdy)
-            else:
-                for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
-                    _reduce_first_task(t, xp, dyp, bits, &mean[0], gp, N, C, S, cpt, npt,
-                                       cblocks, part, part_xdy)
-            for nb in range(nblocks):
-                _add_into(&sum_dy[0], part + nb * C, C)
-                _add_into(&sum_xdy[0], part_xdy + nb * C, C)
-    finally:
-        free(part)
+    if nt == 1:  # no OpenMP region: entering one costs ~1 us even for 1 thread
+        for t in range(tasks):
+            _reduce_first_task(t, xp, dyp, bits, mean, gp, N, C, S, cpt, npt, cblocks, part,
+                               part_xdy)
+    else:
+        for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
+            _reduce_first_task(t, xp, dyp, bits, mean, gp, N, C, S, cpt, npt, cblocks, part,
+                               part_xdy)
+    for nb in range(nblocks):
+        _add_into(sum_dy, part + nb * C, C)
+        _add_into(sum_xdy, part_xdy + nb * C, C)
+    free(part)
+    return 0
 
 
-cdef inline void _reduce_last_block(Py_ssize_t b, const floating* xp, const floating* dyp,
-                                    const unsigned char* bits, floating* gp, Py_ssize_t rows,
+cdef inline void _reduce_last_block(Py_ssize_t b, const real_t* xp, const real_t* dyp,
+                                    const unsigned char* bits, real_t* gp, Py_ssize_t rows,
                                     Py_ssize_t per_block, Py_ssize_t W, const double* shift,
                                     double* part, double* part_xdy) noexcept nogil:
     """Block b of wide rows: its column sums into part[b * W:], part_xdy[b * W:]."""
@@ -261,117 +268,84 @@ cdef inline void _reduce_last_block(Py_ssize_t b, const floating* xp, const floa
             part + b * W, part_xdy + b * W, NULL if gp == NULL else gp + r0 * W)
 
 
-def reduce_channels_last(const floating[:, ::1] x,       # IN  (M, C)
-                         const floating[:, ::1] dy,      # IN  (M, C)
-                         const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
-                         const double[::1] mean,         # IN  (C,) save_mean
-                         double[::1] sum_dy,             # OUT (C,)
-                         double[::1] sum_xdy,            # OUT (C,)
-                         floating[:, ::1] g,             # OUT (M, C) masked dy, or None
-                         int n_threads):
-    """Per-channel sum(dy) and sum((x - mean) * dy) of (M, C) rows, one read of each."""
-    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
-    sum_dy[:] = 0.0
-    sum_xdy[:] = 0.0
+cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* bits,
+                      const double* mean, double* sum_dy, double* sum_xdy, real_t* gp,
+                      Py_ssize_t M, Py_ssize_t C, int n_threads) noexcept nogil:
+    """_reduce_first of (M, C) rows; -1 if out of memory."""
     if M == 0 or C == 0:
-        return
+        return 0
     # Wide rows of W = k * C values (long inner loops for small C), in blocks.
     cdef RowBlocks tiling = row_blocks(M, C, BLOCK_ELEMS, MAX_BLOCK_ROWS)
     cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
     cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
-    cdef int nt = threads_for(blocks, M * C, n_threads)
-    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
-    cdef floating* gp = NULL if g is None else &g[0, 0]
+    cdef int nt = threads_for(blocks, M * C * REDUCE_COST, n_threads)
     # Partials per (block, column), then the tiled mean (the shift of every column).
     cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
     if part == NULL:
-        raise MemoryError()
+        return -1
     cdef double* part_xdy = part + blocks * W
     cdef double* shift = part + 2 * blocks * W
-    cdef const floating* xp = &x[0, 0]
-    cdef const floating* dyp = &dy[0, 0]
     cdef Py_ssize_t b, j, l, r, c
     cdef double v
     for j in range(W):
         shift[j] = mean[j % C]
-    try:
-        with nogil:
-            if nt == 1:  # see reduce_channels_first
-                for b in range(blocks):
-                    _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
-                                       part_xdy)
-            else:
-                for b in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-                    _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
-                                       part_xdy)
-            # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
-            for b in range(blocks):
-                for l in range(k):
-                    _add_into(&sum_dy[0], part + b * W + l * C, C)
-                    _add_into(&sum_xdy[0], part_xdy + b * W + l * C, C)
-            for r in range(rows * k, M):
-                for c in range(C):
-                    j = r * C + c
-                    v = dyp[j]
-                    if bits != NULL:
-                        if not ((bits[j >> 3] >> (j & 7)) & 1):
-                            v = 0.0
-                        if gp != NULL:
-                            gp[j] = <floating>v
-                    sum_dy[c] += v
-                    sum_xdy[c] += (<double>xp[j] - mean[c]) * v
-    finally:
-        free(part)
-
-
-# -- coefficients ----------------------------------------------------------------------
-def coefficients(const double[::1] sum_dy,    # IN  (C,) from reduce_*
-                 const double[::1] sum_xdy,   # IN  (C,) from reduce_*
-                 const double[::1] mean,      # IN  (C,) save_mean
-                 const double[::1] invstd,    # IN  (C,) save_invstd
-                 const param_t[::1] weight,   # IN  (C,) gamma (ignored unless has_weight)
-                 bint has_weight, double count, bint training,
-                 double[:, ::1] coef):        # OUT (6, C): mean, a, b, d, grad_weight, grad_bias
-    """Per-channel coefficients of dx = dy * a + (x - mean) * b + d, and the parameter grads."""
-    cdef Py_ssize_t c, C = mean.shape[0]
-    if C == 0:
-        return
-    cdef double a, k
-    cdef double* mu = &coef[0, 0]
-    cdef double* scale = mu + C
-    cdef double* slope = mu + 2 * C
-    cdef double* offset = mu + 3 * C
-    cdef double* gw = mu + 4 * C
-    cdef double* gb = mu + 5 * C
-    # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
-    cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
-    with nogil:
+    if nt == 1:  # see _reduce_first
+        for b in range(blocks):
+            _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part, part_xdy)
+    else:
+        for b in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
+            _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part, part_xdy)
+    # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
+    for b in range(blocks):
+        for l in range(k):
+            _add_into(sum_dy, part + b * W + l * C, C)
+            _add_into(sum_xdy, part_xdy + b * W + l * C, C)
+    for r in range(rows * k, M):
         for c in range(C):
-            a = invstd[c] * weight[c] if has_weight else invstd[c]
-            k = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n)
-            mu[c] = mean[c]
-            scale[c] = a
-            slope[c] = -(k * a)
-            offset[c] = -((sum_dy[c] * inv_n) * a)
-            gw[c] = sum_xdy[c] * invstd[c]
-            gb[c] = sum_dy[c]
+            j = r * C + c
+            v = dyp[j]
+            if bits != NULL:
+                if not ((bits[j >> 3] >> (j & 7)) & 1):
+                    v = 0.0
+                if gp != NULL:
+                    gp[j] = <real_t>v
+            sum_dy[c] += v
+            sum_xdy[c] += (<double>xp[j] - mean[c]) * v
+    free(part)
+    return 0
 
 
 # -- pass 2 ---------------------------------------------------------------------------
-cdef inline void _apply_first_block(Py_ssize_t blk, const floating* xp, const floating* dyp,
-                                    const unsigned char* bits, const double[:, ::1] coef,
-                                    floating* dxp, floating* gp, Py_ssize_t runs, Py_ssize_t C,
-                                    Py_ssize_t S, Py_ssize_t per_block, bint training,
+cdef struct Coef:
+    # Per channel (C doubles each): dx = dy * scale + (x - mean) * slope + offset.
+    const double* mean
+    const double* scale
+    const double* slope
+    const double* offset
+
+
+cdef inline real_t _offset_in(real_t m, Coef k, Py_ssize_t c) noexcept nogil:
+    """Storage-type d for dx = (dy * a + (x - m) * b) + d, with m = storage-type mean.
+
+    (x - mean) = (x - m) - (mean - m): the mean's rounding error moves into d, in double.
+    """
+    return <real_t>(k.offset[c] - (k.mean[c] - <double>m) * k.slope[c])
+
+
+cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
+                                    const unsigned char* bits, Coef k, real_t* dxp,
+                                    real_t* gp, Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
+                                    Py_ssize_t per_block, bint training,
                                     bint stream) noexcept nogil:
     """Runs [blk * per_block, ...) of (N, C, S): run t is channel t % C."""
     cdef Py_ssize_t c = (blk * per_block) % C
     cdef Py_ssize_t t, off
-    cdef floating m, a, b, d
+    cdef real_t m, a, b, d
     for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
-        m = <floating>coef[0, c]
-        a = <floating>coef[1, c]
-        b = <floating>coef[2, c]
-        d = _offset_in(m, coef, c)
+        m = <real_t>k.mean[c]
+        a = <real_t>k.scale[c]
+        b = <real_t>k.slope[c]
+        d = _offset_in(m, k, c)
         off = t * S
         _grad_scalar(xp + off, dyp + off, bits, off, S, m, a, b, d, training, stream,
                      NULL if dxp == NULL else dxp + off, NULL if gp == NULL else gp + off)
@@ -382,50 +356,84 @@ cdef inline void _apply_first_block(Py_ssize_t blk, const floating* xp, const fl
         bnfast_stream_fence()
 
 
-def apply_channels_first(const floating[:, :, ::1] x,    # IN  (N, C, S) (not read in eval)
-                         const floating[:, :, ::1] dy,   # IN  (N, C, S)
-                         const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
-                         const double[:, ::1] coef,      # IN  (>= 4, C) from coefficients()
-                         floating[:, :, ::1] dx,         # OUT (N, C, S), or None (g only)
-                         floating[:, :, ::1] g,          # OUT (N, C, S) masked dy, or None
-                         bint training, bint stream, int n_threads):
+cdef inline void _apply_first_runs(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
+                                   const real_t* table, real_t* dxp, Py_ssize_t runs,
+                                   Py_ssize_t C, Py_ssize_t S,
+                                   Py_ssize_t per_block) noexcept nogil:
+    """_apply_first_block in training without mask or streaming: the block's runs in
+    stretches of consecutive channels, one leaf call each; table holds the rows
+    m, a, b, d (C each) in the storage type."""
+    cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
+    cdef Py_ssize_t c, n
+    while t < t_end:
+        c = t % C
+        n = min(t_end - t, C - c)
+        if real_t is float:
+            bnfast_grad_runs_f32(xp + t * S, dyp + t * S, dxp + t * S, n, S, table + c,
+                                 table + C + c, table + 2 * C + c, table + 3 * C + c)
+        else:
+            bnfast_grad_runs_f64(xp + t * S, dyp + t * S, dxp + t * S, n, S, table + c,
+                                 table + C + c, table + 2 * C + c, table + 3 * C + c)
+        t = t + n
+
+
+cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* bits,
+                      Coef k, real_t* dxp, real_t* gp, Py_ssize_t N, Py_ssize_t C,
+                      Py_ssize_t S, bint training, bint stream, int n_threads) noexcept nogil:
     """dx of (N, C, S) arrays (and the masked dy into g when asked), one pass.
 
-    ``stream``: store dx with non-temporal stores (outputs much larger than the
-    caches); honoured for unmasked gradients whose runs are 16-byte aligned.
+    ``stream``: store dx with non-temporal stores; honoured for unmasked
+    gradients whose runs are 16-byte aligned.
     """
-    cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], S = dy.shape[2]
-    if N == 0 or C == 0 or S == 0 or (dx is None and (mask is None or g is None)):
-        return
+    if N == 0 or C == 0 or S == 0:
+        return 0
     # Blocks of consecutive (n, c) runs: the channel is found once per block and
     # then stepped (a division per run costs more than a 7x7 run itself).
     cdef Py_ssize_t runs = N * C
     cdef Py_ssize_t per_block = APPLY_ELEMS // S if S < APPLY_ELEMS else 1
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
+    per_block = (runs + blocks - 1) // blocks  # even blocks: a thread count never idles one
+    blocks = (runs + per_block - 1) // per_block
     cdef int nt = threads_for(blocks, runs * S, n_threads)
-    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
-    cdef floating* gp = NULL if g is None else &g[0, 0, 0]
-    cdef floating* dxp = NULL if dx is None else &dx[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef const floating* dyp = &dy[0, 0, 0]
     cdef Py_ssize_t blk
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(floating))
-    with nogil:
-        if nt == 1:  # see reduce_channels_first
+    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
+    cdef real_t* table
+    cdef Py_ssize_t c
+    if training and bits == NULL and not stream and gp == NULL:
+        # The common case: the storage-type coefficients once per channel, then
+        # one leaf call per stretch of consecutive channels (the same arithmetic).
+        table = <real_t*>malloc(4 * C * sizeof(real_t))
+        if table == NULL:
+            return -1
+        for c in range(C):
+            table[c] = <real_t>k.mean[c]
+            table[C + c] = <real_t>k.scale[c]
+            table[2 * C + c] = <real_t>k.slope[c]
+            table[3 * C + c] = _offset_in(table[c], k, c)
+        if nt == 1:
             for blk in range(blocks):
-                _apply_first_block(blk, xp, dyp, bits, coef, dxp, gp, runs, C, S, per_block,
-                                   training, stream)
+                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
         else:
             for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-                _apply_first_block(blk, xp, dyp, bits, coef, dxp, gp, runs, C, S, per_block,
-                                   training, stream)
+                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
+        free(table)
+        return 0
+    if nt == 1:  # see _reduce_first
+        for blk in range(blocks):
+            _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
+                               stream)
+    else:
+        for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
+            _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
+                               stream)
+    return 0
 
 
-cdef inline void _apply_last_block(Py_ssize_t blk, const floating* xp, const floating* dyp,
-                                   const unsigned char* bits, const floating* tile,
-                                   floating* dxp, floating* gp, Py_ssize_t total, Py_ssize_t W,
+cdef inline void _apply_last_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
+                                   const unsigned char* bits, const real_t* tile,
+                                   real_t* dxp, real_t* gp, Py_ssize_t total, Py_ssize_t W,
                                    Py_ssize_t per_block, bint training,
                                    bint stream) noexcept nogil:
     """Values [blk * per_block, ...) of the flat (M, C) array, in W-long tile pieces."""
@@ -439,83 +447,252 @@ cdef inline void _apply_last_block(Py_ssize_t blk, const floating* xp, const flo
         bnfast_stream_fence()
 
 
-def apply_channels_last(const floating[:, ::1] x,       # IN  (M, C) (not read in eval)
-                        const floating[:, ::1] dy,      # IN  (M, C)
-                        const unsigned char[::1] mask,  # IN  packed ReLU mask, or None
-                        const double[:, ::1] coef,      # IN  (>= 4, C) from coefficients()
-                        floating[:, ::1] dx,            # OUT (M, C), or None (g only)
-                        floating[:, ::1] g,             # OUT (M, C) masked dy, or None
-                        bint training, bint stream, int n_threads):
-    """dx of (M, C) rows (and the masked dy into g when asked), one pass (see apply_channels_first)."""
-    cdef Py_ssize_t M = dy.shape[0], C = dy.shape[1]
-    if M == 0 or C == 0 or (dx is None and (mask is None or g is None)):
-        return
+cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* bits,
+                     Coef k, real_t* dxp, real_t* gp, Py_ssize_t M, Py_ssize_t C,
+                     bint training, bint stream, int n_threads) noexcept nogil:
+    """_apply_first of (M, C) rows; -1 if out of memory."""
+    if M == 0 or C == 0:
+        return 0
     # The coefficient pattern repeats every C values of the flat array: tile it
-    # k times; every W-aligned piece starts at channel 0.  k is rounded to a
+    # r times; every W-aligned piece starts at channel 0.  r is rounded to a
     # multiple of q so that W values are whole 16-byte units where possible.
-    cdef Py_ssize_t k = APPLY_WIDTH // C if C < APPLY_WIDTH else 1
-    cdef Py_ssize_t q = (16 // sizeof(floating)) // _gcd(C, 16 // sizeof(floating))
-    if k >= q:
-        k = k - k % q
-    cdef Py_ssize_t W = k * C, total = M * C
+    cdef Py_ssize_t r = APPLY_WIDTH // C if C < APPLY_WIDTH else 1
+    cdef Py_ssize_t q = (16 // sizeof(real_t)) // _gcd(C, 16 // sizeof(real_t))
+    if r >= q:
+        r = r - r % q
+    cdef Py_ssize_t W = r * C, total = M * C
     cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef int nt = threads_for(blocks, total, n_threads)
-    cdef const unsigned char* bits = NULL if mask is None else &mask[0]
-    cdef floating* gp = NULL if g is None else &g[0, 0]
-    cdef floating* dxp = NULL if dx is None else &dx[0, 0]
-    cdef floating* tile = <floating*>malloc(4 * W * sizeof(floating))
+    cdef real_t* tile = <real_t*>malloc(4 * W * sizeof(real_t))
     if tile == NULL:
-        raise MemoryError()
+        return -1
     cdef Py_ssize_t j, blk
-    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(floating))
+    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
     for j in range(W):
-        tile[j] = <floating>coef[0, j % C]
-        tile[W + j] = <floating>coef[1, j % C]
-        tile[2 * W + j] = <floating>coef[2, j % C]
-        tile[3 * W + j] = _offset_in(tile[j], coef, j % C)
-    cdef const floating* xp = &x[0, 0]
-    cdef const floating* dyp = &dy[0, 0]
-    try:
-        with nogil:
-            if nt == 1:  # see reduce_channels_first
-                for blk in range(blocks):
-                    _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block,
-                                      training, stream)
-            else:
-                for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-                    _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block,
-                                      training, stream)
-    finally:
-        free(tile)
+        tile[j] = <real_t>k.mean[j % C]
+        tile[W + j] = <real_t>k.scale[j % C]
+        tile[2 * W + j] = <real_t>k.slope[j % C]
+        tile[3 * W + j] = _offset_in(tile[j], k, j % C)
+    if nt == 1:  # see _reduce_first
+        for blk in range(blocks):
+            _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
+                              stream)
+    else:
+        for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
+            _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
+                              stream)
+    free(tile)
+    return 0
+
+
+# -- one backward ------------------------------------------------------------------------
+cdef struct Job:
+    Shape shape
+    bint training
+    bint stream
+    int n_threads
+    const void* x
+    const void* dy
+    const unsigned char* bits
+    void* dx
+    void* g
+    void* grad_weight
+    void* grad_bias
+    # (C,) doubles: the caller's arrays when they are contiguous float64, else
+    # copies in the work rows; weight NULL for none.
+    const double* mean
+    const double* invstd
+    const double* weight
+
+
+cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
+    """Both passes of one backward; ``kind`` (NULL) picks the storage type.
+
+    ``work`` holds 5 rows of C doubles: sum_dy, sum_xdy, scale, slope, offset.
+    -1 if out of memory.
+    """
+    cdef Py_ssize_t c, C = job.shape.C, count = job.shape.count
+    cdef bint training = job.training
+    cdef const real_t* xp = <const real_t*>job.x
+    cdef const real_t* dyp = <const real_t*>job.dy
+    cdef const unsigned char* bits = job.bits
+    cdef real_t* dxp = <real_t*>job.dx
+    cdef real_t* gp = <real_t*>job.g
+    cdef real_t* gw = <real_t*>job.grad_weight
+    cdef real_t* gb = <real_t*>job.grad_bias
+    cdef const double* mean = job.mean
+    cdef const double* invstd = job.invstd
+    cdef const double* weight = job.weight
+    cdef double* sum_dy = work
+    cdef double* sum_xdy = work + C
+    cdef double* scale = work + 2 * C
+    cdef double* slope = work + 3 * C
+    cdef double* offset = work + 4 * C
+    for c in range(C):
+        sum_dy[c] = 0.0
+        sum_xdy[c] = 0.0
+    cdef bint g_done = False
+    cdef int rc = 0
+    if gw != NULL or gb != NULL or (training and dxp != NULL):
+        # Pass 1; it also writes the masked gradient when that is wanted, and
+        # pass 2 then reads it instead of grad_output and the mask.
+        if job.shape.layout == CHANNELS_FIRST:
+            rc = _reduce_first(xp, dyp, bits, mean, sum_dy, sum_xdy, gp, job.shape.N, C,
+                               job.shape.S, job.n_threads)
+        else:
+            rc = _reduce_last(xp, dyp, bits, mean, sum_dy, sum_xdy, gp, job.shape.N, C,
+                              job.n_threads)
+        if rc != 0:
+            return rc
+        g_done = gp != NULL
+    # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
+    cdef double a, s
+    cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
+    for c in range(C):
+        a = invstd[c] * weight[c] if weight != NULL else invstd[c]
+        s = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n)
+        scale[c] = a
+        slope[c] = -(s * a)
+        offset[c] = -((sum_dy[c] * inv_n) * a)
+    cdef Coef k
+    k.mean, k.scale, k.slope, k.offset = mean, scale, slope, offset
+    cdef bint stream
+    if dxp != NULL or (gp != NULL and not g_done):
+        stream = job.stream and dxp != NULL
+        if g_done:  # g holds the masked dy: read it instead of grad_output and the mask
+            dyp = gp
+            bits = NULL
+            gp = NULL
+        if job.shape.layout == CHANNELS_FIRST:
+            rc = _apply_first(xp, dyp, bits, k, dxp, gp, job.shape.N, C, job.shape.S, training,
+                              stream, job.n_threads)
+        else:
+            rc = _apply_last(xp, dyp, bits, k, dxp, gp, job.shape.N, C, training, stream,
+                             job.n_threads)
+    if gw != NULL:
+        for c in range(C):
+            gw[c] = <real_t>(sum_xdy[c] * invstd[c])
+    if gb != NULL:
+        for c in range(C):
+            gb[c] = <real_t>sum_dy[c]
+    return rc
+
+
+cdef const double* _as_doubles(cnp.ndarray v, Py_ssize_t C, double* scratch) noexcept:
+    """A (C,) float vector as doubles: its own data if contiguous float64, else a copy."""
+    if cnp.PyArray_TYPE(v) == cnp.NPY_FLOAT64 and (C < 2 or cnp.PyArray_STRIDE(v, 0) == 8):
+        return <const double*>cnp.PyArray_DATA(v)
+    load_doubles(v, C, scratch)
+    return scratch
+
+
+def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layout`
+             cnp.ndarray grad_output not None,  # IN  x's shape, dtype and layout
+             cnp.ndarray mask,                  # IN  packed ReLU mask (uint8), or None
+             cnp.ndarray mean not None,         # IN  (C,) save_mean
+             cnp.ndarray invstd not None,       # IN  (C,) save_invstd
+             cnp.ndarray weight,                # IN  (C,) gamma, or None (ones)
+             cnp.ndarray grad_input,            # OUT x's shape, dtype, layout; or None
+             cnp.ndarray grad_addend,           # OUT masked grad_output, like x; or None
+             bint want_weight, bint want_bias,  # return grad_weight, grad_bias?
+             int layout, bint training, bint stream, int n_threads):
+    """Gradients of one batch norm (plain, or fused with a ReLU when ``mask`` is given).
+
+    The contract (``bnfast.backward`` checks and lays out; nothing is checked
+    here): ``x``, ``grad_output`` and the outputs of its shape are float32 or
+    float64, one dtype, their memory in ``layout`` (``bnfast._layout.Layout``:
+    0 channels-first, 1 channels-last); ``grad_input`` may be ``x`` or
+    ``grad_output`` itself, ``grad_addend`` only ``grad_output``.  ``mask`` is
+    contiguous uint8, at least ``ceil(x.size / 8)`` bytes, one bit per value of
+    ``x`` in its memory order.  ``grad_addend`` only with ``mask``.  The (C,)
+    vectors are float32 or float64, any stride; ``grad_weight``/``grad_bias``
+    Outputs that are None are not computed.  ``stream``: write grad_input
+    with non-temporal stores (arrays far beyond the caches).
+
+    Returns ``(grad_weight, grad_bias)``: new (C,) arrays of x's dtype, or
+    None where not wanted.
+    """
+    cdef Job job
+    job.shape = kernel_shape(x, layout)
+    cdef Py_ssize_t C = job.shape.C
+    job.training = training
+    job.stream = stream
+    job.n_threads = n_threads
+    job.x = data_or_null(x)
+    job.dy = data_or_null(grad_output)
+    job.bits = <const unsigned char*>data_or_null(mask)
+    job.dx = data_or_null(grad_input)
+    job.g = data_or_null(grad_addend)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError(f"backward: float32 or float64 arrays only, got {x.dtype}")
+    cdef cnp.npy_intp dims[1]
+    dims[0] = C
+    grad_weight = cnp.PyArray_EMPTY(1, dims, typenum, 0) if want_weight else None
+    grad_bias = cnp.PyArray_EMPTY(1, dims, typenum, 0) if want_bias else None
+    job.grad_weight = data_or_null(grad_weight)
+    job.grad_bias = data_or_null(grad_bias)
+    cdef double* work = <double*>malloc((8 * C + 1) * sizeof(double))
+    if work == NULL:
+        raise MemoryError()
+    job.mean = _as_doubles(mean, C, work + 5 * C)
+    job.invstd = _as_doubles(invstd, C, work + 6 * C)
+    job.weight = NULL
+    if weight is not None:
+        job.weight = _as_doubles(weight, C, work + 7 * C)
+    cdef int rc
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            rc = _run(&job, work, <float*>NULL)
+        else:
+            rc = _run(&job, work, <double*>NULL)
+    free(work)
+    if rc != 0:
+        raise MemoryError()
+    return grad_weight, grad_bias
 
 
 # -- the ReLU mask ----------------------------------------------------------------------
-cdef inline void _pack_block(const floating* yp, unsigned char* bp, Py_ssize_t i0,
+cdef inline void _pack_block(const real_t* yp, unsigned char* bp, Py_ssize_t i0,
                              Py_ssize_t n) noexcept nogil:
     """Bits of y[i0:i0 + n] into bp[i0 // 8:] (i0 a multiple of 8)."""
-    if floating is float:
+    if real_t is float:
         bnfast_pack_positive_f32(yp + i0, n, bp + i0 // 8)
     else:
         bnfast_pack_positive_f64(yp + i0, n, bp + i0 // 8)
 
 
-def pack_positive(const floating[::1] y,      # IN  flat output of the fused forward
-                  unsigned char[::1] bits,    # OUT (ceil(n / 8),) little bit order
-                  int n_threads):
-    """bits of ``not (y <= 0)``: where the ReLU passed its input's gradient (NaN included)."""
-    cdef Py_ssize_t n = y.shape[0]
-    if n == 0:
-        return
+cdef void _pack(const real_t* yp, unsigned char* bp, Py_ssize_t n,
+                int n_threads) noexcept nogil:
     cdef Py_ssize_t blocks = (n + PACK_ELEMS - 1) // PACK_ELEMS
     cdef int nt = threads_for(blocks, n, n_threads)
-    cdef const floating* yp = &y[0]
-    cdef unsigned char* bp = &bits[0]
     cdef Py_ssize_t blk
+    if nt == 1:  # see _reduce_first
+        for blk in range(blocks):
+            _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+    else:
+        for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
+            _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+
+
+def pack_positive(cnp.ndarray output not None,  # IN  float32/float64, contiguous in some order
+                  cnp.ndarray bits not None,    # OUT (ceil(output.size / 8),) uint8
+                  int n_threads):
+    """Bits of ``not (output <= 0)`` in ``output``'s memory order, little bit order:
+    where the ReLU passed its input's gradient (NaN included).
+
+    ``output``'s memory is one contiguous block (C, F or channels-last order);
+    the last partial byte is written whole (its unused bits 0).
+    """
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(output)
+    cdef int typenum = cnp.PyArray_TYPE(output)
+    cdef const void* yp = cnp.PyArray_DATA(output)
+    cdef unsigned char* bp = <unsigned char*>cnp.PyArray_DATA(bits)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError(f"pack_positive: float32 or float64 arrays only, got {output.dtype}")
     with nogil:
-        if nt == 1:  # see reduce_channels_first
-            for blk in range(blocks):
-                _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+        if typenum == cnp.NPY_FLOAT32:
+            _pack(<const float*>yp, bp, n, n_threads)
         else:
-            for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-                _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+            _pack(<const double*>yp, bp, n, n_threads)

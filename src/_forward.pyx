@@ -16,6 +16,8 @@ from libc.string cimport memcmp, memcpy
 
 from _dtypes cimport CHANNELS_FIRST, real_t
 from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, table_len
+from _arrays cimport Shape, data_or_null as _data, kernel_shape as _kernel_shape
+from _arrays cimport load_doubles as _load
 from _batch_stats cimport stats_first, stats_last, update_running
 from _tiling cimport tile_repeat
 
@@ -23,48 +25,6 @@ cnp.import_array()
 
 # Rows of the (4, C) float64 coefficient table.
 MEAN, INVSTD, SCALE, SHIFT = 0, 1, 2, 3
-
-
-cdef struct Shape:
-    # x as the kernels see it: (N, C, S) channels-first, or N rows of C (S = 1)
-    # channels-last; count = N * S values per channel.
-    int layout
-    Py_ssize_t N, C, S, count
-
-
-cdef Shape _kernel_shape(cnp.ndarray x, int layout) noexcept:
-    cdef Shape shape
-    cdef Py_ssize_t S = 1
-    cdef int d, ndim = cnp.PyArray_NDIM(x)
-    for d in range(2, ndim):
-        S *= cnp.PyArray_DIM(x, d)
-    shape.layout = layout
-    shape.C = cnp.PyArray_DIM(x, 1)
-    if layout == CHANNELS_FIRST:
-        if ndim == 2:  # a Fortran-ordered (N, C): one sample of C runs of N
-            shape.N, shape.S = 1, cnp.PyArray_DIM(x, 0)
-        else:
-            shape.N, shape.S = cnp.PyArray_DIM(x, 0), S
-    else:
-        shape.N, shape.S = cnp.PyArray_DIM(x, 0) * S, 1
-    shape.count = shape.N * shape.S
-    return shape
-
-
-cdef inline const void* _data(object a) noexcept:
-    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
-
-
-cdef void _load(object v, Py_ssize_t C, double* dst) noexcept:
-    """A (C,) float32/float64 vector of any stride into doubles (exact)."""
-    cdef Py_ssize_t c, stride = cnp.PyArray_STRIDE(<cnp.ndarray>v, 0)
-    cdef const char* p = <const char*>cnp.PyArray_DATA(<cnp.ndarray>v)
-    if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT32:
-        for c in range(C):
-            dst[c] = (<const float*>(p + c * stride))[0]
-    else:
-        for c in range(C):
-            dst[c] = (<const double*>(p + c * stride))[0]
 
 
 cdef void _coefficients(object mean, object var, object weight, object bias, Py_ssize_t C,

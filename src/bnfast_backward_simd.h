@@ -34,13 +34,7 @@
 #define BNFAST_HAVE_SSE2_PACK 0
 #endif
 
-#if defined(__clang__)
-#define BNFAST_BWD_IVDEP _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define BNFAST_BWD_IVDEP _Pragma("GCC ivdep")
-#else
-#define BNFAST_BWD_IVDEP
-#endif
+/* Loops below use bnfast_simd.h's BNFAST_IVDEP. */
 
 /* Bit (pos) of a little-bit-order packed mask. */
 #define BNFAST_BIT(bits, pos) (((bits)[(pos) >> 3] >> ((pos) & 7)) & 1)
@@ -114,6 +108,84 @@
             }                                                                            \
         }                                                                                \
     }
+
+/* ---------------------------------------------------------------------------
+ * centered_dot_runs: for each of `runs` consecutive runs of n values (run r at
+ * x + r * n, y + r * n):  sy[r] += sum(y),  sxy[r] += sum((x - shift[r]) * y).
+ * Per run exactly bnfast_centered_dot's arithmetic (bnfast_simd.h: 8 lanes,
+ * lane j summing i % 8 == j, the tail into lanes 0.., one fixed combine), two
+ * runs interleaved: short runs (a 7x7 image is 49 values) are bound by the
+ * latency of their own adds, and two independent chains overlap.  Channels-
+ * first pass 1 (unmasked); one call per sample and block of channels.
+ * ------------------------------------------------------------------------- */
+#if BNFAST_VECTOR_EXT
+/* Lanes (A0, A1 | B0, B1) of the run at (xr, yr), plus its tail, into *SY, *SXY. */
+#define BNFAST_DOT_RUN_FINISH(T, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
+    {                                                                                    \
+        double a_[8], b_[8];                                                             \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < 4; i_++) {                                                     \
+            a_[i_] = (A0)[i_]; a_[i_ + 4] = (A1)[i_];                                    \
+            b_[i_] = (B0)[i_]; b_[i_ + 4] = (B1)[i_];                                    \
+        }                                                                                \
+        for (i_ = n8; i_ < n; i_++) {                                                    \
+            a_[i_ - n8] += (double)(yr)[i_];                                             \
+            b_[i_ - n8] += ((double)(xr)[i_] - (k)) * (double)(yr)[i_];                  \
+        }                                                                                \
+        *(SY) += BNFAST_COMBINE8(a_);                                                    \
+        *(SXY) += BNFAST_COMBINE8(b_);                                                   \
+    }
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR)                                   \
+    ATTR static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,           \
+                          const double *shift, double *sy, double *sxy) {                \
+        ptrdiff_t r = 0, i, n8 = n - n % 8;                                              \
+        for (; r + 2 <= runs; r += 2) {                                                  \
+            const T *xp = x + r * n, *yp = y + r * n, *xq = xp + n, *yq = yp + n;        \
+            double kp = shift[r], kq = shift[r + 1];                                     \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0;                     \
+            bnfast_v4d c0 = a0, c1 = a0, d0 = a0, d1 = a0, u0, u1, v0, v1;               \
+            for (i = 0; i < n8; i += 8) {                                                \
+                u0 = BNFAST_LOAD4(T, yp + i); u1 = BNFAST_LOAD4(T, yp + i + 4);          \
+                v0 = BNFAST_LOAD4(T, yq + i); v1 = BNFAST_LOAD4(T, yq + i + 4);          \
+                a0 += u0; a1 += u1; c0 += v0; c1 += v1;                                  \
+                b0 += (BNFAST_LOAD4(T, xp + i) - kp) * u0;                               \
+                b1 += (BNFAST_LOAD4(T, xp + i + 4) - kp) * u1;                           \
+                d0 += (BNFAST_LOAD4(T, xq + i) - kq) * v0;                               \
+                d1 += (BNFAST_LOAD4(T, xq + i + 4) - kq) * v1;                           \
+            }                                                                            \
+            BNFAST_DOT_RUN_FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+            BNFAST_DOT_RUN_FINISH(T, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1) \
+        }                                                                                \
+        for (; r < runs; r++) {                                                          \
+            const T *xp = x + r * n, *yp = y + r * n;                                    \
+            double kp = shift[r];                                                        \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
+            for (i = 0; i < n8; i += 8) {                                                \
+                u0 = BNFAST_LOAD4(T, yp + i); u1 = BNFAST_LOAD4(T, yp + i + 4);          \
+                a0 += u0; a1 += u1;                                                      \
+                b0 += (BNFAST_LOAD4(T, xp + i) - kp) * u0;                               \
+                b1 += (BNFAST_LOAD4(T, xp + i + 4) - kp) * u1;                           \
+            }                                                                            \
+            BNFAST_DOT_RUN_FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+        }                                                                                \
+    }
+#else
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR)                                   \
+    static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,                \
+                     const double *shift, double *sy, double *sxy) {                     \
+        ptrdiff_t r, i;                                                                  \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xp = x + r * n, *yp = y + r * n;                                    \
+            double a[8] = {0}, b[8] = {0};                                               \
+            for (i = 0; i < n; i++) {                                                    \
+                a[i % 8] += (double)yp[i];                                               \
+                b[i % 8] += ((double)xp[i] - shift[r]) * (double)yp[i];                  \
+            }                                                                            \
+            sy[r] += BNFAST_COMBINE8(a);                                                 \
+            sxy[r] += BNFAST_COMBINE8(b);                                                \
+        }                                                                                \
+    }
+#endif
 
 /* ---------------------------------------------------------------------------
  * Masked leaves of the fused variant: the gradient is y where the ReLU mask's
@@ -481,30 +553,46 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t n,                   \
                           T m, T a, T b, T d) {                                          \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) {                                       \
+        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
             dx[i] = (dy[i] * a + (x[i] - m) * b) + d;                                    \
+        }                                                                                \
+    }
+/* grad_scalar over `runs` consecutive runs of n values, run r with (m[r], a[r],
+ * b[r], d[r]): one call for a block of channels (short runs: no per-run call). */
+#define BNFAST_DEFINE_GRAD_RUNS(NAME, T, ATTR)                                           \
+    ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs, ptrdiff_t n,   \
+                          const T *m, const T *a, const T *b, const T *d) {              \
+        ptrdiff_t r, i;                                                                  \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xr = x + r * n, *yr = dy + r * n;                                   \
+            T *zr = dx + r * n, mr = m[r], ar = a[r], br = b[r], dr = d[r];              \
+            BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
+                zr[i] = (yr[i] * ar + (xr[i] - mr) * br) + dr;                           \
+            }                                                                            \
         }                                                                                \
     }
 #define BNFAST_DEFINE_GRAD_TILED(NAME, T, ATTR)                                          \
     ATTR static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t n,                   \
                           const T *m, const T *a, const T *b, const T *d) {              \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) {                                       \
+        BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
             dx[i] = (dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i];                        \
         }                                                                                \
     }
 #define BNFAST_DEFINE_SCALE_SCALAR(NAME, T, ATTR)                                        \
     ATTR static void NAME(const T *dy, T *dx, ptrdiff_t n, T a) {                        \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a; }                  \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a; }                  \
     }
 #define BNFAST_DEFINE_SCALE_TILED(NAME, T, ATTR)                                         \
     ATTR static void NAME(const T *dy, T *dx, ptrdiff_t n, const T *a) {                 \
         ptrdiff_t i;                                                                     \
-        BNFAST_BWD_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a[i]; }               \
+        BNFAST_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a[i]; }               \
     }
 
 #define BNFAST_BWD_LEAVES(SUFFIX, ATTR)                                                  \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f32_##SUFFIX, float, ATTR)  \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f64_##SUFFIX, double, ATTR) \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f32_##SUFFIX, float, ATTR)      \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f64_##SUFFIX, double, ATTR)     \
     BNFAST_DEFINE_CENTERED_DOT_MASKED(bnfast_centered_dot_masked_f32_##SUFFIX, float, ATTR) \
@@ -516,6 +604,8 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     BNFAST_DEFINE_GRAD_MASKED(bnfast_grad_masked_scalar_f64_##SUFFIX,                     \
                               bnfast_grad_masked_tiled_f64_##SUFFIX, double, ATTR)         \
     BNFAST_DEFINE_GRAD_SCALAR(bnfast_grad_scalar_f32_##SUFFIX, float, ATTR)              \
+    BNFAST_DEFINE_GRAD_RUNS(bnfast_grad_runs_f32_##SUFFIX, float, ATTR)                  \
+    BNFAST_DEFINE_GRAD_RUNS(bnfast_grad_runs_f64_##SUFFIX, double, ATTR)                 \
     BNFAST_DEFINE_GRAD_SCALAR(bnfast_grad_scalar_f64_##SUFFIX, double, ATTR)             \
     BNFAST_DEFINE_GRAD_TILED(bnfast_grad_tiled_f32_##SUFFIX, float, ATTR)                \
     BNFAST_DEFINE_GRAD_TILED(bnfast_grad_tiled_f64_##SUFFIX, double, ATTR)               \
@@ -540,7 +630,6 @@ BNFAST_BWD_LEAVES(avx2, BNFAST_AVX2_TARGET)
  * bnfast_stream_fence() before another thread may read what was stored.
  * ------------------------------------------------------------------------- */
 #if BNFAST_HAVE_SSE2_PACK
-#define BNFAST_HAVE_STREAM 1
 typedef float bnfast_v4f __attribute__((vector_size(16), aligned(4)));
 typedef double bnfast_v2d __attribute__((vector_size(16), aligned(8)));
 #define BNFAST_STREAM_f32(p, v) _mm_stream_ps((p), (__m128)(v))
@@ -584,7 +673,6 @@ BNFAST_DEFINE_STREAM_LEAVES(f32, float)
 BNFAST_DEFINE_STREAM_LEAVES(f64, double)
 static inline void bnfast_stream_fence(void) { _mm_sfence(); }
 #else
-#define BNFAST_HAVE_STREAM 0
 #define bnfast_grad_scalar_f32_nt bnfast_grad_scalar_f32
 #define bnfast_grad_scalar_f64_nt bnfast_grad_scalar_f64
 #define bnfast_grad_tiled_f32_nt bnfast_grad_tiled_f32
@@ -607,6 +695,11 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
     BNFAST_BWD_PICK(bnfast_centered_coldot_f64)(x, y, rows, W, shift, sy, sxy);
 }
 #define BNFAST_DISPATCH_MASKED(T, SFX)                                                   \
+    static inline void bnfast_centered_dot_runs_##SFX(                                   \
+            const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n, const double *shift,    \
+            double *sy, double *sxy) {                                                   \
+        BNFAST_BWD_PICK(bnfast_centered_dot_runs_##SFX)(x, y, runs, n, shift, sy, sxy);  \
+    }                                                                                    \
     static inline void bnfast_centered_dot_masked_##SFX(                                 \
             const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
             double shift, double *sy, double *sxy, T *g) {                               \
@@ -632,6 +725,16 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
     }
 BNFAST_DISPATCH_MASKED(float, f32)
 BNFAST_DISPATCH_MASKED(double, f64)
+static inline void bnfast_grad_runs_f32(const float *x, const float *dy, float *dx,
+                                        ptrdiff_t runs, ptrdiff_t n, const float *m,
+                                        const float *a, const float *b, const float *d) {
+    BNFAST_BWD_PICK(bnfast_grad_runs_f32)(x, dy, dx, runs, n, m, a, b, d);
+}
+static inline void bnfast_grad_runs_f64(const double *x, const double *dy, double *dx,
+                                        ptrdiff_t runs, ptrdiff_t n, const double *m,
+                                        const double *a, const double *b, const double *d) {
+    BNFAST_BWD_PICK(bnfast_grad_runs_f64)(x, dy, dx, runs, n, m, a, b, d);
+}
 static inline void bnfast_grad_scalar_f32(const float *x, const float *dy, float *dx, ptrdiff_t n,
                                           float m, float a, float b, float d) {
     BNFAST_BWD_PICK(bnfast_grad_scalar_f32)(x, dy, dx, n, m, a, b, d);
@@ -670,7 +773,7 @@ static inline void bnfast_scale_tiled_f64(const double *dy, double *dx, ptrdiff_
  * cached or streaming stores.  SCALAR: one (m, a, b, d) for the run; TILED:
  * per-element tiles.  The Cython kernels call these two entries only.
  * ------------------------------------------------------------------------- */
-#define BNFAST_DEFINE_GRAD_RUNS(SFX, T)                                                    \
+#define BNFAST_DEFINE_GRAD_RUN_ENTRIES(SFX, T)                                                  \
     static inline void bnfast_grad_run_scalar_##SFX(                                       \
             const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
             T m, T a, T b, T d, int training, int stream, T *dx, T *g) {                   \
@@ -692,7 +795,7 @@ static inline void bnfast_scale_tiled_f64(const double *dy, double *dx, ptrdiff_
         else if (stream) bnfast_scale_tiled_##SFX##_nt(dy, dx, n, a);                      \
         else bnfast_scale_tiled_##SFX(dy, dx, n, a);                                       \
     }
-BNFAST_DEFINE_GRAD_RUNS(f32, float)
-BNFAST_DEFINE_GRAD_RUNS(f64, double)
+BNFAST_DEFINE_GRAD_RUN_ENTRIES(f32, float)
+BNFAST_DEFINE_GRAD_RUN_ENTRIES(f64, double)
 
 #endif /* BNFAST_BACKWARD_SIMD_H */

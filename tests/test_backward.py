@@ -376,6 +376,57 @@ def test_fused_matches_torch_composed_ops(torch, dtype, rng, shape, layout, trai
             assert is_channels_last(got[3])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channel_vectors_of_any_dtype_and_stride(dtype, rng, training):
+    """weight, save_mean and save_invstd are read as doubles whatever their dtype and
+    stride: the same bits as contiguous float64 copies."""
+    x = make_input(rng, (6, 5, 4, 3), dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w, b = make_params(rng, 5, np.float32)  # float32 values: exact in either dtype
+    w, b = w.astype(dtype), b.astype(dtype)
+    _, mean, invstd = _forward(x, training, w, b)
+    other = np.float32 if dtype == np.float64 else np.float64
+
+    def strided(v, dt):
+        holder = np.zeros((v.size, 3), dt)
+        holder[:, 1] = v
+        return holder[:, 1]  # a view with a stride of 3 values
+
+    expected = bnfast.batch_norm_backward(dy, x, w.astype(np.float64), mean, invstd, training)
+    for wv, mv, iv in [(strided(w, dtype), strided(mean, np.float64), strided(invstd, np.float64)),
+                       (w.astype(other), mean, invstd)]:
+        got = bnfast.batch_norm_backward(dy, x, wv, mv, iv, training)
+        for u, v in zip(got, expected):
+            np.testing.assert_array_equal(u, v)
+    # float32 statistics are exact in float64: the same bits as their float64 copies.
+    m32, i32 = mean.astype(np.float32), invstd.astype(np.float32)
+    got = bnfast.batch_norm_backward(dy, x, w, m32, i32, training)
+    expected = bnfast.batch_norm_backward(dy, x, w, m32.astype(np.float64),
+                                          i32.astype(np.float64), training)
+    for u, v in zip(got, expected):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_fortran_ordered_2d_input(dtype, rng, training):
+    """An (N, C) Fortran-ordered input is channels-first (C runs of N): the mask packed
+    from its output, or given as relu_mask(output), must follow that order."""
+    x = np.asfortranarray(make_input(rng, (40, 3), dtype))
+    dy = np.asfortranarray(rng.standard_normal(x.shape).astype(dtype))
+    add = rng.standard_normal(x.shape).astype(dtype)
+    w, b = make_params(rng, 3, dtype)
+    y, mean, invstd = _forward(x, training, w, b, addend=add, relu=True)
+    assert y.flags.f_contiguous
+    mask = bnfast.relu_mask(y)
+    assert str(mask.layout) == "channels_first"
+    np.testing.assert_array_equal(mask.to_array(), ~(y <= 0))
+    ref = reference_batch_norm_backward(dy, x, w, mean, invstd, training, output=y)
+    for output in (y, mask, bnfast.relu_mask(np.ascontiguousarray(y))):
+        got = bnfast.fused_batch_norm_backward(dy, x, output, w, mean, invstd, training)
+        assert_grads(got, ref, REF_TOL[dtype], _scales(x, ref[3], w, mean, invstd) + (0.0,))
+        assert got[0].flags.f_contiguous and got[3].flags.f_contiguous
+
+
 # -- the fused variant: mask semantics ------------------------------------------------------
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_fused_equals_plain_backward_of_masked_gradient(dtype, rng, layout):
@@ -497,6 +548,10 @@ THREAD_CASES = [
     ((1, 2, 512, 256), "contiguous"),
     ((3, 70, 33, 33), "channels_last"),
     ((8, 4, 16, 32, 32), "channels_last"),
+    # Small batches whose pass 1 alone may run in a parallel region (REDUCE_COST).
+    ((1, 512, 7, 7), "contiguous"),
+    ((1, 512, 7, 7), "channels_last"),
+    ((256, 96), "contiguous"),
 ]
 
 
@@ -697,6 +752,31 @@ def test_module_in_place_forward_cannot_backward(rng):
     m(x, out=x)
     with pytest.raises(RuntimeError, match="out=input"):
         m.backward(np.ones_like(x))
+
+
+def test_module_backward_validates_grad_output_and_out(rng):
+    """A module's backward checks what its caller passes (grad_output, out); a call
+    that raises keeps what the forward saved."""
+    m = bnfast.BatchNorm2d(3)
+    x = make_input(rng, (4, 3, 5, 5), np.float32)
+    y = m(x)
+    with pytest.raises(ValueError, match="grad_output"):
+        m.backward(np.ones((4, 3, 5, 4), np.float32))
+    with pytest.raises(TypeError, match="grad_output"):
+        m.backward(np.ones_like(y, dtype=np.float64))
+    with pytest.raises(TypeError, match="out"):
+        m.backward(np.ones_like(y), out=np.empty_like(y, dtype=np.float64))
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.empty_like(y)
+        ro.flags.writeable = False
+        m.backward(np.ones_like(y), out=ro)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    gx = m.backward(dy)
+    _, mean, invstd = bnfast.batch_norm(x, None, None, training=True, return_stats=True)
+    expected = bnfast.batch_norm_backward(dy, x, m.weight, mean, invstd)
+    np.testing.assert_array_equal(gx, expected[0])
+    np.testing.assert_array_equal(m.weight_grad, expected[1])
+    np.testing.assert_array_equal(m.bias_grad, expected[2])
 
 
 def test_module_backward_out(rng):
