@@ -7,7 +7,6 @@ argument first (see ``backward``'s docstring for the contract).
 import numpy as np
 
 # Cython's doctest dictionary (the docstrings of the def functions).
-__test__: dict[str, str]
 
 def backward(
     x: np.ndarray,

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 _F = npt.NDArray[np.floating[Any]]
 
@@ -16,14 +17,35 @@ INVSTD: int
 SCALE: int
 SHIFT: int
 
+_Key = tuple[Optional[_F], Optional[_F], Optional[_F], Optional[_F]]
+
+@disjoint_base
+class CoefficientTable:
+    """One set of evaluation coefficients and the inputs they came from (immutable)."""
+    @property
+    def key(self) -> _Key: ...
+    @property
+    def table(self) -> npt.NDArray[np.float64]: ...          # (4, C): mean, invstd, scale, shift
+    @property
+    def storage_table(self) -> npt.NDArray[np.float64]: ...  # the kernels' apply table
+    @property
+    def mean(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def invstd(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def weight(self) -> Optional[_F]: ...
+
+@disjoint_base
 class CoefficientCache:
     """A module's last evaluation coefficients, reused while their inputs are bitwise equal."""
     @property
-    def key(self) -> Optional[tuple[Optional[_F], Optional[_F], Optional[_F], Optional[_F]]]: ...
+    def current(self) -> Optional[CoefficientTable]: ...
+    @property
+    def key(self) -> Optional[_Key]: ...
     @property
     def table(self) -> Optional[npt.NDArray[np.float64]]: ...
     @property
-    def storage_table(self) -> Optional[_F]: ...
+    def storage_table(self) -> Optional[npt.NDArray[np.float64]]: ...
     @property
     def mean(self) -> Optional[npt.NDArray[np.float64]]: ...
     @property
@@ -38,4 +60,4 @@ def forward(
     addend: Optional[_F], relu: bool, out: _F, n_threads: int,
     coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
     cache: Optional[CoefficientCache],
-) -> None: ...
+) -> Optional[CoefficientTable]: ...

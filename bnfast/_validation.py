@@ -33,7 +33,8 @@ def check_channel_vector(value, name, num_channels):
     """None, or a float array of shape (C,)."""
     if value is None:
         return None
-    if type(value) is np.ndarray and value.dtype in SUPPORTED_DTYPES and value.shape == (num_channels,):
+    if (type(value) is np.ndarray and value.dtype in SUPPORTED_DTYPES
+            and value.shape == (num_channels,)):
         return value  # the common case, without a function call: this runs per call
     arr = as_float_array(value, name)
     if arr.shape != (num_channels,):

@@ -174,9 +174,9 @@ class _BatchNorm:
             check_training_size(x)
         save = B.is_grad_enabled()
         cache = None if batch_stats else self._coef_cache
-        result, coef, mask, entry = F.normalize(x, running_mean, running_var, weight, bias, batch_stats,
-                                         factor, eps, addend, relu, out, nt, save and batch_stats,
-                                         save, cache)
+        result, coef, mask, entry = F.normalize(
+            x, running_mean, running_var, weight, bias, batch_stats, factor, eps, addend, relu,
+            out, nt, save and batch_stats, save, cache)
         if counted:  # only once the call succeeded: a rejected call changes nothing
             self.num_batches_tracked += 1
         if save:
@@ -384,8 +384,8 @@ class _BatchNorm:
         return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self):
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, bias={self.bias is not None}, "
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats})")
 
 

@@ -10,6 +10,7 @@ Nothing here validates: ``bnfast.functional.normalize`` has checked and laid
 out every argument (the contract is in :func:`forward`'s docstring), so a call
 costs what the kernels cost plus well under a microsecond.
 """
+cimport cython
 cimport numpy as cnp
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy
@@ -49,6 +50,7 @@ cdef void _coefficients(object mean, object var, object weight, object bias, Py_
                       <const double*>b, C, eps, coef)
 
 
+@cython.auto_pickle(False)  # a cache entry: never pickled (a module's cache pickles empty)
 cdef class CoefficientTable:
     """One set of evaluation coefficients and the inputs they were computed from.
 

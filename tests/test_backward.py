@@ -10,8 +10,14 @@ from threadpoolctl import threadpool_limits
 
 import bnfast
 from bnfast.testing import reference_batch_norm_backward
-from conftest import (channels_last, is_channels_last, make_input, make_params, make_running,
-                      with_layout)
+from conftest import (
+    channels_last,
+    is_channels_last,
+    make_input,
+    make_params,
+    make_running,
+    with_layout,
+)
 
 EPS = 1e-5
 
