@@ -157,9 +157,11 @@ cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
 
 
-cdef inline void _pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
+cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
                              unsigned char* bits) noexcept nogil:
-    """ReLU mask bits of y[start:start + n], just written (still in cache).
+    """ReLU mask bits ``not (y <= 0)`` of y[start:start + n] into bits[start // 8:]
+    (nothing when bits is NULL); the forward packs a block just written (still in
+    cache), the backward's relu_mask a block of an output.
 
     ``start`` is a multiple of 8, so threads never share a byte.
     """
@@ -225,7 +227,7 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
                 c = c + 1
                 if c == C:
                     c = 0
-            _pack_block(yp, first * S, (last - first) * S, bits)
+            pack_block(yp, first * S, (last - first) * S, bits)
             return
     for t in range(first, last):
         off = t * S
@@ -234,7 +236,7 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
         c = c + 1
         if c == C:
             c = 0
-    _pack_block(yp, first * S, (last - first) * S, bits)
+    pack_block(yp, first * S, (last - first) * S, bits)
 
 
 cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
@@ -266,7 +268,7 @@ cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
     """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
     _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,
                  tile, use_float, relu)
-    _pack_block(yp, start, stop - start, bits)
+    pack_block(yp, start, stop - start, bits)
 
 
 cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,

@@ -35,6 +35,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
+from _affine cimport pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST, real_t
 from _openmp_helpers cimport threads_for
@@ -73,8 +74,6 @@ cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_grad_runs_f64(const double* x, const double* dy, double* dx, Py_ssize_t runs,
                               Py_ssize_t n, const double* m, const double* a, const double* b,
                               const double* d)
-    void bnfast_pack_positive_f32(const float* y, Py_ssize_t n, unsigned char* bits)
-    void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_stream_fence()
     # dx (and, masked, the addend's gradient g) of one run: every variant behind one entry.
     void bnfast_grad_run_scalar_f32(const float* x, const float* dy, const unsigned char* bits,
@@ -654,14 +653,6 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
 
 
 # -- the ReLU mask ----------------------------------------------------------------------
-cdef inline void _pack_block(const real_t* yp, unsigned char* bp, Py_ssize_t i0,
-                             Py_ssize_t n) noexcept nogil:
-    """Bits of y[i0:i0 + n] into bp[i0 // 8:] (i0 a multiple of 8)."""
-    if real_t is float:
-        bnfast_pack_positive_f32(yp + i0, n, bp + i0 // 8)
-    else:
-        bnfast_pack_positive_f64(yp + i0, n, bp + i0 // 8)
-
 
 cdef void _pack(const real_t* yp, unsigned char* bp, Py_ssize_t n,
                 int n_threads) noexcept nogil:
@@ -670,10 +661,10 @@ cdef void _pack(const real_t* yp, unsigned char* bp, Py_ssize_t n,
     cdef Py_ssize_t blk
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
-            _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+            pack_block(yp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS), bp)
     else:
         for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _pack_block(yp, bp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS))
+            pack_block(yp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS), bp)
 
 
 def pack_positive(cnp.ndarray output not None,  # IN  float32/float64, contiguous in some order
