@@ -22,13 +22,15 @@ cdef extern from *:
 # The default thread count on shared machines.  Beside other busy processes a
 # team thread is often waiting for a core, and the call then lasts until it gets
 # one (a scheduler slice, 1000x a small call).  So the default is the OpenMP
-# maximum, but 1 for a second after the kernel preempted this process's threads
-# twice within 50 ms (involuntary context switches: something else wants the
-# cores); one busy thread per process is then the best anyone gets.  A lone
-# preemption (a daemon waking on a quiet machine) does not count: a competing
-# busy process preempts us every few milliseconds.  Results never depend on the
-# thread count.  The state is per extension module (each asks the kernel
-# itself), and callers hold the GIL, so no locking.
+# maximum, but 1 for a while after the kernel preempted this process's threads
+# more than 120 times a second over a window of at least 100 ms (involuntary
+# context switches: something else wants the cores): 2 s, doubled (up to 32 s)
+# each time contention is found again within a second of the last hold ending,
+# as it is beside a neighbour that keeps running.  Measured on
+# a 2-core VM running 2 threads: ~30/s when quiet, ~190/s beside one busy
+# process; one busy thread per process is then the best anyone gets.  Results
+# never depend on the thread count.  The state is per extension module (each
+# asks the kernel itself), and callers hold the GIL, so no locking.
 # (The OpenMP wait policy is left alone: OMP_WAIT_POLICY=passive also ends the
 # stalls but makes mid-size calls on a quiet machine 2-3x slower, as each region
 # then wakes sleeping threads; a smaller GOMP_SPINCOUNT does not end them.)
@@ -37,11 +39,13 @@ cdef extern from *:
     #if defined(__unix__) || defined(__APPLE__)
     #include <sys/resource.h>
     #include <time.h>
-    #define BNFAST_CONTENTION_HOLD 1.0     /* seconds on one thread after a burst */
-    #define BNFAST_CONTENTION_BURST 0.05   /* two preemptions this close make a burst */
-    static long bnfast_seen_nivcsw = -1;
-    static double bnfast_checked_at = -1.0, bnfast_serial_until = 0.0;
-    static double bnfast_preempted_at = -1.0;
+    #define BNFAST_CONTENTION_HOLD 2.0     /* seconds on one thread once contended, */
+    #define BNFAST_CONTENTION_MAX_HOLD 32.0  /* doubled while contention persists */
+    #define BNFAST_CONTENTION_WINDOW 0.1   /* seconds over which the rate is measured */
+    #define BNFAST_CONTENTION_RATE 120.0   /* involuntary switches a second */
+    static long bnfast_window_nivcsw = -1;
+    static double bnfast_checked_at = -1.0, bnfast_window_start = -1.0;
+    static double bnfast_serial_until = 0.0, bnfast_hold = BNFAST_CONTENTION_HOLD;
     static inline int bnfast_contended(void) {
         struct rusage ru;
         struct timespec ts;
@@ -50,16 +54,29 @@ cdef extern from *:
         double now = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
         /* getrusage costs ~1 us (a small call ~7 us): ask at most once a ms */
         if (now - bnfast_checked_at >= 1e-3 && !getrusage(RUSAGE_SELF, &ru)) {
-            long rise = bnfast_seen_nivcsw >= 0 ? ru.ru_nivcsw - bnfast_seen_nivcsw : 0;
-            if (rise > 0) {
-                int burst = (rise >= 2 && now - bnfast_checked_at < BNFAST_CONTENTION_BURST)
-                            || now - bnfast_preempted_at < BNFAST_CONTENTION_BURST;
-                if (burst)
-                    bnfast_serial_until = now + BNFAST_CONTENTION_HOLD;
-                bnfast_preempted_at = now;
-            }
-            bnfast_seen_nivcsw = ru.ru_nivcsw;
             bnfast_checked_at = now;
+            if (bnfast_window_nivcsw < 0) {
+                bnfast_window_nivcsw = ru.ru_nivcsw;
+                bnfast_window_start = now;
+            } else {
+                /* the rate over the window so far, judged once it is 100 ms long or
+                   has already seen the switches a contended window would */
+                double span = now - bnfast_window_start;
+                double seen = (double)(ru.ru_nivcsw - bnfast_window_nivcsw);
+                double enough = BNFAST_CONTENTION_RATE * BNFAST_CONTENTION_WINDOW;
+                if (span < BNFAST_CONTENTION_WINDOW && seen <= enough)
+                    return now < bnfast_serial_until;
+                if (seen / (span > BNFAST_CONTENTION_WINDOW ? span : BNFAST_CONTENTION_WINDOW)
+                        > BNFAST_CONTENTION_RATE) {
+                    bnfast_hold = now < bnfast_serial_until + 1.0
+                                  ? (2 * bnfast_hold < BNFAST_CONTENTION_MAX_HOLD
+                                     ? 2 * bnfast_hold : BNFAST_CONTENTION_MAX_HOLD)
+                                  : BNFAST_CONTENTION_HOLD;
+                    bnfast_serial_until = now + bnfast_hold;
+                }
+                bnfast_window_nivcsw = ru.ru_nivcsw;
+                bnfast_window_start = now;
+            }
         }
         return now < bnfast_serial_until;
     }
