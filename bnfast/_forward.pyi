@@ -12,11 +12,6 @@ from typing_extensions import disjoint_base
 
 _F = npt.NDArray[np.floating[Any]]
 
-MEAN: int
-INVSTD: int
-SCALE: int
-SHIFT: int
-
 _Key = tuple[Optional[_F], Optional[_F], Optional[_F], Optional[_F]]
 
 @disjoint_base

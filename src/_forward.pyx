@@ -12,7 +12,7 @@ costs what the kernels cost plus well under a microsecond.
 """
 cimport cython
 cimport numpy as cnp
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
 from _dtypes cimport CHANNELS_FIRST, real_t
@@ -23,9 +23,6 @@ from _batch_stats cimport stats_first, stats_last, update_running
 from _tiling cimport tile_repeat
 
 cnp.import_array()
-
-# Rows of the (4, C) float64 coefficient table.
-MEAN, INVSTD, SCALE, SHIFT = 0, 1, 2, 3
 
 
 cdef void _coefficients(object mean, object var, object weight, object bias, Py_ssize_t C,
@@ -321,7 +318,7 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
     cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C)
     cdef double* own = NULL
     if table == NULL:
-        own = <double*>calloc(table_len(k * shape.C), sizeof(double))
+        own = <double*>malloc(table_len(k * shape.C) * sizeof(double))  # fill_table writes all it reads
         if own == NULL:
             return -1
         fill_table(coef, shape.C, k, own, residual)
