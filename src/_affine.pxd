@@ -1,10 +1,10 @@
-# The normalise pass at the C level, shared by the memoryview entry points
-# (_normalize.pyx, for the functional layer) and the ndarray fast path for
-# evaluation (_inference.pyx):
+# The normalise pass at the C level, run by the forward entry (_forward.pyx):
 #
 #   fill_coefficients  per-channel mean, invstd, scale, shift in double
 #   fill_table         those as the apply table (tiled for rows), see below
-#   normalize          table + blocked apply: y = relu?((x - m) * a + b + addend?)
+#   apply_first/_last  blocked apply over (N, C, S) or (M, C) rows:
+#                      y = relu?((x - m) * a + b + addend?), ReLU mask packed
+#   pack_block         the ReLU mask bits of a block (also relu_mask's)
 #
 # The table (table_len(W) doubles for W = repeat * C coefficients per row):
 #   [m | a | b]    3 W doubles: float64 data, and float32 data the float rows
@@ -14,7 +14,8 @@
 #   flag           1.0 if the float rows are usable: every channel's finite a
 #                  and b fit float32 and its finite m has |m| <= 2^100, so
 #                  x - m cannot overflow for finite x.  (One choice per table,
-#                  so both layouts give the same bits.)  Otherwise float32 data is computed in double:
+#                  so both layouts give the same bits.)  Otherwise float32
+#                  data is computed in double:
 #                  values near +-3e38 with a mean of 1e37 normalise to the exact
 #                  result rounded (not -inf), and a constant channel with
 #                  eps=1e-300 (scale 1e150) gives exactly the bias (not NaN).
@@ -31,9 +32,8 @@
 from _dtypes cimport real_t
 from cython.parallel cimport prange
 from libc.math cimport fabs, sqrt
-from libc.stdlib cimport free, malloc
 
-from _tiling cimport _gcd, tile_repeat
+from _tiling cimport _gcd
 from _openmp_helpers cimport threads_for
 
 cdef enum:
@@ -293,41 +293,3 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
                     use_float, relu, bits)
-
-
-cdef inline int make_table(const double* coef, Py_ssize_t C, Py_ssize_t S,
-                           double** table, const double* residual) noexcept nogil:
-    """Allocate and fill the apply table for apply_table (free() it after).
-
-    S == 0 means channels-last rows (the table is then tiled).  ``residual``:
-    as in fill_table.  Returns -1 without memory.
-    """
-    cdef Py_ssize_t k = 1 if S else tile_repeat(C)
-    table[0] = <double*>malloc(table_len(k * C) * sizeof(double))
-    if table[0] == NULL:
-        return -1
-    fill_table(coef, C, k, table[0], residual)
-    return 0
-
-
-cdef inline void apply_table(const real_t* xp, const real_t* ap, real_t* yp,
-                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
-                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
-    """y = relu?((x - m) * a + b + addend?) over (N, C, S), or N rows of C when S == 0."""
-    if S:
-        apply_first(xp, ap, yp, N, C, S, table, relu, n_threads, bits)
-    else:
-        apply_last(xp, ap, yp, N, C, tile_repeat(C), table, relu, n_threads, bits)
-
-
-cdef inline int normalize(const real_t* xp, const real_t* ap, real_t* yp, Py_ssize_t N,
-                          Py_ssize_t C, Py_ssize_t S, const double* coef, bint relu,
-                          int n_threads, unsigned char* bits,
-                          const double* residual) noexcept nogil:
-    """make_table + apply_table (``residual``: as in fill_table); -1 without memory."""
-    cdef double* table = NULL
-    if make_table(coef, C, S, &table, residual):
-        return -1
-    apply_table(xp, ap, yp, N, C, S, table, relu, n_threads, bits)
-    free(table)
-    return 0

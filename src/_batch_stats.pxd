@@ -1,6 +1,5 @@
 # Per-channel batch statistics (mean and biased variance) at the C level, float64
-# accumulation; shared by the memoryview entry points (_stats.pyx, for the
-# functional layer) and the one-call paths (_inference.pyx).
+# accumulation; run by the forward entry (_forward.pyx).
 #
 # Two memory layouts, one pass over the input each:
 #
