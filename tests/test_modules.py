@@ -467,7 +467,7 @@ def test_load_half_precision_torch_state_dict_as_torch_does(dtype, rng, torch, s
 @pytest.mark.parametrize("spelling", [None, 1, 2, -1, np.int64(2), 65536, -65536],
                          ids=repr)
 def test_every_n_threads_spelling_gives_the_same_result(dtype, rng, spelling):
-    # Large enough to run threaded; the module's call takes the one-call path.
+    # Large enough to run threaded.
     x = make_input(rng, (16, 3, 64, 64), dtype)
     serial = bnfast.BatchNorm2d(3, dtype=dtype, n_threads=1)
     m = bnfast.BatchNorm2d(3, dtype=dtype, n_threads=spelling)
