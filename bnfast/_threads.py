@@ -76,9 +76,10 @@ def resolve_threads(n_threads=None):
     n_threads : int or None
         ``None`` means the OpenMP maximum *now* (``omp_get_max_threads()``), so
         ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits`` are
-        honoured; but 1 while other processes compete for the cores (for a
-        second after the kernel last preempted one of this process's
-        threads: a team is only as fast as its preempted thread).  A positive
+        honoured; but 1 while other processes compete for the cores (the
+        kernel preempts this process's threads more than 120 times a second:
+        a team is only as fast as its preempted thread; see
+        ``src/_openmp_helpers.pxd``).  A positive
         int is used as given; a negative one counts back from the maximum
         (``-1``: all, ``-2``: all but one).  ``0`` and values beyond
         ``MAX_THREADS`` (65536) either way are errors.
