@@ -7,6 +7,8 @@ import numbers
 
 import numpy as np
 
+from ._threads import resolve_threads
+
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -106,6 +108,30 @@ def check_training_size(x):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
+
+
+def check_forward(x, running_mean, running_var, weight, bias, batch_stats, eps, addend, out,
+                  n_threads):
+    """The checks every forward makes, functional or module, on a checked input ``x``.
+
+    Returns ``(running_mean, running_var, weight, bias, eps, addend, out, n_threads)``
+    as the layout step takes them: (C,) arrays or None, eps a positive float,
+    ``n_threads`` resolved.  ``batch_stats``: the batch's statistics normalise
+    (more than one value per channel needed; running buffers updated in place).
+    """
+    C = x.shape[1]
+    running_mean, running_var = check_running_stats(running_mean, running_var, C, batch_stats)
+    weight = check_channel_vector(weight, "weight", C)
+    bias = check_channel_vector(bias, "bias", C)
+    eps = check_eps(eps)
+    if addend is not None:
+        addend = check_same_shape(addend, "addend", x)
+    if out is not None:
+        out = check_out(out, x)
+    n_threads = resolve_threads(n_threads)
+    if batch_stats:
+        check_training_size(x)
+    return running_mean, running_var, weight, bias, eps, addend, out, n_threads
 
 
 def _check_writable(buffer, name):

@@ -8,17 +8,7 @@ documented copy), then one compiled call (``bnfast._forward.forward``).
 import numpy as np
 
 from . import _forward, _layout
-from ._threads import resolve_threads
-from ._validation import (
-    check_channel_vector,
-    check_eps,
-    check_input,
-    check_momentum,
-    check_out,
-    check_running_stats,
-    check_same_shape,
-    check_training_size,
-)
+from ._validation import check_forward, check_input, check_momentum
 from .backward import ReluMask
 
 __all__ = ["batch_norm", "fused_batch_norm"]
@@ -96,21 +86,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     array([0.3, 0.4], dtype=float32)
     """
     x = check_input(input)
-    C = x.shape[1]
-    running_mean, running_var = check_running_stats(running_mean, running_var, C, training)
-    weight = check_channel_vector(weight, "weight", C)
-    bias = check_channel_vector(bias, "bias", C)
-    eps = check_eps(eps)
-    if addend is not None:
-        addend = check_same_shape(addend, "addend", x)
-    if out is not None:
-        out = check_out(out, x)
-    nt = resolve_threads(n_threads)
-    if training:
-        momentum = check_momentum(momentum)
-        check_training_size(x)
-    else:
-        momentum = 0.0  # unused: nothing is updated in evaluation
+    # Unused in evaluation, where nothing is updated.
+    momentum = check_momentum(momentum) if training else 0.0
+    running_mean, running_var, weight, bias, eps, addend, out, nt = check_forward(
+        x, running_mean, running_var, weight, bias, training, eps, addend, out, n_threads)
     result, coef, _, _ = normalize(x, running_mean, running_var, weight, bias, training, momentum,
                                 eps, addend, relu, out, nt, return_stats, False, None)
     if return_stats:

@@ -16,13 +16,11 @@ from ._threads import check_n_threads, resolve_threads
 from ._validation import (
     SUPPORTED_DTYPES,
     as_float_array,
-    check_channel_vector,
     check_eps,
+    check_forward,
     check_momentum,
     check_out,
-    check_running_stats,
     check_same_shape,
-    check_training_size,
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -159,19 +157,9 @@ class _BatchNorm:
         # Batch statistics in training, and in eval when no running stats exist.
         batch_stats = self.training or self.running_mean is None
         tracking = not self.training or self.track_running_stats
-        running_mean, running_var = check_running_stats(
-            self.running_mean if tracking else None, self.running_var if tracking else None,
-            C, batch_stats)
-        weight = check_channel_vector(self.weight, "weight", C)
-        bias = check_channel_vector(self.bias, "bias", C)
-        eps = check_eps(self.eps)
-        if addend is not None:
-            addend = check_same_shape(addend, "addend", x)
-        if out is not None:
-            out = check_out(out, x)
-        nt = resolve_threads(self.n_threads)
-        if batch_stats:
-            check_training_size(x)
+        running_mean, running_var, weight, bias, eps, addend, out, nt = check_forward(
+            x, self.running_mean if tracking else None, self.running_var if tracking else None,
+            self.weight, self.bias, batch_stats, self.eps, addend, out, self.n_threads)
         save = B.is_grad_enabled()
         cache = None if batch_stats else self._coef_cache
         result, coef, mask, entry = F.normalize(
