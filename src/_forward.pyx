@@ -72,19 +72,17 @@ cdef class CoefficientTable:
     cdef readonly tuple key
     cdef readonly object table, storage_table, mean, invstd, weight
     cdef double eps
-    cdef int data_type
 
     cdef bint matches(self, object mean, object var, object weight, object bias,
-                      int data_type, Py_ssize_t C, double eps) noexcept:
-        if self.eps != eps or self.data_type != data_type \
-                or cnp.PyArray_DIM(<cnp.ndarray>self.table, 1) != C:
+                      Py_ssize_t C, double eps) noexcept:
+        if self.eps != eps or cnp.PyArray_DIM(<cnp.ndarray>self.table, 1) != C:
             return False
         return (_same_bytes(self.key[0], mean) and _same_bytes(self.key[1], var)
                 and _same_bytes(self.key[2], weight) and _same_bytes(self.key[3], bias))
 
 
 cdef CoefficientTable _new_table(object mean, object var, object weight, object bias,
-                                 int data_type, Py_ssize_t C, double eps):
+                                 Py_ssize_t C, double eps):
     cdef CoefficientTable entry = CoefficientTable.__new__(CoefficientTable)
     entry.key = tuple(None if p is None else _frozen_copy(p) for p in (mean, var, weight, bias))
     cdef cnp.npy_intp dims[2]
@@ -103,7 +101,7 @@ cdef CoefficientTable _new_table(object mean, object var, object weight, object 
     cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
     entry.table, entry.storage_table = table, storage
     entry.mean, entry.invstd, entry.weight = table[0], table[1], entry.key[2]
-    entry.eps, entry.data_type = eps, data_type
+    entry.eps = eps
     return entry
 
 
@@ -120,8 +118,7 @@ cdef class CoefficientCache:
     Attributes
     ----------
     current : CoefficientTable or None
-        The last entry; ``key``, ``table``, ``storage_table``, ``mean``,
-        ``invstd`` and ``weight`` read its attributes (None when empty).
+        The last entry (None when empty).
     """
     cdef readonly CoefficientTable current
 
@@ -130,37 +127,14 @@ cdef class CoefficientCache:
         return (CoefficientCache, ())
 
     cdef CoefficientTable lookup(self, object mean, object var, object weight, object bias,
-                                 int data_type, Py_ssize_t C, double eps):
+                                 Py_ssize_t C, double eps):
         """The entry for these inputs: the stored one if it matches, else a new one."""
         cdef CoefficientTable entry = self.current
-        if entry is None or not entry.matches(mean, var, weight, bias, data_type, C, eps):
-            entry = _new_table(mean, var, weight, bias, data_type, C, eps)
+        # The apply table serves float32 and float64 data alike: not part of the key.
+        if entry is None or not entry.matches(mean, var, weight, bias, C, eps):
+            entry = _new_table(mean, var, weight, bias, C, eps)
             self.current = entry
         return entry
-
-    @property
-    def key(self):
-        return None if self.current is None else self.current.key
-
-    @property
-    def table(self):
-        return None if self.current is None else self.current.table
-
-    @property
-    def storage_table(self):
-        return None if self.current is None else self.current.storage_table
-
-    @property
-    def mean(self):
-        return None if self.current is None else self.current.mean
-
-    @property
-    def invstd(self):
-        return None if self.current is None else self.current.invstd
-
-    @property
-    def weight(self):
-        return None if self.current is None else self.current.weight
 
 
 cdef inline bint _same_bytes(object mine, object given) noexcept:
@@ -227,7 +201,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     cdef CoefficientTable entry = None
     try:
         if cache is not None and not batch_stats:
-            entry = cache.lookup(running_mean, running_var, weight, bias, data_type, C, eps)
+            entry = cache.lookup(running_mean, running_var, weight, bias, C, eps)
             table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>entry.table)
             if coef is not None:
                 memcpy(cnp.PyArray_DATA(<cnp.ndarray>coef), table_coef, 4 * C * sizeof(double))
