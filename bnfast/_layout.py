@@ -146,15 +146,21 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
     return out, empty_like_layout(x, layout, x.dtype)
 
 
+#: What the kernel updates in place: float32 or float64 (never half precision).
+_UPDATABLE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def updatable_pair(running_mean, running_var):
-    """The running buffers as the kernel updates them: both C-contiguous, of one dtype.
+    """The running buffers as the kernel updates them: both C-contiguous, float32
+    or float64, of one dtype.
 
     Themselves when they are; otherwise float64 copies (lossless for the
     update, which is computed in double and rounded once) for
-    :func:`write_back_pair` to copy back.
+    :func:`write_back_pair` to copy back: mixed dtypes, other strides, and
+    half-precision buffers (whose update is checked for overflow first).
     """
-    if (running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous
-            and running_var.flags.c_contiguous):
+    if (running_mean.dtype == running_var.dtype and running_mean.dtype in _UPDATABLE
+            and running_mean.flags.c_contiguous and running_var.flags.c_contiguous):
         return running_mean, running_var
     return running_mean.astype(np.float64), running_var.astype(np.float64)
 

@@ -7,18 +7,18 @@ import numbers
 
 import numpy as np
 
+from ._dtypes import NUMPY_FLOATS, SUPPORTED_TEXT, is_bfloat16, is_half
 from ._threads import resolve_threads
-
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def as_float_array(value, name):
-    """``np.asarray(value)``, required to be float32 or float64 (never cast)."""
+    """``np.asarray(value)``, required to be float32, float64, float16 or bfloat16 (never cast)."""
     arr = value if type(value) is np.ndarray else np.asarray(value)
     # A byte-swapped float32 compares unequal to the native one: rejected, not misread.
-    if arr.dtype not in SUPPORTED_DTYPES:
+    # The kernels take any type number they do not know for bfloat16: exactly these pass.
+    if arr.dtype not in NUMPY_FLOATS and not is_bfloat16(arr.dtype):
         hint = " (cast it explicitly, e.g. .astype(np.float32))" if arr.dtype.kind in "biuf" else ""
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}{hint}")
+        raise TypeError(f"{name} must be a {SUPPORTED_TEXT} array, got dtype {arr.dtype}{hint}")
     return arr
 
 
@@ -35,7 +35,7 @@ def check_channel_vector(value, name, num_channels):
     """None, or a float array of shape (C,)."""
     if value is None:
         return None
-    if (type(value) is np.ndarray and value.dtype in SUPPORTED_DTYPES
+    if (type(value) is np.ndarray and value.dtype in NUMPY_FLOATS
             and value.shape == (num_channels,)):
         return value  # the common case, without a function call: this runs per call
     arr = as_float_array(value, name)
@@ -100,6 +100,29 @@ def check_running_stats(running_mean, running_var, num_channels, batch_stats):
         _check_writable(running_mean, "running_mean")
         _check_writable(running_var, "running_var")
     return mean, var
+
+
+def check_running_update(updated, running_mean, running_var):
+    """Raise OverflowError if a half-precision running buffer cannot hold its update.
+
+    ``updated`` is the float64 (mean, var) the kernel computed for buffers it
+    could not update in place.  A float16 running_var above 65504 would become
+    inf, after which torch's evaluation returns all zeros without a word; here
+    the call raises before anything is written back.
+    """
+    for value, buffer, name in ((updated[0], running_mean, "running_mean"),
+                                (updated[1], running_var, "running_var")):
+        if not is_half(buffer.dtype):
+            continue
+        with np.errstate(over="ignore"):
+            rounded = value.astype(buffer.dtype)
+        lost = np.isinf(rounded.astype(np.float64)) & np.isfinite(value)
+        if lost.any():
+            c = int(np.argmax(lost))
+            raise OverflowError(
+                f"{name} of dtype {buffer.dtype} cannot hold its update: channel {c} would be "
+                f"{value[c]:.6g}, which rounds to inf; keep the running statistics in float32 "
+                f"(e.g. {name}.astype(np.float32), or a module's default param_dtype)")
 
 
 def check_training_size(x):

@@ -12,9 +12,9 @@ import numpy as np
 from . import _forward
 from . import backward as B
 from . import functional as F
+from ._dtypes import is_bfloat16, is_half, resolve_dtype
 from ._threads import check_n_threads, resolve_threads
 from ._validation import (
-    SUPPORTED_DTYPES,
     as_float_array,
     check_eps,
     check_forward,
@@ -58,14 +58,17 @@ class _BatchNorm:
     _ndim_text = ""        # as PyTorch words it: "4D", "2D or 3D"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, bias=True, dtype=np.float32, n_threads=None):
+                 track_running_stats=True, *, bias=True, dtype=np.float32, param_dtype=None,
+                 n_threads=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        dtype = np.dtype(dtype)
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = resolve_dtype(dtype)
+        if param_dtype is None:  # PyTorch's CPU rule for half data: float32 parameters
+            param_dtype = np.dtype(np.float32) if is_half(dtype) else dtype
+        else:
+            param_dtype = resolve_dtype(param_dtype, "param_dtype")
         if momentum is not None:
             check_momentum(momentum)
         n_threads = check_n_threads(n_threads)
@@ -75,18 +78,19 @@ class _BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
+        self.param_dtype = param_dtype
         self.n_threads = n_threads
         self.training = True
         C = self.num_features
         if self.affine:
-            self.weight = np.empty(C, dtype)
-            self.bias = np.empty(C, dtype) if bias else None
+            self.weight = np.empty(C, param_dtype)
+            self.bias = np.empty(C, param_dtype) if bias else None
         else:
             self.weight = None
             self.bias = None
         if self.track_running_stats:
-            self.running_mean = np.zeros(C, dtype)
-            self.running_var = np.ones(C, dtype)
+            self.running_mean = np.zeros(C, param_dtype)
+            self.running_var = np.ones(C, param_dtype)
             self.num_batches_tracked = np.zeros((), np.int64)
         else:
             self.running_mean = None
@@ -141,7 +145,7 @@ class _BatchNorm:
         if x.dtype != self.dtype:
             raise TypeError(
                 f"input dtype {x.dtype} does not match the module's dtype {self.dtype}: "
-                f"build the module with dtype=np.{x.dtype} or cast the input explicitly"
+                f"build the module with dtype={x.dtype.name!r} or cast the input explicitly"
             )
         C = self.num_features
         if x.shape[1] != C:
@@ -263,16 +267,22 @@ class _BatchNorm:
             self._saved_missing = ("backward() was already called on the last forward, which "
                                    "freed what it saved (pass retain_graph=True to keep it)")
         if gw is not None:
+            gw = self._as_param_dtype(gw)
             if self.weight_grad is None:
                 self.weight_grad = gw
             else:
                 self.weight_grad += gw
         if gb is not None:
+            gb = self._as_param_dtype(gb)
             if self.bias_grad is None:
                 self.bias_grad = gb
             else:
                 self.bias_grad += gb
         return gx, ga
+
+    def _as_param_dtype(self, grad):
+        """A parameter gradient in the parameters' dtype (as torch's ``.grad``)."""
+        return grad if grad.dtype == self.param_dtype else grad.astype(self.param_dtype)
 
     def _check_input_dim(self, x):
         if x.ndim not in self._ndims:
@@ -341,7 +351,7 @@ class _BatchNorm:
             except (TypeError, ValueError) as exc:
                 bad.append(f"{key!r} ({exc})")
                 continue
-            if value.dtype.kind not in "biuf":
+            if value.dtype.kind not in "biuf" and not is_bfloat16(value.dtype):
                 bad.append(f"{key!r} (dtype {value.dtype})")
                 continue
             if value.shape != target.shape:
@@ -350,10 +360,17 @@ class _BatchNorm:
                               f"is {target.shape}.")
                 continue
             # A converted copy: the writes below cannot fail, nor see one another
-            # (the state dict may hold this module's own arrays).  Floats truncate
-            # into the integer count, as torch's copy_ does.
-            casting = "unsafe" if key == "num_batches_tracked" else "same_kind"
-            staged[key] = value.astype(target.dtype, casting=casting)
+            # (the state dict may hold this module's own arrays).  Any real dtype
+            # casts, as torch's copy_ does (floats truncate into the integer count),
+            # but a finite value that overflows the module's dtype is an error.
+            with np.errstate(over="ignore", invalid="ignore"):
+                converted = value.astype(target.dtype, casting="unsafe")
+            if target.dtype.kind != "i" and _overflowed(value, converted):
+                errors.append(f"value out of range for {key}: the checkpoint's {value.dtype} "
+                              f"values overflow the module's {target.dtype} (largest "
+                              f"magnitude {float(np.max(np.abs(value.astype(np.float64)))):.6g})")
+                continue
+            staged[key] = converted
         if bad:
             raise TypeError(f"state_dict values must be arrays of real numbers (float, int or "
                             f"bool) to load into {type(self).__name__}; got " + ", ".join(bad))
@@ -375,6 +392,12 @@ class _BatchNorm:
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats})")
+
+
+def _overflowed(value, converted):
+    """True if a finite value became infinite in the conversion."""
+    wide = converted.astype(np.float64)
+    return bool(np.any(np.isinf(wide) & np.isfinite(value.astype(np.float64))))
 
 
 def _to_numpy(value):
@@ -411,8 +434,14 @@ class BatchNorm1d(_BatchNorm):
         Keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
     bias : bool, default True (keyword-only)
         With ``affine``, whether there is a ``bias``.
-    dtype : {np.float32, np.float64}, default np.float32
-        Dtype of the parameters and buffers; input must have the same dtype.
+    dtype : dtype or str, default np.float32
+        Dtype of the data: float32, float64, float16 or ``"bfloat16"``
+        (``ml_dtypes.bfloat16``); input must have this dtype.
+    param_dtype : dtype or str, optional (keyword-only)
+        Dtype of ``weight``, ``bias`` and the running statistics (any of the
+        four).  Default: float32 for half-precision data (PyTorch's CPU
+        "mixed" rule: half data, float32 parameters; a float16 running_var
+        would overflow above 65504), else ``dtype``.
     n_threads : int or None (keyword-only)
         OpenMP threads (None: the OpenMP maximum).
 
