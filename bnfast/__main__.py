@@ -8,6 +8,7 @@ Examples
     python -m bnfast bench --quick              # ~20 s self-check vs NumPy/PyTorch/ONNX Runtime
     python -m bnfast bench --modes eval,train --dtypes float32 --json out.json --plot out.png
     python -m bnfast bench --shapes 32x64x112x112,256x1024 --threads 1
+    python -m bnfast bench --dtypes float16,bfloat16 --peers torch,onnxruntime
     python -m bnfast bench --quick --busy 1     # beside a neighbour process running bnfast
 """
 import argparse
@@ -83,8 +84,9 @@ def build_parser():
     suite.add_argument("--modes", type=_arg_type(parse_modes, "modes"), metavar="LIST",
                        help=f"comma-separated, from {','.join(MODES)} (default: all)")
     suite.add_argument("--dtypes", type=_arg_type(parse_dtypes, "dtypes"), metavar="LIST",
-                       help=f"comma-separated, from {','.join(DTYPES)} "
-                            "(default: both; --quick: float32)")
+                       help=f"comma-separated, from {','.join(DTYPES)} (half precision "
+                            "with float32 parameters, against torch in the same dtype; "
+                            "default: float32,float64; --quick: float32)")
     suite.add_argument("--peers", type=_arg_type(parse_peers, "peers"), metavar="LIST",
                        help=f"comma-separated, from {','.join(PEERS)}, or none (default: all)")
     run = bench.add_argument_group("how to run")
@@ -112,7 +114,7 @@ def build_parser():
 def _settings(args):
     from .bench import BenchSettings, TimingPolicy
     from .bench.peers import PEERS
-    from .bench.suite import DEFAULT_SHAPES, DTYPES, MODES, QUICK_SHAPES
+    from .bench.suite import DEFAULT_DTYPES, DEFAULT_SHAPES, MODES, QUICK_SHAPES
 
     policy = dict(_QUICK) if args.quick else {}
     if args.min_time is not None:
@@ -121,7 +123,7 @@ def _settings(args):
     return BenchSettings(
         shapes=args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES),
         modes=args.modes or MODES,
-        dtypes=args.dtypes or (("float32",) if args.quick else DTYPES),
+        dtypes=args.dtypes or (("float32",) if args.quick else DEFAULT_DTYPES),
         peers=args.peers if args.peers is not None else PEERS,
         threads=args.threads,
         allocate=args.outputs == "allocate",

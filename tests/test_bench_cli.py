@@ -72,6 +72,29 @@ def test_quick_end_to_end_json_follows_documented_keys(tmp_path, capsys):
         assert r["correct"] is True, r
 
 
+def test_half_precision_against_torch_in_the_same_dtype(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code, doc = run_json(tmp_path, "--dtypes", "f16,bf16", "--peers", "all")
+    assert code == 0, capsys.readouterr().out
+    assert doc["settings"]["dtypes"] == ["float16", "bfloat16"]
+    assert schema.validate(doc) == []
+    n_cases = len(MODES) * 2 * 2
+    assert len(rows(doc, impl="copy", status="ok")) == n_cases
+    assert len(rows(doc, impl="bnfast", status="ok")) == n_cases
+    for impl in ("bnfast", "torch"):
+        for r in rows(doc, impl=impl, status="ok"):
+            assert r["correct"] is True, r
+    assert len(rows(doc, impl="torch", status="ok")) == n_cases
+    # ONNX Runtime where it has the kernel (float16), a clean note where not.
+    assert {r["dtype"] for r in rows(doc, impl="onnxruntime", status="ok")} == {"float16"}
+    for r in rows(doc, impl="onnxruntime", dtype="bfloat16", mode="eval"):
+        assert r["status"] == "unsupported" and "bfloat16" in r["note"]
+    assert all(r["status"] == "unsupported" for r in rows(doc, impl="numpy"))
+    # Half the bytes of float32: the bandwidth column counts 2-byte values.
+    r = rows(doc, impl="bnfast", mode="eval", dtype="bfloat16", shape=[16, 8])[0]
+    assert r["bytes_moved"] == 2 * 16 * 8 * 2
+
+
 def test_allocate_outputs_mode_times_allocating_calls(tmp_path):
     code, doc = run_json(tmp_path, "--modes", "eval,train,fused_eval", "--outputs", "allocate")
     assert code == 0
@@ -241,7 +264,7 @@ def test_plot_without_matplotlib_is_a_clean_usage_error(tmp_path, capsys, monkey
     (["--shapes", "0x3"], "positive"),
     (["--shapes", ","], "no shapes"),
     (["--modes", "inference"], "unknown mode"),
-    (["--dtypes", "float16"], "unknown dtype"),
+    (["--dtypes", "float8"], "unknown dtype"),
     (["--peers", "jax"], "unknown peer"),
     (["--threads", "0"], "positive integer"),
     (["--repeat", "two"], "positive integer"),

@@ -16,7 +16,10 @@ __all__ = ["expected", "compare", "TOLERANCE", "GRADS"]
 #: Float32 carries ~7 digits; summing a million values in float32 costs
 #: about two more, and an algorithm error (a biased instead of unbiased
 #: running variance, a missing eps, a wrong channel) costs far more than that.
-TOLERANCE = {"float32": 1e-4, "float64": 1e-9}
+#: Half precision: two units of the last place (2**-9 float16, 2**-6 bfloat16):
+#: outputs are rounded once, and sums kept in half precision (NumPy's mean
+#: of bfloat16 data) are off by far more.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 2.0 ** -9, "bfloat16": 2.0 ** -6}
 
 #: Output names of the backward modes, in the order the calls return them.
 GRADS = ("grad_input", "grad_weight", "grad_bias", "grad_addend")

@@ -5,6 +5,7 @@ write to them), so their results can be compared with one reference.
 """
 import numpy as np
 
+from bnfast._dtypes import is_half, resolve_dtype
 from bnfast.testing import reference_batch_norm
 
 __all__ = ["Inputs"]
@@ -23,7 +24,7 @@ class Inputs:
     shape : tuple of int
         ``(N, C, *spatial)``.
     dtype : str
-        ``"float32"`` or ``"float64"``.
+        One of :data:`bnfast.bench.suite.DTYPES`.
     seed : int
         Seed of the generator; the same seed gives the same arrays.
 
@@ -33,7 +34,10 @@ class Inputs:
         Input, ``2 * standard normal + 0.5`` (a non-zero mean exercises the
         variance computation).
     weight, bias, running_mean, running_var : ndarray of shape (C,)
-        Affine parameters and running statistics, in ``dtype``.
+        Affine parameters and running statistics, in ``param_dtype``.
+    param_dtype : numpy.dtype
+        ``dtype``, or float32 for half-precision data (PyTorch's CPU rule:
+        half data with float32 parameters).
     addend, grad_output : ndarray
         The residual of the fused modes and the upstream gradient of the
         backward modes (standard normal, made on first use).
@@ -45,19 +49,27 @@ class Inputs:
     momentum = 0.1
 
     def __init__(self, shape, dtype, seed=0):
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.shape, self.dtype = tuple(shape), resolve_dtype(dtype)
+        self.param_dtype = np.dtype(np.float32) if is_half(self.dtype) else self.dtype
         self._rng = np.random.default_rng(seed)
         C = self.shape[1]
-        self.x = _read_only(self._normal() * self.dtype.type(2) + self.dtype.type(0.5))
-        self.weight = _read_only(self._rng.uniform(0.5, 1.5, C).astype(self.dtype))
-        self.bias = _read_only((0.1 * self._rng.standard_normal(C)).astype(self.dtype))
-        self.running_mean = _read_only(
-            (0.5 + 0.1 * self._rng.standard_normal(C)).astype(self.dtype))
-        self.running_var = _read_only(self._rng.uniform(0.5, 2.0, C).astype(self.dtype))
+        self.x = _read_only(self._normal(scale=2.0, shift=0.5))
+        p = self.param_dtype
+        self.weight = _read_only(self._rng.uniform(0.5, 1.5, C).astype(p))
+        self.bias = _read_only((0.1 * self._rng.standard_normal(C)).astype(p))
+        self.running_mean = _read_only((0.5 + 0.1 * self._rng.standard_normal(C)).astype(p))
+        self.running_var = _read_only(self._rng.uniform(0.5, 2.0, C).astype(p))
         self._cache = {}
 
-    def _normal(self):
-        return self._rng.standard_normal(self.shape, dtype=self.dtype)
+    def _normal(self, scale=1.0, shift=0.0):
+        if not is_half(self.dtype):
+            x = self._rng.standard_normal(self.shape, dtype=self.dtype)
+            return x * self.dtype.type(scale) + self.dtype.type(shift)
+        # The generator makes float32 at most: drawn in float32, rounded once.
+        x = self._rng.standard_normal(self.shape, dtype=np.float32)
+        x *= np.float32(scale)
+        x += np.float32(shift)
+        return x.astype(self.dtype)
 
     def _once(self, key, make):
         if key not in self._cache:

@@ -18,7 +18,8 @@ class CopyRoofline(Implementation):
 
     ``eval``, ``train``, ``backward``: ``np.copyto(y, x)`` (read x, write y).
     ``fused_eval``: ``np.add(x, addend, out=y)`` (read two arrays, write one),
-    the same traffic as the fused operation.
+    the same traffic as the fused operation.  Half-precision arrays are viewed
+    as int16 (the same bytes; the values are not used).
 
     One NumPy call is single-threaded, while bnfast runs ``n`` threads: one
     core rarely saturates memory, so the roofline also runs the call on ``n``
@@ -46,8 +47,13 @@ class CopyRoofline(Implementation):
 
     def prepare(self, case, inputs):
         x = inputs.x
-        y = np.empty_like(x)
         srcs = (x, inputs.addend) if case.mode == "fused_eval" else (x,)
+        if x.itemsize == 2:
+            # Half precision: the same bytes as int16, so that np.add moves them at
+            # memory speed (NumPy adds float16/bfloat16 through float32 conversions).
+            x = x.view(np.int16)
+            srcs = tuple(a.view(np.int16) for a in srcs)
+        y = np.empty_like(x)
         op = np.add if case.mode == "fused_eval" else np.copyto
 
         if op is np.copyto:

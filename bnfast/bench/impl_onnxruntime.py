@@ -3,7 +3,11 @@
 Needs the ``onnx`` extra (``pip install 'bnfast[onnx]'``): ``onnx`` builds the
 graph, ``onnxruntime`` runs it.
 """
+import functools
+
 import numpy as np
+
+from bnfast._dtypes import resolve_dtype
 
 try:
     import onnx
@@ -45,6 +49,19 @@ def batch_norm_model(shape, dtype, weight, bias, running_mean, running_var, eps,
     return model.SerializeToString()
 
 
+@functools.lru_cache(maxsize=None)
+def _runs_dtype(dtype):
+    """Whether this onnxruntime has CPU kernels for the graphs in ``dtype`` (probed once)."""
+    dtype = resolve_dtype(dtype)
+    try:
+        for fused in (False, True):
+            model = batch_norm_model((2, 1), dtype, *([1.0],) * 4, 1e-5, fused)
+            onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception:  # NOT_IMPLEMENTED (bfloat16 in 1.2x), or any failure to load it
+        return False
+    return True
+
+
 class OnnxRuntimePeer(Implementation):
     """ONNX Runtime's CPU execution provider on a one-node (or three-node) graph.
 
@@ -66,6 +83,9 @@ class OnnxRuntimePeer(Implementation):
     def unsupported(self, case):
         if case.mode not in self.modes:
             return "onnxruntime: BatchNormalization is benchmarked for inference (eval) only"
+        if not _runs_dtype(case.dtype):
+            return (f"onnxruntime {onnxruntime.__version__}: no CPU BatchNormalization "
+                    f"kernel for {case.dtype}")
         return None
 
     def prepare(self, case, inputs):

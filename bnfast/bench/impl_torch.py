@@ -1,12 +1,32 @@
 """The PyTorch CPU peer (imported only when the benchmark runs, never by ``import bnfast``)."""
 import warnings
 
+import numpy as np
 import torch
+
+from bnfast._dtypes import is_bfloat16
 
 from .base import Implementation, Prepared
 from .check import GRADS
 
-__all__ = ["TorchPeer"]
+__all__ = ["TorchPeer", "to_torch", "to_numpy"]
+
+
+def to_torch(array):
+    """A tensor sharing ``array``'s memory; bfloat16 (``ml_dtypes``) through an int16 view,
+    as torch.from_numpy does not know that dtype."""
+    with warnings.catch_warnings():  # read-only inputs: torch warns, but never writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        if is_bfloat16(array.dtype):
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+
+def to_numpy(tensor, like):
+    """``tensor`` as a NumPy array of ``like``'s dtype family (bfloat16 through int16)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(like.dtype)
+    return tensor.numpy()
 
 
 class TorchPeer(Implementation):
@@ -24,7 +44,10 @@ class TorchPeer(Implementation):
     * fused_backward: ``aten.threshold_backward`` (the ReLU's gradient, which
       is also ``grad_addend``), then ``native_batch_norm_backward``.
 
-    ``threads`` sets ``torch.set_num_threads`` (restored by :meth:`close`).
+    Half-precision data (float16, bfloat16) runs with float32 parameters and
+    statistics, PyTorch's CPU "mixed" rule, as :class:`~bnfast.bench.data.Inputs`
+    makes them.  ``threads`` sets ``torch.set_num_threads`` (restored by
+    :meth:`close`).
     """
 
     name = "torch"
@@ -46,18 +69,19 @@ class TorchPeer(Implementation):
     def prepare(self, case, inputs):
         F, aten, mode = torch.nn.functional, torch.ops.aten, case.mode
 
-        def t(array):  # inputs are read-only arrays: torch warns, but never writes to them
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(array)
-
+        t = to_torch
         x, w, b, rm, rv = (t(a) for a in (inputs.x, inputs.weight, inputs.bias,
                                           inputs.running_mean, inputs.running_var))
         eps, m, alloc = inputs.eps, inputs.momentum, self.allocate
         y = None if alloc else torch.empty_like(x)
-        # save_mean/save_invstd outputs of the .out overload (empty in evaluation)
-        save = dict(save_mean=torch.empty(0, dtype=x.dtype),
-                    save_invstd=torch.empty(0, dtype=x.dtype))
+
+        def n(tensor):
+            return to_numpy(tensor, inputs.x)
+
+        # save_mean/save_invstd outputs of the .out overload (empty in evaluation),
+        # in the parameters' dtype (float32 for half data)
+        save = dict(save_mean=torch.empty(0, dtype=w.dtype),
+                    save_invstd=torch.empty(0, dtype=w.dtype))
 
         def forward(rm, rv, training):
             if alloc:
@@ -71,20 +95,20 @@ class TorchPeer(Implementation):
                 out = forward(rm, rv, False)
                 return out if a is None else torch.relu_(out.add_(a))
 
-            return Prepared(run, lambda: {"y": run().numpy().copy()}, alloc)
+            return Prepared(run, lambda: {"y": n(run()).copy()}, alloc)
 
         if mode == "train":
             def check():
                 rm, rv = inputs.fresh_running_stats()
                 out = forward(torch.from_numpy(rm), torch.from_numpy(rv), True)
-                return {"y": out.numpy().copy(), "running_mean": rm, "running_var": rv}
+                return {"y": n(out).copy(), "running_mean": rm, "running_var": rv}
 
             running = [torch.from_numpy(a) for a in inputs.fresh_running_stats()]
             return Prepared(lambda: forward(*running, True), check, alloc)
 
         dy, training = t(inputs.grad_output), mode != "backward_eval"
         if training:
-            stats = (None, None) + tuple(torch.from_numpy(s.astype(inputs.dtype))
+            stats = (None, None) + tuple(torch.from_numpy(s.astype(inputs.param_dtype))
                                          for s in inputs.stats(True))
         else:
             stats = (rm, rv, None, None)
@@ -110,4 +134,4 @@ class TorchPeer(Implementation):
             def run():
                 return bn_backward(dy)
 
-        return Prepared(run, lambda: {k: g.numpy().copy() for k, g in zip(GRADS, run())}, alloc)
+        return Prepared(run, lambda: {k: n(g).copy() for k, g in zip(GRADS, run())}, alloc)

@@ -1,10 +1,8 @@
 """The text table ``bnfast bench`` prints: one row per case."""
 import math
 
-import numpy as np
-
 from .runner import UNSTABLE
-from .suite import format_shape
+from .suite import ITEMSIZE, format_shape
 
 __all__ = ["format_report", "format_time"]
 
@@ -87,7 +85,7 @@ def format_report(doc):
         previous_mode = mode
         ours = rows.get("bnfast")
         ok = ours is not None and ours["status"] == "ok"
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
         time_cell = _check_cell(ours)
         if ok:
             time_cell = format_time(ours["median_s"])

@@ -22,7 +22,7 @@ from .machine import machine_info, package_version
 from .peers import PEERS, load_peers
 from .progress import progress
 from .schema import KEYS, SCHEMA_VERSION
-from .suite import DEFAULT_SHAPES, DTYPES, MODES, make_cases
+from .suite import DEFAULT_DTYPES, DEFAULT_SHAPES, MODES, make_cases
 from .timing import TimingPolicy, measure
 
 __all__ = ["BenchSettings", "run_benchmark"]
@@ -61,7 +61,7 @@ class BenchSettings:
 
     shapes: tuple = DEFAULT_SHAPES
     modes: tuple = MODES
-    dtypes: tuple = DTYPES
+    dtypes: tuple = DEFAULT_DTYPES
     peers: tuple = PEERS
     threads: Optional[int] = None
     allocate: bool = False

@@ -7,10 +7,10 @@ inference tensors and a few odd shapes (3 channels, large batch).
 import math
 from dataclasses import dataclass
 
-import numpy as np
+from bnfast._dtypes import resolve_dtype
 
 __all__ = [
-    "Case", "DEFAULT_SHAPES", "QUICK_SHAPES", "MODES", "DTYPES",
+    "Case", "DEFAULT_SHAPES", "QUICK_SHAPES", "MODES", "DTYPES", "DEFAULT_DTYPES", "ITEMSIZE",
     "parse_shapes", "parse_modes", "parse_dtypes", "format_shape", "make_cases",
 ]
 
@@ -44,7 +44,15 @@ QUICK_SHAPES = ((8, 64, 56, 56), (256, 1024), (1, 512, 7, 7))
 #:                 and ``grad_addend``, from the packed ReLU mask.
 MODES = ("eval", "train", "backward", "backward_eval", "fused_eval", "fused_backward")
 
-DTYPES = ("float32", "float64")
+#: Every dtype a case may have; half precision (float16, bfloat16: ``ml_dtypes``)
+#: runs with float32 parameters and running statistics, PyTorch's CPU rule.
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+#: The dtypes of a run without ``--dtypes``.
+DEFAULT_DTYPES = ("float32", "float64")
+
+#: Bytes per value (by name: "bfloat16" is a NumPy dtype only once ml_dtypes is imported).
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 #: Bytes a mode must move, in multiples of ``x.nbytes``: the traffic of the
 #: best two-pass algorithm when the tensor does not fit in cache.
@@ -60,7 +68,9 @@ TRAFFIC = {"eval": 2, "train": 3, "backward": 5, "backward_eval": 4, "fused_eval
 _BATCH_STAT_MODES = ("train", "backward", "fused_backward")
 
 _DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "single": "float32",
-                  "float64": "float64", "f64": "float64", "double": "float64"}
+                  "float64": "float64", "f64": "float64", "double": "float64",
+                  "float16": "float16", "f16": "float16", "half": "float16",
+                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class Case:
     mode : str
         One of :data:`MODES`.
     dtype : str
-        ``"float32"`` or ``"float64"``.
+        One of :data:`DTYPES`.
     shape : tuple of int
         ``(N, C, *spatial)``.
     """
@@ -84,7 +94,7 @@ class Case:
     @property
     def nbytes(self):
         """Size of one array of this shape and dtype, in bytes."""
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
     @property
     def bytes_moved(self):
@@ -169,8 +179,21 @@ def parse_modes(text):
 
 
 def parse_dtypes(text):
-    """Parse ``"float32,float64"`` (``f32``/``f64`` accepted, or ``"all"``)."""
-    return _parse_choices(text, DTYPES, "dtype", _DTYPE_ALIASES)
+    """Parse ``"float32,float16,bfloat16"`` (``f32``/``f64``/``f16``/``bf16`` accepted,
+    or ``"all"``).
+
+    Raises
+    ------
+    ValueError
+        An unknown dtype, or bfloat16 without ``ml_dtypes`` installed.
+    """
+    dtypes = _parse_choices(text, DTYPES, "dtype", _DTYPE_ALIASES)
+    if "bfloat16" in dtypes:
+        try:
+            resolve_dtype("bfloat16")
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+    return dtypes
 
 
 def make_cases(shapes, modes, dtypes):
