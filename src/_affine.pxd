@@ -29,7 +29,7 @@
 # still normalises to ~1e-7).
 # One read of x (and addend), one write of y; y may be x or addend itself
 # (every element is read before it is written).
-from _dtypes cimport real_t
+from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
 from cython.parallel cimport prange
 from libc.math cimport fabs, sqrt
 
@@ -157,6 +157,33 @@ cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_pack_positive_f64(const double* y, Py_ssize_t n, unsigned char* bits)
 
 
+cdef extern from "bnfast_half_leaves.h" nogil:
+    # The float32 leaves' jobs on half-precision storage (staged, rounded once).
+    void bnfast_affine_scalar_f16(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                  Py_ssize_t n, float m, float a, float b, int relu)
+    void bnfast_affine_scalar_f16d(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                   Py_ssize_t n, double m, double a, double b, int relu)
+    void bnfast_affine_tiled_f16(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                 Py_ssize_t n, Py_ssize_t W, const float* m, const float* a,
+                                 const float* b, int relu)
+    void bnfast_affine_tiled_f16d(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                  Py_ssize_t n, Py_ssize_t W, const double* m, const double* a,
+                                  const double* b, int relu)
+    void bnfast_affine_scalar_bf16(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
+                                   Py_ssize_t n, float m, float a, float b, int relu)
+    void bnfast_affine_scalar_bf16d(const bnfast_bf16* x, const bnfast_bf16* add,
+                                    bnfast_bf16* y, Py_ssize_t n, double m, double a, double b,
+                                    int relu)
+    void bnfast_affine_tiled_bf16(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
+                                  Py_ssize_t n, Py_ssize_t W, const float* m, const float* a,
+                                  const float* b, int relu)
+    void bnfast_affine_tiled_bf16d(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
+                                   Py_ssize_t n, Py_ssize_t W, const double* m, const double* a,
+                                   const double* b, int relu)
+    void bnfast_pack_positive_f16(const bnfast_f16* y, Py_ssize_t n, unsigned char* bits)
+    void bnfast_pack_positive_bf16(const bnfast_bf16* y, Py_ssize_t n, unsigned char* bits)
+
+
 cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
                              unsigned char* bits) noexcept nogil:
     """ReLU mask bits ``not (y <= 0)`` of y[start:start + n] into bits[start // 8:]
@@ -169,8 +196,12 @@ cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
         return
     if real_t is float:
         bnfast_pack_positive_f32(y + start, n, bits + start // 8)
-    else:
+    elif real_t is double:
         bnfast_pack_positive_f64(y + start, n, bits + start // 8)
+    elif real_t is bnfast_f16:
+        bnfast_pack_positive_f16(y + start, n, bits + start // 8)
+    else:
+        bnfast_pack_positive_bf16(y + start, n, bits + start // 8)
 
 
 cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noexcept nogil:
@@ -183,32 +214,50 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
                                Py_ssize_t n, const double* table, Py_ssize_t W, Py_ssize_t c,
                                bint use_float, bint relu) noexcept nogil:
     # Channel c of the table: its float rows (use_float) or its double rows.
-    cdef const float* ft
-    if real_t is float:
-        if use_float:
-            ft = <const float*>(table + 3 * W)
-            bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
-        else:
-            bnfast_affine_scalar_f32d(x, addend, y, n, table[c], table[W + c],
-                                      table[2 * W + c], relu)
-    else:
+    cdef const float* ft = <const float*>(table + 3 * W)
+    if real_t is double:
         bnfast_affine_scalar_f64(x, addend, y, n, table[c], table[W + c], table[2 * W + c],
                                  relu)
+    elif use_float:
+        if real_t is float:
+            bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+        elif real_t is bnfast_f16:
+            bnfast_affine_scalar_f16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+        else:
+            bnfast_affine_scalar_bf16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+    else:
+        if real_t is float:
+            bnfast_affine_scalar_f32d(x, addend, y, n, table[c], table[W + c],
+                                      table[2 * W + c], relu)
+        elif real_t is bnfast_f16:
+            bnfast_affine_scalar_f16d(x, addend, y, n, table[c], table[W + c],
+                                      table[2 * W + c], relu)
+        else:
+            bnfast_affine_scalar_bf16d(x, addend, y, n, table[c], table[W + c],
+                                       table[2 * W + c], relu)
 
 
 cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
                               Py_ssize_t n, Py_ssize_t W, const double* tile,
                               bint use_float, bint relu) noexcept nogil:
     # n values from a W-aligned start, as pieces of the W-long tile.
-    cdef const float* ft
-    if real_t is float:
-        if use_float:
-            ft = <const float*>(tile + 3 * W)
-            bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
-        else:
-            bnfast_affine_tiled_f32d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
-    else:
+    cdef const float* ft = <const float*>(tile + 3 * W)
+    if real_t is double:
         bnfast_affine_tiled_f64(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
+    elif use_float:
+        if real_t is float:
+            bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+        elif real_t is bnfast_f16:
+            bnfast_affine_tiled_f16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+        else:
+            bnfast_affine_tiled_bf16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+    else:
+        if real_t is float:
+            bnfast_affine_tiled_f32d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
+        elif real_t is bnfast_f16:
+            bnfast_affine_tiled_f16d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
+        else:
+            bnfast_affine_tiled_bf16d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
 
 
 cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
@@ -232,7 +281,7 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
     for t in range(first, last):
         off = t * S
         _apply_scalar(xp + off, ap if ap == NULL else ap + off, yp + off, S,
-                      table, C, c, False, relu)
+                      table, C, c, use_float, relu)
         c = c + 1
         if c == C:
             c = 0

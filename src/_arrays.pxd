@@ -4,7 +4,7 @@
 # Nothing here validates: bnfast's Python layer has checked every argument.
 cimport numpy as cnp
 
-from _dtypes cimport CHANNELS_FIRST
+from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, to_double
 
 
 cdef struct Shape:
@@ -40,12 +40,22 @@ cdef inline void* data_or_null(object a) noexcept:
 
 
 cdef inline void load_doubles(object v, Py_ssize_t C, double* dst) noexcept:
-    """A (C,) float32/float64 vector of any stride into doubles (exact)."""
+    """A (C,) vector of any stride and any of the four float dtypes into doubles
+    (exact).  The type number tells float32, float64 and float16 apart; the one
+    other dtype bnfast's validation lets through is bfloat16 (ml_dtypes, whose
+    type number is assigned at run time)."""
     cdef Py_ssize_t c, stride = cnp.PyArray_STRIDE(<cnp.ndarray>v, 0)
     cdef const char* p = <const char*>cnp.PyArray_DATA(<cnp.ndarray>v)
-    if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT32:
+    cdef int type_num = cnp.PyArray_TYPE(<cnp.ndarray>v)
+    if type_num == cnp.NPY_FLOAT32:
         for c in range(C):
             dst[c] = (<const float*>(p + c * stride))[0]
-    else:
+    elif type_num == cnp.NPY_FLOAT64:
         for c in range(C):
             dst[c] = (<const double*>(p + c * stride))[0]
+    elif type_num == cnp.NPY_FLOAT16:
+        for c in range(C):
+            dst[c] = to_double((<const bnfast_f16*>(p + c * stride))[0])
+    else:
+        for c in range(C):
+            dst[c] = to_double((<const bnfast_bf16*>(p + c * stride))[0])

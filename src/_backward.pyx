@@ -37,11 +37,17 @@ from libc.stdlib cimport free, malloc
 
 from _affine cimport pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
-from _dtypes cimport CHANNELS_FIRST, real_t
+from _dtypes cimport CHANNELS_FIRST
 from _openmp_helpers cimport threads_for
 from _tiling cimport RowBlocks, _gcd, row_blocks
 
 cnp.import_array()
+
+# The backward's storage types until its half-precision leaves exist (the forward
+# takes _dtypes.real_t's four).
+ctypedef fused real_t:
+    float
+    double
 
 cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_centered_dot_runs_f32(const float* x, const float* y, Py_ssize_t runs,

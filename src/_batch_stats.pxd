@@ -21,7 +21,7 @@
 # (exact for data near it) and folds the residual into its shift, so float64
 # data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
-from _dtypes cimport real_t
+from _dtypes cimport bnfast_bf16, bnfast_f16, real_t, store_double, to_double
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 
@@ -64,7 +64,7 @@ cdef inline void _first_task(const real_t* base, Py_ssize_t N, Py_ssize_t C, Py_
             run = min(S - s0, CHUNK)
             run_start = base + (n * C + c) * S + s0
             if chunk_n == 0.0:
-                shift = finite_or_zero(run_start[0])
+                shift = finite_or_zero(to_double(run_start[0]))
             shifted_sums(run_start, run, shift, &s1, &s2)
             chunk_n = chunk_n + run
             s0 = s0 + run
@@ -96,7 +96,7 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     cdef double* origin = part + 2 * tasks
     cdef Py_ssize_t t, b, c, n
     for c in range(C):
-        origin[c] = channel_origin(x[c * S])
+        origin[c] = channel_origin(to_double(x[c * S]))
     cdef int nt = threads_for(tasks, N * C * S, n_threads)
     if nt == 1:
         for t in range(tasks):
@@ -120,9 +120,10 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
 cdef inline void _last_block(const real_t* base, Py_ssize_t b, Py_ssize_t rows,
                              Py_ssize_t per_block, Py_ssize_t W, real_t* shift, double* s1,
                              double* s2, const double* origin, double* part,
-                             double* part_m2) noexcept nogil:
+                             double* part_m2, float* stage) noexcept nogil:
     """Block b of wide rows: per-column mean (relative to origin[j], the column's
-    channel origin) and m2 into part[b * W:], part_m2[b * W:]."""
+    channel origin) and m2 into part[b * W:], part_m2[b * W:].  stage: the half
+    types' scratch (shifted_colsums)."""
     cdef Py_ssize_t j
     for j in range(W):
         s1[j] = 0.0
@@ -131,12 +132,12 @@ cdef inline void _last_block(const real_t* base, Py_ssize_t b, Py_ssize_t rows,
     # Shift: the block's first wide row (values from the chunk).
     cdef const real_t* first = base + b * per_block * W
     for j in range(W):
-        shift[j] = <real_t>finite_or_zero(first[j])
-    shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2)
+        store_double(&shift[j], finite_or_zero(to_double(first[j])))  # exact
+    shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2, stage)
     cdef double inv_cnt = 1.0 / <double>(r_end - b * per_block)
     # Plain arithmetic first (vectorises), rare fix-ups after.
     for j in range(W):
-        part[b * W + j] = (<double>shift[j] - origin[j]) + s1[j] * inv_cnt
+        part[b * W + j] = (to_double(shift[j]) - origin[j]) + s1[j] * inv_cnt
         part_m2[b * W + j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
     for j in range(W):
         if not part_m2[b * W + j] >= 0.0:
@@ -163,31 +164,40 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     cdef double* scratch = <double*>malloc(nt * slice_len * sizeof(double))
     # Per-thread column shifts in the storage type (the SIMD leaf reads them so).
     cdef real_t* shifts = <real_t*>malloc(nt * slice_len * sizeof(real_t))
-    if part == NULL or scratch == NULL or shifts == NULL:
+    # Per-thread staging for the half types: four rows and the shifts as floats.
+    cdef Py_ssize_t stage_len = (5 * W + 15) // 16 * 16 + 16
+    cdef float* stages = NULL
+    cdef bint staged = real_t is bnfast_f16 or real_t is bnfast_bf16
+    if staged:
+        stages = <float*>malloc(nt * stage_len * sizeof(float))
+    if part == NULL or scratch == NULL or shifts == NULL or (staged and stages == NULL):
         free(part)
         free(scratch)
         free(shifts)
+        free(stages)
         return -1
     cdef double* part_m2 = part + blocks * W
     # Channel origins (row 0), tiled over the wide row.
     cdef double* origin = part + 2 * blocks * W
     cdef double* s1 = scratch      # (set per thread below; initialised for the compiler)
     cdef real_t* shift = shifts
+    cdef float* stage = stages
     cdef Py_ssize_t b, r, j, l
     cdef double cnt, n_a
     for j in range(W):
-        origin[j] = channel_origin(base[j % C])
+        origin[j] = channel_origin(to_double(base[j % C]))
     if nt == 1:
         for b in range(blocks):
             _last_block(base, b, rows, per_block, W, shifts, scratch, scratch + W, origin, part,
-                        part_m2)
+                        part_m2, stages)
     else:
         with parallel(num_threads=nt):
             s1 = scratch + slice_len * bnfast_thread_num()
             shift = shifts + slice_len * bnfast_thread_num()
+            stage = NULL if stages == NULL else stages + stage_len * bnfast_thread_num()
             for b in prange(blocks, schedule='dynamic', chunksize=1):
                 _last_block(base, b, rows, per_block, W, shift, s1, s1 + W, origin, part,
-                            part_m2)
+                            part_m2, stage)
     # Fold (block, lane) partials in order, then the rows that did not fill a
     # wide row (count 1; scratch holds the values and their m2: 0, or NaN for a
     # non-finite value, as a chunk's shifted sums give).
@@ -202,12 +212,13 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
             n_a = n_a + cnt
     for r in range(rows * k, M):
         for j in range(C):
-            scratch[j] = <double>base[r * C + j] - origin[j]
+            scratch[j] = to_double(base[r * C + j]) - origin[j]
             scratch[C + j] = scratch[j] - scratch[j]
         merge_rows(mean, var, scratch, scratch + C, C, n_a, 1.0)
         n_a = n_a + 1.0
     _finish(mean, var, C, <double>M)
     unshift_means(mean, residual, origin, C)
+    free(stages)
     free(shifts)
     free(scratch)
     free(part)
@@ -226,5 +237,6 @@ cdef inline void update_running(real_t* running_mean, real_t* running_var,
     cdef double keep = 1.0 - momentum
     cdef double unbias = count / (count - 1.0)
     for c in range(C):
-        running_mean[c] = <real_t>(keep * running_mean[c] + momentum * mean[c])
-        running_var[c] = <real_t>(keep * running_var[c] + momentum * (var[c] * unbias))
+        store_double(&running_mean[c], keep * to_double(running_mean[c]) + momentum * mean[c])
+        store_double(&running_var[c],
+                     keep * to_double(running_var[c]) + momentum * (var[c] * unbias))

@@ -15,7 +15,7 @@ cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
-from _dtypes cimport CHANNELS_FIRST, real_t
+from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t
 from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, table_len
 from _arrays cimport Shape, data_or_null as _data, kernel_shape as _kernel_shape
 from _arrays cimport load_doubles as _load
@@ -225,16 +225,8 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
                 _coefficients(running_mean, running_var, weight, bias, C, eps, table_coef,
                               scratch)
         if status == 0 and count > 0:
-            if data_type == cnp.NPY_FLOAT32:
-                status = _apply[float](<const float*>cnp.PyArray_DATA(xa),
-                                       <const float*>_data(addend), <float*>_data(out), shape,
-                                       table_coef, residual, storage, relu, n_threads,
-                                       <unsigned char*>_data(mask))
-            else:
-                status = _apply[double](<const double*>cnp.PyArray_DATA(xa),
-                                        <const double*>_data(addend), <double*>_data(out), shape,
-                                        table_coef, residual, storage, relu, n_threads,
-                                        <unsigned char*>_data(mask))
+            status = _normalize(xa, data_type, addend, out, shape, table_coef, residual,
+                                storage, relu, n_threads, mask)
     finally:
         free(scratch)
     if status:
@@ -253,10 +245,14 @@ cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,
         for c in range(shape.C):
             residual[c] = 0.0
         return 0
+    cdef const void* xp = cnp.PyArray_DATA(x)
     if data_type == cnp.NPY_FLOAT32:
-        return _moments[float](<const float*>cnp.PyArray_DATA(x), shape, coef, residual,
-                               n_threads)
-    return _moments[double](<const double*>cnp.PyArray_DATA(x), shape, coef, residual, n_threads)
+        return _moments(<const float*>xp, shape, coef, residual, n_threads)
+    if data_type == cnp.NPY_FLOAT64:
+        return _moments(<const double*>xp, shape, coef, residual, n_threads)
+    if data_type == cnp.NPY_FLOAT16:
+        return _moments(<const bnfast_f16*>xp, shape, coef, residual, n_threads)
+    return _moments(<const bnfast_bf16*>xp, shape, coef, residual, n_threads)  # bfloat16
 
 
 cdef int _moments(const real_t* xp, Shape shape, double* coef, double* residual,
@@ -282,6 +278,28 @@ cdef void _update_running(object running_mean, object running_var, const double*
         update_running(<double*>cnp.PyArray_DATA(<cnp.ndarray>running_mean),
                        <double*>cnp.PyArray_DATA(<cnp.ndarray>running_var), coef, coef + C, C,
                        <double>count, momentum)
+
+
+cdef int _normalize(cnp.ndarray x, int data_type, object addend, object out, Shape shape,
+                    const double* coef, const double* residual, const double* table, bint relu,
+                    int n_threads, object mask) noexcept:
+    """The type-number switch of the normalise pass (validation admits four dtypes;
+    the one without a fixed type number is bfloat16)."""
+    cdef const void* xp = cnp.PyArray_DATA(x)
+    cdef const void* ap = _data(addend)
+    cdef void* yp = _data(out)
+    cdef unsigned char* bits = <unsigned char*>_data(mask)
+    if data_type == cnp.NPY_FLOAT32:
+        return _apply(<const float*>xp, <const float*>ap, <float*>yp, shape, coef, residual,
+                      table, relu, n_threads, bits)
+    if data_type == cnp.NPY_FLOAT64:
+        return _apply(<const double*>xp, <const double*>ap, <double*>yp, shape, coef, residual,
+                      table, relu, n_threads, bits)
+    if data_type == cnp.NPY_FLOAT16:
+        return _apply(<const bnfast_f16*>xp, <const bnfast_f16*>ap, <bnfast_f16*>yp, shape,
+                      coef, residual, table, relu, n_threads, bits)
+    return _apply(<const bnfast_bf16*>xp, <const bnfast_bf16*>ap, <bnfast_bf16*>yp, shape,
+                  coef, residual, table, relu, n_threads, bits)
 
 
 cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,

@@ -7,7 +7,7 @@
 # eps * (1 + n) relative) and combined with Chan et al.'s pairwise update.
 # Chunks are cut by the array's shape only, never by the thread count, so the
 # result is bit-identical for any number of threads.
-from _dtypes cimport real_t
+from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
 from libc.math cimport INFINITY
 
 
@@ -24,22 +24,51 @@ cdef extern from "bnfast_simd.h" nogil:
                                     const double* shift, double* s1, double* s2)
 
 
+cdef extern from "bnfast_half_leaves.h" nogil:
+    # The same jobs for half-precision storage, staged through the float32 leaves.
+    void bnfast_shifted_sums_f16(const bnfast_f16* x, Py_ssize_t n, double shift, double* s1,
+                                 double* s2)
+    void bnfast_shifted_sums_bf16(const bnfast_bf16* x, Py_ssize_t n, double shift, double* s1,
+                                  double* s2)
+    void bnfast_centered_dot_f16(const bnfast_f16* x, const bnfast_f16* y, Py_ssize_t n,
+                                 double shift, double* sy, double* sxy)
+    void bnfast_centered_dot_bf16(const bnfast_bf16* x, const bnfast_bf16* y, Py_ssize_t n,
+                                  double shift, double* sy, double* sxy)
+    void bnfast_shifted_colsums_f16(const bnfast_f16* x, Py_ssize_t rows, Py_ssize_t W,
+                                    const bnfast_f16* shift, double* s1, double* s2, float* stage)
+    void bnfast_shifted_colsums_bf16(const bnfast_bf16* x, Py_ssize_t rows, Py_ssize_t W,
+                                     const bnfast_bf16* shift, double* s1, double* s2,
+                                     float* stage)
+
+
 cdef inline void shifted_sums(const real_t* x, Py_ssize_t n, double shift,
                               double* s1, double* s2) noexcept nogil:
     """Add sum(x - shift) to s1[0] and sum((x - shift)**2) to s2[0] (SIMD leaf)."""
     if real_t is float:
         bnfast_shifted_sums_f32(x, n, shift, s1, s2)
-    else:
+    elif real_t is double:
         bnfast_shifted_sums_f64(x, n, shift, s1, s2)
+    elif real_t is bnfast_f16:
+        bnfast_shifted_sums_f16(x, n, shift, s1, s2)
+    else:
+        bnfast_shifted_sums_bf16(x, n, shift, s1, s2)
 
 
 cdef inline void shifted_colsums(const real_t* x, Py_ssize_t rows, Py_ssize_t W,
-                                 const real_t* shift, double* s1, double* s2) noexcept nogil:
-    """Add column j's sum(x[:, j] - shift[j]) to s1[j], squares to s2[j] (SIMD leaf)."""
+                                 const real_t* shift, double* s1, double* s2,
+                                 float* stage) noexcept nogil:
+    """Add column j's sum(x[:, j] - shift[j]) to s1[j], squares to s2[j] (SIMD leaf).
+
+    stage: 5 * W floats of scratch for the half types (unused, may be NULL, else).
+    """
     if real_t is float:
         bnfast_shifted_colsums_f32(x, rows, W, shift, s1, s2)
-    else:
+    elif real_t is double:
         bnfast_shifted_colsums_f64(x, rows, W, shift, s1, s2)
+    elif real_t is bnfast_f16:
+        bnfast_shifted_colsums_f16(x, rows, W, shift, s1, s2, stage)
+    else:
+        bnfast_shifted_colsums_bf16(x, rows, W, shift, s1, s2, stage)
 
 
 cdef inline void centered_dot(const real_t* x, const real_t* y, Py_ssize_t n, double shift,
@@ -47,8 +76,12 @@ cdef inline void centered_dot(const real_t* x, const real_t* y, Py_ssize_t n, do
     """Add sum(y) to sy[0] and sum((x - shift) * y) to sxy[0] (SIMD leaf)."""
     if real_t is float:
         bnfast_centered_dot_f32(x, y, n, shift, sy, sxy)
-    else:
+    elif real_t is double:
         bnfast_centered_dot_f64(x, y, n, shift, sy, sxy)
+    elif real_t is bnfast_f16:
+        bnfast_centered_dot_f16(x, y, n, shift, sy, sxy)
+    else:
+        bnfast_centered_dot_bf16(x, y, n, shift, sy, sxy)
 
 
 cdef inline double finite_or_zero(double v) noexcept nogil:

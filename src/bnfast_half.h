@@ -1,0 +1,180 @@
+/*
+ * Half-precision storage (float16, bfloat16): the types, exact conversions,
+ * and the staging that lets every half-precision kernel run the float32 leaves.
+ *
+ * Types: two distinct structs around the 16 bits, so the Cython fused type
+ * real_t (src/_dtypes.pxd) tells them apart and nothing converts implicitly.
+ *
+ * Conversions:
+ *   widen   half -> float, exact (every float16 and bfloat16 value is a float).
+ *   narrow  float -> half, round to nearest even; overflow gives +-inf, NaN
+ *           stays NaN (quietened, as F16C's vcvtps2ph does).
+ *   bnfast_double_to_*  double -> half rounded ONCE: round to odd into float,
+ *           then to nearest even (float's 24 bits > 2 * 11 + 2: no double rounding).
+ * The bulk converters pick F16C (float16) / AVX2 (bfloat16: a shift) at run
+ * time, like bnfast_simd.h's leaves; the portable code gives the same bits
+ * (tests/test_half_conversions.py checks every float16 and bfloat16 value and
+ * float32 rounding cases against NumPy / ml_dtypes).
+ *
+ * Staging: a half-precision leaf converts BNFAST_STAGE values at a time into
+ * float buffers on the stack (L1), runs the float32 leaf of the same job on
+ * them, and narrows the result: one kernel body per job, whatever the storage,
+ * and the memory traffic is that of the half-precision data.
+ */
+#ifndef BNFAST_HALF_H
+#define BNFAST_HALF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bnfast_simd.h"
+
+typedef struct { uint16_t bits; } bnfast_f16;
+typedef struct { uint16_t bits; } bnfast_bf16;
+
+/* Values per staged chunk: a multiple of 8 (ReLU mask bytes) and of 64. */
+#define BNFAST_STAGE 512
+
+static inline uint32_t bnfast_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bnfast_bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* ---- scalar conversions (the portable definitions) ---------------------- */
+
+static inline float bnfast_f16_to_float(bnfast_f16 h) {
+    uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16;
+    uint32_t em = h.bits & 0x7fffu;
+    if (em >= 0x7c00u)  /* inf, NaN (quietened, as vcvtph2ps does) */
+        return bnfast_bits_float(sign | 0x7f800000u | ((em & 0x3ffu) << 13)
+                                 | (em > 0x7c00u ? 0x00400000u : 0u));
+    if (em >= 0x0400u)  /* normal: rebias the exponent */
+        return bnfast_bits_float(sign | ((em << 13) + ((uint32_t)(127 - 15) << 23)));
+    /* zero and subnormals: em * 2^-24, exact in float */
+    return bnfast_bits_float(sign | bnfast_float_bits((float)em * 5.9604644775390625e-8f));
+}
+
+static inline bnfast_f16 bnfast_float_to_f16(float f) {
+    uint32_t u = bnfast_float_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    bnfast_f16 h;
+    if (a > 0x7f800000u) {            /* NaN: quiet, payload's top bits kept */
+        h.bits = (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    } else if (a >= 0x477ff000u) {    /* >= 65520 (or inf): rounds to inf */
+        h.bits = (uint16_t)(sign | 0x7c00u);
+    } else if (a >= 0x38800000u) {    /* >= 2^-14: normal half, round to nearest even */
+        a += ((uint32_t)(15 - 127) << 23) + 0xfffu + ((a >> 13) & 1u);
+        h.bits = (uint16_t)(sign | (a >> 13));
+    } else {                          /* subnormal or zero: let the FPU round (to even) */
+        float r = bnfast_bits_float(a) + 0.5f;  /* 0.5 = 2^-1: ulp there is 2^-24 */
+        h.bits = (uint16_t)(sign | (bnfast_float_bits(r) - 0x3f000000u));
+    }
+    return h;
+}
+
+static inline float bnfast_bf16_to_float(bnfast_bf16 h) {
+    return bnfast_bits_float((uint32_t)h.bits << 16);
+}
+
+static inline bnfast_bf16 bnfast_float_to_bf16(float f) {
+    uint32_t u = bnfast_float_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    bnfast_bf16 h;
+    /* A select (not a branch), so the bulk loop vectorises. */
+    h.bits = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+    return h;
+}
+
+/* double -> float rounded to odd: what float->half needs to round once. */
+static inline float bnfast_double_to_float_odd(double d) {
+    float f = (float)d;
+    uint32_t u = bnfast_float_bits(f);
+    if ((double)f != d && d - d == 0.0 && f - f == 0.0f && !(u & 1u)) {
+        /* rounded to an even neighbour: take the odd one on d's side (sign and
+         * magnitude: one step in magnitude; f is not 0 when stepping down) */
+        double fd = (double)f;
+        u += (d < 0.0 ? -d : d) > (fd < 0.0 ? -fd : fd) ? 1u : (uint32_t)-1;
+        f = bnfast_bits_float(u);
+    }
+    return f;
+}
+
+static inline bnfast_f16 bnfast_double_to_f16(double d) {
+    return bnfast_float_to_f16(bnfast_double_to_float_odd(d));
+}
+
+static inline bnfast_bf16 bnfast_double_to_bf16(double d) {
+    return bnfast_float_to_bf16(bnfast_double_to_float_odd(d));
+}
+
+/* ---- bulk conversions ----------------------------------------------------- */
+
+static void bnfast_widen_f16_base(const bnfast_f16 *src, float *dst, ptrdiff_t n) {
+    ptrdiff_t i;
+    for (i = 0; i < n; i++) dst[i] = bnfast_f16_to_float(src[i]);
+}
+static void bnfast_narrow_f16_base(const float *src, bnfast_f16 *dst, ptrdiff_t n) {
+    ptrdiff_t i;
+    for (i = 0; i < n; i++) dst[i] = bnfast_float_to_f16(src[i]);
+}
+#define BNFAST_DEFINE_BF16_BULK(SUFFIX, ATTR)                                        \
+    ATTR static void bnfast_widen_bf16_##SUFFIX(const bnfast_bf16 *src, float *dst,   \
+                                                ptrdiff_t n) {                        \
+        ptrdiff_t i;                                                                  \
+        for (i = 0; i < n; i++) dst[i] = bnfast_bf16_to_float(src[i]);                \
+    }                                                                                 \
+    ATTR static void bnfast_narrow_bf16_##SUFFIX(const float *src, bnfast_bf16 *dst,  \
+                                                 ptrdiff_t n) {                       \
+        ptrdiff_t i;                                                                  \
+        for (i = 0; i < n; i++) dst[i] = bnfast_float_to_bf16(src[i]);                \
+    }
+BNFAST_DEFINE_BF16_BULK(base, )
+
+#if BNFAST_DISPATCH_AVX2
+#include <immintrin.h>
+BNFAST_DEFINE_BF16_BULK(avx2, BNFAST_AVX2_TARGET)
+
+#define BNFAST_F16C_TARGET __attribute__((target("avx2,f16c")))
+BNFAST_F16C_TARGET static void bnfast_widen_f16_f16c(const bnfast_f16 *src, float *dst,
+                                                      ptrdiff_t n) {
+    ptrdiff_t i, n8 = n - n % 8;
+    for (i = 0; i < n8; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = bnfast_f16_to_float(src[i]);
+}
+BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f16 *dst,
+                                                       ptrdiff_t n) {
+    ptrdiff_t i, n8 = n - n % 8;
+    for (i = 0; i < n8; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = bnfast_float_to_f16(src[i]);
+}
+
+static int bnfast_has_f16c = -1;
+static int bnfast_use_f16c(void) {
+    if (bnfast_has_f16c < 0) {  /* benign race: every thread writes the same value */
+        __builtin_cpu_init();
+        bnfast_has_f16c = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) ? 1 : 0;
+    }
+    return bnfast_has_f16c;
+}
+#define BNFAST_PICK_F16C(base, f16c) (bnfast_use_f16c() ? (f16c) : (base))
+#else
+#define BNFAST_PICK_F16C(base, f16c) (base)
+#endif
+
+static inline void bnfast_widen_f16(const bnfast_f16 *src, float *dst, ptrdiff_t n) {
+    BNFAST_PICK_F16C(bnfast_widen_f16_base, bnfast_widen_f16_f16c)(src, dst, n);
+}
+static inline void bnfast_narrow_f16(const float *src, bnfast_f16 *dst, ptrdiff_t n) {
+    BNFAST_PICK_F16C(bnfast_narrow_f16_base, bnfast_narrow_f16_f16c)(src, dst, n);
+}
+static inline void bnfast_widen_bf16(const bnfast_bf16 *src, float *dst, ptrdiff_t n) {
+    BNFAST_PICK(bnfast_widen_bf16_base, bnfast_widen_bf16_avx2)(src, dst, n);
+}
+static inline void bnfast_narrow_bf16(const float *src, bnfast_bf16 *dst, ptrdiff_t n) {
+    BNFAST_PICK(bnfast_narrow_bf16_base, bnfast_narrow_bf16_avx2)(src, dst, n);
+}
+
+#endif /* BNFAST_HALF_H */
