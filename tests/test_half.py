@@ -1,0 +1,591 @@
+"""Half precision (float16, ``ml_dtypes.bfloat16``) through every public API.
+
+Each output is the float32 computation rounded once to the half dtype, so it
+is held to **1 ulp of the half dtype** of the float64 reference
+(:mod:`bnfast.testing`) rounded to it; statistics are those of the same values
+stored as float32, bit for bit; in PyTorch's "mixed" mode (half data, float32
+parameters and running statistics) outputs are within 1 half ulp of
+``torch.nn.functional.batch_norm`` and the running buffers are the reference
+rounded once to float32, as close to torch's as in float32 (torch's own are a
+few float32 ulps off the exact value: it computes them in float32).
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast.testing import reference_batch_norm, reference_batch_norm_backward
+from conftest import (
+    STAT_TOL,
+    TORCH_TOL,
+    assert_close,
+    assert_same,
+    is_channels_last,
+    make_input,
+    make_params,
+    make_running,
+    with_layout,
+)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+HALF = [F16, BF16]
+LAYOUTS = ["contiguous", "channels_last"]
+SHAPES = [(8, 6, 5, 7), (64, 5), (4, 3, 33)]  # 4-d, (N, C) rows, 3-d
+#: Parameter and running-statistic dtypes: torch's mixed rule, all in the data's
+#: dtype, and float64 (read as doubles all the same).
+PARAMS = ["float32", "half", "float64"]
+
+#: Below this magnitude an output's ulp is measured at it: the float32
+#: computation rounds to ~2**-24 of its terms (O(1) here), far below half an
+#: ulp of the half dtype at 2**-6, but not of a value that cancels to ~1e-6.
+ULP_FLOOR = 2.0 ** -6
+MANTISSA_BITS = {F16: 10, BF16: 7}
+
+
+@pytest.fixture(params=HALF, ids=lambda d: d.name)
+def half(request):
+    return request.param
+
+
+def param_dtype(kind, half):
+    return {"float32": np.dtype(np.float32), "half": half, "float64": np.dtype(np.float64)}[kind]
+
+
+def assert_half_ulps(got, ref64, dtype, ulps=1):
+    """``got`` (of ``dtype``) within ``ulps`` ulps of ``dtype`` of the float64 ``ref64``
+    rounded to it (ulps measured at ``max(|ref|, ULP_FLOOR)``); NaN where NaN, inf where inf."""
+    assert got.dtype == dtype and got.shape == ref64.shape
+    g = got.astype(np.float64)
+    with np.errstate(over="ignore"):  # beyond the largest half: inf, as the kernels round
+        r = ref64.astype(dtype).astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
+    finite = np.isfinite(r)
+    np.testing.assert_array_equal(g[~finite & ~np.isnan(r)], r[~finite & ~np.isnan(r)])
+    # ulp(v) = 2**(exponent - mantissa bits), also at the largest finite value.
+    exponent = np.frexp(np.maximum(np.abs(r[finite]), ULP_FLOOR))[1]
+    scale = np.ldexp(1.0, exponent - 1 - MANTISSA_BITS[dtype])
+    worst = float((np.abs(g[finite] - r[finite]) / scale).max(initial=0.0))
+    assert worst <= ulps, f"{worst} ulps of {dtype} from the reference (allowed {ulps})"
+
+
+def assert_stats_close(got, ref64, dtype):
+    """A running buffer of ``dtype`` against its float64 reference (computed in double,
+    rounded once)."""
+    if dtype in HALF:
+        assert_half_ulps(got, ref64, dtype)
+    else:
+        assert_close(got, ref64, dtype.type, STAT_TOL)
+
+
+def half_input(rng, shape, dtype, layout="contiguous", **kw):
+    return with_layout(make_input(rng, shape, np.float32, **kw).astype(dtype), layout)
+
+
+# -- torch ------------------------------------------------------------------------------
+def to_torch(torch, a):
+    """A tensor of ``a``'s values (bfloat16 through int16: torch.from_numpy lacks it)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def from_torch(torch, t):
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16)
+    return t.numpy()
+
+
+# -- forward: every mode, layout and parameter dtype against the reference ---------------
+FORWARD_MODES = {
+    # name: (training, addend, relu)
+    "train": (True, False, False),
+    "eval": (False, False, False),
+    "train-fused": (True, True, True),
+    "eval-fused": (False, True, True),
+    "train-addend": (True, True, False),
+    "eval-relu": (False, False, True),
+}
+
+
+@pytest.mark.parametrize("mode", FORWARD_MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_against_reference(half, rng, mode, layout, params, shape):
+    training, with_addend, relu = FORWARD_MODES[mode]
+    C, p = shape[1], param_dtype(params, half)
+    x = half_input(rng, shape, half, layout)
+    addend = half_input(rng, shape, half, layout, loc=0.0, scale=1.0) if with_addend else None
+    w, b = make_params(rng, C, p)
+    rm, rv = make_running(rng, C, p)
+    ref = reference_batch_norm(x, rm, rv, w, b, training, 0.2, 1e-5, addend=addend, relu=relu)
+
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-5, addend=addend,
+                                        relu=relu, return_stats=True)
+
+    assert_half_ulps(y, ref.out, half)
+    assert is_channels_last(y) == (layout == "channels_last" and len(shape) > 2
+                                   or len(shape) == 2)
+    assert rm.dtype == rv.dtype == p
+    assert_stats_close(rm, ref.running_mean, p)
+    assert_stats_close(rv, ref.running_var, p)
+    np.testing.assert_allclose(mean, ref.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(invstd, ref.invstd, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("layout", LAYOUTS + ["strided"])
+def test_no_affine_no_running_stats(half, rng, fused, layout):
+    x = half_input(rng, (6, 4, 5, 5), half, layout)
+    ref = reference_batch_norm(x, training=True, relu=fused)
+    y = (bnfast.fused_batch_norm if fused else bnfast.batch_norm)(x, None, None, training=True)
+    assert_half_ulps(y, ref.out, half)
+
+
+@pytest.mark.parametrize("target", ["out", "input", "addend"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_and_in_place(half, rng, target, training, layout):
+    # out= a fresh array, the input itself or the addend itself: the same bits as
+    # the out-of-place call, written where asked.
+    shape = (5, 4, 6, 3)
+    x = half_input(rng, shape, half, layout)
+    a = half_input(rng, shape, half, layout, loc=0.0, scale=1.0)
+    w, b = make_params(rng, 4, np.float32)
+    rm, rv = make_running(rng, 4, np.float32)
+    expected = bnfast.batch_norm(x, rm.copy(), rv.copy(), w, b, training, addend=a, relu=True)
+    out = {"out": np.empty_like(x), "input": x, "addend": a}[target]
+    y = bnfast.batch_norm(x, rm, rv, w, b, training, addend=a, relu=True, out=out)
+    assert y is out
+    assert_same(y, expected)
+
+
+def test_read_only_and_fortran_input(half, rng):
+    x = half_input(rng, (9, 4), half, "fortran")
+    x.flags.writeable = False
+    w, b = make_params(rng, 4, np.float32)
+    ref = reference_batch_norm(x, None, None, w, b, training=True)
+    assert_half_ulps(bnfast.batch_norm(x, None, None, w, b, training=True), ref.out, half)
+
+
+# -- statistics: as exact as from float32 data --------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 70, 33, 33), (20000, 3)], ids=str)
+def test_statistics_are_those_of_the_same_values_in_float32(half, rng, layout, shape):
+    # Same values stored as float32 -> the same batch mean/invstd and running
+    # buffers, bit for bit, and the output is float32's output rounded once.
+    x = half_input(rng, shape, half, layout)
+    x32 = with_layout(x.astype(np.float32), layout)
+    C = shape[1]
+    w, b = make_params(rng, C, np.float32)
+    rm, rv = make_running(rng, C, np.float32)
+    rm32, rv32 = rm.copy(), rv.copy()
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, True, return_stats=True)
+    y32, mean32, invstd32 = bnfast.batch_norm(x32, rm32, rv32, w, b, True, return_stats=True)
+    assert_same(mean, mean32)
+    assert_same(invstd, invstd32)
+    assert_same(rm, rm32)
+    assert_same(rv, rv32)
+    assert_same(y, y32.astype(half))
+
+
+def test_bfloat16_mean_accumulates_in_double_not_bfloat16(rng):
+    # NumPy sums bfloat16 in bfloat16: the mean of 10,000 U(0, 1) values is
+    # 0.0256.  Neither bnfast nor its reference may.
+    x = rng.uniform(0, 1, (10000, 1)).astype(BF16)
+    exact = x.astype(np.float64).mean()
+    assert abs(float(x.mean()) - 0.0256) < 1e-3  # the trap this test guards against
+    rm, rv = np.zeros(1, np.float32), np.ones(1, np.float32)
+    _, mean, _ = bnfast.batch_norm(x, rm, rv, training=True, momentum=1.0, return_stats=True)
+    np.testing.assert_allclose(mean, [exact], rtol=1e-12)
+    np.testing.assert_allclose(rm, [exact], rtol=1e-7)
+    np.testing.assert_allclose(reference_batch_norm(x, training=True).mean, [exact], rtol=1e-12)
+
+
+# -- torch: mixed (half data, float32 parameters) and all-half ---------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES + [(16, 32, 9, 9)], ids=str)
+def test_mixed_matches_torch(half, rng, torch, training, layout, shape):
+    C = shape[1]
+    x = half_input(rng, shape, half, layout)
+    w, b = make_params(rng, C, np.float32)
+    rm, rv = make_running(rng, C, np.float32)
+    rm0, rv0 = rm.copy(), rv.copy()
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    expected = torch.nn.functional.batch_norm(
+        to_torch(torch, x), trm, trv, torch.from_numpy(w), torch.from_numpy(b),
+        training=training, momentum=0.1, eps=1e-5)
+    y = bnfast.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
+    assert_half_ulps(y, from_torch(torch, expected).astype(np.float64), half)
+    assert_close(rm, trm.numpy(), np.float32, TORCH_TOL)
+    assert_close(rv, trv.numpy(), np.float32, TORCH_TOL)
+    ref = reference_batch_norm(x, rm0, rv0, w, b, training, 0.1, 1e-5)
+    assert_close(rm, ref.running_mean, np.float32, STAT_TOL)
+    assert_close(rv, ref.running_var, np.float32, STAT_TOL)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_all_half_matches_torch(half, rng, torch, training):
+    shape = (8, 5, 6, 6)
+    x = half_input(rng, shape, half)
+    w, b = (v.astype(half) for v in make_params(rng, 5, np.float32))
+    rm, rv = (v.astype(half) for v in make_running(rng, 5, np.float32))
+    t = [to_torch(torch, v.copy()) for v in (rm, rv, w, b)]
+    expected = torch.nn.functional.batch_norm(to_torch(torch, x), *t, training=training)
+    ref = reference_batch_norm(x, rm, rv, w, b, training)
+    y = bnfast.batch_norm(x, rm, rv, w, b, training=training)
+    # torch rounds its statistics and coefficients to the half dtype first: its
+    # outputs are up to ~1 ulp (at 1) further off the exact result than ours.
+    tol = {F16: 2.0 ** -9, BF16: 2.0 ** -6}[half]
+    for ours, theirs in ((y, expected), (rm, t[0]), (rv, t[1])):
+        np.testing.assert_allclose(ours.astype(np.float64),
+                                   from_torch(torch, theirs).astype(np.float64),
+                                   rtol=tol, atol=tol)
+    assert_half_ulps(y, ref.out, half)
+    assert_half_ulps(rm, ref.running_mean, half)
+
+
+def test_mixed_running_buffers_follow_torch_over_steps(half, rng, torch):
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    for step in range(8):
+        x = half_input(rng, (3 + step, 4, 5), half)
+        bnfast.batch_norm(x, rm, rv, training=True, momentum=0.25)
+        torch.nn.functional.batch_norm(to_torch(torch, x), trm, trv, training=True,
+                                       momentum=0.25)
+    assert_close(rm, trm.numpy(), np.float32, TORCH_TOL)
+    assert_close(rv, trv.numpy(), np.float32, TORCH_TOL)
+
+
+# -- range: values near the largest half, NaN/Inf ----------------------------------------
+def test_float16_values_near_65504(rng):
+    # Statistics in double: a variance of ~1e9 (far above 65504) normalises
+    # fine, and the float32 running buffers hold it.
+    x = np.concatenate([rng.uniform(60000, 65504, (32, 3, 4)),
+                        rng.uniform(-65504, -60000, (32, 3, 4))]).astype(F16)
+    w, b = np.full(3, 64.0, np.float32), make_params(rng, 3, np.float32)[1]
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ref = reference_batch_norm(x, rm, rv, w, b, training=True)
+    y = bnfast.batch_norm(x, rm, rv, w, b, training=True)
+    assert_half_ulps(y, ref.out, F16)
+    assert_stats_close(rv, ref.running_var, np.dtype(np.float32))
+    assert rv.min() > 1e8
+    # Evaluation near the top of the range, with the addend pushing past it: the
+    # exact result rounded to float16 is inf there (|y| >= 65520), and only there.
+    ev = reference_batch_norm(x, rm, rv, w, b, addend=x)
+    got = bnfast.batch_norm(x, rm, rv, w, b, addend=x)
+    assert_half_ulps(got, ev.out, F16)
+    assert np.isinf(got).sum() == (np.abs(ev.out) >= 65520).sum() > 0
+
+
+def test_bfloat16_values_near_3e38(rng):
+    x = (rng.choice([-1.0, 1.0], (16, 2, 8)) * rng.uniform(2.5e38, 3.3e38, (16, 2, 8))
+         ).astype(BF16)
+    ref = reference_batch_norm(x, training=True)
+    assert_half_ulps(bnfast.batch_norm(x, None, None, training=True), ref.out, BF16)
+    # Evaluation with float64 statistics that float32 could not hold.
+    rm, rv = np.zeros(2), np.full(2, 1e76)
+    ev = reference_batch_norm(x, rm, rv, addend=x)
+    assert_half_ulps(bnfast.batch_norm(x, rm, rv, addend=x), ev.out, BF16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_stay_in_their_channel(half, rng, layout, training):
+    x = make_input(rng, (6, 4, 3, 3), np.float32).astype(half)
+    x[2, 0, 1, 1] = np.nan
+    x[4, 1, 0, 2] = np.inf
+    x = with_layout(x, layout)
+    w, b = make_params(rng, 4, np.float32)
+    rm, rv = make_running(rng, 4, np.float32)
+    ref = reference_batch_norm(x, rm, rv, w, b, training)
+    y = bnfast.batch_norm(x, rm, rv, w, b, training)
+    assert_half_ulps(y, ref.out, half)  # NaN exactly where the reference has it
+    assert np.isfinite(y[:, 2:].astype(np.float32)).all()
+    if training:
+        assert not np.isfinite(rm[:2]).any() and np.isfinite(rm[2:]).all()
+        assert_stats_close(rm, ref.running_mean, np.dtype(np.float32))
+        assert_stats_close(rv, ref.running_var, np.dtype(np.float32))
+
+
+# -- half running buffers: overflow raises and changes nothing ----------------------------
+def test_float16_running_var_overflow_raises_and_changes_nothing(rng):
+    x = make_input(rng, (16, 3, 8), np.float32, scale=3000.0).astype(F16)  # var ~1e7
+    rm, rv = np.zeros(3, F16), np.ones(3, F16)
+    out = np.full_like(x, 7)
+    x_before = x.copy()
+    for kwargs in ({}, {"out": out}, {"out": x}):
+        with pytest.raises(OverflowError, match=r"running_var .*float16.* rounds to inf.*float32"):
+            bnfast.batch_norm(x, rm, rv, training=True, **kwargs)
+        assert_same(rm, np.zeros(3, F16))
+        assert_same(rv, np.ones(3, F16))
+        assert_same(out, np.full_like(x, 7))
+        assert_same(x, x_before)
+    # The same step with float32 buffers (a module's default) is fine.
+    rm32, rv32 = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ref = reference_batch_norm(x, rm32, rv32, training=True)
+    bnfast.batch_norm(x, rm32, rv32, training=True)
+    assert_stats_close(rv32, ref.running_var, np.dtype(np.float32))
+    assert rv32.max() > 65504
+
+
+def test_half_running_buffers_without_overflow_are_rounded_once(half, rng):
+    x = half_input(rng, (16, 3, 8), half)
+    rm, rv = (v.astype(half) for v in make_running(rng, 3, np.float32))
+    ref = reference_batch_norm(x, rm, rv, training=True, momentum=0.3)
+    bnfast.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    assert_same(rm, ref.running_mean.astype(half))
+    assert_same(rv, ref.running_var.astype(half))
+
+
+def test_module_with_float16_buffers_raises_and_changes_nothing(rng):
+    m = bnfast.BatchNorm1d(3, dtype="float16", param_dtype="float16")
+    x = make_input(rng, (16, 3, 8), np.float32, scale=3000.0).astype(F16)
+    with pytest.raises(OverflowError, match="running_var"):
+        m(x)
+    assert int(m.num_batches_tracked) == 0
+    assert_same(m.running_var, np.ones(3, F16))
+    # The default module keeps float32 statistics: the same batch works.
+    m32 = bnfast.BatchNorm1d(3, dtype="float16")
+    m32(x)
+    assert m32.running_var.dtype == np.float32 and m32.running_var.max() > 65504
+
+
+# -- threads ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, layout", [((64, 3, 32, 32), "contiguous"),
+                                           ((64, 3, 32, 32), "channels_last"),
+                                           ((20000, 16), "contiguous"),
+                                           ((3, 70, 33, 33), "channels_last")], ids=str)
+def test_one_and_many_threads_bit_identical(half, rng, shape, layout):
+    x = half_input(rng, shape, half, layout)
+    a = half_input(rng, shape, half, layout, loc=0.0, scale=1.0)
+    w, b = make_params(rng, shape[1], np.float32)
+
+    def run(n):
+        rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+        y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, True, return_stats=True,
+                                            n_threads=n)
+        fused = bnfast.batch_norm(x, rm, rv, w, b, False, addend=a, relu=True, n_threads=n)
+        return y, mean, invstd, rm, rv, fused
+
+    for one, many in zip(run(1), run(4)):
+        assert_same(one, many)
+
+
+# -- backward ----------------------------------------------------------------------------
+def _grad_ulps(got, ref64, dtype):
+    """Gradients of ``x``'s shape: rounded once from float32, like the forward."""
+    assert_half_ulps(got, ref64, dtype)
+
+
+def _param_grad_close(got, ref64):
+    """grad_weight/grad_bias: sums in double, rounded once to their dtype."""
+    dt = got.dtype
+    if dt in HALF:
+        assert_half_ulps(got, ref64, dt)
+    else:
+        assert_close(got, ref64, dt.type, STAT_TOL)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_backward_against_reference(half, rng, training, layout, params, shape):
+    C, p = shape[1], param_dtype(params, half)
+    x = half_input(rng, shape, half, layout)
+    dy = half_input(rng, shape, half, layout, loc=0.0, scale=1.0)
+    w, b = make_params(rng, C, p)
+    rm, rv = make_running(rng, C, p)
+    _, mean, invstd = bnfast.batch_norm(x, rm.copy(), rv.copy(), w, b, training,
+                                        return_stats=True)
+    ref = reference_batch_norm_backward(dy, x, w, mean, invstd, training)
+    gx, gw, gb = bnfast.batch_norm_backward(dy, x, w, mean, invstd, training)
+    _grad_ulps(gx, ref.grad_input, half)
+    assert is_channels_last(gx) == is_channels_last(x)
+    _param_grad_close(gw, ref.grad_weight)
+    _param_grad_close(gb, ref.grad_bias)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("from_mask", [False, True], ids=["output", "relu_mask"])
+def test_fused_backward_against_reference(half, rng, training, layout, from_mask):
+    shape = (6, 4, 5, 5)
+    x = half_input(rng, shape, half, layout)
+    a = half_input(rng, shape, half, layout, loc=0.0, scale=1.0)
+    dy = half_input(rng, shape, half, layout, loc=0.0, scale=1.0)
+    w, b = make_params(rng, 4, np.float32)
+    rm, rv = make_running(rng, 4, np.float32)
+    y, mean, invstd = bnfast.fused_batch_norm(x, rm, rv, w, b, a, training, return_stats=True)
+    ref = reference_batch_norm_backward(dy, x, w, mean, invstd, training, output=y)
+    gate = bnfast.relu_mask(y) if from_mask else y
+    gx, gw, gb, ga = bnfast.fused_batch_norm_backward(dy, x, gate, w, mean, invstd, training)
+    _grad_ulps(gx, ref.grad_input, half)
+    assert_same(ga, ref.grad_addend.astype(half))  # grad_output where the ReLU passed, exact
+    _param_grad_close(gw, ref.grad_weight)
+    _param_grad_close(gb, ref.grad_bias)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_in_place_and_out(half, rng, training):
+    shape = (5, 3, 4, 4)
+    x = half_input(rng, shape, half)
+    dy = half_input(rng, shape, half, loc=0.0, scale=1.0)
+    w, _ = make_params(rng, 3, np.float32)
+    _, mean, invstd = bnfast.batch_norm(x, None, None, w, None, True, return_stats=True)
+    expected = bnfast.batch_norm_backward(dy, x, w, mean, invstd, training)[0]
+    out = np.empty_like(x)
+    assert bnfast.batch_norm_backward(dy, x, w, mean, invstd, training, out=out)[0] is out
+    assert_same(out, expected)
+    got = bnfast.batch_norm_backward(dy, x, w, mean, invstd, training, out=dy)[0]
+    assert got is dy
+    assert_same(dy, expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mixed_backward_matches_torch(half, rng, torch, training, layout):
+    shape = (8, 5, 6, 6)
+    x = half_input(rng, shape, half, layout)
+    dy = half_input(rng, shape, half, layout, loc=0.0, scale=1.0)
+    w, b = make_params(rng, 5, np.float32)
+    rm, rv = make_running(rng, 5, np.float32)
+    tx, tdy, tw = to_torch(torch, x), to_torch(torch, dy), torch.from_numpy(w)
+    _, tmean, tinvstd = torch.ops.aten.native_batch_norm(
+        tx, tw, torch.from_numpy(b), torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy()),
+        training, 0.1, 1e-5)
+    stats = ((None, None, tmean, tinvstd) if training
+             else (torch.from_numpy(rm), torch.from_numpy(rv), None, None))
+    tgx, tgw, tgb = torch.ops.aten.native_batch_norm_backward(
+        tdy, tx, tw, *stats, training, 1e-5, [True, True, True])
+    _, mean, invstd = bnfast.batch_norm(x, rm.copy(), rv.copy(), w, b, training,
+                                        return_stats=True)
+    gx, gw, gb = bnfast.batch_norm_backward(dy, x, w, mean, invstd, training)
+    assert_half_ulps(gx, from_torch(torch, tgx).astype(np.float64), half, ulps=2)
+    # torch returns the parameters' gradients in their dtype (float32 here).
+    assert gw.dtype == gb.dtype == np.float32
+    assert_close(gw, tgw.numpy(), np.float32, dict(rtol=1e-4, atol=1e-4))
+    assert_close(gb, tgb.numpy(), np.float32, dict(rtol=1e-4, atol=1e-4))
+
+
+def test_backward_one_and_many_threads_bit_identical(half, rng):
+    shape = (64, 3, 32, 32)
+    x = half_input(rng, shape, half, "channels_last")
+    dy = half_input(rng, shape, half, "channels_last", loc=0.0, scale=1.0)
+    w, _ = make_params(rng, 3, np.float32)
+    _, mean, invstd = bnfast.batch_norm(x, None, None, w, None, True, return_stats=True)
+    one = bnfast.batch_norm_backward(dy, x, w, mean, invstd, n_threads=1)
+    many = bnfast.batch_norm_backward(dy, x, w, mean, invstd, n_threads=4)
+    for u, v in zip(one, many):
+        assert_same(u, v)
+
+
+# -- modules -----------------------------------------------------------------------------
+@pytest.mark.parametrize("param_kind", [None, "half", "float64"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_module_forward_backward(half, rng, param_kind, fused):
+    kwargs = {} if param_kind is None else {"param_dtype": param_dtype(param_kind, half)}
+    cls = bnfast.FusedBatchNorm2d if fused else bnfast.BatchNorm2d
+    m = cls(4, dtype=half.name, **kwargs)
+    p = np.dtype(np.float32) if param_kind is None else param_dtype(param_kind, half)
+    assert m.dtype == half and m.param_dtype == p
+    assert m.weight.dtype == m.bias.dtype == m.running_mean.dtype == m.running_var.dtype == p
+    w, b = make_params(rng, 4, p)
+    m.weight[...], m.bias[...] = w, b
+    x = half_input(rng, (6, 4, 5, 5), half, "channels_last")
+    extra = (half_input(rng, x.shape, half, loc=0.0, scale=1.0),) if fused else ()
+    y = m(x, *extra)
+    ref = reference_batch_norm(x, np.zeros(4), np.ones(4), w, b, True,
+                               addend=extra[0] if fused else None, relu=fused)
+    assert_half_ulps(y, ref.out, half)
+    assert_stats_close(m.running_mean, ref.running_mean, p)
+    assert_stats_close(m.running_var, ref.running_var, p)
+    dy = half_input(rng, x.shape, half, loc=0.0, scale=1.0)
+    grads = m.backward(dy)
+    gx = grads[0] if fused else grads
+    gref = reference_batch_norm_backward(dy, x, w, ref.mean, ref.invstd, True,
+                                         output=y if fused else None)
+    assert_half_ulps(gx, gref.grad_input, half)
+    assert m.weight_grad.dtype == m.bias_grad.dtype == p  # as torch's .grad
+    m.eval()
+    ev = reference_batch_norm(x, m.running_mean, m.running_var, w, b,
+                              addend=extra[0] if fused else None, relu=fused)
+    assert_half_ulps(m(x, *extra), ev.out, half)
+
+
+def test_module_rejects_other_input_dtype(half):
+    m = bnfast.BatchNorm1d(3, dtype=half)
+    with pytest.raises(TypeError, match=rf"input dtype float32 does not match the module's "
+                                        rf"dtype {half.name}"):
+        m(np.ones((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("param_kind", ["float32", "half"])
+def test_state_dict_round_trip_with_half_params(half, rng, param_kind):
+    p = param_dtype(param_kind, half)
+    a = bnfast.BatchNorm2d(3, dtype=half, param_dtype=p)
+    a(half_input(rng, (4, 3, 5, 5), half))
+    a.weight[...] = make_params(rng, 3, np.float32)[0]
+    b = bnfast.BatchNorm2d(3, dtype=half, param_dtype=p)
+    b.load_state_dict(a.state_dict())
+    for key, value in a.state_dict().items():
+        assert_same(b.state_dict()[key], value)
+
+
+def test_load_state_dict_casts_between_dtypes(rng):
+    # As torch's load_state_dict copies: into the module's dtypes, with a cast.
+    bf = bnfast.BatchNorm1d(3, dtype="bfloat16", param_dtype="bfloat16")
+    f32 = {"weight": np.array([1.0, 1.00390625, 3.14159], np.float32)}
+    bf.load_state_dict(f32, strict=False)
+    assert_same(bf.weight, f32["weight"].astype(BF16))
+    half16 = bnfast.BatchNorm1d(3, dtype="float16", param_dtype="float16")
+    half16.load_state_dict({"weight": bf.weight}, strict=False)  # bfloat16 -> float16
+    assert_same(half16.weight, bf.weight.astype(np.float32).astype(F16))
+    plain = bnfast.BatchNorm1d(3)
+    plain.load_state_dict(bf.state_dict())  # exact widening
+    assert_same(plain.weight, bf.weight.astype(np.float32))
+
+
+def test_load_state_dict_overflow_is_an_error_and_loads_nothing():
+    m = bnfast.BatchNorm1d(3, dtype="float16", param_dtype="float16")
+    state = {"weight": np.full(3, 2.0), "running_var": np.full(3, 1e5)}
+    with pytest.raises(RuntimeError, match="value out of range for running_var"):
+        m.load_state_dict(state, strict=False)
+    assert_same(m.weight, np.ones(3, F16))
+
+
+def test_torch_bfloat16_state_dict_loads(rng, torch):
+    t = torch.nn.BatchNorm2d(3).to(torch.bfloat16)
+    t(to_torch(torch, half_input(rng, (4, 3, 5, 5), BF16)))
+    m = bnfast.BatchNorm2d(3, dtype="bfloat16", param_dtype="bfloat16")
+    m.load_state_dict(t.state_dict())
+    assert_same(m.running_var, from_torch(torch, t.running_var))
+    assert int(m.num_batches_tracked) == 1
+
+
+def test_bfloat16_safetensors_file_loads_into_a_module(rng, tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    state = {"weight": rng.uniform(0.5, 2, 4).astype(BF16),
+             "bias": rng.uniform(-1, 1, 4).astype(BF16),
+             "running_mean": rng.uniform(-1, 1, 4).astype(BF16),
+             "running_var": rng.uniform(0.5, 2, 4).astype(BF16),
+             "num_batches_tracked": np.array(7, np.int64)}
+    path = tmp_path / "bn.safetensors"
+    safetensors_numpy.save_file(state, str(path))
+    loaded = safetensors_numpy.load_file(str(path))
+    assert loaded["weight"].dtype == BF16
+    for kwargs in ({"param_dtype": "bfloat16"}, {}):  # bfloat16, or float32 parameters
+        m = bnfast.BatchNorm2d(4, dtype="bfloat16", **kwargs)
+        m.load_state_dict(loaded)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            assert_same(getattr(m, key), state[key].astype(m.param_dtype))
+        assert int(m.num_batches_tracked) == 7
+        x = half_input(rng, (2, 4, 3, 3), BF16)
+        ref = reference_batch_norm(x, state["running_mean"], state["running_var"],
+                                   state["weight"], state["bias"])
+        assert_half_ulps(m.eval()(x), ref.out, BF16)
