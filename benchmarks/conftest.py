@@ -22,6 +22,8 @@ from bnfast.bench.suite import format_shape, parse_dtypes, parse_shapes
 
 DEFAULT_SHAPES = "32x256x56x56,32x2048x7x7,8x64x56x56,256x1024,1x512x7x7"
 DEFAULT_DTYPES = "float32"
+#: bench_half.py: arrays over 8 MB in float32, where memory decides.
+DEFAULT_HALF_SHAPES = "32x256x56x56,32x512x28x28,32x2048x7x7,4096x1024"
 
 
 def pytest_addoption(parser):
@@ -29,7 +31,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-shapes", default=DEFAULT_SHAPES,
                     help=f"comma-separated NxCx... shapes (default {DEFAULT_SHAPES})")
     group.addoption("--bench-dtypes", default=DEFAULT_DTYPES,
-                    help="comma-separated dtypes: float32, float64 (default float32)")
+                    help="comma-separated dtypes: float32, float64, float16, bfloat16 "
+                         "(default float32)")
+    group.addoption("--half-shapes", default=DEFAULT_HALF_SHAPES,
+                    help=f"shapes of bench_half.py (default {DEFAULT_HALF_SHAPES})")
 
 
 def pytest_collect_file(file_path, parent):
@@ -50,6 +55,34 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("bench_shape", shapes, ids=[format_shape(s) for s in shapes])
     if "bench_dtype" in metafunc.fixturenames:
         metafunc.parametrize("bench_dtype", parse_dtypes(config.getoption("--bench-dtypes")))
+    if "half_shape" in metafunc.fixturenames:
+        shapes = parse_shapes(config.getoption("--half-shapes"))
+        metafunc.parametrize("half_shape", shapes, ids=[format_shape(s) for s in shapes])
+
+
+_HALF_RATIOS = []
+
+
+@pytest.fixture(scope="session")
+def half_ratios():
+    """The rows of bench_half.py's ratio table (printed at the end of the session)."""
+    return _HALF_RATIOS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _HALF_RATIOS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("half precision: min of interleaved calls (half / float32 of the same shape; "
+          "torch / bnfast in the half dtype)")
+    write(f"{'mode':<9}{'dtype':<10}{'shape':<15}{'f32 MB':>8}{'half':>11}{'float32':>11}"
+          f"{'half/f32':>10}{'torch/bnfast':>14}")
+    for r in _HALF_RATIOS:
+        vs_torch = "-" if r["torch_over_bnfast"] is None else f"{r['torch_over_bnfast']:.2f}x"
+        write(f"{r['mode']:<9}{r['dtype']:<10}{r['shape']:<15}{r['float32_MB']:>8}"
+              f"{r['half_s'] * 1e3:>9.2f}ms{r['float32_s'] * 1e3:>9.2f}ms"
+              f"{r['half_over_float32']:>10.2f}{vs_torch:>14}")
 
 
 @functools.lru_cache(maxsize=1)
