@@ -40,7 +40,7 @@ class CoefficientCache:
 def forward(
     x: _F, layout: int, running_mean: Optional[_F], running_var: Optional[_F],
     weight: Optional[_F], bias: Optional[_F], batch_stats: bool, momentum: float, eps: float,
-    addend: Optional[_F], relu: bool, out: Optional[_F], n_threads: int,
+    addend: Optional[_F], relu: bool, out: _F, n_threads: int,
     coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
     cache: Optional[CoefficientCache],
 ) -> Optional[CoefficientTable]: ...

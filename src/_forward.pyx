@@ -175,8 +175,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     eps : positive
     addend : None, or an ndarray of x's shape, dtype and layout; IN
     relu : apply ``max(y, 0)`` last
-    out : ndarray of x's shape, dtype and layout; OUT (may be x or addend itself);
-        or None: no normalise pass (the statistics, the running update and coef only)
+    out : ndarray of x's shape, dtype and layout; OUT (may be x or addend itself)
     n_threads : positive; the result does not depend on it
     coef : None, or a writable (4, C) float64 array; OUT: mean, invstd, scale, shift
     mask : None, or a zeroed writable uint8 array of ``ceil(x.size / 8)`` bytes;
@@ -225,7 +224,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
             else:
                 _coefficients(running_mean, running_var, weight, bias, C, eps, table_coef,
                               scratch)
-        if status == 0 and count > 0 and out is not None:
+        if status == 0 and count > 0:
             status = _normalize(xa, data_type, addend, out, shape, table_coef, residual,
                                 storage, relu, n_threads, mask)
     finally:
