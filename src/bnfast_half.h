@@ -107,6 +107,40 @@ static inline bnfast_bf16 bnfast_double_to_bf16(double d) {
     return bnfast_float_to_bf16(bnfast_double_to_float_odd(d));
 }
 
+/* ---- eight values in registers (the in-register leaves) ------------------- */
+#if BNFAST_VECTOR_EXT
+/* Unaligned (element-aligned) and may_alias: loaded from and stored to the data
+ * arrays directly.  Vector casts between them reinterpret bits in registers
+ * (memcpy there went through the stack: a store-forwarding stall per vector). */
+typedef float bnfast_h8f __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t bnfast_h8i __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint32_t bnfast_h8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint16_t bnfast_h8h __attribute__((vector_size(16), aligned(2), may_alias));
+
+/* Macros (statement expressions), not functions: a 32-byte vector passed by
+ * value outside an AVX target changes the ABI (-Wpsabi). */
+/* bfloat16: a shift each way (portable vector code; any target). */
+#define bnfast_load8_bf16(p) \
+    ((bnfast_h8f)(__builtin_convertvector(*(const bnfast_h8h *)(p), bnfast_h8u) << 16))
+#define bnfast_store8_bf16(p, f) do {                                                \
+        bnfast_h8u u_ = (bnfast_h8u)(f), r_, nan_;                                   \
+        r_ = (u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16;  /* bnfast_float_to_bf16 */   \
+        nan_ = (bnfast_h8u)((u_ & 0x7fffffffu) > 0x7f800000u);                       \
+        r_ = (r_ & ~nan_) | (((u_ >> 16) | 0x40u) & nan_);                           \
+        *(bnfast_h8h *)(p) = __builtin_convertvector(r_, bnfast_h8h);                \
+    } while (0)
+
+/* float16 without F16C: the scalar conversions, lane by lane (same bits). */
+#define bnfast_load8_f16(p) ({                                                      \
+        bnfast_h8f f_; int k_;                                                       \
+        for (k_ = 0; k_ < 8; k_++) f_[k_] = bnfast_f16_to_float((p)[k_]);           \
+        f_; })
+#define bnfast_store8_f16(p, f) do {                                                 \
+        bnfast_h8f v_ = (f); int k_;                                                 \
+        for (k_ = 0; k_ < 8; k_++) (p)[k_] = bnfast_float_to_f16(v_[k_]);           \
+    } while (0)
+#endif
+
 /* ---- bulk conversions ----------------------------------------------------- */
 
 static void bnfast_widen_f16_base(const bnfast_f16 *src, float *dst, ptrdiff_t n) {
@@ -150,6 +184,28 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) dst[i] = bnfast_float_to_f16(src[i]);
 }
+
+/* float16 with F16C (vcvtps2ph with imm 0: round to nearest even). */
+#define bnfast_load8_f16_f16c(p) \
+    ((bnfast_h8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define bnfast_store8_f16_f16c(p, f) \
+    _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT))
+
+/* bfloat16 with AVX2 intrinsics: the same bits as the portable macros, in fewer
+ * instructions (one widening load; the pack without a mask; a byte blend). */
+#define bnfast_load8_bf16_avx2(p) ((bnfast_h8f)_mm256_slli_epi32(                        \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define bnfast_store8_bf16_avx2(p, f) do {                                                \
+        __m256i u_ = (__m256i)(f), top_ = _mm256_srli_epi32(u_, 16);                     \
+        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                  \
+            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                              \
+            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                           \
+        __m256i nan_ = _mm256_cmpgt_epi32(_mm256_and_si256(u_, _mm256_set1_epi32(0x7fffffff)), \
+                                          _mm256_set1_epi32(0x7f800000));                 \
+        r_ = _mm256_blendv_epi8(r_, _mm256_or_si256(top_, _mm256_set1_epi32(0x40)), nan_); \
+        _mm_storeu_si128((__m128i *)(p), _mm_packus_epi32(_mm256_castsi256_si128(r_),     \
+                                                          _mm256_extracti128_si256(r_, 1))); \
+    } while (0)
 
 static int bnfast_has_f16c = -1;
 static int bnfast_use_f16c(void) {

@@ -3,6 +3,10 @@
  * staging (bnfast_half.h): each one widens its input into float buffers, runs
  * the float32 leaf of the same job (bnfast_simd.h, bnfast_backward_simd.h) and
  * narrows what it writes.  One definition for both half types (the macro).
+ * The exception is the hot pass, the normalise in float: staging costs two
+ * more trips through L1 and a call per run (2x a copy for in-cache data), so
+ * it converts in registers, 8 values at a time (bnfast_half.h's load8/store8:
+ * F16C, or a shift for bfloat16), with the float32 leaf's arithmetic.
  *
  * Bits: the reductions stage whole calls' worth of values (shifted sums: a
  * statistics chunk, <= BNFAST_REDUCE_STAGE; column sums: four rows at a time,
@@ -61,19 +65,6 @@
             bnfast_shifted_colsums_f32(stage, k, W, fshift, s1, s2);                      \
         }                                                                                 \
     }                                                                                     \
-    /* y = relu?(round(((float)x - m) * a + b [+ add])): one (m, a, b) for the run */     \
-    static inline void bnfast_affine_scalar_##H(const T *x, const T *add, T *y, ptrdiff_t n,      \
-                                         float m, float a, float b, int relu) {           \
-        float xb[BNFAST_STAGE], ab[BNFAST_STAGE];                                         \
-        ptrdiff_t i, k;                                                                   \
-        for (i = 0; i < n; i += k) {                                                      \
-            k = BNFAST_MIN(n - i, BNFAST_STAGE);                                          \
-            bnfast_widen_##H(x + i, xb, k);                                               \
-            if (add != NULL) bnfast_widen_##H(add + i, ab, k);                            \
-            bnfast_affine_scalar_f32(xb, add == NULL ? NULL : ab, xb, k, m, a, b, relu);  \
-            bnfast_narrow_##H(xb, y + i, k);                                              \
-        }                                                                                 \
-    }                                                                                     \
     /* ... computed in double (a table float cannot carry) */                             \
     static inline void bnfast_affine_scalar_##H##d(const T *x, const T *add, T *y, ptrdiff_t n,   \
                                             double m, double a, double b, int relu) {     \
@@ -87,7 +78,6 @@
             bnfast_narrow_##H(xb, y + i, k);                                              \
         }                                                                                 \
     }                                                                                     \
-    BNFAST_DEFINE_HALF_TILED(H, T, , float, bnfast_affine_tiled_f32)                      \
     BNFAST_DEFINE_HALF_TILED(H, T, d, double, bnfast_affine_tiled_f32d)                   \
     /* ReLU mask bits !(y <= 0) of n values (bits of 8 values per byte) */                \
     static inline void bnfast_pack_positive_##H(const T *y, ptrdiff_t n, unsigned char *bits) {   \
@@ -126,5 +116,108 @@
 
 BNFAST_DEFINE_HALF_LEAVES(f16, bnfast_f16)
 BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
+
+/* ---------------------------------------------------------------------------
+ * The normalise pass in float, converting in registers:
+ *   y = round(relu?(((float)x - m) * a + b [+ (float)add]))
+ * with the float32 leaf's operations in its order (no FMA), so the result is
+ * the float32 leaf's on the widened values, rounded once to the half type.
+ * SCALAR: one (m, a, b); TILED: per element of a W-long tile, in pieces of W.
+ * Eight values at a time with load8/store8, the tail with the scalar
+ * conversions; the epilogue branches are hoisted out of the loops.
+ * ------------------------------------------------------------------------- */
+#if BNFAST_VECTOR_EXT
+#define BNFAST_H8_RELU(v) ((bnfast_h8f)((bnfast_h8i)(v) & ~((v) < 0.0f)))
+#define BNFAST_H8_COEF(p, i) (*(const bnfast_h8f *)((p) + (i)))
+/* Values [0, n8) of the run, MV/AV/BV giving the coefficient vectors at i. */
+#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV)                           \
+    if (add == NULL && !relu) {                                                          \
+        for (i = 0; i < n8; i += 8) STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV);        \
+    } else if (add == NULL) {                                                            \
+        for (i = 0; i < n8; i += 8)                                                      \
+            STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV));                \
+    } else if (!relu) {                                                                  \
+        for (i = 0; i < n8; i += 8)                                                      \
+            STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i));               \
+    } else {                                                                             \
+        for (i = 0; i < n8; i += 8)                                                      \
+            STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i))); \
+    }
+#define BNFAST_HALF_N8(n) ((n) - (n) % 8)
+#else
+#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV)
+#define BNFAST_HALF_N8(n) 0
+#endif
+
+/* Values [n8, n), one at a time. */
+#define BNFAST_HALF_AFFINE_TAIL(TO_F, FROM_F, MS, AS, BS)                               \
+    for (i = n8; i < n; i++) {                                                           \
+        float v_ = (TO_F(x[i]) - MS) * AS + BS;                                          \
+        if (add != NULL) v_ = v_ + TO_F(add[i]);                                         \
+        if (relu) v_ = v_ < 0.0f ? 0.0f : v_;                                            \
+        y[i] = FROM_F(v_);                                                               \
+    }
+
+#define BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8)                    \
+    ATTR static void bnfast_affine_scalar_##H##_##VARIANT(const T *x, const T *add, T *y, \
+                                                         ptrdiff_t n, float m, float a,  \
+                                                         float b, int relu) {            \
+        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
+        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, m, a, b)                               \
+        BNFAST_HALF_AFFINE_TAIL(bnfast_##H##_to_float, bnfast_float_to_##H, m, a, b)     \
+    }                                                                                    \
+    ATTR static void bnfast_affine_tiled_##H##_##VARIANT(const T *x0, const T *add0,     \
+                                                        T *y0, ptrdiff_t total,          \
+                                                        ptrdiff_t W, const float *m,     \
+                                                        const float *a, const float *b,  \
+                                                        int relu) {                      \
+        ptrdiff_t i0, i, n, n8;                                                          \
+        for (i0 = 0; i0 < total; i0 += W) {                                              \
+            const T *x = x0 + i0;                                                        \
+            const T *add = add0 == NULL ? NULL : add0 + i0;                              \
+            T *y = y0 + i0;                                                              \
+            n = total - i0 < W ? total - i0 : W;                                         \
+            n8 = BNFAST_HALF_N8(n);                                                      \
+            BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i),              \
+                                       BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i))       \
+            BNFAST_HALF_AFFINE_TAIL(bnfast_##H##_to_float, bnfast_float_to_##H, m[i], a[i], b[i]) \
+        }                                                                                \
+    }
+
+BNFAST_DEFINE_HALF_AFFINE(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
+BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+#if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_HALF_AFFINE(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                          bnfast_store8_f16_f16c)
+BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                          bnfast_store8_bf16_avx2)
+#endif
+
+static inline void bnfast_affine_scalar_f16(const bnfast_f16 *x, const bnfast_f16 *add,
+                                            bnfast_f16 *y, ptrdiff_t n, float m, float a,
+                                            float b, int relu) {
+    BNFAST_PICK_F16C(bnfast_affine_scalar_f16_base, bnfast_affine_scalar_f16_f16c)(
+        x, add, y, n, m, a, b, relu);
+}
+static inline void bnfast_affine_tiled_f16(const bnfast_f16 *x, const bnfast_f16 *add,
+                                           bnfast_f16 *y, ptrdiff_t n, ptrdiff_t W,
+                                           const float *m, const float *a, const float *b,
+                                           int relu) {
+    BNFAST_PICK_F16C(bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c)(
+        x, add, y, n, W, m, a, b, relu);
+}
+static inline void bnfast_affine_scalar_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
+                                             bnfast_bf16 *y, ptrdiff_t n, float m, float a,
+                                             float b, int relu) {
+    BNFAST_PICK(bnfast_affine_scalar_bf16_base, bnfast_affine_scalar_bf16_avx2)(
+        x, add, y, n, m, a, b, relu);
+}
+static inline void bnfast_affine_tiled_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
+                                            bnfast_bf16 *y, ptrdiff_t n, ptrdiff_t W,
+                                            const float *m, const float *a, const float *b,
+                                            int relu) {
+    BNFAST_PICK(bnfast_affine_tiled_bf16_base, bnfast_affine_tiled_bf16_avx2)(
+        x, add, y, n, W, m, a, b, relu);
+}
 
 #endif /* BNFAST_HALF_LEAVES_H */
