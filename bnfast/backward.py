@@ -181,7 +181,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     grad_output : array_like, shape (N, C, *spatial)
         Gradient of the loss with respect to the forward's output; input's dtype.
     input : array_like, shape (N, C, *spatial)
-        The forward's input (float32 or float64).
+        The forward's input (float32, float64, float16 or bfloat16).
     weight : array_like of shape (C,) or None
         The forward's weight (gamma); None means ones.
     save_mean, save_invstd : array_like of shape (C,)

@@ -26,13 +26,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Parameters
     ----------
     input : array_like, shape (N, C, *spatial)
-        float32 or float64.  C-contiguous and channels-last memory
+        float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``; half
+        precision is computed in float32 with statistics in double, and each
+        output rounded once).  C-contiguous and channels-last memory
         (``nhwc.transpose(0, 3, 1, 2)``) are used in place; other strides are
         copied once.
     running_mean, running_var : ndarray of shape (C,) or None
-        Running statistics.  In training they are updated **in place**
-        (running_var with the unbiased batch variance); in evaluation they
-        normalise the input and are required.
+        Running statistics, any of the four float dtypes.  In training they
+        are updated **in place** (running_var with the unbiased batch
+        variance); in evaluation they normalise the input and are required.
     weight, bias : array_like of shape (C,) or None
         Affine parameters (gamma, beta); None means 1 and 0.
     training : bool
@@ -72,6 +74,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         Fewer than 2 dimensions, a (C,) vector of the wrong size, eps <= 0,
         a single value per channel in training, or missing running stats in
         evaluation.
+    OverflowError
+        A float16/bfloat16 running buffer whose update would round to inf
+        (raised before anything is written).
 
     Examples
     --------
@@ -85,6 +90,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
            [ 1.342,  1.342]], dtype=float32)
     >>> rm
     array([0.3, 0.4], dtype=float32)
+
+    Half precision, with float32 parameters and statistics (PyTorch's rule):
+
+    >>> h = bnfast.batch_norm(x.astype(np.float16), rm, rv, training=True)
+    >>> h.dtype, h[:, 0]
+    (dtype('float16'), array([-1.342 , -0.4473,  0.4473,  1.342 ], dtype=float16))
     """
     x = check_input(input)
     # Unused in evaluation, where nothing is updated.

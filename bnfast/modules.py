@@ -301,10 +301,12 @@ class _BatchNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Copy values from ``state_dict`` (NumPy arrays or torch tensors) into this module.
 
-        Values are cast to the module's dtype as torch casts them (a bfloat16
-        or float16 torch state dict loads into a float32 module).  Everything
-        is checked and converted before anything is written: a call that
-        raises leaves the module unchanged.
+        Values are cast to the module's dtypes as torch casts them (a bfloat16
+        or float16 torch state dict loads into a float32 module, a float32 one
+        into a bfloat16 module; ``ml_dtypes.bfloat16`` arrays, e.g. from
+        ``safetensors.numpy.load_file``, are accepted).  Everything is checked
+        and converted before anything is written: a call that raises leaves
+        the module unchanged.
 
         Parameters
         ----------
@@ -327,7 +329,8 @@ class _BatchNorm:
             A value that is not an array of real numbers (a string, a complex
             array, ...), naming its key.
         RuntimeError
-            Missing/unexpected keys (strict) or a shape mismatch, listing all of them.
+            Missing/unexpected keys (strict), a shape mismatch, or a finite
+            value that overflows the module's dtype, listing all of them.
 
         Examples
         --------
@@ -452,6 +455,15 @@ class BatchNorm1d(_BatchNorm):
     >>> y = bn(np.random.default_rng(0).standard_normal((8, 3), dtype=np.float32))
     >>> bn.num_batches_tracked
     array(1)
+
+    bfloat16 data (``ml_dtypes``) with float32 parameters and statistics:
+
+    >>> bf = bnfast.BatchNorm1d(3, dtype="bfloat16")
+    >>> bf.dtype, bf.param_dtype
+    (dtype(bfloat16), dtype('float32'))
+    >>> bf(np.array([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]]).astype(bf.dtype))
+    array([[-1, -1, -1],
+           [1, 1, 1]], dtype=bfloat16)
     """
 
     _ndims = (2, 3)
