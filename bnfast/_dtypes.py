@@ -36,8 +36,19 @@ def is_bfloat16(dtype):
     >>> is_bfloat16(np.dtype(np.float16)), is_bfloat16(np.dtype("V2"))
     (False, False)
     """
-    return (dtype.itemsize == 2 and dtype.name == "bfloat16" and dtype.isnative
-            and getattr(dtype.type, "__module__", None) == "ml_dtypes")
+    if dtype is _seen_bfloat16[0]:  # ml_dtypes' dtype is one object: ~30 ns per call
+        return True
+    # dtype.name costs ~0.5 us for a user dtype: checked last, once.
+    if (dtype.itemsize == 2 and dtype.kind == "V" and dtype.isnative
+            and getattr(dtype.type, "__module__", None) == "ml_dtypes"
+            and dtype.name == "bfloat16"):
+        _seen_bfloat16[0] = dtype
+        return True
+    return False
+
+
+#: The bfloat16 dtype once :func:`is_bfloat16` has recognised it.
+_seen_bfloat16 = [None]
 
 
 def is_supported(dtype):

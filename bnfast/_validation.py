@@ -65,6 +65,8 @@ def _real(value, name):
     """``float(value)`` for a real scalar (not a bool), else TypeError."""
     if type(value) in _REAL_SCALARS:
         return float(value)
+    if isinstance(value, np.generic) and is_bfloat16(value.dtype):  # not a numbers.Real
+        return float(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)

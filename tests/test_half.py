@@ -171,6 +171,19 @@ def test_read_only_and_fortran_input(half, rng):
     assert_half_ulps(bnfast.batch_norm(x, None, None, w, b, training=True), ref.out, half)
 
 
+def test_half_precision_scalar_hyperparameters(half, rng):
+    # eps and momentum given as NumPy half scalars (a bfloat16 scalar is not a
+    # numbers.Real) equal the Python floats of their values.
+    x = half_input(rng, (6, 3, 4), half)
+    eps, momentum = half.type(1e-3), half.type(0.25)
+    rm1, rv1 = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rm2, rv2 = rm1.copy(), rv1.copy()
+    y1 = bnfast.batch_norm(x, rm1, rv1, training=True, eps=eps, momentum=momentum)
+    y2 = bnfast.batch_norm(x, rm2, rv2, training=True, eps=float(eps), momentum=float(momentum))
+    for u, v in ((y1, y2), (rm1, rm2), (rv1, rv2)):
+        assert_same(u, v)
+
+
 # -- statistics: as exact as from float32 data --------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES + [(3, 70, 33, 33), (20000, 3)], ids=str)

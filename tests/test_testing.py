@@ -110,6 +110,32 @@ def test_any_layout_and_float32_values(layout):
         np.testing.assert_array_equal(g.grad_addend, np.where(ref.out <= 0, 0.0, dy))
 
 
+@pytest.mark.parametrize("half", [np.float16, "bfloat16"])
+def test_half_precision_values_are_upcast_to_float64(half):
+    # The reference computes from the values as float64 whatever their dtype:
+    # never a sum in half precision (NumPy's bfloat16 mean of 10,000 U(0, 1)
+    # values is 0.0256).  Same values as float64 -> the same results, exactly.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16) if half == "bfloat16" else np.dtype(half)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (10000, 2)).astype(dtype)
+    x64 = x.astype(np.float64)
+    w, rm, rv = (v.astype(dtype) for v in (np.full(2, 1.5), np.zeros(2), np.ones(2)))
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    ref = reference_batch_norm(x, rm, rv, w, training=True)
+    ref64 = reference_batch_norm(x64, rm.astype(np.float64), rv.astype(np.float64),
+                                 w.astype(np.float64), training=True)
+    for got, want in zip(ref, ref64):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(ref.mean, x64.mean(axis=0), rtol=1e-14)
+    grads = reference_batch_norm_backward(dy, x, w, ref.mean, ref.invstd)
+    grads64 = reference_batch_norm_backward(dy.astype(np.float64), x64, w.astype(np.float64),
+                                            ref.mean, ref.invstd)
+    for got, want in zip(grads, grads64):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_nan_stays_in_its_channel():
     x, w, b, rm, rv, _, _ = case((4, 3, 5))
     x[1, 1, 2] = np.nan
