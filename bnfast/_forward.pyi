@@ -44,3 +44,6 @@ def forward(
     coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
     cache: Optional[CoefficientCache],
 ) -> Optional[CoefficientTable]: ...
+
+def moments(x: _F, layout: int, n_threads: int) -> tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

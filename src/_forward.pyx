@@ -234,6 +234,26 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     return entry
 
 
+def moments(x, int layout, int n_threads):
+    """Per-channel batch mean and biased variance of ``x`` (float64, shape (C,) each).
+
+    The statistics of a training forward, without the normalise pass: the
+    record of one chunk (rank, dask block) for merging with others.  ``x`` as
+    in :func:`forward` (checked and laid out by the caller); an empty batch
+    gives zeros.  Returns ``(mean, var, residual)``: ``residual`` is what the
+    float64 rounding of the mean lost (the exact mean is ``mean + residual``).
+    """
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Shape shape = _kernel_shape(xa, layout)
+    cdef cnp.npy_intp dims[2]
+    dims[0], dims[1] = 3, shape.C
+    cdef cnp.ndarray result = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef double* rows = <double*>cnp.PyArray_DATA(result)
+    if _batch_moments(xa, cnp.PyArray_TYPE(xa), shape, rows, rows + 2 * shape.C, n_threads):
+        raise MemoryError()
+    return result[0], result[1], result[2]
+
+
 cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,
                         double* residual, int n_threads) noexcept:
     """Batch mean and biased variance into coef rows 0 and 1, and the exact mean's

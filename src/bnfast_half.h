@@ -207,6 +207,31 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
                                                           _mm256_extracti128_si256(r_, 1))); \
     } while (0)
 
+/* bfloat16 with AVX512-BF16's vcvtneps2bf16: round to nearest even, NaN as ours,
+ * but denormals flushed (measured on all 2^32 floats: only nonzero float
+ * denormals differ), so a vector holding one takes the AVX2 path (vfpclassps). */
+#define BNFAST_BF16_HW_TARGET __attribute__((target("avx2,f16c,avx512f,avx512vl,avx512dq,avx512bf16")))
+#define bnfast_store8_bf16_hw(p, f) do {                                                  \
+        __m256 v_ = (__m256)(f);                                                          \
+        if (__builtin_expect(_mm256_fpclass_ps_mask(v_, 0x20) != 0, 0))                   \
+            bnfast_store8_bf16_avx2(p, v_);                                               \
+        else                                                                              \
+            _mm_storeu_si128((__m128i *)(p), (__m128i)_mm256_cvtneps_pbh(v_));            \
+    } while (0)
+
+static int bnfast_has_bf16_hw = -1;
+static int bnfast_use_bf16_hw(void) {
+    if (bnfast_has_bf16_hw < 0) {  /* benign race: every thread writes the same value */
+        __builtin_cpu_init();
+        bnfast_has_bf16_hw = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512vl")
+                              && __builtin_cpu_supports("avx512dq")
+                              && __builtin_cpu_supports("avx512bf16")) ? 1 : 0;
+    }
+    return bnfast_has_bf16_hw;
+}
+#define BNFAST_PICK_BF16(base, avx2, hw) \
+    (bnfast_use_bf16_hw() ? (hw) : bnfast_use_avx2() ? (avx2) : (base))
+
 static int bnfast_has_f16c = -1;
 static int bnfast_use_f16c(void) {
     if (bnfast_has_f16c < 0) {  /* benign race: every thread writes the same value */
@@ -218,6 +243,7 @@ static int bnfast_use_f16c(void) {
 #define BNFAST_PICK_F16C(base, f16c) (bnfast_use_f16c() ? (f16c) : (base))
 #else
 #define BNFAST_PICK_F16C(base, f16c) (base)
+#define BNFAST_PICK_BF16(base, avx2, hw) (base)
 #endif
 
 static inline void bnfast_widen_f16(const bnfast_f16 *src, float *dst, ptrdiff_t n) {

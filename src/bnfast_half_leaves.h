@@ -191,6 +191,8 @@ BNFAST_DEFINE_HALF_AFFINE(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load
                           bnfast_store8_f16_f16c)
 BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
                           bnfast_store8_bf16_avx2)
+BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
+                          bnfast_store8_bf16_hw)
 #endif
 
 static inline void bnfast_affine_scalar_f16(const bnfast_f16 *x, const bnfast_f16 *add,
@@ -209,14 +211,16 @@ static inline void bnfast_affine_tiled_f16(const bnfast_f16 *x, const bnfast_f16
 static inline void bnfast_affine_scalar_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
                                              bnfast_bf16 *y, ptrdiff_t n, float m, float a,
                                              float b, int relu) {
-    BNFAST_PICK(bnfast_affine_scalar_bf16_base, bnfast_affine_scalar_bf16_avx2)(
+    BNFAST_PICK_BF16(bnfast_affine_scalar_bf16_base, bnfast_affine_scalar_bf16_avx2,
+                     bnfast_affine_scalar_bf16_hw)(
         x, add, y, n, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
                                             bnfast_bf16 *y, ptrdiff_t n, ptrdiff_t W,
                                             const float *m, const float *a, const float *b,
                                             int relu) {
-    BNFAST_PICK(bnfast_affine_tiled_bf16_base, bnfast_affine_tiled_bf16_avx2)(
+    BNFAST_PICK_BF16(bnfast_affine_tiled_bf16_base, bnfast_affine_tiled_bf16_avx2,
+                     bnfast_affine_tiled_bf16_hw)(
         x, add, y, n, W, m, a, b, relu);
 }
 
