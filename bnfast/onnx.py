@@ -87,7 +87,7 @@ class BatchNormalization(OpRun):
             training = len(self.onnx_node.output) > 1
         else:
             training = bool(training_mode)
-        shape = x.shape
+        shape, stat_shape = x.shape, np.shape(mean)
         if spatial == 0 and self.version < 9:  # per activation: features C * D1 * ... * Dn
             x = x.reshape(shape[0], -1)
             scale, bias, mean, var = (np.reshape(v, -1) for v in (scale, bias, mean, var))
@@ -100,10 +100,12 @@ class BatchNormalization(OpRun):
         running_var = (np.asarray(var, np.float64) * momentum
                        + batch_var * (1.0 - momentum)).astype(mean_dtype)
         y = y.reshape(shape)
+        # The statistics in the shape of the given ones ((C, D1, ..., Dn) with spatial=0).
+        stats = [s.reshape(stat_shape) for s in (running_mean, running_var)]
         if self.version >= 14:
-            return y, running_mean, running_var
-        return (y, running_mean, running_var, batch_mean.astype(y.dtype),
-                batch_var.astype(y.dtype))
+            return (y, *stats)
+        return (y, *stats, batch_mean.astype(y.dtype).reshape(stat_shape),
+                batch_var.astype(y.dtype).reshape(stat_shape))
 
 
 def _batch_statistics(x, scale, bias, eps):

@@ -167,10 +167,12 @@ def test_non_spatial_normalises_per_activation(rng, dtype, opset, training):
     assert_bn_close(got[0].reshape(5, F), ref.out.astype(dtype), x2, flat["scale"], flat["B"],
                     bmean, bvar, eps)
     if training:
+        assert all(g.shape == (2, 3) for g in got[1:])  # the shape of the given statistics
         m = float(np.float32(0.9))
-        np.testing.assert_allclose(got[1], flat["mean"] * m + ref.mean * (1 - m),
+        np.testing.assert_allclose(got[1].reshape(F), flat["mean"] * m + ref.mean * (1 - m),
                                    **STAT_TOL[dtype])
-        np.testing.assert_allclose(got[4], x2.astype(np.float64).var(axis=0), **STAT_TOL[dtype])
+        np.testing.assert_allclose(got[4].reshape(F), x2.astype(np.float64).var(axis=0),
+                                   **STAT_TOL[dtype])
 
 
 def test_versions_before_6_are_refused():
