@@ -86,9 +86,13 @@ def load_state_dict(path):
         st = _safetensors_numpy()
         try:
             return dict(st.load_file(os.fspath(path)))
-        except ImportError as exc:  # bfloat16 without ml_dtypes
-            raise ImportError(f"{os.fspath(path)} holds a dtype NumPy lacks ({exc}): "
-                              'pip install "bnfast[safetensors]"') from None
+        except TypeError as exc:  # "data type 'bfloat16' not understood": no ml_dtypes
+            try:
+                import ml_dtypes  # noqa: F401  (registers bfloat16 and float8 with NumPy)
+            except ImportError:
+                raise ImportError(f"{os.fspath(path)} holds a dtype NumPy lacks ({exc}): "
+                                  'pip install "bnfast[safetensors]" (ml_dtypes)') from None
+            raise
     if fmt == "npz":
         with np.load(path, allow_pickle=False) as archive:
             state = {key: archive[key] for key in archive.files}

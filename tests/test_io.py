@@ -1,4 +1,8 @@
 """bnfast.io and the modules' from_state_dict: state dicts in files, BatchNorms in them."""
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ import bnfast
 from bnfast import io
 from conftest import DTYPES, TOL, assert_close, make_input, make_params, make_running
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
 # Every dtype a checkpoint may hold: stored and read back bit for bit.
 ALL_DTYPES = (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
 FORMATS = (".safetensors", ".npz", ".pt")
@@ -67,6 +72,18 @@ def test_pt_written_by_us_loads_in_torch(tmp_path, rng, torch):
     assert loaded["features.1.weight"].dtype == torch.bfloat16
     np.testing.assert_array_equal(loaded["features.1.weight"].float().numpy(),
                                   state["features.1.weight"].astype(np.float32))
+
+
+def test_bfloat16_without_ml_dtypes_names_the_extra(tmp_path, rng):
+    path = tmp_path / "bf16.safetensors"
+    io.save_state_dict(path, {"w": np.ones(2, ml_dtypes.bfloat16)})
+    code = ("import sys; sys.modules['ml_dtypes'] = None\n"  # as if not installed
+            "from bnfast import io\n"
+            f"io.load_state_dict({str(path)!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": _ROOT})
+    assert done.returncode != 0
+    assert 'ImportError' in done.stderr and 'pip install "bnfast[safetensors]"' in done.stderr
 
 
 def test_load_errors(tmp_path, torch):
