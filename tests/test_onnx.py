@@ -218,9 +218,11 @@ def _cls_for(feeds):
 
 
 # The light models: real BatchNorm parameters (convolution weights constant).
-# Each runs once, at a small input where its shape allows, through the last
-# BatchNormalization; every BatchNormalization output is checked against
-# onnx.reference's own test-mode operator applied to the same inputs.
+# Each runs at a small input where its shape allows, cut after its
+# BatchNormalizations, with our operator (opset 9, as shipped) and without it
+# (the model converted to opset 15, whose reference operator's inference
+# follows the specification); every BatchNormalization output is also checked
+# against onnx.reference's own operator applied to the same inputs.
 LIGHT = [("light_resnet50", 64, 53), ("light_densenet121", 32, 121),
          ("light_inception_v2", 32, 69), ("light_shufflenet", 224, 49)]
 
@@ -248,31 +250,23 @@ def _data_input(model):
 
 
 @pytest.mark.parametrize("name, size, n_bn", LIGHT, ids=[m[0] for m in LIGHT])
-def test_light_models_every_batch_norm_node(rng, name, size, n_bn):
+def test_light_models_with_and_without_our_op(rng, name, size, n_bn):
     model = _through_batch_norms(onnx.load(os.path.join(DATA, "light", name + ".onnx")))
     nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(nodes) == n_bn
-    x = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-    results = ReferenceEvaluator(model, new_ops=bnfast.onnx.ops).run(
-        None, {_data_input(model): x}, intermediate=True)
+    feeds = {_data_input(model): rng.standard_normal((1, 3, size, size)).astype(np.float32)}
+    results = ReferenceEvaluator(model, new_ops=bnfast.onnx.ops).run(None, feeds,
+                                                                     intermediate=True)
     reference_op = onnx.reference.ops.load_op("", "BatchNormalization", 15)
-    for node in nodes:
+    for node in nodes:  # each node against the reference's operator, same inputs
         args = [results[i] for i in node.input]
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         expected = reference_op.eval(*args, epsilon=eps, training_mode=0)
         assert_bn_close(results[node.output[0]], expected, *args, eps)
-
-
-def test_light_resnet50_with_and_without_our_op(rng):
-    """The whole (cut) model: ours on opset 9, the reference's own operator on the
-    model converted to opset 15 (whose test mode follows the specification)."""
-    model = _through_batch_norms(
-        onnx.load(os.path.join(DATA, "light", "light_resnet50.onnx")))
-    feeds = {_data_input(model): rng.standard_normal((1, 3, 64, 64)).astype(np.float32)}
-    ours = ReferenceEvaluator(model, new_ops=bnfast.onnx.ops).run(None, feeds)
     theirs = ReferenceEvaluator(version_converter.convert_version(model, 15)).run(None, feeds)
-    assert len(ours) == len(theirs) == 53
-    for a, b in zip(ours, theirs):  # up to 53 layers deep: float32 rounding accumulates
+    assert len(theirs) == n_bn
+    for node, b in zip(nodes, theirs):  # the whole model: float32 rounding accumulates
+        a = results[node.output[0]]
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
 
 
