@@ -9,6 +9,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from ._config import openmp_enabled, show_config
 from .backward import ReluMask, batch_norm_backward, fused_batch_norm_backward, no_grad, relu_mask
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze
 from .functional import batch_norm, fused_batch_norm
 from .fused import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -17,12 +18,16 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
     "ReluMask",
     "batch_norm",
     "batch_norm_backward",
+    "freeze",
     "fused_batch_norm",
     "fused_batch_norm_backward",
     "no_grad",

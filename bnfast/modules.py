@@ -396,6 +396,80 @@ class _BatchNorm:
                 f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats})")
 
+    # -- deployment: building from a state dict, the evaluation affine map ----------
+    @classmethod
+    def from_state_dict(cls, state_dict, prefix="", *, dtype=None, **kwargs):
+        """A module built from the keys under ``prefix`` of a (whole model's) state dict.
+
+        ``affine``, ``bias`` and ``track_running_stats`` are inferred from the
+        keys present (``weight``, ``bias``, ``running_mean``/``running_var``),
+        ``num_features`` from their shape; the values are then loaded with
+        :meth:`load_state_dict` (strict).  Like a new torch module, the result
+        is in training mode: call :meth:`eval` for inference.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys to arrays (NumPy, ml_dtypes, torch tensors), e.g. from
+            :func:`bnfast.io.load_state_dict`.
+        prefix : str
+            The module's key prefix, e.g. ``"layer1.0.bn1."``.
+        dtype : dtype, optional
+            The module's dtype; default: the dtype of the stored floating values.
+        **kwargs
+            Other constructor arguments (``eps``, ``momentum``, ``n_threads``):
+            a state dict does not hold them.
+
+        Returns
+        -------
+        module : cls
+
+        Raises
+        ------
+        ValueError
+            No BatchNorm keys under ``prefix``, or keys of inconsistent shapes.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> state = {"bn.weight": np.full(2, 2.0), "bn.bias": np.zeros(2),
+        ...          "bn.running_mean": np.zeros(2), "bn.running_var": np.ones(2)}
+        >>> bn = bnfast.BatchNorm2d.from_state_dict(state, "bn.")
+        >>> bn
+        BatchNorm2d(2, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
+        >>> bn.weight
+        array([2., 2.])
+        """
+        from ._state_dict import module_from_state_dict
+        return module_from_state_dict(cls, state_dict, prefix, dtype, kwargs)
+
+    def affine_coefficients(self, dtype=None):
+        """``(scale, shift)`` of shape (C,) with ``eval(x) == x * scale + shift`` per channel.
+
+        ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias -
+        running_mean * scale``, computed in float64 and rounded once to
+        ``dtype`` (default: the module's dtype): what folding a BatchNorm
+        into the layer before it (:mod:`bnfast.fold`) multiplies and adds.
+
+        Raises
+        ------
+        ValueError
+            The module keeps no running statistics: its evaluation uses each
+            batch's statistics and is no fixed affine map.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm1d(2, dtype=np.float64)
+        >>> bn.running_mean[:] = [1.0, 2.0]
+        >>> bn.running_var[:] = [4.0, 0.25]
+        >>> scale, shift = bn.affine_coefficients()
+        >>> scale.round(3), shift.round(3)
+        (array([0.5, 2. ]), array([-0.5, -4. ]))
+        """
+        from ._state_dict import affine_coefficients
+        return affine_coefficients(self, self.dtype if dtype is None else dtype)
+
 
 def _overflowed(value, converted):
     """True if a finite value became infinite in the conversion."""

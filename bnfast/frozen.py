@@ -1,0 +1,209 @@
+"""FrozenBatchNorm: a BatchNorm reduced to its evaluation map, torchvision's semantics.
+
+``torchvision.ops.FrozenBatchNorm2d`` (and detectron2's) hold four buffers
+(``weight``, ``bias``, ``running_mean``, ``running_var``), no parameters, no
+training mode, and compute ``x * scale + shift`` with ``scale = weight /
+sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``.
+
+How it differs from a BatchNorm in evaluation, in the last bits: bnfast's
+BatchNorm computes ``(x - mean) * a + b`` per element, where ``x - mean`` is
+exact when ``x`` is close to ``mean``, so the output is within a few ulps of
+*itself*.  The frozen map rounds ``scale`` and ``shift`` to the data's dtype
+(here in float64 first, rounded once) and then the product ``x * scale``
+and the sum: near ``x == mean`` the two large terms cancel, and the error is
+a few ulps of ``|x * scale|`` (of ``|shift|``), not of the small output.
+That is the price of one multiply-add, the form a convolution absorbs.
+"""
+import numpy as np
+
+from ._state_dict import affine_coefficients, is_floating
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys, _BatchNorm
+
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze"]
+
+_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+class _FrozenBatchNorm:
+    """Shared implementation; subclasses set the accepted input dimensions."""
+
+    _ndims: "tuple[int, ...]" = ()
+    _ndim_text = ""
+
+    def __init__(self, num_features, eps=1e-5, *, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        dtype = np.dtype(dtype)
+        if not is_floating(dtype):
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        if not self.eps > 0.0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.dtype = dtype
+        self.training = False  # kept for train()/eval(): the forward ignores it
+        self.weight = np.ones(num_features, dtype)
+        self.bias = np.zeros(num_features, dtype)
+        self.running_mean = np.zeros(num_features, dtype)
+        self.running_var = np.ones(num_features, dtype)
+
+    def train(self, mode=True):
+        """Record the mode and return self: a frozen BatchNorm computes the same in either."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Return self (see :meth:`train`)."""
+        return self.train(False)
+
+    def __call__(self, input, *, out=None):
+        return self.forward(input, out=out)
+
+    def affine_coefficients(self, dtype=None):
+        """``(scale, shift)``: float64, rounded once to ``dtype`` (default: the module's)."""
+        return affine_coefficients(self, self.dtype if dtype is None else dtype)
+
+    def forward(self, input, *, out=None):
+        """``input * scale + shift`` per channel, in the input's dtype and memory layout.
+
+        Parameters
+        ----------
+        input : array_like
+            Of the module's dtype, channels on axis 1.
+        out : ndarray, optional
+            Where to write the result (may be ``input``).
+        """
+        x = np.asarray(input)
+        if x.ndim not in self._ndims:
+            raise ValueError(f"expected {self._ndim_text} input (got {x.ndim}D input)")
+        if x.dtype != self.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the module's dtype "
+                            f"{self.dtype}: cast the input explicitly")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels (axis 1), "
+                             f"got input of shape {x.shape}")
+        if out is None:
+            out = np.empty_like(x)  # keeps a channels-last layout
+        elif not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError(f"out must be an ndarray of the input's shape {x.shape} and "
+                             f"dtype {x.dtype}")
+        scale, shift = self.affine_coefficients()
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        np.multiply(x, scale.reshape(shape), out=out)
+        np.add(out, shift.reshape(shape), out=out)
+        return out
+
+    def state_dict(self):
+        """The four buffers under torch's names (arrays, not copies)."""
+        return {key: getattr(self, key) for key in _BUFFERS}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load the four buffers; ``num_batches_tracked`` (from a BatchNorm) is dropped.
+
+        Loads torchvision's and detectron2's FrozenBatchNorm2d state dicts and
+        BatchNorm ones, with the checks and casting of
+        :meth:`bnfast.BatchNorm2d.load_state_dict` (nothing changes on error).
+        """
+        state = {k: v for k, v in state_dict.items() if k != "num_batches_tracked"}
+        result = _BatchNorm.load_state_dict(self, state, strict)  # the same checks
+        return IncompatibleKeys(result.missing_keys, result.unexpected_keys)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.num_features}, eps={self.eps})"
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    """:class:`FrozenBatchNorm2d` for (N, C) or (N, C, L) input."""
+
+    _ndims = (2, 3)
+    _ndim_text = "2D or 3D"
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    """BatchNorm2d with fixed statistics and affine parameters, as torchvision's.
+
+    Four buffers (``weight``, ``bias``, ``running_mean``, ``running_var``),
+    no parameters, no training mode; the output is ``x * scale + shift``.
+    How that differs from ``BatchNorm2d.eval()`` in the last bits: see
+    :mod:`bnfast.frozen`.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance.
+    dtype : dtype, default np.float32
+        The buffers' dtype (any floating dtype: the map needs no kernel).
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> m = bnfast.FrozenBatchNorm2d(2, eps=0.0001)
+    >>> m.load_state_dict({"weight": [1.0, 2.0], "bias": [0.0, 1.0],
+    ...                    "running_mean": [0.0, 1.0], "running_var": [1.0, 4.0],
+    ...                    "num_batches_tracked": 10})
+    IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+    >>> m(np.ones((1, 2, 1, 1), np.float32)).ravel()
+    array([0.99995, 1.     ], dtype=float32)
+    """
+
+    _ndims = (4,)
+    _ndim_text = "4D"
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    """:class:`FrozenBatchNorm2d` for (N, C, D, H, W) input."""
+
+    _ndims = (5,)
+    _ndim_text = "5D"
+
+
+_FROZEN = {BatchNorm1d: FrozenBatchNorm1d, BatchNorm2d: FrozenBatchNorm2d,
+           BatchNorm3d: FrozenBatchNorm3d}
+
+
+def freeze(module):
+    """The FrozenBatchNormXd of a BatchNormXd: its running statistics and affine
+    parameters (copies), ``eps`` and dtype; ``num_batches_tracked`` dropped.
+
+    Parameters
+    ----------
+    module : BatchNorm1d, BatchNorm2d or BatchNorm3d
+        With running statistics; without ``weight``/``bias`` they are 1 and 0.
+
+    Returns
+    -------
+    FrozenBatchNorm1d, FrozenBatchNorm2d or FrozenBatchNorm3d
+
+    Raises
+    ------
+    TypeError
+        Not a bnfast BatchNormXd.
+    ValueError
+        No running statistics (``track_running_stats=False``).
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm2d(3, eps=1e-3)
+    >>> bnfast.freeze(bn)
+    FrozenBatchNorm2d(3, eps=0.001)
+    """
+    frozen_cls = next((f for cls, f in _FROZEN.items() if isinstance(module, cls)), None)
+    if frozen_cls is None:
+        raise TypeError(f"freeze takes a bnfast BatchNorm1d, BatchNorm2d or BatchNorm3d, "
+                        f"got {type(module).__name__}")
+    if module.running_mean is None or module.running_var is None:
+        raise ValueError(f"{type(module).__name__} without running statistics "
+                         "(track_running_stats=False) has no fixed map to freeze")
+    frozen = frozen_cls(module.num_features, module.eps, dtype=module.dtype)
+    frozen.running_mean[...] = module.running_mean
+    frozen.running_var[...] = module.running_var
+    if module.weight is not None:
+        frozen.weight[...] = module.weight
+    if module.bias is not None:
+        frozen.bias[...] = module.bias
+    return frozen
