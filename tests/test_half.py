@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import bnfast
+import bnfast.io
 from bnfast.testing import reference_batch_norm, reference_batch_norm_backward
 from conftest import (
     STAT_TOL,
@@ -602,3 +603,7 @@ def test_bfloat16_safetensors_file_loads_into_a_module(rng, tmp_path):
         ref = reference_batch_norm(x, state["running_mean"], state["running_var"],
                                    state["weight"], state["bias"])
         assert_half_ulps(m.eval()(x), ref.out, BF16)
+    # Through bnfast.io: a module of the file's dtype, float32 parameters (exact).
+    built = bnfast.BatchNorm2d.from_state_dict(bnfast.io.load_state_dict(path))
+    assert built.dtype == BF16 and built.param_dtype == np.float32
+    assert_same(built.running_var, state["running_var"].astype(np.float32))
