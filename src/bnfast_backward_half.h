@@ -1,0 +1,164 @@
+/*
+ * The backward's leaves for half-precision storage (float16, bfloat16), by
+ * staging (bnfast_half.h): each one widens its inputs into float buffers, runs
+ * the float32 leaf of the same job (bnfast_backward_simd.h) and narrows what it
+ * writes.  One definition for both half types (the macro below).
+ *
+ * Bits.  The reductions (pass 1) stage whole calls' worth of the float32 leaf:
+ * whole runs (channels-first; the kernel never passes a run longer than
+ * BNFAST_REDUCE_STAGE values) or whole four-row groups (channels-last column
+ * sums), so half data gives exactly the sums of the same values stored as
+ * float32.  The elementwise dx (pass 2) is computed in float with float
+ * coefficients, as for float32 data, and rounded once to the half type: it is
+ * float32's dx of the same values, narrowed.  A masked gradient g is a copy of
+ * half values (or 0): narrowing it back is exact.
+ *
+ * Streaming stores are not used for half outputs (dx goes through a staging
+ * buffer; the `stream` argument is accepted and ignored).
+ *
+ * Aliasing: every staged chunk is read (widened) whole before any of it is
+ * written, so dx may be x or dy, and g may be dy, as for the float32 leaves.
+ */
+#ifndef BNFAST_BACKWARD_HALF_H
+#define BNFAST_BACKWARD_HALF_H
+
+#include "bnfast_half.h"
+#include "bnfast_half_leaves.h"
+#include "bnfast_backward_simd.h"
+
+/* Channels-last pass 1 stages R rows of W values, R a multiple of 4 (the
+ * float32 column leaves' row group), about BNFAST_REDUCE_STAGE values a buffer. */
+static inline ptrdiff_t bnfast_coldot_stage_rows(ptrdiff_t W) {
+    ptrdiff_t r = W > 0 ? (BNFAST_REDUCE_STAGE / W) / 4 * 4 : 4;
+    return r < 4 ? 4 : r;
+}
+/* Floats of scratch one coldot call needs: x and y buffers of R rows. */
+static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
+    return 2 * bnfast_coldot_stage_rows(W) * W;
+}
+
+#define BNFAST_DEFINE_BACKWARD_HALF_LEAVES(H, T)                                          \
+    /* sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r): runs of n, consecutive */ \
+    static inline void bnfast_centered_dot_runs_##H(const T *x, const T *y, ptrdiff_t runs, \
+                                                    ptrdiff_t n, const double *shift,     \
+                                                    double *sy, double *sxy) {            \
+        float xb[BNFAST_REDUCE_STAGE], yb[BNFAST_REDUCE_STAGE];                           \
+        ptrdiff_t r, i, k;                                                                \
+        if (n <= 0) return;                                                               \
+        if (n <= BNFAST_REDUCE_STAGE) { /* whole runs per staged call */                  \
+            ptrdiff_t per = BNFAST_REDUCE_STAGE / n;                                      \
+            for (r = 0; r < runs; r += k) {                                               \
+                k = BNFAST_MIN(runs - r, per);                                            \
+                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
+                bnfast_widen_##H(y + r * n, yb, k * n);                                   \
+                bnfast_centered_dot_runs_f32(xb, yb, k, n, shift + r, sy + r, sxy + r);   \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (r = 0; r < runs; r++) { /* long runs: pieces (the kernel never asks) */      \
+            for (i = 0; i < n; i += k) {                                                  \
+                k = BNFAST_MIN(n - i, BNFAST_REDUCE_STAGE);                               \
+                bnfast_widen_##H(x + r * n + i, xb, k);                                   \
+                bnfast_widen_##H(y + r * n + i, yb, k);                                   \
+                bnfast_centered_dot_runs_f32(xb, yb, 1, k, shift + r, sy + r, sxy + r);   \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    /* The same of one run with y masked by bits (from bit pos); g = masked y if g */     \
+    static inline void bnfast_centered_dot_masked_##H(const T *x, const T *y,             \
+                                                      const unsigned char *bits,          \
+                                                      ptrdiff_t pos, ptrdiff_t n,         \
+                                                      double shift, double *sy,           \
+                                                      double *sxy, T *g) {                \
+        float xb[BNFAST_REDUCE_STAGE], yb[BNFAST_REDUCE_STAGE];                           \
+        ptrdiff_t i, k;                                                                   \
+        for (i = 0; i < n; i += k) {                                                      \
+            k = BNFAST_MIN(n - i, BNFAST_REDUCE_STAGE);                                   \
+            bnfast_widen_##H(x + i, xb, k);                                               \
+            bnfast_widen_##H(y + i, yb, k);                                               \
+            /* g: the masked y into yb itself (g may be y, as for float32 data) */        \
+            bnfast_centered_dot_masked_f32(xb, yb, bits, pos + i, k, shift, sy, sxy,      \
+                                           g == NULL ? NULL : yb);                        \
+            if (g != NULL) bnfast_narrow_##H(yb, g + i, k);                               \
+        }                                                                                 \
+    }                                                                                     \
+    /* Column sums of (rows, W) blocks, plain (bits NULL) or masked; stage: the floats    \
+     * of bnfast_coldot_stage_len(W). */                                                  \
+    static inline void bnfast_centered_coldot_any_##H(const T *x, const T *y,             \
+                                                      const unsigned char *bits,          \
+                                                      ptrdiff_t pos, ptrdiff_t rows,      \
+                                                      ptrdiff_t W, const double *shift,   \
+                                                      double *sy, double *sxy, T *g,      \
+                                                      float *stage) {                     \
+        ptrdiff_t R = bnfast_coldot_stage_rows(W), r, k;                                  \
+        float *xb = stage, *yb = stage + R * W;                                           \
+        for (r = 0; r < rows; r += k) {                                                   \
+            k = BNFAST_MIN(rows - r, R);                                                  \
+            bnfast_widen_##H(x + r * W, xb, k * W);                                       \
+            bnfast_widen_##H(y + r * W, yb, k * W);                                       \
+            if (bits == NULL) {                                                           \
+                bnfast_centered_coldot_f32(xb, yb, k, W, shift, sy, sxy);                 \
+            } else {                                                                      \
+                bnfast_centered_coldot_masked_f32(xb, yb, bits, pos + r * W, k, W, shift, \
+                                                  sy, sxy, g == NULL ? NULL : yb);        \
+                if (g != NULL) bnfast_narrow_##H(yb, g + r * W, k * W);                   \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    /* dx of `runs` consecutive runs of n values, run r with (m[r], a[r], b[r], d[r]) */  \
+    static inline void bnfast_grad_runs_##H(const T *x, const T *dy, T *dx, ptrdiff_t runs, \
+                                            ptrdiff_t n, const float *m, const float *a,  \
+                                            const float *b, const float *d) {             \
+        float xb[BNFAST_STAGE], yb[BNFAST_STAGE];                                         \
+        ptrdiff_t r, i, k;                                                                \
+        if (n <= 0) return;                                                               \
+        if (n <= BNFAST_STAGE) {                                                          \
+            ptrdiff_t per = BNFAST_STAGE / n;                                             \
+            for (r = 0; r < runs; r += k) {                                               \
+                k = BNFAST_MIN(runs - r, per);                                            \
+                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
+                bnfast_widen_##H(dy + r * n, yb, k * n);                                  \
+                bnfast_grad_runs_f32(xb, yb, xb, k, n, m + r, a + r, b + r, d + r);       \
+                bnfast_narrow_##H(xb, dx + r * n, k * n);                                 \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (r = 0; r < runs; r++) {                                                      \
+            for (i = 0; i < n; i += k) {                                                  \
+                k = BNFAST_MIN(n - i, BNFAST_STAGE);                                      \
+                bnfast_widen_##H(x + r * n + i, xb, k);                                   \
+                bnfast_widen_##H(dy + r * n + i, yb, k);                                  \
+                bnfast_grad_runs_f32(xb, yb, xb, 1, k, m + r, a + r, b + r, d + r);       \
+                bnfast_narrow_##H(xb, dx + r * n + i, k);                                 \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    BNFAST_DEFINE_HALF_GRAD_RUN(H, T, scalar, float, )                                    \
+    BNFAST_DEFINE_HALF_GRAD_RUN(H, T, tiled, const float *, + i)
+
+/* dx (and g) of one run, every variant (bnfast_grad_run_<KIND>_f32): U is the
+ * coefficients' type, OFF their offset for the chunk at i (tiles advance). */
+#define BNFAST_DEFINE_HALF_GRAD_RUN(H, T, KIND, U, OFF)                                    \
+    static inline void bnfast_grad_run_##KIND##_##H(                                      \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            U m, U a, U b, U d, int training, int stream, T *dx, T *g) {                  \
+        float xb[BNFAST_STAGE], yb[BNFAST_STAGE], gb[BNFAST_STAGE];                       \
+        ptrdiff_t i, k;                                                                   \
+        int read_x = training && dx != NULL;                                              \
+        (void)stream;                                                                     \
+        for (i = 0; i < n; i += k) {                                                      \
+            k = BNFAST_MIN(n - i, BNFAST_STAGE);                                          \
+            if (read_x) bnfast_widen_##H(x + i, xb, k);                                   \
+            bnfast_widen_##H(dy + i, yb, k);                                              \
+            bnfast_grad_run_##KIND##_f32(xb, yb, bits, pos + i, k, m OFF, a OFF, b OFF,   \
+                                         d OFF, training, 0, dx == NULL ? NULL : xb,     \
+                                         g == NULL ? NULL : gb);                          \
+            if (dx != NULL) bnfast_narrow_##H(xb, dx + i, k);                             \
+            if (g != NULL) bnfast_narrow_##H(gb, g + i, k);                               \
+        }                                                                                 \
+    }
+
+BNFAST_DEFINE_BACKWARD_HALF_LEAVES(f16, bnfast_f16)
+BNFAST_DEFINE_BACKWARD_HALF_LEAVES(bf16, bnfast_bf16)
+
+#endif /* BNFAST_BACKWARD_HALF_H */
