@@ -95,9 +95,8 @@ cdef extern from "bnfast_backward_simd.h" nogil:
 
 cdef extern from "bnfast_backward_half.h" nogil:
     # The same jobs for half-precision storage, staged through the float32 leaves
-    # (float coefficients; `stream` ignored).  Runs passed to the dot leaves are at
-    # most BNFAST_REDUCE_STAGE values: staged whole, their sums are float32's bits.
-    enum: BNFAST_REDUCE_STAGE
+    # (sums: float32's bits of the same values; dx: float coefficients, `stream`
+    # ignored).
     Py_ssize_t bnfast_coldot_stage_len(Py_ssize_t W)
     void bnfast_centered_dot_runs_f16(const bnfast_f16* x, const bnfast_f16* y, Py_ssize_t runs,
                                       Py_ssize_t n, const double* shift, double* sy,
@@ -160,9 +159,6 @@ cdef enum:
     APPLY_WIDTH = 256
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
-    # Pass 1 hands a leaf at most this many values of one channel-first run (a
-    # longer run is summed in pieces): the half types' leaves stage a piece whole.
-    DOT_PIECE = BNFAST_REDUCE_STAGE
     # Pass 1 widens both inputs to double and costs about this many times a
     # value of an elementwise pass (threads_for's unit): it pays for a
     # parallel region at a quarter of the size (a (1, 512, 7, 7) batch).
@@ -334,30 +330,20 @@ cdef inline void _reduce_first_task(Py_ssize_t t, const real_t* xp, const real_t
     cdef Py_ssize_t cb = t - nb * cblocks
     cdef Py_ssize_t c0 = cb * cpt
     cdef Py_ssize_t c1 = min(C, c0 + cpt)
-    cdef Py_ssize_t c, n, off, p, piece
+    cdef Py_ssize_t c, n, off
     for c in range(c0, c1):
         part[nb * C + c] = 0.0
         part_xdy[nb * C + c] = 0.0
     for n in range(nb * npt, min(N, (nb + 1) * npt)):
-        if bits == NULL and S <= DOT_PIECE:  # the runs of c0..c1 are consecutive: one call
+        if bits == NULL:  # the runs of channels c0..c1 are consecutive: one call
             off = (n * C + c0) * S
             _dot_runs(xp + off, dyp + off, c1 - c0, S, mean + c0, part + nb * C + c0,
                       part_xdy + nb * C + c0)
             continue
         for c in range(c0, c1):
-            # Pieces of at most DOT_PIECE values, each summed by one leaf call.
-            p = 0
-            while p < S:
-                piece = min(S - p, DOT_PIECE)
-                off = (n * C + c) * S + p
-                if bits == NULL:
-                    _dot_runs(xp + off, dyp + off, 1, piece, mean + c, part + nb * C + c,
-                              part_xdy + nb * C + c)
-                else:
-                    _dot_masked(xp + off, dyp + off, bits, off, piece, mean[c],
-                                part + nb * C + c, part_xdy + nb * C + c,
-                                NULL if gp == NULL else gp + off)
-                p = p + piece
+            off = (n * C + c) * S
+            _dot_masked(xp + off, dyp + off, bits, off, S, mean[c], part + nb * C + c,
+                        part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
 
 
 cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char* bits,

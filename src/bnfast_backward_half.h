@@ -4,11 +4,11 @@
  * the float32 leaf of the same job (bnfast_backward_simd.h) and narrows what it
  * writes.  One definition for both half types (the macro below).
  *
- * Bits.  The reductions (pass 1) stage whole calls' worth of the float32 leaf:
- * whole runs (channels-first; the kernel never passes a run longer than
- * BNFAST_REDUCE_STAGE values) or whole four-row groups (channels-last column
- * sums), so half data gives exactly the sums of the same values stored as
- * float32.  The elementwise dx (pass 2) is computed in float with float
+ * Bits.  The reductions (pass 1) give exactly the sums of the same values
+ * stored as float32: channels-first runs are staged whole (short runs) or in
+ * pieces of multiples of 8 through the float32 leaf's loop with its 8 lanes
+ * carried and its own tail and combine (bnfast_dot_lanes_f32); channels-last
+ * column sums stage multiples of four rows (the float32 leaf's row group).  The elementwise dx (pass 2) is computed in float with float
  * coefficients, as for float32 data, and rounded once to the half type: it is
  * float32's dx of the same values, narrowed.  A masked gradient g is a copy of
  * half values (or 0): narrowing it back is exact.
@@ -26,10 +26,22 @@
 #include "bnfast_half_leaves.h"
 #include "bnfast_backward_simd.h"
 
+/* Values per staged piece of the channels-first dot leaves (a multiple of 8):
+ * small, so that reading the next piece and summing this one overlap.  Runs up
+ * to this long are staged whole (several per piece); longer ones in pieces
+ * through the float32 leaves' carried lanes (bnfast_dot_lanes_f32). */
+#ifndef BNFAST_DOT_STAGE
+#define BNFAST_DOT_STAGE 256
+#endif
+
 /* Channels-last pass 1 stages R rows of W values, R a multiple of 4 (the
- * float32 column leaves' row group), about BNFAST_REDUCE_STAGE values a buffer. */
+ * float32 column leaves' row group), about BNFAST_COLDOT_BUDGET values a buffer
+ * (at least four rows). */
+#ifndef BNFAST_COLDOT_BUDGET
+#define BNFAST_COLDOT_BUDGET 1024
+#endif
 static inline ptrdiff_t bnfast_coldot_stage_rows(ptrdiff_t W) {
-    ptrdiff_t r = W > 0 ? (BNFAST_REDUCE_STAGE / W) / 4 * 4 : 4;
+    ptrdiff_t r = W > 0 ? (BNFAST_COLDOT_BUDGET / W) / 4 * 4 : 4;
     return r < 4 ? 4 : r;
 }
 /* Floats of scratch one coldot call needs: x and y buffers of R rows. */
@@ -42,11 +54,12 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
     static inline void bnfast_centered_dot_runs_##H(const T *x, const T *y, ptrdiff_t runs, \
                                                     ptrdiff_t n, const double *shift,     \
                                                     double *sy, double *sxy) {            \
-        float xb[BNFAST_REDUCE_STAGE], yb[BNFAST_REDUCE_STAGE];                           \
-        ptrdiff_t r, i, k;                                                                \
+        float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
+        ptrdiff_t r, i, k, n8 = n - n % 8;                                                \
+        double lanes[16];                                                                 \
         if (n <= 0) return;                                                               \
-        if (n <= BNFAST_REDUCE_STAGE) { /* whole runs per staged call */                  \
-            ptrdiff_t per = BNFAST_REDUCE_STAGE / n;                                      \
+        if (n <= BNFAST_DOT_STAGE) { /* whole runs per staged call */                     \
+            ptrdiff_t per = BNFAST_DOT_STAGE / n;                                         \
             for (r = 0; r < runs; r += k) {                                               \
                 k = BNFAST_MIN(runs - r, per);                                            \
                 bnfast_widen_##H(x + r * n, xb, k * n);                                   \
@@ -55,13 +68,18 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
             }                                                                             \
             return;                                                                       \
         }                                                                                 \
-        for (r = 0; r < runs; r++) { /* long runs: pieces (the kernel never asks) */      \
-            for (i = 0; i < n; i += k) {                                                  \
-                k = BNFAST_MIN(n - i, BNFAST_REDUCE_STAGE);                               \
-                bnfast_widen_##H(x + r * n + i, xb, k);                                   \
-                bnfast_widen_##H(y + r * n + i, yb, k);                                   \
-                bnfast_centered_dot_runs_f32(xb, yb, 1, k, shift + r, sy + r, sxy + r);   \
+        for (r = 0; r < runs; r++) { /* long runs: pieces, the lanes carried */           \
+            const T *xr = x + r * n, *yr = y + r * n;                                     \
+            for (i = 0; i < 16; i++) lanes[i] = 0.0;                                      \
+            for (i = 0; i < n8; i += k) {                                                 \
+                k = BNFAST_MIN(n8 - i, BNFAST_DOT_STAGE);                                 \
+                bnfast_widen_##H(xr + i, xb, k);                                          \
+                bnfast_widen_##H(yr + i, yb, k);                                          \
+                bnfast_dot_lanes_f32(xb, yb, k, shift[r], lanes);                         \
             }                                                                             \
+            bnfast_widen_##H(xr + n8, xb, n - n8);                                        \
+            bnfast_widen_##H(yr + n8, yb, n - n8);                                        \
+            bnfast_dot_lanes_finish(xb, yb, n - n8, shift[r], lanes, sy + r, sxy + r);    \
         }                                                                                 \
     }                                                                                     \
     /* The same of one run with y masked by bits (from bit pos); g = masked y if g */     \
@@ -70,17 +88,34 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
                                                       ptrdiff_t pos, ptrdiff_t n,         \
                                                       double shift, double *sy,           \
                                                       double *sxy, T *g) {                \
-        float xb[BNFAST_REDUCE_STAGE], yb[BNFAST_REDUCE_STAGE];                           \
-        ptrdiff_t i, k;                                                                   \
-        for (i = 0; i < n; i += k) {                                                      \
-            k = BNFAST_MIN(n - i, BNFAST_REDUCE_STAGE);                                   \
+        float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
+        ptrdiff_t i, k, t, n8 = n - n % 8;                                                \
+        double lanes[16];                                                                 \
+        if (n <= BNFAST_DOT_STAGE) { /* the whole run in one staged call */               \
+            bnfast_widen_##H(x, xb, n);                                                   \
+            bnfast_widen_##H(y, yb, n);                                                   \
+            /* g: the masked y into yb itself (g may be y, as for float32 data) */        \
+            bnfast_centered_dot_masked_f32(xb, yb, bits, pos, n, shift, sy, sxy,          \
+                                           g == NULL ? NULL : yb);                        \
+            if (g != NULL) bnfast_narrow_##H(yb, g, n);                                   \
+            return;                                                                       \
+        }                                                                                 \
+        for (i = 0; i < 16; i++) lanes[i] = 0.0;                                          \
+        for (i = 0; i < n8; i += k) {                                                     \
+            k = BNFAST_MIN(n8 - i, BNFAST_DOT_STAGE);                                     \
             bnfast_widen_##H(x + i, xb, k);                                               \
             bnfast_widen_##H(y + i, yb, k);                                               \
-            /* g: the masked y into yb itself (g may be y, as for float32 data) */        \
-            bnfast_centered_dot_masked_f32(xb, yb, bits, pos + i, k, shift, sy, sxy,      \
-                                           g == NULL ? NULL : yb);                        \
+            bnfast_dot_masked_lanes_f32(xb, yb, bits, pos + i, k, shift, lanes,           \
+                                        g == NULL ? NULL : yb);                           \
             if (g != NULL) bnfast_narrow_##H(yb, g + i, k);                               \
         }                                                                                 \
+        t = n - n8;                                                                       \
+        bnfast_widen_##H(x + n8, xb, t);                                                  \
+        bnfast_widen_##H(y + n8, yb, t);                                                  \
+        for (i = 0; i < t; i++)                                                           \
+            if (!BNFAST_BIT(bits, pos + n8 + i)) yb[i] = 0.0f;                            \
+        if (g != NULL) bnfast_narrow_##H(yb, g + n8, t);                                  \
+        bnfast_dot_lanes_finish(xb, yb, t, shift, lanes, sy, sxy);                        \
     }                                                                                     \
     /* Column sums of (rows, W) blocks, plain (bits NULL) or masked; stage: the floats    \
      * of bnfast_coldot_stage_len(W). */                                                  \

@@ -22,11 +22,12 @@ from conftest import make_input, make_params, with_layout
 HALF = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 HALF_IDS = ["float16", "bfloat16"]
 
-# (shape, layout): channels-first with short (7x7) and long (> 4096 values) runs,
+# (shape, layout): channels-first with short (7x7) and long (17x17, > 4096) runs,
 # Fortran (N, C); channels-last with C < 64 (wide rows of several samples, rows
 # left over; several blocks), C > 512, and rows wider than a staged block (C = 1100).
 CASES = [
     ((6, 5, 7, 7), "contiguous"),
+    ((4, 3, 17, 17), "contiguous"),
     ((3, 4, 67, 65), "contiguous"),
     ((37, 6), "fortran"),
     ((5, 3, 9, 7), "channels_last"),
