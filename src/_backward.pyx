@@ -15,11 +15,16 @@ Two passes over the data, in the forward's two memory layouts:
    8 fixed lanes, see ``bnfast_simd.h``).  The work is cut by the shape only
    and the partials are merged in a fixed order, so any thread count gives
    the same bits.
-2. apply: ``dx = (dy * a + (x - m) * b) + d`` per element, in the storage
-   type.  ``m`` is the storage-type mean and its rounding error is folded into
+2. apply: ``dx = (dy * a + (x - m) * b) + d`` per element, in the compute
+   type: double for float64 data, float for float32, float16 and bfloat16.
+   ``m`` is the compute-type mean and its rounding error is folded into
    ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
    ``x - m`` exact.  Arrays far larger than the caches are written with
-   non-temporal stores.
+   non-temporal stores (float32/float64).
+
+Half-precision data (float16, bfloat16) runs the same kernels: its leaves
+(``bnfast_backward_half.h``) widen it to float, run the float32 leaves and
+round dx once, so its sums are those of the same values stored as float32.
 
 The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
 1/32 of a float32 copy) and applies it on the fly, inside the SIMD leaves
