@@ -137,16 +137,14 @@ cdef extern from "bnfast_backward_half.h" nogil:
                                      const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
                                      float m, float a, float b, float d, int training,
                                      int stream, bnfast_bf16* dx, bnfast_bf16* g)
-    void bnfast_grad_run_tiled_f16(const bnfast_f16* x, const bnfast_f16* dy,
-                                   const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
-                                   const float* m, const float* a, const float* b,
-                                   const float* d, int training, int stream, bnfast_f16* dx,
-                                   bnfast_f16* g)
-    void bnfast_grad_run_tiled_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
-                                    const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
-                                    const float* m, const float* a, const float* b,
-                                    const float* d, int training, int stream, bnfast_bf16* dx,
-                                    bnfast_bf16* g)
+    void bnfast_grad_tiles_f16(const bnfast_f16* x, const bnfast_f16* dy,
+                               const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                               Py_ssize_t W, const float* m, const float* a, const float* b,
+                               const float* d, int training, bnfast_f16* dx, bnfast_f16* g)
+    void bnfast_grad_tiles_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                Py_ssize_t W, const float* m, const float* a, const float* b,
+                                const float* d, int training, bnfast_bf16* dx, bnfast_bf16* g)
 
 cdef enum:
     # Channels-first pass 1: a task covers a block of samples times a block of
@@ -294,22 +292,31 @@ cdef inline void _grad_tiled(const real_t* x, const real_t* dy, const unsigned c
                              Py_ssize_t pos, Py_ssize_t n, const void* tile, Py_ssize_t W,
                              bint training, bint stream, real_t* dx,
                              real_t* g) noexcept nogil:
-    """dx (and, masked, g) of a W-aligned piece; tile holds the rows m, a, b, d (W each)
-    in the compute type."""
+    """dx (and, masked, g) of n values from a W-aligned start (pos in the flat array):
+    the tile's rows m, a, b, d (W each, compute type) repeat every W values.  The
+    half types' leaf takes the whole span (it stages whole tiles)."""
     cdef const float* ft = <const float*>tile
     cdef const double* dt = <const double*>tile
-    if real_t is float:
-        bnfast_grad_run_tiled_f32(x, dy, bits, pos, n, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                                  training, stream, dx, g)
-    elif real_t is double:
-        bnfast_grad_run_tiled_f64(x, dy, bits, pos, n, dt, dt + W, dt + 2 * W, dt + 3 * W,
-                                  training, stream, dx, g)
-    elif real_t is bnfast_f16:
-        bnfast_grad_run_tiled_f16(x, dy, bits, pos, n, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                                  training, stream, dx, g)
+    cdef Py_ssize_t i = 0
+    if real_t is bnfast_f16:
+        bnfast_grad_tiles_f16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
+                              training, dx, g)
+    elif real_t is bnfast_bf16:
+        bnfast_grad_tiles_bf16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
+                               training, dx, g)
     else:
-        bnfast_grad_run_tiled_bf16(x, dy, bits, pos, n, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                                   training, stream, dx, g)
+        while i < n:
+            if real_t is float:
+                bnfast_grad_run_tiled_f32(x + i, dy + i, bits, pos + i, min(W, n - i), ft,
+                                          ft + W, ft + 2 * W, ft + 3 * W, training, stream,
+                                          NULL if dx == NULL else dx + i,
+                                          NULL if g == NULL else g + i)
+            else:
+                bnfast_grad_run_tiled_f64(x + i, dy + i, bits, pos + i, min(W, n - i), dt,
+                                          dt + W, dt + 2 * W, dt + 3 * W, training, stream,
+                                          NULL if dx == NULL else dx + i,
+                                          NULL if g == NULL else g + i)
+            i = i + W
 
 
 cdef inline void _add_into(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
@@ -596,10 +603,8 @@ cdef inline void _apply_last_block(Py_ssize_t blk, const real_t* xp, const real_
     """Values [blk * per_block, ...) of the flat (M, C) array, in W-long tile pieces."""
     cdef Py_ssize_t i_end = min(total, (blk + 1) * per_block)
     cdef Py_ssize_t i = blk * per_block
-    while i < i_end:
-        _grad_tiled(xp + i, dyp + i, bits, i, min(W, i_end - i), tile, W, training, stream,
-                    NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
-        i = i + W
+    _grad_tiled(xp + i, dyp + i, bits, i, i_end - i, tile, W, training, stream,
+                NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
     if stream:
         bnfast_stream_fence()
 

@@ -13,8 +13,10 @@
  * float32's dx of the same values, narrowed.  A masked gradient g is a copy of
  * half values (or 0): narrowing it back is exact.
  *
- * Streaming stores are not used for half outputs (dx goes through a staging
- * buffer; the `stream` argument is accepted and ignored).
+ * Pass 2 stages BNFAST_GRAD_STAGE values at a time (whole coefficient tiles
+ * channels-last, whole runs channels-first where they fit): fewer conversion
+ * calls per value.  Streaming stores are not used for half outputs (dx goes
+ * through a staging buffer; the `stream` argument is accepted and ignored).
  *
  * Aliasing: every staged chunk is read (widened) whole before any of it is
  * written, so dx may be x or dy, and g may be dy, as for the float32 leaves.
@@ -37,6 +39,9 @@
 /* Channels-last pass 1 stages R rows of W values, R a multiple of 4 (the
  * float32 column leaves' row group), about BNFAST_COLDOT_BUDGET values a buffer
  * (at least four rows). */
+/* Values per staged chunk of pass 2's leaves (three float buffers of it). */
+#define BNFAST_GRAD_STAGE 1024
+
 #ifndef BNFAST_COLDOT_BUDGET
 #define BNFAST_COLDOT_BUDGET 1024
 #endif
@@ -144,11 +149,11 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
     static inline void bnfast_grad_runs_##H(const T *x, const T *dy, T *dx, ptrdiff_t runs, \
                                             ptrdiff_t n, const float *m, const float *a,  \
                                             const float *b, const float *d) {             \
-        float xb[BNFAST_STAGE], yb[BNFAST_STAGE];                                         \
+        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE];                               \
         ptrdiff_t r, i, k;                                                                \
         if (n <= 0) return;                                                               \
-        if (n <= BNFAST_STAGE) {                                                          \
-            ptrdiff_t per = BNFAST_STAGE / n;                                             \
+        if (n <= BNFAST_GRAD_STAGE) {                                                     \
+            ptrdiff_t per = BNFAST_GRAD_STAGE / n;                                        \
             for (r = 0; r < runs; r += k) {                                               \
                 k = BNFAST_MIN(runs - r, per);                                            \
                 bnfast_widen_##H(x + r * n, xb, k * n);                                   \
@@ -160,7 +165,7 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
         }                                                                                 \
         for (r = 0; r < runs; r++) {                                                      \
             for (i = 0; i < n; i += k) {                                                  \
-                k = BNFAST_MIN(n - i, BNFAST_STAGE);                                      \
+                k = BNFAST_MIN(n - i, BNFAST_GRAD_STAGE);                                 \
                 bnfast_widen_##H(x + r * n + i, xb, k);                                   \
                 bnfast_widen_##H(dy + r * n + i, yb, k);                                  \
                 bnfast_grad_runs_f32(xb, yb, xb, 1, k, m + r, a + r, b + r, d + r);       \
@@ -168,30 +173,61 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
             }                                                                             \
         }                                                                                 \
     }                                                                                     \
-    BNFAST_DEFINE_HALF_GRAD_RUN(H, T, scalar, float, )                                    \
-    BNFAST_DEFINE_HALF_GRAD_RUN(H, T, tiled, const float *, + i)
-
-/* dx (and g) of one run, every variant (bnfast_grad_run_<KIND>_f32): U is the
- * coefficients' type, OFF their offset for the chunk at i (tiles advance). */
-#define BNFAST_DEFINE_HALF_GRAD_RUN(H, T, KIND, U, OFF)                                    \
-    static inline void bnfast_grad_run_##KIND##_##H(                                      \
+    /* dx (and g) of one run with one (m, a, b, d): bnfast_grad_run_scalar_f32's job */   \
+    static inline void bnfast_grad_run_scalar_##H(                                        \
             const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
-            U m, U a, U b, U d, int training, int stream, T *dx, T *g) {                  \
-        float xb[BNFAST_STAGE], yb[BNFAST_STAGE], gb[BNFAST_STAGE];                       \
+            float m, float a, float b, float d, int training, int stream, T *dx, T *g) {  \
+        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, k;                                                                   \
-        int read_x = training && dx != NULL;                                              \
         (void)stream;                                                                     \
         for (i = 0; i < n; i += k) {                                                      \
-            k = BNFAST_MIN(n - i, BNFAST_STAGE);                                          \
-            if (read_x) bnfast_widen_##H(x + i, xb, k);                                   \
-            bnfast_widen_##H(dy + i, yb, k);                                              \
-            bnfast_grad_run_##KIND##_f32(xb, yb, bits, pos + i, k, m OFF, a OFF, b OFF,   \
-                                         d OFF, training, 0, dx == NULL ? NULL : xb,     \
-                                         g == NULL ? NULL : gb);                          \
-            if (dx != NULL) bnfast_narrow_##H(xb, dx + i, k);                             \
-            if (g != NULL) bnfast_narrow_##H(gb, g + i, k);                               \
+            k = BNFAST_MIN(n - i, BNFAST_GRAD_STAGE);                                     \
+            BNFAST_HALF_GRAD_STAGE_IN(H, i, k)                                            \
+            bnfast_grad_run_scalar_f32(xb, yb, bits, pos + i, k, m, a, b, d, training, 0, \
+                                       dx == NULL ? NULL : xb, g == NULL ? NULL : gb);    \
+            BNFAST_HALF_GRAD_STAGE_OUT(H, i, k)                                           \
+        }                                                                                 \
+    }                                                                                     \
+    /* dx (and g) of n values from a tile-aligned start, the tile rows m, a, b, d of W    \
+     * values repeating: whole tiles per staged chunk when W fits, else chunks of tiles; \
+     * each tile piece is bnfast_grad_run_tiled_f32's job. */                            \
+    static inline void bnfast_grad_tiles_##H(                                             \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            ptrdiff_t W, const float *m, const float *a, const float *b, const float *d,  \
+            int training, T *dx, T *g) {                                                  \
+        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
+        ptrdiff_t i, j, k, q, piece;                                                      \
+        ptrdiff_t span = W <= BNFAST_GRAD_STAGE ? BNFAST_GRAD_STAGE / W * W : W;          \
+        for (i = 0; i < n; i += span) {                                                   \
+            piece = BNFAST_MIN(n - i, span);                                              \
+            for (j = 0; j < piece; j += k) { /* once when W fits the stage */             \
+                k = BNFAST_MIN(piece - j, BNFAST_GRAD_STAGE);                             \
+                BNFAST_HALF_GRAD_STAGE_IN(H, i + j, k)                                    \
+                if (W <= BNFAST_GRAD_STAGE) {                                             \
+                    for (q = 0; q < k; q += W)                                            \
+                        bnfast_grad_run_tiled_f32(xb + q, yb + q, bits, pos + i + j + q,  \
+                                                  BNFAST_MIN(W, k - q), m, a, b, d,       \
+                                                  training, 0,                            \
+                                                  dx == NULL ? NULL : xb + q,             \
+                                                  g == NULL ? NULL : gb + q);             \
+                } else {                                                                  \
+                    bnfast_grad_run_tiled_f32(xb, yb, bits, pos + i + j, k, m + j, a + j, \
+                                              b + j, d + j, training, 0,                  \
+                                              dx == NULL ? NULL : xb,                     \
+                                              g == NULL ? NULL : gb);                     \
+                }                                                                         \
+                BNFAST_HALF_GRAD_STAGE_OUT(H, i + j, k)                                   \
+            }                                                                             \
         }                                                                                 \
     }
+
+/* Staging of pass 2: x only when dx needs it (training), dy always; out: dx, g. */
+#define BNFAST_HALF_GRAD_STAGE_IN(H, at, count)                                            \
+    if (training && dx != NULL) bnfast_widen_##H(x + (at), xb, (count));                  \
+    bnfast_widen_##H(dy + (at), yb, (count));
+#define BNFAST_HALF_GRAD_STAGE_OUT(H, at, count)                                           \
+    if (dx != NULL) bnfast_narrow_##H(xb, dx + (at), (count));                            \
+    if (g != NULL) bnfast_narrow_##H(gb, g + (at), (count));
 
 BNFAST_DEFINE_BACKWARD_HALF_LEAVES(f16, bnfast_f16)
 BNFAST_DEFINE_BACKWARD_HALF_LEAVES(bf16, bnfast_bf16)
