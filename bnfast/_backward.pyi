@@ -1,7 +1,10 @@
 """Type stub for the compiled backward entry (src/_backward.pyx).
 
 Nothing is validated there: ``bnfast.backward`` checks and lays out every
-argument first (see ``backward``'s docstring for the contract).
+argument first (see ``backward``'s docstring for the contract).  Data of
+float32, float64, float16 or bfloat16 (``ml_dtypes``); ``backward`` returns
+``(grad_weight, grad_bias)`` as float64 arrays for float64 data and float32
+arrays for the other three (None where not wanted).
 """
 
 import numpy as np

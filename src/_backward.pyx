@@ -15,11 +15,16 @@ Two passes over the data, in the forward's two memory layouts:
    8 fixed lanes, see ``bnfast_simd.h``).  The work is cut by the shape only
    and the partials are merged in a fixed order, so any thread count gives
    the same bits.
-2. apply: ``dx = (dy * a + (x - m) * b) + d`` per element, in the storage
-   type.  ``m`` is the storage-type mean and its rounding error is folded into
+2. apply: ``dx = (dy * a + (x - m) * b) + d`` per element, in the compute
+   type: double for float64 data, float for float32, float16 and bfloat16.
+   ``m`` is the compute-type mean and its rounding error is folded into
    ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
    ``x - m`` exact.  Arrays far larger than the caches are written with
-   non-temporal stores.
+   non-temporal stores (float32/float64).
+
+Half-precision data (float16, bfloat16) runs the same kernels: its leaves
+(``bnfast_backward_half.h``) widen it to float, run the float32 leaves and
+round dx once, so its sums are those of the same values stored as float32.
 
 The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
 1/32 of a float32 copy) and applies it on the fly, inside the SIMD leaves
@@ -32,22 +37,16 @@ happens here, on the NumPy type number; the kernels have one body per mode.
 Work below ``SERIAL_ELEMS`` values runs without entering an OpenMP region.
 """
 cimport numpy as cnp
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 
 from _affine cimport pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
-from _dtypes cimport CHANNELS_FIRST
-from _openmp_helpers cimport threads_for
+from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t, store_double, to_double
+from _openmp_helpers cimport bnfast_thread_num, threads_for
 from _tiling cimport RowBlocks, _gcd, row_blocks
 
 cnp.import_array()
-
-# The backward's storage types until its half-precision leaves exist (the forward
-# takes _dtypes.real_t's four).
-ctypedef fused real_t:
-    float
-    double
 
 cdef extern from "bnfast_backward_simd.h" nogil:
     void bnfast_centered_dot_runs_f32(const float* x, const float* y, Py_ssize_t runs,
@@ -99,6 +98,54 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                    const double* d, int training, int stream, double* dx,
                                    double* g)
 
+cdef extern from "bnfast_backward_half.h" nogil:
+    # The same jobs for half-precision storage, staged through the float32 leaves
+    # (sums: float32's bits of the same values; dx: float coefficients, `stream`
+    # ignored).
+    Py_ssize_t bnfast_coldot_stage_len(Py_ssize_t W)
+    void bnfast_centered_dot_runs_f16(const bnfast_f16* x, const bnfast_f16* y, Py_ssize_t runs,
+                                      Py_ssize_t n, const double* shift, double* sy,
+                                      double* sxy)
+    void bnfast_centered_dot_runs_bf16(const bnfast_bf16* x, const bnfast_bf16* y,
+                                       Py_ssize_t runs, Py_ssize_t n, const double* shift,
+                                       double* sy, double* sxy)
+    void bnfast_centered_dot_masked_f16(const bnfast_f16* x, const bnfast_f16* y,
+                                        const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                        double shift, double* sy, double* sxy, bnfast_f16* g)
+    void bnfast_centered_dot_masked_bf16(const bnfast_bf16* x, const bnfast_bf16* y,
+                                         const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                         double shift, double* sy, double* sxy, bnfast_bf16* g)
+    void bnfast_centered_coldot_any_f16(const bnfast_f16* x, const bnfast_f16* y,
+                                        const unsigned char* bits, Py_ssize_t pos,
+                                        Py_ssize_t rows, Py_ssize_t W, const double* shift,
+                                        double* sy, double* sxy, bnfast_f16* g, float* stage)
+    void bnfast_centered_coldot_any_bf16(const bnfast_bf16* x, const bnfast_bf16* y,
+                                         const unsigned char* bits, Py_ssize_t pos,
+                                         Py_ssize_t rows, Py_ssize_t W, const double* shift,
+                                         double* sy, double* sxy, bnfast_bf16* g, float* stage)
+    void bnfast_grad_runs_f16(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
+                              Py_ssize_t runs, Py_ssize_t n, const float* m, const float* a,
+                              const float* b, const float* d)
+    void bnfast_grad_runs_bf16(const bnfast_bf16* x, const bnfast_bf16* dy, bnfast_bf16* dx,
+                               Py_ssize_t runs, Py_ssize_t n, const float* m, const float* a,
+                               const float* b, const float* d)
+    void bnfast_grad_run_scalar_f16(const bnfast_f16* x, const bnfast_f16* dy,
+                                    const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                    float m, float a, float b, float d, int training,
+                                    int stream, bnfast_f16* dx, bnfast_f16* g)
+    void bnfast_grad_run_scalar_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                     const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                     float m, float a, float b, float d, int training,
+                                     int stream, bnfast_bf16* dx, bnfast_bf16* g)
+    void bnfast_grad_tiles_f16(const bnfast_f16* x, const bnfast_f16* dy,
+                               const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                               Py_ssize_t W, const float* m, const float* a, const float* b,
+                               const float* d, int training, bnfast_f16* dx, bnfast_f16* g)
+    void bnfast_grad_tiles_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
+                                Py_ssize_t W, const float* m, const float* a, const float* b,
+                                const float* d, int training, bnfast_bf16* dx, bnfast_bf16* g)
+
 cdef enum:
     # Channels-first pass 1: a task covers a block of samples times a block of
     # channels, read in memory order.  Per sample it spans about RUN_ELEMS
@@ -121,14 +168,50 @@ cdef enum:
     REDUCE_COST = 4
 
 
+# -- the compute type of pass 2 -----------------------------------------------------
+# dx is computed in double for float64 data and in float for float32 and the half
+# types (whose leaves widen to float, run the float32 leaf, and round once).  The
+# coefficients (per-run scalars, tables) are rounded to that type; ``kind`` is any
+# pointer of the storage type, there to pick the specialisation.
+cdef inline bint _half(const real_t* kind) noexcept nogil:
+    return real_t is bnfast_f16 or real_t is bnfast_bf16
+
+
+cdef inline double _in_compute(const real_t* kind, double v) noexcept nogil:
+    """v rounded to the compute type (exactly representable in it after)."""
+    if real_t is double:
+        return v
+    else:
+        return <float>v
+
+
+cdef inline size_t _compute_size(const real_t* kind) noexcept nogil:
+    if real_t is double:
+        return sizeof(double)
+    else:
+        return sizeof(float)
+
+
+cdef inline void _put(const real_t* kind, void* table, Py_ssize_t i, double v) noexcept nogil:
+    """table[i] = v rounded to the compute type (table: an array of that type)."""
+    if real_t is double:
+        (<double*>table)[i] = v
+    else:
+        (<float*>table)[i] = <float>v
+
+
 # -- typed wrappers around the SIMD leaves -----------------------------------------
 cdef inline void _dot_runs(const real_t* x, const real_t* y, Py_ssize_t runs, Py_ssize_t n,
                            const double* shift, double* sy, double* sxy) noexcept nogil:
     """sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r) over consecutive runs of n."""
     if real_t is float:
         bnfast_centered_dot_runs_f32(x, y, runs, n, shift, sy, sxy)
-    else:
+    elif real_t is double:
         bnfast_centered_dot_runs_f64(x, y, runs, n, shift, sy, sxy)
+    elif real_t is bnfast_f16:
+        bnfast_centered_dot_runs_f16(x, y, runs, n, shift, sy, sxy)
+    else:
+        bnfast_centered_dot_runs_bf16(x, y, runs, n, shift, sy, sxy)
 
 
 cdef inline void _dot_masked(const real_t* x, const real_t* y, const unsigned char* bits,
@@ -137,48 +220,103 @@ cdef inline void _dot_masked(const real_t* x, const real_t* y, const unsigned ch
     """sy += sum(y'), sxy += sum((x - shift) * y'), y' = y masked by bits (and g = y' if g)."""
     if real_t is float:
         bnfast_centered_dot_masked_f32(x, y, bits, pos, n, shift, sy, sxy, g)
-    else:
+    elif real_t is double:
         bnfast_centered_dot_masked_f64(x, y, bits, pos, n, shift, sy, sxy, g)
+    elif real_t is bnfast_f16:
+        bnfast_centered_dot_masked_f16(x, y, bits, pos, n, shift, sy, sxy, g)
+    else:
+        bnfast_centered_dot_masked_bf16(x, y, bits, pos, n, shift, sy, sxy, g)
 
 
 cdef inline void _coldot(const real_t* x, const real_t* y, const unsigned char* bits,
                          Py_ssize_t pos, Py_ssize_t rows, Py_ssize_t W, const double* shift,
-                         double* sy, double* sxy, real_t* g) noexcept nogil:
-    """Per-column _dot of (rows, W) row-major blocks."""
+                         double* sy, double* sxy, real_t* g, float* stage) noexcept nogil:
+    """Per-column _dot of (rows, W) row-major blocks.  stage: the half types' scratch,
+    bnfast_coldot_stage_len(W) floats (unused, may be NULL, else)."""
     if real_t is float:
         if bits == NULL:
             bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
         else:
             bnfast_centered_coldot_masked_f32(x, y, bits, pos, rows, W, shift, sy, sxy, g)
-    else:
+    elif real_t is double:
         if bits == NULL:
             bnfast_centered_coldot_f64(x, y, rows, W, shift, sy, sxy)
         else:
             bnfast_centered_coldot_masked_f64(x, y, bits, pos, rows, W, shift, sy, sxy, g)
+    elif real_t is bnfast_f16:
+        bnfast_centered_coldot_any_f16(x, y, bits, pos, rows, W, shift, sy, sxy, g, stage)
+    else:
+        bnfast_centered_coldot_any_bf16(x, y, bits, pos, rows, W, shift, sy, sxy, g, stage)
+
+
+cdef inline void _grad_runs(const real_t* x, const real_t* dy, real_t* dx, Py_ssize_t runs,
+                            Py_ssize_t S, const void* table, Py_ssize_t C,
+                            Py_ssize_t c) noexcept nogil:
+    """dx of runs consecutive runs of S values from channel c on; table holds the rows
+    m, a, b, d (C each) in the compute type."""
+    cdef const float* ft = <const float*>table
+    cdef const double* dt = <const double*>table
+    if real_t is float:
+        bnfast_grad_runs_f32(x, dy, dx, runs, S, ft + c, ft + C + c, ft + 2 * C + c,
+                             ft + 3 * C + c)
+    elif real_t is double:
+        bnfast_grad_runs_f64(x, dy, dx, runs, S, dt + c, dt + C + c, dt + 2 * C + c,
+                             dt + 3 * C + c)
+    elif real_t is bnfast_f16:
+        bnfast_grad_runs_f16(x, dy, dx, runs, S, ft + c, ft + C + c, ft + 2 * C + c,
+                             ft + 3 * C + c)
+    else:
+        bnfast_grad_runs_bf16(x, dy, dx, runs, S, ft + c, ft + C + c, ft + 2 * C + c,
+                              ft + 3 * C + c)
 
 
 cdef inline void _grad_scalar(const real_t* x, const real_t* dy, const unsigned char* bits,
-                              Py_ssize_t pos, Py_ssize_t n, real_t m, real_t a, real_t b,
-                              real_t d, bint training, bint stream, real_t* dx,
+                              Py_ssize_t pos, Py_ssize_t n, double m, double a, double b,
+                              double d, bint training, bint stream, real_t* dx,
                               real_t* g) noexcept nogil:
-    """dx (and, masked, g) of a run with one (m, a, b, d)."""
+    """dx (and, masked, g) of a run with one (m, a, b, d), each of the compute type."""
     if real_t is float:
-        bnfast_grad_run_scalar_f32(x, dy, bits, pos, n, m, a, b, d, training, stream, dx, g)
-    else:
+        bnfast_grad_run_scalar_f32(x, dy, bits, pos, n, <float>m, <float>a, <float>b,
+                                   <float>d, training, stream, dx, g)
+    elif real_t is double:
         bnfast_grad_run_scalar_f64(x, dy, bits, pos, n, m, a, b, d, training, stream, dx, g)
+    elif real_t is bnfast_f16:
+        bnfast_grad_run_scalar_f16(x, dy, bits, pos, n, <float>m, <float>a, <float>b,
+                                   <float>d, training, stream, dx, g)
+    else:
+        bnfast_grad_run_scalar_bf16(x, dy, bits, pos, n, <float>m, <float>a, <float>b,
+                                    <float>d, training, stream, dx, g)
 
 
 cdef inline void _grad_tiled(const real_t* x, const real_t* dy, const unsigned char* bits,
-                             Py_ssize_t pos, Py_ssize_t n, const real_t* tile, Py_ssize_t W,
+                             Py_ssize_t pos, Py_ssize_t n, const void* tile, Py_ssize_t W,
                              bint training, bint stream, real_t* dx,
                              real_t* g) noexcept nogil:
-    """dx (and, masked, g) of a W-aligned piece; tile holds the rows m, a, b, d (W each)."""
-    if real_t is float:
-        bnfast_grad_run_tiled_f32(x, dy, bits, pos, n, tile, tile + W, tile + 2 * W,
-                                  tile + 3 * W, training, stream, dx, g)
+    """dx (and, masked, g) of n values from a W-aligned start (pos in the flat array):
+    the tile's rows m, a, b, d (W each, compute type) repeat every W values.  The
+    half types' leaf takes the whole span (it stages whole tiles)."""
+    cdef const float* ft = <const float*>tile
+    cdef const double* dt = <const double*>tile
+    cdef Py_ssize_t i = 0
+    if real_t is bnfast_f16:
+        bnfast_grad_tiles_f16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
+                              training, dx, g)
+    elif real_t is bnfast_bf16:
+        bnfast_grad_tiles_bf16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
+                               training, dx, g)
     else:
-        bnfast_grad_run_tiled_f64(x, dy, bits, pos, n, tile, tile + W, tile + 2 * W,
-                                  tile + 3 * W, training, stream, dx, g)
+        while i < n:
+            if real_t is float:
+                bnfast_grad_run_tiled_f32(x + i, dy + i, bits, pos + i, min(W, n - i), ft,
+                                          ft + W, ft + 2 * W, ft + 3 * W, training, stream,
+                                          NULL if dx == NULL else dx + i,
+                                          NULL if g == NULL else g + i)
+            else:
+                bnfast_grad_run_tiled_f64(x + i, dy + i, bits, pos + i, min(W, n - i), dt,
+                                          dt + W, dt + 2 * W, dt + 3 * W, training, stream,
+                                          NULL if dx == NULL else dx + i,
+                                          NULL if g == NULL else g + i)
+            i = i + W
 
 
 cdef inline void _add_into(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
@@ -262,15 +400,17 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
 cdef inline void _reduce_last_block(Py_ssize_t b, const real_t* xp, const real_t* dyp,
                                     const unsigned char* bits, real_t* gp, Py_ssize_t rows,
                                     Py_ssize_t per_block, Py_ssize_t W, const double* shift,
-                                    double* part, double* part_xdy) noexcept nogil:
-    """Block b of wide rows: its column sums into part[b * W:], part_xdy[b * W:]."""
+                                    double* part, double* part_xdy,
+                                    float* stage) noexcept nogil:
+    """Block b of wide rows: its column sums into part[b * W:], part_xdy[b * W:]
+    (stage: the half types' scratch, see _coldot)."""
     cdef Py_ssize_t j
     for j in range(W):
         part[b * W + j] = 0.0
         part_xdy[b * W + j] = 0.0
     cdef Py_ssize_t r0 = b * per_block
     _coldot(xp + r0 * W, dyp + r0 * W, bits, r0 * W, min(rows, r0 + per_block) - r0, W, shift,
-            part + b * W, part_xdy + b * W, NULL if gp == NULL else gp + r0 * W)
+            part + b * W, part_xdy + b * W, NULL if gp == NULL else gp + r0 * W, stage)
 
 
 cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* bits,
@@ -290,16 +430,30 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
         return -1
     cdef double* part_xdy = part + blocks * W
     cdef double* shift = part + 2 * blocks * W
+    # Per-thread staging for the half types, allocated before the parallel region.
+    cdef Py_ssize_t stage_len = bnfast_coldot_stage_len(W) if _half(xp) else 0
+    cdef float* stages = NULL
+    cdef float* stage = NULL
+    if stage_len:
+        stages = <float*>malloc(nt * stage_len * sizeof(float))
+        if stages == NULL:
+            free(part)
+            return -1
     cdef Py_ssize_t b, j, l, r, c
     cdef double v
     for j in range(W):
         shift[j] = mean[j % C]
     if nt == 1:  # see _reduce_first
         for b in range(blocks):
-            _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part, part_xdy)
+            _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part, part_xdy,
+                               stages)
     else:
-        for b in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part, part_xdy)
+        with parallel(num_threads=nt):
+            stage = NULL if stages == NULL else stages + stage_len * bnfast_thread_num()
+            for b in prange(blocks, schedule='dynamic', chunksize=1):
+                _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
+                                   part_xdy, stage)
+    free(stages)
     # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
     for b in range(blocks):
         for l in range(k):
@@ -308,14 +462,14 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     for r in range(rows * k, M):
         for c in range(C):
             j = r * C + c
-            v = dyp[j]
+            v = to_double(dyp[j])
             if bits != NULL:
                 if not ((bits[j >> 3] >> (j & 7)) & 1):
                     v = 0.0
                 if gp != NULL:
-                    gp[j] = <real_t>v
+                    store_double(&gp[j], v)  # exact: v is a value of the storage type
             sum_dy[c] += v
-            sum_xdy[c] += (<double>xp[j] - mean[c]) * v
+            sum_xdy[c] += (to_double(xp[j]) - mean[c]) * v
     free(part)
     return 0
 
@@ -329,12 +483,23 @@ cdef struct Coef:
     const double* offset
 
 
-cdef inline real_t _offset_in(real_t m, Coef k, Py_ssize_t c) noexcept nogil:
-    """Storage-type d for dx = (dy * a + (x - m) * b) + d, with m = storage-type mean.
+cdef inline double _offset_in(const real_t* kind, double m, Coef k,
+                              Py_ssize_t c) noexcept nogil:
+    """Compute-type d for dx = (dy * a + (x - m) * b) + d, with m = compute-type mean.
 
     (x - mean) = (x - m) - (mean - m): the mean's rounding error moves into d, in double.
     """
-    return <real_t>(k.offset[c] - (k.mean[c] - <double>m) * k.slope[c])
+    return _in_compute(kind, k.offset[c] - (k.mean[c] - m) * k.slope[c])
+
+
+cdef inline void _put_coef(const real_t* kind, void* table, Py_ssize_t i, Py_ssize_t rows,
+                           Coef k, Py_ssize_t c) noexcept nogil:
+    """Channel c's m, a, b, d into entry i of a compute-type table of 4 rows of ``rows``."""
+    cdef double m = _in_compute(kind, k.mean[c])
+    _put(kind, table, i, m)
+    _put(kind, table, rows + i, k.scale[c])
+    _put(kind, table, 2 * rows + i, k.slope[c])
+    _put(kind, table, 3 * rows + i, _offset_in(kind, m, k, c))
 
 
 cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
@@ -345,12 +510,12 @@ cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real
     """Runs [blk * per_block, ...) of (N, C, S): run t is channel t % C."""
     cdef Py_ssize_t c = (blk * per_block) % C
     cdef Py_ssize_t t, off
-    cdef real_t m, a, b, d
+    cdef double m, a, b, d
     for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
-        m = <real_t>k.mean[c]
-        a = <real_t>k.scale[c]
-        b = <real_t>k.slope[c]
-        d = _offset_in(m, k, c)
+        m = _in_compute(xp, k.mean[c])
+        a = _in_compute(xp, k.scale[c])
+        b = _in_compute(xp, k.slope[c])
+        d = _offset_in(xp, m, k, c)
         off = t * S
         _grad_scalar(xp + off, dyp + off, bits, off, S, m, a, b, d, training, stream,
                      NULL if dxp == NULL else dxp + off, NULL if gp == NULL else gp + off)
@@ -362,23 +527,18 @@ cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real
 
 
 cdef inline void _apply_first_runs(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
-                                   const real_t* table, real_t* dxp, Py_ssize_t runs,
+                                   const void* table, real_t* dxp, Py_ssize_t runs,
                                    Py_ssize_t C, Py_ssize_t S,
                                    Py_ssize_t per_block) noexcept nogil:
     """_apply_first_block in training without mask or streaming: the block's runs in
     stretches of consecutive channels, one leaf call each; table holds the rows
-    m, a, b, d (C each) in the storage type."""
+    m, a, b, d (C each) in the compute type."""
     cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
     cdef Py_ssize_t c, n
     while t < t_end:
         c = t % C
         n = min(t_end - t, C - c)
-        if real_t is float:
-            bnfast_grad_runs_f32(xp + t * S, dyp + t * S, dxp + t * S, n, S, table + c,
-                                 table + C + c, table + 2 * C + c, table + 3 * C + c)
-        else:
-            bnfast_grad_runs_f64(xp + t * S, dyp + t * S, dxp + t * S, n, S, table + c,
-                                 table + C + c, table + 2 * C + c, table + 3 * C + c)
+        _grad_runs(xp + t * S, dyp + t * S, dxp + t * S, n, S, table, C, c)
         t = t + n
 
 
@@ -403,20 +563,19 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t blk
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
-    cdef real_t* table
+    # (Not for the half types: their dx goes through a staging buffer.)
+    stream = (stream and bits == NULL and not _half(xp)
+              and _aligned16(dxp, S * sizeof(real_t)))
+    cdef void* table
     cdef Py_ssize_t c
     if training and bits == NULL and not stream and gp == NULL:
-        # The common case: the storage-type coefficients once per channel, then
+        # The common case: the compute-type coefficients once per channel, then
         # one leaf call per stretch of consecutive channels (the same arithmetic).
-        table = <real_t*>malloc(4 * C * sizeof(real_t))
+        table = malloc(4 * C * _compute_size(xp))
         if table == NULL:
             return -1
         for c in range(C):
-            table[c] = <real_t>k.mean[c]
-            table[C + c] = <real_t>k.scale[c]
-            table[2 * C + c] = <real_t>k.slope[c]
-            table[3 * C + c] = _offset_in(table[c], k, c)
+            _put_coef(xp, table, c, C, k, c)
         if nt == 1:
             for blk in range(blocks):
                 _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
@@ -437,17 +596,15 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
 
 
 cdef inline void _apply_last_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
-                                   const unsigned char* bits, const real_t* tile,
+                                   const unsigned char* bits, const void* tile,
                                    real_t* dxp, real_t* gp, Py_ssize_t total, Py_ssize_t W,
                                    Py_ssize_t per_block, bint training,
                                    bint stream) noexcept nogil:
     """Values [blk * per_block, ...) of the flat (M, C) array, in W-long tile pieces."""
     cdef Py_ssize_t i_end = min(total, (blk + 1) * per_block)
     cdef Py_ssize_t i = blk * per_block
-    while i < i_end:
-        _grad_tiled(xp + i, dyp + i, bits, i, min(W, i_end - i), tile, W, training, stream,
-                    NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
-        i = i + W
+    _grad_tiled(xp + i, dyp + i, bits, i, i_end - i, tile, W, training, stream,
+                NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
     if stream:
         bnfast_stream_fence()
 
@@ -469,16 +626,14 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef int nt = threads_for(blocks, total, n_threads)
-    cdef real_t* tile = <real_t*>malloc(4 * W * sizeof(real_t))
+    cdef void* tile = malloc(4 * W * _compute_size(xp))
     if tile == NULL:
         return -1
     cdef Py_ssize_t j, blk
-    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
+    stream = (stream and bits == NULL and not _half(xp)
+              and _aligned16(dxp, W * sizeof(real_t)))
     for j in range(W):
-        tile[j] = <real_t>k.mean[j % C]
-        tile[W + j] = <real_t>k.scale[j % C]
-        tile[2 * W + j] = <real_t>k.slope[j % C]
-        tile[3 * W + j] = _offset_in(tile[j], k, j % C)
+        _put_coef(xp, tile, j, W, k, j % C)
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
             _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
@@ -524,8 +679,6 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
     cdef const unsigned char* bits = job.bits
     cdef real_t* dxp = <real_t*>job.dx
     cdef real_t* gp = <real_t*>job.g
-    cdef real_t* gw = <real_t*>job.grad_weight
-    cdef real_t* gb = <real_t*>job.grad_bias
     cdef const double* mean = job.mean
     cdef const double* invstd = job.invstd
     cdef const double* weight = job.weight
@@ -539,7 +692,7 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
         sum_xdy[c] = 0.0
     cdef bint g_done = False
     cdef int rc = 0
-    if gw != NULL or gb != NULL or (training and dxp != NULL):
+    if job.grad_weight != NULL or job.grad_bias != NULL or (training and dxp != NULL):
         # Pass 1; it also writes the masked gradient when that is wanted, and
         # pass 2 then reads it instead of grad_output and the mask.
         if job.shape.layout == CHANNELS_FIRST:
@@ -575,12 +728,13 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
         else:
             rc = _apply_last(xp, dyp, bits, k, dxp, gp, job.shape.N, C, training, stream,
                              job.n_threads)
-    if gw != NULL:
+    # grad_weight, grad_bias: arrays of the compute type (float32 for half data).
+    if job.grad_weight != NULL:
         for c in range(C):
-            gw[c] = <real_t>(sum_xdy[c] * invstd[c])
-    if gb != NULL:
+            _put(xp, job.grad_weight, c, sum_xdy[c] * invstd[c])
+    if job.grad_bias != NULL:
         for c in range(C):
-            gb[c] = <real_t>sum_dy[c]
+            _put(xp, job.grad_bias, c, sum_dy[c])
     return rc
 
 
@@ -605,18 +759,24 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     """Gradients of one batch norm (plain, or fused with a ReLU when ``mask`` is given).
 
     The contract (``bnfast.backward`` checks and lays out; nothing is checked
-    here): ``x``, ``grad_output`` and the outputs of its shape are float32 or
-    float64, one dtype, their memory in ``layout`` (``bnfast._layout.Layout``:
-    0 channels-first, 1 channels-last); ``grad_input`` may be ``x`` or
-    ``grad_output`` itself, ``grad_addend`` only ``grad_output``.  ``mask`` is
-    contiguous uint8, at least ``ceil(x.size / 8)`` bytes, one bit per value of
-    ``x`` in its memory order.  ``grad_addend`` only with ``mask``.  The (C,)
-    vectors are float32 or float64, any stride; ``grad_weight``/``grad_bias``
-    Outputs that are None are not computed.  ``stream``: write grad_input
-    with non-temporal stores (arrays far beyond the caches).
+    here): ``x``, ``grad_output`` and the outputs of its shape are float32,
+    float64, float16 or bfloat16 (``ml_dtypes``; the one dtype without a fixed
+    type number: any other type number is taken for it), one dtype, their
+    memory in ``layout`` (``bnfast._layout.Layout``: 0 channels-first, 1
+    channels-last); ``grad_input`` may be ``x`` or ``grad_output`` itself,
+    ``grad_addend`` only ``grad_output``.  ``mask`` is contiguous uint8, at
+    least ``ceil(x.size / 8)`` bytes, one bit per value of ``x`` in its memory
+    order.  ``grad_addend`` only with ``mask``.  The (C,) vectors are of any
+    of the four dtypes, any stride.  Outputs that are None are not computed.
+    ``stream``: write grad_input with non-temporal stores (arrays far beyond
+    the caches; float32/float64 only, ignored for the half types).
 
-    Returns ``(grad_weight, grad_bias)``: new (C,) arrays of x's dtype, or
-    None where not wanted.
+    Half-precision data: sums in double over the float values (the same bits
+    as float32 data of the same values), dx computed in float and rounded once.
+
+    Returns ``(grad_weight, grad_bias)``: new (C,) arrays, float64 for float64
+    data and float32 otherwise (float32, float16, bfloat16), or None where not
+    wanted.
     """
     cdef Job job
     job.shape = kernel_shape(x, layout)
@@ -630,12 +790,12 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     job.dx = data_or_null(grad_input)
     job.g = data_or_null(grad_addend)
     cdef int typenum = cnp.PyArray_TYPE(x)
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        raise TypeError(f"backward: float32 or float64 arrays only, got {x.dtype}")
+    # grad_weight/grad_bias in the compute type: float64 for float64 data, else float32.
+    cdef int param_type = cnp.NPY_FLOAT64 if typenum == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     cdef cnp.npy_intp dims[1]
     dims[0] = C
-    grad_weight = cnp.PyArray_EMPTY(1, dims, typenum, 0) if want_weight else None
-    grad_bias = cnp.PyArray_EMPTY(1, dims, typenum, 0) if want_bias else None
+    grad_weight = cnp.PyArray_EMPTY(1, dims, param_type, 0) if want_weight else None
+    grad_bias = cnp.PyArray_EMPTY(1, dims, param_type, 0) if want_bias else None
     job.grad_weight = data_or_null(grad_weight)
     job.grad_bias = data_or_null(grad_bias)
     cdef double* work = <double*>malloc((8 * C + 1) * sizeof(double))
@@ -647,11 +807,15 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     if weight is not None:
         job.weight = _as_doubles(weight, C, work + 7 * C)
     cdef int rc
-    with nogil:
+    with nogil:  # the dtype switch (validation admits these four)
         if typenum == cnp.NPY_FLOAT32:
             rc = _run(&job, work, <float*>NULL)
-        else:
+        elif typenum == cnp.NPY_FLOAT64:
             rc = _run(&job, work, <double*>NULL)
+        elif typenum == cnp.NPY_FLOAT16:
+            rc = _run(&job, work, <bnfast_f16*>NULL)
+        else:  # bfloat16
+            rc = _run(&job, work, <bnfast_bf16*>NULL)
     free(work)
     if rc != 0:
         raise MemoryError()
@@ -673,23 +837,26 @@ cdef void _pack(const real_t* yp, unsigned char* bp, Py_ssize_t n,
             pack_block(yp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS), bp)
 
 
-def pack_positive(cnp.ndarray output not None,  # IN  float32/float64, contiguous in some order
+def pack_positive(cnp.ndarray output not None,  # IN  a float array, contiguous in some order
                   cnp.ndarray bits not None,    # OUT (ceil(output.size / 8),) uint8
                   int n_threads):
     """Bits of ``not (output <= 0)`` in ``output``'s memory order, little bit order:
     where the ReLU passed its input's gradient (NaN included).
 
     ``output``'s memory is one contiguous block (C, F or channels-last order);
-    the last partial byte is written whole (its unused bits 0).
+    the last partial byte is written whole (its unused bits 0).  Its dtype:
+    float32, float64, float16, or (any other) bfloat16.
     """
     cdef Py_ssize_t n = cnp.PyArray_SIZE(output)
     cdef int typenum = cnp.PyArray_TYPE(output)
     cdef const void* yp = cnp.PyArray_DATA(output)
     cdef unsigned char* bp = <unsigned char*>cnp.PyArray_DATA(bits)
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        raise TypeError(f"pack_positive: float32 or float64 arrays only, got {output.dtype}")
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             _pack(<const float*>yp, bp, n, n_threads)
-        else:
+        elif typenum == cnp.NPY_FLOAT64:
             _pack(<const double*>yp, bp, n, n_threads)
+        elif typenum == cnp.NPY_FLOAT16:
+            _pack(<const bnfast_f16*>yp, bp, n, n_threads)
+        else:  # bfloat16
+            _pack(<const bnfast_bf16*>yp, bp, n, n_threads)

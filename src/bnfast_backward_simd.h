@@ -470,6 +470,85 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
 #endif
 
 /* ---------------------------------------------------------------------------
+ * dot_lanes / dot_masked_lanes: the vector loop of centered_dot_runs (of
+ * centered_dot_masked) over n8 values, n8 a multiple of 8, with its 8 lanes
+ * carried in lanes[0..7] (sums of y, lane j taking i % 8 == j) and
+ * lanes[8..15] (sums of (x - shift) * y).  A run summed in pieces of multiples
+ * of 8 through these, its tail and combine done as BNFAST_DOT_RUN_FINISH does
+ * (bnfast_dot_lanes_finish), gives the bits of one whole-run call: what lets
+ * the half types stage long runs in small pieces (bnfast_backward_half.h).
+ * ------------------------------------------------------------------------- */
+#if BNFAST_VECTOR_EXT
+#define BNFAST_DEFINE_DOT_LANES(NAME, MASKED_NAME, T, ATTR)                              \
+    ATTR static void NAME(const T *x, const T *y, ptrdiff_t n8, double shift,            \
+                          double *lanes) {                                               \
+        bnfast_v4d a0 = *(bnfast_v4d *)lanes, a1 = *(bnfast_v4d *)(lanes + 4);           \
+        bnfast_v4d b0 = *(bnfast_v4d *)(lanes + 8), b1 = *(bnfast_v4d *)(lanes + 12), u0, u1; \
+        ptrdiff_t i;                                                                     \
+        for (i = 0; i < n8; i += 8) {                                                    \
+            u0 = BNFAST_LOAD4(T, y + i); u1 = BNFAST_LOAD4(T, y + i + 4);                \
+            a0 += u0; a1 += u1;                                                          \
+            b0 += (BNFAST_LOAD4(T, x + i) - shift) * u0;                                 \
+            b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * u1;                             \
+        }                                                                                \
+        *(bnfast_v4d *)lanes = a0; *(bnfast_v4d *)(lanes + 4) = a1;                      \
+        *(bnfast_v4d *)(lanes + 8) = b0; *(bnfast_v4d *)(lanes + 12) = b1;               \
+    }                                                                                    \
+    ATTR static void MASKED_NAME(const T *x, const T *y, const unsigned char *bits,      \
+                                 ptrdiff_t pos, ptrdiff_t n8, double shift, double *lanes, \
+                                 T *g) {                                                 \
+        bnfast_v4d a0 = *(bnfast_v4d *)lanes, a1 = *(bnfast_v4d *)(lanes + 4);           \
+        bnfast_v4d b0 = *(bnfast_v4d *)(lanes + 8), b1 = *(bnfast_v4d *)(lanes + 12), y0, y1; \
+        ptrdiff_t i;                                                                     \
+        unsigned byte;                                                                   \
+        for (i = 0; i < n8; i += 8) {                                                    \
+            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
+            BNFAST_MASKED8_##T(y, g, i, byte, y0, y1);                                   \
+            a0 += y0; a1 += y1;                                                          \
+            b0 += (BNFAST_LOAD4(T, x + i) - shift) * y0;                                 \
+            b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * y1;                             \
+        }                                                                                \
+        *(bnfast_v4d *)lanes = a0; *(bnfast_v4d *)(lanes + 4) = a1;                      \
+        *(bnfast_v4d *)(lanes + 8) = b0; *(bnfast_v4d *)(lanes + 12) = b1;               \
+    }
+#else
+#define BNFAST_DEFINE_DOT_LANES(NAME, MASKED_NAME, T, ATTR)                              \
+    static void NAME(const T *x, const T *y, ptrdiff_t n8, double shift, double *lanes) { \
+        ptrdiff_t i;                                                                     \
+        for (i = 0; i < n8; i++) {                                                       \
+            lanes[i % 8] += (double)y[i];                                                \
+            lanes[8 + i % 8] += ((double)x[i] - shift) * (double)y[i];                   \
+        }                                                                                \
+    }                                                                                    \
+    static void MASKED_NAME(const T *x, const T *y, const unsigned char *bits,           \
+                            ptrdiff_t pos, ptrdiff_t n8, double shift, double *lanes,    \
+                            T *g) {                                                      \
+        ptrdiff_t i;                                                                     \
+        double v;                                                                        \
+        for (i = 0; i < n8; i++) {                                                       \
+            v = BNFAST_BIT(bits, pos + i) ? (double)y[i] : 0.0;                          \
+            if (g) g[i] = (T)v;                                                          \
+            lanes[i % 8] += v;                                                           \
+            lanes[8 + i % 8] += ((double)x[i] - shift) * v;                              \
+        }                                                                                \
+    }
+#endif
+
+/* The end of a run summed through dot_lanes: its t < 8 last values (y already
+ * masked) into lanes 0.., then the fixed combine into *sy, *sxy. */
+static inline void bnfast_dot_lanes_finish(const float *x, const float *y, ptrdiff_t t,
+                                           double shift, double *lanes, double *sy,
+                                           double *sxy) {
+    ptrdiff_t i;
+    for (i = 0; i < t; i++) {
+        lanes[i] += (double)y[i];
+        lanes[8 + i] += ((double)x[i] - shift) * (double)y[i];
+    }
+    *sy += BNFAST_COMBINE8(lanes);
+    *sxy += BNFAST_COMBINE8(lanes + 8);
+}
+
+/* ---------------------------------------------------------------------------
  * pack_positive: bits[i / 8] bit (i % 8) = !(y[i] <= 0) for i < n; the last
  * partial byte is written whole (its unused bits 0).  SSE2 compare + movemask
  * on x86 (cmpnle is true for NaN), a plain loop elsewhere.
@@ -591,6 +670,8 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     }
 
 #define BNFAST_BWD_LEAVES(SUFFIX, ATTR)                                                  \
+    BNFAST_DEFINE_DOT_LANES(bnfast_dot_lanes_f32_##SUFFIX,                                \
+                            bnfast_dot_masked_lanes_f32_##SUFFIX, float, ATTR)            \
     BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f32_##SUFFIX, float, ATTR)  \
     BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f64_##SUFFIX, double, ATTR) \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f32_##SUFFIX, float, ATTR)      \
@@ -724,6 +805,16 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
                                                           training, dx, g);              \
     }
 BNFAST_DISPATCH_MASKED(float, f32)
+static inline void bnfast_dot_lanes_f32(const float *x, const float *y, ptrdiff_t n8,
+                                        double shift, double *lanes) {
+    BNFAST_BWD_PICK(bnfast_dot_lanes_f32)(x, y, n8, shift, lanes);
+}
+static inline void bnfast_dot_masked_lanes_f32(const float *x, const float *y,
+                                               const unsigned char *bits, ptrdiff_t pos,
+                                               ptrdiff_t n8, double shift, double *lanes,
+                                               float *g) {
+    BNFAST_BWD_PICK(bnfast_dot_masked_lanes_f32)(x, y, bits, pos, n8, shift, lanes, g);
+}
 BNFAST_DISPATCH_MASKED(double, f64)
 static inline void bnfast_grad_runs_f32(const float *x, const float *dy, float *dx,
                                         ptrdiff_t runs, ptrdiff_t n, const float *m,

@@ -1,0 +1,235 @@
+/*
+ * The backward's leaves for half-precision storage (float16, bfloat16), by
+ * staging (bnfast_half.h): each one widens its inputs into float buffers, runs
+ * the float32 leaf of the same job (bnfast_backward_simd.h) and narrows what it
+ * writes.  One definition for both half types (the macro below).
+ *
+ * Bits.  The reductions (pass 1) give exactly the sums of the same values
+ * stored as float32: channels-first runs are staged whole (short runs) or in
+ * pieces of multiples of 8 through the float32 leaf's loop with its 8 lanes
+ * carried and its own tail and combine (bnfast_dot_lanes_f32); channels-last
+ * column sums stage multiples of four rows (the float32 leaf's row group).  The elementwise dx (pass 2) is computed in float with float
+ * coefficients, as for float32 data, and rounded once to the half type: it is
+ * float32's dx of the same values, narrowed.  A masked gradient g is a copy of
+ * half values (or 0): narrowing it back is exact.
+ *
+ * Pass 2 stages BNFAST_GRAD_STAGE values at a time (whole coefficient tiles
+ * channels-last, whole runs channels-first where they fit): fewer conversion
+ * calls per value.  Streaming stores are not used for half outputs (dx goes
+ * through a staging buffer; the `stream` argument is accepted and ignored).
+ *
+ * Aliasing: every staged chunk is read (widened) whole before any of it is
+ * written, so dx may be x or dy, and g may be dy, as for the float32 leaves.
+ */
+#ifndef BNFAST_BACKWARD_HALF_H
+#define BNFAST_BACKWARD_HALF_H
+
+#include "bnfast_half.h"
+#include "bnfast_half_leaves.h"
+#include "bnfast_backward_simd.h"
+
+/* Values per staged piece of the channels-first dot leaves (a multiple of 8):
+ * small, so that reading the next piece and summing this one overlap.  Runs up
+ * to this long are staged whole (several per piece); longer ones in pieces
+ * through the float32 leaves' carried lanes (bnfast_dot_lanes_f32). */
+#ifndef BNFAST_DOT_STAGE
+#define BNFAST_DOT_STAGE 256
+#endif
+
+/* Channels-last pass 1 stages R rows of W values, R a multiple of 4 (the
+ * float32 column leaves' row group), about BNFAST_COLDOT_BUDGET values a buffer
+ * (at least four rows). */
+/* Values per staged chunk of pass 2's leaves (three float buffers of it). */
+#define BNFAST_GRAD_STAGE 1024
+
+#ifndef BNFAST_COLDOT_BUDGET
+#define BNFAST_COLDOT_BUDGET 1024
+#endif
+static inline ptrdiff_t bnfast_coldot_stage_rows(ptrdiff_t W) {
+    ptrdiff_t r = W > 0 ? (BNFAST_COLDOT_BUDGET / W) / 4 * 4 : 4;
+    return r < 4 ? 4 : r;
+}
+/* Floats of scratch one coldot call needs: x and y buffers of R rows. */
+static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
+    return 2 * bnfast_coldot_stage_rows(W) * W;
+}
+
+#define BNFAST_DEFINE_BACKWARD_HALF_LEAVES(H, T)                                          \
+    /* sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r): runs of n, consecutive */ \
+    static inline void bnfast_centered_dot_runs_##H(const T *x, const T *y, ptrdiff_t runs, \
+                                                    ptrdiff_t n, const double *shift,     \
+                                                    double *sy, double *sxy) {            \
+        float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
+        ptrdiff_t r, i, k, n8 = n - n % 8;                                                \
+        double lanes[16];                                                                 \
+        if (n <= 0) return;                                                               \
+        if (n <= BNFAST_DOT_STAGE) { /* whole runs per staged call */                     \
+            ptrdiff_t per = BNFAST_DOT_STAGE / n;                                         \
+            for (r = 0; r < runs; r += k) {                                               \
+                k = BNFAST_MIN(runs - r, per);                                            \
+                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
+                bnfast_widen_##H(y + r * n, yb, k * n);                                   \
+                bnfast_centered_dot_runs_f32(xb, yb, k, n, shift + r, sy + r, sxy + r);   \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (r = 0; r < runs; r++) { /* long runs: pieces, the lanes carried */           \
+            const T *xr = x + r * n, *yr = y + r * n;                                     \
+            for (i = 0; i < 16; i++) lanes[i] = 0.0;                                      \
+            for (i = 0; i < n8; i += k) {                                                 \
+                k = BNFAST_MIN(n8 - i, BNFAST_DOT_STAGE);                                 \
+                bnfast_widen_##H(xr + i, xb, k);                                          \
+                bnfast_widen_##H(yr + i, yb, k);                                          \
+                bnfast_dot_lanes_f32(xb, yb, k, shift[r], lanes);                         \
+            }                                                                             \
+            bnfast_widen_##H(xr + n8, xb, n - n8);                                        \
+            bnfast_widen_##H(yr + n8, yb, n - n8);                                        \
+            bnfast_dot_lanes_finish(xb, yb, n - n8, shift[r], lanes, sy + r, sxy + r);    \
+        }                                                                                 \
+    }                                                                                     \
+    /* The same of one run with y masked by bits (from bit pos); g = masked y if g */     \
+    static inline void bnfast_centered_dot_masked_##H(const T *x, const T *y,             \
+                                                      const unsigned char *bits,          \
+                                                      ptrdiff_t pos, ptrdiff_t n,         \
+                                                      double shift, double *sy,           \
+                                                      double *sxy, T *g) {                \
+        float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
+        ptrdiff_t i, k, t, n8 = n - n % 8;                                                \
+        double lanes[16];                                                                 \
+        if (n <= BNFAST_DOT_STAGE) { /* the whole run in one staged call */               \
+            bnfast_widen_##H(x, xb, n);                                                   \
+            bnfast_widen_##H(y, yb, n);                                                   \
+            /* g: the masked y into yb itself (g may be y, as for float32 data) */        \
+            bnfast_centered_dot_masked_f32(xb, yb, bits, pos, n, shift, sy, sxy,          \
+                                           g == NULL ? NULL : yb);                        \
+            if (g != NULL) bnfast_narrow_##H(yb, g, n);                                   \
+            return;                                                                       \
+        }                                                                                 \
+        for (i = 0; i < 16; i++) lanes[i] = 0.0;                                          \
+        for (i = 0; i < n8; i += k) {                                                     \
+            k = BNFAST_MIN(n8 - i, BNFAST_DOT_STAGE);                                     \
+            bnfast_widen_##H(x + i, xb, k);                                               \
+            bnfast_widen_##H(y + i, yb, k);                                               \
+            bnfast_dot_masked_lanes_f32(xb, yb, bits, pos + i, k, shift, lanes,           \
+                                        g == NULL ? NULL : yb);                           \
+            if (g != NULL) bnfast_narrow_##H(yb, g + i, k);                               \
+        }                                                                                 \
+        t = n - n8;                                                                       \
+        bnfast_widen_##H(x + n8, xb, t);                                                  \
+        bnfast_widen_##H(y + n8, yb, t);                                                  \
+        for (i = 0; i < t; i++)                                                           \
+            if (!BNFAST_BIT(bits, pos + n8 + i)) yb[i] = 0.0f;                            \
+        if (g != NULL) bnfast_narrow_##H(yb, g + n8, t);                                  \
+        bnfast_dot_lanes_finish(xb, yb, t, shift, lanes, sy, sxy);                        \
+    }                                                                                     \
+    /* Column sums of (rows, W) blocks, plain (bits NULL) or masked; stage: the floats    \
+     * of bnfast_coldot_stage_len(W). */                                                  \
+    static inline void bnfast_centered_coldot_any_##H(const T *x, const T *y,             \
+                                                      const unsigned char *bits,          \
+                                                      ptrdiff_t pos, ptrdiff_t rows,      \
+                                                      ptrdiff_t W, const double *shift,   \
+                                                      double *sy, double *sxy, T *g,      \
+                                                      float *stage) {                     \
+        ptrdiff_t R = bnfast_coldot_stage_rows(W), r, k;                                  \
+        float *xb = stage, *yb = stage + R * W;                                           \
+        for (r = 0; r < rows; r += k) {                                                   \
+            k = BNFAST_MIN(rows - r, R);                                                  \
+            bnfast_widen_##H(x + r * W, xb, k * W);                                       \
+            bnfast_widen_##H(y + r * W, yb, k * W);                                       \
+            if (bits == NULL) {                                                           \
+                bnfast_centered_coldot_f32(xb, yb, k, W, shift, sy, sxy);                 \
+            } else {                                                                      \
+                bnfast_centered_coldot_masked_f32(xb, yb, bits, pos + r * W, k, W, shift, \
+                                                  sy, sxy, g == NULL ? NULL : yb);        \
+                if (g != NULL) bnfast_narrow_##H(yb, g + r * W, k * W);                   \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    /* dx of `runs` consecutive runs of n values, run r with (m[r], a[r], b[r], d[r]) */  \
+    static inline void bnfast_grad_runs_##H(const T *x, const T *dy, T *dx, ptrdiff_t runs, \
+                                            ptrdiff_t n, const float *m, const float *a,  \
+                                            const float *b, const float *d) {             \
+        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE];                               \
+        ptrdiff_t r, i, k;                                                                \
+        if (n <= 0) return;                                                               \
+        if (n <= BNFAST_GRAD_STAGE) {                                                     \
+            ptrdiff_t per = BNFAST_GRAD_STAGE / n;                                        \
+            for (r = 0; r < runs; r += k) {                                               \
+                k = BNFAST_MIN(runs - r, per);                                            \
+                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
+                bnfast_widen_##H(dy + r * n, yb, k * n);                                  \
+                bnfast_grad_runs_f32(xb, yb, xb, k, n, m + r, a + r, b + r, d + r);       \
+                bnfast_narrow_##H(xb, dx + r * n, k * n);                                 \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (r = 0; r < runs; r++) {                                                      \
+            for (i = 0; i < n; i += k) {                                                  \
+                k = BNFAST_MIN(n - i, BNFAST_GRAD_STAGE);                                 \
+                bnfast_widen_##H(x + r * n + i, xb, k);                                   \
+                bnfast_widen_##H(dy + r * n + i, yb, k);                                  \
+                bnfast_grad_runs_f32(xb, yb, xb, 1, k, m + r, a + r, b + r, d + r);       \
+                bnfast_narrow_##H(xb, dx + r * n + i, k);                                 \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    /* dx (and g) of one run with one (m, a, b, d): bnfast_grad_run_scalar_f32's job */   \
+    static inline void bnfast_grad_run_scalar_##H(                                        \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            float m, float a, float b, float d, int training, int stream, T *dx, T *g) {  \
+        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
+        ptrdiff_t i, k;                                                                   \
+        (void)stream;                                                                     \
+        for (i = 0; i < n; i += k) {                                                      \
+            k = BNFAST_MIN(n - i, BNFAST_GRAD_STAGE);                                     \
+            BNFAST_HALF_GRAD_STAGE_IN(H, i, k)                                            \
+            bnfast_grad_run_scalar_f32(xb, yb, bits, pos + i, k, m, a, b, d, training, 0, \
+                                       dx == NULL ? NULL : xb, g == NULL ? NULL : gb);    \
+            BNFAST_HALF_GRAD_STAGE_OUT(H, i, k)                                           \
+        }                                                                                 \
+    }                                                                                     \
+    /* dx (and g) of n values from a tile-aligned start, the tile rows m, a, b, d of W    \
+     * values repeating: whole tiles per staged chunk when W fits, else chunks of tiles; \
+     * each tile piece is bnfast_grad_run_tiled_f32's job. */                            \
+    static inline void bnfast_grad_tiles_##H(                                             \
+            const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
+            ptrdiff_t W, const float *m, const float *a, const float *b, const float *d,  \
+            int training, T *dx, T *g) {                                                  \
+        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
+        ptrdiff_t i, j, k, q, piece;                                                      \
+        ptrdiff_t span = W <= BNFAST_GRAD_STAGE ? BNFAST_GRAD_STAGE / W * W : W;          \
+        for (i = 0; i < n; i += span) {                                                   \
+            piece = BNFAST_MIN(n - i, span);                                              \
+            for (j = 0; j < piece; j += k) { /* once when W fits the stage */             \
+                k = BNFAST_MIN(piece - j, BNFAST_GRAD_STAGE);                             \
+                BNFAST_HALF_GRAD_STAGE_IN(H, i + j, k)                                    \
+                if (W <= BNFAST_GRAD_STAGE) {                                             \
+                    for (q = 0; q < k; q += W)                                            \
+                        bnfast_grad_run_tiled_f32(xb + q, yb + q, bits, pos + i + j + q,  \
+                                                  BNFAST_MIN(W, k - q), m, a, b, d,       \
+                                                  training, 0,                            \
+                                                  dx == NULL ? NULL : xb + q,             \
+                                                  g == NULL ? NULL : gb + q);             \
+                } else {                                                                  \
+                    bnfast_grad_run_tiled_f32(xb, yb, bits, pos + i + j, k, m + j, a + j, \
+                                              b + j, d + j, training, 0,                  \
+                                              dx == NULL ? NULL : xb,                     \
+                                              g == NULL ? NULL : gb);                     \
+                }                                                                         \
+                BNFAST_HALF_GRAD_STAGE_OUT(H, i + j, k)                                   \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+/* Staging of pass 2: x only when dx needs it (training), dy always; out: dx, g. */
+#define BNFAST_HALF_GRAD_STAGE_IN(H, at, count)                                            \
+    if (training && dx != NULL) bnfast_widen_##H(x + (at), xb, (count));                  \
+    bnfast_widen_##H(dy + (at), yb, (count));
+#define BNFAST_HALF_GRAD_STAGE_OUT(H, at, count)                                           \
+    if (dx != NULL) bnfast_narrow_##H(xb, dx + (at), (count));                            \
+    if (g != NULL) bnfast_narrow_##H(gb, g + (at), (count));
+
+BNFAST_DEFINE_BACKWARD_HALF_LEAVES(f16, bnfast_f16)
+BNFAST_DEFINE_BACKWARD_HALF_LEAVES(bf16, bnfast_bf16)
+
+#endif /* BNFAST_BACKWARD_HALF_H */
