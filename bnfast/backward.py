@@ -211,7 +211,9 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
         Input's shape and dtype, and its memory layout (channels-last in,
         channels-last out).
     grad_weight, grad_bias : ndarray of shape (C,) or None
-        Input's dtype (computed in float64, rounded once).
+        Computed in float64, rounded once to float64 for float64 input, else
+        to float32 (float16/bfloat16 input too: torch's mixed rule gives the
+        parameters' gradients in float32).
 
     Raises
     ------
