@@ -79,7 +79,11 @@ class BuildExt(build_ext):
     def build_extensions(self):
         debug = _env_flag("BNFAST_DEBUG")
         # -fno-math-errno lets sqrt vectorise (we never read errno); no -ffast-math.
+        # -ffp-contract=off: GCC fuses a * b + c into an FMA wherever the target has
+        # one (the AVX512-BF16 leaves' target, -march=native), and every variant
+        # must round as the portable code does.
         cflags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno"]
+        cflags.append("-ffp-contract=off")
         if self.compiler.compiler_type == "msvc":
             cflags = ["/Od"] if debug else ["/O2"]
         if _env_flag("BNFAST_NATIVE"):

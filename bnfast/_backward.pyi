@@ -26,5 +26,8 @@ def backward(
     training: bool,
     stream: bool,
     n_threads: int,
+    sums: np.ndarray | None = None,
+    sums_given: bool = False,
+    count: int = 0,
 ) -> tuple[np.ndarray | None, np.ndarray | None]: ...
 def pack_positive(output: np.ndarray, bits: np.ndarray, n_threads: int) -> None: ...

@@ -664,6 +664,11 @@ cdef struct Job:
     const double* mean
     const double* invstd
     const double* weight
+    # (2, C) doubles sum_dy, sum_xdy: written by pass 1 (sums_given false), or
+    # given (pass 1 skipped; then count is the values per channel they cover).
+    double* sums
+    bint sums_given
+    Py_ssize_t count
 
 
 cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
@@ -672,7 +677,8 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
     ``work`` holds 5 rows of C doubles: sum_dy, sum_xdy, scale, slope, offset.
     -1 if out of memory.
     """
-    cdef Py_ssize_t c, C = job.shape.C, count = job.shape.count
+    cdef Py_ssize_t c, C = job.shape.C
+    cdef Py_ssize_t count = job.count if job.sums_given else job.shape.count
     cdef bint training = job.training
     cdef const real_t* xp = <const real_t*>job.x
     cdef const real_t* dyp = <const real_t*>job.dy
@@ -692,7 +698,11 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
         sum_xdy[c] = 0.0
     cdef bint g_done = False
     cdef int rc = 0
-    if job.grad_weight != NULL or job.grad_bias != NULL or (training and dxp != NULL):
+    if job.sums_given:  # another process's pass 1 (all ranks' sums): no pass 1 here
+        for c in range(2 * C):
+            work[c] = job.sums[c]
+    elif (job.grad_weight != NULL or job.grad_bias != NULL or job.sums != NULL
+          or (training and dxp != NULL)):
         # Pass 1; it also writes the masked gradient when that is wanted, and
         # pass 2 then reads it instead of grad_output and the mask.
         if job.shape.layout == CHANNELS_FIRST:
@@ -704,6 +714,9 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
         if rc != 0:
             return rc
         g_done = gp != NULL
+        if job.sums != NULL:
+            for c in range(2 * C):
+                job.sums[c] = work[c]
     # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
     cdef double a, s
     cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
@@ -755,7 +768,9 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
              cnp.ndarray grad_input,            # OUT x's shape, dtype, layout; or None
              cnp.ndarray grad_addend,           # OUT masked grad_output, like x; or None
              bint want_weight, bint want_bias,  # return grad_weight, grad_bias?
-             int layout, bint training, bint stream, int n_threads):
+             int layout, bint training, bint stream, int n_threads,
+             cnp.ndarray sums=None,             # INOUT (2, C) float64 C-contiguous, or None
+             bint sums_given=False, Py_ssize_t count=0):
     """Gradients of one batch norm (plain, or fused with a ReLU when ``mask`` is given).
 
     The contract (``bnfast.backward`` checks and lays out; nothing is checked
@@ -773,6 +788,12 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
 
     Half-precision data: sums in double over the float values (the same bits
     as float32 data of the same values), dx computed in float and rounded once.
+
+    ``sums`` (for a batch split over processes: SyncBatchNorm): without
+    ``sums_given``, pass 1's float64 ``sum_dy`` and ``sum_xdy`` (of the masked
+    gradient, with a mask) are written into its two rows; with ``sums_given``,
+    pass 1 is skipped and its rows are used instead, as the sums over ``count``
+    values per channel (all processes' together).
 
     Returns ``(grad_weight, grad_bias)``: new (C,) arrays, float64 for float64
     data and float32 otherwise (float32, float16, bfloat16), or None where not
@@ -798,6 +819,9 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     grad_bias = cnp.PyArray_EMPTY(1, dims, param_type, 0) if want_bias else None
     job.grad_weight = data_or_null(grad_weight)
     job.grad_bias = data_or_null(grad_bias)
+    job.sums = <double*>data_or_null(sums)
+    job.sums_given = sums_given
+    job.count = count
     cdef double* work = <double*>malloc((8 * C + 1) * sizeof(double))
     if work == NULL:
         raise MemoryError()

@@ -54,6 +54,68 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
     return 2 * bnfast_coldot_stage_rows(W) * W;
 }
 
+/* ---------------------------------------------------------------------------
+ * Pass 2 without a mask, in registers (bnfast_half.h's load8/store8), as the
+ * forward's normalise: the float32 leaves' arithmetic on the widened values,
+ *   training  dx = round((dy * a + (x - m) * b) + d),   eval  dx = round(dy * a),
+ * no staging (a store and a reload per value: pass 2 ran at ~0.9x float32's
+ * time).  SCALAR: one (m, a, b, d); TILED: per element (a tile piece).
+ * ------------------------------------------------------------------------- */
+#if BNFAST_VECTOR_EXT
+#define BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, MV, AV, BV, DV)                         \
+    if (training) {                                                                      \
+        for (i = 0; i < n8; i += 8)                                                      \
+            STORE8(dx + i, (LOAD8(dy + i) * AV + (LOAD8(x + i) - MV) * BV) + DV);        \
+    } else {                                                                             \
+        for (i = 0; i < n8; i += 8) STORE8(dx + i, LOAD8(dy + i) * AV);                  \
+    }
+#else
+#define BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, MV, AV, BV, DV)
+#endif
+#define BNFAST_HALF_GRAD_TAIL(H, MS, AS, BS, DS)                                         \
+    for (i = n8; i < n; i++)                                                             \
+        dx[i] = bnfast_float_to_##H(training                                             \
+            ? (bnfast_##H##_to_float(dy[i]) * AS + (bnfast_##H##_to_float(x[i]) - MS) * BS) + DS \
+            : bnfast_##H##_to_float(dy[i]) * AS);
+
+#define BNFAST_DEFINE_HALF_GRAD(H, T, VARIANT, ATTR, LOAD8, STORE8)                      \
+    ATTR static void bnfast_grad_vec_scalar_##H##_##VARIANT(                             \
+            const T *x, const T *dy, T *dx, ptrdiff_t n, float m, float a, float b,      \
+            float d, int training) {                                                     \
+        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
+        BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                              \
+        BNFAST_HALF_GRAD_TAIL(H, m, a, b, d)                                             \
+    }                                                                                    \
+    ATTR static void bnfast_grad_vec_tiled_##H##_##VARIANT(                              \
+            const T *x, const T *dy, T *dx, ptrdiff_t n, const float *m, const float *a, \
+            const float *b, const float *d, int training) {                              \
+        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
+        BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i), BNFAST_H8_COEF(a, i), \
+                                 BNFAST_H8_COEF(b, i), BNFAST_H8_COEF(d, i))             \
+        BNFAST_HALF_GRAD_TAIL(H, m[i], a[i], b[i], d[i])                                 \
+    }
+
+BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+#if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                        bnfast_store8_f16_f16c)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_store8_bf16_avx2)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_store8_bf16_hw)
+#endif
+#define bnfast_grad_vec_scalar_f16 \
+    BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base, bnfast_grad_vec_scalar_f16_f16c)
+#define bnfast_grad_vec_tiled_f16 \
+    BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base, bnfast_grad_vec_tiled_f16_f16c)
+#define bnfast_grad_vec_scalar_bf16 \
+    BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base, bnfast_grad_vec_scalar_bf16_avx2, \
+                     bnfast_grad_vec_scalar_bf16_hw)
+#define bnfast_grad_vec_tiled_bf16 \
+    BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base, bnfast_grad_vec_tiled_bf16_avx2, \
+                     bnfast_grad_vec_tiled_bf16_hw)
+
 #define BNFAST_DEFINE_BACKWARD_HALF_LEAVES(H, T)                                          \
     /* sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r): runs of n, consecutive */ \
     static inline void bnfast_centered_dot_runs_##H(const T *x, const T *y, ptrdiff_t runs, \
@@ -149,29 +211,10 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
     static inline void bnfast_grad_runs_##H(const T *x, const T *dy, T *dx, ptrdiff_t runs, \
                                             ptrdiff_t n, const float *m, const float *a,  \
                                             const float *b, const float *d) {             \
-        float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE];                               \
-        ptrdiff_t r, i, k;                                                                \
-        if (n <= 0) return;                                                               \
-        if (n <= BNFAST_GRAD_STAGE) {                                                     \
-            ptrdiff_t per = BNFAST_GRAD_STAGE / n;                                        \
-            for (r = 0; r < runs; r += k) {                                               \
-                k = BNFAST_MIN(runs - r, per);                                            \
-                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
-                bnfast_widen_##H(dy + r * n, yb, k * n);                                  \
-                bnfast_grad_runs_f32(xb, yb, xb, k, n, m + r, a + r, b + r, d + r);       \
-                bnfast_narrow_##H(xb, dx + r * n, k * n);                                 \
-            }                                                                             \
-            return;                                                                       \
-        }                                                                                 \
-        for (r = 0; r < runs; r++) {                                                      \
-            for (i = 0; i < n; i += k) {                                                  \
-                k = BNFAST_MIN(n - i, BNFAST_GRAD_STAGE);                                 \
-                bnfast_widen_##H(x + r * n + i, xb, k);                                   \
-                bnfast_widen_##H(dy + r * n + i, yb, k);                                  \
-                bnfast_grad_runs_f32(xb, yb, xb, 1, k, m + r, a + r, b + r, d + r);       \
-                bnfast_narrow_##H(xb, dx + r * n + i, k);                                 \
-            }                                                                             \
-        }                                                                                 \
+        ptrdiff_t r;                                                                      \
+        for (r = 0; r < runs; r++)                                                        \
+            bnfast_grad_vec_scalar_##H(x + r * n, dy + r * n, dx + r * n, n, m[r], a[r],  \
+                                       b[r], d[r], 1);                                    \
     }                                                                                     \
     /* dx (and g) of one run with one (m, a, b, d): bnfast_grad_run_scalar_f32's job */   \
     static inline void bnfast_grad_run_scalar_##H(                                        \
@@ -180,6 +223,10 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
         float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, k;                                                                   \
         (void)stream;                                                                     \
+        if (bits == NULL) { /* no mask, so no g: in registers */                          \
+            if (dx != NULL) bnfast_grad_vec_scalar_##H(x, dy, dx, n, m, a, b, d, training); \
+            return;                                                                       \
+        }                                                                                 \
         for (i = 0; i < n; i += k) {                                                      \
             k = BNFAST_MIN(n - i, BNFAST_GRAD_STAGE);                                     \
             BNFAST_HALF_GRAD_STAGE_IN(H, i, k)                                            \
@@ -198,6 +245,12 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
         float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, j, k, q, piece;                                                      \
         ptrdiff_t span = W <= BNFAST_GRAD_STAGE ? BNFAST_GRAD_STAGE / W * W : W;          \
+        if (bits == NULL) { /* no mask, so no g: in registers, a tile piece at a time */  \
+            for (i = 0; dx != NULL && i < n; i += W)                                      \
+                bnfast_grad_vec_tiled_##H(x + i, dy + i, dx + i, BNFAST_MIN(W, n - i), m, \
+                                          a, b, d, training);                             \
+            return;                                                                       \
+        }                                                                                 \
         for (i = 0; i < n; i += span) {                                                   \
             piece = BNFAST_MIN(n - i, span);                                              \
             for (j = 0; j < piece; j += k) { /* once when W fits the stage */             \

@@ -21,6 +21,7 @@ static const float coefs[][3] = {   /* m, a, b */
     {1.0f, 1e-6f, 0.0f},            /* into float16 subnormals, bfloat16 small */
     {-2.0f, 1e30f, 1.0f},           /* overflow to inf */
     {1e-39f, 1e-3f, 1e-40f},        /* float denormals on the way (bfloat16's hw fallback) */
+    {0.3f, 1.7f, 0.1f},             /* inexact products: a fused multiply-add would show */
 };
 #define NCOEF (sizeof coefs / sizeof coefs[0])
 
