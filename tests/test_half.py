@@ -185,29 +185,12 @@ def test_half_precision_scalar_hyperparameters(half, rng):
         assert_same(u, v)
 
 
-def _cpu_has(flag):
-    """Whether /proc/cpuinfo lists ``flag`` (False where there is no such file)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
-
-
 # -- statistics: as exact as from float32 data --------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES + [(3, 70, 33, 33), (20000, 3)], ids=str)
-def test_statistics_are_those_of_the_same_values_in_float32(request, half, rng, layout, shape):
+def test_statistics_are_those_of_the_same_values_in_float32(half, rng, layout, shape):
     # Same values stored as float32 -> the same batch mean/invstd and running
     # buffers, bit for bit, and the output is float32's output rounded once.
-    if half == BF16 and shape == (3, 70, 33, 33) and _cpu_has("avx512_bf16"):
-        # Kernel bug (reported; remove this marker with the fix, strict makes the
-        # fixed kernel fail here): the AVX512-BF16 normalise variant is compiled
-        # for avx512f, which lets GCC contract (x - m) * a + b into FMAs (28 in
-        # bnfast_affine_scalar_bf16_hw, none in the float32 leaf), so 3 of 228690
-        # values sitting on a bfloat16 tie in float32 round the other way.
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                              reason="FMA contraction in the bf16 hw leaf"))
     x = half_input(rng, shape, half, layout)
     x32 = with_layout(x.astype(np.float32), layout)
     C = shape[1]
