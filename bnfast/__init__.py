@@ -12,6 +12,7 @@ from .backward import ReluMask, batch_norm_backward, fused_batch_norm_backward, 
 from .functional import batch_norm, fused_batch_norm
 from .fused import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     "BatchNorm1d",
@@ -21,12 +22,15 @@ __all__ = [
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
     "ReluMask",
+    "SyncBatchNorm",
     "batch_norm",
     "batch_norm_backward",
+    "convert_sync_batchnorm",
     "fused_batch_norm",
     "fused_batch_norm_backward",
     "no_grad",
     "openmp_enabled",
     "relu_mask",
+    "revert_sync_batchnorm",
     "show_config",
 ]
