@@ -1,0 +1,147 @@
+"""``torch.nn.functional.batch_norm`` on bnfast's kernels, with torch's op as the fallback.
+
+CPU tensors of a dtype in :data:`bnfast.torch.DTYPES` (their parameters and
+buffers alike) in torch's strided layout go to the ``bnfast::`` operators,
+viewed as NumPy arrays (contiguous, ``channels_last`` and ``channels_last_3d``
+memory without a copy; other strides are copied once by the core).
+Everything else (another device, a sparse or mkldnn layout, another dtype,
+``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ._tensors import DTYPES, vector_dtype_ok
+
+__all__ = ["batch_norm", "fused_batch_norm"]
+
+_warned = set()
+
+
+def _fallback_reason(input, vectors, eps, training):
+    """Why torch's op must run instead of ours, or None."""
+    if input.device.type != "cpu" or any(v is not None and v.device.type != "cpu"
+                                         for v in vectors):
+        return f"tensors on {input.device.type}"
+    if input.layout is not torch.strided:
+        return f"layout {input.layout}"
+    if input.dtype not in DTYPES:
+        return f"dtype {input.dtype}"
+    if not all(vector_dtype_ok(v, input.dtype) for v in vectors):
+        dtypes = ", ".join(str(v.dtype) for v in vectors if v is not None)
+        return f"parameters or buffers of dtype {dtypes} with {input.dtype} input"
+    if not training and eps <= 0.0:
+        return "eps == 0 (bnfast needs eps > 0)"
+    return None
+
+
+def _warn_once(reason):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"bnfast.torch: {reason} are not supported by bnfast's kernels; "
+                      "running torch's batch_norm instead (warned once)", UserWarning,
+                      stacklevel=3)
+
+
+def _shape_ok(input, vectors):
+    """Shapes our op takes; anything else goes to torch, which raises its own error."""
+    return input.dim() >= 2 and all(v is None or v.shape == (input.shape[1],) for v in vectors)
+
+
+def _checks(input, training, eps):
+    # F.batch_norm's own checks, with its messages.
+    if training:
+        size = input.shape
+        if size.numel() == size[1] and input.dim() >= 2:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {size}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _write_back(running_mean, running_var, new_mean, new_var):
+    # The ops return the updated statistics (non-differentiable); this is the mutation
+    # compile and export see.
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """As ``torch.nn.functional.batch_norm``, on bnfast's kernels.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *spatial)
+    running_mean, running_var : Tensor of shape (C,) or None
+        Updated in place in training (``running_var`` with the unbiased
+        batch variance).
+    weight, bias : Tensor of shape (C,) or None
+    training : bool
+        Normalise with the batch's statistics.
+    momentum : float
+    eps : float
+
+    Returns
+    -------
+    Tensor
+        Input's shape, dtype and memory format.
+
+    Examples
+    --------
+    >>> import torch, bnfast.torch
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    >>> bnfast.torch.batch_norm(x, None, None, training=True)
+    tensor([[-1.0000, -1.0000],
+            [ 1.0000,  1.0000]])
+    """
+    vectors = (running_mean, running_var, weight, bias)
+    _checks(input, training, eps)
+    reason = _fallback_reason(input, vectors, eps, training)
+    if reason is not None or not _shape_ok(input, vectors):
+        if reason is not None:
+            _warn_once(reason)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    out, _, _, new_mean, new_var = torch.ops.bnfast.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if training and running_mean is not None:
+        _write_back(running_mean, running_var, new_mean, new_var)
+    return out
+
+
+def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, addend=None,
+                     training=False, momentum=0.1, eps=1e-5):
+    """``relu(batch_norm(input) + addend)`` in one pass (``addend`` optional, input's shape).
+
+    Arguments as :func:`batch_norm`.  The fallback computes it with torch's
+    ops (three passes).
+
+    Examples
+    --------
+    >>> import torch, bnfast.torch
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    >>> bnfast.torch.fused_batch_norm(x, None, None, addend=torch.full_like(x, 0.5),
+    ...                               training=True)
+    tensor([[0.0000, 0.0000],
+            [1.5000, 1.5000]])
+    """
+    vectors = (running_mean, running_var, weight, bias)
+    _checks(input, training, eps)
+    reason = _fallback_reason(input, vectors + (addend,), eps, training)
+    if addend is not None and reason is None and (addend.shape != input.shape
+                                                  or addend.dtype != input.dtype):
+        reason = "an addend of another shape or dtype than the input"
+    if reason is not None or not _shape_ok(input, vectors):
+        if reason is not None:
+            _warn_once(reason)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch.relu(y if addend is None else y + addend)
+    out, _, _, _, new_mean, new_var = torch.ops.bnfast.fused_batch_norm(
+        input, addend, weight, bias, running_mean, running_var, training, momentum, eps)
+    if training and running_mean is not None:
+        _write_back(running_mean, running_var, new_mean, new_var)
+    return out
