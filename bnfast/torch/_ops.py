@@ -80,7 +80,8 @@ def _fake_forward(input, training, running_mean, running_var):
 def batch_norm(input: Tensor, weight: "Tensor | None", bias: "Tensor | None",
                running_mean: "Tensor | None", running_var: "Tensor | None", training: bool,
                momentum: float, eps: float) -> "tuple[Tensor, Tensor, Tensor, Tensor, Tensor]":
-    """Batch normalization; returns (out, save_mean, save_invstd, new_running_mean, new_running_var)."""
+    """Batch normalization; returns
+    (out, save_mean, save_invstd, new_running_mean, new_running_var)."""
     out, mean, invstd, _, new_mean, new_var = _forward(
         input, None, weight, bias, running_mean, running_var, training, momentum, eps, False)
     return out, mean, invstd, new_mean, new_var

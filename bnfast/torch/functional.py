@@ -16,7 +16,7 @@ from ._tensors import DTYPES, vector_dtype_ok
 
 __all__ = ["batch_norm", "fused_batch_norm"]
 
-_warned = set()
+_warned: "set[str]" = set()  # fallback reasons already warned about
 
 
 def _fallback_reason(input, vectors, eps, training):
