@@ -27,6 +27,18 @@ def dtype(request):
     return request.param
 
 
+@pytest.fixture(params=["eager", "dispatched"])
+def path(request):
+    """Plain eager calls take the kernels' direct road; under a dispatch mode (here torch's
+    FLOP counter) the functional layer goes through the ``torch.ops.bnfast`` operators."""
+    if request.param == "eager":
+        yield
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):
+        yield
+
+
 def _tensor(shape, dtype, fmt="contiguous", seed=0):
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
@@ -59,7 +71,7 @@ def _close(actual, expected, dtype):
 # -- forward and backward vs torch ---------------------------------------------------------
 @pytest.mark.parametrize("shape, fmt", CASES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batch_norm_matches_torch(shape, fmt, training, dtype):
+def test_batch_norm_matches_torch(shape, fmt, training, dtype, path):
     x = _tensor(shape, dtype, fmt)
     w, b, rm, rv = _vectors(shape[1], dtype)
     rm2, rv2 = rm.clone(), rv.clone()
@@ -81,7 +93,7 @@ def test_batch_norm_matches_torch(shape, fmt, training, dtype):
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_output_keeps_memory_format(fmt, dtype):
+def test_output_keeps_memory_format(fmt, dtype, path):
     x = _tensor((2, 3, 4, 5), dtype, fmt).requires_grad_()
     y = bt.batch_norm(x, None, None, training=True)
     assert y.stride() == x.stride()
@@ -114,7 +126,7 @@ def test_kernel_layout_agrees_with_core(shape, fmt):
     assert kernel_layout(x) == _layout.kernel_layout(x.numpy())
 
 
-def test_running_buffers_written_in_place(dtype):
+def test_running_buffers_written_in_place(dtype, path):
     x = _tensor((4, 3, 5), dtype)
     w, b, rm, rv = _vectors(3, dtype)
     ptr, version = rm.data_ptr(), rm._version
@@ -125,7 +137,7 @@ def test_running_buffers_written_in_place(dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("addend", [True, False], ids=["addend", "no_addend"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fused_matches_torch(shape, addend, training, dtype):
+def test_fused_matches_torch(shape, addend, training, dtype, path):
     x = _tensor(shape, dtype)
     a = _tensor(shape, dtype, seed=3) if addend else None
     w, b, rm, rv = _vectors(shape[1], dtype)
@@ -148,7 +160,7 @@ def test_fused_matches_torch(shape, addend, training, dtype):
             _close(ours.grad, theirs.grad, dtype)
 
 
-def test_fused_channels_last_backward(dtype):
+def test_fused_channels_last_backward(dtype, path):
     # The mask is packed in the input's memory order; backward reads it in that order.
     x = _tensor((3, 4, 5, 6), dtype, "channels_last").requires_grad_()
     a = _tensor((3, 4, 5, 6), dtype, "contiguous", seed=2).requires_grad_()

@@ -43,12 +43,17 @@ def _empty(like):
     return like.new_empty(0)
 
 
-def _forward(input, addend, weight, bias, running_mean, running_var, training, momentum, eps,
-             relu):
-    """The shared body of both forwards: one validation and one compiled call."""
+def forward_kernel(input, addend, weight, bias, running_mean, running_var, training, momentum,
+                   eps, relu, in_place=False):
+    """The body of both forwards: one validation and one compiled call.
+
+    Returns ``(out, save_mean, save_invstd, relu_bits or None, new_running_mean,
+    new_running_var)``.  The running buffers are updated in place with
+    ``in_place`` (then returned themselves), else in copies (the ops are functional).
+    """
     out = torch.empty_like(input)
     update = training and running_mean is not None
-    if update:  # the op is functional: the caller's buffers are not written
+    if update and not in_place:
         running_mean, running_var = running_mean.clone(), running_var.clone()
     x = check_input(as_numpy(input))
     momentum = check_momentum(momentum) if training else 0.0
@@ -82,7 +87,7 @@ def batch_norm(input: Tensor, weight: "Tensor | None", bias: "Tensor | None",
                momentum: float, eps: float) -> "tuple[Tensor, Tensor, Tensor, Tensor, Tensor]":
     """Batch normalization; returns
     (out, save_mean, save_invstd, new_running_mean, new_running_var)."""
-    out, mean, invstd, _, new_mean, new_var = _forward(
+    out, mean, invstd, _, new_mean, new_var = forward_kernel(
         input, None, weight, bias, running_mean, running_var, training, momentum, eps, False)
     return out, mean, invstd, new_mean, new_var
 
@@ -100,7 +105,7 @@ def fused_batch_norm(input: Tensor, addend: "Tensor | None", weight: "Tensor | N
                      ) -> "tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]":
     """``relu(bn(input) + addend)``; returns (out, save_mean, save_invstd, relu_bits,
     new_running_mean, new_running_var): the ReLU's mask packed 1 bit per value."""
-    return _forward(input, addend, weight, bias, running_mean, running_var, training, momentum,
+    return forward_kernel(input, addend, weight, bias, running_mean, running_var, training, momentum,
                     eps, True)
 
 
@@ -134,19 +139,38 @@ def _vector(value, input, weight):
     return torch.from_numpy(value).to(_vector_dtype(input, weight))
 
 
+def backward_kernel(grad_output, input, relu_bits, relu_layout, weight, save_mean, save_invstd,
+                    training, eps, mask):
+    """The body of both backwards (``relu_bits`` None: the plain one); ``mask``: 4 bools
+    (input, weight, bias, addend).  Returns (gx, gw, gb, ga), empty where not asked for."""
+    gx = torch.empty_like(input) if mask[0] else _empty(input)
+    ga = torch.empty_like(input) if mask[3] else _empty(input)
+    args = (as_numpy(input), as_numpy(weight), as_numpy(save_mean), as_numpy(save_invstd),
+            training, eps)
+    out = as_numpy(gx) if mask[0] else None
+    nt = torch.get_num_threads()
+    if relu_bits is None:
+        _, w, b = _backward.batch_norm_backward(as_numpy(grad_output), *args,
+                                                output_mask=mask[:3], out=out, n_threads=nt)
+    else:
+        relu = _backward.ReluMask(as_numpy(relu_bits), tuple(input.shape), relu_layout)
+        x, weight_np, mean, invstd, training, eps = args
+        _, w, b, _ = _backward.fused_batch_norm_backward(
+            as_numpy(grad_output), x, relu, weight_np, mean, invstd, training, eps,
+            output_mask=mask, out=out, addend_out=as_numpy(ga) if mask[3] else None,
+            n_threads=nt)
+    return gx, _vector(w, input, weight), _vector(b, input, weight), ga
+
+
 @torch.library.custom_op("bnfast::batch_norm_backward", mutates_args=(), device_types="cpu")
 def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: "Tensor | None",
                         save_mean: Tensor, save_invstd: Tensor, training: bool, eps: float,
                         output_mask: "list[bool]") -> "tuple[Tensor, Tensor, Tensor]":
     """(grad_input, grad_weight, grad_bias) of ``bnfast::batch_norm``; an empty tensor
     for each gradient ``output_mask`` does not ask for."""
-    mask = tuple(bool(m) for m in output_mask)
-    gx = torch.empty_like(input) if mask[0] else _empty(input)
-    _, w, b = _backward.batch_norm_backward(
-        as_numpy(grad_output), as_numpy(input), as_numpy(weight), as_numpy(save_mean),
-        as_numpy(save_invstd), training, eps, output_mask=mask,
-        out=as_numpy(gx) if mask[0] else None, n_threads=torch.get_num_threads())
-    return gx, _vector(w, input, weight), _vector(b, input, weight)
+    mask = tuple(bool(m) for m in output_mask) + (False,)
+    return backward_kernel(grad_output, input, None, 0, weight, save_mean, save_invstd,
+                           training, eps, mask)[:3]
 
 
 @batch_norm_backward.register_fake
@@ -165,16 +189,8 @@ def fused_batch_norm_backward(grad_output: Tensor, input: Tensor, relu_bits: Ten
 
     ``relu_bits`` is the forward's mask, in the memory order ``relu_layout``
     (``bnfast._layout.Layout``) of the forward's input."""
-    mask = tuple(bool(m) for m in output_mask)
-    gx = torch.empty_like(input) if mask[0] else _empty(input)
-    ga = torch.empty_like(input) if mask[3] else _empty(input)
-    relu = _backward.ReluMask(as_numpy(relu_bits), tuple(input.shape), relu_layout)
-    _, w, b, _ = _backward.fused_batch_norm_backward(
-        as_numpy(grad_output), as_numpy(input), relu, as_numpy(weight), as_numpy(save_mean),
-        as_numpy(save_invstd), training, eps, output_mask=mask,
-        out=as_numpy(gx) if mask[0] else None, addend_out=as_numpy(ga) if mask[3] else None,
-        n_threads=torch.get_num_threads())
-    return gx, _vector(w, input, weight), _vector(b, input, weight), ga
+    return backward_kernel(grad_output, input, relu_bits, relu_layout, weight, save_mean,
+                           save_invstd, training, eps, tuple(bool(m) for m in output_mask))
 
 
 @fused_batch_norm_backward.register_fake

@@ -6,12 +6,18 @@ viewed as NumPy arrays (contiguous, ``channels_last`` and ``channels_last_3d``
 memory without a copy; other strides are copied once by the core).
 Everything else (another device, a sparse or mkldnn layout, another dtype,
 ``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
+
+In plain eager mode the same kernel bodies run under a plain autograd
+Function (:mod:`._eager`: the dispatcher round trip costs more than the
+kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
+fake tensors, modes, subclasses) go through ``torch.ops.bnfast``.
 """
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from . import _eager
 from ._tensors import DTYPES, vector_dtype_ok
 
 __all__ = ["batch_norm", "fused_batch_norm"]
@@ -106,6 +112,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             _warn_once(reason)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
+    if _eager.eager(input, *vectors):
+        return _eager.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                 momentum, eps)
     out, _, _, new_mean, new_var = torch.ops.bnfast.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps)
     if training and running_mean is not None:
@@ -140,6 +149,9 @@ def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, a
             _warn_once(reason)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(y if addend is None else y + addend)
+    if _eager.eager(input, addend, *vectors):
+        return _eager.fused_batch_norm(input, addend, weight, bias, running_mean, running_var,
+                                       training, momentum, eps)
     out, _, _, _, new_mean, new_var = torch.ops.bnfast.fused_batch_norm(
         input, addend, weight, bias, running_mean, running_var, training, momentum, eps)
     if training and running_mean is not None:
