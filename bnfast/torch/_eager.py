@@ -10,7 +10,10 @@ transform, plain tensors) the functional layer calls the same kernel bodies
 Functions instead, and updates the running buffers in place.  Everything
 else (tracing, fake tensors, subclasses) goes through ``torch.ops.bnfast``.
 """
+import contextlib
+
 import torch
+from torch.autograd import profiler
 
 from ._ops import backward_kernel, forward_kernel
 from ._tensors import kernel_layout
@@ -32,6 +35,14 @@ def eager(input, *tensors):
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def _profiled(name):
+    """A profiler label where the dispatcher would have recorded the op (only while a
+    profiler runs: a record_function costs microseconds)."""
+    if profiler._is_profiler_enabled:
+        return profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 def _bump(running_mean, running_var):
     # Written through NumPy views: tell autograd, as an in-place torch op would.
     torch.autograd.graph.increment_version(running_mean)
@@ -41,9 +52,10 @@ def _bump(running_mean, running_var):
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        out, mean, invstd, _, _, _ = forward_kernel(input, None, weight, bias, running_mean,
-                                                    running_var, training, momentum, eps,
-                                                    False, True)
+        with _profiled("bnfast::batch_norm"):
+            out, mean, invstd, _, _, _ = forward_kernel(input, None, weight, bias, running_mean,
+                                                        running_var, training, momentum, eps,
+                                                        False, True)
         if training and running_mean is not None:
             _bump(running_mean, running_var)
         ctx.save_for_backward(input, weight, mean, invstd)
@@ -55,8 +67,9 @@ class _BatchNorm(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = (need[0], need[1], need[2], False)
-        gx, gw, gb, _ = backward_kernel(grad, input, None, 0, weight, mean, invstd,
-                                        ctx.training, ctx.eps, mask)
+        with _profiled("bnfast::batch_norm_backward"):
+            gx, gw, gb, _ = backward_kernel(grad, input, None, 0, weight, mean, invstd,
+                                            ctx.training, ctx.eps, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, None, None)
 
@@ -65,9 +78,10 @@ class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, addend, weight, bias, running_mean, running_var, training, momentum,
                 eps):
-        out, mean, invstd, bits, _, _ = forward_kernel(input, addend, weight, bias,
-                                                       running_mean, running_var, training,
-                                                       momentum, eps, True, True)
+        with _profiled("bnfast::fused_batch_norm"):
+            out, mean, invstd, bits, _, _ = forward_kernel(input, addend, weight, bias,
+                                                           running_mean, running_var, training,
+                                                           momentum, eps, True, True)
         if training and running_mean is not None:
             _bump(running_mean, running_var)
         ctx.save_for_backward(input, weight, mean, invstd, bits)
@@ -80,8 +94,9 @@ class _FusedBatchNorm(torch.autograd.Function):
         input, weight, mean, invstd, bits = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = (need[0], need[2], need[3], need[1])
-        gx, gw, gb, ga = backward_kernel(grad, input, bits, ctx.relu_layout, weight, mean,
-                                         invstd, ctx.training, ctx.eps, mask)
+        with _profiled("bnfast::fused_batch_norm_backward"):
+            gx, gw, gb, ga = backward_kernel(grad, input, bits, ctx.relu_layout, weight, mean,
+                                             invstd, ctx.training, ctx.eps, mask)
         return (gx if mask[0] else None, ga if mask[3] else None, gw if mask[1] else None,
                 gb if mask[2] else None, None, None, None, None, None)
 
@@ -95,8 +110,9 @@ def batch_norm(input, weight, bias, running_mean, running_var, training, momentu
     if _needs_grad(input, weight, bias):
         return _BatchNorm.apply(input, weight, bias, running_mean, running_var, training,
                                 momentum, eps)
-    out = forward_kernel(input, None, weight, bias, running_mean, running_var, training,
-                         momentum, eps, False, True)[0]
+    with _profiled("bnfast::batch_norm"):
+        out = forward_kernel(input, None, weight, bias, running_mean, running_var, training,
+                             momentum, eps, False, True)[0]
     if training and running_mean is not None:
         _bump(running_mean, running_var)
     return out
@@ -108,8 +124,9 @@ def fused_batch_norm(input, addend, weight, bias, running_mean, running_var, tra
     if _needs_grad(input, addend, weight, bias):
         return _FusedBatchNorm.apply(input, addend, weight, bias, running_mean, running_var,
                                      training, momentum, eps)
-    out = forward_kernel(input, addend, weight, bias, running_mean, running_var, training,
-                         momentum, eps, True, True)[0]
+    with _profiled("bnfast::fused_batch_norm"):
+        out = forward_kernel(input, addend, weight, bias, running_mean, running_var, training,
+                             momentum, eps, True, True)[0]
     if training and running_mean is not None:
         _bump(running_mean, running_var)
     return out

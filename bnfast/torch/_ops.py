@@ -105,8 +105,8 @@ def fused_batch_norm(input: Tensor, addend: "Tensor | None", weight: "Tensor | N
                      ) -> "tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]":
     """``relu(bn(input) + addend)``; returns (out, save_mean, save_invstd, relu_bits,
     new_running_mean, new_running_var): the ReLU's mask packed 1 bit per value."""
-    return forward_kernel(input, addend, weight, bias, running_mean, running_var, training, momentum,
-                    eps, True)
+    return forward_kernel(input, addend, weight, bias, running_mean, running_var, training,
+                          momentum, eps, True)
 
 
 @fused_batch_norm.register_fake
