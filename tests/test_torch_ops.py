@@ -93,12 +93,19 @@ def test_batch_norm_matches_torch(shape, fmt, training, dtype, path):
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_output_keeps_memory_format(fmt, dtype, path):
-    x = _tensor((2, 3, 4, 5), dtype, fmt).requires_grad_()
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 1, 1), (3, 64, 80, 80)], ids=str)
+def test_output_keeps_memory_format(shape, fmt, dtype, path):
+    # (3, 64, 80, 80): outputs of 4 MiB and more are allocated by NumPy, same strides.
+    x = _tensor(shape, dtype, fmt).requires_grad_()
+    a = _tensor(shape, dtype, fmt, seed=2)
     y = bt.batch_norm(x, None, None, training=True)
-    assert y.stride() == x.stride()
-    y.backward(torch.ones_like(y))
+    expected = F.batch_norm(x.detach(), None, None, training=True)
+    assert y.stride() == expected.stride() == x.stride()
+    _close(y, expected, dtype)
+    y.backward(a)
     assert x.grad.stride() == x.stride()
+    z = bt.fused_batch_norm(x, None, None, addend=a, training=True)
+    assert z.stride() == x.stride()
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "channels_last_3d"])

@@ -112,7 +112,7 @@ def batch_norm(input, weight, bias, running_mean, running_var, training, momentu
                                 momentum, eps)
     with _profiled("bnfast::batch_norm"):
         out = forward_kernel(input, None, weight, bias, running_mean, running_var, training,
-                             momentum, eps, False, True)[0]
+                             momentum, eps, False, True, False)[0]
     if training and running_mean is not None:
         _bump(running_mean, running_var)
     return out
@@ -126,7 +126,7 @@ def fused_batch_norm(input, addend, weight, bias, running_mean, running_var, tra
                                      training, momentum, eps)
     with _profiled("bnfast::fused_batch_norm"):
         out = forward_kernel(input, addend, weight, bias, running_mean, running_var, training,
-                             momentum, eps, True, True)[0]
+                             momentum, eps, True, True, False)[0]
     if training and running_mean is not None:
         _bump(running_mean, running_var)
     return out

@@ -21,8 +21,9 @@ formulas on operators that declare mutated arguments
 operator"); this is its own recipe, as ``aten::_native_batch_norm_legit_functional``.
 
 Tensors are handed to the core as NumPy views (``Tensor.numpy()``): outputs
-are allocated by torch (``empty_like``: the strides the fake promises) and
-written by the kernels in place.  ``save_mean``/``save_invstd`` are float64,
+are allocated with the strides the fake promises (``empty_like``'s; large
+ones in NumPy's memory, see ``_tensors.empty_like``) and written by the
+kernels in place.  ``save_mean``/``save_invstd`` are float64,
 as the core computes them.  Threads: ``torch.get_num_threads()``.
 """
 import torch
@@ -30,7 +31,7 @@ import torch
 from .. import backward as _backward
 from .. import functional as _functional
 from .._validation import check_forward, check_input, check_momentum
-from ._tensors import as_numpy, kernel_layout
+from ._tensors import as_numpy, empty_like, kernel_layout
 
 __all__ = ["batch_norm", "batch_norm_backward", "fused_batch_norm", "fused_batch_norm_backward"]
 
@@ -44,30 +45,41 @@ def _empty(like):
 
 
 def forward_kernel(input, addend, weight, bias, running_mean, running_var, training, momentum,
-                   eps, relu, in_place=False):
+                   eps, relu, in_place=False, want_stats=True):
     """The body of both forwards: one validation and one compiled call.
 
-    Returns ``(out, save_mean, save_invstd, relu_bits or None, new_running_mean,
-    new_running_var)``.  The running buffers are updated in place with
-    ``in_place`` (then returned themselves), else in copies (the ops are functional).
+    Returns ``(out, save_mean, save_invstd, relu_bits, new_running_mean,
+    new_running_var)``, None for what is not computed (statistics without
+    ``want_stats``, bits without ``relu``).  The running buffers are updated
+    in place with ``in_place`` (the new ones are then None), else in copies
+    (the operators are functional).
     """
-    out = torch.empty_like(input)
-    update = training and running_mean is not None
-    if update and not in_place:
+    out = empty_like(input)
+    update = training and running_mean is not None and not in_place
+    if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
     x = check_input(as_numpy(input))
     momentum = check_momentum(momentum) if training else 0.0
     rm, rv, w, b, eps, a, y, nt = check_forward(
         x, as_numpy(running_mean), as_numpy(running_var), as_numpy(weight), as_numpy(bias),
         training, eps, as_numpy(addend), as_numpy(out), torch.get_num_threads())
+    want_mask = relu and want_stats
     _, coef, mask, _ = _functional.normalize(x, rm, rv, w, b, training, momentum, eps, a, relu,
-                                             y, nt, True, relu, None)
-    # Outputs of an op may not share memory: invstd is copied out of the (4, C) table.
-    mean, invstd = torch.from_numpy(coef[0]), torch.from_numpy(coef[1].copy())
-    bits = torch.from_numpy(mask.bits) if relu else None
+                                             y, nt, want_stats, want_mask, None)
+    mean = invstd = bits = None
+    if want_stats:
+        # Outputs of an op may not share memory: invstd is copied out of the (4, C) table.
+        mean, invstd = torch.from_numpy(coef[0]), torch.from_numpy(coef[1].copy())
+    if want_mask:
+        bits = torch.from_numpy(mask.bits)
     if not update:
-        running_mean, running_var = _empty(input), _empty(input)
+        running_mean = running_var = None
     return out, mean, invstd, bits, running_mean, running_var
+
+
+def _filled(outputs, input):
+    """Operator outputs: an empty tensor for each None (an op returns tensors)."""
+    return tuple(_empty(input) if t is None else t for t in outputs)
 
 
 def _fake_forward(input, training, running_mean, running_var):
@@ -89,7 +101,7 @@ def batch_norm(input: Tensor, weight: "Tensor | None", bias: "Tensor | None",
     (out, save_mean, save_invstd, new_running_mean, new_running_var)."""
     out, mean, invstd, _, new_mean, new_var = forward_kernel(
         input, None, weight, bias, running_mean, running_var, training, momentum, eps, False)
-    return out, mean, invstd, new_mean, new_var
+    return _filled((out, mean, invstd, new_mean, new_var), input)
 
 
 @batch_norm.register_fake
@@ -105,8 +117,8 @@ def fused_batch_norm(input: Tensor, addend: "Tensor | None", weight: "Tensor | N
                      ) -> "tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]":
     """``relu(bn(input) + addend)``; returns (out, save_mean, save_invstd, relu_bits,
     new_running_mean, new_running_var): the ReLU's mask packed 1 bit per value."""
-    return forward_kernel(input, addend, weight, bias, running_mean, running_var, training,
-                          momentum, eps, True)
+    return _filled(forward_kernel(input, addend, weight, bias, running_mean, running_var,
+                                  training, momentum, eps, True), input)
 
 
 @fused_batch_norm.register_fake
@@ -133,18 +145,20 @@ def _fake_grads(input, weight, mask):
 
 
 def _vector(value, input, weight):
-    """A core (C,) gradient (input's dtype) as the op returns it."""
+    """A core (C,) gradient (input's dtype) in the parameters' dtype, or None."""
     if value is None:
-        return _empty(input)
-    return torch.from_numpy(value).to(_vector_dtype(input, weight))
+        return None
+    grad = torch.from_numpy(value)
+    dtype = _vector_dtype(input, weight)
+    return grad if grad.dtype is dtype else grad.to(dtype)
 
 
 def backward_kernel(grad_output, input, relu_bits, relu_layout, weight, save_mean, save_invstd,
                     training, eps, mask):
     """The body of both backwards (``relu_bits`` None: the plain one); ``mask``: 4 bools
-    (input, weight, bias, addend).  Returns (gx, gw, gb, ga), empty where not asked for."""
-    gx = torch.empty_like(input) if mask[0] else _empty(input)
-    ga = torch.empty_like(input) if mask[3] else _empty(input)
+    (input, weight, bias, addend).  Returns (gx, gw, gb, ga), None where not asked for."""
+    gx = empty_like(input) if mask[0] else None
+    ga = empty_like(input) if mask[3] else None
     args = (as_numpy(input), as_numpy(weight), as_numpy(save_mean), as_numpy(save_invstd),
             training, eps)
     out = as_numpy(gx) if mask[0] else None
@@ -169,8 +183,8 @@ def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: "Tensor | No
     """(grad_input, grad_weight, grad_bias) of ``bnfast::batch_norm``; an empty tensor
     for each gradient ``output_mask`` does not ask for."""
     mask = tuple(bool(m) for m in output_mask) + (False,)
-    return backward_kernel(grad_output, input, None, 0, weight, save_mean, save_invstd,
-                           training, eps, mask)[:3]
+    return _filled(backward_kernel(grad_output, input, None, 0, weight, save_mean, save_invstd,
+                                   training, eps, mask)[:3], input)
 
 
 @batch_norm_backward.register_fake
@@ -189,8 +203,9 @@ def fused_batch_norm_backward(grad_output: Tensor, input: Tensor, relu_bits: Ten
 
     ``relu_bits`` is the forward's mask, in the memory order ``relu_layout``
     (``bnfast._layout.Layout``) of the forward's input."""
-    return backward_kernel(grad_output, input, relu_bits, relu_layout, weight, save_mean,
-                           save_invstd, training, eps, tuple(bool(m) for m in output_mask))
+    return _filled(backward_kernel(grad_output, input, relu_bits, relu_layout, weight,
+                                   save_mean, save_invstd, training, eps,
+                                   tuple(bool(m) for m in output_mask)), input)
 
 
 @fused_batch_norm_backward.register_fake

@@ -42,11 +42,37 @@ def as_numpy(tensor):
     """A NumPy view of a CPU tensor (same memory, same strides), or None for None."""
     if tensor is None:
         return None
-    if tensor.requires_grad:  # the ops run below autograd; .numpy() refuses grad tensors
-        tensor = tensor.detach()
+    try:  # the common case first: this runs for every tensor of every call
+        return tensor.numpy()
+    except (RuntimeError, TypeError):
+        pass
+    # A tensor that requires grad while grad mode is on, or one NumPy has no dtype for.
+    tensor = tensor.detach()
     if tensor.dtype is torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(_BF16)
     return tensor.numpy()
+
+
+# From this size on, outputs are allocated by NumPy (see empty_like).
+_NUMPY_ALLOC_BYTES = 1 << 22
+_DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def empty_like(tensor):
+    """``torch.empty_like(tensor)`` (same strides for a contiguous or channels-last tensor).
+
+    Large ones (4 MiB and up) take their memory from NumPy, which asks the
+    kernel for transparent huge pages: torch's allocator maps fresh 4 KiB pages
+    for every large tensor, and faulting them in costs more than the batch norm
+    itself (a 100 MB eval output: 36 ms with torch's memory, 11 ms with NumPy's).
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < _NUMPY_ALLOC_BYTES or not (
+            tensor.is_contiguous() or tensor.dim() in _DENSE_FORMATS
+            and tensor.is_contiguous(memory_format=_DENSE_FORMATS[tensor.dim()])):
+        return torch.empty_like(tensor)
+    memory = torch.from_numpy(np.empty(nbytes, np.uint8)).view(tensor.dtype)
+    return memory.as_strided(tensor.shape, tensor.stride())
 
 
 def vector_dtype_ok(vector, input_dtype):

@@ -26,17 +26,18 @@ _warned: "set[str]" = set()  # fallback reasons already warned about
 
 
 def _fallback_reason(input, vectors, eps, training):
-    """Why torch's op must run instead of ours, or None."""
-    if input.device.type != "cpu" or any(v is not None and v.device.type != "cpu"
-                                         for v in vectors):
-        return f"tensors on {input.device.type}"
+    """Why torch's op must run instead of ours, or None (cheap checks first: per call)."""
+    dtype = input.dtype
+    if not input.is_cpu or not all(v is None or v.is_cpu for v in vectors):
+        devices = {t.device.type for t in (input,) + vectors if t is not None and not t.is_cpu}
+        return "tensors on " + ", ".join(sorted(devices))
     if input.layout is not torch.strided:
         return f"layout {input.layout}"
-    if input.dtype not in DTYPES:
-        return f"dtype {input.dtype}"
-    if not all(vector_dtype_ok(v, input.dtype) for v in vectors):
+    if dtype not in DTYPES:
+        return f"dtype {dtype}"
+    if not all(v is None or v.dtype is dtype or vector_dtype_ok(v, dtype) for v in vectors):
         dtypes = ", ".join(str(v.dtype) for v in vectors if v is not None)
-        return f"parameters or buffers of dtype {dtypes} with {input.dtype} input"
+        return f"parameters or buffers of dtype {dtypes} with {dtype} input"
     if not training and eps <= 0.0:
         return "eps == 0 (bnfast needs eps > 0)"
     return None
@@ -52,7 +53,10 @@ def _warn_once(reason):
 
 def _shape_ok(input, vectors):
     """Shapes our op takes; anything else goes to torch, which raises its own error."""
-    return input.dim() >= 2 and all(v is None or v.shape == (input.shape[1],) for v in vectors)
+    if input.dim() < 2:
+        return False
+    C = input.shape[1]
+    return all(v is None or (v.dim() == 1 and v.shape[0] == C) for v in vectors)
 
 
 def _checks(input, training, eps):
