@@ -34,6 +34,7 @@ from ._modules import (
     FusedBatchNorm2d,
     FusedBatchNorm3d,
 )
+from ._sync import SyncBatchNorm, convert_sync_batchnorm
 from ._tensors import DTYPES
 from .functional import batch_norm, fused_batch_norm
 
@@ -45,8 +46,10 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
+    "convert_sync_batchnorm",
     "fuse",
     "fused_batch_norm",
     "revert",
