@@ -20,6 +20,7 @@ def test_training_over_gloo_equals_single_process(ranks, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # localhost only, whatever the host's interfaces
     try:
         proc = subprocess.run(
             [sys.executable, os.path.join(HERE, "torch_sync_main.py"), str(ranks), str(tmp_path)],
