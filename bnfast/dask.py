@@ -262,7 +262,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     args = [x] if addend is None else [x, addend]
     return da.map_blocks(_normalize_block, *args, mean=mean, var=var, weight=weight, bias=bias,
                          eps=eps, relu=bool(relu), n_threads=n_threads, dtype=x.dtype,
-                         meta=np.empty((0,) * x.ndim, x.dtype), name="bnfast-batch-norm")
+                         meta=np.empty((0,) * x.ndim, x.dtype), token="bnfast-batch-norm")
 
 
 def _normalize_block(block, addend=None, *, mean, var, weight, bias, eps, relu, n_threads,

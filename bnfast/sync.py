@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from . import _forward, _layout
+from . import _backward, _forward, _layout
 from . import functional as F
 from ._records import Record, merge, running_update
 from ._threads import resolve_threads
@@ -215,7 +215,8 @@ class SyncBatchNorm(_BatchNorm):
             if out is not None:
                 out = check_out(out, saved.input)
             dy = _layout.to_layout(dy, saved.layout)
-            _local_sums(saved.input, dy, saved.mean, saved.layout, sums)
+            _local_sums(saved.input, dy, saved.mean, saved.layout, sums,
+                        resolve_threads(self.n_threads))
             sums[2 * C] = saved.local_count
         except Exception:
             sums[:] = 0.0
@@ -263,16 +264,26 @@ def _local_record(x, layout, nt):
 
 
 # -- the backward's arithmetic ------------------------------------------------------
-# FIRST VERSION in NumPy: the compiled backward computes the per-channel sums from
-# the local batch and uses them at once; SyncBatchNorm needs them reduced over the
-# ranks in between.  The sums are taken in float64 here, and the elementwise pass
-# repeats the kernel's storage-type arithmetic (src/_backward.pyx, pass 2), so the
-# bits match a single-process backward given the same sums.  A compiled entry that
-# returns the sums and one that takes them would remove the temporaries.
+# FIRST VERSION, partly in NumPy: the compiled backward computes the per-channel
+# sums from the local batch and uses them at once; SyncBatchNorm needs them
+# reduced over the ranks in between.  The sums are float64: for float64 data the
+# compiled pass 1 itself computes them; for float32 data NumPy does (its float64
+# temporaries cost most of a step).  The elementwise pass repeats the kernel's
+# storage-type arithmetic (src/_backward.pyx, pass 2) in NumPy, so the bits match a
+# single-process backward given the same sums.  A compiled entry that returns the
+# sums and one that takes them would make the step cost what BatchNorm's does.
 
-def _local_sums(x, dy, mean, layout, sums):
+def _local_sums(x, dy, mean, layout, sums, n_threads=1):
     """``sums[:C] = sum(dy)``, ``sums[C:2C] = sum((x - mean) * dy)`` per channel, float64."""
     C = x.shape[1]
+    if x.dtype == np.float64:
+        # The compiled pass 1, exactly: grad_bias is sum_dy and, with invstd 1 and no
+        # weight, grad_weight is sum_xdy (float64 outputs: not rounded).
+        sum_xdy, sum_dy = _backward.backward(x, dy, None, mean, np.ones(C), None, None, None,
+                                             True, True, layout, False, False, n_threads)
+        sums[:C] = sum_dy
+        sums[C:2 * C] = sum_xdy
+        return
     xv = _layout.kernel_view(x, layout)
     dyv = _layout.kernel_view(dy, layout)
     if xv.ndim == 3:  # (N, C, S)

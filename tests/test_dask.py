@@ -178,3 +178,17 @@ def test_missing_dask_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert 'pip install "bnfast[dask]"' in out
+
+
+def test_two_normalisations_in_one_graph(rng, dtype):
+    """Each call has keys of its own: computed together, neither overwrites the other."""
+    x = make_input(rng, (8, 3, 4), dtype)
+    dx = da.from_array(x, chunks=(4, 3, 2))
+    rm, rv = make_running(rng, 3, dtype)
+    y_eval = bdask.batch_norm(dx, rm, rv)
+    y_train = bdask.batch_norm(dx, training=True)
+    y_eval2 = bdask.batch_norm(dx, rm + 1, rv)
+    a, b, c = dask.compute(y_eval, y_train, y_eval2)
+    assert_same(a, bnfast.batch_norm(x, rm, rv))
+    assert_same(c, bnfast.batch_norm(x, rm + 1, rv))
+    assert_split_equal(b, bnfast.batch_norm(x, None, None, training=True), dtype)

@@ -88,7 +88,7 @@ class _SyncFunction(torch.autograd.Function):
         C = x.shape[1]
         dy = _layout.to_layout(as_numpy(grad), layout)
         sums = np.empty(2 * C + 1)
-        _sync._local_sums(x, dy, mean, layout, sums)
+        _sync._local_sums(x, dy, mean, layout, sums, torch.get_num_threads())
         sums[2 * C] = local_count
         total = torch.from_numpy(sums.copy())
         dist.all_reduce(total, group=ctx.group)
