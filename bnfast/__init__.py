@@ -13,6 +13,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, fre
 from .functional import batch_norm, fused_batch_norm
 from .fused import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     "BatchNorm1d",
@@ -25,13 +26,16 @@ __all__ = [
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
     "ReluMask",
+    "SyncBatchNorm",
     "batch_norm",
     "batch_norm_backward",
+    "convert_sync_batchnorm",
     "freeze",
     "fused_batch_norm",
     "fused_batch_norm_backward",
     "no_grad",
     "openmp_enabled",
     "relu_mask",
+    "revert_sync_batchnorm",
     "show_config",
 ]

@@ -1,0 +1,89 @@
+"""``torch.nn.BatchNorm1d/2d/3d`` subclasses whose forward runs bnfast's operators.
+
+They add no state: parameters, buffers, ``state_dict`` keys, hooks,
+``.to()`` and optimizers are torch's.  :func:`bnfast.torch.convert` turns a
+torch BatchNorm into one of these by switching its class (the very same
+module, Parameter and buffer objects).
+"""
+import torch
+
+from .functional import batch_norm, fused_batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "FusedBatchNorm1d", "FusedBatchNorm2d", "FusedBatchNorm3d"]
+
+
+def _arguments(module, input):
+    """``F.batch_norm``'s arguments after input, as ``torch.nn.BatchNorm2d.forward`` makes
+    them (and with its side effect: ``num_batches_tracked`` counted in training)."""
+    module._check_input_dim(input)
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(module.num_batches_tracked)
+    # Batch statistics in training, and in evaluation when there are no buffers.
+    batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    tracked = not module.training or module.track_running_stats
+    return (module.running_mean if tracked else None, module.running_var if tracked else None,
+            module.weight, module.bias, batch_stats, factor, module.eps)
+
+
+class _BatchNorm:
+    def forward(self, input):
+        """Normalise ``input`` as torch's BatchNorm does, on bnfast's kernels."""
+        return batch_norm(input, *_arguments(self, input))
+
+
+class _FusedBatchNorm:
+    def forward(self, input, addend=None):
+        """``relu(bn(input) + addend)`` (``addend`` optional, input's shape) in one pass."""
+        rm, rv, w, b, training, factor, eps = _arguments(self, input)
+        return fused_batch_norm(input, rm, rv, w, b, addend, training, factor, eps)
+
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on bnfast's kernels (same constructor and state).
+
+    Examples
+    --------
+    >>> import torch, bnfast.torch
+    >>> bn = bnfast.torch.BatchNorm1d(2)
+    >>> isinstance(bn, torch.nn.BatchNorm1d)
+    True
+    >>> bn(torch.tensor([[1.0, 2.0], [3.0, 6.0]])).detach()
+    tensor([[-1.0000, -1.0000],
+            [ 1.0000,  1.0000]])
+    """
+
+
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on bnfast's kernels; ``channels_last`` input is used in place."""
+
+
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on bnfast's kernels; ``channels_last_3d`` input is used in place."""
+
+
+class FusedBatchNorm1d(_FusedBatchNorm, BatchNorm1d):
+    """``relu(BatchNorm1d(x) + addend)`` in one pass, with autograd.
+
+    Same constructor, parameters and ``state_dict`` as ``torch.nn.BatchNorm1d``.
+
+    Examples
+    --------
+    >>> import torch, bnfast.torch
+    >>> bn = bnfast.torch.FusedBatchNorm1d(2)
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    >>> bn(x, torch.full_like(x, 0.5)).detach()
+    tensor([[0.0000, 0.0000],
+            [1.5000, 1.5000]])
+    """
+
+
+class FusedBatchNorm2d(_FusedBatchNorm, BatchNorm2d):
+    """``relu(BatchNorm2d(x) + addend)`` in one pass (ResNet's block tail), with autograd."""
+
+
+class FusedBatchNorm3d(_FusedBatchNorm, BatchNorm3d):
+    """``relu(BatchNorm3d(x) + addend)`` in one pass, with autograd."""

@@ -1,0 +1,97 @@
+"""Torch tensors as the NumPy arrays bnfast's core takes, without copying.
+
+The dtypes of the drop-in are one table (:data:`DTYPES`): a torch dtype whose
+NumPy counterpart the core accepts.  float16 and bfloat16 join it as soon as
+the core supports them (bfloat16 has no ``Tensor.numpy()``: its bits are
+viewed as int16 and reinterpreted as ``ml_dtypes.bfloat16``).
+"""
+import math
+
+import numpy as np
+import torch
+
+from .._layout import Layout
+from .._validation import SUPPORTED_DTYPES
+
+
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# torch dtype -> NumPy dtype (or None where NumPy has none); filtered below by the core.
+_CANDIDATES = (
+    (torch.float32, np.dtype(np.float32)),
+    (torch.float64, np.dtype(np.float64)),
+    (torch.float16, np.dtype(np.float16)),
+    (torch.bfloat16, _bfloat16()),
+)
+
+#: The torch dtypes bnfast's kernels take (the rest falls back to torch).
+DTYPES = tuple(t for t, n in _CANDIDATES if n is not None and n in SUPPORTED_DTYPES)
+
+# Reduced-precision inputs take float32 parameters and buffers, as torch's CPU kernels do.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_BF16 = dict(_CANDIDATES)[torch.bfloat16]
+
+
+def as_numpy(tensor):
+    """A NumPy view of a CPU tensor (same memory, same strides), or None for None."""
+    if tensor is None:
+        return None
+    try:  # the common case first: this runs for every tensor of every call
+        return tensor.numpy()
+    except (RuntimeError, TypeError):
+        pass
+    # A tensor that requires grad while grad mode is on, or one NumPy has no dtype for.
+    tensor = tensor.detach()
+    if tensor.dtype is torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(_BF16)
+    return tensor.numpy()
+
+
+# From this size on, outputs are allocated by NumPy (see empty_like).
+_NUMPY_ALLOC_BYTES = 1 << 22
+_DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def empty_like(tensor):
+    """``torch.empty_like(tensor)`` (same strides for a contiguous or channels-last tensor).
+
+    Large ones (4 MiB and up) take their memory from NumPy, which asks the
+    kernel for transparent huge pages: torch's allocator maps fresh 4 KiB pages
+    for every large tensor, and faulting them in costs more than the batch norm
+    itself (a 100 MB eval output: 36 ms with torch's memory, 11 ms with NumPy's).
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < _NUMPY_ALLOC_BYTES or not (
+            tensor.is_contiguous() or tensor.dim() in _DENSE_FORMATS
+            and tensor.is_contiguous(memory_format=_DENSE_FORMATS[tensor.dim()])):
+        return torch.empty_like(tensor)
+    memory = torch.from_numpy(np.empty(nbytes, np.uint8)).view(tensor.dtype)
+    return memory.as_strided(tensor.shape, tensor.stride())
+
+
+def vector_dtype_ok(vector, input_dtype):
+    """A (C,) parameter or buffer dtype the kernels take with ``input_dtype``."""
+    return vector is None or vector.dtype is input_dtype or (
+        vector.dtype is torch.float32 and input_dtype in _LOW_PRECISION)
+
+
+def kernel_layout(tensor):
+    """The layout the core processes ``tensor`` in (``bnfast._layout.kernel_layout``,
+    decided from torch strides, so that it also works on fake tensors)."""
+    n, c = tensor.shape[0], tensor.shape[1]
+    spatial = math.prod(tensor.shape[2:])
+    if tensor.is_contiguous():  # one value per (sample, channel), or empty: rows
+        return Layout.CHANNELS_LAST if tensor.numel() == n * c else Layout.CHANNELS_FIRST
+    ndim = tensor.dim()
+    if ndim > 2 and tensor.permute(0, *range(2, ndim), 1).is_contiguous():
+        return Layout.CHANNELS_LAST
+    if ndim == 2 and tensor.t().is_contiguous():
+        return Layout.CHANNELS_FIRST
+    # Copied by the core, into this layout.
+    return Layout.CHANNELS_LAST if spatial == 1 else Layout.CHANNELS_FIRST

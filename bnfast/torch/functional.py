@@ -1,0 +1,163 @@
+"""``torch.nn.functional.batch_norm`` on bnfast's kernels, with torch's op as the fallback.
+
+CPU tensors of a dtype in :data:`bnfast.torch.DTYPES` (their parameters and
+buffers alike) in torch's strided layout go to the ``bnfast::`` operators,
+viewed as NumPy arrays (contiguous, ``channels_last`` and ``channels_last_3d``
+memory without a copy; other strides are copied once by the core).
+Everything else (another device, a sparse or mkldnn layout, another dtype,
+``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
+
+In plain eager mode the same kernel bodies run under a plain autograd
+Function (:mod:`._eager`: the dispatcher round trip costs more than the
+kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
+fake tensors, modes, subclasses) go through ``torch.ops.bnfast``.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import _eager
+from ._tensors import DTYPES, vector_dtype_ok
+
+__all__ = ["batch_norm", "fused_batch_norm"]
+
+_warned: "set[str]" = set()  # fallback reasons already warned about
+
+
+def _fallback_reason(input, vectors, eps, training):
+    """Why torch's op must run instead of ours, or None (cheap checks first: per call)."""
+    dtype = input.dtype
+    if not input.is_cpu or not all(v is None or v.is_cpu for v in vectors):
+        devices = {t.device.type for t in (input,) + vectors if t is not None and not t.is_cpu}
+        return "tensors on " + ", ".join(sorted(devices))
+    if input.layout is not torch.strided:
+        return f"layout {input.layout}"
+    if dtype not in DTYPES:
+        return f"dtype {dtype}"
+    if not all(v is None or v.dtype is dtype or vector_dtype_ok(v, dtype) for v in vectors):
+        dtypes = ", ".join(str(v.dtype) for v in vectors if v is not None)
+        return f"parameters or buffers of dtype {dtypes} with {dtype} input"
+    if not training and eps <= 0.0:
+        return "eps == 0 (bnfast needs eps > 0)"
+    return None
+
+
+def _warn_once(reason):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"bnfast.torch: {reason} are not supported by bnfast's kernels; "
+                      "running torch's batch_norm instead (warned once)", UserWarning,
+                      stacklevel=3)
+
+
+def _shape_ok(input, vectors):
+    """Shapes our op takes; anything else goes to torch, which raises its own error."""
+    if input.dim() < 2:
+        return False
+    C = input.shape[1]
+    return all(v is None or (v.dim() == 1 and v.shape[0] == C) for v in vectors)
+
+
+def _checks(input, training, eps):
+    # F.batch_norm's own checks, with its messages.
+    if training:
+        size = input.shape
+        if size.numel() == size[1] and input.dim() >= 2:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {size}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _write_back(running_mean, running_var, new_mean, new_var):
+    # The ops return the updated statistics (non-differentiable); this is the mutation
+    # compile and export see.
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """As ``torch.nn.functional.batch_norm``, on bnfast's kernels.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *spatial)
+    running_mean, running_var : Tensor of shape (C,) or None
+        Updated in place in training (``running_var`` with the unbiased
+        batch variance).
+    weight, bias : Tensor of shape (C,) or None
+    training : bool
+        Normalise with the batch's statistics.
+    momentum : float
+    eps : float
+
+    Returns
+    -------
+    Tensor
+        Input's shape, dtype and memory format.
+
+    Examples
+    --------
+    >>> import torch, bnfast.torch
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    >>> bnfast.torch.batch_norm(x, None, None, training=True)
+    tensor([[-1.0000, -1.0000],
+            [ 1.0000,  1.0000]])
+    """
+    vectors = (running_mean, running_var, weight, bias)
+    _checks(input, training, eps)
+    reason = _fallback_reason(input, vectors, eps, training)
+    if reason is not None or not _shape_ok(input, vectors):
+        if reason is not None:
+            _warn_once(reason)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    if _eager.eager(input, *vectors):
+        return _eager.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                 momentum, eps)
+    out, _, _, new_mean, new_var = torch.ops.bnfast.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if training and running_mean is not None:
+        _write_back(running_mean, running_var, new_mean, new_var)
+    return out
+
+
+def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, addend=None,
+                     training=False, momentum=0.1, eps=1e-5):
+    """``relu(batch_norm(input) + addend)`` in one pass (``addend`` optional, input's shape).
+
+    Arguments as :func:`batch_norm`.  The fallback computes it with torch's
+    ops (three passes).
+
+    Examples
+    --------
+    >>> import torch, bnfast.torch
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    >>> bnfast.torch.fused_batch_norm(x, None, None, addend=torch.full_like(x, 0.5),
+    ...                               training=True)
+    tensor([[0.0000, 0.0000],
+            [1.5000, 1.5000]])
+    """
+    vectors = (running_mean, running_var, weight, bias)
+    _checks(input, training, eps)
+    reason = _fallback_reason(input, vectors + (addend,), eps, training)
+    if addend is not None and reason is None and (addend.shape != input.shape
+                                                  or addend.dtype != input.dtype):
+        reason = "an addend of another shape or dtype than the input"
+    if reason is not None or not _shape_ok(input, vectors):
+        if reason is not None:
+            _warn_once(reason)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch.relu(y if addend is None else y + addend)
+    if _eager.eager(input, addend, *vectors):
+        return _eager.fused_batch_norm(input, addend, weight, bias, running_mean, running_var,
+                                       training, momentum, eps)
+    out, _, _, _, new_mean, new_var = torch.ops.bnfast.fused_batch_norm(
+        input, addend, weight, bias, running_mean, running_var, training, momentum, eps)
+    if training and running_mean is not None:
+        _write_back(running_mean, running_var, new_mean, new_var)
+    return out

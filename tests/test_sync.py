@@ -1,0 +1,190 @@
+"""bnfast.SyncBatchNorm's algorithm, with threads standing in for ranks (tests/sync_ranks.py).
+
+The same checks run over real MPI processes in tests/test_sync_mpi.py.
+"""
+import numpy as np
+import pytest
+
+import bnfast
+from conftest import TOL, assert_close, assert_same, make_input
+from sync_ranks import ThreadComm, check_against_single_process, run_ranks
+
+
+def ok(results):
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_equals_single_process_on_the_concatenated_batch(dtype, size, layout):
+    results = ok(run_ranks(size, lambda comm: check_against_single_process(comm, dtype, layout)))
+    # Bit-identical running buffers on every rank.
+    for r in results[1:]:
+        assert_same(r[0], results[0][0])
+        assert_same(r[1], results[0][1])
+    # Parameter gradients are local; summed over ranks they are the whole batch's.
+    gw = sum(r[2].astype(np.float64) for r in results)
+    gb = sum(r[3].astype(np.float64) for r in results)
+    assert_close(gw, results[0][4], dtype)
+    assert_close(gb, results[0][5], dtype)
+
+
+@pytest.mark.parametrize("spatial", [(), (5,), (2, 2, 2)])
+def test_every_input_rank(dtype, spatial):
+    ok(run_ranks(3, lambda comm: check_against_single_process(comm, dtype, spatial=spatial)))
+
+
+def test_cumulative_average_and_empty_ranks(dtype):
+    # momentum=None; ranks 1 and 3 have no samples at all.
+    ok(run_ranks(4, lambda comm: check_against_single_process(
+        comm, dtype, momentum=None, sizes=(4, 0, 3, 0), steps=3)))
+
+
+def test_collectives_and_bytes():
+    C = 6
+
+    def step(comm):
+        m = bnfast.SyncBatchNorm(C, comm=comm, dtype=np.float64)
+        x = np.random.default_rng(comm.rank).standard_normal((3, C, 2))
+        m.backward(np.ones_like(m(x)))
+        m.eval()
+        m(x)  # evaluation: no communication
+        return comm.calls
+
+    for calls in ok(run_ranks(3, step)):
+        assert calls == [("Allgather", (2 * C + 1) * 8), ("Allreduce", (2 * C + 1) * 8)]
+
+
+def test_global_count_of_one_raises_on_every_rank():
+    def step(comm):
+        m = bnfast.SyncBatchNorm(2, comm=comm)
+        x = np.ones((1 if comm.rank == 1 else 0, 2), np.float32)
+        before = m.running_mean.copy(), m.running_var.copy()
+        try:
+            m(x)
+        finally:
+            assert_same(m.running_mean, before[0])
+            assert_same(m.running_var, before[1])
+            assert m.num_batches_tracked == 0
+
+    for r in run_ranks(3, step):
+        assert isinstance(r, ValueError)
+        assert "Expected more than 1 value per channel when training" in str(r)
+
+
+def test_global_count_of_zero_leaves_running_stats():
+    def step(comm):
+        m = bnfast.SyncBatchNorm(2, comm=comm)
+        y = m(np.ones((0, 2, 3), np.float32))
+        gx = m.backward(np.ones_like(y))
+        return y.shape, gx.shape, m.running_mean, m.running_var, int(m.num_batches_tracked)
+
+    for shape, gshape, rm, rv, nbt in ok(run_ranks(2, step)):
+        assert shape == gshape == (0, 2, 3)
+        assert_same(rm, np.zeros(2, np.float32))
+        assert_same(rv, np.ones(2, np.float32))
+        assert nbt == 1
+
+
+def test_a_rejected_input_raises_on_every_rank():
+    def step(comm):
+        m = bnfast.SyncBatchNorm(3, comm=comm)
+        channels = 4 if comm.rank == 2 else 3
+        m(np.ones((2, channels), np.float32))
+
+    results = run_ranks(3, step)
+    assert isinstance(results[2], ValueError) and "3 channels" in str(results[2])
+    for r in results[:2]:
+        assert isinstance(r, RuntimeError) and "rank(s) [2]" in str(r)
+
+
+def test_a_rejected_grad_output_raises_on_every_rank():
+    def step(comm):
+        m = bnfast.SyncBatchNorm(3, comm=comm, dtype=np.float64)
+        y = m(np.random.default_rng(comm.rank).standard_normal((4, 3)))
+        m.backward(np.ones((5, 3)) if comm.rank == 0 else np.ones_like(y))
+
+    results = run_ranks(2, step)
+    assert isinstance(results[0], ValueError) and "grad_output" in str(results[0])
+    assert isinstance(results[1], RuntimeError) and "rejected its grad_output" in str(results[1])
+
+
+def test_evaluation_is_local(dtype):
+    rng = np.random.default_rng(3)
+    x = make_input(rng, (5, 3, 4), dtype)
+
+    def step(comm):
+        m = bnfast.SyncBatchNorm(3, comm=comm, dtype=dtype).eval()
+        m.running_mean[...] = [0.5, -1.0, 2.0]
+        y = m(x)
+        # Without running statistics, eval uses the local batch (as torch's SyncBatchNorm).
+        local = bnfast.SyncBatchNorm(3, comm=comm, dtype=dtype, track_running_stats=False).eval()
+        return y, local(x[comm.rank:]), comm.calls
+
+    for r, (y, y_local, calls) in enumerate(ok(run_ranks(2, step))):
+        assert calls == []
+        plain = bnfast.BatchNorm1d(3, dtype=dtype).eval()
+        plain.running_mean[...] = [0.5, -1.0, 2.0]
+        assert_same(y, plain(x))
+        assert_close(y_local, bnfast.batch_norm(x[r:], None, None, training=True), dtype, TOL)
+
+
+def test_output_and_no_grad(dtype):
+    x = make_input(np.random.default_rng(4), (6, 2), dtype)
+
+    def step(comm):
+        m = bnfast.SyncBatchNorm(2, comm=comm, dtype=dtype)
+        out = np.empty_like(x)
+        y = m(x, out=out)
+        with bnfast.no_grad():
+            m(x)
+        try:
+            m.backward(np.ones_like(x))
+        except RuntimeError as exc:
+            return y is out, str(exc)
+
+    for same, message in ok(run_ranks(2, step)):
+        assert same
+        assert "no_grad" in message
+
+
+def test_input_dims_and_repr():
+    comm = ThreadComm.group(1)[0]
+    m = bnfast.SyncBatchNorm(3, comm=comm)
+    with pytest.raises(ValueError, match=r"expected at least 2D input \(got 1D input\)"):
+        m(np.ones(3, np.float32))
+    assert repr(m).startswith("SyncBatchNorm(3, eps=1e-05")
+    assert set(m.state_dict()) == {"weight", "bias", "running_mean", "running_var",
+                                   "num_batches_tracked"}
+
+
+def test_convert_and_revert_share_arrays():
+    comm = ThreadComm.group(1)[0]
+    bns = [bnfast.BatchNorm1d(2), bnfast.BatchNorm3d(3, affine=False).eval()]
+    converted = bnfast.convert_sync_batchnorm({"a": bns[0], "b": (bns[1], "other")}, comm=comm)
+    a, (b, other) = converted["a"], converted["b"]
+    assert isinstance(a, bnfast.SyncBatchNorm) and isinstance(b, bnfast.SyncBatchNorm)
+    assert other == "other" and a.comm is comm
+    assert a.weight is bns[0].weight and a.running_var is bns[0].running_var
+    assert a.num_batches_tracked is bns[0].num_batches_tracked
+    assert b.weight is None and not b.training
+    back = bnfast.revert_sync_batchnorm([a, b])
+    assert [type(m) for m in back] == [bnfast.BatchNorm1d, bnfast.BatchNorm3d]
+    assert back[0].running_mean is bns[0].running_mean
+    assert type(bnfast.revert_sync_batchnorm(bnfast.SyncBatchNorm(2, comm=comm))) \
+        is bnfast.BatchNorm2d
+    with pytest.raises(TypeError, match="fused"):
+        bnfast.convert_sync_batchnorm(bnfast.FusedBatchNorm2d(2), comm=comm)
+
+
+def test_import_does_not_need_mpi4py():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['mpi4py'] = None; import bnfast\n"
+            "try:\n    bnfast.SyncBatchNorm(2)\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert 'pip install "bnfast[mpi]"' in out

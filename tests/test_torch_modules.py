@@ -1,0 +1,164 @@
+"""bnfast.torch's modules, convert and revert: torch's module surface kept, torch's results."""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnfast.torch as bt  # noqa: E402
+
+nn = torch.nn
+PAIRS = [(nn.BatchNorm1d, bt.BatchNorm1d, (6, 4, 5)), (nn.BatchNorm1d, bt.BatchNorm1d, (6, 4)),
+         (nn.BatchNorm2d, bt.BatchNorm2d, (3, 4, 5, 6)),
+         (nn.BatchNorm3d, bt.BatchNorm3d, (2, 4, 3, 4, 5))]
+DTYPES = (torch.float32, torch.float64)
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+IDS = [f"{p[0].__name__}-{len(p[2])}D" for p in PAIRS]
+
+
+@pytest.fixture(params=DTYPES, ids=str)
+def dtype(request):
+    return request.param
+
+
+def _randomise(module):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in (module.weight, module.bias, module.running_mean):
+            if t is not None:
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) - 0.5)
+        if module.running_var is not None:
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=g,
+                                                dtype=module.running_var.dtype) + 0.5)
+    return module
+
+
+@pytest.mark.parametrize("theirs, ours, shape", PAIRS, ids=IDS)
+@pytest.mark.parametrize("kwargs", [{}, dict(momentum=None), dict(affine=False),
+                                    dict(track_running_stats=False), dict(bias=False)],
+                         ids=["default", "cumulative", "no_affine", "untracked", "no_bias"])
+def test_module_matches_torch(theirs, ours, shape, kwargs, dtype):
+    if "bias" in kwargs and "bias" not in theirs.__init__.__code__.co_varnames:
+        kwargs = {}  # this torch's BatchNorm has no bias switch
+    stock = _randomise(theirs(shape[1], dtype=dtype, **kwargs))
+    mine = ours(shape[1], dtype=dtype, **kwargs)
+    mine.load_state_dict(stock.state_dict())
+    assert isinstance(mine, theirs)
+    for step in range(3):
+        for m in (stock, mine):
+            m.train(step < 2)
+        x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(step))
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = stock(x1), mine(x2)
+        torch.testing.assert_close(y2, y1, **TOL[dtype])
+        (y1 * x).sum().backward()
+        (y2 * x).sum().backward()
+        torch.testing.assert_close(x2.grad, x1.grad, **TOL[dtype])
+        for (name, a), b in zip(mine.named_parameters(), stock.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, **TOL[dtype], msg=name)
+        for key, value in stock.state_dict().items():
+            torch.testing.assert_close(mine.state_dict()[key], value, **TOL[dtype], msg=key)
+
+
+def test_module_surface():
+    m = bt.BatchNorm2d(4)
+    assert list(m.state_dict()) == list(nn.BatchNorm2d(4).state_dict())
+    assert repr(m) == repr(nn.BatchNorm2d(4))
+    m.to(torch.float64)
+    assert m.weight.dtype == torch.float64
+    calls = []
+    m.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(2, 4, 3, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert calls == [torch.Size([2, 4, 3, 3])]
+    with pytest.raises(ValueError, match="expected 4D input"):
+        m(torch.randn(2, 4))
+
+
+def test_convert_keeps_objects_and_revert_round_trips():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4 * 4 * 4)))
+    params = [id(p) for p in model.parameters()]
+    buffers = [id(b) for b in model.buffers()]
+    bn = model[1]
+    converted = bt.convert(model, inplace=True)
+    assert converted is model and model[1] is bn
+    assert type(model[1]) is bt.BatchNorm2d and type(model[3][1]) is bt.BatchNorm1d
+    assert [id(p) for p in model.parameters()] == params
+    assert [id(b) for b in model.buffers()] == buffers
+    reverted = bt.revert(model, inplace=True)
+    assert type(reverted[1]) is nn.BatchNorm2d and type(reverted[3][1]) is nn.BatchNorm1d
+    assert [id(p) for p in reverted.parameters()] == params
+
+
+def test_convert_copies_by_default():
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    converted = bt.convert(model)
+    assert type(model[0]) is nn.BatchNorm1d and type(converted[0]) is bt.BatchNorm1d
+    assert converted[0].weight is not model[0].weight
+    torch.testing.assert_close(converted[0].weight, model[0].weight)
+
+
+def test_convert_exact_types_only():
+    class MyBN(nn.BatchNorm2d):
+        pass
+    model = nn.Sequential(MyBN(3), nn.SyncBatchNorm(3), nn.LazyBatchNorm2d())
+    converted = bt.convert(model, inplace=True)  # a lazy module cannot be deep-copied
+    assert [type(m) for m in converted] == [MyBN, nn.SyncBatchNorm, nn.LazyBatchNorm2d]
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        bt.convert([nn.BatchNorm1d(3)])
+
+
+@pytest.mark.parametrize("theirs, ours, shape", PAIRS, ids=IDS)
+def test_state_dict_loads_both_ways(theirs, ours, shape, dtype):
+    stock = _randomise(theirs(shape[1], dtype=dtype))
+    stock.num_batches_tracked.fill_(7)
+    mine = ours(shape[1], dtype=dtype)
+    assert mine.load_state_dict(stock.state_dict()) == stock.load_state_dict(stock.state_dict())
+    back = theirs(shape[1], dtype=dtype)
+    back.load_state_dict(mine.state_dict())
+    for key, value in stock.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+FUSED = [(bt.FusedBatchNorm1d, nn.BatchNorm1d, (6, 4, 5)),
+         (bt.FusedBatchNorm2d, nn.BatchNorm2d, (3, 4, 5, 6)),
+         (bt.FusedBatchNorm3d, nn.BatchNorm3d, (2, 4, 3, 4, 5))]
+
+
+@pytest.mark.parametrize("cls, theirs, shape", FUSED, ids=[c.__name__ for c, _, _ in FUSED])
+@pytest.mark.parametrize("addend", [True, False], ids=["addend", "no_addend"])
+def test_fused_module_matches_torch(cls, theirs, shape, addend, dtype):
+    fused = cls(shape[1], dtype=dtype)
+    stock = _randomise(theirs(shape[1], dtype=dtype))
+    assert isinstance(fused, theirs)
+    fused.load_state_dict(stock.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, dtype=dtype, generator=g)
+    a = torch.randn(shape, dtype=dtype, generator=g) if addend else None
+    leaves = [[t.clone().requires_grad_() if t is not None else None for t in (x, a)]
+              for _ in range(2)]
+    y1 = fused(*leaves[0])
+    y2 = stock(leaves[1][0])
+    y2 = torch.relu(y2 if a is None else y2 + leaves[1][1])
+    torch.testing.assert_close(y1, y2, **TOL[dtype])
+    (y1 * x).sum().backward()
+    (y2 * x).sum().backward()
+    for ours, theirs in zip(leaves[0], leaves[1]):
+        if ours is not None:
+            torch.testing.assert_close(ours.grad, theirs.grad, **TOL[dtype])
+    for a_, b_ in zip(fused.parameters(), stock.parameters()):
+        torch.testing.assert_close(a_.grad, b_.grad, **TOL[dtype])
+    torch.testing.assert_close(fused.running_var, stock.running_var, **TOL[dtype])
+
+
+def test_deepcopy_and_pickle_of_converted():
+    import io
+    m = bt.convert(nn.Sequential(nn.BatchNorm1d(3)))
+    c = copy.deepcopy(m)
+    assert type(c[0]) is bt.BatchNorm1d
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    assert type(torch.load(buf, weights_only=False)[0]) is bt.BatchNorm1d

@@ -1,0 +1,302 @@
+"""bnfast.torch's operators and functional layer against torch's own batch_norm."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnfast.torch as bt  # noqa: E402
+from bnfast.torch import functional as btf  # noqa: E402
+from bnfast.torch._tensors import as_numpy, kernel_layout  # noqa: E402
+
+F = torch.nn.functional
+DTYPES = (torch.float32, torch.float64)
+# bnfast vs torch at the same dtype (outputs and gradients of values ~1-10).
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+SHAPES = [(6, 5), (4, 3, 7), (4, 3, 5, 6), (2, 3, 3, 4, 5)]
+FORMATS = ("contiguous", "channels_last", "strided")
+# A 2-D tensor has no channels-last form besides its transpose.
+CASES = [(s, f) for s in SHAPES for f in FORMATS if not (len(s) == 2 and f == "channels_last")]
+
+
+@pytest.fixture(params=DTYPES, ids=str)
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=["eager", "dispatched"])
+def path(request):
+    """Plain eager calls take the kernels' direct road; under a dispatch mode (here torch's
+    FLOP counter) the functional layer goes through the ``torch.ops.bnfast`` operators."""
+    if request.param == "eager":
+        yield
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):
+        yield
+
+
+def _tensor(shape, dtype, fmt="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    bshape = (1, C) + (1,) * (len(shape) - 2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 \
+        + torch.linspace(-1, 1, C, dtype=torch.float64).reshape(bshape)
+    x = x.to(dtype)
+    if fmt == "channels_last":
+        order = (0,) + tuple(range(2, len(shape))) + (1,)
+        inverse = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
+        x = x.permute(order).contiguous().permute(inverse)
+    elif fmt == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    return x
+
+
+def _vectors(C, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    b = (torch.rand(C, generator=g, dtype=torch.float64) - 0.5).to(dtype)
+    rm = (torch.rand(C, generator=g, dtype=torch.float64) - 0.5).to(dtype)
+    rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return w, b, rm, rv
+
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, **TOL[dtype])
+
+
+# -- forward and backward vs torch ---------------------------------------------------------
+@pytest.mark.parametrize("shape, fmt", CASES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_matches_torch(shape, fmt, training, dtype, path):
+    x = _tensor(shape, dtype, fmt)
+    w, b, rm, rv = _vectors(shape[1], dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    for t in xs:
+        t.retain_grad()
+    ps = [(w.clone().requires_grad_(), b.clone().requires_grad_()) for _ in range(2)]
+    y = bt.batch_norm(xs[0], rm, rv, *ps[0], training, 0.1, 1e-5)
+    expected = F.batch_norm(xs[1], rm2, rv2, *ps[1], training, 0.1, 1e-5)
+    _close(y, expected, dtype)
+    _close(rm, rm2, dtype)
+    _close(rv, rv2, dtype)
+    g = _tensor(shape, dtype, seed=7)
+    y.backward(g)
+    expected.backward(g)
+    _close(xs[0].grad, xs[1].grad, dtype)
+    _close(ps[0][0].grad, ps[1][0].grad, dtype)
+    _close(ps[0][1].grad, ps[1][1].grad, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 1, 1), (3, 64, 80, 80)], ids=str)
+def test_output_keeps_memory_format(shape, fmt, dtype, path):
+    # (3, 64, 80, 80): outputs of 4 MiB and more are allocated by NumPy, same strides.
+    x = _tensor(shape, dtype, fmt).requires_grad_()
+    a = _tensor(shape, dtype, fmt, seed=2)
+    y = bt.batch_norm(x, None, None, training=True)
+    expected = F.batch_norm(x.detach(), None, None, training=True)
+    assert y.stride() == expected.stride() == x.stride()
+    _close(y, expected, dtype)
+    y.backward(a)
+    assert x.grad.stride() == x.stride()
+    z = bt.fused_batch_norm(x, None, None, addend=a, training=True)
+    assert z.stride() == x.stride()
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "channels_last_3d"])
+def test_tensors_are_viewed_not_copied(fmt, dtype):
+    shape = (2, 3, 4, 5, 6) if fmt == "channels_last_3d" else (2, 3, 4, 5)
+    memory = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+              "channels_last_3d": torch.channels_last_3d}[fmt]
+    x = torch.randn(shape, dtype=dtype).to(memory_format=memory)
+    view = as_numpy(x)
+    assert np.shares_memory(view, x.numpy())
+    assert view.strides == tuple(s * x.element_size() for s in x.stride())
+    # and the core processes it in its own layout (no copy into another)
+    from bnfast import _layout
+    assert _layout.layout_of(view) == kernel_layout(x)
+
+
+@pytest.mark.parametrize("shape, fmt", CASES + [((4, 3), "fortran"), ((4, 3, 1, 1), "strided"),
+                                                 ((0, 3, 2), "contiguous")], ids=str)
+def test_kernel_layout_agrees_with_core(shape, fmt):
+    from bnfast import _layout
+    if fmt == "fortran":
+        x = torch.randn(shape[::-1], dtype=torch.float64).t()
+    else:
+        x = _tensor(shape, torch.float64, fmt)
+    assert kernel_layout(x) == _layout.kernel_layout(x.numpy())
+
+
+def test_running_buffers_written_in_place(dtype, path):
+    x = _tensor((4, 3, 5), dtype)
+    w, b, rm, rv = _vectors(3, dtype)
+    ptr, version = rm.data_ptr(), rm._version
+    bt.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    assert rm.data_ptr() == ptr and rm._version > version
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("addend", [True, False], ids=["addend", "no_addend"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_matches_torch(shape, addend, training, dtype, path):
+    x = _tensor(shape, dtype)
+    a = _tensor(shape, dtype, seed=3) if addend else None
+    w, b, rm, rv = _vectors(shape[1], dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+    leaves = [[t.clone().requires_grad_() if t is not None else None for t in (x, a, w, b)]
+              for _ in range(2)]
+    x0, a0, w0, b0 = leaves[0]
+    x1, a1, w1, b1 = leaves[1]
+    y = bt.fused_batch_norm(x0, rm, rv, w0, b0, a0, training, 0.1, 1e-5)
+    expected = F.batch_norm(x1, rm2, rv2, w1, b1, training, 0.1, 1e-5)
+    expected = torch.relu(expected if a1 is None else expected + a1)
+    _close(y, expected, dtype)
+    _close(rm, rm2, dtype)
+    _close(rv, rv2, dtype)
+    g = _tensor(shape, dtype, seed=7)
+    y.backward(g)
+    expected.backward(g)
+    for ours, theirs in zip(leaves[0], leaves[1]):
+        if ours is not None:
+            _close(ours.grad, theirs.grad, dtype)
+
+
+def test_fused_channels_last_backward(dtype, path):
+    # The mask is packed in the input's memory order; backward reads it in that order.
+    x = _tensor((3, 4, 5, 6), dtype, "channels_last").requires_grad_()
+    a = _tensor((3, 4, 5, 6), dtype, "contiguous", seed=2).requires_grad_()
+    y = bt.fused_batch_norm(x, None, None, addend=a, training=True)
+    x2, a2 = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    expected = torch.relu(F.batch_norm(x2, None, None, training=True) + a2)
+    g = _tensor((3, 4, 5, 6), dtype, seed=9)
+    y.backward(g)
+    expected.backward(g)
+    _close(x.grad, x2.grad, dtype)
+    _close(a.grad, a2.grad, dtype)
+
+
+# -- gradcheck -----------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_batch_norm(training):
+    x = _tensor((3, 2, 4), torch.float64).requires_grad_()
+    w, b, rm, rv = _vectors(2, torch.float64)
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x, w, b):
+        return torch.ops.bnfast.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5)[0]
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_fused_batch_norm(training):
+    x = _tensor((3, 2, 4), torch.float64).requires_grad_()
+    a = (_tensor((3, 2, 4), torch.float64, seed=5) * 0.5).requires_grad_()
+    w, b, rm, rv = _vectors(2, torch.float64)
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x, a, w, b):
+        return torch.ops.bnfast.fused_batch_norm(x, a, w, b, rm, rv, training, 0.1, 1e-5)[0]
+    assert torch.autograd.gradcheck(fn, (x, a, w, b))
+
+
+def test_backward_ops_against_aten(dtype):
+    x = _tensor((4, 3, 5), dtype)
+    g = _tensor((4, 3, 5), dtype, seed=4)
+    w, _, _, _ = _vectors(3, dtype)
+    _, mean, invstd, _, _ = torch.ops.bnfast.batch_norm(x, w, None, None, None, True, 0.1, 1e-5)
+    gx, gw, gb = torch.ops.bnfast.batch_norm_backward(g, x, w, mean, invstd, True, 1e-5,
+                                                      [True, True, True])
+    _, m2, s2 = torch.ops.aten.native_batch_norm(x, w, None, None, None, True, 0.1, 1e-5)
+    ex, ew, eb = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, m2, s2, True,
+                                                           1e-5, [True, True, True])
+    _close(gx, ex, dtype)
+    _close(gw, ew, dtype)
+    _close(gb, eb, dtype)
+    _, gw, gb = torch.ops.bnfast.batch_norm_backward(g, x, w, mean, invstd, True, 1e-5,
+                                                     [False, True, False])
+    assert gw.shape == (3,) and gb.numel() == 0
+
+
+# -- checks and fallback -------------------------------------------------------------------
+def test_torch_errors_kept():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bt.batch_norm(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bt.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0)
+    with pytest.raises(RuntimeError):  # torch's own shape error, from the fallback
+        bt.batch_norm(torch.randn(4, 3), torch.zeros(2), torch.ones(2))
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(btf, "_warned", set())
+
+
+def test_fallback_other_device_warns_once(fresh_warnings):
+    x = torch.empty(4, 3, 5, device="meta")
+    with pytest.warns(UserWarning, match="tensors on meta"):
+        y = bt.batch_norm(x, None, None, training=True)
+    assert y.device.type == "meta"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bt.batch_norm(x, None, None, training=True)
+
+
+@pytest.mark.parametrize("other", [d for d in (torch.float16, torch.bfloat16)
+                                   if d not in bt.DTYPES], ids=str)
+def test_fallback_other_dtype(other, fresh_warnings):
+    x = _tensor((4, 3, 5), torch.float32).to(other)
+    w, b, rm, rv = _vectors(3, torch.float32)
+    with pytest.warns(UserWarning, match=f"dtype {other}"):
+        y = bt.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+    expected = F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+    assert y.dtype == other
+    torch.testing.assert_close(y, expected)
+
+
+def test_fallback_mixed_parameters(fresh_warnings):
+    x = _tensor((4, 3, 5), torch.float32)
+    with pytest.warns(UserWarning, match="parameters or buffers"):
+        with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's answer
+            bt.batch_norm(x, None, None, torch.ones(3, dtype=torch.float64), None, True)
+
+
+def test_fallback_sparse_layout_and_eval_eps_zero(fresh_warnings):
+    x = _tensor((4, 3, 5), torch.float64)
+    w, b, rm, rv = _vectors(3, torch.float64)
+    with pytest.warns(UserWarning, match="eps == 0"):
+        y = bt.batch_norm(x, rm, rv, w, b, False, 0.1, 0.0)
+    _close(y, F.batch_norm(x, rm, rv, w, b, False, 0.1, 0.0), torch.float64)
+    with pytest.warns(UserWarning, match="layout torch.sparse_coo"):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            bt.batch_norm(x.to_sparse(), rm, rv, w, b, False)
+
+
+def test_fused_fallback(fresh_warnings):
+    x = torch.randn(4, 3, 5, device="meta")
+    with pytest.warns(UserWarning, match="meta"):
+        y = bt.fused_batch_norm(x, None, None, addend=x, training=True)
+    assert y.shape == x.shape
+
+
+def test_import_error_names_the_extra():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import bnfast.torch\nexcept ImportError as e:\n    print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert 'pip install "bnfast[torch]"' in result.stdout
+
+
+def test_import_bnfast_does_not_import_torch():
+    code = "import sys, bnfast; print('torch' in sys.modules, 'bnfast.torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["False", "False"]
