@@ -27,8 +27,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from . import functional as F
 from ._records import Record, merge, record_of, running_update
+from ._dtypes import SUPPORTED_TEXT, is_supported
 from ._validation import (
-    SUPPORTED_DTYPES,
     check_channel_vector,
     check_eps,
     check_momentum,
@@ -42,11 +42,11 @@ STATS_DTYPE = np.dtype([("count", np.int64), ("mean", np.float64), ("m2", np.flo
 
 
 def _check_dask_input(x, name="x"):
-    """A dask array (array-likes are wrapped) of float32/float64, ndim >= 2."""
+    """A dask array (array-likes are wrapped) of a supported float dtype, ndim >= 2."""
     if not isinstance(x, da.Array):
         x = da.asarray(x)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    if not is_supported(x.dtype):
+        raise TypeError(f"{name} must be a {SUPPORTED_TEXT} array, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C, *spatial) with at least 2 dimensions, "
                          f"got shape {x.shape}")

@@ -231,7 +231,8 @@ class SyncBatchNorm(_BatchNorm):
                 f"{total[2 * C]:.0f}, not the forward's {saved.count}: a rank rejected its "
                 "grad_output, or the ranks are not all in the backward of the same forward")
         gx = _grad_input(saved.input, dy, saved.mean, saved.invstd, saved.weight,
-                         total[:C], total[C:2 * C], saved.count, out)
+                         total[:C], total[C:2 * C], saved.count, out, saved.layout,
+                         resolve_threads(self.n_threads))
         if not retain_graph:
             self._saved = None
             self._saved_missing = ("backward() was already called on the last forward, which "
@@ -264,59 +265,31 @@ def _local_record(x, layout, nt):
 
 
 # -- the backward's arithmetic ------------------------------------------------------
-# FIRST VERSION, partly in NumPy: the compiled backward computes the per-channel
-# sums from the local batch and uses them at once; SyncBatchNorm needs them
-# reduced over the ranks in between.  The sums are float64: for float64 data the
-# compiled pass 1 itself computes them; for float32 data NumPy does (its float64
-# temporaries cost most of a step).  The elementwise pass repeats the kernel's
-# storage-type arithmetic (src/_backward.pyx, pass 2) in NumPy, so the bits match a
-# single-process backward given the same sums.  A compiled entry that returns the
-# sums and one that takes them would make the step cost what BatchNorm's does.
+# The compiled backward in two halves, with the ranks' reduction in between:
+# pass 1 writes the local float64 sums (``sums=``), pass 2 runs with the global
+# sums and count (``sums_given=True``), so a step costs what BatchNorm's does
+# plus one Allreduce, and dx has the kernel's arithmetic exactly.
 
 def _local_sums(x, dy, mean, layout, sums, n_threads=1):
     """``sums[:C] = sum(dy)``, ``sums[C:2C] = sum((x - mean) * dy)`` per channel, float64."""
     C = x.shape[1]
-    if x.dtype == np.float64:
-        # The compiled pass 1, exactly: grad_bias is sum_dy and, with invstd 1 and no
-        # weight, grad_weight is sum_xdy (float64 outputs: not rounded).
-        sum_xdy, sum_dy = _backward.backward(x, dy, None, mean, np.ones(C), None, None, None,
-                                             True, True, layout, False, False, n_threads)
-        sums[:C] = sum_dy
-        sums[C:2 * C] = sum_xdy
-        return
-    xv = _layout.kernel_view(x, layout)
-    dyv = _layout.kernel_view(dy, layout)
-    if xv.ndim == 3:  # (N, C, S)
-        axes, m = (0, 2), mean.reshape(1, C, 1)
-    else:             # (M, C) rows
-        axes, m = (0,), mean.reshape(1, C)
-    sums[:C] = dyv.sum(axis=axes, dtype=np.float64)
-    centered = xv.astype(np.float64)
-    centered -= m
-    centered *= dyv
-    sums[C:2 * C] = centered.sum(axis=axes)
+    local = np.empty((2, C))
+    _backward.backward(x, dy, None, mean, np.ones(C), None, None, None, False, False, layout,
+                       True, False, n_threads, local)
+    sums[:2 * C] = local.ravel()
 
 
-def _grad_input(x, dy, mean, invstd, weight, sum_dy, sum_xdy, count, out):
+def _grad_input(x, dy, mean, invstd, weight, sum_dy, sum_xdy, count, out, layout,
+                n_threads=1):
     """dx = (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * weight,
-    with the global sums and count, as the compiled backward's pass 2 computes it."""
-    C = x.shape[1]
-    inv_n = 1.0 / count if count > 0 else 0.0
-    a = invstd * weight if weight is not None else invstd
-    s = invstd * invstd * (sum_xdy * inv_n)
-    slope = -(s * a)
-    offset = -((sum_dy * inv_n) * a)
-    t = x.dtype.type
-    m_t = mean.astype(t)
-    d = offset - (mean - m_t.astype(np.float64)) * slope
-    shape = (1, C) + (1,) * (x.ndim - 2)
-    m_t, a_t, b_t, d_t = (v.astype(t).reshape(shape) for v in (m_t, a, slope, d))
-    centered = np.subtract(x, m_t)
-    centered *= b_t
-    result = np.empty_like(x) if out is None else out
-    np.multiply(dy, a_t, out=result)
-    result += centered
-    result += d_t
+    with the global sums and count: the compiled backward's pass 2."""
+    result = out if out is not None and out.strides == x.strides else np.empty_like(x)
+    given = np.ascontiguousarray(np.stack([sum_dy, sum_xdy]))
+    _backward.backward(x, dy, None, mean, invstd, weight, result, None, False, False, layout,
+                       True, False, n_threads, given, True, count)
+    if out is not None and result is not out:
+        np.copyto(out, result)
+        result = out
     return result
 
 

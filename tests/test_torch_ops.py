@@ -250,16 +250,22 @@ def test_fallback_other_device_warns_once(fresh_warnings):
         bt.batch_norm(x, None, None, training=True)
 
 
-@pytest.mark.parametrize("other", [d for d in (torch.float16, torch.bfloat16)
-                                   if d not in bt.DTYPES], ids=str)
-def test_fallback_other_dtype(other, fresh_warnings):
-    x = _tensor((4, 3, 5), torch.float32).to(other)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=str)
+def test_half_dtypes_run_on_the_kernels(half, fresh_warnings):
+    # The core takes both half dtypes (float32 parameters, torch's CPU rule): no
+    # fallback, no warning, torch's result within the half dtype's rounding.
+    assert half in bt.DTYPES
+    x = _tensor((4, 3, 5), torch.float32).to(half)
     w, b, rm, rv = _vectors(3, torch.float32)
-    with pytest.warns(UserWarning, match=f"dtype {other}"):
-        y = bt.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
-    expected = F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
-    assert y.dtype == other
+    rm_t, rv_t = rm.clone(), rv.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = bt.batch_norm(x, rm, rv, w, b, True)
+    expected = F.batch_norm(x, rm_t, rv_t, w, b, True)
+    assert y.dtype == half
     torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(rm, rm_t)
+    torch.testing.assert_close(rv, rv_t)
 
 
 def test_fallback_mixed_parameters(fresh_warnings):

@@ -101,7 +101,8 @@ class _SyncFunction(torch.autograd.Function):
         gx = gw = gb = None
         if need[0]:
             gx = torch.from_numpy(_sync._grad_input(x, dy, mean, invstd, w, total[:C],
-                                                    total[C:2 * C], count, None))
+                                                    total[C:2 * C], count, None, layout,
+                                                    torch.get_num_threads()))
         if weight is not None and need[1]:
             gw = torch.from_numpy(sums[C:2 * C] * invstd).to(weight.dtype)
         if need[2]:

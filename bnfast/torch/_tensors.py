@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._layout import Layout
-from .._validation import SUPPORTED_DTYPES
+from .._dtypes import is_supported
 
 
 def _bfloat16():
@@ -31,7 +31,7 @@ _CANDIDATES = (
 )
 
 #: The torch dtypes bnfast's kernels take (the rest falls back to torch).
-DTYPES = tuple(t for t, n in _CANDIDATES if n is not None and n in SUPPORTED_DTYPES)
+DTYPES = tuple(t for t, n in _CANDIDATES if n is not None and is_supported(n))
 
 # Reduced-precision inputs take float32 parameters and buffers, as torch's CPU kernels do.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
