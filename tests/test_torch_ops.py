@@ -106,6 +106,12 @@ def test_output_keeps_memory_format(shape, fmt, dtype, path):
     assert x.grad.stride() == x.stride()
     z = bt.fused_batch_norm(x, None, None, addend=a, training=True)
     assert z.stride() == x.stride()
+    # Outputs are tensors of their own (not views): in-place ops on them take part in autograd.
+    x.grad = None
+    x2 = x.detach().clone().requires_grad_()
+    torch.relu_(bt.batch_norm(x, None, None, training=True)).backward(a)
+    torch.relu_(F.batch_norm(x2, None, None, training=True)).backward(a)
+    _close(x.grad, x2.grad, dtype)
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "channels_last_3d"])
@@ -306,3 +312,24 @@ def test_import_bnfast_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_results_do_not_depend_on_torch_threads(fmt, dtype):
+    # The kernels run on torch.get_num_threads() threads; their partition is the shape's.
+    x = _tensor((8, 16, 9, 9), dtype, fmt)
+    g = _tensor((8, 16, 9, 9), dtype, fmt, seed=5)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaf = x.clone().requires_grad_()
+            rm, rv = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
+            y = bt.batch_norm(leaf, rm, rv, training=True)
+            y.backward(g)
+            results.append((y.detach(), leaf.grad, rm, rv))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
