@@ -267,6 +267,17 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
                      & (BNFAST_I8_##T)((((BNFAST_I8_##T){byte, byte, byte, byte, byte, byte, \
                          byte, byte}) & (BNFAST_I8_##T){1, 2, 4, 8, 16, 32, 64, 128}) != 0)))
 
+/* The masked dot's vector loop over [0, n8): lanes a0/a1 (sums of the masked y)
+ * and b0/b1 (of (x - shift) * masked y); g gets the masked y.  Shared by the
+ * whole-run leaf and the carried-lanes one (dot_masked_lanes). */
+#define BNFAST_DOT_MASKED8_LOOP(T)                                                       \
+        for (i = 0; i < n8; i += 8) {                                                    \
+            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
+            BNFAST_MASKED8_##T(y, g, i, byte, y0, y1);                                   \
+            a0 += y0; a1 += y1;                                                          \
+            b0 += (BNFAST_LOAD4(T, x + i) - shift) * y0;                                 \
+            b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * y1;                             \
+        }
 #define BNFAST_DEFINE_CENTERED_DOT_MASKED(NAME, T, ATTR)                                 \
     ATTR static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, \
                           ptrdiff_t n, double shift, double *sy, double *sxy, T *g) {    \
@@ -274,13 +285,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
         double a[8], b[8], v;                                                            \
         ptrdiff_t i, n8 = n - n % 8;                                                     \
         unsigned byte;                                                                   \
-        for (i = 0; i < n8; i += 8) {                                                    \
-            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
-            BNFAST_MASKED8_##T(y, g, i, byte, y0, y1);                                   \
-            a0 += y0; a1 += y1;                                                          \
-            b0 += (BNFAST_LOAD4(T, x + i) - shift) * y0;                                 \
-            b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * y1;                             \
-        }                                                                                \
+        BNFAST_DOT_MASKED8_LOOP(T)                                                       \
         for (i = 0; i < 4; i++) {                                                        \
             a[i] = a0[i]; a[i + 4] = a1[i]; b[i] = b0[i]; b[i + 4] = b1[i];              \
         }                                                                                \
@@ -501,13 +506,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
         bnfast_v4d b0 = *(bnfast_v4d *)(lanes + 8), b1 = *(bnfast_v4d *)(lanes + 12), y0, y1; \
         ptrdiff_t i;                                                                     \
         unsigned byte;                                                                   \
-        for (i = 0; i < n8; i += 8) {                                                    \
-            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
-            BNFAST_MASKED8_##T(y, g, i, byte, y0, y1);                                   \
-            a0 += y0; a1 += y1;                                                          \
-            b0 += (BNFAST_LOAD4(T, x + i) - shift) * y0;                                 \
-            b1 += (BNFAST_LOAD4(T, x + i + 4) - shift) * y1;                             \
-        }                                                                                \
+        BNFAST_DOT_MASKED8_LOOP(T)                                                       \
         *(bnfast_v4d *)lanes = a0; *(bnfast_v4d *)(lanes + 4) = a1;                      \
         *(bnfast_v4d *)(lanes + 8) = b0; *(bnfast_v4d *)(lanes + 12) = b1;               \
     }
