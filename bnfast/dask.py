@@ -26,8 +26,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     raise ImportError('bnfast.dask needs dask: pip install "bnfast[dask]"') from exc
 
 from . import functional as F
-from ._records import Record, merge, record_of, running_update
 from ._dtypes import SUPPORTED_TEXT, is_supported
+from ._records import Record, merge, record_of, running_update
 from ._validation import (
     check_channel_vector,
     check_eps,

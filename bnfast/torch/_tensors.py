@@ -10,8 +10,8 @@ import math
 import numpy as np
 import torch
 
-from .._layout import Layout
 from .._dtypes import is_supported
+from .._layout import Layout
 
 
 def _bfloat16():
