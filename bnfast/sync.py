@@ -147,15 +147,7 @@ class SyncBatchNorm(_BatchNorm):
             send[0:1].view(np.int64)[0] = _REJECTED
             _gather(comm, send, C)  # take part, so the other ranks raise too
             raise
-        records = _gather(comm, send, C)
-        rejected = [r for r, rec in enumerate(records) if rec.count == _REJECTED]
-        if rejected:
-            raise RuntimeError(f"SyncBatchNorm: rank(s) {rejected} of the communicator rejected "
-                               "their input (see their error); nothing was updated")
-        total = merge(records)
-        if total.count == 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {total.count}")
+        total = merged_total(_gather(comm, send, C), "communicator")
         counted = self.track_running_stats
         if counted and total.count > 0:
             running_update(self.running_mean, self.running_var, total, factor)
@@ -245,6 +237,23 @@ class SyncBatchNorm(_BatchNorm):
             gb = sums[:C].astype(self.dtype)
             self.bias_grad = gb if self.bias_grad is None else self.bias_grad + gb
         return gx, None
+
+
+def merged_total(records, group_kind):
+    """The ranks' records, in rank order, checked and merged into the global one.
+
+    Every rank gets the same records, so every rank raises the same error: a
+    rank that rejected its input, or one value per channel in the whole batch.
+    """
+    rejected = [r for r, rec in enumerate(records) if rec.count == _REJECTED]
+    if rejected:
+        raise RuntimeError(f"SyncBatchNorm: rank(s) {rejected} of the {group_kind} rejected "
+                           "their input (see their error); nothing was updated")
+    total = merge(records)
+    if total.count == 1:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input size {total.count}")
+    return total
 
 
 def _gather(comm, send, C):

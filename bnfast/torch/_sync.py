@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .. import _layout
 from .. import functional as _functional
 from .. import sync as _sync
-from .._records import Record, merge, running_update
+from .._records import Record, running_update
 from .._validation import check_channel_vector, check_eps, check_input
 from ._modules import _arguments
 from ._modules import _FusedBatchNorm as _FusedMixin
@@ -58,15 +58,7 @@ class _SyncFunction(torch.autograd.Function):
             send[0:1].view(np.int64)[0] = _sync._REJECTED
             _all_gather(torch.from_numpy(send), group)  # take part: the others raise too
             raise
-        records = _all_gather(torch.from_numpy(send), group)
-        rejected = [r for r, rec in enumerate(records) if rec.count == _sync._REJECTED]
-        if rejected:
-            raise RuntimeError(f"SyncBatchNorm: rank(s) {rejected} of the process group "
-                               "rejected their input (see their error)")
-        total = merge(records)
-        if total.count == 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {total.count}")
+        total = _sync.merged_total(_all_gather(torch.from_numpy(send), group), "process group")
         if running_mean is not None and total.count > 0:
             running_update(as_numpy(running_mean), as_numpy(running_var), total, momentum)
             torch.autograd.graph.increment_version(running_mean)
