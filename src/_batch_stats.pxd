@@ -1,19 +1,26 @@
 # Per-channel batch statistics (mean and biased variance) at the C level, float64
 # accumulation; run by the forward entry (_forward.pyx).
 #
-# Two memory layouts, one pass over the input each:
+# Two memory layouts, one pass over the input each, both read in memory order:
 #
-# * stats_first: x is (N, C, S) C-contiguous (NCHW and friends).  Work is cut
-#   into tasks of (channel, block of samples); each task streams its contiguous
-#   runs once.  Tasks outnumber threads even when C is small, so a
-#   (256, 3, 32, 32) batch is split over the batch as well as the channels.
+# * stats_first: x is (N, C, S) C-contiguous (NCHW and friends).  A task is a
+#   block of samples times a block of channels; per sample it reads its
+#   channels' runs (contiguous), gets each run's partial (count S, mean, m2)
+#   from shifted sums against a value of the run, and folds that sample's row
+#   of partials into the task's (one vectorised merge across channels).  Walking
+#   a channel down the batch instead (one run per sample, a whole sample apart)
+#   left the prefetchers idle: 2 values/ns on a 51 MB batch, where a copy does 6.
 # * stats_last: x is (M, C) C-contiguous (NHWC viewed as rows, and plain
 #   (N, C)).  Rows are read as wide rows of k * C values so that small C still
-#   gives long vectorisable inner loops; each block of wide rows yields one
+#   gives long vectorisable inner loops.  A task is a block of wide rows times
+#   a column tile of at most TILE_COLS values, so the column accumulators stay
+#   in L1 (a whole 4096-wide row's did not: 1.1 values/ns), and yields one
 #   partial per column.
 #
 # Partials are merged per channel in a fixed order (see _moments.pxd): the
-# partition depends on the shape only, so any thread count gives the same bits.
+# partition depends on the shape only (never on the thread count or the
+# storage type), so any thread count gives the same bits, and half data the
+# bits of the same values stored as float32.
 #
 # Means are accumulated relative to a per-channel origin (the channel's first
 # value), then returned as the rounded float64 mean plus, optionally, the
@@ -21,23 +28,29 @@
 # (exact for data near it) and folds the residual into its shift, so float64
 # data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
-from _dtypes cimport bnfast_bf16, bnfast_f16, real_t, store_double, to_double
+from _dtypes cimport real_t, store_double, to_double
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 
 from _moments cimport (channel_origin, finite_or_zero, m2_fixup, merge_rows, merge_shifted,
-                      shifted_colsums, shifted_sums, unshift_means)
+                      shifted_colsums, shifted_sums_runs, unshift_means)
 from _tiling cimport RowBlocks, row_blocks
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
 cdef enum:
-    # Elements per shifted-sum chunk (bounds cancellation error to ~eps * CHUNK).
+    # Longest piece of a run summed against one shift (bounds cancellation
+    # error to ~eps * CHUNK).
     CHUNK = 4096
-    # Elements per (channel, sample block) task in the channels-first layout.
+    # Channels-first tasks: per sample about RUN_ELEMS contiguous values (whole
+    # channels), TASK_ELEMS values in all.
+    RUN_ELEMS = 32768
     TASK_ELEMS = 32768
-    # Channels-last blocks: about this many elements, at most MAX_BLOCK_ROWS rows.
+    # Channels-last tasks: column tiles of at most TILE_COLS values (2 * 512
+    # doubles of accumulators: L1) times blocks of rows, about STATS_BLOCK_ELEMS
+    # values and at most MAX_BLOCK_ROWS rows (one shift per column and block).
     STATS_BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
+    TILE_COLS = 512
 
 
 cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
@@ -47,35 +60,65 @@ cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) n
         m2[c] = m2[c] / count
 
 
-cdef inline void _first_task(const real_t* base, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                             Py_ssize_t t, Py_ssize_t blocks, Py_ssize_t per_task,
-                             const double* origin, double* part, double* part_m2) noexcept nogil:
-    """Task t = (channel c, sample block b): the block's mean (relative to origin[c])
-    and m2 into part[b * C + c]."""
-    cdef Py_ssize_t c = t // blocks
-    cdef Py_ssize_t b = t - c * blocks
-    cdef double cnt = 0.0, mu = 0.0, m2 = 0.0, chunk_n = 0.0, s1 = 0.0, s2 = 0.0, shift = 0.0
-    cdef Py_ssize_t n, s0, run
-    cdef const real_t* run_start
-    for n in range(b * per_task, min(N, (b + 1) * per_task)):
-        # Runs of S values; a chunk may span several runs (small S).
+cdef inline void _run_partials(const real_t* x, Py_ssize_t runs, Py_ssize_t S,
+                               const double* origin, double* pmean, double* pm2,
+                               double* scratch) noexcept nogil:
+    """Partials of runs consecutive runs of S values (run r at x + r * S): the mean
+    relative to origin[r] into pmean[r], m2 into pm2[r].  scratch: 3 * runs doubles."""
+    cdef double* shift = scratch
+    cdef double* s1 = scratch + runs
+    cdef double* s2 = scratch + 2 * runs
+    cdef double inv_n = 1.0 / <double>S
+    cdef double cnt, mu, m2
+    cdef Py_ssize_t r, s0, piece
+    if S <= CHUNK:  # one shifted sum per run, the runs in one leaf call
+        shifted_sums_runs(x, runs, S, shift, s1, s2)
+        # Plain arithmetic first (vectorises), rare fix-ups after.
+        for r in range(runs):
+            pmean[r] = (shift[r] - origin[r]) + s1[r] * inv_n
+            pm2[r] = s2[r] - s1[r] * (s1[r] * inv_n)
+        for r in range(runs):
+            if not pm2[r] >= 0.0:
+                pm2[r] = m2_fixup(pm2[r], s1[r], s2[r])
+        return
+    for r in range(runs):  # long runs: pieces of CHUNK, merged in order
+        cnt = 0.0
+        mu = 0.0
+        m2 = 0.0
         s0 = 0
         while s0 < S:
-            run = min(S - s0, CHUNK)
-            run_start = base + (n * C + c) * S + s0
-            if chunk_n == 0.0:
-                shift = finite_or_zero(to_double(run_start[0]))
-            shifted_sums(run_start, run, shift, &s1, &s2)
-            chunk_n = chunk_n + run
-            s0 = s0 + run
-            if chunk_n >= CHUNK:
-                merge_shifted(&cnt, &mu, &m2, chunk_n, shift - origin[c], s1, s2)
-                chunk_n = 0.0
-                s1 = 0.0
-                s2 = 0.0
-    merge_shifted(&cnt, &mu, &m2, chunk_n, shift - origin[c], s1, s2)
-    part[b * C + c] = mu
-    part_m2[b * C + c] = m2
+            piece = min(S - s0, CHUNK)
+            shifted_sums_runs(x + r * S + s0, 1, piece, shift, s1, s2)
+            merge_shifted(&cnt, &mu, &m2, <double>piece, shift[0] - origin[r], s1[0], s2[0])
+            s0 = s0 + piece
+        pmean[r] = mu
+        pm2[r] = m2
+
+
+cdef inline void _first_task(const real_t* x, Py_ssize_t t, Py_ssize_t N, Py_ssize_t C,
+                             Py_ssize_t S, Py_ssize_t cpt, Py_ssize_t npt, Py_ssize_t cblocks,
+                             const double* origin, double* part, double* part_m2,
+                             double* scratch) noexcept nogil:
+    """Task t = (sample block nb, channel block cb): its channels' partials (mean
+    relative to origin, m2) into part[nb * C + c], part_m2[nb * C + c].
+    scratch: 5 * cpt doubles."""
+    cdef Py_ssize_t nb = t // cblocks
+    cdef Py_ssize_t cb = t - nb * cblocks
+    cdef Py_ssize_t c0 = cb * cpt
+    cdef Py_ssize_t w = min(C, c0 + cpt) - c0
+    cdef double* acc_mean = part + nb * C + c0
+    cdef double* acc_m2 = part_m2 + nb * C + c0
+    cdef double* pmean = scratch
+    cdef double* pm2 = scratch + w
+    cdef Py_ssize_t n, c
+    cdef double n_a = 0.0
+    for c in range(w):
+        acc_mean[c] = 0.0
+        acc_m2[c] = 0.0
+    for n in range(nb * npt, min(N, (nb + 1) * npt)):
+        _run_partials(x + (n * C + c0) * S, w, S, origin + c0, pmean, pm2, scratch + 2 * w)
+        merge_rows(acc_mean, acc_m2, pmean, pm2, w, n_a, <double>S)
+        n_a = n_a + S
 
 
 cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -85,63 +128,79 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
 
     ``residual`` (C,), or NULL: receives the exact mean minus the float64 one.
     """
-    cdef Py_ssize_t per_task = TASK_ELEMS // S if S < TASK_ELEMS else 1
-    cdef Py_ssize_t blocks = (N + per_task - 1) // per_task
-    cdef Py_ssize_t tasks = C * blocks
-    # Partials laid out [block][channel] so the merge runs along channels.
-    cdef double* part = <double*>malloc((2 * tasks + C) * sizeof(double))
+    # Tasks: samples [nb * npt, +npt) x channels [cb * cpt, +cpt), by the shape only.
+    cdef Py_ssize_t cpt = C if C * S <= RUN_ELEMS else max(1, RUN_ELEMS // S)
+    cdef Py_ssize_t npt = max(1, TASK_ELEMS // (cpt * S))
+    cdef Py_ssize_t nblocks = (N + npt - 1) // npt
+    npt = (N + nblocks - 1) // nblocks  # even blocks: 8 samples as 4 + 4, not 5 + 3
+    nblocks = (N + npt - 1) // npt
+    cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
+    cpt = (C + cblocks - 1) // cblocks
+    cblocks = (C + cpt - 1) // cpt
+    cdef Py_ssize_t tasks = nblocks * cblocks
+    cdef int nt = threads_for(tasks, N * C * S, n_threads)
+    # Partials laid out [sample block][channel] so the merge runs along channels;
+    # then the origins; then each thread's scratch (allocated up front: a thread
+    # that skipped the worksharing loop on a failed malloc would hang the others).
+    cdef Py_ssize_t slice_len = 5 * cpt + 8
+    cdef double* part = <double*>malloc((2 * nblocks * C + C + nt * slice_len) * sizeof(double))
     if part == NULL:
         return -1
-    cdef double* part_m2 = part + tasks
-    cdef double* origin = part + 2 * tasks
+    cdef double* part_m2 = part + nblocks * C
+    cdef double* origin = part + 2 * nblocks * C
+    cdef double* scratch = origin + C
     cdef Py_ssize_t t, b, c, n
     for c in range(C):
         origin[c] = channel_origin(to_double(x[c * S]))
-    cdef int nt = threads_for(tasks, N * C * S, n_threads)
     if nt == 1:
         for t in range(tasks):
-            _first_task(x, N, C, S, t, blocks, per_task, origin, part, part_m2)
+            _first_task(x, t, N, C, S, cpt, npt, cblocks, origin, part, part_m2, scratch)
     else:
         for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _first_task(x, N, C, S, t, blocks, per_task, origin, part, part_m2)
+            _first_task(x, t, N, C, S, cpt, npt, cblocks, origin, part, part_m2,
+                        scratch + slice_len * bnfast_thread_num())
     for c in range(C):
         mean[c] = 0.0
         var[c] = 0.0
-    for b in range(blocks):
-        n = min(N, (b + 1) * per_task) - b * per_task
+    for b in range(nblocks):
+        n = min(N, (b + 1) * npt) - b * npt
         merge_rows(mean, var, part + b * C, part_m2 + b * C, C,
-                   <double>(b * per_task * S), <double>(n * S))
+                   <double>(b * npt * S), <double>(n * S))
     _finish(mean, var, C, <double>(N * S))
     unshift_means(mean, residual, origin, C)
     free(part)
     return 0
 
 
-cdef inline void _last_block(const real_t* base, Py_ssize_t b, Py_ssize_t rows,
-                             Py_ssize_t per_block, Py_ssize_t W, real_t* shift, double* s1,
-                             double* s2, const double* origin, double* part,
-                             double* part_m2, float* stage) noexcept nogil:
-    """Block b of wide rows: per-column mean (relative to origin[j], the column's
-    channel origin) and m2 into part[b * W:], part_m2[b * W:].  stage: the half
-    types' scratch (shifted_colsums)."""
+cdef inline void _last_task(const real_t* base, Py_ssize_t t, Py_ssize_t tiles,
+                            Py_ssize_t tile, Py_ssize_t rows, Py_ssize_t per_block,
+                            Py_ssize_t W, real_t* shift, double* s1, double* s2,
+                            const double* origin, double* part, double* part_m2) noexcept nogil:
+    """Task t = (block b of wide rows, column tile): per-column mean (relative to
+    origin[j], the column's channel origin) and m2 into part[b * W + j],
+    part_m2[b * W + j] for the tile's columns j (s1, s2, shift: tile values each)."""
+    cdef Py_ssize_t b = t // tiles
+    cdef Py_ssize_t j0 = (t - b * tiles) * tile
+    cdef Py_ssize_t jn = min(W - j0, tile)
+    cdef Py_ssize_t nrows = min(rows, (b + 1) * per_block) - b * per_block
+    cdef double inv_cnt = 1.0 / <double>nrows
+    # Shift: the block's first wide row (values from the chunk).
+    cdef const real_t* first = base + b * per_block * W + j0
+    cdef double* pm = part + b * W + j0
+    cdef double* pm2 = part_m2 + b * W + j0
     cdef Py_ssize_t j
-    for j in range(W):
+    for j in range(jn):
+        store_double(&shift[j], finite_or_zero(to_double(first[j])))  # exact
         s1[j] = 0.0
         s2[j] = 0.0
-    cdef Py_ssize_t r_end = min(rows, (b + 1) * per_block)
-    # Shift: the block's first wide row (values from the chunk).
-    cdef const real_t* first = base + b * per_block * W
-    for j in range(W):
-        store_double(&shift[j], finite_or_zero(to_double(first[j])))  # exact
-    shifted_colsums(first, r_end - b * per_block, W, shift, s1, s2, stage)
-    cdef double inv_cnt = 1.0 / <double>(r_end - b * per_block)
+    shifted_colsums(first, nrows, jn, W, shift, s1, s2)
     # Plain arithmetic first (vectorises), rare fix-ups after.
-    for j in range(W):
-        part[b * W + j] = (to_double(shift[j]) - origin[j]) + s1[j] * inv_cnt
-        part_m2[b * W + j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
-    for j in range(W):
-        if not part_m2[b * W + j] >= 0.0:
-            part_m2[b * W + j] = m2_fixup(part_m2[b * W + j], s1[j], s2[j])
+    for j in range(jn):
+        pm[j] = (to_double(shift[j]) - origin[j0 + j]) + s1[j] * inv_cnt
+        pm2[j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
+    for j in range(jn):
+        if not pm2[j] >= 0.0:
+            pm2[j] = m2_fixup(pm2[j], s1[j], s2[j])
 
 
 cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, double* mean,
@@ -150,54 +209,54 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
 
     ``residual``: as in stats_first.
     """
-    # Wide rows of W = k * C values (long inner loops for small C), in blocks.
+    # Wide rows of W = k * C values (long inner loops for small C), cut into
+    # column tiles of equal width (a multiple of 8, but the last) and blocks
+    # of rows: a task is a (block, tile), about STATS_BLOCK_ELEMS values.
     cdef RowBlocks tiling = row_blocks(M, C, STATS_BLOCK_ELEMS, MAX_BLOCK_ROWS)
     cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
-    cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
-    cdef int nt = threads_for(blocks, M * C, n_threads)
+    cdef Py_ssize_t tiles = (W + TILE_COLS - 1) // TILE_COLS
+    cdef Py_ssize_t tile = ((W + tiles - 1) // tiles + 7) // 8 * 8
+    tiles = (W + tile - 1) // tile
+    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, STATS_BLOCK_ELEMS // tile))
+    cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
+    cdef Py_ssize_t tasks = blocks * tiles
+    cdef int nt = threads_for(tasks, M * C, n_threads)
     # Partial means and m2 per (block, column); counts follow from the block.
     cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
-    # Per-thread column sums, allocated up front: a thread that skipped the
-    # worksharing loop on a failed malloc would deadlock the others.
-    # Each thread's slice is padded to whole cache lines (no false sharing).
-    cdef Py_ssize_t slice_len = (2 * W + 7) // 8 * 8 + 8
-    cdef double* scratch = <double*>malloc(nt * slice_len * sizeof(double))
-    # Per-thread column shifts in the storage type (the SIMD leaf reads them so).
-    cdef real_t* shifts = <real_t*>malloc(nt * slice_len * sizeof(real_t))
-    # Per-thread staging for the half types: four rows and the shifts as floats.
-    cdef Py_ssize_t stage_len = (5 * W + 15) // 16 * 16 + 16
-    cdef float* stages = NULL
-    cdef bint staged = real_t is bnfast_f16 or real_t is bnfast_bf16
-    if staged:
-        stages = <float*>malloc(nt * stage_len * sizeof(float))
-    if part == NULL or scratch == NULL or shifts == NULL or (staged and stages == NULL):
+    # Per-thread column sums and shifts, allocated up front (see stats_first):
+    # s2 TILE_COLS + 8 doubles after s1, as s1 + tile could be a multiple of
+    # 4 KiB away and the load of s2[j] wait on the store to s1[j] (4K
+    # aliasing).  Slices padded to whole cache lines (no false sharing); at
+    # least 2 * C doubles in all (the leftover rows' values and m2 at the end).
+    cdef Py_ssize_t slice_len = 2 * (TILE_COLS + 8) + 8
+    cdef double* scratch = <double*>malloc(max(nt * slice_len, 2 * C) * sizeof(double))
+    # (The shifts in the storage type: the SIMD leaf reads them so.)
+    cdef real_t* shifts = <real_t*>malloc(nt * (TILE_COLS + 32) * sizeof(real_t))
+    if part == NULL or scratch == NULL or shifts == NULL:
         free(part)
         free(scratch)
         free(shifts)
-        free(stages)
         return -1
     cdef double* part_m2 = part + blocks * W
     # Channel origins (row 0), tiled over the wide row.
     cdef double* origin = part + 2 * blocks * W
     cdef double* s1 = scratch      # (set per thread below; initialised for the compiler)
     cdef real_t* shift = shifts
-    cdef float* stage = stages
-    cdef Py_ssize_t b, r, j, l
+    cdef Py_ssize_t t, b, r, j, l
     cdef double cnt, n_a
     for j in range(W):
         origin[j] = channel_origin(to_double(base[j % C]))
     if nt == 1:
-        for b in range(blocks):
-            _last_block(base, b, rows, per_block, W, shifts, scratch, scratch + W, origin, part,
-                        part_m2, stages)
+        for t in range(tasks):
+            _last_task(base, t, tiles, tile, rows, per_block, W, shifts, scratch,
+                       scratch + TILE_COLS + 8, origin, part, part_m2)
     else:
         with parallel(num_threads=nt):
             s1 = scratch + slice_len * bnfast_thread_num()
-            shift = shifts + slice_len * bnfast_thread_num()
-            stage = NULL if stages == NULL else stages + stage_len * bnfast_thread_num()
-            for b in prange(blocks, schedule='dynamic', chunksize=1):
-                _last_block(base, b, rows, per_block, W, shift, s1, s1 + W, origin, part,
-                            part_m2, stage)
+            shift = shifts + (TILE_COLS + 32) * bnfast_thread_num()
+            for t in prange(tasks, schedule='dynamic', chunksize=1):
+                _last_task(base, t, tiles, tile, rows, per_block, W, shift, s1,
+                           s1 + TILE_COLS + 8, origin, part, part_m2)
     # Fold (block, lane) partials in order, then the rows that did not fill a
     # wide row (count 1; scratch holds the values and their m2: 0, or NaN for a
     # non-finite value, as a chunk's shifted sums give).
@@ -218,7 +277,6 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
         n_a = n_a + 1.0
     _finish(mean, var, C, <double>M)
     unshift_means(mean, residual, origin, C)
-    free(stages)
     free(shifts)
     free(scratch)
     free(part)

@@ -2,7 +2,7 @@
 # bnfast._layout.Layout) and, in one place, the storage types of the data.
 # Every kernel body is written once over real_t (accumulating in double, or in
 # float for the half types' elementwise passes); the half types reach the float32
-# SIMD leaves through bnfast_half.h's staging.
+# SIMD leaves' arithmetic by widening (in registers, or staged: bnfast_half.h).
 
 cdef extern from "bnfast_half.h" nogil:
     # 16-bit storage, distinct C types (no implicit conversions).

@@ -11,77 +11,57 @@ from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
 from libc.math cimport INFINITY
 
 
-cdef extern from "bnfast_simd.h" nogil:
-    void bnfast_shifted_sums_f32(const float* x, Py_ssize_t n, double shift, double* s1, double* s2)
-    void bnfast_shifted_sums_f64(const double* x, Py_ssize_t n, double shift, double* s1, double* s2)
-    void bnfast_centered_dot_f32(const float* x, const float* y, Py_ssize_t n, double shift,
-                                 double* sy, double* sxy)
-    void bnfast_centered_dot_f64(const double* x, const double* y, Py_ssize_t n, double shift,
-                                 double* sy, double* sxy)
+cdef extern from "bnfast_stats.h" nogil:
+    # The statistics' leaves, one body for every storage type (half widened in registers).
+    void bnfast_shifted_sums_runs_f32(const float* x, Py_ssize_t runs, Py_ssize_t n,
+                                      double* shift, double* s1, double* s2)
+    void bnfast_shifted_sums_runs_f64(const double* x, Py_ssize_t runs, Py_ssize_t n,
+                                      double* shift, double* s1, double* s2)
+    void bnfast_shifted_sums_runs_f16(const bnfast_f16* x, Py_ssize_t runs, Py_ssize_t n,
+                                      double* shift, double* s1, double* s2)
+    void bnfast_shifted_sums_runs_bf16(const bnfast_bf16* x, Py_ssize_t runs, Py_ssize_t n,
+                                       double* shift, double* s1, double* s2)
     void bnfast_shifted_colsums_f32(const float* x, Py_ssize_t rows, Py_ssize_t W,
-                                    const float* shift, double* s1, double* s2)
+                                    Py_ssize_t stride, const float* shift, double* s1,
+                                    double* s2)
     void bnfast_shifted_colsums_f64(const double* x, Py_ssize_t rows, Py_ssize_t W,
-                                    const double* shift, double* s1, double* s2)
-
-
-cdef extern from "bnfast_half_leaves.h" nogil:
-    # The same jobs for half-precision storage, staged through the float32 leaves.
-    void bnfast_shifted_sums_f16(const bnfast_f16* x, Py_ssize_t n, double shift, double* s1,
-                                 double* s2)
-    void bnfast_shifted_sums_bf16(const bnfast_bf16* x, Py_ssize_t n, double shift, double* s1,
-                                  double* s2)
-    void bnfast_centered_dot_f16(const bnfast_f16* x, const bnfast_f16* y, Py_ssize_t n,
-                                 double shift, double* sy, double* sxy)
-    void bnfast_centered_dot_bf16(const bnfast_bf16* x, const bnfast_bf16* y, Py_ssize_t n,
-                                  double shift, double* sy, double* sxy)
+                                    Py_ssize_t stride, const double* shift, double* s1,
+                                    double* s2)
     void bnfast_shifted_colsums_f16(const bnfast_f16* x, Py_ssize_t rows, Py_ssize_t W,
-                                    const bnfast_f16* shift, double* s1, double* s2, float* stage)
+                                    Py_ssize_t stride, const bnfast_f16* shift, double* s1,
+                                    double* s2)
     void bnfast_shifted_colsums_bf16(const bnfast_bf16* x, Py_ssize_t rows, Py_ssize_t W,
-                                     const bnfast_bf16* shift, double* s1, double* s2,
-                                     float* stage)
+                                     Py_ssize_t stride, const bnfast_bf16* shift, double* s1,
+                                     double* s2)
 
 
-cdef inline void shifted_sums(const real_t* x, Py_ssize_t n, double shift,
-                              double* s1, double* s2) noexcept nogil:
-    """Add sum(x - shift) to s1[0] and sum((x - shift)**2) to s2[0] (SIMD leaf)."""
+cdef inline void shifted_sums_runs(const real_t* x, Py_ssize_t runs, Py_ssize_t n,
+                                   double* shift, double* s1, double* s2) noexcept nogil:
+    """Runs r < runs of n values at x + r * n: s1[r] = sum(x - shift[r]),
+    s2[r] = sum((x - shift[r])**2) (SIMD leaf, bnfast_stats.h)."""
     if real_t is float:
-        bnfast_shifted_sums_f32(x, n, shift, s1, s2)
+        bnfast_shifted_sums_runs_f32(x, runs, n, shift, s1, s2)
     elif real_t is double:
-        bnfast_shifted_sums_f64(x, n, shift, s1, s2)
+        bnfast_shifted_sums_runs_f64(x, runs, n, shift, s1, s2)
     elif real_t is bnfast_f16:
-        bnfast_shifted_sums_f16(x, n, shift, s1, s2)
+        bnfast_shifted_sums_runs_f16(x, runs, n, shift, s1, s2)
     else:
-        bnfast_shifted_sums_bf16(x, n, shift, s1, s2)
+        bnfast_shifted_sums_runs_bf16(x, runs, n, shift, s1, s2)
 
 
 cdef inline void shifted_colsums(const real_t* x, Py_ssize_t rows, Py_ssize_t W,
-                                 const real_t* shift, double* s1, double* s2,
-                                 float* stage) noexcept nogil:
-    """Add column j's sum(x[:, j] - shift[j]) to s1[j], squares to s2[j] (SIMD leaf).
-
-    stage: 5 * W floats of scratch for the half types (unused, may be NULL, else).
-    """
+                                 Py_ssize_t stride, const real_t* shift, double* s1,
+                                 double* s2) noexcept nogil:
+    """Columns j < W of rows r < rows at x + r * stride: s1[j] += sum(x[r, j] - shift[j]),
+    s2[j] += the squares (SIMD leaf, bnfast_stats.h)."""
     if real_t is float:
-        bnfast_shifted_colsums_f32(x, rows, W, shift, s1, s2)
+        bnfast_shifted_colsums_f32(x, rows, W, stride, shift, s1, s2)
     elif real_t is double:
-        bnfast_shifted_colsums_f64(x, rows, W, shift, s1, s2)
+        bnfast_shifted_colsums_f64(x, rows, W, stride, shift, s1, s2)
     elif real_t is bnfast_f16:
-        bnfast_shifted_colsums_f16(x, rows, W, shift, s1, s2, stage)
+        bnfast_shifted_colsums_f16(x, rows, W, stride, shift, s1, s2)
     else:
-        bnfast_shifted_colsums_bf16(x, rows, W, shift, s1, s2, stage)
-
-
-cdef inline void centered_dot(const real_t* x, const real_t* y, Py_ssize_t n, double shift,
-                              double* sy, double* sxy) noexcept nogil:
-    """Add sum(y) to sy[0] and sum((x - shift) * y) to sxy[0] (SIMD leaf)."""
-    if real_t is float:
-        bnfast_centered_dot_f32(x, y, n, shift, sy, sxy)
-    elif real_t is double:
-        bnfast_centered_dot_f64(x, y, n, shift, sy, sxy)
-    elif real_t is bnfast_f16:
-        bnfast_centered_dot_f16(x, y, n, shift, sy, sxy)
-    else:
-        bnfast_centered_dot_bf16(x, y, n, shift, sy, sxy)
+        bnfast_shifted_colsums_bf16(x, rows, W, stride, shift, s1, s2)
 
 
 cdef inline double finite_or_zero(double v) noexcept nogil:

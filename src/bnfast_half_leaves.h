@@ -8,10 +8,10 @@
  * it converts in registers, 8 values at a time (bnfast_half.h's load8/store8:
  * F16C, or a shift for bfloat16), with the float32 leaf's arithmetic.
  *
- * Bits: the reductions stage whole calls' worth of values (shifted sums: a
- * statistics chunk, <= BNFAST_REDUCE_STAGE; column sums: four rows at a time,
- * the float32 leaf's own row group), so half data gives exactly the statistics
- * of the same values stored as float32.  The elementwise leaves compute in
+ * Bits: the reductions stage whole calls' worth of values (a chunk of
+ * <= BNFAST_REDUCE_STAGE), so half data gives exactly the sums of the same
+ * values stored as float32.  (The training statistics widen in registers:
+ * bnfast_stats.h.)  The elementwise leaves compute in
  * float (or double: the *d leaves, for tables float cannot carry) and round
  * once to the half type; chunking cannot change elementwise results.
  */
@@ -22,23 +22,12 @@
 #include "bnfast_simd.h"
 #include "bnfast_backward_simd.h"
 
-/* The statistics' chunk (CHUNK in _batch_stats.pxd): one staged call per chunk. */
+/* Values per staged reduction call. */
 #define BNFAST_REDUCE_STAGE 4096
 
 #define BNFAST_MIN(a, b) ((a) < (b) ? (a) : (b))
 
 #define BNFAST_DEFINE_HALF_LEAVES(H, T)                                                   \
-    /* s1 += sum(x - shift), s2 += sum((x - shift)^2) */                                  \
-    static inline void bnfast_shifted_sums_##H(const T *x, ptrdiff_t n, double shift,             \
-                                        double *s1, double *s2) {                         \
-        float buf[BNFAST_REDUCE_STAGE];                                                   \
-        ptrdiff_t i, k;                                                                   \
-        for (i = 0; i < n; i += k) {                                                      \
-            k = BNFAST_MIN(n - i, BNFAST_REDUCE_STAGE);                                   \
-            bnfast_widen_##H(x + i, buf, k);                                              \
-            bnfast_shifted_sums_f32(buf, k, shift, s1, s2);                               \
-        }                                                                                 \
-    }                                                                                     \
     /* sy += sum(y), sxy += sum((x - shift) * y) */                                       \
     static inline void bnfast_centered_dot_##H(const T *x, const T *y, ptrdiff_t n, double shift, \
                                         double *sy, double *sxy) {                        \
@@ -49,20 +38,6 @@
             bnfast_widen_##H(x + i, xb, k);                                               \
             bnfast_widen_##H(y + i, yb, k);                                               \
             bnfast_centered_dot_f32(xb, yb, k, shift, sy, sxy);                           \
-        }                                                                                 \
-    }                                                                                     \
-    /* Column sums of rows x W values (see bnfast_shifted_colsums_f32), four rows at a     \
-     * time through stage: 5 * W floats of the caller's (W does not fit the stack). */     \
-    static inline void bnfast_shifted_colsums_##H(const T *x, ptrdiff_t rows, ptrdiff_t W,        \
-                                           const T *shift, double *s1, double *s2,        \
-                                           float *stage) {                                \
-        float *fshift = stage + 4 * W;                                                    \
-        ptrdiff_t r, k;                                                                   \
-        bnfast_widen_##H(shift, fshift, W);                                               \
-        for (r = 0; r < rows; r += k) {                                                   \
-            k = BNFAST_MIN(rows - r, 4);                                                  \
-            bnfast_widen_##H(x + r * W, stage, k * W);                                    \
-            bnfast_shifted_colsums_f32(stage, k, W, fshift, s1, s2);                      \
         }                                                                                 \
     }                                                                                     \
     /* ... computed in double (a table float cannot carry) */                             \

@@ -1,5 +1,7 @@
 /*
- * SIMD leaves for the reductions, with float64 accumulation.
+ * SIMD leaves with float64 accumulation (the backward's centered dot; the
+ * training statistics' leaves are in bnfast_stats.h), the shared vector
+ * types and run-time pick, and the float32/float64 normalise leaves.
  *
  * Why C: GCC (12) will not vectorise a float -> double widening reduction
  * without -ffast-math, which we refuse (NaN/Inf semantics, reproducibility).
@@ -41,64 +43,9 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #define BNFAST_ROW_GROUP(T, W) \
     (((size_t)(W) * sizeof(T) < 512 || (size_t)(W) * sizeof(T) >= 2048) ? 4 : 1)
 
-/* One row at a time, columns [J0, W): the row-by-row form of the column sums. */
-#define BNFAST_COLSUMS_ROWWISE_SCALAR(T, J0)                                        \
-    for (r = 0; r < rows; r++) {                                                    \
-        const T *p = x + r * W;                                                     \
-        double e;                                                                   \
-        for (j = (J0); j < W; j++) {                                                \
-            e = (double)p[j] - (double)shift[j]; s1[j] += e; s2[j] += e * e;        \
-        }                                                                           \
-    }
-
-/* Columns [J0, W) of every group of four rows, then all columns of the
- * leftover rows: the scalar part of the shifted column sums (see below). */
-#define BNFAST_COLSUMS_SCALAR_PART(T, J0)                                           \
-    {                                                                               \
-        double k, e0, e1, e2, e3;                                                   \
-        for (r = 0; r + 4 <= rows; r += 4) {                                        \
-            const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;      \
-            for (j = (J0); j < W; j++) {                                            \
-                k = (double)shift[j];                                               \
-                e0 = (double)p0[j] - k; e1 = (double)p1[j] - k;                     \
-                e2 = (double)p2[j] - k; e3 = (double)p3[j] - k;                     \
-                s1[j] += (e0 + e1) + (e2 + e3);                                     \
-                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                 \
-            }                                                                       \
-        }                                                                           \
-        for (; r < rows; r++) {                                                     \
-            const T *p = x + r * W;                                                 \
-            for (j = 0; j < W; j++) {                                               \
-                e0 = (double)p[j] - (double)shift[j]; s1[j] += e0; s2[j] += e0 * e0; \
-            }                                                                       \
-        }                                                                           \
-    }
-
 #if BNFAST_VECTOR_EXT
 /* Load 4 values of type T as doubles (the compiler emits the widening load). */
 #define BNFAST_LOAD4(T, p) ((bnfast_v4d){(double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3]})
-
-/* s1 += sum(x - shift), s2 += sum((x - shift)^2) */
-#define BNFAST_DEFINE_SHIFTED_SUMS(NAME, T, ATTR)                                   \
-    ATTR static void NAME(const T *x, ptrdiff_t n, double shift,                    \
-                          double *s1, double *s2) {                                 \
-        bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, d0, d1;            \
-        double a[8], b[8], d;                                                       \
-        ptrdiff_t i, n8 = n - n % 8;                                                \
-        for (i = 0; i < n8; i += 8) {                                               \
-            d0 = BNFAST_LOAD4(T, x + i) - shift;                                    \
-            d1 = BNFAST_LOAD4(T, x + i + 4) - shift;                                \
-            a0 += d0; a1 += d1; b0 += d0 * d0; b1 += d1 * d1;                       \
-        }                                                                           \
-        for (i = 0; i < 4; i++) {                                                   \
-            a[i] = a0[i]; a[i + 4] = a1[i]; b[i] = b0[i]; b[i + 4] = b1[i];         \
-        }                                                                           \
-        for (i = n8; i < n; i++) {                                                  \
-            d = (double)x[i] - shift; a[i - n8] += d; b[i - n8] += d * d;           \
-        }                                                                           \
-        *s1 += BNFAST_COMBINE8(a);                                                  \
-        *s2 += BNFAST_COMBINE8(b);                                                  \
-    }
 
 /* sy += sum(y), sxy += sum((x - shift) * y) */
 #define BNFAST_DEFINE_CENTERED_DOT(NAME, T, ATTR)                                   \
@@ -123,54 +70,7 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
         *sy += BNFAST_COMBINE8(a);                                                  \
         *sxy += BNFAST_COMBINE8(b);                                                 \
     }
-/* Column sums of a row-major block, shifted per column (channels-last rows):
- * s1[j] += sum_r (x[r*W + j] - shift[j]),  s2[j] += sum_r (...)^2.
- * Rows are walked in order, four at a time (their terms summed in registers
- * before one update of s1/s2, which stay in L1); leftover rows one at a time.
- * Walking down narrow column tiles instead would hit 4K aliasing when W is a
- * power of two.  Vector columns first, then BNFAST_COLSUMS_SCALAR_PART does the
- * rest in the same per-column order (it is the whole job without SIMD). */
-#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR)                                \
-    ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, const T *shift,  \
-                          double *s1, double *s2) {                                 \
-        ptrdiff_t r, j, j4 = W - W % 4;                                             \
-        if (BNFAST_ROW_GROUP(T, W) == 1) {                                          \
-            for (r = 0; r < rows; r++) {                                            \
-                const T *p = x + r * W;                                             \
-                for (j = 0; j < j4; j += 4) {                                       \
-                    bnfast_v4d d = BNFAST_LOAD4(T, p + j) - BNFAST_LOAD4(T, shift + j); \
-                    *(bnfast_v4d *)(s1 + j) += d;                                   \
-                    *(bnfast_v4d *)(s2 + j) += d * d;                               \
-                }                                                                   \
-            }                                                                       \
-            BNFAST_COLSUMS_ROWWISE_SCALAR(T, j4)                                    \
-            return;                                                                 \
-        }                                                                           \
-        for (r = 0; r + 4 <= rows; r += 4) {                                        \
-            const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;      \
-            for (j = 0; j < j4; j += 4) {                                           \
-                bnfast_v4d kv = BNFAST_LOAD4(T, shift + j);                         \
-                bnfast_v4d d0 = BNFAST_LOAD4(T, p0 + j) - kv;                       \
-                bnfast_v4d d1 = BNFAST_LOAD4(T, p1 + j) - kv;                       \
-                bnfast_v4d d2 = BNFAST_LOAD4(T, p2 + j) - kv;                       \
-                bnfast_v4d d3 = BNFAST_LOAD4(T, p3 + j) - kv;                       \
-                *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                   \
-                *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3); \
-            }                                                                       \
-        }                                                                           \
-        BNFAST_COLSUMS_SCALAR_PART(T, j4)                                           \
-    }
 #else
-#define BNFAST_DEFINE_SHIFTED_SUMS(NAME, T, ATTR)                                   \
-    static void NAME(const T *x, ptrdiff_t n, double shift, double *s1, double *s2) { \
-        double a[8] = {0}, b[8] = {0}, d;                                           \
-        ptrdiff_t i;                                                                \
-        for (i = 0; i < n; i++) {                                                   \
-            d = (double)x[i] - shift; a[i % 8] += d; b[i % 8] += d * d;             \
-        }                                                                           \
-        *s1 += BNFAST_COMBINE8(a);                                                  \
-        *s2 += BNFAST_COMBINE8(b);                                                  \
-    }
 #define BNFAST_DEFINE_CENTERED_DOT(NAME, T, ATTR)                                   \
     static void NAME(const T *x, const T *y, ptrdiff_t n, double shift,             \
                      double *sy, double *sxy) {                                     \
@@ -183,24 +83,10 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
         *sy += BNFAST_COMBINE8(a);                                                  \
         *sxy += BNFAST_COMBINE8(b);                                                 \
     }
-#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR)                                \
-    static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, const T *shift,       \
-                     double *s1, double *s2) {                                      \
-        ptrdiff_t r, j;                                                             \
-        if (BNFAST_ROW_GROUP(T, W) == 1) {                                          \
-            BNFAST_COLSUMS_ROWWISE_SCALAR(T, 0)                                     \
-            return;                                                                 \
-        }                                                                           \
-        BNFAST_COLSUMS_SCALAR_PART(T, 0)                                            \
-    }
 #endif
 
-BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f32_base, float, )
-BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f64_base, double, )
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_base, float, )
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_base, double, )
-BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_base, float, )
-BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_base, double, )
 
 /* ---------------------------------------------------------------------------
  * Elementwise normalise with the fused epilogue, computed in U and rounded to
@@ -281,12 +167,8 @@ BNFAST_DEFINE_AFFINE_SCALAR(bnfast_affine_scalar_f64_avx2, double, double, BNFAS
 BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_avx2, float, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32d_avx2, float, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_avx2, double, double, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f32_avx2, float, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_SHIFTED_SUMS(bnfast_shifted_sums_f64_avx2, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_avx2, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_avx2, double, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_avx2, float, BNFAST_AVX2_TARGET)
-BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_avx2, double, BNFAST_AVX2_TARGET)
 
 static int bnfast_has_avx2 = -1;
 static int bnfast_use_avx2(void) {
@@ -301,14 +183,6 @@ static int bnfast_use_avx2(void) {
 #define BNFAST_PICK(base, avx2) (base)
 #endif
 
-static inline void bnfast_shifted_sums_f32(const float *x, ptrdiff_t n, double shift,
-                                           double *s1, double *s2) {
-    BNFAST_PICK(bnfast_shifted_sums_f32_base, bnfast_shifted_sums_f32_avx2)(x, n, shift, s1, s2);
-}
-static inline void bnfast_shifted_sums_f64(const double *x, ptrdiff_t n, double shift,
-                                           double *s1, double *s2) {
-    BNFAST_PICK(bnfast_shifted_sums_f64_base, bnfast_shifted_sums_f64_avx2)(x, n, shift, s1, s2);
-}
 static inline void bnfast_centered_dot_f32(const float *x, const float *y, ptrdiff_t n,
                                            double shift, double *sy, double *sxy) {
     BNFAST_PICK(bnfast_centered_dot_f32_base, bnfast_centered_dot_f32_avx2)(x, y, n, shift, sy, sxy);
@@ -316,14 +190,6 @@ static inline void bnfast_centered_dot_f32(const float *x, const float *y, ptrdi
 static inline void bnfast_centered_dot_f64(const double *x, const double *y, ptrdiff_t n,
                                            double shift, double *sy, double *sxy) {
     BNFAST_PICK(bnfast_centered_dot_f64_base, bnfast_centered_dot_f64_avx2)(x, y, n, shift, sy, sxy);
-}
-static inline void bnfast_shifted_colsums_f32(const float *x, ptrdiff_t rows, ptrdiff_t W,
-                                              const float *shift, double *s1, double *s2) {
-    BNFAST_PICK(bnfast_shifted_colsums_f32_base, bnfast_shifted_colsums_f32_avx2)(x, rows, W, shift, s1, s2);
-}
-static inline void bnfast_shifted_colsums_f64(const double *x, ptrdiff_t rows, ptrdiff_t W,
-                                              const double *shift, double *s1, double *s2) {
-    BNFAST_PICK(bnfast_shifted_colsums_f64_base, bnfast_shifted_colsums_f64_avx2)(x, rows, W, shift, s1, s2);
 }
 
 static inline void bnfast_affine_scalar_f32(const float *x, const float *add, float *y, ptrdiff_t n,

@@ -1,0 +1,263 @@
+/*
+ * The training statistics' leaves: shifted sums in double, for every storage
+ * type (float, double, float16, bfloat16), the half types widened in registers.
+ *
+ *   shifted_sums_runs  per run of a block of consecutive runs (channels-first):
+ *                      s1[r] = sum(x - shift[r]),  s2[r] = sum((x - shift[r])^2)
+ *   shifted_colsums    per column of a block of rows, any row stride
+ *                      (channels-last):  s1[j] += sum_r (x[r, j] - shift[j]),
+ *                                        s2[j] += sum_r (...)^2
+ *
+ * One body per job (the macros), instantiated per storage type with its
+ * widening load (L4: four values to four doubles) and scalar widening (TOD).
+ * Widening is exact, so half data gives bit for bit the sums of the same
+ * values stored as float32, as long as the arithmetic and its order are the
+ * float32 leaf's: the same macro, and every decision that could change the
+ * order (the row group) made on the shape and float's size, never on the
+ * storage type.  The scalar build (BNFAST_NO_SIMD) keeps the lanes, so it
+ * gives the same bits as the SIMD variants, which are picked at run time
+ * (AVX2; F16C for float16).  No FMA: d * d + b must round the same way.
+ *
+ * Why not staging (widen a chunk into a float buffer, run the float32 leaf):
+ * two more trips through L1 and a call per chunk made half statistics 1.3-1.6x
+ * slower than float32's on the same shape; in registers they move half the
+ * bytes at the float32 leaf's arithmetic.
+ */
+#ifndef BNFAST_STATS_H
+#define BNFAST_STATS_H
+
+#include <stddef.h>
+
+#include "bnfast_half.h"
+
+#if BNFAST_VECTOR_EXT && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
+
+/* ---- widening, per storage type ---------------------------------------------- */
+#define BNFAST_TOD_NATIVE(v) ((double)(v))
+#define BNFAST_TOD_F16(v) ((double)bnfast_f16_to_float(v))
+#define BNFAST_TOD_BF16(v) ((double)bnfast_bf16_to_float(v))
+
+#if BNFAST_VECTOR_EXT
+#define BNFAST_L4_F32(p) BNFAST_LOAD4(float, p)
+#define BNFAST_L4_F64(p) BNFAST_LOAD4(double, p)
+/* Portable half loads: the scalar conversions lane by lane (same values). */
+#define BNFAST_L4_F16_PORTABLE(p) ((bnfast_v4d){BNFAST_TOD_F16((p)[0]), BNFAST_TOD_F16((p)[1]), \
+                                                BNFAST_TOD_F16((p)[2]), BNFAST_TOD_F16((p)[3])})
+#define BNFAST_L4_BF16_PORTABLE(p) ((bnfast_v4d){BNFAST_TOD_BF16((p)[0]), BNFAST_TOD_BF16((p)[1]), \
+                                                 BNFAST_TOD_BF16((p)[2]), BNFAST_TOD_BF16((p)[3])})
+#if defined(__x86_64__) || defined(__i386__)
+/* F16C: vcvtph2ps of four halves (one 8-byte load), then vcvtps2pd. */
+#define BNFAST_L4_F16_F16C(p) ((bnfast_v4d)_mm256_cvtps_pd(                               \
+        _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p)))))
+/* bfloat16 is float's top half: zero-extend to 32 bits, shift into place. */
+#define BNFAST_L4_BF16_AVX2(p) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32( \
+        _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(p))), 16))))
+#endif
+#endif
+
+/* ---- shifted_sums_runs --------------------------------------------------------
+ * Runs r = 0..runs-1 of n values at x + r * n (channels-first: the runs of one
+ * sample's block of channels), each against its own shift (a value from the
+ * run: bounds the cancellation in s2 - s1^2/n).  Per run: 8 lanes, lane j
+ * summing the values i with i % 8 == j, the tail into lanes 0.., one fixed
+ * combine.  (Two runs interleaved in one loop, as the backward's dot does,
+ * made it 3x slower here: 16 accumulators spill.)
+ * ------------------------------------------------------------------------------ */
+/* A run's shift: its first value, or 0 if that is not finite (inf - inf = NaN
+ * would turn the run's +inf into NaN). */
+#define BNFAST_RUN_SHIFT(v) ((v) - (v) == 0.0 ? (v) : 0.0)
+
+#if BNFAST_VECTOR_EXT
+#define BNFAST_SUMS_RUN_FINISH(xr, k, A0, A1, B0, B1, S1, S2, TOD)                      \
+    {                                                                                    \
+        double a_[8], b_[8], d_;                                                         \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < 4; i_++) {                                                     \
+            a_[i_] = (A0)[i_]; a_[i_ + 4] = (A1)[i_];                                    \
+            b_[i_] = (B0)[i_]; b_[i_ + 4] = (B1)[i_];                                    \
+        }                                                                                \
+        for (i_ = n8; i_ < n; i_++) {                                                    \
+            d_ = TOD((xr)[i_]) - (k); a_[i_ - n8] += d_; b_[i_ - n8] += d_ * d_;         \
+        }                                                                                \
+        (S1) = BNFAST_COMBINE8(a_);                                                      \
+        (S2) = BNFAST_COMBINE8(b_);                                                      \
+    }
+#define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD)                          \
+    ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
+                          double *s1, double *s2) {                                      \
+        ptrdiff_t r, i, n8 = n - n % 8;                                                  \
+        for (r = 0; r < runs; r++) {                                                          \
+            const T *xp = x + r * n;                                                     \
+            double kp = BNFAST_RUN_SHIFT(TOD((xp)[0]));                                  \
+            shift[r] = kp;                                                               \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
+            for (i = 0; i < n8; i += 8) {                                                \
+                u0 = L4(xp + i) - kp; u1 = L4(xp + i + 4) - kp;                          \
+                a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                        \
+            }                                                                            \
+            BNFAST_SUMS_RUN_FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)            \
+        }                                                                                \
+    }
+#else
+#define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD)                          \
+    static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,             \
+                     double *s1, double *s2) {                                           \
+        ptrdiff_t r, i;                                                                  \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xp = x + r * n;                                                     \
+            double a[8] = {0}, b[8] = {0}, d;                                            \
+            shift[r] = BNFAST_RUN_SHIFT(TOD(xp[0]));                                     \
+            for (i = 0; i < n; i++) {                                                    \
+                d = TOD(xp[i]) - shift[r]; a[i % 8] += d; b[i % 8] += d * d;             \
+            }                                                                            \
+            s1[r] = BNFAST_COMBINE8(a);                                                  \
+            s2[r] = BNFAST_COMBINE8(b);                                                  \
+        }                                                                                \
+    }
+#endif
+
+/* ---- shifted_colsums ------------------------------------------------------------
+ * Columns [0, W) of `rows` rows, row r at x + r * stride (a column tile of
+ * channels-last rows).  Rows four at a time (their terms summed in registers
+ * before one update of s1/s2, which stay in L1), leftover rows one at a time;
+ * vector columns first, then the scalar part in the same per-column order (the
+ * whole job without SIMD).  Rows one at a time instead where four row streams
+ * would interleave inside one 4 KiB page (strides of 512 B up to 2 KiB): that
+ * confuses the hardware prefetchers and halves the speed.  The choice is made
+ * on float's size (BNFAST_STATS_GROUP) for the half types too, so that their
+ * sums stay those of float32 data.
+ * ------------------------------------------------------------------------------ */
+#define BNFAST_STATS_GROUP(stride, value_bytes) \
+    (((size_t)(stride) * (value_bytes) < 512 || (size_t)(stride) * (value_bytes) >= 2048) ? 4 : 1)
+
+#define BNFAST_COLSUMS_SCALAR(T, TOD, J0)                                                \
+    {                                                                                    \
+        double k, e0, e1, e2, e3;                                                        \
+        if (group == 4) {                                                                \
+            for (r = 0; r + 4 <= rows; r += 4) {                                         \
+                const T *p0 = x + r * stride, *p1 = p0 + stride;                         \
+                const T *p2 = p1 + stride, *p3 = p2 + stride;                            \
+                for (j = (J0); j < W; j++) {                                             \
+                    k = TOD(shift[j]);                                                   \
+                    e0 = TOD(p0[j]) - k; e1 = TOD(p1[j]) - k;                            \
+                    e2 = TOD(p2[j]) - k; e3 = TOD(p3[j]) - k;                            \
+                    s1[j] += (e0 + e1) + (e2 + e3);                                      \
+                    s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                  \
+                }                                                                        \
+            }                                                                            \
+        } else {                                                                         \
+            for (r = 0; r < rows; r++) {                                                 \
+                const T *p = x + r * stride;                                             \
+                for (j = (J0); j < W; j++) {                                             \
+                    e0 = TOD(p[j]) - TOD(shift[j]); s1[j] += e0; s2[j] += e0 * e0;       \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+        for (; r < rows; r++) {  /* leftover rows of the groups of four */              \
+            const T *p = x + r * stride;                                                 \
+            for (j = 0; j < W; j++) {                                                    \
+                e0 = TOD(p[j]) - TOD(shift[j]); s1[j] += e0; s2[j] += e0 * e0;           \
+            }                                                                            \
+        }                                                                                \
+    }
+
+#if BNFAST_VECTOR_EXT
+#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD, VALUE_BYTES)               \
+    ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
+                          const T *shift, double *s1, double *s2) {                      \
+        ptrdiff_t r, j, j4 = W - W % 4, group = BNFAST_STATS_GROUP(stride, VALUE_BYTES); \
+        if (group == 4) {                                                                \
+            for (r = 0; r + 4 <= rows; r += 4) {                                         \
+                const T *p0 = x + r * stride, *p1 = p0 + stride;                         \
+                const T *p2 = p1 + stride, *p3 = p2 + stride;                            \
+                for (j = 0; j < j4; j += 4) {                                            \
+                    bnfast_v4d kv = L4(shift + j);                                       \
+                    bnfast_v4d d0 = L4(p0 + j) - kv, d1 = L4(p1 + j) - kv;               \
+                    bnfast_v4d d2 = L4(p2 + j) - kv, d3 = L4(p3 + j) - kv;               \
+                    *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                    \
+                    *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3); \
+                }                                                                        \
+            }                                                                            \
+        } else {                                                                         \
+            for (r = 0; r < rows; r++) {                                                 \
+                const T *p = x + r * stride;                                             \
+                for (j = 0; j < j4; j += 4) {                                            \
+                    bnfast_v4d d = L4(p + j) - L4(shift + j);                            \
+                    *(bnfast_v4d *)(s1 + j) += d;                                        \
+                    *(bnfast_v4d *)(s2 + j) += d * d;                                    \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
+        BNFAST_COLSUMS_SCALAR(T, TOD, j4)                                                \
+    }
+#else
+#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD, VALUE_BYTES)               \
+    static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,          \
+                     const T *shift, double *s1, double *s2) {                           \
+        ptrdiff_t r, j, group = BNFAST_STATS_GROUP(stride, VALUE_BYTES);                 \
+        BNFAST_COLSUMS_SCALAR(T, TOD, 0)                                                 \
+    }
+#endif
+
+/* ---- instances, and the run-time pick ------------------------------------------ */
+#define BNFAST_DEFINE_STATS_LEAVES(SUFFIX, ATTR, ATTR_F16, L4_F16, ATTR_BF16, L4_BF16)    \
+    BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f32_##SUFFIX, float, ATTR,    \
+                                    BNFAST_L4_F32, BNFAST_TOD_NATIVE)                      \
+    BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f64_##SUFFIX, double, ATTR,   \
+                                    BNFAST_L4_F64, BNFAST_TOD_NATIVE)                      \
+    BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f16_##SUFFIX, bnfast_f16,     \
+                                    ATTR_F16, L4_F16, BNFAST_TOD_F16)                      \
+    BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_bf16_##SUFFIX, bnfast_bf16,   \
+                                    ATTR_BF16, L4_BF16, BNFAST_TOD_BF16)                   \
+    BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_##SUFFIX, float, ATTR,        \
+                                  BNFAST_L4_F32, BNFAST_TOD_NATIVE, sizeof(float))         \
+    BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_##SUFFIX, double, ATTR,       \
+                                  BNFAST_L4_F64, BNFAST_TOD_NATIVE, sizeof(double))        \
+    BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f16_##SUFFIX, bnfast_f16,         \
+                                  ATTR_F16, L4_F16, BNFAST_TOD_F16, sizeof(float))         \
+    BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_bf16_##SUFFIX, bnfast_bf16,       \
+                                  ATTR_BF16, L4_BF16, BNFAST_TOD_BF16, sizeof(float))
+
+/* The base variants: the compiler's own target (with F16C / AVX2 when the build
+ * enables them, e.g. -march=native), else the portable half loads. */
+#if BNFAST_VECTOR_EXT && defined(__F16C__)
+#define BNFAST_L4_F16_BASE BNFAST_L4_F16_F16C
+#elif BNFAST_VECTOR_EXT
+#define BNFAST_L4_F16_BASE BNFAST_L4_F16_PORTABLE
+#endif
+#if BNFAST_VECTOR_EXT && defined(__AVX2__)
+#define BNFAST_L4_BF16_BASE BNFAST_L4_BF16_AVX2
+#elif BNFAST_VECTOR_EXT
+#define BNFAST_L4_BF16_BASE BNFAST_L4_BF16_PORTABLE
+#endif
+BNFAST_DEFINE_STATS_LEAVES(base, , , BNFAST_L4_F16_BASE, , BNFAST_L4_BF16_BASE)
+
+#if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_L4_F16_F16C,
+                           BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2)
+#define BNFAST_STATS_PICK(T) BNFAST_PICK(bnfast_##T##_base, bnfast_##T##_avx2)
+#define BNFAST_STATS_PICK_F16(T) BNFAST_PICK_F16C(bnfast_##T##_base, bnfast_##T##_avx2)
+#else
+#define BNFAST_STATS_PICK(T) bnfast_##T##_base
+#define BNFAST_STATS_PICK_F16(T) bnfast_##T##_base
+#endif
+
+#define BNFAST_DEFINE_STATS_ENTRIES(H, T, PICK)                                          \
+    static inline void bnfast_shifted_sums_runs_##H(const T *x, ptrdiff_t runs, ptrdiff_t n, \
+                                                    double *shift, double *s1,           \
+                                                    double *s2) {                        \
+        PICK(shifted_sums_runs_##H)(x, runs, n, shift, s1, s2);                          \
+    }                                                                                    \
+    static inline void bnfast_shifted_colsums_##H(const T *x, ptrdiff_t rows, ptrdiff_t W, \
+                                                  ptrdiff_t stride, const T *shift,      \
+                                                  double *s1, double *s2) {              \
+        PICK(shifted_colsums_##H)(x, rows, W, stride, shift, s1, s2);                    \
+    }
+BNFAST_DEFINE_STATS_ENTRIES(f32, float, BNFAST_STATS_PICK)
+BNFAST_DEFINE_STATS_ENTRIES(f64, double, BNFAST_STATS_PICK)
+BNFAST_DEFINE_STATS_ENTRIES(f16, bnfast_f16, BNFAST_STATS_PICK_F16)
+BNFAST_DEFINE_STATS_ENTRIES(bf16, bnfast_bf16, BNFAST_STATS_PICK)
+
+#endif /* BNFAST_STATS_H */

@@ -1,0 +1,82 @@
+/*
+ * Drives the statistics leaves (src/bnfast_stats.h) in every variant this
+ * build has (portable; AVX2 / F16C) and every storage type, over the same
+ * values: random float16 patterns (|x| < 8) and bfloat16 patterns, widened to
+ * float and double for the float32 and float64 leaves.  Writes the sums as raw
+ * doubles to stdout: per (value set, type, variant), the runs' shifts, s1, s2
+ * for each run length in RUN_LENGTHS, then s1, s2 for each column-sum case.
+ * tests/test_stats_leaves.py compiles it with and without -DBNFAST_NO_SIMD.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "bnfast_stats.h"
+
+#define N 65536
+#define RUNS 12
+static const ptrdiff_t run_lengths[] = {1, 7, 8, 9, 49, 784, 4096};
+#define NLENGTHS (sizeof run_lengths / sizeof run_lengths[0])
+/* (rows, W, stride): groups of 4 and of 1 (strides of 512 B - 2 KiB in float),
+ * leftover rows, scalar columns, a tile inside wider rows. */
+static const ptrdiff_t col_cases[][3] = {
+    {13, 72, 72}, {10, 131, 131}, {9, 200, 200}, {6, 300, 512}, {5, 3, 3}, {17, 64, 1024},
+};
+#define NCOLS (sizeof col_cases / sizeof col_cases[0])
+
+static double out[2 * 4096 + 16];
+static void emit(const double *v, size_t n) { fwrite(v, sizeof(double), n, stdout); }
+
+#define RUN_TYPE(H, T, X, VARIANT)                                                         \
+    {                                                                                      \
+        size_t l, c;                                                                       \
+        for (l = 0; l < NLENGTHS; l++) {                                                   \
+            double shift[RUNS], s1[RUNS], s2[RUNS];                                        \
+            ptrdiff_t n = run_lengths[l], runs = n * RUNS <= N ? RUNS : N / n;             \
+            bnfast_shifted_sums_runs_##H##_##VARIANT((const T *)(X), runs, n, shift, s1, s2); \
+            emit(shift, runs); emit(s1, runs); emit(s2, runs);                             \
+        }                                                                                  \
+        for (c = 0; c < NCOLS; c++) {                                                      \
+            ptrdiff_t rows = col_cases[c][0], W = col_cases[c][1], stride = col_cases[c][2]; \
+            size_t j;                                                                      \
+            for (j = 0; j < 2 * (size_t)W; j++) out[j] = 0.0;                              \
+            /* shift: the row after the block (any values of the type) */                  \
+            bnfast_shifted_colsums_##H##_##VARIANT((const T *)(X), rows, W, stride,        \
+                                                   (const T *)(X) + rows * stride,        \
+                                                   out, out + W);                          \
+            emit(out, 2 * (size_t)W);                                                      \
+        }                                                                                  \
+    }
+
+#if BNFAST_DISPATCH_AVX2
+#define RUN_ALL(H, T, X, USE)                                                              \
+    RUN_TYPE(H, T, X, base)                                                                \
+    if (USE()) { RUN_TYPE(H, T, X, avx2) } else { RUN_TYPE(H, T, X, base) }
+#else
+#define RUN_ALL(H, T, X, USE) RUN_TYPE(H, T, X, base) RUN_TYPE(H, T, X, base)
+#endif
+
+int main(void) {
+    static uint16_t h[N];
+    static float f[N];
+    static double d[N];
+    size_t i;
+    int set;
+    uint32_t state;
+    for (set = 0; set < 2; set++) {  /* 0: float16 values, 1: bfloat16 values */
+        state = 12345u;
+        for (i = 0; i < N; i++) {
+            state = state * 1664525u + 1013904223u;
+            /* float16: |x| < 8 (exponent bits below 0x4800); bfloat16: |x| < 2^8 */
+            h[i] = set == 0 ? (uint16_t)((state >> 16) % 0x4800u | ((state >> 8) & 0x8000u))
+                            : (uint16_t)((state >> 16) % 0x4380u | ((state >> 8) & 0x8000u));
+            f[i] = set == 0 ? bnfast_f16_to_float(*(const bnfast_f16 *)&h[i])
+                            : bnfast_bf16_to_float(*(const bnfast_bf16 *)&h[i]);
+            d[i] = f[i];
+        }
+        RUN_ALL(f32, float, f, bnfast_use_avx2)
+        RUN_ALL(f64, double, d, bnfast_use_avx2)
+        if (set == 0) { RUN_ALL(f16, bnfast_f16, h, bnfast_use_f16c) }
+        else { RUN_ALL(bf16, bnfast_bf16, h, bnfast_use_avx2) }
+    }
+    return 0;
+}
