@@ -150,6 +150,9 @@ cdef extern from "bnfast_simd.h" nogil:
     void bnfast_affine_tiled_f64(const double* x, const double* add, double* y, Py_ssize_t n,
                                  Py_ssize_t W, const double* m, const double* a, const double* b,
                                  int relu)
+    void bnfast_affine_runs_f32(const float* x, const float* add, float* y, Py_ssize_t runs,
+                                Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                                const float* a, const float* b, int relu)
 
 
 cdef extern from "bnfast_backward_simd.h" nogil:
@@ -180,6 +183,12 @@ cdef extern from "bnfast_half_leaves.h" nogil:
     void bnfast_affine_tiled_bf16d(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
                                    Py_ssize_t n, Py_ssize_t W, const double* m, const double* a,
                                    const double* b, int relu)
+    void bnfast_affine_runs_f16(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                                const float* m, const float* a, const float* b, int relu)
+    void bnfast_affine_runs_bf16(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
+                                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                                 const float* m, const float* a, const float* b, int relu)
     void bnfast_pack_positive_f16(const bnfast_f16* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_bf16(const bnfast_bf16* y, Py_ssize_t n, unsigned char* bits)
 
@@ -267,15 +276,25 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
     """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
     cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
     cdef const float* ft = <const float*>(table + 3 * C)
+    cdef const real_t* ax = ap if ap == NULL else ap + first * S
+    # Float rows: the block's runs in one leaf call (the choice hoisted out of the
+    # run loop, the call and pick paid per block, not per run).
     if real_t is float:
-        if use_float:  # the choice hoisted out of the run loop (short runs: 49 values)
-            for t in range(first, last):
-                off = t * S
-                bnfast_affine_scalar_f32(xp + off, ap if ap == NULL else ap + off, yp + off,
-                                         S, ft[c], ft[C + c], ft[2 * C + c], relu)
-                c = c + 1
-                if c == C:
-                    c = 0
+        if use_float:
+            bnfast_affine_runs_f32(xp + first * S, ax, yp + first * S, last - first, S, c, C,
+                                   ft, ft + C, ft + 2 * C, relu)
+            pack_block(yp, first * S, (last - first) * S, bits)
+            return
+    elif real_t is bnfast_f16:
+        if use_float:
+            bnfast_affine_runs_f16(xp + first * S, ax, yp + first * S, last - first, S, c, C,
+                                   ft, ft + C, ft + 2 * C, relu)
+            pack_block(yp, first * S, (last - first) * S, bits)
+            return
+    elif real_t is bnfast_bf16:
+        if use_float:
+            bnfast_affine_runs_bf16(xp + first * S, ax, yp + first * S, last - first, S, c,
+                                    C, ft, ft + C, ft + 2 * C, relu)
             pack_block(yp, first * S, (last - first) * S, bits)
             return
     for t in range(first, last):

@@ -159,16 +159,36 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
         }                                                                                \
     }
 
-BNFAST_DEFINE_HALF_AFFINE(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
-BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+#define BNFAST_DEFINE_HALF_AFFINE_ALL(H, T, VARIANT, ATTR, LOAD8, STORE8)                \
+    BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8)                        \
+    BNFAST_DEFINE_AFFINE_RUNS(bnfast_affine_runs_##H##_##VARIANT, T, ATTR,               \
+                              bnfast_affine_scalar_##H##_##VARIANT)
+
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
 #if BNFAST_DISPATCH_AVX2
-BNFAST_DEFINE_HALF_AFFINE(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
-                          bnfast_store8_f16_f16c)
-BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
-                          bnfast_store8_bf16_avx2)
-BNFAST_DEFINE_HALF_AFFINE(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
-                          bnfast_store8_bf16_hw)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                              bnfast_store8_f16_f16c)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw)
 #endif
+
+static inline void bnfast_affine_runs_f16(const bnfast_f16 *x, const bnfast_f16 *add,
+                                          bnfast_f16 *y, ptrdiff_t runs, ptrdiff_t S,
+                                          ptrdiff_t c, ptrdiff_t C, const float *m,
+                                          const float *a, const float *b, int relu) {
+    BNFAST_PICK_F16C(bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c)(
+        x, add, y, runs, S, c, C, m, a, b, relu);
+}
+static inline void bnfast_affine_runs_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
+                                           bnfast_bf16 *y, ptrdiff_t runs, ptrdiff_t S,
+                                           ptrdiff_t c, ptrdiff_t C, const float *m,
+                                           const float *a, const float *b, int relu) {
+    BNFAST_PICK_BF16(bnfast_affine_runs_bf16_base, bnfast_affine_runs_bf16_avx2,
+                     bnfast_affine_runs_bf16_hw)(x, add, y, runs, S, c, C, m, a, b, relu);
+}
 
 static inline void bnfast_affine_scalar_f16(const bnfast_f16 *x, const bnfast_f16 *add,
                                             bnfast_f16 *y, ptrdiff_t n, float m, float a,
