@@ -11,10 +11,8 @@
  * One body per job (the macros), instantiated per storage type with its
  * widening load (L4: four values to four doubles) and scalar widening (TOD).
  * Widening is exact, so half data gives bit for bit the sums of the same
- * values stored as float32, as long as the arithmetic and its order are the
- * float32 leaf's: the same macro, and every decision that could change the
- * order (the row group) made on the shape and float's size, never on the
- * storage type.  The scalar build (BNFAST_NO_SIMD) keeps the lanes, so it
+ * values stored as float32 (and float64), as the arithmetic and its order are
+ * one macro's, with no decision on the storage type.  The scalar build (BNFAST_NO_SIMD) keeps the lanes, so it
  * gives the same bits as the SIMD variants, which are picked at run time
  * (AVX2; F16C for float16).  No FMA: d * d + b must round the same way.
  *
@@ -123,39 +121,27 @@
  * channels-last rows).  Rows four at a time (their terms summed in registers
  * before one update of s1/s2, which stay in L1), leftover rows one at a time;
  * vector columns first, then the scalar part in the same per-column order (the
- * whole job without SIMD).  Rows one at a time instead where four row streams
- * would interleave inside one 4 KiB page (strides of 512 B up to 2 KiB): that
- * confuses the hardware prefetchers and halves the speed.  The choice is made
- * on float's size (BNFAST_STATS_GROUP) for the half types too, so that their
- * sums stay those of float32 data.
+ * whole job without SIMD).  (The whole-row leaf this replaces went one row at a
+ * time for rows of 512 B - 2 KiB, where four row streams inside one 4 KiB page
+ * had halved its speed; over column tiles four rows at a time is as fast there
+ * or faster, measured, and one order for every storage type keeps half data's
+ * sums those of float32 data.)
  * ------------------------------------------------------------------------------ */
-#define BNFAST_STATS_GROUP(stride, value_bytes) \
-    (((size_t)(stride) * (value_bytes) < 512 || (size_t)(stride) * (value_bytes) >= 2048) ? 4 : 1)
-
 #define BNFAST_COLSUMS_SCALAR(T, TOD, J0)                                                \
     {                                                                                    \
         double k, e0, e1, e2, e3;                                                        \
-        if (group == 4) {                                                                \
-            for (r = 0; r + 4 <= rows; r += 4) {                                         \
-                const T *p0 = x + r * stride, *p1 = p0 + stride;                         \
-                const T *p2 = p1 + stride, *p3 = p2 + stride;                            \
-                for (j = (J0); j < W; j++) {                                             \
-                    k = TOD(shift[j]);                                                   \
-                    e0 = TOD(p0[j]) - k; e1 = TOD(p1[j]) - k;                            \
-                    e2 = TOD(p2[j]) - k; e3 = TOD(p3[j]) - k;                            \
-                    s1[j] += (e0 + e1) + (e2 + e3);                                      \
-                    s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                  \
-                }                                                                        \
-            }                                                                            \
-        } else {                                                                         \
-            for (r = 0; r < rows; r++) {                                                 \
-                const T *p = x + r * stride;                                             \
-                for (j = (J0); j < W; j++) {                                             \
-                    e0 = TOD(p[j]) - TOD(shift[j]); s1[j] += e0; s2[j] += e0 * e0;       \
-                }                                                                        \
+        for (r = 0; r + 4 <= rows; r += 4) {                                             \
+            const T *p0 = x + r * stride, *p1 = p0 + stride;                             \
+            const T *p2 = p1 + stride, *p3 = p2 + stride;                                \
+            for (j = (J0); j < W; j++) {                                                 \
+                k = TOD(shift[j]);                                                       \
+                e0 = TOD(p0[j]) - k; e1 = TOD(p1[j]) - k;                                \
+                e2 = TOD(p2[j]) - k; e3 = TOD(p3[j]) - k;                                \
+                s1[j] += (e0 + e1) + (e2 + e3);                                          \
+                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);                      \
             }                                                                            \
         }                                                                                \
-        for (; r < rows; r++) {  /* leftover rows of the groups of four */              \
+        for (; r < rows; r++) {  /* leftover rows, all columns */                        \
             const T *p = x + r * stride;                                                 \
             for (j = 0; j < W; j++) {                                                    \
                 e0 = TOD(p[j]) - TOD(shift[j]); s1[j] += e0; s2[j] += e0 * e0;           \
@@ -164,39 +150,28 @@
     }
 
 #if BNFAST_VECTOR_EXT
-#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD, VALUE_BYTES)               \
+#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD)                            \
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
                           const T *shift, double *s1, double *s2) {                      \
-        ptrdiff_t r, j, j4 = W - W % 4, group = BNFAST_STATS_GROUP(stride, VALUE_BYTES); \
-        if (group == 4) {                                                                \
-            for (r = 0; r + 4 <= rows; r += 4) {                                         \
-                const T *p0 = x + r * stride, *p1 = p0 + stride;                         \
-                const T *p2 = p1 + stride, *p3 = p2 + stride;                            \
-                for (j = 0; j < j4; j += 4) {                                            \
-                    bnfast_v4d kv = L4(shift + j);                                       \
-                    bnfast_v4d d0 = L4(p0 + j) - kv, d1 = L4(p1 + j) - kv;               \
-                    bnfast_v4d d2 = L4(p2 + j) - kv, d3 = L4(p3 + j) - kv;               \
-                    *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                    \
-                    *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3); \
-                }                                                                        \
-            }                                                                            \
-        } else {                                                                         \
-            for (r = 0; r < rows; r++) {                                                 \
-                const T *p = x + r * stride;                                             \
-                for (j = 0; j < j4; j += 4) {                                            \
-                    bnfast_v4d d = L4(p + j) - L4(shift + j);                            \
-                    *(bnfast_v4d *)(s1 + j) += d;                                        \
-                    *(bnfast_v4d *)(s2 + j) += d * d;                                    \
-                }                                                                        \
+        ptrdiff_t r, j, j4 = W - W % 4;                                                  \
+        for (r = 0; r + 4 <= rows; r += 4) {                                             \
+            const T *p0 = x + r * stride, *p1 = p0 + stride;                             \
+            const T *p2 = p1 + stride, *p3 = p2 + stride;                                \
+            for (j = 0; j < j4; j += 4) {                                                \
+                bnfast_v4d kv = L4(shift + j);                                           \
+                bnfast_v4d d0 = L4(p0 + j) - kv, d1 = L4(p1 + j) - kv;                   \
+                bnfast_v4d d2 = L4(p2 + j) - kv, d3 = L4(p3 + j) - kv;                   \
+                *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                        \
+                *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);    \
             }                                                                            \
         }                                                                                \
         BNFAST_COLSUMS_SCALAR(T, TOD, j4)                                                \
     }
 #else
-#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD, VALUE_BYTES)               \
+#define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD)                            \
     static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,          \
                      const T *shift, double *s1, double *s2) {                           \
-        ptrdiff_t r, j, group = BNFAST_STATS_GROUP(stride, VALUE_BYTES);                 \
+        ptrdiff_t r, j;                                                                  \
         BNFAST_COLSUMS_SCALAR(T, TOD, 0)                                                 \
     }
 #endif
@@ -212,13 +187,13 @@
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_bf16_##SUFFIX, bnfast_bf16,   \
                                     ATTR_BF16, L4_BF16, BNFAST_TOD_BF16)                   \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_##SUFFIX, float, ATTR,        \
-                                  BNFAST_L4_F32, BNFAST_TOD_NATIVE, sizeof(float))         \
+                                  BNFAST_L4_F32, BNFAST_TOD_NATIVE)         \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_##SUFFIX, double, ATTR,       \
-                                  BNFAST_L4_F64, BNFAST_TOD_NATIVE, sizeof(double))        \
+                                  BNFAST_L4_F64, BNFAST_TOD_NATIVE)        \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f16_##SUFFIX, bnfast_f16,         \
-                                  ATTR_F16, L4_F16, BNFAST_TOD_F16, sizeof(float))         \
+                                  ATTR_F16, L4_F16, BNFAST_TOD_F16)         \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_bf16_##SUFFIX, bnfast_bf16,       \
-                                  ATTR_BF16, L4_BF16, BNFAST_TOD_BF16, sizeof(float))
+                                  ATTR_BF16, L4_BF16, BNFAST_TOD_BF16)
 
 /* The base variants: the compiler's own target (with F16C / AVX2 when the build
  * enables them, e.g. -march=native), else the portable half loads. */

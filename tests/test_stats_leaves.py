@@ -4,11 +4,10 @@
 the shifted column sums (channels-last) in each variant this CPU has
 (portable, AVX2 / F16C) over the same values stored as float32, float64 and
 the half type they came from.  The contract checked here: the sums equal a
-float64 reference (to rounding); float32 and the half types give the same bits
-(half data has the statistics of the same values stored as float32), and every
-variant gives the bits of the scalar build (``-DBNFAST_NO_SIMD``), on any
-machine.  (float64 data may group rows differently: its rows are twice as
-many bytes.)
+float64 reference (to rounding); every storage type gives the same bits (half
+data has the statistics of the same values stored as float32 or float64), and
+every variant gives the bits of the scalar build (``-DBNFAST_NO_SIMD``), on any
+machine.
 """
 import shlex
 import subprocess
@@ -26,7 +25,6 @@ COL_CASES = [(13, 72, 72), (10, 131, 131), (9, 200, 200), (6, 300, 512), (5, 3, 
              (17, 64, 1024)]
 # Per value set: (float32, float64, the half type) x (portable, SIMD) blocks.
 BLOCKS = 6
-FLOAT32, FLOAT64, HALF = (0, 1), (2, 3), (4, 5)
 
 
 def _block_len():
@@ -83,12 +81,11 @@ def test_sums_match_float64_reference(outputs, value_set, half):
         assert np.all(np.abs(block - want) <= 1e-12 * scale)
 
 
-def test_half_and_float32_data_give_the_same_bits_in_every_variant(outputs):
+def test_every_storage_type_and_variant_gives_the_same_bits(outputs):
     simd, _ = outputs
     for value_set in simd:
-        for block in (*FLOAT32, *HALF):
-            np.testing.assert_array_equal(value_set[block], value_set[FLOAT32[0]])
-        np.testing.assert_array_equal(value_set[FLOAT64[1]], value_set[FLOAT64[0]])
+        for block in value_set[1:]:
+            np.testing.assert_array_equal(block, value_set[0])
 
 
 def test_no_simd_build_gives_identical_bits(outputs):

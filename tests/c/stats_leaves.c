@@ -16,8 +16,8 @@
 #define RUNS 12
 static const ptrdiff_t run_lengths[] = {1, 7, 8, 9, 49, 784, 4096};
 #define NLENGTHS (sizeof run_lengths / sizeof run_lengths[0])
-/* (rows, W, stride): groups of 4 and of 1 (strides of 512 B - 2 KiB in float),
- * leftover rows, scalar columns, a tile inside wider rows. */
+/* (rows, W, stride): groups of four rows and leftover rows, scalar columns,
+ * a tile inside wider rows. */
 static const ptrdiff_t col_cases[][3] = {
     {13, 72, 72}, {10, 131, 131}, {9, 200, 200}, {6, 300, 512}, {5, 3, 3}, {17, 64, 1024},
 };
