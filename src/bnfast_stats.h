@@ -12,9 +12,9 @@
  * widening load (L4: four values to four doubles) and scalar widening (TOD).
  * Widening is exact, so half data gives bit for bit the sums of the same
  * values stored as float32 (and float64), as the arithmetic and its order are
- * one macro's, with no decision on the storage type.  The scalar build (BNFAST_NO_SIMD) keeps the lanes, so it
- * gives the same bits as the SIMD variants, which are picked at run time
- * (AVX2; F16C for float16).  No FMA: d * d + b must round the same way.
+ * one macro's, with no decision on the storage type.  The scalar build
+ * (BNFAST_NO_SIMD) keeps the lanes, so it gives the same bits as the SIMD
+ * variants, which are picked at run time (AVX2; F16C for float16).  No FMA: d * d + b must round the same way.
  *
  * Why not staging (widen a chunk into a float buffer, run the float32 leaf):
  * two more trips through L1 and a call per chunk made half statistics 1.3-1.6x
@@ -68,7 +68,14 @@
 #define BNFAST_RUN_SHIFT(v) ((v) - (v) == 0.0 ? (v) : 0.0)
 
 #if BNFAST_VECTOR_EXT
-#define BNFAST_SUMS_RUN_FINISH(xr, k, A0, A1, B0, B1, S1, S2, TOD)                      \
+/* A run's finish: its tail (values n8.. into lanes 0..) and the 8-lane combine,
+ * ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), for both sums.
+ * FINISH_ARRAY through arrays (any target); FINISH_AVX in registers, the same
+ * operations in the same order: the tail added lane by lane (constant lanes),
+ * the combine by vhaddpd and 128-bit halves.  Short
+ * runs pay the finish once per run: through arrays it was half of a 49-value
+ * run's time. */
+#define BNFAST_SUMS_FINISH_ARRAY(xr, k, A0, A1, B0, B1, S1, S2, TOD)                    \
     {                                                                                    \
         double a_[8], b_[8], d_;                                                         \
         ptrdiff_t i_;                                                                    \
@@ -82,11 +89,38 @@
         (S1) = BNFAST_COMBINE8(a_);                                                      \
         (S2) = BNFAST_COMBINE8(b_);                                                      \
     }
-#define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD)                          \
+#if defined(__x86_64__) || defined(__i386__)
+#define BNFAST_TAIL_LANE(XR, K, TOD, A, B, LANE, I)                                      \
+    { double d_ = TOD((XR)[n8 + (I)]) - (K); (A)[LANE] += d_; (B)[LANE] += d_ * d_; }
+#define BNFAST_SUMS_FINISH_AVX(xr, k, A0, A1, B0, B1, S1, S2, TOD)                      \
+    {                                                                                    \
+        if (n8 < n) { /* constant lanes: a variable one goes through memory */           \
+            ptrdiff_t t_ = n - n8;                                                       \
+            BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 0, 0)                                   \
+            if (t_ > 1) BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 1, 1)                       \
+            if (t_ > 2) BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 2, 2)                       \
+            if (t_ > 3) BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 3, 3)                       \
+            if (t_ > 4) BNFAST_TAIL_LANE(xr, k, TOD, A1, B1, 0, 4)                       \
+            if (t_ > 5) BNFAST_TAIL_LANE(xr, k, TOD, A1, B1, 1, 5)                       \
+            if (t_ > 6) BNFAST_TAIL_LANE(xr, k, TOD, A1, B1, 2, 6)                       \
+        }                                                                                \
+        {   /* pairs (l0+l1, l4+l5, l2+l3, l6+l7) of a and of b */                       \
+            __m256d pa_ = _mm256_hadd_pd((__m256d)(A0), (__m256d)(A1));                  \
+            __m256d pb_ = _mm256_hadd_pd((__m256d)(B0), (__m256d)(B1));                  \
+            /* (a: (l0+l1)+(l2+l3), (l4+l5)+(l6+l7), b: the same) */                     \
+            __m256d q_ = _mm256_add_pd(_mm256_permute2f128_pd(pa_, pb_, 0x20),           \
+                                       _mm256_permute2f128_pd(pa_, pb_, 0x31));          \
+            __m256d t_ = _mm256_hadd_pd(q_, q_);                                         \
+            (S1) = _mm256_cvtsd_f64(t_);                                                 \
+            (S2) = _mm_cvtsd_f64(_mm256_extractf128_pd(t_, 1));                          \
+        }                                                                                \
+    }
+#endif
+#define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD, FINISH)                  \
     ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
                           double *s1, double *s2) {                                      \
         ptrdiff_t r, i, n8 = n - n % 8;                                                  \
-        for (r = 0; r < runs; r++) {                                                          \
+        for (r = 0; r < runs; r++) {                                                     \
             const T *xp = x + r * n;                                                     \
             double kp = BNFAST_RUN_SHIFT(TOD((xp)[0]));                                  \
             shift[r] = kp;                                                               \
@@ -95,11 +129,11 @@
                 u0 = L4(xp + i) - kp; u1 = L4(xp + i + 4) - kp;                          \
                 a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                        \
             }                                                                            \
-            BNFAST_SUMS_RUN_FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)            \
+            FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)                            \
         }                                                                                \
     }
 #else
-#define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD)                          \
+#define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD, FINISH)                  \
     static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,             \
                      double *s1, double *s2) {                                           \
         ptrdiff_t r, i;                                                                  \
@@ -177,21 +211,22 @@
 #endif
 
 /* ---- instances, and the run-time pick ------------------------------------------ */
-#define BNFAST_DEFINE_STATS_LEAVES(SUFFIX, ATTR, ATTR_F16, L4_F16, ATTR_BF16, L4_BF16)    \
+#define BNFAST_DEFINE_STATS_LEAVES(SUFFIX, ATTR, ATTR_F16, L4_F16, ATTR_BF16, L4_BF16,   \
+                                   FINISH)                                                 \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f32_##SUFFIX, float, ATTR,    \
-                                    BNFAST_L4_F32, BNFAST_TOD_NATIVE)                      \
+                                    BNFAST_L4_F32, BNFAST_TOD_NATIVE, FINISH)              \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f64_##SUFFIX, double, ATTR,   \
-                                    BNFAST_L4_F64, BNFAST_TOD_NATIVE)                      \
+                                    BNFAST_L4_F64, BNFAST_TOD_NATIVE, FINISH)              \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f16_##SUFFIX, bnfast_f16,     \
-                                    ATTR_F16, L4_F16, BNFAST_TOD_F16)                      \
+                                    ATTR_F16, L4_F16, BNFAST_TOD_F16, FINISH)              \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_bf16_##SUFFIX, bnfast_bf16,   \
-                                    ATTR_BF16, L4_BF16, BNFAST_TOD_BF16)                   \
+                                    ATTR_BF16, L4_BF16, BNFAST_TOD_BF16, FINISH)           \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_##SUFFIX, float, ATTR,        \
-                                  BNFAST_L4_F32, BNFAST_TOD_NATIVE)         \
+                                  BNFAST_L4_F32, BNFAST_TOD_NATIVE)                        \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_##SUFFIX, double, ATTR,       \
-                                  BNFAST_L4_F64, BNFAST_TOD_NATIVE)        \
+                                  BNFAST_L4_F64, BNFAST_TOD_NATIVE)                        \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f16_##SUFFIX, bnfast_f16,         \
-                                  ATTR_F16, L4_F16, BNFAST_TOD_F16)         \
+                                  ATTR_F16, L4_F16, BNFAST_TOD_F16)                        \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_bf16_##SUFFIX, bnfast_bf16,       \
                                   ATTR_BF16, L4_BF16, BNFAST_TOD_BF16)
 
@@ -207,11 +242,17 @@
 #elif BNFAST_VECTOR_EXT
 #define BNFAST_L4_BF16_BASE BNFAST_L4_BF16_PORTABLE
 #endif
-BNFAST_DEFINE_STATS_LEAVES(base, , , BNFAST_L4_F16_BASE, , BNFAST_L4_BF16_BASE)
+#if BNFAST_VECTOR_EXT && defined(__AVX__)
+#define BNFAST_SUMS_FINISH_BASE BNFAST_SUMS_FINISH_AVX
+#else
+#define BNFAST_SUMS_FINISH_BASE BNFAST_SUMS_FINISH_ARRAY
+#endif
+BNFAST_DEFINE_STATS_LEAVES(base, , , BNFAST_L4_F16_BASE, , BNFAST_L4_BF16_BASE,
+                           BNFAST_SUMS_FINISH_BASE)
 
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_L4_F16_F16C,
-                           BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2)
+                           BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2, BNFAST_SUMS_FINISH_AVX)
 #define BNFAST_STATS_PICK(T) BNFAST_PICK(bnfast_##T##_base, bnfast_##T##_avx2)
 #define BNFAST_STATS_PICK_F16(T) BNFAST_PICK_F16C(bnfast_##T##_base, bnfast_##T##_avx2)
 #else
