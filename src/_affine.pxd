@@ -269,6 +269,18 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
             bnfast_affine_tiled_bf16d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
 
 
+cdef inline void _apply_runs(const real_t* x, const real_t* addend, real_t* y, Py_ssize_t runs,
+                             Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* ft,
+                             bint relu) noexcept nogil:
+    # Consecutive runs from channel c on, with the table's float rows (not for double).
+    if real_t is float:
+        bnfast_affine_runs_f32(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+    elif real_t is bnfast_f16:
+        bnfast_affine_runs_f16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+    elif real_t is bnfast_bf16:
+        bnfast_affine_runs_bf16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+
+
 cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
                               Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
                               Py_ssize_t first, Py_ssize_t last, const double* table,
@@ -279,24 +291,12 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
     cdef const real_t* ax = ap if ap == NULL else ap + first * S
     # Float rows: the block's runs in one leaf call (the choice hoisted out of the
     # run loop, the call and pick paid per block, not per run).
-    if real_t is float:
-        if use_float:
-            bnfast_affine_runs_f32(xp + first * S, ax, yp + first * S, last - first, S, c, C,
-                                   ft, ft + C, ft + 2 * C, relu)
-            pack_block(yp, first * S, (last - first) * S, bits)
-            return
-    elif real_t is bnfast_f16:
-        if use_float:
-            bnfast_affine_runs_f16(xp + first * S, ax, yp + first * S, last - first, S, c, C,
-                                   ft, ft + C, ft + 2 * C, relu)
-            pack_block(yp, first * S, (last - first) * S, bits)
-            return
-    elif real_t is bnfast_bf16:
-        if use_float:
-            bnfast_affine_runs_bf16(xp + first * S, ax, yp + first * S, last - first, S, c,
-                                    C, ft, ft + C, ft + 2 * C, relu)
-            pack_block(yp, first * S, (last - first) * S, bits)
-            return
+    if real_t is double:
+        pass
+    elif use_float:
+        _apply_runs(xp + first * S, ax, yp + first * S, last - first, S, c, C, ft, relu)
+        pack_block(yp, first * S, (last - first) * S, bits)
+        return
     for t in range(first, last):
         off = t * S
         _apply_scalar(xp + off, ap if ap == NULL else ap + off, yp + off, S,

@@ -34,7 +34,7 @@ from libc.stdlib cimport free, malloc
 
 from _moments cimport (channel_origin, finite_or_zero, m2_fixup, merge_rows, merge_shifted,
                       shifted_colsums, shifted_sums_runs, unshift_means)
-from _tiling cimport RowBlocks, row_blocks
+from _tiling cimport RowBlocks, SampleTasks, row_blocks, sample_tasks
 from _openmp_helpers cimport bnfast_thread_num, threads_for
 
 cdef enum:
@@ -129,14 +129,8 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     ``residual`` (C,), or NULL: receives the exact mean minus the float64 one.
     """
     # Tasks: samples [nb * npt, +npt) x channels [cb * cpt, +cpt), by the shape only.
-    cdef Py_ssize_t cpt = C if C * S <= RUN_ELEMS else max(1, RUN_ELEMS // S)
-    cdef Py_ssize_t npt = max(1, TASK_ELEMS // (cpt * S))
-    cdef Py_ssize_t nblocks = (N + npt - 1) // npt
-    npt = (N + nblocks - 1) // nblocks  # even blocks: 8 samples as 4 + 4, not 5 + 3
-    nblocks = (N + npt - 1) // npt
-    cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
-    cpt = (C + cblocks - 1) // cblocks
-    cblocks = (C + cpt - 1) // cpt
+    cdef SampleTasks cut = sample_tasks(N, C, S, RUN_ELEMS, TASK_ELEMS)
+    cdef Py_ssize_t cpt = cut.cpt, npt = cut.npt, nblocks = cut.nblocks, cblocks = cut.cblocks
     cdef Py_ssize_t tasks = nblocks * cblocks
     cdef int nt = threads_for(tasks, N * C * S, n_threads)
     # Partials laid out [sample block][channel] so the merge runs along channels;

@@ -44,3 +44,29 @@ cdef inline RowBlocks row_blocks(Py_ssize_t M, Py_ssize_t C, Py_ssize_t block_el
     t.per_block = max(1, min(max_block_rows, block_elems // t.W))
     t.blocks = (t.rows + t.per_block - 1) // t.per_block
     return t
+
+
+cdef struct SampleTasks:
+    Py_ssize_t cpt        # channels per task
+    Py_ssize_t npt        # samples per task
+    Py_ssize_t cblocks    # channel blocks
+    Py_ssize_t nblocks    # sample blocks; tasks = nblocks * cblocks
+
+
+cdef inline SampleTasks sample_tasks(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                     Py_ssize_t run_elems, Py_ssize_t task_elems) noexcept nogil:
+    """Cut channels-first (N, C, S) work into (sample block, channel block) tasks
+    read in memory order: per sample about run_elems contiguous values (whole
+    channels), task_elems in all; blocks as even as the counts allow (8 samples
+    as 4 + 4, not 5 + 3).  By the shape only, so reductions are bit-identical
+    for any thread count."""
+    cdef SampleTasks t
+    t.cpt = C if C * S <= run_elems else max(1, run_elems // S)
+    t.npt = max(1, task_elems // (t.cpt * S))
+    t.nblocks = (N + t.npt - 1) // t.npt
+    t.npt = (N + t.nblocks - 1) // t.nblocks
+    t.nblocks = (N + t.npt - 1) // t.npt
+    t.cblocks = (C + t.cpt - 1) // t.cpt
+    t.cpt = (C + t.cblocks - 1) // t.cblocks
+    t.cblocks = (C + t.cpt - 1) // t.cpt
+    return t
