@@ -153,6 +153,21 @@ cdef extern from "bnfast_simd.h" nogil:
     void bnfast_affine_runs_f32(const float* x, const float* add, float* y, Py_ssize_t runs,
                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
                                 const float* a, const float* b, int relu)
+    # Their streaming twins (the same bits; outputs far beyond the caches).
+    void bnfast_affine_scalar_f32_nt(const float* x, const float* add, float* y, Py_ssize_t n,
+                                     float m, float a, float b, int relu)
+    void bnfast_affine_scalar_f64_nt(const double* x, const double* add, double* y,
+                                     Py_ssize_t n, double m, double a, double b, int relu)
+    void bnfast_affine_tiled_f32_nt(const float* x, const float* add, float* y, Py_ssize_t n,
+                                    Py_ssize_t W, const float* m, const float* a,
+                                    const float* b, int relu)
+    void bnfast_affine_tiled_f64_nt(const double* x, const double* add, double* y,
+                                    Py_ssize_t n, Py_ssize_t W, const double* m,
+                                    const double* a, const double* b, int relu)
+    void bnfast_affine_runs_f32_nt(const float* x, const float* add, float* y, Py_ssize_t runs,
+                                   Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                                   const float* a, const float* b, int relu)
+    void bnfast_nt_fence()
 
 
 cdef extern from "bnfast_backward_simd.h" nogil:
@@ -221,15 +236,25 @@ cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noex
 
 cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
                                Py_ssize_t n, const double* table, Py_ssize_t W, Py_ssize_t c,
-                               bint use_float, bint relu) noexcept nogil:
-    # Channel c of the table: its float rows (use_float) or its double rows.
+                               bint use_float, bint relu, bint stream) noexcept nogil:
+    # Channel c of the table: its float rows (use_float) or its double rows;
+    # stream: non-temporal stores (float32 on float rows, float64).
     cdef const float* ft = <const float*>(table + 3 * W)
     if real_t is double:
-        bnfast_affine_scalar_f64(x, addend, y, n, table[c], table[W + c], table[2 * W + c],
-                                 relu)
+        if stream:
+            bnfast_affine_scalar_f64_nt(x, addend, y, n, table[c], table[W + c],
+                                        table[2 * W + c], relu)
+        else:
+            bnfast_affine_scalar_f64(x, addend, y, n, table[c], table[W + c], table[2 * W + c],
+                                     relu)
     elif use_float:
         if real_t is float:
-            bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+            if stream:
+                bnfast_affine_scalar_f32_nt(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
+                                            relu)
+            else:
+                bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
+                                         relu)
         elif real_t is bnfast_f16:
             bnfast_affine_scalar_f16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
         else:
@@ -248,14 +273,21 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
 
 cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
                               Py_ssize_t n, Py_ssize_t W, const double* tile,
-                              bint use_float, bint relu) noexcept nogil:
-    # n values from a W-aligned start, as pieces of the W-long tile.
+                              bint use_float, bint relu, bint stream) noexcept nogil:
+    # n values from a W-aligned start, as pieces of the W-long tile (stream: see
+    # _apply_scalar).
     cdef const float* ft = <const float*>(tile + 3 * W)
     if real_t is double:
-        bnfast_affine_tiled_f64(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
+        if stream:
+            bnfast_affine_tiled_f64_nt(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
+        else:
+            bnfast_affine_tiled_f64(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
     elif use_float:
         if real_t is float:
-            bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            if stream:
+                bnfast_affine_tiled_f32_nt(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            else:
+                bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
         elif real_t is bnfast_f16:
             bnfast_affine_tiled_f16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
         else:
@@ -271,10 +303,14 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
 
 cdef inline void _apply_runs(const real_t* x, const real_t* addend, real_t* y, Py_ssize_t runs,
                              Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* ft,
-                             bint relu) noexcept nogil:
+                             bint relu, bint stream) noexcept nogil:
     # Consecutive runs from channel c on, with the table's float rows (not for double).
     if real_t is float:
-        bnfast_affine_runs_f32(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+        if stream:
+            bnfast_affine_runs_f32_nt(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C,
+                                      relu)
+        else:
+            bnfast_affine_runs_f32(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
     elif real_t is bnfast_f16:
         bnfast_affine_runs_f16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
     elif real_t is bnfast_bf16:
@@ -284,7 +320,8 @@ cdef inline void _apply_runs(const real_t* x, const real_t* addend, real_t* y, P
 cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
                               Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
                               Py_ssize_t first, Py_ssize_t last, const double* table,
-                              bint use_float, bint relu, unsigned char* bits) noexcept nogil:
+                              bint use_float, bint relu, unsigned char* bits,
+                              bint stream) noexcept nogil:
     """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
     cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
     cdef const float* ft = <const float*>(table + 3 * C)
@@ -294,23 +331,43 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
     if real_t is double:
         pass
     elif use_float:
-        _apply_runs(xp + first * S, ax, yp + first * S, last - first, S, c, C, ft, relu)
+        _apply_runs(xp + first * S, ax, yp + first * S, last - first, S, c, C, ft, relu,
+                    stream)
+        if stream:
+            bnfast_nt_fence()
         pack_block(yp, first * S, (last - first) * S, bits)
         return
     for t in range(first, last):
         off = t * S
         _apply_scalar(xp + off, ap if ap == NULL else ap + off, yp + off, S,
-                      table, C, c, use_float, relu)
+                      table, C, c, use_float, relu, stream)
         c = c + 1
         if c == C:
             c = 0
+    if stream:
+        bnfast_nt_fence()
     pack_block(yp, first * S, (last - first) * S, bits)
+
+
+cdef inline bint _streamable(const void* y, Py_ssize_t piece_bytes, bint use_float,
+                             bint float_data, bint half_data,
+                             unsigned char* bits) noexcept nogil:
+    """Whether an output may take non-temporal stores: pieces (runs, tiles) that
+    start on 16-byte boundaries (a line written partly by movnt and partly by
+    plain stores is very slow), a streaming leaf for the type (float32 on float
+    rows, float64), and no mask to pack from the block just written (it would
+    come back from memory, not L1)."""
+    return ((<size_t>y) % 16 == 0 and piece_bytes % 16 == 0 and bits == NULL
+            and not half_data and (use_float or not float_data))
 
 
 cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
-                             bint relu, int n_threads, unsigned char* bits) noexcept nogil:
-    """relu?((x - m) * a + b + addend?) over (N, C, S); table: fill_table's, untiled."""
+                             bint relu, int n_threads, unsigned char* bits,
+                             bint stream) noexcept nogil:
+    """relu?((x - m) * a + b + addend?) over (N, C, S); table: fill_table's, untiled.
+    stream: the output is far larger than the caches (non-temporal stores where
+    _streamable allows)."""
     # Tasks are blocks of consecutive (n, c) runs.
     cdef Py_ssize_t runs = N * C
     cdef Py_ssize_t elems = BLOCK_ELEMS if bits == NULL else MASK_BLOCK_ELEMS
@@ -319,29 +376,35 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     cdef Py_ssize_t blk
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef bint use_float = float_rows(table, C)
+    stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
+                                    real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
     if nt == 1:  # no parallel region at all: entering one costs ~1 us even for 1 thread
         for blk in range(blocks):
             _first_block(xp, ap, yp, runs, C, S, blk * per_block,
-                         min(runs, (blk + 1) * per_block), table, use_float, relu, bits)
+                         min(runs, (blk + 1) * per_block), table, use_float, relu, bits,
+                         stream)
         return
     for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _first_block(xp, ap, yp, runs, C, S, blk * per_block,
-                     min(runs, (blk + 1) * per_block), table, use_float, relu, bits)
+                     min(runs, (blk + 1) * per_block), table, use_float, relu, bits, stream)
 
 
 cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W,
                              const double* tile, bint use_float, bint relu,
-                             unsigned char* bits) noexcept nogil:
+                             unsigned char* bits, bint stream) noexcept nogil:
     """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
     _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,
-                 tile, use_float, relu)
+                 tile, use_float, relu, stream)
+    if stream:
+        bnfast_nt_fence()
     pack_block(yp, start, stop - start, bits)
 
 
 cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
                             Py_ssize_t M, Py_ssize_t C, Py_ssize_t k, const double* tile,
-                            bint relu, int n_threads, unsigned char* bits) noexcept nogil:
+                            bint relu, int n_threads, unsigned char* bits,
+                            bint stream) noexcept nogil:
     """The same over (M, C) rows; tile: fill_table's with the channels repeated k times."""
     # The coefficient pattern repeats every C values of the flat array: tiled
     # k times, small C still gives long vector loops.  Every W-aligned piece
@@ -353,11 +416,13 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     cdef Py_ssize_t blk
     cdef int nt = threads_for(blocks, total, n_threads)
     cdef bint use_float = float_rows(tile, W)
+    stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
+                                    real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
     if nt == 1:  # see apply_first
         for blk in range(blocks):
             _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                        use_float, relu, bits)
+                        use_float, relu, bits, stream)
         return
     for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
         _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                    use_float, relu, bits)
+                    use_float, relu, bits, stream)

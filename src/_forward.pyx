@@ -24,6 +24,10 @@ from _tiling cimport tile_repeat
 
 cnp.import_array()
 
+cdef enum:
+    # Outputs of at least this many bytes are written with non-temporal stores.
+    STREAM_BYTES = 1 << 24
+
 
 cdef void _coefficients(object mean, object var, object weight, object bias, Py_ssize_t C,
                         double eps, double* coef, double* scratch) noexcept:
@@ -335,10 +339,14 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
             return -1
         fill_table(coef, shape.C, k, own, residual)
         table = own
+    # Outputs far larger than the caches take non-temporal stores (the threshold
+    # of bnfast.backward.STREAM_BYTES for dx).
+    cdef bint stream = shape.N * shape.C * shape.S * <Py_ssize_t>sizeof(real_t) >= STREAM_BYTES
     with nogil:
         if shape.layout == CHANNELS_FIRST:
-            apply_first(xp, ap, yp, shape.N, shape.C, shape.S, table, relu, n_threads, bits)
+            apply_first(xp, ap, yp, shape.N, shape.C, shape.S, table, relu, n_threads, bits,
+                        stream)
         else:
-            apply_last(xp, ap, yp, shape.N, shape.C, k, table, relu, n_threads, bits)
+            apply_last(xp, ap, yp, shape.N, shape.C, k, table, relu, n_threads, bits, stream)
     free(own)
     return 0

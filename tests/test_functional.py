@@ -12,6 +12,7 @@ from conftest import (
     TORCH_TOL,
     assert_close,
     assert_same,
+    channels_last,
     make_input,
     make_params,
     make_running,
@@ -643,3 +644,30 @@ def test_empty_input_with_every_option(dtype, rng, shape, training):
     if not training:
         assert_close(mean, rm0, dtype, STATS64_TOL)
         assert_close(invstd, 1 / np.sqrt(rv0.astype(np.float64) + 1e-5), dtype, TOL)
+
+
+# -- outputs far beyond the caches: non-temporal stores ------------------------------------
+@pytest.mark.parametrize("dtype, shape", [(np.float32, (16, 64, 64, 64)),
+                                          (np.float64, (8, 64, 64, 64))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("epilogue", ["plain", "relu", "addend", "addend_relu", "in_place"])
+def test_streamed_output_has_the_bits_of_cached_stores(rng, dtype, shape, layout, epilogue):
+    # 16.8 MB outputs take non-temporal stores; one sample's 1 MB slice does not.
+    # Evaluation is elementwise, so slice by slice must give the same bits.
+    x = make_input(rng, shape, dtype)
+    addend = make_input(rng, shape, dtype, 0.0, 1.0) if "addend" in epilogue else None
+    if layout == "channels_last":
+        x = channels_last(x)
+        addend = None if addend is None else channels_last(addend)
+    C = shape[1]
+    rm, rv = rng.normal(size=C).astype(dtype), rng.uniform(0.5, 2.0, C).astype(dtype)
+    w, b = rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)
+    relu = "relu" in epilogue
+
+    def run(xs, adds, out=None):
+        return bnfast.batch_norm(xs, rm, rv, w, b, addend=adds, relu=relu, out=out)
+
+    sliced = np.concatenate([run(x[n:n + 1], None if addend is None else addend[n:n + 1])
+                             for n in range(shape[0])])
+    whole = run(x, addend, out=x if epilogue == "in_place" else None)
+    np.testing.assert_array_equal(whole, sliced)
