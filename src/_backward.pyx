@@ -140,11 +140,13 @@ cdef extern from "bnfast_backward_half.h" nogil:
     void bnfast_grad_tiles_f16(const bnfast_f16* x, const bnfast_f16* dy,
                                const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
                                Py_ssize_t W, const float* m, const float* a, const float* b,
-                               const float* d, int training, bnfast_f16* dx, bnfast_f16* g)
+                               const float* d, int training, int stream, bnfast_f16* dx,
+                               bnfast_f16* g)
     void bnfast_grad_tiles_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
                                 const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
                                 Py_ssize_t W, const float* m, const float* a, const float* b,
-                                const float* d, int training, bnfast_bf16* dx, bnfast_bf16* g)
+                                const float* d, int training, int stream, bnfast_bf16* dx,
+                                bnfast_bf16* g)
 
 cdef enum:
     # Channels-first pass 1: a task covers a block of samples times a block of
@@ -162,6 +164,8 @@ cdef enum:
     APPLY_WIDTH = 256
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
+    # Doubles (two cache lines) between pass 1's partial arrays: no 4K aliasing.
+    ALIAS_PAD = 16
     # Pass 1 widens both inputs to double and costs about this many times a
     # value of an elementwise pass (threads_for's unit): it pays for a
     # parallel region at a quarter of the size (a (1, 512, 7, 7) batch).
@@ -300,10 +304,10 @@ cdef inline void _grad_tiled(const real_t* x, const real_t* dy, const unsigned c
     cdef Py_ssize_t i = 0
     if real_t is bnfast_f16:
         bnfast_grad_tiles_f16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                              training, dx, g)
+                              training, stream, dx, g)
     elif real_t is bnfast_bf16:
         bnfast_grad_tiles_bf16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                               training, dx, g)
+                               training, stream, dx, g)
     else:
         while i < n:
             if real_t is float:
@@ -377,10 +381,11 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     cdef Py_ssize_t tasks = nblocks * cblocks
     cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
-    cdef double* part = <double*>malloc(2 * nblocks * C * sizeof(double))
+    # part_xdy starts ALIAS_PAD doubles further than packed (see _reduce_last).
+    cdef double* part = <double*>malloc((2 * nblocks * C + ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
-    cdef double* part_xdy = part + nblocks * C
+    cdef double* part_xdy = part + nblocks * C + ALIAS_PAD
     cdef Py_ssize_t t, nb
     if nt == 1:  # no OpenMP region: entering one costs ~1 us even for 1 thread
         for t in range(tasks):
@@ -425,11 +430,15 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
     cdef int nt = threads_for(blocks, M * C * REDUCE_COST, n_threads)
     # Partials per (block, column), then the tiled mean (the shift of every column).
-    cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
+    # The three arrays are ALIAS_PAD doubles apart beyond their lengths: the leaf
+    # stores sy[j] and then loads sxy[j] (and shift[j]); at a distance that is a
+    # multiple of 4 KiB (blocks * W * 8 bytes often is: W = 1024) the load waits
+    # for the store (4K aliasing), every iteration.
+    cdef double* part = <double*>malloc((2 * blocks * W + W + 2 * ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
-    cdef double* part_xdy = part + blocks * W
-    cdef double* shift = part + 2 * blocks * W
+    cdef double* part_xdy = part + blocks * W + ALIAS_PAD
+    cdef double* shift = part_xdy + blocks * W + ALIAS_PAD
     # Per-thread staging for the half types, allocated before the parallel region.
     cdef Py_ssize_t stage_len = bnfast_coldot_stage_len(W) if _half(xp) else 0
     cdef float* stages = NULL
@@ -563,9 +572,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t blk
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    # (Not for the half types: their dx goes through a staging buffer.)
-    stream = (stream and bits == NULL and not _half(xp)
-              and _aligned16(dxp, S * sizeof(real_t)))
+    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
     cdef void* table
     cdef Py_ssize_t c
     if training and bits == NULL and not stream and gp == NULL:
@@ -630,8 +637,7 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     if tile == NULL:
         return -1
     cdef Py_ssize_t j, blk
-    stream = (stream and bits == NULL and not _half(xp)
-              and _aligned16(dxp, W * sizeof(real_t)))
+    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
     for j in range(W):
         _put_coef(xp, tile, j, W, k, j % C)
     if nt == 1:  # see _reduce_first

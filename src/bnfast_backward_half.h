@@ -94,60 +94,186 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
                                  BNFAST_H8_COEF(b, i), BNFAST_H8_COEF(d, i))             \
         BNFAST_HALF_GRAD_TAIL(H, m[i], a[i], b[i], d[i])                                 \
     }
+/* Training, `runs` consecutive runs of n, run r with (m[r], a[r], b[r], d[r]): the
+ * loop inside the target function (short runs: no dispatch per run). */
+#define BNFAST_DEFINE_HALF_GRAD_RUNS(H, T, VARIANT, ATTR, LOAD8, STORE8)                 \
+    ATTR static void bnfast_grad_vec_runs_##H##_##VARIANT(                               \
+            const T *x0, const T *dy0, T *dx0, ptrdiff_t runs, ptrdiff_t n,              \
+            const float *mr, const float *ar, const float *br, const float *dr) {        \
+        ptrdiff_t r, i, n8 = BNFAST_HALF_N8(n);                                          \
+        const int training = 1;                                                          \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *x = x0 + r * n, *dy = dy0 + r * n;                                  \
+            T *dx = dx0 + r * n;                                                         \
+            float m = mr[r], a = ar[r], b = br[r], d = dr[r];                            \
+            BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                          \
+            BNFAST_HALF_GRAD_TAIL(H, m, a, b, d)                                         \
+        }                                                                                \
+    }
+
+/* Non-temporal twins of the 16-byte half stores (dx + i 16-byte aligned). */
+#define BNFAST_STREAM8_HALF_(p, v128) _mm_stream_si128((__m128i *)(void *)(p), (v128))
 
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
+BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
 #if BNFAST_DISPATCH_AVX2
+#define bnfast_stream8_f16_f16c(p, f) BNFAST_STREAM8_HALF_(                              \
+        p, _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT))
+/* bnfast_store8_bf16_avx2's bits (bnfast_half.h), stored non-temporally. */
+#define bnfast_stream8_bf16_avx2(p, f) do {                                               \
+        __m256i u_ = (__m256i)(f), top_ = _mm256_srli_epi32(u_, 16);                     \
+        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                  \
+            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                              \
+            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                           \
+        __m256i nan_ = _mm256_cmpgt_epi32(_mm256_and_si256(u_, _mm256_set1_epi32(0x7fffffff)), \
+                                          _mm256_set1_epi32(0x7f800000));                 \
+        r_ = _mm256_blendv_epi8(r_, _mm256_or_si256(top_, _mm256_set1_epi32(0x40)), nan_); \
+        BNFAST_STREAM8_HALF_(p, _mm_packus_epi32(_mm256_castsi256_si128(r_),              \
+                                                 _mm256_extracti128_si256(r_, 1)));       \
+    } while (0)
+/* bnfast_store8_bf16_hw's bits, stored non-temporally. */
+#define bnfast_stream8_bf16_hw(p, f) do {                                                 \
+        __m256 v_ = (__m256)(f);                                                          \
+        if (__builtin_expect(_mm256_fpclass_ps_mask(v_, 0x20) != 0, 0))                   \
+            bnfast_stream8_bf16_avx2(p, v_);                                              \
+        else                                                                              \
+            BNFAST_STREAM8_HALF_(p, (__m128i)_mm256_cvtneps_pbh(v_));                     \
+    } while (0)
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
                         bnfast_store8_f16_f16c)
+BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                             bnfast_store8_f16_f16c)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
                         bnfast_store8_bf16_avx2)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                             bnfast_store8_bf16_avx2)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
                         bnfast_store8_bf16_hw)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
+                             bnfast_store8_bf16_hw)
+BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                        bnfast_stream8_f16_f16c)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_stream8_bf16_avx2)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_stream8_bf16_hw)
+#else
+#define bnfast_grad_vec_scalar_f16_f16c_nt bnfast_grad_vec_scalar_f16_base
+#define bnfast_grad_vec_tiled_f16_f16c_nt bnfast_grad_vec_tiled_f16_base
+#define bnfast_grad_vec_scalar_bf16_avx2_nt bnfast_grad_vec_scalar_bf16_base
+#define bnfast_grad_vec_tiled_bf16_avx2_nt bnfast_grad_vec_tiled_bf16_base
+#define bnfast_grad_vec_scalar_bf16_hw_nt bnfast_grad_vec_scalar_bf16_base
+#define bnfast_grad_vec_tiled_bf16_hw_nt bnfast_grad_vec_tiled_bf16_base
 #endif
-#define bnfast_grad_vec_scalar_f16 \
-    BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base, bnfast_grad_vec_scalar_f16_f16c)
-#define bnfast_grad_vec_tiled_f16 \
-    BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base, bnfast_grad_vec_tiled_f16_f16c)
-#define bnfast_grad_vec_scalar_bf16 \
-    BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base, bnfast_grad_vec_scalar_bf16_avx2, \
-                     bnfast_grad_vec_scalar_bf16_hw)
-#define bnfast_grad_vec_tiled_bf16 \
-    BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base, bnfast_grad_vec_tiled_bf16_avx2, \
-                     bnfast_grad_vec_tiled_bf16_hw)
+/* The leaves, picked at run time; STREAM (dx 16-byte aligned) the non-temporal
+ * ones where the CPU has a vector store (the portable leaves store plainly). */
+#define bnfast_grad_vec_scalar_f16(STREAM)                                                \
+    ((STREAM) ? BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base,                         \
+                                 bnfast_grad_vec_scalar_f16_f16c_nt)                      \
+              : BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base,                         \
+                                 bnfast_grad_vec_scalar_f16_f16c))
+#define bnfast_grad_vec_tiled_f16(STREAM)                                                 \
+    ((STREAM) ? BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base,                          \
+                                 bnfast_grad_vec_tiled_f16_f16c_nt)                       \
+              : BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base,                          \
+                                 bnfast_grad_vec_tiled_f16_f16c))
+#define bnfast_grad_vec_scalar_bf16(STREAM)                                               \
+    ((STREAM) ? BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base,                        \
+                                 bnfast_grad_vec_scalar_bf16_avx2_nt,                     \
+                                 bnfast_grad_vec_scalar_bf16_hw_nt)                       \
+              : BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base,                        \
+                                 bnfast_grad_vec_scalar_bf16_avx2,                        \
+                                 bnfast_grad_vec_scalar_bf16_hw))
+#define bnfast_grad_vec_tiled_bf16(STREAM)                                                \
+    ((STREAM) ? BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base,                         \
+                                 bnfast_grad_vec_tiled_bf16_avx2_nt,                      \
+                                 bnfast_grad_vec_tiled_bf16_hw_nt)                        \
+              : BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base,                         \
+                                 bnfast_grad_vec_tiled_bf16_avx2,                         \
+                                 bnfast_grad_vec_tiled_bf16_hw))
+#define bnfast_grad_vec_runs_f16 \
+    BNFAST_PICK_F16C(bnfast_grad_vec_runs_f16_base, bnfast_grad_vec_runs_f16_f16c)
+#define bnfast_grad_vec_runs_bf16 \
+    BNFAST_PICK_BF16(bnfast_grad_vec_runs_bf16_base, bnfast_grad_vec_runs_bf16_avx2, \
+                     bnfast_grad_vec_runs_bf16_hw)
+
+/* ---------------------------------------------------------------------------
+ * Pass 1 without a mask, in registers: the float32 leaves' bodies
+ * (bnfast_backward_simd.h's *_K macros) with the half types' load kinds, which
+ * widen half -> float -> double exactly (F16C's vcvtph2ps; a shift for
+ * bfloat16).  Same lanes, same order, same row groups (float's), so the sums
+ * are float32's on the same values -- without the staging buffers' extra trip
+ * through L1 (the staged pass 1 ran at ~0.75x float32's time).
+ * ------------------------------------------------------------------------- */
+#define BNFAST_WIDE8_f16 0
+#define BNFAST_WIDE8_bf16 0
+#define BNFAST_WIDE8_f16c 1
+#define BNFAST_WIDE8_bf16avx2 1
+#define BNFAST_TOD_f16(v) ((double)bnfast_f16_to_float(v))
+#define BNFAST_TOD_f16c(v) ((double)bnfast_f16_to_float(v))
+#define BNFAST_TOD_bf16(v) ((double)bnfast_bf16_to_float(v))
+#define BNFAST_TOD_bf16avx2(v) ((double)bnfast_bf16_to_float(v))
+#if BNFAST_VECTOR_EXT
+#define BNFAST_LD4_f16(p) ((bnfast_v4d){BNFAST_TOD_f16((p)[0]), BNFAST_TOD_f16((p)[1]), \
+                                        BNFAST_TOD_f16((p)[2]), BNFAST_TOD_f16((p)[3])})
+#define BNFAST_LD4_bf16(p) ((bnfast_v4d){BNFAST_TOD_bf16((p)[0]), BNFAST_TOD_bf16((p)[1]), \
+                                         BNFAST_TOD_bf16((p)[2]), BNFAST_TOD_bf16((p)[3])})
+#define BNFAST_LD8_f16(p, LO, HI) ((LO) = BNFAST_LD4_f16(p), (HI) = BNFAST_LD4_f16((p) + 4))
+#define BNFAST_LD8_bf16(p, LO, HI) ((LO) = BNFAST_LD4_bf16(p), (HI) = BNFAST_LD4_bf16((p) + 4))
+#endif
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_LD4_f16c(p) ((bnfast_v4d)_mm256_cvtps_pd(                                  \
+        _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)(p)))))
+#define BNFAST_LD4_bf16avx2(p) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(              \
+        _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(p))), \
+                       16))))
+/* Eight at once: one 8-wide widening to float, then two float -> double. */
+#define BNFAST_LD8_F_(f, LO, HI) ((LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(f)), \
+                                  (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)))
+#define BNFAST_LD8_f16c(p, LO, HI) do {                                                    \
+        __m256 f_ = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p)));  \
+        BNFAST_LD8_F_(f_, LO, HI);                                                         \
+    } while (0)
+#define BNFAST_LD8_bf16avx2(p, LO, HI) do {                                                \
+        __m256 f_ = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(          \
+            _mm_loadu_si128((const __m128i *)(const void *)(p))), 16));                    \
+        BNFAST_LD8_F_(f_, LO, HI);                                                         \
+    } while (0)
+#endif
+
+#ifndef BNFAST_PAIR_MAX
+#define BNFAST_PAIR_MAX 256
+#endif
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_base, bnfast_f16, f16, BNFAST_PAIR_MAX, )
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_base, bnfast_bf16, bf16, BNFAST_PAIR_MAX, )
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_base, bnfast_f16, f16, float, )
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_base, bnfast_bf16, bf16, float, )
+#if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_f16c, bnfast_f16, f16c, BNFAST_PAIR_MAX,
+                                  BNFAST_F16C_TARGET)
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_avx2, bnfast_bf16, bf16avx2, BNFAST_PAIR_MAX,
+                                  BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_f16c, bnfast_f16, f16c, float,
+                                BNFAST_F16C_TARGET)
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, float,
+                                BNFAST_AVX2_TARGET)
+#endif
+#define bnfast_dot_runs_f16 BNFAST_PICK_F16C(bnfast_dot_runs_f16_base, bnfast_dot_runs_f16_f16c)
+#define bnfast_dot_runs_bf16 BNFAST_PICK(bnfast_dot_runs_bf16_base, bnfast_dot_runs_bf16_avx2)
+#define bnfast_coldot_f16 BNFAST_PICK_F16C(bnfast_coldot_f16_base, bnfast_coldot_f16_f16c)
+#define bnfast_coldot_bf16 BNFAST_PICK(bnfast_coldot_bf16_base, bnfast_coldot_bf16_avx2)
+
+/* Non-temporal stores for this dx piece: asked for, and 16-byte aligned. */
+#define BNFAST_HALF_STREAMS(stream, p) ((stream) && ((size_t)(p) & 15) == 0)
 
 #define BNFAST_DEFINE_BACKWARD_HALF_LEAVES(H, T)                                          \
     /* sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r): runs of n, consecutive */ \
     static inline void bnfast_centered_dot_runs_##H(const T *x, const T *y, ptrdiff_t runs, \
                                                     ptrdiff_t n, const double *shift,     \
                                                     double *sy, double *sxy) {            \
-        float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
-        ptrdiff_t r, i, k, n8 = n - n % 8;                                                \
-        double lanes[16];                                                                 \
-        if (n <= 0) return;                                                               \
-        if (n <= BNFAST_DOT_STAGE) { /* whole runs per staged call */                     \
-            ptrdiff_t per = BNFAST_DOT_STAGE / n;                                         \
-            for (r = 0; r < runs; r += k) {                                               \
-                k = BNFAST_MIN(runs - r, per);                                            \
-                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
-                bnfast_widen_##H(y + r * n, yb, k * n);                                   \
-                bnfast_centered_dot_runs_f32(xb, yb, k, n, shift + r, sy + r, sxy + r);   \
-            }                                                                             \
-            return;                                                                       \
-        }                                                                                 \
-        for (r = 0; r < runs; r++) { /* long runs: pieces, the lanes carried */           \
-            const T *xr = x + r * n, *yr = y + r * n;                                     \
-            for (i = 0; i < 16; i++) lanes[i] = 0.0;                                      \
-            for (i = 0; i < n8; i += k) {                                                 \
-                k = BNFAST_MIN(n8 - i, BNFAST_DOT_STAGE);                                 \
-                bnfast_widen_##H(xr + i, xb, k);                                          \
-                bnfast_widen_##H(yr + i, yb, k);                                          \
-                bnfast_dot_lanes_f32(xb, yb, k, shift[r], lanes);                         \
-            }                                                                             \
-            bnfast_widen_##H(xr + n8, xb, n - n8);                                        \
-            bnfast_widen_##H(yr + n8, yb, n - n8);                                        \
-            bnfast_dot_lanes_finish(xb, yb, n - n8, shift[r], lanes, sy + r, sxy + r);    \
-        }                                                                                 \
+        bnfast_dot_runs_##H(x, y, runs, n, shift, sy, sxy);                               \
     }                                                                                     \
     /* The same of one run with y masked by bits (from bit pos); g = masked y if g */     \
     static inline void bnfast_centered_dot_masked_##H(const T *x, const T *y,             \
@@ -194,6 +320,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
                                                       float *stage) {                     \
         ptrdiff_t R = bnfast_coldot_stage_rows(W), r, k;                                  \
         float *xb = stage, *yb = stage + R * W;                                           \
+        if (bits == NULL) { /* in registers */                                            \
+            bnfast_coldot_##H(x, y, rows, W, shift, sy, sxy);                             \
+            return;                                                                       \
+        }                                                                                 \
         for (r = 0; r < rows; r += k) {                                                   \
             k = BNFAST_MIN(rows - r, R);                                                  \
             bnfast_widen_##H(x + r * W, xb, k * W);                                       \
@@ -211,10 +341,7 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
     static inline void bnfast_grad_runs_##H(const T *x, const T *dy, T *dx, ptrdiff_t runs, \
                                             ptrdiff_t n, const float *m, const float *a,  \
                                             const float *b, const float *d) {             \
-        ptrdiff_t r;                                                                      \
-        for (r = 0; r < runs; r++)                                                        \
-            bnfast_grad_vec_scalar_##H(x + r * n, dy + r * n, dx + r * n, n, m[r], a[r],  \
-                                       b[r], d[r], 1);                                    \
+        bnfast_grad_vec_runs_##H(x, dy, dx, runs, n, m, a, b, d);                         \
     }                                                                                     \
     /* dx (and g) of one run with one (m, a, b, d): bnfast_grad_run_scalar_f32's job */   \
     static inline void bnfast_grad_run_scalar_##H(                                        \
@@ -222,9 +349,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
             float m, float a, float b, float d, int training, int stream, T *dx, T *g) {  \
         float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, k;                                                                   \
-        (void)stream;                                                                     \
         if (bits == NULL) { /* no mask, so no g: in registers */                          \
-            if (dx != NULL) bnfast_grad_vec_scalar_##H(x, dy, dx, n, m, a, b, d, training); \
+            if (dx != NULL)                                                               \
+                bnfast_grad_vec_scalar_##H(BNFAST_HALF_STREAMS(stream, dx))(              \
+                    x, dy, dx, n, m, a, b, d, training);                                  \
             return;                                                                       \
         }                                                                                 \
         for (i = 0; i < n; i += k) {                                                      \
@@ -241,14 +369,14 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
     static inline void bnfast_grad_tiles_##H(                                             \
             const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
             ptrdiff_t W, const float *m, const float *a, const float *b, const float *d,  \
-            int training, T *dx, T *g) {                                                  \
+            int training, int stream, T *dx, T *g) {                                      \
         float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, j, k, q, piece;                                                      \
         ptrdiff_t span = W <= BNFAST_GRAD_STAGE ? BNFAST_GRAD_STAGE / W * W : W;          \
         if (bits == NULL) { /* no mask, so no g: in registers, a tile piece at a time */  \
             for (i = 0; dx != NULL && i < n; i += W)                                      \
-                bnfast_grad_vec_tiled_##H(x + i, dy + i, dx + i, BNFAST_MIN(W, n - i), m, \
-                                          a, b, d, training);                             \
+                bnfast_grad_vec_tiled_##H(BNFAST_HALF_STREAMS(stream, dx + i))(           \
+                    x + i, dy + i, dx + i, BNFAST_MIN(W, n - i), m, a, b, d, training);   \
             return;                                                                       \
         }                                                                                 \
         for (i = 0; i < n; i += span) {                                                   \
