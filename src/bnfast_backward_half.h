@@ -226,9 +226,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
 #if BNFAST_DISPATCH_AVX2
 #define BNFAST_LD4_f16c(p) ((bnfast_v4d)_mm256_cvtps_pd(                                  \
         _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)(p)))))
-#define BNFAST_LD4_bf16avx2(p) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(              \
-        _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(p))), \
-                       16))))
+/* bfloat16: the 16 bits under 16 zero bits (an unpack) are the float. */
+#define BNFAST_LD4_bf16avx2(p) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(             \
+        _mm_unpacklo_epi16(_mm_setzero_si128(),                                          \
+                           _mm_loadl_epi64((const __m128i *)(const void *)(p))))))
 /* Eight at once: one 8-wide widening to float, then two float -> double. */
 #define BNFAST_LD8_F_(f, LO, HI) ((LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(f)), \
                                   (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)))
@@ -237,9 +238,11 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
         BNFAST_LD8_F_(f_, LO, HI);                                                         \
     } while (0)
 #define BNFAST_LD8_bf16avx2(p, LO, HI) do {                                                \
-        __m256 f_ = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(          \
-            _mm_loadu_si128((const __m128i *)(const void *)(p))), 16));                    \
-        BNFAST_LD8_F_(f_, LO, HI);                                                         \
+        __m128i h_ = _mm_loadu_si128((const __m128i *)(const void *)(p));                  \
+        (LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                               \
+            _mm_unpacklo_epi16(_mm_setzero_si128(), h_)));                                 \
+        (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                               \
+            _mm_unpackhi_epi16(_mm_setzero_si128(), h_)));                                 \
     } while (0)
 #endif
 
