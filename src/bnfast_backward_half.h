@@ -268,6 +268,165 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
 #define bnfast_coldot_f16 BNFAST_PICK_F16C(bnfast_coldot_f16_base, bnfast_coldot_f16_f16c)
 #define bnfast_coldot_bf16 BNFAST_PICK(bnfast_coldot_bf16_base, bnfast_coldot_bf16_avx2)
 
+/* ---------------------------------------------------------------------------
+ * Pass 1 with the ReLU mask (fused), in registers where the CPU converts
+ * (F16C / AVX2; elsewhere, and in the no-SIMD build, the staged leaves below):
+ * bnfast_backward_simd.h's masked float32 leaves, step for step, on the half
+ * values.  The mask selects on the 16-bit lanes (a cleared lane is +0, as the
+ * float32 select gives +0.0), g receives those lanes, and they widen exactly.
+ * ------------------------------------------------------------------------- */
+#if BNFAST_DISPATCH_AVX2
+/* Lanes of 8 halves whose bit in `byte` is set (bit k for lane k). */
+#define BNFAST_HMASK8(byte)                                                              \
+    ((__m128i)((bnfast_h8h)((((bnfast_h8h){byte, byte, byte, byte, byte, byte, byte, byte}) \
+                             & (bnfast_h8h){1, 2, 4, 8, 16, 32, 64, 128}) != 0)))
+/* Four halves at p (lanes 0-3 of an __m128i), masked by the nibble. */
+#define BNFAST_HSEL4(p, nib) _mm_and_si128(                                             \
+        _mm_loadl_epi64((const __m128i *)(const void *)(p)), BNFAST_HMASK8(nib))
+/* Widen lanes 0-7 (W8: to LO, HI) or 0-3 (W4) of a register of halves. */
+#define BNFAST_W8_f16c(h, LO, HI) do {                                                   \
+        __m256 f_ = _mm256_cvtph_ps(h);                                                  \
+        BNFAST_LD8_F_(f_, LO, HI);                                                       \
+    } while (0)
+#define BNFAST_W4_f16c(h) ((bnfast_v4d)_mm256_cvtps_pd(_mm_cvtph_ps(h)))
+#define BNFAST_W8_bf16avx2(h, LO, HI) do {                                               \
+        (LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                             \
+            _mm_unpacklo_epi16(_mm_setzero_si128(), h)));                                \
+        (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                             \
+            _mm_unpackhi_epi16(_mm_setzero_si128(), h)));                                \
+    } while (0)
+#define BNFAST_W4_bf16avx2(h) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(           \
+        _mm_unpacklo_epi16(_mm_setzero_si128(), h))))
+
+#define BNFAST_DEFINE_HALF_MASKED(H, T, V, ATTR)                                         \
+    /* bnfast_centered_dot_masked_f32's job and arithmetic */                            \
+    ATTR static void bnfast_dot_masked_##H##_##V(const T *x, const T *y,                 \
+                                                 const unsigned char *bits, ptrdiff_t pos, \
+                                                 ptrdiff_t n, double shift, double *sy,  \
+                                                 double *sxy, T *g) {                    \
+        bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, y0, y1, w0, w1;         \
+        double a[8], b[8], v;                                                            \
+        ptrdiff_t i, n8 = n - n % 8;                                                     \
+        unsigned byte;                                                                   \
+        int on;                                                                          \
+        for (i = 0; i < n8; i += 8) {                                                    \
+            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
+            __m128i h_ = _mm_and_si128(_mm_loadu_si128((const __m128i *)(const void *)(y + i)), \
+                                       BNFAST_HMASK8(byte));                             \
+            if (g) _mm_storeu_si128((__m128i *)(void *)(g + i), h_);                     \
+            BNFAST_W8_##V(h_, y0, y1);                                                   \
+            a0 += y0; a1 += y1;                                                          \
+            BNFAST_LD8_##V(x + i, w0, w1);                                               \
+            b0 += (w0 - shift) * y0;                                                     \
+            b1 += (w1 - shift) * y1;                                                     \
+        }                                                                                \
+        for (i = 0; i < 4; i++) {                                                        \
+            a[i] = a0[i]; a[i + 4] = a1[i]; b[i] = b0[i]; b[i + 4] = b1[i];              \
+        }                                                                                \
+        for (i = n8; i < n; i++) {                                                       \
+            on = BNFAST_BIT(bits, pos + i);                                              \
+            v = on ? BNFAST_TOD_##V(y[i]) : 0.0;                                         \
+            if (g) g[i].bits = on ? y[i].bits : 0;                                       \
+            a[i - n8] += v;                                                              \
+            b[i - n8] += (BNFAST_TOD_##V(x[i]) - shift) * v;                             \
+        }                                                                                \
+        *sy += BNFAST_COMBINE8(a);                                                       \
+        *sxy += BNFAST_COMBINE8(b);                                                      \
+    }                                                                                    \
+    /* bnfast_centered_coldot_masked_f32's job and arithmetic (float's row groups) */    \
+    ATTR static void bnfast_coldot_masked_##H##_##V(const T *x, const T *y,              \
+                                                    const unsigned char *bits,           \
+                                                    ptrdiff_t pos, ptrdiff_t rows,       \
+                                                    ptrdiff_t W, const double *shift,    \
+                                                    double *sy, double *sxy, T *g) {     \
+        ptrdiff_t r = 0, j, j4 = W - W % 4, q, group = BNFAST_ROW_GROUP(float, W);       \
+        double e, f;                                                                     \
+        int on;                                                                          \
+        for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
+            ptrdiff_t q0 = pos + r * W, q1 = q0 + W, q2 = q1 + W, q3 = q2 + W;           \
+            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
+            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
+            for (j = 0; j < j4; j += 4) {                                                \
+                bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                        \
+                __m128i s0 = BNFAST_HSEL4(y0 + j, BNFAST_NIBBLE_AT(bits, q0 + j));       \
+                __m128i s1 = BNFAST_HSEL4(y1 + j, BNFAST_NIBBLE_AT(bits, q1 + j));       \
+                __m128i s2 = BNFAST_HSEL4(y2 + j, BNFAST_NIBBLE_AT(bits, q2 + j));       \
+                __m128i s3 = BNFAST_HSEL4(y3 + j, BNFAST_NIBBLE_AT(bits, q3 + j));       \
+                bnfast_v4d v0 = BNFAST_W4_##V(s0), v1 = BNFAST_W4_##V(s1);               \
+                bnfast_v4d v2 = BNFAST_W4_##V(s2), v3 = BNFAST_W4_##V(s3);               \
+                bnfast_v4d d0 = BNFAST_LD4_##V(x0 + j) - kv;                             \
+                bnfast_v4d d1 = BNFAST_LD4_##V(x1 + j) - kv;                             \
+                bnfast_v4d d2 = BNFAST_LD4_##V(x2 + j) - kv;                             \
+                bnfast_v4d d3 = BNFAST_LD4_##V(x3 + j) - kv;                             \
+                if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(W))             \
+                if (g) {                                                                 \
+                    T *g0 = g + r * W + j;                                               \
+                    _mm_storel_epi64((__m128i *)(void *)g0, s0);                         \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + W), s1);                   \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + 2 * W), s2);               \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + 3 * W), s3);               \
+                }                                                                        \
+                *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                        \
+                *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);   \
+            }                                                                            \
+            for (j = j4; j < W; j++) {                                                   \
+                uint16_t h0 = BNFAST_BIT(bits, q0 + j) ? y0[j].bits : 0;                 \
+                uint16_t h1 = BNFAST_BIT(bits, q1 + j) ? y1[j].bits : 0;                 \
+                uint16_t h2 = BNFAST_BIT(bits, q2 + j) ? y2[j].bits : 0;                 \
+                uint16_t h3 = BNFAST_BIT(bits, q3 + j) ? y3[j].bits : 0;                 \
+                double w0 = h0 ? BNFAST_TOD_##V(y0[j]) : 0.0;                            \
+                double w1 = h1 ? BNFAST_TOD_##V(y1[j]) : 0.0;                            \
+                double w2 = h2 ? BNFAST_TOD_##V(y2[j]) : 0.0;                            \
+                double w3 = h3 ? BNFAST_TOD_##V(y3[j]) : 0.0;                            \
+                double e0 = BNFAST_TOD_##V(x0[j]) - shift[j];                            \
+                double e1 = BNFAST_TOD_##V(x1[j]) - shift[j];                            \
+                double e2 = BNFAST_TOD_##V(x2[j]) - shift[j];                            \
+                double e3 = BNFAST_TOD_##V(x3[j]) - shift[j];                            \
+                if (g) {                                                                 \
+                    g[r * W + j].bits = h0; g[(r + 1) * W + j].bits = h1;                \
+                    g[(r + 2) * W + j].bits = h2; g[(r + 3) * W + j].bits = h3;          \
+                }                                                                        \
+                sy[j] += (w0 + w1) + (w2 + w3);                                          \
+                sxy[j] += (e0 * w0 + e1 * w1) + (e2 * w2 + e3 * w3);                     \
+            }                                                                            \
+        }                                                                                \
+        for (; r < rows; r++) {                                                          \
+            for (j = 0; j < j4; j += 4) {                                                \
+                q = r * W + j;                                                           \
+                __m128i s0 = BNFAST_HSEL4(y + q, BNFAST_NIBBLE_AT(bits, pos + q));       \
+                bnfast_v4d v0 = BNFAST_W4_##V(s0);                                       \
+                if (g) _mm_storel_epi64((__m128i *)(void *)(g + q), s0);                 \
+                *(bnfast_v4d *)(sy + j) += v0;                                           \
+                *(bnfast_v4d *)(sxy + j) +=                                              \
+                    (BNFAST_LD4_##V(x + q) - *(const bnfast_v4d *)(shift + j)) * v0;     \
+            }                                                                            \
+            for (j = j4; j < W; j++) {                                                   \
+                q = r * W + j;                                                           \
+                on = BNFAST_BIT(bits, pos + q);                                          \
+                f = on ? BNFAST_TOD_##V(y[q]) : 0.0;                                     \
+                e = BNFAST_TOD_##V(x[q]) - shift[j];                                     \
+                if (g) g[q].bits = on ? y[q].bits : 0;                                   \
+                sy[j] += f; sxy[j] += e * f;                                             \
+            }                                                                            \
+        }                                                                                \
+    }
+BNFAST_DEFINE_HALF_MASKED(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET)
+BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
+#define BNFAST_HALF_MASKED_IN_REGISTERS_f16 bnfast_use_f16c()
+#define BNFAST_HALF_MASKED_IN_REGISTERS_bf16 bnfast_use_avx2()
+#define bnfast_dot_masked_f16_reg bnfast_dot_masked_f16_f16c
+#define bnfast_dot_masked_bf16_reg bnfast_dot_masked_bf16_bf16avx2
+#define bnfast_coldot_masked_f16_reg bnfast_coldot_masked_f16_f16c
+#define bnfast_coldot_masked_bf16_reg bnfast_coldot_masked_bf16_bf16avx2
+#else
+#define BNFAST_HALF_MASKED_IN_REGISTERS_f16 0
+#define BNFAST_HALF_MASKED_IN_REGISTERS_bf16 0
+#define bnfast_dot_masked_f16_reg(...) ((void)0)
+#define bnfast_dot_masked_bf16_reg(...) ((void)0)
+#define bnfast_coldot_masked_f16_reg(...) ((void)0)
+#define bnfast_coldot_masked_bf16_reg(...) ((void)0)
+#endif
+
 /* Non-temporal stores for this dx piece: asked for, and 16-byte aligned. */
 #define BNFAST_HALF_STREAMS(stream, p) ((stream) && ((size_t)(p) & 15) == 0)
 
@@ -287,6 +446,10 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
         float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
         ptrdiff_t i, k, t, n8 = n - n % 8;                                                \
         double lanes[16];                                                                 \
+        if (BNFAST_HALF_MASKED_IN_REGISTERS_##H) {                                        \
+            bnfast_dot_masked_##H##_reg(x, y, bits, pos, n, shift, sy, sxy, g);           \
+            return;                                                                       \
+        }                                                                                 \
         if (n <= BNFAST_DOT_STAGE) { /* the whole run in one staged call */               \
             bnfast_widen_##H(x, xb, n);                                                   \
             bnfast_widen_##H(y, yb, n);                                                   \
@@ -325,6 +488,10 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
         float *xb = stage, *yb = stage + R * W;                                           \
         if (bits == NULL) { /* in registers */                                            \
             bnfast_coldot_##H(x, y, rows, W, shift, sy, sxy);                             \
+            return;                                                                       \
+        }                                                                                 \
+        if (BNFAST_HALF_MASKED_IN_REGISTERS_##H) {                                        \
+            bnfast_coldot_masked_##H##_reg(x, y, bits, pos, rows, W, shift, sy, sxy, g);  \
             return;                                                                       \
         }                                                                                 \
         for (r = 0; r < rows; r += k) {                                                   \

@@ -94,10 +94,14 @@ def test_no_simd_build_gives_identical_bits(outputs):
 
 
 # tests/c/backward_half_leaves.c: (count, width, kind) per case, as in its table;
-# each case writes 3 blocks (float32 leaf, portable half leaf, picked half leaf)
-# of sy and sxy, `count` runs or `width` columns long.
-SUM_CASES = [(37, 72, 0), (30, 200, 0), (9, 1024, 0), (101, 13, 0), (6, 4096, 0),
-             (500, 49, 1), (7, 3136, 1), (333, 3, 1), (41, 300, 1), (1, 8, 1)]
+# each case writes 3 blocks (the float32 leaf, then two half leaves: see the
+# driver) of sy and sxy, `count` runs or `width` columns long.
+# Kinds: 0 column sums, 1 runs, 2 and 3 the same with the fused ReLU's mask.
+SUM_CASES = [(count, width, kind + masked)
+             for masked in (0, 2)
+             for count, width, kind in [(37, 72, 0), (30, 200, 0), (9, 1024, 0), (101, 13, 0),
+                                        (6, 4096, 0), (500, 49, 1), (7, 3136, 1), (333, 3, 1),
+                                        (41, 300, 1), (1, 8, 1)]]
 
 
 def _sum_blocks(raw):
@@ -106,7 +110,7 @@ def _sum_blocks(raw):
     blocks, at = {}, 0
     for half in ("float16", "bfloat16"):
         for case in SUM_CASES:
-            length = 2 * (case[0] if case[2] else case[1])
+            length = 2 * (case[0] if case[2] % 2 else case[1])
             blocks[half, case] = [bits[at + i * length: at + (i + 1) * length] for i in range(3)]
             at += 3 * length
     assert at == bits.size
@@ -125,8 +129,8 @@ def test_pass1_half_sums_are_float32_sums_of_the_same_values(sums, build):
     blocks = _sum_blocks(sums[build])
     for (half, case), (f32, portable, picked) in blocks.items():
         assert np.any(f32 != 0), (half, case)  # the driver summed something
-        np.testing.assert_array_equal(portable, f32, err_msg=f"{half} {case} portable")
-        np.testing.assert_array_equal(picked, f32, err_msg=f"{half} {case} picked")
+        np.testing.assert_array_equal(portable, f32, err_msg=f"{half} {case} first")
+        np.testing.assert_array_equal(picked, f32, err_msg=f"{half} {case} second")
 
 
 def test_pass1_no_simd_build_gives_identical_bits(sums):
