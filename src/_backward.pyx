@@ -20,11 +20,12 @@ Two passes over the data, in the forward's two memory layouts:
    ``m`` is the compute-type mean and its rounding error is folded into
    ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
    ``x - m`` exact.  Arrays far larger than the caches are written with
-   non-temporal stores (float32/float64).
+   non-temporal stores.
 
 Half-precision data (float16, bfloat16) runs the same kernels: its leaves
-(``bnfast_backward_half.h``) widen it to float, run the float32 leaves and
-round dx once, so its sums are those of the same values stored as float32.
+(``bnfast_backward_half.h``) widen it exactly (in registers, or staged) and do
+the float32 leaves' arithmetic, so its sums are those of the same values stored
+as float32 and its dx is float32's, rounded once.
 
 The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
 1/32 of a float32 copy) and applies it on the fly, inside the SIMD leaves
@@ -99,9 +100,8 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                    double* g)
 
 cdef extern from "bnfast_backward_half.h" nogil:
-    # The same jobs for half-precision storage, staged through the float32 leaves
-    # (sums: float32's bits of the same values; dx: float coefficients, `stream`
-    # ignored).
+    # The same jobs for half-precision storage, with the float32 leaves' arithmetic
+    # (sums: float32's bits of the same values; dx: float coefficients).
     Py_ssize_t bnfast_coldot_stage_len(Py_ssize_t W)
     void bnfast_centered_dot_runs_f16(const bnfast_f16* x, const bnfast_f16* y, Py_ssize_t runs,
                                       Py_ssize_t n, const double* shift, double* sy,
@@ -174,7 +174,7 @@ cdef enum:
 
 # -- the compute type of pass 2 -----------------------------------------------------
 # dx is computed in double for float64 data and in float for float32 and the half
-# types (whose leaves widen to float, run the float32 leaf, and round once).  The
+# types (whose leaves widen to float, do the float32 leaf's arithmetic, round once).  The
 # coefficients (per-run scalars, tables) are rounded to that type; ``kind`` is any
 # pointer of the storage type, there to pick the specialisation.
 cdef inline bint _half(const real_t* kind) noexcept nogil:
@@ -235,8 +235,8 @@ cdef inline void _dot_masked(const real_t* x, const real_t* y, const unsigned ch
 cdef inline void _coldot(const real_t* x, const real_t* y, const unsigned char* bits,
                          Py_ssize_t pos, Py_ssize_t rows, Py_ssize_t W, const double* shift,
                          double* sy, double* sxy, real_t* g, float* stage) noexcept nogil:
-    """Per-column _dot of (rows, W) row-major blocks.  stage: the half types' scratch,
-    bnfast_coldot_stage_len(W) floats (unused, may be NULL, else)."""
+    """Per-column _dot of (rows, W) row-major blocks.  stage: the half types' scratch
+    for masked sums, bnfast_coldot_stage_len(W) floats (unused, may be NULL, else)."""
     if real_t is float:
         if bits == NULL:
             bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
@@ -439,8 +439,9 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
         return -1
     cdef double* part_xdy = part + blocks * W + ALIAS_PAD
     cdef double* shift = part_xdy + blocks * W + ALIAS_PAD
-    # Per-thread staging for the half types, allocated before the parallel region.
-    cdef Py_ssize_t stage_len = bnfast_coldot_stage_len(W) if _half(xp) else 0
+    # Per-thread staging for the half types' masked sums (the portable leaves),
+    # allocated before the parallel region.
+    cdef Py_ssize_t stage_len = bnfast_coldot_stage_len(W) if _half(xp) and bits != NULL else 0
     cdef float* stages = NULL
     cdef float* stage = NULL
     if stage_len:
@@ -790,7 +791,7 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     order.  ``grad_addend`` only with ``mask``.  The (C,) vectors are of any
     of the four dtypes, any stride.  Outputs that are None are not computed.
     ``stream``: write grad_input with non-temporal stores (arrays far beyond
-    the caches; float32/float64 only, ignored for the half types).
+    the caches).
 
     Half-precision data: sums in double over the float values (the same bits
     as float32 data of the same values), dx computed in float and rounded once.

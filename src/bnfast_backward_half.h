@@ -1,25 +1,27 @@
 /*
- * The backward's leaves for half-precision storage (float16, bfloat16), by
- * staging (bnfast_half.h): each one widens its inputs into float buffers, runs
- * the float32 leaf of the same job (bnfast_backward_simd.h) and narrows what it
- * writes.  One definition for both half types (the macro below).
+ * The backward's leaves for half-precision storage (float16, bfloat16).  One
+ * definition for both half types (the macros below).
  *
- * Bits.  The reductions (pass 1) give exactly the sums of the same values
- * stored as float32: channels-first runs are staged whole (short runs) or in
- * pieces of multiples of 8 through the float32 leaf's loop with its 8 lanes
- * carried and its own tail and combine (bnfast_dot_lanes_f32); channels-last
- * column sums stage multiples of four rows (the float32 leaf's row group).  The elementwise dx (pass 2) is computed in float with float
- * coefficients, as for float32 data, and rounded once to the half type: it is
- * float32's dx of the same values, narrowed.  A masked gradient g is a copy of
- * half values (or 0): narrowing it back is exact.
+ * In registers where the CPU converts (F16C for float16; bfloat16 is an unpack
+ * under zeros, AVX2), picked at run time:
+ *   pass 1, plain and masked: the float32 leaves' bodies (bnfast_backward_simd.h)
+ *     with half load kinds -- half -> float -> double is exact, so the same
+ *     lanes, order and row groups (float's) give float32's sums bit for bit;
+ *   pass 2 without a mask: dx = round((dy * a + (x - m) * b) + d) in float,
+ *     non-temporal stores where asked (arrays far beyond the caches).
+ * Staged elsewhere (bnfast_half.h): widen into float buffers, run the float32
+ * leaf of the same job, narrow what it writes -- the portable build's masked
+ * pass 1 and the masked pass 2.  Channels-first runs are staged whole (short
+ * runs) or in pieces of multiples of 8 through the float32 leaf's loop with its
+ * 8 lanes carried and its own tail and combine (bnfast_dot_lanes_f32);
+ * channels-last column sums stage multiples of four rows (the float32 leaf's
+ * row group): the same bits again.
  *
- * Pass 2 stages BNFAST_GRAD_STAGE values at a time (whole coefficient tiles
- * channels-last, whole runs channels-first where they fit): fewer conversion
- * calls per value.  Streaming stores are not used for half outputs (dx goes
- * through a staging buffer; the `stream` argument is accepted and ignored).
+ * dx is float32's dx of the same values, rounded once to the half type; a
+ * masked gradient g is a copy of half values (or +0).
  *
- * Aliasing: every staged chunk is read (widened) whole before any of it is
- * written, so dx may be x or dy, and g may be dy, as for the float32 leaves.
+ * Aliasing: each value (each staged chunk) is read before it is written, so
+ * dx may be x or dy, and g may be dy, as for the float32 leaves.
  */
 #ifndef BNFAST_BACKWARD_HALF_H
 #define BNFAST_BACKWARD_HALF_H
@@ -477,7 +479,7 @@ BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
         bnfast_dot_lanes_finish(xb, yb, t, shift, lanes, sy, sxy);                        \
     }                                                                                     \
     /* Column sums of (rows, W) blocks, plain (bits NULL) or masked; stage: the floats    \
-     * of bnfast_coldot_stage_len(W). */                                                  \
+     * of bnfast_coldot_stage_len(W) (masked only; may be NULL without a mask). */       \
     static inline void bnfast_centered_coldot_any_##H(const T *x, const T *y,             \
                                                       const unsigned char *bits,          \
                                                       ptrdiff_t pos, ptrdiff_t rows,      \
@@ -485,7 +487,7 @@ BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
                                                       double *sy, double *sxy, T *g,      \
                                                       float *stage) {                     \
         ptrdiff_t R = bnfast_coldot_stage_rows(W), r, k;                                  \
-        float *xb = stage, *yb = stage + R * W;                                           \
+        float *xb, *yb;                                                                   \
         if (bits == NULL) { /* in registers */                                            \
             bnfast_coldot_##H(x, y, rows, W, shift, sy, sxy);                             \
             return;                                                                       \
@@ -494,6 +496,8 @@ BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
             bnfast_coldot_masked_##H##_reg(x, y, bits, pos, rows, W, shift, sy, sxy, g);  \
             return;                                                                       \
         }                                                                                 \
+        xb = stage;                                                                       \
+        yb = stage + R * W;                                                               \
         for (r = 0; r < rows; r += k) {                                                   \
             k = BNFAST_MIN(rows - r, R);                                                  \
             bnfast_widen_##H(x + r * W, xb, k * W);                                       \

@@ -66,8 +66,10 @@
 #define BNFAST_LD4_double(p) BNFAST_LOAD4(double, p)
 /* Eight values at p as two v4d (LO: p[0..3], HI: p[4..7]): one conversion of
  * eight halves where a kind has it (bnfast_backward_half.h). */
-#define BNFAST_LD8_float(p, LO, HI) ((LO) = BNFAST_LOAD4(float, p), (HI) = BNFAST_LOAD4(float, (p) + 4))
-#define BNFAST_LD8_double(p, LO, HI) ((LO) = BNFAST_LOAD4(double, p), (HI) = BNFAST_LOAD4(double, (p) + 4))
+#define BNFAST_LD8_float(p, LO, HI) \
+    ((LO) = BNFAST_LOAD4(float, p), (HI) = BNFAST_LOAD4(float, (p) + 4))
+#define BNFAST_LD8_double(p, LO, HI) \
+    ((LO) = BNFAST_LOAD4(double, p), (HI) = BNFAST_LOAD4(double, (p) + 4))
 #define BNFAST_COLDOT_VECTOR_COLUMNS(W) ((W) - (W) % 4)
 /* Columns [0, j4) of four rows; the half kinds (BNFAST_WIDE8_<K> 1) take eight
  * columns a step (one widening of eight halves), then four: each column's
