@@ -75,6 +75,8 @@
  * columns a step (one widening of eight halves), then four: each column's
  * arithmetic is the same either way. */
 #define BNFAST_WIDE8_float 0
+#define BNFAST_RUN_PREFETCH_float(xp, yp, i)
+#define BNFAST_RUN_PREFETCH_double(xp, yp, i)
 #define BNFAST_WIDE8_double 0
 #define BNFAST_COLDOT4_TERMS(K, j, LD)                                                   \
     {                                                                                    \
@@ -230,6 +232,7 @@
             double kp = shift[r];                                                        \
             bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1, w0, w1;     \
             for (i = 0; i < n8; i += 8) {                                                \
+                BNFAST_RUN_PREFETCH_##K(xp, yp, i)                                       \
                 BNFAST_LD8_##K(yp + i, u0, u1);                                          \
                 a0 += u0; a1 += u1;                                                      \
                 BNFAST_LD8_##K(xp + i, w0, w1);                                          \
