@@ -20,11 +20,12 @@ Two passes over the data, in the forward's two memory layouts:
    ``m`` is the compute-type mean and its rounding error is folded into
    ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
    ``x - m`` exact.  Arrays far larger than the caches are written with
-   non-temporal stores (float32/float64).
+   non-temporal stores.
 
 Half-precision data (float16, bfloat16) runs the same kernels: its leaves
-(``bnfast_backward_half.h``) widen it to float, run the float32 leaves and
-round dx once, so its sums are those of the same values stored as float32.
+(``bnfast_backward_half.h``) widen it exactly (in registers, or staged) and do
+the float32 leaves' arithmetic, so its sums are those of the same values stored
+as float32 and its dx is float32's, rounded once.
 
 The fused variant reads the ReLU mask packed 8 per byte (``pack_positive``,
 1/32 of a float32 copy) and applies it on the fly, inside the SIMD leaves
@@ -99,9 +100,8 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                    double* g)
 
 cdef extern from "bnfast_backward_half.h" nogil:
-    # The same jobs for half-precision storage, staged through the float32 leaves
-    # (sums: float32's bits of the same values; dx: float coefficients, `stream`
-    # ignored).
+    # The same jobs for half-precision storage, with the float32 leaves' arithmetic
+    # (sums: float32's bits of the same values; dx: float coefficients).
     Py_ssize_t bnfast_coldot_stage_len(Py_ssize_t W)
     void bnfast_centered_dot_runs_f16(const bnfast_f16* x, const bnfast_f16* y, Py_ssize_t runs,
                                       Py_ssize_t n, const double* shift, double* sy,
@@ -140,11 +140,13 @@ cdef extern from "bnfast_backward_half.h" nogil:
     void bnfast_grad_tiles_f16(const bnfast_f16* x, const bnfast_f16* dy,
                                const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
                                Py_ssize_t W, const float* m, const float* a, const float* b,
-                               const float* d, int training, bnfast_f16* dx, bnfast_f16* g)
+                               const float* d, int training, int stream, bnfast_f16* dx,
+                               bnfast_f16* g)
     void bnfast_grad_tiles_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
                                 const unsigned char* bits, Py_ssize_t pos, Py_ssize_t n,
                                 Py_ssize_t W, const float* m, const float* a, const float* b,
-                                const float* d, int training, bnfast_bf16* dx, bnfast_bf16* g)
+                                const float* d, int training, int stream, bnfast_bf16* dx,
+                                bnfast_bf16* g)
 
 cdef enum:
     # Channels-first pass 1: a task covers a block of samples times a block of
@@ -162,6 +164,8 @@ cdef enum:
     APPLY_WIDTH = 256
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
+    # Doubles (two cache lines) between pass 1's partial arrays: no 4K aliasing.
+    ALIAS_PAD = 16
     # Pass 1 widens both inputs to double and costs about this many times a
     # value of an elementwise pass (threads_for's unit): it pays for a
     # parallel region at a quarter of the size (a (1, 512, 7, 7) batch).
@@ -170,7 +174,7 @@ cdef enum:
 
 # -- the compute type of pass 2 -----------------------------------------------------
 # dx is computed in double for float64 data and in float for float32 and the half
-# types (whose leaves widen to float, run the float32 leaf, and round once).  The
+# types (whose leaves widen to float, do the float32 leaf's arithmetic, round once).  The
 # coefficients (per-run scalars, tables) are rounded to that type; ``kind`` is any
 # pointer of the storage type, there to pick the specialisation.
 cdef inline bint _half(const real_t* kind) noexcept nogil:
@@ -231,8 +235,8 @@ cdef inline void _dot_masked(const real_t* x, const real_t* y, const unsigned ch
 cdef inline void _coldot(const real_t* x, const real_t* y, const unsigned char* bits,
                          Py_ssize_t pos, Py_ssize_t rows, Py_ssize_t W, const double* shift,
                          double* sy, double* sxy, real_t* g, float* stage) noexcept nogil:
-    """Per-column _dot of (rows, W) row-major blocks.  stage: the half types' scratch,
-    bnfast_coldot_stage_len(W) floats (unused, may be NULL, else)."""
+    """Per-column _dot of (rows, W) row-major blocks.  stage: the half types' scratch
+    for masked sums, bnfast_coldot_stage_len(W) floats (unused, may be NULL, else)."""
     if real_t is float:
         if bits == NULL:
             bnfast_centered_coldot_f32(x, y, rows, W, shift, sy, sxy)
@@ -300,10 +304,10 @@ cdef inline void _grad_tiled(const real_t* x, const real_t* dy, const unsigned c
     cdef Py_ssize_t i = 0
     if real_t is bnfast_f16:
         bnfast_grad_tiles_f16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                              training, dx, g)
+                              training, stream, dx, g)
     elif real_t is bnfast_bf16:
         bnfast_grad_tiles_bf16(x, dy, bits, pos, n, W, ft, ft + W, ft + 2 * W, ft + 3 * W,
-                               training, dx, g)
+                               training, stream, dx, g)
     else:
         while i < n:
             if real_t is float:
@@ -377,10 +381,11 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     cdef Py_ssize_t tasks = nblocks * cblocks
     cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
-    cdef double* part = <double*>malloc(2 * nblocks * C * sizeof(double))
+    # part_xdy starts ALIAS_PAD doubles further than packed (see _reduce_last).
+    cdef double* part = <double*>malloc((2 * nblocks * C + ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
-    cdef double* part_xdy = part + nblocks * C
+    cdef double* part_xdy = part + nblocks * C + ALIAS_PAD
     cdef Py_ssize_t t, nb
     if nt == 1:  # no OpenMP region: entering one costs ~1 us even for 1 thread
         for t in range(tasks):
@@ -425,13 +430,18 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t per_block = tiling.per_block, blocks = tiling.blocks
     cdef int nt = threads_for(blocks, M * C * REDUCE_COST, n_threads)
     # Partials per (block, column), then the tiled mean (the shift of every column).
-    cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
+    # The three arrays are ALIAS_PAD doubles apart beyond their lengths: the leaf
+    # stores sy[j] and then loads sxy[j] (and shift[j]); at a distance that is a
+    # multiple of 4 KiB (blocks * W * 8 bytes often is: W = 1024) the load waits
+    # for the store (4K aliasing), every iteration.
+    cdef double* part = <double*>malloc((2 * blocks * W + W + 2 * ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
-    cdef double* part_xdy = part + blocks * W
-    cdef double* shift = part + 2 * blocks * W
-    # Per-thread staging for the half types, allocated before the parallel region.
-    cdef Py_ssize_t stage_len = bnfast_coldot_stage_len(W) if _half(xp) else 0
+    cdef double* part_xdy = part + blocks * W + ALIAS_PAD
+    cdef double* shift = part_xdy + blocks * W + ALIAS_PAD
+    # Per-thread staging for the half types' masked sums (the portable leaves),
+    # allocated before the parallel region.
+    cdef Py_ssize_t stage_len = bnfast_coldot_stage_len(W) if _half(xp) and bits != NULL else 0
     cdef float* stages = NULL
     cdef float* stage = NULL
     if stage_len:
@@ -563,9 +573,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t blk
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    # (Not for the half types: their dx goes through a staging buffer.)
-    stream = (stream and bits == NULL and not _half(xp)
-              and _aligned16(dxp, S * sizeof(real_t)))
+    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
     cdef void* table
     cdef Py_ssize_t c
     if training and bits == NULL and not stream and gp == NULL:
@@ -630,8 +638,7 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     if tile == NULL:
         return -1
     cdef Py_ssize_t j, blk
-    stream = (stream and bits == NULL and not _half(xp)
-              and _aligned16(dxp, W * sizeof(real_t)))
+    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
     for j in range(W):
         _put_coef(xp, tile, j, W, k, j % C)
     if nt == 1:  # see _reduce_first
@@ -784,7 +791,7 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     order.  ``grad_addend`` only with ``mask``.  The (C,) vectors are of any
     of the four dtypes, any stride.  Outputs that are None are not computed.
     ``stream``: write grad_input with non-temporal stores (arrays far beyond
-    the caches; float32/float64 only, ignored for the half types).
+    the caches).
 
     Half-precision data: sums in double over the float values (the same bits
     as float32 data of the same values), dx computed in float and rounded once.

@@ -1,25 +1,27 @@
 /*
- * The backward's leaves for half-precision storage (float16, bfloat16), by
- * staging (bnfast_half.h): each one widens its inputs into float buffers, runs
- * the float32 leaf of the same job (bnfast_backward_simd.h) and narrows what it
- * writes.  One definition for both half types (the macro below).
+ * The backward's leaves for half-precision storage (float16, bfloat16).  One
+ * definition for both half types (the macros below).
  *
- * Bits.  The reductions (pass 1) give exactly the sums of the same values
- * stored as float32: channels-first runs are staged whole (short runs) or in
- * pieces of multiples of 8 through the float32 leaf's loop with its 8 lanes
- * carried and its own tail and combine (bnfast_dot_lanes_f32); channels-last
- * column sums stage multiples of four rows (the float32 leaf's row group).  The elementwise dx (pass 2) is computed in float with float
- * coefficients, as for float32 data, and rounded once to the half type: it is
- * float32's dx of the same values, narrowed.  A masked gradient g is a copy of
- * half values (or 0): narrowing it back is exact.
+ * In registers where the CPU converts (F16C for float16; bfloat16 is an unpack
+ * under zeros, AVX2), picked at run time:
+ *   pass 1, plain and masked: the float32 leaves' bodies (bnfast_backward_simd.h)
+ *     with half load kinds -- half -> float -> double is exact, so the same
+ *     lanes, order and row groups (float's) give float32's sums bit for bit;
+ *   pass 2 without a mask: dx = round((dy * a + (x - m) * b) + d) in float,
+ *     non-temporal stores where asked (arrays far beyond the caches).
+ * Staged elsewhere (bnfast_half.h): widen into float buffers, run the float32
+ * leaf of the same job, narrow what it writes -- the portable build's masked
+ * pass 1 and the masked pass 2.  Channels-first runs are staged whole (short
+ * runs) or in pieces of multiples of 8 through the float32 leaf's loop with its
+ * 8 lanes carried and its own tail and combine (bnfast_dot_lanes_f32);
+ * channels-last column sums stage multiples of four rows (the float32 leaf's
+ * row group): the same bits again.
  *
- * Pass 2 stages BNFAST_GRAD_STAGE values at a time (whole coefficient tiles
- * channels-last, whole runs channels-first where they fit): fewer conversion
- * calls per value.  Streaming stores are not used for half outputs (dx goes
- * through a staging buffer; the `stream` argument is accepted and ignored).
+ * dx is float32's dx of the same values, rounded once to the half type; a
+ * masked gradient g is a copy of half values (or +0).
  *
- * Aliasing: every staged chunk is read (widened) whole before any of it is
- * written, so dx may be x or dy, and g may be dy, as for the float32 leaves.
+ * Aliasing: each value (each staged chunk) is read before it is written, so
+ * dx may be x or dy, and g may be dy, as for the float32 leaves.
  */
 #ifndef BNFAST_BACKWARD_HALF_H
 #define BNFAST_BACKWARD_HALF_H
@@ -94,60 +96,364 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
                                  BNFAST_H8_COEF(b, i), BNFAST_H8_COEF(d, i))             \
         BNFAST_HALF_GRAD_TAIL(H, m[i], a[i], b[i], d[i])                                 \
     }
+/* Training, `runs` consecutive runs of n, run r with (m[r], a[r], b[r], d[r]): the
+ * loop inside the target function (short runs: no dispatch per run). */
+#define BNFAST_DEFINE_HALF_GRAD_RUNS(H, T, VARIANT, ATTR, LOAD8, STORE8)                 \
+    ATTR static void bnfast_grad_vec_runs_##H##_##VARIANT(                               \
+            const T *x0, const T *dy0, T *dx0, ptrdiff_t runs, ptrdiff_t n,              \
+            const float *mr, const float *ar, const float *br, const float *dr) {        \
+        ptrdiff_t r, i, n8 = BNFAST_HALF_N8(n);                                          \
+        const int training = 1;                                                          \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *x = x0 + r * n, *dy = dy0 + r * n;                                  \
+            T *dx = dx0 + r * n;                                                         \
+            float m = mr[r], a = ar[r], b = br[r], d = dr[r];                            \
+            BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                          \
+            BNFAST_HALF_GRAD_TAIL(H, m, a, b, d)                                         \
+        }                                                                                \
+    }
+
+/* Non-temporal twins of the 16-byte half stores (dx + i 16-byte aligned). */
+#define BNFAST_STREAM8_HALF_(p, v128) _mm_stream_si128((__m128i *)(void *)(p), (v128))
 
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
+BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
 #if BNFAST_DISPATCH_AVX2
+#define bnfast_stream8_f16_f16c(p, f) BNFAST_STREAM8_HALF_(                              \
+        p, _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT))
+/* bnfast_store8_bf16_avx2's bits (bnfast_half.h), stored non-temporally. */
+#define bnfast_stream8_bf16_avx2(p, f) do {                                               \
+        __m256i u_ = (__m256i)(f), top_ = _mm256_srli_epi32(u_, 16);                     \
+        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                  \
+            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                              \
+            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                           \
+        __m256i nan_ = _mm256_cmpgt_epi32(_mm256_and_si256(u_, _mm256_set1_epi32(0x7fffffff)), \
+                                          _mm256_set1_epi32(0x7f800000));                 \
+        r_ = _mm256_blendv_epi8(r_, _mm256_or_si256(top_, _mm256_set1_epi32(0x40)), nan_); \
+        BNFAST_STREAM8_HALF_(p, _mm_packus_epi32(_mm256_castsi256_si128(r_),              \
+                                                 _mm256_extracti128_si256(r_, 1)));       \
+    } while (0)
+/* bnfast_store8_bf16_hw's bits, stored non-temporally. */
+#define bnfast_stream8_bf16_hw(p, f) do {                                                 \
+        __m256 v_ = (__m256)(f);                                                          \
+        if (__builtin_expect(_mm256_fpclass_ps_mask(v_, 0x20) != 0, 0))                   \
+            bnfast_stream8_bf16_avx2(p, v_);                                              \
+        else                                                                              \
+            BNFAST_STREAM8_HALF_(p, (__m128i)_mm256_cvtneps_pbh(v_));                     \
+    } while (0)
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
                         bnfast_store8_f16_f16c)
+BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                             bnfast_store8_f16_f16c)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
                         bnfast_store8_bf16_avx2)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                             bnfast_store8_bf16_avx2)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
                         bnfast_store8_bf16_hw)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
+                             bnfast_store8_bf16_hw)
+BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                        bnfast_stream8_f16_f16c)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_stream8_bf16_avx2)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_stream8_bf16_hw)
+#else
+#define bnfast_grad_vec_scalar_f16_f16c_nt bnfast_grad_vec_scalar_f16_base
+#define bnfast_grad_vec_tiled_f16_f16c_nt bnfast_grad_vec_tiled_f16_base
+#define bnfast_grad_vec_scalar_bf16_avx2_nt bnfast_grad_vec_scalar_bf16_base
+#define bnfast_grad_vec_tiled_bf16_avx2_nt bnfast_grad_vec_tiled_bf16_base
+#define bnfast_grad_vec_scalar_bf16_hw_nt bnfast_grad_vec_scalar_bf16_base
+#define bnfast_grad_vec_tiled_bf16_hw_nt bnfast_grad_vec_tiled_bf16_base
 #endif
-#define bnfast_grad_vec_scalar_f16 \
-    BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base, bnfast_grad_vec_scalar_f16_f16c)
-#define bnfast_grad_vec_tiled_f16 \
-    BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base, bnfast_grad_vec_tiled_f16_f16c)
-#define bnfast_grad_vec_scalar_bf16 \
-    BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base, bnfast_grad_vec_scalar_bf16_avx2, \
-                     bnfast_grad_vec_scalar_bf16_hw)
-#define bnfast_grad_vec_tiled_bf16 \
-    BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base, bnfast_grad_vec_tiled_bf16_avx2, \
-                     bnfast_grad_vec_tiled_bf16_hw)
+/* The leaves, picked at run time; STREAM (dx 16-byte aligned) the non-temporal
+ * ones where the CPU has a vector store (the portable leaves store plainly). */
+#define bnfast_grad_vec_scalar_f16(STREAM)                                                \
+    ((STREAM) ? BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base,                         \
+                                 bnfast_grad_vec_scalar_f16_f16c_nt)                      \
+              : BNFAST_PICK_F16C(bnfast_grad_vec_scalar_f16_base,                         \
+                                 bnfast_grad_vec_scalar_f16_f16c))
+#define bnfast_grad_vec_tiled_f16(STREAM)                                                 \
+    ((STREAM) ? BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base,                          \
+                                 bnfast_grad_vec_tiled_f16_f16c_nt)                       \
+              : BNFAST_PICK_F16C(bnfast_grad_vec_tiled_f16_base,                          \
+                                 bnfast_grad_vec_tiled_f16_f16c))
+#define bnfast_grad_vec_scalar_bf16(STREAM)                                               \
+    ((STREAM) ? BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base,                        \
+                                 bnfast_grad_vec_scalar_bf16_avx2_nt,                     \
+                                 bnfast_grad_vec_scalar_bf16_hw_nt)                       \
+              : BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base,                        \
+                                 bnfast_grad_vec_scalar_bf16_avx2,                        \
+                                 bnfast_grad_vec_scalar_bf16_hw))
+#define bnfast_grad_vec_tiled_bf16(STREAM)                                                \
+    ((STREAM) ? BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base,                         \
+                                 bnfast_grad_vec_tiled_bf16_avx2_nt,                      \
+                                 bnfast_grad_vec_tiled_bf16_hw_nt)                        \
+              : BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base,                         \
+                                 bnfast_grad_vec_tiled_bf16_avx2,                         \
+                                 bnfast_grad_vec_tiled_bf16_hw))
+#define bnfast_grad_vec_runs_f16 \
+    BNFAST_PICK_F16C(bnfast_grad_vec_runs_f16_base, bnfast_grad_vec_runs_f16_f16c)
+#define bnfast_grad_vec_runs_bf16 \
+    BNFAST_PICK_BF16(bnfast_grad_vec_runs_bf16_base, bnfast_grad_vec_runs_bf16_avx2, \
+                     bnfast_grad_vec_runs_bf16_hw)
+
+/* ---------------------------------------------------------------------------
+ * Pass 1 without a mask, in registers: the float32 leaves' bodies
+ * (bnfast_backward_simd.h's *_K macros) with the half types' load kinds, which
+ * widen half -> float -> double exactly (F16C's vcvtph2ps; a shift for
+ * bfloat16).  Same lanes, same order, same row groups (float's), so the sums
+ * are float32's on the same values -- without the staging buffers' extra trip
+ * through L1 (the staged pass 1 ran at ~0.75x float32's time).
+ * ------------------------------------------------------------------------- */
+#define BNFAST_WIDE8_f16 0
+/* Runs longer than BNFAST_PAIR_MAX go one at a time (two interleaved runs are
+ * four streams: 784-value runs from memory took 6.5 ms instead of 3.8 for
+ * 32x512x28x28 float16), prefetching a line of x and of y BNFAST_RUN_PF values
+ * ahead (3136-value runs: 7.8 -> 7.2 ms; the staged leaves took ~7.1). */
+#ifndef BNFAST_RUN_PF
+#define BNFAST_RUN_PF 1024
+#endif
+#define BNFAST_RUN_PREFETCH_HALF(xp, yp, i)                                              \
+    if (!((i) & 31)) {                                                                   \
+        __builtin_prefetch((xp) + (i) + BNFAST_RUN_PF);                                  \
+        __builtin_prefetch((yp) + (i) + BNFAST_RUN_PF);                                  \
+    }
+#define BNFAST_RUN_PREFETCH_f16(xp, yp, i)
+#define BNFAST_RUN_PREFETCH_bf16(xp, yp, i)
+#define BNFAST_RUN_PREFETCH_f16c(xp, yp, i) BNFAST_RUN_PREFETCH_HALF(xp, yp, i)
+#define BNFAST_RUN_PREFETCH_bf16avx2(xp, yp, i) BNFAST_RUN_PREFETCH_HALF(xp, yp, i)
+#define BNFAST_WIDE8_bf16 0
+#define BNFAST_WIDE8_f16c 1
+#define BNFAST_WIDE8_bf16avx2 1
+#define BNFAST_TOD_f16(v) ((double)bnfast_f16_to_float(v))
+#define BNFAST_TOD_f16c(v) ((double)bnfast_f16_to_float(v))
+#define BNFAST_TOD_bf16(v) ((double)bnfast_bf16_to_float(v))
+#define BNFAST_TOD_bf16avx2(v) ((double)bnfast_bf16_to_float(v))
+#if BNFAST_VECTOR_EXT
+#define BNFAST_LD4_f16(p) ((bnfast_v4d){BNFAST_TOD_f16((p)[0]), BNFAST_TOD_f16((p)[1]), \
+                                        BNFAST_TOD_f16((p)[2]), BNFAST_TOD_f16((p)[3])})
+#define BNFAST_LD4_bf16(p) ((bnfast_v4d){BNFAST_TOD_bf16((p)[0]), BNFAST_TOD_bf16((p)[1]), \
+                                         BNFAST_TOD_bf16((p)[2]), BNFAST_TOD_bf16((p)[3])})
+#define BNFAST_LD8_f16(p, LO, HI) ((LO) = BNFAST_LD4_f16(p), (HI) = BNFAST_LD4_f16((p) + 4))
+#define BNFAST_LD8_bf16(p, LO, HI) ((LO) = BNFAST_LD4_bf16(p), (HI) = BNFAST_LD4_bf16((p) + 4))
+#endif
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_LD4_f16c(p) ((bnfast_v4d)_mm256_cvtps_pd(                                  \
+        _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)(p)))))
+/* bfloat16: the 16 bits under 16 zero bits (an unpack) are the float. */
+#define BNFAST_LD4_bf16avx2(p) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(             \
+        _mm_unpacklo_epi16(_mm_setzero_si128(),                                          \
+                           _mm_loadl_epi64((const __m128i *)(const void *)(p))))))
+/* Eight at once: one 8-wide widening to float, then two float -> double. */
+#define BNFAST_LD8_F_(f, LO, HI) ((LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm256_castps256_ps128(f)), \
+                                  (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)))
+#define BNFAST_LD8_f16c(p, LO, HI) do {                                                    \
+        __m256 f_ = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p)));  \
+        BNFAST_LD8_F_(f_, LO, HI);                                                         \
+    } while (0)
+#define BNFAST_LD8_bf16avx2(p, LO, HI) do {                                                \
+        __m128i h_ = _mm_loadu_si128((const __m128i *)(const void *)(p));                  \
+        (LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                               \
+            _mm_unpacklo_epi16(_mm_setzero_si128(), h_)));                                 \
+        (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                               \
+            _mm_unpackhi_epi16(_mm_setzero_si128(), h_)));                                 \
+    } while (0)
+#endif
+
+#ifndef BNFAST_PAIR_MAX
+#define BNFAST_PAIR_MAX 256
+#endif
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_base, bnfast_f16, f16, BNFAST_PAIR_MAX, )
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_base, bnfast_bf16, bf16, BNFAST_PAIR_MAX, )
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_base, bnfast_f16, f16, float, )
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_base, bnfast_bf16, bf16, float, )
+#if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_f16c, bnfast_f16, f16c, BNFAST_PAIR_MAX,
+                                  BNFAST_F16C_TARGET)
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_avx2, bnfast_bf16, bf16avx2, BNFAST_PAIR_MAX,
+                                  BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_f16c, bnfast_f16, f16c, float,
+                                BNFAST_F16C_TARGET)
+BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, float,
+                                BNFAST_AVX2_TARGET)
+#endif
+#define bnfast_dot_runs_f16 BNFAST_PICK_F16C(bnfast_dot_runs_f16_base, bnfast_dot_runs_f16_f16c)
+#define bnfast_dot_runs_bf16 BNFAST_PICK(bnfast_dot_runs_bf16_base, bnfast_dot_runs_bf16_avx2)
+#define bnfast_coldot_f16 BNFAST_PICK_F16C(bnfast_coldot_f16_base, bnfast_coldot_f16_f16c)
+#define bnfast_coldot_bf16 BNFAST_PICK(bnfast_coldot_bf16_base, bnfast_coldot_bf16_avx2)
+
+/* ---------------------------------------------------------------------------
+ * Pass 1 with the ReLU mask (fused), in registers where the CPU converts
+ * (F16C / AVX2; elsewhere, and in the no-SIMD build, the staged leaves below):
+ * bnfast_backward_simd.h's masked float32 leaves, step for step, on the half
+ * values.  The mask selects on the 16-bit lanes (a cleared lane is +0, as the
+ * float32 select gives +0.0), g receives those lanes, and they widen exactly.
+ * ------------------------------------------------------------------------- */
+#if BNFAST_DISPATCH_AVX2
+/* Lanes of 8 halves whose bit in `byte` is set (bit k for lane k). */
+#define BNFAST_HMASK8(byte)                                                              \
+    ((__m128i)((bnfast_h8h)((((bnfast_h8h){byte, byte, byte, byte, byte, byte, byte, byte}) \
+                             & (bnfast_h8h){1, 2, 4, 8, 16, 32, 64, 128}) != 0)))
+/* Four halves at p (lanes 0-3 of an __m128i), masked by the nibble. */
+#define BNFAST_HSEL4(p, nib) _mm_and_si128(                                             \
+        _mm_loadl_epi64((const __m128i *)(const void *)(p)), BNFAST_HMASK8(nib))
+/* Widen lanes 0-7 (W8: to LO, HI) or 0-3 (W4) of a register of halves. */
+#define BNFAST_W8_f16c(h, LO, HI) do {                                                   \
+        __m256 f_ = _mm256_cvtph_ps(h);                                                  \
+        BNFAST_LD8_F_(f_, LO, HI);                                                       \
+    } while (0)
+#define BNFAST_W4_f16c(h) ((bnfast_v4d)_mm256_cvtps_pd(_mm_cvtph_ps(h)))
+#define BNFAST_W8_bf16avx2(h, LO, HI) do {                                               \
+        (LO) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                             \
+            _mm_unpacklo_epi16(_mm_setzero_si128(), h)));                                \
+        (HI) = (bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(                             \
+            _mm_unpackhi_epi16(_mm_setzero_si128(), h)));                                \
+    } while (0)
+#define BNFAST_W4_bf16avx2(h) ((bnfast_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(           \
+        _mm_unpacklo_epi16(_mm_setzero_si128(), h))))
+
+#define BNFAST_DEFINE_HALF_MASKED(H, T, V, ATTR)                                         \
+    /* bnfast_centered_dot_masked_f32's job and arithmetic */                            \
+    ATTR static void bnfast_dot_masked_##H##_##V(const T *x, const T *y,                 \
+                                                 const unsigned char *bits, ptrdiff_t pos, \
+                                                 ptrdiff_t n, double shift, double *sy,  \
+                                                 double *sxy, T *g) {                    \
+        bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, y0, y1, w0, w1;         \
+        double a[8], b[8], v;                                                            \
+        ptrdiff_t i, n8 = n - n % 8;                                                     \
+        unsigned byte;                                                                   \
+        int on;                                                                          \
+        for (i = 0; i < n8; i += 8) {                                                    \
+            byte = BNFAST_BYTE_AT(bits, pos + i);                                        \
+            __m128i h_ = _mm_and_si128(_mm_loadu_si128((const __m128i *)(const void *)(y + i)), \
+                                       BNFAST_HMASK8(byte));                             \
+            if (g) _mm_storeu_si128((__m128i *)(void *)(g + i), h_);                     \
+            BNFAST_W8_##V(h_, y0, y1);                                                   \
+            a0 += y0; a1 += y1;                                                          \
+            BNFAST_LD8_##V(x + i, w0, w1);                                               \
+            b0 += (w0 - shift) * y0;                                                     \
+            b1 += (w1 - shift) * y1;                                                     \
+        }                                                                                \
+        for (i = 0; i < 4; i++) {                                                        \
+            a[i] = a0[i]; a[i + 4] = a1[i]; b[i] = b0[i]; b[i + 4] = b1[i];              \
+        }                                                                                \
+        for (i = n8; i < n; i++) {                                                       \
+            on = BNFAST_BIT(bits, pos + i);                                              \
+            v = on ? BNFAST_TOD_##V(y[i]) : 0.0;                                         \
+            if (g) g[i].bits = on ? y[i].bits : 0;                                       \
+            a[i - n8] += v;                                                              \
+            b[i - n8] += (BNFAST_TOD_##V(x[i]) - shift) * v;                             \
+        }                                                                                \
+        *sy += BNFAST_COMBINE8(a);                                                       \
+        *sxy += BNFAST_COMBINE8(b);                                                      \
+    }                                                                                    \
+    /* bnfast_centered_coldot_masked_f32's job and arithmetic (float's row groups) */    \
+    ATTR static void bnfast_coldot_masked_##H##_##V(const T *x, const T *y,              \
+                                                    const unsigned char *bits,           \
+                                                    ptrdiff_t pos, ptrdiff_t rows,       \
+                                                    ptrdiff_t W, const double *shift,    \
+                                                    double *sy, double *sxy, T *g) {     \
+        ptrdiff_t r = 0, j, j4 = W - W % 4, q, group = BNFAST_ROW_GROUP(float, W);       \
+        double e, f;                                                                     \
+        int on;                                                                          \
+        for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
+            ptrdiff_t q0 = pos + r * W, q1 = q0 + W, q2 = q1 + W, q3 = q2 + W;           \
+            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
+            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
+            for (j = 0; j < j4; j += 4) {                                                \
+                bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                        \
+                __m128i s0 = BNFAST_HSEL4(y0 + j, BNFAST_NIBBLE_AT(bits, q0 + j));       \
+                __m128i s1 = BNFAST_HSEL4(y1 + j, BNFAST_NIBBLE_AT(bits, q1 + j));       \
+                __m128i s2 = BNFAST_HSEL4(y2 + j, BNFAST_NIBBLE_AT(bits, q2 + j));       \
+                __m128i s3 = BNFAST_HSEL4(y3 + j, BNFAST_NIBBLE_AT(bits, q3 + j));       \
+                bnfast_v4d v0 = BNFAST_W4_##V(s0), v1 = BNFAST_W4_##V(s1);               \
+                bnfast_v4d v2 = BNFAST_W4_##V(s2), v3 = BNFAST_W4_##V(s3);               \
+                bnfast_v4d d0 = BNFAST_LD4_##V(x0 + j) - kv;                             \
+                bnfast_v4d d1 = BNFAST_LD4_##V(x1 + j) - kv;                             \
+                bnfast_v4d d2 = BNFAST_LD4_##V(x2 + j) - kv;                             \
+                bnfast_v4d d3 = BNFAST_LD4_##V(x3 + j) - kv;                             \
+                if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(W))             \
+                if (g) {                                                                 \
+                    T *g0 = g + r * W + j;                                               \
+                    _mm_storel_epi64((__m128i *)(void *)g0, s0);                         \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + W), s1);                   \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + 2 * W), s2);               \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + 3 * W), s3);               \
+                }                                                                        \
+                *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                        \
+                *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);   \
+            }                                                                            \
+            for (j = j4; j < W; j++) {                                                   \
+                uint16_t h0 = BNFAST_BIT(bits, q0 + j) ? y0[j].bits : 0;                 \
+                uint16_t h1 = BNFAST_BIT(bits, q1 + j) ? y1[j].bits : 0;                 \
+                uint16_t h2 = BNFAST_BIT(bits, q2 + j) ? y2[j].bits : 0;                 \
+                uint16_t h3 = BNFAST_BIT(bits, q3 + j) ? y3[j].bits : 0;                 \
+                double w0 = h0 ? BNFAST_TOD_##V(y0[j]) : 0.0;                            \
+                double w1 = h1 ? BNFAST_TOD_##V(y1[j]) : 0.0;                            \
+                double w2 = h2 ? BNFAST_TOD_##V(y2[j]) : 0.0;                            \
+                double w3 = h3 ? BNFAST_TOD_##V(y3[j]) : 0.0;                            \
+                double e0 = BNFAST_TOD_##V(x0[j]) - shift[j];                            \
+                double e1 = BNFAST_TOD_##V(x1[j]) - shift[j];                            \
+                double e2 = BNFAST_TOD_##V(x2[j]) - shift[j];                            \
+                double e3 = BNFAST_TOD_##V(x3[j]) - shift[j];                            \
+                if (g) {                                                                 \
+                    g[r * W + j].bits = h0; g[(r + 1) * W + j].bits = h1;                \
+                    g[(r + 2) * W + j].bits = h2; g[(r + 3) * W + j].bits = h3;          \
+                }                                                                        \
+                sy[j] += (w0 + w1) + (w2 + w3);                                          \
+                sxy[j] += (e0 * w0 + e1 * w1) + (e2 * w2 + e3 * w3);                     \
+            }                                                                            \
+        }                                                                                \
+        for (; r < rows; r++) {                                                          \
+            for (j = 0; j < j4; j += 4) {                                                \
+                q = r * W + j;                                                           \
+                __m128i s0 = BNFAST_HSEL4(y + q, BNFAST_NIBBLE_AT(bits, pos + q));       \
+                bnfast_v4d v0 = BNFAST_W4_##V(s0);                                       \
+                if (g) _mm_storel_epi64((__m128i *)(void *)(g + q), s0);                 \
+                *(bnfast_v4d *)(sy + j) += v0;                                           \
+                *(bnfast_v4d *)(sxy + j) +=                                              \
+                    (BNFAST_LD4_##V(x + q) - *(const bnfast_v4d *)(shift + j)) * v0;     \
+            }                                                                            \
+            for (j = j4; j < W; j++) {                                                   \
+                q = r * W + j;                                                           \
+                on = BNFAST_BIT(bits, pos + q);                                          \
+                f = on ? BNFAST_TOD_##V(y[q]) : 0.0;                                     \
+                e = BNFAST_TOD_##V(x[q]) - shift[j];                                     \
+                if (g) g[q].bits = on ? y[q].bits : 0;                                   \
+                sy[j] += f; sxy[j] += e * f;                                             \
+            }                                                                            \
+        }                                                                                \
+    }
+BNFAST_DEFINE_HALF_MASKED(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET)
+BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
+#define BNFAST_HALF_MASKED_IN_REGISTERS_f16 bnfast_use_f16c()
+#define BNFAST_HALF_MASKED_IN_REGISTERS_bf16 bnfast_use_avx2()
+#define bnfast_dot_masked_f16_reg bnfast_dot_masked_f16_f16c
+#define bnfast_dot_masked_bf16_reg bnfast_dot_masked_bf16_bf16avx2
+#define bnfast_coldot_masked_f16_reg bnfast_coldot_masked_f16_f16c
+#define bnfast_coldot_masked_bf16_reg bnfast_coldot_masked_bf16_bf16avx2
+#else
+#define BNFAST_HALF_MASKED_IN_REGISTERS_f16 0
+#define BNFAST_HALF_MASKED_IN_REGISTERS_bf16 0
+#define bnfast_dot_masked_f16_reg(...) ((void)0)
+#define bnfast_dot_masked_bf16_reg(...) ((void)0)
+#define bnfast_coldot_masked_f16_reg(...) ((void)0)
+#define bnfast_coldot_masked_bf16_reg(...) ((void)0)
+#endif
+
+/* Non-temporal stores for this dx piece: asked for, and 16-byte aligned. */
+#define BNFAST_HALF_STREAMS(stream, p) ((stream) && ((size_t)(p) & 15) == 0)
 
 #define BNFAST_DEFINE_BACKWARD_HALF_LEAVES(H, T)                                          \
     /* sy[r] += sum(y_r), sxy[r] += sum((x_r - shift[r]) * y_r): runs of n, consecutive */ \
     static inline void bnfast_centered_dot_runs_##H(const T *x, const T *y, ptrdiff_t runs, \
                                                     ptrdiff_t n, const double *shift,     \
                                                     double *sy, double *sxy) {            \
-        float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
-        ptrdiff_t r, i, k, n8 = n - n % 8;                                                \
-        double lanes[16];                                                                 \
-        if (n <= 0) return;                                                               \
-        if (n <= BNFAST_DOT_STAGE) { /* whole runs per staged call */                     \
-            ptrdiff_t per = BNFAST_DOT_STAGE / n;                                         \
-            for (r = 0; r < runs; r += k) {                                               \
-                k = BNFAST_MIN(runs - r, per);                                            \
-                bnfast_widen_##H(x + r * n, xb, k * n);                                   \
-                bnfast_widen_##H(y + r * n, yb, k * n);                                   \
-                bnfast_centered_dot_runs_f32(xb, yb, k, n, shift + r, sy + r, sxy + r);   \
-            }                                                                             \
-            return;                                                                       \
-        }                                                                                 \
-        for (r = 0; r < runs; r++) { /* long runs: pieces, the lanes carried */           \
-            const T *xr = x + r * n, *yr = y + r * n;                                     \
-            for (i = 0; i < 16; i++) lanes[i] = 0.0;                                      \
-            for (i = 0; i < n8; i += k) {                                                 \
-                k = BNFAST_MIN(n8 - i, BNFAST_DOT_STAGE);                                 \
-                bnfast_widen_##H(xr + i, xb, k);                                          \
-                bnfast_widen_##H(yr + i, yb, k);                                          \
-                bnfast_dot_lanes_f32(xb, yb, k, shift[r], lanes);                         \
-            }                                                                             \
-            bnfast_widen_##H(xr + n8, xb, n - n8);                                        \
-            bnfast_widen_##H(yr + n8, yb, n - n8);                                        \
-            bnfast_dot_lanes_finish(xb, yb, n - n8, shift[r], lanes, sy + r, sxy + r);    \
-        }                                                                                 \
+        bnfast_dot_runs_##H(x, y, runs, n, shift, sy, sxy);                               \
     }                                                                                     \
     /* The same of one run with y masked by bits (from bit pos); g = masked y if g */     \
     static inline void bnfast_centered_dot_masked_##H(const T *x, const T *y,             \
@@ -158,6 +464,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
         float xb[BNFAST_DOT_STAGE], yb[BNFAST_DOT_STAGE];                                 \
         ptrdiff_t i, k, t, n8 = n - n % 8;                                                \
         double lanes[16];                                                                 \
+        if (BNFAST_HALF_MASKED_IN_REGISTERS_##H) {                                        \
+            bnfast_dot_masked_##H##_reg(x, y, bits, pos, n, shift, sy, sxy, g);           \
+            return;                                                                       \
+        }                                                                                 \
         if (n <= BNFAST_DOT_STAGE) { /* the whole run in one staged call */               \
             bnfast_widen_##H(x, xb, n);                                                   \
             bnfast_widen_##H(y, yb, n);                                                   \
@@ -185,7 +495,7 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
         bnfast_dot_lanes_finish(xb, yb, t, shift, lanes, sy, sxy);                        \
     }                                                                                     \
     /* Column sums of (rows, W) blocks, plain (bits NULL) or masked; stage: the floats    \
-     * of bnfast_coldot_stage_len(W). */                                                  \
+     * of bnfast_coldot_stage_len(W) (masked only; may be NULL without a mask). */       \
     static inline void bnfast_centered_coldot_any_##H(const T *x, const T *y,             \
                                                       const unsigned char *bits,          \
                                                       ptrdiff_t pos, ptrdiff_t rows,      \
@@ -193,7 +503,17 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
                                                       double *sy, double *sxy, T *g,      \
                                                       float *stage) {                     \
         ptrdiff_t R = bnfast_coldot_stage_rows(W), r, k;                                  \
-        float *xb = stage, *yb = stage + R * W;                                           \
+        float *xb, *yb;                                                                   \
+        if (bits == NULL) { /* in registers */                                            \
+            bnfast_coldot_##H(x, y, rows, W, shift, sy, sxy);                             \
+            return;                                                                       \
+        }                                                                                 \
+        if (BNFAST_HALF_MASKED_IN_REGISTERS_##H) {                                        \
+            bnfast_coldot_masked_##H##_reg(x, y, bits, pos, rows, W, shift, sy, sxy, g);  \
+            return;                                                                       \
+        }                                                                                 \
+        xb = stage;                                                                       \
+        yb = stage + R * W;                                                               \
         for (r = 0; r < rows; r += k) {                                                   \
             k = BNFAST_MIN(rows - r, R);                                                  \
             bnfast_widen_##H(x + r * W, xb, k * W);                                       \
@@ -211,10 +531,7 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
     static inline void bnfast_grad_runs_##H(const T *x, const T *dy, T *dx, ptrdiff_t runs, \
                                             ptrdiff_t n, const float *m, const float *a,  \
                                             const float *b, const float *d) {             \
-        ptrdiff_t r;                                                                      \
-        for (r = 0; r < runs; r++)                                                        \
-            bnfast_grad_vec_scalar_##H(x + r * n, dy + r * n, dx + r * n, n, m[r], a[r],  \
-                                       b[r], d[r], 1);                                    \
+        bnfast_grad_vec_runs_##H(x, dy, dx, runs, n, m, a, b, d);                         \
     }                                                                                     \
     /* dx (and g) of one run with one (m, a, b, d): bnfast_grad_run_scalar_f32's job */   \
     static inline void bnfast_grad_run_scalar_##H(                                        \
@@ -222,9 +539,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
             float m, float a, float b, float d, int training, int stream, T *dx, T *g) {  \
         float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, k;                                                                   \
-        (void)stream;                                                                     \
         if (bits == NULL) { /* no mask, so no g: in registers */                          \
-            if (dx != NULL) bnfast_grad_vec_scalar_##H(x, dy, dx, n, m, a, b, d, training); \
+            if (dx != NULL)                                                               \
+                bnfast_grad_vec_scalar_##H(BNFAST_HALF_STREAMS(stream, dx))(              \
+                    x, dy, dx, n, m, a, b, d, training);                                  \
             return;                                                                       \
         }                                                                                 \
         for (i = 0; i < n; i += k) {                                                      \
@@ -241,14 +559,14 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
     static inline void bnfast_grad_tiles_##H(                                             \
             const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \
             ptrdiff_t W, const float *m, const float *a, const float *b, const float *d,  \
-            int training, T *dx, T *g) {                                                  \
+            int training, int stream, T *dx, T *g) {                                      \
         float xb[BNFAST_GRAD_STAGE], yb[BNFAST_GRAD_STAGE], gb[BNFAST_GRAD_STAGE];        \
         ptrdiff_t i, j, k, q, piece;                                                      \
         ptrdiff_t span = W <= BNFAST_GRAD_STAGE ? BNFAST_GRAD_STAGE / W * W : W;          \
         if (bits == NULL) { /* no mask, so no g: in registers, a tile piece at a time */  \
             for (i = 0; dx != NULL && i < n; i += W)                                      \
-                bnfast_grad_vec_tiled_##H(x + i, dy + i, dx + i, BNFAST_MIN(W, n - i), m, \
-                                          a, b, d, training);                             \
+                bnfast_grad_vec_tiled_##H(BNFAST_HALF_STREAMS(stream, dx + i))(           \
+                    x + i, dy + i, dx + i, BNFAST_MIN(W, n - i), m, a, b, d, training);   \
             return;                                                                       \
         }                                                                                 \
         for (i = 0; i < n; i += span) {                                                   \

@@ -23,6 +23,7 @@
 #define BNFAST_BACKWARD_SIMD_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "bnfast_simd.h"
@@ -53,61 +54,130 @@
 /* The vector part: columns [0, j4) of four rows (COLDOT_VEC4) or of one row
  * (COLDOT_VEC1); without vector extensions j4 is 0 and they vanish, and the
  * scalar loops below cover every column in the same order. */
+/* Load kinds (K): how a leaf reads its storage type.  BNFAST_LD4_<K>(p): four
+ * values at p as doubles; BNFAST_TOD_<K>(v): one value as a double.  The float
+ * and double kinds are plain conversions; the half kinds (bnfast_backward_half.h)
+ * widen through float, exactly, so a leaf instantiated for half data computes
+ * what the float32 leaf computes on the same values stored as float32. */
+#define BNFAST_TOD_float(v) ((double)(v))
+#define BNFAST_TOD_double(v) ((double)(v))
 #if BNFAST_VECTOR_EXT
+#define BNFAST_LD4_float(p) BNFAST_LOAD4(float, p)
+#define BNFAST_LD4_double(p) BNFAST_LOAD4(double, p)
+/* Eight values at p as two v4d (LO: p[0..3], HI: p[4..7]): one conversion of
+ * eight halves where a kind has it (bnfast_backward_half.h). */
+#define BNFAST_LD8_float(p, LO, HI) \
+    ((LO) = BNFAST_LOAD4(float, p), (HI) = BNFAST_LOAD4(float, (p) + 4))
+#define BNFAST_LD8_double(p, LO, HI) \
+    ((LO) = BNFAST_LOAD4(double, p), (HI) = BNFAST_LOAD4(double, (p) + 4))
 #define BNFAST_COLDOT_VECTOR_COLUMNS(W) ((W) - (W) % 4)
-#define BNFAST_COLDOT_VEC4(T)                                                            \
-    for (j = 0; j < j4; j += 4) {                                                        \
-        bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                                \
-        bnfast_v4d v0 = BNFAST_LOAD4(T, y0 + j), v1 = BNFAST_LOAD4(T, y1 + j);           \
-        bnfast_v4d v2 = BNFAST_LOAD4(T, y2 + j), v3 = BNFAST_LOAD4(T, y3 + j);           \
-        bnfast_v4d d0 = BNFAST_LOAD4(T, x0 + j) - kv;                                    \
-        bnfast_v4d d1 = BNFAST_LOAD4(T, x1 + j) - kv;                                    \
-        bnfast_v4d d2 = BNFAST_LOAD4(T, x2 + j) - kv;                                    \
-        bnfast_v4d d3 = BNFAST_LOAD4(T, x3 + j) - kv;                                    \
-        *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                                \
-        *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);           \
+/* Columns [0, j4) of four rows; the half kinds (BNFAST_WIDE8_<K> 1) take eight
+ * columns a step (one widening of eight halves), then four: each column's
+ * arithmetic is the same either way. */
+#define BNFAST_WIDE8_float 0
+#define BNFAST_RUN_PREFETCH_float(xp, yp, i)
+#define BNFAST_RUN_PREFETCH_double(xp, yp, i)
+#define BNFAST_WIDE8_double 0
+#define BNFAST_COLDOT4_TERMS(K, j, LD)                                                   \
+    {                                                                                    \
+        bnfast_v4d kv = *(const bnfast_v4d *)(shift + (j));                              \
+        *(bnfast_v4d *)(sy + (j)) += (v0 + v1) + (v2 + v3);                              \
+        *(bnfast_v4d *)(sxy + (j)) +=                                                    \
+            ((d0 - kv) * v0 + (d1 - kv) * v1) + ((d2 - kv) * v2 + (d3 - kv) * v3);       \
     }
-#define BNFAST_COLDOT_VEC1(T)                                                            \
-    for (j = 0; j < j4; j += 4) {                                                        \
-        bnfast_v4d v0 = BNFAST_LOAD4(T, yp + j);                                         \
-        *(bnfast_v4d *)(sy + j) += v0;                                                   \
-        *(bnfast_v4d *)(sxy + j) +=                                                      \
-            (BNFAST_LOAD4(T, xp + j) - *(const bnfast_v4d *)(shift + j)) * v0;           \
+/* The next group's rows (BNFAST_PF_DIST(W) values ahead), a line every 32
+ * columns: four half-precision rows of under 4 KiB share pages, and the hardware
+ * prefetchers follow such streams badly (measured, W = 1024 bfloat16 from
+ * memory: 1.32 -> 1.01 cycles a value; float32: 1.23).  Half kinds only. */
+#ifndef BNFAST_PF_DIST
+#define BNFAST_PF_DIST(W) (4 * (W))
+#endif
+#define BNFAST_COLDOT_PREFETCH(o)                                                        \
+    {                                                                                    \
+        __builtin_prefetch(x0 + (o)); __builtin_prefetch(x1 + (o));                      \
+        __builtin_prefetch(x2 + (o)); __builtin_prefetch(x3 + (o));                      \
+        __builtin_prefetch(y0 + (o)); __builtin_prefetch(y1 + (o));                      \
+        __builtin_prefetch(y2 + (o)); __builtin_prefetch(y3 + (o));                      \
+    }
+#define BNFAST_COLDOT_VEC4(K)                                                            \
+    j = 0;                                                                               \
+    if (BNFAST_WIDE8_##K) {                                                              \
+        for (; j + 8 <= j4; j += 8) {                                                    \
+            bnfast_v4d v0, v1, v2, v3, d0, d1, d2, d3, V0, V1, V2, V3, D0, D1, D2, D3;   \
+            if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(W))                 \
+            BNFAST_LD8_##K(y0 + j, v0, V0); BNFAST_LD8_##K(y1 + j, v1, V1);              \
+            BNFAST_LD8_##K(y2 + j, v2, V2); BNFAST_LD8_##K(y3 + j, v3, V3);              \
+            BNFAST_LD8_##K(x0 + j, d0, D0); BNFAST_LD8_##K(x1 + j, d1, D1);              \
+            BNFAST_LD8_##K(x2 + j, d2, D2); BNFAST_LD8_##K(x3 + j, d3, D3);              \
+            BNFAST_COLDOT4_TERMS(K, j, 0)                                                \
+            v0 = V0; v1 = V1; v2 = V2; v3 = V3; d0 = D0; d1 = D1; d2 = D2; d3 = D3;      \
+            BNFAST_COLDOT4_TERMS(K, j + 4, 0)                                            \
+        }                                                                                \
+    }                                                                                    \
+    for (; j < j4; j += 4) {                                                             \
+        bnfast_v4d v0 = BNFAST_LD4_##K(y0 + j), v1 = BNFAST_LD4_##K(y1 + j);             \
+        bnfast_v4d v2 = BNFAST_LD4_##K(y2 + j), v3 = BNFAST_LD4_##K(y3 + j);             \
+        bnfast_v4d d0 = BNFAST_LD4_##K(x0 + j), d1 = BNFAST_LD4_##K(x1 + j);             \
+        bnfast_v4d d2 = BNFAST_LD4_##K(x2 + j), d3 = BNFAST_LD4_##K(x3 + j);             \
+        BNFAST_COLDOT4_TERMS(K, j, 0)                                                    \
+    }
+#define BNFAST_COLDOT1_TERMS(j, v0, d0)                                                  \
+    *(bnfast_v4d *)(sy + (j)) += v0;                                                     \
+    *(bnfast_v4d *)(sxy + (j)) += (d0 - *(const bnfast_v4d *)(shift + (j))) * v0;
+#define BNFAST_COLDOT_VEC1(K)                                                            \
+    j = 0;                                                                               \
+    if (BNFAST_WIDE8_##K) {                                                              \
+        for (; j + 8 <= j4; j += 8) {                                                    \
+            bnfast_v4d v0, V0, d0, D0;                                                   \
+            BNFAST_LD8_##K(yp + j, v0, V0); BNFAST_LD8_##K(xp + j, d0, D0);              \
+            BNFAST_COLDOT1_TERMS(j, v0, d0)                                              \
+            BNFAST_COLDOT1_TERMS(j + 4, V0, D0)                                          \
+        }                                                                                \
+    }                                                                                    \
+    for (; j < j4; j += 4) {                                                             \
+        bnfast_v4d v0 = BNFAST_LD4_##K(yp + j), d0 = BNFAST_LD4_##K(xp + j);             \
+        BNFAST_COLDOT1_TERMS(j, v0, d0)                                                  \
     }
 #else
 #define BNFAST_COLDOT_VECTOR_COLUMNS(W) 0
-#define BNFAST_COLDOT_VEC4(T)
-#define BNFAST_COLDOT_VEC1(T)
+#define BNFAST_COLDOT_VEC4(K)
+#define BNFAST_COLDOT_VEC1(K)
 #endif
 
-#define BNFAST_DEFINE_CENTERED_COLDOT(NAME, T, ATTR)                                     \
+/* T: the storage type; K: its load kind; G: the type whose size picks the row
+ * group (float for the half types: the grouping, hence the sums, of float32
+ * data of the same values). */
+#define BNFAST_DEFINE_CENTERED_COLDOT_K(NAME, T, K, G, ATTR)                             \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,           \
                           const double *shift, double *sy, double *sxy) {                \
         ptrdiff_t r = 0, j, j4 = BNFAST_COLDOT_VECTOR_COLUMNS(W);                        \
-        ptrdiff_t group = BNFAST_ROW_GROUP(T, W);                                        \
+        ptrdiff_t group = BNFAST_ROW_GROUP(G, W);                                        \
         double k, e0, e1, e2, e3, f0, f1, f2, f3;                                        \
         for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
             const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
             const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
-            BNFAST_COLDOT_VEC4(T)                                                        \
+            BNFAST_COLDOT_VEC4(K)                                                        \
             for (j = j4; j < W; j++) {                                                   \
                 k = shift[j];                                                            \
-                f0 = (double)y0[j]; f1 = (double)y1[j];                                  \
-                f2 = (double)y2[j]; f3 = (double)y3[j];                                  \
-                e0 = (double)x0[j] - k; e1 = (double)x1[j] - k;                          \
-                e2 = (double)x2[j] - k; e3 = (double)x3[j] - k;                          \
+                f0 = BNFAST_TOD_##K(y0[j]); f1 = BNFAST_TOD_##K(y1[j]);                  \
+                f2 = BNFAST_TOD_##K(y2[j]); f3 = BNFAST_TOD_##K(y3[j]);                  \
+                e0 = BNFAST_TOD_##K(x0[j]) - k; e1 = BNFAST_TOD_##K(x1[j]) - k;          \
+                e2 = BNFAST_TOD_##K(x2[j]) - k; e3 = BNFAST_TOD_##K(x3[j]) - k;          \
                 sy[j] += (f0 + f1) + (f2 + f3);                                          \
                 sxy[j] += (e0 * f0 + e1 * f1) + (e2 * f2 + e3 * f3);                     \
             }                                                                            \
         }                                                                                \
         for (; r < rows; r++) {                                                          \
             const T *xp = x + r * W, *yp = y + r * W;                                    \
-            BNFAST_COLDOT_VEC1(T)                                                        \
+            BNFAST_COLDOT_VEC1(K)                                                        \
             for (j = j4; j < W; j++) {                                                   \
-                f0 = (double)yp[j]; sy[j] += f0; sxy[j] += ((double)xp[j] - shift[j]) * f0; \
+                f0 = BNFAST_TOD_##K(yp[j]); sy[j] += f0;                                 \
+                sxy[j] += (BNFAST_TOD_##K(xp[j]) - shift[j]) * f0;                       \
             }                                                                            \
         }                                                                                \
     }
+#define BNFAST_DEFINE_CENTERED_COLDOT(NAME, T, ATTR) \
+    BNFAST_DEFINE_CENTERED_COLDOT_K(NAME, T, T, T, ATTR)
 
 /* ---------------------------------------------------------------------------
  * centered_dot_runs: for each of `runs` consecutive runs of n values (run r at
@@ -120,7 +190,7 @@
  * ------------------------------------------------------------------------- */
 #if BNFAST_VECTOR_EXT
 /* Lanes (A0, A1 | B0, B1) of the run at (xr, yr), plus its tail, into *SY, *SXY. */
-#define BNFAST_DOT_RUN_FINISH(T, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
+#define BNFAST_DOT_RUN_FINISH(K, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
     {                                                                                    \
         double a_[8], b_[8];                                                             \
         ptrdiff_t i_;                                                                    \
@@ -129,48 +199,51 @@
             b_[i_] = (B0)[i_]; b_[i_ + 4] = (B1)[i_];                                    \
         }                                                                                \
         for (i_ = n8; i_ < n; i_++) {                                                    \
-            a_[i_ - n8] += (double)(yr)[i_];                                             \
-            b_[i_ - n8] += ((double)(xr)[i_] - (k)) * (double)(yr)[i_];                  \
+            a_[i_ - n8] += BNFAST_TOD_##K((yr)[i_]);                                     \
+            b_[i_ - n8] += (BNFAST_TOD_##K((xr)[i_]) - (k)) * BNFAST_TOD_##K((yr)[i_]);  \
         }                                                                                \
         *(SY) += BNFAST_COMBINE8(a_);                                                    \
         *(SXY) += BNFAST_COMBINE8(b_);                                                   \
     }
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR)                                   \
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR)                    \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,           \
                           const double *shift, double *sy, double *sxy) {                \
         ptrdiff_t r = 0, i, n8 = n - n % 8;                                              \
-        for (; r + 2 <= runs; r += 2) {                                                  \
+        for (; n <= (PAIR_MAX) && r + 2 <= runs; r += 2) {                               \
             const T *xp = x + r * n, *yp = y + r * n, *xq = xp + n, *yq = yp + n;        \
             double kp = shift[r], kq = shift[r + 1];                                     \
             bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0;                     \
-            bnfast_v4d c0 = a0, c1 = a0, d0 = a0, d1 = a0, u0, u1, v0, v1;               \
+            bnfast_v4d c0 = a0, c1 = a0, d0 = a0, d1 = a0, u0, u1, v0, v1, w0, w1;       \
             for (i = 0; i < n8; i += 8) {                                                \
-                u0 = BNFAST_LOAD4(T, yp + i); u1 = BNFAST_LOAD4(T, yp + i + 4);          \
-                v0 = BNFAST_LOAD4(T, yq + i); v1 = BNFAST_LOAD4(T, yq + i + 4);          \
+                BNFAST_LD8_##K(yp + i, u0, u1); BNFAST_LD8_##K(yq + i, v0, v1);          \
                 a0 += u0; a1 += u1; c0 += v0; c1 += v1;                                  \
-                b0 += (BNFAST_LOAD4(T, xp + i) - kp) * u0;                               \
-                b1 += (BNFAST_LOAD4(T, xp + i + 4) - kp) * u1;                           \
-                d0 += (BNFAST_LOAD4(T, xq + i) - kq) * v0;                               \
-                d1 += (BNFAST_LOAD4(T, xq + i + 4) - kq) * v1;                           \
+                BNFAST_LD8_##K(xp + i, w0, w1);                                          \
+                b0 += (w0 - kp) * u0;                                                    \
+                b1 += (w1 - kp) * u1;                                                    \
+                BNFAST_LD8_##K(xq + i, w0, w1);                                          \
+                d0 += (w0 - kq) * v0;                                                    \
+                d1 += (w1 - kq) * v1;                                                    \
             }                                                                            \
-            BNFAST_DOT_RUN_FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
-            BNFAST_DOT_RUN_FINISH(T, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1) \
+            BNFAST_DOT_RUN_FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+            BNFAST_DOT_RUN_FINISH(K, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1) \
         }                                                                                \
         for (; r < runs; r++) {                                                          \
             const T *xp = x + r * n, *yp = y + r * n;                                    \
             double kp = shift[r];                                                        \
-            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1, w0, w1;     \
             for (i = 0; i < n8; i += 8) {                                                \
-                u0 = BNFAST_LOAD4(T, yp + i); u1 = BNFAST_LOAD4(T, yp + i + 4);          \
+                BNFAST_RUN_PREFETCH_##K(xp, yp, i)                                       \
+                BNFAST_LD8_##K(yp + i, u0, u1);                                          \
                 a0 += u0; a1 += u1;                                                      \
-                b0 += (BNFAST_LOAD4(T, xp + i) - kp) * u0;                               \
-                b1 += (BNFAST_LOAD4(T, xp + i + 4) - kp) * u1;                           \
+                BNFAST_LD8_##K(xp + i, w0, w1);                                          \
+                b0 += (w0 - kp) * u0;                                                    \
+                b1 += (w1 - kp) * u1;                                                    \
             }                                                                            \
-            BNFAST_DOT_RUN_FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+            BNFAST_DOT_RUN_FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
         }                                                                                \
     }
 #else
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR)                                   \
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR)                    \
     static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,                \
                      const double *shift, double *sy, double *sxy) {                     \
         ptrdiff_t r, i;                                                                  \
@@ -178,14 +251,16 @@
             const T *xp = x + r * n, *yp = y + r * n;                                    \
             double a[8] = {0}, b[8] = {0};                                               \
             for (i = 0; i < n; i++) {                                                    \
-                a[i % 8] += (double)yp[i];                                               \
-                b[i % 8] += ((double)xp[i] - shift[r]) * (double)yp[i];                  \
+                a[i % 8] += BNFAST_TOD_##K(yp[i]);                                       \
+                b[i % 8] += (BNFAST_TOD_##K(xp[i]) - shift[r]) * BNFAST_TOD_##K(yp[i]);  \
             }                                                                            \
             sy[r] += BNFAST_COMBINE8(a);                                                 \
             sxy[r] += BNFAST_COMBINE8(b);                                                \
         }                                                                                \
     }
 #endif
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR) \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, T, PTRDIFF_MAX, ATTR)
 
 /* ---------------------------------------------------------------------------
  * Masked leaves of the fused variant: the gradient is y where the ReLU mask's

@@ -24,7 +24,8 @@ HALF_IDS = ["float16", "bfloat16"]
 
 # (shape, layout): channels-first with short (7x7) and long (17x17, > 4096) runs,
 # Fortran (N, C); channels-last with C < 64 (wide rows of several samples, rows
-# left over; several blocks), C > 512, and rows wider than a staged block (C = 1100).
+# left over; several blocks), C > 512, rows wider than a staged block (C = 1100), and
+# rows summed one at a time (C = 200: float32 rows of 800 bytes, BNFAST_ROW_GROUP).
 CASES = [
     ((6, 5, 7, 7), "contiguous"),
     ((4, 3, 17, 17), "contiguous"),
@@ -35,6 +36,7 @@ CASES = [
     ((64, 8, 20, 20), "channels_last"),
     ((9, 640, 2, 3), "channels_last"),
     ((23, 1100), "contiguous"),
+    ((40, 200), "contiguous"),
 ]
 CASE_IDS = [f"{'x'.join(map(str, s))}-{lay}" for s, lay in CASES]
 
@@ -51,7 +53,7 @@ def _bits(y, n_threads=1):
 
 
 def _call(x, dy, mean, invstd, weight, training, relu_out=None, want=(True,) * 4,
-          n_threads=2, dx=None, g=None):
+          n_threads=2, dx=None, g=None, stream=False):
     """One backward through the compiled entry; (grad_input, weight, bias, addend)."""
     x, layout = _layout.in_kernel_layout(x)
     dy = _layout.to_layout(dy, layout)
@@ -61,7 +63,7 @@ def _call(x, dy, mean, invstd, weight, training, relu_out=None, want=(True,) * 4
     if g is None and want[3] and bits is not None:
         g = np.empty_like(x)
     gw, gb = _backward.backward(x, dy, bits, mean, invstd, weight, dx, g, want[1], want[2],
-                                layout, training, False, n_threads)
+                                layout, training, stream, n_threads)
     return dx, gw, gb, g
 
 
@@ -177,6 +179,23 @@ def test_outputs_may_alias_grad_output(rng, dtype, shape, layout, training):
             got = _call(x, dyk, mean, invstd, weight, training, relu_out, g=dyk)
             assert_bits(got[0], expected[0], "grad_input beside grad_addend in grad_output")
             assert_bits(dyk, expected[3], "grad_addend in grad_output")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("shape,layout", CASES + [((2, 3, 8, 8), "contiguous")],
+                         ids=CASE_IDS + ["2x3x8x8-contiguous"])
+def test_streaming_stores_give_the_same_bits(rng, dtype, shape, layout):
+    # Non-temporal stores (arrays far beyond the caches) where every run starts on a
+    # 16-byte boundary (8x8 runs; channels-last tiles), plain stores elsewhere.
+    x, dy, out, mean, invstd, weight = _data(rng, shape, layout, dtype, True)
+    for training in (True, False):
+        for relu_out in (None, out):
+            plain = _call(x, dy, mean, invstd, weight, training, relu_out)
+            streamed = _call(x, dy, mean, invstd, weight, training, relu_out, stream=True)
+            for name, u, v in zip(("input", "weight", "bias", "addend"), plain, streamed):
+                assert (u is None) == (v is None), name  # addend: only with a mask
+                if u is not None:
+                    assert_bits(v, u, name)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)

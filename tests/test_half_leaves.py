@@ -1,4 +1,5 @@
-"""The half-precision normalise leaves, every variant, every 16-bit pattern.
+"""The half-precision leaves in C: the normalise (every variant, every 16-bit
+pattern) and the backward's pass-1 sums (every variant, finite values).
 
 ``tests/c/half_leaves.c`` drives the in-register leaves of
 ``src/bnfast_half_leaves.h`` (portable, F16C/AVX2 and AVX512-BF16, as this CPU
@@ -7,6 +8,10 @@ sets.  It is compiled twice, with SIMD and with ``-DBNFAST_NO_SIMD``, and every
 output must equal NumPy's float32 arithmetic on the widened values rounded to
 the half type by NumPy (float16) and ml_dtypes (bfloat16): the leaves' contract
 ("the float32 leaf's result, rounded once"), identical bits in every build.
+
+``tests/c/backward_half_leaves.c`` runs the backward's column sums and run sums
+on half data (portable and picked variants) beside the float32 leaf on the same
+values: the sums must be float32's bit for bit, in both builds.
 """
 import shlex
 import subprocess
@@ -27,13 +32,18 @@ BLOCKS = len(COEFS) * 2 * 2
 VARIANTS = [np.float16] * 2 + [ml_dtypes.bfloat16] * 3
 
 
-def _run_driver(tmp_path, *flags):
+def _driver_output(tmp_path, source, *flags):
+    """Compile tests/c/<source> with the build's floating-point flags, run it: its stdout."""
     compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    exe = tmp_path / ("driver" + "".join(f.strip("-") for f in flags))
+    exe = tmp_path / (source.removesuffix(".c") + "".join(f.strip("-") for f in flags))
     # The build's floating-point flags (setup.py): no contraction into FMAs.
     subprocess.run([*compiler, "-O2", "-ffp-contract=off", *flags, f"-I{ROOT / 'src'}",
-                    str(ROOT / "tests" / "c" / "half_leaves.c"), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True).stdout
+                    str(ROOT / "tests" / "c" / source), "-o", str(exe)], check=True)
+    return subprocess.run([str(exe)], check=True, capture_output=True).stdout
+
+
+def _run_driver(tmp_path, *flags):
+    out = _driver_output(tmp_path, "half_leaves.c", *flags)
     return np.frombuffer(out, dtype=np.uint16).reshape(len(VARIANTS), BLOCKS, N)
 
 
@@ -81,3 +91,48 @@ def test_every_variant_matches_float32_arithmetic_rounded_once(outputs, variant)
 def test_no_simd_build_gives_identical_bits(outputs):
     simd, no_simd = outputs
     np.testing.assert_array_equal(simd, no_simd)
+
+
+# tests/c/backward_half_leaves.c: (count, width, kind) per case, as in its table;
+# each case writes 3 blocks (the float32 leaf, then two half leaves: see the
+# driver) of sy and sxy, `count` runs or `width` columns long.
+# Kinds: 0 column sums, 1 runs, 2 and 3 the same with the fused ReLU's mask.
+SUM_CASES = [(count, width, kind + masked)
+             for masked in (0, 2)
+             for count, width, kind in [(37, 72, 0), (30, 200, 0), (9, 1024, 0), (101, 13, 0),
+                                        (6, 4096, 0), (500, 49, 1), (7, 3136, 1), (333, 3, 1),
+                                        (41, 300, 1), (1, 8, 1)]]
+
+
+def _sum_blocks(raw):
+    """The driver's doubles as {(type, case): [3 arrays of 2 * length]} (as uint64 bits)."""
+    bits = np.frombuffer(raw, dtype=np.uint64)
+    blocks, at = {}, 0
+    for half in ("float16", "bfloat16"):
+        for case in SUM_CASES:
+            length = 2 * (case[0] if case[2] % 2 else case[1])
+            blocks[half, case] = [bits[at + i * length: at + (i + 1) * length] for i in range(3)]
+            at += 3 * length
+    assert at == bits.size
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def sums(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("backward_half_leaves")
+    return (_driver_output(tmp, "backward_half_leaves.c"),
+            _driver_output(tmp, "backward_half_leaves.c", "-DBNFAST_NO_SIMD"))
+
+
+@pytest.mark.parametrize("build", [0, 1], ids=["simd", "no_simd"])
+def test_pass1_half_sums_are_float32_sums_of_the_same_values(sums, build):
+    blocks = _sum_blocks(sums[build])
+    for (half, case), (f32, portable, picked) in blocks.items():
+        assert np.any(f32 != 0), (half, case)  # the driver summed something
+        np.testing.assert_array_equal(portable, f32, err_msg=f"{half} {case} first")
+        np.testing.assert_array_equal(picked, f32, err_msg=f"{half} {case} second")
+
+
+def test_pass1_no_simd_build_gives_identical_bits(sums):
+    np.testing.assert_array_equal(np.frombuffer(sums[0], np.uint64),
+                                  np.frombuffer(sums[1], np.uint64))
