@@ -11,9 +11,10 @@ per contender is kept::
 
 Parts:
 
-* ``layers``: one BatchNorm layer, forward + backward through autograd,
-  ``torch.nn.BatchNorm*`` vs ``bnfast.torch.convert`` of it (``--shapes``,
-  4-D shapes also channels_last).
+* ``layers``: one BatchNorm layer, forward + backward through autograd
+  (``--modes train``, the default) and/or an eval forward under no_grad
+  (``eval``), ``torch.nn.BatchNorm*`` vs ``bnfast.torch.convert`` of it
+  (``--shapes``, 4-D shapes also channels_last).
 * ``overhead``: (1, 512, 7, 7) eval forward (no_grad), training forward and
   training forward + backward, torch's module vs bnfast's module.
 * ``resnet``: a ResNet-18 training step (forward, backward, SGD update) and an
@@ -40,6 +41,8 @@ from test_torch_resnet import ResNet18  # noqa: E402
 
 nn = torch.nn
 DEFAULT_SHAPES = "32x256x56x56,32x2048x7x7,8x64x56x56,256x1024,1x512x7x7"
+#: The BatchNorm inputs of the ResNet-18 step (batch 16, 3x112x112): --shapes resnet.
+RESNET_SHAPES = "16x64x56x56,16x64x28x28,16x128x14x14,16x256x7x7,16x512x4x4"
 LAYOUTS = ("contiguous", "channels_last")
 
 
@@ -50,11 +53,12 @@ def _time(call, number):
     return (time.perf_counter() - start) / number
 
 
-def interleaved(calls, rounds, budget=0.05):
+def interleaved(calls, rounds, budget=0.005):
     """``{name: min seconds per call}``: each round runs every call in turn.
 
     ``number`` (calls per timing) is chosen once so that a timing takes about
-    ``budget`` seconds for the slowest contender.
+    ``budget`` seconds for the slowest contender: short timings, many rounds, so
+    that some of them miss the other processes of a shared machine.
     """
     for call in calls.values():  # warm-up (allocator, first-call paths)
         call()
@@ -90,9 +94,17 @@ def _fwd_bwd(module, x, grad):
     return step
 
 
+def _eval(module, x):
+    def call():
+        with torch.no_grad():
+            module(x)
+    return call
+
+
 def layers(args):
-    print(f"\none layer, forward + backward (autograd), module vs module, "
-          f"{args.threads} threads, min of {args.rounds} interleaved rounds")
+    modes = args.modes.split(",")
+    print(f"\none layer, module vs module ({', '.join(modes)}), {args.threads} threads, "
+          f"min of {args.rounds} interleaved rounds")
     for text in args.shapes.split(","):
         shape = tuple(int(s) for s in text.split("x"))
         for layout in LAYOUTS:
@@ -107,9 +119,14 @@ def layers(args):
             stock = _bn(shape)
             ours = bt.convert(stock)
             torch.testing.assert_close(ours(x), copy.deepcopy(stock)(x), rtol=1e-4, atol=1e-4)
-            best = interleaved({"torch": _fwd_bwd(stock, x, grad),
-                                "bnfast": _fwd_bwd(ours, x, grad)}, args.rounds)
-            _row(f"{text} {layout}", best)
+            for mode in modes:
+                for m in (stock, ours):
+                    m.train(mode == "train")
+                if mode == "train":
+                    calls = {"torch": _fwd_bwd(stock, x, grad), "bnfast": _fwd_bwd(ours, x, grad)}
+                else:
+                    calls = {"torch": _eval(stock, x), "bnfast": _eval(ours, x)}
+                _row(f"{text} {layout} {mode}", interleaved(calls, args.rounds))
 
 
 def overhead(args):
@@ -120,17 +137,11 @@ def overhead(args):
     stock = nn.BatchNorm2d(512)
     ours = bt.convert(stock)
 
-    def no_grad(module):
-        def call():
-            with torch.no_grad():
-                module(x)
-        return call
-
     for mode in ("eval", "train_fwd", "train_fwd_bwd"):
         for m in (stock, ours):
             m.train(mode != "eval")
         if mode == "eval":
-            calls = {"torch": no_grad(stock), "bnfast": no_grad(ours)}
+            calls = {"torch": _eval(stock, x), "bnfast": _eval(ours, x)}
         elif mode == "train_fwd":
             calls = {"torch": lambda: stock(x), "bnfast": lambda: ours(x)}
         else:
@@ -186,14 +197,9 @@ def resnet(args):
             steps[v] = _train_step(model, x, target, opt)
         _row(f"train step {layout}", interleaved(steps, args.rounds, budget=0), "stock")
 
-        def evaluate(model, x=x):
-            def call():
-                with torch.no_grad():
-                    model(x)
-            return call
         for model in models.values():
             model.eval()
-        evals = {v: evaluate(m) for v, m in models.items()}
+        evals = {v: _eval(m, x) for v, m in models.items()}
         _row(f"eval forward {layout}", interleaved(evals, args.rounds, budget=0), "stock")
 
 
@@ -234,13 +240,18 @@ def main(argv=None):
     parser.add_argument("parts", nargs="*", metavar="part",
                         help=f"what to run: {', '.join(PARTS)} (default: all)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="layers: NxCx... shapes")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="layers: NxCx... shapes, or resnet (ResNet-18's)")
+    parser.add_argument("--modes", default="train",
+                        help="layers: train (forward + backward) and/or eval (no_grad forward)")
     args = parser.parse_args(argv)
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; "
                      f"choose from {', '.join(PARTS)}")
+    if args.shapes == "resnet":
+        args.shapes = RESNET_SHAPES
     torch.set_num_threads(args.threads)
     for name in args.parts or PARTS:
         PARTS[name](args)

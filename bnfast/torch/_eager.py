@@ -79,6 +79,17 @@ class _Function(torch.autograd.Function):
         return gx, ga, gw, gb, None, None
 
 
+# Function.apply without its Python layers (no setup_context to bind defaults for; no
+# functorch transform active, as eager() checked): dead functorch wrappers unwrapped as
+# it would, then the C entry.
+_apply = super(torch.autograd.Function, _Function).apply
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _unwrapped(tensor):
+    return None if tensor is None else _unwrap_if_dead(tensor)
+
+
 def run(plan, input, addend, running_mean, running_var, weight, bias, momentum):
     """The output of ``plan`` on these tensors (autograd when one requires grad); the
     running buffers updated in place."""
@@ -86,7 +97,8 @@ def run(plan, input, addend, running_mean, running_var, weight, bias, momentum):
                             or (addend is not None and addend.requires_grad)
                             or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
-        out = _Function.apply(input, addend, weight, bias, plan, momentum)
+        out = _apply(_unwrap_if_dead(input), _unwrapped(addend), _unwrapped(weight),
+                     _unwrapped(bias), plan, momentum)
     else:
         out = _forward(plan, input, addend, momentum, False, False)[0]
     if plan.update:
