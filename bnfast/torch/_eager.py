@@ -58,7 +58,7 @@ def _backward(plan, grad, input, coef, bits, mask):
     return plan.backward(grad, input, coef[0], coef[1], bits, mask)
 
 
-class _Function(torch.autograd.Function):
+class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, addend, weight, bias, plan, momentum):
         out, coef, bits = _forward(plan, input, addend, momentum, True, plan.relu)
@@ -82,7 +82,7 @@ class _Function(torch.autograd.Function):
 # Function.apply without its Python layers (no setup_context to bind defaults for; no
 # functorch transform active, as eager() checked): dead functorch wrappers unwrapped as
 # it would, then the C entry.
-_apply = super(torch.autograd.Function, _Function).apply
+_apply = super(torch.autograd.Function, _BatchNormFunction).apply
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
