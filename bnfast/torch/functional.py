@@ -7,9 +7,10 @@ memory without a copy; other strides are copied once by the core).
 Everything else (another device, a sparse or mkldnn layout, another dtype,
 ``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
 
-In plain eager mode the same kernel bodies run under a plain autograd
-Function (:mod:`._eager`: the dispatcher round trip costs more than the
-kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
+In plain eager mode a call runs a :class:`._plan.Plan` (its checks made once;
+a module keeps its plan until its configuration changes) under a plain
+autograd Function (:mod:`._eager`: the dispatcher round trip costs more than
+the kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
 fake tensors, modes, subclasses) go through ``torch.ops.bnfast``.
 """
 import warnings
