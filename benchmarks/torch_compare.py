@@ -14,7 +14,9 @@ Parts:
 * ``layers``: one BatchNorm layer, forward + backward through autograd
   (``--modes train``, the default) and/or an eval forward under no_grad
   (``eval``), ``torch.nn.BatchNorm*`` vs ``bnfast.torch.convert`` of it
-  (``--shapes``, 4-D shapes also channels_last).
+  (``--shapes``, 4-D shapes also channels_last); ``--cold`` empties the
+  caches before each call (64 MiB written, untimed), as a model's layers
+  find their input: hot-cache timings flatter two-pass kernels.
 * ``overhead``: (1, 512, 7, 7) eval forward (no_grad), training forward and
   training forward + backward, torch's module vs bnfast's module.
 * ``resnet``: a ResNet-18 training step (forward, backward, SGD update) and an
@@ -46,19 +48,25 @@ RESNET_SHAPES = "16x64x56x56,16x64x28x28,16x128x14x14,16x256x7x7,16x512x4x4"
 LAYOUTS = ("contiguous", "channels_last")
 
 
-def _time(call, number):
+def _time(call, number, before=None):
+    if before is not None:  # one call at a time, ``before`` untimed
+        before()
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(number):
         call()
     return (time.perf_counter() - start) / number
 
 
-def interleaved(calls, rounds, budget=0.005):
+def interleaved(calls, rounds, budget=0.005, before=None):
     """``{name: min seconds per call}``: each round runs every call in turn.
 
     ``number`` (calls per timing) is chosen once so that a timing takes about
     ``budget`` seconds for the slowest contender: short timings, many rounds, so
-    that some of them miss the other processes of a shared machine.
+    that some of them miss the other processes of a shared machine.  With
+    ``before`` (e.g. a cache flush), every call is timed alone after it.
     """
     for call in calls.values():  # warm-up (allocator, first-call paths)
         call()
@@ -68,7 +76,7 @@ def interleaved(calls, rounds, budget=0.005):
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(rounds):
         for name, call in calls.items():
-            best[name] = min(best[name], _time(call, number))
+            best[name] = min(best[name], _time(call, number, before))
     return best
 
 
@@ -103,8 +111,14 @@ def _eval(module, x):
 
 def layers(args):
     modes = args.modes.split(",")
+    flush = None
+    if args.cold:  # the caches emptied before each call, as a model's layers find them
+        scratch = torch.empty(64 * 2**20 // 4)
+
+        def flush():
+            scratch.fill_(1.0)
     print(f"\none layer, module vs module ({', '.join(modes)}), {args.threads} threads, "
-          f"min of {args.rounds} interleaved rounds")
+          f"min of {args.rounds} interleaved rounds{', cold caches' if args.cold else ''}")
     for text in args.shapes.split(","):
         shape = tuple(int(s) for s in text.split("x"))
         for layout in LAYOUTS:
@@ -126,7 +140,7 @@ def layers(args):
                     calls = {"torch": _fwd_bwd(stock, x, grad), "bnfast": _fwd_bwd(ours, x, grad)}
                 else:
                     calls = {"torch": _eval(stock, x), "bnfast": _eval(ours, x)}
-                _row(f"{text} {layout} {mode}", interleaved(calls, args.rounds))
+                _row(f"{text} {layout} {mode}", interleaved(calls, args.rounds, before=flush))
 
 
 def overhead(args):
@@ -249,6 +263,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help="layers: NxCx... shapes, or resnet (ResNet-18's)")
+    parser.add_argument("--cold", action="store_true",
+                        help="layers: 64 MiB written before each call (caches emptied)")
     parser.add_argument("--modes", default="train",
                         help="layers: train (forward + backward) and/or eval (no_grad forward)")
     args = parser.parse_args(argv)
