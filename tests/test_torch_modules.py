@@ -162,3 +162,118 @@ def test_deepcopy_and_pickle_of_converted():
     torch.save(m, buf)
     buf.seek(0)
     assert type(torch.load(buf, weights_only=False)[0]) is bt.BatchNorm1d
+
+
+# -- a module's configuration changing between calls (its plan must follow) ----------------
+def _pair(dtype=torch.float64, C=4):
+    stock = _randomise(nn.BatchNorm2d(C, dtype=dtype))
+    return stock, bt.convert(stock)  # a deep copy: the same values, tensors of its own
+
+
+def _same_step(stock, mine, x, training=True):
+    for m in (stock, mine):
+        m.train(training)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = stock(x1), mine(x2)
+    tol = TOL[x.dtype]
+    torch.testing.assert_close(y2, y1, **tol)
+    y1.backward(x)
+    y2.backward(x)
+    torch.testing.assert_close(x2.grad, x1.grad, **tol)
+    for (name, a), b in zip(mine.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+        a.grad = b.grad = None
+    for key, value in stock.state_dict().items():
+        torch.testing.assert_close(mine.state_dict()[key], value, **tol, msg=key)
+
+
+def _scaled(t, by=2.0):
+    return t.detach() * by
+
+
+CHANGES = {
+    "parameter_replaced": lambda m: setattr(m, "weight", nn.Parameter(_scaled(m.weight))),
+    "data_assigned": lambda m: setattr(m.weight, "data", _scaled(m.weight)),
+    "buffer_replaced": lambda m: setattr(m, "running_var", _scaled(m.running_var, 3.0)),
+    "buffer_data_assigned": lambda m: setattr(m.running_mean, "data", _scaled(m.running_mean)),
+    "in_place": lambda m: m.bias.detach().mul_(-3.0),
+    "buffer_in_place": lambda m: m.running_var.mul_(0.5),
+    "eps": lambda m: setattr(m, "eps", 0.25),
+    "momentum": lambda m: setattr(m, "momentum", 0.5),
+    "cumulative": lambda m: setattr(m, "momentum", None),
+    "untracked": lambda m: setattr(m, "track_running_stats", False),
+    "buffers_removed": lambda m: (setattr(m, "running_mean", None),
+                                  setattr(m, "running_var", None)),
+    "affine_removed": lambda m: (setattr(m, "weight", None), setattr(m, "bias", None)),
+    "float32": lambda m: m.float(),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_follows_changes_between_calls(change, training):
+    stock, mine = _pair()
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _same_step(stock, mine, x, training)
+    for m in (stock, mine):
+        CHANGES[change](m)
+    if change == "float32":
+        x = x.float()
+    _same_step(stock, mine, x, training)
+    _same_step(stock, mine, x, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_follows_input_changes_between_calls(training):
+    stock, mine = _pair()
+    g = torch.Generator().manual_seed(0)
+    for shape, fmt in [((3, 4, 5, 6), torch.contiguous_format), ((2, 4, 5, 6), None),
+                       ((2, 4, 5, 6), torch.channels_last), ((2, 4, 3, 1), None),
+                       ((3, 4, 5, 6), torch.contiguous_format)]:
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        if fmt is None:  # strided: copied by the core
+            x = torch.randn(shape[:3] + (2 * shape[3],), dtype=torch.float64, generator=g)
+            x = x[..., ::2]
+        else:
+            x = x.contiguous(memory_format=fmt)
+        _same_step(stock, mine, x, training)
+
+
+def test_module_parameters_of_another_size_raise_as_torch():
+    # Same memory, fewer channels: the module must not keep using the old views.
+    stock, mine = _pair()
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    _same_step(stock, mine, x)
+    for m in (stock, mine):
+        m.running_mean.data = m.running_mean.data[:2]
+    for m in (stock, mine):
+        with pytest.raises(RuntimeError, match="running_mean"):
+            m(x)
+
+
+def test_copies_of_a_called_module_are_independent():
+    import io
+    stock, mine = _pair()
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    _same_step(stock, mine, x)
+    buf = io.BytesIO()
+    torch.save(mine, buf)
+    buf.seek(0)
+    for copied in (copy.deepcopy(mine), torch.load(buf, weights_only=False)):
+        reference = copy.deepcopy(stock)
+        for m in (copied, reference):
+            with torch.no_grad():
+                m.weight.mul_(2.0)
+                m.running_var.mul_(3.0)
+        _same_step(reference, copied, x)
+        _same_step(reference, copied, x, training=False)
+    _same_step(stock, mine, x)
+
+
+def test_reverted_module_pickles_without_bnfast():
+    import pickle
+    mine = bt.convert(nn.BatchNorm2d(4))
+    mine(torch.randn(2, 4, 3, 3))
+    mine.eval()(torch.randn(2, 4, 3, 3))
+    for inplace in (False, True):
+        assert b"bnfast" not in pickle.dumps(bt.revert(mine, inplace=inplace))

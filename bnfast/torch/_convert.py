@@ -9,6 +9,7 @@ import copy
 import torch
 
 from . import _modules
+from ._plan import ATTRIBUTE
 
 __all__ = ["convert", "revert"]
 
@@ -30,6 +31,8 @@ def _swap(model, table, inplace):
         cls = table.get(type(module))
         if cls is not None:
             module.__class__ = cls
+            # A plan (bnfast.torch._plan) is bnfast's, not the module's state.
+            module.__dict__.pop(ATTRIBUTE, None)
     return model
 
 

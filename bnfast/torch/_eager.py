@@ -1,132 +1,107 @@
-"""Eager calls: the operators' kernels under a plain ``torch.autograd.Function``.
+"""Eager calls: a :class:`._plan.Plan` run under a plain ``torch.autograd.Function``.
 
 A ``torch.library.custom_op`` call goes through the dispatcher and torch's
 generic Python autograd wrapper (argument defaults filled, a keyset
 redispatch, a generated Function); on (1, 512, 7, 7) that costs ~100 us per
 forward + backward, more than the kernels.  In plain eager mode (no
 compile/export tracing, no dispatch or function mode, no functorch
-transform, plain tensors) the functional layer calls the same kernel bodies
-(:func:`._ops.forward_kernel`, :func:`._ops.backward_kernel`) through these
-Functions instead, and updates the running buffers in place.  Everything
-else (tracing, fake tensors, subclasses) goes through ``torch.ops.bnfast``.
-"""
-import contextlib
+transform, plain tensors: :func:`eager`) the functional layer runs a plan
+under this Function instead, and updates the running buffers in place.
+Everything else (tracing, fake tensors, subclasses) goes through
+``torch.ops.bnfast``.
 
+The Function saves what torch's own batch norm saves (input and weight:
+autograd's version checks catch an in-place change before backward) and
+keeps the statistics (a (4, C) float64 table) and the plan on its context.
+"""
 import torch
 from torch.autograd import profiler
 
-from ._ops import backward_kernel, forward_kernel
-from ._tensors import kernel_layout
-
-__all__ = ["eager", "batch_norm", "fused_batch_norm"]
+__all__ = ["eager", "run"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_C = torch._C
-_functorch = torch._C._functorch
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack = torch._C._len_torch_dispatch_stack
+_function_mode = torch._C._is_torch_function_mode_enabled
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_grad_enabled = torch.is_grad_enabled
+_increment_version = torch._C._increment_version  # torch.autograd.graph.increment_version's
+_from_numpy = torch.from_numpy
 
 
-def eager(input, *tensors):
+def eager(input, addend, running_mean, running_var, weight, bias):
     """True when these tensors can be handed to the kernels without the dispatcher."""
-    if (torch.compiler.is_compiling() or _C._len_torch_dispatch_stack()
-            or _C._is_torch_function_mode_enabled()
-            or _functorch.peek_interpreter_stack() is not None
-            or type(input) not in _PLAIN):
+    if _is_compiling() or _dispatch_stack() or _function_mode() or _peek_interpreter() is not None:
         return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    plain = _PLAIN
+    return (type(input) in plain and (addend is None or type(addend) in plain)
+            and (running_mean is None or type(running_mean) in plain)
+            and (running_var is None or type(running_var) in plain)
+            and (weight is None or type(weight) in plain)
+            and (bias is None or type(bias) in plain))
 
 
-def _profiled(name):
-    """A profiler label where the dispatcher would have recorded the op (only while a
-    profiler runs: a record_function costs microseconds)."""
+def _forward(plan, input, addend, momentum, want_stats, want_mask):
+    if profiler._is_profiler_enabled:  # a label where the dispatcher would record the op
+        name = "bnfast::fused_batch_norm" if plan.relu else "bnfast::batch_norm"
+        with profiler.record_function(name):
+            return plan.forward(input, addend, momentum, want_stats, want_mask)
+    return plan.forward(input, addend, momentum, want_stats, want_mask)
+
+
+def _backward(plan, grad, input, coef, bits, mask):
     if profiler._is_profiler_enabled:
-        return profiler.record_function(name)
-    return contextlib.nullcontext()
+        name = ("bnfast::fused_batch_norm_backward" if plan.relu
+                else "bnfast::batch_norm_backward")
+        with profiler.record_function(name):
+            return plan.backward(grad, input, coef[0], coef[1], bits, mask)
+    return plan.backward(grad, input, coef[0], coef[1], bits, mask)
 
 
-def _bump(running_mean, running_var):
-    # Written through NumPy views: tell autograd, as an in-place torch op would.
-    torch.autograd.graph.increment_version(running_mean)
-    torch.autograd.graph.increment_version(running_var)
-
-
-class _BatchNorm(torch.autograd.Function):
+class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        with _profiled("bnfast::batch_norm"):
-            out, mean, invstd, _, _, _ = forward_kernel(input, None, weight, bias, running_mean,
-                                                        running_var, training, momentum, eps,
-                                                        False, True)
-        if training and running_mean is not None:
-            _bump(running_mean, running_var)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training, ctx.eps = training, eps
+    def forward(ctx, input, addend, weight, bias, plan, momentum):
+        out, coef, bits = _forward(plan, input, addend, momentum, True, plan.relu)
+        if bits is None:
+            ctx.save_for_backward(input, weight)
+        else:  # a saved tensor: freed after backward, as the activations
+            ctx.save_for_backward(input, weight, _from_numpy(bits))
+        ctx.plan, ctx.coef = plan, coef
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        input, weight, mean, invstd = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        bits = saved[2].numpy() if len(saved) == 3 else None
         need = ctx.needs_input_grad
-        mask = (need[0], need[1], need[2], False)
-        with _profiled("bnfast::batch_norm_backward"):
-            gx, gw, gb, _ = backward_kernel(grad, input, None, 0, weight, mean, invstd,
-                                            ctx.training, ctx.eps, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-                None, None, None, None, None)
+        gx, gw, gb, ga = _backward(ctx.plan, grad, saved[0], ctx.coef, bits,
+                                   (need[0], need[2], need[3], need[1]))
+        return gx, ga, gw, gb, None, None
 
 
-class _FusedBatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, addend, weight, bias, running_mean, running_var, training, momentum,
-                eps):
-        with _profiled("bnfast::fused_batch_norm"):
-            out, mean, invstd, bits, _, _ = forward_kernel(input, addend, weight, bias,
-                                                           running_mean, running_var, training,
-                                                           momentum, eps, True, True)
-        if training and running_mean is not None:
-            _bump(running_mean, running_var)
-        ctx.save_for_backward(input, weight, mean, invstd, bits)
-        ctx.training, ctx.eps = training, eps
-        ctx.relu_layout = int(kernel_layout(input))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, weight, mean, invstd, bits = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = (need[0], need[2], need[3], need[1])
-        with _profiled("bnfast::fused_batch_norm_backward"):
-            gx, gw, gb, ga = backward_kernel(grad, input, bits, ctx.relu_layout, weight, mean,
-                                             invstd, ctx.training, ctx.eps, mask)
-        return (gx if mask[0] else None, ga if mask[3] else None, gw if mask[1] else None,
-                gb if mask[2] else None, None, None, None, None, None)
+# Function.apply without its Python layers (no setup_context to bind defaults for; no
+# functorch transform active, as eager() checked): dead functorch wrappers unwrapped as
+# it would, then the C entry.
+_apply = super(torch.autograd.Function, _BatchNormFunction).apply
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _unwrapped(tensor):
+    return None if tensor is None else _unwrap_if_dead(tensor)
 
 
-def batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    """``bnfast::batch_norm``'s output, the running buffers updated in place."""
-    if _needs_grad(input, weight, bias):
-        return _BatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                momentum, eps)
-    with _profiled("bnfast::batch_norm"):
-        out = forward_kernel(input, None, weight, bias, running_mean, running_var, training,
-                             momentum, eps, False, True, False)[0]
-    if training and running_mean is not None:
-        _bump(running_mean, running_var)
-    return out
-
-
-def fused_batch_norm(input, addend, weight, bias, running_mean, running_var, training,
-                     momentum, eps):
-    """``bnfast::fused_batch_norm``'s output, the running buffers updated in place."""
-    if _needs_grad(input, addend, weight, bias):
-        return _FusedBatchNorm.apply(input, addend, weight, bias, running_mean, running_var,
-                                     training, momentum, eps)
-    with _profiled("bnfast::fused_batch_norm"):
-        out = forward_kernel(input, addend, weight, bias, running_mean, running_var, training,
-                             momentum, eps, True, True, False)[0]
-    if training and running_mean is not None:
-        _bump(running_mean, running_var)
+def run(plan, input, addend, running_mean, running_var, weight, bias, momentum):
+    """The output of ``plan`` on these tensors (autograd when one requires grad); the
+    running buffers updated in place."""
+    if _grad_enabled() and (input.requires_grad
+                            or (addend is not None and addend.requires_grad)
+                            or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
+        out = _apply(_unwrap_if_dead(input), _unwrapped(addend), _unwrapped(weight),
+                     _unwrapped(bias), plan, momentum)
+    else:
+        out = _forward(plan, input, addend, momentum, False, False)[0]
+    if plan.update:
+        # Written through NumPy views: tell autograd, as an in-place torch op would.
+        _increment_version((running_mean, running_var))
     return out

@@ -7,7 +7,8 @@ module, Parameter and buffer objects).
 """
 import torch
 
-from .functional import batch_norm, fused_batch_norm
+from ._plan import ATTRIBUTE
+from .functional import call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "FusedBatchNorm1d", "FusedBatchNorm2d", "FusedBatchNorm3d"]
@@ -17,29 +18,49 @@ def _arguments(module, input):
     """``F.batch_norm``'s arguments after input, as ``torch.nn.BatchNorm2d.forward`` makes
     them (and with its side effect: ``num_batches_tracked`` counted in training)."""
     module._check_input_dim(input)
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(module.num_batches_tracked)
+    # The registries, not attribute access: nn.Module.__getattr__ costs ~0.5 us a name.
+    params, buffers = module._parameters, module._buffers
+    try:
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        tracked_batches = buffers["num_batches_tracked"]
+    except KeyError:  # deleted or replaced by plain attributes: torch's lookup
+        weight, bias = module.weight, module.bias
+        running_mean, running_var = module.running_mean, module.running_var
+        tracked_batches = module.num_batches_tracked
+    momentum = module.momentum
+    factor = 0.0 if momentum is None else momentum
+    training = module.training
+    if training and module.track_running_stats and tracked_batches is not None:
+        tracked_batches.add_(1)
+        if momentum is None:  # cumulative moving average
+            factor = 1.0 / float(tracked_batches)
     # Batch statistics in training, and in evaluation when there are no buffers.
-    batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    tracked = not module.training or module.track_running_stats
-    return (module.running_mean if tracked else None, module.running_var if tracked else None,
-            module.weight, module.bias, batch_stats, factor, module.eps)
+    batch_stats = training or (running_mean is None and running_var is None)
+    tracked = not training or module.track_running_stats
+    return (running_mean if tracked else None, running_var if tracked else None,
+            weight, bias, batch_stats, factor, module.eps)
 
 
 class _BatchNorm:
     def forward(self, input):
         """Normalise ``input`` as torch's BatchNorm does, on bnfast's kernels."""
-        return batch_norm(input, *_arguments(self, input))
+        rm, rv, w, b, training, factor, eps = _arguments(self, input)
+        return call(input, None, rm, rv, w, b, training, factor, eps, False, self)
+
+    def __getstate__(self):
+        # The plan (views of this module's tensors) is not state: copies and pickles
+        # build their own on their first call.
+        state = super().__getstate__()
+        state.pop(ATTRIBUTE, None)
+        return state
 
 
 class _FusedBatchNorm:
     def forward(self, input, addend=None):
         """``relu(bn(input) + addend)`` (``addend`` optional, input's shape) in one pass."""
         rm, rv, w, b, training, factor, eps = _arguments(self, input)
-        return fused_batch_norm(input, rm, rv, w, b, addend, training, factor, eps)
+        return call(input, addend, rm, rv, w, b, training, factor, eps, True, self)
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

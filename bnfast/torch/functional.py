@@ -7,9 +7,10 @@ memory without a copy; other strides are copied once by the core).
 Everything else (another device, a sparse or mkldnn layout, another dtype,
 ``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
 
-In plain eager mode the same kernel bodies run under a plain autograd
-Function (:mod:`._eager`: the dispatcher round trip costs more than the
-kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
+In plain eager mode a call runs a :class:`._plan.Plan` (its checks made once;
+a module keeps its plan until its configuration changes) under a plain
+autograd Function (:mod:`._eager`: the dispatcher round trip costs more than
+the kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
 fake tensors, modes, subclasses) go through ``torch.ops.bnfast``.
 """
 import warnings
@@ -17,7 +18,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _eager
+from .._validation import check_momentum
+from . import _eager, _plan
 from ._tensors import DTYPES, vector_dtype_ok
 
 __all__ = ["batch_norm", "fused_batch_norm"]
@@ -108,22 +110,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     tensor([[-1.0000, -1.0000],
             [ 1.0000,  1.0000]])
     """
-    vectors = (running_mean, running_var, weight, bias)
-    _checks(input, training, eps)
-    reason = _fallback_reason(input, vectors, eps, training)
-    if reason is not None or not _shape_ok(input, vectors):
-        if reason is not None:
-            _warn_once(reason)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
-    if _eager.eager(input, *vectors):
-        return _eager.batch_norm(input, weight, bias, running_mean, running_var, training,
-                                 momentum, eps)
-    out, _, _, new_mean, new_var = torch.ops.bnfast.batch_norm(
-        input, weight, bias, running_mean, running_var, training, momentum, eps)
-    if training and running_mean is not None:
-        _write_back(running_mean, running_var, new_mean, new_var)
-    return out
+    return call(input, None, running_mean, running_var, weight, bias, training, momentum, eps,
+                False, None)
 
 
 def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, addend=None,
@@ -142,6 +130,54 @@ def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, a
     tensor([[0.0000, 0.0000],
             [1.5000, 1.5000]])
     """
+    return call(input, addend, running_mean, running_var, weight, bias, training, momentum,
+                eps, True, None)
+
+
+def call(input, addend, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+         owner):
+    """The road of both functions and of the modules: ``relu`` selects the fused op;
+    ``owner`` is the module whose plan is kept across calls (None: a plan per call)."""
+    if _eager.eager(input, addend, running_mean, running_var, weight, bias):
+        plan_key = _plan.key(input, running_mean, running_var, weight, bias, training, eps, relu)
+        plan = None
+        if plan_key is not None and (addend is None or _addend_fits(addend, input)):
+            if owner is not None:
+                plan = _plan.lookup(owner, plan_key)
+            if plan is None:
+                plan = _new_plan(plan_key, input, running_mean, running_var, weight, bias,
+                                 training, eps, relu, owner)
+        if plan is not None:
+            momentum = check_momentum(momentum) if training else 0.0
+            return _eager.run(plan, input, addend, running_mean, running_var, weight, bias,
+                              momentum)
+    return _dispatched(input, addend, running_mean, running_var, weight, bias, training,
+                       momentum, eps, relu)
+
+
+def _addend_fits(addend, input):
+    return (addend.layout is torch.strided and addend.is_cpu and addend.dtype is input.dtype
+            and addend.shape == input.shape)
+
+
+def _new_plan(plan_key, input, running_mean, running_var, weight, bias, training, eps, relu,
+              owner):
+    """A plan for this call (kept by ``owner``), or None where torch's op runs instead."""
+    vectors = (running_mean, running_var, weight, bias)
+    _checks(input, training, eps)
+    if (_fallback_reason(input, vectors, eps, training) is not None
+            or not _shape_ok(input, vectors)):
+        return None  # _dispatched falls back (and warns)
+    plan = _plan.Plan(plan_key, input, running_mean, running_var, weight, bias, training, eps,
+                      relu, owner is not None)
+    if owner is not None:
+        owner.__dict__[_plan.ATTRIBUTE] = plan
+    return plan
+
+
+def _dispatched(input, addend, running_mean, running_var, weight, bias, training, momentum, eps,
+                relu):
+    """Through ``torch.ops.bnfast`` (tracing, modes, subclasses), or torch's own op."""
     vectors = (running_mean, running_var, weight, bias)
     _checks(input, training, eps)
     reason = _fallback_reason(input, vectors + (addend,), eps, training)
@@ -152,12 +188,15 @@ def fused_batch_norm(input, running_mean, running_var, weight=None, bias=None, a
         if reason is not None:
             _warn_once(reason)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if not relu:
+            return y
         return torch.relu(y if addend is None else y + addend)
-    if _eager.eager(input, addend, *vectors):
-        return _eager.fused_batch_norm(input, addend, weight, bias, running_mean, running_var,
-                                       training, momentum, eps)
-    out, _, _, _, new_mean, new_var = torch.ops.bnfast.fused_batch_norm(
-        input, addend, weight, bias, running_mean, running_var, training, momentum, eps)
+    if relu:
+        out, _, _, _, new_mean, new_var = torch.ops.bnfast.fused_batch_norm(
+            input, addend, weight, bias, running_mean, running_var, training, momentum, eps)
+    else:
+        out, _, _, new_mean, new_var = torch.ops.bnfast.batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps)
     if training and running_mean is not None:
         _write_back(running_mean, running_var, new_mean, new_var)
     return out

@@ -1,0 +1,283 @@
+"""bnfast.torch vs stock torch, interleaved: the ratios issue 12 asks for, in one run.
+
+Not a pytest-benchmark suite (pytest-benchmark times one implementation after
+the other; on a shared machine the ratios then drift with the load).  Here
+the contenders of each case run in turn, round after round, and the minimum
+per contender is kept::
+
+    python benchmarks/torch_compare.py                   # everything (~2 min)
+    python benchmarks/torch_compare.py layers overhead   # only these parts
+    python benchmarks/torch_compare.py resnet --rounds 9 --threads 2
+
+Parts:
+
+* ``layers``: one BatchNorm layer, forward + backward through autograd
+  (``--modes train``, the default) and/or an eval forward under no_grad
+  (``eval``), ``torch.nn.BatchNorm*`` vs ``bnfast.torch.convert`` of it
+  (``--shapes``, 4-D shapes also channels_last); ``--cold`` empties the
+  caches before each call (64 MiB written, untimed), as a model's layers
+  find their input: hot-cache timings flatter two-pass kernels.
+* ``overhead``: (1, 512, 7, 7) eval forward (no_grad), training forward and
+  training forward + backward, torch's module vs bnfast's module.
+* ``resnet``: a ResNet-18 training step (forward, backward, SGD update) and an
+  eval forward (no_grad), batch 16, 3x112x112, float32, NCHW and
+  channels_last: stock vs converted vs converted + fused.
+* ``share``: BatchNorm's share of the self CPU time of a training step (torch
+  profiler: ``aten::*batch_norm*`` and the ``bnfast::*`` labels).
+
+Threads: ``torch.set_num_threads(--threads)``, which bnfast.torch uses too.
+Every bnfast result is checked against torch's before it is timed.
+"""
+import argparse
+import copy
+import pathlib
+import sys
+import time
+
+import torch
+
+import bnfast.torch as bt
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))
+from test_torch_resnet import ResNet18  # noqa: E402
+
+nn = torch.nn
+DEFAULT_SHAPES = "32x256x56x56,32x2048x7x7,8x64x56x56,256x1024,1x512x7x7"
+#: The BatchNorm inputs of the ResNet-18 step (batch 16, 3x112x112): --shapes resnet.
+RESNET_SHAPES = "16x64x56x56,16x64x28x28,16x128x14x14,16x256x7x7,16x512x4x4"
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def _time(call, number, before=None):
+    if before is not None:  # one call at a time, ``before`` untimed
+        before()
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - start) / number
+
+
+def interleaved(calls, rounds, budget=0.005, before=None):
+    """``{name: min seconds per call}``: each round runs every call in turn.
+
+    ``number`` (calls per timing) is chosen once so that a timing takes about
+    ``budget`` seconds for the slowest contender: short timings, many rounds, so
+    that some of them miss the other processes of a shared machine.  With
+    ``before`` (e.g. a cache flush), every call is timed alone after it.
+    """
+    for call in calls.values():  # warm-up (allocator, first-call paths)
+        call()
+        call()
+    slowest = max(_time(call, 1) for call in calls.values())
+    number = max(1, int(budget / max(slowest, 1e-7)))
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            best[name] = min(best[name], _time(call, number, before))
+    return best
+
+
+def _us(seconds):
+    return f"{seconds * 1e6:10.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:10.2f} ms"
+
+
+def _row(label, best, base="torch"):
+    cells = "  ".join(f"{name} {_us(t)}" for name, t in best.items())
+    ratios = "  ".join(f"{base}/{name} {best[base] / t:5.2f}x"
+                       for name, t in best.items() if name != base)
+    print(f"{label:<38}{cells}  {ratios}", flush=True)
+
+
+def _bn(shape, dtype=torch.float32):
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    return cls[len(shape)](shape[1], dtype=dtype)
+
+
+def _fwd_bwd(module, x, grad):
+    def step():
+        module(x).backward(grad)
+    return step
+
+
+def _eval(module, x):
+    def call():
+        with torch.no_grad():
+            module(x)
+    return call
+
+
+def layers(args):
+    modes = args.modes.split(",")
+    flush = None
+    if args.cold:  # the caches emptied before each call, as a model's layers find them
+        scratch = torch.empty(64 * 2**20 // 4)
+
+        def flush():
+            scratch.fill_(1.0)
+    print(f"\none layer, module vs module ({', '.join(modes)}), {args.threads} threads, "
+          f"min of {args.rounds} interleaved rounds{', cold caches' if args.cold else ''}")
+    for text in args.shapes.split(","):
+        shape = tuple(int(s) for s in text.split("x"))
+        for layout in LAYOUTS:
+            if layout == "channels_last" and len(shape) != 4:
+                continue
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            grad = torch.randn(shape, generator=g)
+            stock = _bn(shape)
+            ours = bt.convert(stock)
+            torch.testing.assert_close(ours(x), copy.deepcopy(stock)(x), rtol=1e-4, atol=1e-4)
+            for mode in modes:
+                for m in (stock, ours):
+                    m.train(mode == "train")
+                if mode == "train":
+                    calls = {"torch": _fwd_bwd(stock, x, grad), "bnfast": _fwd_bwd(ours, x, grad)}
+                else:
+                    calls = {"torch": _eval(stock, x), "bnfast": _eval(ours, x)}
+                _row(f"{text} {layout} {mode}", interleaved(calls, args.rounds, before=flush))
+
+
+def overhead(args):
+    shape = (1, 512, 7, 7)
+    print(f"\ncall overhead on {shape}, {args.threads} threads")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    grad = torch.ones(shape)
+    stock = nn.BatchNorm2d(512)
+    ours = bt.convert(stock)
+
+    for mode in ("eval", "train_fwd", "train_fwd_bwd"):
+        for m in (stock, ours):
+            m.train(mode != "eval")
+        if mode == "eval":
+            calls = {"torch": _eval(stock, x), "bnfast": _eval(ours, x)}
+        elif mode == "train_fwd":
+            calls = {"torch": lambda: stock(x), "bnfast": lambda: ours(x)}
+        else:
+            calls = {"torch": _fwd_bwd(stock, x, grad), "bnfast": _fwd_bwd(ours, x, grad)}
+        _row(mode, interleaved(calls, args.rounds))
+
+
+def _resnet(variant, layout):
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=1000)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    if variant != "stock":
+        model = bt.convert(model)
+    if variant == "fused":
+        model = bt.fuse(model)
+    return model
+
+
+def _resnet_batch(layout):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 112, 112, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 1000, (16,), generator=g)
+
+
+def _train_step(model, x, target, opt):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    return step
+
+
+VARIANTS = ("stock", "converted", "fused")
+
+
+def resnet(args):
+    print(f"\nResNet-18, batch 16, 3x112x112, float32, {args.threads} threads, "
+          f"min of {args.rounds} interleaved rounds")
+    for layout in LAYOUTS:
+        x, target = _resnet_batch(layout)
+        models = {v: _resnet(v, layout) for v in VARIANTS}
+        with torch.no_grad():
+            expected = models["stock"].eval()(x)
+            for v in VARIANTS[1:]:
+                torch.testing.assert_close(models[v].eval()(x), expected, rtol=1e-3, atol=1e-3)
+        steps = {}
+        for v, model in models.items():
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            steps[v] = _train_step(model, x, target, opt)
+        _row(f"train step {layout}", interleaved(steps, args.rounds, budget=0), "stock")
+
+        for model in models.values():
+            model.eval()
+        evals = {v: _eval(m, x) for v, m in models.items()}
+        _row(f"eval forward {layout}", interleaved(evals, args.rounds, budget=0), "stock")
+
+
+# Self CPU time of aten::native_batch_norm(_backward) & co. and of the bnfast::* labels.
+_BN_KEYS = ("batch_norm", "batchnorm")
+
+
+def bn_share(model, x, target, steps=3, repeats=3):
+    """``(BatchNorm's self CPU time, all self CPU time)`` per training step, in seconds,
+    from the least loaded of ``repeats`` profiles of ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    model.train()
+    step = _train_step(model, x, target, torch.optim.SGD(model.parameters(), lr=0.01))
+    step()
+    best = None
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        bn = sum(e.self_cpu_time_total for e in events
+                 if any(k in e.key.lower() for k in _BN_KEYS))
+        if best is None or total < best[1]:
+            best = (bn, total)
+    return best[0] / steps / 1e6, best[1] / steps / 1e6
+
+
+def share(args):
+    print("\nBatchNorm's share of a ResNet-18 training step's self CPU time (torch profiler)")
+    for layout in LAYOUTS:
+        x, target = _resnet_batch(layout)
+        for v in VARIANTS:
+            bn, total = bn_share(_resnet(v, layout), x, target)
+            print(f"{layout:<14}{v:<10} BatchNorm {_us(bn)} of {_us(total)} "
+                  f"({bn / total:5.1%})", flush=True)
+
+
+PARTS = {"layers": layers, "overhead": overhead, "resnet": resnet, "share": share}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("parts", nargs="*", metavar="part",
+                        help=f"what to run: {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="layers: NxCx... shapes, or resnet (ResNet-18's)")
+    parser.add_argument("--cold", action="store_true",
+                        help="layers: 64 MiB written before each call (caches emptied)")
+    parser.add_argument("--modes", default="train",
+                        help="layers: train (forward + backward) and/or eval (no_grad forward)")
+    args = parser.parse_args(argv)
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; "
+                     f"choose from {', '.join(PARTS)}")
+    if args.shapes == "resnet":
+        args.shapes = RESNET_SHAPES
+    torch.set_num_threads(args.threads)
+    for name in args.parts or PARTS:
+        PARTS[name](args)
+
+
+if __name__ == "__main__":
+    main()
