@@ -27,8 +27,8 @@ torch = pytest.importorskip("torch")
 import bnfast.torch as bt  # noqa: E402
 from bnfast.bench.suite import format_shape  # noqa: E402
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "tests"))
-from test_torch_resnet import ResNet18  # noqa: E402
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from resnet_step import build_resnet, resnet_batch, train_step  # noqa: E402
 
 THREADS = 2
 nn = torch.nn
@@ -104,42 +104,14 @@ def test_call_overhead(benchmark, mode, impl):
         benchmark(_fwd_bwd(module, x, g))
 
 
-def _resnet(variant, layout):
-    torch.manual_seed(0)
-    model = ResNet18(num_classes=1000)
-    if layout == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-    if variant != "stock":
-        model = bt.convert(model)
-    if variant == "fused":
-        model = bt.fuse(model)
-    return model
-
-
-def _resnet_batch(layout):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, 112, 112, generator=g)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, 1000, (16,), generator=g)
-
-
-def _train_step(model, x, target, opt):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        opt.step()
-    return step
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", ["stock", "converted", "fused"])
 @pytest.mark.parametrize("mode", ["train_step", "eval"])
 def test_resnet18(benchmark, mode, variant, layout):
-    model = _resnet(variant, layout)
-    x, target = _resnet_batch(layout)
+    model = build_resnet(variant, layout)
+    x, target = resnet_batch(layout)
     if variant != "stock":  # one step checked against the stock model's
-        stock = _resnet("stock", layout)
+        stock = build_resnet("stock", layout)
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(x), stock.eval()(x), rtol=1e-3, atol=1e-3)
     benchmark.group = f"resnet18 {mode} float32 16x3x112x112 {layout}"
@@ -151,7 +123,7 @@ def test_resnet18(benchmark, mode, variant, layout):
     else:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        benchmark.pedantic(_train_step(model, x, target, opt), rounds=5, warmup_rounds=1)
+        benchmark.pedantic(train_step(model, x, target, opt), rounds=5, warmup_rounds=1)
 
 
 # Self CPU time of aten::native_batch_norm(_backward) & co. and of the bnfast::* labels
@@ -164,10 +136,10 @@ _BN_KEYS = ("batch_norm", "batchnorm")
 def test_resnet18_bn_share(benchmark, variant, layout):
     """BatchNorm's share of the self CPU time of 3 profiled training steps."""
     from torch.profiler import ProfilerActivity, profile, record_function
-    model = _resnet(variant, layout).train()
-    x, target = _resnet_batch(layout)
+    model = build_resnet(variant, layout).train()
+    x, target = resnet_batch(layout)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    step = _train_step(model, x, target, opt)
+    step = train_step(model, x, target, opt)
     step()
     def profiled():
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -38,8 +38,8 @@ import torch
 
 import bnfast.torch as bt
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))
-from test_torch_resnet import ResNet18  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from resnet_step import build_resnet, resnet_batch, train_step  # noqa: E402
 
 nn = torch.nn
 DEFAULT_SHAPES = "32x256x56x56,32x2048x7x7,8x64x56x56,256x1024,1x512x7x7"
@@ -163,34 +163,6 @@ def overhead(args):
         _row(mode, interleaved(calls, args.rounds))
 
 
-def _resnet(variant, layout):
-    torch.manual_seed(0)
-    model = ResNet18(num_classes=1000)
-    if layout == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-    if variant != "stock":
-        model = bt.convert(model)
-    if variant == "fused":
-        model = bt.fuse(model)
-    return model
-
-
-def _resnet_batch(layout):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, 112, 112, generator=g)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, 1000, (16,), generator=g)
-
-
-def _train_step(model, x, target, opt):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        opt.step()
-    return step
-
-
 VARIANTS = ("stock", "converted", "fused")
 
 
@@ -198,8 +170,8 @@ def resnet(args):
     print(f"\nResNet-18, batch 16, 3x112x112, float32, {args.threads} threads, "
           f"min of {args.rounds} interleaved rounds")
     for layout in LAYOUTS:
-        x, target = _resnet_batch(layout)
-        models = {v: _resnet(v, layout) for v in VARIANTS}
+        x, target = resnet_batch(layout)
+        models = {v: build_resnet(v, layout) for v in VARIANTS}
         with torch.no_grad():
             expected = models["stock"].eval()(x)
             for v in VARIANTS[1:]:
@@ -208,7 +180,7 @@ def resnet(args):
         for v, model in models.items():
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            steps[v] = _train_step(model, x, target, opt)
+            steps[v] = train_step(model, x, target, opt)
         _row(f"train step {layout}", interleaved(steps, args.rounds, budget=0), "stock")
 
         for model in models.values():
@@ -226,7 +198,7 @@ def bn_share(model, x, target, steps=3, repeats=3):
     from the least loaded of ``repeats`` profiles of ``steps`` steps."""
     from torch.profiler import ProfilerActivity, profile
     model.train()
-    step = _train_step(model, x, target, torch.optim.SGD(model.parameters(), lr=0.01))
+    step = train_step(model, x, target, torch.optim.SGD(model.parameters(), lr=0.01))
     step()
     best = None
     for _ in range(repeats):
@@ -245,9 +217,9 @@ def bn_share(model, x, target, steps=3, repeats=3):
 def share(args):
     print("\nBatchNorm's share of a ResNet-18 training step's self CPU time (torch profiler)")
     for layout in LAYOUTS:
-        x, target = _resnet_batch(layout)
+        x, target = resnet_batch(layout)
         for v in VARIANTS:
-            bn, total = bn_share(_resnet(v, layout), x, target)
+            bn, total = bn_share(build_resnet(v, layout), x, target)
             print(f"{layout:<14}{v:<10} BatchNorm {_us(bn)} of {_us(total)} "
                   f"({bn / total:5.1%})", flush=True)
 
