@@ -126,10 +126,11 @@ def layers(args):
                 continue
             g = torch.Generator().manual_seed(0)
             x = torch.randn(shape, generator=g)
-            if layout == "channels_last":
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_()
             grad = torch.randn(shape, generator=g)
+            if layout == "channels_last":  # the gradient too, as in a channels_last model
+                x = x.contiguous(memory_format=torch.channels_last)
+                grad = grad.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
             stock = _bn(shape)
             ours = bt.convert(stock)
             torch.testing.assert_close(ours(x), copy.deepcopy(stock)(x), rtol=1e-4, atol=1e-4)

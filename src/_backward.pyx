@@ -39,7 +39,7 @@ Work below ``SERIAL_ELEMS`` values runs without entering an OpenMP region.
 """
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
-from libc.stdlib cimport free, malloc
+from _aligned cimport aligned_free, aligned_malloc
 
 from _affine cimport pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
@@ -382,7 +382,7 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
     # part_xdy starts ALIAS_PAD doubles further than packed (see _reduce_last).
-    cdef double* part = <double*>malloc((2 * nblocks * C + ALIAS_PAD) * sizeof(double))
+    cdef double* part = <double*>aligned_malloc((2 * nblocks * C + ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
     cdef double* part_xdy = part + nblocks * C + ALIAS_PAD
@@ -398,7 +398,7 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     for nb in range(nblocks):
         _add_into(sum_dy, part + nb * C, C)
         _add_into(sum_xdy, part_xdy + nb * C, C)
-    free(part)
+    aligned_free(part)
     return 0
 
 
@@ -434,7 +434,7 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     # stores sy[j] and then loads sxy[j] (and shift[j]); at a distance that is a
     # multiple of 4 KiB (blocks * W * 8 bytes often is: W = 1024) the load waits
     # for the store (4K aliasing), every iteration.
-    cdef double* part = <double*>malloc((2 * blocks * W + W + 2 * ALIAS_PAD) * sizeof(double))
+    cdef double* part = <double*>aligned_malloc((2 * blocks * W + W + 2 * ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
     cdef double* part_xdy = part + blocks * W + ALIAS_PAD
@@ -445,9 +445,9 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef float* stages = NULL
     cdef float* stage = NULL
     if stage_len:
-        stages = <float*>malloc(nt * stage_len * sizeof(float))
+        stages = <float*>aligned_malloc(nt * stage_len * sizeof(float))
         if stages == NULL:
-            free(part)
+            aligned_free(part)
             return -1
     cdef Py_ssize_t b, j, l, r, c
     cdef double v
@@ -463,7 +463,7 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
             for b in prange(blocks, schedule='dynamic', chunksize=1):
                 _reduce_last_block(b, xp, dyp, bits, gp, rows, per_block, W, shift, part,
                                    part_xdy, stage)
-    free(stages)
+    aligned_free(stages)
     # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
     for b in range(blocks):
         for l in range(k):
@@ -480,7 +480,7 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
                     store_double(&gp[j], v)  # exact: v is a value of the storage type
             sum_dy[c] += v
             sum_xdy[c] += (to_double(xp[j]) - mean[c]) * v
-    free(part)
+    aligned_free(part)
     return 0
 
 
@@ -579,7 +579,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     if training and bits == NULL and not stream and gp == NULL:
         # The common case: the compute-type coefficients once per channel, then
         # one leaf call per stretch of consecutive channels (the same arithmetic).
-        table = malloc(4 * C * _compute_size(xp))
+        table = aligned_malloc(4 * C * _compute_size(xp))
         if table == NULL:
             return -1
         for c in range(C):
@@ -590,7 +590,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
         else:
             for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
                 _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
-        free(table)
+        aligned_free(table)
         return 0
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
@@ -634,7 +634,7 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef int nt = threads_for(blocks, total, n_threads)
-    cdef void* tile = malloc(4 * W * _compute_size(xp))
+    cdef void* tile = aligned_malloc(4 * W * _compute_size(xp))
     if tile == NULL:
         return -1
     cdef Py_ssize_t j, blk
@@ -649,7 +649,7 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
         for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
             _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
                               stream)
-    free(tile)
+    aligned_free(tile)
     return 0
 
 
@@ -829,7 +829,7 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     job.sums = <double*>data_or_null(sums)
     job.sums_given = sums_given
     job.count = count
-    cdef double* work = <double*>malloc((8 * C + 1) * sizeof(double))
+    cdef double* work = <double*>aligned_malloc((8 * C + 1) * sizeof(double))
     if work == NULL:
         raise MemoryError()
     job.mean = _as_doubles(mean, C, work + 5 * C)
@@ -847,7 +847,7 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
             rc = _run(&job, work, <bnfast_f16*>NULL)
         else:  # bfloat16
             rc = _run(&job, work, <bnfast_bf16*>NULL)
-    free(work)
+    aligned_free(work)
     if rc != 0:
         raise MemoryError()
     return grad_weight, grad_bias

@@ -30,7 +30,7 @@
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
 from _dtypes cimport real_t, store_double, to_double
 from cython.parallel cimport parallel, prange
-from libc.stdlib cimport free, malloc
+from _aligned cimport aligned_free, aligned_malloc
 
 from _moments cimport (channel_origin, finite_or_zero, m2_fixup, merge_rows, merge_shifted,
                       shifted_colsums, shifted_sums_runs, unshift_means)
@@ -137,7 +137,7 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     # then the origins; then each thread's scratch (allocated up front: a thread
     # that skipped the worksharing loop on a failed malloc would hang the others).
     cdef Py_ssize_t slice_len = 5 * cpt + 8
-    cdef double* part = <double*>malloc((2 * nblocks * C + C + nt * slice_len) * sizeof(double))
+    cdef double* part = <double*>aligned_malloc((2 * nblocks * C + C + nt * slice_len) * sizeof(double))
     if part == NULL:
         return -1
     cdef double* part_m2 = part + nblocks * C
@@ -162,7 +162,7 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                    <double>(b * npt * S), <double>(n * S))
     _finish(mean, var, C, <double>(N * S))
     unshift_means(mean, residual, origin, C)
-    free(part)
+    aligned_free(part)
     return 0
 
 
@@ -216,20 +216,20 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     cdef Py_ssize_t tasks = blocks * tiles
     cdef int nt = threads_for(tasks, M * C, n_threads)
     # Partial means and m2 per (block, column); counts follow from the block.
-    cdef double* part = <double*>malloc((2 * blocks * W + W) * sizeof(double))
+    cdef double* part = <double*>aligned_malloc((2 * blocks * W + W) * sizeof(double))
     # Per-thread column sums and shifts, allocated up front (see stats_first):
     # s2 TILE_COLS + 8 doubles after s1, as s1 + tile could be a multiple of
     # 4 KiB away and the load of s2[j] wait on the store to s1[j] (4K
     # aliasing).  Slices padded to whole cache lines (no false sharing); at
     # least 2 * C doubles in all (the leftover rows' values and m2 at the end).
     cdef Py_ssize_t slice_len = 2 * (TILE_COLS + 8) + 8
-    cdef double* scratch = <double*>malloc(max(nt * slice_len, 2 * C) * sizeof(double))
+    cdef double* scratch = <double*>aligned_malloc(max(nt * slice_len, 2 * C) * sizeof(double))
     # (The shifts in the storage type: the SIMD leaf reads them so.)
-    cdef real_t* shifts = <real_t*>malloc(nt * (TILE_COLS + 32) * sizeof(real_t))
+    cdef real_t* shifts = <real_t*>aligned_malloc(nt * (TILE_COLS + 32) * sizeof(real_t))
     if part == NULL or scratch == NULL or shifts == NULL:
-        free(part)
-        free(scratch)
-        free(shifts)
+        aligned_free(part)
+        aligned_free(scratch)
+        aligned_free(shifts)
         return -1
     cdef double* part_m2 = part + blocks * W
     # Channel origins (row 0), tiled over the wide row.
@@ -271,9 +271,9 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
         n_a = n_a + 1.0
     _finish(mean, var, C, <double>M)
     unshift_means(mean, residual, origin, C)
-    free(shifts)
-    free(scratch)
-    free(part)
+    aligned_free(shifts)
+    aligned_free(scratch)
+    aligned_free(part)
     return 0
 
 

@@ -12,10 +12,10 @@ costs what the kernels cost plus well under a microsecond.
 """
 cimport cython
 cimport numpy as cnp
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t
+from _aligned cimport aligned_free, aligned_malloc
 from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, table_len
 from _arrays cimport Shape, data_or_null as _data, kernel_shape as _kernel_shape
 from _arrays cimport load_doubles as _load
@@ -85,6 +85,16 @@ cdef class CoefficientTable:
                 and _same_bytes(self.key[2], weight) and _same_bytes(self.key[3], bias))
 
 
+cdef cnp.ndarray _aligned_zeros(Py_ssize_t n):
+    """n zeroed float64 values starting on a 64-byte boundary (a view of a longer
+    array; see _aligned.pxd for why tables are aligned)."""
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n + 8
+    cdef cnp.ndarray raw = cnp.PyArray_ZEROS(1, dims, cnp.NPY_FLOAT64, 0)
+    cdef Py_ssize_t skip = (64 - <size_t>cnp.PyArray_DATA(raw) % 64) % 64 // 8
+    return raw[skip:skip + n]
+
+
 cdef CoefficientTable _new_table(object mean, object var, object weight, object bias,
                                  Py_ssize_t C, double eps):
     cdef CoefficientTable entry = CoefficientTable.__new__(CoefficientTable)
@@ -93,13 +103,12 @@ cdef CoefficientTable _new_table(object mean, object var, object weight, object 
     dims[0], dims[1] = 4, C
     cdef cnp.ndarray table = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
     cdef double* coef = <double*>cnp.PyArray_DATA(table)
-    cdef double* scratch = <double*>malloc(2 * C * sizeof(double) + 1)
+    cdef double* scratch = <double*>aligned_malloc(2 * C * sizeof(double) + 1)
     if scratch == NULL:
         raise MemoryError()
     _coefficients(mean, var, weight, bias, C, eps, coef, scratch)
-    free(scratch)
-    dims[0] = table_len(C)
-    cdef cnp.ndarray storage = cnp.PyArray_ZEROS(1, dims, cnp.NPY_FLOAT64, 0)
+    aligned_free(scratch)
+    cdef cnp.ndarray storage = _aligned_zeros(table_len(C))
     fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage), NULL)
     cnp.PyArray_CLEARFLAGS(table, cnp.NPY_ARRAY_WRITEABLE)
     cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
@@ -214,7 +223,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
         else:
             # Weight/bias as doubles (2 * C), the mean's residual (C), and the table
             # unless the caller's is used (4 * C).
-            scratch = <double*>malloc(7 * C * sizeof(double) + 1)
+            scratch = <double*>aligned_malloc(7 * C * sizeof(double) + 1)
             if scratch == NULL:
                 raise MemoryError()
             table_coef = scratch + 3 * C if coef is None \
@@ -232,7 +241,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
             status = _normalize(xa, data_type, addend, out, shape, table_coef, residual,
                                 storage, relu, n_threads, mask)
     finally:
-        free(scratch)
+        aligned_free(scratch)
     if status:
         raise MemoryError()
     return entry
@@ -334,7 +343,7 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
     cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C)
     cdef double* own = NULL
     if table == NULL:
-        own = <double*>malloc(table_len(k * shape.C) * sizeof(double))  # fill_table writes all it reads
+        own = <double*>aligned_malloc(table_len(k * shape.C) * sizeof(double))  # fill_table writes all it reads
         if own == NULL:
             return -1
         fill_table(coef, shape.C, k, own, residual)
@@ -348,5 +357,5 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
                         stream)
         else:
             apply_last(xp, ap, yp, shape.N, shape.C, k, table, relu, n_threads, bits, stream)
-    free(own)
+    aligned_free(own)
     return 0
