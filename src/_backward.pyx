@@ -45,7 +45,7 @@ from _affine cimport pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t, store_double, to_double
 from _openmp_helpers cimport bnfast_thread_num, threads_for
-from _tiling cimport RowBlocks, _gcd, row_blocks
+from _tiling cimport APPLY_WIDTH, RowBlocks, SampleTasks, row_blocks, sample_tasks, tile_repeat
 
 cnp.import_array()
 
@@ -158,10 +158,9 @@ cdef enum:
     # MAX_BLOCK_ROWS wide rows.
     BLOCK_ELEMS = 32768
     MAX_BLOCK_ROWS = 4096
-    # Pass 2: blocks of about APPLY_ELEMS values; channels-last coefficient
-    # tiles of about APPLY_WIDTH values.
+    # Pass 2: blocks of about APPLY_ELEMS values (channels-last coefficient
+    # tiles: _tiling's APPLY_WIDTH).
     APPLY_ELEMS = 16384
-    APPLY_WIDTH = 256
     # The mask is packed this many values (a multiple of 8) per task.
     PACK_ELEMS = 65536
     # Doubles (two cache lines) between pass 1's partial arrays: no 4K aliasing.
@@ -370,14 +369,9 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     if N == 0 or C == 0 or S == 0:
         return 0
     # Tasks: samples [nb * npt, +npt) x channels [cb * cpt, +cpt), walked in memory order.
-    cdef Py_ssize_t cpt = C if C * S <= RUN_ELEMS else max(1, RUN_ELEMS // S)
-    cdef Py_ssize_t npt = max(1, TASK_ELEMS // (cpt * S))
-    cdef Py_ssize_t nblocks = (N + npt - 1) // npt
-    npt = (N + nblocks - 1) // nblocks  # even blocks: 8 samples as 4 + 4, not 5 + 3
-    nblocks = (N + npt - 1) // npt
-    cdef Py_ssize_t cblocks = (C + cpt - 1) // cpt
-    cpt = (C + cblocks - 1) // cblocks  # even blocks of channels (the sums do not change)
-    cblocks = (C + cpt - 1) // cpt
+    cdef SampleTasks split = sample_tasks(N, C, S, RUN_ELEMS, TASK_ELEMS)
+    cdef Py_ssize_t cpt = split.cpt, npt = split.npt
+    cdef Py_ssize_t nblocks = split.nblocks, cblocks = split.cblocks
     cdef Py_ssize_t tasks = nblocks * cblocks
     cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
@@ -624,13 +618,8 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     if M == 0 or C == 0:
         return 0
     # The coefficient pattern repeats every C values of the flat array: tile it
-    # r times; every W-aligned piece starts at channel 0.  r is rounded to a
-    # multiple of q so that W values are whole 16-byte units where possible.
-    cdef Py_ssize_t r = APPLY_WIDTH // C if C < APPLY_WIDTH else 1
-    cdef Py_ssize_t q = (16 // sizeof(real_t)) // _gcd(C, 16 // sizeof(real_t))
-    if r >= q:
-        r = r - r % q
-    cdef Py_ssize_t W = r * C, total = M * C
+    # (the normalise pass's tile width); every W-aligned piece starts at channel 0.
+    cdef Py_ssize_t W = tile_repeat(C, APPLY_WIDTH) * C, total = M * C
     cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef int nt = threads_for(blocks, total, n_threads)

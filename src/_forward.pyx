@@ -20,7 +20,7 @@ from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, tab
 from _arrays cimport Shape, data_or_null as _data, kernel_shape as _kernel_shape
 from _arrays cimport load_doubles as _load
 from _batch_stats cimport stats_first, stats_last, update_running
-from _tiling cimport tile_repeat
+from _tiling cimport APPLY_WIDTH, tile_repeat
 
 cnp.import_array()
 
@@ -218,7 +218,7 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
             table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>entry.table)
             if coef is not None:
                 memcpy(cnp.PyArray_DATA(<cnp.ndarray>coef), table_coef, 4 * C * sizeof(double))
-            if layout == CHANNELS_FIRST or tile_repeat(C) == 1:
+            if layout == CHANNELS_FIRST or tile_repeat(C, APPLY_WIDTH) == 1:
                 storage = <const double*>cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
         else:
             # Weight/bias as doubles (2 * C), the mean's residual (C), and the table
@@ -340,7 +340,7 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
                 int n_threads, unsigned char* bits) noexcept:
     """The normalise pass with ``table`` (fill_table's), or one made here from coef and
     the mean's residual (tiled for channels-last rows).  -1 without memory."""
-    cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C)
+    cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C, APPLY_WIDTH)
     cdef double* own = NULL
     if table == NULL:
         own = <double*>aligned_malloc(table_len(k * shape.C) * sizeof(double))  # fill_table writes all it reads

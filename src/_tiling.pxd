@@ -3,8 +3,13 @@
 # Shared by the statistics, normalise and backward kernels so their tiles agree.
 
 cdef enum:
-    # Wide rows reach at least this many values (when C is smaller).
+    # Wide rows reach at least this many values (when C is smaller): the
+    # statistics' rows (their accumulators stay in registers and L1) ...
     ROW_WIDTH = 64
+    # ... and the elementwise passes' (normalise, backward dx): a short inner
+    # loop per row costs its exit (a 64-value row ran ~1.3x slower than
+    # 256-value rows; the coefficient tile still fits L1 many times over).
+    APPLY_WIDTH = 256
     # W is made a multiple of this many values: whole SIMD vectors, no scalar tail.
     ROW_MULTIPLE = 8
 
@@ -15,13 +20,13 @@ cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a
 
 
-cdef inline Py_ssize_t tile_repeat(Py_ssize_t C) noexcept nogil:
-    """k, the rows per wide row: 1 for C >= ROW_WIDTH, else the smallest k with
-    k * C >= ROW_WIDTH and k * C a multiple of ROW_MULTIPLE (C=3: k=24, W=72)."""
-    if C >= ROW_WIDTH:
+cdef inline Py_ssize_t tile_repeat(Py_ssize_t C, Py_ssize_t width) noexcept nogil:
+    """k, the rows per wide row: 1 for C >= width, else the smallest k with
+    k * C >= width and k * C a multiple of ROW_MULTIPLE (C=3, width 64: k=24, W=72)."""
+    if C >= width:
         return 1
     cdef Py_ssize_t step = ROW_MULTIPLE // _gcd(C, ROW_MULTIPLE)
-    cdef Py_ssize_t k = (ROW_WIDTH + C - 1) // C
+    cdef Py_ssize_t k = (width + C - 1) // C
     return (k + step - 1) // step * step
 
 
@@ -38,7 +43,7 @@ cdef inline RowBlocks row_blocks(Py_ssize_t M, Py_ssize_t C, Py_ssize_t block_el
     """Cut M channels-last rows into blocks of wide rows, by the shape only
     (never the thread count), so reductions are bit-identical for any threads."""
     cdef RowBlocks t
-    t.k = min(tile_repeat(C), M)
+    t.k = min(tile_repeat(C, ROW_WIDTH), M)
     t.W = t.k * C
     t.rows = M // t.k
     t.per_block = max(1, min(max_block_rows, block_elems // t.W))
