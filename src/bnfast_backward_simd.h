@@ -194,10 +194,7 @@
     {                                                                                    \
         double a_[8], b_[8];                                                             \
         ptrdiff_t i_;                                                                    \
-        for (i_ = 0; i_ < 4; i_++) {                                                     \
-            a_[i_] = (A0)[i_]; a_[i_ + 4] = (A1)[i_];                                    \
-            b_[i_] = (B0)[i_]; b_[i_ + 4] = (B1)[i_];                                    \
-        }                                                                                \
+        BNFAST_LANES8(a_, b_, A0, A1, B0, B1)                                            \
         for (i_ = n8; i_ < n; i_++) {                                                    \
             a_[i_ - n8] += BNFAST_TOD_##K((yr)[i_]);                                     \
             b_[i_ - n8] += (BNFAST_TOD_##K((xr)[i_]) - (k)) * BNFAST_TOD_##K((yr)[i_]);  \

@@ -36,6 +36,17 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #define BNFAST_COMBINE8(v) \
     ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
 
+/* Two sums' 8 lanes, each held as two 4-lane vectors (A0, A1 | B0, B1), into the
+ * arrays a_[8], b_[8] that a run's tail and BNFAST_COMBINE8 then finish. */
+#define BNFAST_LANES8(a_, b_, A0, A1, B0, B1)                                          \
+    {                                                                                  \
+        ptrdiff_t l_;                                                                  \
+        for (l_ = 0; l_ < 4; l_++) {                                                   \
+            (a_)[l_] = (A0)[l_]; (a_)[l_ + 4] = (A1)[l_];                              \
+            (b_)[l_] = (B0)[l_]; (b_)[l_ + 4] = (B1)[l_];                              \
+        }                                                                              \
+    }
+
 /* Rows four at a time, except where four row streams would interleave inside
  * one 4 KiB page (rows of 512 B up to 2 KiB): that confuses the hardware
  * prefetchers and halves the speed, so such rows go one at a time.  Depends on
@@ -138,18 +149,21 @@ BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_base, double, )
     }
 
 /* TILED walks `total` values as consecutive pieces of W (the tile's length),
- * the last one possibly shorter: one call per block, not per piece. */
+ * the last one possibly shorter: one call per block, not per piece.  PIECES
+ * runs BODY on each piece as (x, add, y, n), the tile indexed from 0. */
+#define BNFAST_TILED_PIECES(T, BODY)                                                 \
+    ptrdiff_t i0, n;                                                                 \
+    for (i0 = 0; i0 < total; i0 += W) {                                              \
+        const T *x = x0 + i0;                                                        \
+        const T *add = add0 == NULL ? NULL : add0 + i0;                              \
+        T *y = y0 + i0;                                                              \
+        n = total - i0 < W ? total - i0 : W;                                         \
+        { BODY }                                                                     \
+    }
 #define BNFAST_DEFINE_AFFINE_TILED(NAME, T, U, ATTR)                                 \
     ATTR static void NAME(const T *x0, const T *add0, T *y0, ptrdiff_t total,        \
                           ptrdiff_t W, const U *m, const U *a, const U *b, int relu) { \
-        ptrdiff_t i0, n;                                                             \
-        for (i0 = 0; i0 < total; i0 += W) {                                          \
-            const T *x = x0 + i0;                                                    \
-            const T *add = add0 == NULL ? NULL : add0 + i0;                          \
-            T *y = y0 + i0;                                                          \
-            n = total - i0 < W ? total - i0 : W;                                     \
-            { BNFAST_EPILOGUE_LOOPS(T, U, ((U)x[i] - m[i]) * a[i] + b[i]) }          \
-        }                                                                            \
+        BNFAST_TILED_PIECES(T, BNFAST_EPILOGUE_LOOPS(T, U, ((U)x[i] - m[i]) * a[i] + b[i])) \
     }
 
 
@@ -307,18 +321,10 @@ typedef int64_t bnfast_nti_double __attribute__((vector_size(16)));
                                                ptrdiff_t total, ptrdiff_t W,         \
                                                const T *m, const T *a, const T *b,   \
                                                int relu) {                           \
-        ptrdiff_t i0, n;                                                             \
-        for (i0 = 0; i0 < total; i0 += W) {                                          \
-            const T *x = x0 + i0;                                                    \
-            const T *add = add0 == NULL ? NULL : add0 + i0;                          \
-            T *y = y0 + i0;                                                          \
-            n = total - i0 < W ? total - i0 : W;                                     \
-            {                                                                        \
-                BNFAST_NT_EPILOGUE_LOOPS(T, (x[i] - m[i]) * a[i] + b[i],             \
-                                         (BNFAST_NT_LD(T, x + i) - BNFAST_NT_LD(T, m + i)) \
-                                         * BNFAST_NT_LD(T, a + i) + BNFAST_NT_LD(T, b + i)) \
-            }                                                                        \
-        }                                                                            \
+        BNFAST_TILED_PIECES(T, BNFAST_NT_EPILOGUE_LOOPS(                             \
+            T, (x[i] - m[i]) * a[i] + b[i],                                          \
+            (BNFAST_NT_LD(T, x + i) - BNFAST_NT_LD(T, m + i)) * BNFAST_NT_LD(T, a + i) \
+            + BNFAST_NT_LD(T, b + i)))                                               \
     }
 BNFAST_DEFINE_AFFINE_NT(float, f32)
 BNFAST_DEFINE_AFFINE_NT(double, f64)

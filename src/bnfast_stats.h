@@ -79,10 +79,7 @@
     {                                                                                    \
         double a_[8], b_[8], d_;                                                         \
         ptrdiff_t i_;                                                                    \
-        for (i_ = 0; i_ < 4; i_++) {                                                     \
-            a_[i_] = (A0)[i_]; a_[i_ + 4] = (A1)[i_];                                    \
-            b_[i_] = (B0)[i_]; b_[i_ + 4] = (B1)[i_];                                    \
-        }                                                                                \
+        BNFAST_LANES8(a_, b_, A0, A1, B0, B1)                                            \
         for (i_ = n8; i_ < n; i_++) {                                                    \
             d_ = TOD((xr)[i_]) - (k); a_[i_ - n8] += d_; b_[i_ - n8] += d_ * d_;         \
         }                                                                                \
