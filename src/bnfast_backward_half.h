@@ -74,11 +74,30 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
 #else
 #define BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, MV, AV, BV, DV)
 #endif
-#define BNFAST_HALF_GRAD_TAIL(H, MS, AS, BS, DS)                                         \
+/* The tail's scalar conversions, per variant: F16C's vcvtph2ps/vcvtps2ph where
+ * the target has them (the portable ones cost ~2 ns a value: a 49-value run's
+ * tail of one value converts three), else the portable ones (bfloat16's are a
+ * shift and a rounding). */
+#define BNFAST_TOF_f16_base bnfast_f16_to_float
+#define BNFAST_FROMF_f16_base bnfast_float_to_f16
+#define BNFAST_TOF_f16_f16c(h) _cvtsh_ss((h).bits)
+#define BNFAST_FROMF_f16_f16c(f) ((bnfast_f16){_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT)})
+#define BNFAST_TOF_f16_f16c_nt BNFAST_TOF_f16_f16c
+#define BNFAST_FROMF_f16_f16c_nt BNFAST_FROMF_f16_f16c
+#define BNFAST_TOF_bf16_base bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_base bnfast_float_to_bf16
+#define BNFAST_TOF_bf16_avx2 bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_avx2 bnfast_float_to_bf16
+#define BNFAST_TOF_bf16_hw bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_hw bnfast_float_to_bf16
+#define BNFAST_TOF_bf16_avx2_nt bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_avx2_nt bnfast_float_to_bf16
+#define BNFAST_TOF_bf16_hw_nt bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_hw_nt bnfast_float_to_bf16
+#define BNFAST_HALF_GRAD_TAIL(TOF, FROMF, MS, AS, BS, DS)                                \
     for (i = n8; i < n; i++)                                                             \
-        dx[i] = bnfast_float_to_##H(training                                             \
-            ? (bnfast_##H##_to_float(dy[i]) * AS + (bnfast_##H##_to_float(x[i]) - MS) * BS) + DS \
-            : bnfast_##H##_to_float(dy[i]) * AS);
+        dx[i] = FROMF(training ? (TOF(dy[i]) * AS + (TOF(x[i]) - MS) * BS) + DS          \
+                               : TOF(dy[i]) * AS);
 
 #define BNFAST_DEFINE_HALF_GRAD(H, T, VARIANT, ATTR, LOAD8, STORE8)                      \
     ATTR static void bnfast_grad_vec_scalar_##H##_##VARIANT(                             \
@@ -86,7 +105,8 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
             float d, int training) {                                                     \
         ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
         BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                              \
-        BNFAST_HALF_GRAD_TAIL(H, m, a, b, d)                                             \
+        BNFAST_HALF_GRAD_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,  \
+                              m, a, b, d)                                                \
     }                                                                                    \
     ATTR static void bnfast_grad_vec_tiled_##H##_##VARIANT(                              \
             const T *x, const T *dy, T *dx, ptrdiff_t n, const float *m, const float *a, \
@@ -94,7 +114,8 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
         ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
         BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i), BNFAST_H8_COEF(a, i), \
                                  BNFAST_H8_COEF(b, i), BNFAST_H8_COEF(d, i))             \
-        BNFAST_HALF_GRAD_TAIL(H, m[i], a[i], b[i], d[i])                                 \
+        BNFAST_HALF_GRAD_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,  \
+                              m[i], a[i], b[i], d[i])                                    \
     }
 /* Training, `runs` consecutive runs of n, run r with (m[r], a[r], b[r], d[r]): the
  * loop inside the target function (short runs: no dispatch per run). */
@@ -109,7 +130,8 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
             T *dx = dx0 + r * n;                                                         \
             float m = mr[r], a = ar[r], b = br[r], d = dr[r];                            \
             BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                          \
-            BNFAST_HALF_GRAD_TAIL(H, m, a, b, d)                                         \
+            BNFAST_HALF_GRAD_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
+                                  m, a, b, d)                                            \
         }                                                                                \
     }
 
@@ -230,7 +252,7 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
 #define BNFAST_WIDE8_f16c 1
 #define BNFAST_WIDE8_bf16avx2 1
 #define BNFAST_TOD_f16(v) ((double)bnfast_f16_to_float(v))
-#define BNFAST_TOD_f16c(v) ((double)bnfast_f16_to_float(v))
+#define BNFAST_TOD_f16c(v) ((double)_cvtsh_ss((v).bits))
 #define BNFAST_TOD_bf16(v) ((double)bnfast_bf16_to_float(v))
 #define BNFAST_TOD_bf16avx2(v) ((double)bnfast_bf16_to_float(v))
 #if BNFAST_VECTOR_EXT
