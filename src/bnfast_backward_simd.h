@@ -784,45 +784,92 @@ BNFAST_BWD_LEAVES(avx2, BNFAST_AVX2_TARGET)
 #if BNFAST_HAVE_SSE2_PACK
 typedef float bnfast_v4f __attribute__((vector_size(16), aligned(4)));
 typedef double bnfast_v2d __attribute__((vector_size(16), aligned(8)));
-#define BNFAST_STREAM_f32(p, v) _mm_stream_ps((p), (__m128)(v))
-#define BNFAST_STREAM_f64(p, v) _mm_stream_pd((p), (__m128d)(v))
-#define BNFAST_V_f32 bnfast_v4f
-#define BNFAST_V_f64 bnfast_v2d
+#define BNFAST_STREAM16_f32(p, v) _mm_stream_ps((p), (__m128)(v))
+#define BNFAST_STREAM16_f64(p, v) _mm_stream_pd((p), (__m128d)(v))
+#define BNFAST_LD16_f32(p) (*(const bnfast_v4f *)(p))
+#define BNFAST_LD16_f64(p) (*(const bnfast_v2d *)(p))
 #define BNFAST_L_f32 4
 #define BNFAST_L_f64 2
-#define BNFAST_LD(SFX, p) (*(const BNFAST_V_##SFX *)(p))
 
-#define BNFAST_STREAM_LOOP(SFX, SCALAR, VECTOR)                                          \
+/* The values of dx: SCALAR(i) one, VECTOR(LD) a vector at i read with LD.
+ * Scalar stores up to the first 16-byte boundary, then 16-byte streamed ones;
+ * WIDE (the AVX2 twins) streams 32 bytes at a time from the next 32-byte
+ * boundary on (one 16-byte store first when needed: every store of the
+ * aligned part non-temporal, no line written both ways). */
+#define BNFAST_STREAM_LOOP(SFX, SCALAR, VECTOR, WIDE)                                    \
     ptrdiff_t i = 0;                                                                     \
     for (; i < n && ((size_t)(dx + i) & 15); i++) { dx[i] = SCALAR; }                    \
+    WIDE(SFX, VECTOR)                                                                    \
     for (; i + BNFAST_L_##SFX <= n; i += BNFAST_L_##SFX) {                               \
-        BNFAST_STREAM_##SFX(dx + i, VECTOR);                                             \
+        BNFAST_STREAM16_##SFX(dx + i, VECTOR(BNFAST_LD16_##SFX));                        \
     }                                                                                    \
     for (; i < n; i++) { dx[i] = SCALAR; }
+#define BNFAST_STREAM_NARROW(SFX, VECTOR)
 
-#define BNFAST_DEFINE_STREAM_LEAVES(SFX, T)                                              \
-    static void bnfast_grad_scalar_##SFX##_nt(const T *x, const T *dy, T *dx,            \
-                                              ptrdiff_t n, T m, T a, T b, T d) {         \
-        BNFAST_STREAM_LOOP(SFX, (dy[i] * a + (x[i] - m) * b) + d,                        \
-                           (BNFAST_LD(SFX, dy + i) * a + (BNFAST_LD(SFX, x + i) - m) * b) + d) \
+/* Per leaf: the scalar and the vector expression of one value / vector at i. */
+#define BNFAST_GRAD_S(i) ((dy[i] * a + (x[i] - m) * b) + d)
+#define BNFAST_GRAD_V(LD) ((LD(dy + i) * a + (LD(x + i) - m) * b) + d)
+#define BNFAST_GRAD_TS(i) ((dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i])
+#define BNFAST_GRAD_TV(LD) ((LD(dy + i) * LD(a + i) + (LD(x + i) - LD(m + i)) * LD(b + i)) \
+                            + LD(d + i))
+#define BNFAST_SCALE_S(i) (dy[i] * a)
+#define BNFAST_SCALE_V(LD) (LD(dy + i) * a)
+#define BNFAST_SCALE_TS(i) (dy[i] * a[i])
+#define BNFAST_SCALE_TV(LD) (LD(dy + i) * LD(a + i))
+
+#define BNFAST_DEFINE_STREAM_LEAVES(SFX, T, VARIANT, ATTR, WIDE)                         \
+    ATTR static void bnfast_grad_scalar_##SFX##_nt##VARIANT(const T *x, const T *dy, T *dx, \
+                                                           ptrdiff_t n, T m, T a, T b, T d) { \
+        BNFAST_STREAM_LOOP(SFX, BNFAST_GRAD_S(i), BNFAST_GRAD_V, WIDE)                   \
     }                                                                                    \
-    static void bnfast_grad_tiled_##SFX##_nt(const T *x, const T *dy, T *dx, ptrdiff_t n, \
-                                             const T *m, const T *a, const T *b,         \
-                                             const T *d) {                               \
-        BNFAST_STREAM_LOOP(SFX, (dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i],            \
-                           (BNFAST_LD(SFX, dy + i) * BNFAST_LD(SFX, a + i)                \
-                            + (BNFAST_LD(SFX, x + i) - BNFAST_LD(SFX, m + i))             \
-                              * BNFAST_LD(SFX, b + i)) + BNFAST_LD(SFX, d + i))           \
+    ATTR static void bnfast_grad_tiled_##SFX##_nt##VARIANT(const T *x, const T *dy, T *dx, \
+                                                          ptrdiff_t n, const T *m,       \
+                                                          const T *a, const T *b,        \
+                                                          const T *d) {                  \
+        BNFAST_STREAM_LOOP(SFX, BNFAST_GRAD_TS(i), BNFAST_GRAD_TV, WIDE)                 \
     }                                                                                    \
-    static void bnfast_scale_scalar_##SFX##_nt(const T *dy, T *dx, ptrdiff_t n, T a) {   \
-        BNFAST_STREAM_LOOP(SFX, dy[i] * a, BNFAST_LD(SFX, dy + i) * a)                   \
+    ATTR static void bnfast_scale_scalar_##SFX##_nt##VARIANT(const T *dy, T *dx, ptrdiff_t n, \
+                                                            T a) {                       \
+        BNFAST_STREAM_LOOP(SFX, BNFAST_SCALE_S(i), BNFAST_SCALE_V, WIDE)                 \
     }                                                                                    \
-    static void bnfast_scale_tiled_##SFX##_nt(const T *dy, T *dx, ptrdiff_t n,           \
-                                              const T *a) {                              \
-        BNFAST_STREAM_LOOP(SFX, dy[i] * a[i], BNFAST_LD(SFX, dy + i) * BNFAST_LD(SFX, a + i)) \
+    ATTR static void bnfast_scale_tiled_##SFX##_nt##VARIANT(const T *dy, T *dx, ptrdiff_t n, \
+                                                           const T *a) {                 \
+        BNFAST_STREAM_LOOP(SFX, BNFAST_SCALE_TS(i), BNFAST_SCALE_TV, WIDE)               \
     }
-BNFAST_DEFINE_STREAM_LEAVES(f32, float)
-BNFAST_DEFINE_STREAM_LEAVES(f64, double)
+BNFAST_DEFINE_STREAM_LEAVES(f32, float, _base, , BNFAST_STREAM_NARROW)
+BNFAST_DEFINE_STREAM_LEAVES(f64, double, _base, , BNFAST_STREAM_NARROW)
+#if BNFAST_DISPATCH_AVX2
+/* AVX2: half the instructions per value (the training tile reads four
+ * coefficient rows beside x and dy: SSE2 was bound by its loads, one thread
+ * did pass 2 of (4096, 1024) float32 at ~1.1 values/ns). */
+typedef float bnfast_v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef double bnfast_v4d_u __attribute__((vector_size(32), aligned(8)));
+#define BNFAST_STREAM32_f32(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define BNFAST_STREAM32_f64(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#define BNFAST_LD32_f32(p) (*(const bnfast_v8f_u *)(p))
+#define BNFAST_LD32_f64(p) (*(const bnfast_v4d_u *)(p))
+#define BNFAST_STREAM_WIDE(SFX, VECTOR)                                                  \
+    if (((size_t)(dx + i) & 31) && i + BNFAST_L_##SFX <= n) {                            \
+        BNFAST_STREAM16_##SFX(dx + i, VECTOR(BNFAST_LD16_##SFX));                        \
+        i += BNFAST_L_##SFX;                                                             \
+    }                                                                                    \
+    for (; i + 2 * BNFAST_L_##SFX <= n; i += 2 * BNFAST_L_##SFX) {                       \
+        BNFAST_STREAM32_##SFX(dx + i, VECTOR(BNFAST_LD32_##SFX));                        \
+    }
+BNFAST_DEFINE_STREAM_LEAVES(f32, float, _avx2, BNFAST_AVX2_TARGET, BNFAST_STREAM_WIDE)
+BNFAST_DEFINE_STREAM_LEAVES(f64, double, _avx2, BNFAST_AVX2_TARGET, BNFAST_STREAM_WIDE)
+#define BNFAST_NT_PICK(name) BNFAST_PICK(name##_base, name##_avx2)
+#else
+#define BNFAST_NT_PICK(name) name##_base
+#endif
+#define bnfast_grad_scalar_f32_nt BNFAST_NT_PICK(bnfast_grad_scalar_f32_nt)
+#define bnfast_grad_scalar_f64_nt BNFAST_NT_PICK(bnfast_grad_scalar_f64_nt)
+#define bnfast_grad_tiled_f32_nt BNFAST_NT_PICK(bnfast_grad_tiled_f32_nt)
+#define bnfast_grad_tiled_f64_nt BNFAST_NT_PICK(bnfast_grad_tiled_f64_nt)
+#define bnfast_scale_scalar_f32_nt BNFAST_NT_PICK(bnfast_scale_scalar_f32_nt)
+#define bnfast_scale_scalar_f64_nt BNFAST_NT_PICK(bnfast_scale_scalar_f64_nt)
+#define bnfast_scale_tiled_f32_nt BNFAST_NT_PICK(bnfast_scale_tiled_f32_nt)
+#define bnfast_scale_tiled_f64_nt BNFAST_NT_PICK(bnfast_scale_tiled_f64_nt)
 static inline void bnfast_stream_fence(void) { _mm_sfence(); }
 #else
 #define bnfast_grad_scalar_f32_nt bnfast_grad_scalar_f32
