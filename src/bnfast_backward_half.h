@@ -74,26 +74,6 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
 #else
 #define BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, MV, AV, BV, DV)
 #endif
-/* The tail's scalar conversions, per variant: F16C's vcvtph2ps/vcvtps2ph where
- * the target has them (the portable ones cost ~2 ns a value: a 49-value run's
- * tail of one value converts three), else the portable ones (bfloat16's are a
- * shift and a rounding). */
-#define BNFAST_TOF_f16_base bnfast_f16_to_float
-#define BNFAST_FROMF_f16_base bnfast_float_to_f16
-#define BNFAST_TOF_f16_f16c(h) _cvtsh_ss((h).bits)
-#define BNFAST_FROMF_f16_f16c(f) ((bnfast_f16){_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT)})
-#define BNFAST_TOF_f16_f16c_nt BNFAST_TOF_f16_f16c
-#define BNFAST_FROMF_f16_f16c_nt BNFAST_FROMF_f16_f16c
-#define BNFAST_TOF_bf16_base bnfast_bf16_to_float
-#define BNFAST_FROMF_bf16_base bnfast_float_to_bf16
-#define BNFAST_TOF_bf16_avx2 bnfast_bf16_to_float
-#define BNFAST_FROMF_bf16_avx2 bnfast_float_to_bf16
-#define BNFAST_TOF_bf16_hw bnfast_bf16_to_float
-#define BNFAST_FROMF_bf16_hw bnfast_float_to_bf16
-#define BNFAST_TOF_bf16_avx2_nt bnfast_bf16_to_float
-#define BNFAST_FROMF_bf16_avx2_nt bnfast_float_to_bf16
-#define BNFAST_TOF_bf16_hw_nt bnfast_bf16_to_float
-#define BNFAST_FROMF_bf16_hw_nt bnfast_float_to_bf16
 #define BNFAST_HALF_GRAD_TAIL(TOF, FROMF, MS, AS, BS, DS)                                \
     for (i = n8; i < n; i++)                                                             \
         dx[i] = FROMF(training ? (TOF(dy[i]) * AS + (TOF(x[i]) - MS) * BS) + DS          \

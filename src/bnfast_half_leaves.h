@@ -139,7 +139,8 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
                                                          float b, int relu) {            \
         ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
         BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, m, a, b)                               \
-        BNFAST_HALF_AFFINE_TAIL(bnfast_##H##_to_float, bnfast_float_to_##H, m, a, b)     \
+        BNFAST_HALF_AFFINE_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,    \
+                                m, a, b)                                                 \
     }                                                                                    \
     ATTR static void bnfast_affine_tiled_##H##_##VARIANT(const T *x0, const T *add0,     \
                                                         T *y0, ptrdiff_t total,          \
@@ -155,7 +156,8 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
             n8 = BNFAST_HALF_N8(n);                                                      \
             BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i),              \
                                        BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i))       \
-            BNFAST_HALF_AFFINE_TAIL(bnfast_##H##_to_float, bnfast_float_to_##H, m[i], a[i], b[i]) \
+            BNFAST_HALF_AFFINE_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,    \
+                                    m[i], a[i], b[i])                                    \
         }                                                                                \
     }
 
