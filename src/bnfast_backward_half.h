@@ -269,15 +269,17 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
 #ifndef BNFAST_PAIR_MAX
 #define BNFAST_PAIR_MAX 256
 #endif
-BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_base, bnfast_f16, f16, BNFAST_PAIR_MAX, )
-BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_base, bnfast_bf16, bf16, BNFAST_PAIR_MAX, )
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_base, bnfast_f16, f16, BNFAST_PAIR_MAX, ,
+                                  BNFAST_DOT_FINISH_BASE)
+BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_base, bnfast_bf16, bf16, BNFAST_PAIR_MAX, ,
+                                  BNFAST_DOT_FINISH_BASE)
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_base, bnfast_f16, f16, float, )
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_base, bnfast_bf16, bf16, float, )
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_f16c, bnfast_f16, f16c, BNFAST_PAIR_MAX,
-                                  BNFAST_F16C_TARGET)
+                                  BNFAST_F16C_TARGET, BNFAST_DOT_FINISH_AVX)
 BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_avx2, bnfast_bf16, bf16avx2, BNFAST_PAIR_MAX,
-                                  BNFAST_AVX2_TARGET)
+                                  BNFAST_AVX2_TARGET, BNFAST_DOT_FINISH_AVX)
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_f16c, bnfast_f16, f16c, float,
                                 BNFAST_F16C_TARGET)
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, float,

@@ -190,7 +190,7 @@
  * ------------------------------------------------------------------------- */
 #if BNFAST_VECTOR_EXT
 /* Lanes (A0, A1 | B0, B1) of the run at (xr, yr), plus its tail, into *SY, *SXY. */
-#define BNFAST_DOT_RUN_FINISH(K, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
+#define BNFAST_DOT_FINISH_ARRAY(K, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
     {                                                                                    \
         double a_[8], b_[8];                                                             \
         ptrdiff_t i_;                                                                    \
@@ -202,7 +202,29 @@
         *(SY) += BNFAST_COMBINE8(a_);                                                    \
         *(SXY) += BNFAST_COMBINE8(b_);                                                   \
     }
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR)                    \
+/* ... in registers (bnfast_simd.h's AVX finish: the same operations). */
+#if defined(__x86_64__) || defined(__i386__)
+#define BNFAST_DOT_LANE(A, B, LANE, I, XR, YR, KK, K)                                    \
+    {                                                                                    \
+        double v_ = BNFAST_TOD_##K((YR)[n8 + (I)]);                                      \
+        (A)[LANE] += v_;                                                                 \
+        (B)[LANE] += (BNFAST_TOD_##K((XR)[n8 + (I)]) - (KK)) * v_;                       \
+    }
+#define BNFAST_DOT_FINISH_AVX(K, xr, yr, k, A0, A1, B0, B1, SY, SXY)                    \
+    {                                                                                    \
+        double s1_, s2_;                                                                 \
+        BNFAST_TAIL_LANES(BNFAST_DOT_LANE, A0, A1, B0, B1, xr, yr, k, K)                 \
+        BNFAST_COMBINE8_AVX(A0, A1, B0, B1, s1_, s2_)                                    \
+        *(SY) += s1_;                                                                    \
+        *(SXY) += s2_;                                                                   \
+    }
+#endif
+#if defined(__AVX__)
+#define BNFAST_DOT_FINISH_BASE BNFAST_DOT_FINISH_AVX
+#else
+#define BNFAST_DOT_FINISH_BASE BNFAST_DOT_FINISH_ARRAY
+#endif
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR, FINISH)            \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,           \
                           const double *shift, double *sy, double *sxy) {                \
         ptrdiff_t r = 0, i, n8 = n - n % 8;                                              \
@@ -221,8 +243,8 @@
                 d0 += (w0 - kq) * v0;                                                    \
                 d1 += (w1 - kq) * v1;                                                    \
             }                                                                            \
-            BNFAST_DOT_RUN_FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
-            BNFAST_DOT_RUN_FINISH(K, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1) \
+            FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)                       \
+            FINISH(K, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1)               \
         }                                                                                \
         for (; r < runs; r++) {                                                          \
             const T *xp = x + r * n, *yp = y + r * n;                                    \
@@ -236,11 +258,11 @@
                 b0 += (w0 - kp) * u0;                                                    \
                 b1 += (w1 - kp) * u1;                                                    \
             }                                                                            \
-            BNFAST_DOT_RUN_FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)        \
+            FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)                       \
         }                                                                                \
     }
 #else
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR)                    \
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR, FINISH)            \
     static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,                \
                      const double *shift, double *sy, double *sxy) {                     \
         ptrdiff_t r, i;                                                                  \
@@ -256,8 +278,8 @@
         }                                                                                \
     }
 #endif
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR) \
-    BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, T, PTRDIFF_MAX, ATTR)
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR, FINISH) \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, T, PTRDIFF_MAX, ATTR, FINISH)
 
 /* ---------------------------------------------------------------------------
  * Masked leaves of the fused variant: the gradient is y where the ReLU mask's
@@ -551,7 +573,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
  * centered_dot_masked) over n8 values, n8 a multiple of 8, with its 8 lanes
  * carried in lanes[0..7] (sums of y, lane j taking i % 8 == j) and
  * lanes[8..15] (sums of (x - shift) * y).  A run summed in pieces of multiples
- * of 8 through these, its tail and combine done as BNFAST_DOT_RUN_FINISH does
+ * of 8 through these, its tail and combine done as BNFAST_DOT_FINISH_ARRAY does
  * (bnfast_dot_lanes_finish), gives the bits of one whole-run call: what lets
  * the half types stage long runs in small pieces (bnfast_backward_half.h).
  * ------------------------------------------------------------------------- */
@@ -740,11 +762,13 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
         BNFAST_IVDEP for (i = 0; i < n; i++) { dx[i] = dy[i] * a[i]; }               \
     }
 
-#define BNFAST_BWD_LEAVES(SUFFIX, ATTR)                                                  \
+#define BNFAST_BWD_LEAVES(SUFFIX, ATTR, DOT_FINISH)                                      \
     BNFAST_DEFINE_DOT_LANES(bnfast_dot_lanes_f32_##SUFFIX,                                \
                             bnfast_dot_masked_lanes_f32_##SUFFIX, float, ATTR)            \
-    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f32_##SUFFIX, float, ATTR)  \
-    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f64_##SUFFIX, double, ATTR) \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f32_##SUFFIX, float, ATTR,  \
+                                    DOT_FINISH)                                          \
+    BNFAST_DEFINE_CENTERED_DOT_RUNS(bnfast_centered_dot_runs_f64_##SUFFIX, double, ATTR, \
+                                    DOT_FINISH)                                          \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f32_##SUFFIX, float, ATTR)      \
     BNFAST_DEFINE_CENTERED_COLDOT(bnfast_centered_coldot_f64_##SUFFIX, double, ATTR)     \
     BNFAST_DEFINE_CENTERED_DOT_MASKED(bnfast_centered_dot_masked_f32_##SUFFIX, float, ATTR) \
@@ -766,9 +790,9 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
     BNFAST_DEFINE_SCALE_TILED(bnfast_scale_tiled_f32_##SUFFIX, float, ATTR)              \
     BNFAST_DEFINE_SCALE_TILED(bnfast_scale_tiled_f64_##SUFFIX, double, ATTR)
 
-BNFAST_BWD_LEAVES(base, )
+BNFAST_BWD_LEAVES(base, , BNFAST_DOT_FINISH_BASE)
 #if BNFAST_DISPATCH_AVX2
-BNFAST_BWD_LEAVES(avx2, BNFAST_AVX2_TARGET)
+BNFAST_BWD_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_DOT_FINISH_AVX)
 #define BNFAST_BWD_PICK(name) BNFAST_PICK(name##_base, name##_avx2)
 #else
 #define BNFAST_BWD_PICK(name) name##_base

@@ -91,30 +91,12 @@
         (S2) = BNFAST_COMBINE8(b_);                                                      \
     }
 #if defined(__x86_64__) || defined(__i386__)
-#define BNFAST_TAIL_LANE(XR, K, TOD, A, B, LANE, I)                                      \
+#define BNFAST_SUMS_LANE(A, B, LANE, I, XR, K, TOD)                                      \
     { double d_ = TOD((XR)[n8 + (I)]) - (K); (A)[LANE] += d_; (B)[LANE] += d_ * d_; }
 #define BNFAST_SUMS_FINISH_AVX(xr, k, A0, A1, B0, B1, S1, S2, TOD)                      \
     {                                                                                    \
-        if (n8 < n) { /* constant lanes: a variable one goes through memory */           \
-            ptrdiff_t t_ = n - n8;                                                       \
-            BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 0, 0)                                   \
-            if (t_ > 1) BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 1, 1)                       \
-            if (t_ > 2) BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 2, 2)                       \
-            if (t_ > 3) BNFAST_TAIL_LANE(xr, k, TOD, A0, B0, 3, 3)                       \
-            if (t_ > 4) BNFAST_TAIL_LANE(xr, k, TOD, A1, B1, 0, 4)                       \
-            if (t_ > 5) BNFAST_TAIL_LANE(xr, k, TOD, A1, B1, 1, 5)                       \
-            if (t_ > 6) BNFAST_TAIL_LANE(xr, k, TOD, A1, B1, 2, 6)                       \
-        }                                                                                \
-        {   /* pairs (l0+l1, l4+l5, l2+l3, l6+l7) of a and of b */                       \
-            __m256d pa_ = _mm256_hadd_pd((__m256d)(A0), (__m256d)(A1));                  \
-            __m256d pb_ = _mm256_hadd_pd((__m256d)(B0), (__m256d)(B1));                  \
-            /* (a: (l0+l1)+(l2+l3), (l4+l5)+(l6+l7), b: the same) */                     \
-            __m256d q_ = _mm256_add_pd(_mm256_permute2f128_pd(pa_, pb_, 0x20),           \
-                                       _mm256_permute2f128_pd(pa_, pb_, 0x31));          \
-            __m256d t_ = _mm256_hadd_pd(q_, q_);                                         \
-            (S1) = _mm256_cvtsd_f64(t_);                                                 \
-            (S2) = _mm_cvtsd_f64(_mm256_extractf128_pd(t_, 1));                          \
-        }                                                                                \
+        BNFAST_TAIL_LANES(BNFAST_SUMS_LANE, A0, A1, B0, B1, xr, k, TOD)                  \
+        BNFAST_COMBINE8_AVX(A0, A1, B0, B1, S1, S2)                                       \
     }
 #endif
 #define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD, FINISH)                  \
