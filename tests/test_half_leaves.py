@@ -3,11 +3,12 @@ pattern) and the backward's pass-1 sums (every variant, finite values).
 
 ``tests/c/half_leaves.c`` drives the in-register leaves of
 ``src/bnfast_half_leaves.h`` (portable, F16C/AVX2 and AVX512-BF16, as this CPU
-has them, and the vector ones' streaming twins) over all 65536 patterns of each half type with several coefficient
-sets.  It is compiled twice, with SIMD and with ``-DBNFAST_NO_SIMD``, and every
-output must equal NumPy's float32 arithmetic on the widened values rounded to
-the half type by NumPy (float16) and ml_dtypes (bfloat16): the leaves' contract
-("the float32 leaf's result, rounded once"), identical bits in every build.
+has them, and the vector ones' streaming twins) over all 65536 patterns of each
+half type with several coefficient sets.  It is compiled twice, with SIMD and
+with ``-DBNFAST_NO_SIMD``, and every output must equal NumPy's float32
+arithmetic on the widened values rounded to the half type by NumPy (float16)
+and ml_dtypes (bfloat16): the leaves' contract ("the float32 leaf's result,
+rounded once"), identical bits in every build.
 
 ``tests/c/backward_half_leaves.c`` runs the backward's column sums and run sums
 on half data (portable and picked variants) beside the float32 leaf on the same
