@@ -204,6 +204,25 @@ cdef extern from "bnfast_half_leaves.h" nogil:
     void bnfast_affine_runs_bf16(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
                                  Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
                                  const float* m, const float* a, const float* b, int relu)
+    # Their streaming twins on the float rows (the same bits; outputs far beyond the caches).
+    void bnfast_affine_scalar_f16_nt(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                     Py_ssize_t n, float m, float a, float b, int relu)
+    void bnfast_affine_tiled_f16_nt(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                    Py_ssize_t n, Py_ssize_t W, const float* m, const float* a,
+                                    const float* b, int relu)
+    void bnfast_affine_runs_f16_nt(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                   Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                                   const float* m, const float* a, const float* b, int relu)
+    void bnfast_affine_scalar_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* add,
+                                      bnfast_bf16* y, Py_ssize_t n, float m, float a, float b,
+                                      int relu)
+    void bnfast_affine_tiled_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* add,
+                                     bnfast_bf16* y, Py_ssize_t n, Py_ssize_t W, const float* m,
+                                     const float* a, const float* b, int relu)
+    void bnfast_affine_runs_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* add,
+                                    bnfast_bf16* y, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                    Py_ssize_t C, const float* m, const float* a, const float* b,
+                                    int relu)
     void bnfast_pack_positive_f16(const bnfast_f16* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_bf16(const bnfast_bf16* y, Py_ssize_t n, unsigned char* bits)
 
@@ -238,7 +257,7 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
                                Py_ssize_t n, const double* table, Py_ssize_t W, Py_ssize_t c,
                                bint use_float, bint relu, bint stream) noexcept nogil:
     # Channel c of the table: its float rows (use_float) or its double rows;
-    # stream: non-temporal stores (float32 on float rows, float64).
+    # stream: non-temporal stores (float32 and half on float rows, float64).
     cdef const float* ft = <const float*>(table + 3 * W)
     if real_t is double:
         if stream:
@@ -256,9 +275,19 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
                 bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
                                          relu)
         elif real_t is bnfast_f16:
-            bnfast_affine_scalar_f16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+            if stream:
+                bnfast_affine_scalar_f16_nt(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
+                                            relu)
+            else:
+                bnfast_affine_scalar_f16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
+                                         relu)
         else:
-            bnfast_affine_scalar_bf16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu)
+            if stream:
+                bnfast_affine_scalar_bf16_nt(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
+                                             relu)
+            else:
+                bnfast_affine_scalar_bf16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
+                                          relu)
     else:
         if real_t is float:
             bnfast_affine_scalar_f32d(x, addend, y, n, table[c], table[W + c],
@@ -289,9 +318,15 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
             else:
                 bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
         elif real_t is bnfast_f16:
-            bnfast_affine_tiled_f16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            if stream:
+                bnfast_affine_tiled_f16_nt(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            else:
+                bnfast_affine_tiled_f16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
         else:
-            bnfast_affine_tiled_bf16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            if stream:
+                bnfast_affine_tiled_bf16_nt(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            else:
+                bnfast_affine_tiled_bf16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
     else:
         if real_t is float:
             bnfast_affine_tiled_f32d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
@@ -312,9 +347,17 @@ cdef inline void _apply_runs(const real_t* x, const real_t* addend, real_t* y, P
         else:
             bnfast_affine_runs_f32(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
     elif real_t is bnfast_f16:
-        bnfast_affine_runs_f16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+        if stream:
+            bnfast_affine_runs_f16_nt(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C,
+                                      relu)
+        else:
+            bnfast_affine_runs_f16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
     elif real_t is bnfast_bf16:
-        bnfast_affine_runs_bf16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+        if stream:
+            bnfast_affine_runs_bf16_nt(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C,
+                                       relu)
+        else:
+            bnfast_affine_runs_bf16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
 
 
 cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
@@ -354,11 +397,11 @@ cdef inline bint _streamable(const void* y, Py_ssize_t piece_bytes, bint use_flo
                              unsigned char* bits) noexcept nogil:
     """Whether an output may take non-temporal stores: pieces (runs, tiles) that
     start on 16-byte boundaries (a line written partly by movnt and partly by
-    plain stores is very slow), a streaming leaf for the type (float32 on float
-    rows, float64), and no mask to pack from the block just written (it would
-    come back from memory, not L1)."""
+    plain stores is very slow), a streaming leaf for the type (float32 and half
+    data on float rows, float64), and no mask to pack from the block just written
+    (it would come back from memory, not L1)."""
     return ((<size_t>y) % 16 == 0 and piece_bytes % 16 == 0 and bits == NULL
-            and not half_data and (use_float or not float_data))
+            and (use_float or not (float_data or half_data)))
 
 
 cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,

@@ -115,36 +115,11 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
         }                                                                                \
     }
 
-/* Non-temporal twins of the 16-byte half stores (dx + i 16-byte aligned). */
-#define BNFAST_STREAM8_HALF_(p, v128) _mm_stream_si128((__m128i *)(void *)(p), (v128))
-
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
 BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
 BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
 #if BNFAST_DISPATCH_AVX2
-#define bnfast_stream8_f16_f16c(p, f) BNFAST_STREAM8_HALF_(                              \
-        p, _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT))
-/* bnfast_store8_bf16_avx2's bits (bnfast_half.h), stored non-temporally. */
-#define bnfast_stream8_bf16_avx2(p, f) do {                                               \
-        __m256i u_ = (__m256i)(f), top_ = _mm256_srli_epi32(u_, 16);                     \
-        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                  \
-            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                              \
-            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                           \
-        __m256i nan_ = _mm256_cmpgt_epi32(_mm256_and_si256(u_, _mm256_set1_epi32(0x7fffffff)), \
-                                          _mm256_set1_epi32(0x7f800000));                 \
-        r_ = _mm256_blendv_epi8(r_, _mm256_or_si256(top_, _mm256_set1_epi32(0x40)), nan_); \
-        BNFAST_STREAM8_HALF_(p, _mm_packus_epi32(_mm256_castsi256_si128(r_),              \
-                                                 _mm256_extracti128_si256(r_, 1)));       \
-    } while (0)
-/* bnfast_store8_bf16_hw's bits, stored non-temporally. */
-#define bnfast_stream8_bf16_hw(p, f) do {                                                 \
-        __m256 v_ = (__m256)(f);                                                          \
-        if (__builtin_expect(_mm256_fpclass_ps_mask(v_, 0x20) != 0, 0))                   \
-            bnfast_stream8_bf16_avx2(p, v_);                                              \
-        else                                                                              \
-            BNFAST_STREAM8_HALF_(p, (__m128i)_mm256_cvtneps_pbh(v_));                     \
-    } while (0)
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
                         bnfast_store8_f16_f16c)
 BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,

@@ -188,14 +188,18 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
 /* float16 with F16C (vcvtps2ph with imm 0: round to nearest even). */
 #define bnfast_load8_f16_f16c(p) \
     ((bnfast_h8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
-#define bnfast_store8_f16_f16c(p, f) \
-    _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT))
 
 /* bfloat16 with AVX2 intrinsics: the same bits as the portable macros, in fewer
  * instructions (one widening load; the pack without a mask; a byte blend). */
 #define bnfast_load8_bf16_avx2(p) ((bnfast_h8f)_mm256_slli_epi32(                        \
         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#define bnfast_store8_bf16_avx2(p, f) do {                                                \
+
+/* The rounding, once per conversion: pack8 gives the __m128i of 8 rounded
+ * halves; store8 writes it (cached), stream8 writes it non-temporally (p
+ * 16-byte aligned; see bnfast_simd.h's streaming leaves for the caller's part:
+ * whole 16-byte groups, and bnfast_nt_fence() before another thread reads). */
+#define bnfast_pack8_f16_f16c(f) _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT)
+#define bnfast_pack8_bf16_avx2(f) ({                                                      \
         __m256i u_ = (__m256i)(f), top_ = _mm256_srli_epi32(u_, 16);                     \
         __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                  \
             _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                              \
@@ -203,21 +207,29 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
         __m256i nan_ = _mm256_cmpgt_epi32(_mm256_and_si256(u_, _mm256_set1_epi32(0x7fffffff)), \
                                           _mm256_set1_epi32(0x7f800000));                 \
         r_ = _mm256_blendv_epi8(r_, _mm256_or_si256(top_, _mm256_set1_epi32(0x40)), nan_); \
-        _mm_storeu_si128((__m128i *)(p), _mm_packus_epi32(_mm256_castsi256_si128(r_),     \
-                                                          _mm256_extracti128_si256(r_, 1))); \
-    } while (0)
+        _mm_packus_epi32(_mm256_castsi256_si128(r_), _mm256_extracti128_si256(r_, 1)); })
 
 /* bfloat16 with AVX512-BF16's vcvtneps2bf16: round to nearest even, NaN as ours,
  * but denormals flushed (measured on all 2^32 floats: only nonzero float
- * denormals differ), so a vector holding one takes the AVX2 path (vfpclassps). */
+ * denormals differ), so a vector holding one takes the AVX2 rounding (vfpclassps). */
 #define BNFAST_BF16_HW_TARGET __attribute__((target("avx2,f16c,avx512f,avx512vl,avx512dq,avx512bf16")))
-#define bnfast_store8_bf16_hw(p, f) do {                                                  \
+#define bnfast_pack8_bf16_hw(f) ({                                                        \
         __m256 v_ = (__m256)(f);                                                          \
+        __m128i h_;                                                                       \
         if (__builtin_expect(_mm256_fpclass_ps_mask(v_, 0x20) != 0, 0))                   \
-            bnfast_store8_bf16_avx2(p, v_);                                               \
+            h_ = bnfast_pack8_bf16_avx2(v_);                                              \
         else                                                                              \
-            _mm_storeu_si128((__m128i *)(p), (__m128i)_mm256_cvtneps_pbh(v_));            \
-    } while (0)
+            h_ = (__m128i)_mm256_cvtneps_pbh(v_);                                         \
+        h_; })
+
+#define BNFAST_STORE8_HALF_(p, v128) _mm_storeu_si128((__m128i *)(void *)(p), (v128))
+#define BNFAST_STREAM8_HALF_(p, v128) _mm_stream_si128((__m128i *)(void *)(p), (v128))
+#define bnfast_store8_f16_f16c(p, f) BNFAST_STORE8_HALF_(p, bnfast_pack8_f16_f16c(f))
+#define bnfast_store8_bf16_avx2(p, f) BNFAST_STORE8_HALF_(p, bnfast_pack8_bf16_avx2(f))
+#define bnfast_store8_bf16_hw(p, f) BNFAST_STORE8_HALF_(p, bnfast_pack8_bf16_hw(f))
+#define bnfast_stream8_f16_f16c(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_f16_f16c(f))
+#define bnfast_stream8_bf16_avx2(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_avx2(f))
+#define bnfast_stream8_bf16_hw(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_hw(f))
 
 static int bnfast_has_bf16_hw = -1;
 static int bnfast_use_bf16_hw(void) {

@@ -175,50 +175,62 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw)
+/* Streaming twins (bnfast_half.h's stream8: the same rounding, non-temporal
+ * stores), for outputs far beyond the caches.  As bnfast_simd.h's float32 ones:
+ * the caller streams only pieces that start 16-byte aligned and span whole
+ * 16-byte groups (8 values), so the plain-stored tail is at most the array's
+ * last values, and calls bnfast_nt_fence() after a block. */
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET,
+                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw)
 #endif
 
-static inline void bnfast_affine_runs_f16(const bnfast_f16 *x, const bnfast_f16 *add,
-                                          bnfast_f16 *y, ptrdiff_t runs, ptrdiff_t S,
-                                          ptrdiff_t c, ptrdiff_t C, const float *m,
-                                          const float *a, const float *b, int relu) {
-    BNFAST_PICK_F16C(bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c)(
-        x, add, y, runs, S, c, C, m, a, b, relu);
-}
-static inline void bnfast_affine_runs_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
-                                           bnfast_bf16 *y, ptrdiff_t runs, ptrdiff_t S,
-                                           ptrdiff_t c, ptrdiff_t C, const float *m,
-                                           const float *a, const float *b, int relu) {
-    BNFAST_PICK_BF16(bnfast_affine_runs_bf16_base, bnfast_affine_runs_bf16_avx2,
-                     bnfast_affine_runs_bf16_hw)(x, add, y, runs, S, c, C, m, a, b, relu);
-}
-
-static inline void bnfast_affine_scalar_f16(const bnfast_f16 *x, const bnfast_f16 *add,
-                                            bnfast_f16 *y, ptrdiff_t n, float m, float a,
-                                            float b, int relu) {
-    BNFAST_PICK_F16C(bnfast_affine_scalar_f16_base, bnfast_affine_scalar_f16_f16c)(
-        x, add, y, n, m, a, b, relu);
-}
-static inline void bnfast_affine_tiled_f16(const bnfast_f16 *x, const bnfast_f16 *add,
-                                           bnfast_f16 *y, ptrdiff_t n, ptrdiff_t W,
-                                           const float *m, const float *a, const float *b,
-                                           int relu) {
-    BNFAST_PICK_F16C(bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c)(
-        x, add, y, n, W, m, a, b, relu);
-}
-static inline void bnfast_affine_scalar_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
-                                             bnfast_bf16 *y, ptrdiff_t n, float m, float a,
-                                             float b, int relu) {
-    BNFAST_PICK_BF16(bnfast_affine_scalar_bf16_base, bnfast_affine_scalar_bf16_avx2,
-                     bnfast_affine_scalar_bf16_hw)(
-        x, add, y, n, m, a, b, relu);
-}
-static inline void bnfast_affine_tiled_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
-                                            bnfast_bf16 *y, ptrdiff_t n, ptrdiff_t W,
-                                            const float *m, const float *a, const float *b,
-                                            int relu) {
-    BNFAST_PICK_BF16(bnfast_affine_tiled_bf16_base, bnfast_affine_tiled_bf16_avx2,
-                     bnfast_affine_tiled_bf16_hw)(
-        x, add, y, n, W, m, a, b, relu);
-}
+/* The leaves, picked at run time: NT is empty (cached stores) or _nt (streamed);
+ * a CPU without the vector store, and the portable build, get the portable
+ * leaves, which store plainly (the PICK macros drop the others' names there). */
+#define BNFAST_DEFINE_HALF_AFFINE_PICKS(NT)                                              \
+    static inline void bnfast_affine_runs_f16##NT(                                       \
+            const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t runs,   \
+            ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,       \
+            const float *b, int relu) {                                                  \
+        BNFAST_PICK_F16C(bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c##NT)(  \
+            x, add, y, runs, S, c, C, m, a, b, relu);                                    \
+    }                                                                                    \
+    static inline void bnfast_affine_runs_bf16##NT(                                      \
+            const bnfast_bf16 *x, const bnfast_bf16 *add, bnfast_bf16 *y, ptrdiff_t runs, \
+            ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,       \
+            const float *b, int relu) {                                                  \
+        BNFAST_PICK_BF16(bnfast_affine_runs_bf16_base, bnfast_affine_runs_bf16_avx2##NT, \
+                         bnfast_affine_runs_bf16_hw##NT)(x, add, y, runs, S, c, C, m, a, b, relu); \
+    }                                                                                    \
+    static inline void bnfast_affine_scalar_f16##NT(                                     \
+            const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
+            float m, float a, float b, int relu) {                                       \
+        BNFAST_PICK_F16C(bnfast_affine_scalar_f16_base, bnfast_affine_scalar_f16_f16c##NT)( \
+            x, add, y, n, m, a, b, relu);                                                \
+    }                                                                                    \
+    static inline void bnfast_affine_tiled_f16##NT(                                      \
+            const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
+            ptrdiff_t W, const float *m, const float *a, const float *b, int relu) {     \
+        BNFAST_PICK_F16C(bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c##NT)( \
+            x, add, y, n, W, m, a, b, relu);                                             \
+    }                                                                                    \
+    static inline void bnfast_affine_scalar_bf16##NT(                                    \
+            const bnfast_bf16 *x, const bnfast_bf16 *add, bnfast_bf16 *y, ptrdiff_t n,   \
+            float m, float a, float b, int relu) {                                       \
+        BNFAST_PICK_BF16(bnfast_affine_scalar_bf16_base, bnfast_affine_scalar_bf16_avx2##NT, \
+                         bnfast_affine_scalar_bf16_hw##NT)(x, add, y, n, m, a, b, relu); \
+    }                                                                                    \
+    static inline void bnfast_affine_tiled_bf16##NT(                                     \
+            const bnfast_bf16 *x, const bnfast_bf16 *add, bnfast_bf16 *y, ptrdiff_t n,   \
+            ptrdiff_t W, const float *m, const float *a, const float *b, int relu) {     \
+        BNFAST_PICK_BF16(bnfast_affine_tiled_bf16_base, bnfast_affine_tiled_bf16_avx2##NT, \
+                         bnfast_affine_tiled_bf16_hw##NT)(x, add, y, n, W, m, a, b, relu); \
+    }
+BNFAST_DEFINE_HALF_AFFINE_PICKS()
+BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)
 
 #endif /* BNFAST_HALF_LEAVES_H */

@@ -2,6 +2,7 @@
 import fractions
 import itertools
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -648,11 +649,14 @@ def test_empty_input_with_every_option(dtype, rng, shape, training):
 
 # -- outputs far beyond the caches: non-temporal stores ------------------------------------
 @pytest.mark.parametrize("dtype, shape", [(np.float32, (16, 64, 64, 64)),
-                                          (np.float64, (8, 64, 64, 64))])
+                                          (np.float64, (8, 64, 64, 64)),
+                                          (np.float16, (32, 64, 64, 64)),
+                                          (ml_dtypes.bfloat16, (32, 64, 64, 64))],
+                         ids=["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("epilogue", ["plain", "relu", "addend", "addend_relu", "in_place"])
 def test_streamed_output_has_the_bits_of_cached_stores(rng, dtype, shape, layout, epilogue):
-    # 16.8 MB outputs take non-temporal stores; one sample's 1 MB slice does not.
+    # 16.8 MB outputs take non-temporal stores; one sample's 0.5-2 MB slice does not.
     # Evaluation is elementwise, so slice by slice must give the same bits.
     x = make_input(rng, shape, dtype)
     addend = make_input(rng, shape, dtype, 0.0, 1.0) if "addend" in epilogue else None
@@ -660,8 +664,10 @@ def test_streamed_output_has_the_bits_of_cached_stores(rng, dtype, shape, layout
         x = channels_last(x)
         addend = None if addend is None else channels_last(addend)
     C = shape[1]
-    rm, rv = rng.normal(size=C).astype(dtype), rng.uniform(0.5, 2.0, C).astype(dtype)
-    w, b = rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)
+    # Half data takes float32 parameters (PyTorch's rule).
+    pdtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+    rm, rv = rng.normal(size=C).astype(pdtype), rng.uniform(0.5, 2.0, C).astype(pdtype)
+    w, b = rng.normal(size=C).astype(pdtype), rng.normal(size=C).astype(pdtype)
     relu = "relu" in epilogue
 
     def run(xs, adds, out=None):

@@ -3,11 +3,12 @@ pattern) and the backward's pass-1 sums (every variant, finite values).
 
 ``tests/c/half_leaves.c`` drives the in-register leaves of
 ``src/bnfast_half_leaves.h`` (portable, F16C/AVX2 and AVX512-BF16, as this CPU
-has them) over all 65536 patterns of each half type with several coefficient
-sets.  It is compiled twice, with SIMD and with ``-DBNFAST_NO_SIMD``, and every
-output must equal NumPy's float32 arithmetic on the widened values rounded to
-the half type by NumPy (float16) and ml_dtypes (bfloat16): the leaves' contract
-("the float32 leaf's result, rounded once"), identical bits in every build.
+has them, and the vector ones' streaming twins) over all 65536 patterns of each
+half type with several coefficient sets.  It is compiled twice, with SIMD and
+with ``-DBNFAST_NO_SIMD``, and every output must equal NumPy's float32
+arithmetic on the widened values rounded to the half type by NumPy (float16)
+and ml_dtypes (bfloat16): the leaves' contract ("the float32 leaf's result,
+rounded once"), identical bits in every build.
 
 ``tests/c/backward_half_leaves.c`` runs the backward's column sums and run sums
 on half data (portable and picked variants) beside the float32 leaf on the same
@@ -28,8 +29,10 @@ COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1
                   [1e-39, 1e-3, 1e-40], [0.3, 1.7, 0.1]], dtype=np.float32)
 # Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled).
 BLOCKS = len(COEFS) * 2 * 2
-# The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16.
-VARIANTS = [np.float16] * 2 + [ml_dtypes.bfloat16] * 3
+# The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16;
+# then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16.
+VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
+            + [np.float16] + [ml_dtypes.bfloat16] * 2)
 
 
 def _driver_output(tmp_path, source, *flags):

@@ -1,7 +1,8 @@
 /*
  * Drives the half-precision normalise leaves (src/bnfast_half_leaves.h) over
  * every 16-bit pattern with a few coefficient sets, in every variant this
- * build has (portable; F16C / AVX2; AVX512-BF16), and writes the outputs as
+ * build has (portable; F16C / AVX2; AVX512-BF16; then the streaming twins of
+ * the vector ones, which must give the same bits), and writes the outputs as
  * raw uint16 to stdout, one block per (type, leaf, coefficients, variant).
  * tests/test_half_leaves.py compiles it twice (with and without
  * -DBNFAST_NO_SIMD) and checks every block against NumPy's float32
@@ -36,15 +37,18 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
         for (relu = 0; relu < 2; relu++) {                                                 \
             bnfast_affine_scalar_##H##_##VARIANT((const T *)x, (const T *)add, (T *)y, N,  \
                                                 coefs[c][0], coefs[c][1], coefs[c][2], relu); \
+            bnfast_nt_fence();  /* for the streaming variants */                            \
             emit(y, N);                                                                    \
             bnfast_affine_tiled_##H##_##VARIANT((const T *)x, NULL, (T *)y, N, W, tm, ta, tb, \
                                                relu);                                      \
+            bnfast_nt_fence();                                                             \
             emit(y, N);                                                                    \
         }                                                                                  \
     }
 
 int main(void) {
-    static uint16_t x[N], add[N], y[N];
+    /* y 16-byte aligned: the streaming variants' contract. */
+    static uint16_t x[N], add[N], y[N] __attribute__((aligned(64)));
     static float tm[W], ta[W], tb[W];
     size_t c, j;
     int relu;
@@ -65,6 +69,16 @@ int main(void) {
     if (bnfast_use_avx2()) { RUN(bf16, bnfast_bf16, avx2) } else { RUN(bf16, bnfast_bf16, base) }
     if (bnfast_use_bf16_hw()) { RUN(bf16, bnfast_bf16, hw) } else { RUN(bf16, bnfast_bf16, base) }
 #else
+    RUN(bf16, bnfast_bf16, base)
+    RUN(bf16, bnfast_bf16, base)
+#endif
+    /* The streaming twins (non-temporal stores), after the cached ones. */
+#if BNFAST_DISPATCH_AVX2
+    if (bnfast_use_f16c()) { RUN(f16, bnfast_f16, f16c_nt) } else { RUN(f16, bnfast_f16, base) }
+    if (bnfast_use_avx2()) { RUN(bf16, bnfast_bf16, avx2_nt) } else { RUN(bf16, bnfast_bf16, base) }
+    if (bnfast_use_bf16_hw()) { RUN(bf16, bnfast_bf16, hw_nt) } else { RUN(bf16, bnfast_bf16, base) }
+#else
+    RUN(f16, bnfast_f16, base)
     RUN(bf16, bnfast_bf16, base)
     RUN(bf16, bnfast_bf16, base)
 #endif
