@@ -153,20 +153,6 @@ cdef extern from "bnfast_simd.h" nogil:
     void bnfast_affine_runs_f32(const float* x, const float* add, float* y, Py_ssize_t runs,
                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
                                 const float* a, const float* b, int relu)
-    # Their streaming twins (the same bits; outputs far beyond the caches).
-    void bnfast_affine_scalar_f32_nt(const float* x, const float* add, float* y, Py_ssize_t n,
-                                     float m, float a, float b, int relu)
-    void bnfast_affine_scalar_f64_nt(const double* x, const double* add, double* y,
-                                     Py_ssize_t n, double m, double a, double b, int relu)
-    void bnfast_affine_tiled_f32_nt(const float* x, const float* add, float* y, Py_ssize_t n,
-                                    Py_ssize_t W, const float* m, const float* a,
-                                    const float* b, int relu)
-    void bnfast_affine_tiled_f64_nt(const double* x, const double* add, double* y,
-                                    Py_ssize_t n, Py_ssize_t W, const double* m,
-                                    const double* a, const double* b, int relu)
-    void bnfast_affine_runs_f32_nt(const float* x, const float* add, float* y, Py_ssize_t runs,
-                                   Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
-                                   const float* a, const float* b, int relu)
     void bnfast_nt_fence()
 
 
@@ -204,27 +190,47 @@ cdef extern from "bnfast_half_leaves.h" nogil:
     void bnfast_affine_runs_bf16(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
                                  Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
                                  const float* m, const float* a, const float* b, int relu)
-    # Their streaming twins on the float rows (the same bits; outputs far beyond the caches).
-    void bnfast_affine_scalar_f16_nt(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
-                                     Py_ssize_t n, float m, float a, float b, int relu)
-    void bnfast_affine_tiled_f16_nt(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
-                                    Py_ssize_t n, Py_ssize_t W, const float* m, const float* a,
-                                    const float* b, int relu)
-    void bnfast_affine_runs_f16_nt(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
-                                   Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
-                                   const float* m, const float* a, const float* b, int relu)
-    void bnfast_affine_scalar_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* add,
-                                      bnfast_bf16* y, Py_ssize_t n, float m, float a, float b,
-                                      int relu)
-    void bnfast_affine_tiled_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* add,
-                                     bnfast_bf16* y, Py_ssize_t n, Py_ssize_t W, const float* m,
-                                     const float* a, const float* b, int relu)
-    void bnfast_affine_runs_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* add,
-                                    bnfast_bf16* y, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
-                                    Py_ssize_t C, const float* m, const float* a, const float* b,
-                                    int relu)
     void bnfast_pack_positive_f16(const bnfast_f16* y, Py_ssize_t n, unsigned char* bits)
     void bnfast_pack_positive_bf16(const bnfast_bf16* y, Py_ssize_t n, unsigned char* bits)
+
+
+cdef extern from "bnfast_affine_entries.h" nogil:
+    # The leaves above on the float rows (and float64), cached or streamed by a flag.
+    void bnfast_affine_scalar_f32_s(const float* x, const float* add, float* y, Py_ssize_t n,
+                                    float m, float a, float b, int relu, int stream)
+    void bnfast_affine_scalar_f64_s(const double* x, const double* add, double* y,
+                                    Py_ssize_t n, double m, double a, double b, int relu,
+                                    int stream)
+    void bnfast_affine_scalar_f16_s(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                    Py_ssize_t n, float m, float a, float b, int relu,
+                                    int stream)
+    void bnfast_affine_scalar_bf16_s(const bnfast_bf16* x, const bnfast_bf16* add,
+                                     bnfast_bf16* y, Py_ssize_t n, float m, float a, float b,
+                                     int relu, int stream)
+    void bnfast_affine_tiled_f32_s(const float* x, const float* add, float* y, Py_ssize_t n,
+                                   Py_ssize_t W, const float* m, const float* a,
+                                   const float* b, int relu, int stream)
+    void bnfast_affine_tiled_f64_s(const double* x, const double* add, double* y,
+                                   Py_ssize_t n, Py_ssize_t W, const double* m,
+                                   const double* a, const double* b, int relu, int stream)
+    void bnfast_affine_tiled_f16_s(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                   Py_ssize_t n, Py_ssize_t W, const float* m, const float* a,
+                                   const float* b, int relu, int stream)
+    void bnfast_affine_tiled_bf16_s(const bnfast_bf16* x, const bnfast_bf16* add,
+                                    bnfast_bf16* y, Py_ssize_t n, Py_ssize_t W,
+                                    const float* m, const float* a, const float* b, int relu,
+                                    int stream)
+    void bnfast_affine_runs_f32_s(const float* x, const float* add, float* y, Py_ssize_t runs,
+                                  Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                                  const float* a, const float* b, int relu, int stream)
+    void bnfast_affine_runs_f16_s(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                  Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                                  const float* m, const float* a, const float* b, int relu,
+                                  int stream)
+    void bnfast_affine_runs_bf16_s(const bnfast_bf16* x, const bnfast_bf16* add,
+                                   bnfast_bf16* y, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                   Py_ssize_t C, const float* m, const float* a,
+                                   const float* b, int relu, int stream)
 
 
 cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
@@ -260,34 +266,18 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
     # stream: non-temporal stores (float32 and half on float rows, float64).
     cdef const float* ft = <const float*>(table + 3 * W)
     if real_t is double:
-        if stream:
-            bnfast_affine_scalar_f64_nt(x, addend, y, n, table[c], table[W + c],
-                                        table[2 * W + c], relu)
-        else:
-            bnfast_affine_scalar_f64(x, addend, y, n, table[c], table[W + c], table[2 * W + c],
-                                     relu)
+        bnfast_affine_scalar_f64_s(x, addend, y, n, table[c], table[W + c], table[2 * W + c],
+                                   relu, stream)
     elif use_float:
         if real_t is float:
-            if stream:
-                bnfast_affine_scalar_f32_nt(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
-                                            relu)
-            else:
-                bnfast_affine_scalar_f32(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
-                                         relu)
+            bnfast_affine_scalar_f32_s(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu,
+                                       stream)
         elif real_t is bnfast_f16:
-            if stream:
-                bnfast_affine_scalar_f16_nt(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
-                                            relu)
-            else:
-                bnfast_affine_scalar_f16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
-                                         relu)
+            bnfast_affine_scalar_f16_s(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu,
+                                       stream)
         else:
-            if stream:
-                bnfast_affine_scalar_bf16_nt(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
-                                             relu)
-            else:
-                bnfast_affine_scalar_bf16(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c],
-                                          relu)
+            bnfast_affine_scalar_bf16_s(x, addend, y, n, ft[c], ft[W + c], ft[2 * W + c], relu,
+                                        stream)
     else:
         if real_t is float:
             bnfast_affine_scalar_f32d(x, addend, y, n, table[c], table[W + c],
@@ -307,26 +297,14 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
     # _apply_scalar).
     cdef const float* ft = <const float*>(tile + 3 * W)
     if real_t is double:
-        if stream:
-            bnfast_affine_tiled_f64_nt(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
-        else:
-            bnfast_affine_tiled_f64(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
+        bnfast_affine_tiled_f64_s(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu, stream)
     elif use_float:
         if real_t is float:
-            if stream:
-                bnfast_affine_tiled_f32_nt(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
-            else:
-                bnfast_affine_tiled_f32(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            bnfast_affine_tiled_f32_s(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu, stream)
         elif real_t is bnfast_f16:
-            if stream:
-                bnfast_affine_tiled_f16_nt(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
-            else:
-                bnfast_affine_tiled_f16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            bnfast_affine_tiled_f16_s(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu, stream)
         else:
-            if stream:
-                bnfast_affine_tiled_bf16_nt(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
-            else:
-                bnfast_affine_tiled_bf16(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu)
+            bnfast_affine_tiled_bf16_s(x, addend, y, n, W, ft, ft + W, ft + 2 * W, relu, stream)
     else:
         if real_t is float:
             bnfast_affine_tiled_f32d(x, addend, y, n, W, tile, tile + W, tile + 2 * W, relu)
@@ -341,23 +319,14 @@ cdef inline void _apply_runs(const real_t* x, const real_t* addend, real_t* y, P
                              bint relu, bint stream) noexcept nogil:
     # Consecutive runs from channel c on, with the table's float rows (not for double).
     if real_t is float:
-        if stream:
-            bnfast_affine_runs_f32_nt(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C,
-                                      relu)
-        else:
-            bnfast_affine_runs_f32(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+        bnfast_affine_runs_f32_s(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu,
+                                 stream)
     elif real_t is bnfast_f16:
-        if stream:
-            bnfast_affine_runs_f16_nt(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C,
-                                      relu)
-        else:
-            bnfast_affine_runs_f16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+        bnfast_affine_runs_f16_s(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu,
+                                 stream)
     elif real_t is bnfast_bf16:
-        if stream:
-            bnfast_affine_runs_bf16_nt(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C,
-                                       relu)
-        else:
-            bnfast_affine_runs_bf16(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu)
+        bnfast_affine_runs_bf16_s(x, addend, y, runs, S, c, C, ft, ft + C, ft + 2 * C, relu,
+                                  stream)
 
 
 cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
