@@ -143,8 +143,7 @@ class Plan:
         return out, coef, bits
 
     def _vector(self, grad):
-        if grad is None:
-            return None
+        """A kernel's (C,) gradient as a tensor of the parameters' dtype."""
         grad = _from_numpy(grad)
         return grad if grad.dtype is self.vector_dtype else grad.to(self.vector_dtype)
 
@@ -174,6 +173,6 @@ class Plan:
             w, b = _backward(x, dy, bits, mean, invstd, self.weight,
                              None if gx is None else gx[1], None if ga is None else ga[1],
                              want_w, want_b, self.layout, self.batch_stats, self.stream, nt)
-        return (None if gx is None else gx[0], self._vector(w), self._vector(b),
-                None if ga is None else ga[0])
+        return (None if gx is None else gx[0], None if w is None else self._vector(w),
+                None if b is None else self._vector(b), None if ga is None else ga[0])
 
