@@ -66,16 +66,19 @@ def eager(input, addend, running_mean, running_var, weight, bias):
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, addend, weight, bias, plan, momentum):
+        x = plan.view(input)
         if _profiling():  # a label where the dispatcher would record the op
             with _record_function(_FORWARD_LABELS[plan.relu]):
-                out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu)
+                out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu, x)
         else:
-            out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu)
+            out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu, x)
         if bits is None:
             ctx.save_for_backward(input, weight)
         else:  # a saved tensor: freed after backward, as the activations
             ctx.save_for_backward(input, weight, _from_numpy(bits))
-        ctx.plan, ctx.coef = plan, coef
+        # The input's view for backward, which drops it (the saved input is what keeps
+        # the memory; a second backward, retain_graph, views it again).
+        ctx.plan, ctx.coef, ctx.input_view = plan, coef, x
         return out
 
     @staticmethod
@@ -85,11 +88,12 @@ class _BatchNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         mask = (need[0], need[2], need[3], need[1])
         bits = saved[2].numpy() if len(saved) == 3 else None
+        x, ctx.input_view = ctx.input_view, None
         if _profiling():
             with _record_function(_BACKWARD_LABELS[plan.relu]):
-                gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask)
+                gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask, x)
         else:
-            gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask)
+            gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask, x)
         return gx, ga, gw, gb, None, None
 
 
