@@ -24,6 +24,10 @@ Parts:
   channels_last: stock vs converted vs converted + fused.
 * ``share``: BatchNorm's share of the self CPU time of a training step (torch
   profiler: ``aten::*batch_norm*`` and the ``bnfast::*`` labels).
+* ``formats``: the channels_last ResNet-18 step's BatchNorm layers: the memory
+  format of their input, output, grad_output and grad_input (a convolution
+  reorders what is not channels_last), and the copy ops (``aten::copy_``,
+  ``contiguous``, ``clone``, ``to``, ...) of a step, stock vs converted vs fused.
 
 Threads: ``torch.set_num_threads(--threads)``, which bnfast.torch uses too.
 Every bnfast result is checked against torch's before it is timed.
@@ -225,7 +229,51 @@ def share(args):
                   f"({bn / total:5.1%})", flush=True)
 
 
-PARTS = {"layers": layers, "overhead": overhead, "resnet": resnet, "share": share}
+def _format(tensor):
+    if tensor.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous" if tensor.is_contiguous() else "strided"
+
+
+_COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::to", "aten::_to_copy",
+             "aten::reshape", "aten::_reshape_alias")
+
+
+def formats(args):
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+    print("\nchannels_last ResNet-18 step: BatchNorm memory formats and copy ops per step")
+    x, target = resnet_batch("channels_last")
+    for v in VARIANTS:
+        model = build_resnet(v, "channels_last").train()
+        seen = Counter()
+
+        def record(what, tensor, seen=seen):
+            seen[f"{what} {_format(tensor)}"] += 1
+
+        def hook(module, inputs, output):
+            record("input", inputs[0])
+            record("output", output)
+            output.register_hook(lambda g: record("grad_output", g))
+            if inputs[0].requires_grad:
+                inputs[0].register_hook(lambda g: record("grad_input", g))
+        handles = [m.register_forward_hook(hook) for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        step = train_step(model, x, target, torch.optim.SGD(model.parameters(), lr=0.01))
+        step()
+        for h in handles:
+            h.remove()
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        copies = {e.key: e.count for e in prof.key_averages() if e.key in _COPY_OPS}
+        print(f"{v:<10} BatchNorm tensors: {dict(sorted(seen.items()))}", flush=True)
+        print(f"{'':<10} copy ops: {dict(sorted(copies.items()))}", flush=True)
+
+
+PARTS = {"layers": layers, "overhead": overhead, "resnet": resnet, "share": share,
+         "formats": formats}
 
 
 def main(argv=None):

@@ -277,3 +277,57 @@ def test_reverted_module_pickles_without_bnfast():
     mine.eval()(torch.randn(2, 4, 3, 3))
     for inplace in (False, True):
         assert b"bnfast" not in pickle.dumps(bt.revert(mine, inplace=inplace))
+
+
+@pytest.mark.parametrize("memory, shape", [(torch.channels_last, (3, 4, 5, 6)),
+                                           (torch.channels_last_3d, (2, 4, 3, 4, 5)),
+                                           (torch.contiguous_format, (3, 4, 5, 6))],
+                         ids=["channels_last", "channels_last_3d", "contiguous"])
+@pytest.mark.parametrize("grad_memory", ["same", "contiguous"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_outputs_and_gradients_keep_torchs_memory_format(memory, shape, grad_memory, fused,
+                                                         dtype):
+    # A channels_last model's convolutions take what BatchNorm hands them without a
+    # reorder only if its output and grad_input have the strides torch's BatchNorm gives.
+    cls = nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm3d
+    stock = cls(4, dtype=dtype)
+    ours = bt.convert(stock)
+    if fused:
+        ours.__class__ = bt.FusedBatchNorm2d if len(shape) == 4 else bt.FusedBatchNorm3d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=dtype, generator=g).contiguous(memory_format=memory)
+    a = torch.randn(shape, dtype=dtype, generator=g).contiguous(memory_format=memory)
+    grad = torch.randn(shape, dtype=dtype, generator=g)
+    if grad_memory == "same":
+        grad = grad.contiguous(memory_format=memory)
+    results = []
+    for module in (stock, ours):
+        xi, ai = x.clone().requires_grad_(), a.clone().requires_grad_()
+        if module is ours:
+            y = ours(xi, ai) if fused else ours(xi)
+        else:
+            y = torch.relu(stock(xi) + ai) if fused else stock(xi)
+        y.backward(grad)
+        results.append((y, xi.grad, ai.grad if fused else None))
+    for theirs, mine in zip(*results):
+        if theirs is not None:
+            assert mine.stride() == theirs.stride()
+            torch.testing.assert_close(mine, theirs, **TOL[dtype])
+
+
+def test_backward_twice_with_retain_graph(dtype):
+    # The second backward views the saved input again (the first dropped its view).
+    stock = _randomise(nn.BatchNorm2d(3, dtype=dtype))
+    mine = bt.convert(stock)
+    x = torch.randn(2, 3, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for module in (copy.deepcopy(stock), mine):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(grad, retain_graph=True)
+        first = xi.grad.clone()
+        y.backward(grad)
+        grads.append((first, xi.grad, module.weight.grad))
+    for theirs, ours in zip(*grads):
+        torch.testing.assert_close(ours, theirs, **TOL[dtype])

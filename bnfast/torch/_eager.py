@@ -13,25 +13,47 @@ Everything else (tracing, fake tensors, subclasses) goes through
 The Function saves what torch's own batch norm saves (input and weight:
 autograd's version checks catch an in-place change before backward) and
 keeps the statistics (a (4, C) float64 table) and the plan on its context.
+
+Private torch entries make this road cheap (the mode checks, the C entry of
+``Function.apply``, the engine's call of the backward node, the version
+counter); :func:`bind` takes each one this torch has and the public road
+where it lacks one: no mode checks, no eager road (the custom operators);
+``Function.apply`` and ``torch.autograd.graph.increment_version`` for the
+others.
 """
 import torch
 from torch.autograd import profiler
 
-__all__ = ["eager", "run"]
+__all__ = ["bind", "eager", "run"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
-_dispatch_stack = torch._C._len_torch_dispatch_stack
-_function_mode = torch._C._is_torch_function_mode_enabled
-_peek_interpreter = torch._C._functorch.peek_interpreter_stack
 _grad_enabled = torch.is_grad_enabled
-_increment_version = torch._C._increment_version  # torch.autograd.graph.increment_version's
 _from_numpy = torch.from_numpy
+_record_function = profiler.record_function
+_FORWARD_LABELS = ("bnfast::batch_norm", "bnfast::fused_batch_norm")
+_BACKWARD_LABELS = ("bnfast::batch_norm_backward", "bnfast::fused_batch_norm_backward")
+
+
+def _false():
+    return False
+
+
+def _profiler_flag():
+    # A module global read without a call into torch (torch.autograd._profiler_enabled: ~0.1 us).
+    return profiler._is_profiler_enabled
+
+
+# Set by bind() (see the module docstring).
+_dispatch_stack = _function_mode = _peek_interpreter = _unwrap_if_dead = None
+_modes_visible = False
+_apply = _increment_version = _profiling = _false
 
 
 def eager(input, addend, running_mean, running_var, weight, bias):
     """True when these tensors can be handed to the kernels without the dispatcher."""
-    if _is_compiling() or _dispatch_stack() or _function_mode() or _peek_interpreter() is not None:
+    if (not _modes_visible or _is_compiling() or _dispatch_stack() or _function_mode()
+            or _peek_interpreter() is not None):
         return False
     plain = _PLAIN
     return (type(input) in plain and (addend is None or type(addend) in plain)
@@ -41,53 +63,97 @@ def eager(input, addend, running_mean, running_var, weight, bias):
             and (bias is None or type(bias) in plain))
 
 
-def _forward(plan, input, addend, momentum, want_stats, want_mask):
-    if profiler._is_profiler_enabled:  # a label where the dispatcher would record the op
-        name = "bnfast::fused_batch_norm" if plan.relu else "bnfast::batch_norm"
-        with profiler.record_function(name):
-            return plan.forward(input, addend, momentum, want_stats, want_mask)
-    return plan.forward(input, addend, momentum, want_stats, want_mask)
-
-
-def _backward(plan, grad, input, coef, bits, mask):
-    if profiler._is_profiler_enabled:
-        name = ("bnfast::fused_batch_norm_backward" if plan.relu
-                else "bnfast::batch_norm_backward")
-        with profiler.record_function(name):
-            return plan.backward(grad, input, coef[0], coef[1], bits, mask)
-    return plan.backward(grad, input, coef[0], coef[1], bits, mask)
-
-
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, addend, weight, bias, plan, momentum):
-        out, coef, bits = _forward(plan, input, addend, momentum, True, plan.relu)
+        x = plan.view(input)
+        if _profiling():  # a label where the dispatcher would record the op
+            with _record_function(_FORWARD_LABELS[plan.relu]):
+                out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu, x)
+        else:
+            out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu, x)
         if bits is None:
             ctx.save_for_backward(input, weight)
         else:  # a saved tensor: freed after backward, as the activations
             ctx.save_for_backward(input, weight, _from_numpy(bits))
-        ctx.plan, ctx.coef = plan, coef
+        # The input's view for backward, which drops it (the saved input is what keeps
+        # the memory; a second backward, retain_graph, views it again).
+        ctx.plan, ctx.coef, ctx.input_view = plan, coef, x
         return out
 
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        bits = saved[2].numpy() if len(saved) == 3 else None
+        plan, coef = ctx.plan, ctx.coef
         need = ctx.needs_input_grad
-        gx, gw, gb, ga = _backward(ctx.plan, grad, saved[0], ctx.coef, bits,
-                                   (need[0], need[2], need[3], need[1]))
+        mask = (need[0], need[2], need[3], need[1])
+        bits = saved[2].numpy() if len(saved) == 3 else None
+        x, ctx.input_view = ctx.input_view, None
+        if _profiling():
+            with _record_function(_BACKWARD_LABELS[plan.relu]):
+                gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask, x)
+        else:
+            gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask, x)
         return gx, ga, gw, gb, None, None
 
 
-# Function.apply without its Python layers (no setup_context to bind defaults for; no
-# functorch transform active, as eager() checked): dead functorch wrappers unwrapped as
-# it would, then the C entry.
-_apply = super(torch.autograd.Function, _BatchNormFunction).apply
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_node_class = getattr(_BatchNormFunction, "_backward_cls", None)
 
 
-def _unwrapped(tensor):
-    return None if tensor is None else _unwrap_if_dead(tensor)
+def _node_apply(node, grad):
+    """The backward node's ``apply`` (what the engine calls): the backward itself, without
+    ``BackwardCFunction.apply``'s lookups (no vjp, no boxed gradients here)."""
+    return _BatchNormFunction.backward(node, grad)
+
+
+def _public_increment_version(tensors):
+    for tensor in tensors:
+        torch.autograd.graph.increment_version(tensor)
+
+
+def _private(owner, name):
+    """``owner.name``, or None where this torch has no such entry (tests hide some)."""
+    return getattr(owner, name, None)
+
+
+def bind():
+    """Take torch's private entries where this torch has them, else the public roads.
+
+    Called once at import; again by tests that hide an entry (``_private``).
+    """
+    global _dispatch_stack, _function_mode, _peek_interpreter, _modes_visible
+    global _apply, _unwrap_if_dead, _increment_version, _profiling
+    C = torch._C
+    functorch = _private(C, "_functorch")
+    _dispatch_stack = _private(C, "_len_torch_dispatch_stack")
+    _function_mode = _private(C, "_is_torch_function_mode_enabled")
+    _peek_interpreter = _private(functorch, "peek_interpreter_stack")
+    # Without all three the eager road cannot tell a mode from none: the custom ops only.
+    _modes_visible = None not in (_dispatch_stack, _function_mode, _peek_interpreter)
+    # Function.apply without its Python layers (no setup_context to bind defaults for; no
+    # functorch transform active, as eager() checked): dead functorch wrappers unwrapped as
+    # it would, then the C entry.
+    c_apply = _private(_private(C, "_FunctionBase"), "apply")
+    _unwrap_if_dead = _private(functorch, "unwrap_if_dead")
+    if c_apply is None or _unwrap_if_dead is None:
+        _apply, _unwrap_if_dead = _BatchNormFunction.apply, None
+    else:
+        _apply = super(torch.autograd.Function, _BatchNormFunction).apply
+    # torch.autograd.graph.increment_version's body, for a tuple.
+    _increment_version = _private(C, "_increment_version") or _public_increment_version
+    _profiling = (_profiler_flag if _private(profiler, "_is_profiler_enabled") is not None
+                  else torch.autograd._profiler_enabled)
+    # The engine calls a Python node's `apply`; torch's (BackwardCFunction.apply) looks up
+    # backward, vjp and boxed_grads_call first (_get_user_fn): none of which this has.
+    node_base = torch.autograd.function.BackwardCFunction
+    if (_node_class is not None and _private(_node_class, "_forward_cls") is _BatchNormFunction
+            and _private(node_base, "_get_user_fn") is not None):
+        _node_class.apply = _node_apply
+    elif _node_class is not None and "apply" in vars(_node_class):
+        del _node_class.apply  # back to torch's
+
+
+bind()
 
 
 def run(plan, input, addend, running_mean, running_var, weight, bias, momentum):
@@ -97,10 +163,18 @@ def run(plan, input, addend, running_mean, running_var, weight, bias, momentum):
                             or (addend is not None and addend.requires_grad)
                             or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
-        out = _apply(_unwrap_if_dead(input), _unwrapped(addend), _unwrapped(weight),
-                     _unwrapped(bias), plan, momentum)
+        unwrap = _unwrap_if_dead
+        if unwrap is None:  # the public Function.apply unwraps
+            out = _apply(input, addend, weight, bias, plan, momentum)
+        else:
+            out = _apply(unwrap(input), None if addend is None else unwrap(addend),
+                         None if weight is None else unwrap(weight),
+                         None if bias is None else unwrap(bias), plan, momentum)
+    elif _profiling():
+        with _record_function(_FORWARD_LABELS[plan.relu]):
+            out = plan.forward(input, addend, momentum, False, False)[0]
     else:
-        out = _forward(plan, input, addend, momentum, False, False)[0]
+        out = plan.forward(input, addend, momentum, False, False)[0]
     if plan.update:
         # Written through NumPy views: tell autograd, as an in-place torch op would.
         _increment_version((running_mean, running_var))

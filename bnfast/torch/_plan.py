@@ -118,12 +118,14 @@ class Plan:
         out = _torch_empty_like(input)
         return out, self.view(out)
 
-    def forward(self, input, addend, momentum, want_stats, want_mask):
+    def forward(self, input, addend, momentum, want_stats, want_mask, x=None):
         """``(out, coef, bits)``: the output tensor; the (4, C) float64 table (mean,
         invstd, scale, shift) with ``want_stats``; the ReLU mask's bits (uint8) with
         ``want_mask`` (and ``relu``).  ``addend``: None or a CPU tensor of input's shape
-        and dtype; ``momentum``: a float."""
-        x = self.view(input)
+        and dtype; ``momentum``: a float; ``x``: ``self.view(input)`` if the caller has
+        it (one ``Tensor.numpy()`` is ~5 dispatcher calls)."""
+        if x is None:
+            x = self.view(input)
         a = None if addend is None else self.view(addend)
         out, y = self._empty(input, x)
         nt = _get_num_threads()
@@ -143,16 +145,17 @@ class Plan:
         return out, coef, bits
 
     def _vector(self, grad):
-        if grad is None:
-            return None
+        """A kernel's (C,) gradient as a tensor of the parameters' dtype."""
         grad = _from_numpy(grad)
         return grad if grad.dtype is self.vector_dtype else grad.to(self.vector_dtype)
 
-    def backward(self, grad, input, mean, invstd, bits, mask):
+    def backward(self, grad, input, mean, invstd, bits, mask, x=None):
         """``(grad_input, grad_weight, grad_bias, grad_addend)`` of this plan's forward
         of ``input`` (``mean``, ``invstd`` and ``bits`` what it returned), None where
-        ``mask`` (4 bools: input, weight, bias, addend) asks for none."""
-        x = self.view(input)
+        ``mask`` (4 bools: input, weight, bias, addend) asks for none; ``x`` as in
+        :meth:`forward`."""
+        if x is None:
+            x = self.view(input)
         try:
             dy = self.view(grad)
         except RuntimeError:  # a grad that requires grad (create_graph=True)
@@ -174,6 +177,6 @@ class Plan:
             w, b = _backward(x, dy, bits, mean, invstd, self.weight,
                              None if gx is None else gx[1], None if ga is None else ga[1],
                              want_w, want_b, self.layout, self.batch_stats, self.stream, nt)
-        return (None if gx is None else gx[0], self._vector(w), self._vector(b),
-                None if ga is None else ga[0])
+        return (None if gx is None else gx[0], None if w is None else self._vector(w),
+                None if b is None else self._vector(b), None if ga is None else ga[0])
 
