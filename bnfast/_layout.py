@@ -97,6 +97,44 @@ def kernel_view(x, layout):
     return x.transpose(_to_last(x.ndim)).reshape(n * spatial, c)
 
 
+#: Arrays bnfast allocates of at least this many bytes start on a cache line.
+#: NumPy's start 16 bytes past one, and every other 32-byte vector store then
+#: straddles two lines: a channels-last eval of 12.8 MB took ~4% longer.
+ALIGNED_BYTES = 1 << 20
+
+
+def aligned_empty(n, dtype):
+    """A new 1-D array of ``n`` values of ``dtype`` starting on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + 64, np.uint8)
+    return raw[-raw.ctypes.data % 64:][:n * dtype.itemsize].view(dtype)
+
+
+def empty_like_aligned(x):
+    """``np.empty_like(x)`` (shape, dtype, memory order), 64-byte aligned when large.
+
+    ``x`` is in a kernel layout (C- or Fortran-contiguous, or channels-last).
+
+    Examples
+    --------
+    >>> x = np.zeros((4, 64, 32, 32), np.float32).transpose(0, 2, 3, 1)
+    >>> y = empty_like_aligned(x)
+    >>> y.strides == np.empty_like(x).strides, y.ctypes.data % 64
+    (True, 0)
+    """
+    if x.nbytes < ALIGNED_BYTES:
+        return np.empty_like(x)
+    flat = aligned_empty(x.size, x.dtype)
+    if x.flags.c_contiguous:
+        return flat.reshape(x.shape)
+    if x.flags.f_contiguous:
+        return flat.reshape(x.shape[::-1]).T
+    if x.ndim > 2 and _is_channels_last(x):
+        moved = flat.reshape((x.shape[0],) + x.shape[2:] + (x.shape[1],))
+        return moved.transpose(_from_last(x.ndim))
+    return np.empty_like(x)
+
+
 def empty_like_layout(x, layout, dtype):
     """A new array shaped like ``x`` whose memory is in ``layout`` (and x's order)."""
     if x.ndim == 2:
@@ -136,7 +174,7 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
     """
     if out is None:
         # x is in layout: empty_like keeps its memory order (C, F or channels-last).
-        result = np.empty_like(x)
+        result = empty_like_aligned(x)
         return result, result
     clash = any(o is not None and np.may_share_memory(out, o) for o in avoid)
     clash = clash or any(o is not None and np.may_share_memory(out, o) and not same_memory(out, o)

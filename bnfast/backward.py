@@ -350,7 +350,7 @@ def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out)
     # same index: it may be either of them.  g is written in pass 1 and read in
     # pass 2 (with x): it may only be grad_output itself.
     if out is None:  # the common case: x is in layout, empty_like keeps its memory order
-        dx = dx_t = np.empty_like(x) if want_dx else None
+        dx = dx_t = _layout.empty_like_aligned(x) if want_dx else None
     else:
         dx, dx_t = _target(out, x, layout, want_dx, same_ok=(x_given, dy_given), avoid=())
     g, g_t = _target(addend_out, x, layout, want_g, same_ok=(dy_given,), avoid=(x_given, dx_t))

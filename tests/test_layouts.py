@@ -346,3 +346,28 @@ def test_training_in_other_layouts_agrees_with_contiguous(dtype, rng, layout, sh
     ref = reference_batch_norm(x, rm0, rv0, w, b, training=True)
     assert_close(ly, ref.out, dtype)
     assert_close(lrm, ref.running_mean, dtype, STAT_TOL)
+
+
+# -- outputs bnfast allocates start on a cache line ---------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("order", ["C", "F", "channels_last"])
+def test_large_new_outputs_are_aligned_with_empty_like_strides(dtype, order):
+    from bnfast._dtypes import resolve_dtype
+    from bnfast._layout import ALIGNED_BYTES, empty_like_aligned
+
+    dt = resolve_dtype(dtype)
+    if order == "F":
+        x = np.zeros((ALIGNED_BYTES // dt.itemsize // 64, 64), dt, order="F")
+    else:
+        x = np.zeros((ALIGNED_BYTES // (64 * 32 * 32 * dt.itemsize), 64, 32, 32), dt)
+        if order == "channels_last":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    y = empty_like_aligned(x)
+    reference = np.empty_like(x)
+    assert (y.shape, y.strides, y.dtype) == (reference.shape, reference.strides, reference.dtype)
+    assert y.ctypes.data % 64 == 0
+    y[...] = 1  # the whole span is writable memory of its own
+    assert not np.shares_memory(y, x)
+    if x.ndim == 4:
+        out = bnfast.batch_norm(x, None, None, training=True)
+        assert out.ctypes.data % 64 == 0 and out.strides == x.strides

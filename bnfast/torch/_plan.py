@@ -113,7 +113,7 @@ class Plan:
     def _empty(self, input, x):
         """``(tensor, its ndarray view)``: a new output like ``input`` (strides and all)."""
         if self.numpy_alloc:
-            array = np.empty_like(x)  # x's memory order: same strides
+            array = _layout.empty_like_aligned(x)  # x's memory order: same strides
             return _from_numpy(array), array
         out = _torch_empty_like(input)
         return out, self.view(out)

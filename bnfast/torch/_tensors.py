@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._dtypes import is_supported
-from .._layout import Layout
+from .._layout import Layout, aligned_empty
 
 
 def _bfloat16():
@@ -76,8 +76,8 @@ def empty_like(tensor):
             and tensor.is_contiguous(memory_format=_DENSE_FORMATS[tensor.dim()])):
         return torch.empty_like(tensor)
     size = tensor.element_size()
-    memory = np.lib.stride_tricks.as_strided(
-        np.empty(tensor.numel(), dtype), tensor.shape, [s * size for s in tensor.stride()])
+    memory = np.lib.stride_tricks.as_strided(  # a cache line aligned (see _layout)
+        aligned_empty(tensor.numel(), dtype), tensor.shape, [s * size for s in tensor.stride()])
     # A tensor of its own (not a torch view: autograd lets in-place ops write it).
     return torch.from_numpy(memory)
 
