@@ -117,7 +117,7 @@ def empty_like_aligned(x):
 
     Examples
     --------
-    >>> x = np.zeros((4, 64, 32, 32), np.float32).transpose(0, 2, 3, 1)
+    >>> x = np.zeros((4, 32, 32, 64), np.float32).transpose(0, 3, 1, 2)  # channels-last
     >>> y = empty_like_aligned(x)
     >>> y.strides == np.empty_like(x).strides, y.ctypes.data % 64
     (True, 0)
