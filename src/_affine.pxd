@@ -331,15 +331,14 @@ cdef inline void _apply_runs(const real_t* x, const real_t* addend, real_t* y, P
                              Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* ft,
                              bint relu, bint stream) noexcept nogil:
     # Consecutive runs from channel c on, with the table's float rows (not for double).
+    cdef const float* fa = ft + table_row(C)
+    cdef const float* fb = ft + 2 * table_row(C)
     if real_t is float:
-        bnfast_affine_runs_f32_s(x, addend, y, runs, S, c, C, ft, ft + table_row(C), ft + 2 * table_row(C), relu,
-                                 stream)
+        bnfast_affine_runs_f32_s(x, addend, y, runs, S, c, C, ft, fa, fb, relu, stream)
     elif real_t is bnfast_f16:
-        bnfast_affine_runs_f16_s(x, addend, y, runs, S, c, C, ft, ft + table_row(C), ft + 2 * table_row(C), relu,
-                                 stream)
+        bnfast_affine_runs_f16_s(x, addend, y, runs, S, c, C, ft, fa, fb, relu, stream)
     elif real_t is bnfast_bf16:
-        bnfast_affine_runs_bf16_s(x, addend, y, runs, S, c, C, ft, ft + table_row(C), ft + 2 * table_row(C), relu,
-                                  stream)
+        bnfast_affine_runs_bf16_s(x, addend, y, runs, S, c, C, ft, fa, fb, relu, stream)
 
 
 cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,

@@ -436,7 +436,8 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     # stores sy[j] and then loads sxy[j] (and shift[j]); at a distance that is a
     # multiple of 4 KiB (blocks * W * 8 bytes often is: W = 1024) the load waits
     # for the store (4K aliasing), every iteration.
-    cdef double* part = <double*>aligned_malloc((2 * blocks * W + W + 2 * ALIAS_PAD) * sizeof(double))
+    cdef double* part = <double*>aligned_malloc(
+        (2 * blocks * W + W + 2 * ALIAS_PAD) * sizeof(double))
     if part == NULL:
         return -1
     cdef double* part_xdy = part + blocks * W + ALIAS_PAD

@@ -140,7 +140,8 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     # then the origins; then each thread's scratch (allocated up front: a thread
     # that skipped the worksharing loop on a failed malloc would hang the others).
     cdef Py_ssize_t slice_len = 5 * cpt + 8
-    cdef double* part = <double*>aligned_malloc((2 * nblocks * C + C + nt * slice_len) * sizeof(double))
+    cdef double* part = <double*>aligned_malloc(
+        (2 * nblocks * C + C + nt * slice_len) * sizeof(double))
     if part == NULL:
         return -1
     cdef double* part_m2 = part + nblocks * C

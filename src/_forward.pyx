@@ -22,6 +22,10 @@ from _arrays cimport load_doubles as _load
 from _batch_stats cimport stats_first, stats_last, update_running
 from _tiling cimport APPLY_WIDTH, tile_repeat
 
+import numpy as _np
+
+from bnfast._layout import aligned_empty as _aligned_empty
+
 cnp.import_array()
 
 cdef enum:
@@ -85,16 +89,6 @@ cdef class CoefficientTable:
                 and _same_bytes(self.key[2], weight) and _same_bytes(self.key[3], bias))
 
 
-cdef cnp.ndarray _aligned_zeros(Py_ssize_t n):
-    """n zeroed float64 values starting on a 64-byte boundary (a view of a longer
-    array; see _aligned.pxd for why tables are aligned)."""
-    cdef cnp.npy_intp dims[1]
-    dims[0] = n + 8
-    cdef cnp.ndarray raw = cnp.PyArray_ZEROS(1, dims, cnp.NPY_FLOAT64, 0)
-    cdef Py_ssize_t skip = (64 - <size_t>cnp.PyArray_DATA(raw) % 64) % 64 // 8
-    return raw[skip:skip + n]
-
-
 cdef CoefficientTable _new_table(object mean, object var, object weight, object bias,
                                  Py_ssize_t C, double eps):
     cdef CoefficientTable entry = CoefficientTable.__new__(CoefficientTable)
@@ -108,7 +102,9 @@ cdef CoefficientTable _new_table(object mean, object var, object weight, object 
         raise MemoryError()
     _coefficients(mean, var, weight, bias, C, eps, coef, scratch)
     aligned_free(scratch)
-    cdef cnp.ndarray storage = _aligned_zeros(table_len(C))
+    # On a cache line, as the kernels' own tables (_aligned.pxd).
+    cdef cnp.ndarray storage = _aligned_empty(table_len(C), _np.float64)
+    storage.fill(0.0)
     fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage), NULL)
     cnp.PyArray_CLEARFLAGS(table, cnp.NPY_ARRAY_WRITEABLE)
     cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
@@ -343,7 +339,8 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
     cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C, APPLY_WIDTH)
     cdef double* own = NULL
     if table == NULL:
-        own = <double*>aligned_malloc(table_len(k * shape.C) * sizeof(double))  # fill_table writes all it reads
+        # (fill_table writes all it reads)
+        own = <double*>aligned_malloc(table_len(k * shape.C) * sizeof(double))
         if own == NULL:
             return -1
         fill_table(coef, shape.C, k, own, residual)
