@@ -882,18 +882,15 @@ typedef double bnfast_v4d_u __attribute__((vector_size(32), aligned(8)));
     }
 BNFAST_DEFINE_STREAM_LEAVES(f32, float, _avx2, BNFAST_AVX2_TARGET, BNFAST_STREAM_WIDE)
 BNFAST_DEFINE_STREAM_LEAVES(f64, double, _avx2, BNFAST_AVX2_TARGET, BNFAST_STREAM_WIDE)
-#define BNFAST_NT_PICK(name) BNFAST_PICK(name##_base, name##_avx2)
-#else
-#define BNFAST_NT_PICK(name) name##_base
 #endif
-#define bnfast_grad_scalar_f32_nt BNFAST_NT_PICK(bnfast_grad_scalar_f32_nt)
-#define bnfast_grad_scalar_f64_nt BNFAST_NT_PICK(bnfast_grad_scalar_f64_nt)
-#define bnfast_grad_tiled_f32_nt BNFAST_NT_PICK(bnfast_grad_tiled_f32_nt)
-#define bnfast_grad_tiled_f64_nt BNFAST_NT_PICK(bnfast_grad_tiled_f64_nt)
-#define bnfast_scale_scalar_f32_nt BNFAST_NT_PICK(bnfast_scale_scalar_f32_nt)
-#define bnfast_scale_scalar_f64_nt BNFAST_NT_PICK(bnfast_scale_scalar_f64_nt)
-#define bnfast_scale_tiled_f32_nt BNFAST_NT_PICK(bnfast_scale_tiled_f32_nt)
-#define bnfast_scale_tiled_f64_nt BNFAST_NT_PICK(bnfast_scale_tiled_f64_nt)
+#define bnfast_grad_scalar_f32_nt BNFAST_BWD_PICK(bnfast_grad_scalar_f32_nt)
+#define bnfast_grad_scalar_f64_nt BNFAST_BWD_PICK(bnfast_grad_scalar_f64_nt)
+#define bnfast_grad_tiled_f32_nt BNFAST_BWD_PICK(bnfast_grad_tiled_f32_nt)
+#define bnfast_grad_tiled_f64_nt BNFAST_BWD_PICK(bnfast_grad_tiled_f64_nt)
+#define bnfast_scale_scalar_f32_nt BNFAST_BWD_PICK(bnfast_scale_scalar_f32_nt)
+#define bnfast_scale_scalar_f64_nt BNFAST_BWD_PICK(bnfast_scale_scalar_f64_nt)
+#define bnfast_scale_tiled_f32_nt BNFAST_BWD_PICK(bnfast_scale_tiled_f32_nt)
+#define bnfast_scale_tiled_f64_nt BNFAST_BWD_PICK(bnfast_scale_tiled_f64_nt)
 static inline void bnfast_stream_fence(void) { _mm_sfence(); }
 #else
 #define bnfast_grad_scalar_f32_nt bnfast_grad_scalar_f32
