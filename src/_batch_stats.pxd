@@ -1,5 +1,6 @@
 # Per-channel batch statistics (mean and biased variance) at the C level, float64
-# accumulation; run by the forward entry (_forward.pyx).
+# accumulation (half data: float sums folded into float64); run by the forward
+# entry (_forward.pyx).
 #
 # Two memory layouts, one pass over the input each, both read in memory order:
 #
@@ -19,8 +20,8 @@
 #
 # Partials are merged per channel in a fixed order (see _moments.pxd): the
 # partition depends on the shape only (never on the thread count or the
-# storage type), so any thread count gives the same bits, and half data the
-# bits of the same values stored as float32.
+# storage type), so any thread count gives the same bits.  (Half data's leaves
+# sum in float, folded into double: src/bnfast_stats.h.)
 #
 # Means are accumulated relative to a per-channel origin (the channel's first
 # value), then returned as the rounded float64 mean plus, optionally, the
@@ -189,8 +190,6 @@ cdef inline void _last_task(const real_t* base, Py_ssize_t t, Py_ssize_t tiles,
     cdef Py_ssize_t j
     for j in range(jn):
         store_double(&shift[j], finite_or_zero(to_double(first[j])))  # exact
-        s1[j] = 0.0
-        s2[j] = 0.0
     shifted_colsums(first, nrows, jn, W, shift, s1, s2)
     # Plain arithmetic first (vectorises), rare fix-ups after.
     for j in range(jn):

@@ -1,25 +1,27 @@
 /*
  * The training statistics' leaves: shifted sums in double, for every storage
- * type (float, double, float16, bfloat16), the half types widened in registers.
+ * type (float, double, float16, bfloat16).
  *
  *   shifted_sums_runs  per run of a block of consecutive runs (channels-first):
  *                      s1[r] = sum(x - shift[r]),  s2[r] = sum((x - shift[r])^2)
  *   shifted_colsums    per column of a block of rows, any row stride
- *                      (channels-last):  s1[j] += sum_r (x[r, j] - shift[j]),
- *                                        s2[j] += sum_r (...)^2
+ *                      (channels-last):  s1[j] = sum_r (x[r, j] - shift[j]),
+ *                                        s2[j] = sum_r (...)^2
  *
- * One body per job (the macros), instantiated per storage type with its
- * widening load (L4: four values to four doubles) and scalar widening (TOD).
- * Widening is exact, so half data gives bit for bit the sums of the same
- * values stored as float32 (and float64), as the arithmetic and its order are
- * one macro's, with no decision on the storage type.  The scalar build
+ * One body per job and arithmetic (the macros), instantiated per storage type
+ * with its loads and scalar conversions.  float32 and float64 data are widened
+ * to double (L4: four values to four doubles, TOD: one) and summed in double:
+ * the same values give the same bits in either type.  Half data is summed in
+ * float, a few terms at a time, and folded into double (see "half data"
+ * below): half the vector work, float32-exact.  The scalar build
  * (BNFAST_NO_SIMD) keeps the lanes, so it gives the same bits as the SIMD
- * variants, which are picked at run time (AVX2; F16C for float16).  No FMA: d * d + b must round the same way.
+ * variants, which are picked at run time (AVX2; F16C for float16).  No FMA:
+ * d * d + b must round the same way.
  *
  * Why not staging (widen a chunk into a float buffer, run the float32 leaf):
  * two more trips through L1 and a call per chunk made half statistics 1.3-1.6x
  * slower than float32's on the same shape; in registers they move half the
- * bytes at the float32 leaf's arithmetic.
+ * bytes.
  */
 #ifndef BNFAST_STATS_H
 #define BNFAST_STATS_H
@@ -135,15 +137,16 @@
 
 /* ---- shifted_colsums ------------------------------------------------------------
  * Columns [0, W) of `rows` rows, row r at x + r * stride (a column tile of
- * channels-last rows).  Rows four at a time (their terms summed in registers
- * before one update of s1/s2, which stay in L1), leftover rows one at a time;
+ * channels-last rows): s1[j] = sum_r (x[r, j] - shift[j]), s2[j] = sum_r (...)^2.
+ * Rows four at a time (their terms summed in registers before one update of
+ * s1/s2, which stay in L1), leftover rows one at a time;
  * vector columns first, then the scalar part in the same per-column order (the
  * whole job without SIMD).  (The whole-row leaf this replaces went one row at a
  * time for rows of 512 B - 2 KiB, where four row streams inside one 4 KiB page
  * had halved its speed; over column tiles four rows at a time is as fast there
- * or faster, measured, and one order for every storage type keeps half data's
- * sums those of float32 data.)
+ * or faster, measured.)
  * ------------------------------------------------------------------------------ */
+#define BNFAST_ZERO_COLUMNS for (j = 0; j < W; j++) s1[j] = s2[j] = 0.0;
 #define BNFAST_COLSUMS_SCALAR(T, TOD, J0)                                                \
     {                                                                                    \
         double k, e0, e1, e2, e3;                                                        \
@@ -171,6 +174,7 @@
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
                           const T *shift, double *s1, double *s2) {                      \
         ptrdiff_t r, j, j4 = W - W % 4;                                                  \
+        BNFAST_ZERO_COLUMNS                                                              \
         for (r = 0; r + 4 <= rows; r += 4) {                                             \
             const T *p0 = x + r * stride, *p1 = p0 + stride;                             \
             const T *p2 = p1 + stride, *p3 = p2 + stride;                                \
@@ -189,58 +193,275 @@
     static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,          \
                      const T *shift, double *s1, double *s2) {                           \
         ptrdiff_t r, j;                                                                  \
+        BNFAST_ZERO_COLUMNS                                                              \
         BNFAST_COLSUMS_SCALAR(T, TOD, 0)                                                 \
     }
 #endif
 
+/* ---- half data: float32 arithmetic, folded into double --------------------------
+ * float16 and bfloat16 values are exact in float.  Their leaves take d = x - k
+ * and d * d in float and sum a few terms per float lane before folding them
+ * into the double sums (the issue's "float32 accumulation"): half the vector
+ * width of widening every value to double, which had made the half statistics
+ * as slow as float32's (arithmetic-bound) while they read half the bytes.
+ *
+ *   runs:    16 float lanes (lane l: values i % 16 == l) for BNFAST_HALF_BURST
+ *            values, then double lane j += (double)f[j] + (double)f[j + 8]: the
+ *            eight double lanes of the float32 leaf, which take the run's last
+ *            n % 16 values and finish it alike.
+ *   colsums: eight rows summed in float, ((d0 + d1) + (d2 + d3)) + ((d4 + d5) +
+ *            (d6 + d7)), the sum added to the double column sums; leftover rows
+ *            one at a time.
+ *
+ * Error: each float sum has at most 16 terms, so the sums are within ~16
+ * float32 ulps of |d|'s (a few ulps in practice) - statistics as exact as the
+ * float32 values they are stored in.  The portable build does the same
+ * operations in the same order: the same bits.
+ *
+ * Range: float16's |d| <= 131008 and d^2 sums stay far inside float's range.
+ * bfloat16 spans float's: d^2 overflows beyond 1.8e19 and underflows below
+ * 1e-19, so a bfloat16 run or column whose s2 is not finite or below 2^-80
+ * (BNFAST_HALF_EXACT_*) is summed again in double, exactly as the float32
+ * leaf would (rare: inf/NaN data, huge or tiny values, constant runs).
+ * ------------------------------------------------------------------------------ */
+#define BNFAST_HALF_BURST 256
+/* s2 that float arithmetic may have lost: not finite, or within reach of
+ * float's underflow (terms below 2^-126 lose bits; 4096 of them lose < 2^-58
+ * of an s2 >= 2^-80). */
+#define BNFAST_HALF_S2_SUSPECT(v) (!((v) >= 0x1p-80 && (v) <= 0x1.fffffffffffffp+1023))
+/* float's run shift: the run's first value, or 0 if that is not finite. */
+#define BNFAST_RUN_SHIFT_F(v) ((v) - (v) == 0.0f ? (v) : 0.0f)
+
+/* The double recounts (portable, any build): a run into S1, S2; a column j. */
+#define BNFAST_HALF_EXACT_NONE(...)
+#define BNFAST_HALF_EXACT_RUN(xp, kp, S1, S2, TOD)                                       \
+    if (BNFAST_HALF_S2_SUSPECT(S2)) {                                                    \
+        double a_[8] = {0}, b_[8] = {0}, d_;                                             \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < n; i_++) {                                                     \
+            d_ = TOD((xp)[i_]) - (kp); a_[i_ % 8] += d_; b_[i_ % 8] += d_ * d_;          \
+        }                                                                                \
+        (S1) = BNFAST_COMBINE8(a_);                                                      \
+        (S2) = BNFAST_COMBINE8(b_);                                                      \
+    }
+#define BNFAST_HALF_EXACT_COLS(TOD)                                                      \
+    for (j = 0; j < W; j++) {                                                            \
+        if (BNFAST_HALF_S2_SUSPECT(s2[j])) {                                             \
+            double k_ = TOD(shift[j]), d_;                                               \
+            s1[j] = s2[j] = 0.0;                                                         \
+            for (r = 0; r < rows; r++) {                                                 \
+                d_ = TOD(x[r * stride + j]) - k_; s1[j] += d_; s2[j] += d_ * d_;         \
+            }                                                                            \
+        }                                                                                \
+    }
+
+#if BNFAST_VECTOR_EXT
+/* W4(f, h): the low (h = 0) or high (h = 1) four floats of eight, widened;
+ * by vcvtps2pd where the target has AVX (GCC's lowering of the portable form
+ * went through the stack: a quarter of a 49-value run's time). */
+#define BNFAST_W4_VEC(f, h) __builtin_convertvector(                                    \
+        __builtin_shufflevector(f, f, 4 * (h), 4 * (h) + 1, 4 * (h) + 2, 4 * (h) + 3), bnfast_v4d)
+#if defined(__x86_64__) || defined(__i386__)
+#define BNFAST_W4_AVX(f, h) ((bnfast_v4d)_mm256_cvtps_pd(                                 \
+        (h) ? _mm256_extractf128_ps((__m256)(f), 1) : _mm256_castps256_ps128((__m256)(f))))
+#endif
+#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, W4,      \
+                                     EXACT)                                              \
+    ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
+                          double *s1, double *s2) {                                      \
+        ptrdiff_t r, i, e, n8 = n - n % 8, n16 = n - n % 16;                             \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xp = x + r * n;                                                     \
+            float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0]));                                   \
+            double kp = (double)kf;                                                      \
+            bnfast_h8f kv = (bnfast_h8f){0} + kf, f0, f1, g0, g1, v0, v1;                \
+            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
+            shift[r] = kp;                                                               \
+            for (i = 0; i < n16;) {                                                      \
+                f0 = (bnfast_h8f){0}; f1 = f0; g0 = f0; g1 = f0;                         \
+                for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;      \
+                     i < e; i += 16) {                                                   \
+                    v0 = L8F(xp + i) - kv; v1 = L8F(xp + i + 8) - kv;                    \
+                    f0 += v0; f1 += v1; g0 += v0 * v0; g1 += v1 * v1;                    \
+                }                                                                        \
+                a0 += W4(f0, 0) + W4(f1, 0)            ;                                 \
+                a1 += W4(f0, 1) + W4(f1, 1)            ;                                 \
+                b0 += W4(g0, 0) + W4(g1, 0)            ;                                 \
+                b1 += W4(g0, 1) + W4(g1, 1)            ;                                 \
+            }                                                                            \
+            if (n8 > n16) {                                                              \
+                u0 = L4(xp + n16) - kp; u1 = L4(xp + n16 + 4) - kp;                      \
+                a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                        \
+            }                                                                            \
+            FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)                            \
+            EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
+        }                                                                                \
+    }
+#else
+#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, W4,      \
+                                     EXACT)                                              \
+    static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,             \
+                     double *s1, double *s2) {                                           \
+        ptrdiff_t r, i, e, l, n16 = n - n % 16;                                          \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xp = x + r * n;                                                     \
+            float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0])), f[16], g[16], v;                  \
+            double kp = (double)kf, a[8] = {0}, b[8] = {0}, d;                           \
+            shift[r] = kp;                                                               \
+            for (i = 0; i < n16;) {                                                      \
+                for (l = 0; l < 16; l++) f[l] = g[l] = 0.0f;                             \
+                for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;      \
+                     i < e; i++) {                                                       \
+                    v = TOF(xp[i]) - kf; f[i % 16] += v; g[i % 16] += v * v;             \
+                }                                                                        \
+                for (l = 0; l < 8; l++) {                                                \
+                    a[l] += (double)f[l] + (double)f[l + 8];                             \
+                    b[l] += (double)g[l] + (double)g[l + 8];                             \
+                }                                                                        \
+            }                                                                            \
+            for (; i < n; i++) {                                                         \
+                d = TOD(xp[i]) - kp; a[i % 8] += d; b[i % 8] += d * d;                   \
+            }                                                                            \
+            s1[r] = BNFAST_COMBINE8(a);                                                  \
+            s2[r] = BNFAST_COMBINE8(b);                                                  \
+            EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
+        }                                                                                \
+    }
+#endif
+
+/* Columns J0.. of a group of eight rows (p0 = the group's first) and of one
+ * leftover row, in float, added to the double sums: the scalar part (and the
+ * whole job without SIMD) in the vector part's order. */
+#define BNFAST_HALF_COLS8_SCALAR(TOF, J0)                                                \
+    for (j = (J0); j < W; j++) {                                                         \
+        float k = TOF(shift[j]), e[8], s = 0.0f, q = 0.0f;                               \
+        int m;                                                                           \
+        for (m = 0; m < 8; m++) e[m] = TOF(p0[m * stride + j]) - k;                      \
+        s = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));           \
+        q = ((e[0] * e[0] + e[1] * e[1]) + (e[2] * e[2] + e[3] * e[3]))                  \
+            + ((e[4] * e[4] + e[5] * e[5]) + (e[6] * e[6] + e[7] * e[7]));               \
+        s1[j] += (double)s; s2[j] += (double)q;                                          \
+    }
+#define BNFAST_HALF_COLS1_SCALAR(TOF, J0)                                                \
+    for (j = (J0); j < W; j++) {                                                         \
+        float e0 = TOF(p0[j]) - TOF(shift[j]);                                           \
+        s1[j] += (double)e0; s2[j] += (double)(e0 * e0);                                 \
+    }
+
+#if BNFAST_VECTOR_EXT
+#define BNFAST_HALF_ADD8(S, j, f, W4)                                                    \
+    *(bnfast_v4d *)((S) + (j)) += W4(f, 0);                                              \
+    *(bnfast_v4d *)((S) + (j) + 4) += W4(f, 1);
+#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, W4, EXACT)              \
+    ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
+                          const T *shift, double *s1, double *s2) {                      \
+        ptrdiff_t r, j, j8 = W - W % 8;                                                  \
+        BNFAST_ZERO_COLUMNS                                                              \
+        for (r = 0; r + 8 <= rows; r += 8) {                                             \
+            const T *p0 = x + r * stride;                                                \
+            for (j = 0; j < j8; j += 8) {                                                \
+                const T *p = p0 + j;                                                     \
+                bnfast_h8f kv = L8F(shift + j);                                          \
+                bnfast_h8f d0 = L8F(p) - kv, d1 = L8F(p + stride) - kv;                  \
+                bnfast_h8f d2 = L8F(p + 2 * stride) - kv, d3 = L8F(p + 3 * stride) - kv; \
+                bnfast_h8f d4 = L8F(p + 4 * stride) - kv, d5 = L8F(p + 5 * stride) - kv; \
+                bnfast_h8f d6 = L8F(p + 6 * stride) - kv, d7 = L8F(p + 7 * stride) - kv; \
+                bnfast_h8f s = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));        \
+                bnfast_h8f q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))               \
+                               + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));            \
+                BNFAST_HALF_ADD8(s1, j, s, W4)                                             \
+                BNFAST_HALF_ADD8(s2, j, q, W4)                                             \
+            }                                                                            \
+            BNFAST_HALF_COLS8_SCALAR(TOF, j8)                                            \
+        }                                                                                \
+        for (; r < rows; r++) {                                                          \
+            const T *p0 = x + r * stride;                                                \
+            for (j = 0; j < j8; j += 8) {                                                \
+                bnfast_h8f d0 = L8F(p0 + j) - L8F(shift + j);                            \
+                BNFAST_HALF_ADD8(s1, j, d0, W4)                                          \
+                BNFAST_HALF_ADD8(s2, j, d0 * d0, W4)                                     \
+            }                                                                            \
+            BNFAST_HALF_COLS1_SCALAR(TOF, j8)                                            \
+        }                                                                                \
+        EXACT                                                                            \
+    }
+#else
+#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, W4, EXACT)              \
+    static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,          \
+                     const T *shift, double *s1, double *s2) {                           \
+        ptrdiff_t r, j;                                                                  \
+        BNFAST_ZERO_COLUMNS                                                              \
+        for (r = 0; r + 8 <= rows; r += 8) {                                             \
+            const T *p0 = x + r * stride;                                                \
+            BNFAST_HALF_COLS8_SCALAR(TOF, 0)                                             \
+        }                                                                                \
+        for (; r < rows; r++) {                                                          \
+            const T *p0 = x + r * stride;                                                \
+            BNFAST_HALF_COLS1_SCALAR(TOF, 0)                                             \
+        }                                                                                \
+        EXACT                                                                            \
+    }
+#endif
+
 /* ---- instances, and the run-time pick ------------------------------------------ */
-#define BNFAST_DEFINE_STATS_LEAVES(SUFFIX, ATTR, ATTR_F16, L4_F16, TOD_F16, ATTR_BF16,  \
-                                   L4_BF16, FINISH)                                        \
+#define BNFAST_DEFINE_STATS_LEAVES(SUFFIX, ATTR, ATTR_F16, L4_F16, L8_F16, TOD_F16,       \
+                                   TOF_F16, ATTR_BF16, L4_BF16, L8_BF16, FINISH, W4)       \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f32_##SUFFIX, float, ATTR,    \
                                     BNFAST_L4_F32, BNFAST_TOD_NATIVE, FINISH)              \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f64_##SUFFIX, double, ATTR,   \
                                     BNFAST_L4_F64, BNFAST_TOD_NATIVE, FINISH)              \
-    BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f16_##SUFFIX, bnfast_f16,     \
-                                    ATTR_F16, L4_F16, TOD_F16, FINISH)                     \
-    BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_bf16_##SUFFIX, bnfast_bf16,   \
-                                    ATTR_BF16, L4_BF16, BNFAST_TOD_BF16, FINISH)           \
+    BNFAST_DEFINE_HALF_SUMS_RUNS(bnfast_shifted_sums_runs_f16_##SUFFIX, bnfast_f16,        \
+                                 ATTR_F16, L8_F16, TOF_F16, L4_F16, TOD_F16, FINISH, W4,   \
+                                 BNFAST_HALF_EXACT_NONE)                                   \
+    BNFAST_DEFINE_HALF_SUMS_RUNS(bnfast_shifted_sums_runs_bf16_##SUFFIX, bnfast_bf16,      \
+                                 ATTR_BF16, L8_BF16, bnfast_bf16_to_float, L4_BF16,        \
+                                 BNFAST_TOD_BF16, FINISH, W4, BNFAST_HALF_EXACT_RUN)       \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_##SUFFIX, float, ATTR,        \
                                   BNFAST_L4_F32, BNFAST_TOD_NATIVE)                        \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_##SUFFIX, double, ATTR,       \
                                   BNFAST_L4_F64, BNFAST_TOD_NATIVE)                        \
-    BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f16_##SUFFIX, bnfast_f16,         \
-                                  ATTR_F16, L4_F16, TOD_F16)                               \
-    BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_bf16_##SUFFIX, bnfast_bf16,       \
-                                  ATTR_BF16, L4_BF16, BNFAST_TOD_BF16)
+    BNFAST_DEFINE_HALF_COLSUMS(bnfast_shifted_colsums_f16_##SUFFIX, bnfast_f16, ATTR_F16,  \
+                               L8_F16, TOF_F16, TOD_F16, W4, )                             \
+    BNFAST_DEFINE_HALF_COLSUMS(bnfast_shifted_colsums_bf16_##SUFFIX, bnfast_bf16,          \
+                               ATTR_BF16, L8_BF16, bnfast_bf16_to_float, BNFAST_TOD_BF16,  \
+                               W4, BNFAST_HALF_EXACT_COLS(BNFAST_TOD_BF16))
 
 /* The base variants: the compiler's own target (with F16C / AVX2 when the build
  * enables them, e.g. -march=native), else the portable half loads. */
 #if BNFAST_VECTOR_EXT && defined(__F16C__)
 #define BNFAST_L4_F16_BASE BNFAST_L4_F16_F16C
+#define BNFAST_L8_F16_BASE bnfast_load8_f16_f16c
 #define BNFAST_TOD_F16_BASE BNFAST_TOD_F16_F16C
-#elif BNFAST_VECTOR_EXT
-#define BNFAST_L4_F16_BASE BNFAST_L4_F16_PORTABLE
-#define BNFAST_TOD_F16_BASE BNFAST_TOD_F16
+#define BNFAST_TOF_F16_BASE BNFAST_TOF_f16_f16c
 #else
+#define BNFAST_L4_F16_BASE BNFAST_L4_F16_PORTABLE
+#define BNFAST_L8_F16_BASE bnfast_load8_f16
 #define BNFAST_TOD_F16_BASE BNFAST_TOD_F16
+#define BNFAST_TOF_F16_BASE bnfast_f16_to_float
 #endif
 #if BNFAST_VECTOR_EXT && defined(__AVX2__)
 #define BNFAST_L4_BF16_BASE BNFAST_L4_BF16_AVX2
-#elif BNFAST_VECTOR_EXT
+#define BNFAST_L8_BF16_BASE bnfast_load8_bf16_avx2
+#else
 #define BNFAST_L4_BF16_BASE BNFAST_L4_BF16_PORTABLE
+#define BNFAST_L8_BF16_BASE bnfast_load8_bf16
 #endif
 #if BNFAST_VECTOR_EXT && defined(__AVX__)
 #define BNFAST_SUMS_FINISH_BASE BNFAST_SUMS_FINISH_AVX
+#define BNFAST_W4_BASE BNFAST_W4_AVX
 #else
 #define BNFAST_SUMS_FINISH_BASE BNFAST_SUMS_FINISH_ARRAY
+#define BNFAST_W4_BASE BNFAST_W4_VEC
 #endif
-BNFAST_DEFINE_STATS_LEAVES(base, , , BNFAST_L4_F16_BASE, BNFAST_TOD_F16_BASE, ,
-                           BNFAST_L4_BF16_BASE, BNFAST_SUMS_FINISH_BASE)
+BNFAST_DEFINE_STATS_LEAVES(base, , , BNFAST_L4_F16_BASE, BNFAST_L8_F16_BASE, BNFAST_TOD_F16_BASE,
+                           BNFAST_TOF_F16_BASE, , BNFAST_L4_BF16_BASE, BNFAST_L8_BF16_BASE,
+                           BNFAST_SUMS_FINISH_BASE, BNFAST_W4_BASE)
 
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_L4_F16_F16C,
-                           BNFAST_TOD_F16_F16C, BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2,
-                           BNFAST_SUMS_FINISH_AVX)
+                           bnfast_load8_f16_f16c, BNFAST_TOD_F16_F16C, BNFAST_TOF_f16_f16c,
+                           BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2, bnfast_load8_bf16_avx2,
+                           BNFAST_SUMS_FINISH_AVX, BNFAST_W4_AVX)
 #define BNFAST_STATS_PICK(T) BNFAST_PICK(bnfast_##T##_base, bnfast_##T##_avx2)
 #define BNFAST_STATS_PICK_F16(T) BNFAST_PICK_F16C(bnfast_##T##_base, bnfast_##T##_avx2)
 #else

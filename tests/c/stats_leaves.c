@@ -1,8 +1,8 @@
 /*
  * Drives the statistics leaves (src/bnfast_stats.h) in every variant this
  * build has (portable; AVX2 / F16C) and every storage type, over the same
- * values: random float16 patterns (|x| < 8) and bfloat16 patterns, widened to
- * float and double for the float32 and float64 leaves.  Writes the sums as raw
+ * values: random float16 and bfloat16 patterns (the value sets below), widened
+ * to float and double for the float32 and float64 leaves.  Writes the sums as raw
  * doubles to stdout: per (value set, type, variant), the runs' shifts, s1, s2
  * for each run length in RUN_LENGTHS, then s1, s2 for each column-sum case.
  * tests/test_stats_leaves.py compiles it with and without -DBNFAST_NO_SIMD.
@@ -55,6 +55,12 @@ static void emit(const double *v, size_t n) { fwrite(v, sizeof(double), n, stdou
 #define RUN_ALL(H, T, X, USE) RUN_TYPE(H, T, X, base) RUN_TYPE(H, T, X, base)
 #endif
 
+/* The value sets: float16 |x| < 8; bfloat16 |x| < 2^8; bfloat16 over its whole
+ * finite range (float arithmetic overflows: the double recount); bfloat16
+ * |x| < 2^-67, denormals too (float arithmetic underflows: the recount). */
+#define NSETS 4
+static const uint32_t set_mod[NSETS] = {0x4800u, 0x4380u, 0x7f80u, 0x1e00u};
+
 int main(void) {
     static uint16_t h[N];
     static float f[N];
@@ -62,13 +68,11 @@ int main(void) {
     size_t i;
     int set;
     uint32_t state;
-    for (set = 0; set < 2; set++) {  /* 0: float16 values, 1: bfloat16 values */
+    for (set = 0; set < NSETS; set++) {
         state = 12345u;
         for (i = 0; i < N; i++) {
             state = state * 1664525u + 1013904223u;
-            /* float16: |x| < 8 (exponent bits below 0x4800); bfloat16: |x| < 2^8 */
-            h[i] = set == 0 ? (uint16_t)((state >> 16) % 0x4800u | ((state >> 8) & 0x8000u))
-                            : (uint16_t)((state >> 16) % 0x4380u | ((state >> 8) & 0x8000u));
+            h[i] = (uint16_t)((state >> 16) % set_mod[set] | ((state >> 8) & 0x8000u));
             f[i] = set == 0 ? bnfast_f16_to_float(*(const bnfast_f16 *)&h[i])
                             : bnfast_bf16_to_float(*(const bnfast_bf16 *)&h[i]);
             d[i] = f[i];
