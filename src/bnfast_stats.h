@@ -255,6 +255,22 @@
         }                                                                                \
     }
 
+/* Runs of at most BNFAST_HALF_SHORT values (7x7 and 8x8 images: a run's fixed
+ * cost is most of its time) are summed and finished in float, eight lanes and
+ * the run's tail masked into a last full vector; runs of fewer than eight
+ * values through arrays.  Every float sum then has at most 13 roundings. */
+#define BNFAST_HALF_SHORT 128
+#define BNFAST_HALF_TINY_RUN(xp, kf, S1, S2, TOF)                                        \
+    {                                                                                    \
+        float F_[8] = {0}, G_[8] = {0}, v_;                                              \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < n; i_++) {                                                     \
+            v_ = TOF((xp)[i_]) - (kf); F_[i_] += v_; G_[i_] += v_ * v_;                  \
+        }                                                                                \
+        (S1) = (double)BNFAST_COMBINE8(F_);                                              \
+        (S2) = (double)BNFAST_COMBINE8(G_);                                              \
+    }
+
 #if BNFAST_VECTOR_EXT
 /* W4(f, h): the low (h = 0) or high (h = 1) four floats of eight, widened;
  * by vcvtps2pd where the target has AVX (GCC's lowering of the portable form
@@ -265,65 +281,125 @@
 #define BNFAST_W4_AVX(f, h) ((bnfast_v4d)_mm256_cvtps_pd(                                 \
         (h) ? _mm256_extractf128_ps((__m256)(f), 1) : _mm256_castps256_ps128((__m256)(f))))
 #endif
-#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, W4,      \
+/* The float finish of a short run: lanes F and G (eight each) combined in
+ * BNFAST_COMBINE8's order, in float, then widened. */
+#define BNFAST_COMBINE8F_VEC(F, G, S1, S2)                                               \
+    {                                                                                    \
+        bnfast_h8f F_ = (F), G_ = (G);                                                   \
+        float a_[8], b_[8];                                                              \
+        int l_;                                                                          \
+        for (l_ = 0; l_ < 8; l_++) { a_[l_] = F_[l_]; b_[l_] = G_[l_]; }                 \
+        (S1) = (double)BNFAST_COMBINE8(a_);                                              \
+        (S2) = (double)BNFAST_COMBINE8(b_);                                              \
+    }
+#if defined(__x86_64__) || defined(__i386__)
+#define BNFAST_COMBINE8F_AVX(F, G, S1, S2)                                               \
+    {   /* (F0+F1, F2+F3, G0+G1, G2+G3 | F4+F5, F6+F7, G4+G5, G6+G7), then pairs */     \
+        __m256 h_ = _mm256_hadd_ps((__m256)(F), (__m256)(G));                            \
+        h_ = _mm256_hadd_ps(h_, h_);                                                     \
+        __m128 q_ = _mm_add_ps(_mm256_castps256_ps128(h_), _mm256_extractf128_ps(h_, 1)); \
+        (S1) = (double)_mm_cvtss_f32(q_);                                                \
+        (S2) = (double)_mm_cvtss_f32(_mm_movehdup_ps(q_));                               \
+    }
+#endif
+#define BNFAST_HALF_STEP16(L8F)                                                          \
+    v0 = L8F(xp + i) - kv; v1 = L8F(xp + i + 8) - kv;                                    \
+    f0 += v0; f1 += v1; g0 += v0 * v0; g1 += v1 * v1;
+#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, OPS,     \
                                      EXACT)                                              \
     ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
                           double *s1, double *s2) {                                      \
         ptrdiff_t r, i, e, n8 = n - n % 8, n16 = n - n % 16;                             \
+        const bnfast_h8i lane = {0, 1, 2, 3, 4, 5, 6, 7};                                \
         for (r = 0; r < runs; r++) {                                                     \
             const T *xp = x + r * n;                                                     \
             float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0]));                                   \
             double kp = (double)kf;                                                      \
             bnfast_h8f kv = (bnfast_h8f){0} + kf, f0, f1, g0, g1, v0, v1;                \
-            bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
             shift[r] = kp;                                                               \
-            for (i = 0; i < n16;) {                                                      \
+            if (n < 8) {                                                                 \
+                BNFAST_HALF_TINY_RUN(xp, kf, s1[r], s2[r], TOF)                          \
+            } else if (n <= BNFAST_HALF_SHORT) {                                         \
                 f0 = (bnfast_h8f){0}; f1 = f0; g0 = f0; g1 = f0;                         \
-                for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;      \
-                     i < e; i += 16) {                                                   \
-                    v0 = L8F(xp + i) - kv; v1 = L8F(xp + i + 8) - kv;                    \
-                    f0 += v0; f1 += v1; g0 += v0 * v0; g1 += v1 * v1;                    \
+                for (i = 0; i < n16; i += 16) { BNFAST_HALF_STEP16(L8F) }                \
+                if (n - i >= 8) { v0 = L8F(xp + i) - kv; f0 += v0; g0 += v0 * v0; i += 8; } \
+                if (i < n) {  /* the last eight values, those counted masked off */      \
+                    v1 = (bnfast_h8f)((bnfast_h8i)(L8F(xp + n - 8) - kv)                 \
+                                      & (lane >= (bnfast_h8i){0} + (int)(8 - (n - i)))); \
+                    f1 += v1; g1 += v1 * v1;                                             \
                 }                                                                        \
-                a0 += W4(f0, 0) + W4(f1, 0)            ;                                 \
-                a1 += W4(f0, 1) + W4(f1, 1)            ;                                 \
-                b0 += W4(g0, 0) + W4(g1, 0)            ;                                 \
-                b1 += W4(g0, 1) + W4(g1, 1)            ;                                 \
+                BNFAST_COMBINE8F_##OPS(f0 + f1, g0 + g1, s1[r], s2[r])                   \
+            } else {                                                                     \
+                bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;         \
+                for (i = 0; i < n16;) {                                                  \
+                    f0 = (bnfast_h8f){0}; f1 = f0; g0 = f0; g1 = f0;                     \
+                    for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;  \
+                         i < e; i += 16) { BNFAST_HALF_STEP16(L8F) }                     \
+                    a0 += BNFAST_W4_##OPS(f0, 0) + BNFAST_W4_##OPS(f1, 0);               \
+                    a1 += BNFAST_W4_##OPS(f0, 1) + BNFAST_W4_##OPS(f1, 1);               \
+                    b0 += BNFAST_W4_##OPS(g0, 0) + BNFAST_W4_##OPS(g1, 0);               \
+                    b1 += BNFAST_W4_##OPS(g0, 1) + BNFAST_W4_##OPS(g1, 1);               \
+                }                                                                        \
+                if (n8 > n16) {                                                          \
+                    u0 = L4(xp + n16) - kp; u1 = L4(xp + n16 + 4) - kp;                  \
+                    a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                    \
+                }                                                                        \
+                FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)                        \
             }                                                                            \
-            if (n8 > n16) {                                                              \
-                u0 = L4(xp + n16) - kp; u1 = L4(xp + n16 + 4) - kp;                      \
-                a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                        \
-            }                                                                            \
-            FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)                            \
             EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
         }                                                                                \
     }
 #else
-#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, W4,      \
+#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, OPS,     \
                                      EXACT)                                              \
     static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,             \
                      double *s1, double *s2) {                                           \
         ptrdiff_t r, i, e, l, n16 = n - n % 16;                                          \
         for (r = 0; r < runs; r++) {                                                     \
             const T *xp = x + r * n;                                                     \
-            float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0])), f[16], g[16], v;                  \
+            float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0])), f[16], g[16], F[8], G[8], v;      \
             double kp = (double)kf, a[8] = {0}, b[8] = {0}, d;                           \
             shift[r] = kp;                                                               \
-            for (i = 0; i < n16;) {                                                      \
+            if (n < 8) {                                                                 \
+                BNFAST_HALF_TINY_RUN(xp, kf, s1[r], s2[r], TOF)                          \
+            } else if (n <= BNFAST_HALF_SHORT) {                                         \
                 for (l = 0; l < 16; l++) f[l] = g[l] = 0.0f;                             \
-                for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;      \
-                     i < e; i++) {                                                       \
+                for (i = 0; i < n16; i++) {                                              \
                     v = TOF(xp[i]) - kf; f[i % 16] += v; g[i % 16] += v * v;             \
                 }                                                                        \
-                for (l = 0; l < 8; l++) {                                                \
-                    a[l] += (double)f[l] + (double)f[l + 8];                             \
-                    b[l] += (double)g[l] + (double)g[l + 8];                             \
+                if (n - i >= 8) {                                                        \
+                    for (l = 0; l < 8; l++) {                                            \
+                        v = TOF(xp[i + l]) - kf; f[l] += v; g[l] += v * v;               \
+                    }                                                                    \
+                    i += 8;                                                              \
                 }                                                                        \
+                if (i < n) {                                                             \
+                    for (l = 0; l < 8; l++) {                                            \
+                        v = l >= 8 - (n - i) ? TOF(xp[n - 8 + l]) - kf : 0.0f;           \
+                        f[8 + l] += v; g[8 + l] += v * v;                                \
+                    }                                                                    \
+                }                                                                        \
+                for (l = 0; l < 8; l++) { F[l] = f[l] + f[l + 8]; G[l] = g[l] + g[l + 8]; } \
+                s1[r] = (double)BNFAST_COMBINE8(F);                                      \
+                s2[r] = (double)BNFAST_COMBINE8(G);                                      \
+            } else {                                                                     \
+                for (i = 0; i < n16;) {                                                  \
+                    for (l = 0; l < 16; l++) f[l] = g[l] = 0.0f;                         \
+                    for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;  \
+                         i < e; i++) {                                                   \
+                        v = TOF(xp[i]) - kf; f[i % 16] += v; g[i % 16] += v * v;         \
+                    }                                                                    \
+                    for (l = 0; l < 8; l++) {                                            \
+                        a[l] += (double)f[l] + (double)f[l + 8];                         \
+                        b[l] += (double)g[l] + (double)g[l + 8];                         \
+                    }                                                                    \
+                }                                                                        \
+                for (; i < n; i++) {                                                     \
+                    d = TOD(xp[i]) - kp; a[i % 8] += d; b[i % 8] += d * d;               \
+                }                                                                        \
+                s1[r] = BNFAST_COMBINE8(a);                                              \
+                s2[r] = BNFAST_COMBINE8(b);                                              \
             }                                                                            \
-            for (; i < n; i++) {                                                         \
-                d = TOD(xp[i]) - kp; a[i % 8] += d; b[i % 8] += d * d;                   \
-            }                                                                            \
-            s1[r] = BNFAST_COMBINE8(a);                                                  \
-            s2[r] = BNFAST_COMBINE8(b);                                                  \
             EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
         }                                                                                \
     }
@@ -352,7 +428,7 @@
 #define BNFAST_HALF_ADD8(S, j, f, W4)                                                    \
     *(bnfast_v4d *)((S) + (j)) += W4(f, 0);                                              \
     *(bnfast_v4d *)((S) + (j) + 4) += W4(f, 1);
-#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, W4, EXACT)              \
+#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, OPS, EXACT)             \
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
                           const T *shift, double *s1, double *s2) {                      \
         ptrdiff_t r, j, j8 = W - W % 8;                                                  \
@@ -369,8 +445,8 @@
                 bnfast_h8f s = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));        \
                 bnfast_h8f q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))               \
                                + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));            \
-                BNFAST_HALF_ADD8(s1, j, s, W4)                                             \
-                BNFAST_HALF_ADD8(s2, j, q, W4)                                             \
+                BNFAST_HALF_ADD8(s1, j, s, BNFAST_W4_##OPS)                                \
+                BNFAST_HALF_ADD8(s2, j, q, BNFAST_W4_##OPS)                                \
             }                                                                            \
             BNFAST_HALF_COLS8_SCALAR(TOF, j8)                                            \
         }                                                                                \
@@ -378,15 +454,15 @@
             const T *p0 = x + r * stride;                                                \
             for (j = 0; j < j8; j += 8) {                                                \
                 bnfast_h8f d0 = L8F(p0 + j) - L8F(shift + j);                            \
-                BNFAST_HALF_ADD8(s1, j, d0, W4)                                          \
-                BNFAST_HALF_ADD8(s2, j, d0 * d0, W4)                                     \
+                BNFAST_HALF_ADD8(s1, j, d0, BNFAST_W4_##OPS)                             \
+                BNFAST_HALF_ADD8(s2, j, d0 * d0, BNFAST_W4_##OPS)                        \
             }                                                                            \
             BNFAST_HALF_COLS1_SCALAR(TOF, j8)                                            \
         }                                                                                \
         EXACT                                                                            \
     }
 #else
-#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, W4, EXACT)              \
+#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, OPS, EXACT)             \
     static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,          \
                      const T *shift, double *s1, double *s2) {                           \
         ptrdiff_t r, j;                                                                  \
@@ -405,26 +481,26 @@
 
 /* ---- instances, and the run-time pick ------------------------------------------ */
 #define BNFAST_DEFINE_STATS_LEAVES(SUFFIX, ATTR, ATTR_F16, L4_F16, L8_F16, TOD_F16,       \
-                                   TOF_F16, ATTR_BF16, L4_BF16, L8_BF16, FINISH, W4)       \
+                                   TOF_F16, ATTR_BF16, L4_BF16, L8_BF16, FINISH, OPS)      \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f32_##SUFFIX, float, ATTR,    \
                                     BNFAST_L4_F32, BNFAST_TOD_NATIVE, FINISH)              \
     BNFAST_DEFINE_SHIFTED_SUMS_RUNS(bnfast_shifted_sums_runs_f64_##SUFFIX, double, ATTR,   \
                                     BNFAST_L4_F64, BNFAST_TOD_NATIVE, FINISH)              \
     BNFAST_DEFINE_HALF_SUMS_RUNS(bnfast_shifted_sums_runs_f16_##SUFFIX, bnfast_f16,        \
-                                 ATTR_F16, L8_F16, TOF_F16, L4_F16, TOD_F16, FINISH, W4,   \
+                                 ATTR_F16, L8_F16, TOF_F16, L4_F16, TOD_F16, FINISH, OPS,  \
                                  BNFAST_HALF_EXACT_NONE)                                   \
     BNFAST_DEFINE_HALF_SUMS_RUNS(bnfast_shifted_sums_runs_bf16_##SUFFIX, bnfast_bf16,      \
                                  ATTR_BF16, L8_BF16, bnfast_bf16_to_float, L4_BF16,        \
-                                 BNFAST_TOD_BF16, FINISH, W4, BNFAST_HALF_EXACT_RUN)       \
+                                 BNFAST_TOD_BF16, FINISH, OPS, BNFAST_HALF_EXACT_RUN)      \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_##SUFFIX, float, ATTR,        \
                                   BNFAST_L4_F32, BNFAST_TOD_NATIVE)                        \
     BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_##SUFFIX, double, ATTR,       \
                                   BNFAST_L4_F64, BNFAST_TOD_NATIVE)                        \
     BNFAST_DEFINE_HALF_COLSUMS(bnfast_shifted_colsums_f16_##SUFFIX, bnfast_f16, ATTR_F16,  \
-                               L8_F16, TOF_F16, TOD_F16, W4, )                             \
+                               L8_F16, TOF_F16, TOD_F16, OPS, )                            \
     BNFAST_DEFINE_HALF_COLSUMS(bnfast_shifted_colsums_bf16_##SUFFIX, bnfast_bf16,          \
                                ATTR_BF16, L8_BF16, bnfast_bf16_to_float, BNFAST_TOD_BF16,  \
-                               W4, BNFAST_HALF_EXACT_COLS(BNFAST_TOD_BF16))
+                               OPS, BNFAST_HALF_EXACT_COLS(BNFAST_TOD_BF16))
 
 /* The base variants: the compiler's own target (with F16C / AVX2 when the build
  * enables them, e.g. -march=native), else the portable half loads. */
@@ -448,20 +524,20 @@
 #endif
 #if BNFAST_VECTOR_EXT && defined(__AVX__)
 #define BNFAST_SUMS_FINISH_BASE BNFAST_SUMS_FINISH_AVX
-#define BNFAST_W4_BASE BNFAST_W4_AVX
+#define BNFAST_OPS_BASE AVX
 #else
 #define BNFAST_SUMS_FINISH_BASE BNFAST_SUMS_FINISH_ARRAY
-#define BNFAST_W4_BASE BNFAST_W4_VEC
+#define BNFAST_OPS_BASE VEC
 #endif
 BNFAST_DEFINE_STATS_LEAVES(base, , , BNFAST_L4_F16_BASE, BNFAST_L8_F16_BASE, BNFAST_TOD_F16_BASE,
                            BNFAST_TOF_F16_BASE, , BNFAST_L4_BF16_BASE, BNFAST_L8_BF16_BASE,
-                           BNFAST_SUMS_FINISH_BASE, BNFAST_W4_BASE)
+                           BNFAST_SUMS_FINISH_BASE, BNFAST_OPS_BASE)
 
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_L4_F16_F16C,
                            bnfast_load8_f16_f16c, BNFAST_TOD_F16_F16C, BNFAST_TOF_f16_f16c,
                            BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2, bnfast_load8_bf16_avx2,
-                           BNFAST_SUMS_FINISH_AVX, BNFAST_W4_AVX)
+                           BNFAST_SUMS_FINISH_AVX, AVX)
 #define BNFAST_STATS_PICK(T) BNFAST_PICK(bnfast_##T##_base, bnfast_##T##_avx2)
 #define BNFAST_STATS_PICK_F16(T) BNFAST_PICK_F16C(bnfast_##T##_base, bnfast_##T##_avx2)
 #else

@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 N, RUNS = 65536, 12
-RUN_LENGTHS = [1, 7, 8, 9, 49, 784, 4096]
+RUN_LENGTHS = [1, 7, 8, 9, 23, 24, 49, 128, 129, 784, 4096]
 COL_CASES = [(13, 72, 72), (10, 131, 131), (9, 200, 200), (6, 300, 512), (5, 3, 3),
              (17, 64, 1024)]
 # Per value set: (float32, float64, the half type) x (portable, SIMD) blocks.

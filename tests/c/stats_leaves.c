@@ -14,7 +14,7 @@
 
 #define N 65536
 #define RUNS 12
-static const ptrdiff_t run_lengths[] = {1, 7, 8, 9, 49, 784, 4096};
+static const ptrdiff_t run_lengths[] = {1, 7, 8, 9, 23, 24, 49, 128, 129, 784, 4096};
 #define NLENGTHS (sizeof run_lengths / sizeof run_lengths[0])
 /* (rows, W, stride): groups of four rows and leftover rows, scalar columns,
  * a tile inside wider rows. */
