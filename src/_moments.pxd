@@ -11,6 +11,11 @@ from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
 from libc.math cimport INFINITY
 
 
+cdef extern from "bnfast_merge.h" nogil:
+    void bnfast_merge_rows(double* mean, double* m2, const double* pmean, const double* pm2,
+                           Py_ssize_t C, double n_a, double n_b)
+
+
 cdef extern from "bnfast_stats.h" nogil:
     # The statistics' leaves, one body for every storage type (half widened in registers).
     void bnfast_shifted_sums_runs_f32(const float* x, Py_ssize_t runs, Py_ssize_t n,
@@ -115,20 +120,11 @@ cdef inline void merge_rows(double* mean, double* m2, const double* part_mean,
                             const double* part_m2, Py_ssize_t C, double n_a, double n_b) noexcept nogil:
     """Fold C partials that all count n_b into C accumulators that all count n_a.
 
-    Every channel sees the same counts, so the ratios are computed once and the
-    channel loop is division-free and vectorisable.
+    Every channel sees the same counts, so the ratios are computed once; the
+    channel loop is bnfast_merge_rows (vector code: merged_mean's operations,
+    its select a mask).
     """
-    if n_b <= 0:
-        return
-    cdef double r = n_b / (n_a + n_b)
-    cdef double q = n_a * r
-    cdef double delta
-    cdef Py_ssize_t c
-    for c in range(C):
-        delta = part_mean[c] - mean[c]
-        mean[c] = merged_mean(mean[c], part_mean[c], r)
-        # delta * (delta * q): 0 for the first partial (q == 0) even if delta**2 overflows
-        m2[c] = m2[c] + part_m2[c] + delta * (delta * q)
+    bnfast_merge_rows(mean, m2, part_mean, part_m2, C, n_a, n_b)
 
 
 cdef inline void merge_partial(double* count, double* mean, double* m2,
