@@ -4,9 +4,12 @@
  *
  * In registers where the CPU converts (F16C for float16; bfloat16 is an unpack
  * under zeros, AVX2), picked at run time:
- *   pass 1, plain and masked: the float32 leaves' bodies (bnfast_backward_simd.h)
- *     with half load kinds -- half -> float -> double is exact, so the same
- *     lanes, order and row groups (float's) give float32's sums bit for bit;
+ *   pass 1, channels-first without a mask: float sums folded into double
+ *     (bnfast_float_sums.h), float32-exact, at half the vector work;
+ *   pass 1, channels-last and masked: the float32 leaves' bodies
+ *     (bnfast_backward_simd.h) with half load kinds -- half -> float -> double
+ *     is exact, so the same lanes, order and row groups (float's) give
+ *     float32's sums bit for bit;
  *   pass 2 without a mask: dx = round((dy * a + (x - m) * b) + d) in float,
  *     non-temporal stores where asked (arrays far beyond the caches).
  * Staged elsewhere (bnfast_half.h): widen into float buffers, run the float32
@@ -26,6 +29,9 @@
 #ifndef BNFAST_BACKWARD_HALF_H
 #define BNFAST_BACKWARD_HALF_H
 
+#include <math.h>
+
+#include "bnfast_float_sums.h"
 #include "bnfast_half.h"
 #include "bnfast_half_leaves.h"
 #include "bnfast_backward_simd.h"
@@ -179,30 +185,15 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
                      bnfast_grad_vec_runs_bf16_hw)
 
 /* ---------------------------------------------------------------------------
- * Pass 1 without a mask, in registers: the float32 leaves' bodies
- * (bnfast_backward_simd.h's *_K macros) with the half types' load kinds, which
- * widen half -> float -> double exactly (F16C's vcvtph2ps; a shift for
- * bfloat16).  Same lanes, same order, same row groups (float's), so the sums
- * are float32's on the same values -- without the staging buffers' extra trip
- * through L1 (the staged pass 1 ran at ~0.75x float32's time).
+ * Pass 1 without a mask, in registers.  Channels-first runs: float sums (see
+ * BNFAST_DEFINE_HALF_DOT_RUNS below).  Channels-last columns: the float32
+ * leaves' bodies (bnfast_backward_simd.h's *_K macros) with the half types'
+ * load kinds, which widen half -> float -> double exactly (F16C's vcvtph2ps; a
+ * shift for bfloat16): the same lanes, order and row groups (float's), so the
+ * sums are float32's on the same values -- without the staging buffers' extra
+ * trip through L1 (the staged pass 1 ran at ~0.75x float32's time).
  * ------------------------------------------------------------------------- */
 #define BNFAST_WIDE8_f16 0
-/* Runs longer than BNFAST_PAIR_MAX go one at a time (two interleaved runs are
- * four streams: 784-value runs from memory took 6.5 ms instead of 3.8 for
- * 32x512x28x28 float16), prefetching a line of x and of y BNFAST_RUN_PF values
- * ahead (3136-value runs: 7.8 -> 7.2 ms; the staged leaves took ~7.1). */
-#ifndef BNFAST_RUN_PF
-#define BNFAST_RUN_PF 1024
-#endif
-#define BNFAST_RUN_PREFETCH_HALF(xp, yp, i)                                              \
-    if (!((i) & 31)) {                                                                   \
-        __builtin_prefetch((xp) + (i) + BNFAST_RUN_PF);                                  \
-        __builtin_prefetch((yp) + (i) + BNFAST_RUN_PF);                                  \
-    }
-#define BNFAST_RUN_PREFETCH_f16(xp, yp, i)
-#define BNFAST_RUN_PREFETCH_bf16(xp, yp, i)
-#define BNFAST_RUN_PREFETCH_f16c(xp, yp, i) BNFAST_RUN_PREFETCH_HALF(xp, yp, i)
-#define BNFAST_RUN_PREFETCH_bf16avx2(xp, yp, i) BNFAST_RUN_PREFETCH_HALF(xp, yp, i)
 #define BNFAST_WIDE8_bf16 0
 #define BNFAST_WIDE8_f16c 1
 #define BNFAST_WIDE8_bf16avx2 1
@@ -241,20 +232,115 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
     } while (0)
 #endif
 
-#ifndef BNFAST_PAIR_MAX
-#define BNFAST_PAIR_MAX 256
+/* ---------------------------------------------------------------------------
+ * Channels-first pass 1, half data: bnfast_float_sums.h's run engine, terms
+ * y and (x - kf) * y with kf the shift rounded to float, then
+ * sxy += (kf - shift) * sy in double (exact algebra).  A run whose float sums
+ * float may have lost goes again through the double leaf's arithmetic
+ * (BNFAST_DOT_FLOAT_OK): a sum not finite (inf/NaN data, bfloat16 beyond
+ * float's square range, a shift not finite), or sxy below 2^-90 but for exact
+ * zeros of both sums (a run of zero gradients stays on the fast path).  Above
+ * 2^-90, products lost to underflow (at most 2^-150 each) are below 2^-48 of
+ * sxy.  float16's range never gets there: its terms lie in [3.6e-27, 8.6e9].
+ * ------------------------------------------------------------------------- */
+/* Bitwise & and |: one branch, not one per (sign-dependent, unpredictable) test. */
+#define BNFAST_DOT_FLOAT_OK(sy, sxy)                                                     \
+    ((fabs(sy) <= 0x1.fffffffffffffp+1023)                                               \
+     & (((fabs(sxy) >= 0x1p-90) & (fabs(sxy) <= 0x1.fffffffffffffp+1023))                \
+        | (((sxy) == 0.0) & ((sy) == 0.0))))
+#define BNFAST_DOT_STEP(i, F, G, KEEP, L8F, TOF, K, FINISH)                              \
+    {                                                                                    \
+        bnfast_h8f v_ = (bnfast_h8f)((bnfast_h8i)L8F(yp + (i)) & (KEEP));                \
+        bnfast_h8f w_ = (bnfast_h8f)((bnfast_h8i)(L8F(xp + (i)) - kv) & (KEEP));         \
+        F += v_; G += w_ * v_;                                                           \
+    }
+#define BNFAST_DOT_STEP1(i, F, G, KEEP, L8F, TOF, K, FINISH)                             \
+    {                                                                                    \
+        float v_ = (KEEP) ? TOF(yp[i]) : 0.0f, w_ = (KEEP) ? TOF(xp[i]) - kf : 0.0f;     \
+        F += v_; G += w_ * v_;                                                           \
+    }
+#define BNFAST_DOT_TINY(S1, S2, L8F, TOF, K, FINISH)                                     \
+    {                                                                                    \
+        float F_[8] = {0}, G_[8] = {0}, v_;                                              \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < n; i_++) {                                                     \
+            v_ = TOF(yp[i_]); F_[i_] += v_; G_[i_] += (TOF(xp[i_]) - kf) * v_;           \
+        }                                                                                \
+        (S1) = (double)BNFAST_COMBINE8(F_);                                              \
+        (S2) = (double)BNFAST_COMBINE8(G_);                                              \
+    }
+#define BNFAST_DOT_TAIL(a0, a1, b0, b1, S1, S2, L8F, TOF, K, FINISH)                     \
+    if (n8 > n16) {                                                                      \
+        bnfast_v4d u0, u1, w0, w1;                                                       \
+        BNFAST_LD8_##K(yp + n16, u0, u1);                                                \
+        BNFAST_LD8_##K(xp + n16, w0, w1);                                                \
+        a0 += u0; a1 += u1; b0 += (w0 - kp) * u0; b1 += (w1 - kp) * u1;                  \
+    }                                                                                    \
+    (S1) = 0.0; (S2) = 0.0;                                                              \
+    FINISH(K, xp, yp, kp, a0, a1, b0, b1, &(S1), &(S2))
+#define BNFAST_DOT_TAIL1(a, b, S1, S2, L8F, TOF, K, FINISH)                              \
+    for (; i < n; i++) {                                                                 \
+        double v_ = BNFAST_TOD_##K(yp[i]);                                               \
+        a[i % 8] += v_; b[i % 8] += (BNFAST_TOD_##K(xp[i]) - kp) * v_;                   \
+    }                                                                                    \
+    (S1) = 0.0; (S2) = 0.0;  /* += as the vector finish does (the sign of a zero) */    \
+    (S1) += BNFAST_COMBINE8(a);                                                          \
+    (S2) += BNFAST_COMBINE8(b);
+/* A run in double (a shift that is not finite): the double leaf's arithmetic. */
+#define BNFAST_DOT_RUN_DOUBLE(K)                                                         \
+    {                                                                                    \
+        double a_[8] = {0}, b_[8] = {0};                                                 \
+        ptrdiff_t i_;                                                                    \
+        for (i_ = 0; i_ < n; i_++) {                                                     \
+            a_[i_ % 8] += BNFAST_TOD_##K(yp[i_]);                                        \
+            b_[i_ % 8] += (BNFAST_TOD_##K(xp[i_]) - k) * BNFAST_TOD_##K(yp[i_]);         \
+        }                                                                                \
+        sy[r] += BNFAST_COMBINE8(a_);                                                    \
+        sxy[r] += BNFAST_COMBINE8(b_);                                                   \
+    }
+#define BNFAST_DEFINE_HALF_DOT_RUNS(NAME, T, ATTR, L8F, TOF, K, FINISH, OPS)             \
+    ATTR static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,           \
+                          const double *shift, double *sy, double *sxy) {                \
+        ptrdiff_t r;                                                                     \
+        BNFAST_FLOAT_RUN_ANY_DECLS                                                       \
+        for (r = 0; r < runs; r++) {                                                     \
+            const T *xp = x + r * n, *yp = y + r * n;                                    \
+            double k = shift[r], run_sy, run_sxy, kp;                                    \
+            float kf = (float)k;                                                         \
+            BNFAST_FLOAT_SHIFT_VECTOR(kf)                                                \
+            kp = (double)kf;                                                             \
+            BNFAST_FLOAT_RUN_ANY(BNFAST_DOT_STEP, BNFAST_DOT_STEP1, BNFAST_DOT_TINY,     \
+                                 BNFAST_DOT_TAIL, BNFAST_DOT_TAIL1, OPS, run_sy, run_sxy, \
+                                 L8F, TOF, K, FINISH)                                    \
+            if (!BNFAST_DOT_FLOAT_OK(run_sy, run_sxy)) {                                 \
+                BNFAST_DOT_RUN_DOUBLE(K)                                                 \
+                continue;                                                                \
+            }                                                                            \
+            sy[r] += run_sy;                                                             \
+            sxy[r] += run_sxy + (kp - k) * run_sy;                                       \
+        }                                                                                \
+    }
+#if BNFAST_VECTOR_EXT && defined(__AVX__)
+#define BNFAST_HALF_OPS_BASE AVX
+#else
+#define BNFAST_HALF_OPS_BASE VEC
 #endif
-BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_base, bnfast_f16, f16, BNFAST_PAIR_MAX, ,
-                                  BNFAST_DOT_FINISH_BASE)
-BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_base, bnfast_bf16, bf16, BNFAST_PAIR_MAX, ,
-                                  BNFAST_DOT_FINISH_BASE)
+
+BNFAST_DEFINE_HALF_DOT_RUNS(bnfast_dot_runs_f16_base, bnfast_f16, , bnfast_load8_f16,
+                            bnfast_f16_to_float, f16, BNFAST_DOT_FINISH_BASE,
+                            BNFAST_HALF_OPS_BASE)
+BNFAST_DEFINE_HALF_DOT_RUNS(bnfast_dot_runs_bf16_base, bnfast_bf16, , bnfast_load8_bf16,
+                            bnfast_bf16_to_float, bf16, BNFAST_DOT_FINISH_BASE,
+                            BNFAST_HALF_OPS_BASE)
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_base, bnfast_f16, f16, float, )
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_base, bnfast_bf16, bf16, float, )
 #if BNFAST_DISPATCH_AVX2
-BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_f16_f16c, bnfast_f16, f16c, BNFAST_PAIR_MAX,
-                                  BNFAST_F16C_TARGET, BNFAST_DOT_FINISH_AVX)
-BNFAST_DEFINE_CENTERED_DOT_RUNS_K(bnfast_dot_runs_bf16_avx2, bnfast_bf16, bf16avx2, BNFAST_PAIR_MAX,
-                                  BNFAST_AVX2_TARGET, BNFAST_DOT_FINISH_AVX)
+BNFAST_DEFINE_HALF_DOT_RUNS(bnfast_dot_runs_f16_f16c, bnfast_f16, BNFAST_F16C_TARGET,
+                            bnfast_load8_f16_f16c, BNFAST_TOF_f16_f16c, f16c,
+                            BNFAST_DOT_FINISH_AVX, AVX)
+BNFAST_DEFINE_HALF_DOT_RUNS(bnfast_dot_runs_bf16_avx2, bnfast_bf16, BNFAST_AVX2_TARGET,
+                            bnfast_load8_bf16_avx2, bnfast_bf16_to_float, bf16avx2,
+                            BNFAST_DOT_FINISH_AVX, AVX)
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_f16_f16c, bnfast_f16, f16c, float,
                                 BNFAST_F16C_TARGET)
 BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, float,

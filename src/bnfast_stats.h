@@ -28,7 +28,7 @@
 
 #include <stddef.h>
 
-#include "bnfast_half.h"
+#include "bnfast_float_sums.h"
 
 #if BNFAST_VECTOR_EXT && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -199,24 +199,19 @@
 #endif
 
 /* ---- half data: float32 arithmetic, folded into double --------------------------
- * float16 and bfloat16 values are exact in float.  Their leaves take d = x - k
- * and d * d in float and sum a few terms per float lane before folding them
- * into the double sums (the issue's "float32 accumulation"): half the vector
- * width of widening every value to double, which had made the half statistics
- * as slow as float32's (arithmetic-bound) while they read half the bytes.
+ * float16 and bfloat16 values are exact in float: their leaves sum x - shift
+ * and its square in float and fold the sums into double.
  *
- *   runs:    16 float lanes (lane l: values i % 16 == l) for BNFAST_HALF_BURST
- *            values, then double lane j += (double)f[j] + (double)f[j + 8]: the
- *            eight double lanes of the float32 leaf, which take the run's last
- *            n % 16 values and finish it alike.
+ *   runs:    bnfast_float_sums.h's run engine (16 float lanes, bursts of 256
+ *            folded into the float32 leaf's eight double lanes; runs of at
+ *            most 128 values finished in float).
  *   colsums: eight rows summed in float, ((d0 + d1) + (d2 + d3)) + ((d4 + d5) +
  *            (d6 + d7)), the sum added to the double column sums; leftover rows
  *            one at a time.
  *
- * Error: each float sum has at most 16 terms, so the sums are within ~16
- * float32 ulps of |d|'s (a few ulps in practice) - statistics as exact as the
- * float32 values they are stored in.  The portable build does the same
- * operations in the same order: the same bits.
+ * Every float sum has at most 16 terms: within ~20 float32 ulps of the sum of
+ * its terms' magnitudes - statistics as exact as the float32 values they are
+ * stored in.  The portable build does the same operations in the same order.
  *
  * Range: float16's |d| <= 131008 and d^2 sums stay far inside float's range.
  * bfloat16 spans float's: d^2 overflows beyond 1.8e19 and underflows below
@@ -224,7 +219,6 @@
  * (BNFAST_HALF_EXACT_*) is summed again in double, exactly as the float32
  * leaf would (rare: inf/NaN data, huge or tiny values, constant runs).
  * ------------------------------------------------------------------------------ */
-#define BNFAST_HALF_BURST 256
 /* s2 that float arithmetic may have lost: not finite, or within reach of
  * float's underflow (terms below 2^-126 lose bits; 4096 of them lose < 2^-58
  * of an s2 >= 2^-80). */
@@ -255,11 +249,9 @@
         }                                                                                \
     }
 
-/* Runs of at most BNFAST_HALF_SHORT values (7x7 and 8x8 images: a run's fixed
- * cost is most of its time) are summed and finished in float, eight lanes and
- * the run's tail masked into a last full vector; runs of fewer than eight
- * values through arrays.  Every float sum then has at most 13 roundings. */
-#define BNFAST_HALF_SHORT 128
+/* The run engine's job (bnfast_float_sums.h): terms x - shift and their
+ * squares; runs of fewer than eight values through arrays, the last values
+ * of long runs in double. */
 #define BNFAST_HALF_TINY_RUN(xp, kf, S1, S2, TOF)                                        \
     {                                                                                    \
         float F_[8] = {0}, G_[8] = {0}, v_;                                              \
@@ -271,139 +263,46 @@
         (S2) = (double)BNFAST_COMBINE8(G_);                                              \
     }
 
-#if BNFAST_VECTOR_EXT
-/* W4(f, h): the low (h = 0) or high (h = 1) four floats of eight, widened;
- * by vcvtps2pd where the target has AVX (GCC's lowering of the portable form
- * went through the stack: a quarter of a 49-value run's time). */
-#define BNFAST_W4_VEC(f, h) __builtin_convertvector(                                    \
-        __builtin_shufflevector(f, f, 4 * (h), 4 * (h) + 1, 4 * (h) + 2, 4 * (h) + 3), bnfast_v4d)
-#if defined(__x86_64__) || defined(__i386__)
-#define BNFAST_W4_AVX(f, h) ((bnfast_v4d)_mm256_cvtps_pd(                                 \
-        (h) ? _mm256_extractf128_ps((__m256)(f), 1) : _mm256_castps256_ps128((__m256)(f))))
-#endif
-/* The float finish of a short run: lanes F and G (eight each) combined in
- * BNFAST_COMBINE8's order, in float, then widened. */
-#define BNFAST_COMBINE8F_VEC(F, G, S1, S2)                                               \
+#define BNFAST_STATS_STEP(i, F, G, KEEP, L8F, TOF, L4, TOD, FINISH)                      \
     {                                                                                    \
-        bnfast_h8f F_ = (F), G_ = (G);                                                   \
-        float a_[8], b_[8];                                                              \
-        int l_;                                                                          \
-        for (l_ = 0; l_ < 8; l_++) { a_[l_] = F_[l_]; b_[l_] = G_[l_]; }                 \
-        (S1) = (double)BNFAST_COMBINE8(a_);                                              \
-        (S2) = (double)BNFAST_COMBINE8(b_);                                              \
+        bnfast_h8f d_ = (bnfast_h8f)((bnfast_h8i)(L8F(xp + (i)) - kv) & (KEEP));         \
+        F += d_; G += d_ * d_;                                                           \
     }
-#if defined(__x86_64__) || defined(__i386__)
-#define BNFAST_COMBINE8F_AVX(F, G, S1, S2)                                               \
-    {   /* (F0+F1, F2+F3, G0+G1, G2+G3 | F4+F5, F6+F7, G4+G5, G6+G7), then pairs */     \
-        __m256 h_ = _mm256_hadd_ps((__m256)(F), (__m256)(G));                            \
-        h_ = _mm256_hadd_ps(h_, h_);                                                     \
-        __m128 q_ = _mm_add_ps(_mm256_castps256_ps128(h_), _mm256_extractf128_ps(h_, 1)); \
-        (S1) = (double)_mm_cvtss_f32(q_);                                                \
-        (S2) = (double)_mm_cvtss_f32(_mm_movehdup_ps(q_));                               \
-    }
-#endif
-#define BNFAST_HALF_STEP16(L8F)                                                          \
-    v0 = L8F(xp + i) - kv; v1 = L8F(xp + i + 8) - kv;                                    \
-    f0 += v0; f1 += v1; g0 += v0 * v0; g1 += v1 * v1;
+#define BNFAST_STATS_STEP1(i, F, G, KEEP, L8F, TOF, L4, TOD, FINISH)                     \
+    { float d_ = (KEEP) ? TOF(xp[i]) - kf : 0.0f; F += d_; G += d_ * d_; }
+#define BNFAST_STATS_TINY(S1, S2, L8F, TOF, L4, TOD, FINISH)                             \
+    BNFAST_HALF_TINY_RUN(xp, kf, S1, S2, TOF)
+#define BNFAST_STATS_TAIL(a0, a1, b0, b1, S1, S2, L8F, TOF, L4, TOD, FINISH)             \
+    if (n8 > n16) {                                                                      \
+        bnfast_v4d u0 = L4(xp + n16) - kp, u1 = L4(xp + n16 + 4) - kp;                   \
+        a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                                \
+    }                                                                                    \
+    FINISH(xp, kp, a0, a1, b0, b1, S1, S2, TOD)
+#define BNFAST_STATS_TAIL1(a, b, S1, S2, L8F, TOF, L4, TOD, FINISH)                      \
+    for (; i < n; i++) {                                                                 \
+        double d_ = TOD(xp[i]) - kp; a[i % 8] += d_; b[i % 8] += d_ * d_;                \
+    }                                                                                    \
+    (S1) = BNFAST_COMBINE8(a);                                                           \
+    (S2) = BNFAST_COMBINE8(b);
+
 #define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, OPS,     \
                                      EXACT)                                              \
     ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
                           double *s1, double *s2) {                                      \
-        ptrdiff_t r, i, e, n8 = n - n % 8, n16 = n - n % 16;                             \
-        const bnfast_h8i lane = {0, 1, 2, 3, 4, 5, 6, 7};                                \
+        ptrdiff_t r;                                                                     \
+        BNFAST_FLOAT_RUN_ANY_DECLS                                                       \
         for (r = 0; r < runs; r++) {                                                     \
             const T *xp = x + r * n;                                                     \
             float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0]));                                   \
             double kp = (double)kf;                                                      \
-            bnfast_h8f kv = (bnfast_h8f){0} + kf, f0, f1, g0, g1, v0, v1;                \
+            BNFAST_FLOAT_SHIFT_VECTOR(kf)                                                \
             shift[r] = kp;                                                               \
-            if (n < 8) {                                                                 \
-                BNFAST_HALF_TINY_RUN(xp, kf, s1[r], s2[r], TOF)                          \
-            } else if (n <= BNFAST_HALF_SHORT) {                                         \
-                f0 = (bnfast_h8f){0}; f1 = f0; g0 = f0; g1 = f0;                         \
-                for (i = 0; i < n16; i += 16) { BNFAST_HALF_STEP16(L8F) }                \
-                if (n - i >= 8) { v0 = L8F(xp + i) - kv; f0 += v0; g0 += v0 * v0; i += 8; } \
-                if (i < n) {  /* the last eight values, those counted masked off */      \
-                    v1 = (bnfast_h8f)((bnfast_h8i)(L8F(xp + n - 8) - kv)                 \
-                                      & (lane >= (bnfast_h8i){0} + (int)(8 - (n - i)))); \
-                    f1 += v1; g1 += v1 * v1;                                             \
-                }                                                                        \
-                BNFAST_COMBINE8F_##OPS(f0 + f1, g0 + g1, s1[r], s2[r])                   \
-            } else {                                                                     \
-                bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;         \
-                for (i = 0; i < n16;) {                                                  \
-                    f0 = (bnfast_h8f){0}; f1 = f0; g0 = f0; g1 = f0;                     \
-                    for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;  \
-                         i < e; i += 16) { BNFAST_HALF_STEP16(L8F) }                     \
-                    a0 += BNFAST_W4_##OPS(f0, 0) + BNFAST_W4_##OPS(f1, 0);               \
-                    a1 += BNFAST_W4_##OPS(f0, 1) + BNFAST_W4_##OPS(f1, 1);               \
-                    b0 += BNFAST_W4_##OPS(g0, 0) + BNFAST_W4_##OPS(g1, 0);               \
-                    b1 += BNFAST_W4_##OPS(g0, 1) + BNFAST_W4_##OPS(g1, 1);               \
-                }                                                                        \
-                if (n8 > n16) {                                                          \
-                    u0 = L4(xp + n16) - kp; u1 = L4(xp + n16 + 4) - kp;                  \
-                    a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                    \
-                }                                                                        \
-                FINISH(xp, kp, a0, a1, b0, b1, s1[r], s2[r], TOD)                        \
-            }                                                                            \
+            BNFAST_FLOAT_RUN_ANY(BNFAST_STATS_STEP, BNFAST_STATS_STEP1, BNFAST_STATS_TINY, \
+                                 BNFAST_STATS_TAIL, BNFAST_STATS_TAIL1, OPS, s1[r], s2[r], \
+                                 L8F, TOF, L4, TOD, FINISH)                              \
             EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
         }                                                                                \
     }
-#else
-#define BNFAST_DEFINE_HALF_SUMS_RUNS(NAME, T, ATTR, L8F, TOF, L4, TOD, FINISH, OPS,     \
-                                     EXACT)                                              \
-    static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,             \
-                     double *s1, double *s2) {                                           \
-        ptrdiff_t r, i, e, l, n16 = n - n % 16;                                          \
-        for (r = 0; r < runs; r++) {                                                     \
-            const T *xp = x + r * n;                                                     \
-            float kf = BNFAST_RUN_SHIFT_F(TOF(xp[0])), f[16], g[16], F[8], G[8], v;      \
-            double kp = (double)kf, a[8] = {0}, b[8] = {0}, d;                           \
-            shift[r] = kp;                                                               \
-            if (n < 8) {                                                                 \
-                BNFAST_HALF_TINY_RUN(xp, kf, s1[r], s2[r], TOF)                          \
-            } else if (n <= BNFAST_HALF_SHORT) {                                         \
-                for (l = 0; l < 16; l++) f[l] = g[l] = 0.0f;                             \
-                for (i = 0; i < n16; i++) {                                              \
-                    v = TOF(xp[i]) - kf; f[i % 16] += v; g[i % 16] += v * v;             \
-                }                                                                        \
-                if (n - i >= 8) {                                                        \
-                    for (l = 0; l < 8; l++) {                                            \
-                        v = TOF(xp[i + l]) - kf; f[l] += v; g[l] += v * v;               \
-                    }                                                                    \
-                    i += 8;                                                              \
-                }                                                                        \
-                if (i < n) {                                                             \
-                    for (l = 0; l < 8; l++) {                                            \
-                        v = l >= 8 - (n - i) ? TOF(xp[n - 8 + l]) - kf : 0.0f;           \
-                        f[8 + l] += v; g[8 + l] += v * v;                                \
-                    }                                                                    \
-                }                                                                        \
-                for (l = 0; l < 8; l++) { F[l] = f[l] + f[l + 8]; G[l] = g[l] + g[l + 8]; } \
-                s1[r] = (double)BNFAST_COMBINE8(F);                                      \
-                s2[r] = (double)BNFAST_COMBINE8(G);                                      \
-            } else {                                                                     \
-                for (i = 0; i < n16;) {                                                  \
-                    for (l = 0; l < 16; l++) f[l] = g[l] = 0.0f;                         \
-                    for (e = i + BNFAST_HALF_BURST < n16 ? i + BNFAST_HALF_BURST : n16;  \
-                         i < e; i++) {                                                   \
-                        v = TOF(xp[i]) - kf; f[i % 16] += v; g[i % 16] += v * v;         \
-                    }                                                                    \
-                    for (l = 0; l < 8; l++) {                                            \
-                        a[l] += (double)f[l] + (double)f[l + 8];                         \
-                        b[l] += (double)g[l] + (double)g[l + 8];                         \
-                    }                                                                    \
-                }                                                                        \
-                for (; i < n; i++) {                                                     \
-                    d = TOD(xp[i]) - kp; a[i % 8] += d; b[i % 8] += d * d;               \
-                }                                                                        \
-                s1[r] = BNFAST_COMBINE8(a);                                              \
-                s2[r] = BNFAST_COMBINE8(b);                                              \
-            }                                                                            \
-            EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
-        }                                                                                \
-    }
-#endif
 
 /* Columns J0.. of a group of eight rows (p0 = the group's first) and of one
  * leftover row, in float, added to the double sums: the scalar part (and the

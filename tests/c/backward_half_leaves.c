@@ -23,9 +23,9 @@
  * 800 bytes: one row at a time (BNFAST_ROW_GROUP). */
 static const ptrdiff_t cases[][3] = {
     {37, 72, 0}, {30, 200, 0}, {9, 1024, 0}, {101, 13, 0}, {6, 4096, 0},
-    {500, 49, 1}, {7, 3136, 1}, {333, 3, 1}, {41, 300, 1}, {1, 8, 1},
+    {500, 49, 1}, {7, 3136, 1}, {333, 3, 1}, {41, 300, 1}, {1, 8, 1}, {60, 23, 1}, {30, 129, 1},
     {37, 72, 2}, {30, 200, 2}, {9, 1024, 2}, {101, 13, 2}, {6, 4096, 2},
-    {500, 49, 3}, {7, 3136, 3}, {333, 3, 3}, {41, 300, 3}, {1, 8, 3},
+    {500, 49, 3}, {7, 3136, 3}, {333, 3, 3}, {41, 300, 3}, {1, 8, 3}, {60, 23, 3}, {30, 129, 3},
 };
 #define MASK_POS 3
 #define NCASES (sizeof cases / sizeof cases[0])
@@ -57,7 +57,8 @@ static void clear(ptrdiff_t len) {
 #define RUN_CASES(T, H, BASE_COLDOT, BASE_RUNS)                                            \
     for (c = 0; c < NCASES; c++) {                                                        \
         ptrdiff_t a = cases[c][0], w = cases[c][1], len = cases[c][2] % 2 ? a : w, r;     \
-        for (j = 0; j < len; j++) shift[j] = 0.375 * (double)(j % 5) - 0.5;               \
+        for (j = 0; j < len; j++)  /* 0.1: shifts float cannot hold */                  \
+            shift[j] = 0.375 * (double)(j % 5) - 0.5 + 0.1 * (double)(j % 3);             \
         if (cases[c][2] == 0) {                                                           \
             clear(len); bnfast_centered_coldot_f32(xf, yf, a, w, shift, sy, sxy); emit(len); \
             clear(len); BASE_COLDOT(H##x, H##y, a, w, shift, sy, sxy); emit(len);         \
