@@ -6,9 +6,30 @@ library is an ImportError when :func:`bnfast.bench.peers.make` loads it.
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from bnfast._threads import resolve_threads
+
 from .suite import MODES
 
-__all__ = ["Prepared", "Implementation"]
+__all__ = ["Prepared", "Implementation", "team_threads"]
+
+
+def team_threads(threads=None):
+    """The thread count bnfast's own runs use: ``threads``, or with None every
+    OpenMP thread (``resolve_threads(-1)``).
+
+    Not ``resolve_threads(None)``: that falls back to one thread while the
+    kernel preempts this process's threads often, and in a benchmark the peers'
+    own thread pools (torch's team spinning after its call) or a neighbour
+    caught at start-up would then make a whole session serial -- one team size
+    for every call is what a comparison needs.
+
+    >>> from bnfast import _openmp
+    >>> team_threads(None) == _openmp.max_threads() if _openmp.openmp_enabled() else True
+    True
+    >>> team_threads(1)
+    1
+    """
+    return resolve_threads(-1 if threads is None else threads)
 
 
 @dataclass

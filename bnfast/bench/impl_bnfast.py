@@ -2,9 +2,8 @@
 import numpy as np
 
 import bnfast
-from bnfast._threads import resolve_threads
 
-from .base import Implementation, Prepared
+from .base import Implementation, Prepared, team_threads
 from .check import GRADS
 
 __all__ = ["Bnfast"]
@@ -14,9 +13,9 @@ class Bnfast(Implementation):
     """``bnfast.batch_norm`` (``addend``, ``relu`` in fused_eval), ``batch_norm_backward``
     and ``fused_batch_norm_backward`` (from the packed ``relu_mask`` a fused module keeps).
 
-    With ``threads=None`` the OpenMP default is resolved when this object is
-    made (before any peer is imported: torch's start-up may change the OpenMP
-    default) and passed explicitly on every call.
+    With ``threads=None`` every OpenMP thread is used (:func:`team_threads`),
+    resolved when this object is made (before any peer is imported: torch's
+    start-up may change the OpenMP default) and passed explicitly on every call.
     """
 
     name = "bnfast"
@@ -24,7 +23,7 @@ class Bnfast(Implementation):
 
     def __init__(self, threads=None, allocate=False):
         super().__init__(threads, allocate)
-        self.n_threads = resolve_threads(threads)
+        self.n_threads = team_threads(threads)
 
     @property
     def effective_threads(self):

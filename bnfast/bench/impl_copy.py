@@ -4,9 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from bnfast._threads import resolve_threads
-
-from .base import Implementation, Prepared
+from .base import Implementation, Prepared, team_threads
 
 __all__ = ["CopyRoofline"]
 
@@ -34,7 +32,7 @@ class CopyRoofline(Implementation):
 
     def __init__(self, threads=None, allocate=False):
         super().__init__(threads, allocate)
-        self.n_threads = resolve_threads(threads)
+        self.n_threads = team_threads(threads)
         self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
 
     @property
