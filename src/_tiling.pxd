@@ -75,3 +75,19 @@ cdef inline SampleTasks sample_tasks(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     t.cpt = (C + t.cblocks - 1) // t.cblocks
     t.cblocks = (C + t.cpt - 1) // t.cpt
     return t
+
+
+cdef struct ColumnTiles:
+    Py_ssize_t tile       # columns per tile: a multiple of 8 (the last tile may be narrower)
+    Py_ssize_t tiles      # tiles across the wide row
+
+
+cdef inline ColumnTiles column_tiles(Py_ssize_t W, Py_ssize_t max_cols) noexcept nogil:
+    """Cut a wide row of W values into tiles of equal width, at most max_cols (a
+    multiple of 8) each but the last: W = 1030, 512 -> 3 tiles of 344, 344, 342.
+    By the shape only; a (block, tile) task's column accumulators stay in L1."""
+    cdef ColumnTiles t
+    t.tiles = (W + max_cols - 1) // max_cols
+    t.tile = ((W + t.tiles - 1) // t.tiles + 7) // 8 * 8
+    t.tiles = (W + t.tile - 1) // t.tile
+    return t

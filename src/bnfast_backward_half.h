@@ -44,12 +44,13 @@
 #define BNFAST_DOT_STAGE 256
 #endif
 
-/* Channels-last pass 1 stages R rows of W values, R a multiple of 4 (the
- * float32 column leaves' row group), about BNFAST_COLDOT_BUDGET values a buffer
- * (at least four rows). */
 /* Values per staged chunk of pass 2's leaves (three float buffers of it). */
 #define BNFAST_GRAD_STAGE 1024
 
+/* Channels-last pass 1 with a mask, staged (no F16C / AVX2): R rows of W
+ * columns, R a multiple of 4 (the float32 column leaves' row group), about
+ * BNFAST_COLDOT_BUDGET values a buffer (at least four rows), the staged rows
+ * bnfast_coldot_stage_stride(W, stride) floats apart. */
 #ifndef BNFAST_COLDOT_BUDGET
 #define BNFAST_COLDOT_BUDGET 1024
 #endif
@@ -57,9 +58,18 @@ static inline ptrdiff_t bnfast_coldot_stage_rows(ptrdiff_t W) {
     ptrdiff_t r = W > 0 ? (BNFAST_COLDOT_BUDGET / W) / 4 * 4 : 4;
     return r < 4 ? 4 : r;
 }
-/* Floats of scratch one coldot call needs: x and y buffers of R rows. */
-static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W) {
-    return 2 * bnfast_coldot_stage_rows(W) * W;
+/* The staged rows' stride: at least W, and grouped (BNFAST_ROW_GROUP) as the
+ * source rows `stride` apart are, so the float32 leaf sums in their order.
+ * Only rows under 512 floats (2 KiB) can be grouped by one: W < 512 then. */
+static inline ptrdiff_t bnfast_coldot_stage_stride(ptrdiff_t W, ptrdiff_t stride) {
+    if (BNFAST_ROW_GROUP(float, W) == BNFAST_ROW_GROUP(float, stride)) return W;
+    return BNFAST_ROW_GROUP(float, stride) == 4 ? 512 : 128;
+}
+/* Floats of scratch one coldot call of W columns, rows stride apart, needs:
+ * x and y buffers of R staged rows. */
+static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
+    ptrdiff_t s = bnfast_coldot_stage_stride(W, stride);
+    return 2 * bnfast_coldot_stage_rows(s) * s;
 }
 
 /* ---------------------------------------------------------------------------
@@ -420,15 +430,16 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
     ATTR static void bnfast_coldot_masked_##H##_##V(const T *x, const T *y,              \
                                                     const unsigned char *bits,           \
                                                     ptrdiff_t pos, ptrdiff_t rows,       \
-                                                    ptrdiff_t W, const double *shift,    \
-                                                    double *sy, double *sxy, T *g) {     \
-        ptrdiff_t r = 0, j, j4 = W - W % 4, q, group = BNFAST_ROW_GROUP(float, W);       \
+                                                    ptrdiff_t W, ptrdiff_t stride,        \
+                                                    const double *shift, double *sy,      \
+                                                    double *sxy, T *g) {                  \
+        ptrdiff_t r = 0, j, j4 = W - W % 4, q, group = BNFAST_ROW_GROUP(float, stride);   \
         double e, f;                                                                     \
         int on;                                                                          \
         for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
-            ptrdiff_t q0 = pos + r * W, q1 = q0 + W, q2 = q1 + W, q3 = q2 + W;           \
-            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
-            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
+            BNFAST_POS4(q, pos + r * stride, stride);                                     \
+            BNFAST_ROWS4(T, x, x + r * stride, stride);                                   \
+            BNFAST_ROWS4(T, y, y + r * stride, stride);                                   \
             for (j = 0; j < j4; j += 4) {                                                \
                 bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                        \
                 __m128i s0 = BNFAST_HSEL4(y0 + j, BNFAST_NIBBLE_AT(bits, q0 + j));       \
@@ -441,13 +452,13 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
                 bnfast_v4d d1 = BNFAST_LD4_##V(x1 + j) - kv;                             \
                 bnfast_v4d d2 = BNFAST_LD4_##V(x2 + j) - kv;                             \
                 bnfast_v4d d3 = BNFAST_LD4_##V(x3 + j) - kv;                             \
-                if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(W))             \
+                if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))         \
                 if (g) {                                                                 \
-                    T *g0 = g + r * W + j;                                               \
+                    T *g0 = g + r * stride + j;                                           \
                     _mm_storel_epi64((__m128i *)(void *)g0, s0);                         \
-                    _mm_storel_epi64((__m128i *)(void *)(g0 + W), s1);                   \
-                    _mm_storel_epi64((__m128i *)(void *)(g0 + 2 * W), s2);               \
-                    _mm_storel_epi64((__m128i *)(void *)(g0 + 3 * W), s3);               \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + stride), s1);               \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + 2 * stride), s2);           \
+                    _mm_storel_epi64((__m128i *)(void *)(g0 + 3 * stride), s3);           \
                 }                                                                        \
                 *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                        \
                 *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);   \
@@ -466,8 +477,8 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
                 double e2 = BNFAST_TOD_##V(x2[j]) - shift[j];                            \
                 double e3 = BNFAST_TOD_##V(x3[j]) - shift[j];                            \
                 if (g) {                                                                 \
-                    g[r * W + j].bits = h0; g[(r + 1) * W + j].bits = h1;                \
-                    g[(r + 2) * W + j].bits = h2; g[(r + 3) * W + j].bits = h3;          \
+                    g[r * stride + j].bits = h0; g[(r + 1) * stride + j].bits = h1;       \
+                    g[(r + 2) * stride + j].bits = h2; g[(r + 3) * stride + j].bits = h3; \
                 }                                                                        \
                 sy[j] += (w0 + w1) + (w2 + w3);                                          \
                 sxy[j] += (e0 * w0 + e1 * w1) + (e2 * w2 + e3 * w3);                     \
@@ -475,7 +486,7 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
         }                                                                                \
         for (; r < rows; r++) {                                                          \
             for (j = 0; j < j4; j += 4) {                                                \
-                q = r * W + j;                                                           \
+                q = r * stride + j;                                                       \
                 __m128i s0 = BNFAST_HSEL4(y + q, BNFAST_NIBBLE_AT(bits, pos + q));       \
                 bnfast_v4d v0 = BNFAST_W4_##V(s0);                                       \
                 if (g) _mm_storel_epi64((__m128i *)(void *)(g + q), s0);                 \
@@ -484,7 +495,7 @@ BNFAST_DEFINE_CENTERED_COLDOT_K(bnfast_coldot_bf16_avx2, bnfast_bf16, bf16avx2, 
                     (BNFAST_LD4_##V(x + q) - *(const bnfast_v4d *)(shift + j)) * v0;     \
             }                                                                            \
             for (j = j4; j < W; j++) {                                                   \
-                q = r * W + j;                                                           \
+                q = r * stride + j;                                                       \
                 on = BNFAST_BIT(bits, pos + q);                                          \
                 f = on ? BNFAST_TOD_##V(y[q]) : 0.0;                                     \
                 e = BNFAST_TOD_##V(x[q]) - shift[j];                                     \
@@ -559,37 +570,44 @@ BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
         if (g != NULL) bnfast_narrow_##H(yb, g + n8, t);                                  \
         bnfast_dot_lanes_finish(xb, yb, t, shift, lanes, sy, sxy);                        \
     }                                                                                     \
-    /* Column sums of (rows, W) blocks, plain (bits NULL) or masked; stage: the floats    \
-     * of bnfast_coldot_stage_len(W) (masked only; may be NULL without a mask). */       \
+    /* Column sums of (rows, W) blocks, rows stride apart, plain (bits NULL) or           \
+     * masked; stage: the floats of bnfast_coldot_stage_len(W, stride) (masked only;      \
+     * may be NULL without a mask).  Staged: the float32 leaf on the masked values        \
+     * (what its masked twin computes: a select, then the same sums), g copied. */        \
     static inline void bnfast_centered_coldot_any_##H(const T *x, const T *y,             \
                                                       const unsigned char *bits,          \
                                                       ptrdiff_t pos, ptrdiff_t rows,      \
-                                                      ptrdiff_t W, const double *shift,   \
-                                                      double *sy, double *sxy, T *g,      \
-                                                      float *stage) {                     \
-        ptrdiff_t R = bnfast_coldot_stage_rows(W), r, k;                                  \
+                                                      ptrdiff_t W, ptrdiff_t stride,      \
+                                                      const double *shift, double *sy,    \
+                                                      double *sxy, T *g, float *stage) {  \
+        ptrdiff_t s = bnfast_coldot_stage_stride(W, stride);                              \
+        ptrdiff_t R = bnfast_coldot_stage_rows(s), r, k, i, j, q;                         \
         float *xb, *yb;                                                                   \
+        int on;                                                                           \
         if (bits == NULL) { /* in registers */                                            \
-            bnfast_coldot_##H(x, y, rows, W, shift, sy, sxy);                             \
+            bnfast_coldot_##H(x, y, rows, W, stride, shift, sy, sxy);                     \
             return;                                                                       \
         }                                                                                 \
         if (BNFAST_HALF_MASKED_IN_REGISTERS_##H) {                                        \
-            bnfast_coldot_masked_##H##_reg(x, y, bits, pos, rows, W, shift, sy, sxy, g);  \
+            bnfast_coldot_masked_##H##_reg(x, y, bits, pos, rows, W, stride, shift, sy,   \
+                                           sxy, g);                                       \
             return;                                                                       \
         }                                                                                 \
         xb = stage;                                                                       \
-        yb = stage + R * W;                                                               \
+        yb = stage + R * s;                                                               \
         for (r = 0; r < rows; r += k) {                                                   \
             k = BNFAST_MIN(rows - r, R);                                                  \
-            bnfast_widen_##H(x + r * W, xb, k * W);                                       \
-            bnfast_widen_##H(y + r * W, yb, k * W);                                       \
-            if (bits == NULL) {                                                           \
-                bnfast_centered_coldot_f32(xb, yb, k, W, shift, sy, sxy);                 \
-            } else {                                                                      \
-                bnfast_centered_coldot_masked_f32(xb, yb, bits, pos + r * W, k, W, shift, \
-                                                  sy, sxy, g == NULL ? NULL : yb);        \
-                if (g != NULL) bnfast_narrow_##H(yb, g + r * W, k * W);                   \
+            for (i = 0; i < k; i++) {                                                     \
+                q = (r + i) * stride;                                                     \
+                bnfast_widen_##H(x + q, xb + i * s, W);                                   \
+                bnfast_widen_##H(y + q, yb + i * s, W);                                   \
+                for (j = 0; j < W; j++) {                                                 \
+                    on = BNFAST_BIT(bits, pos + q + j);                                   \
+                    if (!on) yb[i * s + j] = 0.0f;                                        \
+                    if (g != NULL) g[q + j].bits = on ? y[q + j].bits : 0;                \
+                }                                                                         \
             }                                                                             \
+            bnfast_centered_coldot_f32(xb, yb, k, W, s, shift, sy, sxy);                  \
         }                                                                                 \
     }                                                                                     \
     /* dx of `runs` consecutive runs of n values, run r with (m[r], a[r], b[r], d[r]) */  \

@@ -41,16 +41,27 @@
 #define BNFAST_BIT(bits, pos) (((bits)[(pos) >> 3] >> ((pos) & 7)) & 1)
 
 /* ---------------------------------------------------------------------------
- * centered_coldot: sy[j] += sum_r y[r*W + j],  sxy[j] += sum_r (x[r*W + j] - shift[j]) * y[r*W + j]
+ * centered_coldot: per column j < W of rows `stride` values apart (a column tile
+ * of wider rows when stride > W), with o = r*stride + j:
+ *     sy[j] += sum_r y[o],  sxy[j] += sum_r (x[o] - shift[j]) * y[o]
  * Rows four at a time (their terms summed in registers, then one update of
  * sy/sxy, which stay in L1) -- but only where four rows do not interleave
  * streams inside one 4 KiB page: for rows of 512 B to 2 KiB that confuses the
  * hardware prefetchers and runs at half speed (measured: W = 256 float32,
  * 4.6 ms grouped vs 3.0 ms row by row for 25 MB).  Other rows go one at a
- * time.  The grouping depends on W and the type only, and the scalar column
- * tail uses the same expression tree, so the result depends on the shape only.
+ * time.  The grouping depends on the stride and the type only, and the scalar
+ * column tail uses the same expression tree, so the result depends on the shape
+ * only.
  * ------------------------------------------------------------------------- */
 /* BNFAST_ROW_GROUP(T, W): see bnfast_simd.h */
+/* A group's four rows, stride apart from `first`: pointers p0..p3 to T, or
+ * (mask) positions p0..p3. */
+#define BNFAST_ROWS4(T, p, first, stride)                                                \
+    const T *p##0 = (first), *p##1 = p##0 + (stride), *p##2 = p##1 + (stride),           \
+            *p##3 = p##2 + (stride)
+#define BNFAST_POS4(p, first, stride)                                                    \
+    ptrdiff_t p##0 = (first), p##1 = p##0 + (stride), p##2 = p##1 + (stride),            \
+              p##3 = p##2 + (stride)
 /* The vector part: columns [0, j4) of four rows (COLDOT_VEC4) or of one row
  * (COLDOT_VEC1); without vector extensions j4 is 0 and they vanish, and the
  * scalar loops below cover every column in the same order. */
@@ -104,7 +115,7 @@
     if (BNFAST_WIDE8_##K) {                                                              \
         for (; j + 8 <= j4; j += 8) {                                                    \
             bnfast_v4d v0, v1, v2, v3, d0, d1, d2, d3, V0, V1, V2, V3, D0, D1, D2, D3;   \
-            if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(W))                 \
+            if (!(j & 31)) BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))            \
             BNFAST_LD8_##K(y0 + j, v0, V0); BNFAST_LD8_##K(y1 + j, v1, V1);              \
             BNFAST_LD8_##K(y2 + j, v2, V2); BNFAST_LD8_##K(y3 + j, v3, V3);              \
             BNFAST_LD8_##K(x0 + j, d0, D0); BNFAST_LD8_##K(x1 + j, d1, D1);              \
@@ -149,13 +160,14 @@
  * data of the same values). */
 #define BNFAST_DEFINE_CENTERED_COLDOT_K(NAME, T, K, G, ATTR)                             \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,           \
-                          const double *shift, double *sy, double *sxy) {                \
+                          ptrdiff_t stride, const double *shift, double *sy,             \
+                          double *sxy) {                                                 \
         ptrdiff_t r = 0, j, j4 = BNFAST_COLDOT_VECTOR_COLUMNS(W);                        \
-        ptrdiff_t group = BNFAST_ROW_GROUP(G, W);                                        \
+        ptrdiff_t group = BNFAST_ROW_GROUP(G, stride);                                   \
         double k, e0, e1, e2, e3, f0, f1, f2, f3;                                        \
         for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
-            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
-            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
+            BNFAST_ROWS4(T, x, x + r * stride, stride);                                  \
+            BNFAST_ROWS4(T, y, y + r * stride, stride);                                  \
             BNFAST_COLDOT_VEC4(K)                                                        \
             for (j = j4; j < W; j++) {                                                   \
                 k = shift[j];                                                            \
@@ -168,7 +180,7 @@
             }                                                                            \
         }                                                                                \
         for (; r < rows; r++) {                                                          \
-            const T *xp = x + r * W, *yp = y + r * W;                                    \
+            const T *xp = x + r * stride, *yp = y + r * stride;                          \
             BNFAST_COLDOT_VEC1(K)                                                        \
             for (j = j4; j < W; j++) {                                                   \
                 f0 = BNFAST_TOD_##K(yp[j]); sy[j] += f0;                                 \
@@ -393,17 +405,18 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
         *sxy += BNFAST_COMBINE8(b);                                                      \
     }
 
-/* The masked twin of centered_coldot; the mask bit of x[r*W + j] is pos + r*W + j. */
+/* The masked twin of centered_coldot; the mask bit of x[r*stride + j] is pos + r*stride + j,
+ * and g (when not NULL) is laid out as x. */
 #define BNFAST_DEFINE_CENTERED_COLDOT_MASKED(NAME, T, ATTR)                              \
     ATTR static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, \
-                          ptrdiff_t rows, ptrdiff_t W, const double *shift, double *sy,  \
-                          double *sxy, T *g) {                                           \
-        ptrdiff_t r = 0, j, j4 = W - W % 4, q, group = BNFAST_ROW_GROUP(T, W);           \
+                          ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride, const double *shift, \
+                          double *sy, double *sxy, T *g) {                               \
+        ptrdiff_t r = 0, j, j4 = W - W % 4, q, group = BNFAST_ROW_GROUP(T, stride);      \
         double e, f;                                                                     \
         for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
-            ptrdiff_t q0 = pos + r * W, q1 = q0 + W, q2 = q1 + W, q3 = q2 + W;           \
-            const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;           \
-            const T *y0 = y + r * W, *y1 = y0 + W, *y2 = y1 + W, *y3 = y2 + W;           \
+            BNFAST_POS4(q, pos + r * stride, stride);                                    \
+            BNFAST_ROWS4(T, x, x + r * stride, stride);                                  \
+            BNFAST_ROWS4(T, y, y + r * stride, stride);                                  \
             for (j = 0; j < j4; j += 4) {                                                \
                 bnfast_v4d kv = *(const bnfast_v4d *)(shift + j);                        \
                 BNFAST_V4_##T s0 = BNFAST_SELECT4(T, y0 + j, BNFAST_NIBBLE_AT(bits, q0 + j)); \
@@ -417,11 +430,11 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
                 bnfast_v4d d2 = BNFAST_LOAD4(T, x2 + j) - kv;                            \
                 bnfast_v4d d3 = BNFAST_LOAD4(T, x3 + j) - kv;                            \
                 if (g) {                                                                 \
-                    T *g0 = g + r * W + j;                                               \
+                    T *g0 = g + r * stride + j;                                          \
                     *(BNFAST_V4_##T *)g0 = s0;                                           \
-                    *(BNFAST_V4_##T *)(g0 + W) = s1;                                     \
-                    *(BNFAST_V4_##T *)(g0 + 2 * W) = s2;                                 \
-                    *(BNFAST_V4_##T *)(g0 + 3 * W) = s3;                                 \
+                    *(BNFAST_V4_##T *)(g0 + stride) = s1;                                \
+                    *(BNFAST_V4_##T *)(g0 + 2 * stride) = s2;                            \
+                    *(BNFAST_V4_##T *)(g0 + 3 * stride) = s3;                            \
                 }                                                                        \
                 *(bnfast_v4d *)(sy + j) += (v0 + v1) + (v2 + v3);                        \
                 *(bnfast_v4d *)(sxy + j) += (d0 * v0 + d1 * v1) + (d2 * v2 + d3 * v3);   \
@@ -432,8 +445,8 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
                 double w2 = BNFAST_BIT(bits, q2 + j) ? (double)y2[j] : 0.0;              \
                 double w3 = BNFAST_BIT(bits, q3 + j) ? (double)y3[j] : 0.0;              \
                 if (g) {                                                                 \
-                    g[r * W + j] = (T)w0; g[(r + 1) * W + j] = (T)w1;                    \
-                    g[(r + 2) * W + j] = (T)w2; g[(r + 3) * W + j] = (T)w3;              \
+                    g[r * stride + j] = (T)w0; g[(r + 1) * stride + j] = (T)w1;          \
+                    g[(r + 2) * stride + j] = (T)w2; g[(r + 3) * stride + j] = (T)w3;    \
                 }                                                                        \
                 sy[j] += (w0 + w1) + (w2 + w3);                                          \
                 sxy[j] += (((double)x0[j] - shift[j]) * w0 + ((double)x1[j] - shift[j]) * w1) \
@@ -442,7 +455,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
         }                                                                                \
         for (; r < rows; r++) {                                                          \
             for (j = 0; j < j4; j += 4) {                                                \
-                q = r * W + j;                                                           \
+                q = r * stride + j;                                                      \
                 BNFAST_V4_##T s0 = BNFAST_SELECT4(T, y + q, BNFAST_NIBBLE_AT(bits, pos + q)); \
                 bnfast_v4d v0 = BNFAST_WIDEN4(s0, 0);                                    \
                 if (g) *(BNFAST_V4_##T *)(g + q) = s0;                                   \
@@ -451,7 +464,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
                     (BNFAST_LOAD4(T, x + q) - *(const bnfast_v4d *)(shift + j)) * v0;    \
             }                                                                            \
             for (j = j4; j < W; j++) {                                                   \
-                q = r * W + j;                                                           \
+                q = r * stride + j;                                                      \
                 f = BNFAST_BIT(bits, pos + q) ? (double)y[q] : 0.0;                      \
                 if (g) g[q] = (T)f;                                                      \
                 e = (double)x[q] - shift[j];                                             \
@@ -518,28 +531,28 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
     }
 #define BNFAST_DEFINE_CENTERED_COLDOT_MASKED(NAME, T, ATTR)                              \
     static void NAME(const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos,   \
-                     ptrdiff_t rows, ptrdiff_t W, const double *shift, double *sy,       \
-                     double *sxy, T *g) {                                                \
-        ptrdiff_t r = 0, j, group = BNFAST_ROW_GROUP(T, W);                              \
+                     ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride, const double *shift, \
+                     double *sy, double *sxy, T *g) {                                    \
+        ptrdiff_t r = 0, j, group = BNFAST_ROW_GROUP(T, stride);                         \
         double w[4], e;                                                                  \
         int k;                                                                           \
         for (; group == 4 && r + 4 <= rows; r += 4) {                                    \
             for (j = 0; j < W; j++) {                                                    \
                 for (k = 0; k < 4; k++) {                                                \
-                    ptrdiff_t q = (r + k) * W + j;                                       \
+                    ptrdiff_t q = (r + k) * stride + j;                                  \
                     w[k] = BNFAST_BIT(bits, pos + q) ? (double)y[q] : 0.0;               \
                     if (g) g[q] = (T)w[k];                                               \
                 }                                                                        \
                 sy[j] += (w[0] + w[1]) + (w[2] + w[3]);                                  \
-                sxy[j] += (((double)x[r * W + j] - shift[j]) * w[0]                      \
-                           + ((double)x[(r + 1) * W + j] - shift[j]) * w[1])             \
-                          + (((double)x[(r + 2) * W + j] - shift[j]) * w[2]              \
-                             + ((double)x[(r + 3) * W + j] - shift[j]) * w[3]);          \
+                sxy[j] += (((double)x[r * stride + j] - shift[j]) * w[0]                 \
+                           + ((double)x[(r + 1) * stride + j] - shift[j]) * w[1])        \
+                          + (((double)x[(r + 2) * stride + j] - shift[j]) * w[2]         \
+                             + ((double)x[(r + 3) * stride + j] - shift[j]) * w[3]);     \
             }                                                                            \
         }                                                                                \
         for (; r < rows; r++) {                                                          \
             for (j = 0; j < W; j++) {                                                    \
-                ptrdiff_t q = r * W + j;                                                 \
+                ptrdiff_t q = r * stride + j;                                            \
                 w[0] = BNFAST_BIT(bits, pos + q) ? (double)y[q] : 0.0;                   \
                 if (g) g[q] = (T)w[0];                                                   \
                 e = (double)x[q] - shift[j];                                             \
@@ -904,16 +917,6 @@ static inline void bnfast_stream_fence(void) { _mm_sfence(); }
 static inline void bnfast_stream_fence(void) {}
 #endif
 
-static inline void bnfast_centered_coldot_f32(const float *x, const float *y, ptrdiff_t rows,
-                                              ptrdiff_t W, const double *shift, double *sy,
-                                              double *sxy) {
-    BNFAST_BWD_PICK(bnfast_centered_coldot_f32)(x, y, rows, W, shift, sy, sxy);
-}
-static inline void bnfast_centered_coldot_f64(const double *x, const double *y, ptrdiff_t rows,
-                                              ptrdiff_t W, const double *shift, double *sy,
-                                              double *sxy) {
-    BNFAST_BWD_PICK(bnfast_centered_coldot_f64)(x, y, rows, W, shift, sy, sxy);
-}
 #define BNFAST_DISPATCH_MASKED(T, SFX)                                                   \
     static inline void bnfast_centered_dot_runs_##SFX(                                   \
             const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n, const double *shift,    \
@@ -925,11 +928,17 @@ static inline void bnfast_centered_coldot_f64(const double *x, const double *y, 
             double shift, double *sy, double *sxy, T *g) {                               \
         BNFAST_BWD_PICK(bnfast_centered_dot_masked_##SFX)(x, y, bits, pos, n, shift, sy, sxy, g); \
     }                                                                                    \
+    static inline void bnfast_centered_coldot_##SFX(                                     \
+            const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,       \
+            const double *shift, double *sy, double *sxy) {                              \
+        BNFAST_BWD_PICK(bnfast_centered_coldot_##SFX)(x, y, rows, W, stride, shift, sy, sxy); \
+    }                                                                                    \
     static inline void bnfast_centered_coldot_masked_##SFX(                              \
             const T *x, const T *y, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t rows, \
-            ptrdiff_t W, const double *shift, double *sy, double *sxy, T *g) {           \
-        BNFAST_BWD_PICK(bnfast_centered_coldot_masked_##SFX)(x, y, bits, pos, rows, W, shift, \
-                                                             sy, sxy, g);                \
+            ptrdiff_t W, ptrdiff_t stride, const double *shift, double *sy, double *sxy, \
+            T *g) {                                                                      \
+        BNFAST_BWD_PICK(bnfast_centered_coldot_masked_##SFX)(x, y, bits, pos, rows, W, stride, \
+                                                             shift, sy, sxy, g);         \
     }                                                                                    \
     static inline void bnfast_grad_masked_scalar_##SFX(                                  \
             const T *x, const T *dy, const unsigned char *bits, ptrdiff_t pos, ptrdiff_t n, \

@@ -433,6 +433,36 @@ def test_fused_fortran_ordered_2d_input(dtype, rng, training):
         assert got[0].flags.f_contiguous and got[3].flags.f_contiguous
 
 
+# -- channels-last rows wider than pass 1's column tile (1024 values) -----------------------
+# (259, 1030): two tiles of 520 and 510 columns (the last ragged: 2 columns past
+# the 4-wide vectors) over blocks of 128, 128 and 3 rows (the last row by row);
+# (2, 2100, 9, 9) channels-last: three tiles (704, 704, 692) over 128 + 34 rows.
+TILE_CASES = [((259, 1030), "contiguous"), ((2, 2100, 9, 9), "channels_last")]
+
+
+@pytest.mark.parametrize("shape,layout", TILE_CASES, ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_column_tiles_match_reference_and_torch(torch, dtype, rng, shape, layout, fused):
+    x = with_layout(make_input(rng, shape, dtype), layout)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = make_params(rng, shape[1], dtype)
+    y, mean, invstd = _forward(x, True, w, b, relu=fused)
+    if fused:
+        got = bnfast.fused_batch_norm_backward(dy, x, y, w, mean, invstd)
+    else:
+        got = bnfast.batch_norm_backward(dy, x, w, mean, invstd)
+    ref = reference_batch_norm_backward(dy, x, w, mean, invstd, True,
+                                        output=y if fused else None)
+    g = ref[3] if fused else dy
+    scales = _scales(x, g, w, mean, invstd)
+    assert_grads(got, ref[:len(got)], REF_TOL[dtype], scales)
+    # torch: of the same module without an addend (no grad_addend).
+    assert_grads(got[:3], _torch_grads(torch, x, dy, w, b, True, relu=fused)[:3],
+                 TORCH_TOL[dtype], scales)
+    if layout == "channels_last":
+        assert is_channels_last(got[0])
+
+
 # -- the fused variant: mask semantics ------------------------------------------------------
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_fused_equals_plain_backward_of_masked_gradient(dtype, rng, layout):
@@ -558,6 +588,9 @@ THREAD_CASES = [
     ((1, 512, 7, 7), "contiguous"),
     ((1, 512, 7, 7), "channels_last"),
     ((256, 96), "contiguous"),
+    # Rows cut into column tiles (TILE_CASES).
+    ((259, 1030), "contiguous"),
+    ((2, 2100, 9, 9), "channels_last"),
 ]
 
 

@@ -27,7 +27,9 @@ HALF_IDS = ["float16", "bfloat16"]
 # (shape, layout): channels-first with short (7x7) and long (17x17, > 4096) runs,
 # Fortran (N, C); channels-last with C < 64 (wide rows of several samples, rows
 # left over; several blocks), C > 512, rows wider than a staged block (C = 1100), and
-# rows summed one at a time (C = 200: float32 rows of 800 bytes, BNFAST_ROW_GROUP).
+# rows summed one at a time (C = 200: float32 rows of 800 bytes, BNFAST_ROW_GROUP);
+# rows cut into pass 1's column tiles (C = 1030: 520 + 510 columns over blocks of 128,
+# 128 and 3 rows; C = 2100: 3 tiles over 128 + 34 rows).
 CASES = [
     ((6, 5, 7, 7), "contiguous"),
     ((4, 3, 17, 17), "contiguous"),
@@ -39,6 +41,8 @@ CASES = [
     ((9, 640, 2, 3), "channels_last"),
     ((23, 1100), "contiguous"),
     ((40, 200), "contiguous"),
+    ((259, 1030), "contiguous"),
+    ((2, 2100, 9, 9), "channels_last"),
 ]
 CASE_IDS = [f"{'x'.join(map(str, s))}-{lay}" for s, lay in CASES]
 

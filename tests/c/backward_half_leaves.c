@@ -29,6 +29,13 @@ static const ptrdiff_t cases[][3] = {
 };
 #define MASK_POS 3
 #define NCASES (sizeof cases / sizeof cases[0])
+_Static_assert(sizeof cases / sizeof cases[0] == 24, "one stride per case below");
+/* Column sums: the rows' stride per case (runs: unused).  The rows are column
+ * tiles of wider rows where it exceeds W, grouped by the stride (72 columns of
+ * 800-byte float32 rows one at a time, 200 of 4 KiB rows four at a time: the
+ * staged leaves then stage at another stride than W). */
+static const ptrdiff_t strides[] = {200, 1024, 1024, 24, 4100, 0, 0, 0, 0, 0, 0, 0,
+                                    200, 1024, 1024, 24, 4100, 0, 0, 0, 0, 0, 0, 0};
 
 static double sy[LMAX], sxy[LMAX], shift[LMAX];
 static float xf[N], yf[N], stage[N];
@@ -57,12 +64,14 @@ static void clear(ptrdiff_t len) {
 #define RUN_CASES(T, H, BASE_COLDOT, BASE_RUNS)                                            \
     for (c = 0; c < NCASES; c++) {                                                        \
         ptrdiff_t a = cases[c][0], w = cases[c][1], len = cases[c][2] % 2 ? a : w, r;     \
+        ptrdiff_t st = strides[c];                                                        \
         for (j = 0; j < len; j++)  /* 0.1: shifts float cannot hold */                  \
             shift[j] = 0.375 * (double)(j % 5) - 0.5 + 0.1 * (double)(j % 3);             \
         if (cases[c][2] == 0) {                                                           \
-            clear(len); bnfast_centered_coldot_f32(xf, yf, a, w, shift, sy, sxy); emit(len); \
-            clear(len); BASE_COLDOT(H##x, H##y, a, w, shift, sy, sxy); emit(len);         \
-            clear(len); bnfast_coldot_##H(H##x, H##y, a, w, shift, sy, sxy); emit(len);   \
+            clear(len); bnfast_centered_coldot_f32(xf, yf, a, w, st, shift, sy, sxy);     \
+            emit(len);                                                                    \
+            clear(len); BASE_COLDOT(H##x, H##y, a, w, st, shift, sy, sxy); emit(len);     \
+            clear(len); bnfast_coldot_##H(H##x, H##y, a, w, st, shift, sy, sxy); emit(len); \
         } else if (cases[c][2] == 1) {                                                    \
             clear(len); bnfast_centered_dot_runs_f32(xf, yf, a, w, shift, sy, sxy); emit(len); \
             clear(len); BASE_RUNS(H##x, H##y, a, w, shift, sy, sxy); emit(len);           \
@@ -70,16 +79,16 @@ static void clear(ptrdiff_t len) {
             emit(len);                                                                    \
         } else if (cases[c][2] == 2) {                                                    \
             clear(len);                                                                   \
-            bnfast_centered_coldot_masked_f32(xf, yf, bits, MASK_POS, a, w, shift, sy, sxy, \
-                                              NULL);                                      \
+            bnfast_centered_coldot_masked_f32(xf, yf, bits, MASK_POS, a, w, st, shift, sy, \
+                                              sxy, NULL);                                 \
             emit(len);                                                                    \
             clear(len);                                                                   \
-            bnfast_centered_coldot_any_##H(H##x, H##y, bits, MASK_POS, a, w, shift, sy, sxy, \
-                                           NULL, stage);                                  \
+            bnfast_centered_coldot_any_##H(H##x, H##y, bits, MASK_POS, a, w, st, shift, sy, \
+                                           sxy, NULL, stage);                             \
             emit(len);                                                                    \
             clear(len);                                                                   \
-            bnfast_centered_coldot_any_##H(H##x, H##y, bits, MASK_POS, a, w, shift, sy, sxy, \
-                                           H##g, stage);                                  \
+            bnfast_centered_coldot_any_##H(H##x, H##y, bits, MASK_POS, a, w, st, shift, sy, \
+                                           sxy, H##g, stage);                             \
             emit(len);                                                                    \
         } else {                                                                          \
             clear(len);                                                                   \
