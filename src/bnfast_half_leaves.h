@@ -104,25 +104,90 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
 #if BNFAST_VECTOR_EXT
 #define BNFAST_H8_RELU(v) ((bnfast_h8f)((bnfast_h8i)(v) & ~((v) < 0.0f)))
 #define BNFAST_H8_COEF(p, i) (*(const bnfast_h8f *)((p) + (i)))
-/* Values [0, n8) of the run, MV/AV/BV giving the coefficient vectors at i. */
-#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV)                           \
+/* Values [i, END) of the run, 8 at a time (END - i a multiple of 8), MV/AV/BV
+ * giving the coefficient vectors at i. */
+#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV, END)                      \
     if (add == NULL && !relu) {                                                          \
-        for (i = 0; i < n8; i += 8) STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV);        \
+        for (; i < (END); i += 8) STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV);          \
     } else if (add == NULL) {                                                            \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < (END); i += 8)                                                        \
             STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV));                \
     } else if (!relu) {                                                                  \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < (END); i += 8)                                                        \
             STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i));               \
     } else {                                                                             \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < (END); i += 8)                                                        \
             STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i))); \
     }
 #define BNFAST_HALF_N8(n) ((n) - (n) % 8)
 #else
-#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV)
+#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV, END)
 #define BNFAST_HALF_N8(n) 0
 #endif
+
+/* The wide loops: values [i, ...) 32 at a time before the 8-wide loop, for the
+ * variants whose conversion pays per 32 values (bnfast_half.h's store32).
+ * WIDE(MV, AV, BV, MV16, AV16, BV16) is the variant's step: NO_WIDE for none,
+ * HW_WIDE / HW_WIDE_NT for the AVX512-BF16 ones (the streaming one first goes
+ * 8 at a time to a 64-byte boundary: its 64-byte stores need one; the caller's
+ * pieces start 16-byte aligned, so that is at most 3 steps). */
+#define BNFAST_HALF_NO_WIDE(MV, AV, BV, MV16, AV16, BV16)
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_H16_RELU(v) ((bnfast_h16f)_mm512_maskz_mov_ps(                              \
+        _mm512_cmp_ps_mask((__m512)(v), _mm512_setzero_ps(), _CMP_NLT_UQ), (__m512)(v)))
+#define BNFAST_H16_COEF(p, i) (*(const bnfast_h16f *)((p) + (i)))
+#define BNFAST_H16_AFFINE(j, MV16, AV16, BV16) \
+    ((bnfast_load16_bf16_hw(x + (j)) - MV16(j)) * AV16(j) + BV16(j))
+#define BNFAST_HALF_WIDE_LOOPS(STORE32, MV16, AV16, BV16)                                \
+    {                                                                                    \
+        ptrdiff_t n32_ = i + (n - i) / 32 * 32;                                          \
+        bnfast_h16f v0_, v1_;                                                            \
+        if (add == NULL && !relu) {                                                      \
+            for (; i < n32_; i += 32) {                                                  \
+                v0_ = BNFAST_H16_AFFINE(i, MV16, AV16, BV16);                            \
+                v1_ = BNFAST_H16_AFFINE(i + 16, MV16, AV16, BV16);                       \
+                STORE32(y + i, v0_, v1_);                                                \
+            }                                                                            \
+        } else if (add == NULL) {                                                        \
+            for (; i < n32_; i += 32) {                                                  \
+                v0_ = BNFAST_H16_RELU(BNFAST_H16_AFFINE(i, MV16, AV16, BV16));           \
+                v1_ = BNFAST_H16_RELU(BNFAST_H16_AFFINE(i + 16, MV16, AV16, BV16));      \
+                STORE32(y + i, v0_, v1_);                                                \
+            }                                                                            \
+        } else if (!relu) {                                                              \
+            for (; i < n32_; i += 32) {                                                  \
+                v0_ = BNFAST_H16_AFFINE(i, MV16, AV16, BV16) + bnfast_load16_bf16_hw(add + i); \
+                v1_ = BNFAST_H16_AFFINE(i + 16, MV16, AV16, BV16)                        \
+                      + bnfast_load16_bf16_hw(add + i + 16);                             \
+                STORE32(y + i, v0_, v1_);                                                \
+            }                                                                            \
+        } else {                                                                         \
+            for (; i < n32_; i += 32) {                                                  \
+                v0_ = BNFAST_H16_RELU(BNFAST_H16_AFFINE(i, MV16, AV16, BV16)             \
+                                      + bnfast_load16_bf16_hw(add + i));                 \
+                v1_ = BNFAST_H16_RELU(BNFAST_H16_AFFINE(i + 16, MV16, AV16, BV16)        \
+                                      + bnfast_load16_bf16_hw(add + i + 16));            \
+                STORE32(y + i, v0_, v1_);                                                \
+            }                                                                            \
+        }                                                                                \
+    }
+#define BNFAST_HALF_HW_WIDE(MV, AV, BV, MV16, AV16, BV16) \
+    BNFAST_HALF_WIDE_LOOPS(bnfast_store32_bf16_hw, MV16, AV16, BV16)
+#define BNFAST_HALF_HW_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                            \
+    {                                                                                    \
+        ptrdiff_t a_ = i;                                                                \
+        while (a_ < n8 && ((size_t)(y + a_) & 63) != 0) a_ += 8;                         \
+        BNFAST_HALF_AFFINE_VECTORS(bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,       \
+                                   MV, AV, BV, a_)                                       \
+    }                                                                                    \
+    BNFAST_HALF_WIDE_LOOPS(bnfast_stream32_bf16_hw, MV16, AV16, BV16)
+#endif
+#define BNFAST_HALF_SCALAR_M(j) m
+#define BNFAST_HALF_SCALAR_A(j) a
+#define BNFAST_HALF_SCALAR_B(j) b
+#define BNFAST_HALF_TILED_M(j) BNFAST_H16_COEF(m, j)
+#define BNFAST_HALF_TILED_A(j) BNFAST_H16_COEF(a, j)
+#define BNFAST_HALF_TILED_B(j) BNFAST_H16_COEF(b, j)
 
 /* Values [n8, n), one at a time. */
 #define BNFAST_HALF_AFFINE_TAIL(TO_F, FROM_F, MS, AS, BS)                               \
@@ -133,12 +198,13 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
         y[i] = FROM_F(v_);                                                               \
     }
 
-#define BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8)                    \
+#define BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE)              \
     ATTR static void bnfast_affine_scalar_##H##_##VARIANT(const T *x, const T *add, T *y, \
                                                          ptrdiff_t n, float m, float a,  \
                                                          float b, int relu) {            \
-        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
-        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, m, a, b)                               \
+        ptrdiff_t i = 0, n8 = BNFAST_HALF_N8(n);                                         \
+        WIDE(m, a, b, BNFAST_HALF_SCALAR_M, BNFAST_HALF_SCALAR_A, BNFAST_HALF_SCALAR_B)  \
+        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, m, a, b, n8)                           \
         BNFAST_HALF_AFFINE_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,    \
                                 m, a, b)                                                 \
     }                                                                                    \
@@ -154,38 +220,45 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
             T *y = y0 + i0;                                                              \
             n = total - i0 < W ? total - i0 : W;                                         \
             n8 = BNFAST_HALF_N8(n);                                                      \
+            i = 0;                                                                       \
+            WIDE(BNFAST_H8_COEF(m, i), BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i),       \
+                 BNFAST_HALF_TILED_M, BNFAST_HALF_TILED_A, BNFAST_HALF_TILED_B)          \
             BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i),              \
-                                       BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i))       \
+                                       BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i), n8)   \
             BNFAST_HALF_AFFINE_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,    \
                                     m[i], a[i], b[i])                                    \
         }                                                                                \
     }
 
-#define BNFAST_DEFINE_HALF_AFFINE_ALL(H, T, VARIANT, ATTR, LOAD8, STORE8)                \
-    BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8)                        \
+#define BNFAST_DEFINE_HALF_AFFINE_ALL(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE)          \
+    BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE)                  \
     BNFAST_DEFINE_AFFINE_RUNS(bnfast_affine_runs_##H##_##VARIANT, T, ATTR,               \
                               bnfast_affine_scalar_##H##_##VARIANT)
 
-BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
-BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16,
+                              BNFAST_HALF_NO_WIDE)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16,
+                              BNFAST_HALF_NO_WIDE)
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
-                              bnfast_store8_f16_f16c)
+                              bnfast_store8_f16_f16c, BNFAST_HALF_NO_WIDE)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2)
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2, BNFAST_HALF_NO_WIDE)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw)
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw, BNFAST_HALF_HW_WIDE)
 /* Streaming twins (bnfast_half.h's stream8: the same rounding, non-temporal
  * stores), for outputs far beyond the caches.  As bnfast_simd.h's float32 ones:
  * the caller streams only pieces that start 16-byte aligned and span whole
  * 16-byte groups (8 values), so the plain-stored tail is at most the array's
  * last values, and calls bnfast_nt_fence() after a block. */
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET,
-                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c)
+                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_NO_WIDE)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2)
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2,
+                              BNFAST_HALF_NO_WIDE)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw)
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,
+                              BNFAST_HALF_HW_WIDE_NT)
 #endif
 
 /* The leaves, picked at run time: NT is empty (cached stores) or _nt (streamed);

@@ -27,12 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 N, W = 65536, 72
 COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1e30, 1.0],
                   [1e-39, 1e-3, 1e-40], [0.3, 1.7, 0.1]], dtype=np.float32)
-# Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled).
-BLOCKS = len(COEFS) * 2 * 2
+# Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled, runs).
+BLOCKS = len(COEFS) * 2 * 3
 # The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16;
 # then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16.
 VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
             + [np.float16] + [ml_dtypes.bfloat16] * 2)
+# The runs' length per variant (the driver's S_CACHED, S_NT): the streaming ones
+# need pieces that start 16-byte aligned.
+RUN_LENGTHS = [61] * 5 + [120] * 3
 
 
 def _driver_output(tmp_path, source, *flags):
@@ -50,18 +53,20 @@ def _run_driver(tmp_path, *flags):
     return np.frombuffer(out, dtype=np.uint16).reshape(len(VARIANTS), BLOCKS, N)
 
 
-def _expected(dtype):
+def _expected(dtype, run_length):
     """NumPy float32 arithmetic, in the leaves' order, rounded once to ``dtype``."""
     bits = np.arange(N, dtype=np.uint16)
     x = bits.view(dtype).astype(np.float32)
     add = (bits.astype(np.uint32) * 40503 % N).astype(np.uint16).view(dtype).astype(np.float32)
     j = np.arange(N) % W
+    run = np.arange(N) // run_length  # the runs' channel is run % 3 (the rest: the next run's)
     blocks = []
     with np.errstate(all="ignore"):
         for m, a, b in COEFS:
             tm = (m * (1 + j % 3).astype(np.float32)).astype(np.float32)
+            rm = (m * (1 + run % 3).astype(np.float32)).astype(np.float32)
             for relu in (False, True):
-                for v in (((x - m) * a + b) + add, (x - tm) * a + b):
+                for v in (((x - m) * a + b) + add, (x - tm) * a + b, ((x - rm) * a + b) + add):
                     if relu:
                         v = np.where(v < 0, np.float32(0), v)
                     blocks.append(v.astype(dtype).view(np.uint16))
@@ -86,7 +91,7 @@ def outputs(tmp_path_factory):
 def test_every_variant_matches_float32_arithmetic_rounded_once(outputs, variant):
     simd, _ = outputs
     dtype = VARIANTS[variant]
-    want = _expected(dtype)
+    want = _expected(dtype, RUN_LENGTHS[variant])
     for block in range(BLOCKS):
         _assert_same_values(simd[variant, block], want[block], dtype)
 
