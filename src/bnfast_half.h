@@ -243,6 +243,18 @@ typedef float bnfast_h16f __attribute__((vector_size(64), aligned(4), may_alias)
             WIDE((void *)(p), (__m512i)_mm512_cvtne2ps_pbh(b_, a_));                     \
         }                                                                                \
     } while (0)
+/* Sixteen values (v0): one vcvtneps2bf16 (zmm), 32 bytes (streamed: aligned). */
+#define BNFAST_BF16_HW_16_(p, v0, WIDE, EIGHT) do {                                      \
+        __m512 a_ = (__m512)(v0);                                                        \
+        if (__builtin_expect(_mm512_fpclass_ps_mask(a_, 0x20) != 0, 0)) {                \
+            EIGHT((p), bnfast_pack8_bf16_avx2(_mm512_castps512_ps256(a_)));              \
+            EIGHT((p) + 8, bnfast_pack8_bf16_avx2(_mm512_extractf32x8_ps(a_, 1)));       \
+        } else {                                                                         \
+            WIDE((void *)(p), (__m256i)_mm512_cvtneps_pbh(a_));                          \
+        }                                                                                \
+    } while (0)
+#define bnfast_store16_bf16_hw(p, v0) BNFAST_BF16_HW_16_(p, v0, _mm256_storeu_si256, BNFAST_STORE8_HALF_)
+#define bnfast_stream16_bf16_hw(p, v0) BNFAST_BF16_HW_16_(p, v0, _mm256_stream_si256, BNFAST_STREAM8_HALF_)
 #define bnfast_store32_bf16_hw(p, v0, v1) \
     BNFAST_BF16_HW_32_(p, v0, v1, _mm512_storeu_si512, BNFAST_STORE8_HALF_)
 #define bnfast_stream32_bf16_hw(p, v0, v1) \

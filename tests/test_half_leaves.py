@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 N, W = 65536, 72
 COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1e30, 1.0],
                   [1e-39, 1e-3, 1e-40], [0.3, 1.7, 0.1]], dtype=np.float32)
-# Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled, runs).
-BLOCKS = len(COEFS) * 2 * 3
+# Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled, runs,
+# runs in place).
+BLOCKS = len(COEFS) * 2 * 4
 # The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16;
 # then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16.
 VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
@@ -66,7 +67,8 @@ def _expected(dtype, run_length):
             tm = (m * (1 + j % 3).astype(np.float32)).astype(np.float32)
             rm = (m * (1 + run % 3).astype(np.float32)).astype(np.float32)
             for relu in (False, True):
-                for v in (((x - m) * a + b) + add, (x - tm) * a + b, ((x - rm) * a + b) + add):
+                runs = ((x - rm) * a + b) + add
+                for v in (((x - m) * a + b) + add, (x - tm) * a + b, runs, runs):
                     if relu:
                         v = np.where(v < 0, np.float32(0), v)
                     blocks.append(v.astype(dtype).view(np.uint16))

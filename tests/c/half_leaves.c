@@ -5,13 +5,15 @@
  * the vector ones, which must give the same bits), and writes the outputs as
  * raw uint16 to stdout, one block per (type, leaf, coefficients, variant);
  * the leaves are the scalar one (one channel), the tiled one (a channels-last
- * tile) and the runs (channels-first runs, with a scalar call for the rest).
+ * tile) and the runs (channels-first runs, with a scalar call for the rest),
+ * out of place, then in place (y is x: each value read before it is written).
  * tests/test_half_leaves.py compiles it twice (with and without
  * -DBNFAST_NO_SIMD) and checks every block against NumPy's float32
  * arithmetic rounded by NumPy (float16) and ml_dtypes (bfloat16).
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bnfast_half_leaves.h"
 
@@ -57,6 +59,14 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
                                               (S), 0, 3, tm, ta, tb, relu);                \
             bnfast_affine_scalar_##H##_##VARIANT(                                          \
                 (const T *)x + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S), \
+                N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                         \
+            bnfast_nt_fence();                                                             \
+            emit(y, N);                                                                    \
+            memcpy(y, x, sizeof y);  /* the same in place: y is x */                       \
+            bnfast_affine_runs_##H##_##VARIANT((const T *)y, (const T *)add, (T *)y, runs, \
+                                              (S), 0, 3, tm, ta, tb, relu);                \
+            bnfast_affine_scalar_##H##_##VARIANT(                                          \
+                (const T *)y + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S), \
                 N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                         \
             bnfast_nt_fence();                                                             \
             emit(y, N);                                                                    \
