@@ -136,11 +136,18 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
 #define BNFAST_H16_RELU(v) ((bnfast_h16f)_mm512_maskz_mov_ps(                              \
         _mm512_cmp_ps_mask((__m512)(v), _mm512_setzero_ps(), _CMP_NLT_UQ), (__m512)(v)))
 #define BNFAST_H16_COEF(p, i) (*(const bnfast_h16f *)((p) + (i)))
+/* v + w with v the first source: where both are NaN the result is v's (quietened),
+ * the bits the portable build gives.  GCC may swap the operands of a vector +
+ * (it did in the float16 streaming leaf: other NaN payloads than the portable's). */
+#define BNFAST_H16_ADD(v, w) ({                                                          \
+        bnfast_h16f r_;                                                                  \
+        __asm__("vaddps %2, %1, %0" : "=v"(r_) : "v"(v), "v"(w));                        \
+        r_; })
 /* The value of 16 lanes from j on; the rest (LOAD16, MV16, AV16, BV16, ADD,
  * RELU) is a step's context, ADD and RELU constants (0, 1). */
 #define BNFAST_H16_VALUE(j, LOAD16, MV16, AV16, BV16, ADD, RELU) ({                      \
         bnfast_h16f v_ = (LOAD16(x + (j)) - MV16(j)) * AV16(j) + BV16(j);               \
-        if (ADD) v_ = v_ + LOAD16(add + (j));                                            \
+        if (ADD) v_ = BNFAST_H16_ADD(v_, LOAD16(add + (j)));                             \
         if (RELU) v_ = BNFAST_H16_RELU(v_);                                              \
         v_; })
 #define BNFAST_H16_AT(j, ...) BNFAST_H16_VALUE(j, __VA_ARGS__)
@@ -188,18 +195,27 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
     } else {                                                                             \
         BODY(STORE32, STORE16, LOAD16, MV16, AV16, BV16, 1, 1)                           \
     }
+/* Streamed: 8 values a step to a 64-byte boundary first (LOAD8, STREAM8). */
+#define BNFAST_HALF_ALIGN64(LOAD8, STREAM8, MV, AV, BV)                                  \
+    {                                                                                    \
+        ptrdiff_t a_ = i;                                                                \
+        while (a_ < n8 && ((size_t)(y + a_) & 63) != 0) a_ += 8;                         \
+        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STREAM8, MV, AV, BV, a_)                       \
+    }
 #define BNFAST_HALF_HW_WIDE(MV, AV, BV, MV16, AV16, BV16)                                \
     BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_bf16_hw,               \
                            bnfast_store32_bf16_hw, bnfast_store16_bf16_hw, MV16, AV16, BV16)
 #define BNFAST_HALF_HW_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                            \
-    {                                                                                    \
-        ptrdiff_t a_ = i;                                                                \
-        while (a_ < n8 && ((size_t)(y + a_) & 63) != 0) a_ += 8;                         \
-        BNFAST_HALF_AFFINE_VECTORS(bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,       \
-                                   MV, AV, BV, a_)                                       \
-    }                                                                                    \
+    BNFAST_HALF_ALIGN64(bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw, MV, AV, BV)      \
     BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_bf16_hw,             \
                            bnfast_stream32_bf16_hw, bnfast_stream16_bf16_hw, MV16, AV16, BV16)
+#define BNFAST_HALF_Z_WIDE(MV, AV, BV, MV16, AV16, BV16)                                 \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_f16_z,                 \
+                           bnfast_store32_f16_z, bnfast_store16_f16_z, MV16, AV16, BV16)
+#define BNFAST_HALF_Z_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                             \
+    BNFAST_HALF_ALIGN64(bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, MV, AV, BV)      \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_f16_z,               \
+                           bnfast_stream32_f16_z, bnfast_stream16_f16_z, MV16, AV16, BV16)
 #endif
 #define BNFAST_HALF_SCALAR_M(j) m
 #define BNFAST_HALF_SCALAR_A(j) a
@@ -261,6 +277,8 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfa
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
                               bnfast_store8_f16_f16c, BNFAST_HALF_NO_WIDE)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, z, BNFAST_F16_Z_TARGET, bnfast_load8_f16_f16c,
+                              bnfast_store8_f16_f16c, BNFAST_HALF_Z_WIDE)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2, BNFAST_HALF_NO_WIDE)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
@@ -272,6 +290,8 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
  * last values, and calls bnfast_nt_fence() after a block. */
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET,
                               bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_NO_WIDE)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, z_nt, BNFAST_F16_Z_TARGET,
+                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_Z_WIDE_NT)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2,
                               BNFAST_HALF_NO_WIDE)
@@ -288,7 +308,8 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t runs,   \
             ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,       \
             const float *b, int relu) {                                                  \
-        BNFAST_PICK_F16C(bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c##NT)(  \
+        BNFAST_PICK_F16(S, bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c##NT, \
+                        bnfast_affine_runs_f16_z##NT)(                                   \
             x, add, y, runs, S, c, C, m, a, b, relu);                                    \
     }                                                                                    \
     static inline void bnfast_affine_runs_bf16##NT(                                      \
@@ -301,13 +322,16 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
     static inline void bnfast_affine_scalar_f16##NT(                                     \
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
             float m, float a, float b, int relu) {                                       \
-        BNFAST_PICK_F16C(bnfast_affine_scalar_f16_base, bnfast_affine_scalar_f16_f16c##NT)( \
+        BNFAST_PICK_F16(n, bnfast_affine_scalar_f16_base,                                \
+                        bnfast_affine_scalar_f16_f16c##NT,                               \
+                        bnfast_affine_scalar_f16_z##NT)(                                 \
             x, add, y, n, m, a, b, relu);                                                \
     }                                                                                    \
     static inline void bnfast_affine_tiled_f16##NT(                                      \
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
             ptrdiff_t W, const float *m, const float *a, const float *b, int relu) {     \
-        BNFAST_PICK_F16C(bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c##NT)( \
+        BNFAST_PICK_F16(W, bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c##NT, \
+                        bnfast_affine_tiled_f16_z##NT)(                                  \
             x, add, y, n, W, m, a, b, relu);                                             \
     }                                                                                    \
     static inline void bnfast_affine_scalar_bf16##NT(                                    \

@@ -2,9 +2,10 @@
 pattern) and the backward's pass-1 sums (every variant, finite values).
 
 ``tests/c/half_leaves.c`` drives the in-register leaves of
-``src/bnfast_half_leaves.h`` (portable, F16C/AVX2 and AVX512-BF16, as this CPU
-has them, and the vector ones' streaming twins) over all 65536 patterns of each
-half type with several coefficient sets.  It is compiled twice, with SIMD and
+``src/bnfast_half_leaves.h`` (portable, F16C/AVX2, AVX512-BF16 and float16 on
+AVX512F, as this CPU has them, and the vector ones' streaming twins) over all
+65536 patterns of each half type with several coefficient sets, as the scalar,
+tiled and runs leaves (runs in place too).  It is compiled twice, with SIMD and
 with ``-DBNFAST_NO_SIMD``, and every output must equal NumPy's float32
 arithmetic on the widened values rounded to the half type by NumPy (float16)
 and ml_dtypes (bfloat16): the leaves' contract ("the float32 leaf's result,
@@ -31,12 +32,13 @@ COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1
 # runs in place).
 BLOCKS = len(COEFS) * 2 * 4
 # The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16;
-# then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16.
+# then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16; then float16
+# AVX512F, cached and streamed.
 VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
-            + [np.float16] + [ml_dtypes.bfloat16] * 2)
+            + [np.float16] + [ml_dtypes.bfloat16] * 2 + [np.float16] * 2)
 # The runs' length per variant (the driver's S_CACHED, S_NT): the streaming ones
 # need pieces that start 16-byte aligned.
-RUN_LENGTHS = [61] * 5 + [120] * 3
+RUN_LENGTHS = [61] * 5 + [120] * 3 + [61, 120]
 
 
 def _driver_output(tmp_path, source, *flags):

@@ -2,7 +2,8 @@
  * Drives the half-precision normalise leaves (src/bnfast_half_leaves.h) over
  * every 16-bit pattern with a few coefficient sets, in every variant this
  * build has (portable; F16C / AVX2; AVX512-BF16; then the streaming twins of
- * the vector ones, which must give the same bits), and writes the outputs as
+ * the vector ones, which must give the same bits; then float16 on AVX512F,
+ * cached and streamed), and writes the outputs as
  * raw uint16 to stdout, one block per (type, leaf, coefficients, variant);
  * the leaves are the scalar one (one channel), the tiled one (a channels-last
  * tile) and the runs (channels-first runs, with a scalar call for the rest),
@@ -73,6 +74,10 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
         }                                                                                  \
     }
 
+/* VARIANT where the CPU has it, else the portable one (the layout stays fixed). */
+#define RUN_IF(HAS, H, T, VARIANT, S) \
+    if (HAS) { RUN(H, T, VARIANT, S) } else { RUN(H, T, base, S) }
+
 int main(void) {
     /* y 16-byte aligned: the streaming variants' contract. */
     static uint16_t x[N], add[N], y[N] __attribute__((aligned(64)));
@@ -88,27 +93,35 @@ int main(void) {
      * variant missing here repeats the portable one, so the layout is fixed. */
     RUN(f16, bnfast_f16, base, S_CACHED)
 #if BNFAST_DISPATCH_AVX2
-    if (bnfast_use_f16c()) { RUN(f16, bnfast_f16, f16c, S_CACHED) } else { RUN(f16, bnfast_f16, base, S_CACHED) }
+    RUN_IF(bnfast_use_f16c(), f16, bnfast_f16, f16c, S_CACHED)
 #else
     RUN(f16, bnfast_f16, base, S_CACHED)
 #endif
     RUN(bf16, bnfast_bf16, base, S_CACHED)
 #if BNFAST_DISPATCH_AVX2
-    if (bnfast_use_avx2()) { RUN(bf16, bnfast_bf16, avx2, S_CACHED) } else { RUN(bf16, bnfast_bf16, base, S_CACHED) }
-    if (bnfast_use_bf16_hw()) { RUN(bf16, bnfast_bf16, hw, S_CACHED) } else { RUN(bf16, bnfast_bf16, base, S_CACHED) }
+    RUN_IF(bnfast_use_avx2(), bf16, bnfast_bf16, avx2, S_CACHED)
+    RUN_IF(bnfast_use_bf16_hw(), bf16, bnfast_bf16, hw, S_CACHED)
 #else
     RUN(bf16, bnfast_bf16, base, S_CACHED)
     RUN(bf16, bnfast_bf16, base, S_CACHED)
 #endif
     /* The streaming twins (non-temporal stores), after the cached ones. */
 #if BNFAST_DISPATCH_AVX2
-    if (bnfast_use_f16c()) { RUN(f16, bnfast_f16, f16c_nt, S_NT) } else { RUN(f16, bnfast_f16, base, S_NT) }
-    if (bnfast_use_avx2()) { RUN(bf16, bnfast_bf16, avx2_nt, S_NT) } else { RUN(bf16, bnfast_bf16, base, S_NT) }
-    if (bnfast_use_bf16_hw()) { RUN(bf16, bnfast_bf16, hw_nt, S_NT) } else { RUN(bf16, bnfast_bf16, base, S_NT) }
+    RUN_IF(bnfast_use_f16c(), f16, bnfast_f16, f16c_nt, S_NT)
+    RUN_IF(bnfast_use_avx2(), bf16, bnfast_bf16, avx2_nt, S_NT)
+    RUN_IF(bnfast_use_bf16_hw(), bf16, bnfast_bf16, hw_nt, S_NT)
 #else
     RUN(f16, bnfast_f16, base, S_NT)
     RUN(bf16, bnfast_bf16, base, S_NT)
     RUN(bf16, bnfast_bf16, base, S_NT)
+#endif
+    /* float16 on AVX512F (zmm), cached then streamed. */
+#if BNFAST_DISPATCH_AVX2
+    RUN_IF(bnfast_use_f16_z(), f16, bnfast_f16, z, S_CACHED)
+    RUN_IF(bnfast_use_f16_z(), f16, bnfast_f16, z_nt, S_NT)
+#else
+    RUN(f16, bnfast_f16, base, S_CACHED)
+    RUN(f16, bnfast_f16, base, S_NT)
 #endif
     return 0;
 }
