@@ -297,7 +297,8 @@ static int bnfast_has_bf16_hw = -1;
 static int bnfast_use_bf16_hw(void) {
     if (bnfast_has_bf16_hw < 0) {  /* benign race: every thread writes the same value */
         __builtin_cpu_init();
-        bnfast_has_bf16_hw = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512vl")
+        bnfast_has_bf16_hw = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f")
+                              && __builtin_cpu_supports("avx512vl")
                               && __builtin_cpu_supports("avx512dq")
                               && __builtin_cpu_supports("avx512bf16")) ? 1 : 0;
     }

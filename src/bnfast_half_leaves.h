@@ -6,7 +6,9 @@
  * The exception is the hot pass, the normalise in float: staging costs two
  * more trips through L1 and a call per run (2x a copy for in-cache data), so
  * it converts in registers, 8 values at a time (bnfast_half.h's load8/store8:
- * F16C, or a shift for bfloat16), with the float32 leaf's arithmetic.
+ * F16C, or a shift for bfloat16), or 32 on AVX-512 (AVX512-BF16's two-source
+ * vcvtne2ps2bf16, AVX512F's float16 conversions), with the float32 leaf's
+ * arithmetic.
  *
  * Bits: the reductions stage whole calls' worth of values (a chunk of
  * <= BNFAST_REDUCE_STAGE), so half data gives exactly the sums of the same
@@ -98,8 +100,9 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
  * with the float32 leaf's operations in its order (no FMA), so the result is
  * the float32 leaf's on the widened values, rounded once to the half type.
  * SCALAR: one (m, a, b); TILED: per element of a W-long tile, in pieces of W.
- * Eight values at a time with load8/store8, the tail with the scalar
- * conversions; the epilogue branches are hoisted out of the loops.
+ * The variant's WIDE steps first (32 values at a time on AVX-512, below), then
+ * eight at a time with load8/store8, the tail with the scalar conversions; the
+ * epilogue branches are hoisted out of the loops.
  * ------------------------------------------------------------------------- */
 #if BNFAST_VECTOR_EXT
 #define BNFAST_H8_RELU(v) ((bnfast_h8f)((bnfast_h8i)(v) & ~((v) < 0.0f)))
