@@ -40,6 +40,11 @@ from _openmp_helpers cimport threads_for
 cdef enum:
     # Elements per parallel task.
     BLOCK_ELEMS = 16384
+    # ... of half-precision data: a task is a few microseconds of work either way,
+    # and at 16384 the dynamic schedule's per-task cost showed: 2 threads, float16
+    # (16, 64, 64, 64) eval 189 us, 32768: 183, 131072: 180 (bfloat16 186, 179,
+    # 172; float16 (4096, 1024) 214, 210, 203), in one interleaved run.
+    HALF_BLOCK_ELEMS = 131072
     # ... when the ReLU mask is packed from each block: small enough that the
     # block just written is still in L1 when it is read back.
     MASK_BLOCK_ELEMS = 2048
@@ -264,6 +269,18 @@ cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
         bnfast_pack_positive_bf16(y + start, n, bits + start // 8)
 
 
+cdef inline Py_ssize_t _block_elems(bint half, Py_ssize_t total,
+                                    unsigned char* bits) noexcept nogil:
+    """Elements per parallel task of the normalise pass over ``total`` values (half:
+    half-precision data, in tasks of up to HALF_BLOCK_ELEMS but at least 16 tasks
+    where BLOCK_ELEMS allows them, so medium arrays still split evenly)."""
+    if bits != NULL:
+        return MASK_BLOCK_ELEMS
+    if not half:
+        return BLOCK_ELEMS
+    return min(<Py_ssize_t>HALF_BLOCK_ELEMS, max(<Py_ssize_t>BLOCK_ELEMS, total // 16))
+
+
 cdef inline Py_ssize_t _byte_aligned(Py_ssize_t units, Py_ssize_t unit_len) noexcept nogil:
     """units rounded up so that units * unit_len is a multiple of 8 (whole mask bytes)."""
     cdef Py_ssize_t step = 8 // _gcd(unit_len, 8)
@@ -394,7 +411,8 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     _streamable allows)."""
     # Tasks are blocks of consecutive (n, c) runs.
     cdef Py_ssize_t runs = N * C
-    cdef Py_ssize_t elems = BLOCK_ELEMS if bits == NULL else MASK_BLOCK_ELEMS
+    cdef Py_ssize_t elems = _block_elems(real_t is bnfast_f16 or real_t is bnfast_bf16,
+                                         runs * S, bits)
     cdef Py_ssize_t per_block = _byte_aligned(elems // S if S < elems else 1, S)
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
     cdef Py_ssize_t blk
@@ -434,7 +452,8 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     # k times, small C still gives long vector loops.  Every W-aligned piece
     # starts at channel 0, so a short last piece needs no special case.
     cdef Py_ssize_t W = k * C, total = M * C
-    cdef Py_ssize_t elems = BLOCK_ELEMS if bits == NULL else MASK_BLOCK_ELEMS
+    cdef Py_ssize_t elems = _block_elems(real_t is bnfast_f16 or real_t is bnfast_bf16, total,
+                                         bits)
     cdef Py_ssize_t per_block = _byte_aligned(elems // W if W < elems else 1, W) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
     cdef Py_ssize_t blk

@@ -6,7 +6,9 @@
  * The exception is the hot pass, the normalise in float: staging costs two
  * more trips through L1 and a call per run (2x a copy for in-cache data), so
  * it converts in registers, 8 values at a time (bnfast_half.h's load8/store8:
- * F16C, or a shift for bfloat16), with the float32 leaf's arithmetic.
+ * F16C, or a shift for bfloat16), or 32 on AVX-512 (AVX512-BF16's two-source
+ * vcvtne2ps2bf16, AVX512F's float16 conversions), with the float32 leaf's
+ * arithmetic.
  *
  * Bits: the reductions stage whole calls' worth of values (a chunk of
  * <= BNFAST_REDUCE_STAGE), so half data gives exactly the sums of the same
@@ -98,47 +100,177 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
  * with the float32 leaf's operations in its order (no FMA), so the result is
  * the float32 leaf's on the widened values, rounded once to the half type.
  * SCALAR: one (m, a, b); TILED: per element of a W-long tile, in pieces of W.
- * Eight values at a time with load8/store8, the tail with the scalar
- * conversions; the epilogue branches are hoisted out of the loops.
+ * The variant's WIDE steps first (32 values at a time on AVX-512, below), then
+ * eight at a time with load8/store8, the tail with the scalar conversions; the
+ * epilogue branches are hoisted out of the loops.
  * ------------------------------------------------------------------------- */
 #if BNFAST_VECTOR_EXT
 #define BNFAST_H8_RELU(v) ((bnfast_h8f)((bnfast_h8i)(v) & ~((v) < 0.0f)))
 #define BNFAST_H8_COEF(p, i) (*(const bnfast_h8f *)((p) + (i)))
-/* Values [0, n8) of the run, MV/AV/BV giving the coefficient vectors at i. */
-#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV)                           \
+/* Values [i, END) of the run, 8 at a time (END - i a multiple of 8), MV/AV/BV
+ * giving the coefficient vectors at i. */
+#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV, END)                      \
     if (add == NULL && !relu) {                                                          \
-        for (i = 0; i < n8; i += 8) STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV);        \
+        for (; i < (END); i += 8) STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV);          \
     } else if (add == NULL) {                                                            \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < (END); i += 8)                                                        \
             STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV));                \
     } else if (!relu) {                                                                  \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < (END); i += 8)                                                        \
             STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i));               \
     } else {                                                                             \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < (END); i += 8)                                                        \
             STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i))); \
     }
 #define BNFAST_HALF_N8(n) ((n) - (n) % 8)
 #else
-#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV)
+#define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV, END)
 #define BNFAST_HALF_N8(n) 0
 #endif
 
-/* Values [n8, n), one at a time. */
+/* The wide loops: values [i, ...) 32 at a time before the 8-wide loop, for the
+ * variants whose conversion pays per 32 values (bnfast_half.h's store32).
+ * WIDE(MV, AV, BV, MV16, AV16, BV16) is the variant's step: NO_WIDE for none,
+ * HW_WIDE / HW_WIDE_NT for the AVX512-BF16 ones (the streaming one first goes
+ * 8 at a time to a 64-byte boundary: its 64-byte stores need one; the caller's
+ * pieces start 16-byte aligned, so that is at most 3 steps). */
+#define BNFAST_HALF_NO_WIDE(MV, AV, BV, MV16, AV16, BV16)
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_H16_RELU(v) ((bnfast_h16f)_mm512_maskz_mov_ps(                              \
+        _mm512_cmp_ps_mask((__m512)(v), _mm512_setzero_ps(), _CMP_NLT_UQ), (__m512)(v)))
+#define BNFAST_H16_COEF(p, i) (*(const bnfast_h16f *)((p) + (i)))
+/* v + w with v the first source: where both are NaN the result is v's (quietened),
+ * the bits the portable build gives.  GCC may swap the operands of a vector +
+ * (it did in the float16 streaming leaf: other NaN payloads than the portable's). */
+#define BNFAST_H16_ADD(v, w) ({                                                          \
+        bnfast_h16f r_;                                                                  \
+        __asm__("vaddps %2, %1, %0" : "=v"(r_) : "v"(v), "v"(w));                        \
+        r_; })
+/* The value of 16 lanes from j on; the rest (LOAD16, MV16, AV16, BV16, ADD,
+ * RELU) is a step's context, ADD and RELU constants (0, 1). */
+#define BNFAST_H16_VALUE(j, LOAD16, MV16, AV16, BV16, ADD, RELU) ({                      \
+        bnfast_h16f v_ = (LOAD16(x + (j)) - MV16(j)) * AV16(j) + BV16(j);               \
+        if (ADD) v_ = BNFAST_H16_ADD(v_, LOAD16(add + (j)));                             \
+        if (RELU) v_ = BNFAST_H16_RELU(v_);                                              \
+        v_; })
+#define BNFAST_H16_AT(j, ...) BNFAST_H16_VALUE(j, __VA_ARGS__)
+/* Cached: 32 values a step; the last step (33 to 64 values left) takes the
+ * last 32 too, overlapping, both loaded before either is stored (y may be x:
+ * the overlap is written twice with the same bits); fewer than 32 in all: 16
+ * if that many.  A 7x7 image's 49 values: 2 steps of 32 (6.2 ns a run took
+ * 32 + 16 + 1 before).  The 8-value loop and the tail take what is left. */
+#define BNFAST_HALF_WIDE_CACHED(STORE32, STORE16, ...)                                   \
+    if (n - i >= 32) {                                                                   \
+        for (; n - i > 64; i += 32)                                                      \
+            STORE32(y + i, BNFAST_H16_AT(i, __VA_ARGS__), BNFAST_H16_AT(i + 16, __VA_ARGS__)); \
+        if (n - i > 32) {                                                                \
+            bnfast_h16f p0_ = BNFAST_H16_AT(i, __VA_ARGS__);                             \
+            bnfast_h16f p1_ = BNFAST_H16_AT(i + 16, __VA_ARGS__);                        \
+            bnfast_h16f q0_ = BNFAST_H16_AT(n - 32, __VA_ARGS__);                        \
+            bnfast_h16f q1_ = BNFAST_H16_AT(n - 16, __VA_ARGS__);                        \
+            STORE32(y + i, p0_, p1_);                                                    \
+            STORE32(y + n - 32, q0_, q1_);                                               \
+        } else {                                                                         \
+            STORE32(y + i, BNFAST_H16_AT(i, __VA_ARGS__), BNFAST_H16_AT(i + 16, __VA_ARGS__)); \
+        }                                                                                \
+        i = n;                                                                           \
+    } else if (n - i >= 16) {                                                            \
+        STORE16(y + i, BNFAST_H16_AT(i, __VA_ARGS__));                                   \
+        i += 16;                                                                         \
+    }
+/* Streamed (y + i 64-byte aligned): 32 values a step, then 16 if that many are
+ * left (32-byte aligned), no overlap (its stores would not be aligned). */
+#define BNFAST_HALF_WIDE_STREAMED(STORE32, STORE16, ...)                                 \
+    for (; n - i >= 32; i += 32)                                                         \
+        STORE32(y + i, BNFAST_H16_AT(i, __VA_ARGS__), BNFAST_H16_AT(i + 16, __VA_ARGS__)); \
+    if (n - i >= 16) {                                                                   \
+        STORE16(y + i, BNFAST_H16_AT(i, __VA_ARGS__));                                   \
+        i += 16;                                                                         \
+    }
+/* BODY for each epilogue. */
+#define BNFAST_HALF_WIDE_LOOPS(BODY, LOAD16, STORE32, STORE16, MV16, AV16, BV16)         \
+    if (add == NULL && !relu) {                                                          \
+        BODY(STORE32, STORE16, LOAD16, MV16, AV16, BV16, 0, 0)                           \
+    } else if (add == NULL) {                                                            \
+        BODY(STORE32, STORE16, LOAD16, MV16, AV16, BV16, 0, 1)                           \
+    } else if (!relu) {                                                                  \
+        BODY(STORE32, STORE16, LOAD16, MV16, AV16, BV16, 1, 0)                           \
+    } else {                                                                             \
+        BODY(STORE32, STORE16, LOAD16, MV16, AV16, BV16, 1, 1)                           \
+    }
+/* Streamed: 8 values a step to a 64-byte boundary first (LOAD8, STREAM8). */
+#define BNFAST_HALF_ALIGN64(LOAD8, STREAM8, MV, AV, BV)                                  \
+    {                                                                                    \
+        ptrdiff_t a_ = i;                                                                \
+        while (a_ < n8 && ((size_t)(y + a_) & 63) != 0) a_ += 8;                         \
+        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STREAM8, MV, AV, BV, a_)                       \
+    }
+#define BNFAST_HALF_HW_WIDE(MV, AV, BV, MV16, AV16, BV16)                                \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_bf16_hw,               \
+                           bnfast_store32_bf16_hw, bnfast_store16_bf16_hw, MV16, AV16, BV16)
+#define BNFAST_HALF_HW_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                            \
+    BNFAST_HALF_ALIGN64(bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw, MV, AV, BV)      \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_bf16_hw,             \
+                           bnfast_stream32_bf16_hw, bnfast_stream16_bf16_hw, MV16, AV16, BV16)
+#define BNFAST_HALF_Z_WIDE(MV, AV, BV, MV16, AV16, BV16)                                 \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_f16_z,                 \
+                           bnfast_store32_f16_z, bnfast_store16_f16_z, MV16, AV16, BV16)
+#define BNFAST_HALF_Z_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                             \
+    BNFAST_HALF_ALIGN64(bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, MV, AV, BV)      \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_f16_z,               \
+                           bnfast_stream32_f16_z, bnfast_stream16_f16_z, MV16, AV16, BV16)
+#endif
+#define BNFAST_HALF_SCALAR_M(j) m
+#define BNFAST_HALF_SCALAR_A(j) a
+#define BNFAST_HALF_SCALAR_B(j) b
+#define BNFAST_HALF_TILED_M(j) BNFAST_H16_COEF(m, j)
+#define BNFAST_HALF_TILED_A(j) BNFAST_H16_COEF(a, j)
+#define BNFAST_HALF_TILED_B(j) BNFAST_H16_COEF(b, j)
+
+/* LAST8 (the scalar leaf's, after the 8-value loop): BNFAST_HALF_LAST8 writes the
+ * last values of a run whose length is not a multiple of 8 as the vector of its
+ * last 8, overlapping (the overlap twice, the same bits), where y shares no
+ * memory with x or the addend (in place, the values it would read again are
+ * already written: the tail takes them).  F16C: 32x2048x7x7 float16 eval, one
+ * thread, 368 -> 353 us.  (Loading that vector before the loop, to allow it in
+ * place too, measured slower: 369 -> 404 us.)  NO_LAST8 for the other leaves:
+ * bfloat16's AVX2 rounding of 8 values costs more than the tail, the streaming
+ * twins' store would not be aligned, the AVX-512 ones have their own steps. */
+#define BNFAST_HALF_NO_LAST8(LOAD8, STORE8, MV, AV, BV)
+/* v + w, v the first source (x86 AVX targets; see BNFAST_H16_ADD). */
+#define BNFAST_H8_ADD(v, w) ({                                                           \
+        bnfast_h8f r_;                                                                   \
+        __asm__("vaddps %2, %1, %0" : "=x"(r_) : "x"(v), "x"(w));                        \
+        r_; })
+#define BNFAST_HALF_APART(p, q) \
+    ((size_t)((p) + n) <= (size_t)(q) || (size_t)((q) + n) <= (size_t)(p))
+#define BNFAST_HALF_LAST8(LOAD8, STORE8, MV, AV, BV)                                     \
+    if (i < n && n >= 8 && BNFAST_HALF_APART(y, x)                                      \
+        && (add == NULL || BNFAST_HALF_APART(y, add))) {                                 \
+        bnfast_h8f t_ = (LOAD8(x + n - 8) - MV) * AV + BV;                               \
+        if (add != NULL) t_ = BNFAST_H8_ADD(t_, LOAD8(add + n - 8));                     \
+        if (relu) t_ = BNFAST_H8_RELU(t_);                                               \
+        STORE8(y + n - 8, t_);                                                           \
+        i = n;                                                                           \
+    }
+
+/* Values [i, n) (i = n8, or n after an overlapping step), one at a time. */
 #define BNFAST_HALF_AFFINE_TAIL(TO_F, FROM_F, MS, AS, BS)                               \
-    for (i = n8; i < n; i++) {                                                           \
+    for (; i < n; i++) {                                                                 \
         float v_ = (TO_F(x[i]) - MS) * AS + BS;                                          \
         if (add != NULL) v_ = v_ + TO_F(add[i]);                                         \
         if (relu) v_ = v_ < 0.0f ? 0.0f : v_;                                            \
         y[i] = FROM_F(v_);                                                               \
     }
 
-#define BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8)                    \
+#define BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE, LAST8)       \
     ATTR static void bnfast_affine_scalar_##H##_##VARIANT(const T *x, const T *add, T *y, \
                                                          ptrdiff_t n, float m, float a,  \
                                                          float b, int relu) {            \
-        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
-        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, m, a, b)                               \
+        ptrdiff_t i = 0, n8 = BNFAST_HALF_N8(n);                                         \
+        WIDE(m, a, b, BNFAST_HALF_SCALAR_M, BNFAST_HALF_SCALAR_A, BNFAST_HALF_SCALAR_B)  \
+        BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, m, a, b, n8)                           \
+        LAST8(LOAD8, STORE8, m, a, b)                                                    \
         BNFAST_HALF_AFFINE_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,    \
                                 m, a, b)                                                 \
     }                                                                                    \
@@ -154,38 +286,59 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
             T *y = y0 + i0;                                                              \
             n = total - i0 < W ? total - i0 : W;                                         \
             n8 = BNFAST_HALF_N8(n);                                                      \
+            i = 0;                                                                       \
+            WIDE(BNFAST_H8_COEF(m, i), BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i),       \
+                 BNFAST_HALF_TILED_M, BNFAST_HALF_TILED_A, BNFAST_HALF_TILED_B)          \
             BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i),              \
-                                       BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i))       \
+                                       BNFAST_H8_COEF(a, i), BNFAST_H8_COEF(b, i), n8)   \
             BNFAST_HALF_AFFINE_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,    \
                                     m[i], a[i], b[i])                                    \
         }                                                                                \
     }
 
-#define BNFAST_DEFINE_HALF_AFFINE_ALL(H, T, VARIANT, ATTR, LOAD8, STORE8)                \
-    BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8)                        \
+#define BNFAST_DEFINE_HALF_AFFINE_ALL(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE, LAST8)   \
+    BNFAST_DEFINE_HALF_AFFINE(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE, LAST8)           \
     BNFAST_DEFINE_AFFINE_RUNS(bnfast_affine_runs_##H##_##VARIANT, T, ATTR,               \
                               bnfast_affine_scalar_##H##_##VARIANT)
 
-BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
-BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16,
+                              BNFAST_HALF_NO_WIDE,
+                              BNFAST_HALF_NO_LAST8)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16,
+                              BNFAST_HALF_NO_WIDE,
+                              BNFAST_HALF_NO_LAST8)
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
-                              bnfast_store8_f16_f16c)
+                              bnfast_store8_f16_f16c, BNFAST_HALF_NO_WIDE,
+                              BNFAST_HALF_LAST8)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, z, BNFAST_F16_Z_TARGET, bnfast_load8_f16_f16c,
+                              bnfast_store8_f16_f16c, BNFAST_HALF_Z_WIDE,
+                              BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2)
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2, BNFAST_HALF_NO_WIDE,
+                              BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw)
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw, BNFAST_HALF_HW_WIDE,
+                              BNFAST_HALF_NO_LAST8)
 /* Streaming twins (bnfast_half.h's stream8: the same rounding, non-temporal
  * stores), for outputs far beyond the caches.  As bnfast_simd.h's float32 ones:
  * the caller streams only pieces that start 16-byte aligned and span whole
  * 16-byte groups (8 values), so the plain-stored tail is at most the array's
  * last values, and calls bnfast_nt_fence() after a block. */
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET,
-                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c)
+                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_NO_WIDE,
+                              BNFAST_HALF_NO_LAST8)
+BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, z_nt, BNFAST_F16_Z_TARGET,
+                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_Z_WIDE_NT,
+                              BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2)
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2,
+                              BNFAST_HALF_NO_WIDE,
+                              BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw)
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,
+                              BNFAST_HALF_HW_WIDE_NT,
+                              BNFAST_HALF_NO_LAST8)
 #endif
 
 /* The leaves, picked at run time: NT is empty (cached stores) or _nt (streamed);
@@ -196,7 +349,8 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t runs,   \
             ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,       \
             const float *b, int relu) {                                                  \
-        BNFAST_PICK_F16C(bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c##NT)(  \
+        BNFAST_PICK_F16(S, bnfast_affine_runs_f16_base, bnfast_affine_runs_f16_f16c##NT, \
+                        bnfast_affine_runs_f16_z##NT)(                                   \
             x, add, y, runs, S, c, C, m, a, b, relu);                                    \
     }                                                                                    \
     static inline void bnfast_affine_runs_bf16##NT(                                      \
@@ -209,13 +363,16 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
     static inline void bnfast_affine_scalar_f16##NT(                                     \
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
             float m, float a, float b, int relu) {                                       \
-        BNFAST_PICK_F16C(bnfast_affine_scalar_f16_base, bnfast_affine_scalar_f16_f16c##NT)( \
+        BNFAST_PICK_F16(n, bnfast_affine_scalar_f16_base,                                \
+                        bnfast_affine_scalar_f16_f16c##NT,                               \
+                        bnfast_affine_scalar_f16_z##NT)(                                 \
             x, add, y, n, m, a, b, relu);                                                \
     }                                                                                    \
     static inline void bnfast_affine_tiled_f16##NT(                                      \
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
             ptrdiff_t W, const float *m, const float *a, const float *b, int relu) {     \
-        BNFAST_PICK_F16C(bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c##NT)( \
+        BNFAST_PICK_F16(W, bnfast_affine_tiled_f16_base, bnfast_affine_tiled_f16_f16c##NT, \
+                        bnfast_affine_tiled_f16_z##NT)(                                  \
             x, add, y, n, W, m, a, b, relu);                                             \
     }                                                                                    \
     static inline void bnfast_affine_scalar_bf16##NT(                                    \

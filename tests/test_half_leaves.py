@@ -2,9 +2,10 @@
 pattern) and the backward's pass-1 sums (every variant, finite values).
 
 ``tests/c/half_leaves.c`` drives the in-register leaves of
-``src/bnfast_half_leaves.h`` (portable, F16C/AVX2 and AVX512-BF16, as this CPU
-has them, and the vector ones' streaming twins) over all 65536 patterns of each
-half type with several coefficient sets.  It is compiled twice, with SIMD and
+``src/bnfast_half_leaves.h`` (portable, F16C/AVX2, AVX512-BF16 and float16 on
+AVX512F, as this CPU has them, and the vector ones' streaming twins) over all
+65536 patterns of each half type with several coefficient sets, as the scalar,
+tiled and runs leaves (runs in place too).  It is compiled twice, with SIMD and
 with ``-DBNFAST_NO_SIMD``, and every output must equal NumPy's float32
 arithmetic on the widened values rounded to the half type by NumPy (float16)
 and ml_dtypes (bfloat16): the leaves' contract ("the float32 leaf's result,
@@ -30,12 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 N, W = 65536, 72
 COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1e30, 1.0],
                   [1e-39, 1e-3, 1e-40], [0.3, 1.7, 0.1]], dtype=np.float32)
-# Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled).
-BLOCKS = len(COEFS) * 2 * 2
+# Blocks written per (type, variant): coefficient sets x relu x (scalar, tiled, runs,
+# runs in place).
+BLOCKS = len(COEFS) * 2 * 4
 # The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16;
-# then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16.
+# then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16; then float16
+# AVX512F, cached and streamed.
 VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
-            + [np.float16] + [ml_dtypes.bfloat16] * 2)
+            + [np.float16] + [ml_dtypes.bfloat16] * 2 + [np.float16] * 2)
+# The runs' length per variant (the driver's S_CACHED, S_NT): the streaming ones
+# need pieces that start 16-byte aligned.
+RUN_LENGTHS = [61] * 5 + [120] * 3 + [61, 120]
 
 
 def _driver_output(tmp_path, source, *flags):
@@ -53,18 +59,21 @@ def _run_driver(tmp_path, *flags):
     return np.frombuffer(out, dtype=np.uint16).reshape(len(VARIANTS), BLOCKS, N)
 
 
-def _expected(dtype):
+def _expected(dtype, run_length):
     """NumPy float32 arithmetic, in the leaves' order, rounded once to ``dtype``."""
     bits = np.arange(N, dtype=np.uint16)
     x = bits.view(dtype).astype(np.float32)
     add = (bits.astype(np.uint32) * 40503 % N).astype(np.uint16).view(dtype).astype(np.float32)
     j = np.arange(N) % W
+    run = np.arange(N) // run_length  # the runs' channel is run % 3 (the rest: the next run's)
     blocks = []
     with np.errstate(all="ignore"):
         for m, a, b in COEFS:
             tm = (m * (1 + j % 3).astype(np.float32)).astype(np.float32)
+            rm = (m * (1 + run % 3).astype(np.float32)).astype(np.float32)
             for relu in (False, True):
-                for v in (((x - m) * a + b) + add, (x - tm) * a + b):
+                runs = ((x - rm) * a + b) + add
+                for v in (((x - m) * a + b) + add, (x - tm) * a + b, runs, runs):
                     if relu:
                         v = np.where(v < 0, np.float32(0), v)
                     blocks.append(v.astype(dtype).view(np.uint16))
@@ -89,7 +98,7 @@ def outputs(tmp_path_factory):
 def test_every_variant_matches_float32_arithmetic_rounded_once(outputs, variant):
     simd, _ = outputs
     dtype = VARIANTS[variant]
-    want = _expected(dtype)
+    want = _expected(dtype, RUN_LENGTHS[variant])
     for block in range(BLOCKS):
         _assert_same_values(simd[variant, block], want[block], dtype)
 

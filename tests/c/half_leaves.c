@@ -2,14 +2,19 @@
  * Drives the half-precision normalise leaves (src/bnfast_half_leaves.h) over
  * every 16-bit pattern with a few coefficient sets, in every variant this
  * build has (portable; F16C / AVX2; AVX512-BF16; then the streaming twins of
- * the vector ones, which must give the same bits), and writes the outputs as
- * raw uint16 to stdout, one block per (type, leaf, coefficients, variant).
+ * the vector ones, which must give the same bits; then float16 on AVX512F,
+ * cached and streamed), and writes the outputs as
+ * raw uint16 to stdout, one block per (type, leaf, coefficients, variant);
+ * the leaves are the scalar one (one channel), the tiled one (a channels-last
+ * tile) and the runs (channels-first runs, with a scalar call for the rest),
+ * out of place, then in place (y is x: each value read before it is written).
  * tests/test_half_leaves.py compiles it twice (with and without
  * -DBNFAST_NO_SIMD) and checks every block against NumPy's float32
  * arithmetic rounded by NumPy (float16) and ml_dtypes (bfloat16).
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bnfast_half_leaves.h"
 
@@ -28,7 +33,14 @@ static const float coefs[][3] = {   /* m, a, b */
 
 static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
 
-#define RUN(H, T, VARIANT)                                                                 \
+/* Runs of S values (channels-first), channel t % 3 for run t, then the values
+ * left by a scalar call with the next run's channel: every part of the
+ * leaves (the wide steps, the 8-value steps, the one-value tail).  The
+ * streaming variants get S_NT: their pieces must start 16-byte aligned. */
+#define S_CACHED 61   /* 32 + 3 * 8 + 5 */
+#define S_NT 120      /* 3 * 32 + 3 * 8, runs 240 bytes apart: every 64-byte offset */
+
+#define RUN(H, T, VARIANT, S)                                                              \
     for (c = 0; c < NCOEF; c++) {                                                          \
         for (j = 0; j < W; j++) {                                                          \
             tm[j] = coefs[c][0] * (float)(1 + j % 3);                                      \
@@ -43,14 +55,35 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
                                                relu);                                      \
             bnfast_nt_fence();                                                             \
             emit(y, N);                                                                    \
+            runs = N / (S);                                                                \
+            bnfast_affine_runs_##H##_##VARIANT((const T *)x, (const T *)add, (T *)y, runs, \
+                                              (S), 0, 3, tm, ta, tb, relu);                \
+            bnfast_affine_scalar_##H##_##VARIANT(                                          \
+                (const T *)x + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S), \
+                N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                         \
+            bnfast_nt_fence();                                                             \
+            emit(y, N);                                                                    \
+            memcpy(y, x, sizeof y);  /* the same in place: y is x */                       \
+            bnfast_affine_runs_##H##_##VARIANT((const T *)y, (const T *)add, (T *)y, runs, \
+                                              (S), 0, 3, tm, ta, tb, relu);                \
+            bnfast_affine_scalar_##H##_##VARIANT(                                          \
+                (const T *)y + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S), \
+                N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                         \
+            bnfast_nt_fence();                                                             \
+            emit(y, N);                                                                    \
         }                                                                                  \
     }
+
+/* VARIANT where the CPU has it, else the portable one (the layout stays fixed). */
+#define RUN_IF(HAS, H, T, VARIANT, S) \
+    if (HAS) { RUN(H, T, VARIANT, S) } else { RUN(H, T, base, S) }
 
 int main(void) {
     /* y 16-byte aligned: the streaming variants' contract. */
     static uint16_t x[N], add[N], y[N] __attribute__((aligned(64)));
     static float tm[W], ta[W], tb[W];
     size_t c, j;
+    ptrdiff_t runs;
     int relu;
     for (j = 0; j < N; j++) {
         x[j] = (uint16_t)j;
@@ -58,29 +91,37 @@ int main(void) {
     }
     /* The portable variants first, then whichever this build and CPU have; a
      * variant missing here repeats the portable one, so the layout is fixed. */
-    RUN(f16, bnfast_f16, base)
+    RUN(f16, bnfast_f16, base, S_CACHED)
 #if BNFAST_DISPATCH_AVX2
-    if (bnfast_use_f16c()) { RUN(f16, bnfast_f16, f16c) } else { RUN(f16, bnfast_f16, base) }
+    RUN_IF(bnfast_use_f16c(), f16, bnfast_f16, f16c, S_CACHED)
 #else
-    RUN(f16, bnfast_f16, base)
+    RUN(f16, bnfast_f16, base, S_CACHED)
 #endif
-    RUN(bf16, bnfast_bf16, base)
+    RUN(bf16, bnfast_bf16, base, S_CACHED)
 #if BNFAST_DISPATCH_AVX2
-    if (bnfast_use_avx2()) { RUN(bf16, bnfast_bf16, avx2) } else { RUN(bf16, bnfast_bf16, base) }
-    if (bnfast_use_bf16_hw()) { RUN(bf16, bnfast_bf16, hw) } else { RUN(bf16, bnfast_bf16, base) }
+    RUN_IF(bnfast_use_avx2(), bf16, bnfast_bf16, avx2, S_CACHED)
+    RUN_IF(bnfast_use_bf16_hw(), bf16, bnfast_bf16, hw, S_CACHED)
 #else
-    RUN(bf16, bnfast_bf16, base)
-    RUN(bf16, bnfast_bf16, base)
+    RUN(bf16, bnfast_bf16, base, S_CACHED)
+    RUN(bf16, bnfast_bf16, base, S_CACHED)
 #endif
     /* The streaming twins (non-temporal stores), after the cached ones. */
 #if BNFAST_DISPATCH_AVX2
-    if (bnfast_use_f16c()) { RUN(f16, bnfast_f16, f16c_nt) } else { RUN(f16, bnfast_f16, base) }
-    if (bnfast_use_avx2()) { RUN(bf16, bnfast_bf16, avx2_nt) } else { RUN(bf16, bnfast_bf16, base) }
-    if (bnfast_use_bf16_hw()) { RUN(bf16, bnfast_bf16, hw_nt) } else { RUN(bf16, bnfast_bf16, base) }
+    RUN_IF(bnfast_use_f16c(), f16, bnfast_f16, f16c_nt, S_NT)
+    RUN_IF(bnfast_use_avx2(), bf16, bnfast_bf16, avx2_nt, S_NT)
+    RUN_IF(bnfast_use_bf16_hw(), bf16, bnfast_bf16, hw_nt, S_NT)
 #else
-    RUN(f16, bnfast_f16, base)
-    RUN(bf16, bnfast_bf16, base)
-    RUN(bf16, bnfast_bf16, base)
+    RUN(f16, bnfast_f16, base, S_NT)
+    RUN(bf16, bnfast_bf16, base, S_NT)
+    RUN(bf16, bnfast_bf16, base, S_NT)
+#endif
+    /* float16 on AVX512F (zmm), cached then streamed. */
+#if BNFAST_DISPATCH_AVX2
+    RUN_IF(bnfast_use_f16_z(), f16, bnfast_f16, z, S_CACHED)
+    RUN_IF(bnfast_use_f16_z(), f16, bnfast_f16, z_nt, S_NT)
+#else
+    RUN(f16, bnfast_f16, base, S_CACHED)
+    RUN(f16, bnfast_f16, base, S_NT)
 #endif
     return 0;
 }
