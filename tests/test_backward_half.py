@@ -8,8 +8,8 @@ the public functions reach exactly these kernels.
 What is held: half data gives the same sums as the same values stored as
 float32 (``grad_weight``/``grad_bias`` bit-identical, float32 arrays), and
 ``grad_input`` is float32's ``grad_input`` of the same values rounded once to
-the half type (bit-identical) -- except the channels-first sums without a
-mask, which run in float (``src/bnfast_float_sums.h``): float32-exact sums,
+the half type (bit-identical) -- except the sums without a mask, which run
+in float (``src/bnfast_float_sums.h``): float32-exact sums,
 ``grad_input`` within an ulp of float32's; all against the float64 reference
 too; any thread count gives the same bits; outputs may alias ``grad_output``.
 """
@@ -102,11 +102,6 @@ def assert_bits(actual, expected, name):
                                                 np.uint64), err_msg=name)
 
 
-def _float_sums(x, dtype, fused):
-    """Whether pass 1 sums x's values in float: channels-first, no mask."""
-    return not fused and _layout.in_kernel_layout(x)[1] == _layout.FIRST
-
-
 def assert_half_ulp(actual, expected64):
     """Half ``actual`` within one ulp of its dtype of ``expected64`` rounded to it."""
     mantissa, tiny = (10, 2.0**-14) if actual.dtype == np.float16 else (7, 2.0**-126)
@@ -124,7 +119,7 @@ def test_bits_of_float32_on_the_same_values(rng, dtype, shape, layout, training,
     half = _call(x, dy, mean, invstd, weight, training, out)
     single = _call(_as(x, np.float32), _as(dy, np.float32), mean, invstd, weight, training,
                    _as(out, np.float32))
-    if _float_sums(x, dtype, fused):
+    if not fused:  # pass 1 sums in float without a mask (either layout)
         assert_half_ulp(half[0], single[0].astype(np.float64))
         np.testing.assert_allclose(half[1], single[1], rtol=4e-6, atol=4e-6)
         np.testing.assert_allclose(half[2], single[2], rtol=4e-6, atol=4e-6)

@@ -13,10 +13,11 @@ rounded once"), identical bits in every build.
 
 ``tests/c/backward_half_leaves.c`` runs the backward's column sums and run sums
 on half data (portable and picked variants) beside the float32 leaf on the same
-values: the sums must be float32's bit for bit, in both builds -- but the
-unmasked run sums, which sum in float (``src/bnfast_float_sums.h``): those lie
-within 20 float32 ulps of the magnitude of their terms of a float64 reference
-(bfloat16's whole range included: runs float cannot hold go through double).
+values: the masked sums must be float32's bit for bit, in both builds; the
+unmasked ones sum in float (``src/bnfast_float_sums.h``, and eight rows at a
+time for the columns): they lie within 20 float32 ulps of the magnitude of
+their terms of a float64 reference (bfloat16's whole range included: sums
+float cannot hold go through double), in both builds alike.
 """
 import shlex
 import subprocess
@@ -152,6 +153,21 @@ def _driver_values(half):
     return x, y
 
 
+# The driver's row strides of its column-sum cases (its `strides`).
+COL_STRIDES = {(37, 72): 200, (30, 200): 1024, (9, 1024): 1024, (101, 13): 24, (6, 4096): 4100}
+
+
+def _column_reference(half, rows, width):
+    """float64 sy, sxy of the driver's column sums and their terms' magnitudes."""
+    x, y = _driver_values(half)
+    at = np.arange(rows)[:, None] * COL_STRIDES[rows, width] + np.arange(width)
+    xr, yr = x[at], y[at]
+    shift = 0.375 * (np.arange(width) % 5) - 0.5 + 0.1 * (np.arange(width) % 3)
+    terms = (xr - shift) * yr
+    return (np.concatenate([yr.sum(0), terms.sum(0)]),
+            np.concatenate([np.abs(yr).sum(0), np.abs(terms).sum(0)]))
+
+
 def _run_reference(half, count, n):
     """float64 sy, sxy of the driver's runs and the sums of their terms' magnitudes."""
     x, y = _driver_values(half)
@@ -170,8 +186,9 @@ def test_pass1_half_sums_are_float32_sums_of_the_same_values(sums, build):
     blocks = _sum_blocks(sums[build])
     for (half, case), (f32, portable, picked) in blocks.items():
         assert np.any(f32 != 0), (half, case)  # the driver summed something
-        if case[2] == 1:  # float sums (see the module's doc)
-            want, scale = _run_reference(half, case[0], case[1])
+        if case[2] in (0, 1):  # float sums (see the module's doc)
+            reference = _column_reference if case[2] == 0 else _run_reference
+            want, scale = reference(half, case[0], case[1])
             np.testing.assert_allclose(f32.view(np.float64), want, rtol=1e-12,
                                        atol=1e-12 * scale.max())
             for got in (portable, picked):
