@@ -114,12 +114,13 @@ cdef inline void _first_task(const real_t* x, Py_ssize_t t, Py_ssize_t N, Py_ssi
     cdef double* acc_m2 = part_m2 + nb * C + c0
     cdef double* pmean = scratch
     cdef double* pm2 = scratch + w
-    cdef Py_ssize_t n, c
-    cdef double n_a = 0.0
-    for c in range(w):
-        acc_mean[c] = 0.0
-        acc_m2[c] = 0.0
-    for n in range(nb * npt, min(N, (nb + 1) * npt)):
+    cdef Py_ssize_t n = nb * npt
+    cdef double n_a = <double>S
+    # The first sample's partials are the task's: merging them into empty
+    # accumulators gives the same bits (a partial mean is never -0.0), and a
+    # 7x7 image's tasks hold one sample each.
+    _run_partials(x + (n * C + c0) * S, w, S, origin + c0, acc_mean, acc_m2, scratch + 2 * w)
+    for n in range(nb * npt + 1, min(N, (nb + 1) * npt)):
         _run_partials(x + (n * C + c0) * S, w, S, origin + c0, pmean, pm2, scratch + 2 * w)
         merge_rows(acc_mean, acc_m2, pmean, pm2, w, n_a, <double>S)
         n_a = n_a + S
