@@ -86,8 +86,6 @@
  * columns a step (one widening of eight halves), then four: each column's
  * arithmetic is the same either way. */
 #define BNFAST_WIDE8_float 0
-#define BNFAST_RUN_PREFETCH_float(xp, yp, i)
-#define BNFAST_RUN_PREFETCH_double(xp, yp, i)
 #define BNFAST_WIDE8_double 0
 #define BNFAST_COLDOT4_TERMS(K, j, LD)                                                   \
     {                                                                                    \
@@ -236,45 +234,44 @@
 #else
 #define BNFAST_DOT_FINISH_BASE BNFAST_DOT_FINISH_ARRAY
 #endif
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR, FINISH)            \
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR, FINISH)                           \
     ATTR static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,           \
                           const double *shift, double *sy, double *sxy) {                \
         ptrdiff_t r = 0, i, n8 = n - n % 8;                                              \
-        for (; n <= (PAIR_MAX) && r + 2 <= runs; r += 2) {                               \
+        for (; r + 2 <= runs; r += 2) {                                                  \
             const T *xp = x + r * n, *yp = y + r * n, *xq = xp + n, *yq = yp + n;        \
             double kp = shift[r], kq = shift[r + 1];                                     \
             bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0;                     \
             bnfast_v4d c0 = a0, c1 = a0, d0 = a0, d1 = a0, u0, u1, v0, v1, w0, w1;       \
             for (i = 0; i < n8; i += 8) {                                                \
-                BNFAST_LD8_##K(yp + i, u0, u1); BNFAST_LD8_##K(yq + i, v0, v1);          \
+                BNFAST_LD8_##T(yp + i, u0, u1); BNFAST_LD8_##T(yq + i, v0, v1);          \
                 a0 += u0; a1 += u1; c0 += v0; c1 += v1;                                  \
-                BNFAST_LD8_##K(xp + i, w0, w1);                                          \
+                BNFAST_LD8_##T(xp + i, w0, w1);                                          \
                 b0 += (w0 - kp) * u0;                                                    \
                 b1 += (w1 - kp) * u1;                                                    \
-                BNFAST_LD8_##K(xq + i, w0, w1);                                          \
+                BNFAST_LD8_##T(xq + i, w0, w1);                                          \
                 d0 += (w0 - kq) * v0;                                                    \
                 d1 += (w1 - kq) * v1;                                                    \
             }                                                                            \
-            FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)                       \
-            FINISH(K, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1)               \
+            FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)                       \
+            FINISH(T, xq, yq, kq, c0, c1, d0, d1, sy + r + 1, sxy + r + 1)               \
         }                                                                                \
         for (; r < runs; r++) {                                                          \
             const T *xp = x + r * n, *yp = y + r * n;                                    \
             double kp = shift[r];                                                        \
             bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1, w0, w1;     \
             for (i = 0; i < n8; i += 8) {                                                \
-                BNFAST_RUN_PREFETCH_##K(xp, yp, i)                                       \
-                BNFAST_LD8_##K(yp + i, u0, u1);                                          \
+                BNFAST_LD8_##T(yp + i, u0, u1);                                          \
                 a0 += u0; a1 += u1;                                                      \
-                BNFAST_LD8_##K(xp + i, w0, w1);                                          \
+                BNFAST_LD8_##T(xp + i, w0, w1);                                          \
                 b0 += (w0 - kp) * u0;                                                    \
                 b1 += (w1 - kp) * u1;                                                    \
             }                                                                            \
-            FINISH(K, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)                       \
+            FINISH(T, xp, yp, kp, a0, a1, b0, b1, sy + r, sxy + r)                       \
         }                                                                                \
     }
 #else
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, K, PAIR_MAX, ATTR, FINISH)            \
+#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR, FINISH)                           \
     static void NAME(const T *x, const T *y, ptrdiff_t runs, ptrdiff_t n,                \
                      const double *shift, double *sy, double *sxy) {                     \
         ptrdiff_t r, i;                                                                  \
@@ -282,16 +279,14 @@
             const T *xp = x + r * n, *yp = y + r * n;                                    \
             double a[8] = {0}, b[8] = {0};                                               \
             for (i = 0; i < n; i++) {                                                    \
-                a[i % 8] += BNFAST_TOD_##K(yp[i]);                                       \
-                b[i % 8] += (BNFAST_TOD_##K(xp[i]) - shift[r]) * BNFAST_TOD_##K(yp[i]);  \
+                a[i % 8] += BNFAST_TOD_##T(yp[i]);                                       \
+                b[i % 8] += (BNFAST_TOD_##T(xp[i]) - shift[r]) * BNFAST_TOD_##T(yp[i]);  \
             }                                                                            \
             sy[r] += BNFAST_COMBINE8(a);                                                 \
             sxy[r] += BNFAST_COMBINE8(b);                                                \
         }                                                                                \
     }
 #endif
-#define BNFAST_DEFINE_CENTERED_DOT_RUNS(NAME, T, ATTR, FINISH) \
-    BNFAST_DEFINE_CENTERED_DOT_RUNS_K(NAME, T, T, PTRDIFF_MAX, ATTR, FINISH)
 
 /* ---------------------------------------------------------------------------
  * Masked leaves of the fused variant: the gradient is y where the ReLU mask's
