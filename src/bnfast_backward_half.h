@@ -82,24 +82,54 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
 #if BNFAST_VECTOR_EXT
 #define BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, MV, AV, BV, DV)                         \
     if (training) {                                                                      \
-        for (i = 0; i < n8; i += 8)                                                      \
+        for (; i < n8; i += 8)                                                           \
             STORE8(dx + i, (LOAD8(dy + i) * AV + (LOAD8(x + i) - MV) * BV) + DV);        \
     } else {                                                                             \
-        for (i = 0; i < n8; i += 8) STORE8(dx + i, LOAD8(dy + i) * AV);                  \
+        for (; i < n8; i += 8) STORE8(dx + i, LOAD8(dy + i) * AV);                       \
     }
 #else
 #define BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, MV, AV, BV, DV)
+#endif
+/* WIDE(coefficient forms): a variant's first steps before the 8-value loop.
+ * bfloat16 with AVX512-BF16: 32 values a step, one vcvtne2ps2bf16 and one
+ * denormal guard (bnfast_half.h's store32), both halves loaded before the
+ * store (dx may be x or dy); the sums pinned as the normalise's (BNFAST_H16_ADD:
+ * GCC may swap a vector +'s operands, and NaN payloads follow the order). */
+#define BNFAST_HALF_GRAD_NO_WIDE(...)
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_HALF_GRAD16(j, M16, A16, B16, D16) ({                                     \
+        bnfast_h16f g_ = bnfast_load16_bf16_hw(dy + (j)) * A16(j);                        \
+        if (training)                                                                    \
+            g_ = BNFAST_H16_ADD(BNFAST_H16_ADD(g_, (bnfast_load16_bf16_hw(x + (j)) - M16(j)) \
+                                                   * B16(j)), D16(j));                   \
+        g_; })
+#define BNFAST_HALF_GRAD_WIDE_HW(M16, A16, B16, D16)                                     \
+    for (; i + 32 <= n8; i += 32) {                                                      \
+        bnfast_h16f v0_ = BNFAST_HALF_GRAD16(i, M16, A16, B16, D16);                      \
+        bnfast_h16f v1_ = BNFAST_HALF_GRAD16(i + 16, M16, A16, B16, D16);                 \
+        bnfast_store32_bf16_hw(dx + i, v0_, v1_);                                        \
+    }
+/* Coefficient forms at j: the scalar leaves' one value, the tiled leaves' tile. */
+#define BNFAST_HALF_M16S(j) ((bnfast_h16f){0} + m)
+#define BNFAST_HALF_A16S(j) ((bnfast_h16f){0} + a)
+#define BNFAST_HALF_B16S(j) ((bnfast_h16f){0} + b)
+#define BNFAST_HALF_D16S(j) ((bnfast_h16f){0} + d)
+#define BNFAST_HALF_M16T(j) BNFAST_H16_COEF(m, j)
+#define BNFAST_HALF_A16T(j) BNFAST_H16_COEF(a, j)
+#define BNFAST_HALF_B16T(j) BNFAST_H16_COEF(b, j)
+#define BNFAST_HALF_D16T(j) BNFAST_H16_COEF(d, j)
 #endif
 #define BNFAST_HALF_GRAD_TAIL(TOF, FROMF, MS, AS, BS, DS)                                \
     for (i = n8; i < n; i++)                                                             \
         dx[i] = FROMF(training ? (TOF(dy[i]) * AS + (TOF(x[i]) - MS) * BS) + DS          \
                                : TOF(dy[i]) * AS);
 
-#define BNFAST_DEFINE_HALF_GRAD(H, T, VARIANT, ATTR, LOAD8, STORE8)                      \
+#define BNFAST_DEFINE_HALF_GRAD(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE)                \
     ATTR static void bnfast_grad_vec_scalar_##H##_##VARIANT(                             \
             const T *x, const T *dy, T *dx, ptrdiff_t n, float m, float a, float b,      \
             float d, int training) {                                                     \
-        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
+        ptrdiff_t i = 0, n8 = BNFAST_HALF_N8(n);                                         \
+        WIDE(BNFAST_HALF_M16S, BNFAST_HALF_A16S, BNFAST_HALF_B16S, BNFAST_HALF_D16S)     \
         BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                              \
         BNFAST_HALF_GRAD_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,  \
                               m, a, b, d)                                                \
@@ -107,7 +137,8 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
     ATTR static void bnfast_grad_vec_tiled_##H##_##VARIANT(                              \
             const T *x, const T *dy, T *dx, ptrdiff_t n, const float *m, const float *a, \
             const float *b, const float *d, int training) {                              \
-        ptrdiff_t i, n8 = BNFAST_HALF_N8(n);                                             \
+        ptrdiff_t i = 0, n8 = BNFAST_HALF_N8(n);                                         \
+        WIDE(BNFAST_HALF_M16T, BNFAST_HALF_A16T, BNFAST_HALF_B16T, BNFAST_HALF_D16T)     \
         BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, BNFAST_H8_COEF(m, i), BNFAST_H8_COEF(a, i), \
                                  BNFAST_H8_COEF(b, i), BNFAST_H8_COEF(d, i))             \
         BNFAST_HALF_GRAD_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT,  \
@@ -115,7 +146,7 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
     }
 /* Training, `runs` consecutive runs of n, run r with (m[r], a[r], b[r], d[r]): the
  * loop inside the target function (short runs: no dispatch per run). */
-#define BNFAST_DEFINE_HALF_GRAD_RUNS(H, T, VARIANT, ATTR, LOAD8, STORE8)                 \
+#define BNFAST_DEFINE_HALF_GRAD_RUNS(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE)           \
     ATTR static void bnfast_grad_vec_runs_##H##_##VARIANT(                               \
             const T *x0, const T *dy0, T *dx0, ptrdiff_t runs, ptrdiff_t n,              \
             const float *mr, const float *ar, const float *br, const float *dr) {        \
@@ -125,35 +156,50 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
             const T *x = x0 + r * n, *dy = dy0 + r * n;                                  \
             T *dx = dx0 + r * n;                                                         \
             float m = mr[r], a = ar[r], b = br[r], d = dr[r];                            \
+            i = 0;                                                                       \
+            WIDE(BNFAST_HALF_M16S, BNFAST_HALF_A16S, BNFAST_HALF_B16S, BNFAST_HALF_D16S) \
             BNFAST_HALF_GRAD_VECTORS(LOAD8, STORE8, m, a, b, d)                          \
             BNFAST_HALF_GRAD_TAIL(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
                                   m, a, b, d)                                            \
         }                                                                                \
     }
 
-BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
-BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16)
-BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
-BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16)
+BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16,
+                        BNFAST_HALF_GRAD_NO_WIDE)
+BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, base, , bnfast_load8_f16, bnfast_store8_f16,
+                             BNFAST_HALF_GRAD_NO_WIDE)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16,
+                        BNFAST_HALF_GRAD_NO_WIDE)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, base, , bnfast_load8_bf16, bnfast_store8_bf16,
+                             BNFAST_HALF_GRAD_NO_WIDE)
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
-                        bnfast_store8_f16_f16c)
+                        bnfast_store8_f16_f16c,
+                        BNFAST_HALF_GRAD_NO_WIDE)
 BNFAST_DEFINE_HALF_GRAD_RUNS(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
-                             bnfast_store8_f16_f16c)
+                             bnfast_store8_f16_f16c,
+                             BNFAST_HALF_GRAD_NO_WIDE)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
-                        bnfast_store8_bf16_avx2)
+                        bnfast_store8_bf16_avx2,
+                        BNFAST_HALF_GRAD_NO_WIDE)
 BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
-                             bnfast_store8_bf16_avx2)
+                             bnfast_store8_bf16_avx2,
+                             BNFAST_HALF_GRAD_NO_WIDE)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
-                        bnfast_store8_bf16_hw)
+                        bnfast_store8_bf16_hw,
+                        BNFAST_HALF_GRAD_WIDE_HW)
 BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
-                             bnfast_store8_bf16_hw)
+                             bnfast_store8_bf16_hw,
+                             BNFAST_HALF_GRAD_WIDE_HW)
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
-                        bnfast_stream8_f16_f16c)
+                        bnfast_stream8_f16_f16c,
+                        BNFAST_HALF_GRAD_NO_WIDE)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
-                        bnfast_stream8_bf16_avx2)
+                        bnfast_stream8_bf16_avx2,
+                        BNFAST_HALF_GRAD_NO_WIDE)
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
-                        bnfast_stream8_bf16_hw)
+                        bnfast_stream8_bf16_hw,
+                        BNFAST_HALF_GRAD_NO_WIDE)
 #else
 #define bnfast_grad_vec_scalar_f16_f16c_nt bnfast_grad_vec_scalar_f16_base
 #define bnfast_grad_vec_tiled_f16_f16c_nt bnfast_grad_vec_tiled_f16_base
