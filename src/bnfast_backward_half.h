@@ -315,16 +315,6 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
         float v_ = (KEEP) ? TOF(yp[i]) : 0.0f, w_ = (KEEP) ? TOF(xp[i]) - kf : 0.0f;     \
         F += v_; G += w_ * v_;                                                           \
     }
-#define BNFAST_DOT_TINY(S1, S2, L8F, TOF, K, FINISH)                                     \
-    {                                                                                    \
-        float F_[8] = {0}, G_[8] = {0}, v_;                                              \
-        ptrdiff_t i_;                                                                    \
-        for (i_ = 0; i_ < n; i_++) {                                                     \
-            v_ = TOF(yp[i_]); F_[i_] += v_; G_[i_] += (TOF(xp[i_]) - kf) * v_;           \
-        }                                                                                \
-        (S1) = (double)BNFAST_COMBINE8(F_);                                              \
-        (S2) = (double)BNFAST_COMBINE8(G_);                                              \
-    }
 #define BNFAST_DOT_TAIL(a0, a1, b0, b1, S1, S2, L8F, TOF, K, FINISH)                     \
     if (n8 > n16) {                                                                      \
         bnfast_v4d u0, u1, w0, w1;                                                       \
@@ -365,8 +355,8 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
             float kf = (float)k;                                                         \
             BNFAST_FLOAT_SHIFT_VECTOR(kf)                                                \
             kp = (double)kf;                                                             \
-            BNFAST_FLOAT_RUN_ANY(BNFAST_DOT_STEP, BNFAST_DOT_STEP1, BNFAST_DOT_TINY,     \
-                                 BNFAST_DOT_TAIL, BNFAST_DOT_TAIL1, OPS, run_sy, run_sxy, \
+            BNFAST_FLOAT_RUN_ANY(BNFAST_DOT_STEP, BNFAST_DOT_STEP1, BNFAST_DOT_TAIL,       \
+                                 BNFAST_DOT_TAIL1, OPS, run_sy, run_sxy,                 \
                                  L8F, TOF, K, FINISH)                                    \
             if (!BNFAST_DOT_FLOAT_OK(run_sy, run_sxy)) {                                 \
                 BNFAST_DOT_RUN_DOUBLE(K)                                                 \

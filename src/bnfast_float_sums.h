@@ -9,7 +9,8 @@
  * slow as float32's, arithmetic-bound at half the bytes).
  *
  * A run of n values, two sums (F of the terms STEP puts first, G second):
- *   n < 8:            the job's TINY code (arrays);
+ *   n < 8:            lane i takes value i (arrays), then the eight lanes combined
+ *                     in float;
  *   n <= SHORT (128): 16 float lanes (lane l: values i % 16 == l), the last
  *                     n % 8 values as a full vector of the run's last eight
  *                     with those already counted masked to +0, then the two
@@ -32,6 +33,17 @@
 
 #define BNFAST_HALF_BURST 256
 #define BNFAST_HALF_SHORT 128
+
+/* A run of n < 8 values: lane i takes value i (STEP1), the eight lanes combined
+ * in float, in BNFAST_COMBINE8's order. */
+#define BNFAST_FLOAT_TINY(STEP1, S1, S2, ...)                                            \
+    {                                                                                    \
+        float F_[8] = {0}, G_[8] = {0};                                                  \
+        ptrdiff_t t_;                                                                    \
+        for (t_ = 0; t_ < n; t_++) STEP1(t_, F_[t_], G_[t_], 1, __VA_ARGS__)             \
+        (S1) = (double)BNFAST_COMBINE8(F_);                                              \
+        (S2) = (double)BNFAST_COMBINE8(G_);                                              \
+    }
 
 #if BNFAST_VECTOR_EXT
 /* W4(f, h): the low (h = 0) or high (h = 1) four floats of eight, widened;
@@ -80,12 +92,12 @@
 /* One run (the caller's n, n8 = n - n % 8, n16 = n - n % 16, i, e, lane) into
  * S1, S2.  STEP(i, F, G, KEEP) adds the terms of values i..i+7 into the float
  * vectors F, G, the lanes where the int vector KEEP is 0 as +0 (KEEP -1 for
- * all); TINY(S1, S2, ...) does a run of n < 8; TAIL(a0, a1, b0, b1, S1, S2, ...)
+ * all), STEP1 the same for one value (the runs of n < 8); TAIL(a0, a1, b0, b1, S1, S2, ...)
  * adds values n16.. into the double lanes and finishes; each also gets the
  * leaf's own arguments (...: its loads and conversions).  OPS: AVX or VEC. */
-#define BNFAST_FLOAT_RUN(STEP, TINY, TAIL, OPS, S1, S2, ...)                             \
+#define BNFAST_FLOAT_RUN(STEP, STEP1, TAIL, OPS, S1, S2, ...)                            \
     if (n < 8) {                                                                         \
-        TINY(S1, S2, __VA_ARGS__)                                                        \
+        BNFAST_FLOAT_TINY(STEP1, S1, S2, __VA_ARGS__)                                    \
     } else if (n <= BNFAST_HALF_SHORT) {                                                 \
         bnfast_h8f f0 = {0}, f1 = f0, g0 = f0, g1 = f0;                                  \
         for (i = 0; i < n16; i += 16) {                                                  \
@@ -121,9 +133,9 @@
 /* The portable engine: STEP1(i, F, G, KEEP) adds value i's terms into the
  * floats F, G (+0 if !KEEP); TAIL1(a, b, S1, S2) adds values i.. into the
  * double lanes a[i % 8], b[i % 8] and combines. */
-#define BNFAST_FLOAT_RUN_SCALAR(STEP1, TINY, TAIL1, S1, S2, ...)                         \
+#define BNFAST_FLOAT_RUN_SCALAR(STEP1, TAIL1, S1, S2, ...)                               \
     if (n < 8) {                                                                         \
-        TINY(S1, S2, __VA_ARGS__)                                                        \
+        BNFAST_FLOAT_TINY(STEP1, S1, S2, __VA_ARGS__)                                    \
     } else if (n <= BNFAST_HALF_SHORT) {                                                 \
         float f_[16] = {0}, g_[16] = {0}, F_[8], G_[8];                                  \
         for (i = 0; i < n16; i++) STEP1(i, f_[i % 16], g_[i % 16], 1, __VA_ARGS__)       \
@@ -157,13 +169,13 @@
  * both steps and both tails; SHIFT_VECTOR(kf) declares the vector kv of the
  * shift kf where there are vectors. */
 #if BNFAST_VECTOR_EXT
-#define BNFAST_FLOAT_RUN_ANY(STEP, STEP1, TINY, TAIL, TAIL1, OPS, S1, S2, ...)           \
-    BNFAST_FLOAT_RUN(STEP, TINY, TAIL, OPS, S1, S2, __VA_ARGS__)
+#define BNFAST_FLOAT_RUN_ANY(STEP, STEP1, TAIL, TAIL1, OPS, S1, S2, ...)                 \
+    BNFAST_FLOAT_RUN(STEP, STEP1, TAIL, OPS, S1, S2, __VA_ARGS__)
 #define BNFAST_FLOAT_RUN_ANY_DECLS BNFAST_FLOAT_RUN_DECLS
 #define BNFAST_FLOAT_SHIFT_VECTOR(kf) bnfast_h8f kv = (bnfast_h8f){0} + (kf);
 #else
-#define BNFAST_FLOAT_RUN_ANY(STEP, STEP1, TINY, TAIL, TAIL1, OPS, S1, S2, ...)           \
-    BNFAST_FLOAT_RUN_SCALAR(STEP1, TINY, TAIL1, S1, S2, __VA_ARGS__)
+#define BNFAST_FLOAT_RUN_ANY(STEP, STEP1, TAIL, TAIL1, OPS, S1, S2, ...)                 \
+    BNFAST_FLOAT_RUN_SCALAR(STEP1, TAIL1, S1, S2, __VA_ARGS__)
 #define BNFAST_FLOAT_RUN_ANY_DECLS BNFAST_FLOAT_RUN_SCALAR_DECLS
 #define BNFAST_FLOAT_SHIFT_VECTOR(kf)
 #endif

@@ -252,17 +252,6 @@
 /* The run engine's job (bnfast_float_sums.h): terms x - shift and their
  * squares; runs of fewer than eight values through arrays, the last values
  * of long runs in double. */
-#define BNFAST_HALF_TINY_RUN(xp, kf, S1, S2, TOF)                                        \
-    {                                                                                    \
-        float F_[8] = {0}, G_[8] = {0}, v_;                                              \
-        ptrdiff_t i_;                                                                    \
-        for (i_ = 0; i_ < n; i_++) {                                                     \
-            v_ = TOF((xp)[i_]) - (kf); F_[i_] += v_; G_[i_] += v_ * v_;                  \
-        }                                                                                \
-        (S1) = (double)BNFAST_COMBINE8(F_);                                              \
-        (S2) = (double)BNFAST_COMBINE8(G_);                                              \
-    }
-
 #define BNFAST_STATS_STEP(i, F, G, KEEP, L8F, TOF, L4, TOD, FINISH)                      \
     {                                                                                    \
         bnfast_h8f d_ = (bnfast_h8f)((bnfast_h8i)(L8F(xp + (i)) - kv) & (KEEP));         \
@@ -270,8 +259,6 @@
     }
 #define BNFAST_STATS_STEP1(i, F, G, KEEP, L8F, TOF, L4, TOD, FINISH)                     \
     { float d_ = (KEEP) ? TOF(xp[i]) - kf : 0.0f; F += d_; G += d_ * d_; }
-#define BNFAST_STATS_TINY(S1, S2, L8F, TOF, L4, TOD, FINISH)                             \
-    BNFAST_HALF_TINY_RUN(xp, kf, S1, S2, TOF)
 #define BNFAST_STATS_TAIL(a0, a1, b0, b1, S1, S2, L8F, TOF, L4, TOD, FINISH)             \
     if (n8 > n16) {                                                                      \
         bnfast_v4d u0 = L4(xp + n16) - kp, u1 = L4(xp + n16 + 4) - kp;                   \
@@ -297,8 +284,8 @@
             double kp = (double)kf;                                                      \
             BNFAST_FLOAT_SHIFT_VECTOR(kf)                                                \
             shift[r] = kp;                                                               \
-            BNFAST_FLOAT_RUN_ANY(BNFAST_STATS_STEP, BNFAST_STATS_STEP1, BNFAST_STATS_TINY, \
-                                 BNFAST_STATS_TAIL, BNFAST_STATS_TAIL1, OPS, s1[r], s2[r], \
+            BNFAST_FLOAT_RUN_ANY(BNFAST_STATS_STEP, BNFAST_STATS_STEP1, BNFAST_STATS_TAIL,   \
+                                 BNFAST_STATS_TAIL1, OPS, s1[r], s2[r],                  \
                                  L8F, TOF, L4, TOD, FINISH)                              \
             EXACT(xp, kp, s1[r], s2[r], TOD)                                             \
         }                                                                                \
