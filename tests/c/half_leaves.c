@@ -40,6 +40,17 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
 #define S_CACHED 61   /* 32 + 3 * 8 + 5 */
 #define S_NT 120      /* 3 * 32 + 3 * 8, runs 240 bytes apart: every 64-byte offset */
 
+/* The runs leaf over the whole runs of SRC, the scalar leaf over the rest, into
+ * y, then emitted (SRC is x, or y itself: in place). */
+#define RUNS_THEN_SCALAR(H, T, VARIANT, S, SRC)                                            \
+    bnfast_affine_runs_##H##_##VARIANT((const T *)SRC, (const T *)add, (T *)y, runs,       \
+                                      (S), 0, 3, tm, ta, tb, relu);                        \
+    bnfast_affine_scalar_##H##_##VARIANT(                                                  \
+        (const T *)SRC + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S),     \
+        N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                                 \
+    bnfast_nt_fence();                                                                     \
+    emit(y, N);
+
 #define RUN(H, T, VARIANT, S)                                                              \
     for (c = 0; c < NCOEF; c++) {                                                          \
         for (j = 0; j < W; j++) {                                                          \
@@ -56,21 +67,9 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
             bnfast_nt_fence();                                                             \
             emit(y, N);                                                                    \
             runs = N / (S);                                                                \
-            bnfast_affine_runs_##H##_##VARIANT((const T *)x, (const T *)add, (T *)y, runs, \
-                                              (S), 0, 3, tm, ta, tb, relu);                \
-            bnfast_affine_scalar_##H##_##VARIANT(                                          \
-                (const T *)x + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S), \
-                N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                         \
-            bnfast_nt_fence();                                                             \
-            emit(y, N);                                                                    \
+            RUNS_THEN_SCALAR(H, T, VARIANT, S, x)                                          \
             memcpy(y, x, sizeof y);  /* the same in place: y is x */                       \
-            bnfast_affine_runs_##H##_##VARIANT((const T *)y, (const T *)add, (T *)y, runs, \
-                                              (S), 0, 3, tm, ta, tb, relu);                \
-            bnfast_affine_scalar_##H##_##VARIANT(                                          \
-                (const T *)y + runs * (S), (const T *)add + runs * (S), (T *)y + runs * (S), \
-                N - runs * (S), tm[runs % 3], ta[0], tb[0], relu);                         \
-            bnfast_nt_fence();                                                             \
-            emit(y, N);                                                                    \
+            RUNS_THEN_SCALAR(H, T, VARIANT, S, y)                                          \
         }                                                                                  \
     }
 
