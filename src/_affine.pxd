@@ -31,11 +31,12 @@
 # One read of x (and addend), one write of y; y may be x or addend itself
 # (every element is read before it is written).
 from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
-from cython.parallel cimport prange
+from cython.parallel cimport parallel
 from libc.math cimport fabs, sqrt
 
 from _tiling cimport _gcd
-from _openmp_helpers cimport threads_for
+from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
+                             bnfast_shares_init, bnfast_thread_num, threads_for)
 
 cdef enum:
     # Elements per parallel task.
@@ -415,7 +416,9 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                                          runs * S, bits)
     cdef Py_ssize_t per_block = _byte_aligned(elems // S if S < elems else 1, S)
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
-    cdef Py_ssize_t blk
+    cdef Py_ssize_t blk = 0
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef bint use_float = float_rows(table, C)
     stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
@@ -426,9 +429,14 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                          min(runs, (blk + 1) * per_block), table, use_float, relu, bits,
                          stream)
         return
-    for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-        _first_block(xp, ap, yp, runs, C, S, blk * per_block,
-                     min(runs, (blk + 1) * per_block), table, use_float, relu, bits, stream)
+    bnfast_shares_init(&shares, blocks, nt)
+    with parallel(num_threads=nt):
+        claim = bnfast_claim_start(&shares, bnfast_thread_num())
+        blk = bnfast_claim_next(&shares, &claim)
+        while blk >= 0:
+            _first_block(xp, ap, yp, runs, C, S, blk * per_block,
+                         min(runs, (blk + 1) * per_block), table, use_float, relu, bits, stream)
+            blk = bnfast_claim_next(&shares, &claim)
 
 
 cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
@@ -456,7 +464,9 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
                                          bits)
     cdef Py_ssize_t per_block = _byte_aligned(elems // W if W < elems else 1, W) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
-    cdef Py_ssize_t blk
+    cdef Py_ssize_t blk = 0
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, total, n_threads)
     cdef bint use_float = float_rows(tile, W)
     stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
@@ -466,6 +476,11 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
             _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
                         use_float, relu, bits, stream)
         return
-    for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-        _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                    use_float, relu, bits, stream)
+    bnfast_shares_init(&shares, blocks, nt)
+    with parallel(num_threads=nt):
+        claim = bnfast_claim_start(&shares, bnfast_thread_num())
+        blk = bnfast_claim_next(&shares, &claim)
+        while blk >= 0:
+            _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
+                        use_float, relu, bits, stream)
+            blk = bnfast_claim_next(&shares, &claim)

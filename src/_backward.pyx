@@ -38,13 +38,14 @@ happens here, on the NumPy type number; the kernels have one body per mode.
 Work below ``SERIAL_ELEMS`` values runs without entering an OpenMP region.
 """
 cimport numpy as cnp
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
 from _affine cimport pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t, store_double, to_double
-from _openmp_helpers cimport bnfast_thread_num, threads_for
+from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
+                             bnfast_shares_init, bnfast_thread_num, threads_for)
 from _tiling cimport (APPLY_WIDTH, ColumnTiles, RowBlocks, SampleTasks, column_tiles, row_blocks,
                      sample_tasks, tile_repeat)
 
@@ -402,6 +403,8 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     cdef Py_ssize_t cpt = split.cpt, npt = split.npt
     cdef Py_ssize_t nblocks = split.nblocks, cblocks = split.cblocks
     cdef Py_ssize_t tasks = nblocks * cblocks
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(tasks, N * C * S * REDUCE_COST, n_threads)
     # Partials laid out [sample block][channel]; each task owns its slice.
     # part_xdy starts ALIAS_PAD doubles further than packed (see _reduce_last).
@@ -409,15 +412,20 @@ cdef int _reduce_first(const real_t* xp, const real_t* dyp, const unsigned char*
     if part == NULL:
         return -1
     cdef double* part_xdy = part + nblocks * C + ALIAS_PAD
-    cdef Py_ssize_t t, nb
+    cdef Py_ssize_t t = 0, nb
     if nt == 1:  # no OpenMP region: entering one costs ~1 us even for 1 thread
         for t in range(tasks):
             _reduce_first_task(t, xp, dyp, bits, mean, gp, N, C, S, cpt, npt, cblocks, part,
                                part_xdy)
     else:
-        for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _reduce_first_task(t, xp, dyp, bits, mean, gp, N, C, S, cpt, npt, cblocks, part,
-                               part_xdy)
+        bnfast_shares_init(&shares, tasks, nt)
+        with parallel(num_threads=nt):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            t = bnfast_claim_next(&shares, &claim)
+            while t >= 0:
+                _reduce_first_task(t, xp, dyp, bits, mean, gp, N, C, S, cpt, npt, cblocks, part,
+                                   part_xdy)
+                t = bnfast_claim_next(&shares, &claim)
     for nb in range(nblocks):
         _add_into(sum_dy, part + nb * C, C)
         _add_into(sum_xdy, part_xdy + nb * C, C)
@@ -460,6 +468,8 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t per_block = min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_ELEMS // tile))
     cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
     cdef Py_ssize_t tasks = blocks * tiles
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(tasks, M * C * REDUCE_COST, n_threads)
     # Partials per (block, column), then the tiled mean (the shift of every column).
     # The three arrays are ALIAS_PAD doubles apart beyond their lengths: the leaf
@@ -485,7 +495,7 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
         if stages == NULL:
             aligned_free(part)
             return -1
-    cdef Py_ssize_t t, b, j, l, r, c
+    cdef Py_ssize_t t = 0, b, j, l, r, c
     cdef double v
     for j in range(W):
         shift[j] = mean[j % C]
@@ -494,11 +504,15 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
             _reduce_last_task(t, xp, dyp, bits, gp, rows, per_block, W, tile, tiles, shift, part,
                               part_xdy, stages)
     else:
+        bnfast_shares_init(&shares, tasks, nt)
         with parallel(num_threads=nt):
             stage = NULL if stages == NULL else stages + stage_len * bnfast_thread_num()
-            for t in prange(tasks, schedule='dynamic', chunksize=1):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            t = bnfast_claim_next(&shares, &claim)
+            while t >= 0:
                 _reduce_last_task(t, xp, dyp, bits, gp, rows, per_block, W, tile, tiles, shift,
                                   part, part_xdy, stage)
+                t = bnfast_claim_next(&shares, &claim)
     aligned_free(stages)
     # Fold (block, lane) partials in order, then the rows that did not fill a wide row.
     for b in range(blocks):
@@ -605,8 +619,10 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef Py_ssize_t blocks = (runs + per_block - 1) // per_block
     per_block = (runs + blocks - 1) // blocks  # even blocks: a thread count never idles one
     blocks = (runs + per_block - 1) // per_block
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
-    cdef Py_ssize_t blk
+    cdef Py_ssize_t blk = 0
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
     stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
@@ -624,8 +640,13 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
             for blk in range(blocks):
                 _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
         else:
-            for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
+            bnfast_shares_init(&shares, blocks, nt)
+            with parallel(num_threads=nt):
+                claim = bnfast_claim_start(&shares, bnfast_thread_num())
+                blk = bnfast_claim_next(&shares, &claim)
+                while blk >= 0:
+                    _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
+                    blk = bnfast_claim_next(&shares, &claim)
         aligned_free(table)
         return 0
     if nt == 1:  # see _reduce_first
@@ -633,9 +654,14 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
             _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
                                stream)
     else:
-        for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
-                               stream)
+        bnfast_shares_init(&shares, blocks, nt)
+        with parallel(num_threads=nt):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            blk = bnfast_claim_next(&shares, &claim)
+            while blk >= 0:
+                _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
+                                   stream)
+                blk = bnfast_claim_next(&shares, &claim)
     return 0
 
 
@@ -664,11 +690,13 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     cdef Py_ssize_t W = tile_repeat(C, APPLY_WIDTH) * C, total = M * C
     cdef Py_ssize_t per_block = (APPLY_ELEMS // W if W < APPLY_ELEMS else 1) * W
     cdef Py_ssize_t blocks = (total + per_block - 1) // per_block
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, total, n_threads)
     cdef void* tile = aligned_malloc(4 * _tile_rows(W) * _compute_size(xp))
     if tile == NULL:
         return -1
-    cdef Py_ssize_t j, blk
+    cdef Py_ssize_t j, blk = 0
     stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
     for j in range(W):
         _put_coef(xp, tile, j, _tile_rows(W), k, j % C)
@@ -677,9 +705,14 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
             _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
                               stream)
     else:
-        for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
-                              stream)
+        bnfast_shares_init(&shares, blocks, nt)
+        with parallel(num_threads=nt):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            blk = bnfast_claim_next(&shares, &claim)
+            while blk >= 0:
+                _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
+                                  stream)
+                blk = bnfast_claim_next(&shares, &claim)
     aligned_free(tile)
     return 0
 
@@ -889,14 +922,21 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
 cdef void _pack(const real_t* yp, unsigned char* bp, Py_ssize_t n,
                 int n_threads) noexcept nogil:
     cdef Py_ssize_t blocks = (n + PACK_ELEMS - 1) // PACK_ELEMS
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, n, n_threads)
-    cdef Py_ssize_t blk
+    cdef Py_ssize_t blk = 0
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
             pack_block(yp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS), bp)
     else:
-        for blk in prange(blocks, schedule='dynamic', chunksize=1, num_threads=nt):
-            pack_block(yp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS), bp)
+        bnfast_shares_init(&shares, blocks, nt)
+        with parallel(num_threads=nt):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            blk = bnfast_claim_next(&shares, &claim)
+            while blk >= 0:
+                pack_block(yp, blk * PACK_ELEMS, min(PACK_ELEMS, n - blk * PACK_ELEMS), bp)
+                blk = bnfast_claim_next(&shares, &claim)
 
 
 def pack_positive(cnp.ndarray output not None,  # IN  a float array, contiguous in some order

@@ -30,13 +30,14 @@
 # data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
 from _dtypes cimport real_t, store_double, to_double
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
 from _moments cimport (channel_origin, finite_or_zero, m2_fixup, merge_rows, merge_shifted,
                       shifted_colsums, shifted_sums_runs, unshift_means)
 from _tiling cimport RowBlocks, SampleTasks, row_blocks, sample_tasks
-from _openmp_helpers cimport bnfast_thread_num, threads_for
+from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
+                             bnfast_shares_init, bnfast_thread_num, threads_for)
 
 cdef enum:
     # Longest piece of a run summed against one shift (bounds cancellation
@@ -137,6 +138,8 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     cdef SampleTasks cut = sample_tasks(N, C, S, RUN_ELEMS, TASK_ELEMS)
     cdef Py_ssize_t cpt = cut.cpt, npt = cut.npt, nblocks = cut.nblocks, cblocks = cut.cblocks
     cdef Py_ssize_t tasks = nblocks * cblocks
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(tasks, N * C * S, n_threads)
     # Partials laid out [sample block][channel] so the merge runs along channels;
     # then the origins; then each thread's scratch (allocated up front: a thread
@@ -149,16 +152,21 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     cdef double* part_m2 = part + nblocks * C
     cdef double* origin = part + 2 * nblocks * C
     cdef double* scratch = origin + C
-    cdef Py_ssize_t t, b, c, n
+    cdef Py_ssize_t t = 0, b, c, n
     for c in range(C):
         origin[c] = channel_origin(to_double(x[c * S]))
     if nt == 1:
         for t in range(tasks):
             _first_task(x, t, N, C, S, cpt, npt, cblocks, origin, part, part_m2, scratch)
     else:
-        for t in prange(tasks, schedule='dynamic', chunksize=1, num_threads=nt):
-            _first_task(x, t, N, C, S, cpt, npt, cblocks, origin, part, part_m2,
-                        scratch + slice_len * bnfast_thread_num())
+        bnfast_shares_init(&shares, tasks, nt)
+        with parallel(num_threads=nt):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            t = bnfast_claim_next(&shares, &claim)
+            while t >= 0:
+                _first_task(x, t, N, C, S, cpt, npt, cblocks, origin, part, part_m2,
+                            scratch + slice_len * bnfast_thread_num())
+                t = bnfast_claim_next(&shares, &claim)
     for c in range(C):
         mean[c] = 0.0
         var[c] = 0.0
@@ -218,6 +226,8 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, STATS_BLOCK_ELEMS // tile))
     cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
     cdef Py_ssize_t tasks = blocks * tiles
+    cdef bnfast_shares shares
+    cdef bnfast_claim claim
     cdef int nt = threads_for(tasks, M * C, n_threads)
     # Partial means and m2 per (block, column); counts follow from the block.
     cdef double* part = <double*>aligned_malloc((2 * blocks * W + W) * sizeof(double))
@@ -240,7 +250,7 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     cdef double* origin = part + 2 * blocks * W
     cdef double* s1 = scratch      # (set per thread below; initialised for the compiler)
     cdef real_t* shift = shifts
-    cdef Py_ssize_t t, b, r, j, l
+    cdef Py_ssize_t t = 0, b, r, j, l
     cdef double cnt, n_a
     for j in range(W):
         origin[j] = channel_origin(to_double(base[j % C]))
@@ -249,12 +259,16 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
             _last_task(base, t, tiles, tile, rows, per_block, W, shifts, scratch,
                        scratch + TILE_COLS + 8, origin, part, part_m2)
     else:
+        bnfast_shares_init(&shares, tasks, nt)
         with parallel(num_threads=nt):
             s1 = scratch + slice_len * bnfast_thread_num()
             shift = shifts + (TILE_COLS + 32) * bnfast_thread_num()
-            for t in prange(tasks, schedule='dynamic', chunksize=1):
+            claim = bnfast_claim_start(&shares, bnfast_thread_num())
+            t = bnfast_claim_next(&shares, &claim)
+            while t >= 0:
                 _last_task(base, t, tiles, tile, rows, per_block, W, shift, s1,
                            s1 + TILE_COLS + 8, origin, part, part_m2)
+                t = bnfast_claim_next(&shares, &claim)
     # Fold (block, lane) partials in order, then the rows that did not fill a
     # wide row (count 1; scratch holds the values and their m2: 0, or NaN for a
     # non-finite value, as a chunk's shifted sums give).

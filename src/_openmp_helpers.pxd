@@ -91,11 +91,28 @@ cdef extern from *:
     int bnfast_default_threads() noexcept nogil
 
 
-# Every prange hands out its shape-defined blocks one at a time
-# (schedule='dynamic', chunksize=1): a thread the kernel preempts mid-call then
-# holds up only the block it has, not a static share of the work.  Partials are
-# merged in block order after the region, so the hand-out order never changes
-# a bit of the result.
+# Every parallel region hands out its shape-defined tasks (numbered in memory
+# order) through bnfast_shares.h: each thread first works through its own
+# contiguous share, then takes the others' remaining tasks one at a time, so a
+# thread the kernel preempts mid-call holds up only the task it has.  Partials
+# are merged in task order after the region, so the hand-out never changes a
+# bit of the result.  The pattern (claim and task are the thread's own):
+#     bnfast_shares_init(&shares, tasks, nt)
+#     with parallel(num_threads=nt):
+#         claim = bnfast_claim_start(&shares, bnfast_thread_num())
+#         t = bnfast_claim_next(&shares, &claim)
+#         while t >= 0:
+#             ...task t...
+#             t = bnfast_claim_next(&shares, &claim)
+cdef extern from "bnfast_shares.h" nogil:
+    ctypedef struct bnfast_shares:
+        pass
+    ctypedef struct bnfast_claim:
+        pass
+    void bnfast_shares_init(bnfast_shares* shares, Py_ssize_t tasks, int n_threads)
+    bnfast_claim bnfast_claim_start(const bnfast_shares* shares, int thread)
+    Py_ssize_t bnfast_claim_next(bnfast_shares* shares, bnfast_claim* claim)
+
 cdef enum:
     # Below this many elements a parallel region costs more than it saves.
     SERIAL_ELEMS = 65536

@@ -5,6 +5,11 @@ The float64 reference the kernels are held to is :mod:`bnfast.testing`
 helpers directly (``from conftest import ...``); pytest puts this directory
 on ``sys.path``.
 """
+import shlex
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -107,6 +112,20 @@ def assert_within_ulps(actual, expected, ulps):
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
     worst = float((diff / scale).max(initial=0.0))
     assert worst <= ulps, f"differ by {worst} ulps of the output scale (allowed {ulps})"
+
+
+# -- C drivers -----------------------------------------------------------------------
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_c_driver(tmp_path, source, *flags):
+    """Compile ``tests/c/<source>`` with the build's floating-point flags (no
+    contraction into FMAs, as setup.py), run it: its stdout (bytes)."""
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    exe = tmp_path / (source.removesuffix(".c") + "".join(f.strip("-") for f in flags))
+    subprocess.run([*compiler, "-O2", "-ffp-contract=off", *flags, f"-I{SRC}",
+                    str(Path(__file__).parent / "c" / source), "-o", str(exe)], check=True)
+    return subprocess.run([str(exe)], check=True, capture_output=True).stdout
 
 
 # -- fixtures ------------------------------------------------------------------------

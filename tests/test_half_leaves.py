@@ -19,16 +19,12 @@ time for the columns): they lie within 20 float32 ulps of the magnitude of
 their terms of a float64 reference (bfloat16's whole range included: sums
 float cannot hold go through double), in both builds alike.
 """
-import shlex
-import subprocess
-import sysconfig
-from pathlib import Path
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_c_driver
+
 N, W = 65536, 72
 COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1e30, 1.0],
                   [1e-39, 1e-3, 1e-40], [0.3, 1.7, 0.1]], dtype=np.float32)
@@ -45,18 +41,8 @@ VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
 RUN_LENGTHS = [61] * 5 + [120] * 3 + [61, 120]
 
 
-def _driver_output(tmp_path, source, *flags):
-    """Compile tests/c/<source> with the build's floating-point flags, run it: its stdout."""
-    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    exe = tmp_path / (source.removesuffix(".c") + "".join(f.strip("-") for f in flags))
-    # The build's floating-point flags (setup.py): no contraction into FMAs.
-    subprocess.run([*compiler, "-O2", "-ffp-contract=off", *flags, f"-I{ROOT / 'src'}",
-                    str(ROOT / "tests" / "c" / source), "-o", str(exe)], check=True)
-    return subprocess.run([str(exe)], check=True, capture_output=True).stdout
-
-
 def _run_driver(tmp_path, *flags):
-    out = _driver_output(tmp_path, "half_leaves.c", *flags)
+    out = run_c_driver(tmp_path, "half_leaves.c", *flags)
     return np.frombuffer(out, dtype=np.uint16).reshape(len(VARIANTS), BLOCKS, N)
 
 
@@ -136,8 +122,8 @@ def _sum_blocks(raw):
 @pytest.fixture(scope="module")
 def sums(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("backward_half_leaves")
-    return (_driver_output(tmp, "backward_half_leaves.c"),
-            _driver_output(tmp, "backward_half_leaves.c", "-DBNFAST_NO_SIMD"))
+    return (run_c_driver(tmp, "backward_half_leaves.c"),
+            run_c_driver(tmp, "backward_half_leaves.c", "-DBNFAST_NO_SIMD"))
 
 
 def _driver_values(half):

@@ -14,16 +14,12 @@ the half type they came from.  The contract checked here:
 * every variant gives the bits of the scalar build (``-DBNFAST_NO_SIMD``), on
   any machine.
 """
-import shlex
-import subprocess
-import sysconfig
-from pathlib import Path
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_c_driver
+
 N, RUNS = 65536, 12
 RUN_LENGTHS = [1, 7, 8, 9, 23, 24, 49, 128, 129, 784, 4096]
 COL_CASES = [(13, 72, 72), (10, 131, 131), (9, 200, 200), (6, 300, 512), (5, 3, 3),
@@ -44,11 +40,7 @@ def _block_len():
 
 
 def _run_driver(tmp_path, *flags):
-    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    exe = tmp_path / ("driver" + "".join(f.strip("-") for f in flags))
-    subprocess.run([*compiler, "-O2", "-ffp-contract=off", *flags, f"-I{ROOT / 'src'}",
-                    str(ROOT / "tests" / "c" / "stats_leaves.c"), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True).stdout
+    out = run_c_driver(tmp_path, "stats_leaves.c", *flags)
     return np.frombuffer(out, dtype=np.float64).reshape(len(VALUE_SETS), BLOCKS,
                                                           _block_len())
 
