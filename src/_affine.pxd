@@ -42,9 +42,10 @@ cdef enum:
     # Elements per parallel task.
     BLOCK_ELEMS = 16384
     # ... of half-precision data: a task is a few microseconds of work either way,
-    # and at 16384 the per-task cost showed (measured with every task handed out alone): 2 threads, float16
-    # (16, 64, 64, 64) eval 189 us, 32768: 183, 131072: 180 (bfloat16 186, 179,
-    # 172; float16 (4096, 1024) 214, 210, 203), in one interleaved run.
+    # and at 16384 the per-task cost showed (every task then handed out alone):
+    # 2 threads, float16 (16, 64, 64, 64) eval 189 us, 32768: 183, 131072: 180
+    # (bfloat16 186, 179, 172; float16 (4096, 1024) 214, 210, 203), in one
+    # interleaved run.
     HALF_BLOCK_ELEMS = 131072
     # ... when the ReLU mask is packed from each block: small enough that the
     # block just written is still in L1 when it is read back.
