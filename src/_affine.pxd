@@ -212,6 +212,14 @@ cdef extern from "bnfast_half_leaves.h" nogil:
     void bnfast_pack_positive_bf16(const bnfast_bf16* y, Py_ssize_t n, unsigned char* bits)
 
 
+cdef extern from "bnfast_rows.h" nogil:
+    # Channels-last float32 rows of C <= 128 channels, coefficients in registers.
+    bint bnfast_affine_rows_f32_fits(Py_ssize_t C, const float* y, int stream)
+    void bnfast_affine_rows_f32(const float* x, const float* add, float* y, Py_ssize_t rows,
+                                Py_ssize_t C, const float* m, const float* a, const float* b,
+                                int relu, int stream)
+
+
 cdef extern from "bnfast_affine_entries.h" nogil:
     # The leaves above on the float rows (and float64), cached or streamed by a flag.
     void bnfast_affine_scalar_f32_s(const float* x, const float* add, float* y, Py_ssize_t n,
@@ -441,12 +449,19 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
 
 
 cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
-                             Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W,
-                             const double* tile, bint use_float, bint relu,
+                             Py_ssize_t start, Py_ssize_t stop, Py_ssize_t W, Py_ssize_t C,
+                             const double* tile, bint use_float, bint in_rows, bint relu,
                              unsigned char* bits, bint stream) noexcept nogil:
-    """Values [start, stop) of the flat (M, C) array; start is a multiple of W."""
-    _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,
-                 tile, use_float, relu, stream)
+    """Values [start, stop) of the flat (M, C) array; start is a multiple of W.
+    in_rows: float32 rows the registers hold (bnfast_rows.h)."""
+    cdef const float* ft = <const float*>(tile + 3 * table_row(W))
+    if real_t is float and in_rows:
+        bnfast_affine_rows_f32(xp + start, ap if ap == NULL else ap + start, yp + start,
+                               (stop - start) // C, C, ft, ft + table_row(W),
+                               ft + 2 * table_row(W), relu, stream)
+    else:
+        _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,
+                     tile, use_float, relu, stream)
     if stream:
         bnfast_nt_fence()
     pack_block(yp, start, stop - start, bits)
@@ -472,16 +487,18 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bint use_float = float_rows(tile, W)
     stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
                                     real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
+    cdef bint in_rows = (real_t is float and use_float
+                         and bnfast_affine_rows_f32_fits(C, <const float*>yp, stream))
     if nt == 1:  # see apply_first
         for blk in range(blocks):
-            _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                        use_float, relu, bits, stream)
+            _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, C,
+                        tile, use_float, in_rows, relu, bits, stream)
         return
     bnfast_shares_init(&shares, blocks, nt)
     with parallel(num_threads=nt):
         claim = bnfast_claim_start(&shares, bnfast_thread_num())
         blk = bnfast_claim_next(&shares, &claim)
         while blk >= 0:
-            _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, tile,
-                        use_float, relu, bits, stream)
+            _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, C,
+                        tile, use_float, in_rows, relu, bits, stream)
             blk = bnfast_claim_next(&shares, &claim)

@@ -312,6 +312,41 @@ def test_eval_is_bit_identical_across_layouts(dtype, rng, shape, layout):
     assert_same(np.ascontiguousarray(m(xl)), m(x))
 
 
+# Channels-last float32 rows of C <= 128 channels (a multiple of 16) take the
+# coefficients from registers on AVX-512 (src/bnfast_rows.h), other rows from the
+# table; (4, 64, 128, 128) is large enough for streaming stores.  NaN (with
+# payloads), infinities in the values, the addend and the coefficients: every
+# epilogue must give the channels-first leaf's bits.
+REGISTER_ROW_SHAPES = [(5, 16, 3, 3), (3, 48, 4, 5), (2, 128, 3, 5), (37, 32), (4, 144, 3, 3),
+                       (4, 64, 128, 128)]
+
+
+def _nan(payload):
+    return np.array([0x7FC00000 | payload], np.uint32).view(np.float32)[0]
+
+
+@pytest.mark.parametrize("shape", REGISTER_ROW_SHAPES, ids=str)
+def test_channels_last_rows_give_channels_first_bits(rng, shape):
+    C = shape[1]
+    x = make_input(rng, shape, np.float32)
+    addend = make_input(rng, shape, np.float32, loc=0.0, scale=1.0)
+    xs, adds = x.reshape(-1), addend.reshape(-1)
+    xs[::97], xs[5::89], xs[7::83] = _nan(1), np.inf, -np.inf
+    adds[3::61], adds[::97] = _nan(2), _nan(3)  # the second where x is NaN too
+    w, b = make_params(rng, C, np.float32)
+    rm, rv = make_running(rng, C, np.float32)
+    rm[1], w[2], b[3], b[5], rm[5] = _nan(4), np.inf, _nan(5), _nan(6), _nan(7)
+    xl, al = with_layout(x, "channels_last"), with_layout(addend, "channels_last")
+    for kwargs in (dict(), dict(relu=True), dict(addend=addend), dict(addend=addend, relu=True)):
+        expected = bnfast.batch_norm(x, rm, rv, w, b, **kwargs)
+        if "addend" in kwargs:
+            kwargs = dict(kwargs, addend=al)
+        y = bnfast.batch_norm(xl, rm, rv, w, b, **kwargs)
+        assert is_channels_last(y) or y.ndim == 2
+        np.testing.assert_array_equal(np.ascontiguousarray(y).view(np.uint32),
+                                      expected.view(np.uint32), err_msg=str(kwargs))
+
+
 @pytest.mark.parametrize("layout,shape", [("fortran", (16, 8)), ("fortran", (6, 70)),
                                           ("channels_last", (4, 3, 5, 5)),
                                           ("channels_last", (2, 70, 3, 3)),

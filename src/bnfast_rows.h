@@ -1,0 +1,113 @@
+/*
+ * The channels-last float32 normalise with the coefficients in registers.
+ *
+ * The tiled leaf (bnfast_simd.h) loads m[j], a[j] and b[j] from the table for
+ * every vector of x: three loads beside the one the data needs.  For a row of
+ * C <= 128 channels (C a multiple of 16) the whole pattern fits in 3 * C / 16
+ * zmm registers, and each row is x's loads and y's stores alone, as the
+ * channels-first leaf's runs are.  One thread, (16, 64, 56, 56) channels-last
+ * eval, in one interleaved run (median): 977 -> 691 us with warm caches,
+ * 1567 -> 1219 us cold (torch 972 / 1274); (8, 64, 56, 56) cold 724 -> 557.
+ * (Wider rows walked in 128-channel pieces were slower than the table with warm
+ * caches, and pieces of several rows at a time slower cold: the prefetchers
+ * lose the stream.)
+ *
+ * The same arithmetic as the tiled leaf, element by element ((x - m) * a + b,
+ * then + addend, then the ReLU's select; no FMA), the additions pinned as
+ * BNFAST_H16_ADD (the first source's NaN), so the same bits.  AVX512F only
+ * (32 registers; AVX2's 16 would hold 32 channels): elsewhere the table.
+ */
+#ifndef BNFAST_ROWS_H
+#define BNFAST_ROWS_H
+
+#include "bnfast_half_leaves.h"
+
+/* The widest row held in registers: 8 zmm vectors a coefficient row. */
+#define BNFAST_ROWS_MAX_C 128
+
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_F32_Z_TARGET __attribute__((target("avx2,avx512f")))
+#define BNFAST_ROWS_STORE(p, v) (*(bnfast_h16f *)(p) = (v))
+#define BNFAST_ROWS_STREAM(p, v) _mm512_stream_ps((float *)(p), (__m512)(v))
+/* rows rows of K * 16 values, each (x - M) * A + B (+ addend) (ReLU). */
+#define BNFAST_ROWS_LOOP(K, STORE, ADD, RELU)                                            \
+    for (r = 0; r < rows; r++, x += C, y += C, add += (ADD) ? C : 0) {                   \
+        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
+            bnfast_h16f v_ = (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * A[j];         \
+            v_ = BNFAST_H16_ADD(v_, B[j]);                                               \
+            if (ADD) v_ = BNFAST_H16_ADD(v_, *(const bnfast_h16f *)(add + 16 * j));      \
+            if (RELU) v_ = BNFAST_H16_RELU(v_);                                          \
+            STORE(y + 16 * j, v_);                                                       \
+        }                                                                                \
+    }
+#define BNFAST_ROWS_EPILOGUES(K, STORE)                                                  \
+    if (add == NULL && !relu) { BNFAST_ROWS_LOOP(K, STORE, 0, 0) }                       \
+    else if (add == NULL) { BNFAST_ROWS_LOOP(K, STORE, 0, 1) }                           \
+    else if (!relu) { BNFAST_ROWS_LOOP(K, STORE, 1, 0) }                                 \
+    else { BNFAST_ROWS_LOOP(K, STORE, 1, 1) }
+/* One leaf per row width C = 16 K (the coefficients' registers are K-indexed
+ * arrays that GCC keeps in zmm once the loop over j is unrolled). */
+#define BNFAST_DEFINE_AFFINE_ROWS(K)                                                     \
+    BNFAST_F32_Z_TARGET static void bnfast_affine_rows##K##_f32_z(                       \
+            const float *x, const float *add, float *y, ptrdiff_t rows,                  \
+            const float *m, const float *a, const float *b, int relu, int stream) {      \
+        const ptrdiff_t C = 16 * (K);                                                    \
+        bnfast_h16f M[K], A[K], B[K];                                                    \
+        ptrdiff_t r;                                                                     \
+        int j;                                                                           \
+        for (j = 0; j < (K); j++) {                                                      \
+            M[j] = *(const bnfast_h16f *)(m + 16 * j);                                   \
+            A[j] = *(const bnfast_h16f *)(a + 16 * j);                                   \
+            B[j] = *(const bnfast_h16f *)(b + 16 * j);                                   \
+        }                                                                                \
+        if (stream) {                                                                    \
+            BNFAST_ROWS_EPILOGUES(K, BNFAST_ROWS_STREAM)                                 \
+        } else {                                                                         \
+            BNFAST_ROWS_EPILOGUES(K, BNFAST_ROWS_STORE)                                  \
+        }                                                                                \
+    }
+BNFAST_DEFINE_AFFINE_ROWS(1)
+BNFAST_DEFINE_AFFINE_ROWS(2)
+BNFAST_DEFINE_AFFINE_ROWS(3)
+BNFAST_DEFINE_AFFINE_ROWS(4)
+BNFAST_DEFINE_AFFINE_ROWS(5)
+BNFAST_DEFINE_AFFINE_ROWS(6)
+BNFAST_DEFINE_AFFINE_ROWS(7)
+BNFAST_DEFINE_AFFINE_ROWS(8)
+
+typedef void (*bnfast_affine_rows_leaf)(const float *, const float *, float *, ptrdiff_t,
+                                        const float *, const float *, const float *, int, int);
+static const bnfast_affine_rows_leaf bnfast_affine_rows_f32_z[8] = {
+    bnfast_affine_rows1_f32_z, bnfast_affine_rows2_f32_z, bnfast_affine_rows3_f32_z,
+    bnfast_affine_rows4_f32_z, bnfast_affine_rows5_f32_z, bnfast_affine_rows6_f32_z,
+    bnfast_affine_rows7_f32_z, bnfast_affine_rows8_f32_z};
+
+/* Whether rows of C channels go to bnfast_affine_rows_f32 (this CPU, this C);
+ * streamed (non-temporal 64-byte stores), y must be 64-byte aligned too. */
+static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
+    return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_f16_z()
+           && (!stream || ((size_t)y & 63) == 0);
+}
+/* relu?((x - m) * a + b + addend?) over rows rows of C values (fits(C) true);
+ * m, a, b: C floats each. */
+static inline void bnfast_affine_rows_f32(const float *x, const float *add, float *y,
+                                          ptrdiff_t rows, ptrdiff_t C, const float *m,
+                                          const float *a, const float *b, int relu,
+                                          int stream) {
+    bnfast_affine_rows_f32_z[C / 16 - 1](x, add, y, rows, m, a, b, relu, stream);
+}
+#else
+static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
+    (void)C; (void)y; (void)stream;
+    return 0;
+}
+static inline void bnfast_affine_rows_f32(const float *x, const float *add, float *y,
+                                          ptrdiff_t rows, ptrdiff_t C, const float *m,
+                                          const float *a, const float *b, int relu,
+                                          int stream) {
+    (void)x; (void)add; (void)y; (void)rows; (void)C; (void)m; (void)a; (void)b;
+    (void)relu; (void)stream;
+}
+#endif
+
+#endif /* BNFAST_ROWS_H */
