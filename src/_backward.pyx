@@ -105,6 +105,14 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                    const double* d, int training, int stream, double* dx,
                                    double* g)
 
+cdef extern from "bnfast_rows.h" nogil:
+    # Channels-last float32 rows of C <= 96 channels, pass 2's rows in registers.
+    bint bnfast_grad_rows_f32_fits(Py_ssize_t C, const float* dx, int stream)
+    void bnfast_grad_rows_f32(const float* x, const float* dy, float* dx, Py_ssize_t rows,
+                              Py_ssize_t C, const float* m, const float* a, const float* b,
+                              const float* d, int stream)
+
+
 cdef extern from "bnfast_backward_half.h" nogil:
     # The same jobs for half-precision storage, with the float32 leaves' arithmetic
     # (sums: float32's bits of the same values; dx: float coefficients).
@@ -668,13 +676,20 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
 cdef inline void _apply_last_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
                                    const unsigned char* bits, const void* tile,
                                    real_t* dxp, real_t* gp, Py_ssize_t total, Py_ssize_t W,
-                                   Py_ssize_t per_block, bint training,
-                                   bint stream) noexcept nogil:
-    """Values [blk * per_block, ...) of the flat (M, C) array, in W-long tile pieces."""
+                                   Py_ssize_t C, Py_ssize_t per_block, bint training,
+                                   bint in_rows, bint stream) noexcept nogil:
+    """Values [blk * per_block, ...) of the flat (M, C) array, in W-long tile pieces;
+    in_rows: float32 rows the registers hold (bnfast_rows.h)."""
     cdef Py_ssize_t i_end = min(total, (blk + 1) * per_block)
     cdef Py_ssize_t i = blk * per_block
-    _grad_tiled(xp + i, dyp + i, bits, i, i_end - i, tile, W, _tile_rows(W), training, stream,
-                NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
+    cdef Py_ssize_t R = _tile_rows(W)
+    cdef const float* ft = <const float*>tile
+    if real_t is float and in_rows:
+        bnfast_grad_rows_f32(xp + i, dyp + i, dxp + i, (i_end - i) // C, C, ft, ft + R,
+                             ft + 2 * R, ft + 3 * R, stream)
+    else:
+        _grad_tiled(xp + i, dyp + i, bits, i, i_end - i, tile, W, R, training, stream,
+                    NULL if dxp == NULL else dxp + i, NULL if gp == NULL else gp + i)
     if stream:
         bnfast_stream_fence()
 
@@ -700,18 +715,20 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
     for j in range(W):
         _put_coef(xp, tile, j, _tile_rows(W), k, j % C)
+    cdef bint in_rows = (real_t is float and training and bits == NULL and dxp != NULL
+                         and bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream))
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
-            _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
-                              stream)
+            _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, C, per_block,
+                              training, in_rows, stream)
     else:
         bnfast_shares_init(&shares, blocks, nt)
         with parallel(num_threads=nt):
             claim = bnfast_claim_start(&shares, bnfast_thread_num())
             blk = bnfast_claim_next(&shares, &claim)
             while blk >= 0:
-                _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, per_block, training,
-                                  stream)
+                _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, C, per_block,
+                                  training, in_rows, stream)
                 blk = bnfast_claim_next(&shares, &claim)
     aligned_free(tile)
     return 0

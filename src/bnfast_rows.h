@@ -12,18 +12,25 @@
  * caches, and pieces of several rows at a time slower cold: the prefetchers
  * lose the stream.)
  *
- * The same arithmetic as the tiled leaf, element by element ((x - m) * a + b,
- * then + addend, then the ReLU's select; no FMA), the additions pinned as
- * BNFAST_H16_ADD (the first source's NaN), so the same bits.  AVX512F only
- * (32 registers; AVX2's 16 would hold 32 channels): elsewhere the table.
+ * The backward's pass 2 (training, no mask) likewise: dx = (dy * a + (x - m)
+ * * b) + d with its four rows in 4 * C / 16 registers, C <= 96.
+ *
+ * The same arithmetic as the tiled leaves, element by element ((x - m) * a + b,
+ * then + addend, then the ReLU's select; no FMA), the additions pinned with
+ * BNFAST_H16_ADD to the operand order whose NaN the other leaves return where
+ * both are NaN (the backward's: (x - m) * b before dy * a, as GCC compiles the
+ * plain expression), so the same bits, payloads included (tests/c/rows.c).  AVX512F only (32 registers; AVX2's 16 would hold 32 channels):
+ * elsewhere the tables.
  */
 #ifndef BNFAST_ROWS_H
 #define BNFAST_ROWS_H
 
 #include "bnfast_half_leaves.h"
 
-/* The widest row held in registers: 8 zmm vectors a coefficient row. */
+/* The widest rows held in registers: 8 zmm vectors a coefficient row (normalise,
+ * 3 rows), 6 (backward, 4 rows). */
 #define BNFAST_ROWS_MAX_C 128
+#define BNFAST_GRAD_ROWS_MAX_C 96
 
 #if BNFAST_DISPATCH_AVX2
 #define BNFAST_F32_Z_TARGET __attribute__((target("avx2,avx512f")))
@@ -82,6 +89,50 @@ static const bnfast_affine_rows_leaf bnfast_affine_rows_f32_z[8] = {
     bnfast_affine_rows4_f32_z, bnfast_affine_rows5_f32_z, bnfast_affine_rows6_f32_z,
     bnfast_affine_rows7_f32_z, bnfast_affine_rows8_f32_z};
 
+/* The backward's rows: dx = (dy * a + (x - m) * b) + d. */
+#define BNFAST_GRAD_ROWS_LOOP(K, STORE)                                                  \
+    for (r = 0; r < rows; r++, x += C, dy += C, dx += C) {                               \
+        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
+            bnfast_h16f v_ = BNFAST_H16_ADD(                                             \
+                (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * B[j],                      \
+                *(const bnfast_h16f *)(dy + 16 * j) * A[j]);                             \
+            STORE(dx + 16 * j, BNFAST_H16_ADD(v_, D[j]));                                \
+        }                                                                                \
+    }
+#define BNFAST_DEFINE_GRAD_ROWS(K)                                                       \
+    BNFAST_F32_Z_TARGET static void bnfast_grad_rows##K##_f32_z(                         \
+            const float *x, const float *dy, float *dx, ptrdiff_t rows, const float *m,  \
+            const float *a, const float *b, const float *d, int stream) {                \
+        const ptrdiff_t C = 16 * (K);                                                    \
+        bnfast_h16f M[K], A[K], B[K], D[K];                                              \
+        ptrdiff_t r;                                                                     \
+        int j;                                                                           \
+        for (j = 0; j < (K); j++) {                                                      \
+            M[j] = *(const bnfast_h16f *)(m + 16 * j);                                   \
+            A[j] = *(const bnfast_h16f *)(a + 16 * j);                                   \
+            B[j] = *(const bnfast_h16f *)(b + 16 * j);                                   \
+            D[j] = *(const bnfast_h16f *)(d + 16 * j);                                   \
+        }                                                                                \
+        if (stream) {                                                                    \
+            BNFAST_GRAD_ROWS_LOOP(K, BNFAST_ROWS_STREAM)                                 \
+        } else {                                                                         \
+            BNFAST_GRAD_ROWS_LOOP(K, BNFAST_ROWS_STORE)                                  \
+        }                                                                                \
+    }
+BNFAST_DEFINE_GRAD_ROWS(1)
+BNFAST_DEFINE_GRAD_ROWS(2)
+BNFAST_DEFINE_GRAD_ROWS(3)
+BNFAST_DEFINE_GRAD_ROWS(4)
+BNFAST_DEFINE_GRAD_ROWS(5)
+BNFAST_DEFINE_GRAD_ROWS(6)
+
+typedef void (*bnfast_grad_rows_leaf)(const float *, const float *, float *, ptrdiff_t,
+                                      const float *, const float *, const float *,
+                                      const float *, int);
+static const bnfast_grad_rows_leaf bnfast_grad_rows_f32_z[6] = {
+    bnfast_grad_rows1_f32_z, bnfast_grad_rows2_f32_z, bnfast_grad_rows3_f32_z,
+    bnfast_grad_rows4_f32_z, bnfast_grad_rows5_f32_z, bnfast_grad_rows6_f32_z};
+
 /* Whether rows of C channels go to bnfast_affine_rows_f32 (this CPU, this C);
  * streamed (non-temporal 64-byte stores), y must be 64-byte aligned too. */
 static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
@@ -96,6 +147,18 @@ static inline void bnfast_affine_rows_f32(const float *x, const float *add, floa
                                           int stream) {
     bnfast_affine_rows_f32_z[C / 16 - 1](x, add, y, rows, m, a, b, relu, stream);
 }
+/* The same for the backward's rows (dx as y). */
+static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
+    return C % 16 == 0 && C <= BNFAST_GRAD_ROWS_MAX_C && bnfast_use_f16_z()
+           && (!stream || ((size_t)dx & 63) == 0);
+}
+/* dx = (dy * a + (x - m) * b) + d over rows rows of C values (fits(C) true). */
+static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *dx,
+                                        ptrdiff_t rows, ptrdiff_t C, const float *m,
+                                        const float *a, const float *b, const float *d,
+                                        int stream) {
+    bnfast_grad_rows_f32_z[C / 16 - 1](x, dy, dx, rows, m, a, b, d, stream);
+}
 #else
 static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
     (void)C; (void)y; (void)stream;
@@ -107,6 +170,17 @@ static inline void bnfast_affine_rows_f32(const float *x, const float *add, floa
                                           int stream) {
     (void)x; (void)add; (void)y; (void)rows; (void)C; (void)m; (void)a; (void)b;
     (void)relu; (void)stream;
+}
+static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
+    (void)C; (void)dx; (void)stream;
+    return 0;
+}
+static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *dx,
+                                        ptrdiff_t rows, ptrdiff_t C, const float *m,
+                                        const float *a, const float *b, const float *d,
+                                        int stream) {
+    (void)x; (void)dy; (void)dx; (void)rows; (void)C; (void)m; (void)a; (void)b; (void)d;
+    (void)stream;
 }
 #endif
 
