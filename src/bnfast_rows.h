@@ -36,73 +36,14 @@
 #define BNFAST_F32_Z_TARGET __attribute__((target("avx2,avx512f")))
 #define BNFAST_ROWS_STORE(p, v) (*(bnfast_h16f *)(p) = (v))
 #define BNFAST_ROWS_STREAM(p, v) _mm512_stream_ps((float *)(p), (__m512)(v))
-/* rows rows of K * 16 values, each (x - M) * A + B (+ addend) (ReLU). */
-#define BNFAST_ROWS_LOOP(K, STORE, ADD, RELU)                                            \
-    for (r = 0; r < rows; r++, x += C, y += C, add += (ADD) ? C : 0) {                   \
-        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
-            bnfast_h16f v_ = (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * A[j];         \
-            v_ = BNFAST_H16_ADD(v_, B[j]);                                               \
-            if (ADD) v_ = BNFAST_H16_ADD(v_, *(const bnfast_h16f *)(add + 16 * j));      \
-            if (RELU) v_ = BNFAST_H16_RELU(v_);                                          \
-            STORE(y + 16 * j, v_);                                                       \
-        }                                                                                \
-    }
-#define BNFAST_ROWS_EPILOGUES(K, STORE)                                                  \
-    if (add == NULL && !relu) { BNFAST_ROWS_LOOP(K, STORE, 0, 0) }                       \
-    else if (add == NULL) { BNFAST_ROWS_LOOP(K, STORE, 0, 1) }                           \
-    else if (!relu) { BNFAST_ROWS_LOOP(K, STORE, 1, 0) }                                 \
-    else { BNFAST_ROWS_LOOP(K, STORE, 1, 1) }
-/* One leaf per row width C = 16 K (the coefficients' registers are K-indexed
- * arrays that GCC keeps in zmm once the loop over j is unrolled). */
-#define BNFAST_DEFINE_AFFINE_ROWS(K)                                                     \
-    BNFAST_F32_Z_TARGET static void bnfast_affine_rows##K##_f32_z(                       \
-            const float *x, const float *add, float *y, ptrdiff_t rows,                  \
-            const float *m, const float *a, const float *b, int relu, int stream) {      \
-        const ptrdiff_t C = 16 * (K);                                                    \
-        bnfast_h16f M[K], A[K], B[K];                                                    \
-        ptrdiff_t r;                                                                     \
-        int j;                                                                           \
-        for (j = 0; j < (K); j++) {                                                      \
-            M[j] = *(const bnfast_h16f *)(m + 16 * j);                                   \
-            A[j] = *(const bnfast_h16f *)(a + 16 * j);                                   \
-            B[j] = *(const bnfast_h16f *)(b + 16 * j);                                   \
-        }                                                                                \
-        if (stream) {                                                                    \
-            BNFAST_ROWS_EPILOGUES(K, BNFAST_ROWS_STREAM)                                 \
-        } else {                                                                         \
-            BNFAST_ROWS_EPILOGUES(K, BNFAST_ROWS_STORE)                                  \
-        }                                                                                \
-    }
-BNFAST_DEFINE_AFFINE_ROWS(1)
-BNFAST_DEFINE_AFFINE_ROWS(2)
-BNFAST_DEFINE_AFFINE_ROWS(3)
-BNFAST_DEFINE_AFFINE_ROWS(4)
-BNFAST_DEFINE_AFFINE_ROWS(5)
-BNFAST_DEFINE_AFFINE_ROWS(6)
-BNFAST_DEFINE_AFFINE_ROWS(7)
-BNFAST_DEFINE_AFFINE_ROWS(8)
-
-typedef void (*bnfast_affine_rows_leaf)(const float *, const float *, float *, ptrdiff_t,
-                                        const float *, const float *, const float *, int, int);
-static const bnfast_affine_rows_leaf bnfast_affine_rows_f32_z[8] = {
-    bnfast_affine_rows1_f32_z, bnfast_affine_rows2_f32_z, bnfast_affine_rows3_f32_z,
-    bnfast_affine_rows4_f32_z, bnfast_affine_rows5_f32_z, bnfast_affine_rows6_f32_z,
-    bnfast_affine_rows7_f32_z, bnfast_affine_rows8_f32_z};
-
-/* The backward's rows: dx = (dy * a + (x - m) * b) + d. */
-#define BNFAST_GRAD_ROWS_LOOP(K, STORE)                                                  \
-    for (r = 0; r < rows; r++, x += C, dy += C, dx += C) {                               \
-        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
-            bnfast_h16f v_ = BNFAST_H16_ADD(                                             \
-                (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * B[j],                      \
-                *(const bnfast_h16f *)(dy + 16 * j) * A[j]);                             \
-            STORE(dx + 16 * j, BNFAST_H16_ADD(v_, D[j]));                                \
-        }                                                                                \
-    }
-#define BNFAST_DEFINE_GRAD_ROWS(K)                                                       \
-    BNFAST_F32_Z_TARGET static void bnfast_grad_rows##K##_f32_z(                         \
-            const float *x, const float *dy, float *dx, ptrdiff_t rows, const float *m,  \
-            const float *a, const float *b, const float *d, int stream) {                \
+/* Both leaves: NAME(x, z, y, rows, m, a, b, d, relu, stream) with the rows m,
+ * a, b, d (16 K floats each) in the registers M, A, B, D, then LOOP(K, STORE)
+ * with cached or streamed stores.  z: the addend (normalise) or dy (backward). */
+#define BNFAST_DEFINE_ROWS_LEAF(NAME, K, LOOP)                                           \
+    BNFAST_F32_Z_TARGET static void NAME(const float *x, const float *z, float *y,       \
+                                         ptrdiff_t rows, const float *m, const float *a, \
+                                         const float *b, const float *d, int relu,       \
+                                         int stream) {                                   \
         const ptrdiff_t C = 16 * (K);                                                    \
         bnfast_h16f M[K], A[K], B[K], D[K];                                              \
         ptrdiff_t r;                                                                     \
@@ -113,23 +54,62 @@ static const bnfast_affine_rows_leaf bnfast_affine_rows_f32_z[8] = {
             B[j] = *(const bnfast_h16f *)(b + 16 * j);                                   \
             D[j] = *(const bnfast_h16f *)(d + 16 * j);                                   \
         }                                                                                \
+        (void)D; (void)relu;                                                             \
         if (stream) {                                                                    \
-            BNFAST_GRAD_ROWS_LOOP(K, BNFAST_ROWS_STREAM)                                 \
+            LOOP(K, BNFAST_ROWS_STREAM)                                                  \
         } else {                                                                         \
-            BNFAST_GRAD_ROWS_LOOP(K, BNFAST_ROWS_STORE)                                  \
+            LOOP(K, BNFAST_ROWS_STORE)                                                   \
         }                                                                                \
     }
-BNFAST_DEFINE_GRAD_ROWS(1)
-BNFAST_DEFINE_GRAD_ROWS(2)
-BNFAST_DEFINE_GRAD_ROWS(3)
-BNFAST_DEFINE_GRAD_ROWS(4)
-BNFAST_DEFINE_GRAD_ROWS(5)
-BNFAST_DEFINE_GRAD_ROWS(6)
 
-typedef void (*bnfast_grad_rows_leaf)(const float *, const float *, float *, ptrdiff_t,
-                                      const float *, const float *, const float *,
-                                      const float *, int);
-static const bnfast_grad_rows_leaf bnfast_grad_rows_f32_z[6] = {
+/* The normalise: rows of (x - M) * A + B (+ z) (ReLU). */
+#define BNFAST_ROWS_LOOP(K, STORE, ADD, RELU)                                            \
+    for (r = 0; r < rows; r++, x += C, y += C, z += (ADD) ? C : 0) {                     \
+        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
+            bnfast_h16f v_ = (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * A[j];         \
+            v_ = BNFAST_H16_ADD(v_, B[j]);                                               \
+            if (ADD) v_ = BNFAST_H16_ADD(v_, *(const bnfast_h16f *)(z + 16 * j));        \
+            if (RELU) v_ = BNFAST_H16_RELU(v_);                                          \
+            STORE(y + 16 * j, v_);                                                       \
+        }                                                                                \
+    }
+#define BNFAST_ROWS_EPILOGUES(K, STORE)                                                  \
+    if (z == NULL && !relu) { BNFAST_ROWS_LOOP(K, STORE, 0, 0) }                         \
+    else if (z == NULL) { BNFAST_ROWS_LOOP(K, STORE, 0, 1) }                             \
+    else if (!relu) { BNFAST_ROWS_LOOP(K, STORE, 1, 0) }                                 \
+    else { BNFAST_ROWS_LOOP(K, STORE, 1, 1) }
+/* The backward: rows of dx = ((x - M) * B + dy * A) + D. */
+#define BNFAST_GRAD_ROWS_LOOP(K, STORE)                                                  \
+    for (r = 0; r < rows; r++, x += C, z += C, y += C) {                                 \
+        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
+            bnfast_h16f v_ = BNFAST_H16_ADD(                                             \
+                (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * B[j],                      \
+                *(const bnfast_h16f *)(z + 16 * j) * A[j]);                              \
+            STORE(y + 16 * j, BNFAST_H16_ADD(v_, D[j]));                                 \
+        }                                                                                \
+    }
+/* One leaf per row width C = 16 K (the coefficients' registers are K-indexed
+ * arrays that GCC keeps in zmm once the loop over j is unrolled). */
+#define BNFAST_DEFINE_ROWS_LEAVES(K)                                                     \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f32_z, K, BNFAST_ROWS_EPILOGUES)     \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_grad_rows##K##_f32_z, K, BNFAST_GRAD_ROWS_LOOP)
+BNFAST_DEFINE_ROWS_LEAVES(1)
+BNFAST_DEFINE_ROWS_LEAVES(2)
+BNFAST_DEFINE_ROWS_LEAVES(3)
+BNFAST_DEFINE_ROWS_LEAVES(4)
+BNFAST_DEFINE_ROWS_LEAVES(5)
+BNFAST_DEFINE_ROWS_LEAVES(6)
+BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows7_f32_z, 7, BNFAST_ROWS_EPILOGUES)
+BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows8_f32_z, 8, BNFAST_ROWS_EPILOGUES)
+
+typedef void (*bnfast_rows_leaf)(const float *, const float *, float *, ptrdiff_t,
+                                 const float *, const float *, const float *, const float *,
+                                 int, int);
+static const bnfast_rows_leaf bnfast_affine_rows_f32_z[8] = {
+    bnfast_affine_rows1_f32_z, bnfast_affine_rows2_f32_z, bnfast_affine_rows3_f32_z,
+    bnfast_affine_rows4_f32_z, bnfast_affine_rows5_f32_z, bnfast_affine_rows6_f32_z,
+    bnfast_affine_rows7_f32_z, bnfast_affine_rows8_f32_z};
+static const bnfast_rows_leaf bnfast_grad_rows_f32_z[6] = {
     bnfast_grad_rows1_f32_z, bnfast_grad_rows2_f32_z, bnfast_grad_rows3_f32_z,
     bnfast_grad_rows4_f32_z, bnfast_grad_rows5_f32_z, bnfast_grad_rows6_f32_z};
 
@@ -145,7 +125,7 @@ static inline void bnfast_affine_rows_f32(const float *x, const float *add, floa
                                           ptrdiff_t rows, ptrdiff_t C, const float *m,
                                           const float *a, const float *b, int relu,
                                           int stream) {
-    bnfast_affine_rows_f32_z[C / 16 - 1](x, add, y, rows, m, a, b, relu, stream);
+    bnfast_affine_rows_f32_z[C / 16 - 1](x, add, y, rows, m, a, b, b, relu, stream);
 }
 /* The same for the backward's rows (dx as y). */
 static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
@@ -157,7 +137,7 @@ static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *
                                         ptrdiff_t rows, ptrdiff_t C, const float *m,
                                         const float *a, const float *b, const float *d,
                                         int stream) {
-    bnfast_grad_rows_f32_z[C / 16 - 1](x, dy, dx, rows, m, a, b, d, stream);
+    bnfast_grad_rows_f32_z[C / 16 - 1](x, dy, dx, rows, m, a, b, d, 0, stream);
 }
 #else
 static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
