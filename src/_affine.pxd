@@ -213,11 +213,45 @@ cdef extern from "bnfast_half_leaves.h" nogil:
 
 
 cdef extern from "bnfast_rows.h" nogil:
-    # Channels-last float32 rows of C <= 128 channels, coefficients in registers.
+    # Channels-last rows of C <= 128 channels, the float rows in registers.
     bint bnfast_affine_rows_f32_fits(Py_ssize_t C, const float* y, int stream)
+    bint bnfast_affine_rows_f16_fits(Py_ssize_t C, const bnfast_f16* y, int stream)
+    bint bnfast_affine_rows_bf16_fits(Py_ssize_t C, const bnfast_bf16* y, int stream)
     void bnfast_affine_rows_f32(const float* x, const float* add, float* y, Py_ssize_t rows,
                                 Py_ssize_t C, const float* m, const float* a, const float* b,
                                 int relu, int stream)
+    void bnfast_affine_rows_f16(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                Py_ssize_t rows, Py_ssize_t C, const float* m, const float* a,
+                                const float* b, int relu, int stream)
+    void bnfast_affine_rows_bf16(const bnfast_bf16* x, const bnfast_bf16* add, bnfast_bf16* y,
+                                 Py_ssize_t rows, Py_ssize_t C, const float* m, const float* a,
+                                 const float* b, int relu, int stream)
+
+
+cdef inline bint _rows_fit(const real_t* y, Py_ssize_t C, bint use_float,
+                           bint stream) noexcept nogil:
+    """Whether channels-last rows of C channels take bnfast_rows.h's leaves (float rows
+    only; float64 keeps the table)."""
+    if real_t is float:
+        return use_float and bnfast_affine_rows_f32_fits(C, y, stream)
+    elif real_t is bnfast_f16:
+        return use_float and bnfast_affine_rows_f16_fits(C, y, stream)
+    elif real_t is bnfast_bf16:
+        return use_float and bnfast_affine_rows_bf16_fits(C, y, stream)
+    else:
+        return False
+
+
+cdef inline void _apply_rows(const real_t* x, const real_t* addend, real_t* y, Py_ssize_t rows,
+                             Py_ssize_t C, const float* ft, Py_ssize_t R, bint relu,
+                             bint stream) noexcept nogil:
+    # rows rows of C values (_rows_fit), the float rows m, a, b R apart from ft.
+    if real_t is float:
+        bnfast_affine_rows_f32(x, addend, y, rows, C, ft, ft + R, ft + 2 * R, relu, stream)
+    elif real_t is bnfast_f16:
+        bnfast_affine_rows_f16(x, addend, y, rows, C, ft, ft + R, ft + 2 * R, relu, stream)
+    elif real_t is bnfast_bf16:
+        bnfast_affine_rows_bf16(x, addend, y, rows, C, ft, ft + R, ft + 2 * R, relu, stream)
 
 
 cdef extern from "bnfast_affine_entries.h" nogil:
@@ -453,12 +487,11 @@ cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
                              const double* tile, bint use_float, bint in_rows, bint relu,
                              unsigned char* bits, bint stream) noexcept nogil:
     """Values [start, stop) of the flat (M, C) array; start is a multiple of W.
-    in_rows: float32 rows the registers hold (bnfast_rows.h)."""
-    cdef const float* ft = <const float*>(tile + 3 * table_row(W))
-    if real_t is float and in_rows:
-        bnfast_affine_rows_f32(xp + start, ap if ap == NULL else ap + start, yp + start,
-                               (stop - start) // C, C, ft, ft + table_row(W),
-                               ft + 2 * table_row(W), relu, stream)
+    in_rows: rows the registers hold (_rows_fit)."""
+    if in_rows:
+        _apply_rows(xp + start, ap if ap == NULL else ap + start, yp + start,
+                    (stop - start) // C, C, <const float*>(tile + 3 * table_row(W)),
+                    table_row(W), relu, stream)
     else:
         _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,
                      tile, use_float, relu, stream)
@@ -487,8 +520,7 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bint use_float = float_rows(tile, W)
     stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
                                     real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
-    cdef bint in_rows = (real_t is float and use_float
-                         and bnfast_affine_rows_f32_fits(C, <const float*>yp, stream))
+    cdef bint in_rows = _rows_fit(yp, C, use_float, stream)
     if nt == 1:  # see apply_first
         for blk in range(blocks):
             _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, C,

@@ -1,26 +1,29 @@
 /*
- * The channels-last float32 normalise with the coefficients in registers.
+ * The channels-last normalise and backward with the coefficients in registers.
  *
- * The tiled leaf (bnfast_simd.h) loads m[j], a[j] and b[j] from the table for
- * every vector of x: three loads beside the one the data needs.  For a row of
- * C <= 128 channels (C a multiple of 16) the whole pattern fits in 3 * C / 16
- * zmm registers, and each row is x's loads and y's stores alone, as the
- * channels-first leaf's runs are.  One thread, (16, 64, 56, 56) channels-last
- * eval, in one interleaved run (median): 977 -> 691 us with warm caches,
- * 1567 -> 1219 us cold (torch 972 / 1274); (8, 64, 56, 56) cold 724 -> 557.
- * (Wider rows walked in 128-channel pieces were slower than the table with warm
- * caches, and pieces of several rows at a time slower cold: the prefetchers
- * lose the stream.)
+ * The tiled leaves (bnfast_simd.h, bnfast_half_leaves.h) load m[j], a[j] and
+ * b[j] from the table for every vector of x: three loads beside the one the
+ * data needs.  For a row of C <= 128 channels (C a multiple of 16) the whole
+ * pattern fits in 3 * C / 16 zmm registers, and each row is x's loads and y's
+ * stores alone, as the channels-first leaf's runs are.  One thread,
+ * (16, 64, 56, 56) channels-last float32 eval, in one interleaved run (median):
+ * 977 -> 691 us with warm caches, 1567 -> 1219 us cold (torch 972 / 1274);
+ * (8, 64, 56, 56) cold 724 -> 557.  (Wider rows walked in 128-channel pieces
+ * were slower than the table with warm caches, and pieces of several rows at a
+ * time slower cold: the prefetchers lose the stream.)
  *
- * The backward's pass 2 (training, no mask) likewise: dx = (dy * a + (x - m)
- * * b) + d with its four rows in 4 * C / 16 registers, C <= 96.
+ *   normalise:  float32, float16 (AVX512F's conversions) and bfloat16 (AVX512-
+ *               BF16's, two vectors a conversion as bnfast_half.h's store32);
+ *   backward:   pass 2 (training, no mask), float32: dx = (dy * a + (x - m) * b)
+ *               + d with its four rows in 4 * C / 16 registers, C <= 96.
  *
  * The same arithmetic as the tiled leaves, element by element ((x - m) * a + b,
- * then + addend, then the ReLU's select; no FMA), the additions pinned with
- * BNFAST_H16_ADD to the operand order whose NaN the other leaves return where
- * both are NaN (the backward's: (x - m) * b before dy * a, as GCC compiles the
- * plain expression), so the same bits, payloads included (tests/c/rows.c).  AVX512F only (32 registers; AVX2's 16 would hold 32 channels):
- * elsewhere the tables.
+ * then + addend, then the ReLU's select, rounded once to the storage type; no
+ * FMA), the additions pinned with BNFAST_H16_ADD to the operand order whose NaN
+ * the other leaves return where both are NaN (the backward's: (x - m) * b
+ * before dy * a, as GCC compiles the plain expression), so the same bits,
+ * payloads included (tests/c/rows.c).  AVX-512 only (32 registers; AVX2's 16
+ * would hold 32 channels): elsewhere the tables.
  */
 #ifndef BNFAST_ROWS_H
 #define BNFAST_ROWS_H
@@ -34,16 +37,23 @@
 
 #if BNFAST_DISPATCH_AVX2
 #define BNFAST_F32_Z_TARGET __attribute__((target("avx2,avx512f")))
-#define BNFAST_ROWS_STORE(p, v) (*(bnfast_h16f *)(p) = (v))
-#define BNFAST_ROWS_STREAM(p, v) _mm512_stream_ps((float *)(p), (__m512)(v))
-/* Both leaves: NAME(x, z, y, rows, m, a, b, d, relu, stream) with the rows m,
- * a, b, d (16 K floats each) in the registers M, A, B, D, then LOOP(K, STORE)
- * with cached or streamed stores.  z: the addend (normalise) or dy (backward). */
-#define BNFAST_DEFINE_ROWS_LEAF(NAME, K, LOOP)                                           \
-    BNFAST_F32_Z_TARGET static void NAME(const float *x, const float *z, float *y,       \
-                                         ptrdiff_t rows, const float *m, const float *a, \
-                                         const float *b, const float *d, int relu,       \
-                                         int stream) {                                   \
+/* float32's 16-value load and stores, in bnfast_half.h's names (the pairs: two). */
+#define bnfast_load16_f32_z(p) (*(const bnfast_h16f *)(p))
+#define bnfast_store16_f32_z(p, v) (*(bnfast_h16f *)(p) = (v))
+#define bnfast_stream16_f32_z(p, v) _mm512_stream_ps((float *)(p), (__m512)(v))
+#define bnfast_store32_f32_z(p, v0, v1) \
+    (bnfast_store16_f32_z(p, v0), bnfast_store16_f32_z((p) + 16, v1))
+#define bnfast_stream32_f32_z(p, v0, v1) \
+    (bnfast_stream16_f32_z(p, v0), bnfast_stream16_f32_z((p) + 16, v1))
+
+/* Every leaf: NAME(x, z, y, rows, m, a, b, d, relu, stream) with the rows m, a,
+ * b, d (16 K floats each) in the registers M, A, B, D, then LOOP(K, LOAD16,
+ * STORE32, STORE16) with cached or streamed stores.  z: the addend (normalise) or
+ * dy (backward); x, z, y of the storage type T. */
+#define BNFAST_DEFINE_ROWS_LEAF(NAME, T, SFX, VARIANT, ATTR, K, LOOP)                    \
+    ATTR static void NAME(const T *x, const T *z, T *y, ptrdiff_t rows, const float *m,  \
+                          const float *a, const float *b, const float *d, int relu,      \
+                          int stream) {                                                  \
         const ptrdiff_t C = 16 * (K);                                                    \
         bnfast_h16f M[K], A[K], B[K], D[K];                                              \
         ptrdiff_t r;                                                                     \
@@ -56,82 +66,119 @@
         }                                                                                \
         (void)D; (void)relu;                                                             \
         if (stream) {                                                                    \
-            LOOP(K, BNFAST_ROWS_STREAM)                                                  \
+            LOOP(K, bnfast_load16_##SFX##_##VARIANT, bnfast_stream32_##SFX##_##VARIANT,  \
+                 bnfast_stream16_##SFX##_##VARIANT)                                      \
         } else {                                                                         \
-            LOOP(K, BNFAST_ROWS_STORE)                                                   \
+            LOOP(K, bnfast_load16_##SFX##_##VARIANT, bnfast_store32_##SFX##_##VARIANT,   \
+                 bnfast_store16_##SFX##_##VARIANT)                                       \
         }                                                                                \
     }
 
-/* The normalise: rows of (x - M) * A + B (+ z) (ReLU). */
-#define BNFAST_ROWS_LOOP(K, STORE, ADD, RELU)                                            \
+/* The normalise: rows of (x - M) * A + B (+ z) (ReLU), two vectors a store. */
+#define BNFAST_ROWS_VALUE(j, LOAD16, ADD, RELU) ({                                       \
+        bnfast_h16f v_ = BNFAST_H16_ADD((LOAD16(x + 16 * (j)) - M[j]) * A[j], B[j]);     \
+        if (ADD) v_ = BNFAST_H16_ADD(v_, LOAD16(z + 16 * (j)));                          \
+        if (RELU) v_ = BNFAST_H16_RELU(v_);                                              \
+        v_; })
+#define BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, ADD, RELU)                         \
     for (r = 0; r < rows; r++, x += C, y += C, z += (ADD) ? C : 0) {                     \
-        _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
-            bnfast_h16f v_ = (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * A[j];         \
-            v_ = BNFAST_H16_ADD(v_, B[j]);                                               \
-            if (ADD) v_ = BNFAST_H16_ADD(v_, *(const bnfast_h16f *)(z + 16 * j));        \
-            if (RELU) v_ = BNFAST_H16_RELU(v_);                                          \
-            STORE(y + 16 * j, v_);                                                       \
-        }                                                                                \
+        _Pragma("GCC unroll 8") for (j = 0; j + 1 < (K); j += 2)                         \
+            STORE32(y + 16 * j, BNFAST_ROWS_VALUE(j, LOAD16, ADD, RELU),                  \
+                    BNFAST_ROWS_VALUE(j + 1, LOAD16, ADD, RELU));                         \
+        if ((K) % 2)                                                                     \
+            STORE16(y + 16 * ((K) - 1), BNFAST_ROWS_VALUE((K) - 1, LOAD16, ADD, RELU));  \
     }
-#define BNFAST_ROWS_EPILOGUES(K, STORE)                                                  \
-    if (z == NULL && !relu) { BNFAST_ROWS_LOOP(K, STORE, 0, 0) }                         \
-    else if (z == NULL) { BNFAST_ROWS_LOOP(K, STORE, 0, 1) }                             \
-    else if (!relu) { BNFAST_ROWS_LOOP(K, STORE, 1, 0) }                                 \
-    else { BNFAST_ROWS_LOOP(K, STORE, 1, 1) }
-/* The backward: rows of dx = ((x - M) * B + dy * A) + D. */
-#define BNFAST_GRAD_ROWS_LOOP(K, STORE)                                                  \
+#define BNFAST_ROWS_EPILOGUES(K, LOAD16, STORE32, STORE16)                               \
+    if (z == NULL && !relu) { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 0, 0) }      \
+    else if (z == NULL) { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 0, 1) }          \
+    else if (!relu) { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 1, 0) }              \
+    else { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 1, 1) }
+/* The backward: rows of dx = ((x - M) * B + dy * A) + D (float32). */
+#define BNFAST_GRAD_ROWS_LOOP(K, LOAD16, STORE32, STORE16)                               \
     for (r = 0; r < rows; r++, x += C, z += C, y += C) {                                 \
         _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
-            bnfast_h16f v_ = BNFAST_H16_ADD(                                             \
-                (*(const bnfast_h16f *)(x + 16 * j) - M[j]) * B[j],                      \
-                *(const bnfast_h16f *)(z + 16 * j) * A[j]);                              \
-            STORE(y + 16 * j, BNFAST_H16_ADD(v_, D[j]));                                 \
+            bnfast_h16f v_ = BNFAST_H16_ADD((LOAD16(x + 16 * j) - M[j]) * B[j],          \
+                                            LOAD16(z + 16 * j) * A[j]);                  \
+            STORE16(y + 16 * j, BNFAST_H16_ADD(v_, D[j]));                               \
         }                                                                                \
     }
-/* One leaf per row width C = 16 K (the coefficients' registers are K-indexed
- * arrays that GCC keeps in zmm once the loop over j is unrolled). */
-#define BNFAST_DEFINE_ROWS_LEAVES(K)                                                     \
-    BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f32_z, K, BNFAST_ROWS_EPILOGUES)     \
-    BNFAST_DEFINE_ROWS_LEAF(bnfast_grad_rows##K##_f32_z, K, BNFAST_GRAD_ROWS_LOOP)
-BNFAST_DEFINE_ROWS_LEAVES(1)
-BNFAST_DEFINE_ROWS_LEAVES(2)
-BNFAST_DEFINE_ROWS_LEAVES(3)
-BNFAST_DEFINE_ROWS_LEAVES(4)
-BNFAST_DEFINE_ROWS_LEAVES(5)
-BNFAST_DEFINE_ROWS_LEAVES(6)
-BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows7_f32_z, 7, BNFAST_ROWS_EPILOGUES)
-BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows8_f32_z, 8, BNFAST_ROWS_EPILOGUES)
 
-typedef void (*bnfast_rows_leaf)(const float *, const float *, float *, ptrdiff_t,
-                                 const float *, const float *, const float *, const float *,
-                                 int, int);
-static const bnfast_rows_leaf bnfast_affine_rows_f32_z[8] = {
+/* One leaf per row width C = 16 K (the coefficients' registers are K-indexed
+ * arrays that GCC keeps in zmm once the loops over j are unrolled). */
+#define BNFAST_DEFINE_AFFINE_ROWS(K)                                                     \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f32_z, float, f32, z,                \
+                            BNFAST_F32_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f16_z, bnfast_f16, f16, z,           \
+                            BNFAST_F16_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_bf16_hw, bnfast_bf16, bf16, hw,      \
+                            BNFAST_BF16_HW_TARGET, K, BNFAST_ROWS_EPILOGUES)
+#define BNFAST_DEFINE_GRAD_ROWS(K)                                                       \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_grad_rows##K##_f32_z, float, f32, z,                  \
+                            BNFAST_F32_Z_TARGET, K, BNFAST_GRAD_ROWS_LOOP)
+#define BNFAST_DEFINE_ALL_ROWS(K) BNFAST_DEFINE_AFFINE_ROWS(K) BNFAST_DEFINE_GRAD_ROWS(K)
+BNFAST_DEFINE_ALL_ROWS(1)
+BNFAST_DEFINE_ALL_ROWS(2)
+BNFAST_DEFINE_ALL_ROWS(3)
+BNFAST_DEFINE_ALL_ROWS(4)
+BNFAST_DEFINE_ALL_ROWS(5)
+BNFAST_DEFINE_ALL_ROWS(6)
+BNFAST_DEFINE_AFFINE_ROWS(7)
+BNFAST_DEFINE_AFFINE_ROWS(8)
+
+#define BNFAST_ROWS_TABLE(T, NAME, N)                                                    \
+    typedef void (*NAME##_leaf)(const T *, const T *, T *, ptrdiff_t, const float *,     \
+                                const float *, const float *, const float *, int, int);  \
+    static const NAME##_leaf NAME[N]
+BNFAST_ROWS_TABLE(float, bnfast_affine_rows_f32_z, 8) = {
     bnfast_affine_rows1_f32_z, bnfast_affine_rows2_f32_z, bnfast_affine_rows3_f32_z,
     bnfast_affine_rows4_f32_z, bnfast_affine_rows5_f32_z, bnfast_affine_rows6_f32_z,
     bnfast_affine_rows7_f32_z, bnfast_affine_rows8_f32_z};
-static const bnfast_rows_leaf bnfast_grad_rows_f32_z[6] = {
+BNFAST_ROWS_TABLE(bnfast_f16, bnfast_affine_rows_f16_z, 8) = {
+    bnfast_affine_rows1_f16_z, bnfast_affine_rows2_f16_z, bnfast_affine_rows3_f16_z,
+    bnfast_affine_rows4_f16_z, bnfast_affine_rows5_f16_z, bnfast_affine_rows6_f16_z,
+    bnfast_affine_rows7_f16_z, bnfast_affine_rows8_f16_z};
+BNFAST_ROWS_TABLE(bnfast_bf16, bnfast_affine_rows_bf16_hw, 8) = {
+    bnfast_affine_rows1_bf16_hw, bnfast_affine_rows2_bf16_hw, bnfast_affine_rows3_bf16_hw,
+    bnfast_affine_rows4_bf16_hw, bnfast_affine_rows5_bf16_hw, bnfast_affine_rows6_bf16_hw,
+    bnfast_affine_rows7_bf16_hw, bnfast_affine_rows8_bf16_hw};
+BNFAST_ROWS_TABLE(float, bnfast_grad_rows_f32_z, 6) = {
     bnfast_grad_rows1_f32_z, bnfast_grad_rows2_f32_z, bnfast_grad_rows3_f32_z,
     bnfast_grad_rows4_f32_z, bnfast_grad_rows5_f32_z, bnfast_grad_rows6_f32_z};
 
-/* Whether rows of C channels go to bnfast_affine_rows_f32 (this CPU, this C);
- * streamed (non-temporal 64-byte stores), y must be 64-byte aligned too. */
+/* Whether rows of C channels of T go to bnfast_affine_rows_SFX (this CPU, this
+ * C); streamed (non-temporal stores of 64 bytes, or 32 for float16's), every row
+ * of y must start 64-byte aligned (32 for float16). */
+#define BNFAST_ROWS_STREAMABLE(y, C, T, ALIGN) \
+    ((size_t)(y) % (ALIGN) == 0 && ((C) * sizeof(T)) % (ALIGN) == 0)
 static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
     return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_f16_z()
-           && (!stream || ((size_t)y & 63) == 0);
+           && (!stream || BNFAST_ROWS_STREAMABLE(y, C, float, 64));
 }
-/* relu?((x - m) * a + b + addend?) over rows rows of C values (fits(C) true);
- * m, a, b: C floats each. */
-static inline void bnfast_affine_rows_f32(const float *x, const float *add, float *y,
-                                          ptrdiff_t rows, ptrdiff_t C, const float *m,
-                                          const float *a, const float *b, int relu,
-                                          int stream) {
-    bnfast_affine_rows_f32_z[C / 16 - 1](x, add, y, rows, m, a, b, b, relu, stream);
+static inline int bnfast_affine_rows_f16_fits(ptrdiff_t C, const bnfast_f16 *y, int stream) {
+    return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_f16_z()
+           && (!stream || BNFAST_ROWS_STREAMABLE(y, C, bnfast_f16, 32));
+}
+static inline int bnfast_affine_rows_bf16_fits(ptrdiff_t C, const bnfast_bf16 *y, int stream) {
+    return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_bf16_hw()
+           && (!stream || BNFAST_ROWS_STREAMABLE(y, C, bnfast_bf16, 64));
 }
 /* The same for the backward's rows (dx as y). */
 static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
     return C % 16 == 0 && C <= BNFAST_GRAD_ROWS_MAX_C && bnfast_use_f16_z()
-           && (!stream || ((size_t)dx & 63) == 0);
+           && (!stream || BNFAST_ROWS_STREAMABLE(dx, C, float, 64));
 }
+/* relu?((x - m) * a + b + addend?) over rows rows of C values (fits(C) true);
+ * m, a, b: C floats each. */
+#define BNFAST_DEFINE_AFFINE_ROWS_ENTRY(T, SFX, LEAVES)                                  \
+    static inline void bnfast_affine_rows_##SFX(const T *x, const T *add, T *y,          \
+                                                ptrdiff_t rows, ptrdiff_t C,             \
+                                                const float *m, const float *a,          \
+                                                const float *b, int relu, int stream) {  \
+        LEAVES[C / 16 - 1](x, add, y, rows, m, a, b, b, relu, stream);                   \
+    }
+BNFAST_DEFINE_AFFINE_ROWS_ENTRY(float, f32, bnfast_affine_rows_f32_z)
+BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_f16, f16, bnfast_affine_rows_f16_z)
+BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_bf16, bf16, bnfast_affine_rows_bf16_hw)
 /* dx = (dy * a + (x - m) * b) + d over rows rows of C values (fits(C) true). */
 static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *dx,
                                         ptrdiff_t rows, ptrdiff_t C, const float *m,
@@ -140,17 +187,22 @@ static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *
     bnfast_grad_rows_f32_z[C / 16 - 1](x, dy, dx, rows, m, a, b, d, 0, stream);
 }
 #else
-static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
-    (void)C; (void)y; (void)stream;
-    return 0;
-}
-static inline void bnfast_affine_rows_f32(const float *x, const float *add, float *y,
-                                          ptrdiff_t rows, ptrdiff_t C, const float *m,
-                                          const float *a, const float *b, int relu,
-                                          int stream) {
-    (void)x; (void)add; (void)y; (void)rows; (void)C; (void)m; (void)a; (void)b;
-    (void)relu; (void)stream;
-}
+/* Portable builds: the tables. */
+#define BNFAST_DEFINE_NO_ROWS(T, SFX)                                                    \
+    static inline int bnfast_affine_rows_##SFX##_fits(ptrdiff_t C, const T *y, int s) {  \
+        (void)C; (void)y; (void)s;                                                       \
+        return 0;                                                                        \
+    }                                                                                    \
+    static inline void bnfast_affine_rows_##SFX(const T *x, const T *add, T *y,          \
+                                                ptrdiff_t rows, ptrdiff_t C,             \
+                                                const float *m, const float *a,          \
+                                                const float *b, int relu, int stream) {  \
+        (void)x; (void)add; (void)y; (void)rows; (void)C; (void)m; (void)a; (void)b;     \
+        (void)relu; (void)stream;                                                        \
+    }
+BNFAST_DEFINE_NO_ROWS(float, f32)
+BNFAST_DEFINE_NO_ROWS(bnfast_f16, f16)
+BNFAST_DEFINE_NO_ROWS(bnfast_bf16, bf16)
 static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
     (void)C; (void)dx; (void)stream;
     return 0;

@@ -5,6 +5,7 @@ Also the hypothesis property test over shapes x layouts against the reference.
 import math
 import tracemalloc
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -312,9 +313,9 @@ def test_eval_is_bit_identical_across_layouts(dtype, rng, shape, layout):
     assert_same(np.ascontiguousarray(m(xl)), m(x))
 
 
-# Channels-last float32 rows of C <= 128 channels (a multiple of 16) take the
-# coefficients from registers on AVX-512 (src/bnfast_rows.h), other rows from the
-# table; (4, 64, 128, 128) is large enough for streaming stores.  NaN (with
+# Channels-last rows of C <= 128 channels (a multiple of 16) take the coefficients
+# from registers on AVX-512 (src/bnfast_rows.h), other rows from the table;
+# (4, 64, 128, 128) is large enough for streaming stores.  NaN (with
 # payloads), infinities in the values, the addend and the coefficients: every
 # epilogue must give the channels-first leaf's bits.
 REGISTER_ROW_SHAPES = [(5, 16, 3, 3), (3, 48, 4, 5), (2, 128, 3, 5), (37, 32), (4, 144, 3, 3),
@@ -326,25 +327,33 @@ def _nan(payload):
 
 
 @pytest.mark.parametrize("shape", REGISTER_ROW_SHAPES, ids=str)
-def test_channels_last_rows_give_channels_first_bits(rng, shape):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16],
+                         ids=["float32", "float16", "bfloat16"])
+def test_channels_last_rows_give_channels_first_bits(rng, shape, dtype):
     C = shape[1]
     x = make_input(rng, shape, np.float32)
     addend = make_input(rng, shape, np.float32, loc=0.0, scale=1.0)
     xs, adds = x.reshape(-1), addend.reshape(-1)
-    xs[::97], xs[5::89], xs[7::83] = _nan(1), np.inf, -np.inf
-    adds[3::61], adds[::97] = _nan(2), _nan(3)  # the second where x is NaN too
+    xs[::97], xs[5::89], xs[7::83] = _nan(1 << 16), np.inf, -np.inf
+    adds[3::61], adds[::97] = _nan(2 << 16), _nan(3 << 16)  # the second where x is NaN too
+    x, addend = x.astype(dtype), addend.astype(dtype)  # payloads in the bits halves keep
     w, b = make_params(rng, C, np.float32)
     rm, rv = make_running(rng, C, np.float32)
-    rm[1], w[2], b[3], b[5], rm[5] = _nan(4), np.inf, _nan(5), _nan(6), _nan(7)
+    rm[1], w[2], b[3] = _nan(4 << 16), np.inf, _nan(5 << 16)
+    b[5], rm[5] = _nan(6 << 16), _nan(7 << 16)
+    # (Half data takes float32 parameters: the float rows; float64 keeps the table.)
     xl, al = with_layout(x, "channels_last"), with_layout(addend, "channels_last")
-    for kwargs in (dict(), dict(relu=True), dict(addend=addend), dict(addend=addend, relu=True)):
-        expected = bnfast.batch_norm(x, rm, rv, w, b, **kwargs)
-        if "addend" in kwargs:
-            kwargs = dict(kwargs, addend=al)
-        y = bnfast.batch_norm(xl, rm, rv, w, b, **kwargs)
+    # The channels-first side: (N, C) rows are channels-last, their Fortran order is not.
+    xf, af = (x, addend) if x.ndim > 2 else (np.asfortranarray(x), np.asfortranarray(addend))
+    bits = np.uint32 if dtype == np.float32 else np.uint16
+    for with_addend, relu in [(False, False), (False, True), (True, False), (True, True)]:
+        expected = bnfast.batch_norm(xf, rm, rv, w, b, addend=af if with_addend else None,
+                                     relu=relu)
+        y = bnfast.batch_norm(xl, rm, rv, w, b, addend=al if with_addend else None, relu=relu)
         assert is_channels_last(y) or y.ndim == 2
-        np.testing.assert_array_equal(np.ascontiguousarray(y).view(np.uint32),
-                                      expected.view(np.uint32), err_msg=str(kwargs))
+        np.testing.assert_array_equal(np.ascontiguousarray(y).view(bits),
+                                      np.ascontiguousarray(expected).view(bits),
+                                      err_msg=f"addend={with_addend}, relu={relu}")
 
 
 @pytest.mark.parametrize("layout,shape", [("fortran", (16, 8)), ("fortran", (6, 70)),

@@ -6,7 +6,9 @@ normalise, 16 to 96 for the backward), cached and streamed, every epilogue (adde
 ReLU), beside the table leaves they replace (``bnfast_simd.h``,
 ``bnfast_backward_simd.h``) and the plain C expression, on values and
 coefficients with NaN payloads and infinities.  All must give the same bits: the
-leaf a kernel picks depends on C and the CPU, never the result.
+leaf a kernel picks depends on C and the CPU, never the result.  (The float16
+and bfloat16 rows are held to the channels-first leaves' bits, payloads too, in
+``tests/test_layouts.py``.)
 """
 import numpy as np
 import pytest
