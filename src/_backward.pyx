@@ -105,6 +105,7 @@ cdef extern from "bnfast_backward_simd.h" nogil:
                                    const double* d, int training, int stream, double* dx,
                                    double* g)
 
+
 cdef extern from "bnfast_rows.h" nogil:
     # Channels-last float32 rows of C <= 96 channels, pass 2's rows in registers.
     bint bnfast_grad_rows_f32_fits(Py_ssize_t C, const float* dx, int stream)
