@@ -125,47 +125,39 @@ BNFAST_DEFINE_ALL_ROWS(6)
 BNFAST_DEFINE_AFFINE_ROWS(7)
 BNFAST_DEFINE_AFFINE_ROWS(8)
 
+/* The leaves of one kind, by K - 1: NAME[C / 16 - 1] takes rows of C channels. */
 #define BNFAST_ROWS_TABLE(T, NAME, N)                                                    \
     typedef void (*NAME##_leaf)(const T *, const T *, T *, ptrdiff_t, const float *,     \
                                 const float *, const float *, const float *, int, int);  \
     static const NAME##_leaf NAME[N]
+#define BNFAST_ROWS_K6(P, S) P##1##S, P##2##S, P##3##S, P##4##S, P##5##S, P##6##S
+#define BNFAST_ROWS_K8(P, S) BNFAST_ROWS_K6(P, S), P##7##S, P##8##S
 BNFAST_ROWS_TABLE(float, bnfast_affine_rows_f32_z, 8) = {
-    bnfast_affine_rows1_f32_z, bnfast_affine_rows2_f32_z, bnfast_affine_rows3_f32_z,
-    bnfast_affine_rows4_f32_z, bnfast_affine_rows5_f32_z, bnfast_affine_rows6_f32_z,
-    bnfast_affine_rows7_f32_z, bnfast_affine_rows8_f32_z};
+    BNFAST_ROWS_K8(bnfast_affine_rows, _f32_z)};
 BNFAST_ROWS_TABLE(bnfast_f16, bnfast_affine_rows_f16_z, 8) = {
-    bnfast_affine_rows1_f16_z, bnfast_affine_rows2_f16_z, bnfast_affine_rows3_f16_z,
-    bnfast_affine_rows4_f16_z, bnfast_affine_rows5_f16_z, bnfast_affine_rows6_f16_z,
-    bnfast_affine_rows7_f16_z, bnfast_affine_rows8_f16_z};
+    BNFAST_ROWS_K8(bnfast_affine_rows, _f16_z)};
 BNFAST_ROWS_TABLE(bnfast_bf16, bnfast_affine_rows_bf16_hw, 8) = {
-    bnfast_affine_rows1_bf16_hw, bnfast_affine_rows2_bf16_hw, bnfast_affine_rows3_bf16_hw,
-    bnfast_affine_rows4_bf16_hw, bnfast_affine_rows5_bf16_hw, bnfast_affine_rows6_bf16_hw,
-    bnfast_affine_rows7_bf16_hw, bnfast_affine_rows8_bf16_hw};
-BNFAST_ROWS_TABLE(float, bnfast_grad_rows_f32_z, 6) = {
-    bnfast_grad_rows1_f32_z, bnfast_grad_rows2_f32_z, bnfast_grad_rows3_f32_z,
-    bnfast_grad_rows4_f32_z, bnfast_grad_rows5_f32_z, bnfast_grad_rows6_f32_z};
+    BNFAST_ROWS_K8(bnfast_affine_rows, _bf16_hw)};
+BNFAST_ROWS_TABLE(float, bnfast_grad_rows_f32_z, 6) = {BNFAST_ROWS_K6(bnfast_grad_rows, _f32_z)};
 
-/* Whether rows of C channels of T go to bnfast_affine_rows_SFX (this CPU, this
- * C); streamed (non-temporal stores of 64 bytes, or 32 for float16's), every row
- * of y must start 64-byte aligned (32 for float16). */
-#define BNFAST_ROWS_STREAMABLE(y, C, T, ALIGN) \
-    ((size_t)(y) % (ALIGN) == 0 && ((C) * sizeof(T)) % (ALIGN) == 0)
+/* Whether rows of C channels of T go to a register leaf: C a multiple of 16 up to
+ * MAX, the CPU's instructions there (HAS), and when streamed (non-temporal stores
+ * of 64 bytes, or 32 for float16's) every row of y starting on their boundary. */
+#define BNFAST_ROWS_FIT(C, MAX, HAS, y, T, ALIGN, stream)                                \
+    ((C) % 16 == 0 && (C) <= (MAX) && (HAS)                                              \
+     && (!(stream) || ((size_t)(y) % (ALIGN) == 0 && ((C) * sizeof(T)) % (ALIGN) == 0)))
 static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
-    return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_f16_z()
-           && (!stream || BNFAST_ROWS_STREAMABLE(y, C, float, 64));
+    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_f16_z(), y, float, 64, stream);
 }
 static inline int bnfast_affine_rows_f16_fits(ptrdiff_t C, const bnfast_f16 *y, int stream) {
-    return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_f16_z()
-           && (!stream || BNFAST_ROWS_STREAMABLE(y, C, bnfast_f16, 32));
+    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_f16_z(), y, bnfast_f16, 32, stream);
 }
 static inline int bnfast_affine_rows_bf16_fits(ptrdiff_t C, const bnfast_bf16 *y, int stream) {
-    return C % 16 == 0 && C <= BNFAST_ROWS_MAX_C && bnfast_use_bf16_hw()
-           && (!stream || BNFAST_ROWS_STREAMABLE(y, C, bnfast_bf16, 64));
+    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_bf16_hw(), y, bnfast_bf16, 64,
+                           stream);
 }
-/* The same for the backward's rows (dx as y). */
 static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
-    return C % 16 == 0 && C <= BNFAST_GRAD_ROWS_MAX_C && bnfast_use_f16_z()
-           && (!stream || BNFAST_ROWS_STREAMABLE(dx, C, float, 64));
+    return BNFAST_ROWS_FIT(C, BNFAST_GRAD_ROWS_MAX_C, bnfast_use_f16_z(), dx, float, 64, stream);
 }
 /* relu?((x - m) * a + b + addend?) over rows rows of C values (fits(C) true);
  * m, a, b: C floats each. */
