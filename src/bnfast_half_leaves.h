@@ -205,20 +205,26 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
         while (a_ < n8 && ((size_t)(y + a_) & 63) != 0) a_ += 8;                         \
         BNFAST_HALF_AFFINE_VECTORS(LOAD8, STREAM8, MV, AV, BV, a_)                       \
     }
+/* The wide steps of variant V of half type H (bnfast_half.h's load16/store32/
+ * store16 and stream32/stream16 of that name); streamed, LOAD8/STREAM8 first
+ * reach the 64-byte boundary. */
+#define BNFAST_HALF_WIDE_OF(H, V, MV16, AV16, BV16)                                      \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_##H##_##V,             \
+                           bnfast_store32_##H##_##V, bnfast_store16_##H##_##V, MV16, AV16, BV16)
+#define BNFAST_HALF_WIDE_NT_OF(H, V, LOAD8, STREAM8, MV, AV, BV, MV16, AV16, BV16)       \
+    BNFAST_HALF_ALIGN64(LOAD8, STREAM8, MV, AV, BV)                                      \
+    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_##H##_##V,           \
+                           bnfast_stream32_##H##_##V, bnfast_stream16_##H##_##V, MV16, AV16, BV16)
 #define BNFAST_HALF_HW_WIDE(MV, AV, BV, MV16, AV16, BV16)                                \
-    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_bf16_hw,               \
-                           bnfast_store32_bf16_hw, bnfast_store16_bf16_hw, MV16, AV16, BV16)
+    BNFAST_HALF_WIDE_OF(bf16, hw, MV16, AV16, BV16)
 #define BNFAST_HALF_HW_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                            \
-    BNFAST_HALF_ALIGN64(bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw, MV, AV, BV)      \
-    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_bf16_hw,             \
-                           bnfast_stream32_bf16_hw, bnfast_stream16_bf16_hw, MV16, AV16, BV16)
+    BNFAST_HALF_WIDE_NT_OF(bf16, hw, bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,     \
+                           MV, AV, BV, MV16, AV16, BV16)
 #define BNFAST_HALF_Z_WIDE(MV, AV, BV, MV16, AV16, BV16)                                 \
-    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_CACHED, bnfast_load16_f16_z,                 \
-                           bnfast_store32_f16_z, bnfast_store16_f16_z, MV16, AV16, BV16)
+    BNFAST_HALF_WIDE_OF(f16, z, MV16, AV16, BV16)
 #define BNFAST_HALF_Z_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                             \
-    BNFAST_HALF_ALIGN64(bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, MV, AV, BV)      \
-    BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_f16_z,               \
-                           bnfast_stream32_f16_z, bnfast_stream16_f16_z, MV16, AV16, BV16)
+    BNFAST_HALF_WIDE_NT_OF(f16, z, bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c,       \
+                           MV, AV, BV, MV16, AV16, BV16)
 #endif
 #define BNFAST_HALF_SCALAR_M(j) m
 #define BNFAST_HALF_SCALAR_A(j) a
