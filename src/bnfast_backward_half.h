@@ -103,12 +103,14 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
             g_ = BNFAST_H16_ADD(BNFAST_H16_ADD(g_, (bnfast_load16_bf16_hw(x + (j)) - M16(j)) \
                                                    * B16(j)), D16(j));                   \
         g_; })
-#define BNFAST_HALF_GRAD_WIDE_HW(M16, A16, B16, D16)                                     \
+#define BNFAST_HALF_GRAD_WIDE_OF(STORE32, M16, A16, B16, D16)                            \
     for (; i + 32 <= n8; i += 32) {                                                      \
         bnfast_h16f v0_ = BNFAST_HALF_GRAD16(i, M16, A16, B16, D16);                      \
         bnfast_h16f v1_ = BNFAST_HALF_GRAD16(i + 16, M16, A16, B16, D16);                 \
-        bnfast_store32_bf16_hw(dx + i, v0_, v1_);                                        \
+        STORE32(dx + i, v0_, v1_);                                                       \
     }
+#define BNFAST_HALF_GRAD_WIDE_HW(...) BNFAST_HALF_GRAD_WIDE_OF(bnfast_store32_bf16_hw, __VA_ARGS__)
+#define BNFAST_HALF_GRAD_WIDE_Z(...) BNFAST_HALF_GRAD_WIDE_OF(bnfast_store32_bf16_z, __VA_ARGS__)
 /* Coefficient forms at j: the scalar leaves' one value, the tiled leaves' tile. */
 #define BNFAST_HALF_M16S(j) ((bnfast_h16f){0} + m)
 #define BNFAST_HALF_A16S(j) ((bnfast_h16f){0} + a)
@@ -191,6 +193,12 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_loa
 BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
                              bnfast_store8_bf16_hw,
                              BNFAST_HALF_GRAD_WIDE_HW)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z, BNFAST_BF16_Z_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_store8_bf16_z,
+                        BNFAST_HALF_GRAD_WIDE_Z)
+BNFAST_DEFINE_HALF_GRAD_RUNS(bf16, bnfast_bf16, z, BNFAST_BF16_Z_TARGET, bnfast_load8_bf16_avx2,
+                             bnfast_store8_bf16_z,
+                             BNFAST_HALF_GRAD_WIDE_Z)
 BNFAST_DEFINE_HALF_GRAD(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
                         bnfast_stream8_f16_f16c,
                         BNFAST_HALF_GRAD_NO_WIDE)
@@ -200,6 +208,9 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET, bnfast_l
 BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_load8_bf16_avx2,
                         bnfast_stream8_bf16_hw,
                         BNFAST_HALF_GRAD_NO_WIDE)
+BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_stream8_bf16_z,
+                        BNFAST_HALF_GRAD_NO_WIDE)
 #else
 #define bnfast_grad_vec_scalar_f16_f16c_nt bnfast_grad_vec_scalar_f16_base
 #define bnfast_grad_vec_tiled_f16_f16c_nt bnfast_grad_vec_tiled_f16_base
@@ -207,6 +218,8 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
 #define bnfast_grad_vec_tiled_bf16_avx2_nt bnfast_grad_vec_tiled_bf16_base
 #define bnfast_grad_vec_scalar_bf16_hw_nt bnfast_grad_vec_scalar_bf16_base
 #define bnfast_grad_vec_tiled_bf16_hw_nt bnfast_grad_vec_tiled_bf16_base
+#define bnfast_grad_vec_scalar_bf16_z_nt bnfast_grad_vec_scalar_bf16_base
+#define bnfast_grad_vec_tiled_bf16_z_nt bnfast_grad_vec_tiled_bf16_base
 #endif
 /* The leaves, picked at run time; STREAM (dx 16-byte aligned) the non-temporal
  * ones where the CPU has a vector store (the portable leaves store plainly). */
@@ -223,22 +236,26 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_
 #define bnfast_grad_vec_scalar_bf16(STREAM)                                               \
     ((STREAM) ? BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base,                        \
                                  bnfast_grad_vec_scalar_bf16_avx2_nt,                     \
+                                 bnfast_grad_vec_scalar_bf16_z_nt,                       \
                                  bnfast_grad_vec_scalar_bf16_hw_nt)                       \
               : BNFAST_PICK_BF16(bnfast_grad_vec_scalar_bf16_base,                        \
                                  bnfast_grad_vec_scalar_bf16_avx2,                        \
+                                 bnfast_grad_vec_scalar_bf16_z,                          \
                                  bnfast_grad_vec_scalar_bf16_hw))
 #define bnfast_grad_vec_tiled_bf16(STREAM)                                                \
     ((STREAM) ? BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base,                         \
                                  bnfast_grad_vec_tiled_bf16_avx2_nt,                      \
+                                 bnfast_grad_vec_tiled_bf16_z_nt,                        \
                                  bnfast_grad_vec_tiled_bf16_hw_nt)                        \
               : BNFAST_PICK_BF16(bnfast_grad_vec_tiled_bf16_base,                         \
                                  bnfast_grad_vec_tiled_bf16_avx2,                         \
+                                 bnfast_grad_vec_tiled_bf16_z,                           \
                                  bnfast_grad_vec_tiled_bf16_hw))
 #define bnfast_grad_vec_runs_f16 \
     BNFAST_PICK_F16C(bnfast_grad_vec_runs_f16_base, bnfast_grad_vec_runs_f16_f16c)
 #define bnfast_grad_vec_runs_bf16 \
     BNFAST_PICK_BF16(bnfast_grad_vec_runs_bf16_base, bnfast_grad_vec_runs_bf16_avx2, \
-                     bnfast_grad_vec_runs_bf16_hw)
+                     bnfast_grad_vec_runs_bf16_z, bnfast_grad_vec_runs_bf16_hw)
 
 /* ---------------------------------------------------------------------------
  * Pass 1 without a mask, in registers.  Channels-first runs: float sums (see

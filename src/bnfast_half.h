@@ -201,9 +201,9 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
 #define bnfast_pack8_f16_f16c(f) _mm256_cvtps_ph((__m256)(f), _MM_FROUND_TO_NEAREST_INT)
 #define bnfast_pack8_bf16_avx2(f) ({                                                      \
         __m256i u_ = (__m256i)(f), top_ = _mm256_srli_epi32(u_, 16);                     \
-        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                  \
-            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                              \
-            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                           \
+        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                 \
+            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                             \
+            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                          \
         __m256i nan_ = _mm256_cmpgt_epi32(_mm256_and_si256(u_, _mm256_set1_epi32(0x7fffffff)), \
                                           _mm256_set1_epi32(0x7f800000));                 \
         r_ = _mm256_blendv_epi8(r_, _mm256_or_si256(top_, _mm256_set1_epi32(0x40)), nan_); \
@@ -262,6 +262,47 @@ typedef float bnfast_h16f __attribute__((vector_size(64), aligned(4), may_alias)
 #define bnfast_stream32_bf16_hw(p, v0, v1) \
     BNFAST_BF16_HW_32_(p, v0, v1, _mm512_stream_si512, BNFAST_STREAM8_HALF_)
 
+/* bfloat16 on AVX-512 without AVX512-BF16 (Intel from Skylake-X to Ice Lake): the
+ * AVX2 rounding's integer steps on zmm lanes, the NaN lanes found by one mask
+ * compare (unordered with itself) and quietened by one masked or, and vpmovdw's
+ * narrowing in place of the AVX2 pack, lane fixups and byte blend: 8 instructions
+ * for 16 values where AVX2 takes 11 for 8.  The same bits as the portable
+ * rounding, denormals included (no flush here, so no guard). */
+#define BNFAST_BF16_Z_TARGET __attribute__((target("avx2,f16c,avx512f,avx512vl")))
+#define bnfast_pack16_bf16_z(f) ({                                                       \
+        __m512 f_ = (__m512)(f);                                                         \
+        __m512i u_ = (__m512i)f_, top_ = _mm512_srli_epi32(u_, 16);                      \
+        __m512i r_ = _mm512_srli_epi32(_mm512_add_epi32(                                 \
+            _mm512_add_epi32(u_, _mm512_set1_epi32(0x7fff)),                             \
+            _mm512_and_si512(top_, _mm512_set1_epi32(1))), 16);                          \
+        r_ = _mm512_mask_or_epi32(r_, _mm512_cmp_ps_mask(f_, f_, _CMP_UNORD_Q), top_,    \
+                                  _mm512_set1_epi32(0x40));                              \
+        _mm512_cvtepi32_epi16(r_); })
+#define bnfast_pack8_bf16_z(f) ({                                                        \
+        __m256 f_ = (__m256)(f);                                                         \
+        __m256i u_ = (__m256i)f_, top_ = _mm256_srli_epi32(u_, 16);                      \
+        __m256i r_ = _mm256_srli_epi32(_mm256_add_epi32(                                 \
+            _mm256_add_epi32(u_, _mm256_set1_epi32(0x7fff)),                             \
+            _mm256_and_si256(top_, _mm256_set1_epi32(1))), 16);                          \
+        r_ = _mm256_mask_or_epi32(r_, _mm256_cmp_ps_mask(f_, f_, _CMP_UNORD_Q), top_,    \
+                                  _mm256_set1_epi32(0x40));                              \
+        _mm256_cvtepi32_epi16(r_); })
+#define bnfast_load16_bf16_z bnfast_load16_bf16_hw
+#define bnfast_store16_bf16_z(p, v0)                                                     \
+    _mm256_storeu_si256((__m256i *)(void *)(p), bnfast_pack16_bf16_z(v0))
+#define bnfast_stream16_bf16_z(p, v0)                                                    \
+    _mm256_stream_si256((__m256i *)(void *)(p), bnfast_pack16_bf16_z(v0))
+#define bnfast_store32_bf16_z(p, v0, v1) do {                                            \
+        __m256i h0_ = bnfast_pack16_bf16_z(v0), h1_ = bnfast_pack16_bf16_z(v1);          \
+        _mm256_storeu_si256((__m256i *)(void *)(p), h0_);                                \
+        _mm256_storeu_si256((__m256i *)(void *)((p) + 16), h1_);                         \
+    } while (0)
+#define bnfast_stream32_bf16_z(p, v0, v1) do {                                           \
+        __m256i h0_ = bnfast_pack16_bf16_z(v0), h1_ = bnfast_pack16_bf16_z(v1);          \
+        _mm256_stream_si256((__m256i *)(void *)(p), h0_);                                \
+        _mm256_stream_si256((__m256i *)(void *)((p) + 16), h1_);                         \
+    } while (0)
+
 /* float16 on zmm vectors (AVX512F's vcvtph2ps / vcvtps2ph, the same rounding as
  * F16C's): 0.075 ns a value against F16C's 0.082 on Zen 4, and a 7x7 image's
  * run in two 32-value steps (bnfast_half_leaves.h). */
@@ -292,6 +333,8 @@ typedef float bnfast_h16f __attribute__((vector_size(64), aligned(4), may_alias)
 #define bnfast_stream8_f16_f16c(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_f16_f16c(f))
 #define bnfast_stream8_bf16_avx2(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_avx2(f))
 #define bnfast_stream8_bf16_hw(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_hw(f))
+#define bnfast_store8_bf16_z(p, f) BNFAST_STORE8_HALF_(p, bnfast_pack8_bf16_z(f))
+#define bnfast_stream8_bf16_z(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_z(f))
 
 static int bnfast_has_bf16_hw = -1;
 static int bnfast_use_bf16_hw(void) {
@@ -304,8 +347,20 @@ static int bnfast_use_bf16_hw(void) {
     }
     return bnfast_has_bf16_hw;
 }
-#define BNFAST_PICK_BF16(base, avx2, hw) \
-    (bnfast_use_bf16_hw() ? (hw) : bnfast_use_avx2() ? (avx2) : (base))
+static int bnfast_has_bf16_z = -1;
+static int bnfast_use_bf16_z(void) {
+    if (bnfast_has_bf16_z < 0) {  /* benign race: every thread writes the same value */
+        __builtin_cpu_init();
+        bnfast_has_bf16_z = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f")
+                             && __builtin_cpu_supports("avx512vl")) ? 1 : 0;
+    }
+    return bnfast_has_bf16_z;
+}
+/* bfloat16's leaves: AVX512-BF16's conversion, else AVX-512's integer rounding,
+ * else AVX2's, else portable. */
+#define BNFAST_PICK_BF16(base, avx2, z, hw)                                              \
+    (bnfast_use_bf16_hw() ? (hw) : bnfast_use_bf16_z() ? (z)                             \
+     : bnfast_use_avx2() ? (avx2) : (base))
 
 static int bnfast_has_f16c = -1;
 static int bnfast_use_f16c(void) {
@@ -336,7 +391,7 @@ static int bnfast_use_f16_z(void) {
 #else
 #define BNFAST_PICK_F16C(base, f16c) (base)
 #define BNFAST_PICK_F16(LEN, base, f16c, z) (base)
-#define BNFAST_PICK_BF16(base, avx2, hw) (base)
+#define BNFAST_PICK_BF16(base, avx2, z, hw) (base)
 #endif
 
 static inline void bnfast_widen_f16(const bnfast_f16 *src, float *dst, ptrdiff_t n) {
@@ -377,5 +432,9 @@ static inline void bnfast_narrow_bf16(const float *src, bnfast_bf16 *dst, ptrdif
 #define BNFAST_FROMF_bf16_avx2_nt bnfast_float_to_bf16
 #define BNFAST_TOF_bf16_hw_nt bnfast_bf16_to_float
 #define BNFAST_FROMF_bf16_hw_nt bnfast_float_to_bf16
+#define BNFAST_TOF_bf16_z bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_z bnfast_float_to_bf16
+#define BNFAST_TOF_bf16_z_nt bnfast_bf16_to_float
+#define BNFAST_FROMF_bf16_z_nt bnfast_float_to_bf16
 
 #endif /* BNFAST_HALF_H */

@@ -131,9 +131,9 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
 /* The wide loops: values [i, ...) 32 at a time before the 8-wide loop, for the
  * variants whose conversion pays per 32 values (bnfast_half.h's store32).
  * WIDE(MV, AV, BV, MV16, AV16, BV16) is the variant's step: NO_WIDE for none,
- * HW_WIDE / HW_WIDE_NT for the AVX512-BF16 ones (the streaming one first goes
- * 8 at a time to a 64-byte boundary: its 64-byte stores need one; the caller's
- * pieces start 16-byte aligned, so that is at most 3 steps). */
+ * <TYPE>_<VARIANT>_WIDE / _WIDE_NT for the AVX-512 ones (the streaming one first
+ * goes 8 at a time to a 64-byte boundary: its 64-byte stores need one; the
+ * caller's pieces start 16-byte aligned, so that is at most 3 steps). */
 #define BNFAST_HALF_NO_WIDE(MV, AV, BV, MV16, AV16, BV16)
 #if BNFAST_DISPATCH_AVX2
 #define BNFAST_H16_RELU(v) ((bnfast_h16f)_mm512_maskz_mov_ps(                              \
@@ -215,14 +215,19 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
     BNFAST_HALF_ALIGN64(LOAD8, STREAM8, MV, AV, BV)                                      \
     BNFAST_HALF_WIDE_LOOPS(BNFAST_HALF_WIDE_STREAMED, bnfast_load16_##H##_##V,           \
                            bnfast_stream32_##H##_##V, bnfast_stream16_##H##_##V, MV16, AV16, BV16)
-#define BNFAST_HALF_HW_WIDE(MV, AV, BV, MV16, AV16, BV16)                                \
+#define BNFAST_HALF_BF16_HW_WIDE(MV, AV, BV, MV16, AV16, BV16)                           \
     BNFAST_HALF_WIDE_OF(bf16, hw, MV16, AV16, BV16)
-#define BNFAST_HALF_HW_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                            \
+#define BNFAST_HALF_BF16_HW_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                        \
     BNFAST_HALF_WIDE_NT_OF(bf16, hw, bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,     \
                            MV, AV, BV, MV16, AV16, BV16)
-#define BNFAST_HALF_Z_WIDE(MV, AV, BV, MV16, AV16, BV16)                                 \
+#define BNFAST_HALF_BF16_Z_WIDE(MV, AV, BV, MV16, AV16, BV16)                            \
+    BNFAST_HALF_WIDE_OF(bf16, z, MV16, AV16, BV16)
+#define BNFAST_HALF_BF16_Z_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                         \
+    BNFAST_HALF_WIDE_NT_OF(bf16, z, bnfast_load8_bf16_avx2, bnfast_stream8_bf16_z,       \
+                           MV, AV, BV, MV16, AV16, BV16)
+#define BNFAST_HALF_F16_Z_WIDE(MV, AV, BV, MV16, AV16, BV16)                             \
     BNFAST_HALF_WIDE_OF(f16, z, MV16, AV16, BV16)
-#define BNFAST_HALF_Z_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                             \
+#define BNFAST_HALF_F16_Z_WIDE_NT(MV, AV, BV, MV16, AV16, BV16)                          \
     BNFAST_HALF_WIDE_NT_OF(f16, z, bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c,       \
                            MV, AV, BV, MV16, AV16, BV16)
 #endif
@@ -318,13 +323,16 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_
                               bnfast_store8_f16_f16c, BNFAST_HALF_NO_WIDE,
                               BNFAST_HALF_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, z, BNFAST_F16_Z_TARGET, bnfast_load8_f16_f16c,
-                              bnfast_store8_f16_f16c, BNFAST_HALF_Z_WIDE,
+                              bnfast_store8_f16_f16c, BNFAST_HALF_F16_Z_WIDE,
                               BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_store8_bf16_avx2, BNFAST_HALF_NO_WIDE,
                               BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET,
-                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw, BNFAST_HALF_HW_WIDE,
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_hw, BNFAST_HALF_BF16_HW_WIDE,
+                              BNFAST_HALF_NO_LAST8)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, z, BNFAST_BF16_Z_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_store8_bf16_z, BNFAST_HALF_BF16_Z_WIDE,
                               BNFAST_HALF_NO_LAST8)
 /* Streaming twins (bnfast_half.h's stream8: the same rounding, non-temporal
  * stores), for outputs far beyond the caches.  As bnfast_simd.h's float32 ones:
@@ -335,7 +343,7 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET,
                               bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_NO_WIDE,
                               BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(f16, bnfast_f16, z_nt, BNFAST_F16_Z_TARGET,
-                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_Z_WIDE_NT,
+                              bnfast_load8_f16_f16c, bnfast_stream8_f16_f16c, BNFAST_HALF_F16_Z_WIDE_NT,
                               BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_stream8_bf16_avx2,
@@ -343,7 +351,11 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET,
                               BNFAST_HALF_NO_LAST8)
 BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
                               bnfast_load8_bf16_avx2, bnfast_stream8_bf16_hw,
-                              BNFAST_HALF_HW_WIDE_NT,
+                              BNFAST_HALF_BF16_HW_WIDE_NT,
+                              BNFAST_HALF_NO_LAST8)
+BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_stream8_bf16_z,
+                              BNFAST_HALF_BF16_Z_WIDE_NT,
                               BNFAST_HALF_NO_LAST8)
 #endif
 
@@ -364,7 +376,8 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
             ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,       \
             const float *b, int relu) {                                                  \
         BNFAST_PICK_BF16(bnfast_affine_runs_bf16_base, bnfast_affine_runs_bf16_avx2##NT, \
-                         bnfast_affine_runs_bf16_hw##NT)(x, add, y, runs, S, c, C, m, a, b, relu); \
+                         bnfast_affine_runs_bf16_z##NT, bnfast_affine_runs_bf16_hw##NT)( \
+            x, add, y, runs, S, c, C, m, a, b, relu);                                    \
     }                                                                                    \
     static inline void bnfast_affine_scalar_f16##NT(                                     \
             const bnfast_f16 *x, const bnfast_f16 *add, bnfast_f16 *y, ptrdiff_t n,      \
@@ -385,13 +398,15 @@ BNFAST_DEFINE_HALF_AFFINE_ALL(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET,
             const bnfast_bf16 *x, const bnfast_bf16 *add, bnfast_bf16 *y, ptrdiff_t n,   \
             float m, float a, float b, int relu) {                                       \
         BNFAST_PICK_BF16(bnfast_affine_scalar_bf16_base, bnfast_affine_scalar_bf16_avx2##NT, \
-                         bnfast_affine_scalar_bf16_hw##NT)(x, add, y, n, m, a, b, relu); \
+                         bnfast_affine_scalar_bf16_z##NT, bnfast_affine_scalar_bf16_hw##NT)( \
+            x, add, y, n, m, a, b, relu);                                                \
     }                                                                                    \
     static inline void bnfast_affine_tiled_bf16##NT(                                     \
             const bnfast_bf16 *x, const bnfast_bf16 *add, bnfast_bf16 *y, ptrdiff_t n,   \
             ptrdiff_t W, const float *m, const float *a, const float *b, int relu) {     \
         BNFAST_PICK_BF16(bnfast_affine_tiled_bf16_base, bnfast_affine_tiled_bf16_avx2##NT, \
-                         bnfast_affine_tiled_bf16_hw##NT)(x, add, y, n, W, m, a, b, relu); \
+                         bnfast_affine_tiled_bf16_z##NT, bnfast_affine_tiled_bf16_hw##NT)( \
+            x, add, y, n, W, m, a, b, relu);                                             \
     }
 BNFAST_DEFINE_HALF_AFFINE_PICKS()
 BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)

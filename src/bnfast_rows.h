@@ -13,7 +13,8 @@
  * time slower cold: the prefetchers lose the stream.)
  *
  *   normalise:  float32, float16 (AVX512F's conversions) and bfloat16 (AVX512-
- *               BF16's, two vectors a conversion as bnfast_half.h's store32);
+ *               BF16's, two vectors a conversion as bnfast_half.h's store32, or
+ *               AVX512F's integer rounding where the CPU lacks it);
  *   backward:   pass 2 (training, no mask), float32: dx = (dy * a + (x - m) * b)
  *               + d with its four rows in 4 * C / 16 registers, C <= 96.
  *
@@ -111,7 +112,9 @@
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f16_z, bnfast_f16, f16, z,           \
                             BNFAST_F16_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_bf16_hw, bnfast_bf16, bf16, hw,      \
-                            BNFAST_BF16_HW_TARGET, K, BNFAST_ROWS_EPILOGUES)
+                            BNFAST_BF16_HW_TARGET, K, BNFAST_ROWS_EPILOGUES)             \
+    BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_bf16_z, bnfast_bf16, bf16, z,        \
+                            BNFAST_BF16_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)
 #define BNFAST_DEFINE_GRAD_ROWS(K)                                                       \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_grad_rows##K##_f32_z, float, f32, z,                  \
                             BNFAST_F32_Z_TARGET, K, BNFAST_GRAD_ROWS_LOOP)
@@ -138,6 +141,8 @@ BNFAST_ROWS_TABLE(bnfast_f16, bnfast_affine_rows_f16_z, 8) = {
     BNFAST_ROWS_K8(bnfast_affine_rows, _f16_z)};
 BNFAST_ROWS_TABLE(bnfast_bf16, bnfast_affine_rows_bf16_hw, 8) = {
     BNFAST_ROWS_K8(bnfast_affine_rows, _bf16_hw)};
+BNFAST_ROWS_TABLE(bnfast_bf16, bnfast_affine_rows_bf16_z, 8) = {
+    BNFAST_ROWS_K8(bnfast_affine_rows, _bf16_z)};
 BNFAST_ROWS_TABLE(float, bnfast_grad_rows_f32_z, 6) = {BNFAST_ROWS_K6(bnfast_grad_rows, _f32_z)};
 
 /* Whether rows of C channels of T go to a register leaf: C a multiple of 16 up to
@@ -153,8 +158,8 @@ static inline int bnfast_affine_rows_f16_fits(ptrdiff_t C, const bnfast_f16 *y, 
     return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_f16_z(), y, bnfast_f16, 32, stream);
 }
 static inline int bnfast_affine_rows_bf16_fits(ptrdiff_t C, const bnfast_bf16 *y, int stream) {
-    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_bf16_hw(), y, bnfast_bf16, 64,
-                           stream);
+    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_bf16_hw() || bnfast_use_bf16_z(), y,
+                           bnfast_bf16, 64, stream);
 }
 static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
     return BNFAST_ROWS_FIT(C, BNFAST_GRAD_ROWS_MAX_C, bnfast_use_f16_z(), dx, float, 64, stream);
@@ -170,7 +175,9 @@ static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int st
     }
 BNFAST_DEFINE_AFFINE_ROWS_ENTRY(float, f32, bnfast_affine_rows_f32_z)
 BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_f16, f16, bnfast_affine_rows_f16_z)
-BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_bf16, bf16, bnfast_affine_rows_bf16_hw)
+BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_bf16, bf16,
+                                (bnfast_use_bf16_hw() ? bnfast_affine_rows_bf16_hw
+                                                      : bnfast_affine_rows_bf16_z))
 /* dx = (dy * a + (x - m) * b) + d over rows rows of C values (fits(C) true). */
 static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *dx,
                                         ptrdiff_t rows, ptrdiff_t C, const float *m,

@@ -2,9 +2,9 @@
  * Drives the half-precision normalise leaves (src/bnfast_half_leaves.h) over
  * every 16-bit pattern with a few coefficient sets, in every variant this
  * build has (portable; F16C / AVX2; AVX512-BF16; then the streaming twins of
- * the vector ones, which must give the same bits; then float16 on AVX512F,
- * cached and streamed), and writes the outputs as
- * raw uint16 to stdout, one block per (type, leaf, coefficients, variant);
+ * the vector ones, which must give the same bits; then float16 on AVX512F and
+ * bfloat16 on AVX512F without AVX512-BF16, each cached and streamed), and
+ * writes the outputs as raw uint16 to stdout, one block per (type, leaf, coefficients, variant);
  * the leaves are the scalar one (one channel), the tiled one (a channels-last
  * tile) and the runs (channels-first runs, with a scalar call for the rest),
  * out of place, then in place (y is x: each value read before it is written).
@@ -107,5 +107,8 @@ int main(void) {
     /* float16 on AVX512F (zmm), cached then streamed. */
     RUN_IF(bnfast_use_f16_z(), f16, bnfast_f16, z, S_CACHED)
     RUN_IF(bnfast_use_f16_z(), f16, bnfast_f16, z_nt, S_NT)
+    /* bfloat16 on AVX512F's integer rounding (no AVX512-BF16), cached then streamed. */
+    RUN_IF(bnfast_use_bf16_z(), bf16, bnfast_bf16, z, S_CACHED)
+    RUN_IF(bnfast_use_bf16_z(), bf16, bnfast_bf16, z_nt, S_NT)
     return 0;
 }
