@@ -39,7 +39,7 @@ VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
             + [ml_dtypes.bfloat16] * 2)
 # The runs' length per variant (the driver's S_CACHED, S_NT): the streaming ones
 # need pieces that start 16-byte aligned.
-RUN_LENGTHS = [61] * 5 + [120] * 3 + [61, 120] * 2
+RUN_LENGTHS = [49] * 5 + [120] * 3 + [49, 120] * 2
 
 
 def _run_driver(tmp_path, *flags):

@@ -37,7 +37,9 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
  * left by a scalar call with the next run's channel: every part of the
  * leaves (the wide steps, the 8-value steps, the one-value tail).  The
  * streaming variants get S_NT: their pieces must start 16-byte aligned. */
-#define S_CACHED 61   /* 32 + 3 * 8 + 5 */
+/* A 7x7 image: 6 * 8 + 1; on AVX-512, two overlapping steps of 32, or 32 + 16
+ * + 1 (bfloat16's z variant). */
+#define S_CACHED 49
 #define S_NT 120      /* 3 * 32 + 3 * 8, runs 240 bytes apart: every 64-byte offset */
 
 /* The runs leaf over the whole runs of SRC, the scalar leaf over the rest, into
