@@ -337,51 +337,20 @@ typedef float bnfast_h16f __attribute__((vector_size(64), aligned(4), may_alias)
 #define bnfast_store8_bf16_z(p, f) BNFAST_STORE8_HALF_(p, bnfast_pack8_bf16_z(f))
 #define bnfast_stream8_bf16_z(p, f) BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_z(f))
 
-static int bnfast_has_bf16_hw = -1;
-static int bnfast_use_bf16_hw(void) {
-    if (bnfast_has_bf16_hw < 0) {  /* benign race: every thread writes the same value */
-        __builtin_cpu_init();
-        bnfast_has_bf16_hw = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f")
-                              && __builtin_cpu_supports("avx512vl")
-                              && __builtin_cpu_supports("avx512dq")
-                              && __builtin_cpu_supports("avx512bf16")) ? 1 : 0;
-    }
-    return bnfast_has_bf16_hw;
-}
-static int bnfast_has_bf16_z = -1;
-static int bnfast_use_bf16_z(void) {
-    if (bnfast_has_bf16_z < 0) {  /* benign race: every thread writes the same value */
-        __builtin_cpu_init();
-        bnfast_has_bf16_z = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f")
-                             && __builtin_cpu_supports("avx512vl")
-                             && __builtin_cpu_supports("avx512bw")) ? 1 : 0;
-    }
-    return bnfast_has_bf16_z;
-}
+BNFAST_DEFINE_CPU_CHECK(bf16_hw, BNFAST_CPU("avx2") && BNFAST_CPU("avx512f") && BNFAST_CPU("avx512vl")
+                                 && BNFAST_CPU("avx512dq") && BNFAST_CPU("avx512bf16"))
+BNFAST_DEFINE_CPU_CHECK(bf16_z, BNFAST_CPU("avx2") && BNFAST_CPU("avx512f") && BNFAST_CPU("avx512vl")
+                                && BNFAST_CPU("avx512bw"))
 /* bfloat16's leaves: AVX512-BF16's conversion, else AVX-512's integer rounding,
  * else AVX2's, else portable. */
 #define BNFAST_PICK_BF16(base, avx2, z, hw)                                              \
     (bnfast_use_bf16_hw() ? (hw) : bnfast_use_bf16_z() ? (z)                             \
      : bnfast_use_avx2() ? (avx2) : (base))
 
-static int bnfast_has_f16c = -1;
-static int bnfast_use_f16c(void) {
-    if (bnfast_has_f16c < 0) {  /* benign race: every thread writes the same value */
-        __builtin_cpu_init();
-        bnfast_has_f16c = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) ? 1 : 0;
-    }
-    return bnfast_has_f16c;
-}
+BNFAST_DEFINE_CPU_CHECK(f16c, BNFAST_CPU("avx2") && BNFAST_CPU("f16c"))
 #define BNFAST_PICK_F16C(base, f16c) (bnfast_use_f16c() ? (f16c) : (base))
 
-static int bnfast_has_f16_z = -1;
-static int bnfast_use_f16_z(void) {
-    if (bnfast_has_f16_z < 0) {  /* benign race: every thread writes the same value */
-        __builtin_cpu_init();
-        bnfast_has_f16_z = (bnfast_use_f16c() && __builtin_cpu_supports("avx512f")) ? 1 : 0;
-    }
-    return bnfast_has_f16_z;
-}
+BNFAST_DEFINE_CPU_CHECK(f16_z, bnfast_use_f16c() && BNFAST_CPU("avx512f"))
 /* The normalise's float16 leaves for runs (or tiles) of LEN values: AVX512F
  * (zmm) for long ones, else F16C, else portable.  On Zen 4 the zmm leaf is 5%
  * faster from 128 values on (0.078 against 0.082 ns a value in L2) but 12%

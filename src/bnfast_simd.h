@@ -234,14 +234,20 @@ BNFAST_DEFINE_AFFINE_RUNS(bnfast_affine_runs_f32_avx2, float, BNFAST_AVX2_TARGET
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_avx2, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_avx2, double, BNFAST_AVX2_TARGET)
 
-static int bnfast_has_avx2 = -1;
-static int bnfast_use_avx2(void) {
-    if (bnfast_has_avx2 < 0) {  /* benign race: every thread writes the same value */
-        __builtin_cpu_init();
-        bnfast_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+/* bnfast_use_NAME(): whether this CPU runs NAME's leaves (TEST, from
+ * BNFAST_CPU's feature names), asked once a process (a benign race: every
+ * thread writes the same value). */
+#define BNFAST_CPU(feature) __builtin_cpu_supports(feature)
+#define BNFAST_DEFINE_CPU_CHECK(NAME, TEST)                                              \
+    static int bnfast_has_##NAME = -1;                                                   \
+    static int bnfast_use_##NAME(void) {                                                 \
+        if (bnfast_has_##NAME < 0) {                                                     \
+            __builtin_cpu_init();                                                        \
+            bnfast_has_##NAME = (TEST) ? 1 : 0;                                          \
+        }                                                                                \
+        return bnfast_has_##NAME;                                                        \
     }
-    return bnfast_has_avx2;
-}
+BNFAST_DEFINE_CPU_CHECK(avx2, BNFAST_CPU("avx2"))
 #define BNFAST_PICK(base, avx2) (bnfast_use_avx2() ? (avx2) : (base))
 #else
 #define BNFAST_PICK(base, avx2) (base)
