@@ -434,14 +434,15 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
         else BNFAST_COLDOT_GROUP_DOUBLE(K, jj)                                           \
     }
 #if BNFAST_VECTOR_EXT
-/* Eight columns j..j+7 of the group: (s, q) as the scalar column computes them. */
-#define BNFAST_COLDOT_TERM8(L8F, i, Y, P)                                                \
-    Y = L8F(yg + (i) * stride + j); P = (L8F(xg + (i) * stride + j) - kf) * Y;
-#define BNFAST_COLDOT_VEC8(K, L8F, OPS)                                                  \
+/* Row i of the group, the vector's columns from j: y, and (x - kf) * y. */
+#define BNFAST_COLDOT_TERM(LOAD, i, Y, P)                                                \
+    Y = LOAD(yg + (i) * stride + j); P = (LOAD(xg + (i) * stride + j) - kf) * Y;
+/* s = sum(y), q = sum((x - kf) * y) of the group's rows, V lanes of columns j..
+ * (LOAD widens them to float): four rows as (0 + 1) + (2 + 3), fewer one after
+ * another, as the scalar column. */
+#define BNFAST_COLDOT_SUMS(V, LOAD)                                                      \
     {                                                                                    \
-        bnfast_v4d k0 = *(const bnfast_v4d *)(shift + j);                                \
-        bnfast_v4d k1 = *(const bnfast_v4d *)(shift + j + 4);                            \
-        bnfast_h8f kf = BNFAST_N8_##OPS(k0, k1), s, q, y0, y1, p0, p1;                   \
+        V y0, y1, p0, p1;                                                                \
         ptrdiff_t i;                                                                     \
         if (!(j & 31)) /* the next group's lines (see BNFAST_COLDOT_PREFETCH) */         \
             for (i = 4; i < 8; i++) {                                                    \
@@ -449,14 +450,32 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
                 __builtin_prefetch(yg + i * stride + j);                                 \
             }                                                                            \
         if (m == 4) {                                                                    \
-            bnfast_h8f y2, y3, p2, p3;                                                   \
-            BNFAST_COLDOT_TERM8(L8F, 0, y0, p0) BNFAST_COLDOT_TERM8(L8F, 1, y1, p1)      \
-            BNFAST_COLDOT_TERM8(L8F, 2, y2, p2) BNFAST_COLDOT_TERM8(L8F, 3, y3, p3)      \
+            V y2, y3, p2, p3;                                                            \
+            BNFAST_COLDOT_TERM(LOAD, 0, y0, p0) BNFAST_COLDOT_TERM(LOAD, 1, y1, p1)      \
+            BNFAST_COLDOT_TERM(LOAD, 2, y2, p2) BNFAST_COLDOT_TERM(LOAD, 3, y3, p3)      \
             s = (y0 + y1) + (y2 + y3); q = (p0 + p1) + (p2 + p3);                        \
         } else {                                                                         \
-            BNFAST_COLDOT_TERM8(L8F, 0, s, q)                                            \
-            for (i = 1; i < m; i++) { BNFAST_COLDOT_TERM8(L8F, i, y0, p0) s += y0; q += p0; } \
+            BNFAST_COLDOT_TERM(LOAD, 0, s, q)                                            \
+            for (i = 1; i < m; i++) { BNFAST_COLDOT_TERM(LOAD, i, y0, p0) s += y0; q += p0; } \
         }                                                                                \
+    }
+/* Lanes 0..N-1 of (s, q) one by one, as the scalar columns (some lane failed
+ * BNFAST_DOT_FLOAT_OK). */
+#define BNFAST_COLDOT_LANES(K, N)                                                        \
+    {                                                                                    \
+        int l_;                                                                          \
+        for (l_ = 0; l_ < (N); l_++) {                                                   \
+            if (BNFAST_DOT_FLOAT_OK(s[l_], q[l_]))                                       \
+                BNFAST_COLDOT_GROUP_ADD(j + l_, s[l_], q[l_], kf[l_])                    \
+            else BNFAST_COLDOT_GROUP_DOUBLE(K, j + l_)                                   \
+        }                                                                                \
+    }
+#define BNFAST_COLDOT_VEC8(K, L8F, OPS)                                                  \
+    {                                                                                    \
+        bnfast_v4d k0 = *(const bnfast_v4d *)(shift + j);                                \
+        bnfast_v4d k1 = *(const bnfast_v4d *)(shift + j + 4);                            \
+        bnfast_h8f kf = BNFAST_N8_##OPS(k0, k1), s, q;                                   \
+        BNFAST_COLDOT_SUMS(bnfast_h8f, L8F)                                              \
         if (BNFAST_ALL8_##OPS(BNFAST_DOT_FLOAT_OK8(s, q))) {                             \
             *(bnfast_v4d *)(sy + j) += BNFAST_W4_##OPS(s, 0);                            \
             *(bnfast_v4d *)(sy + j + 4) += BNFAST_W4_##OPS(s, 1);                        \
@@ -464,13 +483,8 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
                 + (BNFAST_W4_##OPS(kf, 0) - k0) * BNFAST_W4_##OPS(s, 0);                 \
             *(bnfast_v4d *)(sxy + j + 4) += BNFAST_W4_##OPS(q, 1)                        \
                 + (BNFAST_W4_##OPS(kf, 1) - k1) * BNFAST_W4_##OPS(s, 1);                 \
-        } else {  /* lane by lane, as the scalar columns */                              \
-            int l_;                                                                      \
-            for (l_ = 0; l_ < 8; l_++) {                                                 \
-                if (BNFAST_DOT_FLOAT_OK(s[l_], q[l_]))                                   \
-                    BNFAST_COLDOT_GROUP_ADD(j + l_, s[l_], q[l_], kf[l_])                \
-                else BNFAST_COLDOT_GROUP_DOUBLE(K, j + l_)                               \
-            }                                                                            \
+        } else {                                                                         \
+            BNFAST_COLDOT_LANES(K, 8)                                                    \
         }                                                                                \
     }
 /* BNFAST_DOT_FLOAT_OK on eight float lanes: an int vector, -1 where it holds. */
@@ -491,11 +505,6 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
  * it the whole backward, 2 threads, float16 1082-1090 -> 935-948 us, bfloat16
  * 1150-1154 -> 947-951 us (one thread 2.1-2.5 -> 1.85 ms). */
 #if BNFAST_DISPATCH_AVX2
-#define BNFAST_COLDOT_TERM16(L16F, i, Y, P)                                              \
-    Y = L16F(yg + (i) * stride + j); P = (L16F(xg + (i) * stride + j) - kf) * Y;
-/* Doubles of float lanes 0-7 (H 0) or 8-15 (H 1) of f. */
-#define BNFAST_W8_Z(f, H) _mm512_cvtps_pd(_mm256_castpd_ps(                              \
-        _mm512_extractf64x4_pd(_mm512_castps_pd((__m512)(f)), (H))))
 /* BNFAST_DOT_FLOAT_OK8 on sixteen lanes: the mask of the lanes where it holds. */
 #define BNFAST_DOT_FLOAT_OK16(s, q) ({                                                   \
         __m512 as_ = _mm512_castsi512_ps(_mm512_and_epi32(                               \
@@ -514,24 +523,8 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
         bnfast_h16f kf = (bnfast_h16f)_mm512_castpd_ps(_mm512_insertf64x4(               \
             _mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(k0))),               \
             _mm256_castps_pd(_mm512_cvtpd_ps(k1)), 1));                                  \
-        bnfast_h16f s, q, y0, y1, p0, p1;                                                \
-        ptrdiff_t i;                                                                     \
-        if (!(j & 31)) /* the next group's lines (see BNFAST_COLDOT_PREFETCH) */         \
-            for (i = 4; i < 8; i++) {                                                    \
-                __builtin_prefetch(xg + i * stride + j);                                 \
-                __builtin_prefetch(yg + i * stride + j);                                 \
-            }                                                                            \
-        if (m == 4) {                                                                    \
-            bnfast_h16f y2, y3, p2, p3;                                                  \
-            BNFAST_COLDOT_TERM16(L16F, 0, y0, p0) BNFAST_COLDOT_TERM16(L16F, 1, y1, p1)  \
-            BNFAST_COLDOT_TERM16(L16F, 2, y2, p2) BNFAST_COLDOT_TERM16(L16F, 3, y3, p3)  \
-            s = (y0 + y1) + (y2 + y3); q = (p0 + p1) + (p2 + p3);                        \
-        } else {                                                                         \
-            BNFAST_COLDOT_TERM16(L16F, 0, s, q)                                          \
-            for (i = 1; i < m; i++) {                                                    \
-                BNFAST_COLDOT_TERM16(L16F, i, y0, p0) s += y0; q += p0;                  \
-            }                                                                            \
-        }                                                                                \
+        bnfast_h16f s, q;                                                                \
+        BNFAST_COLDOT_SUMS(bnfast_h16f, L16F)                                            \
         if (BNFAST_DOT_FLOAT_OK16(s, q) == 0xffff) {                                     \
             __m512d s0 = BNFAST_W8_Z(s, 0), s1 = BNFAST_W8_Z(s, 1);                      \
             _mm512_storeu_pd(sy + j, _mm512_add_pd(_mm512_loadu_pd(sy + j), s0));        \
@@ -542,13 +535,8 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
             _mm512_storeu_pd(sxy + j + 8, _mm512_add_pd(_mm512_loadu_pd(sxy + j + 8),    \
                 _mm512_add_pd(BNFAST_W8_Z(q, 1),                                         \
                               _mm512_mul_pd(_mm512_sub_pd(BNFAST_W8_Z(kf, 1), k1), s1)))); \
-        } else {  /* lane by lane, as the scalar columns */                              \
-            int l_;                                                                      \
-            for (l_ = 0; l_ < 16; l_++) {                                                \
-                if (BNFAST_DOT_FLOAT_OK(s[l_], q[l_]))                                   \
-                    BNFAST_COLDOT_GROUP_ADD(j + l_, s[l_], q[l_], kf[l_])                \
-                else BNFAST_COLDOT_GROUP_DOUBLE(K, j + l_)                               \
-            }                                                                            \
+        } else {                                                                         \
+            BNFAST_COLDOT_LANES(K, 16)                                                   \
         }                                                                                \
     }
 #endif

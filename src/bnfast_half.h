@@ -229,6 +229,9 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
  * vfpclassps + kortest + branch paid once per 32 values instead of per 8.
  * store32 writes 64 bytes (cached); stream32 streams them (p 64-byte aligned). */
 typedef float bnfast_h16f __attribute__((vector_size(64), aligned(4), may_alias));
+/* Doubles of float lanes 0-7 (H 0) or 8-15 (H 1) of f. */
+#define BNFAST_W8_Z(f, H) _mm512_cvtps_pd(_mm256_castpd_ps(                              \
+        _mm512_extractf64x4_pd(_mm512_castps_pd((__m512)(f)), (H))))
 #define bnfast_load16_bf16_hw(p) ((bnfast_h16f)_mm512_slli_epi32(                           \
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define BNFAST_BF16_HW_32_(p, v0, v1, WIDE, EIGHT) do {                                  \

@@ -314,39 +314,62 @@
 #define BNFAST_HALF_ADD8(S, j, f, W4)                                                    \
     *(bnfast_v4d *)((S) + (j)) += W4(f, 0);                                              \
     *(bnfast_v4d *)((S) + (j) + 4) += W4(f, 1);
-#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, OPS, EXACT)             \
+/* The vector steps, columns j.. of a group of eight rows (p0 its first) or of one
+ * leftover row: V holds the vector type's lanes (8: bnfast_h8f, or 16 on
+ * AVX-512: bnfast_h16f), LOAD widens V values to float, ADD(S, j, f) adds
+ * float lanes f to the double sums S + j.  Each lane does the scalar column's
+ * operations, in its order. */
+#define BNFAST_HALF_COLS_GROUP_STEP(V, LOAD, ADD)                                       \
+    {                                                                                    \
+        __typeof__(p0) p = p0 + j;                                                       \
+        V kv = LOAD(shift + j);                                                          \
+        V d0 = LOAD(p) - kv, d1 = LOAD(p + stride) - kv;                                 \
+        V d2 = LOAD(p + 2 * stride) - kv, d3 = LOAD(p + 3 * stride) - kv;                \
+        V d4 = LOAD(p + 4 * stride) - kv, d5 = LOAD(p + 5 * stride) - kv;                \
+        V d6 = LOAD(p + 6 * stride) - kv, d7 = LOAD(p + 7 * stride) - kv;                \
+        V s = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));                         \
+        V q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))                                \
+              + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));                             \
+        ADD(s1, j, s)                                                                    \
+        ADD(s2, j, q)                                                                    \
+    }
+#define BNFAST_HALF_COLS_ROW_STEP(V, LOAD, ADD)                                         \
+    {                                                                                    \
+        V d0 = LOAD(p0 + j) - LOAD(shift + j);                                           \
+        ADD(s1, j, d0)                                                                   \
+        ADD(s2, j, d0 * d0)                                                              \
+    }
+#define BNFAST_HALF_ADD8_AVX(S, j, f) BNFAST_HALF_ADD8(S, j, f, BNFAST_W4_AVX)
+#define BNFAST_HALF_ADD8_VEC(S, j, f) BNFAST_HALF_ADD8(S, j, f, BNFAST_W4_VEC)
+/* WIDE(STEP): a variant's wider steps over columns j.. before the 8-lane ones
+ * (NO_WIDE: none; AVX-512: 16 lanes, below). */
+#define BNFAST_HALF_COLS_NO_WIDE(STEP)
+#define BNFAST_DEFINE_HALF_COLSUMS_OF(NAME, T, ATTR, L8F, TOF, OPS, WIDE, ...)          \
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
                           const T *shift, double *s1, double *s2) {                      \
         ptrdiff_t r, j, j8 = W - W % 8;                                                  \
         BNFAST_ZERO_COLUMNS                                                              \
         for (r = 0; r + 8 <= rows; r += 8) {                                             \
             const T *p0 = x + r * stride;                                                \
-            for (j = 0; j < j8; j += 8) {                                                \
-                const T *p = p0 + j;                                                     \
-                bnfast_h8f kv = L8F(shift + j);                                          \
-                bnfast_h8f d0 = L8F(p) - kv, d1 = L8F(p + stride) - kv;                  \
-                bnfast_h8f d2 = L8F(p + 2 * stride) - kv, d3 = L8F(p + 3 * stride) - kv; \
-                bnfast_h8f d4 = L8F(p + 4 * stride) - kv, d5 = L8F(p + 5 * stride) - kv; \
-                bnfast_h8f d6 = L8F(p + 6 * stride) - kv, d7 = L8F(p + 7 * stride) - kv; \
-                bnfast_h8f s = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));        \
-                bnfast_h8f q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))               \
-                               + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));            \
-                BNFAST_HALF_ADD8(s1, j, s, BNFAST_W4_##OPS)                                \
-                BNFAST_HALF_ADD8(s2, j, q, BNFAST_W4_##OPS)                                \
-            }                                                                            \
+            j = 0;                                                                       \
+            WIDE(BNFAST_HALF_COLS_GROUP_STEP)                                            \
+            for (; j < j8; j += 8)                                                       \
+                BNFAST_HALF_COLS_GROUP_STEP(bnfast_h8f, L8F, BNFAST_HALF_ADD8_##OPS)     \
             BNFAST_HALF_COLS8_SCALAR(TOF, j8)                                            \
         }                                                                                \
         for (; r < rows; r++) {                                                          \
             const T *p0 = x + r * stride;                                                \
-            for (j = 0; j < j8; j += 8) {                                                \
-                bnfast_h8f d0 = L8F(p0 + j) - L8F(shift + j);                            \
-                BNFAST_HALF_ADD8(s1, j, d0, BNFAST_W4_##OPS)                             \
-                BNFAST_HALF_ADD8(s2, j, d0 * d0, BNFAST_W4_##OPS)                        \
-            }                                                                            \
+            j = 0;                                                                       \
+            WIDE(BNFAST_HALF_COLS_ROW_STEP)                                              \
+            for (; j < j8; j += 8)                                                       \
+                BNFAST_HALF_COLS_ROW_STEP(bnfast_h8f, L8F, BNFAST_HALF_ADD8_##OPS)       \
             BNFAST_HALF_COLS1_SCALAR(TOF, j8)                                            \
         }                                                                                \
-        EXACT                                                                            \
+        __VA_ARGS__ /* the recount, EXACT */                                             \
     }
+#define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, OPS, ...)               \
+    BNFAST_DEFINE_HALF_COLSUMS_OF(NAME, T, ATTR, L8F, TOF, OPS, BNFAST_HALF_COLS_NO_WIDE, \
+                                  __VA_ARGS__)
 #else
 #define BNFAST_DEFINE_HALF_COLSUMS(NAME, T, ATTR, L8F, TOF, TOD, OPS, EXACT)             \
     static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,          \
@@ -424,14 +447,37 @@ BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_
                            bnfast_load8_f16_f16c, BNFAST_TOD_F16_F16C, BNFAST_TOF_f16_f16c,
                            BNFAST_AVX2_TARGET, BNFAST_L4_BF16_AVX2, bnfast_load8_bf16_avx2,
                            BNFAST_SUMS_FINISH_AVX, AVX)
+/* Half column sums on AVX-512: sixteen columns a step before the eight-lane
+ * steps, each lane the same operations (the same bits: tests/c/stats_leaves.c).
+ * The AVX2 step left this pass compute-bound on an Ice Lake-class Xeon. */
+#define BNFAST_HALF_ADD16(S, j, f)                                                       \
+    _mm512_storeu_pd((S) + (j), _mm512_add_pd(_mm512_loadu_pd((S) + (j)), BNFAST_W8_Z(f, 0))); \
+    _mm512_storeu_pd((S) + (j) + 8,                                                      \
+                     _mm512_add_pd(_mm512_loadu_pd((S) + (j) + 8), BNFAST_W8_Z(f, 1)));
+#define BNFAST_HALF_COLS_F16_Z(STEP)                                                     \
+    for (; j + 16 <= j8; j += 16) STEP(bnfast_h16f, bnfast_load16_f16_z, BNFAST_HALF_ADD16)
+#define BNFAST_HALF_COLS_BF16_Z(STEP)                                                    \
+    for (; j + 16 <= j8; j += 16) STEP(bnfast_h16f, bnfast_load16_bf16_z, BNFAST_HALF_ADD16)
+BNFAST_DEFINE_HALF_COLSUMS_OF(bnfast_shifted_colsums_f16_z, bnfast_f16, BNFAST_F16_Z_TARGET,
+                              bnfast_load8_f16_f16c, BNFAST_TOF_f16_f16c, AVX,
+                              BNFAST_HALF_COLS_F16_Z, )
+BNFAST_DEFINE_HALF_COLSUMS_OF(bnfast_shifted_colsums_bf16_z, bnfast_bf16, BNFAST_BF16_Z_TARGET,
+                              bnfast_load8_bf16_avx2, bnfast_bf16_to_float, AVX,
+                              BNFAST_HALF_COLS_BF16_Z, BNFAST_HALF_EXACT_COLS(BNFAST_TOD_BF16))
 #define BNFAST_STATS_PICK(T) BNFAST_PICK(bnfast_##T##_base, bnfast_##T##_avx2)
 #define BNFAST_STATS_PICK_F16(T) BNFAST_PICK_F16C(bnfast_##T##_base, bnfast_##T##_avx2)
+#define BNFAST_STATS_PICK_F16_COLS(T) \
+    (bnfast_use_f16_z() ? bnfast_##T##_z : BNFAST_STATS_PICK_F16(T))
+#define BNFAST_STATS_PICK_BF16_COLS(T) \
+    (bnfast_use_bf16_z() ? bnfast_##T##_z : BNFAST_STATS_PICK(T))
 #else
 #define BNFAST_STATS_PICK(T) bnfast_##T##_base
 #define BNFAST_STATS_PICK_F16(T) bnfast_##T##_base
+#define BNFAST_STATS_PICK_F16_COLS(T) bnfast_##T##_base
+#define BNFAST_STATS_PICK_BF16_COLS(T) bnfast_##T##_base
 #endif
 
-#define BNFAST_DEFINE_STATS_ENTRIES(H, T, PICK)                                          \
+#define BNFAST_DEFINE_STATS_ENTRIES(H, T, PICK, PICK_COLS)                               \
     static inline void bnfast_shifted_sums_runs_##H(const T *x, ptrdiff_t runs, ptrdiff_t n, \
                                                     double *shift, double *s1,           \
                                                     double *s2) {                        \
@@ -440,11 +486,11 @@ BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_
     static inline void bnfast_shifted_colsums_##H(const T *x, ptrdiff_t rows, ptrdiff_t W, \
                                                   ptrdiff_t stride, const T *shift,      \
                                                   double *s1, double *s2) {              \
-        PICK(shifted_colsums_##H)(x, rows, W, stride, shift, s1, s2);                    \
+        PICK_COLS(shifted_colsums_##H)(x, rows, W, stride, shift, s1, s2);               \
     }
-BNFAST_DEFINE_STATS_ENTRIES(f32, float, BNFAST_STATS_PICK)
-BNFAST_DEFINE_STATS_ENTRIES(f64, double, BNFAST_STATS_PICK)
-BNFAST_DEFINE_STATS_ENTRIES(f16, bnfast_f16, BNFAST_STATS_PICK_F16)
-BNFAST_DEFINE_STATS_ENTRIES(bf16, bnfast_bf16, BNFAST_STATS_PICK)
+BNFAST_DEFINE_STATS_ENTRIES(f32, float, BNFAST_STATS_PICK, BNFAST_STATS_PICK)
+BNFAST_DEFINE_STATS_ENTRIES(f64, double, BNFAST_STATS_PICK, BNFAST_STATS_PICK)
+BNFAST_DEFINE_STATS_ENTRIES(f16, bnfast_f16, BNFAST_STATS_PICK_F16, BNFAST_STATS_PICK_F16_COLS)
+BNFAST_DEFINE_STATS_ENTRIES(bf16, bnfast_bf16, BNFAST_STATS_PICK, BNFAST_STATS_PICK_BF16_COLS)
 
 #endif /* BNFAST_STATS_H */

@@ -1,6 +1,7 @@
 /*
- * Drives the statistics leaves (src/bnfast_stats.h) in every variant this
- * build has (portable; AVX2 / F16C) and every storage type, over the same
+ * Drives the statistics leaves (src/bnfast_stats.h), the portable ones and the
+ * ones this build and CPU pick (AVX2 / F16C; AVX-512's half column sums), in
+ * every storage type, over the same
  * values: random float16 and bfloat16 patterns (the value sets below), widened
  * to float and double for the float32 and float64 leaves.  Writes the sums as raw
  * doubles to stdout: per (value set, type, variant), the runs' shifts, s1, s2
@@ -26,13 +27,14 @@ static const ptrdiff_t col_cases[][3] = {
 static double out[2 * 4096 + 16];
 static void emit(const double *v, size_t n) { fwrite(v, sizeof(double), n, stdout); }
 
-#define RUN_TYPE(H, T, X, VARIANT)                                                         \
+/* The leaves RUNS_LEAF and COLS_LEAF over every run length and column case. */
+#define RUN_TYPE(T, X, RUNS_LEAF, COLS_LEAF)                                               \
     {                                                                                      \
         size_t l, c;                                                                       \
         for (l = 0; l < NLENGTHS; l++) {                                                   \
             double shift[RUNS], s1[RUNS], s2[RUNS];                                        \
             ptrdiff_t n = run_lengths[l], runs = n * RUNS <= N ? RUNS : N / n;             \
-            bnfast_shifted_sums_runs_##H##_##VARIANT((const T *)(X), runs, n, shift, s1, s2); \
+            RUNS_LEAF((const T *)(X), runs, n, shift, s1, s2);                             \
             emit(shift, runs); emit(s1, runs); emit(s2, runs);                             \
         }                                                                                  \
         for (c = 0; c < NCOLS; c++) {                                                      \
@@ -40,20 +42,18 @@ static void emit(const double *v, size_t n) { fwrite(v, sizeof(double), n, stdou
             size_t j;                                                                      \
             for (j = 0; j < 2 * (size_t)W; j++) out[j] = 0.0;                              \
             /* shift: the row after the block (any values of the type) */                  \
-            bnfast_shifted_colsums_##H##_##VARIANT((const T *)(X), rows, W, stride,        \
-                                                   (const T *)(X) + rows * stride,        \
-                                                   out, out + W);                          \
+            COLS_LEAF((const T *)(X), rows, W, stride, (const T *)(X) + rows * stride,     \
+                      out, out + W);                                                       \
             emit(out, 2 * (size_t)W);                                                      \
         }                                                                                  \
     }
 
-#if BNFAST_DISPATCH_AVX2
-#define RUN_ALL(H, T, X, USE)                                                              \
-    RUN_TYPE(H, T, X, base)                                                                \
-    if (USE()) { RUN_TYPE(H, T, X, avx2) } else { RUN_TYPE(H, T, X, base) }
-#else
-#define RUN_ALL(H, T, X, USE) RUN_TYPE(H, T, X, base) RUN_TYPE(H, T, X, base)
-#endif
+/* The portable leaves, then the ones this CPU runs (the entries' run-time picks:
+ * AVX2 / F16C, AVX-512's column sums; the portable ones again in the no-SIMD
+ * build). */
+#define RUN_ALL(H, T, X)                                                                   \
+    RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H##_base, bnfast_shifted_colsums_##H##_base) \
+    RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H, bnfast_shifted_colsums_##H)
 
 /* The value sets: float16 |x| < 8; bfloat16 |x| < 2^8; bfloat16 over its whole
  * finite range (float arithmetic overflows: the double recount); bfloat16
@@ -77,10 +77,10 @@ int main(void) {
                             : bnfast_bf16_to_float(*(const bnfast_bf16 *)&h[i]);
             d[i] = f[i];
         }
-        RUN_ALL(f32, float, f, bnfast_use_avx2)
-        RUN_ALL(f64, double, d, bnfast_use_avx2)
-        if (set == 0) { RUN_ALL(f16, bnfast_f16, h, bnfast_use_f16c) }
-        else { RUN_ALL(bf16, bnfast_bf16, h, bnfast_use_avx2) }
+        RUN_ALL(f32, float, f)
+        RUN_ALL(f64, double, d)
+        if (set == 0) { RUN_ALL(f16, bnfast_f16, h) }
+        else { RUN_ALL(bf16, bnfast_bf16, h) }
     }
     return 0;
 }
