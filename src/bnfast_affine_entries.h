@@ -33,13 +33,22 @@
                                                     const float *m, const float *a,      \
                                                     const float *b, int relu, int stream) { \
         if (stream) bnfast_affine_runs_##SFX##_nt(x, add, y, runs, S, c, C, m, a, b, relu); \
-        else bnfast_affine_runs_##SFX(x, add, y, runs, S, c, C, m, a, b, relu);          \
+        else bnfast_affine_runs_##SFX##_cached(x, add, y, runs, S, c, C, m, a, b, relu); \
     }
 
 BNFAST_AFFINE_ENTRIES(f32, float, float)
 BNFAST_AFFINE_ENTRIES(f64, double, double)
 BNFAST_AFFINE_ENTRIES(f16, bnfast_f16, float)
 BNFAST_AFFINE_ENTRIES(bf16, bnfast_bf16, float)
+/* float32's cached runs: the masked leaf where the CPU has AVX-512VL. */
+#if BNFAST_DISPATCH_AVX2
+#define bnfast_affine_runs_f32_cached(...)                                               \
+    (bnfast_use_f32_masked() ? bnfast_affine_runs_f32_masked : bnfast_affine_runs_f32)(__VA_ARGS__)
+#else
+#define bnfast_affine_runs_f32_cached bnfast_affine_runs_f32
+#endif
+#define bnfast_affine_runs_f16_cached bnfast_affine_runs_f16
+#define bnfast_affine_runs_bf16_cached bnfast_affine_runs_bf16
 BNFAST_AFFINE_RUNS_ENTRY(f32, float)
 BNFAST_AFFINE_RUNS_ENTRY(f16, bnfast_f16)
 BNFAST_AFFINE_RUNS_ENTRY(bf16, bnfast_bf16)
