@@ -501,9 +501,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
 /* Sixteen columns j..j+15 on AVX-512 (zmm): the eight-column step's operations
  * lane for lane (the same bits: tests/c/backward_half_leaves.c), one
  * instruction for sixteen lanes.  The AVX2 step left this pass compute-bound on
- * an Ice Lake-class Xeon (bfloat16 (4096, 1024): as long as float32's); with
- * it the whole backward, 2 threads, float16 1082-1090 -> 935-948 us, bfloat16
- * 1150-1154 -> 947-951 us (one thread 2.1-2.5 -> 1.85 ms). */
+ * a Xeon VM exposing AVX-512 without AVX512-BF16 (bfloat16 (4096, 1024): as
+ * long as float32's); with it the whole backward, 2 threads, float16 1082-1090
+ * -> 935-948 us, bfloat16 1150-1154 -> 947-951 us (one thread 2.1-2.5 -> 1.85
+ * ms). */
 #if BNFAST_DISPATCH_AVX2
 /* BNFAST_DOT_FLOAT_OK8 on sixteen lanes: the mask of the lanes where it holds. */
 #define BNFAST_DOT_FLOAT_OK16(s, q) ({                                                   \

@@ -449,7 +449,7 @@ BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_
                            BNFAST_SUMS_FINISH_AVX, AVX)
 /* Half column sums on AVX-512: sixteen columns a step before the eight-lane
  * steps, each lane the same operations (the same bits: tests/c/stats_leaves.c).
- * The AVX2 step left this pass compute-bound on an Ice Lake-class Xeon. */
+ * The AVX2 step left this pass compute-bound on a Xeon VM without AVX512-BF16. */
 #define BNFAST_HALF_ADD16(S, j, f)                                                       \
     _mm512_storeu_pd((S) + (j), _mm512_add_pd(_mm512_loadu_pd((S) + (j)), BNFAST_W8_Z(f, 0))); \
     _mm512_storeu_pd((S) + (j) + 8,                                                      \
