@@ -34,7 +34,7 @@ from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
 from _moments cimport (channel_origin, finite_or_zero, m2_fixup, merge_rows, merge_shifted,
-                      shifted_colsums, shifted_sums_runs, unshift_means)
+                      run_partials, shifted_colsums, shifted_sums_runs, unshift_means)
 from _tiling cimport RowBlocks, SampleTasks, row_blocks, sample_tasks
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
                              bnfast_shares_init, bnfast_thread_num, threads_for)
@@ -78,13 +78,7 @@ cdef inline void _run_partials(const real_t* x, Py_ssize_t runs, Py_ssize_t S,
     cdef Py_ssize_t r, s0, piece
     if S <= CHUNK:  # one shifted sum per run, the runs in one leaf call
         shifted_sums_runs(x, runs, S, shift, s1, s2)
-        # Plain arithmetic first (vectorises), rare fix-ups after.
-        for r in range(runs):
-            pmean[r] = (shift[r] - origin[r]) + s1[r] * inv_n
-            pm2[r] = s2[r] - s1[r] * (s1[r] * inv_n)
-        for r in range(runs):
-            if not pm2[r] >= 0.0:
-                pm2[r] = m2_fixup(pm2[r], s1[r], s2[r])
+        run_partials(shift, origin, s1, s2, runs, inv_n, pmean, pm2)
         return
     for r in range(runs):  # long runs: pieces of CHUNK, merged in order
         cnt = 0.0

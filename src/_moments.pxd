@@ -14,6 +14,10 @@ from libc.math cimport INFINITY
 cdef extern from "bnfast_merge.h" nogil:
     void bnfast_merge_rows(double* mean, double* m2, const double* pmean, const double* pm2,
                            Py_ssize_t C, double n_a, double n_b)
+    double bnfast_m2_fixup(double m2, double s1, double s2)
+    void bnfast_run_partials(const double* shift, const double* origin, const double* s1,
+                             const double* s2, Py_ssize_t w, double inv_n, double* pmean,
+                             double* pm2)
 
 
 cdef extern from "bnfast_stats.h" nogil:
@@ -87,12 +91,9 @@ cdef inline double m2_from_sums(double inv_n, double s1, double s2) noexcept nog
 
 
 cdef inline double m2_fixup(double m2, double s1, double s2) noexcept nogil:
-    """The rare cases of m2_from_sums: a tiny negative from rounding, or NaN."""
-    if m2 < 0.0:  # a constant chunk can round to a tiny negative
-        return 0.0
-    if s2 == INFINITY and s1 - s1 == 0.0:  # finite data, squares overflowed
-        return INFINITY
-    return m2
+    """The rare cases of m2_from_sums: a tiny negative from rounding, or NaN
+    (bnfast_merge.h, which the vector partials share)."""
+    return bnfast_m2_fixup(m2, s1, s2)
 
 
 cdef inline double merged_mean(double mean_a, double mean_b, double r) noexcept nogil:
@@ -125,6 +126,15 @@ cdef inline void merge_rows(double* mean, double* m2, const double* part_mean,
     its select a mask).
     """
     bnfast_merge_rows(mean, m2, part_mean, part_m2, C, n_a, n_b)
+
+
+cdef inline void run_partials(const double* shift, const double* origin, const double* s1,
+                              const double* s2, Py_ssize_t w, double inv_n, double* pmean,
+                              double* pm2) noexcept nogil:
+    """Partials of w runs of n values (inv_n = 1 / n) from their shifted sums: the
+    mean relative to origin[r] into pmean[r], m2 (m2_from_sums's) into pm2[r]
+    (bnfast_merge.h: vector code, the fix-ups only where one is needed)."""
+    bnfast_run_partials(shift, origin, s1, s2, w, inv_n, pmean, pm2)
 
 
 cdef inline void merge_partial(double* count, double* mean, double* m2,
