@@ -15,6 +15,7 @@ cdef extern from "bnfast_merge.h" nogil:
     void bnfast_merge_rows(double* mean, double* m2, const double* pmean, const double* pm2,
                            Py_ssize_t C, double n_a, double n_b)
     double bnfast_m2_fixup(double m2, double s1, double s2)
+    void bnfast_group_sums(const double* v, Py_ssize_t groups, Py_ssize_t len, double* out)
     void bnfast_run_partials(const double* shift, const double* origin, const double* s1,
                              const double* s2, Py_ssize_t w, double inv_n, double* pmean,
                              double* pm2)

@@ -81,6 +81,23 @@ static inline double bnfast_m2_fixup(double m2, double s1, double s2) {
                 if (!(pm2[r] >= 0.0)) pm2[r] = bnfast_m2_fixup(pm2[r], s1[r], s2[r]);    \
     }
 
+/* out[g] = the sum of the len doubles v[g * len ...]: lane l of eight takes values
+ * i % 8 == l, the lanes then combined in BNFAST_COMBINE8's order (a fixed order
+ * that vectorises: eight independent chains, not one 49 adds long). */
+#define BNFAST_DEFINE_GROUP_SUMS(SUFFIX, ATTR)                                           \
+    ATTR static void bnfast_group_sums_##SUFFIX(const double *v, ptrdiff_t groups,       \
+                                                ptrdiff_t len, double *out) {            \
+        ptrdiff_t g, i, l, len8 = len - len % 8;                                         \
+        for (g = 0; g < groups; g++) {                                                   \
+            const double *p = v + g * len;                                               \
+            double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
+            for (i = 0; i < len8; i += 8)                                                \
+                for (l = 0; l < 8; l++) a[l] += p[i + l];                                \
+            for (l = 0; i + l < len; l++) a[l] += p[i + l];                              \
+            out[g] = BNFAST_COMBINE8(a);                                                 \
+        }                                                                                \
+    }
+
 #if BNFAST_VECTOR_EXT
 BNFAST_DEFINE_MERGE_ROWS(base, , 2)
 #else
@@ -92,9 +109,11 @@ static void bnfast_merge_rows_base(double *mean, double *m2, const double *pmean
 }
 #endif
 BNFAST_DEFINE_RUN_PARTIALS(base, )
+BNFAST_DEFINE_GROUP_SUMS(base, )
 #if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_MERGE_ROWS(avx2, BNFAST_AVX2_TARGET, 4)
 BNFAST_DEFINE_RUN_PARTIALS(avx2, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_GROUP_SUMS(avx2, BNFAST_AVX2_TARGET)
 #define BNFAST_MERGE_PICK(f) BNFAST_PICK(f##_base, f##_avx2)
 #else
 #define BNFAST_MERGE_PICK(f) f##_base
@@ -110,6 +129,11 @@ static inline void bnfast_merge_rows(double *mean, double *m2, const double *pme
     if (n_b <= 0) return;
     r = n_b / (n_a + n_b);
     BNFAST_MERGE_PICK(bnfast_merge_rows)(mean, m2, pmean, pm2, C, r, n_a * r, 1.0 - r);
+}
+
+static inline void bnfast_group_sums(const double *v, ptrdiff_t groups, ptrdiff_t len,
+                                     double *out) {
+    BNFAST_MERGE_PICK(bnfast_group_sums)(v, groups, len, out);
 }
 
 static inline void bnfast_run_partials(const double *shift, const double *origin,

@@ -412,6 +412,32 @@ def test_training_epilogues_momenta_and_stats(dtype, rng, shape, affine, running
             assert_close(rv, (base.invstd ** -2 - 1e-5) * n / (n - 1), dtype, STAT_TOL)
 
 
+# Channels-first batches of short runs (S <= 256, N >= 16) are summed by columns
+# (src/_batch_stats.pxd): the first batch on either side of both bounds, S == 1,
+# several sample blocks with channel tiles of unequal count (130 samples of 45
+# 7x7 channels: 3 blocks, 3 tiles), and a batch whose runs hold 1e6 + noise.
+SHORT_RUN_SHAPES = [(15, 6, 7, 7), (16, 6, 7, 7), (16, 3, 256), (16, 3, 257), (32, 5, 1),
+                    (130, 45, 7, 7), (17, 33, 3, 3)]
+
+
+@pytest.mark.parametrize("shape", SHORT_RUN_SHAPES, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_training_statistics_of_short_runs(dtype, rng, shape, offset):
+    x = make_input(rng, shape, dtype) + dtype(offset)
+    rm, rv = make_running(rng, shape[1], dtype)
+    base = reference_batch_norm(x, rm.copy(), rv.copy(), training=True, momentum=0.1)
+    y, mean, invstd = bnfast.batch_norm(x, rm, rv, training=True, momentum=0.1,
+                                        return_stats=True)
+    assert_close(mean, base.mean, dtype, STATS64_TOL)
+    assert_close(invstd, base.invstd, dtype, STATS64_TOL)
+    if offset == 0.0:
+        # (With the offset, x - mean itself carries ~1e-16 * 1e6 of rounding: see
+        # test_stability.py's large-offset tests.)
+        assert_close(y, base.out, dtype)
+    assert_close(rm, base.running_mean, dtype, STAT_TOL)
+    assert_close(rv, base.running_var, dtype, STAT_TOL)
+
+
 @pytest.mark.parametrize("shape", [(1, 512, 7, 7), (4, 3, 5, 5), (16, 8), (2, 4, 3, 3, 3),
                                    (2, 70)], ids=str)
 def test_training_matches_torch_native_batch_norm(dtype, rng, torch, shape):

@@ -20,8 +20,10 @@ def _in(x, layout):
 
 
 # -- constant channels -----------------------------------------------------------------
+# (24, 3, 7, 7), (40, 3, 5): channels-first short runs of a batch, summed by columns.
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (4, 3, 5, 5), (2, 3, 3, 4, 5),
-                                   (64, 3, 64, 64), (2, 3, 96, 100), (3, 70, 9, 9)], ids=str)
+                                   (64, 3, 64, 64), (2, 3, 96, 100), (3, 70, 9, 9),
+                                   (24, 3, 7, 7), (40, 3, 5)], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("value", [7.3, -1e6 / 3, 0.1])
 def test_constant_channel_normalises_to_exactly_zero(dtype, rng, shape, layout, value):
@@ -275,8 +277,8 @@ def test_float32_tiny_values(rng, layout):
 
 # -- NaN and Inf -----------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("shape", [(6, 4), (4, 4, 5, 5), (16, 4, 64, 64), (2, 4, 3, 4, 5)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(6, 4), (4, 4, 5, 5), (16, 4, 64, 64), (2, 4, 3, 4, 5),
+                                   (20, 4, 7, 7)], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_finite_value_confined_to_its_channel(dtype, rng, bad, shape, layout):
     x = make_input(rng, shape, dtype)
@@ -302,7 +304,8 @@ def test_non_finite_value_confined_to_its_channel(dtype, rng, bad, shape, layout
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf])
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-@pytest.mark.parametrize("shape", [(6, 4), (4, 4, 5, 5), (16, 4, 64, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(6, 4), (4, 4, 5, 5), (16, 4, 64, 64), (20, 4, 7, 7)],
+                         ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_infinite_value_gives_infinite_mean_anywhere(dtype, rng, bad, where, shape, layout):
     # An infinite value that starts a chunk (the shift) or meets a finite partial
