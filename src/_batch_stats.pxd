@@ -11,11 +11,10 @@
 #   of partials into the task's (one vectorised merge across channels).  Walking
 #   a channel down the batch instead (one run per sample, a whole sample apart)
 #   left the prefetchers idle: 2 values/ns on a 51 MB batch, where a copy does 6.
-#   Short runs (S <= COLS_MAX_S) of a batch of COLS_MIN_ROWS samples or more go
-#   by columns instead (_stats_first_cols): the batch as N rows of C * S values,
-#   summed down the rows in tiles of whole channels, as stats_last does, then
-#   each channel's S columns; a 7x7 image's runs had cost a run's set-up, finish
-#   and merge for every 49 values.
+#   Short runs of a batch (_tiling.by_columns) go by columns instead
+#   (_stats_first_cols): the batch as N rows of C * S values, summed down the
+#   rows in tiles of whole channels, as stats_last does, then each channel's S
+#   columns.
 # * stats_last: x is (M, C) C-contiguous (NHWC viewed as rows, and plain
 #   (N, C)).  Rows are read as wide rows of k * C values so that small C still
 #   gives long vectorisable inner loops.  A task is a block of wide rows times
@@ -41,7 +40,8 @@ from _aligned cimport aligned_free, aligned_malloc
 from _moments cimport (bnfast_group_sums, channel_origin, finite_or_zero, m2_fixup, merge_rows,
                       merge_shifted, run_partials, shifted_colsums, shifted_sums_runs,
                       unshift_means)
-from _tiling cimport RowBlocks, SampleTasks, row_blocks, sample_tasks
+from _tiling cimport (COLS_MAX_S, COLS_TILE, ColumnTasks, RowBlocks, SampleTasks, by_columns,
+                     column_tasks, row_blocks, sample_tasks)
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
                              bnfast_shares_init, bnfast_thread_num, threads_for)
 
@@ -62,15 +62,6 @@ cdef enum:
     STATS_BLOCK_ELEMS = 131072
     MAX_BLOCK_ROWS = 4096
     TILE_COLS = 512
-    # Channels-first short runs (S <= COLS_MAX_S) of a batch of at least
-    # COLS_MIN_ROWS samples: by columns (see stats_first).  Tiles of whole
-    # channels, at most COLS_TILE values a sample; blocks of at most
-    # COLS_MAX_ROWS samples, about COLS_TASK_ELEMS values a task.
-    COLS_MAX_S = 256
-    COLS_MIN_ROWS = 16
-    COLS_TILE = 1024
-    COLS_MAX_ROWS = 1024
-    COLS_TASK_ELEMS = 65536
 
 
 cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
@@ -178,7 +169,7 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
 
     ``residual`` (C,), or NULL: receives the exact mean minus the float64 one.
     """
-    if S <= COLS_MAX_S and N >= COLS_MIN_ROWS:
+    if by_columns(N, S, COLS_MAX_S):
         return _stats_first_cols(x, N, C, S, mean, var, n_threads, residual)
     # Tasks: samples [nb * npt, +npt) x channels [cb * cpt, +cpt), by the shape only.
     cdef SampleTasks cut = sample_tasks(N, C, S, RUN_ELEMS, TASK_ELEMS)
@@ -236,14 +227,9 @@ cdef inline int _stats_first_cols(const real_t* x, Py_ssize_t N, Py_ssize_t C, P
     merge: 32x2048x7x7 statistics on the Xeon VM, one thread, bfloat16 700 -> 433
     us, float16 665 -> 417, float32 859 -> 604.  A task's column accumulators
     stay in L1; tasks by the shape only, as stats_first's."""
-    cdef Py_ssize_t cpt = max(1, COLS_TILE // S)
-    cdef Py_ssize_t ctiles = (C + cpt - 1) // cpt
-    cpt = (C + ctiles - 1) // ctiles  # tiles as even as the count allows
-    ctiles = (C + cpt - 1) // cpt
-    cdef Py_ssize_t npt = max(COLS_MIN_ROWS, min(COLS_MAX_ROWS, COLS_TASK_ELEMS // (cpt * S)))
-    cdef Py_ssize_t nblocks = (N + npt - 1) // npt
-    npt = (N + nblocks - 1) // nblocks
-    nblocks = (N + npt - 1) // npt
+    cdef ColumnTasks split = column_tasks(N, C, S)
+    cdef Py_ssize_t cpt = split.cpt, ctiles = split.ctiles
+    cdef Py_ssize_t npt = split.npt, nblocks = split.nblocks
     cdef Py_ssize_t tasks = nblocks * ctiles
     cdef bnfast_shares shares
     cdef bnfast_claim claim

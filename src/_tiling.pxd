@@ -91,3 +91,47 @@ cdef inline ColumnTiles column_tiles(Py_ssize_t W, Py_ssize_t max_cols) noexcept
     t.tile = ((W + t.tiles - 1) // t.tiles + 7) // 8 * 8
     t.tiles = (W + t.tile - 1) // t.tile
     return t
+
+
+# Channels-first batches of short runs, summed by columns (the statistics and
+# the backward's pass 1): the batch as N rows of C * S values, read down the
+# rows in tiles of whole channels, as the channels-last kernels read theirs.
+# Per (sample, channel) a run had cost its set-up, finish and merge: for a 7x7
+# image that was most of the time (the runs' leaves latency-bound at ~9 ns a
+# 49-value run on the Xeon VM).
+cdef enum:
+    COLS_MAX_S = 256        # runs of at most this many values (statistics) ...
+    COLS_MAX_S_DOT = 64     # ... (backward: its column leaf sums 4 rows, not 8, in
+                            # float; 16x128x14x14 went 7% slower by columns)
+    COLS_MIN_ROWS = 16      # ... in batches of at least this many samples
+    COLS_TILE = 1024        # values of a sample per tile (accumulators in L1)
+    COLS_MAX_ROWS = 1024    # samples per block at most,
+    COLS_TASK_ELEMS = 65536  # about this many values a task
+
+
+cdef struct ColumnTasks:
+    Py_ssize_t cpt        # channels per tile (cpt * S columns)
+    Py_ssize_t ctiles     # channel tiles
+    Py_ssize_t npt        # samples per block
+    Py_ssize_t nblocks    # sample blocks; tasks = nblocks * ctiles
+
+
+cdef inline bint by_columns(Py_ssize_t N, Py_ssize_t S, Py_ssize_t max_s) noexcept nogil:
+    """Whether an (N, C, S) channels-first reduction goes by columns (max_s:
+    COLS_MAX_S or COLS_MAX_S_DOT)."""
+    return S <= max_s and N >= COLS_MIN_ROWS
+
+
+cdef inline ColumnTasks column_tasks(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """Cut a by-columns reduction into (sample block, channel tile) tasks, both as
+    even as the counts allow, by the shape only (any thread count: the same bits)."""
+    cdef ColumnTasks t
+    t.cpt = max(1, COLS_TILE // S)
+    t.ctiles = (C + t.cpt - 1) // t.cpt
+    t.cpt = (C + t.ctiles - 1) // t.ctiles
+    t.ctiles = (C + t.cpt - 1) // t.cpt
+    t.npt = max(COLS_MIN_ROWS, min(COLS_MAX_ROWS, COLS_TASK_ELEMS // (t.cpt * S)))
+    t.nblocks = (N + t.npt - 1) // t.npt
+    t.npt = (N + t.nblocks - 1) // t.nblocks
+    t.nblocks = (N + t.npt - 1) // t.npt
+    return t

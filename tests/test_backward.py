@@ -28,7 +28,8 @@ REF_TOL = {np.float32: 1e-6, np.float64: 1e-13}
 # vs torch at the same dtype: torch's float32 path is less exact than ours.
 TORCH_TOL = {np.float32: 2e-5, np.float64: 1e-11}
 
-SHAPES = [(16, 5), (4, 3, 17), (4, 3, 6, 5), (2, 3, 4, 3, 5)]
+# (20, 3, 6, 5): pass 1 by columns (a batch of short runs, _tiling.by_columns).
+SHAPES = [(16, 5), (4, 3, 17), (4, 3, 6, 5), (2, 3, 4, 3, 5), (20, 3, 6, 5)]
 
 
 def _grad_scale(x, dy, weight, invstd):
@@ -588,6 +589,8 @@ THREAD_CASES = [
     ((1, 512, 7, 7), "contiguous"),
     ((1, 512, 7, 7), "channels_last"),
     ((256, 96), "contiguous"),
+    # Pass 1 by columns: 2 sample blocks x 3 channel tiles.
+    ((130, 45, 7, 7), "contiguous"),
     # Rows cut into column tiles (TILE_CASES).
     ((259, 1030), "contiguous"),
     ((2, 2100, 9, 9), "channels_last"),

@@ -415,7 +415,7 @@ def test_training_epilogues_momenta_and_stats(dtype, rng, shape, affine, running
 # Channels-first batches of short runs (S <= 256, N >= 16) are summed by columns
 # (src/_batch_stats.pxd): the first batch on either side of both bounds, S == 1,
 # several sample blocks with channel tiles of unequal count (130 samples of 45
-# 7x7 channels: 3 blocks, 3 tiles), and a batch whose runs hold 1e6 + noise.
+# 7x7 channels: 2 blocks, 3 tiles), and a batch whose runs hold 1e6 + noise.
 SHORT_RUN_SHAPES = [(15, 6, 7, 7), (16, 6, 7, 7), (16, 3, 256), (16, 3, 257), (32, 5, 1),
                     (130, 45, 7, 7), (17, 33, 3, 3)]
 

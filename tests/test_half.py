@@ -214,7 +214,7 @@ def assert_stats_as_exact_as_float32(x, mean, invstd, ref, eps=1e-5):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-# (130, 45, 7, 7): channels-first short runs summed by columns, 3 x 3 tasks.
+# (130, 45, 7, 7): channels-first short runs summed by columns, 2 x 3 tasks.
 @pytest.mark.parametrize("shape", SHAPES + [(3, 70, 33, 33), (20000, 3), (130, 45, 7, 7)],
                          ids=str)
 def test_statistics_are_as_exact_as_from_float32_data(half, rng, layout, shape):
