@@ -402,6 +402,18 @@ cdef inline void _reduce_first_task(Py_ssize_t t, const real_t* xp, const real_t
                         part_xdy + nb * C + c, NULL if gp == NULL else gp + off)
 
 
+cdef inline Py_ssize_t _stage_len(const real_t* kind, const unsigned char* bits,
+                                  Py_ssize_t tile, Py_ssize_t last,
+                                  Py_ssize_t stride) noexcept nogil:
+    """Floats of per-thread staging the half types' masked column sums need (the
+    portable leaves; see _coldot) for tiles of `tile` columns but the `last`, rows
+    stride apart; 0 where none is needed.  Allocated before the parallel region,
+    each thread its slice; a narrower last tile may stage more."""
+    if not (_half(kind) and bits != NULL):
+        return 0
+    return max(bnfast_coldot_stage_len(tile, stride), bnfast_coldot_stage_len(last, stride))
+
+
 cdef inline void _reduce_cols_task(Py_ssize_t t, const real_t* xp, const real_t* dyp,
                                    const unsigned char* bits, const double* mean,
                                    real_t* gp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -458,10 +470,8 @@ cdef int _reduce_first_cols(const real_t* xp, const real_t* dyp, const unsigned 
         return -1
     cdef double* part_xdy = part + nblocks * C + ALIAS_PAD
     cdef double* scratch = part_xdy + nblocks * C
-    # The half types' masked sums stage (see _reduce_last).
-    cdef Py_ssize_t stage_len = 0
-    if _half(xp) and bits != NULL:
-        stage_len = bnfast_coldot_stage_len(cpt * S, C * S)
+    cdef Py_ssize_t stage_len = _stage_len(xp, bits, cpt * S, (C - (ctiles - 1) * cpt) * S,
+                                           C * S)
     cdef float* stages = NULL
     cdef float* stage = NULL
     if stage_len:
@@ -586,12 +596,7 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
         return -1
     cdef double* part_xdy = part + blocks * W + ALIAS_PAD
     cdef double* shift = part_xdy + blocks * W + ALIAS_PAD
-    # Per-thread staging for the half types' masked sums (the portable leaves),
-    # allocated before the parallel region; the last tile may stage more.
-    cdef Py_ssize_t stage_len = 0
-    if _half(xp) and bits != NULL:
-        stage_len = max(bnfast_coldot_stage_len(tile, W),
-                        bnfast_coldot_stage_len(W - (tiles - 1) * tile, W))
+    cdef Py_ssize_t stage_len = _stage_len(xp, bits, tile, W - (tiles - 1) * tile, W)
     cdef float* stages = NULL
     cdef float* stage = NULL
     if stage_len:

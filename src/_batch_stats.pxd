@@ -127,6 +127,26 @@ cdef inline void _first_task(const real_t* x, Py_ssize_t t, Py_ssize_t N, Py_ssi
         n_a = n_a + S
 
 
+cdef inline void _merge_sample_blocks(double* mean, double* var, const double* part,
+                                      const double* part_m2, const double* origin,
+                                      double* residual, Py_ssize_t N, Py_ssize_t C,
+                                      Py_ssize_t S, Py_ssize_t npt,
+                                      Py_ssize_t nblocks) noexcept nogil:
+    """The channels-first tasks' partials ([sample block][channel], mean relative to
+    origin, m2) merged per channel in block order, then finished: mean, biased
+    variance and residual (see stats_first)."""
+    cdef Py_ssize_t b, c, n
+    for c in range(C):
+        mean[c] = 0.0
+        var[c] = 0.0
+    for b in range(nblocks):
+        n = min(N, (b + 1) * npt) - b * npt
+        merge_rows(mean, var, part + b * C, part_m2 + b * C, C,
+                   <double>(b * npt * S), <double>(n * S))
+    _finish(mean, var, C, <double>(N * S))
+    unshift_means(mean, residual, origin, C)
+
+
 cdef inline void _cols_task(const real_t* x, Py_ssize_t t, Py_ssize_t N, Py_ssize_t C,
                             Py_ssize_t S, Py_ssize_t cpt, Py_ssize_t npt, Py_ssize_t ctiles,
                             const double* origin, double* part, double* part_m2,
@@ -189,7 +209,7 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
     cdef double* part_m2 = part + nblocks * C
     cdef double* origin = part + 2 * nblocks * C
     cdef double* scratch = origin + C
-    cdef Py_ssize_t t = 0, b, c, n
+    cdef Py_ssize_t t = 0, c
     for c in range(C):
         origin[c] = channel_origin(to_double(x[c * S]))
     if nt == 1:
@@ -204,15 +224,7 @@ cdef inline int stats_first(const real_t* x, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                 _first_task(x, t, N, C, S, cpt, npt, cblocks, origin, part, part_m2,
                             scratch + slice_len * bnfast_thread_num())
                 t = bnfast_claim_next(&shares, &claim)
-    for c in range(C):
-        mean[c] = 0.0
-        var[c] = 0.0
-    for b in range(nblocks):
-        n = min(N, (b + 1) * npt) - b * npt
-        merge_rows(mean, var, part + b * C, part_m2 + b * C, C,
-                   <double>(b * npt * S), <double>(n * S))
-    _finish(mean, var, C, <double>(N * S))
-    unshift_means(mean, residual, origin, C)
+    _merge_sample_blocks(mean, var, part, part_m2, origin, residual, N, C, S, npt, nblocks)
     aligned_free(part)
     return 0
 
@@ -245,7 +257,7 @@ cdef inline int _stats_first_cols(const real_t* x, Py_ssize_t N, Py_ssize_t C, P
     cdef double* part_m2 = part + nblocks * C
     cdef double* origin = part + 2 * nblocks * C
     cdef double* scratch = origin + C
-    cdef Py_ssize_t t = 0, b, c, n
+    cdef Py_ssize_t t = 0, c
     for c in range(C):
         origin[c] = channel_origin(to_double(x[c * S]))
     if nt == 1:
@@ -261,15 +273,7 @@ cdef inline int _stats_first_cols(const real_t* x, Py_ssize_t N, Py_ssize_t C, P
                            shifts + (COLS_TILE + 32) * bnfast_thread_num(),
                            scratch + slice_len * bnfast_thread_num())
                 t = bnfast_claim_next(&shares, &claim)
-    for c in range(C):
-        mean[c] = 0.0
-        var[c] = 0.0
-    for b in range(nblocks):
-        n = min(N, (b + 1) * npt) - b * npt
-        merge_rows(mean, var, part + b * C, part_m2 + b * C, C,
-                   <double>(b * npt * S), <double>(n * S))
-    _finish(mean, var, C, <double>(N * S))
-    unshift_means(mean, residual, origin, C)
+    _merge_sample_blocks(mean, var, part, part_m2, origin, residual, N, C, S, npt, nblocks)
     aligned_free(shifts)
     aligned_free(part)
     return 0
