@@ -281,8 +281,8 @@ typedef float bnfast_h16f __attribute__((vector_size(64), aligned(4), may_alias)
  * constants are broadcast from memory (a load, no vector ALU work): as
  * immediates GCC rebuilt each (mov + vpbroadcastd from a register) once per run
  * of a channels-first call, a tenth of a 7x7 run's instructions. */
-static const int32_t bnfast_bf16_z_k_[4] __attribute__((aligned(16))) = {0x7fff, 0x10000, 1,
-                                                                         0x400000};
+static const int32_t bnfast_bf16_z_k_[5] __attribute__((aligned(32))) = {
+    0x7fff, 0x10000, 1, 0x400000, (int32_t)0xffff0000};
 #define BNFAST_BF16_Z_K_(W, n) ({                                                         \
         __m##W##i k_;                                                                     \
         __asm__("vpbroadcastd %1, %0" : "=v"(k_) : "m"(bnfast_bf16_z_k_[n]));             \
@@ -316,6 +316,16 @@ static const int32_t bnfast_bf16_z_k_[4] __attribute__((aligned(16))) = {0x7fff,
     _mm512_storeu_si512((void *)(p), BNFAST_BF16_Z_PAIR_(v0, v1))
 #define bnfast_stream32_bf16_z(p, v0, v1) \
     _mm512_stream_si512((void *)(p), BNFAST_BF16_Z_PAIR_(v0, v1))
+/* Thirty-two values given as the even ones (e) and the odd ones (o): e's
+ * rounded high halves shifted down, o's kept in place, merged by one ternary
+ * logic op (0xd8: the mask's bits from o, the others from e). */
+#define BNFAST_BF16_Z_EO_(e, o)                                                           \
+    _mm512_ternarylogic_epi32(_mm512_srli_epi32(BNFAST_BF16_Z_HIGH_(512, e), 16),         \
+                              BNFAST_BF16_Z_HIGH_(512, o), BNFAST_BF16_Z_K_(512, 4), 0xd8)
+#define bnfast_store32eo_bf16_z(p, e, o) \
+    _mm512_storeu_si512((void *)(p), BNFAST_BF16_Z_EO_(e, o))
+#define bnfast_stream32eo_bf16_z(p, e, o) \
+    _mm512_stream_si512((void *)(p), BNFAST_BF16_Z_EO_(e, o))
 
 /* float16 on zmm vectors (AVX512F's vcvtph2ps / vcvtps2ph, the same rounding as
  * F16C's): 0.075 ns a value against F16C's 0.082 on Zen 4, and a 7x7 image's
