@@ -8,7 +8,6 @@
 # Chunks are cut by the array's shape only, never by the thread count, so the
 # result is bit-identical for any number of threads.
 from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
-from libc.math cimport INFINITY
 
 
 cdef extern from "bnfast_merge.h" nogil:

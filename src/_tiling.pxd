@@ -106,7 +106,10 @@ cdef enum:
     COLS_MIN_ROWS = 16      # ... in batches of at least this many samples
     COLS_TILE = 1024        # values of a sample per tile (accumulators in L1)
     COLS_MAX_ROWS = 1024    # samples per block at most,
-    COLS_TASK_ELEMS = 65536  # about this many values a task
+    COLS_TASK_ELEMS = 65536  # about this many values a task,
+    COLS_SHIFT_ELEMS = 4096  # and at most this many a channel: one shift each (a
+                            # value of the block; as stats' CHUNK, it bounds the
+                            # cancellation error a far-off first value causes)
 
 
 cdef struct ColumnTasks:
@@ -130,7 +133,8 @@ cdef inline ColumnTasks column_tasks(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) n
     t.ctiles = (C + t.cpt - 1) // t.cpt
     t.cpt = (C + t.ctiles - 1) // t.ctiles
     t.ctiles = (C + t.cpt - 1) // t.cpt
-    t.npt = max(COLS_MIN_ROWS, min(COLS_MAX_ROWS, COLS_TASK_ELEMS // (t.cpt * S)))
+    t.npt = max(COLS_MIN_ROWS, min(COLS_MAX_ROWS, COLS_TASK_ELEMS // (t.cpt * S),
+                                   COLS_SHIFT_ELEMS // S))
     t.nblocks = (N + t.npt - 1) // t.npt
     t.npt = (N + t.nblocks - 1) // t.nblocks
     t.nblocks = (N + t.npt - 1) // t.npt

@@ -119,18 +119,18 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
     BNFAST_HALF_GRAD_WIDE_OF(bnfast_store32_bf16_z, __VA_ARGS__)
 #define BNFAST_HALF_GRAD_EO_(w, E) ((bnfast_h16f)((E) ? _mm512_slli_epi32(w, 16)          \
                                                  : _mm512_and_si512(w, BNFAST_BF16_Z_K_(512, 4))))
-#define BNFAST_HALF_GRAD16_EO_(gw, xw, E, M16, A16, B16, D16) ({                          \
-        bnfast_h16f g_ = BNFAST_HALF_GRAD_EO_(gw, E) * A16(i);                            \
+#define BNFAST_HALF_GRAD16_EO_(j, gw, xw, E, M16, A16, B16, D16) ({                       \
+        bnfast_h16f g_ = BNFAST_HALF_GRAD_EO_(gw, E) * A16(j);                            \
         if (training)                                                                    \
-            g_ = BNFAST_H16_ADD(BNFAST_H16_ADD(g_, (BNFAST_HALF_GRAD_EO_(xw, E) - M16(i)) \
-                                                   * B16(i)), D16(i));                   \
+            g_ = BNFAST_H16_ADD(BNFAST_H16_ADD(g_, (BNFAST_HALF_GRAD_EO_(xw, E) - M16(j)) \
+                                                   * B16(j)), D16(j));                   \
         g_; })
 #define BNFAST_HALF_GRAD_WIDE_Z_BNFAST_HALF_M16S(M16, A16, B16, D16)                     \
     for (; i + 32 <= n8; i += 32) {                                                      \
         __m512i gw_ = _mm512_loadu_si512((const void *)(dy + i));                        \
         __m512i xw_ = training ? _mm512_loadu_si512((const void *)(x + i)) : gw_;        \
-        bnfast_h16f e_ = BNFAST_HALF_GRAD16_EO_(gw_, xw_, 1, M16, A16, B16, D16);          \
-        bnfast_h16f o_ = BNFAST_HALF_GRAD16_EO_(gw_, xw_, 0, M16, A16, B16, D16);          \
+        bnfast_h16f e_ = BNFAST_HALF_GRAD16_EO_(i, gw_, xw_, 1, M16, A16, B16, D16);       \
+        bnfast_h16f o_ = BNFAST_HALF_GRAD16_EO_(i, gw_, xw_, 0, M16, A16, B16, D16);       \
         bnfast_store32eo_bf16_z(dx + i, e_, o_);                                         \
     }
 /* Coefficient forms at j: the scalar leaves' one value, the tiled leaves' tile. */

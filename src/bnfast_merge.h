@@ -3,14 +3,17 @@
  * - bnfast_run_partials: each run's partial (mean relative to its channel's
  *   origin, m2) from its shifted sums, with m2's rare fix-ups found by one
  *   vectorised test;
+ * - bnfast_group_sums: the sums of consecutive groups of doubles (a channel's
+ *   S columns, when short runs go by columns), in a fixed 8-lane order;
  * - bnfast_merge_rows: Chan et al.'s merge of rows of partials (see
  *   _moments.pxd merge_rows): C partials that all count n_b folded into C
  *   accumulators that all count n_a, the NaN select as a mask.
- * A 7x7 image pays both once per (sample, channel): as Cython loops on the
- * module's SSE2 baseline (the fix-ups a scalar scan with a branch a run) they
- * were a fifth of a bfloat16 batch's statistics (2.7 of 11.7 ns a run on the
- * Xeon VM).  Both have AVX2 variants picked at run time; every variant does the
- * same operations in the same order as the scalar code: the same bits.
+ * A 7x7 image of a small batch (fewer than 16 samples) pays the first and the
+ * last once per (sample, channel): as Cython loops on the module's SSE2
+ * baseline (the fix-ups a scalar scan with a branch a run) they were a fifth of
+ * a bfloat16 batch's statistics (2.7 of 11.7 ns a run on the Xeon VM).  All
+ * three have AVX2 variants picked at run time; every variant does the same
+ * operations in the same order as the scalar code: the same bits.
  */
 #ifndef BNFAST_MERGE_H
 #define BNFAST_MERGE_H
@@ -31,7 +34,7 @@
         mean[c] = m_ == m_ ? m_ : w_;                                                    \
     }
 
-/* The channel loop, V doubles a step (vector type VD, its lane mask VI): SSE2's
+/* The channel loop, V doubles a step (vd_, and vi_ for its lane masks): SSE2's
  * two in the base build (there GCC split a four-double select into scalar moves
  * through the stack), AVX2's four where the CPU has them. */
 #define BNFAST_DEFINE_MERGE_ROWS(SUFFIX, ATTR, V)                                        \

@@ -589,8 +589,9 @@ THREAD_CASES = [
     ((1, 512, 7, 7), "contiguous"),
     ((1, 512, 7, 7), "channels_last"),
     ((256, 96), "contiguous"),
-    # Pass 1 by columns: 2 sample blocks x 3 channel tiles.
-    ((130, 45, 7, 7), "contiguous"),
+    # Pass 1 by columns: 2 sample blocks x 3 channel tiles, the last of each
+    # shorter (66 + 65 samples, 16 + 16 + 14 channels).
+    ((131, 46, 7, 7), "contiguous"),
     # Rows cut into column tiles (TILE_CASES).
     ((259, 1030), "contiguous"),
     ((2, 2100, 9, 9), "channels_last"),

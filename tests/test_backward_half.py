@@ -25,7 +25,8 @@ HALF = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 HALF_IDS = ["float16", "bfloat16"]
 
 # (shape, layout): channels-first with short (7x7) and long (17x17, > 4096) runs,
-# a batch of short runs (20 samples of 5x5: pass 1 by columns, _tiling.by_columns),
+# batches of short runs (pass 1 by columns, _tiling.by_columns: 20 samples of 5x5;
+# 131 of 46 7x7 channels, the last sample block and channel tile shorter),
 # Fortran (N, C); channels-last with C < 64 (wide rows of several samples, rows
 # left over; several blocks), C > 512, rows wider than a staged block (C = 1100), and
 # rows summed one at a time (C = 200: float32 rows of 800 bytes, BNFAST_ROW_GROUP);
@@ -34,6 +35,7 @@ HALF_IDS = ["float16", "bfloat16"]
 CASES = [
     ((6, 5, 7, 7), "contiguous"),
     ((20, 5, 5, 5), "contiguous"),
+    ((131, 46, 7, 7), "contiguous"),
     ((4, 3, 17, 17), "contiguous"),
     ((3, 4, 67, 65), "contiguous"),
     ((37, 6), "fortran"),

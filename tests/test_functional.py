@@ -413,11 +413,13 @@ def test_training_epilogues_momenta_and_stats(dtype, rng, shape, affine, running
 
 
 # Channels-first batches of short runs (S <= 256, N >= 16) are summed by columns
-# (src/_batch_stats.pxd): the first batch on either side of both bounds, S == 1,
-# several sample blocks with channel tiles of unequal count (130 samples of 45
-# 7x7 channels: 2 blocks, 3 tiles), and a batch whose runs hold 1e6 + noise.
-SHORT_RUN_SHAPES = [(15, 6, 7, 7), (16, 6, 7, 7), (16, 3, 256), (16, 3, 257), (32, 5, 1),
-                    (130, 45, 7, 7), (17, 33, 3, 3)]
+# (src/_batch_stats.pxd): the first batch on either side of both bounds, runs of
+# 2, a last channel tile narrower and a last sample block shorter than the others
+# (131 samples of 46 7x7 channels: tiles of 16, 16 and 14 channels, blocks of 66
+# and 65 samples), a batch of 9 values a run (S * rows per shift capped at 4096:
+# 8 blocks), and runs that hold 1e6 + noise.  (S == 1 is (N, C) rows.)
+SHORT_RUN_SHAPES = [(15, 6, 7, 7), (16, 6, 7, 7), (16, 3, 256), (16, 3, 257), (32, 5, 2),
+                    (131, 46, 7, 7), (3600, 2, 3, 3)]
 
 
 @pytest.mark.parametrize("shape", SHORT_RUN_SHAPES, ids=str)
