@@ -106,7 +106,7 @@ cdef enum:
     COLS_MIN_ROWS = 16      # ... in batches of at least this many samples
     COLS_TILE = 1024        # values of a sample per tile (accumulators in L1)
     COLS_MAX_ROWS = 1024    # samples per block at most,
-    COLS_TASK_ELEMS = 65536  # about this many values a task,
+    COLS_TASK_ELEMS = 262144  # about this many values a task,
     COLS_SHIFT_ELEMS = 4096  # and at most this many a channel: one shift each (a
                             # value of the block; as stats' CHUNK, it bounds the
                             # cancellation error a far-off first value causes)
