@@ -375,10 +375,15 @@ BNFAST_DEFINE_CPU_CHECK(f16c, BNFAST_CPU("avx2") && BNFAST_CPU("f16c"))
 
 BNFAST_DEFINE_CPU_CHECK(f16_z, bnfast_use_f16c() && BNFAST_CPU("avx512f"))
 /* The normalise's float16 leaves for runs (or tiles) of LEN values: AVX512F
- * (zmm) for long ones, else F16C, else portable.  On Zen 4 the zmm leaf is 5%
- * faster from 128 values on (0.078 against 0.082 ns a value in L2) but 12%
- * slower on a 7x7 image's 49 (5.9 against 5.2 ns a run). */
-#define BNFAST_F16_Z_MIN 128
+ * (zmm) for long ones, else F16C, else portable.  On Zen 4 (zmm work split in
+ * two 256-bit halves) the zmm leaf is 5% faster from 128 values on (0.078
+ * against 0.082 ns a value in L2) but 12% slower on a 7x7 image's 49 (5.9
+ * against 5.2 ns a run); on the Xeon VM (512-bit ports), one thread,
+ * 32x2048xS eval, it is 14% faster for S = 36, 7% for 49 and 81, 2-3% slower
+ * for 64, 100 and 112.  So from 128 values on AMD's cores, from 32 on the
+ * others. */
+BNFAST_DEFINE_CPU_CHECK(amd, __builtin_cpu_is("amd"))
+#define BNFAST_F16_Z_MIN (bnfast_use_amd() ? 128 : 32)
 #define BNFAST_PICK_F16(LEN, base, f16c, z)                                              \
     ((LEN) >= BNFAST_F16_Z_MIN && bnfast_use_f16_z() ? (z)                               \
      : bnfast_use_f16c() ? (f16c) : (base))
