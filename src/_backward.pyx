@@ -414,6 +414,14 @@ cdef inline Py_ssize_t _stage_len(const real_t* kind, const unsigned char* bits,
     return max(bnfast_coldot_stage_len(tile, stride), bnfast_coldot_stage_len(last, stride))
 
 
+cdef inline float* _stages(Py_ssize_t stage_len, int nt) noexcept nogil:
+    """nt slices of stage_len floats (one a thread), or NULL: none needed (stage_len
+    0), or no memory."""
+    if not stage_len:
+        return NULL
+    return <float*>aligned_malloc(nt * stage_len * sizeof(float))
+
+
 cdef inline void _reduce_cols_task(Py_ssize_t t, const real_t* xp, const real_t* dyp,
                                    const unsigned char* bits, const double* mean,
                                    real_t* gp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -472,13 +480,11 @@ cdef int _reduce_first_cols(const real_t* xp, const real_t* dyp, const unsigned 
     cdef double* scratch = part_xdy + nblocks * C
     cdef Py_ssize_t stage_len = _stage_len(xp, bits, cpt * S, (C - (ctiles - 1) * cpt) * S,
                                            C * S)
-    cdef float* stages = NULL
+    cdef float* stages = _stages(stage_len, nt)
     cdef float* stage = NULL
-    if stage_len:
-        stages = <float*>aligned_malloc(nt * stage_len * sizeof(float))
-        if stages == NULL:
-            aligned_free(part)
-            return -1
+    if stage_len and stages == NULL:
+        aligned_free(part)
+        return -1
     cdef Py_ssize_t t = 0, nb
     if nt == 1:
         for t in range(tasks):
@@ -597,13 +603,11 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef double* part_xdy = part + blocks * W + ALIAS_PAD
     cdef double* shift = part_xdy + blocks * W + ALIAS_PAD
     cdef Py_ssize_t stage_len = _stage_len(xp, bits, tile, W - (tiles - 1) * tile, W)
-    cdef float* stages = NULL
+    cdef float* stages = _stages(stage_len, nt)
     cdef float* stage = NULL
-    if stage_len:
-        stages = <float*>aligned_malloc(nt * stage_len * sizeof(float))
-        if stages == NULL:
-            aligned_free(part)
-            return -1
+    if stage_len and stages == NULL:
+        aligned_free(part)
+        return -1
     cdef Py_ssize_t t = 0, b, j, l, r, c
     cdef double v
     for j in range(W):
