@@ -291,17 +291,21 @@
         }                                                                                \
     }
 
+/* A group's sums of its eight rows' terms d0..d7 (scalars or vectors): S of the
+ * terms, Q of their squares, in the one order every variant keeps (the same bits). */
+#define BNFAST_HALF_COLS_SUMS8(S, Q, d0, d1, d2, d3, d4, d5, d6, d7)                     \
+    S = (((d0) + (d1)) + ((d2) + (d3))) + (((d4) + (d5)) + ((d6) + (d7)));               \
+    Q = (((d0) * (d0) + (d1) * (d1)) + ((d2) * (d2) + (d3) * (d3)))                      \
+        + (((d4) * (d4) + (d5) * (d5)) + ((d6) * (d6) + (d7) * (d7)));
 /* Columns J0.. of a group of eight rows (p0 = the group's first) and of one
  * leftover row, in float, added to the double sums: the scalar part (and the
  * whole job without SIMD) in the vector part's order. */
 #define BNFAST_HALF_COLS8_SCALAR(TOF, J0)                                                \
     for (j = (J0); j < W; j++) {                                                         \
-        float k = TOF(shift[j]), e[8], s = 0.0f, q = 0.0f;                               \
+        float k = TOF(shift[j]), e[8], s, q;                                             \
         int m;                                                                           \
         for (m = 0; m < 8; m++) e[m] = TOF(p0[m * stride + j]) - k;                      \
-        s = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));           \
-        q = ((e[0] * e[0] + e[1] * e[1]) + (e[2] * e[2] + e[3] * e[3]))                  \
-            + ((e[4] * e[4] + e[5] * e[5]) + (e[6] * e[6] + e[7] * e[7]));               \
+        BNFAST_HALF_COLS_SUMS8(s, q, e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7])     \
         s1[j] += (double)s; s2[j] += (double)q;                                          \
     }
 #define BNFAST_HALF_COLS1_SCALAR(TOF, J0)                                                \
@@ -327,9 +331,8 @@
         V d2 = LOAD(p + 2 * stride) - kv, d3 = LOAD(p + 3 * stride) - kv;                \
         V d4 = LOAD(p + 4 * stride) - kv, d5 = LOAD(p + 5 * stride) - kv;                \
         V d6 = LOAD(p + 6 * stride) - kv, d7 = LOAD(p + 7 * stride) - kv;                \
-        V s = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));                         \
-        V q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))                                \
-              + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));                             \
+        V s, q;                                                                          \
+        BNFAST_HALF_COLS_SUMS8(s, q, d0, d1, d2, d3, d4, d5, d6, d7)                     \
         ADD(s1, j, s)                                                                    \
         ADD(s2, j, q)                                                                    \
     }
@@ -484,9 +487,7 @@ BNFAST_DEFINE_STATS_LEAVES(avx2, BNFAST_AVX2_TARGET, BNFAST_F16C_TARGET, BNFAST_
         bnfast_h16f d5 = BNFAST_HALF_EO_##PART##_(w_[5]) - kv_;                          \
         bnfast_h16f d6 = BNFAST_HALF_EO_##PART##_(w_[6]) - kv_;                          \
         bnfast_h16f d7 = BNFAST_HALF_EO_##PART##_(w_[7]) - kv_;                          \
-        S = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));                           \
-        Q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))                                  \
-            + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7));                               \
+        BNFAST_HALF_COLS_SUMS8(S, Q, d0, d1, d2, d3, d4, d5, d6, d7)                     \
     }
 #define BNFAST_HALF_COLS_EO_BNFAST_HALF_COLS_GROUP_STEP                                  \
     {                                                                                    \
