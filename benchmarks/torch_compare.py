@@ -3,7 +3,7 @@
 Not a pytest-benchmark suite (pytest-benchmark times one implementation after
 the other; on a shared machine the ratios then drift with the load).  Here
 the contenders of each case run in turn, round after round, and the minimum
-per contender is kept::
+per contender is kept, with the ratio of the medians beside it::
 
     python benchmarks/torch_compare.py                   # everything (~2 min)
     python benchmarks/torch_compare.py layers overhead   # only these parts
@@ -35,6 +35,7 @@ Every bnfast result is checked against torch's before it is timed.
 import argparse
 import copy
 import pathlib
+import statistics
 import sys
 import time
 
@@ -65,7 +66,7 @@ def _time(call, number, before=None):
 
 
 def interleaved(calls, rounds, budget=0.005, before=None):
-    """``{name: min seconds per call}``: each round runs every call in turn.
+    """``{name: [seconds per call, one per round]}``: each round runs every call in turn.
 
     ``number`` (calls per timing) is chosen once so that a timing takes about
     ``budget`` seconds for the slowest contender: short timings, many rounds, so
@@ -77,21 +78,28 @@ def interleaved(calls, rounds, budget=0.005, before=None):
         call()
     slowest = max(_time(call, 1) for call in calls.values())
     number = max(1, int(budget / max(slowest, 1e-7)))
-    best = dict.fromkeys(calls, float("inf"))
+    times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            best[name] = min(best[name], _time(call, number, before))
-    return best
+            times[name].append(_time(call, number, before))
+    return times
 
 
 def _us(seconds):
     return f"{seconds * 1e6:10.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:10.2f} ms"
 
 
-def _row(label, best, base="torch"):
+def _row(label, times, base="torch"):
+    """The minimum of each contender (the machine's least disturbed round) and the
+    ratios of the minima and of the medians: where a contender's own time varies from
+    call to call (page faults of fresh memory, which the heap's history decides), the
+    minimum shows its best call and the median its typical one."""
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
     cells = "  ".join(f"{name} {_us(t)}" for name, t in best.items())
-    ratios = "  ".join(f"{base}/{name} {best[base] / t:5.2f}x"
-                       for name, t in best.items() if name != base)
+    ratios = "  ".join(f"{base}/{name} {best[base] / best[name]:5.2f}x "
+                       f"(median {median[base] / median[name]:5.2f}x)"
+                       for name in best if name != base)
     print(f"{label:<38}{cells}  {ratios}", flush=True)
 
 

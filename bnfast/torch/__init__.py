@@ -5,6 +5,8 @@
 * ``fuse(model)``: rewrite ``bn -> relu`` and ``bn -> add -> relu`` into
   :class:`FusedBatchNorm2d` & co. (``torch.fx``).
 * ``batch_norm``, ``fused_batch_norm``: the functional forms.
+* ``empty_cache()``: let go of the free buffers of the pool the large outputs
+  come from (reused memory: no page faults of fresh memory on every call).
 * The operators ``torch.ops.bnfast.batch_norm``, ``fused_batch_norm`` and their
   backwards (custom ops: autograd, ``torch.compile``, ``torch.export``).
 
@@ -24,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     raise ImportError('bnfast.torch needs PyTorch: pip install "bnfast[torch]"') from exc
 
 from . import _ops  # noqa: F401  (registers the torch.ops.bnfast operators)
+from ._buffers import empty_cache
 from ._convert import convert, revert
 from ._fuse import fuse
 from ._modules import (
@@ -50,6 +53,7 @@ __all__ = [
     "batch_norm",
     "convert",
     "convert_sync_batchnorm",
+    "empty_cache",
     "fuse",
     "fused_batch_norm",
     "revert",

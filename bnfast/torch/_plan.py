@@ -25,7 +25,8 @@ from .. import backward as _backward_api
 from .. import functional as _functional
 from .._backward import backward as _backward
 from .._validation import check_forward, check_input
-from ._tensors import _BF16, _NUMPY_ALLOC_BYTES, as_numpy
+from . import _buffers
+from ._tensors import _BF16, as_numpy
 
 __all__ = ["Plan", "key", "lookup", "ATTRIBUTE"]
 
@@ -35,6 +36,7 @@ _STRIDED = torch.strided
 _get_num_threads = torch.get_num_threads
 _from_numpy = torch.from_numpy
 _torch_empty_like = torch.empty_like
+_buffers_empty = _buffers.empty
 _np_empty = np.empty
 _np_zeros = np.zeros
 _U8 = np.uint8
@@ -76,7 +78,7 @@ class Plan:
 
     __slots__ = ("key", "C", "layout", "direct", "view", "running_mean", "running_var",
                  "weight", "bias", "batch_stats", "update", "eps", "relu", "cache",
-                 "mask_bytes", "stream", "numpy_alloc", "np_dtype", "vector_dtype")
+                 "mask_bytes", "stream", "pooled", "np_dtype", "vector_dtype")
 
     def __init__(self, plan_key, input, running_mean, running_var, weight, bias, training, eps,
                  relu, persistent):
@@ -105,16 +107,14 @@ class Plan:
         self.mask_bytes = (x.size + 7) // 8
         self.stream = x.nbytes >= _backward_api.STREAM_BYTES
         self.np_dtype = x.dtype
-        # Large outputs in NumPy's memory (transparent huge pages; see _tensors.empty_like).
-        self.numpy_alloc = (x.nbytes >= _NUMPY_ALLOC_BYTES and x.dtype is not _BF16
-                            and layout is not None)
+        # Large outputs from the pool of warm buffers (_buffers), in x's memory order.
+        self.pooled = layout is not None and x.nbytes >= _buffers.MIN_BYTES
         self.vector_dtype = input.dtype if weight is None else weight.dtype
 
     def _empty(self, input, x):
         """``(tensor, its ndarray view)``: a new output like ``input`` (strides and all)."""
-        if self.numpy_alloc:
-            array = _layout.empty_like_aligned(x)  # x's memory order: same strides
-            return _from_numpy(array), array
+        if self.pooled:
+            return _buffers_empty(x, input.dtype)
         out = _torch_empty_like(input)
         return out, self.view(out)
 

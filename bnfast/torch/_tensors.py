@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .._dtypes import is_supported
-from .._layout import Layout, aligned_empty
+from .._layout import Layout
+from . import _buffers
 
 
 def _bfloat16():
@@ -56,30 +57,17 @@ def as_numpy(tensor):
     return tensor.numpy()
 
 
-# From this size on, outputs are allocated by NumPy (see empty_like).
-_NUMPY_ALLOC_BYTES = 1 << 22
 _DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def empty_like(tensor):
-    """``torch.empty_like(tensor)`` (same strides for a contiguous or channels-last tensor).
-
-    Large ones (4 MiB and up) take their memory from NumPy, which asks the
-    kernel for transparent huge pages: torch's allocator maps fresh 4 KiB pages
-    for every large tensor, and faulting them in costs more than the batch norm
-    itself (a 100 MB eval output: 36 ms with torch's memory, 11 ms with NumPy's).
-    """
-    nbytes = tensor.numel() * tensor.element_size()
-    dtype = _NUMPY_DTYPES.get(tensor.dtype)
-    if dtype is None or nbytes < _NUMPY_ALLOC_BYTES or not (
+    """``torch.empty_like(tensor)`` (same strides for a contiguous or channels-last
+    tensor), large ones from the pool of warm buffers (:mod:`._buffers`)."""
+    if tensor.dtype in DTYPES and tensor.nbytes >= _buffers.MIN_BYTES and (
             tensor.is_contiguous() or tensor.dim() in _DENSE_FORMATS
             and tensor.is_contiguous(memory_format=_DENSE_FORMATS[tensor.dim()])):
-        return torch.empty_like(tensor)
-    size = tensor.element_size()
-    memory = np.lib.stride_tricks.as_strided(  # a cache line aligned (see _layout)
-        aligned_empty(tensor.numel(), dtype), tensor.shape, [s * size for s in tensor.stride()])
-    # A tensor of its own (not a torch view: autograd lets in-place ops write it).
-    return torch.from_numpy(memory)
+        return _buffers.empty(as_numpy(tensor), tensor.dtype)[0]
+    return torch.empty_like(tensor)
 
 
 def vector_dtype_ok(vector, input_dtype):

@@ -1,0 +1,130 @@
+"""Warm memory for the drop-in's large outputs: a pool of buffers that come back.
+
+Every large tensor from torch's CPU allocator (glibc's ``malloc``) may arrive
+as fresh pages, which the kernel zeroes on first touch: one more write pass
+over the output before the batch norm writes it, and often the larger part
+of the call (a 32x2048x7x7 forward + backward through autograd: ~3,100 page
+faults, ~1.3 ms, against ~2.3 ms of kernels).  Which call pays depends on
+the heap's history (glibc returns the top of its heap to the system past a
+threshold, and maps large blocks afresh), so a layer's time swung with what
+ran before it.
+
+The outputs of :class:`._plan.Plan` (forward output, grad_input,
+grad_addend) of :data:`MIN_BYTES` and more come from here instead.  The pool
+keeps every buffer it hands out; a buffer is free again once no array or
+tensor uses it, which its reference count tells: a tensor made by
+``torch.from_numpy`` holds a reference to its array until its storage dies
+(its views, autograd's saved tensors and NumPy views included), and NumPy
+views refer to the array that owns the memory.  A call takes a free buffer
+of exactly its size, else a new one: the pool holds, per size, the most
+buffers that were in use at one time, which a training loop needs again at
+its next step's peak, and at most :data:`CAP_BYTES` in all (beyond, buffers
+are not kept).  :func:`empty_cache` lets the free ones go.
+
+Python's GIL makes taking a buffer atomic: a caller holds its buffer from
+the check on, so no other caller sees it free.
+"""
+import sys
+
+import numpy as np
+import torch
+
+from .. import _layout
+
+__all__ = ["CAP_BYTES", "MIN_BYTES", "empty", "empty_cache", "pooled_bytes"]
+
+#: Outputs from this size on come from the pool: below it, glibc serves them from
+#: its heap's free lists (no fresh pages), and a pool's look-up would cost more.
+MIN_BYTES = 1 << 18
+#: The pool keeps no more buffers once it holds this much.
+CAP_BYTES = 1 << 30
+_ALIGN = 64  # a cache line: the kernels' vector steps and streaming stores
+
+# size in bytes -> the pool's buffers of that size (uint8 arrays owning their memory).
+_buffers: "dict[int, list[np.ndarray]]" = {}
+_pooled = 0
+_getrefcount = sys.getrefcount
+# A free buffer's references during the scan: its list, the loop variable,
+# getrefcount's argument.
+_FREE = 3
+
+
+def _take(nbytes):
+    """A uint8 array of at least ``nbytes + 64`` bytes that nothing else uses."""
+    global _pooled
+    bucket = _buffers.get(nbytes)
+    if bucket is None:
+        bucket = _buffers[nbytes] = []
+    for raw in bucket:
+        if _getrefcount(raw) == _FREE:
+            return raw
+    raw = np.empty(nbytes + _ALIGN, np.uint8)  # NumPy asks for huge pages from 4 MiB
+    if _pooled + raw.nbytes <= CAP_BYTES:
+        bucket.append(raw)
+        _pooled += raw.nbytes
+    return raw
+
+
+def empty(x, dtype):
+    """``(tensor, array)``: memory from the pool shaped as the kernel-layout array
+    ``x`` (its shape and strides), as a tensor of torch dtype ``dtype`` and as the
+    NumPy view of ``x``'s dtype that the kernels write.  For ``x.nbytes`` of
+    :data:`MIN_BYTES` and more (callers take smaller ones from torch).
+
+    Neither is a torch view (autograd lets in-place ops write the tensor).
+
+    Examples
+    --------
+    >>> x = np.zeros((256, 1024), np.float32)
+    >>> out, y = empty(x, torch.float32)
+    >>> out.shape, y.strides == x.strides, y.ctypes.data == out.data_ptr()
+    (torch.Size([256, 1024]), True, True)
+    """
+    nbytes = x.nbytes
+    raw = _take(nbytes)
+    start = -raw.ctypes.data % _ALIGN
+    flat = raw[start:start + nbytes]
+    if dtype is torch.bfloat16:  # no NumPy bfloat16 in torch: its bits, as int16
+        bits = _layout.shaped_like(flat.view(np.int16), x)
+        tensor = torch.empty((), dtype=dtype).set_(
+            torch.from_numpy(flat).untyped_storage(), 0, bits.shape,
+            [s // 2 for s in bits.strides])
+        return tensor, bits.view(x.dtype)
+    array = _layout.shaped_like(flat.view(x.dtype), x)
+    return torch.from_numpy(array), array
+
+
+def pooled_bytes():
+    """``(held, free)``: the bytes the pool holds, and those of them no tensor uses."""
+    free = sum(raw.nbytes for bucket in _buffers.values() for raw in bucket
+               if _getrefcount(raw) == _FREE)
+    return _pooled, free
+
+
+def empty_cache():
+    """Let go of the pool's free buffers (their memory returns to the allocator).
+
+    Buffers in use stay pooled; they come back when their tensors die.
+
+    Returns
+    -------
+    int
+        The bytes let go.
+
+    Examples
+    --------
+    >>> import bnfast.torch
+    >>> bnfast.torch.empty_cache() >= 0
+    True
+    """
+    global _pooled
+    released = 0
+    for size, bucket in list(_buffers.items()):
+        kept = [raw for raw in bucket if _getrefcount(raw) > _FREE]
+        released += sum(raw.nbytes for raw in bucket) - sum(raw.nbytes for raw in kept)
+        if kept:
+            _buffers[size] = kept
+        else:
+            del _buffers[size]
+    _pooled -= released
+    return released
