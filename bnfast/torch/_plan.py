@@ -105,7 +105,7 @@ class Plan:
         self.cache = (_forward.CoefficientCache() if persistent and not self.batch_stats
                       else None)
         self.mask_bytes = (x.size + 7) // 8
-        self.stream = x.nbytes >= _backward_api.STREAM_BYTES
+        self.stream = _backward_api.streams(x)
         self.np_dtype = x.dtype
         # Large outputs from the pool of warm buffers (_buffers), in x's memory order.
         self.pooled = layout is not None and x.nbytes >= _buffers.MIN_BYTES
