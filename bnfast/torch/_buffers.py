@@ -29,7 +29,6 @@ import sys
 import numpy as np
 import torch
 
-from .. import _layout
 
 __all__ = ["CAP_BYTES", "MIN_BYTES", "empty", "empty_cache", "pooled_bytes"]
 
@@ -40,29 +39,33 @@ MIN_BYTES = 1 << 18
 CAP_BYTES = 1 << 30
 _ALIGN = 64  # a cache line: the kernels' vector steps and streaming stores
 
-# size in bytes -> the pool's buffers of that size (uint8 arrays owning their memory).
+# size in bytes -> the pool's buffers of that size: 64-byte aligned uint8 views of
+# exactly that many bytes, each of an array of its own (its ``base``) that owns the
+# memory.  Every array made on a buffer (np.ndarray(buffer=...), NumPy views) refers
+# to that owner, so the owner's reference count says whether a buffer is in use.
 _buffers: "dict[int, list[np.ndarray]]" = {}
 _pooled = 0
 _getrefcount = sys.getrefcount
-# A free buffer's references during the scan: its list, the loop variable,
-# getrefcount's argument.
-_FREE = 3
+# A free buffer's owner's references: the buffer's ``base``, getrefcount's argument.
+_FREE = 2
 
 
 def _take(nbytes):
-    """A uint8 array of at least ``nbytes + 64`` bytes that nothing else uses."""
+    """A pooled buffer (see ``_buffers``) of ``nbytes`` that nothing uses, or a new one."""
     global _pooled
     bucket = _buffers.get(nbytes)
     if bucket is None:
         bucket = _buffers[nbytes] = []
-    for raw in bucket:
-        if _getrefcount(raw) == _FREE:
-            return raw
+    for buffer in bucket:
+        if _getrefcount(buffer.base) == _FREE:
+            return buffer
     raw = np.empty(nbytes + _ALIGN, np.uint8)  # NumPy asks for huge pages from 4 MiB
+    start = -raw.ctypes.data % _ALIGN
+    buffer = raw[start:start + nbytes]
     if _pooled + raw.nbytes <= CAP_BYTES:
-        bucket.append(raw)
+        bucket.append(buffer)
         _pooled += raw.nbytes
-    return raw
+    return buffer
 
 
 def empty(x, dtype):
@@ -80,24 +83,21 @@ def empty(x, dtype):
     >>> out.shape, y.strides == x.strides, y.ctypes.data == out.data_ptr()
     (torch.Size([256, 1024]), True, True)
     """
-    nbytes = x.nbytes
-    raw = _take(nbytes)
-    start = -raw.ctypes.data % _ALIGN
-    flat = raw[start:start + nbytes]
+    buffer = _take(x.nbytes)
     if dtype is torch.bfloat16:  # no NumPy bfloat16 in torch: its bits, as int16
-        bits = _layout.shaped_like(flat.view(np.int16), x)
+        memory = np.ndarray(buffer.shape, np.uint8, buffer)  # refers to the owner
         tensor = torch.empty((), dtype=dtype).set_(
-            torch.from_numpy(flat).untyped_storage(), 0, bits.shape,
-            [s // 2 for s in bits.strides])
-        return tensor, bits.view(x.dtype)
-    array = _layout.shaped_like(flat.view(x.dtype), x)
+            torch.from_numpy(memory).untyped_storage(), 0, x.shape,
+            [s // 2 for s in x.strides])
+        return tensor, np.ndarray(x.shape, x.dtype, buffer, 0, x.strides)
+    array = np.ndarray(x.shape, x.dtype, buffer, 0, x.strides)
     return torch.from_numpy(array), array
 
 
 def pooled_bytes():
     """``(held, free)``: the bytes the pool holds, and those of them no tensor uses."""
-    free = sum(raw.nbytes for bucket in _buffers.values() for raw in bucket
-               if _getrefcount(raw) == _FREE)
+    free = sum(buffer.base.nbytes for bucket in _buffers.values() for buffer in bucket
+               if _getrefcount(buffer.base) == _FREE)
     return _pooled, free
 
 
@@ -120,8 +120,8 @@ def empty_cache():
     global _pooled
     released = 0
     for size, bucket in list(_buffers.items()):
-        kept = [raw for raw in bucket if _getrefcount(raw) > _FREE]
-        released += sum(raw.nbytes for raw in bucket) - sum(raw.nbytes for raw in kept)
+        kept = [buffer for buffer in bucket if _getrefcount(buffer.base) > _FREE]
+        released += sum(b.base.nbytes for b in bucket) - sum(b.base.nbytes for b in kept)
         if kept:
             _buffers[size] = kept
         else:
