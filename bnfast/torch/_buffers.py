@@ -29,7 +29,6 @@ import sys
 import numpy as np
 import torch
 
-
 __all__ = ["CAP_BYTES", "MIN_BYTES", "empty", "empty_cache", "pooled_bytes"]
 
 #: Outputs from this size on come from the pool: below it, glibc serves them from
