@@ -148,3 +148,30 @@ def test_the_pool_stops_at_its_cap(monkeypatch):
     expected = outs[0].clone()
     for out in outs[1:]:
         torch.testing.assert_close(out, expected)
+
+
+def test_threads_never_share_a_buffer():
+    """Modules called from several threads at once: every output kept alive has memory
+    of its own and the right values."""
+    import threading
+    stock, ours, x = _pair(torch.float32)
+    inputs = [x * (k + 1) for k in range(4)]
+    kept = [[] for _ in inputs]
+
+    def work(k):
+        with torch.no_grad():
+            for i in range(40):
+                out = ours(inputs[k])
+                if i % 4 == 0:
+                    kept[k].append(out)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outs = [out for outs in kept for out in outs]
+    assert len({out.data_ptr() for out in outs}) == len(outs)
+    for k, outs in enumerate(kept):
+        expected = _reference(stock, inputs[k])
+        for out in outs:
+            torch.testing.assert_close(out, expected, **TOL[torch.float32])

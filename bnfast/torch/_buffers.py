@@ -21,10 +21,11 @@ buffers that were in use at one time, which a training loop needs again at
 its next step's peak, and at most :data:`CAP_BYTES` in all (beyond, buffers
 are not kept).  :func:`empty_cache` lets the free ones go.
 
-Python's GIL makes taking a buffer atomic: a caller holds its buffer from
-the check on, so no other caller sees it free.
+A lock makes finding a free buffer and claiming it (an array on it) one
+step, so that two threads never take the same buffer.
 """
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -45,26 +46,32 @@ _ALIGN = 64  # a cache line: the kernels' vector steps and streaming stores
 _buffers: "dict[int, list[np.ndarray]]" = {}
 _pooled = 0
 _getrefcount = sys.getrefcount
+_ndarray = np.ndarray
+_U8 = np.dtype(np.uint8)
+_lock = threading.Lock()
 # A free buffer's owner's references: the buffer's ``base``, getrefcount's argument.
 _FREE = 2
 
 
 def _take(nbytes):
-    """A pooled buffer (see ``_buffers``) of ``nbytes`` that nothing uses, or a new one."""
+    """``nbytes`` of pooled memory (see ``_buffers``) that nothing else uses, or new
+    memory: a uint8 array whose life keeps the buffer in use."""
     global _pooled
-    bucket = _buffers.get(nbytes)
-    if bucket is None:
-        bucket = _buffers[nbytes] = []
-    for buffer in bucket:
-        if _getrefcount(buffer.base) == _FREE:
-            return buffer
-    raw = np.empty(nbytes + _ALIGN, np.uint8)  # NumPy asks for huge pages from 4 MiB
-    start = -raw.ctypes.data % _ALIGN
-    buffer = raw[start:start + nbytes]
-    if _pooled + raw.nbytes <= CAP_BYTES:
-        bucket.append(buffer)
-        _pooled += raw.nbytes
-    return buffer
+    with _lock:  # the check and the claim as one step (a thread switch between them
+        # could hand one buffer to two callers)
+        bucket = _buffers.get(nbytes)
+        if bucket is None:
+            bucket = _buffers[nbytes] = []
+        for buffer in bucket:
+            if _getrefcount(buffer.base) == _FREE:
+                return _ndarray(buffer.shape, _U8, buffer)  # refers to the owner
+        raw = np.empty(nbytes + _ALIGN, _U8)  # NumPy asks for huge pages from 4 MiB
+        start = -raw.ctypes.data % _ALIGN
+        buffer = raw[start:start + nbytes]
+        if _pooled + raw.nbytes <= CAP_BYTES:
+            bucket.append(buffer)
+            _pooled += raw.nbytes
+        return _ndarray(buffer.shape, _U8, buffer)
 
 
 def empty(x, dtype):
@@ -82,14 +89,13 @@ def empty(x, dtype):
     >>> out.shape, y.strides == x.strides, y.ctypes.data == out.data_ptr()
     (torch.Size([256, 1024]), True, True)
     """
-    buffer = _take(x.nbytes)
+    memory = _take(x.nbytes)
     if dtype is torch.bfloat16:  # no NumPy bfloat16 in torch: its bits, as int16
-        memory = np.ndarray(buffer.shape, np.uint8, buffer)  # refers to the owner
         tensor = torch.empty((), dtype=dtype).set_(
             torch.from_numpy(memory).untyped_storage(), 0, x.shape,
             [s // 2 for s in x.strides])
-        return tensor, np.ndarray(x.shape, x.dtype, buffer, 0, x.strides)
-    array = np.ndarray(x.shape, x.dtype, buffer, 0, x.strides)
+        return tensor, _ndarray(x.shape, x.dtype, memory, 0, x.strides)
+    array = _ndarray(x.shape, x.dtype, memory, 0, x.strides)
     return torch.from_numpy(array), array
 
 
