@@ -32,9 +32,11 @@ import torch
 
 __all__ = ["CAP_BYTES", "MIN_BYTES", "empty", "empty_cache", "pooled_bytes"]
 
-#: Outputs from this size on come from the pool: below it, glibc serves them from
-#: its heap's free lists (no fresh pages), and a pool's look-up would cost more.
-MIN_BYTES = 1 << 18
+#: Outputs from this size on come from the pool.  Below it glibc serves them from its
+#: heap's free lists, last freed first: memory often still in the caches, where the
+#: pool's buffer was last written a layer or more ago (ResNet-18 eval, batch 16, the
+#: BatchNorms below 4 MiB: 3.8 ms a step with the pool from 256 KiB, 2.9 ms from 4 MiB).
+MIN_BYTES = 1 << 22
 #: The pool keeps no more buffers once it holds this much.
 CAP_BYTES = 1 << 30
 _ALIGN = 64  # a cache line: the kernels' vector steps and streaming stores
@@ -84,10 +86,10 @@ def empty(x, dtype):
 
     Examples
     --------
-    >>> x = np.zeros((256, 1024), np.float32)
+    >>> x = np.zeros((1024, 1024), np.float32)  # 4 MiB
     >>> out, y = empty(x, torch.float32)
     >>> out.shape, y.strides == x.strides, y.ctypes.data == out.data_ptr()
-    (torch.Size([256, 1024]), True, True)
+    (torch.Size([1024, 1024]), True, True)
     """
     memory = _take(x.nbytes)
     if dtype is torch.bfloat16:  # no NumPy bfloat16 in torch: its bits, as int16
