@@ -62,6 +62,15 @@ cdef enum:
     STATS_BLOCK_ELEMS = 131072
     MAX_BLOCK_ROWS = 4096
     TILE_COLS = 512
+    # Arrays under 4 * STATS_BLOCK_ELEMS values take blocks of a quarter of them
+    # (at least MIN_STATS_BLOCK_ELEMS): four tasks for two threads, not one or two
+    # (16x512x4x4 channels-last, 2 threads: one 131072-value task ran alone).
+    MIN_STATS_BLOCK_ELEMS = 32768
+
+
+cdef inline Py_ssize_t stats_block_elems(Py_ssize_t total) noexcept nogil:
+    """Values per channels-last statistics task for an array of ``total`` values."""
+    return min(<Py_ssize_t>STATS_BLOCK_ELEMS, max(<Py_ssize_t>MIN_STATS_BLOCK_ELEMS, total // 4))
 
 
 cdef inline void _finish(double* mean, double* m2, Py_ssize_t C, double count) noexcept nogil:
@@ -317,12 +326,13 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     # Wide rows of W = k * C values (long inner loops for small C), cut into
     # column tiles of equal width (a multiple of 8, but the last) and blocks
     # of rows: a task is a (block, tile), about STATS_BLOCK_ELEMS values.
-    cdef RowBlocks tiling = row_blocks(M, C, STATS_BLOCK_ELEMS, MAX_BLOCK_ROWS)
+    cdef Py_ssize_t block_elems = stats_block_elems(M * C)
+    cdef RowBlocks tiling = row_blocks(M, C, block_elems, MAX_BLOCK_ROWS)
     cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows
     cdef Py_ssize_t tiles = (W + TILE_COLS - 1) // TILE_COLS
     cdef Py_ssize_t tile = ((W + tiles - 1) // tiles + 7) // 8 * 8
     tiles = (W + tile - 1) // tile
-    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, STATS_BLOCK_ELEMS // tile))
+    cdef Py_ssize_t per_block = max(1, min(MAX_BLOCK_ROWS, block_elems // tile))
     cdef Py_ssize_t blocks = (rows + per_block - 1) // per_block
     cdef Py_ssize_t tasks = blocks * tiles
     cdef bnfast_shares shares
