@@ -24,6 +24,7 @@ are not kept).  :func:`empty_cache` lets the free ones go.
 A lock makes finding a free buffer and claiming it (an array on it) one
 step, so that two threads never take the same buffer.
 """
+import os
 import sys
 import threading
 
@@ -51,6 +52,15 @@ _getrefcount = sys.getrefcount
 _ndarray = np.ndarray
 _U8 = np.dtype(np.uint8)
 _lock = threading.Lock()
+
+
+def _new_lock_in_child():
+    # A fork while another thread held the lock would leave the child's copy held.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 # A free buffer's owner's references: the buffer's ``base``, getrefcount's argument.
 _FREE = 2
 
