@@ -124,21 +124,7 @@ def empty_like_aligned(x):
     """
     if x.nbytes < ALIGNED_BYTES:
         return np.empty_like(x)
-    return shaped_like(aligned_empty(x.size, x.dtype), x)
-
-
-def shaped_like(flat, x):
-    """The 1-D contiguous ``flat`` (``x.size`` values) as an array of ``x``'s shape and
-    memory order, a view; ``x`` in a kernel layout (C- or Fortran-contiguous, or
-    channels-last), else ``np.empty_like(x)``.
-
-    Examples
-    --------
-    >>> x = np.zeros((2, 3, 4, 5), np.float32).transpose(0, 3, 1, 2)  # channels-last
-    >>> y = shaped_like(np.arange(x.size, dtype=np.float32), x)
-    >>> y.shape == x.shape and y.strides == x.strides, float(y[0, 1, 0, 0])
-    (True, 1.0)
-    """
+    flat = aligned_empty(x.size, x.dtype)
     if x.flags.c_contiguous:
         return flat.reshape(x.shape)
     if x.flags.f_contiguous:

@@ -31,12 +31,6 @@ from ._validation import (
 STREAM_BYTES = 1 << 22
 HALF_STREAM_BYTES = 1 << 24
 
-
-def streams(x):
-    """Whether the backward of ``x`` (a kernel-layout array) stores grad_input with
-    non-temporal stores."""
-    return x.nbytes >= (STREAM_BYTES if x.itemsize >= 4 else HALF_STREAM_BYTES)
-
 __all__ = [
     "ReluMask",
     "batch_norm_backward",
@@ -45,6 +39,13 @@ __all__ = [
     "no_grad",
     "relu_mask",
 ]
+
+
+def streams(x):
+    """Whether the backward of ``x`` (a kernel-layout array) stores grad_input with
+    non-temporal stores (also asked by bnfast.torch's plans)."""
+    return x.nbytes >= (STREAM_BYTES if x.itemsize >= 4 else HALF_STREAM_BYTES)
+
 
 class _GradState(threading.local):
     # A class default, so a thread that never entered no_grad reads it without

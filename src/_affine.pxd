@@ -451,7 +451,7 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                              bint relu, int n_threads, unsigned char* bits,
                              bint stream) noexcept nogil:
     """relu?((x - m) * a + b + addend?) over (N, C, S); table: fill_table's, untiled.
-    stream: the output is far larger than the caches (non-temporal stores where
+    stream: the output is STREAM_BYTES (4 MiB) or more (non-temporal stores where
     _streamable allows)."""
     # Tasks are blocks of consecutive (n, c) runs.
     cdef Py_ssize_t runs = N * C

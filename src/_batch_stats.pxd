@@ -55,7 +55,8 @@ cdef enum:
     TASK_ELEMS = 32768
     # Channels-last tasks: column tiles of at most TILE_COLS values (2 * 512
     # doubles of accumulators: L1) times blocks of rows, about STATS_BLOCK_ELEMS
-    # values and at most MAX_BLOCK_ROWS rows (one shift per column and block).
+    # values (stats_block_elems: fewer in small arrays) and at most MAX_BLOCK_ROWS
+    # rows (one shift per column and block).
     # Each (block, column) pays a scalar set-up and finish (the shift read and
     # stored in the storage type, the partial's fix-ups, its merge): with 64-row
     # blocks that was a quarter of a (4096, 1024) float16 training forward.
@@ -325,7 +326,7 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     """
     # Wide rows of W = k * C values (long inner loops for small C), cut into
     # column tiles of equal width (a multiple of 8, but the last) and blocks
-    # of rows: a task is a (block, tile), about STATS_BLOCK_ELEMS values.
+    # of rows: a task is a (block, tile), about stats_block_elems(M * C) values.
     cdef Py_ssize_t block_elems = stats_block_elems(M * C)
     cdef RowBlocks tiling = row_blocks(M, C, block_elems, MAX_BLOCK_ROWS)
     cdef Py_ssize_t k = tiling.k, W = tiling.W, rows = tiling.rows

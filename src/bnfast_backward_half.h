@@ -11,7 +11,7 @@
  *     is exact, so the same lanes, order and row groups (float's) give
  *     float32's sums bit for bit;
  *   pass 2 without a mask: dx = round((dy * a + (x - m) * b) + d) in float,
- *     non-temporal stores where asked (arrays far beyond the caches).
+ *     non-temporal stores where asked (bnfast.backward.streams: 16 MiB and more).
  * Staged elsewhere (bnfast_half.h): widen into float buffers, run the float32
  * leaf of the same job, narrow what it writes -- the portable build's masked
  * pass 1 and the masked pass 2.  Channels-first runs are staged whole (short

@@ -299,7 +299,7 @@ static inline void bnfast_affine_tiled_f64(const double *x, const double *add, d
 
 /* ---------------------------------------------------------------------------
  * Streaming (non-temporal) twins of the float32 / float64 normalise leaves, for
- * outputs far larger than the caches.  movntps/movntpd skip the read for
+ * outputs of _forward.pyx's STREAM_BYTES (4 MiB) and more.  movntps/movntpd skip the read for
  * ownership of every output line, a third of the pass's traffic: a normalise
  * of 12.8 MB went from 24 to 46 GB/s on one core (np.copyto streams too).
  * The same arithmetic per element in 16-byte SSE2 vectors (every x86-64), so

@@ -2,6 +2,8 @@
 view, NumPy array or autograd graph uses it; the outputs stay torch's (values, dtype,
 strides, in-place ops) whichever memory they are in."""
 import gc
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -28,6 +30,14 @@ def _pair(dtype, fmt=torch.contiguous_format):
     ours = bt.convert(stock, inplace=False)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
     return stock, ours, x.contiguous(memory_format=fmt)
+
+
+@pytest.fixture(autouse=True)
+def empty_pool():
+    """Each test starts with no free buffer left by others (so the first free one
+    of a size is the one it released)."""
+    gc.collect()
+    bt.empty_cache()
 
 
 def _reference(stock, x):
@@ -125,11 +135,11 @@ def test_empty_cache_lets_free_buffers_go():
         kept = ours(x)
         ours(x)  # a second buffer, free once the call returns
     gc.collect()
-    held, free = _buffers.pooled_bytes()
+    held, free = bt.pooled_bytes()
     assert free >= kept.nbytes and held >= free + kept.nbytes
     released = bt.empty_cache()
     assert released == free
-    assert _buffers.pooled_bytes() == (held - free, 0)
+    assert bt.pooled_bytes() == (held - free, 0)
     address = kept.data_ptr()
     del kept
     gc.collect()
@@ -138,22 +148,21 @@ def test_empty_cache_lets_free_buffers_go():
 
 
 def test_the_pool_stops_at_its_cap(monkeypatch):
-    bt.empty_cache()
-    held, _ = _buffers.pooled_bytes()
+    held, _ = bt.pooled_bytes()
     monkeypatch.setattr(_buffers, "CAP_BYTES", held)
     _, ours, x = _pair(torch.float32)
     with torch.no_grad():
         outs = [ours(x) for _ in range(3)]
-    assert _buffers.pooled_bytes()[0] == held
+    assert bt.pooled_bytes()[0] == held
     expected = outs[0].clone()
     for out in outs[1:]:
         torch.testing.assert_close(out, expected)
 
 
 def test_threads_never_share_a_buffer():
-    """Modules called from several threads at once: every output kept alive has memory
-    of its own and the right values."""
-    import threading
+    """Modules called from several threads at once, switching threads as often as
+    Python allows: every output kept alive has memory of its own and the right
+    values."""
     stock, ours, x = _pair(torch.float32)
     inputs = [x * (k + 1) for k in range(4)]
     kept = [[] for _ in inputs]
@@ -165,13 +174,53 @@ def test_threads_never_share_a_buffer():
                 if i % 4 == 0:
                     kept[k].append(out)
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     outs = [out for outs in kept for out in outs]
     assert len({out.data_ptr() for out in outs}) == len(outs)
     for k, outs in enumerate(kept):
         expected = _reference(stock, inputs[k])
         for out in outs:
             torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_a_full_pool_lets_free_buffers_of_other_sizes_go(monkeypatch):
+    """At the cap, a new size first drops the free buffers of the others."""
+    _, ours, x = _pair(torch.float32)
+    with torch.no_grad():
+        ours(x)  # one free buffer of x's size
+    held, free = bt.pooled_bytes()
+    assert free > 0
+    monkeypatch.setattr(_buffers, "CAP_BYTES", held)
+    y = x[:32].clone()  # another size, which fits once the free buffer went
+    with torch.no_grad():
+        out = bt.convert(nn.BatchNorm2d(SHAPE[1]))(y)
+    assert bt.pooled_bytes() == (held - free + out.nbytes + 64, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_operators_outputs_come_from_the_pool(dtype):
+    """torch.ops.bnfast (the road of compile and export) allocates from the pool too:
+    a held output is not written again; a released one comes back."""
+    stock, _, x = _pair(dtype)
+    expected = _reference(stock, x)
+    w, b = stock.weight.detach(), stock.bias.detach()
+
+    def op():
+        return torch.ops.bnfast.batch_norm(x, w, b, None, None, True, 0.1, 1e-5)[0]
+    first = op()
+    second = op()
+    assert first.data_ptr() != second.data_ptr()
+    second.fill_(5)
+    torch.testing.assert_close(first, expected, **TOL[dtype])
+    address = second.data_ptr()
+    del second
+    gc.collect()
+    assert op().data_ptr() == address

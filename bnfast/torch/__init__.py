@@ -5,8 +5,9 @@
 * ``fuse(model)``: rewrite ``bn -> relu`` and ``bn -> add -> relu`` into
   :class:`FusedBatchNorm2d` & co. (``torch.fx``).
 * ``batch_norm``, ``fused_batch_norm``: the functional forms.
-* ``empty_cache()``: let go of the free buffers of the pool the large outputs
-  come from (reused memory: no page faults of fresh memory on every call).
+* ``empty_cache()``, ``pooled_bytes()``: let go of / count the buffers of the
+  pool the large outputs come from (reused memory: no page faults of fresh
+  memory on every call).
 * The operators ``torch.ops.bnfast.batch_norm``, ``fused_batch_norm`` and their
   backwards (custom ops: autograd, ``torch.compile``, ``torch.export``).
 
@@ -26,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     raise ImportError('bnfast.torch needs PyTorch: pip install "bnfast[torch]"') from exc
 
 from . import _ops  # noqa: F401  (registers the torch.ops.bnfast operators)
-from ._buffers import empty_cache
+from ._buffers import empty_cache, pooled_bytes
 from ._convert import convert, revert
 from ._fuse import fuse
 from ._modules import (
@@ -56,5 +57,6 @@ __all__ = [
     "empty_cache",
     "fuse",
     "fused_batch_norm",
+    "pooled_bytes",
     "revert",
 ]

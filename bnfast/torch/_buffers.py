@@ -10,7 +10,8 @@ threshold, and maps large blocks afresh), so a layer's time swung with what
 ran before it.
 
 The outputs of :class:`._plan.Plan` (forward output, grad_input,
-grad_addend) of :data:`MIN_BYTES` and more come from here instead.  The pool
+grad_addend) and of the ``torch.ops.bnfast`` operators (``_tensors.empty_like``)
+of :data:`MIN_BYTES` and more come from here instead.  The pool
 keeps every buffer it hands out; a buffer is free again once no array or
 tensor uses it, which its reference count tells: a tensor made by
 ``torch.from_numpy`` holds a reference to its array until its storage dies
@@ -18,8 +19,10 @@ tensor uses it, which its reference count tells: a tensor made by
 views refer to the array that owns the memory.  A call takes a free buffer
 of exactly its size, else a new one: the pool holds, per size, the most
 buffers that were in use at one time, which a training loop needs again at
-its next step's peak, and at most :data:`CAP_BYTES` in all (beyond, buffers
-are not kept).  :func:`empty_cache` lets the free ones go.
+its next step's peak, and at most :data:`CAP_BYTES` in all (a new buffer that
+would pass it first lets the free ones of every size go, else it is not kept).
+:func:`empty_cache` lets the free ones go; :func:`pooled_bytes` tells what the
+pool holds.
 
 A lock makes finding a free buffer and claiming it (an array on it) one
 step, so that two threads never take the same buffer.
@@ -60,9 +63,25 @@ def _new_lock_in_child():
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_lock_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 # A free buffer's owner's references: the buffer's ``base``, getrefcount's argument.
 _FREE = 2
+
+
+def _release_free():
+    """Drop the free buffers (the caller holds ``_lock``); the bytes let go."""
+    global _pooled
+    released = 0
+    for size, bucket in list(_buffers.items()):
+        kept = [buffer for buffer in bucket if _getrefcount(buffer.base) > _FREE]
+        released += sum(b.base.nbytes for b in bucket) - sum(b.base.nbytes for b in kept)
+        if kept:
+            _buffers[size] = kept
+        else:
+            del _buffers[size]
+    _pooled -= released
+    return released
 
 
 def _take(nbytes):
@@ -71,17 +90,16 @@ def _take(nbytes):
     global _pooled
     with _lock:  # the check and the claim as one step (a thread switch between them
         # could hand one buffer to two callers)
-        bucket = _buffers.get(nbytes)
-        if bucket is None:
-            bucket = _buffers[nbytes] = []
-        for buffer in bucket:
+        for buffer in _buffers.get(nbytes, ()):
             if _getrefcount(buffer.base) == _FREE:
                 return _ndarray(buffer.shape, _U8, buffer)  # refers to the owner
         raw = np.empty(nbytes + _ALIGN, _U8)  # NumPy asks for huge pages from 4 MiB
         start = -raw.ctypes.data % _ALIGN
         buffer = raw[start:start + nbytes]
+        if _pooled + raw.nbytes > CAP_BYTES:  # free buffers of other sizes go first
+            _release_free()
         if _pooled + raw.nbytes <= CAP_BYTES:
-            bucket.append(buffer)
+            _buffers.setdefault(nbytes, []).append(buffer)
             _pooled += raw.nbytes
         return _ndarray(buffer.shape, _U8, buffer)
 
@@ -105,17 +123,31 @@ def empty(x, dtype):
     if dtype is torch.bfloat16:  # no NumPy bfloat16 in torch: its bits, as int16
         tensor = torch.empty((), dtype=dtype).set_(
             torch.from_numpy(memory).untyped_storage(), 0, x.shape,
-            [s // 2 for s in x.strides])
+            [s // x.itemsize for s in x.strides])
         return tensor, _ndarray(x.shape, x.dtype, memory, 0, x.strides)
     array = _ndarray(x.shape, x.dtype, memory, 0, x.strides)
     return torch.from_numpy(array), array
 
 
 def pooled_bytes():
-    """``(held, free)``: the bytes the pool holds, and those of them no tensor uses."""
-    free = sum(buffer.base.nbytes for bucket in _buffers.values() for buffer in bucket
-               if _getrefcount(buffer.base) == _FREE)
-    return _pooled, free
+    """The bytes the pool of large outputs holds, and those of them no tensor uses.
+
+    Returns
+    -------
+    (int, int)
+        ``(held, free)``.
+
+    Examples
+    --------
+    >>> import bnfast.torch
+    >>> held, free = bnfast.torch.pooled_bytes()
+    >>> 0 <= free <= held
+    True
+    """
+    with _lock:
+        free = sum(buffer.base.nbytes for bucket in _buffers.values() for buffer in bucket
+                   if _getrefcount(buffer.base) == _FREE)
+        return _pooled, free
 
 
 def empty_cache():
@@ -134,14 +166,5 @@ def empty_cache():
     >>> bnfast.torch.empty_cache() >= 0
     True
     """
-    global _pooled
-    released = 0
-    for size, bucket in list(_buffers.items()):
-        kept = [buffer for buffer in bucket if _getrefcount(buffer.base) > _FREE]
-        released += sum(b.base.nbytes for b in bucket) - sum(b.base.nbytes for b in kept)
-        if kept:
-            _buffers[size] = kept
-        else:
-            del _buffers[size]
-    _pooled -= released
-    return released
+    with _lock:
+        return _release_free()

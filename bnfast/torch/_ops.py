@@ -22,7 +22,7 @@ operator"); this is its own recipe, as ``aten::_native_batch_norm_legit_function
 
 Tensors are handed to the core as NumPy views (``Tensor.numpy()``): outputs
 are allocated with the strides the fake promises (``empty_like``'s; large
-ones in NumPy's memory, see ``_tensors.empty_like``) and written by the
+ones from the pool of warm buffers, see ``_buffers``) and written by the
 kernels in place.  ``save_mean``/``save_invstd`` are float64,
 as the core computes them.  Threads: ``torch.get_num_threads()``.
 """

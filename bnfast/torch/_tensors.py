@@ -31,9 +31,6 @@ _CANDIDATES = (
     (torch.bfloat16, _bfloat16()),
 )
 
-# The dtypes torch.from_numpy takes (NumPy's own).
-_NUMPY_DTYPES = {t: n for t, n in _CANDIDATES[:3]}
-
 #: The torch dtypes bnfast's kernels take (the rest falls back to torch).
 DTYPES = tuple(t for t, n in _CANDIDATES if n is not None and is_supported(n))
 
