@@ -65,8 +65,17 @@ def _new_lock_in_child():
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_new_lock_in_child)
-# A free buffer's owner's references: the buffer's ``base``, getrefcount's argument.
-_FREE = 2
+
+
+def _owner_refs(buffer):
+    """The reference count of the array that owns ``buffer``'s memory."""
+    return _getrefcount(buffer.base)
+
+
+# A free buffer's owner's count: the buffer's ``base`` alone, plus what getrefcount
+# counts of its own argument -- probed, not assumed (Python 3.14 borrows some
+# references that earlier versions counted).
+_FREE = _owner_refs(np.empty(1, np.uint8)[:])
 
 
 def _release_free():
@@ -74,7 +83,7 @@ def _release_free():
     global _pooled
     released = 0
     for size, bucket in list(_buffers.items()):
-        kept = [buffer for buffer in bucket if _getrefcount(buffer.base) > _FREE]
+        kept = [buffer for buffer in bucket if _owner_refs(buffer) > _FREE]
         released += sum(b.base.nbytes for b in bucket) - sum(b.base.nbytes for b in kept)
         if kept:
             _buffers[size] = kept
@@ -91,7 +100,7 @@ def _take(nbytes):
     with _lock:  # the check and the claim as one step (a thread switch between them
         # could hand one buffer to two callers)
         for buffer in _buffers.get(nbytes, ()):
-            if _getrefcount(buffer.base) == _FREE:
+            if _owner_refs(buffer) == _FREE:
                 return _ndarray(buffer.shape, _U8, buffer)  # refers to the owner
         raw = np.empty(nbytes + _ALIGN, _U8)  # NumPy asks for huge pages from 4 MiB
         start = -raw.ctypes.data % _ALIGN
@@ -146,7 +155,7 @@ def pooled_bytes():
     """
     with _lock:
         free = sum(buffer.base.nbytes for bucket in _buffers.values() for buffer in bucket
-                   if _getrefcount(buffer.base) == _FREE)
+                   if _owner_refs(buffer) == _FREE)
         return _pooled, free
 
 
