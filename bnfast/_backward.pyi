@@ -8,6 +8,7 @@ arrays for the other three (None where not wanted).
 """
 
 import numpy as np
+from typing_extensions import disjoint_base
 
 # Cython's doctest dictionary (the docstrings of the def functions).
 
@@ -30,4 +31,15 @@ def backward(
     sums_given: bool = False,
     count: int = 0,
 ) -> tuple[np.ndarray | None, np.ndarray | None]: ...
+@disjoint_base
+class BoundBackward:
+    """``backward`` with the geometry, weight and mode fixed, run on addresses."""
+    def __init__(
+        self, x: np.ndarray, weight: np.ndarray | None, layout: int, training: bool
+    ) -> None: ...
+    def run(
+        self, x: int, grad_output: int, mask: int, saved: int, grad_input: int,
+        grad_addend: int, grad_weight: int, grad_bias: int, stream: bool, n_threads: int,
+    ) -> None: ...
+
 def pack_positive(output: np.ndarray, bits: np.ndarray, n_threads: int) -> None: ...

@@ -3,6 +3,8 @@
 ``forward`` is the one compiled forward: statistics, running update,
 coefficients and the normalise pass with its epilogue.  It trusts its
 arguments; ``bnfast.functional.normalize`` checks and lays them out.
+``BoundForward`` is the same forward with its arguments bound once and the
+data passed by address (``bnfast.torch``'s plans).
 """
 from typing import Any, Optional
 
@@ -44,6 +46,28 @@ def forward(
     coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
     cache: Optional[CoefficientCache],
 ) -> Optional[CoefficientTable]: ...
+
+@disjoint_base
+class SavedStats:
+    """A training forward's (4, C) float64 table (mean, invstd, scale, shift) for its backward."""
+    @property
+    def address(self) -> int: ...
+    @property
+    def channels(self) -> int: ...
+    def table(self) -> npt.NDArray[np.float64]: ...
+
+@disjoint_base
+class BoundForward:
+    """``forward`` with every argument but the data fixed, run on addresses."""
+    def __init__(
+        self, x: _F, layout: int, running_mean: Optional[_F], running_var: Optional[_F],
+        weight: Optional[_F], bias: Optional[_F], batch_stats: bool, eps: float, relu: bool,
+        cache: Optional[CoefficientCache],
+    ) -> None: ...
+    def run(
+        self, x: int, addend: int, out: int, momentum: float, n_threads: int, want_stats: bool,
+        mask: int,
+    ) -> Optional[SavedStats]: ...
 
 def moments(x: _F, layout: int, n_threads: int) -> tuple[
     npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -37,6 +37,7 @@ argument (the contract is in :func:`backward`'s docstring).  The dtype switch
 happens here, on the NumPy type number; the kernels have one body per mode.
 Work below ``SERIAL_ELEMS`` values runs without entering an OpenMP region.
 """
+cimport cython
 cimport numpy as cnp
 from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
@@ -1015,28 +1016,86 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     job.sums = <double*>data_or_null(sums)
     job.sums_given = sums_given
     job.count = count
+    _run_job(&job, typenum, mean, invstd, weight)
+    return grad_weight, grad_bias
+
+
+cdef int _run_job(Job* job, int typenum, cnp.ndarray mean, cnp.ndarray invstd,
+                  cnp.ndarray weight) except -1:
+    """Run ``job`` on data of type number ``typenum``; its (C,) vectors from these
+    arrays (``mean``/``invstd`` None: the job's own)."""
+    cdef Py_ssize_t C = job.shape.C
     cdef double* work = <double*>aligned_malloc((8 * C + 1) * sizeof(double))
     if work == NULL:
         raise MemoryError()
-    job.mean = _as_doubles(mean, C, work + 5 * C)
-    job.invstd = _as_doubles(invstd, C, work + 6 * C)
+    if mean is not None:
+        job.mean = _as_doubles(mean, C, work + 5 * C)
+        job.invstd = _as_doubles(invstd, C, work + 6 * C)
     job.weight = NULL
     if weight is not None:
         job.weight = _as_doubles(weight, C, work + 7 * C)
     cdef int rc
     with nogil:  # the dtype switch (validation admits these four)
         if typenum == cnp.NPY_FLOAT32:
-            rc = _run(&job, work, <float*>NULL)
+            rc = _run(job, work, <float*>NULL)
         elif typenum == cnp.NPY_FLOAT64:
-            rc = _run(&job, work, <double*>NULL)
+            rc = _run(job, work, <double*>NULL)
         elif typenum == cnp.NPY_FLOAT16:
-            rc = _run(&job, work, <bnfast_f16*>NULL)
+            rc = _run(job, work, <bnfast_f16*>NULL)
         else:  # bfloat16
-            rc = _run(&job, work, <bnfast_bf16*>NULL)
+            rc = _run(job, work, <bnfast_bf16*>NULL)
     aligned_free(work)
     if rc != 0:
         raise MemoryError()
-    return grad_weight, grad_bias
+    return 0
+
+
+@cython.auto_pickle(False)
+cdef class BoundBackward:
+    """:func:`backward` with the geometry, weight and mode fixed, run on addresses.
+
+    For callers that check a configuration once and call it many times
+    (``bnfast.torch``'s plans; ``bnfast._forward.BoundForward`` is its
+    forward): a call passes the addresses of the data, of the forward's
+    (4, C) float64 table (``SavedStats.address``: mean and invstd are its
+    first two rows) and of the outputs (0 for none), with no NumPy array
+    made per call.  ``grad_weight``/``grad_bias``: C values of the compute
+    type (float64 for float64 data, else float32).  The contract is
+    :func:`backward`'s; ``x`` gives the geometry and is not kept.
+    """
+    cdef Shape shape
+    cdef int typenum
+    cdef cnp.ndarray weight
+    cdef bint training
+
+    def __init__(self, cnp.ndarray x not None, cnp.ndarray weight, int layout, bint training):
+        self.shape = kernel_shape(x, layout)
+        self.typenum = cnp.PyArray_TYPE(x)
+        self.weight, self.training = weight, training
+
+    def run(self, size_t x, size_t grad_output, size_t mask, size_t saved, size_t grad_input,
+            size_t grad_addend, size_t grad_weight, size_t grad_bias, bint stream,
+            int n_threads):
+        """Write the gradients asked for (their addresses not 0)."""
+        cdef Job job
+        cdef const double* coef = <const double*>saved
+        job.shape = self.shape
+        job.training = self.training
+        job.stream = stream
+        job.n_threads = n_threads
+        job.x = <const void*>x
+        job.dy = <const void*>grad_output
+        job.bits = <const unsigned char*>mask
+        job.dx = <void*>grad_input
+        job.g = <void*>grad_addend
+        job.grad_weight = <void*>grad_weight
+        job.grad_bias = <void*>grad_bias
+        job.sums = NULL
+        job.sums_given = False
+        job.count = 0
+        job.mean = coef
+        job.invstd = coef + self.shape.C
+        _run_job(&job, self.typenum, None, None, self.weight)
 
 
 # -- the ReLU mask ----------------------------------------------------------------------

@@ -199,9 +199,20 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
         The cache entry this call used (its snapshot for backward), if any.
     """
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef Shape shape = _kernel_shape(xa, layout)
+    return _forward(cnp.PyArray_DATA(xa), cnp.PyArray_TYPE(xa), _kernel_shape(xa, layout),
+                    running_mean, running_var, weight, bias, batch_stats, momentum, eps,
+                    _data(addend), _data(out), relu, n_threads,
+                    NULL if coef is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>coef),
+                    <unsigned char*>_data(mask), cache)
+
+
+cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, object running_mean,
+                               object running_var, object weight, object bias,
+                               bint batch_stats, double momentum, double eps, const void* ap,
+                               void* yp, bint relu, int n_threads, double* coef,
+                               unsigned char* bits, CoefficientCache cache):
+    """:func:`forward` on the data's addresses (its arguments as there; coef NULL: none)."""
     cdef Py_ssize_t C = shape.C
-    cdef int data_type = cnp.PyArray_TYPE(xa)
     cdef Py_ssize_t count = shape.count
     cdef double* table_coef
     cdef const double* storage = NULL
@@ -214,9 +225,9 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
         if cache is not None and not batch_stats:
             entry = cache.lookup(running_mean, running_var, weight, bias, C, eps)
             table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>entry.table)
-            if coef is not None:
-                memcpy(cnp.PyArray_DATA(<cnp.ndarray>coef), table_coef, 4 * C * sizeof(double))
-            if layout == CHANNELS_FIRST or tile_repeat(C, APPLY_WIDTH) == 1:
+            if coef != NULL:
+                memcpy(coef, table_coef, 4 * C * sizeof(double))
+            if shape.layout == CHANNELS_FIRST or tile_repeat(C, APPLY_WIDTH) == 1:
                 storage = <const double*>cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
         else:
             # Weight/bias as doubles (2 * C), the mean's residual (C), and the table
@@ -224,11 +235,10 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
             scratch = <double*>aligned_malloc(7 * C * sizeof(double) + 1)
             if scratch == NULL:
                 raise MemoryError()
-            table_coef = scratch + 3 * C if coef is None \
-                else <double*>cnp.PyArray_DATA(<cnp.ndarray>coef)
+            table_coef = scratch + 3 * C if coef == NULL else coef
             if batch_stats:
                 residual = scratch + 2 * C
-                status = _batch_moments(xa, data_type, shape, table_coef, residual, n_threads)
+                status = _batch_moments(xp, data_type, shape, table_coef, residual, n_threads)
                 if status == 0 and running_mean is not None and count > 0:
                     _update_running(running_mean, running_var, table_coef, C, count, momentum)
                 _coefficients(None, None, weight, bias, C, eps, table_coef, scratch)
@@ -236,13 +246,92 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
                 _coefficients(running_mean, running_var, weight, bias, C, eps, table_coef,
                               scratch)
         if status == 0 and count > 0:
-            status = _normalize(xa, data_type, addend, out, shape, table_coef, residual,
-                                storage, relu, n_threads, mask)
+            status = _normalize(xp, data_type, ap, yp, shape, table_coef, residual,
+                                storage, relu, n_threads, bits)
     finally:
         aligned_free(scratch)
     if status:
         raise MemoryError()
     return entry
+
+
+@cython.auto_pickle(False)
+cdef class SavedStats:
+    """A training forward's (4, C) float64 table (mean, invstd, scale, shift) for its
+    backward, in memory of its own (freed with this object).
+
+    Attributes
+    ----------
+    address : int
+        The table's address (``BoundBackward.run``'s ``saved``).
+    channels : int
+        C.
+    """
+    cdef double* coef
+    cdef readonly Py_ssize_t channels
+
+    def __dealloc__(self):
+        aligned_free(self.coef)
+
+    @property
+    def address(self):
+        return <size_t>self.coef
+
+    def table(self):
+        """A copy of the (4, C) table, as an ndarray."""
+        cdef cnp.npy_intp dims[2]
+        dims[0], dims[1] = 4, self.channels
+        cdef cnp.ndarray copy = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        memcpy(cnp.PyArray_DATA(copy), self.coef, 4 * self.channels * sizeof(double))
+        return copy
+
+
+@cython.auto_pickle(False)
+cdef class BoundForward:
+    """:func:`forward` with every argument but the data fixed, run on addresses.
+
+    For callers that check a configuration once and then call it many times
+    with data of one geometry (``bnfast.torch``'s plans): a call passes the
+    addresses of the input, addend, output and mask (0 for none), with no
+    NumPy array made per call.  The arguments are :func:`forward`'s, checked
+    and laid out by the caller; ``x`` gives the data's geometry (shape,
+    strides, dtype, ``layout``) and is not kept.  The (C,) vectors are kept
+    and read at every call.
+    """
+    cdef Shape shape
+    cdef int data_type
+    cdef object running_mean, running_var, weight, bias
+    cdef bint batch_stats, relu
+    cdef double eps
+    cdef CoefficientCache cache
+
+    def __init__(self, x, int layout, running_mean, running_var, weight, bias,
+                 bint batch_stats, double eps, bint relu, CoefficientCache cache):
+        self.shape = _kernel_shape(<cnp.ndarray?>x, layout)
+        self.data_type = cnp.PyArray_TYPE(<cnp.ndarray>x)
+        self.running_mean, self.running_var = running_mean, running_var
+        self.weight, self.bias = weight, bias
+        self.batch_stats, self.eps, self.relu, self.cache = batch_stats, eps, relu, cache
+
+    def run(self, size_t x, size_t addend, size_t out, double momentum, int n_threads,
+            bint want_stats, size_t mask):
+        """Normalise the data at ``x`` into ``out`` (``addend``, ``mask``: 0 for none;
+        ``mask``: zeroed, as :func:`forward`'s).  Returns a :class:`SavedStats`
+        with ``want_stats``, else None."""
+        cdef SavedStats saved = None
+        cdef double* coef = NULL
+        if want_stats:
+            saved = SavedStats.__new__(SavedStats)
+            saved.coef = <double*>aligned_malloc(4 * self.shape.C * sizeof(double) + 1)
+            if saved.coef == NULL:
+                raise MemoryError()
+            saved.channels = self.shape.C
+            coef = saved.coef
+        _forward(<const void*>x, self.data_type, self.shape, self.running_mean,
+                 self.running_var, self.weight, self.bias, self.batch_stats, momentum,
+                 self.eps, <const void*>addend, <void*>out, self.relu, n_threads, coef,
+                 <unsigned char*>mask, self.cache)
+        return saved
 
 
 def moments(x, int layout, int n_threads):
@@ -260,12 +349,13 @@ def moments(x, int layout, int n_threads):
     dims[0], dims[1] = 3, shape.C
     cdef cnp.ndarray result = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
     cdef double* rows = <double*>cnp.PyArray_DATA(result)
-    if _batch_moments(xa, cnp.PyArray_TYPE(xa), shape, rows, rows + 2 * shape.C, n_threads):
+    if _batch_moments(cnp.PyArray_DATA(xa), cnp.PyArray_TYPE(xa), shape, rows,
+                      rows + 2 * shape.C, n_threads):
         raise MemoryError()
     return result[0], result[1], result[2]
 
 
-cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,
+cdef int _batch_moments(const void* xp, int data_type, Shape shape, double* coef,
                         double* residual, int n_threads) noexcept:
     """Batch mean and biased variance into coef rows 0 and 1, and the exact mean's
     residual (zeros for an empty batch)."""
@@ -276,7 +366,6 @@ cdef int _batch_moments(cnp.ndarray x, int data_type, Shape shape, double* coef,
         for c in range(shape.C):
             residual[c] = 0.0
         return 0
-    cdef const void* xp = cnp.PyArray_DATA(x)
     if data_type == cnp.NPY_FLOAT32:
         return _moments(<const float*>xp, shape, coef, residual, n_threads)
     if data_type == cnp.NPY_FLOAT64:
@@ -311,15 +400,11 @@ cdef void _update_running(object running_mean, object running_var, const double*
                        <double>count, momentum)
 
 
-cdef int _normalize(cnp.ndarray x, int data_type, object addend, object out, Shape shape,
+cdef int _normalize(const void* xp, int data_type, const void* ap, void* yp, Shape shape,
                     const double* coef, const double* residual, const double* table, bint relu,
-                    int n_threads, object mask) noexcept:
+                    int n_threads, unsigned char* bits) noexcept:
     """The type-number switch of the normalise pass (validation admits four dtypes;
     the one without a fixed type number is bfloat16)."""
-    cdef const void* xp = cnp.PyArray_DATA(x)
-    cdef const void* ap = _data(addend)
-    cdef void* yp = _data(out)
-    cdef unsigned char* bits = <unsigned char*>_data(mask)
     if data_type == cnp.NPY_FLOAT32:
         return _apply(<const float*>xp, <const float*>ap, <float*>yp, shape, coef, residual,
                       table, relu, n_threads, bits)

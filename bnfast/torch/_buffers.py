@@ -34,7 +34,7 @@ import threading
 import numpy as np
 import torch
 
-__all__ = ["CAP_BYTES", "MIN_BYTES", "empty", "empty_cache", "pooled_bytes"]
+__all__ = ["CAP_BYTES", "MIN_BYTES", "empty", "empty_cache", "empty_tensor", "pooled_bytes"]
 
 #: Outputs from this size on come from the pool.  Below it glibc serves them from its
 #: heap's free lists, last freed first: memory often still in the caches, where the
@@ -136,6 +136,23 @@ def empty(x, dtype):
         return tensor, _ndarray(x.shape, x.dtype, memory, 0, x.strides)
     array = _ndarray(x.shape, x.dtype, memory, 0, x.strides)
     return torch.from_numpy(array), array
+
+
+def empty_tensor(nbytes, shape, strides, dtype):
+    """A tensor of ``shape``, ``strides`` (in elements) and torch ``dtype`` on pooled
+    memory of ``nbytes`` (the bytes that shape and strides span densely), with no
+    NumPy view: the outputs of ``bnfast.torch``'s plans, which pass addresses.
+
+    Not a torch view (autograd lets in-place ops write the tensor).
+
+    Examples
+    --------
+    >>> out = empty_tensor(4 << 20, (1024, 1024), (1, 1024), torch.float32)
+    >>> out.shape, out.stride(), out.data_ptr() % 64
+    (torch.Size([1024, 1024]), (1, 1024), 0)
+    """
+    storage = torch.from_numpy(_take(nbytes)).untyped_storage()
+    return torch.empty((), dtype=dtype).set_(storage, 0, shape, strides)
 
 
 def pooled_bytes():

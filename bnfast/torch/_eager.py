@@ -11,8 +11,9 @@ Everything else (tracing, fake tensors, subclasses) goes through
 ``torch.ops.bnfast``.
 
 The Function saves what torch's own batch norm saves (input and weight:
-autograd's version checks catch an in-place change before backward) and
-keeps the statistics (a (4, C) float64 table) and the plan on its context.
+autograd's version checks catch an in-place change before backward; the
+fused op's ReLU mask bits too) and keeps the statistics (the plan's (4, C)
+float64 table) and the plan on its context.
 
 Private torch entries make this road cheap (the mode checks, the C entry of
 ``Function.apply``, the engine's call of the backward node, the version
@@ -29,7 +30,6 @@ __all__ = ["bind", "eager", "run"]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
-_from_numpy = torch.from_numpy
 _record_function = profiler.record_function
 _FORWARD_LABELS = ("bnfast::batch_norm", "bnfast::fused_batch_norm")
 _BACKWARD_LABELS = ("bnfast::batch_norm_backward", "bnfast::fused_batch_norm_backward")
@@ -66,34 +66,30 @@ def eager(input, addend, running_mean, running_var, weight, bias):
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, addend, weight, bias, plan, momentum):
-        x = plan.view(input)
         if _profiling():  # a label where the dispatcher would record the op
             with _record_function(_FORWARD_LABELS[plan.relu]):
-                out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu, x)
+                out, stats, bits = plan.forward(input, addend, momentum, True, plan.relu)
         else:
-            out, coef, bits = plan.forward(input, addend, momentum, True, plan.relu, x)
+            out, stats, bits = plan.forward(input, addend, momentum, True, plan.relu)
         if bits is None:
             ctx.save_for_backward(input, weight)
         else:  # a saved tensor: freed after backward, as the activations
-            ctx.save_for_backward(input, weight, _from_numpy(bits))
-        # The input's view for backward, which drops it (the saved input is what keeps
-        # the memory; a second backward, retain_graph, views it again).
-        ctx.plan, ctx.coef, ctx.input_view = plan, coef, x
+            ctx.save_for_backward(input, weight, bits)
+        ctx.plan, ctx.stats = plan, stats
         return out
 
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        plan, coef = ctx.plan, ctx.coef
+        plan = ctx.plan
         need = ctx.needs_input_grad
         mask = (need[0], need[2], need[3], need[1])
-        bits = saved[2].numpy() if len(saved) == 3 else None
-        x, ctx.input_view = ctx.input_view, None
+        bits = saved[2] if len(saved) == 3 else None
         if _profiling():
             with _record_function(_BACKWARD_LABELS[plan.relu]):
-                gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask, x)
+                gx, gw, gb, ga = plan.backward(grad, saved[0], ctx.stats, bits, mask)
         else:
-            gx, gw, gb, ga = plan.backward(grad, saved[0], coef[0], coef[1], bits, mask, x)
+            gx, gw, gb, ga = plan.backward(grad, saved[0], ctx.stats, bits, mask)
         return gx, ga, gw, gb, None, None
 
 

@@ -4,10 +4,15 @@ A :class:`Plan` holds what the checks of a call decide before its first
 kernel, for every later call that looks the same: torch's argument errors,
 the fallback rules, the core's checks (``bnfast._validation``) on NumPy
 views of the parameters and buffers, the kernel layout of the input, the
-coefficient cache of evaluation.  It keeps those views, so a call that
-matches it runs on one ``Tensor.numpy()`` per tensor that changes between
-calls (input, addend, grad_output) and one compiled call
-(``bnfast._forward.forward``, ``bnfast._backward.backward``).
+coefficient cache of evaluation.  It binds those to the compiled entries
+(``bnfast._forward.BoundForward``, ``bnfast._backward.BoundBackward``), so a
+call that matches it passes only addresses (``Tensor.data_ptr()``) of the
+tensors that change between calls (input, addend, grad_output, the outputs
+torch allocates): no NumPy array is made per call.  In a model every call
+finds its caches cold (the layers in between evict them), and NumPy's
+array and torch's ``Tensor.numpy()`` machinery then cost more than the
+kernels of a small layer: a (16, 512, 4, 4) training layer took ~240 us in
+a ResNet-18 step for ~100 us of kernels.
 
 Its :attr:`~Plan.key` is everything those decisions read: the input's
 shape, strides, dtype and device; training, eps and the ReLU; each
@@ -16,6 +21,11 @@ the memory its key names, so that memory stays allocated (and the pointer
 cannot name other memory) while the plan lives.  A module keeps its last
 plan (:func:`lookup`) and builds a new one when the key changes; the
 functional layer builds one per call.
+
+Inputs whose memory is in no kernel layout, and running buffers the
+kernels cannot update in place, take the core's NumPy road instead
+(``bnfast.functional.normalize``, ``bnfast.backward._run``), which copies
+what it must.
 """
 import numpy as np
 import torch
@@ -23,7 +33,7 @@ import torch
 from .. import _forward, _layout
 from .. import backward as _backward_api
 from .. import functional as _functional
-from .._backward import backward as _backward
+from .._backward import BoundBackward
 from .._validation import check_forward, check_input
 from . import _buffers
 from ._tensors import _BF16, as_numpy
@@ -33,10 +43,13 @@ __all__ = ["Plan", "key", "lookup", "ATTRIBUTE"]
 #: Where a module keeps its plan (dropped from pickles and copies, see _modules).
 ATTRIBUTE = "_bnfast_plan"
 _STRIDED = torch.strided
+_UINT8 = torch.uint8
 _get_num_threads = torch.get_num_threads
 _from_numpy = torch.from_numpy
 _torch_empty_like = torch.empty_like
+_torch_zeros = torch.zeros
 _buffers_empty = _buffers.empty
+_buffers_empty_tensor = _buffers.empty_tensor
 _np_empty = np.empty
 _np_zeros = np.zeros
 _U8 = np.uint8
@@ -68,17 +81,28 @@ def _bfloat16_view(tensor):
     return tensor.view(torch.int16).numpy().view(_BF16)
 
 
+def _address(tensor):
+    return 0 if tensor is None else tensor.data_ptr()
+
+
 class Plan:
     """A validated call configuration (see the module docstring).
 
     Built from a call that passed the functional layer's gates (a strided CPU
     input of a dtype the kernels take, parameters and buffers that go with
     it, shapes torch accepts); raises what the core's checks raise.
+
+    Both roads return what the Function needs: :meth:`forward` gives
+    ``(out, saved, bits)`` and :meth:`backward` takes them back; ``saved``
+    is the forward's (4, C) float64 table (mean, invstd, scale, shift):
+    ``bnfast._forward.SavedStats`` on the direct road, an ndarray on the
+    NumPy road.
     """
 
     __slots__ = ("key", "C", "layout", "direct", "view", "running_mean", "running_var",
                  "weight", "bias", "batch_stats", "update", "eps", "relu", "cache",
-                 "mask_bytes", "stream", "pooled", "np_dtype", "vector_dtype")
+                 "mask_bytes", "stream", "pooled", "np_dtype", "vector_dtype", "strides",
+                 "shape", "nbytes", "vector_like", "bound_forward", "bound_backward")
 
     def __init__(self, plan_key, input, running_mean, running_var, weight, bias, training, eps,
                  relu, persistent):
@@ -107,76 +131,107 @@ class Plan:
         self.mask_bytes = (x.size + 7) // 8
         self.stream = _backward_api.streams(x)
         self.np_dtype = x.dtype
+        self.shape, self.strides, self.nbytes = input.shape, input.stride(), x.nbytes
         # Large outputs from the pool of warm buffers (_buffers), in x's memory order.
         self.pooled = layout is not None and x.nbytes >= _buffers.MIN_BYTES
         self.vector_dtype = input.dtype if weight is None else weight.dtype
+        # Like the kernels' grad_weight and grad_bias: float64 for float64 data, else
+        # float32 (empty_like of it: the factory the outputs' empty_like just warmed).
+        self.vector_like = torch.empty(
+            self.C, dtype=torch.float64 if input.dtype is torch.float64 else torch.float32)
+        self.bound_forward = self.bound_backward = None
+        if self.direct:  # x gives the geometry only: the compiled entries keep no input
+            self.bound_forward = _forward.BoundForward(
+                x, self.layout, rm, rv, w, b, self.batch_stats, eps, self.relu, self.cache)
+            self.bound_backward = BoundBackward(x, w, self.layout, self.batch_stats)
 
-    def _empty(self, input, x):
+    def _new(self, input):
+        """A new output tensor like ``input`` (strides and all), of the direct road."""
+        if self.pooled:
+            return _buffers_empty_tensor(self.nbytes, self.shape, self.strides, input.dtype)
+        return _torch_empty_like(input)
+
+    def _like_input(self, input, tensor):
+        """``tensor`` (of input's shape), in input's strides and dtype: copied if not."""
+        if tensor.stride() == self.strides and tensor.dtype is input.dtype:
+            return tensor
+        return _torch_empty_like(input).copy_(tensor)
+
+    def forward(self, input, addend, momentum, want_stats, want_mask):
+        """``(out, saved, bits)``: the output tensor; the forward's statistics with
+        ``want_stats`` (see the class docstring), else None; the ReLU mask's bits (a
+        uint8 tensor) with ``want_mask`` (and ``relu``), else None.  ``addend``: None
+        or a CPU tensor of input's shape and dtype; ``momentum``: a float."""
+        if not self.direct:
+            return self._numpy_forward(input, addend, momentum, want_stats, want_mask)
+        if addend is not None:
+            addend = self._like_input(input, addend)
+        out = self._new(input)
+        bits = _torch_zeros(self.mask_bytes, dtype=_UINT8) if want_mask else None
+        saved = self.bound_forward.run(input.data_ptr(), _address(addend), out.data_ptr(),
+                                       momentum, _get_num_threads(), want_stats,
+                                       _address(bits))
+        return out, saved, bits
+
+    def backward(self, grad, input, saved, bits, mask):
+        """``(grad_input, grad_weight, grad_bias, grad_addend)`` of this plan's forward
+        of ``input`` (``saved`` and ``bits`` what it returned), None where ``mask``
+        (4 bools: input, weight, bias, addend) asks for none."""
+        if not self.direct:
+            return self._numpy_backward(grad, input, saved, bits, mask)
+        grad = self._like_input(input, grad)
+        want_x, want_w, want_b, want_a = mask
+        gx = self._new(input) if want_x else None
+        ga = self._new(input) if want_a else None
+        gw = _torch_empty_like(self.vector_like) if want_w else None
+        gb = _torch_empty_like(self.vector_like) if want_b else None
+        self.bound_backward.run(input.data_ptr(), grad.data_ptr(), _address(bits),
+                                saved.address, _address(gx), _address(ga), _address(gw),
+                                _address(gb), self.stream, _get_num_threads())
+        return gx, self._vector(gw), self._vector(gb), ga
+
+    def _vector(self, grad):
+        """A kernel's (C,) gradient (a tensor or None) in the parameters' dtype."""
+        if grad is None or grad.dtype is self.vector_dtype:
+            return grad
+        return grad.to(self.vector_dtype)
+
+    # -- the NumPy road: inputs in no kernel layout, buffers not updatable in place --
+
+    def _numpy_empty(self, input, x):
         """``(tensor, its ndarray view)``: a new output like ``input`` (strides and all)."""
         if self.pooled:
             return _buffers_empty(x, input.dtype)
         out = _torch_empty_like(input)
         return out, self.view(out)
 
-    def forward(self, input, addend, momentum, want_stats, want_mask, x=None):
-        """``(out, coef, bits)``: the output tensor; the (4, C) float64 table (mean,
-        invstd, scale, shift) with ``want_stats``; the ReLU mask's bits (uint8) with
-        ``want_mask`` (and ``relu``).  ``addend``: None or a CPU tensor of input's shape
-        and dtype; ``momentum``: a float; ``x``: ``self.view(input)`` if the caller has
-        it (one ``Tensor.numpy()`` is ~5 dispatcher calls)."""
-        if x is None:
-            x = self.view(input)
+    def _numpy_forward(self, input, addend, momentum, want_stats, want_mask):
+        x = self.view(input)
         a = None if addend is None else self.view(addend)
-        out, y = self._empty(input, x)
-        nt = _get_num_threads()
-        if not self.direct:
-            _, coef, mask, _ = _functional.normalize(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                self.batch_stats, momentum, self.eps, a, self.relu, y, nt, want_stats,
-                want_mask, None)
-            return out, coef, None if mask is None else mask.bits
-        if a is not None and a.strides != x.strides:
-            a = _layout.to_layout(a, self.layout)
-        coef = _np_empty((4, self.C)) if want_stats else None
-        bits = _np_zeros(self.mask_bytes, _U8) if want_mask else None
-        _forward.forward(x, self.layout, self.running_mean, self.running_var, self.weight,
-                         self.bias, self.batch_stats, momentum, self.eps, a, self.relu, y, nt,
-                         coef, bits, self.cache)
-        return out, coef, bits
+        out, y = self._numpy_empty(input, x)
+        _, coef, mask, _ = _functional.normalize(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.batch_stats, momentum, self.eps, a, self.relu, y, _get_num_threads(),
+            want_stats, want_mask, None)
+        return out, coef, None if mask is None else _from_numpy(mask.bits)
 
-    def _vector(self, grad):
-        """A kernel's (C,) gradient as a tensor of the parameters' dtype."""
-        grad = _from_numpy(grad)
-        return grad if grad.dtype is self.vector_dtype else grad.to(self.vector_dtype)
-
-    def backward(self, grad, input, mean, invstd, bits, mask, x=None):
-        """``(grad_input, grad_weight, grad_bias, grad_addend)`` of this plan's forward
-        of ``input`` (``mean``, ``invstd`` and ``bits`` what it returned), None where
-        ``mask`` (4 bools: input, weight, bias, addend) asks for none; ``x`` as in
-        :meth:`forward`."""
-        if x is None:
-            x = self.view(input)
+    def _numpy_backward(self, grad, input, coef, bits, mask):
+        x = self.view(input)
         try:
             dy = self.view(grad)
         except RuntimeError:  # a grad that requires grad (create_graph=True)
             dy = as_numpy(grad)
         want_x, want_w, want_b, want_a = mask
-        gx = self._empty(input, x) if want_x else None
-        ga = self._empty(input, x) if want_a else None
-        nt = _get_num_threads()
-        if not self.direct:
-            relu = None if bits is None else _backward_api.ReluMask(bits, x.shape, self.layout)
-            x, _ = _layout.in_kernel_layout(x)
-            _, w, b, _ = _backward_api._run(x, dy, relu, self.weight, mean, invstd,
-                                            self.batch_stats, mask, nt,
-                                            None if gx is None else gx[1],
-                                            None if ga is None else ga[1])
-        else:
-            if dy.strides != x.strides:  # x's shape and dtype: other strides, other layout
-                dy = _layout.to_layout(dy, self.layout)
-            w, b = _backward(x, dy, bits, mean, invstd, self.weight,
-                             None if gx is None else gx[1], None if ga is None else ga[1],
-                             want_w, want_b, self.layout, self.batch_stats, self.stream, nt)
-        return (None if gx is None else gx[0], None if w is None else self._vector(w),
-                None if b is None else self._vector(b), None if ga is None else ga[0])
-
+        gx = self._numpy_empty(input, x) if want_x else None
+        ga = self._numpy_empty(input, x) if want_a else None
+        relu = None if bits is None else _backward_api.ReluMask(bits.numpy(), x.shape,
+                                                                self.layout)
+        x, _ = _layout.in_kernel_layout(x)
+        _, w, b, _ = _backward_api._run(x, dy, relu, self.weight, coef[0], coef[1],
+                                        self.batch_stats, mask, _get_num_threads(),
+                                        None if gx is None else gx[1],
+                                        None if ga is None else ga[1])
+        return (None if gx is None else gx[0],
+                None if w is None else self._vector(_from_numpy(w)),
+                None if b is None else self._vector(_from_numpy(b)),
+                None if ga is None else ga[0])

@@ -1,0 +1,158 @@
+"""bnfast.torch's plans: the direct road (addresses into the bound kernels) and the NumPy
+road (inputs in no kernel layout, buffers the kernels cannot update in place), each
+against torch's own batch norm, with the tensors it meets in real models: addends and
+gradients of other strides, expanded gradients, large outputs from the pool."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnfast.torch as bt  # noqa: E402
+from bnfast.torch import _plan  # noqa: E402
+
+nn = torch.nn
+F = torch.nn.functional
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+@pytest.fixture(params=DTYPES, ids=str)
+def dtype(request):
+    return request.param
+
+
+def _pair(C, dtype, fused):
+    g = torch.Generator().manual_seed(3)
+    stock = nn.BatchNorm2d(C, dtype=dtype if dtype in (torch.float32, torch.float64)
+                           else torch.float32)
+    with torch.no_grad():
+        stock.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        stock.bias.copy_(torch.rand(C, generator=g) - 0.5)
+    ours = bt.convert(stock)  # a copy
+    if fused:
+        ours.__class__ = bt.FusedBatchNorm2d
+    return stock, ours
+
+
+def _leaf(t):
+    """A leaf that requires grad, with ``t``'s values and strides (clone() makes
+    non-dense strides contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
+
+
+def _run(module, x, addend, grad, fused, ours):
+    xi = _leaf(x)
+    ai = None if addend is None else _leaf(addend)
+    if ours:
+        y = module(xi, ai) if fused else module(xi)
+    else:
+        y = module(xi)
+        if fused:
+            y = torch.relu(y + ai) if ai is not None else torch.relu(y)
+    if grad is None:  # an expanded gradient (stride 0), as from y.sum()
+        y.float().sum().backward()
+    else:
+        y.backward(grad)
+    return [y, xi.grad, None if ai is None else ai.grad, module.weight.grad, module.bias.grad,
+            module.running_mean, module.running_var]
+
+
+def _away_from_the_kink(x, stock, memory, seed):
+    """An addend that keeps ``bn(x) + addend`` at least 0.25 from 0, so that no
+    half-precision rounding of torch's three ops flips the ReLU."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn = F.batch_norm(x.double(), None, None, stock.weight.double(), stock.bias.double(),
+                          True)
+        away = (torch.rand(x.shape, generator=g, dtype=torch.float64) + 0.25) * torch.where(
+            torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0).double()
+    return (away - bn).to(x.dtype).contiguous(memory_format=memory)
+
+
+def _check(x, addend_memory, grad, fused, dtype, road):
+    stock, ours = _pair(x.shape[1], dtype, fused)
+    addend = None
+    if addend_memory is not None:
+        addend = _away_from_the_kink(x, stock, addend_memory, 5)
+    expected = _run(stock, x, addend, grad, fused, False)
+    got = _run(ours, x, addend, grad, fused, True)
+    assert ours.__dict__[_plan.ATTRIBUTE].direct is (road == "direct")
+    for theirs, mine in zip(expected, got):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, **TOL[dtype])
+
+
+def _data(shape, dtype, seed, memory=torch.contiguous_format):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).contiguous(memory_format=memory)
+
+
+@pytest.mark.parametrize("memory", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("other", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_addend_and_grad_of_other_strides(memory, other, dtype):
+    # The direct road copies an addend or gradient whose strides are not the input's.
+    shape = (3, 4, 5, 6)
+    x = _data(shape, dtype, 0, memory)
+    _check(x, other, _data(shape, dtype, 2, other), True, dtype, "direct")
+    _check(x, None, _data(shape, dtype, 2, other), False, dtype, "direct")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_expanded_gradient(fused, dtype):
+    x = _data((4, 3, 5, 5), dtype, 0, torch.channels_last)
+    _check(x, torch.contiguous_format if fused else None, None, fused, dtype, "direct")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_input_in_no_kernel_layout_takes_the_numpy_road(fused, dtype):
+    big = _data((4, 3, 5, 12), dtype, 0)
+    x = big[..., ::2]  # neither contiguous nor channels_last
+    _check(x, torch.contiguous_format if fused else None, _data(x.shape, dtype, 2), fused, dtype,
+           "numpy")
+
+
+def test_buffers_not_updatable_in_place_take_the_numpy_road():
+    # Strided running buffers: the core updates copies and writes them back.
+    C = 4
+    x = _data((6, C, 3, 3), torch.float32, 0)
+    store = torch.zeros(2, 2 * C)
+    store[1].fill_(1.0)
+    mean, var = store[0, ::2], store[1, ::2]
+    ref_mean, ref_var = torch.zeros(C), torch.ones(C)
+    ours = bt.batch_norm(x, mean, var, training=True, momentum=0.3)
+    theirs = F.batch_norm(x, ref_mean, ref_var, training=True, momentum=0.3)
+    torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+    torch.testing.assert_close(mean, ref_mean, **TOL[torch.float32])
+    torch.testing.assert_close(var, ref_var, **TOL[torch.float32])
+    assert store[0, 1::2].eq(0).all() and store[1, 1::2].eq(1).all()  # untouched
+    plan = _plan.Plan(_plan.key(x, mean, var, None, None, True, 1e-5, False), x, mean, var,
+                      None, None, True, 1e-5, False, False)
+    assert not plan.direct
+
+
+@pytest.mark.parametrize("memory", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_pooled_outputs_of_the_direct_road(memory):
+    # 4 MiB and more: outputs from the pool, with the input's strides, writable in place
+    # under autograd (not views), and their memory not reused while a tensor holds it.
+    shape = (8, 32, 64, 64)  # 4 MiB of float32
+    x = _data(shape, torch.float32, 0, memory)
+    grad = _data(shape, torch.float32, 1, memory)
+    stock, ours = _pair(32, torch.float32, False)
+    outputs = []
+    for module in (stock, ours):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        z = y.mul_(2.0)  # in place on the forward's output
+        z.backward(grad)
+        outputs.append((y, xi.grad))
+    for theirs, mine in zip(*outputs):
+        assert mine.stride() == theirs.stride()
+        torch.testing.assert_close(mine, theirs, **TOL[torch.float32])
+    y_first = outputs[1][0]
+    with torch.no_grad():
+        y_second = ours(x)
+    assert y_second.data_ptr() != y_first.data_ptr()  # the first is still held
+    torch.testing.assert_close(y_first, outputs[0][0], **TOL[torch.float32])
