@@ -70,8 +70,11 @@ def interleaved(calls, rounds, budget=0.005, before=None):
 
     ``number`` (calls per timing) is chosen once so that a timing takes about
     ``budget`` seconds for the slowest contender: short timings, many rounds, so
-    that some of them miss the other processes of a shared machine.  With
-    ``before`` (e.g. a cache flush), every call is timed alone after it.
+    that some of them miss the other processes of a shared machine.  The order
+    of the contenders rotates from round to round (none always runs after the
+    same one: what a call leaves in the caches and the heap is the next one's
+    weather).  With ``before`` (e.g. a cache flush), every call is timed alone
+    after it.
     """
     for call in calls.values():  # warm-up (allocator, first-call paths)
         call()
@@ -79,9 +82,10 @@ def interleaved(calls, rounds, budget=0.005, before=None):
     slowest = max(_time(call, 1) for call in calls.values())
     number = max(1, int(budget / max(slowest, 1e-7)))
     times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            times[name].append(_time(call, number, before))
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(_time(calls[name], number, before))
     return times
 
 
@@ -91,14 +95,20 @@ def _us(seconds):
 
 def _row(label, times, base="torch"):
     """The minimum of each contender (the machine's least disturbed round) and the
-    ratios of the minima and of the medians: where a contender's own time varies from
-    call to call (page faults of fresh memory, which the heap's history decides), the
-    minimum shows its best call and the median its typical one."""
+    ratios of the minima, of the medians, and the median of the rounds' own ratios
+    (paired: both timings of a round share the machine's load of that moment, so
+    the load cancels; a step whose time drifts over a run is compared within each
+    round).  Where a contender's own time varies from call to call (page faults of
+    fresh memory, which the heap's history decides), the minimum shows its best
+    call and the medians its typical one."""
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
+    paired = {name: statistics.median(b / t for b, t in zip(times[base], times[name]))
+              for name in times}
     cells = "  ".join(f"{name} {_us(t)}" for name, t in best.items())
     ratios = "  ".join(f"{base}/{name} {best[base] / best[name]:5.2f}x "
-                       f"(median {median[base] / median[name]:5.2f}x)"
+                       f"(median {median[base] / median[name]:5.2f}x, "
+                       f"paired {paired[name]:5.2f}x)"
                        for name in best if name != base)
     print(f"{label:<38}{cells}  {ratios}", flush=True)
 

@@ -132,3 +132,25 @@ def test_bound_backward_is_the_array_backward(dtype, shape, layout, training, fu
             scale = max(np.abs(exact).max(), 1.0)
             np.testing.assert_allclose(mine.astype(np.float64), exact, rtol=0,
                                        atol=REF_TOL[dtype.name] * scale)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)],
+                         ids=lambda d: d.name)
+def test_bound_forward_streams_as_the_array_forward(layout, dtype):
+    # 4 MiB and more: both write with non-temporal stores (forward()'s rule).
+    shape = (8, 32, 64, 64) if dtype.itemsize == 4 else (8, 32, 64, 128)
+    x, _, _, weight, bias, running_mean, running_var = _case(shape, layout, dtype)
+    assert x.nbytes >= 1 << 22
+    kernel_layout = _layout.layout_of(x)
+    outs = [np.empty_like(x), np.empty_like(x)]
+    _forward.BoundForward(x, kernel_layout, running_mean.copy(), running_var.copy(), weight,
+                          bias, True, 1e-5, False, None).run(
+        _address(x), 0, _address(outs[0]), 0.1, 2, False, 0)
+    _forward.forward(x, kernel_layout, running_mean.copy(), running_var.copy(), weight, bias,
+                     True, 0.1, 1e-5, None, False, outs[1], 2, None, None, None)
+    np.testing.assert_array_equal(_bits(outs[0]), _bits(outs[1]))
+    expected = reference_batch_norm(x.astype(np.float64), running_mean, running_var, weight,
+                                    bias, training=True, eps=1e-5).out
+    np.testing.assert_allclose(outs[0].astype(np.float64), expected, rtol=0,
+                               atol=REF_TOL[dtype.name] * 3)
