@@ -172,6 +172,6 @@ def run(plan, input, addend, running_mean, running_var, weight, bias, momentum):
     else:
         out = plan.forward(input, addend, momentum, False, False)[0]
     if plan.update:
-        # Written through NumPy views: tell autograd, as an in-place torch op would.
+        # Written by the kernels, not by a torch op: tell autograd, as an in-place op would.
         _increment_version((running_mean, running_var))
     return out

@@ -1,17 +1,18 @@
 """``torch.nn.functional.batch_norm`` on bnfast's kernels, with torch's op as the fallback.
 
 CPU tensors of a dtype in :data:`bnfast.torch.DTYPES` (their parameters and
-buffers alike) in torch's strided layout go to the ``bnfast::`` operators,
-viewed as NumPy arrays (contiguous, ``channels_last`` and ``channels_last_3d``
-memory without a copy; other strides are copied once by the core).
+buffers alike) in torch's strided layout go to bnfast's kernels in place
+(contiguous, ``channels_last`` and ``channels_last_3d`` memory without a
+copy; other strides are copied once by the core).
 Everything else (another device, a sparse or mkldnn layout, another dtype,
 ``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
 
 In plain eager mode a call runs a :class:`._plan.Plan` (its checks made once;
-a module keeps its plan until its configuration changes) under a plain
-autograd Function (:mod:`._eager`: the dispatcher round trip costs more than
-the kernels on small inputs); traced calls (``torch.compile``, ``torch.export``,
-fake tensors, modes, subclasses) go through ``torch.ops.bnfast``.
+a module keeps its plan until its configuration changes; a call passes its
+tensors' addresses) under a plain autograd Function (:mod:`._eager`: the
+dispatcher round trip costs more than the kernels on small inputs); traced
+calls (``torch.compile``, ``torch.export``, fake tensors, modes, subclasses)
+go through ``torch.ops.bnfast``.
 """
 import warnings
 
