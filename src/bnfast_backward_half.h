@@ -315,6 +315,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
 #define BNFAST_WIDE8_bf16 0
 #define BNFAST_WIDE8_f16c 1
 #define BNFAST_WIDE8_bf16avx2 1
+#define BNFAST_PF4_f16 0
+#define BNFAST_PF4_bf16 0
+#define BNFAST_PF4_f16c 0
+#define BNFAST_PF4_bf16avx2 0
 #define BNFAST_TOD_f16(v) ((double)bnfast_f16_to_float(v))
 #define BNFAST_TOD_f16c(v) ((double)_cvtsh_ss((v).bits))
 #define BNFAST_TOD_bf16(v) ((double)bnfast_bf16_to_float(v))

@@ -87,6 +87,10 @@
  * arithmetic is the same either way. */
 #define BNFAST_WIDE8_float 0
 #define BNFAST_WIDE8_double 0
+/* Four-column steps that prefetch (a line at a time): float and double; the
+ * half kinds prefetch in their eight-column steps. */
+#define BNFAST_PF4_float 1
+#define BNFAST_PF4_double 1
 #define BNFAST_COLDOT4_TERMS(K, j, LD)                                                   \
     {                                                                                    \
         bnfast_v4d kv = *(const bnfast_v4d *)(shift + (j));                              \
@@ -94,10 +98,12 @@
         *(bnfast_v4d *)(sxy + (j)) +=                                                    \
             ((d0 - kv) * v0 + (d1 - kv) * v1) + ((d2 - kv) * v2 + (d3 - kv) * v3);       \
     }
-/* The next group's rows (BNFAST_PF_DIST(W) values ahead), a line every 32
- * columns: four half-precision rows of under 4 KiB share pages, and the hardware
- * prefetchers follow such streams badly (measured, W = 1024 bfloat16 from
- * memory: 1.32 -> 1.01 cycles a value; float32: 1.23).  Half kinds only. */
+/* The next group's rows (BNFAST_PF_DIST(W) values ahead), a line at a time:
+ * four rows of under 4 KiB share pages, and the hardware prefetchers follow
+ * such streams badly (measured, W = 1024 bfloat16 from memory: 1.32 -> 1.01
+ * cycles a value; float32 and double since: channels-last float32 backward
+ * with the caches emptied, 2 threads, 16x64x28x28 ~670 -> ~510 us, 16x512x4x4
+ * ~200 -> ~125; unchanged from the caches). */
 #ifndef BNFAST_PF_DIST
 #define BNFAST_PF_DIST(W) (4 * (W))
 #endif
@@ -124,6 +130,8 @@
         }                                                                                \
     }                                                                                    \
     for (; j < j4; j += 4) {                                                             \
+        if (BNFAST_PF4_##K && !((j * (ptrdiff_t)sizeof(*x0)) & 63))                      \
+            BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))                           \
         bnfast_v4d v0 = BNFAST_LD4_##K(y0 + j), v1 = BNFAST_LD4_##K(y1 + j);             \
         bnfast_v4d v2 = BNFAST_LD4_##K(y2 + j), v3 = BNFAST_LD4_##K(y3 + j);             \
         bnfast_v4d d0 = BNFAST_LD4_##K(x0 + j), d1 = BNFAST_LD4_##K(x1 + j);             \
