@@ -101,16 +101,24 @@
         BNFAST_COMBINE8_AVX(A0, A1, B0, B1, S1, S2)                                       \
     }
 #endif
+/* A line BNFAST_RUNS_PF_BYTES ahead of the one read (runs are consecutive in
+ * memory: across run ends too, but never past the block's last value). */
+#ifndef BNFAST_RUNS_PF_BYTES
+#define BNFAST_RUNS_PF_BYTES 1024
+#endif
 #define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD, FINISH)                  \
     ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
                           double *s1, double *s2) {                                      \
         ptrdiff_t r, i, n8 = n - n % 8;                                                  \
+        ptrdiff_t ahead = runs * n - BNFAST_RUNS_PF_BYTES / (ptrdiff_t)sizeof(T);        \
         for (r = 0; r < runs; r++) {                                                     \
             const T *xp = x + r * n;                                                     \
             double kp = BNFAST_RUN_SHIFT(TOD((xp)[0]));                                  \
             shift[r] = kp;                                                               \
             bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
             for (i = 0; i < n8; i += 8) {                                                \
+                if (!(((r * n + i) * (ptrdiff_t)sizeof(T)) & 63) && r * n + i < ahead)   \
+                    __builtin_prefetch(xp + i + BNFAST_RUNS_PF_BYTES / (ptrdiff_t)sizeof(T)); \
                 u0 = L4(xp + i) - kp; u1 = L4(xp + i + 4) - kp;                          \
                 a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                        \
             }                                                                            \
