@@ -101,9 +101,10 @@
 /* The next group's rows (BNFAST_PF_DIST(W) values ahead), a line at a time:
  * four rows of under 4 KiB share pages, and the hardware prefetchers follow
  * such streams badly (measured, W = 1024 bfloat16 from memory: 1.32 -> 1.01
- * cycles a value; float32 and double since: channels-last float32 backward
- * with the caches emptied, 2 threads, 16x64x28x28 ~670 -> ~510 us, 16x512x4x4
- * ~200 -> ~125; unchanged from the caches). */
+ * cycles a value; float32 and double since, rows under 4 KiB: channels-last
+ * float32 backward with the caches emptied, 2 threads, 16x64x28x28 ~670 ->
+ * ~510 us, 16x512x4x4 ~200 -> ~125; from the caches unchanged, but rows of
+ * 4 KiB and more lost 4-9%, (512, 2048) 438 -> 480 us: none there). */
 #ifndef BNFAST_PF_DIST
 #define BNFAST_PF_DIST(W) (4 * (W))
 #endif
@@ -130,7 +131,8 @@
         }                                                                                \
     }                                                                                    \
     for (; j < j4; j += 4) {                                                             \
-        if (BNFAST_PF4_##K && !((j * (ptrdiff_t)sizeof(*x0)) & 63))                      \
+        if (BNFAST_PF4_##K && stride * (ptrdiff_t)sizeof(*x0) < 4096                     \
+            && !((j * (ptrdiff_t)sizeof(*x0)) & 63))                                     \
             BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))                           \
         bnfast_v4d v0 = BNFAST_LD4_##K(y0 + j), v1 = BNFAST_LD4_##K(y1 + j);             \
         bnfast_v4d v2 = BNFAST_LD4_##K(y2 + j), v3 = BNFAST_LD4_##K(y3 + j);             \

@@ -178,11 +178,13 @@
     }
 
 #if BNFAST_VECTOR_EXT
-/* The rows two groups ahead (8 rows, a line each): the statistics pass reads
- * a model's activations from memory, where the hardware prefetchers follow four
- * row streams badly (Xeon VM, 2 threads, channels-last float32 forward with the
- * caches emptied: 16x64x28x28 425 -> 360 us, 16x128x14x14 250 -> 195,
- * 16x512x4x4 130 -> 113; unchanged from the caches). */
+/* The rows two groups ahead (8 rows, a line each), where rows are under 4 KiB:
+ * the statistics pass reads a model's activations from memory, where the
+ * hardware prefetchers follow four row streams that share pages badly (Xeon
+ * VM, 2 threads, channels-last float32 forward with the caches emptied:
+ * 16x64x28x28 425 -> 360 us, 16x128x14x14 250 -> 195, 16x512x4x4 130 -> 113;
+ * unchanged from the caches).  Rows of a page or more have streams of their own. */
+#define BNFAST_SHARED_PAGES(T, stride) ((stride) * (ptrdiff_t)sizeof(T) < 4096)
 #define BNFAST_COLSUMS_PREFETCH(o)                                                       \
     {                                                                                    \
         __builtin_prefetch(p0 + (o)); __builtin_prefetch(p1 + (o));                      \
@@ -196,8 +198,9 @@
         for (r = 0; r + 4 <= rows; r += 4) {                                             \
             const T *p0 = x + r * stride, *p1 = p0 + stride;                             \
             const T *p2 = p1 + stride, *p3 = p2 + stride;                                \
+            int pf = BNFAST_SHARED_PAGES(T, stride) && r + 12 <= rows;                   \
             for (j = 0; j < j4; j += 4) {                                                \
-                if (!((j * (ptrdiff_t)sizeof(T)) & 63) && r + 12 <= rows)                \
+                if (pf && !((j * (ptrdiff_t)sizeof(T)) & 63))                            \
                     BNFAST_COLSUMS_PREFETCH(j + 8 * stride)                              \
                 bnfast_v4d kv = L4(shift + j);                                           \
                 bnfast_v4d d0 = L4(p0 + j) - kv, d1 = L4(p1 + j) - kv;                   \
