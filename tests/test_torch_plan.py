@@ -156,3 +156,76 @@ def test_pooled_outputs_of_the_direct_road(memory):
         y_second = ours(x)
     assert y_second.data_ptr() != y_first.data_ptr()  # the first is still held
     torch.testing.assert_close(y_first, outputs[0][0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_saved_input_given_back_in_other_strides(fused, dtype):
+    # A saved-tensor hook may give the input back in other strides (save_on_cpu packs
+    # into a contiguous tensor): the kernels read it in the plan's.
+    x = _data((3, 4, 5, 5), dtype, 0, torch.channels_last)
+    grad = _data(x.shape, dtype, 2, torch.channels_last)
+    stock, ours = _pair(4, dtype, fused)
+    addend = _away_from_the_kink(x, stock, torch.channels_last, 5) if fused else None
+    results = []
+    for module, mine in ((stock, False), (ours, True)):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t):
+            results.append(_run(module, x, addend, grad, fused, mine))
+    for theirs, mine in zip(*results):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, **TOL[dtype])
+
+
+@pytest.mark.skipif(not hasattr(torch, "_neg_view"), reason="torch without _neg_view")
+@pytest.mark.parametrize("what", ["input", "grad"])
+def test_negative_views(what, dtype):
+    # A negative view's memory holds the values' negation: the kernels get a copy.
+    stock, ours = _pair(4, dtype, False)
+    x = _data((3, 4, 5, 5), dtype, 0)
+    grad = _data(x.shape, dtype, 2)
+    results = []
+    for module in (stock, ours):
+        module(x.clone().requires_grad_()).backward(grad)  # a plan for plain tensors first
+        xi = x.neg().requires_grad_()
+        y = module(torch._neg_view(xi) if what == "input" else xi)
+        y.backward(torch._neg_view(grad) if what == "grad" else grad)
+        results.append((y, xi.grad, module.weight.grad, module.running_mean))
+    for theirs, mine in zip(*results):
+        torch.testing.assert_close(mine, theirs, **TOL[dtype])
+
+
+@pytest.mark.skipif(not hasattr(torch, "_efficientzerotensor"), reason="torch without it")
+def test_zero_tensor_gradient(dtype):
+    # A zero tensor has no memory (data_ptr() is 0): the kernels get zeros.
+    stock, ours = _pair(4, dtype, False)
+    x = _data((3, 4, 5, 5), dtype, 0)
+    results = []
+    for module in (stock, ours):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(torch._efficientzerotensor(y.shape, dtype=dtype))
+        results.append((xi.grad, module.weight.grad, module.bias.grad))
+    for theirs, mine in zip(*results):
+        torch.testing.assert_close(mine, theirs, **TOL[dtype])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_create_graph_gives_first_order_and_refuses_a_second(fused, dtype):
+    # The kernels' gradients are not differentiable: with create_graph=True the first
+    # order is torch's, and a backward through it raises instead of leaving out the
+    # second-order terms without a word.
+    x = _data((3, 4, 5, 5), dtype, 0)
+    grad = _data(x.shape, dtype, 2).requires_grad_()
+    stock, ours = _pair(4, dtype, fused)
+    addend = _away_from_the_kink(x, stock, torch.contiguous_format, 5) if fused else None
+    firsts = []
+    for module, mine in ((stock, False), (ours, True)):
+        xi = x.clone().requires_grad_()
+        if mine:
+            y = module(xi, addend) if fused else module(xi)
+        else:
+            y = torch.relu(module(xi) + addend) if fused else module(xi)
+        (gx,) = torch.autograd.grad(y, xi, grad, create_graph=True)
+        firsts.append(gx)
+    torch.testing.assert_close(firsts[1], firsts[0], **TOL[dtype])
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        firsts[1].sum().backward()

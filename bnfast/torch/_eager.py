@@ -80,17 +80,29 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        plan = ctx.plan
-        need = ctx.needs_input_grad
-        mask = (need[0], need[2], need[3], need[1])
-        bits = saved[2] if len(saved) == 3 else None
-        if _profiling():
-            with _record_function(_BACKWARD_LABELS[plan.relu]):
-                gx, gw, gb, ga = plan.backward(grad, saved[0], ctx.stats, bits, mask)
-        else:
+        if _grad_enabled():  # create_graph=True: see _backward_once
+            return _backward_once(ctx, grad)
+        return _backward(ctx, grad)
+
+
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    plan = ctx.plan
+    need = ctx.needs_input_grad
+    mask = (need[0], need[2], need[3], need[1])
+    bits = saved[2] if len(saved) == 3 else None
+    if _profiling():
+        with _record_function(_BACKWARD_LABELS[plan.relu]):
             gx, gw, gb, ga = plan.backward(grad, saved[0], ctx.stats, bits, mask)
-        return gx, ga, gw, gb, None, None
+    else:
+        gx, gw, gb, ga = plan.backward(grad, saved[0], ctx.stats, bits, mask)
+    return gx, ga, gw, gb, None, None
+
+
+# The kernels' gradients are not differentiable: under create_graph=True a second
+# backward through them raises (as through the torch.ops.bnfast backwards, which have
+# no autograd formula) instead of silently leaving out the second-order terms.
+_backward_once = torch.autograd.function.once_differentiable(_backward)
 
 
 _node_class = getattr(_BatchNormFunction, "_backward_cls", None)

@@ -47,6 +47,10 @@ _UINT8 = torch.uint8
 _get_num_threads = torch.get_num_threads
 _from_numpy = torch.from_numpy
 _torch_empty_like = torch.empty_like
+_torch_empty_strided = torch.empty_strided
+_is_neg = torch.Tensor.is_neg
+# A zero tensor (torch._efficientzerotensor) has no memory: data_ptr() is 0.
+_is_zero = getattr(torch.Tensor, "_is_zerotensor", lambda tensor: False)
 _torch_zeros = torch.zeros
 _buffers_empty = _buffers.empty
 _buffers_empty_tensor = _buffers.empty_tensor
@@ -102,7 +106,7 @@ class Plan:
     __slots__ = ("key", "C", "layout", "direct", "view", "running_mean", "running_var",
                  "weight", "bias", "batch_stats", "update", "eps", "relu", "cache",
                  "mask_bytes", "stream", "pooled", "np_dtype", "vector_dtype", "strides",
-                 "shape", "nbytes", "vector_like", "bound_forward", "bound_backward")
+                 "shape", "nbytes", "dtype", "vector_like", "bound_forward", "bound_backward")
 
     def __init__(self, plan_key, input, running_mean, running_var, weight, bias, training, eps,
                  relu, persistent):
@@ -132,6 +136,7 @@ class Plan:
         self.stream = _backward_api.streams(x)
         self.np_dtype = x.dtype
         self.shape, self.strides, self.nbytes = input.shape, input.stride(), x.nbytes
+        self.dtype = input.dtype
         # Large outputs from the pool of warm buffers (_buffers), in x's memory order.
         self.pooled = layout is not None and x.nbytes >= _buffers.MIN_BYTES
         self.vector_dtype = input.dtype if weight is None else weight.dtype
@@ -146,16 +151,21 @@ class Plan:
             self.bound_backward = BoundBackward(x, w, self.layout, self.batch_stats)
 
     def _new(self, input):
-        """A new output tensor like ``input`` (strides and all), of the direct road."""
+        """A new output tensor like ``input`` (the plan's strides), of the direct road."""
         if self.pooled:
-            return _buffers_empty_tensor(self.nbytes, self.shape, self.strides, input.dtype)
+            return _buffers_empty_tensor(self.nbytes, self.shape, self.strides, self.dtype)
         return _torch_empty_like(input)
 
-    def _like_input(self, input, tensor):
-        """``tensor`` (of input's shape), in input's strides and dtype: copied if not."""
-        if tensor.stride() == self.strides and tensor.dtype is input.dtype:
+    def _planned(self, tensor):
+        """``tensor`` (of the plan's shape) if its memory holds its values in the plan's
+        strides and dtype, else a copy that does.  What the kernels read by address:
+        an addend or gradient of other strides, an expanded gradient, a saved input
+        that a saved-tensor hook gave back in other strides, a negative view, a zero
+        tensor (no memory at all)."""
+        if (tensor.stride() == self.strides and tensor.dtype is self.dtype
+                and not _is_neg(tensor) and not _is_zero(tensor)):
             return tensor
-        return _torch_empty_like(input).copy_(tensor)
+        return _torch_empty_strided(self.shape, self.strides, dtype=self.dtype).copy_(tensor)
 
     def forward(self, input, addend, momentum, want_stats, want_mask):
         """``(out, saved, bits)``: the output tensor; the forward's statistics with
@@ -164,11 +174,12 @@ class Plan:
         or a CPU tensor of input's shape and dtype; ``momentum``: a float."""
         if not self.direct:
             return self._numpy_forward(input, addend, momentum, want_stats, want_mask)
+        x = self._planned(input)
         if addend is not None:
-            addend = self._like_input(input, addend)
-        out = self._new(input)
+            addend = self._planned(addend)
+        out = self._new(x)
         bits = _torch_zeros(self.mask_bytes, dtype=_UINT8) if want_mask else None
-        saved = self.bound_forward.run(input.data_ptr(), _address(addend), out.data_ptr(),
+        saved = self.bound_forward.run(x.data_ptr(), _address(addend), out.data_ptr(),
                                        momentum, _get_num_threads(), want_stats,
                                        _address(bits))
         return out, saved, bits
@@ -179,13 +190,13 @@ class Plan:
         (4 bools: input, weight, bias, addend) asks for none."""
         if not self.direct:
             return self._numpy_backward(grad, input, saved, bits, mask)
-        grad = self._like_input(input, grad)
+        x, grad = self._planned(input), self._planned(grad)
         want_x, want_w, want_b, want_a = mask
-        gx = self._new(input) if want_x else None
-        ga = self._new(input) if want_a else None
+        gx = self._new(x) if want_x else None
+        ga = self._new(x) if want_a else None
         gw = _torch_empty_like(self.vector_like) if want_w else None
         gb = _torch_empty_like(self.vector_like) if want_b else None
-        self.bound_backward.run(input.data_ptr(), grad.data_ptr(), _address(bits),
+        self.bound_backward.run(x.data_ptr(), grad.data_ptr(), _address(bits),
                                 saved.address, _address(gx), _address(ga), _address(gw),
                                 _address(gb), self.stream, _get_num_threads())
         return gx, self._vector(gw), self._vector(gb), ga
