@@ -203,16 +203,15 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
                     running_mean, running_var, weight, bias, batch_stats, momentum, eps,
                     _data(addend), _data(out), relu, n_threads,
                     NULL if coef is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>coef),
-                    <unsigned char*>_data(mask), cache, cnp.PyArray_NBYTES(xa) >= STREAM_BYTES)
+                    <unsigned char*>_data(mask), cache)
 
 
 cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, object running_mean,
                                object running_var, object weight, object bias,
                                bint batch_stats, double momentum, double eps, const void* ap,
                                void* yp, bint relu, int n_threads, double* coef,
-                               unsigned char* bits, CoefficientCache cache, bint stream):
-    """:func:`forward` on the data's addresses (its arguments as there; coef NULL: none);
-    ``stream``: write the output with non-temporal stores."""
+                               unsigned char* bits, CoefficientCache cache):
+    """:func:`forward` on the data's addresses (its arguments as there; coef NULL: none)."""
     cdef Py_ssize_t C = shape.C
     cdef Py_ssize_t count = shape.count
     cdef double* table_coef
@@ -248,7 +247,7 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
                               scratch)
         if status == 0 and count > 0:
             status = _normalize(xp, data_type, ap, yp, shape, table_coef, residual,
-                                storage, relu, n_threads, bits, stream)
+                                storage, relu, n_threads, bits)
     finally:
         aligned_free(scratch)
     if status:
@@ -302,7 +301,7 @@ cdef class BoundForward:
     cdef Shape shape
     cdef int data_type
     cdef object running_mean, running_var, weight, bias
-    cdef bint batch_stats, relu, stream
+    cdef bint batch_stats, relu
     cdef double eps
     cdef CoefficientCache cache
 
@@ -313,7 +312,6 @@ cdef class BoundForward:
         self.running_mean, self.running_var = running_mean, running_var
         self.weight, self.bias = weight, bias
         self.batch_stats, self.eps, self.relu, self.cache = batch_stats, eps, relu, cache
-        self.stream = cnp.PyArray_NBYTES(<cnp.ndarray>x) >= STREAM_BYTES  # forward()'s rule
 
     def run(self, size_t x, size_t addend, size_t out, double momentum, int n_threads,
             bint want_stats, size_t mask):
@@ -332,7 +330,7 @@ cdef class BoundForward:
         _forward(<const void*>x, self.data_type, self.shape, self.running_mean,
                  self.running_var, self.weight, self.bias, self.batch_stats, momentum,
                  self.eps, <const void*>addend, <void*>out, self.relu, n_threads, coef,
-                 <unsigned char*>mask, self.cache, self.stream)
+                 <unsigned char*>mask, self.cache)
         return saved
 
 
@@ -404,28 +402,27 @@ cdef void _update_running(object running_mean, object running_var, const double*
 
 cdef int _normalize(const void* xp, int data_type, const void* ap, void* yp, Shape shape,
                     const double* coef, const double* residual, const double* table, bint relu,
-                    int n_threads, unsigned char* bits, bint stream) noexcept:
+                    int n_threads, unsigned char* bits) noexcept:
     """The type-number switch of the normalise pass (validation admits four dtypes;
     the one without a fixed type number is bfloat16)."""
     if data_type == cnp.NPY_FLOAT32:
         return _apply(<const float*>xp, <const float*>ap, <float*>yp, shape, coef, residual,
-                      table, relu, n_threads, bits, stream)
+                      table, relu, n_threads, bits)
     if data_type == cnp.NPY_FLOAT64:
         return _apply(<const double*>xp, <const double*>ap, <double*>yp, shape, coef, residual,
-                      table, relu, n_threads, bits, stream)
+                      table, relu, n_threads, bits)
     if data_type == cnp.NPY_FLOAT16:
         return _apply(<const bnfast_f16*>xp, <const bnfast_f16*>ap, <bnfast_f16*>yp, shape,
-                      coef, residual, table, relu, n_threads, bits, stream)
+                      coef, residual, table, relu, n_threads, bits)
     return _apply(<const bnfast_bf16*>xp, <const bnfast_bf16*>ap, <bnfast_bf16*>yp, shape,
-                  coef, residual, table, relu, n_threads, bits, stream)
+                  coef, residual, table, relu, n_threads, bits)
 
 
 cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
                 const double* coef, const double* residual, const double* table, bint relu,
-                int n_threads, unsigned char* bits, bint stream) noexcept:
+                int n_threads, unsigned char* bits) noexcept:
     """The normalise pass with ``table`` (fill_table's), or one made here from coef and
-    the mean's residual (tiled for channels-last rows); ``stream``: non-temporal
-    stores.  -1 without memory."""
+    the mean's residual (tiled for channels-last rows).  -1 without memory."""
     cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C, APPLY_WIDTH)
     cdef double* own = NULL
     if table == NULL:
@@ -435,6 +432,8 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
             return -1
         fill_table(coef, shape.C, k, own, residual)
         table = own
+    # Outputs of STREAM_BYTES and more take non-temporal stores.
+    cdef bint stream = shape.N * shape.C * shape.S * <Py_ssize_t>sizeof(real_t) >= STREAM_BYTES
     with nogil:
         if shape.layout == CHANNELS_FIRST:
             apply_first(xp, ap, yp, shape.N, shape.C, shape.S, table, relu, n_threads, bits,
