@@ -993,31 +993,46 @@ def backward(cnp.ndarray x not None,            # IN  (N, C, *spatial), in `layo
     data and float32 otherwise (float32, float16, bfloat16), or None where not
     wanted.
     """
-    cdef Job job
-    job.shape = kernel_shape(x, layout)
-    cdef Py_ssize_t C = job.shape.C
-    job.training = training
-    job.stream = stream
-    job.n_threads = n_threads
-    job.x = data_or_null(x)
-    job.dy = data_or_null(grad_output)
-    job.bits = <const unsigned char*>data_or_null(mask)
-    job.dx = data_or_null(grad_input)
-    job.g = data_or_null(grad_addend)
+    cdef Shape shape = kernel_shape(x, layout)
     cdef int typenum = cnp.PyArray_TYPE(x)
     # grad_weight/grad_bias in the compute type: float64 for float64 data, else float32.
     cdef int param_type = cnp.NPY_FLOAT64 if typenum == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     cdef cnp.npy_intp dims[1]
-    dims[0] = C
+    dims[0] = shape.C
     grad_weight = cnp.PyArray_EMPTY(1, dims, param_type, 0) if want_weight else None
     grad_bias = cnp.PyArray_EMPTY(1, dims, param_type, 0) if want_bias else None
-    job.grad_weight = data_or_null(grad_weight)
-    job.grad_bias = data_or_null(grad_bias)
+    cdef Job job = _job(shape, training, stream, n_threads, data_or_null(x),
+                        data_or_null(grad_output), <const unsigned char*>data_or_null(mask),
+                        data_or_null(grad_input), data_or_null(grad_addend),
+                        data_or_null(grad_weight), data_or_null(grad_bias))
     job.sums = <double*>data_or_null(sums)
     job.sums_given = sums_given
     job.count = count
     _run_job(&job, typenum, mean, invstd, weight)
     return grad_weight, grad_bias
+
+
+cdef inline Job _job(Shape shape, bint training, bint stream, int n_threads, const void* x,
+                     const void* dy, const unsigned char* bits, void* dx, void* g,
+                     void* grad_weight, void* grad_bias) noexcept:
+    """A job on these addresses (NULL: none), without given sums; its (C,) vectors are
+    set by the caller or by _run_job."""
+    cdef Job job
+    job.shape = shape
+    job.training = training
+    job.stream = stream
+    job.n_threads = n_threads
+    job.x = x
+    job.dy = dy
+    job.bits = bits
+    job.dx = dx
+    job.g = g
+    job.grad_weight = grad_weight
+    job.grad_bias = grad_bias
+    job.sums = NULL
+    job.sums_given = False
+    job.count = 0
+    return job
 
 
 cdef int _run_job(Job* job, int typenum, cnp.ndarray mean, cnp.ndarray invstd,
@@ -1077,22 +1092,11 @@ cdef class BoundBackward:
             size_t grad_addend, size_t grad_weight, size_t grad_bias, bint stream,
             int n_threads):
         """Write the gradients asked for (their addresses not 0)."""
-        cdef Job job
         cdef const double* coef = <const double*>saved
-        job.shape = self.shape
-        job.training = self.training
-        job.stream = stream
-        job.n_threads = n_threads
-        job.x = <const void*>x
-        job.dy = <const void*>grad_output
-        job.bits = <const unsigned char*>mask
-        job.dx = <void*>grad_input
-        job.g = <void*>grad_addend
-        job.grad_weight = <void*>grad_weight
-        job.grad_bias = <void*>grad_bias
-        job.sums = NULL
-        job.sums_given = False
-        job.count = 0
+        cdef Job job = _job(self.shape, self.training, stream, n_threads, <const void*>x,
+                            <const void*>grad_output, <const unsigned char*>mask,
+                            <void*>grad_input, <void*>grad_addend, <void*>grad_weight,
+                            <void*>grad_bias)
         job.mean = coef
         job.invstd = coef + self.shape.C
         _run_job(&job, self.typenum, None, None, self.weight)
