@@ -129,13 +129,8 @@ def empty(x, dtype):
     (torch.Size([1024, 1024]), True, True)
     """
     memory = _take(x.nbytes)
-    if dtype is torch.bfloat16:  # no NumPy bfloat16 in torch: its bits, as int16
-        tensor = torch.empty((), dtype=dtype).set_(
-            torch.from_numpy(memory).untyped_storage(), 0, x.shape,
-            [s // x.itemsize for s in x.strides])
-        return tensor, _ndarray(x.shape, x.dtype, memory, 0, x.strides)
-    array = _ndarray(x.shape, x.dtype, memory, 0, x.strides)
-    return torch.from_numpy(array), array
+    return (_tensor_on(memory, x.shape, [s // x.itemsize for s in x.strides], dtype),
+            _ndarray(x.shape, x.dtype, memory, 0, x.strides))
 
 
 def empty_tensor(nbytes, shape, strides, dtype):
@@ -151,8 +146,15 @@ def empty_tensor(nbytes, shape, strides, dtype):
     >>> out.shape, out.stride(), out.data_ptr() % 64
     (torch.Size([1024, 1024]), (1, 1024), 0)
     """
-    storage = torch.from_numpy(_take(nbytes)).untyped_storage()
-    return torch.empty((), dtype=dtype).set_(storage, 0, shape, strides)
+    return _tensor_on(_take(nbytes), shape, strides, dtype)
+
+
+def _tensor_on(memory, shape, strides, dtype):
+    """A tensor of torch ``dtype`` (any, bfloat16 too: torch has no NumPy dtype for
+    it) on the pooled uint8 array ``memory``, whose storage keeps the array alive
+    (and so the buffer in use); not a view."""
+    return torch.empty((), dtype=dtype).set_(
+        torch.from_numpy(memory).untyped_storage(), 0, shape, strides)
 
 
 def pooled_bytes():

@@ -27,7 +27,6 @@ kernels cannot update in place, take the core's NumPy road instead
 (``bnfast.functional.normalize``, ``bnfast.backward._run``), which copies
 what it must.
 """
-import numpy as np
 import torch
 
 from .. import _forward, _layout
@@ -54,9 +53,6 @@ _is_zero = getattr(torch.Tensor, "_is_zerotensor", lambda tensor: False)
 _torch_zeros = torch.zeros
 _buffers_empty = _buffers.empty
 _buffers_empty_tensor = _buffers.empty_tensor
-_np_empty = np.empty
-_np_zeros = np.zeros
-_U8 = np.uint8
 
 
 def key(input, running_mean, running_var, weight, bias, training, eps, relu):
@@ -105,7 +101,7 @@ class Plan:
 
     __slots__ = ("key", "C", "layout", "direct", "view", "running_mean", "running_var",
                  "weight", "bias", "batch_stats", "update", "eps", "relu", "cache",
-                 "mask_bytes", "stream", "pooled", "np_dtype", "vector_dtype", "strides",
+                 "mask_bytes", "stream", "pooled", "vector_dtype", "strides",
                  "shape", "nbytes", "dtype", "vector_like", "bound_forward", "bound_backward")
 
     def __init__(self, plan_key, input, running_mean, running_var, weight, bias, training, eps,
@@ -134,7 +130,6 @@ class Plan:
                       else None)
         self.mask_bytes = (x.size + 7) // 8
         self.stream = _backward_api.streams(x)
-        self.np_dtype = x.dtype
         self.shape, self.strides, self.nbytes = input.shape, input.stride(), x.nbytes
         self.dtype = input.dtype
         # Large outputs from the pool of warm buffers (_buffers), in x's memory order.

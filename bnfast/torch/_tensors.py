@@ -63,7 +63,7 @@ def empty_like(tensor):
     if tensor.dtype in DTYPES and tensor.nbytes >= _buffers.MIN_BYTES and (
             tensor.is_contiguous() or tensor.dim() in _DENSE_FORMATS
             and tensor.is_contiguous(memory_format=_DENSE_FORMATS[tensor.dim()])):
-        return _buffers.empty(as_numpy(tensor), tensor.dtype)[0]
+        return _buffers.empty_tensor(tensor.nbytes, tensor.shape, tensor.stride(), tensor.dtype)
     return torch.empty_like(tensor)
 
 
