@@ -131,7 +131,7 @@
         }                                                                                \
     }                                                                                    \
     for (; j < j4; j += 4) {                                                             \
-        if (BNFAST_PF4_##K && stride * (ptrdiff_t)sizeof(*x0) < 4096                     \
+        if (BNFAST_PF4_##K && BNFAST_SHARED_PAGES(*x0, stride)                           \
             && !((j * (ptrdiff_t)sizeof(*x0)) & 63))                                     \
             BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))                           \
         bnfast_v4d v0 = BNFAST_LD4_##K(y0 + j), v1 = BNFAST_LD4_##K(y1 + j);             \

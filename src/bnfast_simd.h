@@ -84,6 +84,9 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
  * W and the type only, so sums still depend on the shape only. */
 #define BNFAST_ROW_GROUP(T, W) \
     (((size_t)(W) * sizeof(T) < 512 || (size_t)(W) * sizeof(T) >= 2048) ? 4 : 1)
+/* Rows `stride` values of T apart share 4 KiB pages: where grouped row streams
+ * are prefetched in software (rows of a page or more have streams of their own). */
+#define BNFAST_SHARED_PAGES(T, stride) ((stride) * (ptrdiff_t)sizeof(T) < 4096)
 
 #if BNFAST_VECTOR_EXT
 /* Load 4 values of type T as doubles (the compiler emits the widening load). */

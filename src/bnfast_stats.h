@@ -183,8 +183,8 @@
  * hardware prefetchers follow four row streams that share pages badly (Xeon
  * VM, 2 threads, channels-last float32 forward with the caches emptied:
  * 16x64x28x28 425 -> 360 us, 16x128x14x14 250 -> 195, 16x512x4x4 130 -> 113;
- * unchanged from the caches).  Rows of a page or more have streams of their own. */
-#define BNFAST_SHARED_PAGES(T, stride) ((stride) * (ptrdiff_t)sizeof(T) < 4096)
+ * unchanged from the caches).  Rows of a page or more have streams of their own
+ * (BNFAST_SHARED_PAGES, bnfast_simd.h). */
 #define BNFAST_COLSUMS_PREFETCH(o)                                                       \
     {                                                                                    \
         __builtin_prefetch(p0 + (o)); __builtin_prefetch(p1 + (o));                      \
