@@ -115,6 +115,15 @@
         __builtin_prefetch(y0 + (o)); __builtin_prefetch(y1 + (o));                      \
         __builtin_prefetch(y2 + (o)); __builtin_prefetch(y3 + (o));                      \
     }
+/* Columns j..j+3 of four rows, as doubles. */
+#define BNFAST_COLDOT4_STEP(K)                                                           \
+    {                                                                                    \
+        bnfast_v4d v0 = BNFAST_LD4_##K(y0 + j), v1 = BNFAST_LD4_##K(y1 + j);             \
+        bnfast_v4d v2 = BNFAST_LD4_##K(y2 + j), v3 = BNFAST_LD4_##K(y3 + j);             \
+        bnfast_v4d d0 = BNFAST_LD4_##K(x0 + j), d1 = BNFAST_LD4_##K(x1 + j);             \
+        bnfast_v4d d2 = BNFAST_LD4_##K(x2 + j), d3 = BNFAST_LD4_##K(x3 + j);             \
+        BNFAST_COLDOT4_TERMS(K, j, 0)                                                    \
+    }
 #define BNFAST_COLDOT_VEC4(K)                                                            \
     j = 0;                                                                               \
     if (BNFAST_WIDE8_##K) {                                                              \
@@ -130,15 +139,14 @@
             BNFAST_COLDOT4_TERMS(K, j + 4, 0)                                            \
         }                                                                                \
     }                                                                                    \
-    for (; j < j4; j += 4) {                                                             \
-        if (BNFAST_PF4_##K && BNFAST_SHARED_PAGES(*x0, stride)                           \
-            && !((j * (ptrdiff_t)sizeof(*x0)) & 63))                                     \
-            BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))                           \
-        bnfast_v4d v0 = BNFAST_LD4_##K(y0 + j), v1 = BNFAST_LD4_##K(y1 + j);             \
-        bnfast_v4d v2 = BNFAST_LD4_##K(y2 + j), v3 = BNFAST_LD4_##K(y3 + j);             \
-        bnfast_v4d d0 = BNFAST_LD4_##K(x0 + j), d1 = BNFAST_LD4_##K(x1 + j);             \
-        bnfast_v4d d2 = BNFAST_LD4_##K(x2 + j), d3 = BNFAST_LD4_##K(x3 + j);             \
-        BNFAST_COLDOT4_TERMS(K, j, 0)                                                    \
+    if (BNFAST_PF4_##K && BNFAST_SHARED_PAGES(*x0, stride)) {                            \
+        for (; j < j4; j += 4) {                                                         \
+            if (!((j * (ptrdiff_t)sizeof(*x0)) & 63))                                    \
+                BNFAST_COLDOT_PREFETCH(j + BNFAST_PF_DIST(stride))                       \
+            BNFAST_COLDOT4_STEP(K)                                                       \
+        }                                                                                \
+    } else {  /* (a loop of its own: a test a step cost wide rows 3-5%) */               \
+        for (; j < j4; j += 4) BNFAST_COLDOT4_STEP(K)                                    \
     }
 #define BNFAST_COLDOT1_TERMS(j, v0, d0)                                                  \
     *(bnfast_v4d *)(sy + (j)) += v0;                                                     \

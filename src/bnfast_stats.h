@@ -101,24 +101,16 @@
         BNFAST_COMBINE8_AVX(A0, A1, B0, B1, S1, S2)                                       \
     }
 #endif
-/* A line BNFAST_RUNS_PF_BYTES ahead of the one read (runs are consecutive in
- * memory: across run ends too, but never past the block's last value). */
-#ifndef BNFAST_RUNS_PF_BYTES
-#define BNFAST_RUNS_PF_BYTES 1024
-#endif
 #define BNFAST_DEFINE_SHIFTED_SUMS_RUNS(NAME, T, ATTR, L4, TOD, FINISH)                  \
     ATTR static void NAME(const T *x, ptrdiff_t runs, ptrdiff_t n, double *shift,        \
                           double *s1, double *s2) {                                      \
         ptrdiff_t r, i, n8 = n - n % 8;                                                  \
-        ptrdiff_t ahead = runs * n - BNFAST_RUNS_PF_BYTES / (ptrdiff_t)sizeof(T);        \
         for (r = 0; r < runs; r++) {                                                     \
             const T *xp = x + r * n;                                                     \
             double kp = BNFAST_RUN_SHIFT(TOD((xp)[0]));                                  \
             shift[r] = kp;                                                               \
             bnfast_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, u0, u1;             \
             for (i = 0; i < n8; i += 8) {                                                \
-                if (!(((r * n + i) * (ptrdiff_t)sizeof(T)) & 63) && r * n + i < ahead)   \
-                    __builtin_prefetch(xp + i + BNFAST_RUNS_PF_BYTES / (ptrdiff_t)sizeof(T)); \
                 u0 = L4(xp + i) - kp; u1 = L4(xp + i + 4) - kp;                          \
                 a0 += u0; a1 += u1; b0 += u0 * u0; b1 += u1 * u1;                        \
             }                                                                            \
@@ -190,6 +182,15 @@
         __builtin_prefetch(p0 + (o)); __builtin_prefetch(p1 + (o));                      \
         __builtin_prefetch(p2 + (o)); __builtin_prefetch(p3 + (o));                      \
     }
+/* Columns j..j+3 of the group's four rows p0..p3. */
+#define BNFAST_COLSUMS_STEP4(L4)                                                         \
+    {                                                                                    \
+        bnfast_v4d kv = L4(shift + j);                                                   \
+        bnfast_v4d d0 = L4(p0 + j) - kv, d1 = L4(p1 + j) - kv;                           \
+        bnfast_v4d d2 = L4(p2 + j) - kv, d3 = L4(p3 + j) - kv;                           \
+        *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                                \
+        *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);            \
+    }
 #define BNFAST_DEFINE_SHIFTED_COLSUMS(NAME, T, ATTR, L4, TOD)                            \
     ATTR static void NAME(const T *x, ptrdiff_t rows, ptrdiff_t W, ptrdiff_t stride,     \
                           const T *shift, double *s1, double *s2) {                      \
@@ -198,15 +199,14 @@
         for (r = 0; r + 4 <= rows; r += 4) {                                             \
             const T *p0 = x + r * stride, *p1 = p0 + stride;                             \
             const T *p2 = p1 + stride, *p3 = p2 + stride;                                \
-            int pf = BNFAST_SHARED_PAGES(T, stride) && r + 12 <= rows;                   \
-            for (j = 0; j < j4; j += 4) {                                                \
-                if (pf && !((j * (ptrdiff_t)sizeof(T)) & 63))                            \
-                    BNFAST_COLSUMS_PREFETCH(j + 8 * stride)                              \
-                bnfast_v4d kv = L4(shift + j);                                           \
-                bnfast_v4d d0 = L4(p0 + j) - kv, d1 = L4(p1 + j) - kv;                   \
-                bnfast_v4d d2 = L4(p2 + j) - kv, d3 = L4(p3 + j) - kv;                   \
-                *(bnfast_v4d *)(s1 + j) += (d0 + d1) + (d2 + d3);                        \
-                *(bnfast_v4d *)(s2 + j) += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);    \
+            if (BNFAST_SHARED_PAGES(T, stride) && r + 12 <= rows) {                      \
+                for (j = 0; j < j4; j += 4) {                                            \
+                    if (!((j * (ptrdiff_t)sizeof(T)) & 63))                              \
+                        BNFAST_COLSUMS_PREFETCH(j + 8 * stride)                          \
+                    BNFAST_COLSUMS_STEP4(L4)                                             \
+                }                                                                        \
+            } else {  /* (a loop of its own: a test a step cost wide rows 5%) */         \
+                for (j = 0; j < j4; j += 4) BNFAST_COLSUMS_STEP4(L4)                     \
             }                                                                            \
         }                                                                                \
         BNFAST_COLSUMS_SCALAR(T, TOD, j4)                                                \
