@@ -38,7 +38,7 @@ class BoundBackward:
         self, x: np.ndarray, weight: np.ndarray | None, layout: int, training: bool
     ) -> None: ...
     def run(
-        self, x: int, grad_output: int, mask: int, saved: int, grad_input: int,
+        self, x: int, grad_output: int, mask: int, mean: int, invstd: int, grad_input: int,
         grad_addend: int, grad_weight: int, grad_bias: int, stream: bool, n_threads: int,
     ) -> None: ...
 

@@ -66,7 +66,7 @@ class BoundForward:
     ) -> None: ...
     def run(
         self, x: int, addend: int, out: int, momentum: float, n_threads: int, want_stats: bool,
-        mask: int,
+        mask: int, table: int = 0, update_mean: int = 0, update_var: int = 0,
     ) -> Optional[SavedStats]: ...
 
 def moments(x: _F, layout: int, n_threads: int) -> tuple[

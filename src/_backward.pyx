@@ -1072,9 +1072,9 @@ cdef class BoundBackward:
     For callers that check a configuration once and call it many times
     (``bnfast.torch``'s plans; ``bnfast._forward.BoundForward`` is its
     forward): a call passes the addresses of the data, of the forward's
-    (4, C) float64 table (``SavedStats.address``: mean and invstd are its
-    first two rows) and of the outputs (0 for none), with no NumPy array
-    made per call.  ``grad_weight``/``grad_bias``: C values of the compute
+    save_mean and save_invstd (C float64 values each: the first two rows of
+    ``SavedStats``' table) and of the outputs (0 for none), with no NumPy
+    array made per call.  ``grad_weight``/``grad_bias``: C values of the compute
     type (float64 for float64 data, else float32).  The contract is
     :func:`backward`'s; ``x`` gives the geometry and is not kept.
     """
@@ -1088,17 +1088,16 @@ cdef class BoundBackward:
         self.typenum = cnp.PyArray_TYPE(x)
         self.weight, self.training = weight, training
 
-    def run(self, size_t x, size_t grad_output, size_t mask, size_t saved, size_t grad_input,
-            size_t grad_addend, size_t grad_weight, size_t grad_bias, bint stream,
-            int n_threads):
+    def run(self, size_t x, size_t grad_output, size_t mask, size_t mean, size_t invstd,
+            size_t grad_input, size_t grad_addend, size_t grad_weight, size_t grad_bias,
+            bint stream, int n_threads):
         """Write the gradients asked for (their addresses not 0)."""
-        cdef const double* coef = <const double*>saved
         cdef Job job = _job(self.shape, self.training, stream, n_threads, <const void*>x,
                             <const void*>grad_output, <const unsigned char*>mask,
                             <void*>grad_input, <void*>grad_addend, <void*>grad_weight,
                             <void*>grad_bias)
-        job.mean = coef
-        job.invstd = coef + self.shape.C
+        job.mean = <const double*>mean
+        job.invstd = <const double*>invstd
         _run_job(&job, self.typenum, None, None, self.weight)
 
 

@@ -199,19 +199,28 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
         The cache entry this call used (its snapshot for backward), if any.
     """
     cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef bint update = batch_stats and running_mean is not None
     return _forward(cnp.PyArray_DATA(xa), cnp.PyArray_TYPE(xa), _kernel_shape(xa, layout),
                     running_mean, running_var, weight, bias, batch_stats, momentum, eps,
                     _data(addend), _data(out), relu, n_threads,
                     NULL if coef is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>coef),
-                    <unsigned char*>_data(mask), cache)
+                    <unsigned char*>_data(mask), cache,
+                    _data(running_mean) if update else NULL,
+                    _data(running_var) if update else NULL)
 
 
 cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, object running_mean,
                                object running_var, object weight, object bias,
                                bint batch_stats, double momentum, double eps, const void* ap,
                                void* yp, bint relu, int n_threads, double* coef,
-                               unsigned char* bits, CoefficientCache cache):
-    """:func:`forward` on the data's addresses (its arguments as there; coef NULL: none)."""
+                               unsigned char* bits, CoefficientCache cache, void* update_mean,
+                               void* update_var):
+    """:func:`forward` on the data's addresses (its arguments as there; coef NULL: none).
+
+    The running update (with ``batch_stats``) goes to ``update_mean`` and
+    ``update_var``: C contiguous values each, of ``running_mean``'s dtype,
+    holding the running statistics to update (the buffers themselves, or copies
+    of them for a functional caller); NULL: none."""
     cdef Py_ssize_t C = shape.C
     cdef Py_ssize_t count = shape.count
     cdef double* table_coef
@@ -239,8 +248,10 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
             if batch_stats:
                 residual = scratch + 2 * C
                 status = _batch_moments(xp, data_type, shape, table_coef, residual, n_threads)
-                if status == 0 and running_mean is not None and count > 0:
-                    _update_running(running_mean, running_var, table_coef, C, count, momentum)
+                if status == 0 and update_mean != NULL and count > 0:
+                    _update_running(update_mean, update_var,
+                                    cnp.PyArray_TYPE(<cnp.ndarray>running_mean), table_coef, C,
+                                    count, momentum)
                 _coefficients(None, None, weight, bias, C, eps, table_coef, scratch)
             else:
                 _coefficients(running_mean, running_var, weight, bias, C, eps, table_coef,
@@ -314,13 +325,24 @@ cdef class BoundForward:
         self.batch_stats, self.eps, self.relu, self.cache = batch_stats, eps, relu, cache
 
     def run(self, size_t x, size_t addend, size_t out, double momentum, int n_threads,
-            bint want_stats, size_t mask):
+            bint want_stats, size_t mask, size_t table=0, size_t update_mean=0,
+            size_t update_var=0):
         """Normalise the data at ``x`` into ``out`` (``addend``, ``mask``: 0 for none;
         ``mask``: zeroed, as :func:`forward`'s).  Returns a :class:`SavedStats`
-        with ``want_stats``, else None."""
+        with ``want_stats``, else None.
+
+        For a functional caller (``torch.ops.bnfast``): ``table``, the address
+        of a C-contiguous (4, C) float64 array to write the statistics into
+        (instead of a :class:`SavedStats`); ``update_mean`` and ``update_var``,
+        addresses of C contiguous values of the bound buffers' dtype, copies of
+        them, updated instead of them (training with running statistics)."""
         cdef SavedStats saved = None
-        cdef double* coef = NULL
-        if want_stats:
+        cdef double* coef = <double*>table
+        cdef bint update = self.batch_stats and self.running_mean is not None
+        if update and update_mean == 0:
+            update_mean = <size_t>_data(self.running_mean)
+            update_var = <size_t>_data(self.running_var)
+        if want_stats and table == 0:
             saved = SavedStats.__new__(SavedStats)
             saved.coef = <double*>aligned_malloc(4 * self.shape.C * sizeof(double) + 1)
             if saved.coef == NULL:
@@ -330,7 +352,8 @@ cdef class BoundForward:
         _forward(<const void*>x, self.data_type, self.shape, self.running_mean,
                  self.running_var, self.weight, self.bias, self.batch_stats, momentum,
                  self.eps, <const void*>addend, <void*>out, self.relu, n_threads, coef,
-                 <unsigned char*>mask, self.cache)
+                 <unsigned char*>mask, self.cache, <void*>update_mean if update else NULL,
+                 <void*>update_var if update else NULL)
         return saved
 
 
@@ -387,16 +410,16 @@ cdef int _moments(const real_t* xp, Shape shape, double* coef, double* residual,
     return status
 
 
-cdef void _update_running(object running_mean, object running_var, const double* coef,
-                          Py_ssize_t C, Py_ssize_t count, double momentum) noexcept:
-    """PyTorch's update of both buffers (one dtype), from the batch mean and biased variance."""
-    if cnp.PyArray_TYPE(<cnp.ndarray>running_mean) == cnp.NPY_FLOAT32:
-        update_running(<float*>cnp.PyArray_DATA(<cnp.ndarray>running_mean),
-                       <float*>cnp.PyArray_DATA(<cnp.ndarray>running_var), coef, coef + C, C,
+cdef void _update_running(void* running_mean, void* running_var, int data_type,
+                          const double* coef, Py_ssize_t C, Py_ssize_t count,
+                          double momentum) noexcept:
+    """PyTorch's update of both buffers (contiguous, of one dtype), from the batch mean and
+    biased variance."""
+    if data_type == cnp.NPY_FLOAT32:
+        update_running(<float*>running_mean, <float*>running_var, coef, coef + C, C,
                        <double>count, momentum)
     else:
-        update_running(<double*>cnp.PyArray_DATA(<cnp.ndarray>running_mean),
-                       <double*>cnp.PyArray_DATA(<cnp.ndarray>running_var), coef, coef + C, C,
+        update_running(<double*>running_mean, <double*>running_var, coef, coef + C, C,
                        <double>count, momentum)
 
 

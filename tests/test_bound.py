@@ -81,6 +81,44 @@ def test_bound_forward_is_the_array_forward(dtype, shape, layout, training, fuse
     np.testing.assert_allclose(out, expected, rtol=0, atol=REF_TOL[dtype.name] * 3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape, layout", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bound_forward_functional_form(dtype, shape, layout, training):
+    # torch.ops.bnfast's road: the table written where the caller says, the running
+    # update written into copies of the buffers, the bound buffers left as they were.
+    x, _, _, weight, bias, running_mean, running_var = _case(shape, layout, dtype)
+    kernel_layout = _layout.layout_of(x)
+    rm, rv = running_mean.copy(), running_var.copy()
+    call = _forward.BoundForward(x, kernel_layout, rm, rv, weight, bias, training, 1e-5, False,
+                                 _forward.CoefficientCache())
+    out, table = np.empty_like(x), np.full((4, shape[1]), np.nan)
+    new_mean, new_var = rm.copy(), rv.copy()
+    assert call.run(_address(x), 0, _address(out), 0.1, 2, True, 0, table=_address(table),
+                    update_mean=_address(new_mean), update_var=_address(new_var)) is None
+    np.testing.assert_array_equal(_bits(rm), _bits(running_mean))
+    np.testing.assert_array_equal(_bits(rv), _bits(running_var))
+    # ... and the same bits as the in-place form
+    out_in_place = np.empty_like(x)
+    saved = call.run(_address(x), 0, _address(out_in_place), 0.1, 2, True, 0)
+    np.testing.assert_array_equal(_bits(out), _bits(out_in_place))
+    np.testing.assert_array_equal(_bits(table), _bits(saved.table()))
+    np.testing.assert_array_equal(_bits(new_mean), _bits(rm))
+    np.testing.assert_array_equal(_bits(new_var), _bits(rv))
+    if training:  # torch's update: unbiased variance, momentum 0.1
+        n = x.size // shape[1]
+        axes = (0,) + tuple(range(2, x.ndim))
+        x64 = x.astype(np.float64)
+        # (float32 buffers: one rounding of terms of order 1)
+        np.testing.assert_allclose(new_mean, 0.9 * running_mean + 0.1 * x64.mean(axis=axes),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            new_var, 0.9 * running_var + 0.1 * x64.var(axis=axes) * n / (n - 1), rtol=1e-6,
+            atol=1e-6)
+    else:
+        np.testing.assert_array_equal(_bits(new_mean), _bits(running_mean))
+
+
 def test_bound_forward_without_stats_saves_nothing():
     x, _, _, weight, bias, rm, rv = _case((4, 3, 2, 2), "contiguous", np.float32)
     call = _forward.BoundForward(x, 0, rm, rv, weight, bias, False, 1e-5, False, None)
@@ -114,7 +152,8 @@ def test_bound_backward_is_the_array_backward(dtype, shape, layout, training, fu
     gx_bound, ga_bound = np.empty_like(x), np.empty_like(x) if fused else None
     gw_bound, gb_bound = np.empty(C, compute), np.empty(C, compute)
     BoundBackward(x, weight, kernel_layout, training).run(
-        _address(x), _address(dy), _address(bits), saved.address, _address(gx_bound),
+        _address(x), _address(dy), _address(bits), saved.address, saved.address + 8 * C,
+        _address(gx_bound),
         _address(ga_bound), _address(gw_bound), _address(gb_bound), False, 2)
     gx, ga = np.empty_like(x), np.empty_like(x) if fused else None
     gw, gb = array_backward(x, dy, bits, table[0], table[1], weight, gx, ga, True, True,

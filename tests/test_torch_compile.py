@@ -84,11 +84,15 @@ def test_compiled_aot_eager_matches_eager(fused, channels_last):
     _compare(eager, compiled, _x(channels_last))
 
 
-def test_compiled_inductor_matches_eager():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_compiled_inductor_matches_eager(channels_last):
+    # The operators take inductor's layouts (flexible_layout): it makes an NCHW model's
+    # convolutions channels_last, so the fused ops run on channels_last tensors traced
+    # as NCHW (the backward must read the mask's layout from the mask, not the trace).
     torch._dynamo.reset()
     eager = _model(fused=True)
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
-    _compare(eager, compiled, _x(channels_last=True))
+    _compare(eager, compiled, _x(channels_last))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

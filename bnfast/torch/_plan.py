@@ -51,6 +51,8 @@ _is_neg = torch.Tensor.is_neg
 # A zero tensor (torch._efficientzerotensor) has no memory: data_ptr() is 0.
 _is_zero = getattr(torch.Tensor, "_is_zerotensor", lambda tensor: False)
 _torch_zeros = torch.zeros
+_torch_empty = torch.empty
+_F64 = torch.float64
 _buffers_empty = _buffers.empty
 _buffers_empty_tensor = _buffers.empty_tensor
 
@@ -105,13 +107,15 @@ class Plan:
                  "shape", "nbytes", "dtype", "vector_like", "bound_forward", "bound_backward")
 
     def __init__(self, plan_key, input, running_mean, running_var, weight, bias, training, eps,
-                 relu, persistent):
+                 relu, persistent, backward_only=False):
+        # backward_only: a plan of the backward alone (torch.ops.bnfast's backwards, which
+        # get no buffers, even in evaluation): no forward is bound.
         self.key = plan_key
         x = check_input(as_numpy(input.detach()))
         rm, rv, w, b, eps, _, _, _ = check_forward(
             x, *(None if v is None else as_numpy(v.detach())
                  for v in (running_mean, running_var, weight, bias)),
-            training, eps, None, None, 1)
+            training or backward_only, eps, None, None, 1)
         self.C = x.shape[1]
         self.running_mean, self.running_var, self.weight, self.bias = rm, rv, w, b
         self.batch_stats, self.eps, self.relu = bool(training), eps, bool(relu)
@@ -141,8 +145,9 @@ class Plan:
             self.C, dtype=torch.float64 if input.dtype is torch.float64 else torch.float32)
         self.bound_forward = self.bound_backward = None
         if self.direct:  # x gives the geometry only: the compiled entries keep no input
-            self.bound_forward = _forward.BoundForward(
-                x, self.layout, rm, rv, w, b, self.batch_stats, eps, self.relu, self.cache)
+            if not backward_only:
+                self.bound_forward = _forward.BoundForward(
+                    x, self.layout, rm, rv, w, b, self.batch_stats, eps, self.relu, self.cache)
             self.bound_backward = BoundBackward(x, w, self.layout, self.batch_stats)
 
     def _new(self, input):
@@ -185,16 +190,52 @@ class Plan:
         (4 bools: input, weight, bias, addend) asks for none."""
         if not self.direct:
             return self._numpy_backward(grad, input, saved, bits, mask)
+        address = saved.address  # the table's rows 0 and 1: mean and invstd
+        return self._backward(grad, input, address, address + 8 * self.C, bits, mask)
+
+    def _backward(self, grad, input, mean, invstd, bits, mask):
+        # The direct road, with the addresses of C float64 means and invstds.
         x, grad = self._planned(input), self._planned(grad)
         want_x, want_w, want_b, want_a = mask
         gx = self._new(x) if want_x else None
         ga = self._new(x) if want_a else None
         gw = _torch_empty_like(self.vector_like) if want_w else None
         gb = _torch_empty_like(self.vector_like) if want_b else None
-        self.bound_backward.run(x.data_ptr(), grad.data_ptr(), _address(bits),
-                                saved.address, _address(gx), _address(ga), _address(gw),
-                                _address(gb), self.stream, _get_num_threads())
+        self.bound_backward.run(x.data_ptr(), grad.data_ptr(), _address(bits), mean, invstd,
+                                _address(gx), _address(ga), _address(gw), _address(gb),
+                                self.stream, _get_num_threads())
         return gx, self._vector(gw), self._vector(gb), ga
+
+    # -- the functional forms of torch.ops.bnfast (direct plans only) --
+
+    def functional_forward(self, input, addend, running_mean, running_var, momentum):
+        """``(out, save_mean, save_invstd, bits, new_running_mean, new_running_var)``:
+        :meth:`forward` without writing the running buffers (``running_mean`` and
+        ``running_var``, the plan's own, are cloned and the clones updated: None
+        where none are updated); ``bits`` None without ``relu``."""
+        x = self._planned(input)
+        if addend is not None:
+            addend = self._planned(addend)
+        out = self._new(x)
+        table = _torch_empty((4, self.C), dtype=_F64)
+        new_mean = new_var = None
+        if self.update:  # the plan's buffers are contiguous, so are their clones
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+        bits = None
+        if self.relu:  # the mask and, last, the byte of its layout (see _ops)
+            bits = _torch_zeros(self.mask_bytes + 1, dtype=_UINT8)
+            bits[self.mask_bytes] = int(self.layout)
+        self.bound_forward.run(x.data_ptr(), _address(addend), out.data_ptr(), momentum,
+                               _get_num_threads(), False, _address(bits), table.data_ptr(),
+                               _address(new_mean), _address(new_var))
+        # Outputs of an operator may not share memory: invstd is copied out of the table.
+        return out, table[0], table[1].clone(), bits, new_mean, new_var
+
+    def functional_backward(self, grad, input, save_mean, save_invstd, bits, mask):
+        """:meth:`backward` from the forward's ``save_mean`` and ``save_invstd``
+        (C-contiguous float64 tensors of C values)."""
+        return self._backward(grad, input, save_mean.data_ptr(), save_invstd.data_ptr(),
+                              bits, mask)
 
     def _vector(self, grad):
         """A kernel's (C,) gradient (a tensor or None) in the parameters' dtype."""
