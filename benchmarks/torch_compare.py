@@ -5,7 +5,7 @@ the other; on a shared machine the ratios then drift with the load).  Here
 the contenders of each case run in turn, round after round, and the minimum
 per contender is kept, with the ratio of the medians beside it::
 
-    python benchmarks/torch_compare.py                   # everything (~2 min)
+    python benchmarks/torch_compare.py                   # all but compiled (~2 min)
     python benchmarks/torch_compare.py layers overhead   # only these parts
     python benchmarks/torch_compare.py resnet --rounds 9 --threads 2
 
@@ -28,6 +28,9 @@ Parts:
   format of their input, output, grad_output and grad_input (a convolution
   reorders what is not channels_last), and the copy ops (``aten::copy_``,
   ``contiguous``, ``clone``, ``to``, ...) of a step, stock vs converted vs fused.
+* ``compiled`` (only when named: inductor takes minutes): the ResNet-18 step
+  under ``torch.compile``, stock vs converted vs fused, each compiled, and one
+  compiled (1, 512, 7, 7) layer's forward + backward.
 
 Threads: ``torch.set_num_threads(--threads)``, which bnfast.torch uses too.
 Every bnfast result is checked against torch's before it is timed.
@@ -212,6 +215,31 @@ def resnet(args):
         _row(f"eval forward {layout}", interleaved(evals, args.rounds, budget=0), "stock")
 
 
+def compiled(args):
+    """The ResNet-18 training step under ``torch.compile`` (inductor): stock vs
+    converted vs converted + fused, each compiled; and one (1, 512, 7, 7) layer."""
+    print(f"\ntorch.compile (inductor), ResNet-18 training step, batch 16, 3x112x112, "
+          f"float32, {args.threads} threads, min of {args.rounds} interleaved rounds")
+    for layout in LAYOUTS:
+        x, target = resnet_batch(layout)
+        steps = {}
+        for v in VARIANTS:
+            model = build_resnet(v, layout).train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            steps[v] = train_step(torch.compile(model), x, target, opt)
+            steps[v]()  # compiles
+        _row(f"compiled train step {layout}", interleaved(steps, args.rounds, budget=0),
+             "stock")
+    x = torch.randn(1, 512, 7, 7, requires_grad=True)
+    grad = torch.randn_like(x)
+    torch.manual_seed(0)
+    stock = nn.BatchNorm2d(512)
+    layers = {"torch": torch.compile(stock),
+              "bnfast": torch.compile(bt.convert(copy.deepcopy(stock)))}
+    _row("compiled (1, 512, 7, 7) train", interleaved(
+        {name: _fwd_bwd(layer, x, grad) for name, layer in layers.items()}, args.rounds))
+
+
 # Self CPU time of aten::native_batch_norm(_backward) & co. and of the bnfast::* labels.
 _BN_KEYS = ("batch_norm", "batchnorm")
 
@@ -291,13 +319,16 @@ def formats(args):
 
 
 PARTS = {"layers": layers, "overhead": overhead, "resnet": resnet, "share": share,
-         "formats": formats}
+         "formats": formats, "compiled": compiled}
+#: What runs without parts named: all but ``compiled`` (inductor compiles for minutes here).
+DEFAULT_PARTS = ("layers", "overhead", "resnet", "share", "formats")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("parts", nargs="*", metavar="part",
-                        help=f"what to run: {', '.join(PARTS)} (default: all)")
+                        help=f"what to run: {', '.join(PARTS)} "
+                             f"(default: {', '.join(DEFAULT_PARTS)})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
@@ -314,7 +345,7 @@ def main(argv=None):
     if args.shapes == "resnet":
         args.shapes = RESNET_SHAPES
     torch.set_num_threads(args.threads)
-    for name in args.parts or PARTS:
+    for name in args.parts or DEFAULT_PARTS:
         PARTS[name](args)
 
 
