@@ -40,6 +40,8 @@ large ones from the pool of warm buffers, see ``_buffers``) and written by
 the kernels in place.  ``save_mean``/``save_invstd`` are float64, as the
 core computes them.  Threads: ``torch.get_num_threads()``.
 """
+import threading
+
 import torch
 
 from .. import backward as _backward
@@ -63,14 +65,32 @@ def _empty(like):
 
 
 # -- plans -------------------------------------------------------------------------------
-#: Plans of the operators' calls, by configuration; the oldest dropped beyond _MAX_PLANS.
+#: Plans of the operators' calls, by configuration; the oldest dropped beyond _MAX_PLANS
+#: (two per BatchNorm layer of a compiled model: forward and backward).
 _plans: "dict[tuple, _plan.Plan]" = {}
-_MAX_PLANS = 256
+_MAX_PLANS = 1024
+_plans_lock = threading.Lock()
 
 
 def _vector_strides(*vectors):
     # A plan reads its vectors through the views it was built with: the key has their strides.
     return tuple(None if v is None else v.stride() for v in vectors)
+
+
+def _owns_its_memory(vector):
+    """Whether ``vector`` is (about) all of its storage.  A plan holds views of its
+    vectors, so a kept plan of a vector carved from a larger buffer (flat
+    parameters) would keep the whole buffer alive."""
+    return vector is None or vector.untyped_storage().nbytes() <= vector.nbytes + 64
+
+
+def _keep(plan_key, plan, vectors):
+    if not all(_owns_its_memory(v) for v in vectors):
+        return
+    with _plans_lock:  # an eviction by two threads at once would drop one key twice
+        while len(_plans) >= _MAX_PLANS:
+            del _plans[next(iter(_plans))]
+        _plans[plan_key] = plan
 
 
 def _plan_for(input, running_mean, running_var, weight, bias, training, eps, relu,
@@ -86,9 +106,7 @@ def _plan_for(input, running_mean, running_var, weight, bias, training, eps, rel
     if plan is None:
         plan = _plan.Plan(plan_key, input, running_mean, running_var, weight, bias, training,
                           eps, relu, True, backward_only)
-        if len(_plans) >= _MAX_PLANS:
-            del _plans[next(iter(_plans))]
-        _plans[plan_key] = plan
+        _keep(plan_key, plan, (running_mean, running_var, weight, bias))
     return plan if plan.direct else None
 
 
@@ -232,7 +250,7 @@ def _vector(value, input, weight):
 def _saved_vector(vector, C):
     """``save_mean``/``save_invstd`` as the plans read them (C contiguous float64
     values), or None where the core's checks must see it."""
-    if vector.shape != (C,):
+    if vector.shape != (C,) or not vector.is_floating_point():
         return None
     if vector.dtype is not _F64 or vector.stride() != (1,):
         return vector.to(_F64).contiguous()

@@ -33,7 +33,7 @@ from .. import _forward, _layout
 from .. import backward as _backward_api
 from .. import functional as _functional
 from .._backward import BoundBackward
-from .._validation import check_forward, check_input
+from .._validation import check_channel_vector, check_eps, check_forward, check_input
 from . import _buffers
 from ._tensors import _BF16, as_numpy
 
@@ -112,10 +112,16 @@ class Plan:
         # get no buffers, even in evaluation): no forward is bound.
         self.key = plan_key
         x = check_input(as_numpy(input.detach()))
-        rm, rv, w, b, eps, _, _, _ = check_forward(
-            x, *(None if v is None else as_numpy(v.detach())
-                 for v in (running_mean, running_var, weight, bias)),
-            training or backward_only, eps, None, None, 1)
+        if backward_only:  # what the backward checks (bnfast._validation.check_backward)
+            rm = rv = b = None
+            w = check_channel_vector(None if weight is None else as_numpy(weight.detach()),
+                                     "weight", x.shape[1])
+            eps = check_eps(eps)
+        else:
+            rm, rv, w, b, eps, _, _, _ = check_forward(
+                x, *(None if v is None else as_numpy(v.detach())
+                     for v in (running_mean, running_var, weight, bias)),
+                training, eps, None, None, 1)
         self.C = x.shape[1]
         self.running_mean, self.running_var, self.weight, self.bias = rm, rv, w, b
         self.batch_stats, self.eps, self.relu = bool(training), eps, bool(relu)
