@@ -7,7 +7,9 @@ on ``sys.path``.
 """
 import shlex
 import subprocess
+import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,21 @@ def assert_within_ulps(actual, expected, ulps):
 
 # -- C drivers -----------------------------------------------------------------------
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_racing(target, args_list):
+    """Run ``target(*args)`` for each args in threads that switch as often as Python
+    lets them (a race shows up within a few hundred calls), and join them."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def run_c_driver(tmp_path, source, *flags):

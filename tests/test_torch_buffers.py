@@ -2,8 +2,6 @@
 view, NumPy array or autograd graph uses it; the outputs stay torch's (values, dtype,
 strides, in-place ops) whichever memory they are in."""
 import gc
-import sys
-import threading
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 import bnfast.torch as bt  # noqa: E402
 from bnfast.torch import _buffers  # noqa: E402
+from conftest import run_racing  # noqa: E402
 
 nn = torch.nn
 DTYPES = [d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -173,16 +172,7 @@ def test_threads_never_share_a_buffer():
                 out = ours(inputs[k])
                 if i % 4 == 0:
                     kept[k].append(out)
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_racing(work, [(k,) for k in range(len(inputs))])
     outs = [out for outs in kept for out in outs]
     assert len({out.data_ptr() for out in outs}) == len(outs)
     for k, outs in enumerate(kept):

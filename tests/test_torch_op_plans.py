@@ -5,15 +5,13 @@ What a kept plan must not do: outlive a checked configuration (in-place
 changes of the vectors are read, not cached), keep large buffers alive,
 break under threads, or take a mask's layout from the trace.
 """
-import sys
-import threading
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import bnfast.torch  # noqa: E402, F401
 from bnfast.torch import _ops  # noqa: E402
+from conftest import run_racing  # noqa: E402
 
 ops = torch.ops.bnfast
 aten = torch.ops.aten
@@ -122,7 +120,6 @@ def test_vectors_carved_from_larger_buffers_are_not_kept():
 def test_plans_made_by_many_threads(monkeypatch):
     # Evictions by two threads at once must not drop one key twice (KeyError).
     monkeypatch.setattr(_ops, "_MAX_PLANS", 4)
-    interval = sys.getswitchinterval()
     errors = []
 
     def work(seed):
@@ -139,15 +136,9 @@ def test_plans_made_by_many_threads(monkeypatch):
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
-    sys.setswitchinterval(1e-6)
     try:
-        workers = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        run_racing(work, [(seed,) for seed in range(8)])
     finally:
-        sys.setswitchinterval(interval)
         torch.set_num_threads(threads_before)
     assert errors == []
     assert len(_ops._plans) <= 4
