@@ -5,7 +5,7 @@ the other; on a shared machine the ratios then drift with the load).  Here
 the contenders of each case run in turn, round after round, and the minimum
 per contender is kept, with the ratio of the medians beside it::
 
-    python benchmarks/torch_compare.py                   # all but compiled (~2 min)
+    python benchmarks/torch_compare.py                   # all but compiled (~3 min)
     python benchmarks/torch_compare.py layers overhead   # only these parts
     python benchmarks/torch_compare.py resnet --rounds 9 --threads 2
 
@@ -29,8 +29,8 @@ Parts:
   reorders what is not channels_last), and the copy ops (``aten::copy_``,
   ``contiguous``, ``clone``, ``to``, ...) of a step, stock vs converted vs fused.
 * ``compiled`` (only when named: inductor takes minutes): the ResNet-18 step
-  under ``torch.compile``, stock vs converted vs fused, each compiled, and one
-  compiled (1, 512, 7, 7) layer's forward + backward.
+  under ``torch.compile``, stock vs converted vs fused, each compiled, and
+  compiled (1, 512, 7, 7) and 16x512x4x4 layers' forward + backward.
 
 Threads: ``torch.set_num_threads(--threads)``, which bnfast.torch uses too.
 Every bnfast result is checked against torch's before it is timed.
@@ -217,27 +217,32 @@ def resnet(args):
 
 def compiled(args):
     """The ResNet-18 training step under ``torch.compile`` (inductor): stock vs
-    converted vs converted + fused, each compiled; and one (1, 512, 7, 7) layer."""
+    converted vs converted + fused, each compiled; and two compiled layers."""
     print(f"\ntorch.compile (inductor), ResNet-18 training step, batch 16, 3x112x112, "
           f"float32, {args.threads} threads, min of {args.rounds} interleaved rounds")
     for layout in LAYOUTS:
         x, target = resnet_batch(layout)
-        steps = {}
+        steps, outputs = {}, {}
         for v in VARIANTS:
             model = build_resnet(v, layout).train()
+            compiled_model = torch.compile(model)
+            outputs[v] = compiled_model(x).detach()  # compiles; checked below
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            steps[v] = train_step(torch.compile(model), x, target, opt)
-            steps[v]()  # compiles
+            steps[v] = train_step(compiled_model, x, target, opt)
+        for v in VARIANTS[1:]:
+            torch.testing.assert_close(outputs[v], outputs["stock"], rtol=1e-3, atol=1e-3)
         _row(f"compiled train step {layout}", interleaved(steps, args.rounds, budget=0),
              "stock")
-    x = torch.randn(1, 512, 7, 7, requires_grad=True)
-    grad = torch.randn_like(x)
-    torch.manual_seed(0)
-    stock = nn.BatchNorm2d(512)
-    layers = {"torch": torch.compile(stock),
-              "bnfast": torch.compile(bt.convert(copy.deepcopy(stock)))}
-    _row("compiled (1, 512, 7, 7) train", interleaved(
-        {name: _fwd_bwd(layer, x, grad) for name, layer in layers.items()}, args.rounds))
+    for shape in ((1, 512, 7, 7), (16, 512, 4, 4)):
+        x = torch.randn(shape, requires_grad=True)
+        grad = torch.randn_like(x)
+        stock = nn.BatchNorm2d(512)
+        layers = {"torch": torch.compile(stock),
+                  "bnfast": torch.compile(bt.convert(copy.deepcopy(stock)))}
+        torch.testing.assert_close(layers["bnfast"](x), layers["torch"](x), rtol=1e-4,
+                                   atol=1e-4)
+        _row(f"compiled {'x'.join(map(str, shape))} train", interleaved(
+            {name: _fwd_bwd(layer, x, grad) for name, layer in layers.items()}, args.rounds))
 
 
 # Self CPU time of aten::native_batch_norm(_backward) & co. and of the bnfast::* labels.

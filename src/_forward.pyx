@@ -230,6 +230,8 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
     cdef int status = 0
     # A local reference: the entry's tables stay alive while the kernel reads them.
     cdef CoefficientTable entry = None
+    if C == 0:  # no channels, nothing to compute (the tilings divide by C)
+        return None
     try:
         if cache is not None and not batch_stats:
             entry = cache.lookup(running_mean, running_var, weight, bias, C, eps)
@@ -383,7 +385,7 @@ cdef int _batch_moments(const void* xp, int data_type, Shape shape, double* coef
     """Batch mean and biased variance into coef rows 0 and 1, and the exact mean's
     residual (zeros for an empty batch)."""
     cdef Py_ssize_t c
-    if shape.count == 0:
+    if shape.count == 0 or shape.C == 0:
         for c in range(2 * shape.C):
             coef[c] = 0.0
         for c in range(shape.C):

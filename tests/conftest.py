@@ -122,8 +122,17 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def run_racing(target, args_list):
     """Run ``target(*args)`` for each args in threads that switch as often as Python
-    lets them (a race shows up within a few hundred calls), and join them."""
-    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    lets them (a race shows up within a few hundred calls), join them, and raise the
+    first exception a thread raised (a thread's own would only be a warning)."""
+    errors = []
+
+    def run(*args):
+        try:
+            target(*args)
+        except BaseException as error:  # re-raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=args) for args in args_list]
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
@@ -133,6 +142,8 @@ def run_racing(target, args_list):
             t.join()
     finally:
         sys.setswitchinterval(interval)
+    if errors:
+        raise errors[0]
 
 
 def run_c_driver(tmp_path, source, *flags):

@@ -145,9 +145,11 @@ def test_eval_formula_by_hand(dtype):
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (0, 2, 4, 4), (0, 2, 2, 3, 3),
-                                   (4, 3, 0), (2, 3, 0, 4)], ids=str)
+                                   (4, 3, 0), (2, 3, 0, 4), (4, 0), (4, 0, 5), (2, 0, 3, 3)],
+                         ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_input(dtype, rng, shape, training):
+    # Also no channels: (4, 0, 5) had killed the process (the tilings divide by C).
     C = shape[1]
     x = np.zeros(shape, dtype)
     weight, bias = make_params(rng, C, dtype)
@@ -654,7 +656,8 @@ def test_out_of_a_subclass_is_returned(rng):
     assert bnfast.batch_norm(x, None, None, training=True, out=out) is out
 
 
-@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 3, 0), (0, 2, 4, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 3, 0), (0, 2, 4, 4), (4, 0, 5)],
+                         ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_input_with_every_option(dtype, rng, shape, training):
     # An empty batch with addend, relu, out and return_stats: an empty output, buffers

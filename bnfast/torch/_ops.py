@@ -159,9 +159,10 @@ def _mask_layout(relu_bits, input):
     size = (input.numel() + 7) // 8 + 1
     if (relu_bits.dtype is not torch.uint8 or relu_bits.shape != (size,)
             or not relu_bits.is_contiguous()):
+        contiguous = "" if relu_bits.is_contiguous() else " (not contiguous)"
         raise ValueError(f"relu_bits must be the forward's: a contiguous uint8 tensor of shape "
                          f"({size},) for input of shape {tuple(input.shape)}, got "
-                         f"{relu_bits.dtype} of shape {tuple(relu_bits.shape)}")
+                         f"{relu_bits.dtype} of shape {tuple(relu_bits.shape)}{contiguous}")
     layout = int(relu_bits[-1])
     if layout not in _LAYOUTS:
         raise ValueError(f"relu_bits must be the forward's: its last byte names a layout "
@@ -323,7 +324,9 @@ def fused_batch_norm_backward(grad_output: Tensor, input: Tensor, relu_bits: Ten
                               ) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
     """(grad_input, grad_weight, grad_bias, grad_addend) of ``bnfast::fused_batch_norm``.
 
-    ``relu_bits`` is the forward's mask (its last byte names its memory order)."""
+    ``relu_bits`` is the forward's mask of this very ``input`` (its last byte names its
+    memory order; its size is checked, but it holds no shape: a mask of another input of
+    as many values would pass)."""
     return _filled(backward_kernel(grad_output, input, relu_bits, weight, save_mean,
                                    save_invstd, training, eps,
                                    tuple(bool(m) for m in output_mask)), input)

@@ -14,6 +14,7 @@ dispatcher round trip costs more than the kernels on small inputs); traced
 calls (``torch.compile``, ``torch.export``, fake tensors, modes, subclasses)
 go through ``torch.ops.bnfast``.
 """
+import math
 import warnings
 
 import torch
@@ -66,7 +67,8 @@ def _checks(input, training, eps):
     # F.batch_norm's own checks, with its messages.
     if training:
         size = input.shape
-        if size.numel() == size[1] and input.dim() >= 2:
+        # torch's rule (F._verify_batch_size): the sizes but the channels' multiply to 1.
+        if input.dim() >= 2 and math.prod(size[:1] + size[2:]) == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {size}")
         if eps <= 0.0:
