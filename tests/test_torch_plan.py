@@ -229,3 +229,18 @@ def test_create_graph_gives_first_order_and_refuses_a_second(fused, dtype):
     torch.testing.assert_close(firsts[1], firsts[0], **TOL[dtype])
     with pytest.raises(RuntimeError, match="differentiate twice"):
         firsts[1].sum().backward()
+
+
+def test_a_parameter_of_other_strides_at_the_same_address_gets_a_new_plan():
+    # A plan reads its vectors through the views it was built with: a weight swapped for a
+    # view at the same address with other strides must not reuse the old plan's view.
+    C = 4
+    flat = torch.arange(1.0, 2 * C + 1)
+    bn = bt.convert(torch.nn.BatchNorm1d(C))
+    x = torch.randn(6, C, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for weight in (flat[:C], flat[::2]):  # one address, strides 1 and 2
+            bn.weight = torch.nn.Parameter(weight, requires_grad=False)
+            expected = torch.nn.functional.batch_norm(x, None, None, weight, bn.bias,
+                                                      training=True)
+            torch.testing.assert_close(bn(x), expected)

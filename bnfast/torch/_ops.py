@@ -72,11 +72,6 @@ _MAX_PLANS = 1024
 _plans_lock = threading.Lock()
 
 
-def _vector_strides(*vectors):
-    # A plan reads its vectors through the views it was built with: the key has their strides.
-    return tuple(None if v is None else v.stride() for v in vectors)
-
-
 def _owns_its_memory(vector):
     """Whether ``vector`` is (about) all of its storage.  A plan holds views of its
     vectors, so a kept plan of a vector carved from a larger buffer (flat
@@ -100,8 +95,7 @@ def _plan_for(input, running_mean, running_var, weight, bias, training, eps, rel
     plan_key = _plan.key(input, running_mean, running_var, weight, bias, training, eps, relu)
     if plan_key is None:
         return None
-    plan_key = (plan_key, _vector_strides(running_mean, running_var, weight, bias),
-                backward_only)
+    plan_key = (plan_key, backward_only)
     plan = _plans.get(plan_key)
     if plan is None:
         plan = _plan.Plan(plan_key, input, running_mean, running_var, weight, bias, training,

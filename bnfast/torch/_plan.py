@@ -16,7 +16,7 @@ a ResNet-18 step for ~100 us of kernels.
 
 Its :attr:`~Plan.key` is everything those decisions read: the input's
 shape, strides, dtype and device; training, eps and the ReLU; each
-parameter and buffer's data pointer, dtype and shape.  A plan holds views of
+parameter and buffer's data pointer, dtype, shape and strides.  A plan holds views of
 the memory its key names, so that memory stays allocated (and the pointer
 cannot name other memory) while the plan lives.  A module keeps its last
 plan (:func:`lookup`) and builds a new one when the key changes; the
@@ -62,13 +62,15 @@ def key(input, running_mean, running_var, weight, bias, training, eps, relu):
     that is not a strided CPU tensor (no plan: the per-call road decides)."""
     if input.layout is not _STRIDED or not input.is_cpu:
         return None
+    # A vector's strides too: the plan reads it through the view it was built with.
     return (input.shape, input.stride(), input.dtype, training, eps, relu,
             None if running_mean is None else (running_mean.data_ptr(), running_mean.dtype,
-                                               running_mean.shape),
+                                               running_mean.shape, running_mean.stride()),
             None if running_var is None else (running_var.data_ptr(), running_var.dtype,
-                                              running_var.shape),
-            None if weight is None else (weight.data_ptr(), weight.dtype, weight.shape),
-            None if bias is None else (bias.data_ptr(), bias.dtype, bias.shape))
+                                              running_var.shape, running_var.stride()),
+            None if weight is None else (weight.data_ptr(), weight.dtype, weight.shape,
+                                         weight.stride()),
+            None if bias is None else (bias.data_ptr(), bias.dtype, bias.shape, bias.stride()))
 
 
 def lookup(owner, plan_key):
