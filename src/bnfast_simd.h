@@ -29,6 +29,12 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #if BNFAST_VECTOR_EXT && (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__)
 #define BNFAST_DISPATCH_AVX2 1
 #define BNFAST_AVX2_TARGET __attribute__((target("avx2")))
+/* float32 and float64 leaves in zmm (AVX-512F, picked at run time beside AVX2's):
+ * eight doubles a vector, each lane the scalar code's operations. */
+#define BNFAST_F64_Z_TARGET __attribute__((target("avx2,avx512f")))
+typedef double bnfast_v8d __attribute__((vector_size(64), aligned(8)));
+#define BNFAST_L8_F32_Z(p) ((bnfast_v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p)))
+#define BNFAST_L8_F64_Z(p) (*(const bnfast_v8d *)(p))
 #else
 #define BNFAST_DISPATCH_AVX2 0
 #endif
@@ -234,6 +240,8 @@ BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32d_avx2, float, double, BNFAST_
 BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_avx2, double, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_AFFINE_RUNS(bnfast_affine_runs_f32_avx2, float, BNFAST_AVX2_TARGET,
                           bnfast_affine_scalar_f32_avx2)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_z, float, float, BNFAST_F64_Z_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_z, double, double, BNFAST_F64_Z_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_avx2, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_avx2, double, BNFAST_AVX2_TARGET)
 
@@ -251,9 +259,12 @@ BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_avx2, double, BNFAST_AVX2_TAR
         return bnfast_has_##NAME;                                                        \
     }
 BNFAST_DEFINE_CPU_CHECK(avx2, BNFAST_CPU("avx2"))
+BNFAST_DEFINE_CPU_CHECK(f64_z, BNFAST_CPU("avx2") && BNFAST_CPU("avx512f"))
 #define BNFAST_PICK(base, avx2) (bnfast_use_avx2() ? (avx2) : (base))
+#define BNFAST_PICK_Z(base, avx2, z) (bnfast_use_f64_z() ? (z) : BNFAST_PICK(base, avx2))
 #else
 #define BNFAST_PICK(base, avx2) (base)
+#define BNFAST_PICK_Z(base, avx2, z) (base)
 #endif
 
 static inline void bnfast_centered_dot_f32(const float *x, const float *y, ptrdiff_t n,
@@ -287,7 +298,8 @@ static inline void bnfast_affine_scalar_f64(const double *x, const double *add, 
 static inline void bnfast_affine_tiled_f32(const float *x, const float *add, float *y, ptrdiff_t n,
                                            ptrdiff_t W, const float *m, const float *a,
                                            const float *b, int relu) {
-    BNFAST_PICK(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2)(x, add, y, n, W, m, a, b, relu);
+    BNFAST_PICK_Z(bnfast_affine_tiled_f32_base, bnfast_affine_tiled_f32_avx2,
+                  bnfast_affine_tiled_f32_z)(x, add, y, n, W, m, a, b, relu);
 }
 static inline void bnfast_affine_tiled_f32d(const float *x, const float *add, float *y, ptrdiff_t n,
                                             ptrdiff_t W, const double *m, const double *a,
@@ -297,7 +309,8 @@ static inline void bnfast_affine_tiled_f32d(const float *x, const float *add, fl
 static inline void bnfast_affine_tiled_f64(const double *x, const double *add, double *y, ptrdiff_t n,
                                            ptrdiff_t W, const double *m, const double *a,
                                            const double *b, int relu) {
-    BNFAST_PICK(bnfast_affine_tiled_f64_base, bnfast_affine_tiled_f64_avx2)(x, add, y, n, W, m, a, b, relu);
+    BNFAST_PICK_Z(bnfast_affine_tiled_f64_base, bnfast_affine_tiled_f64_avx2,
+                  bnfast_affine_tiled_f64_z)(x, add, y, n, W, m, a, b, relu);
 }
 
 /* ---------------------------------------------------------------------------

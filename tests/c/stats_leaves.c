@@ -1,6 +1,6 @@
 /*
  * Drives the statistics leaves (src/bnfast_stats.h), the portable ones and the
- * ones this build and CPU pick (AVX2 / F16C; AVX-512's half column sums), in
+ * ones this build and CPU pick (AVX2 / F16C; AVX-512's column sums), in
  * every storage type, over the same
  * values: random float16 and bfloat16 patterns (the value sets below), widened
  * to float and double for the float32 and float64 leaves.  Writes the sums as raw
