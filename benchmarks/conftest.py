@@ -74,15 +74,17 @@ def pytest_terminal_summary(terminalreporter):
         return
     write = terminalreporter.write_line
     write("")
-    write("half precision: min of interleaved calls (half / float32 of the same shape; "
-          "torch / bnfast in the half dtype)")
+    write("half precision: interleaved calls (half / float32 of the same shape; torch / "
+          "bnfast in the half dtype); ratios of the minima, and paired: the median of the "
+          "rounds' ratios")
     write(f"{'mode':<9}{'dtype':<10}{'shape':<15}{'f32 MB':>8}{'half':>11}{'float32':>11}"
-          f"{'half/f32':>10}{'torch/bnfast':>14}")
+          f"{'half/f32':>10}{'paired':>8}{'torch/bnfast':>14}{'paired':>8}")
     for r in _HALF_RATIOS:
-        vs_torch = "-" if r["torch_over_bnfast"] is None else f"{r['torch_over_bnfast']:.2f}x"
+        vs_torch = ("       -       -" if r["torch_over_bnfast"] is None else
+                    f"{r['torch_over_bnfast']:>13.2f}x{r['torch_over_bnfast_paired']:>7.2f}x")
         write(f"{r['mode']:<9}{r['dtype']:<10}{r['shape']:<15}{r['float32_MB']:>8}"
               f"{r['half_s'] * 1e3:>9.2f}ms{r['float32_s'] * 1e3:>9.2f}ms"
-              f"{r['half_over_float32']:>10.2f}{vs_torch:>14}")
+              f"{r['half_over_float32']:>10.2f}{r['half_over_float32_paired']:>8.2f}{vs_torch}")
 
 
 @functools.lru_cache(maxsize=1)
