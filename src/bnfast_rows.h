@@ -37,7 +37,6 @@
 #define BNFAST_GRAD_ROWS_MAX_C 96
 
 #if BNFAST_DISPATCH_AVX2
-#define BNFAST_F32_Z_TARGET __attribute__((target("avx2,avx512f")))
 /* float32's 16-value load and stores, in bnfast_half.h's names (the pairs: two). */
 #define bnfast_load16_f32_z(p) (*(const bnfast_h16f *)(p))
 #define bnfast_store16_f32_z(p, v) (*(bnfast_h16f *)(p) = (v))
@@ -108,7 +107,7 @@
  * arrays that GCC keeps in zmm once the loops over j are unrolled). */
 #define BNFAST_DEFINE_AFFINE_ROWS(K)                                                     \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f32_z, float, f32, z,                \
-                            BNFAST_F32_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
+                            BNFAST_FLOAT_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f16_z, bnfast_f16, f16, z,           \
                             BNFAST_F16_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_bf16_hw, bnfast_bf16, bf16, hw,      \
@@ -117,7 +116,7 @@
                             BNFAST_BF16_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)
 #define BNFAST_DEFINE_GRAD_ROWS(K)                                                       \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_grad_rows##K##_f32_z, float, f32, z,                  \
-                            BNFAST_F32_Z_TARGET, K, BNFAST_GRAD_ROWS_LOOP)
+                            BNFAST_FLOAT_Z_TARGET, K, BNFAST_GRAD_ROWS_LOOP)
 #define BNFAST_DEFINE_ALL_ROWS(K) BNFAST_DEFINE_AFFINE_ROWS(K) BNFAST_DEFINE_GRAD_ROWS(K)
 BNFAST_DEFINE_ALL_ROWS(1)
 BNFAST_DEFINE_ALL_ROWS(2)
@@ -152,7 +151,7 @@ BNFAST_ROWS_TABLE(float, bnfast_grad_rows_f32_z, 6) = {BNFAST_ROWS_K6(bnfast_gra
     ((C) % 16 == 0 && (C) <= (MAX) && (HAS)                                              \
      && (!(stream) || ((size_t)(y) % (ALIGN) == 0 && ((C) * sizeof(T)) % (ALIGN) == 0)))
 static inline int bnfast_affine_rows_f32_fits(ptrdiff_t C, const float *y, int stream) {
-    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_f16_z(), y, float, 64, stream);
+    return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_float_z(), y, float, 64, stream);
 }
 static inline int bnfast_affine_rows_f16_fits(ptrdiff_t C, const bnfast_f16 *y, int stream) {
     return BNFAST_ROWS_FIT(C, BNFAST_ROWS_MAX_C, bnfast_use_f16_z(), y, bnfast_f16, 32, stream);
@@ -162,7 +161,8 @@ static inline int bnfast_affine_rows_bf16_fits(ptrdiff_t C, const bnfast_bf16 *y
                            bnfast_bf16, 64, stream);
 }
 static inline int bnfast_grad_rows_f32_fits(ptrdiff_t C, const float *dx, int stream) {
-    return BNFAST_ROWS_FIT(C, BNFAST_GRAD_ROWS_MAX_C, bnfast_use_f16_z(), dx, float, 64, stream);
+    return BNFAST_ROWS_FIT(C, BNFAST_GRAD_ROWS_MAX_C, bnfast_use_float_z(), dx, float, 64,
+                           stream);
 }
 /* relu?((x - m) * a + b + addend?) over rows rows of C values (fits(C) true);
  * m, a, b: C floats each. */

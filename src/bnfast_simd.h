@@ -29,9 +29,10 @@ typedef double bnfast_v4d __attribute__((vector_size(32), aligned(8)));
 #if BNFAST_VECTOR_EXT && (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__)
 #define BNFAST_DISPATCH_AVX2 1
 #define BNFAST_AVX2_TARGET __attribute__((target("avx2")))
-/* float32 and float64 leaves in zmm (AVX-512F, picked at run time beside AVX2's):
- * eight doubles a vector, each lane the scalar code's operations. */
-#define BNFAST_F64_Z_TARGET __attribute__((target("avx2,avx512f")))
+/* float32 and float64 leaves in zmm (AVX-512F, picked at run time beside AVX2's:
+ * bnfast_use_float_z), each lane the scalar code's operations; bnfast_v8d: eight
+ * doubles, as the statistics' column sums widen float32 values. */
+#define BNFAST_FLOAT_Z_TARGET __attribute__((target("avx2,avx512f")))
 typedef double bnfast_v8d __attribute__((vector_size(64), aligned(8)));
 #define BNFAST_L8_F32_Z(p) ((bnfast_v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p)))
 #define BNFAST_L8_F64_Z(p) (*(const bnfast_v8d *)(p))
@@ -240,8 +241,8 @@ BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32d_avx2, float, double, BNFAST_
 BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_avx2, double, double, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_AFFINE_RUNS(bnfast_affine_runs_f32_avx2, float, BNFAST_AVX2_TARGET,
                           bnfast_affine_scalar_f32_avx2)
-BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_z, float, float, BNFAST_F64_Z_TARGET)
-BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_z, double, double, BNFAST_F64_Z_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f32_z, float, float, BNFAST_FLOAT_Z_TARGET)
+BNFAST_DEFINE_AFFINE_TILED(bnfast_affine_tiled_f64_z, double, double, BNFAST_FLOAT_Z_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f32_avx2, float, BNFAST_AVX2_TARGET)
 BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_avx2, double, BNFAST_AVX2_TARGET)
 
@@ -259,9 +260,9 @@ BNFAST_DEFINE_CENTERED_DOT(bnfast_centered_dot_f64_avx2, double, BNFAST_AVX2_TAR
         return bnfast_has_##NAME;                                                        \
     }
 BNFAST_DEFINE_CPU_CHECK(avx2, BNFAST_CPU("avx2"))
-BNFAST_DEFINE_CPU_CHECK(f64_z, BNFAST_CPU("avx2") && BNFAST_CPU("avx512f"))
+BNFAST_DEFINE_CPU_CHECK(float_z, BNFAST_CPU("avx2") && BNFAST_CPU("avx512f"))
 #define BNFAST_PICK(base, avx2) (bnfast_use_avx2() ? (avx2) : (base))
-#define BNFAST_PICK_Z(base, avx2, z) (bnfast_use_f64_z() ? (z) : BNFAST_PICK(base, avx2))
+#define BNFAST_PICK_Z(base, avx2, z) (bnfast_use_float_z() ? (z) : BNFAST_PICK(base, avx2))
 #else
 #define BNFAST_PICK(base, avx2) (base)
 #define BNFAST_PICK_Z(base, avx2, z) (base)

@@ -573,9 +573,9 @@ BNFAST_DEFINE_HALF_COLSUMS_OF(bnfast_shifted_colsums_bf16_z, bnfast_bf16, BNFAST
  * intrinsic load).  Xeon VM, float32 training forward, interleaved runs:
  * (256, 1024) one thread 125-133 -> 114-123 us; 32x2048x7x7 channels-last,
  * two threads, 845-910 -> 822-833 us. */
-BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_z, float, BNFAST_F64_Z_TARGET,
+BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f32_z, float, BNFAST_FLOAT_Z_TARGET,
                               bnfast_v8d, 8, BNFAST_L8_F32_Z, BNFAST_TOD_NATIVE)
-BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_z, double, BNFAST_F64_Z_TARGET,
+BNFAST_DEFINE_SHIFTED_COLSUMS(bnfast_shifted_colsums_f64_z, double, BNFAST_FLOAT_Z_TARGET,
                               bnfast_v8d, 8, BNFAST_L8_F64_Z, BNFAST_TOD_NATIVE)
 #define BNFAST_STATS_PICK(T) BNFAST_PICK(bnfast_##T##_base, bnfast_##T##_avx2)
 #define BNFAST_STATS_PICK_COLS(T) BNFAST_PICK_Z(bnfast_##T##_base, bnfast_##T##_avx2, bnfast_##T##_z)
