@@ -164,8 +164,22 @@ static void bnfast_narrow_f16_base(const float *src, bnfast_f16 *dst, ptrdiff_t 
     }
 BNFAST_DEFINE_BF16_BULK(base, )
 
-#if BNFAST_DISPATCH_AVX2
+#if BNFAST_VECTOR_EXT && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
+/* The loads of eight halves as floats, for the leaves compiled for F16C / AVX2:
+ * the run-time picked ones below, and the base leaves of a build whose own
+ * target has them (-march=native: bnfast_stats.h's *_BASE loads). */
+/* float16 with F16C (vcvtps2ph with imm 0: round to nearest even). */
+#define bnfast_load8_f16_f16c(p) \
+    ((bnfast_h8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+
+/* bfloat16 with AVX2 intrinsics: the same bits as the portable macros, in fewer
+ * instructions (one widening load; the pack without a mask; a byte blend). */
+#define bnfast_load8_bf16_avx2(p) ((bnfast_h8f)_mm256_slli_epi32(                        \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#endif
+
+#if BNFAST_DISPATCH_AVX2
 BNFAST_DEFINE_BF16_BULK(avx2, BNFAST_AVX2_TARGET)
 
 #define BNFAST_F16C_TARGET __attribute__((target("avx2,f16c")))
@@ -184,15 +198,6 @@ BNFAST_F16C_TARGET static void bnfast_narrow_f16_f16c(const float *src, bnfast_f
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) dst[i] = bnfast_float_to_f16(src[i]);
 }
-
-/* float16 with F16C (vcvtps2ph with imm 0: round to nearest even). */
-#define bnfast_load8_f16_f16c(p) \
-    ((bnfast_h8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
-
-/* bfloat16 with AVX2 intrinsics: the same bits as the portable macros, in fewer
- * instructions (one widening load; the pack without a mask; a byte blend). */
-#define bnfast_load8_bf16_avx2(p) ((bnfast_h8f)_mm256_slli_epi32(                        \
-        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 
 /* The rounding, once per conversion: pack8 gives the __m128i of 8 rounded
  * halves; store8 writes it (cached), stream8 writes it non-temporally (p

@@ -107,6 +107,20 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
 #if BNFAST_VECTOR_EXT
 #define BNFAST_H8_RELU(v) ((bnfast_h8f)((bnfast_h8i)(v) & ~((v) < 0.0f)))
 #define BNFAST_H8_COEF(p, i) (*(const bnfast_h8f *)((p) + (i)))
+/* The addend's addition, v the first source (where both are NaN, v's payload:
+ * the portable build's).  Pinned in a build whose own target has AVX
+ * (-march=native): its base leaves are compiled for it, and GCC chose the
+ * operand order differently in the channels-first and channels-last leaves
+ * there (float16 NaN payloads, tests/test_layouts.py).  Elsewhere the plain
+ * expression, as every variant has been measured and tested with. */
+#if defined(__AVX__) && (defined(__x86_64__) || defined(__i386__))
+#define BNFAST_H8_PLUS(v, w) ({                                                          \
+        bnfast_h8f r_;                                                                   \
+        __asm__("vaddps %2, %1, %0" : "=x"(r_) : "x"(v), "x"(w));                        \
+        r_; })
+#else
+#define BNFAST_H8_PLUS(v, w) ((v) + (w))
+#endif
 /* Values [i, END) of the run, 8 at a time (END - i a multiple of 8), MV/AV/BV
  * giving the coefficient vectors at i. */
 #define BNFAST_HALF_AFFINE_VECTORS(LOAD8, STORE8, MV, AV, BV, END)                      \
@@ -117,10 +131,11 @@ BNFAST_DEFINE_HALF_LEAVES(bf16, bnfast_bf16)
             STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV));                \
     } else if (!relu) {                                                                  \
         for (; i < (END); i += 8)                                                        \
-            STORE8(y + i, (LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i));               \
+            STORE8(y + i, BNFAST_H8_PLUS((LOAD8(x + i) - MV) * AV + BV, LOAD8(add + i)));  \
     } else {                                                                             \
         for (; i < (END); i += 8)                                                        \
-            STORE8(y + i, BNFAST_H8_RELU((LOAD8(x + i) - MV) * AV + BV + LOAD8(add + i))); \
+            STORE8(y + i, BNFAST_H8_RELU(BNFAST_H8_PLUS((LOAD8(x + i) - MV) * AV + BV,     \
+                                                        LOAD8(add + i))));               \
     }
 #define BNFAST_HALF_N8(n) ((n) - (n) % 8)
 #else

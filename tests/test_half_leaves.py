@@ -96,6 +96,13 @@ def test_no_simd_build_gives_identical_bits(outputs):
     np.testing.assert_array_equal(simd, no_simd)
 
 
+def test_native_build_gives_identical_bits(outputs, tmp_path):
+    # BNFAST_NATIVE=1 (-march=native): the base leaves compiled for this CPU's own
+    # instructions, the addend's addition pinned there (bnfast_half_leaves.h).
+    simd, _ = outputs
+    np.testing.assert_array_equal(_run_driver(tmp_path, "-march=native"), simd)
+
+
 # tests/c/backward_half_leaves.c: (count, width, kind) per case, as in its table;
 # each case writes 3 blocks (the float32 leaf, then two half leaves: see the
 # driver) of sy and sxy, `count` runs or `width` columns long.
