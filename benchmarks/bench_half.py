@@ -5,9 +5,9 @@ half the time).  For each (shape, mode, half dtype) one test checks every
 call against :mod:`bnfast.testing`, then times, **interleaved in one run**:
 bnfast in the half dtype, bnfast in float32, torch in the half dtype (half
 data with float32 parameters: PyTorch's CPU rule), one call each a round,
-their order rotating from round to round.  The ratios ``half / float32`` and
-``torch / bnfast`` go into the benchmark's ``extra_info`` and a table at the
-end of the session, twice: of the minima (each call's least disturbed round)
+the rounds going through every order of the calls.  The ratios ``half /
+float32`` and ``torch / bnfast`` go into the benchmark's ``extra_info`` and a
+table at the end of the session, twice: of the minima (each call's least disturbed round)
 and paired (the median of the rounds' own ratios: both calls of a round share
 the machine's load of that moment; on a shared VM the minima's ratio of one
 shape moved by 0.15 between runs); pytest-benchmark times the bnfast half
@@ -19,6 +19,7 @@ call itself.
 Targets (issue 10, 2 threads): eval <= 0.6x float32, train <= 0.65x, backward
 <= 0.65x, and faster than torch on the same half-precision call.
 """
+import itertools
 import statistics
 import time
 
@@ -32,8 +33,9 @@ from bnfast.bench.suite import Case, format_shape  # noqa: E402
 
 MODES = ["eval", "train", "backward"]
 HALF_DTYPES = ["float16", "bfloat16"]
-#: Interleaved rounds for the ratios (each times every call once).
-ROUNDS = 25
+#: Interleaved rounds for the ratios (each times every call once): a multiple of the
+#: orders of three calls.
+ROUNDS = 24
 
 
 def _checked(impl, case, inputs):
@@ -45,15 +47,16 @@ def _checked(impl, case, inputs):
 
 
 def _interleaved(calls, rounds=ROUNDS):
-    """``{name: [seconds, one per round]}``: each round times every call once, the order
-    rotating (no call always runs after the same one: what a call leaves in the caches
-    is the next one's weather)."""
-    names = list(calls)
-    times = {name: [] for name in names}
+    """``{name: [seconds, one per round]}``: each round times every call once, the
+    rounds going through every order of the calls in turn (what a call leaves in the
+    caches is the next one's weather: each call follows each other one equally often
+    when ``rounds`` is a multiple of the orders' count)."""
+    orders = list(itertools.permutations(calls))
+    times = {name: [] for name in calls}
     for fn in calls.values():  # warm up: page faults, thread pools
         fn()
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in orders[r % len(orders)]:
             t0 = time.perf_counter()
             calls[name]()
             times[name].append(time.perf_counter() - t0)

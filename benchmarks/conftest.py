@@ -80,7 +80,7 @@ def pytest_terminal_summary(terminalreporter):
     write(f"{'mode':<9}{'dtype':<10}{'shape':<15}{'f32 MB':>8}{'half':>11}{'float32':>11}"
           f"{'half/f32':>10}{'paired':>8}{'torch/bnfast':>14}{'paired':>8}")
     for r in _HALF_RATIOS:
-        vs_torch = ("       -       -" if r["torch_over_bnfast"] is None else
+        vs_torch = (f"{'-':>14}{'-':>8}" if r["torch_over_bnfast"] is None else
                     f"{r['torch_over_bnfast']:>13.2f}x{r['torch_over_bnfast_paired']:>7.2f}x")
         write(f"{r['mode']:<9}{r['dtype']:<10}{r['shape']:<15}{r['float32_MB']:>8}"
               f"{r['half_s'] * 1e3:>9.2f}ms{r['float32_s'] * 1e3:>9.2f}ms"

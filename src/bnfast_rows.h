@@ -107,7 +107,7 @@
  * arrays that GCC keeps in zmm once the loops over j are unrolled). */
 #define BNFAST_DEFINE_AFFINE_ROWS(K)                                                     \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f32_z, float, f32, z,                \
-                            BNFAST_FLOAT_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
+                            BNFAST_FLOAT_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)             \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_f16_z, bnfast_f16, f16, z,           \
                             BNFAST_F16_Z_TARGET, K, BNFAST_ROWS_EPILOGUES)               \
     BNFAST_DEFINE_ROWS_LEAF(bnfast_affine_rows##K##_bf16_hw, bnfast_bf16, bf16, hw,      \

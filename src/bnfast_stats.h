@@ -262,17 +262,17 @@
         (S1) = BNFAST_COMBINE8(a_);                                                      \
         (S2) = BNFAST_COMBINE8(b_);                                                      \
     }
-/* (Suspect columns are looked for in one vectorised pass first: tested one by
- * one, the branches took a fifth of a 32x2048x7x7 bfloat16 statistics pass.) */
-#define BNFAST_HALF_ANY_SUSPECT(S, W)                                                    \
-    ({                                                                                   \
-        int any_ = 0;                                                                    \
-        ptrdiff_t i_;                                                                    \
-        for (i_ = 0; i_ < (W); i_++)                                                     \
-            any_ |= !(((S)[i_] >= 0x1p-80) & ((S)[i_] <= 0x1.fffffffffffffp+1023));      \
-        any_; })
+/* Whether any of the W column sums s2 is suspect: one vectorised pass before the
+ * per-column recount (tested one by one, the branches took a fifth of a
+ * 32x2048x7x7 bfloat16 statistics pass). */
+static inline int bnfast_half_any_suspect(const double *s2, ptrdiff_t W) {
+    int any = 0;
+    ptrdiff_t j;
+    for (j = 0; j < W; j++) any |= !((s2[j] >= 0x1p-80) & (s2[j] <= 0x1.fffffffffffffp+1023));
+    return any;
+}
 #define BNFAST_HALF_EXACT_COLS(TOD)                                                      \
-    if (BNFAST_HALF_ANY_SUSPECT(s2, W)) {                                                \
+    if (bnfast_half_any_suspect(s2, W)) {                                                \
         for (j = 0; j < W; j++) {                                                        \
             if (BNFAST_HALF_S2_SUSPECT(s2[j])) {                                         \
                 double k_ = TOD(shift[j]), d_;                                           \

@@ -2,8 +2,8 @@
 
 ``tests/c/stats_leaves.c`` runs the shifted sums of runs (channels-first) and
 the shifted column sums (channels-last) in each variant this CPU has
-(portable, AVX2 / F16C) over the same values stored as float32, float64 and
-the half type they came from.  The contract checked here:
+(portable, AVX2 / F16C, AVX-512's column sums) over the same values stored as
+float32, float64 and the half type they came from.  The contract checked here:
 
 * float32 and float64 storage: the float64 reference to rounding, the same
   bits for both types;
@@ -11,8 +11,8 @@ the half type they came from.  The contract checked here:
   float32 ulps of the reference's sum of ``|x - shift|`` (and of s2), also
   for bfloat16 values that float arithmetic cannot hold (beyond 1e19, below
   1e-19: recounted in double);
-* every variant gives the bits of the scalar build (``-DBNFAST_NO_SIMD``), on
-  any machine.
+* every variant gives the bits of the scalar build (``-DBNFAST_NO_SIMD``) and of
+  a ``-march=native`` build, on any machine.
 """
 import ml_dtypes
 import numpy as np
@@ -23,9 +23,9 @@ from conftest import run_c_driver
 N, RUNS = 65536, 12
 RUN_LENGTHS = [1, 7, 8, 9, 23, 24, 49, 128, 129, 784, 4096]
 COL_CASES = [(13, 72, 72), (10, 131, 131), (9, 200, 200), (6, 300, 512), (5, 3, 3),
-             (17, 64, 1024)]
-# Per value set: (float32, float64, the half type) x (portable, SIMD) blocks.
-BLOCKS = 6
+             (17, 64, 1024), (21, 77, 77), (16, 45, 96)]
+# Per value set: (float32, float64, the half type) x (portable, AVX2 / F16C, picked).
+BLOCKS = 9
 # The driver's value sets: (half type, bit-pattern modulus: the magnitudes).
 VALUE_SETS = [(np.float16, 0x4800), (ml_dtypes.bfloat16, 0x4380),
               (ml_dtypes.bfloat16, 0x7F80), (ml_dtypes.bfloat16, 0x1E00)]
@@ -89,7 +89,7 @@ def _assert_within(got, want, scale, rtol):
 def test_double_leaves_match_float64_reference(outputs, value_set):
     simd, _ = outputs
     want, scale = _reference(_values(*VALUE_SETS[value_set]))
-    for block in simd[value_set][:4]:  # float32 and float64 storage
+    for block in simd[value_set][:6]:  # float32 and float64 storage
         _assert_within(block, want, scale, 1e-12)
 
 
@@ -99,7 +99,7 @@ def test_half_leaves_are_as_exact_as_float32(outputs, value_set):
     want, scale = _reference(_values(*VALUE_SETS[value_set]))
     # Without the double recount the whole-range set would hold inf, and the
     # tiny set s2 = 0 or a few denormals: far outside this bound.
-    for block in simd[value_set][4:]:
+    for block in simd[value_set][6:]:
         _assert_within(block, want, scale, HALF_ULPS * 2.0**-24)
 
 
@@ -108,16 +108,23 @@ def test_half_leaves_use_float_arithmetic(outputs):
     # their float sums differ from the double sums in the last bits somewhere.
     simd, _ = outputs
     for value_set in simd[:2]:
-        assert not np.array_equal(value_set[4], value_set[0])
+        assert not np.array_equal(value_set[6], value_set[0])
 
 
 def test_float32_and_float64_storage_give_the_same_bits(outputs):
     simd, _ = outputs
     for value_set in simd:
-        for block in value_set[1:4]:
+        for block in value_set[1:6]:
             np.testing.assert_array_equal(block, value_set[0])
 
 
 def test_no_simd_build_gives_identical_bits(outputs):
     simd, no_simd = outputs
     np.testing.assert_array_equal(simd, no_simd)
+
+
+def test_native_build_gives_identical_bits(outputs, tmp_path):
+    # BNFAST_NATIVE=1 (-march=native): the base leaves compiled for this CPU's own
+    # instructions, no run-time picks (its F16C/AVX2 loads had been left undefined).
+    simd, _ = outputs
+    np.testing.assert_array_equal(_run_driver(tmp_path, "-march=native"), simd)

@@ -17,10 +17,12 @@
 #define RUNS 12
 static const ptrdiff_t run_lengths[] = {1, 7, 8, 9, 23, 24, 49, 128, 129, 784, 4096};
 #define NLENGTHS (sizeof run_lengths / sizeof run_lengths[0])
-/* (rows, W, stride): groups of four rows and leftover rows, scalar columns,
- * a tile inside wider rows. */
+/* (rows, W, stride): groups of four rows and leftover rows, scalar columns
+ * (1 to 7 after the vector steps), a tile inside wider rows, the prefetching
+ * groups (rows under 4 KiB, 12 or more) with a column tail. */
 static const ptrdiff_t col_cases[][3] = {
     {13, 72, 72}, {10, 131, 131}, {9, 200, 200}, {6, 300, 512}, {5, 3, 3}, {17, 64, 1024},
+    {21, 77, 77}, {16, 45, 96},
 };
 #define NCOLS (sizeof col_cases / sizeof col_cases[0])
 
@@ -48,11 +50,28 @@ static void emit(const double *v, size_t n) { fwrite(v, sizeof(double), n, stdou
         }                                                                                  \
     }
 
-/* The portable leaves, then the ones this CPU runs (the entries' run-time picks:
- * AVX2 / F16C, AVX-512's column sums; the portable ones again in the no-SIMD
- * build). */
+/* The portable leaves, the AVX2 / F16C ones where this CPU has them (named: on an
+ * AVX-512 CPU the entries pick others), then the ones the entries pick (AVX2 /
+ * F16C, AVX-512's column sums); the portable ones in their stead where a build
+ * or CPU lacks them. */
+#if BNFAST_DISPATCH_AVX2
+#define HAS_AVX2_f32 bnfast_use_avx2()
+#define HAS_AVX2_f64 bnfast_use_avx2()
+#define HAS_AVX2_f16 bnfast_use_f16c()
+#define HAS_AVX2_bf16 bnfast_use_avx2()
+#define RUN_AVX2(H, T, X)                                                                  \
+    if (HAS_AVX2_##H) {                                                                    \
+        RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H##_avx2, bnfast_shifted_colsums_##H##_avx2) \
+    } else {                                                                               \
+        RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H##_base, bnfast_shifted_colsums_##H##_base) \
+    }
+#else
+#define RUN_AVX2(H, T, X)                                                                  \
+    RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H##_base, bnfast_shifted_colsums_##H##_base)
+#endif
 #define RUN_ALL(H, T, X)                                                                   \
     RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H##_base, bnfast_shifted_colsums_##H##_base) \
+    RUN_AVX2(H, T, X)                                                                      \
     RUN_TYPE(T, X, bnfast_shifted_sums_runs_##H, bnfast_shifted_colsums_##H)
 
 /* The value sets: float16 |x| < 8; bfloat16 |x| < 2^8; bfloat16 over its whole
