@@ -611,8 +611,10 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
         return -1
     cdef Py_ssize_t t = 0, b, j, l, r, c
     cdef double v
-    for j in range(W):
-        shift[j] = mean[j % C]
+    for j in range(C):
+        shift[j] = mean[j]
+    for j in range(C, W):  # the wide row's repeats (no j % C: an integer division each)
+        shift[j] = shift[j - C]
     if nt == 1:  # see _reduce_first
         for t in range(tasks):
             _reduce_last_task(t, xp, dyp, bits, gp, rows, per_block, W, tile, tiles, shift, part,
@@ -817,10 +819,14 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     cdef void* tile = aligned_malloc(4 * _tile_rows(W) * _compute_size(xp))
     if tile == NULL:
         return -1
-    cdef Py_ssize_t j, blk = 0
+    cdef Py_ssize_t j, c, blk = 0
     stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
-    for j in range(W):
-        _put_coef(xp, tile, j, _tile_rows(W), k, j % C)
+    c = 0
+    for j in range(W):  # channel c of value j, stepped (j % C took an integer division each)
+        _put_coef(xp, tile, j, _tile_rows(W), k, c)
+        c = c + 1
+        if c == C:
+            c = 0
     cdef bint in_rows = (real_t is float and training and bits == NULL and dxp != NULL
                          and bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream))
     if nt == 1:  # see _reduce_first

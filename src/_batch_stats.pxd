@@ -362,8 +362,10 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     cdef real_t* shift = shifts
     cdef Py_ssize_t t = 0, b, r, j, l
     cdef double cnt, n_a
-    for j in range(W):
-        origin[j] = channel_origin(to_double(base[j % C]))
+    for j in range(C):
+        origin[j] = channel_origin(to_double(base[j]))
+    for j in range(C, W):  # the wide row's repeats (no j % C: an integer division each)
+        origin[j] = origin[j - C]
     if nt == 1:
         for t in range(tasks):
             _last_task(base, t, tiles, tile, rows, per_block, W, shifts, scratch,
