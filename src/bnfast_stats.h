@@ -246,7 +246,7 @@
 /* s2 that float arithmetic may have lost: not finite, or within reach of
  * float's underflow (terms below 2^-126 lose bits; 4096 of them lose < 2^-58
  * of an s2 >= 2^-80). */
-#define BNFAST_HALF_S2_SUSPECT(v) (!((v) >= 0x1p-80 && (v) <= 0x1.fffffffffffffp+1023))
+#define BNFAST_HALF_S2_SUSPECT(v) (!(((v) >= 0x1p-80) & ((v) <= 0x1.fffffffffffffp+1023)))
 /* float's run shift: the run's first value, or 0 if that is not finite. */
 #define BNFAST_RUN_SHIFT_F(v) ((v) - (v) == 0.0f ? (v) : 0.0f)
 
@@ -268,7 +268,7 @@
 static inline int bnfast_half_any_suspect(const double *s2, ptrdiff_t W) {
     int any = 0;
     ptrdiff_t j;
-    for (j = 0; j < W; j++) any |= !((s2[j] >= 0x1p-80) & (s2[j] <= 0x1.fffffffffffffp+1023));
+    for (j = 0; j < W; j++) any |= BNFAST_HALF_S2_SUSPECT(s2[j]);
     return any;
 }
 #define BNFAST_HALF_EXACT_COLS(TOD)                                                      \
