@@ -49,8 +49,8 @@ from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_star
                              bnfast_shares_init, bnfast_thread_num, threads_for)
 from _moments cimport bnfast_group_sums
 from _tiling cimport (APPLY_WIDTH, COLS_MAX_S_DOT, COLS_TILE, ColumnTasks, ColumnTiles,
-                     RowBlocks, SampleTasks, by_columns, column_tasks, column_tiles, row_blocks,
-                     sample_tasks, tile_repeat)
+                     RowBlocks, SampleTasks, by_columns, column_tasks, column_tiles,
+                     repeat_channels, row_blocks, sample_tasks, tile_repeat)
 
 cnp.import_array()
 
@@ -613,8 +613,7 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef double v
     for j in range(C):
         shift[j] = mean[j]
-    for j in range(C, W):  # the wide row's repeats (no j % C: an integer division each)
-        shift[j] = shift[j - C]
+    repeat_channels(shift, C, W)
     if nt == 1:  # see _reduce_first
         for t in range(tasks):
             _reduce_last_task(t, xp, dyp, bits, gp, rows, per_block, W, tile, tiles, shift, part,

@@ -41,7 +41,7 @@ from _moments cimport (bnfast_group_sums, channel_origin, finite_or_zero, m2_fix
                       merge_shifted, run_partials, shifted_colsums, shifted_sums_runs,
                       unshift_means)
 from _tiling cimport (COLS_MAX_S, COLS_TILE, ColumnTasks, RowBlocks, SampleTasks, by_columns,
-                     column_tasks, row_blocks, sample_tasks)
+                     column_tasks, repeat_channels, row_blocks, sample_tasks)
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
                              bnfast_shares_init, bnfast_thread_num, threads_for)
 
@@ -364,8 +364,7 @@ cdef inline int stats_last(const real_t* base, Py_ssize_t M, Py_ssize_t C, doubl
     cdef double cnt, n_a
     for j in range(C):
         origin[j] = channel_origin(to_double(base[j]))
-    for j in range(C, W):  # the wide row's repeats (no j % C: an integer division each)
-        origin[j] = origin[j - C]
+    repeat_channels(origin, C, W)
     if nt == 1:
         for t in range(tasks):
             _last_task(base, t, tiles, tile, rows, per_block, W, shifts, scratch,
