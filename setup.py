@@ -82,8 +82,9 @@ class BuildExt(build_ext):
         # -ffp-contract=off: GCC fuses a * b + c into an FMA wherever the target has
         # one (the AVX512-BF16 leaves' target, -march=native), and every variant
         # must round as the portable code does.
+        # -fopenmp-simd: `omp simd` loops (bnfast_table.h) vectorise without OpenMP too.
         cflags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno"]
-        cflags.append("-ffp-contract=off")
+        cflags += ["-ffp-contract=off", "-fopenmp-simd"]
         if self.compiler.compiler_type == "msvc":
             cflags = ["/Od"] if debug else ["/O2"]
         if _env_flag("BNFAST_NATIVE"):

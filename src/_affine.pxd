@@ -1,7 +1,8 @@
 # The normalise pass at the C level, run by the forward entry (_forward.pyx):
 #
-#   fill_coefficients  per-channel mean, invstd, scale, shift in double
-#   fill_table         those as the apply table (tiled for rows), see below
+#   fill_table         per-channel mean, invstd, scale, shift in double, and
+#                      from them the apply table (tiled for rows), see below
+#                      (bnfast_table.h)
 #   apply_first/_last  blocked apply over (N, C, S) or (M, C) rows:
 #                      y = relu?((x - m) * a + b + addend?), ReLU mask packed
 #   pack_block         the ReLU mask bits of a block (also relu_mask's)
@@ -32,7 +33,6 @@
 # (every element is read before it is written).
 from _dtypes cimport bnfast_bf16, bnfast_f16, real_t
 from cython.parallel cimport parallel
-from libc.math cimport fabs, sqrt
 
 from _tiling cimport _gcd
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
@@ -52,103 +52,19 @@ cdef enum:
     MASK_BLOCK_ELEMS = 2048
 
 
-cdef inline void fill_coefficients(const double* mean, const double* var,
-                                   const double* weight, const double* bias, Py_ssize_t C,
-                                   double eps, double* coef) noexcept nogil:
-    """coef rows (C each): mean, invstd, scale, shift.  weight/bias NULL mean 1 and 0."""
-    cdef Py_ssize_t c
-    cdef double* mu = coef
-    cdef double* invstd = coef + C
-    cdef double* scale = coef + 2 * C
-    cdef double* shift = coef + 3 * C
-    # Separate branch-free loops so each one vectorises.
-    for c in range(C):
-        mu[c] = mean[c]
-        invstd[c] = 1.0 / sqrt(<double>var[c] + eps)
-    if weight != NULL:
-        for c in range(C):
-            scale[c] = invstd[c] * weight[c]
-    else:
-        for c in range(C):
-            scale[c] = invstd[c]
-    if bias != NULL:
-        for c in range(C):
-            shift[c] = bias[c]
-    else:
-        for c in range(C):
-            shift[c] = 0.0
-
-
-cdef inline Py_ssize_t table_row(Py_ssize_t W) noexcept nogil:
-    """The distance between a table's rows (in values of the row's type): W plus
-    16.  Rows exactly W apart put m[j], a[j], b[j] a multiple of 4 KiB apart for
-    wide tiles (W = 1024 float32), on one L1 set and aliasing the output's
-    stores: a (4096, 1024) float32 eval took 960 us on one thread, now 715."""
-    return W + 16
-
-
-cdef inline Py_ssize_t table_len(Py_ssize_t W) noexcept nogil:
-    """Doubles in an apply table with W coefficients per row (see the top)."""
-    cdef Py_ssize_t R = table_row(W)
-    return 3 * R + (3 * R + 1) // 2 + 1
+cdef extern from "bnfast_table.h" nogil:
+    # The per-channel set-up in one pass (C: see there).
+    Py_ssize_t table_row "bnfast_table_row"(Py_ssize_t W)
+    Py_ssize_t table_len "bnfast_table_len"(Py_ssize_t W)
+    void fill_table "bnfast_fill_table"(const double* mean, const double* var,
+                                        const double* weight, const double* bias,
+                                        const double* residual, Py_ssize_t C, double eps,
+                                        Py_ssize_t repeat, double* coef, double* table)
 
 
 cdef inline bint float_rows(const double* table, Py_ssize_t W) noexcept nogil:
     """Whether float32 data may use the table's float rows."""
     return table[table_len(W) - 1] != 0.0
-
-
-cdef inline void fill_table(const double* coef, Py_ssize_t C, Py_ssize_t repeat,
-                            double* table, const double* residual) noexcept nogil:
-    """Fill the apply table (table_len(repeat * C) doubles) for y = (x - m) * a + b.
-
-    m = coef's mean, a = scale, b = shift - residual * scale: ``residual``
-    (C,), or NULL for none, is what the exact mean adds to coef's rounded one
-    (the batch statistics' residual output; NULL for a given mean, which is
-    exact as it is).  The float rows hold m rounded to float32, a, and b with
-    m's rounding error folded in.  The channel pattern is repeated ``repeat``
-    times (a channels-last tile).
-    """
-    cdef Py_ssize_t W = repeat * C, c, j
-    cdef Py_ssize_t R = table_row(W)
-    cdef const double* mean = coef
-    cdef const double* scale = coef + 2 * C
-    cdef const double* shift = coef + 3 * C
-    cdef float* ft = <float*>(table + 3 * R)
-    cdef int unfit = 0
-    cdef double r
-    # Branch-free loops, so each vectorises (a table is made per call without a cache).
-    for c in range(C):
-        table[c] = mean[c]
-        table[R + c] = scale[c]
-        table[2 * R + c] = shift[c]
-    if residual != NULL:
-        for c in range(C):
-            # A zero residual leaves b alone even where the scale is infinite.
-            r = residual[c]
-            table[2 * R + c] = shift[c] - r * scale[c] if r != 0.0 else shift[c]
-    for c in range(C):
-        ft[c] = <float>mean[c]
-        ft[R + c] = <float>scale[c]
-        ft[2 * R + c] = <float>(table[2 * R + c] - (mean[c] - <double>ft[c]) * scale[c])
-    for c in range(C):
-        # Finite coefficients only: a non-finite one (a NaN or infinite channel, an
-        # infinite weight) gives the same NaN/inf either way, and must not change
-        # the other channels' bits.  2^100: x - m cannot reach inf beyond it.
-        unfit |= (((fabs(ft[c]) > 1.2676506002282294e30) & (fabs(mean[c]) <= 1.7976931348623157e308))
-                  | ((fabs(ft[R + c]) > 3.4028234663852886e38)
-                     & (fabs(scale[c]) <= 1.7976931348623157e308))
-                  | ((fabs(ft[2 * R + c]) > 3.4028234663852886e38)
-                     & (fabs(table[2 * R + c]) <= 1.7976931348623157e308)))
-    cdef bint fits = unfit == 0
-    for j in range(C, W):  # the tile's repeats
-        table[j] = table[j - C]
-        table[R + j] = table[R + j - C]
-        table[2 * R + j] = table[2 * R + j - C]
-        ft[j] = ft[j - C]
-        ft[R + j] = ft[R + j - C]
-        ft[2 * R + j] = ft[2 * R + j - C]
-    table[table_len(W) - 1] = 1.0 if fits else 0.0
 
 
 cdef extern from "bnfast_simd.h" nogil:

@@ -3,6 +3,7 @@
 # pointers, and (C,) vectors of either float dtype and any stride as doubles.
 # Nothing here validates: bnfast's Python layer has checked every argument.
 cimport numpy as cnp
+from libc.string cimport memcpy
 
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, to_double
 
@@ -47,9 +48,16 @@ cdef inline void load_doubles(object v, Py_ssize_t C, double* dst) noexcept:
     cdef Py_ssize_t c, stride = cnp.PyArray_STRIDE(<cnp.ndarray>v, 0)
     cdef const char* p = <const char*>cnp.PyArray_DATA(<cnp.ndarray>v)
     cdef int type_num = cnp.PyArray_TYPE(<cnp.ndarray>v)
-    if type_num == cnp.NPY_FLOAT32:
+    # Contiguous vectors (the usual case) in loops GCC vectorises: the strided
+    # loop widened float32 one value at a time (~1 ns a channel).
+    if type_num == cnp.NPY_FLOAT32 and stride == sizeof(float):
+        for c in range(C):
+            dst[c] = (<const float*>p)[c]
+    elif type_num == cnp.NPY_FLOAT32:
         for c in range(C):
             dst[c] = (<const float*>(p + c * stride))[0]
+    elif type_num == cnp.NPY_FLOAT64 and stride == sizeof(double):
+        memcpy(dst, p, C * sizeof(double))
     elif type_num == cnp.NPY_FLOAT64:
         for c in range(C):
             dst[c] = (<const double*>(p + c * stride))[0]

@@ -16,7 +16,7 @@ from libc.string cimport memcmp, memcpy
 
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t
 from _aligned cimport aligned_free, aligned_malloc
-from _affine cimport apply_first, apply_last, fill_coefficients, fill_table, table_len
+from _affine cimport apply_first, apply_last, fill_table, table_len
 from _arrays cimport Shape, data_or_null as _data, kernel_shape as _kernel_shape
 from _arrays cimport load_doubles as _load
 from _batch_stats cimport stats_first, stats_last, update_running
@@ -35,12 +35,14 @@ cdef enum:
     STREAM_BYTES = 1 << 22
 
 
-cdef void _coefficients(object mean, object var, object weight, object bias, Py_ssize_t C,
-                        double eps, double* coef, double* scratch) noexcept:
-    """coef rows mean, invstd, scale, shift from (C,) vectors of either float dtype.
+cdef void _fill(object mean, object var, object weight, object bias, const double* residual,
+                Py_ssize_t C, double eps, Py_ssize_t repeat, double* coef, double* table,
+                double* scratch) noexcept:
+    """coef rows mean, invstd, scale, shift and the apply table (``fill_table``'s,
+    the channels repeated ``repeat`` times) from (C,) vectors of any float dtype.
 
     ``mean`` None: coef rows 0 and 1 already hold the batch mean and biased
-    variance (row 1 becomes invstd).  scratch: 2 * C doubles.
+    variance, and ``residual`` the mean's (else NULL).  scratch: 2 * C doubles.
     """
     if mean is not None:
         _load(mean, C, coef)
@@ -53,8 +55,7 @@ cdef void _coefficients(object mean, object var, object weight, object bias, Py_
     if bias is not None:
         b = scratch + C
         _load(bias, C, b)
-    fill_coefficients(<const double*>coef, <const double*>(coef + C), <const double*>w,
-                      <const double*>b, C, eps, coef)
+    fill_table(coef, coef + C, w, b, residual, C, eps, repeat, coef, table)
 
 
 @cython.auto_pickle(False)  # a cache entry: never pickled (a module's cache pickles empty)
@@ -99,15 +100,15 @@ cdef CoefficientTable _new_table(object mean, object var, object weight, object 
     dims[0], dims[1] = 4, C
     cdef cnp.ndarray table = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
     cdef double* coef = <double*>cnp.PyArray_DATA(table)
-    cdef double* scratch = <double*>aligned_malloc(2 * C * sizeof(double) + 1)
-    if scratch == NULL:
-        raise MemoryError()
-    _coefficients(mean, var, weight, bias, C, eps, coef, scratch)
-    aligned_free(scratch)
     # On a cache line, as the kernels' own tables (_aligned.pxd).
     cdef cnp.ndarray storage = _aligned_empty(table_len(C), _np.float64)
     storage.fill(0.0)
-    fill_table(coef, C, 1, <double*>cnp.PyArray_DATA(storage), NULL)
+    cdef double* scratch = <double*>aligned_malloc(2 * C * sizeof(double) + 1)
+    if scratch == NULL:
+        raise MemoryError()
+    _fill(mean, var, weight, bias, NULL, C, eps, 1, coef,
+          <double*>cnp.PyArray_DATA(storage), scratch)
+    aligned_free(scratch)
     cnp.PyArray_CLEARFLAGS(table, cnp.NPY_ARRAY_WRITEABLE)
     cnp.PyArray_CLEARFLAGS(storage, cnp.NPY_ARRAY_WRITEABLE)
     entry.table, entry.storage_table = table, storage
@@ -223,8 +224,9 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
     of them for a functional caller); NULL: none."""
     cdef Py_ssize_t C = shape.C
     cdef Py_ssize_t count = shape.count
+    cdef Py_ssize_t k
     cdef double* table_coef
-    cdef const double* storage = NULL
+    cdef const double* table = NULL
     cdef double* residual = NULL   # the batch mean's rounding error, folded into the shift
     cdef double* scratch = NULL
     cdef int status = 0
@@ -232,35 +234,42 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
     cdef CoefficientTable entry = None
     if C == 0:  # no channels, nothing to compute (the tilings divide by C)
         return None
+    # Channels-last rows read a tile: the channels repeated k times.
+    k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(C, APPLY_WIDTH)
+    if cache is not None and not batch_stats:
+        entry = cache.lookup(running_mean, running_var, weight, bias, C, eps)
+        if coef != NULL:
+            memcpy(coef, cnp.PyArray_DATA(<cnp.ndarray>entry.table), 4 * C * sizeof(double))
+        if k == 1:
+            table = <const double*>cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
     try:
-        if cache is not None and not batch_stats:
-            entry = cache.lookup(running_mean, running_var, weight, bias, C, eps)
-            table_coef = <double*>cnp.PyArray_DATA(<cnp.ndarray>entry.table)
-            if coef != NULL:
-                memcpy(coef, table_coef, 4 * C * sizeof(double))
-            if shape.layout == CHANNELS_FIRST or tile_repeat(C, APPLY_WIDTH) == 1:
-                storage = <const double*>cnp.PyArray_DATA(<cnp.ndarray>entry.storage_table)
-        else:
-            # Weight/bias as doubles (2 * C), the mean's residual (C), and the table
-            # unless the caller's is used (4 * C).
-            scratch = <double*>aligned_malloc(7 * C * sizeof(double) + 1)
+        if table == NULL:
+            # The table (on a cache line: its start), weight/bias as doubles
+            # (2 * C), the mean's residual (C), and the coefficient rows unless
+            # the caller's are used (4 * C).
+            scratch = <double*>aligned_malloc((table_len(k * C) + 7 * C) * sizeof(double))
             if scratch == NULL:
                 raise MemoryError()
-            table_coef = scratch + 3 * C if coef == NULL else coef
-            if batch_stats:
-                residual = scratch + 2 * C
+            table = scratch
+            residual = scratch + table_len(k * C)
+            table_coef = residual + 3 * C if coef == NULL or entry is not None else coef
+            if entry is not None:
+                # The cached coefficients, tiled: computed again from the entry's inputs.
+                _fill(entry.key[0], entry.key[1], entry.key[2], entry.key[3], NULL, C, eps, k,
+                      table_coef, scratch, residual + C)
+            elif batch_stats:
                 status = _batch_moments(xp, data_type, shape, table_coef, residual, n_threads)
                 if status == 0 and update_mean != NULL and count > 0:
                     _update_running(update_mean, update_var,
                                     cnp.PyArray_TYPE(<cnp.ndarray>running_mean), table_coef, C,
                                     count, momentum)
-                _coefficients(None, None, weight, bias, C, eps, table_coef, scratch)
+                _fill(None, None, weight, bias, residual, C, eps, k, table_coef, scratch,
+                      residual + C)
             else:
-                _coefficients(running_mean, running_var, weight, bias, C, eps, table_coef,
-                              scratch)
+                _fill(running_mean, running_var, weight, bias, NULL, C, eps, k, table_coef,
+                      scratch, residual + C)
         if status == 0 and count > 0:
-            status = _normalize(xp, data_type, ap, yp, shape, table_coef, residual,
-                                storage, relu, n_threads, bits)
+            _normalize(xp, data_type, ap, yp, shape, k, table, relu, n_threads, bits)
     finally:
         aligned_free(scratch)
     if status:
@@ -425,38 +434,29 @@ cdef void _update_running(void* running_mean, void* running_var, int data_type,
                        <double>count, momentum)
 
 
-cdef int _normalize(const void* xp, int data_type, const void* ap, void* yp, Shape shape,
-                    const double* coef, const double* residual, const double* table, bint relu,
-                    int n_threads, unsigned char* bits) noexcept:
+cdef void _normalize(const void* xp, int data_type, const void* ap, void* yp, Shape shape,
+                     Py_ssize_t k, const double* table, bint relu, int n_threads,
+                     unsigned char* bits) noexcept:
     """The type-number switch of the normalise pass (validation admits four dtypes;
     the one without a fixed type number is bfloat16)."""
     if data_type == cnp.NPY_FLOAT32:
-        return _apply(<const float*>xp, <const float*>ap, <float*>yp, shape, coef, residual,
-                      table, relu, n_threads, bits)
-    if data_type == cnp.NPY_FLOAT64:
-        return _apply(<const double*>xp, <const double*>ap, <double*>yp, shape, coef, residual,
-                      table, relu, n_threads, bits)
-    if data_type == cnp.NPY_FLOAT16:
-        return _apply(<const bnfast_f16*>xp, <const bnfast_f16*>ap, <bnfast_f16*>yp, shape,
-                      coef, residual, table, relu, n_threads, bits)
-    return _apply(<const bnfast_bf16*>xp, <const bnfast_bf16*>ap, <bnfast_bf16*>yp, shape,
-                  coef, residual, table, relu, n_threads, bits)
+        _apply(<const float*>xp, <const float*>ap, <float*>yp, shape, k, table, relu,
+               n_threads, bits)
+    elif data_type == cnp.NPY_FLOAT64:
+        _apply(<const double*>xp, <const double*>ap, <double*>yp, shape, k, table, relu,
+               n_threads, bits)
+    elif data_type == cnp.NPY_FLOAT16:
+        _apply(<const bnfast_f16*>xp, <const bnfast_f16*>ap, <bnfast_f16*>yp, shape, k,
+               table, relu, n_threads, bits)
+    else:
+        _apply(<const bnfast_bf16*>xp, <const bnfast_bf16*>ap, <bnfast_bf16*>yp, shape, k,
+               table, relu, n_threads, bits)
 
 
-cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
-                const double* coef, const double* residual, const double* table, bint relu,
-                int n_threads, unsigned char* bits) noexcept:
-    """The normalise pass with ``table`` (fill_table's), or one made here from coef and
-    the mean's residual (tiled for channels-last rows).  -1 without memory."""
-    cdef Py_ssize_t k = 1 if shape.layout == CHANNELS_FIRST else tile_repeat(shape.C, APPLY_WIDTH)
-    cdef double* own = NULL
-    if table == NULL:
-        # (fill_table writes all it reads)
-        own = <double*>aligned_malloc(table_len(k * shape.C) * sizeof(double))
-        if own == NULL:
-            return -1
-        fill_table(coef, shape.C, k, own, residual)
-        table = own
+cdef void _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape, Py_ssize_t k,
+                 const double* table, bint relu, int n_threads, unsigned char* bits) noexcept:
+    """The normalise pass with ``table``: fill_table's, the channels repeated k times
+    (1 for channels-first data, tile_repeat's for channels-last rows)."""
     # Outputs of STREAM_BYTES and more take non-temporal stores.
     cdef bint stream = shape.N * shape.C * shape.S * <Py_ssize_t>sizeof(real_t) >= STREAM_BYTES
     with nogil:
@@ -465,5 +465,3 @@ cdef int _apply(const real_t* xp, const real_t* ap, real_t* yp, Shape shape,
                         stream)
         else:
             apply_last(xp, ap, yp, shape.N, shape.C, k, table, relu, n_threads, bits, stream)
-    aligned_free(own)
-    return 0

@@ -1,0 +1,148 @@
+/*
+ * The normalise pass's per-channel set-up (_forward.pyx), in one pass over the
+ * channels: from the mean, variance, weight, bias and the mean's residual, the
+ * coefficient rows (mean, invstd, scale, shift: what a backward reads) and the
+ * apply table that _affine.pxd's top describes (double rows m, a, b; float
+ * rows; the flag saying whether float32 data may use the float rows).
+ *
+ * Why C: as Cython it was eight loops over the channels, some of them scalar
+ * (GCC could not rule out that the table overlaps the coefficient rows), others
+ * 2 lanes wide in the portable build, each writing rows that the next one read
+ * back: 7 ns a channel in an evaluation call, ~11 in a training forward, as
+ * much as normalising (2, 4096) float32 data takes many times over.  One loop
+ * computes each channel's values in registers and writes each once, as wide as
+ * the CPU allows (AVX2 or AVX-512F, picked at run time).
+ *
+ * Every lane does the scalar code's operations (sqrt and division are
+ * correctly rounded, no FMA: setup.py builds with -ffp-contract=off), so every
+ * variant gives the same bits.  `mean` and `var` may be coef's own rows 0 and
+ * 1 (each channel's inputs are read before its outputs are written).
+ */
+#ifndef BNFAST_TABLE_H
+#define BNFAST_TABLE_H
+
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "bnfast_simd.h"
+
+/* The distance between a table's rows (in values of the row's type): W plus
+ * 16.  Rows exactly W apart put m[j], a[j], b[j] a multiple of 4 KiB apart for
+ * wide tiles (W = 1024 float32), on one L1 set and aliasing the output's
+ * stores: a (4096, 1024) float32 eval took 960 us on one thread, now 715. */
+static inline ptrdiff_t bnfast_table_row(ptrdiff_t W) { return W + 16; }
+
+/* Doubles in an apply table with W coefficients per row: three double rows,
+ * three float rows, the flag. */
+static inline ptrdiff_t bnfast_table_len(ptrdiff_t W) {
+    ptrdiff_t R = bnfast_table_row(W);
+    return 3 * R + (3 * R + 1) / 2 + 1;
+}
+
+/* A row's first C values repeated over the rest of its W (a channels-last
+ * tile): copies of the part already written, doubling. */
+#define BNFAST_TABLE_REPEAT_(row, C, W)                                                 \
+    {                                                                                  \
+        ptrdiff_t done_, n_;                                                           \
+        for (done_ = (C); done_ < (W); done_ += n_) {                                  \
+            n_ = done_ < (W) - done_ ? done_ : (W) - done_;                            \
+            memcpy((row) + done_, (row), (size_t)n_ * sizeof(*(row)));                 \
+        }                                                                              \
+    }
+
+/* The channels' iterations are independent (mean and var may be coef's rows,
+ * read at the index they are written): GCC would not vectorise the loop
+ * otherwise, unable to rule out that the table overlaps the rows it reads, nor
+ * if-convert the residual's select.  setup.py builds with -fopenmp-simd, so
+ * this holds without OpenMP too. */
+#define BNFAST_TABLE_INDEPENDENT_ _Pragma("omp simd reduction(| : unfit)")
+
+/* The channels' coefficients and table entries; without weight, bias,
+ * residual (the has_ flags: constants where inlined, so each case is a loop of
+ * its own, and the loads are unconditional) those are 1, 0, 0.  Returns nonzero
+ * if some finite coefficient does not fit the float rows: a float m beyond 2^100 (x - m could overflow for finite x), or a float a or b
+ * beyond float's range.  Non-finite coefficients (a NaN or infinite channel, an
+ * infinite weight) give the same NaN/inf either way and must not change the
+ * other channels' bits. */
+static inline __attribute__((always_inline)) int bnfast_table_channels_(
+    const double *mean, const double *var, const double *weight, const double *bias,
+    const double *residual, int has_weight, int has_bias, int has_residual, ptrdiff_t C,
+    double eps, double *coef, double *table, ptrdiff_t R) {
+    float *ft = (float *)(table + 3 * R);
+    int unfit = 0;
+    ptrdiff_t c;
+    BNFAST_TABLE_INDEPENDENT_
+    for (c = 0; c < C; c++) {
+        double m = mean[c];
+        double invstd = 1.0 / sqrt(var[c] + eps);
+        double a = has_weight ? invstd * weight[c] : invstd;
+        double shift = has_bias ? bias[c] : 0.0;
+        /* What the exact mean adds to the rounded one, folded into b (a zero
+         * residual leaves b alone even where the scale is infinite). */
+        double r = has_residual ? residual[c] : 0.0, folded = shift - r * a;
+        double b = r != 0.0 ? folded : shift;
+        float fm = (float)m, fa = (float)a;
+        /* The float rows' m is rounded: what that lost is folded into b too. */
+        float fb = (float)(b - (m - (double)fm) * a);
+        coef[c] = m;
+        coef[C + c] = invstd;
+        coef[2 * C + c] = a;
+        coef[3 * C + c] = shift;
+        table[c] = m;
+        table[R + c] = a;
+        table[2 * R + c] = b;
+        ft[c] = fm;
+        ft[R + c] = fa;
+        ft[2 * R + c] = fb;
+        unfit |= ((fabsf(fm) > 0x1p100f) & (fabs(m) <= 0x1.fffffffffffffp1023))
+                 | ((fabsf(fa) > 0x1.fffffep127f) & (fabs(a) <= 0x1.fffffffffffffp1023))
+                 | ((fabsf(fb) > 0x1.fffffep127f) & (fabs(b) <= 0x1.fffffffffffffp1023));
+    }
+    return unfit;
+}
+
+#define BNFAST_TABLE_CASE_(w, b, r)                                                     \
+    bnfast_table_channels_(mean, var, weight, bias, residual, w, b, r, C, eps, coef, table, R)
+
+/* coef: 4 rows of C (mean, invstd, scale, shift); table: bnfast_table_len(W)
+ * doubles for W = repeat * C, the channels repeated `repeat` times. */
+#define BNFAST_DEFINE_FILL_TABLE(NAME, TARGET)                                          \
+    TARGET static void NAME(const double *mean, const double *var, const double *weight, \
+                            const double *bias, const double *residual, ptrdiff_t C,     \
+                            double eps, ptrdiff_t repeat, double *coef, double *table) { \
+        ptrdiff_t W = repeat * C, R = bnfast_table_row(W), row;                         \
+        float *ft = (float *)(table + 3 * R);                                           \
+        int unfit;                                                                      \
+        switch ((weight != NULL) | (bias != NULL) << 1 | (residual != NULL) << 2) {     \
+        case 0: unfit = BNFAST_TABLE_CASE_(0, 0, 0); break;                             \
+        case 1: unfit = BNFAST_TABLE_CASE_(1, 0, 0); break;                             \
+        case 2: unfit = BNFAST_TABLE_CASE_(0, 1, 0); break;                             \
+        case 3: unfit = BNFAST_TABLE_CASE_(1, 1, 0); break;                             \
+        case 4: unfit = BNFAST_TABLE_CASE_(0, 0, 1); break;                             \
+        case 5: unfit = BNFAST_TABLE_CASE_(1, 0, 1); break;                             \
+        case 6: unfit = BNFAST_TABLE_CASE_(0, 1, 1); break;                             \
+        default: unfit = BNFAST_TABLE_CASE_(1, 1, 1); break;                            \
+        }                                                                               \
+        for (row = 0; row < 3; row++) {                                                 \
+            BNFAST_TABLE_REPEAT_(table + row * R, C, W)                                 \
+            BNFAST_TABLE_REPEAT_(ft + row * R, C, W)                                    \
+        }                                                                               \
+        table[bnfast_table_len(W) - 1] = unfit ? 0.0 : 1.0;                             \
+    }
+
+BNFAST_DEFINE_FILL_TABLE(bnfast_fill_table_base, )
+#if BNFAST_DISPATCH_AVX2
+BNFAST_DEFINE_FILL_TABLE(bnfast_fill_table_avx2, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_FILL_TABLE(bnfast_fill_table_z, BNFAST_FLOAT_Z_TARGET)
+#endif
+
+static inline void bnfast_fill_table(const double *mean, const double *var,
+                                     const double *weight, const double *bias,
+                                     const double *residual, ptrdiff_t C, double eps,
+                                     ptrdiff_t repeat, double *coef, double *table) {
+    BNFAST_PICK_Z(bnfast_fill_table_base, bnfast_fill_table_avx2, bnfast_fill_table_z)(
+        mean, var, weight, bias, residual, C, eps, repeat, coef, table);
+}
+
+#endif
