@@ -199,6 +199,27 @@ cdef enum:
     REDUCE_COST = 4
 
 
+cdef extern from "bnfast_table.h" nogil:
+    # The per-channel set-up in vectorised C: dx's coefficients (double rows),
+    # grad_weight and grad_bias, pass 2's table in the compute type.
+    void bnfast_grad_coefficients_f32(const double* mean, const double* invstd,
+                                      const double* weight, const double* sum_dy,
+                                      const double* sum_xdy, Py_ssize_t C, double inv_n,
+                                      double* scale, double* slope, double* offset,
+                                      float* grad_weight, float* grad_bias)
+    void bnfast_grad_coefficients_f64(const double* mean, const double* invstd,
+                                      const double* weight, const double* sum_dy,
+                                      const double* sum_xdy, Py_ssize_t C, double inv_n,
+                                      double* scale, double* slope, double* offset,
+                                      double* grad_weight, double* grad_bias)
+    void bnfast_grad_table_f32(const double* mean, const double* scale, const double* slope,
+                               const double* offset, Py_ssize_t C, Py_ssize_t repeat,
+                               Py_ssize_t R, float* table)
+    void bnfast_grad_table_f64(const double* mean, const double* scale, const double* slope,
+                               const double* offset, Py_ssize_t C, Py_ssize_t repeat,
+                               Py_ssize_t R, double* table)
+
+
 # -- the compute type of pass 2 -----------------------------------------------------
 # dx is computed in double for float64 data and in float for float32 and the half
 # types (whose leaves widen to float, do the float32 leaf's arithmetic, round once).  The
@@ -221,14 +242,6 @@ cdef inline size_t _compute_size(const real_t* kind) noexcept nogil:
         return sizeof(double)
     else:
         return sizeof(float)
-
-
-cdef inline void _put(const real_t* kind, void* table, Py_ssize_t i, double v) noexcept nogil:
-    """table[i] = v rounded to the compute type (table: an array of that type)."""
-    if real_t is double:
-        (<double*>table)[i] = v
-    else:
-        (<float*>table)[i] = <float>v
 
 
 # -- typed wrappers around the SIMD leaves -----------------------------------------
@@ -667,14 +680,16 @@ cdef inline double _offset_in(const real_t* kind, double m, Coef k,
     return _in_compute(kind, k.offset[c] - (k.mean[c] - m) * k.slope[c])
 
 
-cdef inline void _put_coef(const real_t* kind, void* table, Py_ssize_t i, Py_ssize_t rows,
-                           Coef k, Py_ssize_t c) noexcept nogil:
-    """Channel c's m, a, b, d into entry i of a compute-type table of 4 rows of ``rows``."""
-    cdef double m = _in_compute(kind, k.mean[c])
-    _put(kind, table, i, m)
-    _put(kind, table, rows + i, k.scale[c])
-    _put(kind, table, 2 * rows + i, k.slope[c])
-    _put(kind, table, 3 * rows + i, _offset_in(kind, m, k, c))
+cdef inline void _fill_table(const real_t* kind, void* table, Py_ssize_t C, Py_ssize_t repeat,
+                             Py_ssize_t rows, Coef k) noexcept nogil:
+    """The channels' m, a, b, d (as _offset_in's) into a compute-type table of 4 rows
+    ``rows`` apart, repeated ``repeat`` times."""
+    if real_t is double:
+        bnfast_grad_table_f64(k.mean, k.scale, k.slope, k.offset, C, repeat, rows,
+                              <double*>table)
+    else:
+        bnfast_grad_table_f32(k.mean, k.scale, k.slope, k.offset, C, repeat, rows,
+                              <float*>table)
 
 
 cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
@@ -749,8 +764,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
         table = aligned_malloc(4 * C * _compute_size(xp))
         if table == NULL:
             return -1
-        for c in range(C):
-            _put_coef(xp, table, c, C, k, c)
+        _fill_table(xp, table, C, 1, C, k)
         if nt == 1:
             for blk in range(blocks):
                 _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
@@ -818,14 +832,9 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     cdef void* tile = aligned_malloc(4 * _tile_rows(W) * _compute_size(xp))
     if tile == NULL:
         return -1
-    cdef Py_ssize_t j, c, blk = 0
+    cdef Py_ssize_t blk = 0
     stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
-    c = 0
-    for j in range(W):  # channel c of value j, stepped (j % C took an integer division each)
-        _put_coef(xp, tile, j, _tile_rows(W), k, c)
-        c = c + 1
-        if c == C:
-            c = 0
+    _fill_table(xp, tile, C, W // C, _tile_rows(W), k)
     cdef bint in_rows = (real_t is float and training and bits == NULL and dxp != NULL
                          and bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream))
     if nt == 1:  # see _reduce_first
@@ -916,15 +925,17 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
         if job.sums != NULL:
             for c in range(2 * C):
                 job.sums[c] = work[c]
-    # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w
-    cdef double a, s
+    # torch: (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * w; and
+    # grad_weight, grad_bias (arrays of the compute type: float32 for half data).
     cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
-    for c in range(C):
-        a = invstd[c] * weight[c] if weight != NULL else invstd[c]
-        s = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n)
-        scale[c] = a
-        slope[c] = -(s * a)
-        offset[c] = -((sum_dy[c] * inv_n) * a)
+    if real_t is double:
+        bnfast_grad_coefficients_f64(mean, invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
+                                     slope, offset, <double*>job.grad_weight,
+                                     <double*>job.grad_bias)
+    else:
+        bnfast_grad_coefficients_f32(mean, invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
+                                     slope, offset, <float*>job.grad_weight,
+                                     <float*>job.grad_bias)
     cdef Coef k
     k.mean, k.scale, k.slope, k.offset = mean, scale, slope, offset
     cdef bint stream
@@ -940,13 +951,6 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
         else:
             rc = _apply_last(xp, dyp, bits, k, dxp, gp, job.shape.N, C, training, stream,
                              job.n_threads)
-    # grad_weight, grad_bias: arrays of the compute type (float32 for half data).
-    if job.grad_weight != NULL:
-        for c in range(C):
-            _put(xp, job.grad_weight, c, sum_xdy[c] * invstd[c])
-    if job.grad_bias != NULL:
-        for c in range(C):
-            _put(xp, job.grad_bias, c, sum_dy[c])
     return rc
 
 

@@ -145,4 +145,95 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
         mean, var, weight, bias, residual, C, eps, repeat, coef, table);
 }
 
+/* ---------------------------------------------------------------------------
+ * The backward's per-channel set-up (_backward.pyx), the same way: from the
+ * forward's mean and invstd, the weight and pass 1's sums,
+ *   dx = dy * scale + (x - mean) * slope + offset     (torch's formula:
+ *   (dy - sum_dy/n - (x - mean) * invstd^2 * sum_xdy/n) * invstd * w),
+ * grad_weight = sum_xdy * invstd and grad_bias = sum_dy (NULL: not wanted) in
+ * the compute type T (float64 for float64 data, else float32); then pass 2's
+ * table of m, a, b, d in T, rows R apart, the channels repeated `repeat` times
+ * (dx = (dy * a + (x - m) * b) + d with m the mean rounded to T: the rounding
+ * moves into d, in double).  As Cython these were scalar loops (~4 ns a
+ * channel at C = 4096). */
+#define BNFAST_DEFINE_GRAD_COEFFICIENTS(NAME, T, TARGET)                                \
+    TARGET static void NAME(const double *mean, const double *invstd,                  \
+                            const double *weight, const double *sum_dy,                \
+                            const double *sum_xdy, ptrdiff_t C, double inv_n,          \
+                            double *scale, double *slope, double *offset,              \
+                            T *grad_weight, T *grad_bias) {                            \
+        ptrdiff_t c;                                                                   \
+        if (weight != NULL) {                                                          \
+            _Pragma("omp simd")                                                        \
+            for (c = 0; c < C; c++) scale[c] = invstd[c] * weight[c];                  \
+        } else {                                                                       \
+            memcpy(scale, invstd, (size_t)C * sizeof(double));                         \
+        }                                                                              \
+        _Pragma("omp simd")                                                            \
+        for (c = 0; c < C; c++) {                                                      \
+            double a = scale[c], s = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n);     \
+            slope[c] = -(s * a);                                                       \
+            offset[c] = -((sum_dy[c] * inv_n) * a);                                    \
+        }                                                                              \
+        if (grad_weight != NULL) {                                                     \
+            _Pragma("omp simd")                                                        \
+            for (c = 0; c < C; c++) grad_weight[c] = (T)(sum_xdy[c] * invstd[c]);     \
+        }                                                                              \
+        if (grad_bias != NULL) {                                                       \
+            _Pragma("omp simd")                                                        \
+            for (c = 0; c < C; c++) grad_bias[c] = (T)sum_dy[c];                       \
+        }                                                                              \
+    }                                                                                  \
+    TARGET static void NAME##_table(const double *mean, const double *scale,           \
+                                    const double *slope, const double *offset,         \
+                                    ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R,        \
+                                    T *table) {                                        \
+        ptrdiff_t c, row, W = repeat * C;                                              \
+        _Pragma("omp simd")                                                            \
+        for (c = 0; c < C; c++) {                                                      \
+            T m = (T)mean[c];                                                          \
+            table[c] = m;                                                              \
+            table[R + c] = (T)scale[c];                                                \
+            table[2 * R + c] = (T)slope[c];                                            \
+            table[3 * R + c] = (T)(offset[c] - (mean[c] - (double)m) * slope[c]);      \
+        }                                                                              \
+        for (row = 0; row < 4; row++) BNFAST_TABLE_REPEAT_(table + row * R, C, W)      \
+    }
+
+#define BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(SFX, T)                                    \
+    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_base, T, )
+#if BNFAST_DISPATCH_AVX2
+#undef BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL
+#define BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(SFX, T)                                    \
+    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_base, T, )        \
+    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_avx2, T,          \
+                                    BNFAST_AVX2_TARGET)                                \
+    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_z, T,             \
+                                    BNFAST_FLOAT_Z_TARGET)
+#endif
+BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(f32, float)
+BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(f64, double)
+
+#define BNFAST_DEFINE_GRAD_ENTRIES(SFX, T)                                             \
+    static inline void bnfast_grad_coefficients_##SFX(                                 \
+        const double *mean, const double *invstd, const double *weight,                \
+        const double *sum_dy, const double *sum_xdy, ptrdiff_t C, double inv_n,        \
+        double *scale, double *slope, double *offset, T *grad_weight, T *grad_bias) {  \
+        BNFAST_PICK_Z(bnfast_grad_coefficients_##SFX##_base,                           \
+                      bnfast_grad_coefficients_##SFX##_avx2,                           \
+                      bnfast_grad_coefficients_##SFX##_z)(                             \
+            mean, invstd, weight, sum_dy, sum_xdy, C, inv_n, scale, slope, offset,     \
+            grad_weight, grad_bias);                                                   \
+    }                                                                                  \
+    static inline void bnfast_grad_table_##SFX(                                        \
+        const double *mean, const double *scale, const double *slope,                  \
+        const double *offset, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) {  \
+        BNFAST_PICK_Z(bnfast_grad_coefficients_##SFX##_base_table,                     \
+                      bnfast_grad_coefficients_##SFX##_avx2_table,                     \
+                      bnfast_grad_coefficients_##SFX##_z_table)(                       \
+            mean, scale, slope, offset, C, repeat, R, table);                          \
+    }
+BNFAST_DEFINE_GRAD_ENTRIES(f32, float)
+BNFAST_DEFINE_GRAD_ENTRIES(f64, double)
+
 #endif

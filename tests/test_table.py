@@ -10,6 +10,8 @@ products and conversions are correctly rounded, so a leaf may not differ in any
 bit.  A scalar build (``-DBNFAST_NO_SIMD``) and a ``-march=native`` one must
 give the same bytes.
 """
+import itertools
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,10 @@ C, EPS, SETS = 37, 1e-5, 5
 FITTING_SETS = (0, 4)
 REPEATS = (1, 3)
 LEAVES = ("portable", "avx2", "avx512", "picked in place")
+# The backward's: 1/n in training, 0 in evaluation; float32 and float64 compute types.
+GRAD_LEAVES = ("portable", "avx2", "avx512", "picked")
+INV_N = (1.0 / 7.0, 0.0)
+COMPUTE_TYPES = (np.float32, np.float64)
 DBL_MAX = np.finfo(np.float64).max
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -30,19 +36,30 @@ def _table_len(W):
 
 
 def _parse(out):
+    """(CPU has AVX2, AVX-512), the inputs, {forward key: (coef, table)}, {backward key:
+    (scale/slope/offset rows, grad_weight and grad_bias, table)}."""
     has = np.frombuffer(out[:8], np.int32).astype(bool)
     inputs = np.frombuffer(out[8:8 + SETS * 5 * C * 8], np.float64).reshape(SETS, 5, C)
-    at, results = 8 + inputs.nbytes, {}
+    at, results, grads = 8 + inputs.nbytes, {}, {}
+
+    def take(n, dtype):
+        nonlocal at
+        block = np.frombuffer(out[at:at + n * np.dtype(dtype).itemsize], dtype)
+        at += block.nbytes
+        return block
+
     for v in range(SETS):
         for case in range(8):
             for repeat in REPEATS:
                 for leaf in LEAVES:
-                    n = 4 * C + _table_len(repeat * C)
-                    block = np.frombuffer(out[at:at + 8 * n], np.float64)
-                    results[v, case, repeat, leaf] = block[:4 * C], block[4 * C:]
-                    at += 8 * n
+                    results[v, case, repeat, leaf] = (take(4 * C, np.float64),
+                                                      take(_table_len(repeat * C), np.float64))
+    for key in itertools.product(range(SETS), range(4), INV_N, COMPUTE_TYPES, REPEATS,
+                                 GRAD_LEAVES):
+        T, repeat = key[3], key[4]
+        grads[key] = (take(3 * C, np.float64), take(2 * C, T), take(4 * (repeat * C + 8), T))
     assert at == len(out)
-    return has, inputs, results
+    return has, inputs, results, grads
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +96,9 @@ def _expected(inputs, case, repeat):
     return coef, table, not unfit
 
 
-def _same_bits(actual, expected):
-    np.testing.assert_array_equal(actual.view(np.uint64), expected.view(np.uint64))
+def _same(actual, expected):
+    width = {4: np.uint32, 8: np.uint64}[actual.dtype.itemsize]
+    np.testing.assert_array_equal(actual.view(width), expected.view(width))
 
 
 @pytest.mark.parametrize("repeat", REPEATS)
@@ -90,27 +108,68 @@ def _same_bits(actual, expected):
     "fits-float", "mean-beyond", "scale-beyond", "shift-beyond", "all-just-within"])
 @pytest.mark.parametrize("leaf", LEAVES)
 def test_leaf_gives_the_float64_formulas_bits(driver, leaf, value_set, case, repeat):
-    _, (has, inputs, results), _ = driver
+    _, (has, inputs, results, _), _ = driver
     if (leaf == "avx2" and not has[0]) or (leaf == "avx512" and not has[1]):
         pytest.skip(f"this CPU has no {leaf}")
     coef, table = results[value_set, case, repeat, leaf]
     want_coef, want_table, fits = _expected(inputs[value_set], case, repeat)
-    _same_bits(coef, want_coef)
-    _same_bits(table, want_table)
+    _same(coef, want_coef)
+    _same(table, want_table)
     # Each limit is in play; non-finite channels alone never clear the flag.
     if case == 7:
         assert fits == (value_set in FITTING_SETS)
     assert np.isnan(coef).any() and np.isinf(coef).any()
 
 
+def _expected_grads(inputs, case, inv_n, T, repeat):
+    """The backward's rows, gradients and table from NumPy's float64 arithmetic."""
+    mean, invstd, weight, sum_dy, sum_xdy = inputs
+    with np.errstate(all="ignore"):
+        a = invstd * weight if case & 1 else invstd.copy()
+        s = invstd * invstd * (sum_xdy * inv_n)
+        slope, offset = -(s * a), -((sum_dy * inv_n) * a)
+        grads = np.zeros(2 * C, T)
+        if case & 2:
+            grads[:C], grads[C:] = (sum_xdy * invstd).astype(T), sum_dy.astype(T)
+        m = mean.astype(T)
+        d = (offset - (mean - m.astype(np.float64)) * slope).astype(T)
+        R = repeat * C + 8
+        table = np.zeros(4 * R, T)
+        for row, values in enumerate([m, a.astype(T), slope.astype(T), d]):
+            table[row * R:row * R + repeat * C] = np.tile(values, repeat)
+    return np.concatenate([a, slope, offset]), grads, table
+
+
+@pytest.mark.parametrize("repeat", REPEATS)
+@pytest.mark.parametrize("T", COMPUTE_TYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("inv_n", INV_N, ids=["training", "evaluation"])
+@pytest.mark.parametrize("case", range(4), ids=lambda k: "weight%d-grads%d" % (k & 1, k >> 1))
+@pytest.mark.parametrize("value_set", range(SETS))
+@pytest.mark.parametrize("leaf", GRAD_LEAVES)
+def test_backward_leaf_gives_the_float64_formulas_bits(driver, leaf, value_set, case, inv_n,
+                                                       T, repeat):
+    _, (has, inputs, _, grads), _ = driver
+    if (leaf == "avx2" and not has[0]) or (leaf == "avx512" and not has[1]):
+        pytest.skip(f"this CPU has no {leaf}")
+    got = grads[value_set, case, inv_n, T, repeat, leaf]
+    want = _expected_grads(inputs[value_set], case, inv_n, T, repeat)
+    for actual, expected in zip(got, want):
+        _same(actual, expected)
+    # NaN and inf in play (evaluation multiplies the sums by 0: inf only from the weight).
+    assert np.isnan(got[0]).any()
+    if inv_n or case & 1:
+        assert np.isinf(got[0]).any()
+
+
 @pytest.mark.parametrize("flags", [("-DBNFAST_NO_SIMD",), ("-march=native",)], ids=" ".join)
-def test_other_builds_give_the_same_bits(driver, flags):
+def test_other_builds_give_the_same(driver, flags):
     """Their portable and picked leaves (a native build picks its portable one,
     compiled for this CPU), against this build's."""
-    _, (_, inputs, results), tmp = driver
-    _, other_inputs, other = _parse(run_c_driver(tmp, "table.c", *flags))
-    _same_bits(other_inputs, inputs)
-    for key in results:
-        if key[-1] in ("portable", "picked in place"):
-            for got, want in zip(other[key], results[key]):
-                _same_bits(got, want)
+    _, (_, inputs, results, grads), tmp = driver
+    _, other_inputs, other, other_grads = _parse(run_c_driver(tmp, "table.c", *flags))
+    _same(other_inputs, inputs)
+    for mine, theirs in ((results, other), (grads, other_grads)):
+        for key in mine:
+            if key[-1] in ("portable", "picked", "picked in place"):
+                for got, want in zip(theirs[key], mine[key]):
+                    _same(got, want)

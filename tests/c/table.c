@@ -10,7 +10,8 @@
  * lacks it), the picked one with mean and var given as the coefficient rows
  * they become) the 4 C
  * coefficient doubles and the bnfast_table_len(repeat * C) table doubles (the
- * table zeroed first, so its padding is 0).
+ * table zeroed first, so its padding is 0); then the backward's leaves (see
+ * below).
  */
 #include <math.h>
 #include <stdint.h>
@@ -101,6 +102,61 @@ int main(void) {
                     emit(coef, 4 * C * sizeof(double));
                     emit(table, len * sizeof(double));
                 }
+    /* The backward's: per (value set, case 0-3: bit 0 weight, bit 1 grad_weight and
+     * grad_bias wanted, inv_n 1/7 then 0 (evaluation), compute type float then
+     * double, repeat 1 and 3, leaf as above but the last: the picked one) scale,
+     * slope, offset (C doubles each), grad_weight, grad_bias (C of the compute type
+     * each, zeros when not wanted) and the table (4 rows W + 8 apart, zeroed
+     * first).  Inputs: a set's rows as mean, invstd, weight, sum_dy, sum_xdy. */
+    double *rows3 = malloc(3 * C * sizeof(double));
+    double *grads = malloc(2 * C * sizeof(double));
+    double *gtable = malloc(4 * (3 * C + 8) * sizeof(double));
+    for (int v = 0; v < SETS; v++)
+        for (int k = 0; k < 4; k++)
+            for (int z = 0; z < 2; z++)
+                for (int dbl = 0; dbl < 2; dbl++)
+                    for (int repeat = 1; repeat <= 3; repeat += 2)
+                        for (int leaf = 0; leaf < 4; leaf++) {
+                            const double *w = (k & 1) ? in[v][2] : NULL;
+                            double inv_n = z ? 0.0 : 1.0 / 7.0;
+                            ptrdiff_t R = repeat * C + 8;
+                            size_t size = dbl ? sizeof(double) : sizeof(float);
+                            void *gw = (k & 2) ? (void *)grads : NULL;
+                            void *gb = (k & 2) ? (void *)((char *)grads + C * size) : NULL;
+                            memset(rows3, 0, 3 * C * sizeof(double));
+                            memset(grads, 0, 2 * C * sizeof(double));
+                            memset(gtable, 0, 4 * (3 * C + 8) * sizeof(double));
+#define GRAD_CASE(SFX, T, COEF, TABLE)                                                  \
+    {                                                                                  \
+        COEF(in[v][0], in[v][1], w, in[v][3], in[v][4], C, inv_n, rows3, rows3 + C,    \
+             rows3 + 2 * C, (T *)gw, (T *)gb);                                         \
+        TABLE(in[v][0], rows3, rows3 + C, rows3 + 2 * C, C, repeat, R, (T *)gtable);    \
+    }
+#define GRAD_LEAF(SFX, T, V) \
+    GRAD_CASE(SFX, T, bnfast_grad_coefficients_##SFX##_##V, bnfast_grad_coefficients_##SFX##_##V##_table)
+                            if (leaf == 3) {
+                                if (dbl) GRAD_CASE(f64, double, bnfast_grad_coefficients_f64, bnfast_grad_table_f64)
+                                else GRAD_CASE(f32, float, bnfast_grad_coefficients_f32, bnfast_grad_table_f32)
+                            } else if (leaf == 0) {
+                                if (dbl) GRAD_LEAF(f64, double, base)
+                                else GRAD_LEAF(f32, float, base)
+                            }
+#if BNFAST_DISPATCH_AVX2
+                            else if (leaf == 1 && has[0]) {
+                                if (dbl) GRAD_LEAF(f64, double, avx2)
+                                else GRAD_LEAF(f32, float, avx2)
+                            } else if (leaf == 2 && has[1]) {
+                                if (dbl) GRAD_LEAF(f64, double, z)
+                                else GRAD_LEAF(f32, float, z)
+                            }
+#endif
+                            emit(rows3, 3 * C * sizeof(double));
+                            emit(grads, 2 * C * size);
+                            emit(gtable, 4 * (size_t)R * size);
+                        }
+    free(rows3);
+    free(grads);
+    free(gtable);
     free(coef);
     free(table);
     return 0;
