@@ -202,14 +202,14 @@ cdef enum:
 cdef extern from "bnfast_table.h" nogil:
     # The per-channel set-up in vectorised C: dx's coefficients (double rows),
     # grad_weight and grad_bias, pass 2's table in the compute type.
-    void bnfast_grad_coefficients_f32(const double* mean, const double* invstd,
-                                      const double* weight, const double* sum_dy,
-                                      const double* sum_xdy, Py_ssize_t C, double inv_n,
+    void bnfast_grad_coefficients_f32(const double* invstd, const double* weight,
+                                      const double* sum_dy, const double* sum_xdy,
+                                      Py_ssize_t C, double inv_n,
                                       double* scale, double* slope, double* offset,
                                       float* grad_weight, float* grad_bias)
-    void bnfast_grad_coefficients_f64(const double* mean, const double* invstd,
-                                      const double* weight, const double* sum_dy,
-                                      const double* sum_xdy, Py_ssize_t C, double inv_n,
+    void bnfast_grad_coefficients_f64(const double* invstd, const double* weight,
+                                      const double* sum_dy, const double* sum_xdy,
+                                      Py_ssize_t C, double inv_n,
                                       double* scale, double* slope, double* offset,
                                       double* grad_weight, double* grad_bias)
     void bnfast_grad_table_f32(const double* mean, const double* scale, const double* slope,
@@ -929,11 +929,11 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
     # grad_weight, grad_bias (arrays of the compute type: float32 for half data).
     cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
     if real_t is double:
-        bnfast_grad_coefficients_f64(mean, invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
+        bnfast_grad_coefficients_f64(invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
                                      slope, offset, <double*>job.grad_weight,
                                      <double*>job.grad_bias)
     else:
-        bnfast_grad_coefficients_f32(mean, invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
+        bnfast_grad_coefficients_f32(invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
                                      slope, offset, <float*>job.grad_weight,
                                      <float*>job.grad_bias)
     cdef Coef k

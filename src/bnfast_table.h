@@ -1,6 +1,7 @@
 /*
- * The normalise pass's per-channel set-up (_forward.pyx), in one pass over the
- * channels: from the mean, variance, weight, bias and the mean's residual, the
+ * The per-channel set-up of both directions, each in one pass over the
+ * channels.  The forward's (_forward.pyx): from the mean, variance, weight,
+ * bias and the mean's residual, the
  * coefficient rows (mean, invstd, scale, shift: what a backward reads) and the
  * apply table that _affine.pxd's top describes (double rows m, a, b; float
  * rows; the flag saying whether float32 data may use the float rows).
@@ -51,20 +52,14 @@ static inline ptrdiff_t bnfast_table_len(ptrdiff_t W) {
         }                                                                              \
     }
 
-/* The channels' iterations are independent (mean and var may be coef's rows,
- * read at the index they are written): GCC would not vectorise the loop
- * otherwise, unable to rule out that the table overlaps the rows it reads, nor
- * if-convert the residual's select.  setup.py builds with -fopenmp-simd, so
- * this holds without OpenMP too. */
-#define BNFAST_TABLE_INDEPENDENT_ _Pragma("omp simd reduction(| : unfit)")
-
 /* The channels' coefficients and table entries; without weight, bias,
  * residual (the has_ flags: constants where inlined, so each case is a loop of
  * its own, and the loads are unconditional) those are 1, 0, 0.  Returns nonzero
- * if some finite coefficient does not fit the float rows: a float m beyond 2^100 (x - m could overflow for finite x), or a float a or b
- * beyond float's range.  Non-finite coefficients (a NaN or infinite channel, an
- * infinite weight) give the same NaN/inf either way and must not change the
- * other channels' bits. */
+ * if some finite coefficient does not fit the float rows: a float m beyond
+ * 2^100 (x - m could overflow for finite x), or a float a or b beyond float's
+ * range.  Non-finite coefficients (a NaN or infinite channel, an infinite
+ * weight) give the same NaN/inf either way and must not change the other
+ * channels' bits. */
 static inline __attribute__((always_inline)) int bnfast_table_channels_(
     const double *mean, const double *var, const double *weight, const double *bias,
     const double *residual, int has_weight, int has_bias, int has_residual, ptrdiff_t C,
@@ -72,7 +67,12 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
     float *ft = (float *)(table + 3 * R);
     int unfit = 0;
     ptrdiff_t c;
-    BNFAST_TABLE_INDEPENDENT_
+    /* omp simd: the iterations are independent (mean and var may be coef's rows,
+     * read at the index they are written).  Without it GCC would not vectorise
+     * the loop, unable to rule out that the table overlaps the rows it reads, nor
+     * if-convert the residual's select; setup.py builds with -fopenmp-simd, so
+     * this holds without OpenMP too. */
+#pragma omp simd reduction(| : unfit)
     for (c = 0; c < C; c++) {
         double m = mean[c];
         double invstd = 1.0 / sqrt(var[c] + eps);
@@ -147,7 +147,7 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
 
 /* ---------------------------------------------------------------------------
  * The backward's per-channel set-up (_backward.pyx), the same way: from the
- * forward's mean and invstd, the weight and pass 1's sums,
+ * forward's invstd, the weight and pass 1's sums,
  *   dx = dy * scale + (x - mean) * slope + offset     (torch's formula:
  *   (dy - sum_dy/n - (x - mean) * invstd^2 * sum_xdy/n) * invstd * w),
  * grad_weight = sum_xdy * invstd and grad_bias = sum_dy (NULL: not wanted) in
@@ -156,12 +156,11 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
  * (dx = (dy * a + (x - m) * b) + d with m the mean rounded to T: the rounding
  * moves into d, in double).  As Cython these were scalar loops (~4 ns a
  * channel at C = 4096). */
-#define BNFAST_DEFINE_GRAD_COEFFICIENTS(NAME, T, TARGET)                                \
-    TARGET static void NAME(const double *mean, const double *invstd,                  \
-                            const double *weight, const double *sum_dy,                \
-                            const double *sum_xdy, ptrdiff_t C, double inv_n,          \
-                            double *scale, double *slope, double *offset,              \
-                            T *grad_weight, T *grad_bias) {                            \
+#define BNFAST_DEFINE_GRAD_LEAVES(SFX, T, TARGET)                                      \
+    TARGET static void bnfast_grad_coefficients_##SFX(                                 \
+        const double *invstd, const double *weight, const double *sum_dy,              \
+        const double *sum_xdy, ptrdiff_t C, double inv_n,                              \
+        double *scale, double *slope, double *offset, T *grad_weight, T *grad_bias) {  \
         ptrdiff_t c;                                                                   \
         if (weight != NULL) {                                                          \
             _Pragma("omp simd")                                                        \
@@ -184,10 +183,9 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
             for (c = 0; c < C; c++) grad_bias[c] = (T)sum_dy[c];                       \
         }                                                                              \
     }                                                                                  \
-    TARGET static void NAME##_table(const double *mean, const double *scale,           \
-                                    const double *slope, const double *offset,         \
-                                    ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R,        \
-                                    T *table) {                                        \
+    TARGET static void bnfast_grad_table_##SFX(                                        \
+        const double *mean, const double *scale, const double *slope,                  \
+        const double *offset, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) {  \
         ptrdiff_t c, row, W = repeat * C;                                              \
         _Pragma("omp simd")                                                            \
         for (c = 0; c < C; c++) {                                                      \
@@ -200,37 +198,32 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
         for (row = 0; row < 4; row++) BNFAST_TABLE_REPEAT_(table + row * R, C, W)      \
     }
 
-#define BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(SFX, T)                                    \
-    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_base, T, )
+BNFAST_DEFINE_GRAD_LEAVES(f32_base, float, )
+BNFAST_DEFINE_GRAD_LEAVES(f64_base, double, )
 #if BNFAST_DISPATCH_AVX2
-#undef BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL
-#define BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(SFX, T)                                    \
-    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_base, T, )        \
-    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_avx2, T,          \
-                                    BNFAST_AVX2_TARGET)                                \
-    BNFAST_DEFINE_GRAD_COEFFICIENTS(bnfast_grad_coefficients_##SFX##_z, T,             \
-                                    BNFAST_FLOAT_Z_TARGET)
+BNFAST_DEFINE_GRAD_LEAVES(f32_avx2, float, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_GRAD_LEAVES(f64_avx2, double, BNFAST_AVX2_TARGET)
+BNFAST_DEFINE_GRAD_LEAVES(f32_z, float, BNFAST_FLOAT_Z_TARGET)
+BNFAST_DEFINE_GRAD_LEAVES(f64_z, double, BNFAST_FLOAT_Z_TARGET)
 #endif
-BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(f32, float)
-BNFAST_DEFINE_GRAD_COEFFICIENTS_ALL(f64, double)
 
+/* The entries: the leaves this CPU runs. */
 #define BNFAST_DEFINE_GRAD_ENTRIES(SFX, T)                                             \
     static inline void bnfast_grad_coefficients_##SFX(                                 \
-        const double *mean, const double *invstd, const double *weight,                \
-        const double *sum_dy, const double *sum_xdy, ptrdiff_t C, double inv_n,        \
+        const double *invstd, const double *weight, const double *sum_dy,              \
+        const double *sum_xdy, ptrdiff_t C, double inv_n,                              \
         double *scale, double *slope, double *offset, T *grad_weight, T *grad_bias) {  \
         BNFAST_PICK_Z(bnfast_grad_coefficients_##SFX##_base,                           \
                       bnfast_grad_coefficients_##SFX##_avx2,                           \
                       bnfast_grad_coefficients_##SFX##_z)(                             \
-            mean, invstd, weight, sum_dy, sum_xdy, C, inv_n, scale, slope, offset,     \
+            invstd, weight, sum_dy, sum_xdy, C, inv_n, scale, slope, offset,           \
             grad_weight, grad_bias);                                                   \
     }                                                                                  \
     static inline void bnfast_grad_table_##SFX(                                        \
         const double *mean, const double *scale, const double *slope,                  \
         const double *offset, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) {  \
-        BNFAST_PICK_Z(bnfast_grad_coefficients_##SFX##_base_table,                     \
-                      bnfast_grad_coefficients_##SFX##_avx2_table,                     \
-                      bnfast_grad_coefficients_##SFX##_z_table)(                       \
+        BNFAST_PICK_Z(bnfast_grad_table_##SFX##_base, bnfast_grad_table_##SFX##_avx2,  \
+                      bnfast_grad_table_##SFX##_z)(                                    \
             mean, scale, slope, offset, C, repeat, R, table);                          \
     }
 BNFAST_DEFINE_GRAD_ENTRIES(f32, float)

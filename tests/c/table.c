@@ -128,12 +128,12 @@ int main(void) {
                             memset(gtable, 0, 4 * (3 * C + 8) * sizeof(double));
 #define GRAD_CASE(SFX, T, COEF, TABLE)                                                  \
     {                                                                                  \
-        COEF(in[v][0], in[v][1], w, in[v][3], in[v][4], C, inv_n, rows3, rows3 + C,    \
+        COEF(in[v][1], w, in[v][3], in[v][4], C, inv_n, rows3, rows3 + C,              \
              rows3 + 2 * C, (T *)gw, (T *)gb);                                         \
         TABLE(in[v][0], rows3, rows3 + C, rows3 + 2 * C, C, repeat, R, (T *)gtable);    \
     }
 #define GRAD_LEAF(SFX, T, V) \
-    GRAD_CASE(SFX, T, bnfast_grad_coefficients_##SFX##_##V, bnfast_grad_coefficients_##SFX##_##V##_table)
+    GRAD_CASE(SFX, T, bnfast_grad_coefficients_##SFX##_##V, bnfast_grad_table_##SFX##_##V)
                             if (leaf == 3) {
                                 if (dbl) GRAD_CASE(f64, double, bnfast_grad_coefficients_f64, bnfast_grad_table_f64)
                                 else GRAD_CASE(f32, float, bnfast_grad_coefficients_f32, bnfast_grad_table_f32)
