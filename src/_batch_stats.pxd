@@ -33,7 +33,7 @@
 # (exact for data near it) and folds the residual into its shift, so float64
 # data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
-from _dtypes cimport fill_value, real_t, store_double, to_double
+from _dtypes cimport fill_value, finite_shifts, real_t, store_double, to_double
 from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
@@ -309,12 +309,13 @@ cdef inline void _last_task(const real_t* base, Py_ssize_t t, Py_ssize_t tiles,
     cdef double* pm = part + b * W + j0
     cdef double* pm2 = part_m2 + b * W + j0
     cdef Py_ssize_t j
-    for j in range(jn):
-        store_double(&shift[j], finite_or_zero(to_double(first[j])))  # exact
+    # The shifts in the storage type and as doubles (in pm until the column sums are
+    # in); s2 stages a half type's widened values (the column sums write it next).
+    finite_shifts(first, jn, shift, pm, <float*>s2)
     shifted_colsums(first, nrows, jn, W, shift, s1, s2)
     # Plain arithmetic first (vectorises), rare fix-ups after.
     for j in range(jn):
-        pm[j] = (to_double(shift[j]) - origin[j0 + j]) + s1[j] * inv_cnt
+        pm[j] = (pm[j] - origin[j0 + j]) + s1[j] * inv_cnt
         pm2[j] = s2[j] - s1[j] * (s1[j] * inv_cnt)
     for j in range(jn):
         if not pm2[j] >= 0.0:
