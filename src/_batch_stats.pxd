@@ -33,13 +33,13 @@
 # (exact for data near it) and folds the residual into its shift, so float64
 # data with mean 1e10 and std 1 normalises to ~1e-15 instead of ~1e-6.
 # With one thread no OpenMP region is entered (one costs ~1 us even then).
-from _dtypes cimport fill_value, finite_shifts, real_t, store_double, to_double
+from _dtypes cimport fill_value, real_t, store_double, to_double
 from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
-from _moments cimport (bnfast_group_sums, channel_origin, finite_or_zero, m2_fixup, merge_rows,
-                      merge_shifted, run_partials, shifted_colsums, shifted_sums_runs,
-                      unshift_means)
+from _moments cimport (bnfast_group_sums, channel_origin, finite_or_zero, finite_shifts, m2_fixup,
+                      merge_rows, merge_shifted, run_partials, shifted_colsums,
+                      shifted_sums_runs, unshift_means)
 from _tiling cimport (COLS_MAX_S, COLS_TILE, ColumnTasks, RowBlocks, SampleTasks, by_columns,
                      column_tasks, repeat_channels, row_blocks, sample_tasks)
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,

@@ -62,32 +62,3 @@ cdef inline void fill_value(real_t* p, Py_ssize_t n, real_t v) noexcept nogil:
         for i in range(n):
             p[i] = v
 
-
-cdef inline void finite_shifts(const real_t* src, Py_ssize_t n, real_t* shift, double* value,
-                               float* stage) noexcept nogil:
-    """shift[j] = src[j] where finite, else 0, and value[j] the same as a double, for
-    j < n.  Half types through one bulk widening into ``stage`` (n floats): their
-    scalar conversions, two a column, were 9% of a channels-last 32x2048x7x7
-    float16 training forward."""
-    cdef Py_ssize_t j
-    cdef float f
-    cdef double v
-    if real_t is bnfast_f16 or real_t is bnfast_bf16:
-        if real_t is bnfast_f16:
-            bnfast_widen_f16(src, stage, n)
-        else:
-            bnfast_widen_bf16(src, stage, n)
-        for j in range(n):
-            f = stage[j]
-            if f - f == 0.0:  # finite: the value itself (exact)
-                shift[j] = src[j]
-                value[j] = f
-            else:
-                shift[j].bits = 0
-                value[j] = 0.0
-    else:
-        for j in range(n):
-            v = src[j]
-            v = v if v - v == 0.0 else 0.0
-            shift[j] = <real_t>v
-            value[j] = v
