@@ -1,14 +1,16 @@
-"""The normalise pass's per-channel set-up (``src/bnfast_table.h``) in C.
+"""The per-channel set-up of both directions (``src/bnfast_table.h``) in C.
 
 ``tests/c/table.c`` runs every leaf this CPU has (portable, AVX2, AVX-512, and
-the picked one in place, mean and var given as the coefficient rows they
-become) on inputs with NaN, infinities, zero and negative variances and zero
-residuals, for every choice of weight / bias / residual and two tile repeats.
-Each output is held to a NumPy float64 computation of the same formulas
-(``_affine.pxd``'s top describes the table), bit for bit: IEEE sqrt, division,
-products and conversions are correctly rounded, so a leaf may not differ in any
-bit.  A scalar build (``-DBNFAST_NO_SIMD``) and a ``-march=native`` one must
-give the same bytes.
+the picked one: the forward's in place, mean and var given as the coefficient
+rows they become) on inputs with NaN, infinities, -0.0, zero and negative
+variances and zero residuals: the forward's for every choice of weight / bias /
+residual, the backward's in training and evaluation, with and without weight
+and gradients, for both compute types; two tile repeats each.  Each output is
+held to a NumPy float64 computation of the same formulas (``_affine.pxd``'s top
+describes the forward's table), bit for bit: IEEE sqrt, division, products and
+conversions are correctly rounded, so a leaf may not differ in any bit.  A
+scalar build (``-DBNFAST_NO_SIMD``) and a ``-march=native`` one must give the
+same bits.
 """
 import itertools
 
