@@ -30,12 +30,14 @@ cdef inline Py_ssize_t tile_repeat(Py_ssize_t C, Py_ssize_t width) noexcept nogi
     return (k + step - 1) // step * step
 
 
+cdef extern from "bnfast_table.h" nogil:
+    void bnfast_repeat_row(void* row, size_t size, Py_ssize_t C, Py_ssize_t W)
+
+
 cdef inline void repeat_channels(double* row, Py_ssize_t C, Py_ssize_t W) noexcept nogil:
     """A wide row of W = k * C per-channel values from its first C: the rest are
-    their repeats (copied: ``row[j % C]`` took an integer division a value)."""
-    cdef Py_ssize_t j
-    for j in range(C, W):
-        row[j] = row[j - C]
+    their repeats (the tables' copy, bnfast_table.h)."""
+    bnfast_repeat_row(row, sizeof(double), C, W)
 
 
 cdef struct RowBlocks:

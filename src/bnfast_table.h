@@ -41,16 +41,18 @@ static inline ptrdiff_t bnfast_table_len(ptrdiff_t W) {
     return 3 * R + (3 * R + 1) / 2 + 1;
 }
 
-/* A row's first C values repeated over the rest of its W (a channels-last
- * tile): copies of the part already written, doubling. */
-#define BNFAST_TABLE_REPEAT_(row, C, W)                                                 \
-    {                                                                                  \
-        ptrdiff_t done_, n_;                                                           \
-        for (done_ = (C); done_ < (W); done_ += n_) {                                  \
-            n_ = done_ < (W) - done_ ? done_ : (W) - done_;                            \
-            memcpy((row) + done_, (row), (size_t)n_ * sizeof(*(row)));                 \
-        }                                                                              \
+/* A row's first C values (of `size` bytes each) repeated over the rest of its
+ * W (a channels-last tile; _tiling.repeat_channels too): copies of the part
+ * already written, doubling.  (row[j % C] took an integer division a value,
+ * and row[j] = row[j - C] one value at a time for small C.) */
+static inline void bnfast_repeat_row(void *row, size_t size, ptrdiff_t C, ptrdiff_t W) {
+    char *p = (char *)row;
+    ptrdiff_t done, n;
+    for (done = C; done < W; done += n) {
+        n = done < W - done ? done : W - done;
+        memcpy(p + (size_t)done * size, p, (size_t)n * size);
     }
+}
 
 /* The channels' coefficients and table entries; without weight, bias,
  * residual (the has_ flags: constants where inlined, so each case is a loop of
@@ -125,8 +127,8 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
         default: unfit = BNFAST_TABLE_CASE_(1, 1, 1); break;                            \
         }                                                                               \
         for (row = 0; row < 3; row++) {                                                 \
-            BNFAST_TABLE_REPEAT_(table + row * R, C, W)                                 \
-            BNFAST_TABLE_REPEAT_(ft + row * R, C, W)                                    \
+            bnfast_repeat_row(table + row * R, sizeof(double), C, W);                   \
+            bnfast_repeat_row(ft + row * R, sizeof(float), C, W);                       \
         }                                                                               \
         table[bnfast_table_len(W) - 1] = unfit ? 0.0 : 1.0;                             \
     }
@@ -195,7 +197,8 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
             table[2 * R + c] = (T)slope[c];                                            \
             table[3 * R + c] = (T)(offset[c] - (mean[c] - (double)m) * slope[c]);      \
         }                                                                              \
-        for (row = 0; row < 4; row++) BNFAST_TABLE_REPEAT_(table + row * R, C, W)      \
+        for (row = 0; row < 4; row++)                                                  \
+            bnfast_repeat_row(table + row * R, sizeof(T), C, W);                       \
     }
 
 BNFAST_DEFINE_GRAD_LEAVES(f32_base, float, )
