@@ -229,12 +229,12 @@ cdef inline bint _half(const real_t* kind) noexcept nogil:
     return real_t is bnfast_f16 or real_t is bnfast_bf16
 
 
-cdef inline double _in_compute(const real_t* kind, double v) noexcept nogil:
-    """v rounded to the compute type (exactly representable in it after)."""
+cdef inline double _entry(const real_t* kind, const void* table, Py_ssize_t i) noexcept nogil:
+    """Entry i of a compute-type table (an array of that type), as a double."""
     if real_t is double:
-        return v
+        return (<const double*>table)[i]
     else:
-        return <float>v
+        return (<const float*>table)[i]
 
 
 cdef inline size_t _compute_size(const real_t* kind) noexcept nogil:
@@ -671,19 +671,12 @@ cdef struct Coef:
     const double* offset
 
 
-cdef inline double _offset_in(const real_t* kind, double m, Coef k,
-                              Py_ssize_t c) noexcept nogil:
-    """Compute-type d for dx = (dy * a + (x - m) * b) + d, with m = compute-type mean.
-
-    (x - mean) = (x - m) - (mean - m): the mean's rounding error moves into d, in double.
-    """
-    return _in_compute(kind, k.offset[c] - (k.mean[c] - m) * k.slope[c])
-
-
 cdef inline void _fill_table(const real_t* kind, void* table, Py_ssize_t C, Py_ssize_t repeat,
                              Py_ssize_t rows, Coef k) noexcept nogil:
-    """The channels' m, a, b, d (as _offset_in's) into a compute-type table of 4 rows
-    ``rows`` apart, repeated ``repeat`` times."""
+    """The channels' m, a, b, d into a compute-type table of 4 rows ``rows`` apart,
+    repeated ``repeat`` times: dx = (dy * a + (x - m) * b) + d, m the mean rounded
+    to the compute type and its rounding error moved into d, in double
+    (bnfast_table.h)."""
     if real_t is double:
         bnfast_grad_table_f64(k.mean, k.scale, k.slope, k.offset, C, repeat, rows,
                               <double*>table)
@@ -693,21 +686,19 @@ cdef inline void _fill_table(const real_t* kind, void* table, Py_ssize_t C, Py_s
 
 
 cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
-                                    const unsigned char* bits, Coef k, real_t* dxp,
-                                    real_t* gp, Py_ssize_t runs, Py_ssize_t C, Py_ssize_t S,
-                                    Py_ssize_t per_block, bint training,
+                                    const unsigned char* bits, const void* table,
+                                    real_t* dxp, real_t* gp, Py_ssize_t runs, Py_ssize_t C,
+                                    Py_ssize_t S, Py_ssize_t per_block, bint training,
                                     bint stream) noexcept nogil:
-    """Runs [blk * per_block, ...) of (N, C, S): run t is channel t % C."""
+    """Runs [blk * per_block, ...) of (N, C, S): run t is channel t % C; table holds
+    the rows m, a, b, d (C each) in the compute type."""
     cdef Py_ssize_t c = (blk * per_block) % C
     cdef Py_ssize_t t, off
-    cdef double m, a, b, d
     for t in range(blk * per_block, min(runs, (blk + 1) * per_block)):
-        m = _in_compute(xp, k.mean[c])
-        a = _in_compute(xp, k.scale[c])
-        b = _in_compute(xp, k.slope[c])
-        d = _offset_in(xp, m, k, c)
         off = t * S
-        _grad_scalar(xp + off, dyp + off, bits, off, S, m, a, b, d, training, stream,
+        _grad_scalar(xp + off, dyp + off, bits, off, S, _entry(xp, table, c),
+                     _entry(xp, table, C + c), _entry(xp, table, 2 * C + c),
+                     _entry(xp, table, 3 * C + c), training, stream,
                      NULL if dxp == NULL else dxp + off, NULL if gp == NULL else gp + off)
         c = c + 1
         if c == C:
@@ -756,15 +747,14 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     # Streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
     stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
-    cdef void* table
-    cdef Py_ssize_t c
+    # The compute-type coefficients, once per channel.
+    cdef void* table = aligned_malloc(4 * C * _compute_size(xp))
+    if table == NULL:
+        return -1
+    _fill_table(xp, table, C, 1, C, k)
     if training and bits == NULL and not stream and gp == NULL:
-        # The common case: the compute-type coefficients once per channel, then
-        # one leaf call per stretch of consecutive channels (the same arithmetic).
-        table = aligned_malloc(4 * C * _compute_size(xp))
-        if table == NULL:
-            return -1
-        _fill_table(xp, table, C, 1, C, k)
+        # The common case: one leaf call per stretch of consecutive channels (the
+        # same arithmetic).
         if nt == 1:
             for blk in range(blocks):
                 _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
@@ -776,21 +766,20 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
                 while blk >= 0:
                     _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
                     blk = bnfast_claim_next(&shares, &claim)
-        aligned_free(table)
-        return 0
-    if nt == 1:  # see _reduce_first
+    elif nt == 1:  # see _reduce_first
         for blk in range(blocks):
-            _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
-                               stream)
+            _apply_first_block(blk, xp, dyp, bits, table, dxp, gp, runs, C, S, per_block,
+                               training, stream)
     else:
         bnfast_shares_init(&shares, blocks, nt)
         with parallel(num_threads=nt):
             claim = bnfast_claim_start(&shares, bnfast_thread_num())
             blk = bnfast_claim_next(&shares, &claim)
             while blk >= 0:
-                _apply_first_block(blk, xp, dyp, bits, k, dxp, gp, runs, C, S, per_block, training,
-                                   stream)
+                _apply_first_block(blk, xp, dyp, bits, table, dxp, gp, runs, C, S, per_block,
+                                   training, stream)
                 blk = bnfast_claim_next(&shares, &claim)
+    aligned_free(table)
     return 0
 
 
