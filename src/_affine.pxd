@@ -207,6 +207,9 @@ cdef extern from "bnfast_affine_entries.h" nogil:
                                    bnfast_bf16* y, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
                                    Py_ssize_t C, const float* m, const float* a,
                                    const float* b, int relu, int stream)
+    bint bnfast_flat_runs_taken_f32(Py_ssize_t S)
+    bint bnfast_flat_runs_taken_f16(Py_ssize_t S)
+    bint bnfast_flat_runs_taken_bf16(Py_ssize_t S)
 
 
 cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
@@ -362,6 +365,19 @@ cdef inline bint _streamable(const void* y, Py_ssize_t piece_bytes, bint use_flo
             and (use_float or not (float_data or half_data)))
 
 
+cdef inline bint _flat_runs(const real_t* y, Py_ssize_t S) noexcept nogil:
+    """Whether runs of S values of y's type take the flat leaves on float rows
+    (bnfast_flat_runs.h: they align their own non-temporal stores)."""
+    if real_t is float:
+        return bnfast_flat_runs_taken_f32(S)
+    elif real_t is bnfast_f16:
+        return bnfast_flat_runs_taken_f16(S)
+    elif real_t is bnfast_bf16:
+        return bnfast_flat_runs_taken_bf16(S)
+    else:
+        return False
+
+
 cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits,
@@ -380,8 +396,11 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef bint use_float = float_rows(table, C)
-    stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
-                                    real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
+    if use_float and _flat_runs(yp, S):  # any start, any S: the leaves align their stores
+        stream = stream and bits == NULL
+    else:
+        stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
+                                        real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
     if nt == 1:  # no parallel region at all: entering one costs ~1 us even for 1 thread
         for blk in range(blocks):
             _first_block(xp, ap, yp, runs, C, S, blk * per_block,

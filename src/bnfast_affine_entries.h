@@ -9,6 +9,7 @@
 
 #include "bnfast_simd.h"
 #include "bnfast_half_leaves.h"
+#include "bnfast_flat_runs.h"
 
 /* SCALAR: one (m, a, b) of type U; TILED: a W-long tile of them; RUNS: runs of
  * S values from channel c on, float rows. */
@@ -26,14 +27,23 @@
         if (stream) bnfast_affine_tiled_##SFX##_nt(x, add, y, n, W, m, a, b, relu);      \
         else bnfast_affine_tiled_##SFX(x, add, y, n, W, m, a, b, relu);                  \
     }
+/* Runs: the flat leaves (bnfast_flat_runs.h) where bnfast_flat_runs_taken_SFX(S)
+ * says so; they take any alignment, so that also decides which outputs may
+ * stream (src/_affine.pxd's _streamable). */
 #define BNFAST_AFFINE_RUNS_ENTRY(SFX, T)                                                 \
     static inline void bnfast_affine_runs_##SFX##_s(const T *x, const T *add, T *y,      \
                                                     ptrdiff_t runs, ptrdiff_t S,         \
                                                     ptrdiff_t c, ptrdiff_t C,            \
                                                     const float *m, const float *a,      \
                                                     const float *b, int relu, int stream) { \
-        if (stream) bnfast_affine_runs_##SFX##_nt(x, add, y, runs, S, c, C, m, a, b, relu); \
-        else bnfast_affine_runs_##SFX##_cached(x, add, y, runs, S, c, C, m, a, b, relu); \
+        if (bnfast_flat_runs_taken_##SFX(S)) {                                           \
+            if (stream) bnfast_flat_runs_##SFX##_nt(x, add, y, runs, S, c, C, m, a, b, relu); \
+            else bnfast_flat_runs_##SFX(x, add, y, runs, S, c, C, m, a, b, relu);       \
+        } else if (stream) {                                                             \
+            bnfast_affine_runs_##SFX##_nt(x, add, y, runs, S, c, C, m, a, b, relu);      \
+        } else {                                                                         \
+            bnfast_affine_runs_##SFX##_cached(x, add, y, runs, S, c, C, m, a, b, relu);  \
+        }                                                                                \
     }
 
 BNFAST_AFFINE_ENTRIES(f32, float, float)

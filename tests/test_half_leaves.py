@@ -33,13 +33,14 @@ COEFS = np.array([[0.0, 1.0, 0.0], [0.5, 3.0, -0.25], [1.0, 1e-6, 0.0], [-2.0, 1
 BLOCKS = len(COEFS) * 2 * 4
 # The driver's variants: float16 portable + F16C; bfloat16 portable + AVX2 + AVX512-BF16;
 # then the streaming twins: float16 F16C; bfloat16 AVX2 + AVX512-BF16; then float16
-# AVX512F, cached and streamed; then bfloat16 AVX512F (no AVX512-BF16), the same.
+# AVX512F, cached and streamed; then bfloat16 AVX512F (no AVX512-BF16), the same;
+# then the flat runs (src/bnfast_flat_runs.h), float16 and bfloat16, the same.
 VARIANTS = ([np.float16] * 2 + [ml_dtypes.bfloat16] * 3
             + [np.float16] + [ml_dtypes.bfloat16] * 2 + [np.float16] * 2
-            + [ml_dtypes.bfloat16] * 2)
-# The runs' length per variant (the driver's S_CACHED, S_NT): the streaming ones
-# need pieces that start 16-byte aligned.
-RUN_LENGTHS = [49] * 5 + [120] * 3 + [49, 120] * 2
+            + [ml_dtypes.bfloat16] * 2 + [np.float16] * 2 + [ml_dtypes.bfloat16] * 2)
+# The runs' length per variant (the driver's S_CACHED, S_NT): the run-by-run
+# streaming ones need pieces that start 16-byte aligned; the flat ones do not.
+RUN_LENGTHS = [49] * 5 + [120] * 3 + [49, 120] * 2 + [49] * 4
 
 
 def _run_driver(tmp_path, *flags):

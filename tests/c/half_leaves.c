@@ -3,7 +3,8 @@
  * every 16-bit pattern with a few coefficient sets, in every variant this
  * build has (portable; F16C / AVX2; AVX512-BF16; then the streaming twins of
  * the vector ones, which must give the same bits; then float16 on AVX512F and
- * bfloat16 on AVX512F without AVX512-BF16, each cached and streamed), and
+ * bfloat16 on AVX512F without AVX512-BF16, each cached and streamed; then
+ * the flat runs of bnfast_flat_runs.h, the same), and
  * writes the outputs as raw uint16 to stdout, one block per (type, leaf, coefficients, variant);
  * the leaves are the scalar one (one channel), the tiled one (a channels-last
  * tile) and the runs (channels-first runs, with a scalar call for the rest),
@@ -17,6 +18,7 @@
 #include <string.h>
 
 #include "bnfast_half_leaves.h"
+#include "bnfast_flat_runs.h"
 
 #define N 65536
 #define W 72  /* a channels-last tile: C = 3 repeated 24 times */
@@ -84,6 +86,31 @@ static void emit(const void *y, size_t n) { fwrite(y, 2, n, stdout); }
 #define RUN_IF(HAS, H, T, VARIANT, S) RUN(H, T, base, S)
 #endif
 
+#if BNFAST_DISPATCH_AVX2
+/* The flat runs (bnfast_flat_runs.h) as a variant: its scalar and tiled leaves
+ * are the z variant's cached ones (the remainder after the streamed runs does
+ * not start 16-byte aligned). */
+#define FLAT_VARIANT(H, NT)                                                                \
+    static inline void bnfast_affine_runs_##H##_flat##NT(                                  \
+            const bnfast_##H *x, const bnfast_##H *add, bnfast_##H *y, ptrdiff_t runs,     \
+            ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,         \
+            const float *b, int relu) {                                                    \
+        bnfast_flat_runs_##H##NT(x, add, y, runs, S, c, C, m, a, b, relu);                 \
+    }
+FLAT_VARIANT(f16, )
+FLAT_VARIANT(f16, _nt)
+FLAT_VARIANT(bf16, )
+FLAT_VARIANT(bf16, _nt)
+#define bnfast_affine_scalar_f16_flat bnfast_affine_scalar_f16_z
+#define bnfast_affine_tiled_f16_flat bnfast_affine_tiled_f16_z
+#define bnfast_affine_scalar_f16_flat_nt bnfast_affine_scalar_f16_z
+#define bnfast_affine_tiled_f16_flat_nt bnfast_affine_tiled_f16_z
+#define bnfast_affine_scalar_bf16_flat bnfast_affine_scalar_bf16_z
+#define bnfast_affine_tiled_bf16_flat bnfast_affine_tiled_bf16_z
+#define bnfast_affine_scalar_bf16_flat_nt bnfast_affine_scalar_bf16_z
+#define bnfast_affine_tiled_bf16_flat_nt bnfast_affine_tiled_bf16_z
+#endif
+
 int main(void) {
     /* y 16-byte aligned: the streaming variants' contract. */
     static uint16_t x[N], add[N], y[N] __attribute__((aligned(64)));
@@ -112,5 +139,11 @@ int main(void) {
     /* bfloat16 on AVX512F's integer rounding (no AVX512-BF16), cached then streamed. */
     RUN_IF(bnfast_use_bf16_z(), bf16, bnfast_bf16, z, S_CACHED)
     RUN_IF(bnfast_use_bf16_z(), bf16, bnfast_bf16, z_nt, S_NT)
+    /* The flat runs, cached then streamed (which takes any run length), float16
+     * then bfloat16. */
+    RUN_IF(bnfast_use_flat(), f16, bnfast_f16, flat, S_CACHED)
+    RUN_IF(bnfast_use_flat(), f16, bnfast_f16, flat_nt, S_CACHED)
+    RUN_IF(bnfast_use_flat(), bf16, bnfast_bf16, flat, S_CACHED)
+    RUN_IF(bnfast_use_flat(), bf16, bnfast_bf16, flat_nt, S_CACHED)
     return 0;
 }

@@ -1,0 +1,211 @@
+/*
+ * The channels-first normalise on AVX-512 as one flat span: `runs` runs of S
+ * values each (channel c, c + 1, ... modulo C) are contiguous, so they are
+ * walked 32 values a step straight across the runs' ends.  A step that
+ * straddles an end takes each lane's coefficients from its own channel (three
+ * masked blends of the two channels' broadcasts per vector); S >= 32, so a
+ * step meets at most one end, and the last (< 32) values all lie in the last
+ * run: masked 16-value steps.
+ *
+ * Why: a run-by-run leaf ends every run with a partial vector or a scalar
+ * tail, and pays its loop set-up per run.  A 7x7 image's 49 values took two
+ * overlapping 32-value steps (float16) or 32 + 16 + one scalar value
+ * (bfloat16).  Walked flat, 49 values cost 49 lanes.  One thread, Xeon VM,
+ * bfloat16 eval in L2, cycles a run: S = 36 22.1 -> 12.1, 49 17.3 -> 14.6,
+ * 100 39.5 -> 27.8, 196 67 -> 62.
+ *
+ * Bits: every lane computes what the run-by-run leaves compute for it,
+ * ((float)x - m) * a + b, the addend added as their BNFAST_H16_ADD, the ReLU
+ * as their BNFAST_H16_RELU, and is rounded by the same conversion: the same
+ * bits whatever the span (tests/test_layouts.py, tests/test_half_leaves.py).
+ *
+ * A storage type gives LOAD32(p, A, B), two float vectors of 32 values (the
+ * even and odd ones for bfloat16, whose widening is then a shift and an and;
+ * the first and last 16 for the others), MASKS(d, KA, KB), the lanes of A and
+ * B at or after the step's d-th value, STORE32/STREAM32(p, A, B), and
+ * LOAD16M(k, p)/STORE16M(k, p, v), 16 values under a mask.
+ */
+#ifndef BNFAST_FLAT_RUNS_H
+#define BNFAST_FLAT_RUNS_H
+
+#include "bnfast_half_leaves.h"
+
+#if BNFAST_DISPATCH_AVX2
+
+#define BNFAST_FLAT_BCAST(v) ((bnfast_h16f)_mm512_set1_ps(v))
+#define BNFAST_FLAT_BLEND(k, u, v) ((bnfast_h16f)_mm512_mask_blend_ps((k), (__m512)(u), (__m512)(v)))
+/* One vector: lanes of K from the next channel (1), the others from this one (0). */
+#define BNFAST_FLAT_VALUE(X, K)                                                          \
+    (((X) - BNFAST_FLAT_BLEND(K, m0, m1)) * BNFAST_FLAT_BLEND(K, a0, a1)                \
+     + BNFAST_FLAT_BLEND(K, b0, b1))
+#define BNFAST_FLAT_EPILOGUE(v, D, ADD, RELU)                                            \
+    if (ADD) v = BNFAST_H16_ADD(v, D);                                                   \
+    if (RELU) v = BNFAST_H16_RELU(v);
+/* Values [p, p + k) (k <= 16) of this channel, under a mask. */
+#define BNFAST_FLAT_MASKED(k, LOAD16M, STORE16M, ADD, RELU)                              \
+    {                                                                                    \
+        ptrdiff_t k_ = (k);                                                              \
+        __mmask16 km_ = (__mmask16)((1u << k_) - 1u);                                    \
+        bnfast_h16f v_ = (LOAD16M(km_, x + p) - m0) * a0 + b0;                           \
+        BNFAST_FLAT_EPILOGUE(v_, ADD ? LOAD16M(km_, add + p) : v_, ADD, RELU)           \
+        STORE16M(km_, y + p, v_);                                                        \
+        p += k_;                                                                         \
+    }
+/* The span for one epilogue: the head to STORE32's alignment (ALIGN bytes: 1
+ * when the stores need none; masked steps, within the first run), the 32-value
+ * steps, the tail. */
+#define BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, ADD, RELU) \
+    {                                                                                    \
+        ptrdiff_t total = runs * S, p = 0, next = S;                                     \
+        ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)y) & ((ALIGN) - 1)) / (ptrdiff_t)sizeof(T); \
+        ptrdiff_t cn = c + 1 == C ? 0 : c + 1;                                           \
+        bnfast_h16f m0 = BNFAST_FLAT_BCAST(m[c]), a0 = BNFAST_FLAT_BCAST(a[c]);          \
+        bnfast_h16f b0 = BNFAST_FLAT_BCAST(b[c]), m1 = BNFAST_FLAT_BCAST(m[cn]);         \
+        bnfast_h16f a1 = BNFAST_FLAT_BCAST(a[cn]), b1 = BNFAST_FLAT_BCAST(b[cn]);        \
+        if (head > total) head = total;                                                  \
+        while (p < head) BNFAST_FLAT_MASKED(BNFAST_MIN(head - p, 16), LOAD16M, STORE16M, \
+                                            ADD, RELU)                                   \
+        for (; total - p >= 32; p += 32) {                                               \
+            bnfast_h16f xa_, xb_, da_, db_, va_, vb_;                                    \
+            LOAD32(x + p, xa_, xb_);                                                     \
+            if (next - p >= 32) {                                                        \
+                va_ = (xa_ - m0) * a0 + b0;                                              \
+                vb_ = (xb_ - m0) * a0 + b0;                                              \
+            } else {                                                                     \
+                __mmask16 ka_, kb_;                                                      \
+                MASKS((unsigned)(next - p), ka_, kb_);                                   \
+                va_ = BNFAST_FLAT_VALUE(xa_, ka_);                                       \
+                vb_ = BNFAST_FLAT_VALUE(xb_, kb_);                                       \
+            }                                                                            \
+            if (ADD) LOAD32(add + p, da_, db_);                                          \
+            BNFAST_FLAT_EPILOGUE(va_, da_, ADD, RELU)                                    \
+            BNFAST_FLAT_EPILOGUE(vb_, db_, ADD, RELU)                                    \
+            if (next - p <= 32) {  /* the next step starts in the next channel */        \
+                m0 = m1; a0 = a1; b0 = b1;                                               \
+                if (++cn == C) cn = 0;                                                   \
+                m1 = BNFAST_FLAT_BCAST(m[cn]);                                           \
+                a1 = BNFAST_FLAT_BCAST(a[cn]);                                           \
+                b1 = BNFAST_FLAT_BCAST(b[cn]);                                           \
+                next += S;                                                               \
+            }                                                                            \
+            STORE32(y + p, va_, vb_);                                                    \
+        }                                                                                \
+        while (p < total) BNFAST_FLAT_MASKED(BNFAST_MIN(total - p, 16), LOAD16M, STORE16M, \
+                                             ADD, RELU)                                  \
+    }
+#define BNFAST_DEFINE_FLAT_RUNS(NAME, T, TARGET, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M) \
+    TARGET static void NAME(const T *x, const T *add, T *y, ptrdiff_t runs, ptrdiff_t S, \
+                            ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,    \
+                            const float *b, int relu) {                                  \
+        if (add == NULL && !relu)                                                        \
+            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 0, 0)  \
+        else if (add == NULL)                                                            \
+            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 0, 1)  \
+        else if (!relu)                                                                  \
+            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 1, 0)  \
+        else                                                                             \
+            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 1, 1)  \
+    }
+
+/* Masks of a step whose d-th value (0 < d < 32) starts the next channel: the
+ * first and last 16 values (SPLIT), or the even and odd ones (EO). */
+#define BNFAST_FLAT_MASKS_SPLIT(d, KA, KB)                                               \
+    {                                                                                    \
+        uint32_t k_ = 0xffffffffu << (d);                                                \
+        KA = (__mmask16)k_;                                                              \
+        KB = (__mmask16)(k_ >> 16);                                                      \
+    }
+#define BNFAST_FLAT_MASKS_EO(d, KA, KB)                                                  \
+    {                                                                                    \
+        KA = (__mmask16)(0xffffu << (((d) + 1) / 2));                                    \
+        KB = (__mmask16)(0xffffu << ((d) / 2));                                          \
+    }
+
+/* bfloat16 (bnfast_half.h's z variant): even and odd values of one load. */
+#define BNFAST_FLAT_LOAD32_BF16(p, A, B)                                                 \
+    {                                                                                    \
+        __m512i w_ = _mm512_loadu_si512((const void *)(p));                              \
+        A = (bnfast_h16f)_mm512_slli_epi32(w_, 16);                                      \
+        B = (bnfast_h16f)_mm512_and_si512(w_, BNFAST_BF16_Z_K_(512, 4));                 \
+    }
+#define BNFAST_FLAT_LOAD16M_BF16(k, p) ((bnfast_h16f)_mm512_slli_epi32(                   \
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((k), (const void *)(p))), 16))
+#define BNFAST_FLAT_STORE16M_BF16(k, p, v) \
+    _mm256_mask_storeu_epi16((void *)(p), (k), bnfast_pack16_bf16_z(v))
+/* float16 (F16C's conversions on zmm, AVX512F). */
+#define BNFAST_FLAT_LOAD32_F16(p, A, B)                                                  \
+    {                                                                                    \
+        A = bnfast_load16_f16_z(p);                                                      \
+        B = bnfast_load16_f16_z((p) + 16);                                               \
+    }
+#define BNFAST_FLAT_LOAD16M_F16(k, p) \
+    ((bnfast_h16f)_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((k), (const void *)(p))))
+#define BNFAST_FLAT_STORE16M_F16(k, p, v) \
+    _mm256_mask_storeu_epi16((void *)(p), (k), bnfast_pack16_f16_z(v))
+/* float32. */
+#define BNFAST_FLAT_LOAD32_F32(p, A, B)                                                  \
+    {                                                                                    \
+        A = (bnfast_h16f)_mm512_loadu_ps(p);                                             \
+        B = (bnfast_h16f)_mm512_loadu_ps((p) + 16);                                      \
+    }
+#define BNFAST_FLAT_LOAD16M_F32(k, p) ((bnfast_h16f)_mm512_maskz_loadu_ps((k), (p)))
+#define BNFAST_FLAT_STORE16M_F32(k, p, v) _mm512_mask_storeu_ps((p), (k), (__m512)(v))
+#define BNFAST_FLAT_STORE32_F32(p, A, B)                                                 \
+    {                                                                                    \
+        _mm512_storeu_ps((p), (__m512)(A));                                              \
+        _mm512_storeu_ps((p) + 16, (__m512)(B));                                         \
+    }
+#define BNFAST_FLAT_STREAM32_F32(p, A, B)                                                \
+    {                                                                                    \
+        _mm512_stream_ps((p), (__m512)(A));                                              \
+        _mm512_stream_ps((p) + 16, (__m512)(B));                                         \
+    }
+
+#define BNFAST_FLAT_TARGET __attribute__((target("avx2,f16c,avx512f,avx512vl,avx512bw")))
+BNFAST_DEFINE_CPU_CHECK(flat, BNFAST_CPU("avx2") && BNFAST_CPU("f16c") && BNFAST_CPU("avx512f")
+                              && BNFAST_CPU("avx512vl") && BNFAST_CPU("avx512bw"))
+/* Each type cached (ALIGN 1) and streamed (64-byte aligned 32-value steps). */
+#define BNFAST_DEFINE_FLAT_PAIR(H, T, LOAD32, MASKS, STORE32, STREAM32, LOAD16M, STORE16M) \
+    BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H, T, BNFAST_FLAT_TARGET, LOAD32, MASKS,   \
+                            STORE32, 1, LOAD16M, STORE16M)                               \
+    BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H##_nt, T, BNFAST_FLAT_TARGET, LOAD32,     \
+                            MASKS, STREAM32, 64, LOAD16M, STORE16M)
+BNFAST_DEFINE_FLAT_PAIR(bf16, bnfast_bf16, BNFAST_FLAT_LOAD32_BF16, BNFAST_FLAT_MASKS_EO,
+                        bnfast_store32eo_bf16_z, bnfast_stream32eo_bf16_z,
+                        BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16)
+BNFAST_DEFINE_FLAT_PAIR(f16, bnfast_f16, BNFAST_FLAT_LOAD32_F16, BNFAST_FLAT_MASKS_SPLIT,
+                        bnfast_store32_f16_z, bnfast_stream32_f16_z,
+                        BNFAST_FLAT_LOAD16M_F16, BNFAST_FLAT_STORE16M_F16)
+BNFAST_DEFINE_FLAT_PAIR(f32, float, BNFAST_FLAT_LOAD32_F32, BNFAST_FLAT_MASKS_SPLIT,
+                        BNFAST_FLAT_STORE32_F32, BNFAST_FLAT_STREAM32_F32,
+                        BNFAST_FLAT_LOAD16M_F32, BNFAST_FLAT_STORE16M_F32)
+
+/* Whether runs of S values take the flat leaves: S >= 32 (a step meets at most
+ * one run's end), on CPUs where the float16 leaves go to zmm from 32 values
+ * (bnfast_half.h's BNFAST_F16_Z_MIN: from 128 on AMD's, whose zmm work is split
+ * in two 256-bit halves), and for bfloat16 where AVX512-BF16's conversion is
+ * not there (its run-by-run leaves convert 32 values in one instruction).  On
+ * the Xeon VM, one thread, in L2, every S measured from 36 to 784 was as fast
+ * or faster than run by run (bfloat16 S = 49 19.1 -> 14.9 cycles a run, float16
+ * 13.8 -> 11.5, float32 20.7 -> 17.5). */
+static inline int bnfast_flat_runs_taken_f32(ptrdiff_t S) {
+    return S >= 32 && S >= BNFAST_F16_Z_MIN && bnfast_use_flat();
+}
+#define bnfast_flat_runs_taken_f16 bnfast_flat_runs_taken_f32
+static inline int bnfast_flat_runs_taken_bf16(ptrdiff_t S) {
+    return bnfast_flat_runs_taken_f32(S) && !bnfast_use_bf16_hw();
+}
+#else
+#define BNFAST_FLAT_NONE(S) 0
+#define bnfast_flat_runs_taken_f32 BNFAST_FLAT_NONE
+#define bnfast_flat_runs_taken_f16 BNFAST_FLAT_NONE
+#define bnfast_flat_runs_taken_bf16 BNFAST_FLAT_NONE
+#define bnfast_flat_runs_f32 bnfast_affine_runs_f32_cached
+#define bnfast_flat_runs_f16 bnfast_affine_runs_f16_cached
+#define bnfast_flat_runs_bf16 bnfast_affine_runs_bf16_cached
+#define bnfast_flat_runs_f32_nt bnfast_affine_runs_f32_nt
+#define bnfast_flat_runs_f16_nt bnfast_affine_runs_f16_nt
+#define bnfast_flat_runs_bf16_nt bnfast_affine_runs_bf16_nt
+#endif
+
+#endif /* BNFAST_FLAT_RUNS_H */

@@ -1,0 +1,125 @@
+/*
+ * Drives the flat channels-first leaves (src/bnfast_flat_runs.h) against the
+ * portable leaf run by run (bnfast_affine_scalar_*_base, itself held to NumPy
+ * by tests/c/half_leaves.c and the layout tests), for float32, float16 and
+ * bfloat16, cached and streamed, on random cases: run lengths S from 32 to
+ * 231 (steps that meet a run's end at every offset), channel counts and first
+ * channels (the wrap to channel 0), spans that start at every 2- or 4-byte
+ * offset of a 64-byte line (the streamed head), no runs at all, addend and
+ * ReLU, in place, and coefficient rows with NaN and infinities.  Both outputs
+ * sit in buffers filled with a guard pattern: the bytes around the span must
+ * stay untouched.
+ *
+ * Prints "cases mismatches": tests/test_flat_runs.py wants every case run on a
+ * CPU with the leaves and no mismatch.  Without them (another CPU, or
+ * -DBNFAST_NO_SIMD) it prints "0 0".
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bnfast_flat_runs.h"
+
+#define CASES 6000
+#define CAP (64 * 232 + 64)  /* values: runs * S + the largest offset */
+#define MAXC 40
+
+static unsigned long long state = 88172645463325252ull;
+static unsigned next_rand(void) {  /* xorshift64: the same cases everywhere */
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (unsigned)(state >> 16);
+}
+static float next_float(float lo, float hi) {
+    return lo + (hi - lo) * (float)(next_rand() % 1000001) / 1e6f;
+}
+
+/* One case of type H (T) with the flat leaf LEAF, against the base leaf per run. */
+#define CASE(H, T, LEAF)                                                                 \
+    {                                                                                    \
+        const T *src1 = inplace ? (const T *)y1 : (const T *)x;                          \
+        const T *src2 = inplace ? (const T *)y2 : (const T *)x;                          \
+        const T *ad = use_add ? (const T *)add : NULL;                                   \
+        ptrdiff_t t, ch = c;                                                             \
+        for (t = 0; t < runs; t++) {                                                     \
+            bnfast_affine_scalar_##H##_base(src1 + t * S, ad == NULL ? NULL : ad + t * S, \
+                                            (T *)y1 + t * S, S, m[ch], a[ch], b[ch], relu); \
+            if (++ch == C) ch = 0;                                                       \
+        }                                                                                \
+        LEAF(src2, ad, (T *)y2, runs, S, c, C, m, a, b, relu);                           \
+    }
+
+int main(void) {
+#if BNFAST_DISPATCH_AVX2
+    static unsigned char xbuf[CAP * 4 + 64], abuf[CAP * 4 + 64];
+    static unsigned char y1buf[CAP * 4 + 64], y2buf[CAP * 4 + 64];
+    static float m[MAXC], a[MAXC], b[MAXC];
+    int cases = 0, mismatches = 0, k;
+    if (!bnfast_use_flat()) {
+        printf("0 0\n");
+        return 0;
+    }
+    for (k = 0; k < CASES; k++) {
+        int type = k % 3, nt = (k / 3) % 2;  /* float32, float16, bfloat16; cached, streamed */
+        size_t size = type == 0 ? 4 : 2;
+        ptrdiff_t S = 32 + next_rand() % 200, C = 1 + next_rand() % MAXC;
+        ptrdiff_t c = next_rand() % C, runs = next_rand() % 65, i;
+        ptrdiff_t offset = (ptrdiff_t)(next_rand() % (64 / size)) * (ptrdiff_t)size;
+        int relu = next_rand() % 2, use_add = next_rand() % 2, inplace = next_rand() % 4 == 0;
+        unsigned char *x = xbuf + offset, *add = abuf + offset;
+        unsigned char *y1 = y1buf + offset, *y2 = y2buf + offset;
+        if (runs * S + 64 > CAP) runs = (CAP - 64) / S;
+        for (i = 0; i < C; i++) {
+            m[i] = next_float(-1.0f, 1.0f);
+            a[i] = next_float(0.0f, 3.0f);
+            b[i] = next_float(-0.5f, 0.5f);
+        }
+        if (next_rand() % 8 == 0) {  /* a channel's NaN mean, another's infinite scale */
+            m[next_rand() % C] = __builtin_nanf("");
+            a[next_rand() % C] = __builtin_inff();
+        }
+        if (type == 0) {  /* float32: values; half types: every bit pattern is a value */
+            for (i = 0; i < runs * S; i++) {
+                ((float *)x)[i] = next_float(-4.0f, 4.0f);
+                ((float *)add)[i] = next_float(-1.0f, 1.0f);
+            }
+            if (runs > 0 && next_rand() % 4 == 0) ((float *)x)[next_rand() % (runs * S)] = __builtin_nanf("");
+        } else {
+            for (i = 0; i < runs * S * 2; i++) {
+                x[i] = (unsigned char)next_rand();
+                add[i] = (unsigned char)next_rand();
+            }
+        }
+        memset(y1buf, 0xa5, sizeof y1buf);
+        memset(y2buf, 0xa5, sizeof y2buf);
+        if (inplace) {
+            memcpy(y1, x, (size_t)(runs * S) * size);
+            memcpy(y2, x, (size_t)(runs * S) * size);
+        }
+        if (type == 0) {
+            if (nt) CASE(f32, float, bnfast_flat_runs_f32_nt)
+            else CASE(f32, float, bnfast_flat_runs_f32)
+        } else if (type == 1) {
+            if (nt) CASE(f16, bnfast_f16, bnfast_flat_runs_f16_nt)
+            else CASE(f16, bnfast_f16, bnfast_flat_runs_f16)
+        } else {
+            if (nt) CASE(bf16, bnfast_bf16, bnfast_flat_runs_bf16_nt)
+            else CASE(bf16, bnfast_bf16, bnfast_flat_runs_bf16)
+        }
+        bnfast_nt_fence();
+        cases++;
+        if (memcmp(y1buf, y2buf, sizeof y1buf) != 0) {
+            if (mismatches < 10)
+                fprintf(stderr, "mismatch: type %d nt %d S %td C %td c %td runs %td offset %td "
+                        "relu %d add %d inplace %d\n", type, nt, S, C, c, runs, offset, relu,
+                        use_add, inplace);
+            mismatches++;
+        }
+    }
+    printf("%d %d\n", cases, mismatches);
+#else
+    printf("0 0\n");
+#endif
+    return 0;
+}
