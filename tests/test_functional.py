@@ -682,8 +682,13 @@ def test_empty_input_with_every_option(dtype, rng, shape, training):
 @pytest.mark.parametrize("dtype, shape", [(np.float32, (16, 64, 64, 64)),
                                           (np.float64, (8, 64, 64, 64)),
                                           (np.float16, (32, 64, 64, 64)),
-                                          (ml_dtypes.bfloat16, (32, 64, 64, 64))],
-                         ids=["float32", "float64", "float16", "bfloat16"])
+                                          (ml_dtypes.bfloat16, (32, 64, 64, 64)),
+                                          # 7x7 images: runs not 16 bytes long (flat leaves)
+                                          (np.float32, (24, 1024, 7, 7)),
+                                          (np.float16, (48, 1024, 7, 7)),
+                                          (ml_dtypes.bfloat16, (48, 1024, 7, 7))],
+                         ids=["float32", "float64", "float16", "bfloat16", "float32-7x7",
+                              "float16-7x7", "bfloat16-7x7"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("epilogue", ["plain", "relu", "addend", "addend_relu", "in_place"])
 def test_streamed_output_has_the_bits_of_cached_stores(rng, dtype, shape, layout, epilogue):
