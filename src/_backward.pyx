@@ -117,6 +117,34 @@ cdef extern from "bnfast_rows.h" nogil:
                               const float* d, int stream)
 
 
+cdef extern from "bnfast_flat_runs.h" nogil:
+    # Channels-first dx in training on AVX-512, a block's runs as one span (any
+    # start: the streamed ones align their own stores).
+    bint bnfast_flat_runs_taken_f32(Py_ssize_t S)
+    bint bnfast_flat_runs_taken_f16(Py_ssize_t S)
+    bint bnfast_flat_runs_taken_bf16(Py_ssize_t S)
+    void bnfast_flat_grad_f32(const float* x, const float* dy, float* dx, Py_ssize_t runs,
+                              Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                              const float* a, const float* b, const float* d)
+    void bnfast_flat_grad_f32_nt(const float* x, const float* dy, float* dx, Py_ssize_t runs,
+                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                                 const float* a, const float* b, const float* d)
+    void bnfast_flat_grad_f16(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
+                              Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                              const float* m, const float* a, const float* b, const float* d)
+    void bnfast_flat_grad_f16_nt(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
+                                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                                 const float* m, const float* a, const float* b,
+                                 const float* d)
+    void bnfast_flat_grad_bf16(const bnfast_bf16* x, const bnfast_bf16* dy, bnfast_bf16* dx,
+                               Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                               const float* m, const float* a, const float* b, const float* d)
+    void bnfast_flat_grad_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                  bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                  Py_ssize_t C, const float* m, const float* a, const float* b,
+                                  const float* d)
+
+
 cdef extern from "bnfast_backward_half.h" nogil:
     # The same jobs for half-precision storage, with the float32 leaves' arithmetic
     # (sums: float32's bits of the same values; dx: float coefficients).
@@ -318,6 +346,42 @@ cdef inline void _grad_runs(const real_t* x, const real_t* dy, real_t* dx, Py_ss
     else:
         bnfast_grad_runs_bf16(x, dy, dx, runs, S, ft + c, ft + C + c, ft + 2 * C + c,
                               ft + 3 * C + c)
+
+
+cdef inline bint _flat_taken(const real_t* x, Py_ssize_t S) noexcept nogil:
+    """Whether runs of S values of x's type take the flat dx leaves."""
+    if real_t is float:
+        return bnfast_flat_runs_taken_f32(S)
+    elif real_t is bnfast_f16:
+        return bnfast_flat_runs_taken_f16(S)
+    elif real_t is bnfast_bf16:
+        return bnfast_flat_runs_taken_bf16(S)
+    else:
+        return False
+
+
+cdef inline void _flat_grad(const real_t* x, const real_t* dy, real_t* dx, Py_ssize_t runs,
+                            Py_ssize_t S, const void* table, Py_ssize_t C, Py_ssize_t c,
+                            bint stream) noexcept nogil:
+    """dx of runs consecutive runs of S values from channel c on (wrapping at C), as
+    one span (_flat_taken); table holds the float rows m, a, b, d (C each)."""
+    cdef const float* ft = <const float*>table
+    if real_t is float:
+        if stream:
+            bnfast_flat_grad_f32_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+        else:
+            bnfast_flat_grad_f32(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+    elif real_t is bnfast_f16:
+        if stream:
+            bnfast_flat_grad_f16_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+        else:
+            bnfast_flat_grad_f16(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+    elif real_t is bnfast_bf16:
+        if stream:
+            bnfast_flat_grad_bf16_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C,
+                                     ft + 3 * C)
+        else:
+            bnfast_flat_grad_bf16(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
 
 
 cdef inline void _grad_scalar(const real_t* x, const real_t* dy, const unsigned char* bits,
@@ -723,6 +787,18 @@ cdef inline void _apply_first_runs(Py_ssize_t blk, const real_t* xp, const real_
         t = t + n
 
 
+cdef inline void _apply_first_flat(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
+                                   const void* table, real_t* dxp, Py_ssize_t runs,
+                                   Py_ssize_t C, Py_ssize_t S, Py_ssize_t per_block,
+                                   bint stream) noexcept nogil:
+    """_apply_first_block in training without mask or g, where the flat leaves take
+    the runs: the block in one call."""
+    cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
+    _flat_grad(xp + t * S, dyp + t * S, dxp + t * S, t_end - t, S, table, C, t % C, stream)
+    if stream:
+        bnfast_stream_fence()
+
+
 cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* bits,
                       Coef k, real_t* dxp, real_t* gp, Py_ssize_t N, Py_ssize_t C,
                       Py_ssize_t S, bint training, bint stream, int n_threads) noexcept nogil:
@@ -744,15 +820,30 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef Py_ssize_t blk = 0
-    # Streaming stores only where every run starts on a 16-byte boundary: a line
+    # The flat leaves take a block's runs whatever their alignment.  Otherwise
+    # streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    stream = stream and bits == NULL and _aligned16(dxp, S * sizeof(real_t))
+    cdef bint flat = training and bits == NULL and gp == NULL and _flat_taken(xp, S)
+    stream = stream and bits == NULL and (flat or _aligned16(dxp, S * sizeof(real_t)))
     # The compute-type coefficients, once per channel.
     cdef void* table = aligned_malloc(4 * C * _compute_size(xp))
     if table == NULL:
         return -1
     _fill_table(xp, table, C, 1, C, k)
-    if training and bits == NULL and not stream and gp == NULL:
+    if flat:
+        if nt == 1:
+            for blk in range(blocks):
+                _apply_first_flat(blk, xp, dyp, table, dxp, runs, C, S, per_block, stream)
+        else:
+            bnfast_shares_init(&shares, blocks, nt)
+            with parallel(num_threads=nt):
+                claim = bnfast_claim_start(&shares, bnfast_thread_num())
+                blk = bnfast_claim_next(&shares, &claim)
+                while blk >= 0:
+                    _apply_first_flat(blk, xp, dyp, table, dxp, runs, C, S, per_block,
+                                      stream)
+                    blk = bnfast_claim_next(&shares, &claim)
+    elif training and bits == NULL and not stream and gp == NULL:
         # The common case: one leaf call per stretch of consecutive channels (the
         # same arithmetic).
         if nt == 1:

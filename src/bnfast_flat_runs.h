@@ -34,78 +34,124 @@
 
 #define BNFAST_FLAT_BCAST(v) ((bnfast_h16f)_mm512_set1_ps(v))
 #define BNFAST_FLAT_BLEND(k, u, v) ((bnfast_h16f)_mm512_mask_blend_ps((k), (__m512)(u), (__m512)(v)))
-/* One vector: lanes of K from the next channel (1), the others from this one (0). */
-#define BNFAST_FLAT_VALUE(X, K)                                                          \
-    (((X) - BNFAST_FLAT_BLEND(K, m0, m1)) * BNFAST_FLAT_BLEND(K, a0, a1)                \
-     + BNFAST_FLAT_BLEND(K, b0, b1))
-#define BNFAST_FLAT_EPILOGUE(v, D, ADD, RELU)                                            \
-    if (ADD) v = BNFAST_H16_ADD(v, D);                                                   \
-    if (RELU) v = BNFAST_H16_RELU(v);
-/* Values [p, p + k) (k <= 16) of this channel, under a mask. */
-#define BNFAST_FLAT_MASKED(k, LOAD16M, STORE16M, ADD, RELU)                              \
+/* Per coefficient row r (ROWS(X) applies X to each): its vectors for this
+ * channel (r##0) and the next (r##1); a straddling step's per-lane ones for its
+ * two vectors (r##A, r##B); the move to the next channel. */
+#define BNFAST_FLAT_DECLARE(r) bnfast_h16f r##0 = BNFAST_FLAT_BCAST(r[c]), r##1 = BNFAST_FLAT_BCAST(r[cn]);
+#define BNFAST_FLAT_SPLIT_ROW(r)                                                         \
+    bnfast_h16f r##A = BNFAST_FLAT_BLEND(ka_, r##0, r##1), r##B = BNFAST_FLAT_BLEND(kb_, r##0, r##1);
+#define BNFAST_FLAT_SHIFT(r) r##0 = r##1; r##1 = BNFAST_FLAT_BCAST(r[cn]);
+/* A step's coefficient of row r for one of its vectors: this channel's, or the
+ * per-lane ones. */
+#define BNFAST_FLAT_THIS(r) r##0
+#define BNFAST_FLAT_IN_A(r) r##A
+#define BNFAST_FLAT_IN_B(r) r##B
+
+/* The walk over runs * S values of output OUT: the head to ALIGN bytes (1: none)
+ * and the tail in masked steps of this channel, MASKED(k, ...) for k <= 16
+ * values from p (both lie within one run: fewer than 32 <= S values); between
+ * them STEP(CA, CB, ...), the 32 values from p, CA/CB giving its two vectors'
+ * coefficients; MASKS(d, KA, KB): the lanes from the step's d-th value on, where
+ * the next channel starts within the step. */
+#define BNFAST_FLAT_WALK(T, OUT, ALIGN, ROWS, MASKS, STEP, MASKED, ...)                  \
     {                                                                                    \
-        ptrdiff_t k_ = (k);                                                              \
-        __mmask16 km_ = (__mmask16)((1u << k_) - 1u);                                    \
-        bnfast_h16f v_ = (LOAD16M(km_, x + p) - m0) * a0 + b0;                           \
-        BNFAST_FLAT_EPILOGUE(v_, ADD ? LOAD16M(km_, add + p) : v_, ADD, RELU)           \
-        STORE16M(km_, y + p, v_);                                                        \
-        p += k_;                                                                         \
-    }
-/* The span for one epilogue: the head to STORE32's alignment (ALIGN bytes: 1
- * when the stores need none; masked steps, within the first run), the 32-value
- * steps, the tail. */
-#define BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, ADD, RELU) \
-    {                                                                                    \
-        ptrdiff_t total = runs * S, p = 0, next = S;                                     \
-        ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)y) & ((ALIGN) - 1)) / (ptrdiff_t)sizeof(T); \
-        ptrdiff_t cn = c + 1 == C ? 0 : c + 1;                                           \
-        bnfast_h16f m0 = BNFAST_FLAT_BCAST(m[c]), a0 = BNFAST_FLAT_BCAST(a[c]);          \
-        bnfast_h16f b0 = BNFAST_FLAT_BCAST(b[c]), m1 = BNFAST_FLAT_BCAST(m[cn]);         \
-        bnfast_h16f a1 = BNFAST_FLAT_BCAST(a[cn]), b1 = BNFAST_FLAT_BCAST(b[cn]);        \
+        ptrdiff_t total = runs * S, p = 0, next = S, cn = c + 1 == C ? 0 : c + 1, k_;    \
+        ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)(OUT)) & ((ALIGN) - 1))       \
+                         / (ptrdiff_t)sizeof(T);                                         \
+        ROWS(BNFAST_FLAT_DECLARE)                                                        \
         if (head > total) head = total;                                                  \
-        while (p < head) BNFAST_FLAT_MASKED(BNFAST_MIN(head - p, 16), LOAD16M, STORE16M, \
-                                            ADD, RELU)                                   \
+        for (; p < head; p += k_) {                                                      \
+            k_ = BNFAST_MIN(head - p, 16);                                               \
+            MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
+        }                                                                                \
         for (; total - p >= 32; p += 32) {                                               \
-            bnfast_h16f xa_, xb_, da_, db_, va_, vb_;                                    \
-            LOAD32(x + p, xa_, xb_);                                                     \
             if (next - p >= 32) {                                                        \
-                va_ = (xa_ - m0) * a0 + b0;                                              \
-                vb_ = (xb_ - m0) * a0 + b0;                                              \
+                STEP(BNFAST_FLAT_THIS, BNFAST_FLAT_THIS, __VA_ARGS__)                    \
             } else {                                                                     \
                 __mmask16 ka_, kb_;                                                      \
                 MASKS((unsigned)(next - p), ka_, kb_);                                   \
-                va_ = BNFAST_FLAT_VALUE(xa_, ka_);                                       \
-                vb_ = BNFAST_FLAT_VALUE(xb_, kb_);                                       \
+                ROWS(BNFAST_FLAT_SPLIT_ROW)                                              \
+                STEP(BNFAST_FLAT_IN_A, BNFAST_FLAT_IN_B, __VA_ARGS__)                    \
             }                                                                            \
-            if (ADD) LOAD32(add + p, da_, db_);                                          \
-            BNFAST_FLAT_EPILOGUE(va_, da_, ADD, RELU)                                    \
-            BNFAST_FLAT_EPILOGUE(vb_, db_, ADD, RELU)                                    \
             if (next - p <= 32) {  /* the next step starts in the next channel */        \
-                m0 = m1; a0 = a1; b0 = b1;                                               \
                 if (++cn == C) cn = 0;                                                   \
-                m1 = BNFAST_FLAT_BCAST(m[cn]);                                           \
-                a1 = BNFAST_FLAT_BCAST(a[cn]);                                           \
-                b1 = BNFAST_FLAT_BCAST(b[cn]);                                           \
+                ROWS(BNFAST_FLAT_SHIFT)                                                  \
                 next += S;                                                               \
             }                                                                            \
-            STORE32(y + p, va_, vb_);                                                    \
         }                                                                                \
-        while (p < total) BNFAST_FLAT_MASKED(BNFAST_MIN(total - p, 16), LOAD16M, STORE16M, \
-                                             ADD, RELU)                                  \
+        for (; p < total; p += k_) {                                                     \
+            k_ = BNFAST_MIN(total - p, 16);                                              \
+            MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
+        }                                                                                \
     }
-#define BNFAST_DEFINE_FLAT_RUNS(NAME, T, TARGET, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M) \
-    TARGET static void NAME(const T *x, const T *add, T *y, ptrdiff_t runs, ptrdiff_t S, \
-                            ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,    \
-                            const float *b, int relu) {                                  \
+
+/* The normalise: y = relu?(((float)x - m) * a + b [+ (float)add]). */
+#define BNFAST_FLAT_AFFINE_ROWS(X) X(m) X(a) X(b)
+#define BNFAST_FLAT_AFFINE(v, X, CO, ADD, RELU, D)                                        \
+    v = ((X) - CO(m)) * CO(a) + CO(b);                                                   \
+    if (ADD) v = BNFAST_H16_ADD(v, D);                                                   \
+    if (RELU) v = BNFAST_H16_RELU(v);
+#define BNFAST_FLAT_AFFINE_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M, ADD, RELU)    \
+    {                                                                                    \
+        bnfast_h16f xa_, xb_, da_ = {0}, db_ = {0};                                      \
+        LOAD32(x + p, xa_, xb_);                                                         \
+        if (ADD) LOAD32(add + p, da_, db_);                                              \
+        BNFAST_FLAT_AFFINE(xa_, xa_, CA, ADD, RELU, da_)                                 \
+        BNFAST_FLAT_AFFINE(xb_, xb_, CB, ADD, RELU, db_)                                 \
+        STORE32(y + p, xa_, xb_);                                                        \
+    }
+#define BNFAST_FLAT_AFFINE_MASKED(k, LOAD32, STORE32, LOAD16M, STORE16M, ADD, RELU)       \
+    {                                                                                    \
+        bnfast_h16f v_;                                                                  \
+        BNFAST_FLAT_AFFINE(v_, LOAD16M(k, x + p), BNFAST_FLAT_THIS, ADD, RELU,           \
+                           (ADD ? LOAD16M(k, add + p) : v_))                             \
+        STORE16M(k, y + p, v_);                                                          \
+    }
+#define BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, ADD, RELU, ...)                          \
+    BNFAST_FLAT_WALK(T, y, ALIGN, BNFAST_FLAT_AFFINE_ROWS, MASKS, BNFAST_FLAT_AFFINE_STEP, \
+                     BNFAST_FLAT_AFFINE_MASKED, __VA_ARGS__, ADD, RELU)
+/* runs of S values from channel c on (of C, wrapping), rows m, a, b of C floats. */
+#define BNFAST_DEFINE_FLAT_RUNS(NAME, T, TARGET, MASKS, ALIGN, ...)                       \
+    TARGET static inline void NAME(const T *x, const T *add, T *y, ptrdiff_t runs,       \
+                                   ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
+                                   const float *a, const float *b, int relu) {           \
         if (add == NULL && !relu)                                                        \
-            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 0, 0)  \
+            BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, 0, 0, __VA_ARGS__)                  \
         else if (add == NULL)                                                            \
-            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 0, 1)  \
+            BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, 0, 1, __VA_ARGS__)                  \
         else if (!relu)                                                                  \
-            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 1, 0)  \
+            BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, 1, 0, __VA_ARGS__)                  \
         else                                                                             \
-            BNFAST_FLAT_BODY(T, LOAD32, MASKS, STORE32, ALIGN, LOAD16M, STORE16M, 1, 1)  \
+            BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, 1, 1, __VA_ARGS__)                  \
     }
+
+/* The backward's dx in training: dx = ((float)dy * a + ((float)x - m) * b) + d,
+ * the additions in the run-by-run leaves' operand order (BNFAST_H16_ADD). */
+#define BNFAST_FLAT_GRAD_ROWS(X) X(m) X(a) X(b) X(d)
+#define BNFAST_FLAT_GRAD(v, G, X, CO)                                                     \
+    v = BNFAST_H16_ADD(BNFAST_H16_ADD((G) * CO(a), ((X) - CO(m)) * CO(b)), CO(d));
+#define BNFAST_FLAT_GRAD_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M)                 \
+    {                                                                                    \
+        bnfast_h16f ga_, gb_, xa_, xb_;                                                  \
+        LOAD32(dy + p, ga_, gb_);                                                        \
+        LOAD32(x + p, xa_, xb_);                                                         \
+        BNFAST_FLAT_GRAD(ga_, ga_, xa_, CA)                                              \
+        BNFAST_FLAT_GRAD(gb_, gb_, xb_, CB)                                              \
+        STORE32(dx + p, ga_, gb_);                                                       \
+    }
+#define BNFAST_FLAT_GRAD_MASKED(k, LOAD32, STORE32, LOAD16M, STORE16M)                    \
+    {                                                                                    \
+        bnfast_h16f v_;                                                                  \
+        BNFAST_FLAT_GRAD(v_, LOAD16M(k, dy + p), LOAD16M(k, x + p), BNFAST_FLAT_THIS)    \
+        STORE16M(k, dx + p, v_);                                                         \
+    }
+/* runs of S values from channel c on (of C, wrapping), rows m, a, b, d of C floats. */
+#define BNFAST_DEFINE_FLAT_GRAD(NAME, T, TARGET, MASKS, ALIGN, ...)                       \
+    TARGET static inline void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs,      \
+                                   ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
+                                   const float *a, const float *b, const float *d)       \
+        BNFAST_FLAT_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS, MASKS, BNFAST_FLAT_GRAD_STEP, \
+                         BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__)
 
 /* Masks of a step whose d-th value (0 < d < 32) starts the next channel: the
  * first and last 16 values (SPLIT), or the even and odd ones (EO). */
@@ -164,21 +210,26 @@
 #define BNFAST_FLAT_TARGET __attribute__((target("avx2,f16c,avx512f,avx512vl,avx512bw")))
 BNFAST_DEFINE_CPU_CHECK(flat, BNFAST_CPU("avx2") && BNFAST_CPU("f16c") && BNFAST_CPU("avx512f")
                               && BNFAST_CPU("avx512vl") && BNFAST_CPU("avx512bw"))
-/* Each type cached (ALIGN 1) and streamed (64-byte aligned 32-value steps). */
-#define BNFAST_DEFINE_FLAT_PAIR(H, T, LOAD32, MASKS, STORE32, STREAM32, LOAD16M, STORE16M) \
-    BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H, T, BNFAST_FLAT_TARGET, LOAD32, MASKS,   \
-                            STORE32, 1, LOAD16M, STORE16M)                               \
-    BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H##_nt, T, BNFAST_FLAT_TARGET, LOAD32,     \
-                            MASKS, STREAM32, 64, LOAD16M, STORE16M)
-BNFAST_DEFINE_FLAT_PAIR(bf16, bnfast_bf16, BNFAST_FLAT_LOAD32_BF16, BNFAST_FLAT_MASKS_EO,
-                        bnfast_store32eo_bf16_z, bnfast_stream32eo_bf16_z,
-                        BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16)
-BNFAST_DEFINE_FLAT_PAIR(f16, bnfast_f16, BNFAST_FLAT_LOAD32_F16, BNFAST_FLAT_MASKS_SPLIT,
-                        bnfast_store32_f16_z, bnfast_stream32_f16_z,
-                        BNFAST_FLAT_LOAD16M_F16, BNFAST_FLAT_STORE16M_F16)
-BNFAST_DEFINE_FLAT_PAIR(f32, float, BNFAST_FLAT_LOAD32_F32, BNFAST_FLAT_MASKS_SPLIT,
-                        BNFAST_FLAT_STORE32_F32, BNFAST_FLAT_STREAM32_F32,
-                        BNFAST_FLAT_LOAD16M_F32, BNFAST_FLAT_STORE16M_F32)
+/* Each type's normalise and dx, cached (ALIGN 1) and streamed (64-byte aligned
+ * 32-value steps). */
+#define BNFAST_DEFINE_FLAT_LEAVES(H, T, LOAD32, MASKS, STORE32, STREAM32, LOAD16M, STORE16M) \
+    BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H, T, BNFAST_FLAT_TARGET, MASKS, 1,        \
+                            LOAD32, STORE32, LOAD16M, STORE16M)                          \
+    BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H##_nt, T, BNFAST_FLAT_TARGET, MASKS, 64,  \
+                            LOAD32, STREAM32, LOAD16M, STORE16M)                         \
+    BNFAST_DEFINE_FLAT_GRAD(bnfast_flat_grad_##H, T, BNFAST_FLAT_TARGET, MASKS, 1,        \
+                            LOAD32, STORE32, LOAD16M, STORE16M)                          \
+    BNFAST_DEFINE_FLAT_GRAD(bnfast_flat_grad_##H##_nt, T, BNFAST_FLAT_TARGET, MASKS, 64,  \
+                            LOAD32, STREAM32, LOAD16M, STORE16M)
+BNFAST_DEFINE_FLAT_LEAVES(bf16, bnfast_bf16, BNFAST_FLAT_LOAD32_BF16, BNFAST_FLAT_MASKS_EO,
+                          bnfast_store32eo_bf16_z, bnfast_stream32eo_bf16_z,
+                          BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16)
+BNFAST_DEFINE_FLAT_LEAVES(f16, bnfast_f16, BNFAST_FLAT_LOAD32_F16, BNFAST_FLAT_MASKS_SPLIT,
+                          bnfast_store32_f16_z, bnfast_stream32_f16_z,
+                          BNFAST_FLAT_LOAD16M_F16, BNFAST_FLAT_STORE16M_F16)
+BNFAST_DEFINE_FLAT_LEAVES(f32, float, BNFAST_FLAT_LOAD32_F32, BNFAST_FLAT_MASKS_SPLIT,
+                          BNFAST_FLAT_STORE32_F32, BNFAST_FLAT_STREAM32_F32,
+                          BNFAST_FLAT_LOAD16M_F32, BNFAST_FLAT_STORE16M_F32)
 
 /* Whether runs of S values take the flat leaves: S >= 32 (a step meets at most
  * one run's end), on CPUs where the float16 leaves go to zmm from 32 values

@@ -1,14 +1,16 @@
 /*
- * Drives the flat channels-first leaves (src/bnfast_flat_runs.h) against the
- * portable leaf run by run (bnfast_affine_scalar_*_base, itself held to NumPy
- * by tests/c/half_leaves.c and the layout tests), for float32, float16 and
+ * Drives the flat channels-first leaves (src/bnfast_flat_runs.h), the
+ * normalise and the backward's dx, against the portable leaves run by run
+ * (bnfast_affine_scalar_*_base, bnfast_grad_scalar_f32_base,
+ * bnfast_grad_vec_scalar_*_base, themselves held to NumPy by
+ * tests/c/half_leaves.c and the layout tests), for float32, float16 and
  * bfloat16, cached and streamed, on random cases: run lengths S from 32 to
  * 231 (steps that meet a run's end at every offset), channel counts and first
  * channels (the wrap to channel 0), spans that start at every 2- or 4-byte
  * offset of a 64-byte line (the streamed head), no runs at all, addend and
- * ReLU, in place, and coefficient rows with NaN and infinities.  Both outputs
- * sit in buffers filled with a guard pattern: the bytes around the span must
- * stay untouched.
+ * ReLU, in place (the normalise on x, dx on dy), and coefficient rows with NaN
+ * and infinities.  Both outputs sit in buffers filled with a guard pattern: the
+ * bytes around the span must stay untouched.
  *
  * Prints "cases mismatches": tests/test_flat_runs.py wants every case run on a
  * CPU with the leaves and no mismatch.  Without them (another CPU, or
@@ -19,8 +21,9 @@
 #include <string.h>
 
 #include "bnfast_flat_runs.h"
+#include "bnfast_backward_half.h"
 
-#define CASES 6000
+#define CASES 12000
 #define CAP (64 * 232 + 64)  /* values: runs * S + the largest offset */
 #define MAXC 40
 
@@ -49,19 +52,55 @@ static float next_float(float lo, float hi) {
         }                                                                                \
         LEAF(src2, ad, (T *)y2, runs, S, c, C, m, a, b, relu);                           \
     }
+/* The same for dx, REF the portable leaf of one run: dy is `add`, or y (in place). */
+#define GRAD_CASE(T, REF, LEAF)                                                          \
+    {                                                                                    \
+        const T *dy1 = inplace ? (const T *)y1 : (const T *)add;                         \
+        const T *dy2 = inplace ? (const T *)y2 : (const T *)add;                         \
+        ptrdiff_t t, ch = c;                                                             \
+        for (t = 0; t < runs; t++) {                                                     \
+            REF((const T *)x + t * S, dy1 + t * S, (T *)y1 + t * S, S, m[ch], a[ch], b[ch], \
+                d[ch]);                                                                  \
+            if (++ch == C) ch = 0;                                                       \
+        }                                                                                \
+        LEAF((const T *)x, dy2, (T *)y2, runs, S, c, C, m, a, b, d);                     \
+    }
+#define GRAD_F16_BASE(x, dy, dx, n, m, a, b, d) \
+    bnfast_grad_vec_scalar_f16_base(x, dy, dx, n, m, a, b, d, 1)
+#define GRAD_BF16_BASE(x, dy, dx, n, m, a, b, d) \
+    bnfast_grad_vec_scalar_bf16_base(x, dy, dx, n, m, a, b, d, 1)
+
+/* Whether two buffers of `size`-byte values agree: bit for bit, or (nan_any)
+ * where both are NaN (magnitude bits above `inf`), in any payload -- the
+ * backward's payloads are not specified where dy * a and (x - m) * b are both
+ * NaN: the run-by-run leaves add them in whichever order GCC picked, the flat
+ * leaf in the formula's (dy * a first). */
+static int same_values(const unsigned char *p, const unsigned char *q, size_t bytes,
+                       size_t size, uint32_t inf, int nan_any) {
+    uint32_t magnitude = size == 4 ? 0x7fffffffu : 0x7fffu;
+    size_t i;
+    for (i = 0; i < bytes; i += size) {
+        uint32_t u = 0, v = 0;
+        memcpy(&u, p + i, size);
+        memcpy(&v, q + i, size);
+        if (u != v && !(nan_any && (u & magnitude) > inf && (v & magnitude) > inf)) return 0;
+    }
+    return 1;
+}
 
 int main(void) {
 #if BNFAST_DISPATCH_AVX2
     static unsigned char xbuf[CAP * 4 + 64], abuf[CAP * 4 + 64];
     static unsigned char y1buf[CAP * 4 + 64], y2buf[CAP * 4 + 64];
-    static float m[MAXC], a[MAXC], b[MAXC];
+    static float m[MAXC], a[MAXC], b[MAXC], d[MAXC];
     int cases = 0, mismatches = 0, k;
     if (!bnfast_use_flat()) {
         printf("0 0\n");
         return 0;
     }
     for (k = 0; k < CASES; k++) {
-        int type = k % 3, nt = (k / 3) % 2;  /* float32, float16, bfloat16; cached, streamed */
+        /* float32, float16, bfloat16; cached, streamed; normalise, dx */
+        int type = k % 3, nt = (k / 3) % 2, grad = (k / 6) % 2;
         size_t size = type == 0 ? 4 : 2;
         ptrdiff_t S = 32 + next_rand() % 200, C = 1 + next_rand() % MAXC;
         ptrdiff_t c = next_rand() % C, runs = next_rand() % 65, i;
@@ -74,6 +113,7 @@ int main(void) {
             m[i] = next_float(-1.0f, 1.0f);
             a[i] = next_float(0.0f, 3.0f);
             b[i] = next_float(-0.5f, 0.5f);
+            d[i] = next_float(-0.5f, 0.5f);
         }
         if (next_rand() % 8 == 0) {  /* a channel's NaN mean, another's infinite scale */
             m[next_rand() % C] = __builtin_nanf("");
@@ -94,10 +134,21 @@ int main(void) {
         memset(y1buf, 0xa5, sizeof y1buf);
         memset(y2buf, 0xa5, sizeof y2buf);
         if (inplace) {
-            memcpy(y1, x, (size_t)(runs * S) * size);
-            memcpy(y2, x, (size_t)(runs * S) * size);
+            memcpy(y1, grad ? add : x, (size_t)(runs * S) * size);
+            memcpy(y2, grad ? add : x, (size_t)(runs * S) * size);
         }
-        if (type == 0) {
+        if (grad) {
+            if (type == 0) {
+                if (nt) GRAD_CASE(float, bnfast_grad_scalar_f32_base, bnfast_flat_grad_f32_nt)
+                else GRAD_CASE(float, bnfast_grad_scalar_f32_base, bnfast_flat_grad_f32)
+            } else if (type == 1) {
+                if (nt) GRAD_CASE(bnfast_f16, GRAD_F16_BASE, bnfast_flat_grad_f16_nt)
+                else GRAD_CASE(bnfast_f16, GRAD_F16_BASE, bnfast_flat_grad_f16)
+            } else {
+                if (nt) GRAD_CASE(bnfast_bf16, GRAD_BF16_BASE, bnfast_flat_grad_bf16_nt)
+                else GRAD_CASE(bnfast_bf16, GRAD_BF16_BASE, bnfast_flat_grad_bf16)
+            }
+        } else if (type == 0) {
             if (nt) CASE(f32, float, bnfast_flat_runs_f32_nt)
             else CASE(f32, float, bnfast_flat_runs_f32)
         } else if (type == 1) {
@@ -109,11 +160,12 @@ int main(void) {
         }
         bnfast_nt_fence();
         cases++;
-        if (memcmp(y1buf, y2buf, sizeof y1buf) != 0) {
+        if (!same_values(y1buf, y2buf, sizeof y1buf, size,
+                         type == 0 ? 0x7f800000u : type == 1 ? 0x7c00u : 0x7f80u, grad)) {
             if (mismatches < 10)
-                fprintf(stderr, "mismatch: type %d nt %d S %td C %td c %td runs %td offset %td "
-                        "relu %d add %d inplace %d\n", type, nt, S, C, c, runs, offset, relu,
-                        use_add, inplace);
+                fprintf(stderr, "mismatch: type %d nt %d grad %d S %td C %td c %td runs %td "
+                        "offset %td relu %d add %d inplace %d\n", type, nt, grad, S, C, c, runs,
+                        offset, relu, use_add, inplace);
             mismatches++;
         }
     }
