@@ -365,9 +365,10 @@ cdef inline bint _streamable(const void* y, Py_ssize_t piece_bytes, bint use_flo
             and (use_float or not (float_data or half_data)))
 
 
-cdef inline bint _flat_runs(const real_t* y, Py_ssize_t S) noexcept nogil:
-    """Whether runs of S values of y's type take the flat leaves on float rows
-    (bnfast_flat_runs.h: they align their own non-temporal stores)."""
+cdef inline bint flat_runs_taken(const real_t* kind, Py_ssize_t S) noexcept nogil:
+    """Whether channels-first runs of S values of kind's type take the flat leaves
+    (bnfast_flat_runs.h: the normalise on float rows, the backward's dx; they
+    align their own non-temporal stores)."""
     if real_t is float:
         return bnfast_flat_runs_taken_f32(S)
     elif real_t is bnfast_f16:
@@ -396,7 +397,7 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef bint use_float = float_rows(table, C)
-    if use_float and _flat_runs(yp, S):  # any start, any S: the leaves align their stores
+    if use_float and flat_runs_taken(yp, S):  # any start, any S: the leaves align their stores
         stream = stream and bits == NULL
     else:
         stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,

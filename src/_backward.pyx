@@ -42,7 +42,7 @@ cimport numpy as cnp
 from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
-from _affine cimport pack_block
+from _affine cimport flat_runs_taken, pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t, store_double, to_double
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
@@ -119,10 +119,8 @@ cdef extern from "bnfast_rows.h" nogil:
 
 cdef extern from "bnfast_flat_runs.h" nogil:
     # Channels-first dx in training on AVX-512, a block's runs as one span (any
-    # start: the streamed ones align their own stores).
-    bint bnfast_flat_runs_taken_f32(Py_ssize_t S)
-    bint bnfast_flat_runs_taken_f16(Py_ssize_t S)
-    bint bnfast_flat_runs_taken_bf16(Py_ssize_t S)
+    # start: the streamed ones align their own stores), where _affine's
+    # flat_runs_taken says so.
     void bnfast_flat_grad_f32(const float* x, const float* dy, float* dx, Py_ssize_t runs,
                               Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
                               const float* a, const float* b, const float* d)
@@ -348,23 +346,11 @@ cdef inline void _grad_runs(const real_t* x, const real_t* dy, real_t* dx, Py_ss
                               ft + 3 * C + c)
 
 
-cdef inline bint _flat_taken(const real_t* x, Py_ssize_t S) noexcept nogil:
-    """Whether runs of S values of x's type take the flat dx leaves."""
-    if real_t is float:
-        return bnfast_flat_runs_taken_f32(S)
-    elif real_t is bnfast_f16:
-        return bnfast_flat_runs_taken_f16(S)
-    elif real_t is bnfast_bf16:
-        return bnfast_flat_runs_taken_bf16(S)
-    else:
-        return False
-
-
 cdef inline void _flat_grad(const real_t* x, const real_t* dy, real_t* dx, Py_ssize_t runs,
                             Py_ssize_t S, const void* table, Py_ssize_t C, Py_ssize_t c,
                             bint stream) noexcept nogil:
     """dx of runs consecutive runs of S values from channel c on (wrapping at C), as
-    one span (_flat_taken); table holds the float rows m, a, b, d (C each)."""
+    one span (flat_runs_taken); table holds the float rows m, a, b, d (C each)."""
     cdef const float* ft = <const float*>table
     if real_t is float:
         if stream:
@@ -773,30 +759,25 @@ cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real
 
 cdef inline void _apply_first_runs(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
                                    const void* table, real_t* dxp, Py_ssize_t runs,
-                                   Py_ssize_t C, Py_ssize_t S,
-                                   Py_ssize_t per_block) noexcept nogil:
-    """_apply_first_block in training without mask or streaming: the block's runs in
-    stretches of consecutive channels, one leaf call each; table holds the rows
-    m, a, b, d (C each) in the compute type."""
+                                   Py_ssize_t C, Py_ssize_t S, Py_ssize_t per_block,
+                                   bint flat, bint stream) noexcept nogil:
+    """_apply_first_block in training without mask or g: the block's runs in one flat
+    leaf call (flat; streamed or not), else (never streamed) in stretches of
+    consecutive channels, one leaf call each; table holds the rows m, a, b, d (C
+    each) in the compute type."""
     cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
     cdef Py_ssize_t c, n
+    if flat:
+        _flat_grad(xp + t * S, dyp + t * S, dxp + t * S, t_end - t, S, table, C, t % C,
+                   stream)
+        if stream:
+            bnfast_stream_fence()
+        return
     while t < t_end:
         c = t % C
         n = min(t_end - t, C - c)
         _grad_runs(xp + t * S, dyp + t * S, dxp + t * S, n, S, table, C, c)
         t = t + n
-
-
-cdef inline void _apply_first_flat(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
-                                   const void* table, real_t* dxp, Py_ssize_t runs,
-                                   Py_ssize_t C, Py_ssize_t S, Py_ssize_t per_block,
-                                   bint stream) noexcept nogil:
-    """_apply_first_block in training without mask or g, where the flat leaves take
-    the runs: the block in one call."""
-    cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
-    _flat_grad(xp + t * S, dyp + t * S, dxp + t * S, t_end - t, S, table, C, t % C, stream)
-    if stream:
-        bnfast_stream_fence()
 
 
 cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* bits,
@@ -823,39 +804,28 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     # The flat leaves take a block's runs whatever their alignment.  Otherwise
     # streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    cdef bint flat = training and bits == NULL and gp == NULL and _flat_taken(xp, S)
+    cdef bint flat = training and bits == NULL and gp == NULL and flat_runs_taken(xp, S)
     stream = stream and bits == NULL and (flat or _aligned16(dxp, S * sizeof(real_t)))
     # The compute-type coefficients, once per channel.
     cdef void* table = aligned_malloc(4 * C * _compute_size(xp))
     if table == NULL:
         return -1
     _fill_table(xp, table, C, 1, C, k)
-    if flat:
+    if training and bits == NULL and gp == NULL and (flat or not stream):
+        # The common case: one leaf call per block (flat) or per stretch of
+        # consecutive channels (the same arithmetic).
         if nt == 1:
             for blk in range(blocks):
-                _apply_first_flat(blk, xp, dyp, table, dxp, runs, C, S, per_block, stream)
+                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block, flat,
+                                  stream)
         else:
             bnfast_shares_init(&shares, blocks, nt)
             with parallel(num_threads=nt):
                 claim = bnfast_claim_start(&shares, bnfast_thread_num())
                 blk = bnfast_claim_next(&shares, &claim)
                 while blk >= 0:
-                    _apply_first_flat(blk, xp, dyp, table, dxp, runs, C, S, per_block,
+                    _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block, flat,
                                       stream)
-                    blk = bnfast_claim_next(&shares, &claim)
-    elif training and bits == NULL and not stream and gp == NULL:
-        # The common case: one leaf call per stretch of consecutive channels (the
-        # same arithmetic).
-        if nt == 1:
-            for blk in range(blocks):
-                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
-        else:
-            bnfast_shares_init(&shares, blocks, nt)
-            with parallel(num_threads=nt):
-                claim = bnfast_claim_start(&shares, bnfast_thread_num())
-                blk = bnfast_claim_next(&shares, &claim)
-                while blk >= 0:
-                    _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block)
                     blk = bnfast_claim_next(&shares, &claim)
     elif nt == 1:  # see _reduce_first
         for blk in range(blocks):
