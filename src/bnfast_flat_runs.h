@@ -29,6 +29,7 @@
 #define BNFAST_FLAT_RUNS_H
 
 #include "bnfast_half_leaves.h"
+#include "bnfast_backward_half.h"
 
 #if BNFAST_DISPATCH_AVX2
 
@@ -247,6 +248,25 @@ static inline int bnfast_flat_runs_taken_bf16(ptrdiff_t S) {
     return bnfast_flat_runs_taken_f32(S) && !bnfast_use_bf16_hw();
 }
 #else
+/* Builds without the run-time dispatch (portable, -march=native) never take the
+ * flat leaves; the names stand for the run-by-run leaves, for the callers' one
+ * code path. */
+#define BNFAST_FLAT_GRAD_BY_RUNS(NAME, T, RUNS)                                          \
+    static inline void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs, ptrdiff_t S, \
+                            ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,    \
+                            const float *b, const float *d) {                            \
+        ptrdiff_t t;                                                                     \
+        for (t = 0; t < runs; t++) {                                                     \
+            RUNS(x + t * S, dy + t * S, dx + t * S, 1, S, m + c, a + c, b + c, d + c);   \
+            if (++c == C) c = 0;                                                         \
+        }                                                                                \
+    }
+BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_f32, float, bnfast_grad_runs_f32)
+BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_f16, bnfast_f16, bnfast_grad_runs_f16)
+BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_bf16, bnfast_bf16, bnfast_grad_runs_bf16)
+#define bnfast_flat_grad_f32_nt bnfast_flat_grad_f32
+#define bnfast_flat_grad_f16_nt bnfast_flat_grad_f16
+#define bnfast_flat_grad_bf16_nt bnfast_flat_grad_bf16
 #define BNFAST_FLAT_NONE(S) 0
 #define bnfast_flat_runs_taken_f32 BNFAST_FLAT_NONE
 #define bnfast_flat_runs_taken_f16 BNFAST_FLAT_NONE
