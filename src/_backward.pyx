@@ -141,6 +141,21 @@ cdef extern from "bnfast_flat_runs.h" nogil:
                                   bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
                                   Py_ssize_t C, const float* m, const float* a, const float* b,
                                   const float* d)
+    # The same with the fused ReLU's mask (bits from bit pos on), g: the masked dy.
+    void bnfast_flat_mgrad_f32(const float* x, const float* dy, const unsigned char* bits,
+                               Py_ssize_t pos, float* g, float* dx, Py_ssize_t runs,
+                               Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                               const float* a, const float* b, const float* d)
+    void bnfast_flat_mgrad_f16(const bnfast_f16* x, const bnfast_f16* dy,
+                               const unsigned char* bits, Py_ssize_t pos, bnfast_f16* g,
+                               bnfast_f16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                               Py_ssize_t C, const float* m, const float* a, const float* b,
+                               const float* d)
+    void bnfast_flat_mgrad_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                const unsigned char* bits, Py_ssize_t pos, bnfast_bf16* g,
+                                bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                Py_ssize_t C, const float* m, const float* a, const float* b,
+                                const float* d)
 
 
 cdef extern from "bnfast_backward_half.h" nogil:
@@ -346,13 +361,26 @@ cdef inline void _grad_runs(const real_t* x, const real_t* dy, real_t* dx, Py_ss
                               ft + 3 * C + c)
 
 
-cdef inline void _flat_grad(const real_t* x, const real_t* dy, real_t* dx, Py_ssize_t runs,
+cdef inline void _flat_grad(const real_t* x, const real_t* dy, const unsigned char* bits,
+                            Py_ssize_t pos, real_t* g, real_t* dx, Py_ssize_t runs,
                             Py_ssize_t S, const void* table, Py_ssize_t C, Py_ssize_t c,
                             bint stream) noexcept nogil:
     """dx of runs consecutive runs of S values from channel c on (wrapping at C), as
-    one span (flat_runs_taken); table holds the float rows m, a, b, d (C each)."""
+    one span (flat_runs_taken); with a mask (bits from bit pos on: never streamed),
+    g gets the masked dy unless NULL.  table holds the float rows m, a, b, d (C
+    each)."""
     cdef const float* ft = <const float*>table
-    if real_t is float:
+    if bits != NULL:
+        if real_t is float:
+            bnfast_flat_mgrad_f32(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
+                                  ft + 2 * C, ft + 3 * C)
+        elif real_t is bnfast_f16:
+            bnfast_flat_mgrad_f16(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
+                                  ft + 2 * C, ft + 3 * C)
+        elif real_t is bnfast_bf16:
+            bnfast_flat_mgrad_bf16(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
+                                   ft + 2 * C, ft + 3 * C)
+    elif real_t is float:
         if stream:
             bnfast_flat_grad_f32_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
         else:
@@ -758,18 +786,19 @@ cdef inline void _apply_first_block(Py_ssize_t blk, const real_t* xp, const real
 
 
 cdef inline void _apply_first_runs(Py_ssize_t blk, const real_t* xp, const real_t* dyp,
-                                   const void* table, real_t* dxp, Py_ssize_t runs,
-                                   Py_ssize_t C, Py_ssize_t S, Py_ssize_t per_block,
-                                   bint flat, bint stream) noexcept nogil:
-    """_apply_first_block in training without mask or g: the block's runs in one flat
-    leaf call (flat; streamed or not), else (never streamed) in stretches of
+                                   const unsigned char* bits, const void* table,
+                                   real_t* dxp, real_t* gp, Py_ssize_t runs, Py_ssize_t C,
+                                   Py_ssize_t S, Py_ssize_t per_block, bint flat,
+                                   bint stream) noexcept nogil:
+    """_apply_first_block in training: the block's runs in one flat leaf call (flat:
+    mask and g too), else (without mask or g, never streamed) in stretches of
     consecutive channels, one leaf call each; table holds the rows m, a, b, d (C
     each) in the compute type."""
     cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
     cdef Py_ssize_t c, n
     if flat:
-        _flat_grad(xp + t * S, dyp + t * S, dxp + t * S, t_end - t, S, table, C, t % C,
-                   stream)
+        _flat_grad(xp + t * S, dyp + t * S, bits, t * S, NULL if gp == NULL else gp + t * S,
+                   dxp + t * S, t_end - t, S, table, C, t % C, stream)
         if stream:
             bnfast_stream_fence()
         return
@@ -804,28 +833,28 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     # The flat leaves take a block's runs whatever their alignment.  Otherwise
     # streaming stores only where every run starts on a 16-byte boundary: a line
     # written partly by movnt and partly by plain stores is very slow.
-    cdef bint flat = training and bits == NULL and gp == NULL and flat_runs_taken(xp, S)
+    cdef bint flat = training and dxp != NULL and flat_runs_taken(xp, S)
     stream = stream and bits == NULL and (flat or _aligned16(dxp, S * sizeof(real_t)))
     # The compute-type coefficients, once per channel.
     cdef void* table = aligned_malloc(4 * C * _compute_size(xp))
     if table == NULL:
         return -1
     _fill_table(xp, table, C, 1, C, k)
-    if training and bits == NULL and gp == NULL and (flat or not stream):
+    if flat or (training and bits == NULL and gp == NULL and not stream):
         # The common case: one leaf call per block (flat) or per stretch of
         # consecutive channels (the same arithmetic).
         if nt == 1:
             for blk in range(blocks):
-                _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block, flat,
-                                  stream)
+                _apply_first_runs(blk, xp, dyp, bits, table, dxp, gp, runs, C, S, per_block,
+                                  flat, stream)
         else:
             bnfast_shares_init(&shares, blocks, nt)
             with parallel(num_threads=nt):
                 claim = bnfast_claim_start(&shares, bnfast_thread_num())
                 blk = bnfast_claim_next(&shares, &claim)
                 while blk >= 0:
-                    _apply_first_runs(blk, xp, dyp, table, dxp, runs, C, S, per_block, flat,
-                                      stream)
+                    _apply_first_runs(blk, xp, dyp, bits, table, dxp, gp, runs, C, S,
+                                      per_block, flat, stream)
                     blk = bnfast_claim_next(&shares, &claim)
     elif nt == 1:  # see _reduce_first
         for blk in range(blocks):

@@ -154,6 +154,50 @@
         BNFAST_FLAT_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS, MASKS, BNFAST_FLAT_GRAD_STEP, \
                          BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__)
 
+/* The same with the fused ReLU's mask: dy where bit pos + i of bits is set, else
+ * +0 (the run-by-run leaves' (T)0), and that masked dy's bits copied into g
+ * when g is not NULL (g may be dy: each step reads dy before it writes g).
+ * Cached stores only (the masked backward does not stream). */
+#define BNFAST_FLAT_MGRAD_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M, LOAD32M,       \
+                               COPY32M, COPY16M)                                          \
+    {                                                                                    \
+        uint32_t on_ = bnfast_flat_bits(bits, pos + p, 32);                              \
+        bnfast_h16f ga_, gb_, xa_, xb_;                                                  \
+        LOAD32M(on_, dy + p, ga_, gb_);                                                  \
+        LOAD32(x + p, xa_, xb_);                                                         \
+        if (g != NULL) COPY32M(on_, dy + p, g + p);                                      \
+        BNFAST_FLAT_GRAD(ga_, ga_, xa_, CA)                                              \
+        BNFAST_FLAT_GRAD(gb_, gb_, xb_, CB)                                              \
+        STORE32(dx + p, ga_, gb_);                                                       \
+    }
+#define BNFAST_FLAT_MGRAD_MASKED(k, LOAD32, STORE32, LOAD16M, STORE16M, LOAD32M, COPY32M, \
+                                 COPY16M)                                                 \
+    {                                                                                    \
+        __mmask16 on_ = (__mmask16)bnfast_flat_bits(bits, pos + p,                        \
+                                                    __builtin_popcount((unsigned)(k)));  \
+        bnfast_h16f v_;                                                                  \
+        BNFAST_FLAT_GRAD(v_, LOAD16M(on_, dy + p), LOAD16M(k, x + p), BNFAST_FLAT_THIS)  \
+        if (g != NULL) COPY16M(k, on_, dy + p, g + p);                                   \
+        STORE16M(k, dx + p, v_);                                                         \
+    }
+#define BNFAST_DEFINE_FLAT_MGRAD(NAME, T, TARGET, MASKS, ...)                             \
+    TARGET static inline void NAME(const T *x, const T *dy, const unsigned char *bits,   \
+                                   ptrdiff_t pos, T *g, T *dx, ptrdiff_t runs,           \
+                                   ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
+                                   const float *a, const float *b, const float *d)       \
+        BNFAST_FLAT_WALK(T, dx, 1, BNFAST_FLAT_GRAD_ROWS, MASKS, BNFAST_FLAT_MGRAD_STEP,  \
+                         BNFAST_FLAT_MGRAD_MASKED, __VA_ARGS__)
+/* n <= 32 bits of the mask from bit q on (bit i of the result: bit q + i), read
+ * byte by byte: no byte past the last one those bits need. */
+static inline uint32_t bnfast_flat_bits(const unsigned char *bits, ptrdiff_t q, ptrdiff_t n) {
+    const unsigned char *b = bits + (q >> 3);
+    unsigned shift = (unsigned)(q & 7);
+    ptrdiff_t bytes = ((ptrdiff_t)shift + n + 7) >> 3, i;
+    uint64_t w = 0;
+    for (i = 0; i < bytes; i++) w |= (uint64_t)b[i] << (8 * i);
+    return (uint32_t)(w >> shift) & (n == 32 ? 0xffffffffu : (1u << n) - 1u);
+}
+
 /* Masks of a step whose d-th value (0 < d < 32) starts the next channel: the
  * first and last 16 values (SPLIT), or the even and odd ones (EO). */
 #define BNFAST_FLAT_MASKS_SPLIT(d, KA, KB)                                               \
@@ -179,6 +223,18 @@
         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((k), (const void *)(p))), 16))
 #define BNFAST_FLAT_STORE16M_BF16(k, p, v) \
     _mm256_mask_storeu_epi16((void *)(p), (k), bnfast_pack16_bf16_z(v))
+#define BNFAST_FLAT_LOAD32M_BF16(k, p, A, B)                                             \
+    {                                                                                    \
+        __m512i w_ = _mm512_maskz_loadu_epi16((k), (const void *)(p));                   \
+        A = (bnfast_h16f)_mm512_slli_epi32(w_, 16);                                      \
+        B = (bnfast_h16f)_mm512_and_si512(w_, BNFAST_BF16_Z_K_(512, 4));                 \
+    }
+/* The 16-bit types' masked copies (the bits themselves). */
+#define BNFAST_FLAT_COPY32M_16(k, src, dst) \
+    _mm512_storeu_si512((void *)(dst), _mm512_maskz_loadu_epi16((k), (const void *)(src)))
+#define BNFAST_FLAT_COPY16M_16(kn, k, src, dst)                                          \
+    _mm256_mask_storeu_epi16((void *)(dst), (kn),                                        \
+                             _mm256_maskz_loadu_epi16((k), (const void *)(src)))
 /* float16 (F16C's conversions on zmm, AVX512F). */
 #define BNFAST_FLAT_LOAD32_F16(p, A, B)                                                  \
     {                                                                                    \
@@ -189,6 +245,11 @@
     ((bnfast_h16f)_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((k), (const void *)(p))))
 #define BNFAST_FLAT_STORE16M_F16(k, p, v) \
     _mm256_mask_storeu_epi16((void *)(p), (k), bnfast_pack16_f16_z(v))
+#define BNFAST_FLAT_LOAD32M_F16(k, p, A, B)                                              \
+    {                                                                                    \
+        A = BNFAST_FLAT_LOAD16M_F16((__mmask16)(k), p);                                  \
+        B = BNFAST_FLAT_LOAD16M_F16((__mmask16)((k) >> 16), (p) + 16);                   \
+    }
 /* float32. */
 #define BNFAST_FLAT_LOAD32_F32(p, A, B)                                                  \
     {                                                                                    \
@@ -202,6 +263,18 @@
         _mm512_storeu_ps((p), (__m512)(A));                                              \
         _mm512_storeu_ps((p) + 16, (__m512)(B));                                         \
     }
+#define BNFAST_FLAT_LOAD32M_F32(k, p, A, B)                                              \
+    {                                                                                    \
+        A = BNFAST_FLAT_LOAD16M_F32((__mmask16)(k), p);                                  \
+        B = BNFAST_FLAT_LOAD16M_F32((__mmask16)((k) >> 16), (p) + 16);                   \
+    }
+#define BNFAST_FLAT_COPY32M_F32(k, src, dst)                                             \
+    {                                                                                    \
+        _mm512_storeu_ps((dst), _mm512_maskz_loadu_ps((__mmask16)(k), (src)));           \
+        _mm512_storeu_ps((dst) + 16, _mm512_maskz_loadu_ps((__mmask16)((k) >> 16), (src) + 16)); \
+    }
+#define BNFAST_FLAT_COPY16M_F32(kn, k, src, dst) \
+    _mm512_mask_storeu_ps((dst), (kn), _mm512_maskz_loadu_ps((k), (src)))
 #define BNFAST_FLAT_STREAM32_F32(p, A, B)                                                \
     {                                                                                    \
         _mm512_stream_ps((p), (__m512)(A));                                              \
@@ -213,7 +286,10 @@ BNFAST_DEFINE_CPU_CHECK(flat, BNFAST_CPU("avx2") && BNFAST_CPU("f16c") && BNFAST
                               && BNFAST_CPU("avx512vl") && BNFAST_CPU("avx512bw"))
 /* Each type's normalise and dx, cached (ALIGN 1) and streamed (64-byte aligned
  * 32-value steps). */
-#define BNFAST_DEFINE_FLAT_LEAVES(H, T, LOAD32, MASKS, STORE32, STREAM32, LOAD16M, STORE16M) \
+#define BNFAST_DEFINE_FLAT_LEAVES(H, T, LOAD32, MASKS, STORE32, STREAM32, LOAD16M, STORE16M, \
+                                  LOAD32M, COPY32M, COPY16M)                             \
+    BNFAST_DEFINE_FLAT_MGRAD(bnfast_flat_mgrad_##H, T, BNFAST_FLAT_TARGET, MASKS, LOAD32,  \
+                             STORE32, LOAD16M, STORE16M, LOAD32M, COPY32M, COPY16M)       \
     BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H, T, BNFAST_FLAT_TARGET, MASKS, 1,        \
                             LOAD32, STORE32, LOAD16M, STORE16M)                          \
     BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H##_nt, T, BNFAST_FLAT_TARGET, MASKS, 64,  \
@@ -224,13 +300,16 @@ BNFAST_DEFINE_CPU_CHECK(flat, BNFAST_CPU("avx2") && BNFAST_CPU("f16c") && BNFAST
                             LOAD32, STREAM32, LOAD16M, STORE16M)
 BNFAST_DEFINE_FLAT_LEAVES(bf16, bnfast_bf16, BNFAST_FLAT_LOAD32_BF16, BNFAST_FLAT_MASKS_EO,
                           bnfast_store32eo_bf16_z, bnfast_stream32eo_bf16_z,
-                          BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16)
+                          BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16,
+                          BNFAST_FLAT_LOAD32M_BF16, BNFAST_FLAT_COPY32M_16, BNFAST_FLAT_COPY16M_16)
 BNFAST_DEFINE_FLAT_LEAVES(f16, bnfast_f16, BNFAST_FLAT_LOAD32_F16, BNFAST_FLAT_MASKS_SPLIT,
                           bnfast_store32_f16_z, bnfast_stream32_f16_z,
-                          BNFAST_FLAT_LOAD16M_F16, BNFAST_FLAT_STORE16M_F16)
+                          BNFAST_FLAT_LOAD16M_F16, BNFAST_FLAT_STORE16M_F16,
+                          BNFAST_FLAT_LOAD32M_F16, BNFAST_FLAT_COPY32M_16, BNFAST_FLAT_COPY16M_16)
 BNFAST_DEFINE_FLAT_LEAVES(f32, float, BNFAST_FLAT_LOAD32_F32, BNFAST_FLAT_MASKS_SPLIT,
                           BNFAST_FLAT_STORE32_F32, BNFAST_FLAT_STREAM32_F32,
-                          BNFAST_FLAT_LOAD16M_F32, BNFAST_FLAT_STORE16M_F32)
+                          BNFAST_FLAT_LOAD16M_F32, BNFAST_FLAT_STORE16M_F32,
+                          BNFAST_FLAT_LOAD32M_F32, BNFAST_FLAT_COPY32M_F32, BNFAST_FLAT_COPY16M_F32)
 
 /* Whether runs of S values take the flat leaves: S >= 32 (a step meets at most
  * one run's end), on CPUs where the float16 leaves go to zmm from 32 values
@@ -264,6 +343,21 @@ static inline int bnfast_flat_runs_taken_bf16(ptrdiff_t S) {
 BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_f32, float, bnfast_grad_runs_f32)
 BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_f16, bnfast_f16, bnfast_grad_runs_f16)
 BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_bf16, bnfast_bf16, bnfast_grad_runs_bf16)
+#define BNFAST_FLAT_MGRAD_BY_RUNS(NAME, T, RUN)                                          \
+    static inline void NAME(const T *x, const T *dy, const unsigned char *bits,          \
+                            ptrdiff_t pos, T *g, T *dx, ptrdiff_t runs, ptrdiff_t S,     \
+                            ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,    \
+                            const float *b, const float *d) {                            \
+        ptrdiff_t t;                                                                     \
+        for (t = 0; t < runs; t++) {                                                     \
+            RUN(x + t * S, dy + t * S, bits, pos + t * S, S, m[c], a[c], b[c], d[c], 1, 0, \
+                dx + t * S, g == NULL ? NULL : g + t * S);                               \
+            if (++c == C) c = 0;                                                         \
+        }                                                                                \
+    }
+BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_f32, float, bnfast_grad_run_scalar_f32)
+BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_f16, bnfast_f16, bnfast_grad_run_scalar_f16)
+BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_bf16, bnfast_bf16, bnfast_grad_run_scalar_bf16)
 #define bnfast_flat_grad_f32_nt bnfast_flat_grad_f32
 #define bnfast_flat_grad_f16_nt bnfast_flat_grad_f16
 #define bnfast_flat_grad_bf16_nt bnfast_flat_grad_bf16

@@ -23,7 +23,7 @@
 #include "bnfast_flat_runs.h"
 #include "bnfast_backward_half.h"
 
-#define CASES 12000
+#define CASES 18000
 #define CAP (64 * 232 + 64)  /* values: runs * S + the largest offset */
 #define MAXC 40
 
@@ -65,6 +65,26 @@ static float next_float(float lo, float hi) {
         }                                                                                \
         LEAF((const T *)x, dy2, (T *)y2, runs, S, c, C, m, a, b, d);                     \
     }
+/* The same with the fused ReLU's mask (mbits from bit mpos on) and, half the
+ * time, g (in place: g is dy), against the run-by-run masked leaf.  (g's NaN
+ * payloads: the flat leaf copies dy's bits, as the float32 and the column
+ * leaves do; the half types' staged run-by-run leaf widens and narrows them,
+ * which quietens a signalling NaN.) */
+#define MGRAD_CASE(T, REF, LEAF)                                                         \
+    {                                                                                    \
+        T *dy1 = inplace ? (T *)y1 : (T *)add, *dy2 = inplace ? (T *)y2 : (T *)add;      \
+        T *g1 = with_g ? (inplace ? dy1 : (T *)g1buf + offset / (ptrdiff_t)size) : NULL; \
+        T *g2 = with_g ? (inplace ? dy2 : (T *)g2buf + offset / (ptrdiff_t)size) : NULL; \
+        T *dx1 = inplace ? (T *)dx1buf + offset / (ptrdiff_t)size : (T *)y1;             \
+        T *dx2 = inplace ? (T *)dx2buf + offset / (ptrdiff_t)size : (T *)y2;             \
+        ptrdiff_t t, ch = c;                                                             \
+        for (t = 0; t < runs; t++) {                                                     \
+            REF((const T *)x + t * S, dy1 + t * S, mbits, mpos + t * S, S, m[ch], a[ch], \
+                b[ch], d[ch], 1, 0, dx1 + t * S, g1 == NULL ? NULL : g1 + t * S);         \
+            if (++ch == C) ch = 0;                                                       \
+        }                                                                                \
+        LEAF((const T *)x, dy2, mbits, mpos, g2, dx2, runs, S, c, C, m, a, b, d);        \
+    }
 #define GRAD_F16_BASE(x, dy, dx, n, m, a, b, d) \
     bnfast_grad_vec_scalar_f16_base(x, dy, dx, n, m, a, b, d, 1)
 #define GRAD_BF16_BASE(x, dy, dx, n, m, a, b, d) \
@@ -92,15 +112,21 @@ int main(void) {
 #if BNFAST_DISPATCH_AVX2
     static unsigned char xbuf[CAP * 4 + 64], abuf[CAP * 4 + 64];
     static unsigned char y1buf[CAP * 4 + 64], y2buf[CAP * 4 + 64];
+    static unsigned char g1buf[CAP * 4 + 64], g2buf[CAP * 4 + 64];
+    static unsigned char dx1buf[CAP * 4 + 64], dx2buf[CAP * 4 + 64];
+    static unsigned char mbits[CAP / 8 + 8];
     static float m[MAXC], a[MAXC], b[MAXC], d[MAXC];
     int cases = 0, mismatches = 0, k;
+    uint32_t inf;
     if (!bnfast_use_flat()) {
         printf("0 0\n");
         return 0;
     }
     for (k = 0; k < CASES; k++) {
-        /* float32, float16, bfloat16; cached, streamed; normalise, dx */
-        int type = k % 3, nt = (k / 3) % 2, grad = (k / 6) % 2;
+        /* float32, float16, bfloat16; cached, streamed; normalise, dx, masked dx
+         * (cached only) */
+        int type = k % 3, nt = (k / 3) % 2, grad = (k / 6) % 3, with_g = next_rand() % 2;
+        ptrdiff_t mpos = next_rand() % 64;  /* the mask's first bit: any offset in a byte */
         size_t size = type == 0 ? 4 : 2;
         ptrdiff_t S = 32 + next_rand() % 200, C = 1 + next_rand() % MAXC;
         ptrdiff_t c = next_rand() % C, runs = next_rand() % 65, i;
@@ -133,11 +159,21 @@ int main(void) {
         }
         memset(y1buf, 0xa5, sizeof y1buf);
         memset(y2buf, 0xa5, sizeof y2buf);
+        memset(g1buf, 0x5a, sizeof g1buf);
+        memset(g2buf, 0x5a, sizeof g2buf);
+        memset(dx1buf, 0x3c, sizeof dx1buf);
+        memset(dx2buf, 0x3c, sizeof dx2buf);
+        for (i = 0; i < (ptrdiff_t)sizeof mbits; i++) mbits[i] = (unsigned char)next_rand();
         if (inplace) {
             memcpy(y1, grad ? add : x, (size_t)(runs * S) * size);
             memcpy(y2, grad ? add : x, (size_t)(runs * S) * size);
         }
-        if (grad) {
+        if (grad == 2) {
+            if (type == 0) MGRAD_CASE(float, bnfast_grad_run_scalar_f32, bnfast_flat_mgrad_f32)
+            else if (type == 1)
+                MGRAD_CASE(bnfast_f16, bnfast_grad_run_scalar_f16, bnfast_flat_mgrad_f16)
+            else MGRAD_CASE(bnfast_bf16, bnfast_grad_run_scalar_bf16, bnfast_flat_mgrad_bf16)
+        } else if (grad) {
             if (type == 0) {
                 if (nt) GRAD_CASE(float, bnfast_grad_scalar_f32_base, bnfast_flat_grad_f32_nt)
                 else GRAD_CASE(float, bnfast_grad_scalar_f32_base, bnfast_flat_grad_f32)
@@ -160,8 +196,10 @@ int main(void) {
         }
         bnfast_nt_fence();
         cases++;
-        if (!same_values(y1buf, y2buf, sizeof y1buf, size,
-                         type == 0 ? 0x7f800000u : type == 1 ? 0x7c00u : 0x7f80u, grad)) {
+        inf = type == 0 ? 0x7f800000u : type == 1 ? 0x7c00u : 0x7f80u;
+        if (!same_values(y1buf, y2buf, sizeof y1buf, size, inf, grad)
+            || !same_values(g1buf, g2buf, sizeof g1buf, size, inf, type != 0)
+            || !same_values(dx1buf, dx2buf, sizeof dx1buf, size, inf, grad)) {
             if (mismatches < 10)
                 fprintf(stderr, "mismatch: type %d nt %d grad %d S %td C %td c %td runs %td "
                         "offset %td relu %d add %d inplace %d\n", type, nt, grad, S, C, c, runs,
