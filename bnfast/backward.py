@@ -25,11 +25,11 @@ from ._validation import (
 
 # grad_input is written with non-temporal stores (bypassing the caches) from this
 # size of input up: pass 2 then saves the read-for-ownership of every line.  4 MiB
-# (twice a core's L2) for float32/float64: 4096x512 float32 backward 829 -> 763 us,
-# 8x64x56x56 597 -> 529 (2 threads; was 16 MiB).  Half data from 16 MiB: the half
-# leaves' 8 MiB passes were as fast or faster cached (float16 1060 against 1205 us).
+# (twice a core's L2): 4096x512 float32 backward 829 -> 763 us, 8x64x56x56 597 ->
+# 529 (2 threads; was 16 MiB).  Half data too since the flat and 32-value streamed
+# leaves (two threads, 4 against 16 MiB, paired: 32x2048x7x7 float16 0.84,
+# bfloat16 0.86; 8x128x56x56 float16 0.78; 4096x1024 bfloat16 0.83).
 STREAM_BYTES = 1 << 22
-HALF_STREAM_BYTES = 1 << 24
 
 __all__ = [
     "ReluMask",
@@ -44,7 +44,7 @@ __all__ = [
 def streams(x):
     """Whether the backward of ``x`` (a kernel-layout array) stores grad_input with
     non-temporal stores (also asked by bnfast.torch's plans)."""
-    return x.nbytes >= (STREAM_BYTES if x.itemsize >= 4 else HALF_STREAM_BYTES)
+    return x.nbytes >= STREAM_BYTES
 
 
 class _GradState(threading.local):

@@ -19,8 +19,8 @@ Two passes over the data, in the forward's two memory layouts:
    type: double for float64 data, float for float32, float16 and bfloat16.
    ``m`` is the compute-type mean and its rounding error is folded into
    ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
-   ``x - m`` exact.  From bnfast.backward.streams' size on (4 MiB of float32
-   or float64, 16 MiB of half data), dx takes non-temporal stores.
+   ``x - m`` exact.  From bnfast.backward.streams' size on (4 MiB), dx takes
+   non-temporal stores.
 
 Half-precision data (float16, bfloat16) runs the same kernels: its leaves
 (``bnfast_backward_half.h``) widen it exactly (in registers, or staged) and do
