@@ -397,8 +397,10 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef bint use_float = float_rows(table, C)
-    if use_float and flat_runs_taken(yp, S):  # any start, any S: the leaves align their stores
-        stream = stream and bits == NULL
+    if use_float and flat_runs_taken(yp, S):
+        # Any S, any element-aligned start: the leaves align their 64-byte stores
+        # (an out= view may be misaligned, which only plain stores take).
+        stream = stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
     else:
         stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
                                         real_t is bnfast_f16 or real_t is bnfast_bf16, bits)

@@ -830,11 +830,14 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
     cdef Py_ssize_t blk = 0
-    # The flat leaves take a block's runs whatever their alignment.  Otherwise
-    # streaming stores only where every run starts on a 16-byte boundary: a line
-    # written partly by movnt and partly by plain stores is very slow.
+    # The flat leaves stream a block's runs from any element-aligned start (they
+    # align their 64-byte stores; an out= view may be misaligned, which only
+    # plain stores take).  Otherwise streaming stores only where every run starts
+    # on a 16-byte boundary: a line written partly by movnt and partly by plain
+    # stores is very slow.
     cdef bint flat = training and dxp != NULL and flat_runs_taken(xp, S)
-    stream = stream and bits == NULL and (flat or _aligned16(dxp, S * sizeof(real_t)))
+    stream = stream and bits == NULL and (
+        (flat and (<size_t>dxp) % sizeof(real_t) == 0) or _aligned16(dxp, S * sizeof(real_t)))
     # The compute-type coefficients, once per channel.
     cdef void* table = aligned_malloc(4 * C * _compute_size(xp))
     if table == NULL:

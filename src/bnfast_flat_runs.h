@@ -1,11 +1,12 @@
 /*
- * The channels-first normalise on AVX-512 as one flat span: `runs` runs of S
- * values each (channel c, c + 1, ... modulo C) are contiguous, so they are
- * walked 32 values a step straight across the runs' ends.  A step that
- * straddles an end takes each lane's coefficients from its own channel (three
- * masked blends of the two channels' broadcasts per vector); S >= 32, so a
- * step meets at most one end, and the last (< 32) values all lie in the last
- * run: masked 16-value steps.
+ * Channels-first runs on AVX-512 as one flat span: `runs` runs of S values
+ * each (channel c, c + 1, ... modulo C) are contiguous, so they are walked 32
+ * values a step straight across the runs' ends.  A step that straddles an end
+ * takes each lane's coefficients from its own channel (a masked blend of the
+ * two channels' broadcasts per coefficient and vector); S >= 32, so a step
+ * meets at most one end, and the last (< 32) values all lie in the last run:
+ * masked 16-value steps.  Three bodies share the walk: the forward's normalise,
+ * the backward's dx in training, and that dx under the fused ReLU's mask.
  *
  * Why: a run-by-run leaf ends every run with a partial vector or a scalar
  * tail, and pays its loop set-up per run.  A 7x7 image's 49 values took two
@@ -17,13 +18,20 @@
  * Bits: every lane computes what the run-by-run leaves compute for it,
  * ((float)x - m) * a + b, the addend added as their BNFAST_H16_ADD, the ReLU
  * as their BNFAST_H16_RELU, and is rounded by the same conversion: the same
- * bits whatever the span (tests/test_layouts.py, tests/test_half_leaves.py).
+ * bits whatever the span (tests/test_flat_runs.py, tests/test_half_leaves.py,
+ * tests/test_layouts.py).
+ *
+ * Alignment: loads and cached stores take any address; the streamed leaves
+ * (_nt) go to the 64-byte line in masked steps first, which needs an output
+ * aligned to its itemsize (the callers check: an out= view may not be).
  *
  * A storage type gives LOAD32(p, A, B), two float vectors of 32 values (the
  * even and odd ones for bfloat16, whose widening is then a shift and an and;
  * the first and last 16 for the others), MASKS(d, KA, KB), the lanes of A and
- * B at or after the step's d-th value, STORE32/STREAM32(p, A, B), and
- * LOAD16M(k, p)/STORE16M(k, p, v), 16 values under a mask.
+ * B at or after the step's d-th value, STORE32/STREAM32(p, A, B),
+ * LOAD16M(k, p)/STORE16M(k, p, v), 16 values under a mask, and for the masked
+ * dx LOAD32M (LOAD32 with masked-off values +0) and COPY32M/COPY16M (the
+ * masked values' bits copied).
  */
 #ifndef BNFAST_FLAT_RUNS_H
 #define BNFAST_FLAT_RUNS_H
@@ -49,11 +57,11 @@
 #define BNFAST_FLAT_IN_B(r) r##B
 
 /* The walk over runs * S values of output OUT: the head to ALIGN bytes (1: none)
- * and the tail in masked steps of this channel, MASKED(k, ...) for k <= 16
- * values from p (both lie within one run: fewer than 32 <= S values); between
- * them STEP(CA, CB, ...), the 32 values from p, CA/CB giving its two vectors'
- * coefficients; MASKS(d, KA, KB): the lanes from the step's d-th value on, where
- * the next channel starts within the step. */
+ * and the tail in masked steps of this channel, MASKED(K, ...) for the first k
+ * <= 16 values from p (K = 2^k - 1; both lie within one run: fewer than 32 <= S
+ * values); between them STEP(CA, CB, ...), the 32 values from p, CA/CB giving
+ * its two vectors' coefficients; MASKS(d, KA, KB): the lanes from the step's
+ * d-th value on, where the next channel starts within the step. */
 #define BNFAST_FLAT_WALK(T, OUT, ALIGN, ROWS, MASKS, STEP, MASKED, ...)                  \
     {                                                                                    \
         ptrdiff_t total = runs * S, p = 0, next = S, cn = c + 1 == C ? 0 : c + 1, k_;    \

@@ -184,6 +184,19 @@ def assert_same(actual, expected, msg=""):
         np.testing.assert_array_equal(actual, expected, err_msg=msg)
 
 
+def misaligned_empty(shape, dtype, offset):
+    """An uninitialised array of ``shape`` whose data starts ``offset`` bytes past a
+    64-byte boundary, ``offset`` not a multiple of the itemsize (NumPy allows such
+    views; their ``flags.aligned`` is False)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    a = raw[start:start + nbytes].view(dtype).reshape(shape)
+    assert not a.flags.aligned
+    return a
+
+
 def other_float(dtype):
     """The other supported float dtype."""
     return np.float64 if np.dtype(dtype) == np.float32 else np.float32

@@ -4,6 +4,7 @@ import gc
 import math
 import weakref
 
+import ml_dtypes
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -11,11 +12,13 @@ from threadpoolctl import threadpool_limits
 import bnfast
 from bnfast.testing import reference_batch_norm_backward
 from conftest import (
+    assert_same,
     channels_last,
     is_channels_last,
     make_input,
     make_params,
     make_running,
+    misaligned_empty,
     with_layout,
 )
 
@@ -1011,3 +1014,30 @@ def test_streaming_stores_give_the_same_bits(dtype, rng, shape, layout, monkeypa
     streamed = run(True) + run(False)
     for u, v in zip(cached, streamed):
         np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("dtype, offset", [(np.float32, 2), (np.float16, 1),
+                                           (ml_dtypes.bfloat16, 1)],
+                         ids=["float32", "float16", "bfloat16"])
+def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, offset):
+    # 4.8 MB of 7x7 images: grad_input this large streams, but only from an aligned
+    # start; out= (and addend_out=) views off their itemsize take plain stores.
+    shape = (24 if np.dtype(dtype).itemsize == 4 else 48, 1024, 7, 7)
+    x, dy = make_input(rng, shape, dtype), rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    pdtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+    w = rng.uniform(0.5, 1.5, C).astype(pdtype)
+    y, mean, invstd = bnfast.batch_norm(x, np.zeros(C, pdtype), np.ones(C, pdtype), w, None,
+                                        training=True, relu=True, return_stats=True)
+    out = misaligned_empty(shape, dtype, offset)
+    got = bnfast.batch_norm_backward(dy, x, w, mean, invstd, True, out=out)
+    assert got[0] is out
+    assert_same(out, bnfast.batch_norm_backward(dy, x, w, mean, invstd, True)[0])
+    # The fused backward's masked dx and the addend's gradient, both misaligned.
+    addend_out = misaligned_empty(shape, dtype, offset)
+    got = bnfast.fused_batch_norm_backward(dy, x, y, w, mean, invstd, True, out=out,
+                                           addend_out=addend_out)
+    expected = bnfast.fused_batch_norm_backward(dy, x, y, w, mean, invstd, True)
+    assert got[0] is out and got[3] is addend_out
+    assert_same(out, expected[0])
+    assert_same(addend_out, expected[3])
