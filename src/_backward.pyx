@@ -118,29 +118,20 @@ cdef extern from "bnfast_rows.h" nogil:
 
 
 cdef extern from "bnfast_flat_runs.h" nogil:
-    # Channels-first dx in training on AVX-512, a block's runs as one span (any
-    # start: the streamed ones align their own stores), where _affine's
-    # flat_runs_taken says so.
-    void bnfast_flat_grad_f32(const float* x, const float* dy, float* dx, Py_ssize_t runs,
-                              Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
-                              const float* a, const float* b, const float* d)
-    void bnfast_flat_grad_f32_nt(const float* x, const float* dy, float* dx, Py_ssize_t runs,
-                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
-                                 const float* a, const float* b, const float* d)
-    void bnfast_flat_grad_f16(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
-                              Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
-                              const float* m, const float* a, const float* b, const float* d)
-    void bnfast_flat_grad_f16_nt(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
-                                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
-                                 const float* m, const float* a, const float* b,
-                                 const float* d)
-    void bnfast_flat_grad_bf16(const bnfast_bf16* x, const bnfast_bf16* dy, bnfast_bf16* dx,
-                               Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
-                               const float* m, const float* a, const float* b, const float* d)
-    void bnfast_flat_grad_bf16_nt(const bnfast_bf16* x, const bnfast_bf16* dy,
-                                  bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
-                                  Py_ssize_t C, const float* m, const float* a, const float* b,
-                                  const float* d)
+    # Channels-first dx in training on AVX-512, a block's runs as one span (cached,
+    # or streamed from any element-aligned start: the leaves align their 64-byte
+    # stores), where _affine's flat_runs_taken says so.
+    void bnfast_flat_grad_f32_s(const float* x, const float* dy, float* dx, Py_ssize_t runs,
+                                Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                                const float* a, const float* b, const float* d, int stream)
+    void bnfast_flat_grad_f16_s(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
+                                Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
+                                const float* m, const float* a, const float* b,
+                                const float* d, int stream)
+    void bnfast_flat_grad_bf16_s(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                 bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                 Py_ssize_t C, const float* m, const float* a, const float* b,
+                                 const float* d, int stream)
     # The same with the fused ReLU's mask (bits from bit pos on), g: the masked dy.
     void bnfast_flat_mgrad_f32(const float* x, const float* dy, const unsigned char* bits,
                                Py_ssize_t pos, float* g, float* dx, Py_ssize_t runs,
@@ -381,21 +372,14 @@ cdef inline void _flat_grad(const real_t* x, const real_t* dy, const unsigned ch
             bnfast_flat_mgrad_bf16(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
                                    ft + 2 * C, ft + 3 * C)
     elif real_t is float:
-        if stream:
-            bnfast_flat_grad_f32_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
-        else:
-            bnfast_flat_grad_f32(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+        bnfast_flat_grad_f32_s(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C,
+                               stream)
     elif real_t is bnfast_f16:
-        if stream:
-            bnfast_flat_grad_f16_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
-        else:
-            bnfast_flat_grad_f16(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+        bnfast_flat_grad_f16_s(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C,
+                               stream)
     elif real_t is bnfast_bf16:
-        if stream:
-            bnfast_flat_grad_bf16_nt(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C,
-                                     ft + 3 * C)
-        else:
-            bnfast_flat_grad_bf16(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C)
+        bnfast_flat_grad_bf16_s(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C,
+                                stream)
 
 
 cdef inline void _grad_scalar(const real_t* x, const real_t* dy, const unsigned char* bits,

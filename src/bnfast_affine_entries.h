@@ -28,8 +28,8 @@
         else bnfast_affine_tiled_##SFX(x, add, y, n, W, m, a, b, relu);                  \
     }
 /* Runs: the flat leaves (bnfast_flat_runs.h) where bnfast_flat_runs_taken_SFX(S)
- * says so; they take any alignment, so that also decides which outputs may
- * stream (src/_affine.pxd's _streamable). */
+ * says so; they stream from any element-aligned start, so that also decides
+ * which outputs may stream (src/_affine.pxd's apply_first). */
 #define BNFAST_AFFINE_RUNS_ENTRY(SFX, T)                                                 \
     static inline void bnfast_affine_runs_##SFX##_s(const T *x, const T *add, T *y,      \
                                                     ptrdiff_t runs, ptrdiff_t S,         \

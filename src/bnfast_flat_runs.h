@@ -381,4 +381,18 @@ BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_bf16, bnfast_bf16, bnfast_grad_run_s
 #define bnfast_flat_runs_bf16_nt bnfast_affine_runs_bf16_nt
 #endif
 
+/* dx's entries for the Cython layer (src/_backward.pyx): cached or streamed by a
+ * flag, as bnfast_affine_entries.h's for the normalise. */
+#define BNFAST_FLAT_GRAD_ENTRY(H, T)                                                     \
+    static inline void bnfast_flat_grad_##H##_s(const T *x, const T *dy, T *dx,          \
+                                                ptrdiff_t runs, ptrdiff_t S, ptrdiff_t c, \
+                                                ptrdiff_t C, const float *m, const float *a, \
+                                                const float *b, const float *d, int stream) { \
+        if (stream) bnfast_flat_grad_##H##_nt(x, dy, dx, runs, S, c, C, m, a, b, d);      \
+        else bnfast_flat_grad_##H(x, dy, dx, runs, S, c, C, m, a, b, d);                  \
+    }
+BNFAST_FLAT_GRAD_ENTRY(f32, float)
+BNFAST_FLAT_GRAD_ENTRY(f16, bnfast_f16)
+BNFAST_FLAT_GRAD_ENTRY(bf16, bnfast_bf16)
+
 #endif /* BNFAST_FLAT_RUNS_H */
