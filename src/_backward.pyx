@@ -118,35 +118,36 @@ cdef extern from "bnfast_rows.h" nogil:
 
 
 cdef extern from "bnfast_flat_runs.h" nogil:
-    # Channels-first dx in training on AVX-512, a block's runs as one span (cached,
-    # or streamed from any element-aligned start: the leaves align their 64-byte
-    # stores), where _affine's flat_runs_taken says so.
+    # Channels-first dx on AVX-512, a block's runs as one span, in training or
+    # evaluation (cached, or streamed from any element-aligned start: the leaves
+    # align their 64-byte stores), where _affine's flat_runs_taken says so.
     void bnfast_flat_grad_f32_s(const float* x, const float* dy, float* dx, Py_ssize_t runs,
                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
-                                const float* a, const float* b, const float* d, int stream)
+                                const float* a, const float* b, const float* d, int training,
+                                int stream)
     void bnfast_flat_grad_f16_s(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
                                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c, Py_ssize_t C,
                                 const float* m, const float* a, const float* b,
-                                const float* d, int stream)
+                                const float* d, int training, int stream)
     void bnfast_flat_grad_bf16_s(const bnfast_bf16* x, const bnfast_bf16* dy,
                                  bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
                                  Py_ssize_t C, const float* m, const float* a, const float* b,
-                                 const float* d, int stream)
+                                 const float* d, int training, int stream)
     # The same with the fused ReLU's mask (bits from bit pos on), g: the masked dy.
-    void bnfast_flat_mgrad_f32(const float* x, const float* dy, const unsigned char* bits,
-                               Py_ssize_t pos, float* g, float* dx, Py_ssize_t runs,
-                               Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
-                               const float* a, const float* b, const float* d)
-    void bnfast_flat_mgrad_f16(const bnfast_f16* x, const bnfast_f16* dy,
-                               const unsigned char* bits, Py_ssize_t pos, bnfast_f16* g,
-                               bnfast_f16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
-                               Py_ssize_t C, const float* m, const float* a, const float* b,
-                               const float* d)
-    void bnfast_flat_mgrad_bf16(const bnfast_bf16* x, const bnfast_bf16* dy,
-                                const unsigned char* bits, Py_ssize_t pos, bnfast_bf16* g,
-                                bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
-                                Py_ssize_t C, const float* m, const float* a, const float* b,
-                                const float* d)
+    void bnfast_flat_mgrad_f32_s(const float* x, const float* dy, const unsigned char* bits,
+                                 Py_ssize_t pos, float* g, float* dx, Py_ssize_t runs,
+                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
+                                 const float* a, const float* b, const float* d, int training)
+    void bnfast_flat_mgrad_f16_s(const bnfast_f16* x, const bnfast_f16* dy,
+                                 const unsigned char* bits, Py_ssize_t pos, bnfast_f16* g,
+                                 bnfast_f16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                 Py_ssize_t C, const float* m, const float* a, const float* b,
+                                 const float* d, int training)
+    void bnfast_flat_mgrad_bf16_s(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                  const unsigned char* bits, Py_ssize_t pos, bnfast_bf16* g,
+                                  bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
+                                  Py_ssize_t C, const float* m, const float* a, const float* b,
+                                  const float* d, int training)
 
 
 cdef extern from "bnfast_backward_half.h" nogil:
@@ -355,7 +356,7 @@ cdef inline void _grad_runs(const real_t* x, const real_t* dy, real_t* dx, Py_ss
 cdef inline void _flat_grad(const real_t* x, const real_t* dy, const unsigned char* bits,
                             Py_ssize_t pos, real_t* g, real_t* dx, Py_ssize_t runs,
                             Py_ssize_t S, const void* table, Py_ssize_t C, Py_ssize_t c,
-                            bint stream) noexcept nogil:
+                            bint training, bint stream) noexcept nogil:
     """dx of runs consecutive runs of S values from channel c on (wrapping at C), as
     one span (flat_runs_taken); with a mask (bits from bit pos on: never streamed),
     g gets the masked dy unless NULL.  table holds the float rows m, a, b, d (C
@@ -363,23 +364,23 @@ cdef inline void _flat_grad(const real_t* x, const real_t* dy, const unsigned ch
     cdef const float* ft = <const float*>table
     if bits != NULL:
         if real_t is float:
-            bnfast_flat_mgrad_f32(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
-                                  ft + 2 * C, ft + 3 * C)
+            bnfast_flat_mgrad_f32_s(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
+                                    ft + 2 * C, ft + 3 * C, training)
         elif real_t is bnfast_f16:
-            bnfast_flat_mgrad_f16(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
-                                  ft + 2 * C, ft + 3 * C)
+            bnfast_flat_mgrad_f16_s(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
+                                    ft + 2 * C, ft + 3 * C, training)
         elif real_t is bnfast_bf16:
-            bnfast_flat_mgrad_bf16(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
-                                   ft + 2 * C, ft + 3 * C)
+            bnfast_flat_mgrad_bf16_s(x, dy, bits, pos, g, dx, runs, S, c, C, ft, ft + C,
+                                     ft + 2 * C, ft + 3 * C, training)
     elif real_t is float:
         bnfast_flat_grad_f32_s(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C,
-                               stream)
+                               training, stream)
     elif real_t is bnfast_f16:
         bnfast_flat_grad_f16_s(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C,
-                               stream)
+                               training, stream)
     elif real_t is bnfast_bf16:
         bnfast_flat_grad_bf16_s(x, dy, dx, runs, S, c, C, ft, ft + C, ft + 2 * C, ft + 3 * C,
-                                stream)
+                                training, stream)
 
 
 cdef inline void _grad_scalar(const real_t* x, const real_t* dy, const unsigned char* bits,
@@ -773,16 +774,16 @@ cdef inline void _apply_first_runs(Py_ssize_t blk, const real_t* xp, const real_
                                    const unsigned char* bits, const void* table,
                                    real_t* dxp, real_t* gp, Py_ssize_t runs, Py_ssize_t C,
                                    Py_ssize_t S, Py_ssize_t per_block, bint flat,
-                                   bint stream) noexcept nogil:
-    """_apply_first_block in training: the block's runs in one flat leaf call (flat:
-    mask and g too), else (without mask or g, never streamed) in stretches of
-    consecutive channels, one leaf call each; table holds the rows m, a, b, d (C
-    each) in the compute type."""
+                                   bint training, bint stream) noexcept nogil:
+    """_apply_first_block's job: the block's runs in one flat leaf call (flat: mask, g
+    and evaluation too), else (training without mask or g, never streamed) in
+    stretches of consecutive channels, one leaf call each; table holds the rows m,
+    a, b, d (C each) in the compute type."""
     cdef Py_ssize_t t = blk * per_block, t_end = min(runs, (blk + 1) * per_block)
     cdef Py_ssize_t c, n
     if flat:
         _flat_grad(xp + t * S, dyp + t * S, bits, t * S, NULL if gp == NULL else gp + t * S,
-                   dxp + t * S, t_end - t, S, table, C, t % C, stream)
+                   dxp + t * S, t_end - t, S, table, C, t % C, training, stream)
         if stream:
             bnfast_stream_fence()
         return
@@ -819,7 +820,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     # plain stores take).  Otherwise streaming stores only where every run starts
     # on a 16-byte boundary: a line written partly by movnt and partly by plain
     # stores is very slow.
-    cdef bint flat = training and dxp != NULL and flat_runs_taken(xp, S)
+    cdef bint flat = dxp != NULL and flat_runs_taken(xp, S)
     stream = stream and bits == NULL and (
         (flat and (<size_t>dxp) % sizeof(real_t) == 0) or _aligned16(dxp, S * sizeof(real_t)))
     # The compute-type coefficients, once per channel.
@@ -833,7 +834,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
         if nt == 1:
             for blk in range(blocks):
                 _apply_first_runs(blk, xp, dyp, bits, table, dxp, gp, runs, C, S, per_block,
-                                  flat, stream)
+                                  flat, training, stream)
         else:
             bnfast_shares_init(&shares, blocks, nt)
             with parallel(num_threads=nt):
@@ -841,7 +842,7 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
                 blk = bnfast_claim_next(&shares, &claim)
                 while blk >= 0:
                     _apply_first_runs(blk, xp, dyp, bits, table, dxp, gp, runs, C, S,
-                                      per_block, flat, stream)
+                                      per_block, flat, training, stream)
                     blk = bnfast_claim_next(&shares, &claim)
     elif nt == 1:  # see _reduce_first
         for blk in range(blocks):

@@ -134,67 +134,78 @@
             BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, 1, 1, __VA_ARGS__)                  \
     }
 
-/* The backward's dx in training: dx = ((float)dy * a + ((float)x - m) * b) + d,
- * the additions in the run-by-run leaves' operand order (BNFAST_H16_ADD). */
-#define BNFAST_FLAT_GRAD_ROWS(X) X(m) X(a) X(b) X(d)
-#define BNFAST_FLAT_GRAD(v, G, X, CO)                                                     \
+/* The backward's dx: in training (TRAINING 1) ((float)dy * a + ((float)x - m) * b)
+ * + d, the additions in the run-by-run leaves' operand order (BNFAST_H16_ADD); in
+ * evaluation (0) (float)dy * a, x unread.  Rows per TRAINING. */
+#define BNFAST_FLAT_GRAD_ROWS_1(X) X(m) X(a) X(b) X(d)
+/* (x's vectors in evaluation, where they stay unread.) */
+#define BNFAST_FLAT_UNREAD __attribute__((unused))
+#define BNFAST_FLAT_GRAD_ROWS_0(X) X(a)
+#define BNFAST_FLAT_DX_1(v, G, X, CO)                                                     \
     v = BNFAST_H16_ADD(BNFAST_H16_ADD((G) * CO(a), ((X) - CO(m)) * CO(b)), CO(d));
-#define BNFAST_FLAT_GRAD_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M)                 \
+#define BNFAST_FLAT_DX_0(v, G, X, CO) v = (G) * CO(a);
+#define BNFAST_FLAT_GRAD_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M, TRAINING)       \
     {                                                                                    \
-        bnfast_h16f ga_, gb_, xa_, xb_;                                                  \
+        bnfast_h16f ga_, gb_;                                                            \
+        bnfast_h16f xa_ BNFAST_FLAT_UNREAD = {0}, xb_ BNFAST_FLAT_UNREAD = {0};            \
         LOAD32(dy + p, ga_, gb_);                                                        \
-        LOAD32(x + p, xa_, xb_);                                                         \
-        BNFAST_FLAT_GRAD(ga_, ga_, xa_, CA)                                              \
-        BNFAST_FLAT_GRAD(gb_, gb_, xb_, CB)                                              \
+        if (TRAINING) LOAD32(x + p, xa_, xb_);                                           \
+        BNFAST_FLAT_DX_##TRAINING(ga_, ga_, xa_, CA)                                     \
+        BNFAST_FLAT_DX_##TRAINING(gb_, gb_, xb_, CB)                                     \
         STORE32(dx + p, ga_, gb_);                                                       \
     }
-#define BNFAST_FLAT_GRAD_MASKED(k, LOAD32, STORE32, LOAD16M, STORE16M)                    \
+#define BNFAST_FLAT_GRAD_MASKED(k, LOAD32, STORE32, LOAD16M, STORE16M, TRAINING)          \
     {                                                                                    \
         bnfast_h16f v_;                                                                  \
-        BNFAST_FLAT_GRAD(v_, LOAD16M(k, dy + p), LOAD16M(k, x + p), BNFAST_FLAT_THIS)    \
+        BNFAST_FLAT_DX_##TRAINING(v_, LOAD16M(k, dy + p), LOAD16M(k, x + p),             \
+                                  BNFAST_FLAT_THIS)                                      \
         STORE16M(k, dx + p, v_);                                                         \
     }
-/* runs of S values from channel c on (of C, wrapping), rows m, a, b, d of C floats. */
-#define BNFAST_DEFINE_FLAT_GRAD(NAME, T, TARGET, MASKS, ALIGN, ...)                       \
+/* runs of S values from channel c on (of C, wrapping), rows m, a, b, d of C floats
+ * (evaluation reads a only). */
+#define BNFAST_DEFINE_FLAT_GRAD(NAME, T, TARGET, MASKS, ALIGN, TRAINING, ...)             \
     TARGET static inline void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs,      \
                                    ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
                                    const float *a, const float *b, const float *d)       \
-        BNFAST_FLAT_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS, MASKS, BNFAST_FLAT_GRAD_STEP, \
-                         BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__)
+        BNFAST_FLAT_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS_##TRAINING, MASKS,          \
+                         BNFAST_FLAT_GRAD_STEP, BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__, TRAINING)
 
 /* The same with the fused ReLU's mask: dy where bit pos + i of bits is set, else
  * +0 (the run-by-run leaves' (T)0), and that masked dy's bits copied into g
  * when g is not NULL (g may be dy: each step reads dy before it writes g).
  * Cached stores only (the masked backward does not stream). */
 #define BNFAST_FLAT_MGRAD_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M, LOAD32M,       \
-                               COPY32M, COPY16M)                                          \
+                               COPY32M, COPY16M, TRAINING)                                \
     {                                                                                    \
         uint32_t on_ = bnfast_flat_bits(bits, pos + p, 32);                              \
-        bnfast_h16f ga_, gb_, xa_, xb_;                                                  \
+        bnfast_h16f ga_, gb_;                                                            \
+        bnfast_h16f xa_ BNFAST_FLAT_UNREAD = {0}, xb_ BNFAST_FLAT_UNREAD = {0};            \
         LOAD32M(on_, dy + p, ga_, gb_);                                                  \
-        LOAD32(x + p, xa_, xb_);                                                         \
+        if (TRAINING) LOAD32(x + p, xa_, xb_);                                           \
         if (g != NULL) COPY32M(on_, dy + p, g + p);                                      \
-        BNFAST_FLAT_GRAD(ga_, ga_, xa_, CA)                                              \
-        BNFAST_FLAT_GRAD(gb_, gb_, xb_, CB)                                              \
+        BNFAST_FLAT_DX_##TRAINING(ga_, ga_, xa_, CA)                                     \
+        BNFAST_FLAT_DX_##TRAINING(gb_, gb_, xb_, CB)                                     \
         STORE32(dx + p, ga_, gb_);                                                       \
     }
 #define BNFAST_FLAT_MGRAD_MASKED(k, LOAD32, STORE32, LOAD16M, STORE16M, LOAD32M, COPY32M, \
-                                 COPY16M)                                                 \
+                                 COPY16M, TRAINING)                                       \
     {                                                                                    \
         __mmask16 on_ = (__mmask16)bnfast_flat_bits(bits, pos + p,                        \
                                                     __builtin_popcount((unsigned)(k)));  \
         bnfast_h16f v_;                                                                  \
-        BNFAST_FLAT_GRAD(v_, LOAD16M(on_, dy + p), LOAD16M(k, x + p), BNFAST_FLAT_THIS)  \
+        BNFAST_FLAT_DX_##TRAINING(v_, LOAD16M(on_, dy + p), LOAD16M(k, x + p),           \
+                                  BNFAST_FLAT_THIS)                                      \
         if (g != NULL) COPY16M(k, on_, dy + p, g + p);                                   \
         STORE16M(k, dx + p, v_);                                                         \
     }
-#define BNFAST_DEFINE_FLAT_MGRAD(NAME, T, TARGET, MASKS, ...)                             \
+#define BNFAST_DEFINE_FLAT_MGRAD(NAME, T, TARGET, MASKS, TRAINING, ...)                   \
     TARGET static inline void NAME(const T *x, const T *dy, const unsigned char *bits,   \
                                    ptrdiff_t pos, T *g, T *dx, ptrdiff_t runs,           \
                                    ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
                                    const float *a, const float *b, const float *d)       \
-        BNFAST_FLAT_WALK(T, dx, 1, BNFAST_FLAT_GRAD_ROWS, MASKS, BNFAST_FLAT_MGRAD_STEP,  \
-                         BNFAST_FLAT_MGRAD_MASKED, __VA_ARGS__)
+        BNFAST_FLAT_WALK(T, dx, 1, BNFAST_FLAT_GRAD_ROWS_##TRAINING, MASKS,              \
+                         BNFAST_FLAT_MGRAD_STEP, BNFAST_FLAT_MGRAD_MASKED, __VA_ARGS__,   \
+                         TRAINING)
 /* n <= 32 bits of the mask from bit q on (bit i of the result: bit q + i), read
  * byte by byte: no byte past the last one those bits need. */
 static inline uint32_t bnfast_flat_bits(const unsigned char *bits, ptrdiff_t q, ptrdiff_t n) {
@@ -296,16 +307,25 @@ BNFAST_DEFINE_CPU_CHECK(flat, BNFAST_CPU("avx2") && BNFAST_CPU("f16c") && BNFAST
  * 32-value steps). */
 #define BNFAST_DEFINE_FLAT_LEAVES(H, T, LOAD32, MASKS, STORE32, STREAM32, LOAD16M, STORE16M, \
                                   LOAD32M, COPY32M, COPY16M)                             \
-    BNFAST_DEFINE_FLAT_MGRAD(bnfast_flat_mgrad_##H, T, BNFAST_FLAT_TARGET, MASKS, LOAD32,  \
-                             STORE32, LOAD16M, STORE16M, LOAD32M, COPY32M, COPY16M)       \
     BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H, T, BNFAST_FLAT_TARGET, MASKS, 1,        \
                             LOAD32, STORE32, LOAD16M, STORE16M)                          \
     BNFAST_DEFINE_FLAT_RUNS(bnfast_flat_runs_##H##_nt, T, BNFAST_FLAT_TARGET, MASKS, 64,  \
                             LOAD32, STREAM32, LOAD16M, STORE16M)                         \
-    BNFAST_DEFINE_FLAT_GRAD(bnfast_flat_grad_##H, T, BNFAST_FLAT_TARGET, MASKS, 1,        \
-                            LOAD32, STORE32, LOAD16M, STORE16M)                          \
-    BNFAST_DEFINE_FLAT_GRAD(bnfast_flat_grad_##H##_nt, T, BNFAST_FLAT_TARGET, MASKS, 64,  \
-                            LOAD32, STREAM32, LOAD16M, STORE16M)
+    BNFAST_FLAT_DX_LEAVES(H, T, grad, 1, LOAD32, MASKS, STORE32, STREAM32, LOAD16M,       \
+                          STORE16M, LOAD32M, COPY32M, COPY16M)                           \
+    BNFAST_FLAT_DX_LEAVES(H, T, scale, 0, LOAD32, MASKS, STORE32, STREAM32, LOAD16M,      \
+                          STORE16M, LOAD32M, COPY32M, COPY16M)
+/* dx in training (KIND grad, TRAINING 1) or evaluation (scale, 0): cached,
+ * streamed, and under the mask (m: cached). */
+#define BNFAST_FLAT_DX_LEAVES(H, T, KIND, TRAINING, LOAD32, MASKS, STORE32, STREAM32,     \
+                              LOAD16M, STORE16M, LOAD32M, COPY32M, COPY16M)              \
+    BNFAST_DEFINE_FLAT_GRAD(bnfast_flat_##KIND##_##H, T, BNFAST_FLAT_TARGET, MASKS, 1,    \
+                            TRAINING, LOAD32, STORE32, LOAD16M, STORE16M)                \
+    BNFAST_DEFINE_FLAT_GRAD(bnfast_flat_##KIND##_##H##_nt, T, BNFAST_FLAT_TARGET, MASKS,  \
+                            64, TRAINING, LOAD32, STREAM32, LOAD16M, STORE16M)           \
+    BNFAST_DEFINE_FLAT_MGRAD(bnfast_flat_m##KIND##_##H, T, BNFAST_FLAT_TARGET, MASKS,     \
+                             TRAINING, LOAD32, STORE32, LOAD16M, STORE16M, LOAD32M,      \
+                             COPY32M, COPY16M)
 BNFAST_DEFINE_FLAT_LEAVES(bf16, bnfast_bf16, BNFAST_FLAT_LOAD32_BF16, BNFAST_FLAT_MASKS_EO,
                           bnfast_store32eo_bf16_z, bnfast_stream32eo_bf16_z,
                           BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16,
@@ -338,37 +358,6 @@ static inline int bnfast_flat_runs_taken_bf16(ptrdiff_t S) {
 /* Builds without the run-time dispatch (portable, -march=native) never take the
  * flat leaves; the names stand for the run-by-run leaves, for the callers' one
  * code path. */
-#define BNFAST_FLAT_GRAD_BY_RUNS(NAME, T, RUNS)                                          \
-    static inline void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs, ptrdiff_t S, \
-                            ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,    \
-                            const float *b, const float *d) {                            \
-        ptrdiff_t t;                                                                     \
-        for (t = 0; t < runs; t++) {                                                     \
-            RUNS(x + t * S, dy + t * S, dx + t * S, 1, S, m + c, a + c, b + c, d + c);   \
-            if (++c == C) c = 0;                                                         \
-        }                                                                                \
-    }
-BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_f32, float, bnfast_grad_runs_f32)
-BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_f16, bnfast_f16, bnfast_grad_runs_f16)
-BNFAST_FLAT_GRAD_BY_RUNS(bnfast_flat_grad_bf16, bnfast_bf16, bnfast_grad_runs_bf16)
-#define BNFAST_FLAT_MGRAD_BY_RUNS(NAME, T, RUN)                                          \
-    static inline void NAME(const T *x, const T *dy, const unsigned char *bits,          \
-                            ptrdiff_t pos, T *g, T *dx, ptrdiff_t runs, ptrdiff_t S,     \
-                            ptrdiff_t c, ptrdiff_t C, const float *m, const float *a,    \
-                            const float *b, const float *d) {                            \
-        ptrdiff_t t;                                                                     \
-        for (t = 0; t < runs; t++) {                                                     \
-            RUN(x + t * S, dy + t * S, bits, pos + t * S, S, m[c], a[c], b[c], d[c], 1, 0, \
-                dx + t * S, g == NULL ? NULL : g + t * S);                               \
-            if (++c == C) c = 0;                                                         \
-        }                                                                                \
-    }
-BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_f32, float, bnfast_grad_run_scalar_f32)
-BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_f16, bnfast_f16, bnfast_grad_run_scalar_f16)
-BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_bf16, bnfast_bf16, bnfast_grad_run_scalar_bf16)
-#define bnfast_flat_grad_f32_nt bnfast_flat_grad_f32
-#define bnfast_flat_grad_f16_nt bnfast_flat_grad_f16
-#define bnfast_flat_grad_bf16_nt bnfast_flat_grad_bf16
 #define BNFAST_FLAT_NONE(S) 0
 #define bnfast_flat_runs_taken_f32 BNFAST_FLAT_NONE
 #define bnfast_flat_runs_taken_f16 BNFAST_FLAT_NONE
@@ -381,18 +370,58 @@ BNFAST_FLAT_MGRAD_BY_RUNS(bnfast_flat_mgrad_bf16, bnfast_bf16, bnfast_grad_run_s
 #define bnfast_flat_runs_bf16_nt bnfast_affine_runs_bf16_nt
 #endif
 
-/* dx's entries for the Cython layer (src/_backward.pyx): cached or streamed by a
- * flag, as bnfast_affine_entries.h's for the normalise. */
-#define BNFAST_FLAT_GRAD_ENTRY(H, T)                                                     \
+/* dx's entries for the Cython layer (src/_backward.pyx), as bnfast_affine_entries.h's
+ * for the normalise: training or evaluation and cached or streamed by flags; the
+ * masked ones (g: the masked dy, or NULL) cached. */
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_FLAT_GRAD_ENTRIES(H, T)                                                   \
     static inline void bnfast_flat_grad_##H##_s(const T *x, const T *dy, T *dx,          \
                                                 ptrdiff_t runs, ptrdiff_t S, ptrdiff_t c, \
                                                 ptrdiff_t C, const float *m, const float *a, \
-                                                const float *b, const float *d, int stream) { \
-        if (stream) bnfast_flat_grad_##H##_nt(x, dy, dx, runs, S, c, C, m, a, b, d);      \
-        else bnfast_flat_grad_##H(x, dy, dx, runs, S, c, C, m, a, b, d);                  \
+                                                const float *b, const float *d,          \
+                                                int training, int stream) {              \
+        (training ? (stream ? bnfast_flat_grad_##H##_nt : bnfast_flat_grad_##H)          \
+                  : (stream ? bnfast_flat_scale_##H##_nt : bnfast_flat_scale_##H))(      \
+            x, dy, dx, runs, S, c, C, m, a, b, d);                                       \
+    }                                                                                    \
+    static inline void bnfast_flat_mgrad_##H##_s(const T *x, const T *dy,                \
+                                                 const unsigned char *bits, ptrdiff_t pos, \
+                                                 T *g, T *dx, ptrdiff_t runs, ptrdiff_t S, \
+                                                 ptrdiff_t c, ptrdiff_t C, const float *m, \
+                                                 const float *a, const float *b,         \
+                                                 const float *d, int training) {         \
+        (training ? bnfast_flat_mgrad_##H : bnfast_flat_mscale_##H)(                     \
+            x, dy, bits, pos, g, dx, runs, S, c, C, m, a, b, d);                         \
     }
-BNFAST_FLAT_GRAD_ENTRY(f32, float)
-BNFAST_FLAT_GRAD_ENTRY(f16, bnfast_f16)
-BNFAST_FLAT_GRAD_ENTRY(bf16, bnfast_bf16)
+#else
+/* (Run by run: never taken there, see above.) */
+#define BNFAST_FLAT_GRAD_ENTRIES(H, T)                                                   \
+    static inline void bnfast_flat_mgrad_##H##_s(const T *x, const T *dy,                \
+                                                 const unsigned char *bits, ptrdiff_t pos, \
+                                                 T *g, T *dx, ptrdiff_t runs, ptrdiff_t S, \
+                                                 ptrdiff_t c, ptrdiff_t C, const float *m, \
+                                                 const float *a, const float *b,         \
+                                                 const float *d, int training) {         \
+        ptrdiff_t t;                                                                     \
+        for (t = 0; t < runs; t++) {                                                     \
+            bnfast_grad_run_scalar_##H(x + t * S, dy + t * S, bits, pos + t * S, S, m[c], \
+                                       a[c], b[c], d[c], training, 0, dx + t * S,        \
+                                       g == NULL ? NULL : g + t * S);                    \
+            if (++c == C) c = 0;                                                         \
+        }                                                                                \
+    }                                                                                    \
+    static inline void bnfast_flat_grad_##H##_s(const T *x, const T *dy, T *dx,          \
+                                                ptrdiff_t runs, ptrdiff_t S, ptrdiff_t c, \
+                                                ptrdiff_t C, const float *m, const float *a, \
+                                                const float *b, const float *d,          \
+                                                int training, int stream) {              \
+        (void)stream;                                                                    \
+        bnfast_flat_mgrad_##H##_s(x, dy, NULL, 0, NULL, dx, runs, S, c, C, m, a, b, d,   \
+                                  training);                                             \
+    }
+#endif
+BNFAST_FLAT_GRAD_ENTRIES(f32, float)
+BNFAST_FLAT_GRAD_ENTRIES(f16, bnfast_f16)
+BNFAST_FLAT_GRAD_ENTRIES(bf16, bnfast_bf16)
 
 #endif /* BNFAST_FLAT_RUNS_H */

@@ -24,7 +24,7 @@
 #include "bnfast_flat_runs.h"
 #include "bnfast_backward_half.h"
 
-#define CASES 18000
+#define CASES 30000
 #define CAP (64 * 232 + 64)  /* values: runs * S + the largest offset */
 #define MAXC 40
 
@@ -71,7 +71,7 @@ static float next_float(float lo, float hi) {
  * payloads: the flat leaf copies dy's bits, as the float32 and the column
  * leaves do; the half types' staged run-by-run leaf widens and narrows them,
  * which quietens a signalling NaN.) */
-#define MGRAD_CASE(T, REF, LEAF)                                                         \
+#define MGRAD_CASE(T, REF, LEAF, TRAINING)                                               \
     {                                                                                    \
         T *dy1 = inplace ? (T *)y1 : (T *)add, *dy2 = inplace ? (T *)y2 : (T *)add;      \
         T *g1 = with_g ? (inplace ? dy1 : (T *)(void *)(g1buf + offset)) : NULL;         \
@@ -81,7 +81,7 @@ static float next_float(float lo, float hi) {
         ptrdiff_t t, ch = c;                                                             \
         for (t = 0; t < runs; t++) {                                                     \
             REF((const T *)x + t * S, dy1 + t * S, mbits, mpos + t * S, S, m[ch], a[ch], \
-                b[ch], d[ch], 1, 0, dx1 + t * S, g1 == NULL ? NULL : g1 + t * S);         \
+                b[ch], d[ch], TRAINING, 0, dx1 + t * S, g1 == NULL ? NULL : g1 + t * S);  \
             if (++ch == C) ch = 0;                                                       \
         }                                                                                \
         LEAF((const T *)x, dy2, mbits, mpos, g2, dx2, runs, S, c, C, m, a, b, d);        \
@@ -90,6 +90,16 @@ static float next_float(float lo, float hi) {
     bnfast_grad_vec_scalar_f16_base(x, dy, dx, n, m, a, b, d, 1)
 #define GRAD_BF16_BASE(x, dy, dx, n, m, a, b, d) \
     bnfast_grad_vec_scalar_bf16_base(x, dy, dx, n, m, a, b, d, 1)
+/* Evaluation's dx = dy * a, run by run (the leaves behind the run-by-run entry). */
+#define SCALE_REF(H)                                                                     \
+    static void scale_ref_##H(const bnfast_##H *x, const bnfast_##H *dy, bnfast_##H *dx, \
+                              ptrdiff_t n, float m, float a, float b, float d) {         \
+        bnfast_grad_run_scalar_##H(x, dy, NULL, 0, n, m, a, b, d, 0, 0, dx, NULL);       \
+    }
+typedef float bnfast_f32;
+SCALE_REF(f32)
+SCALE_REF(f16)
+SCALE_REF(bf16)
 
 /* Whether two buffers agree: the bytes before `offset` and after the last whole
  * value exactly, the `size`-byte values from `offset` on bit for bit or
@@ -121,14 +131,16 @@ int main(void) {
     static float m[MAXC], a[MAXC], b[MAXC], d[MAXC];
     int cases = 0, mismatches = 0, k;
     uint32_t inf;
+    int nan_any;
+    size_t span;
     if (!bnfast_use_flat()) {
         printf("0 0\n");
         return 0;
     }
     for (k = 0; k < CASES; k++) {
         /* float32, float16, bfloat16; cached, streamed; normalise, dx, masked dx
-         * (cached only) */
-        int type = k % 3, nt = (k / 3) % 2, grad = (k / 6) % 3, with_g = next_rand() % 2;
+         * (cached only), evaluation's dx, masked */
+        int type = k % 3, nt = (k / 3) % 2, grad = (k / 6) % 5, with_g = next_rand() % 2;
         ptrdiff_t mpos = next_rand() % 64;  /* the mask's first bit: any offset in a byte */
         size_t size = type == 0 ? 4 : 2;
         ptrdiff_t S = 32 + next_rand() % 200, C = 1 + next_rand() % MAXC;
@@ -163,22 +175,43 @@ int main(void) {
                 add[i] = (unsigned char)next_rand();
             }
         }
-        memset(y1buf, 0xa5, sizeof y1buf);
-        memset(y2buf, 0xa5, sizeof y2buf);
-        memset(g1buf, 0x5a, sizeof g1buf);
-        memset(g2buf, 0x5a, sizeof g2buf);
-        memset(dx1buf, 0x3c, sizeof dx1buf);
-        memset(dx2buf, 0x3c, sizeof dx2buf);
+        /* The outputs' bytes and 128 guard bytes after them (no leaf store is wider
+         * than 64). */
+        span = (size_t)offset + (size_t)(runs * S) * size + 128;
+        memset(y1buf, 0xa5, span);
+        memset(y2buf, 0xa5, span);
+        memset(g1buf, 0x5a, span);
+        memset(g2buf, 0x5a, span);
+        memset(dx1buf, 0x3c, span);
+        memset(dx2buf, 0x3c, span);
         for (i = 0; i < (ptrdiff_t)sizeof mbits; i++) mbits[i] = (unsigned char)next_rand();
         if (inplace) {
             memcpy(y1, grad ? add : x, (size_t)(runs * S) * size);
             memcpy(y2, grad ? add : x, (size_t)(runs * S) * size);
         }
-        if (grad == 2) {
-            if (type == 0) MGRAD_CASE(float, bnfast_grad_run_scalar_f32, bnfast_flat_mgrad_f32)
-            else if (type == 1)
-                MGRAD_CASE(bnfast_f16, bnfast_grad_run_scalar_f16, bnfast_flat_mgrad_f16)
-            else MGRAD_CASE(bnfast_bf16, bnfast_grad_run_scalar_bf16, bnfast_flat_mgrad_bf16)
+        if (grad == 2 || grad == 4) {  /* masked: training, evaluation */
+            int training = grad == 2;
+            if (type == 0) {
+                if (training) MGRAD_CASE(float, bnfast_grad_run_scalar_f32, bnfast_flat_mgrad_f32, 1)
+                else MGRAD_CASE(float, bnfast_grad_run_scalar_f32, bnfast_flat_mscale_f32, 0)
+            } else if (type == 1) {
+                if (training) MGRAD_CASE(bnfast_f16, bnfast_grad_run_scalar_f16, bnfast_flat_mgrad_f16, 1)
+                else MGRAD_CASE(bnfast_f16, bnfast_grad_run_scalar_f16, bnfast_flat_mscale_f16, 0)
+            } else {
+                if (training) MGRAD_CASE(bnfast_bf16, bnfast_grad_run_scalar_bf16, bnfast_flat_mgrad_bf16, 1)
+                else MGRAD_CASE(bnfast_bf16, bnfast_grad_run_scalar_bf16, bnfast_flat_mscale_bf16, 0)
+            }
+        } else if (grad == 3) {  /* evaluation: dx = dy * a */
+            if (type == 0) {
+                if (nt) GRAD_CASE(float, scale_ref_f32, bnfast_flat_scale_f32_nt)
+                else GRAD_CASE(float, scale_ref_f32, bnfast_flat_scale_f32)
+            } else if (type == 1) {
+                if (nt) GRAD_CASE(bnfast_f16, scale_ref_f16, bnfast_flat_scale_f16_nt)
+                else GRAD_CASE(bnfast_f16, scale_ref_f16, bnfast_flat_scale_f16)
+            } else {
+                if (nt) GRAD_CASE(bnfast_bf16, scale_ref_bf16, bnfast_flat_scale_bf16_nt)
+                else GRAD_CASE(bnfast_bf16, scale_ref_bf16, bnfast_flat_scale_bf16)
+            }
         } else if (grad) {
             if (type == 0) {
                 if (nt) GRAD_CASE(float, bnfast_grad_scalar_f32_base, bnfast_flat_grad_f32_nt)
@@ -203,9 +236,13 @@ int main(void) {
         bnfast_nt_fence();
         cases++;
         inf = type == 0 ? 0x7f800000u : type == 1 ? 0x7c00u : 0x7f80u;
-        if (!same_values(y1buf, y2buf, sizeof y1buf, (size_t)offset, size, inf, grad)
-            || !same_values(g1buf, g2buf, sizeof g1buf, (size_t)offset, size, inf, type != 0)
-            || !same_values(dx1buf, dx2buf, sizeof dx1buf, (size_t)offset, size, inf, grad)) {
+        /* (any NaN payload: training's dx, where both sums' terms can be NaN; and
+         * the half types' g, which is y1/y2 itself when in place) */
+        nan_any = grad == 1 || grad == 2;
+        if (!same_values(y1buf, y2buf, span, (size_t)offset, size, inf,
+                         nan_any || ((grad == 2 || grad == 4) && type != 0))
+            || !same_values(g1buf, g2buf, span, (size_t)offset, size, inf, type != 0)
+            || !same_values(dx1buf, dx2buf, span, (size_t)offset, size, inf, nan_any)) {
             if (mismatches < 10)
                 fprintf(stderr, "mismatch: type %d nt %d grad %d S %td C %td c %td runs %td "
                         "offset %td relu %d add %d inplace %d\n", type, nt, grad, S, C, c, runs,
