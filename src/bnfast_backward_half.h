@@ -838,6 +838,7 @@ BNFAST_DEFINE_HALF_MASKED(bf16, bnfast_bf16, bf16avx2, BNFAST_AVX2_TARGET)
             bnfast_dot_masked_##H##_reg(x, y, bits, pos, n, shift, sy, sxy, g);           \
             return;                                                                       \
         }                                                                                 \
+        if (n <= 0) return; /* (nothing to add; and GCC then sees xb, yb written) */     \
         if (n <= BNFAST_DOT_STAGE) { /* the whole run in one staged call */               \
             bnfast_widen_##H(x, xb, n);                                                   \
             bnfast_widen_##H(y, yb, n);                                                   \
