@@ -254,27 +254,29 @@ static inline uint32_t bnfast_flat_bits(const unsigned char *bits, ptrdiff_t q, 
 #define BNFAST_FLAT_COPY16M_16(kn, k, src, dst)                                          \
     _mm256_mask_storeu_epi16((void *)(dst), (kn),                                        \
                              _mm256_maskz_loadu_epi16((k), (const void *)(src)))
-/* float16 (F16C's conversions on zmm, AVX512F). */
-#define BNFAST_FLAT_LOAD32_F16(p, A, B)                                                  \
+/* The split types' 32 values as two 16-value loads, plainly (LOAD16(p)) or under
+ * the mask k's halves (LOAD16M(k, p)). */
+#define BNFAST_FLAT_SPLIT_LOAD32(LOAD16, p, A, B)                                        \
     {                                                                                    \
-        A = bnfast_load16_f16_z(p);                                                      \
-        B = bnfast_load16_f16_z((p) + 16);                                               \
+        A = LOAD16(p);                                                                   \
+        B = LOAD16((p) + 16);                                                            \
     }
+#define BNFAST_FLAT_SPLIT_LOAD32M(LOAD16M, k, p, A, B)                                   \
+    {                                                                                    \
+        A = LOAD16M((__mmask16)(k), p);                                                  \
+        B = LOAD16M((__mmask16)((k) >> 16), (p) + 16);                                   \
+    }
+/* float16 (F16C's conversions on zmm, AVX512F). */
+#define BNFAST_FLAT_LOAD32_F16(p, A, B) BNFAST_FLAT_SPLIT_LOAD32(bnfast_load16_f16_z, p, A, B)
 #define BNFAST_FLAT_LOAD16M_F16(k, p) \
     ((bnfast_h16f)_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((k), (const void *)(p))))
 #define BNFAST_FLAT_STORE16M_F16(k, p, v) \
     _mm256_mask_storeu_epi16((void *)(p), (k), bnfast_pack16_f16_z(v))
-#define BNFAST_FLAT_LOAD32M_F16(k, p, A, B)                                              \
-    {                                                                                    \
-        A = BNFAST_FLAT_LOAD16M_F16((__mmask16)(k), p);                                  \
-        B = BNFAST_FLAT_LOAD16M_F16((__mmask16)((k) >> 16), (p) + 16);                   \
-    }
+#define BNFAST_FLAT_LOAD32M_F16(k, p, A, B) \
+    BNFAST_FLAT_SPLIT_LOAD32M(BNFAST_FLAT_LOAD16M_F16, k, p, A, B)
 /* float32. */
-#define BNFAST_FLAT_LOAD32_F32(p, A, B)                                                  \
-    {                                                                                    \
-        A = (bnfast_h16f)_mm512_loadu_ps(p);                                             \
-        B = (bnfast_h16f)_mm512_loadu_ps((p) + 16);                                      \
-    }
+#define BNFAST_FLAT_LOAD16_F32(p) ((bnfast_h16f)_mm512_loadu_ps(p))
+#define BNFAST_FLAT_LOAD32_F32(p, A, B) BNFAST_FLAT_SPLIT_LOAD32(BNFAST_FLAT_LOAD16_F32, p, A, B)
 #define BNFAST_FLAT_LOAD16M_F32(k, p) ((bnfast_h16f)_mm512_maskz_loadu_ps((k), (p)))
 #define BNFAST_FLAT_STORE16M_F32(k, p, v) _mm512_mask_storeu_ps((p), (k), (__m512)(v))
 #define BNFAST_FLAT_STORE32_F32(p, A, B)                                                 \
@@ -282,11 +284,8 @@ static inline uint32_t bnfast_flat_bits(const unsigned char *bits, ptrdiff_t q, 
         _mm512_storeu_ps((p), (__m512)(A));                                              \
         _mm512_storeu_ps((p) + 16, (__m512)(B));                                         \
     }
-#define BNFAST_FLAT_LOAD32M_F32(k, p, A, B)                                              \
-    {                                                                                    \
-        A = BNFAST_FLAT_LOAD16M_F32((__mmask16)(k), p);                                  \
-        B = BNFAST_FLAT_LOAD16M_F32((__mmask16)((k) >> 16), (p) + 16);                   \
-    }
+#define BNFAST_FLAT_LOAD32M_F32(k, p, A, B) \
+    BNFAST_FLAT_SPLIT_LOAD32M(BNFAST_FLAT_LOAD16M_F32, k, p, A, B)
 #define BNFAST_FLAT_COPY32M_F32(k, src, dst)                                             \
     {                                                                                    \
         _mm512_storeu_ps((dst), _mm512_maskz_loadu_ps((__mmask16)(k), (src)));           \
@@ -372,54 +371,45 @@ static inline int bnfast_flat_runs_taken_bf16(ptrdiff_t S) {
 
 /* dx's entries for the Cython layer (src/_backward.pyx), as bnfast_affine_entries.h's
  * for the normalise: training or evaluation and cached or streamed by flags; the
- * masked ones (g: the masked dy, or NULL) cached. */
+ * masked ones (g: the masked dy, or NULL) cached.  Their bodies: the flat leaves,
+ * or (builds without the dispatch: never taken there, see above) run by run. */
 #if BNFAST_DISPATCH_AVX2
-#define BNFAST_FLAT_GRAD_ENTRIES(H, T)                                                   \
-    static inline void bnfast_flat_grad_##H##_s(const T *x, const T *dy, T *dx,          \
-                                                ptrdiff_t runs, ptrdiff_t S, ptrdiff_t c, \
-                                                ptrdiff_t C, const float *m, const float *a, \
-                                                const float *b, const float *d,          \
-                                                int training, int stream) {              \
-        (training ? (stream ? bnfast_flat_grad_##H##_nt : bnfast_flat_grad_##H)          \
-                  : (stream ? bnfast_flat_scale_##H##_nt : bnfast_flat_scale_##H))(      \
-            x, dy, dx, runs, S, c, C, m, a, b, d);                                       \
-    }                                                                                    \
-    static inline void bnfast_flat_mgrad_##H##_s(const T *x, const T *dy,                \
-                                                 const unsigned char *bits, ptrdiff_t pos, \
-                                                 T *g, T *dx, ptrdiff_t runs, ptrdiff_t S, \
-                                                 ptrdiff_t c, ptrdiff_t C, const float *m, \
-                                                 const float *a, const float *b,         \
-                                                 const float *d, int training) {         \
-        (training ? bnfast_flat_mgrad_##H : bnfast_flat_mscale_##H)(                     \
-            x, dy, bits, pos, g, dx, runs, S, c, C, m, a, b, d);                         \
-    }
+#define BNFAST_FLAT_GRAD_BODY(H)                                                         \
+    (training ? (stream ? bnfast_flat_grad_##H##_nt : bnfast_flat_grad_##H)              \
+              : (stream ? bnfast_flat_scale_##H##_nt : bnfast_flat_scale_##H))(          \
+        x, dy, dx, runs, S, c, C, m, a, b, d);
+#define BNFAST_FLAT_MGRAD_BODY(H)                                                        \
+    (training ? bnfast_flat_mgrad_##H : bnfast_flat_mscale_##H)(                         \
+        x, dy, bits, pos, g, dx, runs, S, c, C, m, a, b, d);
 #else
-/* (Run by run: never taken there, see above.) */
-#define BNFAST_FLAT_GRAD_ENTRIES(H, T)                                                   \
-    static inline void bnfast_flat_mgrad_##H##_s(const T *x, const T *dy,                \
-                                                 const unsigned char *bits, ptrdiff_t pos, \
-                                                 T *g, T *dx, ptrdiff_t runs, ptrdiff_t S, \
-                                                 ptrdiff_t c, ptrdiff_t C, const float *m, \
-                                                 const float *a, const float *b,         \
-                                                 const float *d, int training) {         \
-        ptrdiff_t t;                                                                     \
-        for (t = 0; t < runs; t++) {                                                     \
-            bnfast_grad_run_scalar_##H(x + t * S, dy + t * S, bits, pos + t * S, S, m[c], \
-                                       a[c], b[c], d[c], training, 0, dx + t * S,        \
-                                       g == NULL ? NULL : g + t * S);                    \
-            if (++c == C) c = 0;                                                         \
-        }                                                                                \
-    }                                                                                    \
-    static inline void bnfast_flat_grad_##H##_s(const T *x, const T *dy, T *dx,          \
-                                                ptrdiff_t runs, ptrdiff_t S, ptrdiff_t c, \
-                                                ptrdiff_t C, const float *m, const float *a, \
-                                                const float *b, const float *d,          \
-                                                int training, int stream) {              \
-        (void)stream;                                                                    \
-        bnfast_flat_mgrad_##H##_s(x, dy, NULL, 0, NULL, dx, runs, S, c, C, m, a, b, d,   \
-                                  training);                                             \
+#define BNFAST_FLAT_GRAD_BODY(H)                                                         \
+    (void)stream;                                                                        \
+    bnfast_flat_mgrad_##H##_s(x, dy, NULL, 0, NULL, dx, runs, S, c, C, m, a, b, d, training);
+#define BNFAST_FLAT_MGRAD_BODY(H)                                                        \
+    ptrdiff_t t;                                                                         \
+    for (t = 0; t < runs; t++) {                                                         \
+        bnfast_grad_run_scalar_##H(x + t * S, dy + t * S, bits, pos + t * S, S, m[c], a[c], \
+                                   b[c], d[c], training, 0, dx + t * S,                  \
+                                   g == NULL ? NULL : g + t * S);                        \
+        if (++c == C) c = 0;                                                             \
     }
 #endif
+#define BNFAST_FLAT_GRAD_ENTRIES(H, T)                                                   \
+    static inline void bnfast_flat_mgrad_##H##_s(const T *x, const T *dy,                \
+                                                 const unsigned char *bits, ptrdiff_t pos, \
+                                                 T *g, T *dx, ptrdiff_t runs, ptrdiff_t S, \
+                                                 ptrdiff_t c, ptrdiff_t C, const float *m, \
+                                                 const float *a, const float *b,         \
+                                                 const float *d, int training) {         \
+        BNFAST_FLAT_MGRAD_BODY(H)                                                        \
+    }                                                                                    \
+    static inline void bnfast_flat_grad_##H##_s(const T *x, const T *dy, T *dx,          \
+                                                ptrdiff_t runs, ptrdiff_t S, ptrdiff_t c, \
+                                                ptrdiff_t C, const float *m, const float *a, \
+                                                const float *b, const float *d,          \
+                                                int training, int stream) {              \
+        BNFAST_FLAT_GRAD_BODY(H)                                                         \
+    }
 BNFAST_FLAT_GRAD_ENTRIES(f32, float)
 BNFAST_FLAT_GRAD_ENTRIES(f16, bnfast_f16)
 BNFAST_FLAT_GRAD_ENTRIES(bf16, bnfast_bf16)
