@@ -305,13 +305,37 @@ static const int32_t bnfast_bf16_z_k_[8] __attribute__((aligned(32))) = {
     _mm512_cvtepi32_epi16(_mm512_srli_epi32(BNFAST_BF16_Z_HIGH_(512, f), 16))
 #define bnfast_pack8_bf16_z(f) \
     _mm256_cvtepi32_epi16(_mm256_srli_epi32(BNFAST_BF16_Z_HIGH_(256, f), 16))
-/* The high halves of a (values 0-15) then b (16-31). */
-#define BNFAST_BF16_Z_PAIR_(v0, v1)                                                       \
-    _mm512_permutex2var_epi16(                                                            \
-        BNFAST_BF16_Z_HIGH_(512, v0),                                                     \
-        _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, \
-                         31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1),     \
-        BNFAST_BF16_Z_HIGH_(512, v1))
+/* Thirty-two values as v0 (values 0-15) and v1 (16-31): without NaNs, the
+ * even/odd form's word rounding below (BNFAST_BF16_Z_EO_), the truncated words
+ * and the words below them gathered by one vpermt2w each; with a NaN, each
+ * lane rounded and the high halves gathered.  Seven vector instructions
+ * against eleven. */
+#define BNFAST_BF16_Z_ODD_WORDS_                                                          \
+    _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,     \
+                     31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1)
+#define BNFAST_BF16_Z_EVEN_WORDS_                                                         \
+    _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,     \
+                     30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0)
+#define BNFAST_BF16_Z_PAIR_LANES_(v0, v1)                                                 \
+    _mm512_permutex2var_epi16(BNFAST_BF16_Z_HIGH_(512, v0), BNFAST_BF16_Z_ODD_WORDS_,    \
+                              BNFAST_BF16_Z_HIGH_(512, v1))
+#define BNFAST_BF16_Z_PAIR_(v0, v1) ({                                                    \
+        __m512 first_ = (__m512)(v0), second_ = (__m512)(v1);                             \
+        __m512i pair_;                                                                    \
+        if (__builtin_expect(!_mm512_cmp_ps_mask(first_, second_, _CMP_UNORD_Q), 1)) {    \
+            __m512i ones_ = BNFAST_BF16_Z_K_(512, 6);                                     \
+            __m512i trunc_ = _mm512_permutex2var_epi16(                                   \
+                (__m512i)first_, BNFAST_BF16_Z_ODD_WORDS_, (__m512i)second_);             \
+            __m512i below_ = _mm512_permutex2var_epi16(                                   \
+                (__m512i)first_, BNFAST_BF16_Z_EVEN_WORDS_, (__m512i)second_);            \
+            __m512i key_ = _mm512_ternarylogic_epi32(below_, trunc_, ones_, 0xf8);        \
+            pair_ = _mm512_mask_add_epi16(                                                \
+                trunc_, _mm512_cmpgt_epu16_mask(key_, BNFAST_BF16_Z_K_(512, 7)), trunc_,  \
+                ones_);                                                                   \
+        } else {                                                                          \
+            pair_ = BNFAST_BF16_Z_PAIR_LANES_(first_, second_);                           \
+        }                                                                                 \
+        pair_; })
 #define bnfast_load16_bf16_z bnfast_load16_bf16_hw
 #define bnfast_store16_bf16_z(p, v0) \
     _mm256_storeu_si256((__m256i *)(void *)(p), bnfast_pack16_bf16_z(v0))
