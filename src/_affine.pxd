@@ -210,6 +210,9 @@ cdef extern from "bnfast_affine_entries.h" nogil:
     bint bnfast_flat_runs_taken_f32(Py_ssize_t S)
     bint bnfast_flat_runs_taken_f16(Py_ssize_t S)
     bint bnfast_flat_runs_taken_bf16(Py_ssize_t S)
+    bint bnfast_flat_tiles_taken_f32(Py_ssize_t W)
+    bint bnfast_flat_tiles_taken_f16(Py_ssize_t W)
+    bint bnfast_flat_tiles_taken_bf16(Py_ssize_t W)
 
 
 cdef inline void pack_block(const real_t* y, Py_ssize_t start, Py_ssize_t n,
@@ -379,6 +382,20 @@ cdef inline bint flat_runs_taken(const real_t* kind, Py_ssize_t S) noexcept nogi
         return False
 
 
+cdef inline bint flat_tiles_taken(const real_t* kind, Py_ssize_t W) noexcept nogil:
+    """Whether streamed channels-last tiles of W values of kind's type take the flat
+    leaves (bnfast_flat_tiles.h: on float rows; they align their own non-temporal
+    stores)."""
+    if real_t is float:
+        return bnfast_flat_tiles_taken_f32(W)
+    elif real_t is bnfast_f16:
+        return bnfast_flat_tiles_taken_f16(W)
+    elif real_t is bnfast_bf16:
+        return bnfast_flat_tiles_taken_bf16(W)
+    else:
+        return False
+
+
 cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double* table,
                              bint relu, int n_threads, unsigned char* bits,
@@ -456,8 +473,13 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, total, n_threads)
     cdef bint use_float = float_rows(tile, W)
-    stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
-                                    real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
+    if use_float and flat_tiles_taken(yp, W):
+        # Any element-aligned start: the leaves align their 64-byte stores (see
+        # apply_first).
+        stream = stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
+    else:
+        stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
+                                        real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
     cdef bint in_rows = _rows_fit(yp, C, use_float, stream)
     if nt == 1:  # see apply_first
         for blk in range(blocks):

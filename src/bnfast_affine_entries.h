@@ -10,9 +10,12 @@
 #include "bnfast_simd.h"
 #include "bnfast_half_leaves.h"
 #include "bnfast_flat_runs.h"
+#include "bnfast_flat_tiles.h"
 
-/* SCALAR: one (m, a, b) of type U; TILED: a W-long tile of them; RUNS: runs of
- * S values from channel c on, float rows. */
+/* SCALAR: one (m, a, b) of type U; TILED: a W-long tile of them (streamed: the
+ * flat leaves of bnfast_flat_tiles.h where bnfast_flat_tiles_taken_SFX(W) says
+ * so; they stream from any element-aligned start, see src/_affine.pxd's
+ * apply_last); RUNS: runs of S values from channel c on, float rows. */
 #define BNFAST_AFFINE_ENTRIES(SFX, T, U)                                                 \
     static inline void bnfast_affine_scalar_##SFX##_s(const T *x, const T *add, T *y,    \
                                                       ptrdiff_t n, U m, U a, U b,        \
@@ -24,7 +27,9 @@
                                                      ptrdiff_t n, ptrdiff_t W, const U *m, \
                                                      const U *a, const U *b, int relu,   \
                                                      int stream) {                       \
-        if (stream) bnfast_affine_tiled_##SFX##_nt(x, add, y, n, W, m, a, b, relu);      \
+        if (stream && bnfast_flat_tiles_taken_##SFX(W))                                  \
+            bnfast_flat_tiles_##SFX##_nt(x, add, y, n, W, m, a, b, relu);                \
+        else if (stream) bnfast_affine_tiled_##SFX##_nt(x, add, y, n, W, m, a, b, relu); \
         else bnfast_affine_tiled_##SFX(x, add, y, n, W, m, a, b, relu);                  \
     }
 /* Runs: the flat leaves (bnfast_flat_runs.h) where bnfast_flat_runs_taken_SFX(S)

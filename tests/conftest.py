@@ -186,14 +186,14 @@ def assert_same(actual, expected, msg=""):
 
 def misaligned_empty(shape, dtype, offset):
     """An uninitialised array of ``shape`` whose data starts ``offset`` bytes past a
-    64-byte boundary, ``offset`` not a multiple of the itemsize (NumPy allows such
-    views; their ``flags.aligned`` is False)."""
+    64-byte boundary: off its itemsize too where ``offset`` is not a multiple of it
+    (NumPy allows such views; their ``flags.aligned`` is False)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(nbytes + 128, np.uint8)
     start = (-raw.ctypes.data) % 64 + offset
     a = raw[start:start + nbytes].view(dtype).reshape(shape)
-    assert not a.flags.aligned
+    assert a.flags.aligned == (offset % dtype.itemsize == 0)
     return a
 
 

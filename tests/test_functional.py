@@ -718,14 +718,21 @@ def test_streamed_output_has_the_bits_of_cached_stores(rng, dtype, shape, layout
 
 
 @pytest.mark.parametrize("dtype, offset", [(np.float32, 2), (np.float16, 1),
-                                           (ml_dtypes.bfloat16, 1)],
-                         ids=["float32", "float16", "bfloat16"])
+                                           (ml_dtypes.bfloat16, 1), (np.float32, 52),
+                                           (np.float16, 6), (ml_dtypes.bfloat16, 18)],
+                         ids=["float32", "float16", "bfloat16", "float32-element-aligned",
+                              "float16-element-aligned", "bfloat16-element-aligned"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, offset, training):
-    # 4.8 MB of 7x7 images: outputs this large stream, but only from an aligned start;
-    # an out= view off its itemsize (legal in NumPy) takes plain stores.
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, offset, training,
+                                                                 layout):
+    # 4.8 MB of 7x7 images: outputs this large stream, from any element-aligned start
+    # (the flat leaves reach the 64-byte line first); an out= view off its itemsize
+    # (legal in NumPy) takes plain stores.
     shape = (24 if np.dtype(dtype).itemsize == 4 else 48, 1024, 7, 7)
     x = make_input(rng, shape, dtype)
+    if layout == "channels_last":
+        x = channels_last(x)
     C = shape[1]
     w, b = rng.normal(size=C).astype(np.float32), rng.normal(size=C).astype(np.float32)
     pdtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
@@ -736,5 +743,8 @@ def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, off
         return bnfast.batch_norm(x, rm, rv, w, b, training=training, out=out)
 
     out = misaligned_empty(shape, dtype, offset)
+    if layout == "channels_last":
+        nhwc = (shape[0], *shape[2:], shape[1])
+        out = np.moveaxis(misaligned_empty(nhwc, dtype, offset), -1, 1)
     assert run(out) is out
     assert_same(out, run(None))

@@ -1,0 +1,117 @@
+/*
+ * Drives the streamed flat channels-last leaves (src/bnfast_flat_tiles.h)
+ * against the portable tiled leaves (bnfast_affine_tiled_*_base, held to
+ * NumPy by tests/c/half_leaves.c and the layout tests), for float32, float16
+ * and bfloat16, on random cases: tile lengths W from 16 to 300 (multiples of
+ * 16 and not, shorter than a step too: vectors that cross a tile's end at
+ * every offset), blocks of any length (a last tile cut short, none at all),
+ * outputs that start at every element offset of a 64-byte line (the masked
+ * head), addend and ReLU, in place, and coefficient rows with NaN and
+ * infinities.  Both outputs sit in buffers filled with a guard pattern: the
+ * bytes around the span must stay untouched.
+ *
+ * Prints "cases mismatches": tests/test_flat_tiles.py wants every case run on a
+ * CPU with the leaves and no mismatch.  Without them (another CPU, or
+ * -DBNFAST_NO_SIMD) it prints "0 0".
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bnfast_half_leaves.h"
+#include "bnfast_flat_tiles.h"
+
+#define CASES 20000
+#define CAP (4 * 1024 + 64)  /* values: a block + the largest offset */
+#define MAXW 300
+
+static unsigned long long state = 2463534242ull;
+static unsigned next_rand(void) {  /* xorshift64: the same cases everywhere */
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (unsigned)(state >> 16);
+}
+static float next_float(float lo, float hi) {
+    return lo + (hi - lo) * (float)(next_rand() % 1000001) / 1e6f;
+}
+
+/* One case of type H (T): the portable leaf into y1, the flat one into y2. */
+#define CASE(H, T)                                                                       \
+    {                                                                                    \
+        const T *src1 = inplace ? (const T *)y1 : (const T *)x;                          \
+        const T *src2 = inplace ? (const T *)y2 : (const T *)x;                          \
+        const T *ad = use_add ? (const T *)add : NULL;                                   \
+        bnfast_affine_tiled_##H##_base(src1, ad, (T *)y1, total, W, m, a, b, relu);      \
+        bnfast_flat_tiles_##H##_nt(src2, ad, (T *)y2, total, W, m, a, b, relu);          \
+    }
+
+int main(void) {
+#if BNFAST_DISPATCH_AVX2
+    static unsigned char xbuf[CAP * 4 + 64], abuf[CAP * 4 + 64];
+    static unsigned char y1buf[CAP * 4 + 192], y2buf[CAP * 4 + 192];
+    static float m[MAXW], a[MAXW], b[MAXW];
+    int cases = 0, mismatches = 0, k;
+    size_t span;
+    if (!bnfast_flat_tiles_taken_f32(16)) {
+        printf("0 0\n");
+        return 0;
+    }
+    for (k = 0; k < CASES; k++) {
+        int type = k % 3;  /* float32, float16, bfloat16 */
+        size_t size = type == 0 ? 4 : 2;
+        ptrdiff_t W = next_rand() % 4 == 0 ? 16 * (1 + next_rand() % 16)
+                                           : 16 + next_rand() % (MAXW - 15);
+        ptrdiff_t total = next_rand() % 8 == 0 ? next_rand() % 64 : next_rand() % (CAP - 64);
+        ptrdiff_t offset = (ptrdiff_t)(next_rand() % (64 / size)) * (ptrdiff_t)size, i;
+        int relu = next_rand() % 2, use_add = next_rand() % 2, inplace = next_rand() % 4 == 0;
+        unsigned char *x = xbuf + offset, *add = abuf + offset;
+        unsigned char *y1 = y1buf + offset, *y2 = y2buf + offset;
+        for (i = 0; i < W; i++) {
+            m[i] = next_float(-1.0f, 1.0f);
+            a[i] = next_float(0.0f, 3.0f);
+            b[i] = next_float(-0.5f, 0.5f);
+        }
+        if (next_rand() % 8 == 0) {  /* a position's NaN mean, another's infinite scale */
+            m[next_rand() % W] = __builtin_nanf("");
+            a[next_rand() % W] = __builtin_inff();
+        }
+        if (type == 0) {  /* float32: values; half types: every bit pattern is a value */
+            for (i = 0; i < total; i++) {
+                ((float *)x)[i] = next_float(-4.0f, 4.0f);
+                ((float *)add)[i] = next_float(-1.0f, 1.0f);
+            }
+            if (total > 0 && next_rand() % 4 == 0) ((float *)x)[next_rand() % total] = __builtin_nanf("");
+        } else {
+            for (i = 0; i < total * 2; i++) {
+                x[i] = (unsigned char)next_rand();
+                add[i] = (unsigned char)next_rand();
+            }
+        }
+        /* The outputs' bytes and 128 guard bytes after them (no store is wider
+         * than 64). */
+        span = (size_t)offset + (size_t)total * size + 128;
+        memset(y1buf, 0xa5, span);
+        memset(y2buf, 0xa5, span);
+        if (inplace) {
+            memcpy(y1, x, (size_t)total * size);
+            memcpy(y2, x, (size_t)total * size);
+        }
+        if (type == 0) CASE(f32, float)
+        else if (type == 1) CASE(f16, bnfast_f16)
+        else CASE(bf16, bnfast_bf16)
+        bnfast_nt_fence();
+        cases++;
+        if (memcmp(y1buf, y2buf, span) != 0) {
+            if (mismatches < 10)
+                fprintf(stderr, "mismatch: type %d W %td total %td offset %td relu %d add %d "
+                        "inplace %d\n", type, W, total, offset, relu, use_add, inplace);
+            mismatches++;
+        }
+    }
+    printf("%d %d\n", cases, mismatches);
+#else
+    printf("0 0\n");
+#endif
+    return 0;
+}
