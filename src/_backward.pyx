@@ -42,7 +42,7 @@ cimport numpy as cnp
 from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
-from _affine cimport flat_runs_taken, pack_block
+from _affine cimport flat_runs_taken, flat_tiles_taken, pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t, store_double, to_double
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
@@ -148,6 +148,23 @@ cdef extern from "bnfast_flat_runs.h" nogil:
                                   bnfast_bf16* dx, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t c,
                                   Py_ssize_t C, const float* m, const float* a, const float* b,
                                   const float* d, int training)
+
+
+cdef extern from "bnfast_flat_tiles.h" nogil:
+    # Channels-last streamed dx on AVX-512 (no mask), a block of tiles as one span,
+    # in training or evaluation, from any element-aligned start, where _affine's
+    # flat_tiles_taken says so.
+    void bnfast_flat_tiles_grad_f32_s(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                      Py_ssize_t W, const float* m, const float* a,
+                                      const float* b, const float* d, int training)
+    void bnfast_flat_tiles_grad_f16_s(const bnfast_f16* x, const bnfast_f16* dy, bnfast_f16* dx,
+                                      Py_ssize_t n, Py_ssize_t W, const float* m,
+                                      const float* a, const float* b, const float* d,
+                                      int training)
+    void bnfast_flat_tiles_grad_bf16_s(const bnfast_bf16* x, const bnfast_bf16* dy,
+                                       bnfast_bf16* dx, Py_ssize_t n, Py_ssize_t W,
+                                       const float* m, const float* a, const float* b,
+                                       const float* d, int training)
 
 
 cdef extern from "bnfast_backward_half.h" nogil:
@@ -407,10 +424,22 @@ cdef inline void _grad_tiled(const real_t* x, const real_t* dy, const unsigned c
                              real_t* g) noexcept nogil:
     """dx (and, masked, g) of n values from a W-aligned start (pos in the flat array):
     the tile's rows m, a, b, d (W each, R apart, compute type) repeat every W values.
-    The half types' leaf takes the whole span (it stages whole tiles)."""
+    Streamed without a mask, the flat tiles take the whole span where they are taken;
+    the half types' leaf takes it too (it stages whole tiles)."""
     cdef const float* ft = <const float*>tile
     cdef const double* dt = <const double*>tile
     cdef Py_ssize_t i = 0
+    if stream and bits == NULL and dx != NULL and flat_tiles_taken(x, W):
+        if real_t is float:
+            bnfast_flat_tiles_grad_f32_s(x, dy, dx, n, W, ft, ft + R, ft + 2 * R, ft + 3 * R,
+                                         training)
+        elif real_t is bnfast_f16:
+            bnfast_flat_tiles_grad_f16_s(x, dy, dx, n, W, ft, ft + R, ft + 2 * R, ft + 3 * R,
+                                         training)
+        elif real_t is bnfast_bf16:
+            bnfast_flat_tiles_grad_bf16_s(x, dy, dx, n, W, ft, ft + R, ft + 2 * R, ft + 3 * R,
+                                          training)
+        return
     if real_t is bnfast_f16:
         bnfast_grad_tiles_f16(x, dy, bits, pos, n, W, ft, ft + R, ft + 2 * R, ft + 3 * R,
                               training, stream, dx, g)
@@ -900,7 +929,11 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
     if tile == NULL:
         return -1
     cdef Py_ssize_t blk = 0
-    stream = stream and bits == NULL and _aligned16(dxp, W * sizeof(real_t))
+    # The flat tiles stream from any element-aligned start (they align their 64-byte
+    # stores), the others from 16-byte aligned whole pieces.
+    stream = stream and bits == NULL and (
+        (dxp != NULL and flat_tiles_taken(xp, W) and (<size_t>dxp) % sizeof(real_t) == 0)
+        or _aligned16(dxp, W * sizeof(real_t)))
     _fill_table(xp, tile, C, W // C, _tile_rows(W), k)
     cdef bint in_rows = (real_t is float and training and bits == NULL and dxp != NULL
                          and bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream))

@@ -1,5 +1,6 @@
 /*
- * Streamed channels-last tiles on AVX-512 as one flat span: a block of `total` values
+ * Streamed channels-last tiles on AVX-512 as one flat span, the normalise and
+ * the backward's dx (bnfast_flat_runs.h's step bodies): a block of `total` values
  * from a tile's start, the coefficients of value i at position i % W of the
  * W-long tile (W >= 16), walked 32 values a step straight across the tiles'
  * ends.  Each 16-value vector's coefficients are one load from the tile, or,
@@ -9,10 +10,9 @@
  *
  * Why: the tiled leaves walk tile by tile, and their streaming twins store 16
  * bytes at a time (SSE2, bnfast_simd.h) or reach each tile's 64-byte line in
- * 8-value steps (bnfast_half_leaves.h).  A channels-last output streamed in
- * whole 64-byte lines: one thread, 32x256x56x56 float32 eval (W = 256), 14.2
- * ms with 16-byte streaming stores against 10.5 ms with 64-byte ones, as fast
- * as the channels-first runs (10.4 ms).
+ * 8-value steps (bnfast_half_leaves.h).  One thread, 32x256x56x56 eval
+ * streamed (W = 256): float32 13.6-13.9 -> 11.0-11.7 ms (the channels-first
+ * runs: 10.7), float16 6.1 -> 5.7, bfloat16 8.0 -> 7.7.
  *
  * Bits: every lane computes what the tiled leaves compute for it,
  * ((float)x - m) * a + b, the addend added as BNFAST_H16_ADD, the ReLU as
@@ -39,87 +39,95 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
     return (bnfast_h16f)_mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(in_tile, r + j),
                                              (__mmask16)~in_tile, r + j - W);
 }
-/* Position j moved on by 16 in the tile. */
-#define BNFAST_TILE_NEXT(j) ((j) + 16 >= W ? (j) + 16 - W : (j) + 16)
+/* Position j moved on by k <= W in the tile. */
+#define BNFAST_TILE_ON(j, k) ((j) + (k) >= W ? (j) + (k) - W : (j) + (k))
+/* A step's coefficients of row r for its two vectors (bnfast_flat_runs.h's CA,
+ * CB): from positions j and j + 16 within the tile, or wrapping (jb_: j + 16
+ * wrapped); a masked step's (the runs' r##0 names, BNFAST_FLAT_THIS). */
+#define BNFAST_TILE_IN_A(r) (*(const bnfast_h16f *)((r) + j))
+#define BNFAST_TILE_IN_B(r) (*(const bnfast_h16f *)((r) + j + 16))
+#define BNFAST_TILE_WRAP_A(r) bnfast_tile_coef(r, j, W)
+#define BNFAST_TILE_WRAP_B(r) bnfast_tile_coef(r, jb_, W)
+#define BNFAST_TILE_HERE(r) bnfast_h16f r##0 = bnfast_tile_coef(r, j, W);
 
-/* v = relu?(((float)x - m) * a + b [+ (float)add]) with the coefficients from j,
- * COEF: bnfast_tile_coef, or TILE_IN where the 16 lie within the tile. */
-#define BNFAST_TILE_IN(r, j, W) (*(const bnfast_h16f *)((r) + (j)))
-#define BNFAST_TILES_AFFINE(v, X, COEF, J, ADD, RELU, D)                                  \
-    v = ((X) - COEF(m, J, W)) * COEF(a, J, W) + COEF(b, J, W);                           \
-    if (ADD) v = BNFAST_H16_ADD(v, D);                                                   \
-    if (RELU) v = BNFAST_H16_RELU(v);
-/* The first k <= 16 values from p under the mask K = 2^k - 1, j moved on by k. */
-#define BNFAST_TILES_MASKED(K, k, LOAD16M, STORE16M, ADD, RELU)                          \
-    {                                                                                    \
-        bnfast_h16f v_;                                                                  \
-        BNFAST_TILES_AFFINE(v_, LOAD16M(K, x + p), bnfast_tile_coef, j, ADD, RELU,       \
-                            (ADD ? LOAD16M(K, add + p) : v_))                            \
-        STORE16M(K, y + p, v_);                                                          \
-        j = j + (k) >= W ? j + (k) - W : j + (k);                                        \
-    }
-/* The walk: the head to ALIGN bytes (1: none) and the tail in masked steps,
- * 32-value steps between them. */
-#define BNFAST_TILES_BODY(T, ALIGN, LOAD32, STORE32, LOAD16M, STORE16M, ADD, RELU)        \
+/* The walk over total values of output OUT from a tile's start: the head to
+ * ALIGN bytes (1: none) and the tail in masked steps, MASKED(K, ...) (the first
+ * k <= 16 values from p, K = 2^k - 1), 32-value steps STEP(CA, CB, ...) between
+ * them: bnfast_flat_runs.h's bodies, with the coefficients of rows ROWS from
+ * the tile. */
+#define BNFAST_TILES_WALK(T, OUT, ALIGN, ROWS, STEP, MASKED, ...)                        \
     {                                                                                    \
         ptrdiff_t p = 0, j = 0, k_;                                                      \
-        ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)y) & ((ALIGN) - 1))            \
+        ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)(OUT)) & ((ALIGN) - 1))       \
                          / (ptrdiff_t)sizeof(T);                                         \
         if (head > total) head = total;                                                  \
-        for (; p < head; p += k_) {                                                      \
+        for (; p < head; p += k_, j = BNFAST_TILE_ON(j, k_)) {                           \
+            ROWS(BNFAST_TILE_HERE)                                                       \
             k_ = BNFAST_MIN(head - p, 16);                                               \
-            BNFAST_TILES_MASKED((__mmask16)((1u << k_) - 1u), k_, LOAD16M, STORE16M,     \
-                                ADD, RELU)                                               \
+            MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
         }                                                                                \
         for (; total - p >= 32; p += 32) {                                               \
-            bnfast_h16f xa_, xb_, da_ = {0}, db_ = {0};                                  \
-            LOAD32(x + p, xa_, xb_);                                                     \
-            if (ADD) LOAD32(add + p, da_, db_);                                          \
             if (j + 32 <= W) {  /* within the tile: plain loads */                       \
-                BNFAST_TILES_AFFINE(xa_, xa_, BNFAST_TILE_IN, j, ADD, RELU, da_)          \
-                BNFAST_TILES_AFFINE(xb_, xb_, BNFAST_TILE_IN, j + 16, ADD, RELU, db_)     \
-                j += 32;                                                                 \
+                STEP(BNFAST_TILE_IN_A, BNFAST_TILE_IN_B, __VA_ARGS__)                    \
+                j = BNFAST_TILE_ON(j, 32);                                               \
             } else {                                                                     \
-                ptrdiff_t j16_ = BNFAST_TILE_NEXT(j);                                    \
-                BNFAST_TILES_AFFINE(xa_, xa_, bnfast_tile_coef, j, ADD, RELU, da_)        \
-                BNFAST_TILES_AFFINE(xb_, xb_, bnfast_tile_coef, j16_, ADD, RELU, db_)     \
-                j = BNFAST_TILE_NEXT(j16_);                                              \
+                ptrdiff_t jb_ = BNFAST_TILE_ON(j, 16);                                   \
+                STEP(BNFAST_TILE_WRAP_A, BNFAST_TILE_WRAP_B, __VA_ARGS__)                \
+                j = BNFAST_TILE_ON(jb_, 16);                                             \
             }                                                                            \
-            STORE32(y + p, xa_, xb_);                                                    \
         }                                                                                \
-        for (; p < total; p += k_) {                                                     \
+        for (; p < total; p += k_, j = BNFAST_TILE_ON(j, k_)) {                          \
+            ROWS(BNFAST_TILE_HERE)                                                       \
             k_ = BNFAST_MIN(total - p, 16);                                              \
-            BNFAST_TILES_MASKED((__mmask16)((1u << k_) - 1u), k_, LOAD16M, STORE16M,     \
-                                ADD, RELU)                                               \
+            MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
         }                                                                                \
     }
-/* total values from a tile's start, rows m, a, b of W >= 16 floats. */
+/* The normalise of total values from a tile's start, rows m, a, b of W >= 16
+ * floats. */
+#define BNFAST_TILES_AFFINE_BODY(T, ALIGN, ADD, RELU, ...)                                \
+    BNFAST_TILES_WALK(T, y, ALIGN, BNFAST_FLAT_AFFINE_ROWS, BNFAST_FLAT_AFFINE_STEP,      \
+                      BNFAST_FLAT_AFFINE_MASKED, __VA_ARGS__, ADD, RELU)
 #define BNFAST_DEFINE_FLAT_TILES(NAME, T, ALIGN, ...)                                     \
     BNFAST_FLAT_TARGET static void NAME(const T *x, const T *add, T *y, ptrdiff_t total, \
                                         ptrdiff_t W, const float *m, const float *a,     \
                                         const float *b, int relu) {                      \
         if (add == NULL && !relu)                                                        \
-            BNFAST_TILES_BODY(T, ALIGN, __VA_ARGS__, 0, 0)                               \
+            BNFAST_TILES_AFFINE_BODY(T, ALIGN, 0, 0, __VA_ARGS__)                        \
         else if (add == NULL)                                                            \
-            BNFAST_TILES_BODY(T, ALIGN, __VA_ARGS__, 0, 1)                               \
+            BNFAST_TILES_AFFINE_BODY(T, ALIGN, 0, 1, __VA_ARGS__)                        \
         else if (!relu)                                                                  \
-            BNFAST_TILES_BODY(T, ALIGN, __VA_ARGS__, 1, 0)                               \
+            BNFAST_TILES_AFFINE_BODY(T, ALIGN, 1, 0, __VA_ARGS__)                        \
         else                                                                             \
-            BNFAST_TILES_BODY(T, ALIGN, __VA_ARGS__, 1, 1)                               \
+            BNFAST_TILES_AFFINE_BODY(T, ALIGN, 1, 1, __VA_ARGS__)                        \
     }
+/* The backward's dx (bnfast_flat_runs.h's, TRAINING 1 or 0), rows m, a, b, d
+ * (evaluation reads a only). */
+#define BNFAST_DEFINE_FLAT_TILES_GRAD(NAME, T, ALIGN, TRAINING, ...)                      \
+    BNFAST_FLAT_TARGET static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t total, \
+                                        ptrdiff_t W, const float *m, const float *a,     \
+                                        const float *b, const float *d)                  \
+        BNFAST_TILES_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS_##TRAINING,                \
+                          BNFAST_FLAT_GRAD_STEP, BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__,   \
+                          TRAINING)
 
 /* bfloat16 split in halves (the even/odd form needs one coefficient a vector). */
 #define BNFAST_FLAT_LOAD32_BF16_SPLIT(p, A, B) \
     BNFAST_FLAT_SPLIT_LOAD32(bnfast_load16_bf16_z, p, A, B)
-BNFAST_DEFINE_FLAT_TILES(bnfast_flat_tiles_f32_nt, float, 64, BNFAST_FLAT_LOAD32_F32,
-                         BNFAST_FLAT_STREAM32_F32, BNFAST_FLAT_LOAD16M_F32,
-                         BNFAST_FLAT_STORE16M_F32)
-BNFAST_DEFINE_FLAT_TILES(bnfast_flat_tiles_f16_nt, bnfast_f16, 64, BNFAST_FLAT_LOAD32_F16,
-                         bnfast_stream32_f16_z, BNFAST_FLAT_LOAD16M_F16,
-                         BNFAST_FLAT_STORE16M_F16)
-BNFAST_DEFINE_FLAT_TILES(bnfast_flat_tiles_bf16_nt, bnfast_bf16, 64,
-                         BNFAST_FLAT_LOAD32_BF16_SPLIT, bnfast_stream32_bf16_z,
-                         BNFAST_FLAT_LOAD16M_BF16, BNFAST_FLAT_STORE16M_BF16)
+/* Each type's streamed leaves: the normalise, dx in training and in evaluation. */
+#define BNFAST_DEFINE_FLAT_TILES_OF(H, T, LOAD32, STREAM32, LOAD16M, STORE16M)            \
+    BNFAST_DEFINE_FLAT_TILES(bnfast_flat_tiles_##H##_nt, T, 64, LOAD32, STREAM32,        \
+                             LOAD16M, STORE16M)                                          \
+    BNFAST_DEFINE_FLAT_TILES_GRAD(bnfast_flat_tiles_grad_##H##_nt, T, 64, 1, LOAD32,     \
+                                  STREAM32, LOAD16M, STORE16M)                           \
+    BNFAST_DEFINE_FLAT_TILES_GRAD(bnfast_flat_tiles_scale_##H##_nt, T, 64, 0, LOAD32,    \
+                                  STREAM32, LOAD16M, STORE16M)
+BNFAST_DEFINE_FLAT_TILES_OF(f32, float, BNFAST_FLAT_LOAD32_F32, BNFAST_FLAT_STREAM32_F32,
+                            BNFAST_FLAT_LOAD16M_F32, BNFAST_FLAT_STORE16M_F32)
+BNFAST_DEFINE_FLAT_TILES_OF(f16, bnfast_f16, BNFAST_FLAT_LOAD32_F16, bnfast_stream32_f16_z,
+                            BNFAST_FLAT_LOAD16M_F16, BNFAST_FLAT_STORE16M_F16)
+BNFAST_DEFINE_FLAT_TILES_OF(bf16, bnfast_bf16, BNFAST_FLAT_LOAD32_BF16_SPLIT,
+                            bnfast_stream32_bf16_z, BNFAST_FLAT_LOAD16M_BF16,
+                            BNFAST_FLAT_STORE16M_BF16)
 
 /* Whether streamed tiles of W values take the flat leaves: on AVX-512 (F, VL,
  * BW), bfloat16 where AVX512-BF16's conversion is not there (as the flat runs);
@@ -137,5 +145,38 @@ BNFAST_DEFINE_FLAT_TILES(bnfast_flat_tiles_bf16_nt, bnfast_bf16, 64,
 #endif
 #define bnfast_flat_tiles_taken_f64(W) 0
 #define bnfast_flat_tiles_f64_nt bnfast_affine_tiled_f64_nt
+
+/* The backward's streamed dx (no mask) for the Cython layer (src/_backward.pyx),
+ * training or evaluation by a flag: the flat leaves, or (builds without the
+ * dispatch: never taken there, see above) tile by tile. */
+#define BNFAST_FLAT_TILES_GRAD_ENTRY(H, T)                                                \
+    static inline void bnfast_flat_tiles_grad_##H##_s(const T *x, const T *dy, T *dx,    \
+                                                      ptrdiff_t n, ptrdiff_t W,          \
+                                                      const float *m, const float *a,    \
+                                                      const float *b, const float *d,    \
+                                                      int training) {                    \
+        BNFAST_FLAT_TILES_GRAD_BODY_##H                                                  \
+    }
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_FLAT_TILES_GRAD_FLAT(H)                                                    \
+    (training ? bnfast_flat_tiles_grad_##H##_nt : bnfast_flat_tiles_scale_##H##_nt)(    \
+        x, dy, dx, n, W, m, a, b, d);
+#define BNFAST_FLAT_TILES_GRAD_BODY_f32 BNFAST_FLAT_TILES_GRAD_FLAT(f32)
+#define BNFAST_FLAT_TILES_GRAD_BODY_f16 BNFAST_FLAT_TILES_GRAD_FLAT(f16)
+#define BNFAST_FLAT_TILES_GRAD_BODY_bf16 BNFAST_FLAT_TILES_GRAD_FLAT(bf16)
+#else
+#define BNFAST_FLAT_TILES_GRAD_BODY_f32                                                   \
+    ptrdiff_t i;                                                                         \
+    for (i = 0; i < n; i += W)                                                           \
+        bnfast_grad_run_tiled_f32(x + i, dy + i, NULL, 0, BNFAST_MIN(W, n - i), m, a, b, \
+                                  d, training, 1, dx + i, NULL);
+#define BNFAST_FLAT_TILES_GRAD_BODY_f16 \
+    bnfast_grad_tiles_f16(x, dy, NULL, 0, n, W, m, a, b, d, training, 1, dx, NULL);
+#define BNFAST_FLAT_TILES_GRAD_BODY_bf16 \
+    bnfast_grad_tiles_bf16(x, dy, NULL, 0, n, W, m, a, b, d, training, 1, dx, NULL);
+#endif
+BNFAST_FLAT_TILES_GRAD_ENTRY(f32, float)
+BNFAST_FLAT_TILES_GRAD_ENTRY(f16, bnfast_f16)
+BNFAST_FLAT_TILES_GRAD_ENTRY(bf16, bnfast_bf16)
 
 #endif /* BNFAST_FLAT_TILES_H */

@@ -1017,24 +1017,35 @@ def test_streaming_stores_give_the_same_bits(dtype, rng, shape, layout, monkeypa
 
 
 @pytest.mark.parametrize("dtype, offset", [(np.float32, 2), (np.float16, 1),
-                                           (ml_dtypes.bfloat16, 1)],
-                         ids=["float32", "float16", "bfloat16"])
-def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, offset):
-    # 4.8 MB of 7x7 images: grad_input this large streams, but only from an aligned
-    # start; out= (and addend_out=) views off their itemsize take plain stores.
+                                           (ml_dtypes.bfloat16, 1), (np.float32, 52),
+                                           (np.float16, 6), (ml_dtypes.bfloat16, 18)],
+                         ids=["float32", "float16", "bfloat16", "float32-element-aligned",
+                              "float16-element-aligned", "bfloat16-element-aligned"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, offset, layout):
+    # 4.8 MB of 7x7 images: grad_input this large streams, from any element-aligned
+    # start (the flat leaves reach the 64-byte line first); out= (and addend_out=)
+    # views off their itemsize take plain stores.
     shape = (24 if np.dtype(dtype).itemsize == 4 else 48, 1024, 7, 7)
     x, dy = make_input(rng, shape, dtype), rng.standard_normal(shape).astype(dtype)
+    x, dy = with_layout(x, layout), with_layout(dy, layout)
     C = shape[1]
     pdtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
     w = rng.uniform(0.5, 1.5, C).astype(pdtype)
     y, mean, invstd = bnfast.batch_norm(x, np.zeros(C, pdtype), np.ones(C, pdtype), w, None,
                                         training=True, relu=True, return_stats=True)
-    out = misaligned_empty(shape, dtype, offset)
+    def empty():
+        if layout == "contiguous":
+            return misaligned_empty(shape, dtype, offset)
+        return np.moveaxis(misaligned_empty((shape[0], *shape[2:], shape[1]), dtype, offset),
+                           -1, 1)
+
+    out = empty()
     got = bnfast.batch_norm_backward(dy, x, w, mean, invstd, True, out=out)
     assert got[0] is out
     assert_same(out, bnfast.batch_norm_backward(dy, x, w, mean, invstd, True)[0])
     # The fused backward's masked dx and the addend's gradient, both misaligned.
-    addend_out = misaligned_empty(shape, dtype, offset)
+    addend_out = empty()
     got = bnfast.fused_batch_norm_backward(dy, x, y, w, mean, invstd, True, out=out,
                                            addend_out=addend_out)
     expected = bnfast.fused_batch_norm_backward(dy, x, y, w, mean, invstd, True)

@@ -1,13 +1,15 @@
-"""The streamed flat channels-last leaves (``src/bnfast_flat_tiles.h``) against
-the portable tiled leaves.
+"""The streamed flat channels-last leaves (``src/bnfast_flat_tiles.h``), the
+normalise and the backward's dx in training and in evaluation, against the
+portable tiled leaves.
 
 ``tests/c/flat_tiles.c`` runs 20,000 random cases of float32, float16 and
 bfloat16: tile lengths from 16 to 300 (vectors that cross a tile's end at every
 offset), blocks of any length, outputs starting at every element offset of a
 64-byte line, addend, ReLU, in place, NaN and infinite coefficients.  The flat
-leaf must give the portable leaf's bits and leave the bytes around the span
-alone.  (The full API's layouts, streamed sizes included, are in
-``tests/test_layouts.py`` and ``tests/test_functional.py``.)
+leaf must give the portable leaf's bits (training's dx: any NaN where both of
+its sums' terms are NaN) and leave the bytes around the span alone.  (The full
+API's layouts, streamed sizes included: ``tests/test_layouts.py``,
+``tests/test_functional.py`` and ``tests/test_backward.py``.)
 """
 import pytest
 

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "bnfast_half_leaves.h"
+#include "bnfast_backward_half.h"
 #include "bnfast_flat_tiles.h"
 
 #define CASES 20000
@@ -46,11 +47,52 @@ static float next_float(float lo, float hi) {
         bnfast_flat_tiles_##H##_nt(src2, ad, (T *)y2, total, W, m, a, b, relu);          \
     }
 
+/* The backward's dx (TRAINING 1: dy * a + (x - m) * b + d; 0: dy * a), dy being
+ * `add` (or y itself, in place): the portable leaves tile by tile into y1, the
+ * flat one into y2. */
+#define GRAD_CASE(H, T, TRAINING)                                                        \
+    {                                                                                    \
+        const T *dy1 = inplace ? (const T *)y1 : (const T *)add;                         \
+        const T *dy2 = inplace ? (const T *)y2 : (const T *)add;                         \
+        ptrdiff_t i0;                                                                    \
+        for (i0 = 0; i0 < total; i0 += W)                                                \
+            GRAD_REF_##H((const T *)x + i0, dy1 + i0, (T *)y1 + i0,                      \
+                         BNFAST_MIN(W, total - i0), TRAINING);                           \
+        (TRAINING ? bnfast_flat_tiles_grad_##H##_nt : bnfast_flat_tiles_scale_##H##_nt)( \
+            (const T *)x, dy2, (T *)y2, total, W, m, a, b, d);                           \
+    }
+#define GRAD_REF_f32(x, dy, dx, n, training)                                             \
+    ((training) ? bnfast_grad_tiled_f32_base(x, dy, dx, n, m, a, b, d)                   \
+                : bnfast_scale_tiled_f32_base(dy, dx, n, a))
+#define GRAD_REF_f16(x, dy, dx, n, training) \
+    bnfast_grad_vec_tiled_f16_base(x, dy, dx, n, m, a, b, d, training)
+#define GRAD_REF_bf16(x, dy, dx, n, training) \
+    bnfast_grad_vec_tiled_bf16_base(x, dy, dx, n, m, a, b, d, training)
+
+/* Whether two buffers agree: the bytes before `offset` and after the last whole
+ * value exactly, the `size`-byte values from `offset` on bit for bit or
+ * (nan_any) where both are NaN (magnitude bits above `inf`), in any payload
+ * (training's dx: where dy * a and (x - m) * b are both NaN, the portable leaves
+ * add them in whichever order GCC picked, the flat leaf in the formula's). */
+static int same_values(const unsigned char *p, const unsigned char *q, size_t bytes,
+                       size_t offset, size_t size, uint32_t inf, int nan_any) {
+    uint32_t magnitude = size == 4 ? 0x7fffffffu : 0x7fffu;
+    size_t i, end = offset + (bytes - offset) / size * size;
+    if (memcmp(p, q, offset) != 0 || memcmp(p + end, q + end, bytes - end) != 0) return 0;
+    for (i = offset; i < end; i += size) {
+        uint32_t u = 0, v = 0;
+        memcpy(&u, p + i, size);
+        memcpy(&v, q + i, size);
+        if (u != v && !(nan_any && (u & magnitude) > inf && (v & magnitude) > inf)) return 0;
+    }
+    return 1;
+}
+
 int main(void) {
 #if BNFAST_DISPATCH_AVX2
     static unsigned char xbuf[CAP * 4 + 64], abuf[CAP * 4 + 64];
     static unsigned char y1buf[CAP * 4 + 192], y2buf[CAP * 4 + 192];
-    static float m[MAXW], a[MAXW], b[MAXW];
+    static float m[MAXW], a[MAXW], b[MAXW], d[MAXW];
     int cases = 0, mismatches = 0, k;
     size_t span;
     if (!bnfast_flat_tiles_taken_f32(16)) {
@@ -58,7 +100,8 @@ int main(void) {
         return 0;
     }
     for (k = 0; k < CASES; k++) {
-        int type = k % 3;  /* float32, float16, bfloat16 */
+        /* float32, float16, bfloat16; the normalise, dx in training, in evaluation */
+        int type = k % 3, grad = (k / 3) % 3;
         size_t size = type == 0 ? 4 : 2;
         ptrdiff_t W = next_rand() % 4 == 0 ? 16 * (1 + next_rand() % 16)
                                            : 16 + next_rand() % (MAXW - 15);
@@ -71,6 +114,7 @@ int main(void) {
             m[i] = next_float(-1.0f, 1.0f);
             a[i] = next_float(0.0f, 3.0f);
             b[i] = next_float(-0.5f, 0.5f);
+            d[i] = next_float(-0.5f, 0.5f);
         }
         if (next_rand() % 8 == 0) {  /* a position's NaN mean, another's infinite scale */
             m[next_rand() % W] = __builtin_nanf("");
@@ -94,18 +138,32 @@ int main(void) {
         memset(y1buf, 0xa5, span);
         memset(y2buf, 0xa5, span);
         if (inplace) {
-            memcpy(y1, x, (size_t)total * size);
-            memcpy(y2, x, (size_t)total * size);
+            memcpy(y1, grad ? add : x, (size_t)total * size);
+            memcpy(y2, grad ? add : x, (size_t)total * size);
         }
-        if (type == 0) CASE(f32, float)
-        else if (type == 1) CASE(f16, bnfast_f16)
-        else CASE(bf16, bnfast_bf16)
+        if (grad == 1) {
+            if (type == 0) GRAD_CASE(f32, float, 1)
+            else if (type == 1) GRAD_CASE(f16, bnfast_f16, 1)
+            else GRAD_CASE(bf16, bnfast_bf16, 1)
+        } else if (grad == 2) {
+            if (type == 0) GRAD_CASE(f32, float, 0)
+            else if (type == 1) GRAD_CASE(f16, bnfast_f16, 0)
+            else GRAD_CASE(bf16, bnfast_bf16, 0)
+        } else if (type == 0) {
+            CASE(f32, float)
+        } else if (type == 1) {
+            CASE(f16, bnfast_f16)
+        } else {
+            CASE(bf16, bnfast_bf16)
+        }
         bnfast_nt_fence();
         cases++;
-        if (memcmp(y1buf, y2buf, span) != 0) {
+        if (!same_values(y1buf, y2buf, span, (size_t)offset, size,
+                         type == 0 ? 0x7f800000u : type == 1 ? 0x7c00u : 0x7f80u, grad == 1)) {
             if (mismatches < 10)
-                fprintf(stderr, "mismatch: type %d W %td total %td offset %td relu %d add %d "
-                        "inplace %d\n", type, W, total, offset, relu, use_add, inplace);
+                fprintf(stderr, "mismatch: type %d grad %d W %td total %td offset %td relu %d "
+                        "add %d inplace %d\n", type, grad, W, total, offset, relu, use_add,
+                        inplace);
             mismatches++;
         }
     }
