@@ -305,37 +305,49 @@ static const int32_t bnfast_bf16_z_k_[8] __attribute__((aligned(32))) = {
     _mm512_cvtepi32_epi16(_mm512_srli_epi32(BNFAST_BF16_Z_HIGH_(512, f), 16))
 #define bnfast_pack8_bf16_z(f) \
     _mm256_cvtepi32_epi16(_mm256_srli_epi32(BNFAST_BF16_Z_HIGH_(256, f), 16))
-/* Thirty-two values as v0 (values 0-15) and v1 (16-31): without NaNs, the
- * even/odd form's word rounding below (BNFAST_BF16_Z_EO_), the truncated words
- * and the words below them gathered by one vpermt2w each; with a NaN, each
- * lane rounded and the high halves gathered.  Seven vector instructions
- * against eleven. */
+/* Thirty-two values in two vectors a and b, rounded as 32 words where no lane
+ * is NaN (one unordered compare of a with b finds any): the truncated bfloat16
+ * words TRUNC(a, b) go up by one where the bits below them, BELOW(a, b), plus
+ * their own last bit exceed 0x8000 (the carry of u + 0x7fff + bit 16 of u); for
+ * a last bit of 0 or 1 that sum exceeds 0x8000 exactly where (below | last
+ * bit) does as an unsigned word: one ternary logic op, a compare and a masked
+ * add for 32 values, against an add, a test, a masked add, a compare and a
+ * masked or for 16 lane by lane.  With a NaN, LANES(a, b), the lanes' rounding
+ * (a word's add would carry an all-ones payload into the sign).  The same
+ * bits: every float32 pattern, tests/c/bf16_rounding.c.  The flat bfloat16
+ * normalise's 32-value step went from twenty vector instructions to fifteen:
+ * S = 49 in L2, 13.5-14.5 -> 12.1-12.5 cycles a run (Xeon VM, no
+ * AVX512-BF16). */
+#define BNFAST_BF16_Z_WORDS_(a, b, TRUNC, BELOW, LANES) ({                                \
+        __m512 a_ = (__m512)(a), b_ = (__m512)(b);                                        \
+        __m512i words_;                                                                   \
+        if (__builtin_expect(!_mm512_cmp_ps_mask(a_, b_, _CMP_UNORD_Q), 1)) {             \
+            __m512i ones_ = BNFAST_BF16_Z_K_(512, 6), trunc_ = TRUNC(a_, b_);             \
+            __m512i key_ = _mm512_ternarylogic_epi32(BELOW(a_, b_), trunc_, ones_, 0xf8); \
+            words_ = _mm512_mask_add_epi16(                                               \
+                trunc_, _mm512_cmpgt_epu16_mask(key_, BNFAST_BF16_Z_K_(512, 7)), trunc_,  \
+                ones_);                                                                   \
+        } else {                                                                          \
+            words_ = LANES(a_, b_);                                                       \
+        }                                                                                 \
+        words_; })
+/* Values 0-15 in v0, 16-31 in v1: the words gathered by one vpermt2w each. */
 #define BNFAST_BF16_Z_ODD_WORDS_                                                          \
     _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,     \
                      31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1)
 #define BNFAST_BF16_Z_EVEN_WORDS_                                                         \
     _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,     \
                      30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0)
+#define BNFAST_BF16_Z_PAIR_TRUNC_(v0, v1) \
+    _mm512_permutex2var_epi16((__m512i)(v0), BNFAST_BF16_Z_ODD_WORDS_, (__m512i)(v1))
+#define BNFAST_BF16_Z_PAIR_BELOW_(v0, v1) \
+    _mm512_permutex2var_epi16((__m512i)(v0), BNFAST_BF16_Z_EVEN_WORDS_, (__m512i)(v1))
 #define BNFAST_BF16_Z_PAIR_LANES_(v0, v1)                                                 \
     _mm512_permutex2var_epi16(BNFAST_BF16_Z_HIGH_(512, v0), BNFAST_BF16_Z_ODD_WORDS_,    \
                               BNFAST_BF16_Z_HIGH_(512, v1))
-#define BNFAST_BF16_Z_PAIR_(v0, v1) ({                                                    \
-        __m512 first_ = (__m512)(v0), second_ = (__m512)(v1);                             \
-        __m512i pair_;                                                                    \
-        if (__builtin_expect(!_mm512_cmp_ps_mask(first_, second_, _CMP_UNORD_Q), 1)) {    \
-            __m512i ones_ = BNFAST_BF16_Z_K_(512, 6);                                     \
-            __m512i trunc_ = _mm512_permutex2var_epi16(                                   \
-                (__m512i)first_, BNFAST_BF16_Z_ODD_WORDS_, (__m512i)second_);             \
-            __m512i below_ = _mm512_permutex2var_epi16(                                   \
-                (__m512i)first_, BNFAST_BF16_Z_EVEN_WORDS_, (__m512i)second_);            \
-            __m512i key_ = _mm512_ternarylogic_epi32(below_, trunc_, ones_, 0xf8);        \
-            pair_ = _mm512_mask_add_epi16(                                                \
-                trunc_, _mm512_cmpgt_epu16_mask(key_, BNFAST_BF16_Z_K_(512, 7)), trunc_,  \
-                ones_);                                                                   \
-        } else {                                                                          \
-            pair_ = BNFAST_BF16_Z_PAIR_LANES_(first_, second_);                           \
-        }                                                                                 \
-        pair_; })
+#define BNFAST_BF16_Z_PAIR_(v0, v1)                                                       \
+    BNFAST_BF16_Z_WORDS_(v0, v1, BNFAST_BF16_Z_PAIR_TRUNC_, BNFAST_BF16_Z_PAIR_BELOW_,    \
+                         BNFAST_BF16_Z_PAIR_LANES_)
 #define bnfast_load16_bf16_z bnfast_load16_bf16_hw
 #define bnfast_store16_bf16_z(p, v0) \
     _mm256_storeu_si256((__m256i *)(void *)(p), bnfast_pack16_bf16_z(v0))
@@ -345,41 +357,21 @@ static const int32_t bnfast_bf16_z_k_[8] __attribute__((aligned(32))) = {
     _mm512_storeu_si512((void *)(p), BNFAST_BF16_Z_PAIR_(v0, v1))
 #define bnfast_stream32_bf16_z(p, v0, v1) \
     _mm512_stream_si512((void *)(p), BNFAST_BF16_Z_PAIR_(v0, v1))
-/* Thirty-two values given as the even ones (e) and the odd ones (o).
- * Without NaNs (one unordered compare of e with o finds any), rounded as 32
- * words: the truncated bfloat16 (e's high halves shifted down, o's kept: one
- * ternary logic op, 0xd8, the mask's bits from o, the others from e) goes up
- * by one where the bits below it (the low halves, the same way) plus its own
- * last bit exceed 0x8000 (the carry of u + 0x7fff + bit 16 of u); for a last
- * bit of 0 or 1 that sum exceeds 0x8000 exactly where (below | last bit) does
- * as an unsigned word: one more ternary op, a compare and a masked add.
- * Fifteen vector instructions a 32-value step of the flat bfloat16 normalise
- * against twenty lane by lane: S = 49 in L2, 13.5-14.5 -> 12.1-12.5 cycles a
- * run (Xeon VM, no AVX512-BF16).  With a NaN, the lanes' rounding below (a
- * word's add would carry an all-ones payload into the sign).  The same bits:
- * every float32 pattern, tests/c/bf16_rounding.c. */
+/* The even values in e, the odd ones in o: e's high halves shifted down, o's
+ * kept, merged by one ternary logic op (0xd8: the mask's bits from o, the
+ * others from e); the low halves the same way, the other way round. */
+#define BNFAST_BF16_Z_EO_TRUNC_(e, o)                                                     \
+    _mm512_ternarylogic_epi32(_mm512_srli_epi32((__m512i)(e), 16), (__m512i)(o),          \
+                              BNFAST_BF16_Z_K_(512, 4), 0xd8)
+#define BNFAST_BF16_Z_EO_BELOW_(e, o)                                                     \
+    _mm512_ternarylogic_epi32(_mm512_slli_epi32((__m512i)(o), 16), (__m512i)(e),          \
+                              BNFAST_BF16_Z_K_(512, 5), 0xf8)
 #define BNFAST_BF16_Z_EO_LANES_(e, o)                                                     \
-    _mm512_ternarylogic_epi32(_mm512_srli_epi32(BNFAST_BF16_Z_HIGH_(512, e), 16),         \
-                              BNFAST_BF16_Z_HIGH_(512, o), BNFAST_BF16_Z_K_(512, 4), 0xd8)
-#define BNFAST_BF16_Z_EO_(e, o) ({                                                        \
-        __m512 even_ = (__m512)(e), odd_ = (__m512)(o);                                   \
-        __m512i eo_;                                                                      \
-        if (__builtin_expect(!_mm512_cmp_ps_mask(even_, odd_, _CMP_UNORD_Q), 1)) {        \
-            __m512i ones_ = BNFAST_BF16_Z_K_(512, 6);                                     \
-            __m512i trunc_ = _mm512_ternarylogic_epi32(                                   \
-                _mm512_srli_epi32((__m512i)even_, 16), (__m512i)odd_,                     \
-                BNFAST_BF16_Z_K_(512, 4), 0xd8);                                          \
-            __m512i below_ = _mm512_ternarylogic_epi32(                                   \
-                _mm512_slli_epi32((__m512i)odd_, 16), (__m512i)even_,                     \
-                BNFAST_BF16_Z_K_(512, 5), 0xf8);                                          \
-            __m512i key_ = _mm512_ternarylogic_epi32(below_, trunc_, ones_, 0xf8);        \
-            eo_ = _mm512_mask_add_epi16(                                                  \
-                trunc_, _mm512_cmpgt_epu16_mask(key_, BNFAST_BF16_Z_K_(512, 7)), trunc_,  \
-                ones_);                                                                   \
-        } else {                                                                          \
-            eo_ = BNFAST_BF16_Z_EO_LANES_(even_, odd_);                                   \
-        }                                                                                 \
-        eo_; })
+    BNFAST_BF16_Z_EO_TRUNC_(_mm512_castsi512_ps(BNFAST_BF16_Z_HIGH_(512, e)),             \
+                            _mm512_castsi512_ps(BNFAST_BF16_Z_HIGH_(512, o)))
+#define BNFAST_BF16_Z_EO_(e, o)                                                           \
+    BNFAST_BF16_Z_WORDS_(e, o, BNFAST_BF16_Z_EO_TRUNC_, BNFAST_BF16_Z_EO_BELOW_,          \
+                         BNFAST_BF16_Z_EO_LANES_)
 #define bnfast_store32eo_bf16_z(p, e, o) \
     _mm512_storeu_si512((void *)(p), BNFAST_BF16_Z_EO_(e, o))
 #define bnfast_stream32eo_bf16_z(p, e, o) \

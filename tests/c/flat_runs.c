@@ -27,17 +27,8 @@
 #define CASES 30000
 #define CAP (64 * 232 + 64)  /* values: runs * S + the largest offset */
 #define MAXC 40
-
-static unsigned long long state = 88172645463325252ull;
-static unsigned next_rand(void) {  /* xorshift64: the same cases everywhere */
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return (unsigned)(state >> 16);
-}
-static float next_float(float lo, float hi) {
-    return lo + (hi - lo) * (float)(next_rand() % 1000001) / 1e6f;
-}
+#define RNG_SEED 88172645463325252ull
+#include "drivers.h"
 
 /* One case of type H (T) with the flat leaf LEAF, against the base leaf per run. */
 #define CASE(H, T, LEAF)                                                                 \
@@ -100,26 +91,6 @@ typedef float bnfast_f32;
 SCALE_REF(f32)
 SCALE_REF(f16)
 SCALE_REF(bf16)
-
-/* Whether two buffers agree: the bytes before `offset` and after the last whole
- * value exactly, the `size`-byte values from `offset` on bit for bit or
- * (nan_any) where both are NaN (magnitude bits above `inf`), in any payload --
- * the backward's payloads are not specified where dy * a and (x - m) * b are
- * both NaN: the run-by-run leaves add them in whichever order GCC picked, the
- * flat leaf in the formula's (dy * a first). */
-static int same_values(const unsigned char *p, const unsigned char *q, size_t bytes,
-                       size_t offset, size_t size, uint32_t inf, int nan_any) {
-    uint32_t magnitude = size == 4 ? 0x7fffffffu : 0x7fffu;
-    size_t i, end = offset + (bytes - offset) / size * size;
-    if (memcmp(p, q, offset) != 0 || memcmp(p + end, q + end, bytes - end) != 0) return 0;
-    for (i = offset; i < end; i += size) {
-        uint32_t u = 0, v = 0;
-        memcpy(&u, p + i, size);
-        memcpy(&v, q + i, size);
-        if (u != v && !(nan_any && (u & magnitude) > inf && (v & magnitude) > inf)) return 0;
-    }
-    return 1;
-}
 
 int main(void) {
 #if BNFAST_DISPATCH_AVX2

@@ -25,17 +25,8 @@
 #define CASES 20000
 #define CAP (4 * 1024 + 64)  /* values: a block + the largest offset */
 #define MAXW 300
-
-static unsigned long long state = 2463534242ull;
-static unsigned next_rand(void) {  /* xorshift64: the same cases everywhere */
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return (unsigned)(state >> 16);
-}
-static float next_float(float lo, float hi) {
-    return lo + (hi - lo) * (float)(next_rand() % 1000001) / 1e6f;
-}
+#define RNG_SEED 2463534242ull
+#include "drivers.h"
 
 /* One case of type H (T): the portable leaf into y1, the flat one into y2. */
 #define CASE(H, T)                                                                       \
@@ -68,25 +59,6 @@ static float next_float(float lo, float hi) {
     bnfast_grad_vec_tiled_f16_base(x, dy, dx, n, m, a, b, d, training)
 #define GRAD_REF_bf16(x, dy, dx, n, training) \
     bnfast_grad_vec_tiled_bf16_base(x, dy, dx, n, m, a, b, d, training)
-
-/* Whether two buffers agree: the bytes before `offset` and after the last whole
- * value exactly, the `size`-byte values from `offset` on bit for bit or
- * (nan_any) where both are NaN (magnitude bits above `inf`), in any payload
- * (training's dx: where dy * a and (x - m) * b are both NaN, the portable leaves
- * add them in whichever order GCC picked, the flat leaf in the formula's). */
-static int same_values(const unsigned char *p, const unsigned char *q, size_t bytes,
-                       size_t offset, size_t size, uint32_t inf, int nan_any) {
-    uint32_t magnitude = size == 4 ? 0x7fffffffu : 0x7fffu;
-    size_t i, end = offset + (bytes - offset) / size * size;
-    if (memcmp(p, q, offset) != 0 || memcmp(p + end, q + end, bytes - end) != 0) return 0;
-    for (i = offset; i < end; i += size) {
-        uint32_t u = 0, v = 0;
-        memcpy(&u, p + i, size);
-        memcpy(&v, q + i, size);
-        if (u != v && !(nan_any && (u & magnitude) > inf && (v & magnitude) > inf)) return 0;
-    }
-    return 1;
-}
 
 int main(void) {
 #if BNFAST_DISPATCH_AVX2
