@@ -5,6 +5,7 @@
 #ifndef BNFAST_TEST_DRIVERS_H
 #define BNFAST_TEST_DRIVERS_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -19,6 +20,40 @@ static unsigned next_rand(void) {
 }
 static float next_float(float lo, float hi) {
     return lo + (hi - lo) * (float)(next_rand() % 1000001) / 1e6f;
+}
+
+/* Coefficient rows m, a, b, d of n values; one case in 8 with a NaN mean and
+ * an infinite scale somewhere. */
+static void random_rows(float *m, float *a, float *b, float *d, ptrdiff_t n) {
+    ptrdiff_t i;
+    for (i = 0; i < n; i++) {
+        m[i] = next_float(-1.0f, 1.0f);
+        a[i] = next_float(0.0f, 3.0f);
+        b[i] = next_float(-0.5f, 0.5f);
+        d[i] = next_float(-0.5f, 0.5f);
+    }
+    if (next_rand() % 8 == 0) {
+        m[next_rand() % n] = __builtin_nanf("");
+        a[next_rand() % n] = __builtin_inff();
+    }
+}
+
+/* count values of x and add: float32 (float32 0) values, one case in 4 with a
+ * NaN in x; half types: random bits (every pattern is a value). */
+static void random_inputs(int float32, unsigned char *x, unsigned char *add, ptrdiff_t count) {
+    ptrdiff_t i;
+    if (float32) {
+        for (i = 0; i < count; i++) {
+            ((float *)x)[i] = next_float(-4.0f, 4.0f);
+            ((float *)add)[i] = next_float(-1.0f, 1.0f);
+        }
+        if (count > 0 && next_rand() % 4 == 0) ((float *)x)[next_rand() % count] = __builtin_nanf("");
+    } else {
+        for (i = 0; i < count * 2; i++) {
+            x[i] = (unsigned char)next_rand();
+            add[i] = (unsigned char)next_rand();
+        }
+    }
 }
 
 /* Whether two buffers agree: the bytes before `offset` and after the last whole

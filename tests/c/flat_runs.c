@@ -124,28 +124,8 @@ int main(void) {
         unsigned char *x = xbuf + offset, *add = abuf + offset;
         unsigned char *y1 = y1buf + offset, *y2 = y2buf + offset;
         if (runs * S + 64 > CAP) runs = (CAP - 64) / S;
-        for (i = 0; i < C; i++) {
-            m[i] = next_float(-1.0f, 1.0f);
-            a[i] = next_float(0.0f, 3.0f);
-            b[i] = next_float(-0.5f, 0.5f);
-            d[i] = next_float(-0.5f, 0.5f);
-        }
-        if (next_rand() % 8 == 0) {  /* a channel's NaN mean, another's infinite scale */
-            m[next_rand() % C] = __builtin_nanf("");
-            a[next_rand() % C] = __builtin_inff();
-        }
-        if (type == 0) {  /* float32: values; half types: every bit pattern is a value */
-            for (i = 0; i < runs * S; i++) {
-                ((float *)x)[i] = next_float(-4.0f, 4.0f);
-                ((float *)add)[i] = next_float(-1.0f, 1.0f);
-            }
-            if (runs > 0 && next_rand() % 4 == 0) ((float *)x)[next_rand() % (runs * S)] = __builtin_nanf("");
-        } else {
-            for (i = 0; i < runs * S * 2; i++) {
-                x[i] = (unsigned char)next_rand();
-                add[i] = (unsigned char)next_rand();
-            }
-        }
+        random_rows(m, a, b, d, C);
+        random_inputs(type == 0, x, add, runs * S);
         /* The outputs' bytes and 128 guard bytes after them (no leaf store is wider
          * than 64). */
         span = (size_t)offset + (size_t)(runs * S) * size + 128;

@@ -78,32 +78,12 @@ int main(void) {
         ptrdiff_t W = next_rand() % 4 == 0 ? 16 * (1 + next_rand() % 16)
                                            : 16 + next_rand() % (MAXW - 15);
         ptrdiff_t total = next_rand() % 8 == 0 ? next_rand() % 64 : next_rand() % (CAP - 64);
-        ptrdiff_t offset = (ptrdiff_t)(next_rand() % (64 / size)) * (ptrdiff_t)size, i;
+        ptrdiff_t offset = (ptrdiff_t)(next_rand() % (64 / size)) * (ptrdiff_t)size;
         int relu = next_rand() % 2, use_add = next_rand() % 2, inplace = next_rand() % 4 == 0;
         unsigned char *x = xbuf + offset, *add = abuf + offset;
         unsigned char *y1 = y1buf + offset, *y2 = y2buf + offset;
-        for (i = 0; i < W; i++) {
-            m[i] = next_float(-1.0f, 1.0f);
-            a[i] = next_float(0.0f, 3.0f);
-            b[i] = next_float(-0.5f, 0.5f);
-            d[i] = next_float(-0.5f, 0.5f);
-        }
-        if (next_rand() % 8 == 0) {  /* a position's NaN mean, another's infinite scale */
-            m[next_rand() % W] = __builtin_nanf("");
-            a[next_rand() % W] = __builtin_inff();
-        }
-        if (type == 0) {  /* float32: values; half types: every bit pattern is a value */
-            for (i = 0; i < total; i++) {
-                ((float *)x)[i] = next_float(-4.0f, 4.0f);
-                ((float *)add)[i] = next_float(-1.0f, 1.0f);
-            }
-            if (total > 0 && next_rand() % 4 == 0) ((float *)x)[next_rand() % total] = __builtin_nanf("");
-        } else {
-            for (i = 0; i < total * 2; i++) {
-                x[i] = (unsigned char)next_rand();
-                add[i] = (unsigned char)next_rand();
-            }
-        }
+        random_rows(m, a, b, d, W);
+        random_inputs(type == 0, x, add, total);
         /* The outputs' bytes and 128 guard bytes after them (no store is wider
          * than 64). */
         span = (size_t)offset + (size_t)total * size + 128;
