@@ -24,6 +24,8 @@ DEFAULT_SHAPES = "32x256x56x56,32x2048x7x7,8x64x56x56,256x1024,1x512x7x7"
 DEFAULT_DTYPES = "float32"
 #: bench_half.py: arrays over 8 MB in float32, where memory decides.
 DEFAULT_HALF_SHAPES = "32x256x56x56,32x512x28x28,32x2048x7x7,4096x1024"
+#: bench_layouts.py: images (4-D), the streamed sizes and one that stays cached.
+DEFAULT_LAYOUT_SHAPES = "32x256x56x56,32x64x56x56,32x2048x7x7,8x64x28x28"
 
 
 def pytest_addoption(parser):
@@ -35,6 +37,8 @@ def pytest_addoption(parser):
                          "(default float32)")
     group.addoption("--half-shapes", default=DEFAULT_HALF_SHAPES,
                     help=f"shapes of bench_half.py (default {DEFAULT_HALF_SHAPES})")
+    group.addoption("--layout-shapes", default=DEFAULT_LAYOUT_SHAPES,
+                    help=f"4-D shapes of bench_layouts.py (default {DEFAULT_LAYOUT_SHAPES})")
 
 
 def pytest_collect_file(file_path, parent):
@@ -58,6 +62,12 @@ def pytest_generate_tests(metafunc):
     if "half_shape" in metafunc.fixturenames:
         shapes = parse_shapes(config.getoption("--half-shapes"))
         metafunc.parametrize("half_shape", shapes, ids=[format_shape(s) for s in shapes])
+    if "layout_shape" in metafunc.fixturenames:
+        shapes = parse_shapes(config.getoption("--layout-shapes"))
+        if any(len(s) != 4 for s in shapes):
+            raise pytest.UsageError("--layout-shapes: 4-D shapes (N, C, H, W), the "
+                                    f"layouts of images; got {config.getoption('--layout-shapes')}")
+        metafunc.parametrize("layout_shape", shapes, ids=[format_shape(s) for s in shapes])
 
 
 _HALF_RATIOS = []
@@ -69,7 +79,17 @@ def half_ratios():
     return _HALF_RATIOS
 
 
+_LAYOUT_RATIOS = []
+
+
+@pytest.fixture(scope="session")
+def layout_ratios():
+    """The rows of bench_layouts.py's ratio table (printed at the end of the session)."""
+    return _LAYOUT_RATIOS
+
+
 def pytest_terminal_summary(terminalreporter):
+    _layout_summary(terminalreporter.write_line)
     if not _HALF_RATIOS:
         return
     write = terminalreporter.write_line
@@ -85,6 +105,25 @@ def pytest_terminal_summary(terminalreporter):
         write(f"{r['mode']:<9}{r['dtype']:<10}{r['shape']:<15}{r['float32_MB']:>8}"
               f"{r['half_s'] * 1e3:>9.2f}ms{r['float32_s'] * 1e3:>9.2f}ms"
               f"{r['half_over_float32']:>10.2f}{r['half_over_float32_paired']:>8.2f}{vs_torch}")
+
+
+def _layout_summary(write):
+    if not _LAYOUT_RATIOS:
+        return
+    write("")
+    write("layouts: interleaved calls on the same values (last: channels-last, first: "
+          "channels-first; copy: np.copyto of the array; torch on the channels-last data); "
+          "ratios of the minima, and paired: the median of the rounds' ratios")
+    write(f"{'mode':<14}{'dtype':<10}{'shape':<15}{'MB':>7}{'last':>11}{'first':>11}"
+          f"{'last/first':>11}{'paired':>8}{'last/copy':>10}{'first/copy':>11}"
+          f"{'torch/last':>11}{'paired':>8}")
+    for r in _LAYOUT_RATIOS:
+        vs_torch = (f"{'-':>11}{'-':>8}" if r["torch_over_last"] is None else
+                    f"{r['torch_over_last']:>10.2f}x{r['torch_over_last_paired']:>7.2f}x")
+        write(f"{r['mode']:<14}{r['dtype']:<10}{r['shape']:<15}{r['MB']:>7}"
+              f"{r['last_s'] * 1e3:>9.2f}ms{r['first_s'] * 1e3:>9.2f}ms"
+              f"{r['last_over_first']:>11.2f}{r['last_over_first_paired']:>8.2f}"
+              f"{r['last_over_copy']:>10.2f}{r['first_over_copy']:>11.2f}{vs_torch}")
 
 
 @functools.lru_cache(maxsize=1)
