@@ -28,6 +28,13 @@ Parts:
   format of their input, output, grad_output and grad_input (a convolution
   reorders what is not channels_last), and the copy ops (``aten::copy_``,
   ``contiguous``, ``clone``, ``to``, ...) of a step, stock vs converted vs fused.
+* ``processes`` (only when named: ~6 min): ``resnet`` with each contender in
+  a Python process of its own, started anew for every round (``--process-rounds``),
+  as a user's process holds one model.  In ``resnet`` the three models share one
+  heap: bnfast's pool of warm buffers (``bnfast.torch._buffers``) and the
+  stock model's frees move glibc's thresholds for all three, so one model's
+  allocations page-fault or not by what the others did (eval channels_last,
+  AMD EPYC: 0.96-0.98x there, converted faster in processes of their own).
 * ``compiled`` (only when named: inductor takes minutes): the ResNet-18 step
   under ``torch.compile``, stock vs converted vs fused, each compiled, and
   compiled (1, 512, 7, 7) and 16x512x4x4 layers' forward + backward.
@@ -37,8 +44,10 @@ Every bnfast result is checked against torch's before it is timed.
 """
 import argparse
 import copy
+import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -245,6 +254,59 @@ def compiled(args):
             {name: _fwd_bwd(layer, x, grad) for name, layer in layers.items()}, args.rounds))
 
 
+
+#: processes: timed calls per process, after three untimed ones.
+_PROCESS_CALLS = {"train": 10, "eval": 30}
+
+
+def _resnet_calls(variant, layout, mode, calls, threads):
+    """Seconds of ``calls`` calls of a fresh ResNet-18 (after three untimed ones): the
+    child's side of ``processes``."""
+    torch.set_num_threads(threads)
+    x, target = resnet_batch(layout)
+    model = build_resnet(variant, layout).train(mode == "train")
+    if mode == "train":
+        call = train_step(model, x, target, torch.optim.SGD(model.parameters(), lr=0.01))
+    else:
+        def call():
+            with torch.no_grad():
+                model(x)
+    for _ in range(3):
+        call()
+    return [_time(call, 1) for _ in range(calls)]
+
+
+def _in_process(variant, layout, mode, threads):
+    """``_resnet_calls`` in a new Python process: the child's median and minimum."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--child", f"{variant},{layout},{mode}",
+         "--threads", str(threads)], check=True, capture_output=True, text=True)
+    times = json.loads(child.stdout.strip().splitlines()[-1])
+    return statistics.median(times), min(times)
+
+
+def processes(args):
+    """The ResNet-18 step and eval forward, each contender in a process of its own."""
+    rounds = args.process_rounds
+    print(f"\nResNet-18, batch 16, 3x112x112, float32, {args.threads} threads, a process per "
+          f"contender and round ({rounds} rounds; per process the median of "
+          f"{_PROCESS_CALLS['train']} steps or {_PROCESS_CALLS['eval']} eval forwards)")
+    for layout in LAYOUTS:
+        for mode in ("train", "eval"):
+            medians = {v: [] for v in VARIANTS}
+            minima = {v: [] for v in VARIANTS}
+            for r in range(rounds):
+                for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+                    median, least = _in_process(v, layout, mode, args.threads)
+                    medians[v].append(median)
+                    minima[v].append(least)
+            label = f"{'train step' if mode == 'train' else 'eval forward'} {layout}"
+            _row(label, medians, "stock")
+            best = {v: min(t) for v, t in minima.items()}
+            print(f"{'':<38}minima: " + "  ".join(
+                f"{v} {_us(t)} ({best['stock'] / t:5.2f}x)" for v, t in best.items()),
+                flush=True)
+
 # Self CPU time of aten::native_batch_norm(_backward) & co. and of the bnfast::* labels.
 _BN_KEYS = ("batch_norm", "batchnorm")
 
@@ -324,8 +386,9 @@ def formats(args):
 
 
 PARTS = {"layers": layers, "overhead": overhead, "resnet": resnet, "share": share,
-         "formats": formats, "compiled": compiled}
-#: What runs without parts named: all but ``compiled`` (inductor compiles for minutes here).
+         "formats": formats, "compiled": compiled, "processes": processes}
+#: What runs without parts named: all but ``compiled`` (inductor compiles for minutes here)
+#: and ``processes`` (a new process, torch imported, per timing: minutes).
 DEFAULT_PARTS = ("layers", "overhead", "resnet", "share", "formats")
 
 
@@ -342,7 +405,15 @@ def main(argv=None):
                         help="layers: 64 MiB written before each call (caches emptied)")
     parser.add_argument("--modes", default="train",
                         help="layers: train (forward + backward) and/or eval (no_grad forward)")
+    parser.add_argument("--process-rounds", type=int, default=4,
+                        help="processes: rounds (each starts one process per contender)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # processes' own children
     args = parser.parse_args(argv)
+    if args.child:
+        variant, layout, mode = args.child.split(",")
+        print(json.dumps(_resnet_calls(variant, layout, mode, _PROCESS_CALLS[mode],
+                                       args.threads)))
+        return
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; "
