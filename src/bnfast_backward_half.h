@@ -449,6 +449,11 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
  * eight rows were 1.3x slower on rows 4 KiB apart: sixteen streams in one L1
  * set of eight ways.)
  * ------------------------------------------------------------------------- */
+/* Columns a chunk (a multiple of 16): each column's shift as a float (kf) and
+ * that float's excess over it (dks[j] = kf - shift[j], in double) made once a
+ * chunk, not once per group of rows and step, where they were a tenth of a
+ * step's instructions.  GROUP_ADD reads dks, the steps kfs and dks. */
+#define BNFAST_COLDOT_CHUNK 1024
 #define BNFAST_COLDOT_GROUP_DOUBLE(K, jj)                                                \
     {                                                                                    \
         double k_ = shift[jj], v_;                                                       \
@@ -459,15 +464,15 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
             sxy[jj] += (BNFAST_TOD_##K(xg[i_ * stride + (jj)]) - k_) * v_;               \
         }                                                                                \
     }
-#define BNFAST_COLDOT_GROUP_ADD(jj, s_, q_, kf_)                                         \
+#define BNFAST_COLDOT_GROUP_ADD(jj, s_, q_)                                              \
     {                                                                                    \
         sy[jj] += (double)(s_);                                                          \
-        sxy[jj] += (double)(q_) + ((double)(kf_) - shift[jj]) * (double)(s_);            \
+        sxy[jj] += (double)(q_) + dks[jj] * (double)(s_);                                \
     }
 /* One column jj of the group in float (values through TOF). */
 #define BNFAST_COLDOT_COLUMN(K, TOF, jj)                                                 \
     {                                                                                    \
-        float kf_ = (float)shift[jj], y_[4] = {0}, p_[4] = {0}, s_, q_;                  \
+        float kf_ = kfs[jj], y_[4] = {0}, p_[4] = {0}, s_, q_;                           \
         ptrdiff_t i_;                                                                    \
         for (i_ = 0; i_ < m; i_++) {                                                     \
             y_[i_] = TOF(yg[i_ * stride + (jj)]);                                        \
@@ -479,7 +484,7 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
         } else {                                                                         \
             for (s_ = y_[0], q_ = p_[0], i_ = 1; i_ < m; i_++) { s_ += y_[i_]; q_ += p_[i_]; } \
         }                                                                                \
-        if (BNFAST_DOT_FLOAT_OK(s_, q_)) BNFAST_COLDOT_GROUP_ADD(jj, s_, q_, kf_)       \
+        if (BNFAST_DOT_FLOAT_OK(s_, q_)) BNFAST_COLDOT_GROUP_ADD(jj, s_, q_)            \
         else BNFAST_COLDOT_GROUP_DOUBLE(K, jj)                                           \
     }
 #if BNFAST_VECTOR_EXT
@@ -515,23 +520,21 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
         int l_;                                                                          \
         for (l_ = 0; l_ < (N); l_++) {                                                   \
             if (BNFAST_DOT_FLOAT_OK(s[l_], q[l_]))                                       \
-                BNFAST_COLDOT_GROUP_ADD(j + l_, s[l_], q[l_], kf[l_])                    \
+                BNFAST_COLDOT_GROUP_ADD(j + l_, s[l_], q[l_])                            \
             else BNFAST_COLDOT_GROUP_DOUBLE(K, j + l_)                                   \
         }                                                                                \
     }
 #define BNFAST_COLDOT_VEC8(K, L8F, OPS)                                                  \
     {                                                                                    \
-        bnfast_v4d k0 = *(const bnfast_v4d *)(shift + j);                                \
-        bnfast_v4d k1 = *(const bnfast_v4d *)(shift + j + 4);                            \
-        bnfast_h8f kf = BNFAST_N8_##OPS(k0, k1), s, q;                                   \
+        bnfast_h8f kf = *(const bnfast_h8f *)(kfs + j), s, q;                            \
         BNFAST_COLDOT_SUMS(bnfast_h8f, L8F)                                              \
         if (BNFAST_ALL8_##OPS(BNFAST_DOT_FLOAT_OK8(s, q))) {                             \
             *(bnfast_v4d *)(sy + j) += BNFAST_W4_##OPS(s, 0);                            \
             *(bnfast_v4d *)(sy + j + 4) += BNFAST_W4_##OPS(s, 1);                        \
             *(bnfast_v4d *)(sxy + j) += BNFAST_W4_##OPS(q, 0)                            \
-                + (BNFAST_W4_##OPS(kf, 0) - k0) * BNFAST_W4_##OPS(s, 0);                 \
+                + *(const bnfast_v4d *)(dks + j) * BNFAST_W4_##OPS(s, 0);                \
             *(bnfast_v4d *)(sxy + j + 4) += BNFAST_W4_##OPS(q, 1)                        \
-                + (BNFAST_W4_##OPS(kf, 1) - k1) * BNFAST_W4_##OPS(s, 1);                 \
+                + *(const bnfast_v4d *)(dks + j + 4) * BNFAST_W4_##OPS(s, 1);            \
         } else {                                                                         \
             BNFAST_COLDOT_LANES(K, 8)                                                    \
         }                                                                                \
@@ -569,22 +572,17 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
                           & _mm512_cmp_ps_mask(as_, zero_, _CMP_EQ_OQ)))); })
 #define BNFAST_COLDOT_VEC16(K, L16F)                                                     \
     {                                                                                    \
-        __m512d k0 = _mm512_loadu_pd(shift + j), k1 = _mm512_loadu_pd(shift + j + 8);   \
-        bnfast_h16f kf = (bnfast_h16f)_mm512_castpd_ps(_mm512_insertf64x4(               \
-            _mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(k0))),               \
-            _mm256_castps_pd(_mm512_cvtpd_ps(k1)), 1));                                  \
-        bnfast_h16f s, q;                                                                \
+        bnfast_h16f kf = (bnfast_h16f)_mm512_loadu_ps(kfs + j), s, q;                    \
         BNFAST_COLDOT_SUMS(bnfast_h16f, L16F)                                            \
         if (BNFAST_DOT_FLOAT_OK16(s, q) == 0xffff) {                                     \
             __m512d s0 = BNFAST_W8_Z(s, 0), s1 = BNFAST_W8_Z(s, 1);                      \
             _mm512_storeu_pd(sy + j, _mm512_add_pd(_mm512_loadu_pd(sy + j), s0));        \
             _mm512_storeu_pd(sy + j + 8, _mm512_add_pd(_mm512_loadu_pd(sy + j + 8), s1)); \
             _mm512_storeu_pd(sxy + j, _mm512_add_pd(_mm512_loadu_pd(sxy + j),            \
-                _mm512_add_pd(BNFAST_W8_Z(q, 0),                                         \
-                              _mm512_mul_pd(_mm512_sub_pd(BNFAST_W8_Z(kf, 0), k0), s0)))); \
+                _mm512_add_pd(BNFAST_W8_Z(q, 0), _mm512_mul_pd(_mm512_loadu_pd(dks + j), s0)))); \
             _mm512_storeu_pd(sxy + j + 8, _mm512_add_pd(_mm512_loadu_pd(sxy + j + 8),    \
                 _mm512_add_pd(BNFAST_W8_Z(q, 1),                                         \
-                              _mm512_mul_pd(_mm512_sub_pd(BNFAST_W8_Z(kf, 1), k1), s1)))); \
+                              _mm512_mul_pd(_mm512_loadu_pd(dks + j + 8), s1))));        \
         } else {                                                                         \
             BNFAST_COLDOT_LANES(K, 16)                                                   \
         }                                                                                \
@@ -593,9 +591,10 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
 /* The columns of each group of rows: STEPS (the vector steps: j from 0 up to the
  * last multiple of 8), then the rest one column at a time. */
 #define BNFAST_DEFINE_HALF_COLDOT_OF(NAME, T, ATTR, TOF, K, STEPS)                       \
-    ATTR static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,           \
-                          ptrdiff_t stride, const double *shift, double *sy,             \
-                          double *sxy) {                                                 \
+    ATTR static inline void NAME##_chunk(const T *x, const T *y, ptrdiff_t rows,         \
+                                         ptrdiff_t W, ptrdiff_t stride,                  \
+                                         const double *shift, const float *kfs,          \
+                                         const double *dks, double *sy, double *sxy) {   \
         ptrdiff_t r, m, j, j8 = BNFAST_HALF_COLDOT_VECTOR_COLUMNS(W);                    \
         for (r = 0; r < rows; r += m) {                                                  \
             const T *xg = x + r * stride, *yg = y + r * stride;                          \
@@ -603,6 +602,22 @@ BNFAST_DEFINE_HALF_GRAD(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
             j = 0;                                                                       \
             STEPS                                                                        \
             for (j = j8; j < W; j++) BNFAST_COLDOT_COLUMN(K, TOF, j)                     \
+        }                                                                                \
+    }                                                                                    \
+    ATTR static void NAME(const T *x, const T *y, ptrdiff_t rows, ptrdiff_t W,           \
+                          ptrdiff_t stride, const double *shift, double *sy,             \
+                          double *sxy) {                                                 \
+        float kfs[BNFAST_COLDOT_CHUNK] __attribute__((aligned(64)));                     \
+        double dks[BNFAST_COLDOT_CHUNK] __attribute__((aligned(64)));                    \
+        ptrdiff_t c, w, j;                                                               \
+        for (c = 0; c < W; c += w) {                                                     \
+            w = W - c < BNFAST_COLDOT_CHUNK ? W - c : BNFAST_COLDOT_CHUNK;               \
+            for (j = 0; j < w; j++) {                                                    \
+                kfs[j] = (float)shift[c + j];                                            \
+                dks[j] = (double)kfs[j] - shift[c + j];                                  \
+            }                                                                            \
+            NAME##_chunk(x + c, y + c, rows, w, stride, shift + c, kfs, dks, sy + c,     \
+                         sxy + c);                                                       \
         }                                                                                \
     }
 #define BNFAST_DEFINE_HALF_COLDOT(NAME, T, ATTR, L8F, TOF, K, OPS)                       \

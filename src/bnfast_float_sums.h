@@ -62,20 +62,12 @@
         (S1) = (double)BNFAST_COMBINE8(a_);                                              \
         (S2) = (double)BNFAST_COMBINE8(b_);                                              \
     }
-/* N8(k0, k1): eight doubles (two vectors) rounded to float, one vector;
- * ALL8(m): every lane of the int vector m is nonzero. */
-#define BNFAST_N8_VEC(k0, k1) ({                                                         \
-        typedef float f4_ __attribute__((vector_size(16)));                              \
-        (bnfast_h8f)__builtin_shufflevector(__builtin_convertvector(k0, f4_),             \
-                                            __builtin_convertvector(k1, f4_),             \
-                                            0, 1, 2, 3, 4, 5, 6, 7); })
+/* ALL8(m): every lane of the int vector m is nonzero. */
 #define BNFAST_ALL8_VEC(m) ({                                                            \
         bnfast_h8i m_ = (m); int l_, a_ = 1;                                             \
         for (l_ = 0; l_ < 8; l_++) a_ &= m_[l_] != 0;                                    \
         a_; })
 #if defined(__x86_64__) || defined(__i386__)
-#define BNFAST_N8_AVX(k0, k1) ((bnfast_h8f)_mm256_insertf128_ps(                          \
-        _mm256_castps128_ps256(_mm256_cvtpd_ps((__m256d)(k0))), _mm256_cvtpd_ps((__m256d)(k1)), 1))
 #define BNFAST_ALL8_AVX(m) (_mm256_movemask_ps((__m256)(m)) == 0xff)
 #define BNFAST_W4_AVX(f, h) ((bnfast_v4d)_mm256_cvtps_pd(                                 \
         (h) ? _mm256_extractf128_ps((__m256)(f), 1) : _mm256_castps256_ps128((__m256)(f))))
