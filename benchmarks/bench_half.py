@@ -19,10 +19,6 @@ call itself.
 Targets (issue 10, 2 threads): eval <= 0.6x float32, train <= 0.65x, backward
 <= 0.65x, and faster than torch on the same half-precision call.
 """
-import itertools
-import statistics
-import time
-
 import pytest
 
 pytest.importorskip("pytest_benchmark")
@@ -30,12 +26,10 @@ pytest.importorskip("pytest_benchmark")
 from bnfast.bench.check import compare, expected  # noqa: E402
 from bnfast.bench.data import Inputs  # noqa: E402
 from bnfast.bench.suite import Case, format_shape  # noqa: E402
+from interleave import interleaved, paired  # noqa: E402
 
 MODES = ["eval", "train", "backward"]
 HALF_DTYPES = ["float16", "bfloat16"]
-#: Interleaved rounds for the ratios (each times every call once): a multiple of the
-#: orders of three calls.
-ROUNDS = 24
 
 
 def _checked(impl, case, inputs):
@@ -44,28 +38,6 @@ def _checked(impl, case, inputs):
     checked = compare(prepared.check(), expected(case.mode, inputs), case.dtype)
     assert checked["correct"], (impl.name, case.label, checked)
     return prepared.run
-
-
-def _interleaved(calls, rounds=ROUNDS):
-    """``{name: [seconds, one per round]}``: each round times every call once, the
-    rounds going through every order of the calls in turn (what a call leaves in the
-    caches is the next one's weather: each call follows each other one equally often
-    when ``rounds`` is a multiple of the orders' count)."""
-    orders = list(itertools.permutations(calls))
-    times = {name: [] for name in calls}
-    for fn in calls.values():  # warm up: page faults, thread pools
-        fn()
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _paired(times, numerator, denominator):
-    """The median over rounds of ``numerator``'s time / ``denominator``'s."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -83,15 +55,15 @@ def test_half_vs_float32_and_torch(benchmark, implementation, half_shape, half_r
         torch_impl = None
     if torch_impl is not None:
         calls["torch"] = _checked(torch_impl, Case(mode, dtype, shape), half_inputs)
-    times = _interleaved(calls)
+    times = interleaved(calls)
     best = {name: min(t) for name, t in times.items()}
     row = {"mode": mode, "dtype": dtype, "shape": format_shape(shape),
            "float32_MB": round(f32_inputs.x.nbytes / 1e6, 1),
            "half_s": best["half"], "float32_s": best["float32"],
            "half_over_float32": best["half"] / best["float32"],
-           "half_over_float32_paired": _paired(times, "half", "float32"),
+           "half_over_float32_paired": paired(times, "half", "float32"),
            "torch_over_bnfast": best["torch"] / best["half"] if "torch" in best else None,
-           "torch_over_bnfast_paired": (_paired(times, "torch", "half") if "torch" in best
+           "torch_over_bnfast_paired": (paired(times, "torch", "half") if "torch" in best
                                         else None)}
     half_ratios.append(row)
     benchmark.group = f"half {mode} {format_shape(shape)}"

@@ -16,10 +16,6 @@ layout's time over the copy's, and torch over bnfast on channels-last data::
     pytest benchmarks/bench_layouts.py --benchmark-only --layout-shapes 32x64x56x56 \\
         --bench-dtypes float32,bfloat16
 """
-import itertools
-import statistics
-import time
-
 import numpy as np
 import pytest
 
@@ -28,11 +24,9 @@ pytest.importorskip("pytest_benchmark")
 from bnfast.bench.check import compare, expected  # noqa: E402
 from bnfast.bench.data import Inputs  # noqa: E402
 from bnfast.bench.suite import Case, format_shape  # noqa: E402
+from interleave import interleaved, paired  # noqa: E402
 
 MODES = ["eval", "train", "backward", "backward_eval"]
-#: Interleaved rounds (each times every call once): a multiple of the orders of
-#: four calls.
-ROUNDS = 24
 
 
 class ChannelsLast:
@@ -66,26 +60,6 @@ def _checked(impl, case, inputs, reference):
     return prepared.run
 
 
-def _interleaved(calls, rounds=ROUNDS):
-    """``{name: [seconds, one per round]}``, the rounds going through every order of
-    the calls in turn (what a call leaves in the caches is the next one's weather)."""
-    orders = list(itertools.permutations(calls))
-    times = {name: [] for name in calls}
-    for fn in calls.values():  # warm up: page faults, thread pools
-        fn()
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _paired(times, numerator, denominator):
-    """The median over rounds of ``numerator``'s time / ``denominator``'s."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_channels_last_vs_channels_first(benchmark, implementation, layout_shape,
                                          bench_dtype, layout_ratios, mode):
@@ -104,17 +78,17 @@ def test_channels_last_vs_channels_first(benchmark, implementation, layout_shape
         torch_impl = None
     if torch_impl is not None:
         calls["torch"] = _checked(torch_impl, case, last, first)
-    times = _interleaved(calls)
+    times = interleaved(calls)
     best = {name: min(t) for name, t in times.items()}
     row = {"mode": mode, "dtype": bench_dtype, "shape": format_shape(shape),
            "MB": round(first.x.nbytes / 1e6, 1),
            "last_s": best["last"], "first_s": best["first"],
            "last_over_first": best["last"] / best["first"],
-           "last_over_first_paired": _paired(times, "last", "first"),
+           "last_over_first_paired": paired(times, "last", "first"),
            "last_over_copy": best["last"] / best["copy"],
            "first_over_copy": best["first"] / best["copy"],
            "torch_over_last": best["torch"] / best["last"] if "torch" in best else None,
-           "torch_over_last_paired": (_paired(times, "torch", "last") if "torch" in best
+           "torch_over_last_paired": (paired(times, "torch", "last") if "torch" in best
                                       else None)}
     layout_ratios.append(row)
     benchmark.group = f"layouts {mode} {bench_dtype} {format_shape(shape)}"
