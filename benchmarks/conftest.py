@@ -89,10 +89,13 @@ def layout_ratios():
 
 
 def pytest_terminal_summary(terminalreporter):
+    _half_summary(terminalreporter.write_line)
     _layout_summary(terminalreporter.write_line)
+
+
+def _half_summary(write):
     if not _HALF_RATIOS:
         return
-    write = terminalreporter.write_line
     write("")
     write("half precision: interleaved calls (half / float32 of the same shape; torch / "
           "bnfast in the half dtype); ratios of the minima, and paired: the median of the "
