@@ -49,10 +49,7 @@ def test_half_vs_float32_and_torch(benchmark, implementation, half_shape, half_r
     ours = implementation("bnfast")
     calls = {"half": _checked(ours, Case(mode, dtype, shape), half_inputs),
              "float32": _checked(ours, Case(mode, "float32", shape), f32_inputs)}
-    try:
-        torch_impl = implementation("torch")
-    except pytest.skip.Exception:  # torch not installed: the float32 ratio only
-        torch_impl = None
+    torch_impl = implementation("torch", required=False)  # None: the float32 ratio only
     if torch_impl is not None:
         calls["torch"] = _checked(torch_impl, Case(mode, dtype, shape), half_inputs)
     times = interleaved(calls)

@@ -72,10 +72,7 @@ def test_channels_last_vs_channels_first(benchmark, implementation, layout_shape
     calls = {"last": _checked(ours, case, last, first),
              "first": _checked(ours, case, first, first),
              "copy": _checked(implementation("copy"), case, last, first)}
-    try:
-        torch_impl = implementation("torch")
-    except pytest.skip.Exception:  # torch not installed: the layouts' ratios only
-        torch_impl = None
+    torch_impl = implementation("torch", required=False)  # None: the layouts' ratios only
     if torch_impl is not None:
         calls["torch"] = _checked(torch_impl, case, last, first)
     times = interleaved(calls)

@@ -146,17 +146,20 @@ _IMPLS = {}
 
 @pytest.fixture(scope="session")
 def implementation():
-    """``implementation(name, allocate=False)``: the implementation from the
-    :mod:`bnfast.bench.peers` registry (bnfast, numpy, torch, onnxruntime or
-    copy), made once per session with each library's default threads; skips
-    the test when its library is not installed."""
+    """``implementation(name, allocate=False, required=True)``: the implementation
+    from the :mod:`bnfast.bench.peers` registry (bnfast, numpy, torch, onnxruntime
+    or copy), made once per session with each library's default threads; when its
+    library is not installed, skips the test (``required``) or returns None (an
+    optional contender)."""
     from bnfast.bench.peers import make
 
-    def get(name, allocate=False):
+    def get(name, allocate=False, required=True):
         if (name, allocate) not in _IMPLS:
             try:
                 _IMPLS[name, allocate] = make(name, allocate=allocate)
             except ImportError as exc:
+                if not required:
+                    return None
                 pytest.skip(str(exc))
         return _IMPLS[name, allocate]
     yield get
