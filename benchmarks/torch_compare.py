@@ -23,7 +23,12 @@ Parts:
   eval forward (no_grad), batch 16, 3x112x112, float32, NCHW and
   channels_last: stock vs converted vs converted + fused.
 * ``share``: BatchNorm's share of the self CPU time of a training step (torch
-  profiler: ``aten::*batch_norm*`` and the ``bnfast::*`` labels).
+  profiler: ``aten::*batch_norm*`` and the ``bnfast::*`` labels).  The profiler
+  records every op that a Python autograd node calls, so it counts bnfast's
+  glue at several times its cost: ``inside`` measures without it.
+* ``inside``: BatchNorm's own wall time inside the ResNet-18 training step
+  (forward and backward) and eval forward, stock vs converted, by module and
+  gradient hooks (no profiler), and its share of the step.
 * ``formats``: the channels_last ResNet-18 step's BatchNorm layers: the memory
   format of their input, output, grad_output and grad_input (a convolution
   reorders what is not channels_last), and the copy ops (``aten::copy_``,
@@ -342,6 +347,91 @@ def share(args):
                   f"({bn / total:5.1%})", flush=True)
 
 
+class _BatchNormClock:
+    """Wall time of every BatchNorm of a model, forward and backward, by hooks.
+
+    A forward pre-hook and forward hook bracket each forward; in training the
+    output's gradient hook (the gradient reaches the layer) and the input's (the
+    layer's backward has returned it) bracket its backward, the autograd
+    engine's call of the node included.  No profiler: torch's profiler records
+    every op a Python autograd node calls, which counts bnfast's glue at several
+    times its cost (``share``).  Each BatchNorm's input must be a tensor only it
+    reads (ResNet's are convolutions' outputs), else the input's hook waits for
+    the other readers' gradients too.
+    """
+
+    def __init__(self, model):
+        self.reset()
+        self._started = {}
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+                self._handles.append(module.register_forward_hook(self._leave))
+
+    def reset(self):
+        self.forward = self.backward = 0.0
+        self.forwards = self.backwards = 0  # calls timed: a hook that never fired shows
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+    def _enter(self, module, inputs):
+        self._started[module] = time.perf_counter()
+
+    def _leave(self, module, inputs, output):
+        self.forward += time.perf_counter() - self._started.pop(module)
+        self.forwards += 1
+        x = inputs[0]
+        if output.requires_grad and x.requires_grad:
+            started = []
+            output.register_hook(lambda grad: started.append(time.perf_counter()))
+            x.register_hook(lambda grad: self._backward_done(started))
+
+    def _backward_done(self, started):
+        self.backward += time.perf_counter() - started.pop()
+        self.backwards += 1
+
+
+def inside(args):
+    """BatchNorm's own wall time inside the ResNet-18 step and eval forward (hooks)."""
+    print(f"\nBatchNorm inside ResNet-18 (batch 16, 3x112x112, float32, {args.threads} "
+          f"threads): its forward and backward wall time per step by hooks, "
+          f"{args.rounds} interleaved rounds")
+    variants = ("stock", "converted")  # fused modules hold the add and ReLU too
+    for layout in LAYOUTS:
+        x, target = resnet_batch(layout)
+        for mode in ("train", "eval"):
+            clocks, calls = {}, {}
+            for v in variants:
+                model = build_resnet(v, layout).train(mode == "train")
+                clocks[v] = _BatchNormClock(model)
+                if mode == "train":
+                    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+                    calls[v] = train_step(model, x, target, opt)
+                else:
+                    calls[v] = _eval(model, x)
+            steps, bn = {v: [] for v in variants}, {v: [] for v in variants}
+            for r in range(args.rounds + 2):  # two warm-up rounds
+                for v in variants[r % 2:] + variants[:r % 2]:
+                    clocks[v].reset()
+                    start = time.perf_counter()
+                    calls[v]()
+                    expected = (20, 20 if mode == "train" else 0)  # ResNet-18's BNs
+                    assert (clocks[v].forwards, clocks[v].backwards) == expected, v
+                    if r >= 2:
+                        steps[v].append(time.perf_counter() - start)
+                        bn[v].append(clocks[v].forward + clocks[v].backward)
+            label = f"{'train step' if mode == 'train' else 'eval forward'} {layout}"
+            _row(f"{label}: BN", bn, "stock")
+            print(f"{'':<38}BN share of the median {'step' if mode == 'train' else 'forward'}: "
+                  + "  ".join(f"{v} {statistics.median(bn[v]) / statistics.median(steps[v]):5.1%}"
+                              for v in variants), flush=True)
+            for clock in clocks.values():
+                clock.remove()
+
+
 def _format(tensor):
     if tensor.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
@@ -386,10 +476,10 @@ def formats(args):
 
 
 PARTS = {"layers": layers, "overhead": overhead, "resnet": resnet, "share": share,
-         "formats": formats, "compiled": compiled, "processes": processes}
+         "inside": inside, "formats": formats, "compiled": compiled, "processes": processes}
 #: What runs without parts named: all but ``compiled`` (inductor compiles for minutes here)
 #: and ``processes`` (a new process, torch imported, per timing: minutes).
-DEFAULT_PARTS = ("layers", "overhead", "resnet", "share", "formats")
+DEFAULT_PARTS = ("layers", "overhead", "resnet", "share", "inside", "formats")
 
 
 def main(argv=None):
