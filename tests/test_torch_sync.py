@@ -1,36 +1,15 @@
 """bnfast.torch.SyncBatchNorm: gloo ranks spawned by torch.multiprocessing (in a subprocess
 with a timeout, so a hang fails instead of stalling), and its single-process surface."""
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 
 torch = pytest.importorskip("torch")
 import bnfast.torch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TIMEOUT = 300
+from ranks import run_script  # noqa: E402
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_training_over_gloo_equals_single_process(ranks, tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # localhost only, whatever the host's interfaces
-    try:
-        proc = subprocess.run(
-            [sys.executable, os.path.join(HERE, "torch_sync_main.py"), str(ranks), str(tmp_path)],
-            capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{ranks} gloo ranks did not finish in {TIMEOUT} s (a hang?):\n"
-                    f"{exc.stdout}\n{exc.stderr}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    done = sorted(re.findall(r"rank (\d+) of (\d+): ok", proc.stdout))
-    assert done == [(str(r), str(ranks)) for r in range(ranks)], proc.stdout + proc.stderr
+    run_script("torch_sync_main.py", ranks, tmp_path)
 
 
 def test_without_a_process_group_it_is_batchnorm():

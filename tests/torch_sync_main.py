@@ -8,18 +8,16 @@ single-process training of the same net (torch's own BatchNorm) on the
 concatenated batch: losses, every gradient, the running buffers and
 ``num_batches_tracked``.  Run by tests/test_torch_sync.py under a timeout.
 """
-import datetime
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bnfast.torch  # noqa: E402
+from ranks import spawn_gloo  # noqa: E402
 
 SIZES = (3, 5, 1, 7)
 # (rtol, atol) against single-process torch on the concatenated batch.
@@ -61,56 +59,39 @@ def train(model, batches, shares, world=None):
     return history
 
 
-def rank_main(rank, size, store_dir):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
-                                world_size=size, timeout=datetime.timedelta(seconds=60))
-        torch.set_num_threads(1)
-        counts = [SIZES[r % 4] for r in range(size)]
-        lo = sum(counts[:rank])
-        mine = slice(lo, lo + counts[rank])
-        for dtype in (torch.float64, torch.float32):
-            for channels_last in (False, True):
-                batches = [data(s, size, dtype) for s in range(3)]
-                if channels_last:
-                    batches = [(x.contiguous(memory_format=torch.channels_last), t)
-                               for x, t in batches]
-                n = batches[0][0].shape[0]
-                ref = train(net(dtype), batches, [n] * 3)
-                sync_net = bnfast.torch.convert_sync_batchnorm(net(dtype))
-                assert sum(isinstance(m, bnfast.torch.SyncBatchNorm)
-                           for m in sync_net.modules()) == 3
-                got = train(sync_net, [(x[mine], t[mine]) for x, t in batches], [n] * 3,
-                            world=True)
-                rtol, atol = TOL[dtype]
-                for step, ((loss, grads, bufs), (rloss, rgrads, rbufs)) in \
-                        enumerate(zip(got, ref)):
-                    where = f"rank {rank}, {dtype}, channels_last={channels_last}, step {step}"
-                    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=atol, msg=where)
-                    for g, rg in zip(grads, rgrads):
-                        torch.testing.assert_close(g, rg, rtol=rtol, atol=atol, msg=where)
-                    for b, rb in zip(bufs, rbufs):
-                        torch.testing.assert_close(b, rb, rtol=rtol, atol=atol, msg=where)
-                # Every rank holds the same running buffers, bit for bit.
-                for b in sync_net.buffers():
-                    if b.is_floating_point():
-                        parts = [torch.empty_like(b) for _ in range(size)]
-                        dist.all_gather(parts, b)
-                        assert all(torch.equal(p, parts[0]) for p in parts), "buffers differ"
-        dist.barrier()
-        dist.destroy_process_group()
-        print(f"rank {rank} of {size}: ok", flush=True)
-        sys.stderr.flush()
-        # Leave without the interpreter's teardown: gloo's threads sometimes abort a
-        # rank there ("terminate called without an active exception", SIGABRT) after
-        # all its work is done and checked (seen once in ~10 runs of 3 ranks).
-        os._exit(0)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # the other ranks' collectives time out; spawn reports the failure
+def check(rank, size):
+    counts = [SIZES[r % 4] for r in range(size)]
+    lo = sum(counts[:rank])
+    mine = slice(lo, lo + counts[rank])
+    for dtype in (torch.float64, torch.float32):
+        for channels_last in (False, True):
+            batches = [data(s, size, dtype) for s in range(3)]
+            if channels_last:
+                batches = [(x.contiguous(memory_format=torch.channels_last), t)
+                           for x, t in batches]
+            n = batches[0][0].shape[0]
+            ref = train(net(dtype), batches, [n] * 3)
+            sync_net = bnfast.torch.convert_sync_batchnorm(net(dtype))
+            assert sum(isinstance(m, bnfast.torch.SyncBatchNorm)
+                       for m in sync_net.modules()) == 3
+            got = train(sync_net, [(x[mine], t[mine]) for x, t in batches], [n] * 3,
+                        world=True)
+            rtol, atol = TOL[dtype]
+            for step, ((loss, grads, bufs), (rloss, rgrads, rbufs)) in \
+                    enumerate(zip(got, ref)):
+                where = f"rank {rank}, {dtype}, channels_last={channels_last}, step {step}"
+                torch.testing.assert_close(loss, rloss, rtol=rtol, atol=atol, msg=where)
+                for g, rg in zip(grads, rgrads):
+                    torch.testing.assert_close(g, rg, rtol=rtol, atol=atol, msg=where)
+                for b, rb in zip(bufs, rbufs):
+                    torch.testing.assert_close(b, rb, rtol=rtol, atol=atol, msg=where)
+            # Every rank holds the same running buffers, bit for bit.
+            for b in sync_net.buffers():
+                if b.is_floating_point():
+                    parts = [torch.empty_like(b) for _ in range(size)]
+                    dist.all_gather(parts, b)
+                    assert all(torch.equal(p, parts[0]) for p in parts), "buffers differ"
 
 
 if __name__ == "__main__":
-    world_size, directory = int(sys.argv[1]), sys.argv[2]
-    mp.spawn(rank_main, args=(world_size, directory), nprocs=world_size, join=True)
+    spawn_gloo(check, sys.argv[1:])
