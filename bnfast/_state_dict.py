@@ -5,6 +5,8 @@ ml_dtypes (bfloat16, float8) is imported only when such a tensor appears.
 """
 import numpy as np
 
+from ._dtypes import resolve_dtype
+
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 # torch dtypes without a NumPy dtype, read through an integer view of the same width.
@@ -128,5 +130,5 @@ def affine_coefficients(module, dtype):
     shift = -np.asarray(module.running_mean, np.float64) * scale
     if module.bias is not None:
         shift += np.asarray(module.bias, np.float64)
-    dtype = np.dtype(dtype)
+    dtype = resolve_dtype(dtype)
     return scale.astype(dtype), shift.astype(dtype)

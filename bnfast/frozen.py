@@ -16,7 +16,8 @@ That is the price of one multiply-add, the form a convolution absorbs.
 """
 import numpy as np
 
-from ._state_dict import affine_coefficients, is_floating
+from ._dtypes import resolve_dtype
+from ._state_dict import affine_coefficients
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys, _BatchNorm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze"]
@@ -35,9 +36,7 @@ class _FrozenBatchNorm:
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        dtype = np.dtype(dtype)
-        if not is_floating(dtype):
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        dtype = resolve_dtype(dtype)
         self.num_features = int(num_features)
         self.eps = float(eps)
         if not self.eps > 0.0:

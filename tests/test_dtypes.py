@@ -66,3 +66,21 @@ def test_import_bnfast_does_not_import_ml_dtypes():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("call, expected", [
+    ("bnfast.BatchNorm2d(2, dtype='bfloat16', param_dtype='float16').param_dtype", "float16"),
+    ("bnfast.FusedBatchNorm2d(2, dtype='bfloat16').dtype", "bfloat16"),
+    ("bnfast.FrozenBatchNorm2d(2, dtype='bfloat16').dtype", "bfloat16"),
+    ("bnfast.BatchNorm2d(2).affine_coefficients('bfloat16')[0].dtype", "bfloat16"),
+    ("bnfast.FrozenBatchNorm2d(2).affine_coefficients('bfloat16')[1].dtype", "bfloat16"),
+])
+def test_dtype_arguments_take_the_names_in_a_fresh_process(call, expected):
+    # np.dtype("bfloat16") works only once ml_dtypes is imported (it registers the name),
+    # so a place that calls np.dtype instead of resolve_dtype fails only in a process
+    # that has not imported ml_dtypes yet: a new one for each call.
+    code = f"import sys, bnfast; assert 'ml_dtypes' not in sys.modules; print({call})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

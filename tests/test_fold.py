@@ -6,6 +6,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import bnfast
 from bnfast import fold
+from bnfast._dtypes import resolve_dtype
 from bnfast.testing import reference_batch_norm
 from conftest import DTYPES, assert_close, make_input, make_params, make_running
 
@@ -218,6 +219,19 @@ def test_affine_coefficients_give_the_eval_output(rng, dtype, affine, bias):
     assert s64.dtype == np.float64
     np.testing.assert_array_equal(s64.astype(dtype), scale)
     np.testing.assert_array_equal(t64.astype(dtype), shift)
+
+
+def test_affine_coefficients_take_dtype_names_and_only_the_four(rng):
+    bn = _bn(rng, 4, np.float64)
+    s64, t64 = bn.affine_coefficients()
+    for name in ("float16", "bfloat16", "float32"):
+        scale, shift = bn.affine_coefficients(name)
+        assert scale.dtype == shift.dtype == resolve_dtype(name)
+        np.testing.assert_array_equal(scale, s64.astype(scale.dtype))
+        np.testing.assert_array_equal(shift, t64.astype(shift.dtype))
+    for bad in (np.int64, "int8", np.longdouble):
+        with pytest.raises(TypeError, match="^dtype must be float16, bfloat16, float32"):
+            bn.affine_coefficients(bad)
 
 
 def test_errors(rng):

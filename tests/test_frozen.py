@@ -145,8 +145,11 @@ def test_layout_out_and_errors(rng):
         m(x[:, :2])
     with pytest.raises(ValueError, match="num_features must be positive"):
         bnfast.FrozenBatchNorm2d(0)
-    with pytest.raises(TypeError, match="floating dtype"):
-        bnfast.FrozenBatchNorm2d(2, dtype=np.int32)
+    # The four dtypes of every module: no integer, float8, long double or byte-swapped data.
+    for bad in (np.int32, ml_dtypes.float8_e4m3fn, np.longdouble, ">f4"):
+        with pytest.raises(TypeError, match="^dtype must be float16, bfloat16, float32 or "
+                                            "float64"):
+            bnfast.FrozenBatchNorm2d(2, dtype=bad)
 
 
 @pytest.mark.parametrize("dtype_", DTYPES, ids=lambda d: np.dtype(d).name)
