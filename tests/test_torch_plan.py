@@ -208,27 +208,47 @@ def test_zero_tensor_gradient(dtype):
         torch.testing.assert_close(mine, theirs, **TOL[dtype])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_create_graph_gives_first_order_and_refuses_a_second(fused, dtype):
-    # The kernels' gradients are not differentiable: with create_graph=True the first
-    # order is torch's, and a backward through it raises instead of leaving out the
-    # second-order terms without a word.
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("grad_leaf", [True, False], ids=["grad_leaf", "grad_constant"])
+def test_create_graph_gives_torchs_second_order(fused, training, layout, grad_leaf, dtype):
+    # With create_graph=True the gradients are functions autograd differentiates again,
+    # with torch's second-order terms: of grad_output, of the input and of the weight
+    # (a gradient penalty differentiates the input's gradient by all three), in training
+    # (the batch statistics are functions of the input) and in evaluation; also where
+    # grad_output is a constant (once_differentiable saw only it, and returned the
+    # input's gradient as a constant: no error, the second-order terms gone).
     x = _data((3, 4, 5, 5), dtype, 0)
-    grad = _data(x.shape, dtype, 2).requires_grad_()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # no kernel layout: the NumPy road
+        x = _data((3, 4, 5, 10), dtype, 0)[..., ::2]
+    grad = _data(x.shape, dtype, 2)
     stock, ours = _pair(4, dtype, fused)
+    stock.train(training)
+    ours.train(training)
     addend = _away_from_the_kink(x, stock, torch.contiguous_format, 5) if fused else None
-    firsts = []
+    results = []
     for module, mine in ((stock, False), (ours, True)):
-        xi = x.clone().requires_grad_()
+        module.zero_grad()
+        xi, gi = _leaf(x), _leaf(grad) if grad_leaf else grad
         if mine:
             y = module(xi, addend) if fused else module(xi)
         else:
             y = torch.relu(module(xi) + addend) if fused else module(xi)
-        (gx,) = torch.autograd.grad(y, xi, grad, create_graph=True)
-        firsts.append(gx)
-    torch.testing.assert_close(firsts[1], firsts[0], **TOL[dtype])
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        firsts[1].sum().backward()
+        (gx, gw) = torch.autograd.grad(y, (xi, module.weight), gi, create_graph=True)
+        (gx.double().pow(2).sum() + (gw.double() * gx.double().mean((0, 2, 3))).sum()).backward()
+        results.append((gx, gw, xi.grad, gi.grad, module.weight.grad, module.bias.grad))
+    for what, theirs, mine in zip(("grad_input", "grad_weight", "d/d input", "d/d grad_output",
+                                   "d/d weight", "d/d bias"), *results):
+        # None: no path to that tensor, which torch's fused composition has only through the
+        # ReLU's mask (where its derivative is 0).
+        theirs = torch.zeros_like(mine) if theirs is None and mine is not None else theirs
+        mine = torch.zeros_like(theirs) if mine is None and theirs is not None else mine
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, **TOL[dtype],
+                                       msg=lambda m, w=what: f"{w}: {m}")
 
 
 def test_a_parameter_of_other_strides_at_the_same_address_gets_a_new_plan():

@@ -25,6 +25,8 @@ others.
 import torch
 from torch.autograd import profiler
 
+from . import _second_order
+
 __all__ = ["bind", "eager", "run"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -80,8 +82,8 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if _grad_enabled():  # create_graph=True: see _backward_once
-            return _backward_once(ctx, grad)
+        if _grad_enabled():  # create_graph=True: gradients autograd can differentiate
+            return _backward_differentiable(ctx, grad)
         return _backward(ctx, grad)
 
 
@@ -99,10 +101,16 @@ def _backward(ctx, grad):
     return gx, ga, gw, gb, None, None
 
 
-# The kernels' gradients are not differentiable: under create_graph=True a second
-# backward through them raises (as through the torch.ops.bnfast backwards, which have
-# no autograd formula) instead of silently leaving out the second-order terms.
-_backward_once = torch.autograd.function.once_differentiable(_backward)
+def _backward_differentiable(ctx, grad):
+    # The kernels' gradients are constants to autograd: a second backward through them
+    # would leave out the second-order terms (of the saved input and weight too, which
+    # once_differentiable does not see).  Torch's ops give them (_second_order).
+    saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gw, gb, ga = _second_order.backward(
+        ctx.plan, grad, saved[0], saved[1], saved[2] if len(saved) == 3 else None, ctx.stats,
+        (need[0], need[2], need[3], need[1]))
+    return gx, ga, gw, gb, None, None
 
 
 _node_class = getattr(_BatchNormFunction, "_backward_cls", None)
