@@ -292,6 +292,49 @@ def test_fallback_sparse_layout_and_eval_eps_zero(fresh_warnings):
             bt.batch_norm(x.to_sparse(), rm, rv, w, b, False)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_forward_mode_ad_falls_back_to_torch(training, fused, fresh_warnings):
+    # The kernels have no forward-mode formula and a custom operator cannot register
+    # one: torch would give zero tangents (torch.func.jvp) or none (dual tensors)
+    # without an error.  Forward-mode AD runs torch's op, which has one.
+    x = _tensor((6, 3, 4, 5), torch.float64)
+    tangent = _tensor(x.shape, torch.float64, seed=7)
+    addend = _tensor(x.shape, torch.float64, seed=8)
+    stock = torch.nn.BatchNorm2d(3, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        stock.running_var.fill_(4.0)
+    ours = bt.convert(stock)
+    if fused:
+        ours.__class__ = bt.FusedBatchNorm2d
+
+    def run(module, mine):
+        def f(x):
+            if mine:
+                return module(x, addend) if fused else module(x)
+            return torch.relu(module(x) + addend) if fused else module(x)
+        return f
+
+    if not training:  # torch.func forbids a module's in-place buffer updates
+        with pytest.warns(UserWarning, match="forward-mode AD"):
+            got = torch.func.jvp(run(ours, True), (x,), (tangent,))
+        expected = torch.func.jvp(run(stock, False), (x,), (tangent,))
+        for mine, theirs in zip(got, expected):
+            _close(mine, theirs, torch.float64)
+    fwd = torch.autograd.forward_ad
+    results = []
+    for module, mine in ((stock, False), (ours, True)):
+        module.requires_grad_(False)
+        with fwd.dual_level():
+            y = run(module, mine)(fwd.make_dual(x, tangent))
+            results.append(fwd.unpack_dual(y))
+    for mine, theirs in zip(results[1], results[0]):  # (primal, tangent)
+        assert mine is not None
+        _close(mine, theirs, torch.float64)
+    _close(ours.running_mean, stock.running_mean, torch.float64)
+    _close(ours.running_var, stock.running_var, torch.float64)
+
+
 def test_fused_fallback(fresh_warnings):
     x = torch.randn(4, 3, 5, device="meta")
     with pytest.warns(UserWarning, match="meta"):

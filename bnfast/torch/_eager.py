@@ -30,6 +30,7 @@ from . import _second_order
 __all__ = ["bind", "eager", "run"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_forward_ad = torch.autograd.forward_ad
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _record_function = profiler.record_function
@@ -55,8 +56,8 @@ _apply = _increment_version = _profiling = _false
 def eager(input, addend, running_mean, running_var, weight, bias):
     """True when these tensors can be handed to the kernels without the dispatcher."""
     if (not _modes_visible or _is_compiling() or _dispatch_stack() or _function_mode()
-            or _peek_interpreter() is not None):
-        return False
+            or _peek_interpreter() is not None or _forward_ad._current_level >= 0):
+        return False  # (forward-mode AD: the dispatched road falls back where tangents are)
     plain = _PLAIN
     return (type(input) in plain and (addend is None or type(addend) in plain)
             and (running_mean is None or type(running_mean) in plain)

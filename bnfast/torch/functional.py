@@ -5,7 +5,8 @@ buffers alike) in torch's strided layout go to bnfast's kernels in place
 (contiguous, ``channels_last`` and ``channels_last_3d`` memory without a
 copy; other strides are copied once by the core).
 Everything else (another device, a sparse or mkldnn layout, another dtype,
-``eps == 0`` in evaluation) runs torch's own op, with a one-time warning.
+``eps == 0`` in evaluation, forward-mode AD) runs torch's own op, with a one-time
+warning.
 
 In plain eager mode a call runs a :class:`._plan.Plan` (its checks made once;
 a module keeps its plan until its configuration changes; a call passes its
@@ -44,7 +45,26 @@ def _fallback_reason(input, vectors, eps, training):
         return f"parameters or buffers of dtype {dtypes} with {dtype} input"
     if not training and eps <= 0.0:
         return "eps == 0 (bnfast needs eps > 0)"
+    if _forward_mode((input,) + vectors):
+        return "forward-mode AD tangents (torch.func.jvp, torch.autograd.forward_ad)"
     return None
+
+
+_forward_ad = torch.autograd.forward_ad
+_functorch = torch._C._functorch
+_interpreter_stack = getattr(_functorch, "get_interpreter_stack", None)
+_JVP = getattr(getattr(_functorch, "TransformType", None), "Jvp", None)
+
+
+def _forward_mode(tensors):
+    """True where forward-mode AD would carry a tangent through the call: the kernels
+    have no forward-mode formula (nor can a custom operator register one), and torch
+    would treat their outputs as constants (zero or no tangents, without an error)."""
+    if _forward_ad._current_level >= 0 and any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    stack = _interpreter_stack() if _interpreter_stack is not None else None
+    return bool(stack) and any(interpreter.key() == _JVP for interpreter in stack)
 
 
 def _warn_once(reason):
