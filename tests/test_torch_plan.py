@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 
 import bnfast.torch as bt  # noqa: E402
 from bnfast.torch import _plan  # noqa: E402
+from bnfast.torch import functional as btf  # noqa: E402
 
 nn = torch.nn
 F = torch.nn.functional
@@ -249,6 +250,46 @@ def test_create_graph_gives_torchs_second_order(fused, training, layout, grad_le
         if theirs is not None:
             torch.testing.assert_close(mine, theirs, **TOL[dtype],
                                        msg=lambda m, w=what: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("road", ["direct", "numpy"])
+def test_lazy_negations_in_and_out(training, road, dtype, monkeypatch):
+    # A tensor with the negative bit set (torch._neg_view, the imaginary part of a
+    # conjugate) holds the opposites of its values: input, addend and gradient are
+    # read as values (Tensor.numpy() refuses them); a parameter that is one sends the
+    # call to torch's op.
+    x = _data((3, 4, 5, 5), dtype, 0)
+    grad = _data(x.shape, dtype, 2)
+    if road == "numpy":  # strides of no kernel layout
+        x, grad = (_data((3, 4, 5, 10), dtype, s)[..., ::2] for s in (0, 2))
+    for fused in (False, True):
+        stock, ours = _pair(4, dtype, fused)
+        stock.train(training)
+        ours.train(training)
+        addend = _data(x.shape, dtype, 4) if fused else None
+        results = []
+        for module, mine in ((stock, False), (ours, True)):
+            xi = _leaf(x)
+            neg_x = torch._neg_view(-xi)  # x's values; its memory holds -x
+            assert neg_x.is_neg()
+            neg_addend = None if addend is None else torch._neg_view(-addend)
+            if mine:
+                y = module(neg_x, neg_addend) if fused else module(neg_x)
+            else:
+                y = torch.relu(module(neg_x) + neg_addend) if fused else module(neg_x)
+            y.backward(torch._neg_view(-grad))
+            results.append((y, xi.grad, module.weight.grad, module.bias.grad,
+                            module.running_mean, module.running_var))
+        for theirs, mine in zip(*results):
+            torch.testing.assert_close(mine, theirs, **TOL[dtype])
+    stock, ours = _pair(4, dtype, False)
+    with torch.no_grad():
+        ours.weight = nn.Parameter(torch._neg_view(-stock.weight.detach()))
+    assert ours.weight.is_neg()
+    monkeypatch.setattr(btf, "_warned", set())  # warned once per process
+    with pytest.warns(UserWarning, match="lazy negations"):
+        torch.testing.assert_close(ours(x), stock(x), **TOL[dtype])
 
 
 def test_a_parameter_of_other_strides_at_the_same_address_gets_a_new_plan():

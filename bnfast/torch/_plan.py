@@ -89,6 +89,21 @@ def _address(tensor):
     return 0 if tensor is None else tensor.data_ptr()
 
 
+def _resolved(tensor):
+    """``tensor``, or its values where it is a lazy negation (``Tensor.is_neg()``: its
+    memory holds the opposites, and ``Tensor.numpy()`` refuses it)."""
+    return tensor.resolve_neg() if _is_neg(tensor) else tensor
+
+
+def _geometry(tensor):
+    """A NumPy view with ``tensor``'s shape, strides and dtype, for a plan's decisions:
+    of its own memory, or of new memory where ``tensor`` is a lazy negation."""
+    tensor = tensor.detach()
+    if _is_neg(tensor):
+        tensor = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+    return as_numpy(tensor)
+
+
 class Plan:
     """A validated call configuration (see the module docstring).
 
@@ -113,7 +128,7 @@ class Plan:
         # backward_only: a plan of the backward alone (torch.ops.bnfast's backwards, which
         # get no buffers, even in evaluation): no forward is bound.
         self.key = plan_key
-        x = check_input(as_numpy(input.detach()))
+        x = check_input(_geometry(input))
         if backward_only:  # what the backward checks (bnfast._validation.check_backward)
             rm = rv = b = None
             w = check_channel_vector(None if weight is None else as_numpy(weight.detach()),
@@ -261,8 +276,8 @@ class Plan:
         return out, self.view(out)
 
     def _numpy_forward(self, input, addend, momentum, want_stats, want_mask):
-        x = self.view(input)
-        a = None if addend is None else self.view(addend)
+        x = self.view(_resolved(input))
+        a = None if addend is None else self.view(_resolved(addend))
         out, y = self._numpy_empty(input, x)
         _, coef, mask, _ = _functional.normalize(
             x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -271,7 +286,8 @@ class Plan:
         return out, coef, None if mask is None else _from_numpy(mask.bits)
 
     def _numpy_backward(self, grad, input, coef, bits, mask):
-        x = self.view(input)
+        x = self.view(_resolved(input))
+        grad = _resolved(grad)
         try:
             dy = self.view(grad)
         except RuntimeError:  # a grad that requires grad (create_graph=True)

@@ -45,6 +45,8 @@ def _fallback_reason(input, vectors, eps, training):
         return f"parameters or buffers of dtype {dtypes} with {dtype} input"
     if not training and eps <= 0.0:
         return "eps == 0 (bnfast needs eps > 0)"
+    if any(v is not None and v.is_neg() for v in vectors[:4]):  # a plan reads their memory
+        return "parameters or buffers that are lazy negations (Tensor.is_neg())"
     if _forward_mode((input,) + vectors):
         return "forward-mode AD tangents (torch.func.jvp, torch.autograd.forward_ad)"
     return None
