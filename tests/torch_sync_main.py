@@ -6,7 +6,8 @@ loss is each rank's share of the mean over the whole batch; parameter
 gradients summed with ``all_reduce``, as DDP does), and compares with
 single-process training of the same net (torch's own BatchNorm) on the
 concatenated batch: losses, every gradient, the running buffers and
-``num_batches_tracked``.  Run by tests/test_torch_sync.py under a timeout.
+``num_batches_tracked``; and one step of float16 and bfloat16 input.  Run by
+tests/test_torch_sync.py under a timeout.
 """
 import os
 import sys
@@ -91,6 +92,35 @@ def check(rank, size):
                     parts = [torch.empty_like(b) for _ in range(size)]
                     dist.all_gather(parts, b)
                     assert all(torch.equal(p, parts[0]) for p in parts), "buffers differ"
+
+    half_data(rank, size, mine)
+
+
+def half_data(rank, size, mine):
+    """float16 and bfloat16 input, float32 parameters (torch's CPU rule): one SyncBatchNorm
+    forward and backward against torch's BatchNorm2d in float32 on the concatenated batch
+    (its output rounded to the half dtype), within the half dtype's rounding."""
+    for half in (torch.float16, torch.bfloat16):
+        x, _ = data(0, size, torch.float32)
+        x = x.to(half)
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(half)
+        ref = torch.nn.BatchNorm2d(3)
+        sync = bnfast.torch.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))
+        xr, xs = x.float().requires_grad_(), x[mine].clone().requires_grad_()
+        yr, ys = ref(xr), sync(xs)
+        yr.backward(grad.float())
+        ys.backward(grad[mine])
+        for p in sync.parameters():
+            dist.all_reduce(p.grad)
+        where = f"rank {rank}, {half}"
+        tol = dict(rtol=2e-2, atol=2e-2) if half is torch.float16 else dict(rtol=5e-2, atol=5e-2)
+        assert ys.dtype is half and xs.grad.dtype is half, where
+        torch.testing.assert_close(ys, yr[mine].to(half), **tol, msg=where)
+        torch.testing.assert_close(xs.grad, xr.grad[mine].to(half), **tol, msg=where)
+        for p, q in zip(sync.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **tol, msg=where)
+        for b, c in zip(sync.buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=where)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .._records import Record, running_update
 from .._validation import check_channel_vector, check_eps, check_input
 from ._modules import _arguments
 from ._modules import _FusedBatchNorm as _FusedMixin
-from ._tensors import as_numpy, empty_like
+from ._tensors import as_numpy, empty_like, from_numpy
 from .functional import batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -92,9 +92,9 @@ class _SyncFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         gx = gw = gb = None
         if need[0]:
-            gx = torch.from_numpy(_sync._grad_input(x, dy, mean, invstd, w, total[:C],
-                                                    total[C:2 * C], count, None, layout,
-                                                    torch.get_num_threads()))
+            gx = from_numpy(_sync._grad_input(x, dy, mean, invstd, w, total[:C],
+                                              total[C:2 * C], count, None, layout,
+                                              torch.get_num_threads()))
         if weight is not None and need[1]:
             gw = torch.from_numpy(sums[C:2 * C] * invstd).to(weight.dtype)
         if need[2]:

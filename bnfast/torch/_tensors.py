@@ -54,6 +54,14 @@ def as_numpy(tensor):
     return tensor.numpy()
 
 
+def from_numpy(array):
+    """``torch.from_numpy(array)`` (same memory), bfloat16 arrays too (as_numpy's inverse:
+    torch takes their bits as int16 and reinterprets them)."""
+    if _BF16 is not None and array.dtype == _BF16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 _DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
