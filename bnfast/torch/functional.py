@@ -45,6 +45,8 @@ def _fallback_reason(input, vectors, eps, training):
         return f"parameters or buffers of dtype {dtypes} with {dtype} input"
     if not training and eps <= 0.0:
         return "eps == 0 (bnfast needs eps > 0)"
+    if _is_compiling():  # traced: neither applies (and both would break the graph)
+        return None
     if any(v is not None and v.is_neg() for v in vectors[:4]):  # a plan reads their memory
         return "parameters or buffers that are lazy negations (Tensor.is_neg())"
     if _forward_mode((input,) + vectors):
@@ -52,6 +54,7 @@ def _fallback_reason(input, vectors, eps, training):
     return None
 
 
+_is_compiling = torch.compiler.is_compiling
 _forward_ad = torch.autograd.forward_ad
 _functorch = torch._C._functorch
 _interpreter_stack = getattr(_functorch, "get_interpreter_stack", None)
