@@ -315,6 +315,43 @@ def test_outputs_and_gradients_keep_torchs_memory_format(memory, shape, grad_mem
             torch.testing.assert_close(mine, theirs, **TOL[dtype])
 
 
+# Dense strides that are neither contiguous nor channels_last, and non-dense ones: torch's
+# BatchNorm gives output and grad_input its suggested memory format (contiguous unless
+# channels_last), not the input's strides (a kernel layout bnfast reads in place): so
+# that what follows (y.view(N, -1) after an (N, L, C) -> (N, C, L) transpose) works alike.
+ODD_LAYOUTS = {
+    "NLC->NCL": lambda g, dtype: torch.randn(4, 7, 3, generator=g, dtype=dtype).transpose(1, 2),
+    "(C, N).t()": lambda g, dtype: torch.randn(3, 8, generator=g, dtype=dtype).t(),
+    "N<->C": lambda g, dtype: torch.randn(3, 4, 5, 6, generator=g, dtype=dtype).transpose(0, 1),
+    "H<->W": lambda g, dtype: torch.randn(4, 3, 5, 6, generator=g, dtype=dtype).transpose(2, 3),
+    "channels_last sliced": lambda g, dtype: torch.randn(
+        4, 3, 5, 12, generator=g, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)[..., ::2],
+    "contiguous sliced": lambda g, dtype: torch.randn(4, 3, 5, 12, generator=g,
+                                                      dtype=dtype)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("layout", list(ODD_LAYOUTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_outputs_of_other_strides_take_torchs_memory_format(layout, training, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = ODD_LAYOUTS[layout](g, dtype)
+    grad = torch.randn(x.shape, generator=g, dtype=dtype)
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[x.dim()]
+    stock = cls(x.shape[1], dtype=dtype).train(training)
+    ours = bt.convert(stock)
+    results = []
+    for module in (stock, ours):
+        xi = x.detach().requires_grad_()  # its own strides (a leaf's .grad would be restrided)
+        y = module(xi)
+        (gx,) = torch.autograd.grad(y, xi, grad)
+        results.append((y, gx))
+    for theirs, mine in zip(*results):
+        assert mine.stride() == theirs.stride(), (layout, mine.stride(), theirs.stride())
+        torch.testing.assert_close(mine, theirs, **TOL[dtype])
+
+
 def test_backward_twice_with_retain_graph(dtype):
     # The second backward views the saved input again (the first dropped its view).
     stock = _randomise(nn.BatchNorm2d(3, dtype=dtype))

@@ -35,10 +35,11 @@ Configurations a plan cannot run in place (inputs in no kernel layout,
 running buffers of mixed dtypes) take the core's NumPy road
 (``Tensor.numpy()`` views, copying what it must).
 
-Outputs are allocated with the strides the fake promises (``empty_like``'s;
-large ones from the pool of warm buffers, see ``_buffers``) and written by
-the kernels in place.  ``save_mean``/``save_invstd`` are float64, as the
-core computes them.  Threads: ``torch.get_num_threads()``.
+Outputs are allocated with the strides the fake promises (torch's batch
+norm's: ``_tensors.output_like``; large ones from the pool of warm buffers,
+see ``_buffers``) and written by the kernels in place.
+``save_mean``/``save_invstd`` are float64, as the core computes them.
+Threads: ``torch.get_num_threads()``.
 """
 import threading
 
@@ -49,7 +50,7 @@ from .. import functional as _functional
 from .._layout import Layout
 from .._validation import check_forward, check_input, check_momentum
 from . import _plan
-from ._tensors import as_numpy, empty_like
+from ._tensors import as_numpy, empty_like, output_like
 
 __all__ = ["batch_norm", "batch_norm_backward", "fused_batch_norm", "fused_batch_norm_backward"]
 
@@ -175,7 +176,7 @@ def _fake_forward(input, training, running_mean, running_var):
         new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
     else:
         new_mean, new_var = _empty(input), _empty(input)
-    return (torch.empty_like(input), input.new_empty(C, dtype=_F64),
+    return (output_like(input), input.new_empty(C, dtype=_F64),
             input.new_empty(C, dtype=_F64), new_mean, new_var)
 
 
@@ -228,7 +229,7 @@ def _vector_dtype(input, weight):
 def _fake_grads(input, weight, mask):
     C = input.shape[1]
     vec = _vector_dtype(input, weight)
-    return (torch.empty_like(input) if mask[0] else _empty(input),
+    return (output_like(input) if mask[0] else _empty(input),
             input.new_empty(C, dtype=vec) if mask[1] else _empty(input),
             input.new_empty(C, dtype=vec) if mask[2] else _empty(input))
 
@@ -329,7 +330,7 @@ def fused_batch_norm_backward(grad_output: Tensor, input: Tensor, relu_bits: Ten
 @fused_batch_norm_backward.register_fake
 def _(grad_output, input, relu_bits, weight, save_mean, save_invstd, training, eps, output_mask):
     gx, gw, gb = _fake_grads(input, weight, output_mask)
-    return gx, gw, gb, torch.empty_like(input) if output_mask[3] else _empty(input)
+    return gx, gw, gb, output_like(input) if output_mask[3] else _empty(input)
 
 
 # -- autograd ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .. import functional as _functional
 from .._backward import BoundBackward
 from .._validation import check_channel_vector, check_eps, check_forward, check_input
 from . import _buffers
-from ._tensors import _BF16, as_numpy
+from ._tensors import _BF16, as_numpy, output_like, suggest_memory_format
 
 __all__ = ["Plan", "key", "lookup", "ATTRIBUTE"]
 
@@ -87,6 +87,12 @@ def _bfloat16_view(tensor):
 
 def _address(tensor):
     return 0 if tensor is None else tensor.data_ptr()
+
+
+def _output_strides(input):
+    """The strides of torch's batch norm output for ``input`` (no memory allocated)."""
+    return torch.empty(input.shape, dtype=input.dtype, device="meta",
+                       memory_format=suggest_memory_format(input)).stride()
 
 
 def _resolved(tensor):
@@ -148,7 +154,11 @@ class Plan:
         # (float32/float64, one dtype, contiguous).  Otherwise the core's layout step
         # (bnfast.functional.normalize, bnfast.backward._run) copies what it must.
         in_place = not self.update or _layout.updatable_pair(rm, rv)[0] is rm
-        self.direct = layout is not None and in_place
+        # Torch gives outputs its suggested memory format (contiguous unless channels_last):
+        # the kernels write the input's layout, which for other dense strides (an (N, L, C)
+        # tensor transposed to (N, C, L)) is not that.
+        own_strides = _output_strides(input) == tuple(input.stride())
+        self.direct = layout is not None and in_place and own_strides
         self.layout = _layout.copy_layout(x) if layout is None else layout
         self.view = _bfloat16_view if input.dtype is torch.bfloat16 else torch.Tensor.numpy
         # Evaluation coefficients reused while the buffers and parameters are bitwise
@@ -160,7 +170,7 @@ class Plan:
         self.shape, self.strides, self.nbytes = input.shape, input.stride(), x.nbytes
         self.dtype = input.dtype
         # Large outputs from the pool of warm buffers (_buffers), in x's memory order.
-        self.pooled = layout is not None and x.nbytes >= _buffers.MIN_BYTES
+        self.pooled = layout is not None and own_strides and x.nbytes >= _buffers.MIN_BYTES
         self.vector_dtype = input.dtype if weight is None else weight.dtype
         # Like the kernels' grad_weight and grad_bias: float64 for float64 data, else
         # float32 (empty_like of it: the factory the outputs' empty_like just warmed).
@@ -269,10 +279,11 @@ class Plan:
     # -- the NumPy road: inputs in no kernel layout, buffers not updatable in place --
 
     def _numpy_empty(self, input, x):
-        """``(tensor, its ndarray view)``: a new output like ``input`` (strides and all)."""
+        """``(tensor, its ndarray view)``: a new output for ``input``, in the memory format
+        torch's batch norm would give it."""
         if self.pooled:
             return _buffers_empty(x, input.dtype)
-        out = _torch_empty_like(input)
+        out = output_like(input)
         return out, self.view(out)
 
     def _numpy_forward(self, input, addend, momentum, want_stats, want_mask):

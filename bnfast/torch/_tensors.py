@@ -65,14 +65,35 @@ def from_numpy(array):
 _DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def _suggest_memory_format(tensor):
+    # C++'s Tensor::suggest_memory_format (torch's own Python copy where it has one).
+    if tensor.dim() in _DENSE_FORMATS and tensor.is_contiguous(
+            memory_format=_DENSE_FORMATS[tensor.dim()]) and not tensor.is_contiguous():
+        return _DENSE_FORMATS[tensor.dim()]
+    return torch.contiguous_format
+
+
+try:
+    from torch._prims_common import suggest_memory_format
+except ImportError:  # a torch without it: exact channels-last strides only
+    suggest_memory_format = _suggest_memory_format
+
+
+def output_like(tensor):
+    """A new tensor of ``tensor``'s shape and dtype in the memory format torch's batch
+    norm gives its outputs (``Tensor::suggest_memory_format()``: channels_last(_3d) for
+    such input, else contiguous, whatever other strides the input has)."""
+    return torch.empty_like(tensor, memory_format=suggest_memory_format(tensor))
+
+
 def empty_like(tensor):
-    """``torch.empty_like(tensor)`` (same strides for a contiguous or channels-last
+    """:func:`output_like` (the input's own strides for a contiguous or channels-last
     tensor), large ones from the pool of warm buffers (:mod:`._buffers`)."""
     if tensor.dtype in DTYPES and tensor.nbytes >= _buffers.MIN_BYTES and (
             tensor.is_contiguous() or tensor.dim() in _DENSE_FORMATS
             and tensor.is_contiguous(memory_format=_DENSE_FORMATS[tensor.dim()])):
         return _buffers.empty_tensor(tensor.nbytes, tensor.shape, tensor.stride(), tensor.dtype)
-    return torch.empty_like(tensor)
+    return output_like(tensor)
 
 
 def vector_dtype_ok(vector, input_dtype):
