@@ -1,4 +1,5 @@
 """bnfast.torch's operators and functional layer against torch's own batch_norm."""
+import re
 import subprocess
 import sys
 import warnings
@@ -239,6 +240,22 @@ def test_torch_errors_kept():
         bt.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0)
     with pytest.raises(RuntimeError):  # torch's own shape error, from the fallback
         bt.batch_norm(torch.randn(4, 3), torch.zeros(2), torch.ones(2))
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((torch.randn(4, 3), torch.zeros(3), None), dict(training=False)),
+    ((torch.randn(4, 3), None, torch.ones(3)), dict(training=False)),
+    ((torch.randn(4, 3), None, None), dict(training=False)),
+    ((torch.randn(4, 3), None, None), dict(training=True, eps=0.0)),
+    ((torch.randn(4, 3), torch.zeros(3), torch.ones(3)), dict(training=False, eps=-1.0)),
+    ((torch.randn(1, 3, 1), None, None), dict(training=True)),
+], ids=["eval-no-var", "eval-no-mean", "eval-no-buffers", "eps0", "eps-negative", "one-value"])
+def test_invalid_calls_raise_as_torch(args, kwargs):
+    # The exception type too: code that catches torch's RuntimeError catches ours.
+    with pytest.raises(Exception) as theirs:
+        F.batch_norm(*args, **kwargs)
+    with pytest.raises(theirs.type, match=re.escape(str(theirs.value))):
+        bt.batch_norm(*args, **kwargs)
 
 
 @pytest.fixture

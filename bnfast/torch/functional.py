@@ -88,8 +88,12 @@ def _shape_ok(input, vectors):
     return all(v is None or (v.dim() == 1 and v.shape[0] == C) for v in vectors)
 
 
-def _checks(input, training, eps):
-    # F.batch_norm's own checks, with its messages.
+def _checks(input, training, eps, running_mean, running_var):
+    # F.batch_norm's own checks, with its messages (and exception types).
+    if not training and input.numel():  # torch lets an empty input through
+        for buffer, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+            if buffer is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
     if training:
         size = input.shape
         # torch's rule (F._verify_batch_size): the sizes but the channels' multiply to 1.
@@ -192,7 +196,7 @@ def _new_plan(plan_key, input, running_mean, running_var, weight, bias, training
               owner):
     """A plan for this call (kept by ``owner``), or None where torch's op runs instead."""
     vectors = (running_mean, running_var, weight, bias)
-    _checks(input, training, eps)
+    _checks(input, training, eps, running_mean, running_var)
     if (_fallback_reason(input, vectors, eps, training) is not None
             or not _shape_ok(input, vectors)):
         return None  # _dispatched falls back (and warns)
@@ -207,7 +211,7 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
                 relu):
     """Through ``torch.ops.bnfast`` (tracing, modes, subclasses), or torch's own op."""
     vectors = (running_mean, running_var, weight, bias)
-    _checks(input, training, eps)
+    _checks(input, training, eps, running_mean, running_var)
     reason = _fallback_reason(input, vectors + (addend,), eps, training)
     if addend is not None and reason is None and (addend.shape != input.shape
                                                   or addend.dtype != input.dtype):
