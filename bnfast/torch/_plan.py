@@ -35,7 +35,7 @@ from .. import functional as _functional
 from .._backward import BoundBackward
 from .._validation import check_channel_vector, check_eps, check_forward, check_input
 from . import _buffers
-from ._tensors import _BF16, as_numpy, output_like, suggest_memory_format
+from ._tensors import _BF16, as_numpy, keeps_strides, output_like
 
 __all__ = ["Plan", "key", "lookup", "ATTRIBUTE"]
 
@@ -87,12 +87,6 @@ def _bfloat16_view(tensor):
 
 def _address(tensor):
     return 0 if tensor is None else tensor.data_ptr()
-
-
-def _output_strides(input):
-    """The strides of torch's batch norm output for ``input`` (no memory allocated)."""
-    return torch.empty(input.shape, dtype=input.dtype, device="meta",
-                       memory_format=suggest_memory_format(input)).stride()
 
 
 def _resolved(tensor):
@@ -157,7 +151,7 @@ class Plan:
         # Torch gives outputs its suggested memory format (contiguous unless channels_last):
         # the kernels write the input's layout, which for other dense strides (an (N, L, C)
         # tensor transposed to (N, C, L)) is not that.
-        own_strides = _output_strides(input) == tuple(input.stride())
+        own_strides = keeps_strides(input)
         self.direct = layout is not None and in_place and own_strides
         self.layout = _layout.copy_layout(x) if layout is None else layout
         self.view = _bfloat16_view if input.dtype is torch.bfloat16 else torch.Tensor.numpy

@@ -79,6 +79,13 @@ except ImportError:  # a torch without it: exact channels-last strides only
     suggest_memory_format = _suggest_memory_format
 
 
+def keeps_strides(tensor):
+    """Whether :func:`output_like` has ``tensor``'s own strides (up to those of size-1
+    dimensions): contiguous or exactly channels_last(_3d) input.  Cheaper than making it."""
+    return tensor.is_contiguous() or (tensor.dim() in _DENSE_FORMATS and tensor.is_contiguous(
+        memory_format=_DENSE_FORMATS[tensor.dim()]))
+
+
 def output_like(tensor):
     """A new tensor of ``tensor``'s shape and dtype in the memory format torch's batch
     norm gives its outputs (``Tensor::suggest_memory_format()``: channels_last(_3d) for
