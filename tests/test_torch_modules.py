@@ -352,6 +352,25 @@ def test_outputs_of_other_strides_take_torchs_memory_format(layout, training, dt
         torch.testing.assert_close(mine, theirs, **TOL[dtype])
 
 
+@pytest.mark.parametrize("layout", [name for name in ODD_LAYOUTS if "sliced" not in name]
+                         + ["contiguous", "channels_last", "channels_last_3d"])
+def test_own_memory_format_rule_matches_torchs_on_dense_strides(layout):
+    # bnfast.torch._tensors' rule where torch has no Python suggest_memory_format: exact
+    # channels-last strides only, which is torch's rule on dense tensors (a non-dense
+    # channels-last-like slice gets a contiguous output there).
+    from torch._prims_common import suggest_memory_format
+
+    from bnfast.torch._tensors import _suggest_memory_format
+    g = torch.Generator().manual_seed(0)
+    x = {"contiguous": lambda: torch.randn(2, 3, 4, 5, generator=g),
+         "channels_last": lambda: torch.randn(2, 3, 4, 5, generator=g).contiguous(
+             memory_format=torch.channels_last),
+         "channels_last_3d": lambda: torch.randn(2, 3, 4, 5, 6, generator=g).contiguous(
+             memory_format=torch.channels_last_3d)}.get(
+        layout, lambda: ODD_LAYOUTS[layout](g, torch.float32))()
+    assert _suggest_memory_format(x) == suggest_memory_format(x)
+
+
 def test_backward_twice_with_retain_graph(dtype):
     # The second backward views the saved input again (the first dropped its view).
     stock = _randomise(nn.BatchNorm2d(3, dtype=dtype))
