@@ -26,7 +26,7 @@ pytest.importorskip("pytest_benchmark")
 from bnfast.bench.check import compare, expected  # noqa: E402
 from bnfast.bench.data import Inputs  # noqa: E402
 from bnfast.bench.suite import Case, format_shape  # noqa: E402
-from interleave import interleaved, paired  # noqa: E402
+from interleave import interleaved, ratios  # noqa: E402
 
 MODES = ["eval", "train", "backward"]
 HALF_DTYPES = ["float16", "bfloat16"]
@@ -53,15 +53,11 @@ def test_half_vs_float32_and_torch(benchmark, implementation, half_shape, half_r
     if torch_impl is not None:
         calls["torch"] = _checked(torch_impl, Case(mode, dtype, shape), half_inputs)
     times = interleaved(calls)
-    best = {name: min(t) for name, t in times.items()}
     row = {"mode": mode, "dtype": dtype, "shape": format_shape(shape),
            "float32_MB": round(f32_inputs.x.nbytes / 1e6, 1),
-           "half_s": best["half"], "float32_s": best["float32"],
-           "half_over_float32": best["half"] / best["float32"],
-           "half_over_float32_paired": paired(times, "half", "float32"),
-           "torch_over_bnfast": best["torch"] / best["half"] if "torch" in best else None,
-           "torch_over_bnfast_paired": (paired(times, "torch", "half") if "torch" in best
-                                        else None)}
+           "half_s": min(times["half"]), "float32_s": min(times["float32"])}
+    row["half_over_float32"], row["half_over_float32_paired"] = ratios(times, "half", "float32")
+    row["torch_over_bnfast"], row["torch_over_bnfast_paired"] = ratios(times, "torch", "half")
     half_ratios.append(row)
     benchmark.group = f"half {mode} {format_shape(shape)}"
     benchmark.extra_info.update(row)

@@ -24,7 +24,7 @@ pytest.importorskip("pytest_benchmark")
 from bnfast.bench.check import compare, expected  # noqa: E402
 from bnfast.bench.data import Inputs  # noqa: E402
 from bnfast.bench.suite import Case, format_shape  # noqa: E402
-from interleave import interleaved, paired  # noqa: E402
+from interleave import interleaved, ratios  # noqa: E402
 
 MODES = ["eval", "train", "backward", "backward_eval"]
 
@@ -76,17 +76,13 @@ def test_channels_last_vs_channels_first(benchmark, implementation, layout_shape
     if torch_impl is not None:
         calls["torch"] = _checked(torch_impl, case, last, first)
     times = interleaved(calls)
-    best = {name: min(t) for name, t in times.items()}
     row = {"mode": mode, "dtype": bench_dtype, "shape": format_shape(shape),
            "MB": round(first.x.nbytes / 1e6, 1),
-           "last_s": best["last"], "first_s": best["first"],
-           "last_over_first": best["last"] / best["first"],
-           "last_over_first_paired": paired(times, "last", "first"),
-           "last_over_copy": best["last"] / best["copy"],
-           "first_over_copy": best["first"] / best["copy"],
-           "torch_over_last": best["torch"] / best["last"] if "torch" in best else None,
-           "torch_over_last_paired": (paired(times, "torch", "last") if "torch" in best
-                                      else None)}
+           "last_s": min(times["last"]), "first_s": min(times["first"]),
+           "last_over_copy": min(times["last"]) / min(times["copy"]),
+           "first_over_copy": min(times["first"]) / min(times["copy"])}
+    row["last_over_first"], row["last_over_first_paired"] = ratios(times, "last", "first")
+    row["torch_over_last"], row["torch_over_last_paired"] = ratios(times, "torch", "last")
     layout_ratios.append(row)
     benchmark.group = f"layouts {mode} {bench_dtype} {format_shape(shape)}"
     benchmark.extra_info.update(row)

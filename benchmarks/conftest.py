@@ -93,6 +93,14 @@ def pytest_terminal_summary(terminalreporter):
     _layout_summary(terminalreporter.write_line)
 
 
+def _versus(ratio, paired_ratio, width):
+    """The two torch cells of a summary row: the ratio of the minima in ``width``
+    columns and the paired one in 8, or dashes where torch did not run."""
+    if ratio is None:
+        return f"{'-':>{width}}{'-':>8}"
+    return f"{ratio:>{width - 1}.2f}x{paired_ratio:>7.2f}x"
+
+
 def _half_summary(write):
     if not _HALF_RATIOS:
         return
@@ -103,8 +111,7 @@ def _half_summary(write):
     write(f"{'mode':<9}{'dtype':<10}{'shape':<15}{'f32 MB':>8}{'half':>11}{'float32':>11}"
           f"{'half/f32':>10}{'paired':>8}{'torch/bnfast':>14}{'paired':>8}")
     for r in _HALF_RATIOS:
-        vs_torch = (f"{'-':>14}{'-':>8}" if r["torch_over_bnfast"] is None else
-                    f"{r['torch_over_bnfast']:>13.2f}x{r['torch_over_bnfast_paired']:>7.2f}x")
+        vs_torch = _versus(r["torch_over_bnfast"], r["torch_over_bnfast_paired"], 14)
         write(f"{r['mode']:<9}{r['dtype']:<10}{r['shape']:<15}{r['float32_MB']:>8}"
               f"{r['half_s'] * 1e3:>9.2f}ms{r['float32_s'] * 1e3:>9.2f}ms"
               f"{r['half_over_float32']:>10.2f}{r['half_over_float32_paired']:>8.2f}{vs_torch}")
@@ -121,8 +128,7 @@ def _layout_summary(write):
           f"{'last/first':>11}{'paired':>8}{'last/copy':>10}{'first/copy':>11}"
           f"{'torch/last':>11}{'paired':>8}")
     for r in _LAYOUT_RATIOS:
-        vs_torch = (f"{'-':>11}{'-':>8}" if r["torch_over_last"] is None else
-                    f"{r['torch_over_last']:>10.2f}x{r['torch_over_last_paired']:>7.2f}x")
+        vs_torch = _versus(r["torch_over_last"], r["torch_over_last_paired"], 11)
         write(f"{r['mode']:<14}{r['dtype']:<10}{r['shape']:<15}{r['MB']:>7}"
               f"{r['last_s'] * 1e3:>9.2f}ms{r['first_s'] * 1e3:>9.2f}ms"
               f"{r['last_over_first']:>11.2f}{r['last_over_first_paired']:>8.2f}"

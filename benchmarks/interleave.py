@@ -43,3 +43,20 @@ def paired(times, numerator, denominator):
     4.0
     """
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def ratios(times, numerator, denominator):
+    """``(ratio of the minima, paired ratio)`` of ``numerator`` over ``denominator``,
+    ``(None, None)`` where either did not run (an optional contender).
+
+    Examples
+    --------
+    >>> ratios({"a": [2.0, 4.0, 9.0], "b": [1.0, 1.0, 1.0]}, "a", "b")
+    (2.0, 4.0)
+    >>> ratios({"b": [1.0]}, "torch", "b")
+    (None, None)
+    """
+    if numerator not in times or denominator not in times:
+        return None, None
+    return (min(times[numerator]) / min(times[denominator]),
+            paired(times, numerator, denominator))
