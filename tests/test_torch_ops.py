@@ -249,13 +249,33 @@ def test_torch_errors_kept():
     ((torch.randn(4, 3), None, None), dict(training=True, eps=0.0)),
     ((torch.randn(4, 3), torch.zeros(3), torch.ones(3)), dict(training=False, eps=-1.0)),
     ((torch.randn(1, 3, 1), None, None), dict(training=True)),
-], ids=["eval-no-var", "eval-no-mean", "eval-no-buffers", "eps0", "eps-negative", "one-value"])
+    ((torch.randn(4, 3), torch.zeros(3), None), dict(training=True)),
+    ((torch.randn(4, 3), None, torch.ones(3)), dict(training=True)),
+], ids=["eval-no-var", "eval-no-mean", "eval-no-buffers", "eps0", "eps-negative", "one-value",
+        "train-no-var", "train-no-mean"])
 def test_invalid_calls_raise_as_torch(args, kwargs):
     # The exception type too: code that catches torch's RuntimeError catches ours.
     with pytest.raises(Exception) as theirs:
         F.batch_norm(*args, **kwargs)
     with pytest.raises(theirs.type, match=re.escape(str(theirs.value))):
         bt.batch_norm(*args, **kwargs)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+@pytest.mark.parametrize("function", ["batch_norm", "fused_batch_norm"])
+def test_empty_input_with_one_buffer_passes_as_in_torch(training, missing, function):
+    # torch returns an empty batch before its buffer checks; the core takes both or neither.
+    x = torch.randn(0, 3, 5)
+    buffers = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    buffers[missing] = None
+    expected = F.batch_norm(x, buffers["running_mean"], buffers["running_var"],
+                            training=training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing fell back: nothing to warn about
+        got = getattr(bt, function)(x, buffers["running_mean"], buffers["running_var"],
+                                    training=training)
+    assert got.shape == expected.shape == x.shape and got.dtype == x.dtype
 
 
 @pytest.fixture

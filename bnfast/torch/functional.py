@@ -95,6 +95,9 @@ def _checks(input, training, eps, running_mean, running_var):
             if buffer is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     if training:
+        if (running_mean is None) != (running_var is None) and input.numel():
+            raise ValueError("running_mean and running_var must either both be None or "
+                             "neither be None")
         size = input.shape
         # torch's rule (F._verify_batch_size): the sizes but the channels' multiply to 1.
         if input.dim() >= 2 and math.prod(size[:1] + size[2:]) == 1:
@@ -104,6 +107,12 @@ def _checks(input, training, eps, running_mean, running_var):
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _one_buffer(running_mean, running_var):
+    # Past _checks only with an empty input, which torch's op returns as it is (the core
+    # takes both buffers or neither).
+    return (running_mean is None) != (running_var is None)
 
 
 def _write_back(running_mean, running_var, new_mean, new_var):
@@ -198,7 +207,7 @@ def _new_plan(plan_key, input, running_mean, running_var, weight, bias, training
     vectors = (running_mean, running_var, weight, bias)
     _checks(input, training, eps, running_mean, running_var)
     if (_fallback_reason(input, vectors, eps, training) is not None
-            or not _shape_ok(input, vectors)):
+            or not _shape_ok(input, vectors) or _one_buffer(running_mean, running_var)):
         return None  # _dispatched falls back (and warns)
     plan = _plan.Plan(plan_key, input, running_mean, running_var, weight, bias, training, eps,
                       relu, owner is not None)
@@ -216,7 +225,8 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
     if addend is not None and reason is None and (addend.shape != input.shape
                                                   or addend.dtype != input.dtype):
         reason = "an addend of another shape or dtype than the input"
-    if reason is not None or not _shape_ok(input, vectors):
+    if (reason is not None or not _shape_ok(input, vectors)
+            or _one_buffer(running_mean, running_var)):
         if reason is not None:
             _warn_once(reason)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
