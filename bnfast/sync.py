@@ -65,10 +65,13 @@ def world_communicator():
 class _SyncSaved:
     """What a synchronised training forward keeps for backward."""
 
-    __slots__ = ("input", "layout", "weight", "mean", "invstd", "count", "local_count")
+    __slots__ = ("input", "layout", "weight", "mean", "invstd", "count", "local_count",
+                 "input_overwritten")
 
-    def __init__(self, input, layout, weight, mean, invstd, count, local_count):
+    def __init__(self, input, layout, weight, mean, invstd, count, local_count,
+                 input_overwritten):
         self.input = input
+        self.input_overwritten = input_overwritten
         self.layout = layout
         self.weight = weight
         self.mean = mean
@@ -89,7 +92,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, bias, dtype, n_threads
+    num_features, eps, momentum, affine, track_running_stats, bias, dtype, param_dtype, n_threads
         As :class:`bnfast.BatchNorm1d`.
     comm : mpi4py communicator, optional (keyword-only)
         The ranks whose batches are one batch (default ``MPI.COMM_WORLD``;
@@ -122,9 +125,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, comm=None, bias=True, dtype=np.float32,
-                 n_threads=None):
+                 param_dtype=None, n_threads=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias,
-                         dtype=dtype, n_threads=n_threads)
+                         dtype=dtype, param_dtype=param_dtype, n_threads=n_threads)
         self.comm = world_communicator() if comm is None else comm
 
     def _check_input_dim(self, x):
@@ -158,7 +161,8 @@ class SyncBatchNorm(_BatchNorm):
                                          None, False, out, nt, True, False, None)
         if is_grad_enabled():
             self._saved = _SyncSaved(x, layout, None if weight is None else weight.copy(),
-                                     coef[0], coef[1], total.count, local.count)
+                                     coef[0], coef[1], total.count, local.count,
+                                     out is not None and bool(np.may_share_memory(out, x)))
         else:
             self._saved = None
             self._saved_missing = ("the last forward() ran under bnfast.no_grad(), which saves "
@@ -203,6 +207,10 @@ class SyncBatchNorm(_BatchNorm):
         C = self.num_features
         sums = np.empty(2 * C + 1)
         try:
+            if saved.input_overwritten:  # every rank's check, before the collective
+                raise RuntimeError("backward() needs the forward's input, but that forward "
+                                   "wrote its output over it (out=input): run it out of place")
+            dy_given = grad_output
             dy = check_same_shape(grad_output, "grad_output", saved.input)
             if out is not None:
                 out = check_out(out, saved.input)
@@ -224,17 +232,17 @@ class SyncBatchNorm(_BatchNorm):
                 "grad_output, or the ranks are not all in the backward of the same forward")
         gx = _grad_input(saved.input, dy, saved.mean, saved.invstd, saved.weight,
                          total[:C], total[C:2 * C], saved.count, out, saved.layout,
-                         resolve_threads(self.n_threads))
+                         resolve_threads(self.n_threads), dy_given)
         if not retain_graph:
             self._saved = None
             self._saved_missing = ("backward() was already called on the last forward, which "
                                    "freed what it saved (pass retain_graph=True to keep it)")
         # Local parameter gradients, as torch's SyncBatchNorm.
         if saved.weight is not None:
-            gw = (sums[C:2 * C] * saved.invstd).astype(self.dtype)
+            gw = self._as_param_dtype(sums[C:2 * C] * saved.invstd)
             self.weight_grad = gw if self.weight_grad is None else self.weight_grad + gw
         if self.bias is not None:
-            gb = sums[:C].astype(self.dtype)
+            gb = self._as_param_dtype(sums[:C])
             self.bias_grad = gb if self.bias_grad is None else self.bias_grad + gb
         return gx, None
 
@@ -289,16 +297,19 @@ def _local_sums(x, dy, mean, layout, sums, n_threads=1):
 
 
 def _grad_input(x, dy, mean, invstd, weight, sum_dy, sum_xdy, count, out, layout,
-                n_threads=1):
+                n_threads=1, dy_given=None):
     """dx = (dy - sum_dy/n - (x - mean) * invstd**2 * sum_xdy/n) * invstd * weight,
-    with the global sums and count: the compiled backward's pass 2."""
-    result = out if out is not None and out.strides == x.strides else np.empty_like(x)
+    with the global sums and count: the compiled backward's pass 2.
+
+    ``out`` is written directly where it may be (x or the caller's grad_output
+    ``dy_given`` exactly, elementwise; no partial overlap), else through a temporary.
+    """
+    result, target = _layout.write_target(out, x, layout, same_ok=(x, dy, dy_given))
     given = np.ascontiguousarray(np.stack([sum_dy, sum_xdy]))
-    _backward.backward(x, dy, None, mean, invstd, weight, result, None, False, False, layout,
+    _backward.backward(x, dy, None, mean, invstd, weight, target, None, False, False, layout,
                        True, False, n_threads, given, True, count)
-    if out is not None and result is not out:
-        np.copyto(out, result)
-        result = out
+    if target is not result:
+        np.copyto(result, target)
     return result
 
 
@@ -355,7 +366,8 @@ def convert_sync_batchnorm(module, comm=None):
                         "(SyncBatchNorm has no fused addend/ReLU epilogue)")
     sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                          module.track_running_stats, comm=comm, bias=module.bias is not None,
-                         dtype=module.dtype, n_threads=module.n_threads)
+                         dtype=module.dtype, param_dtype=module.param_dtype,
+                         n_threads=module.n_threads)
     _share_state(module, sync)
     sync._plain_class = type(module)
     return sync
@@ -382,7 +394,8 @@ def revert_sync_batchnorm(module, cls=None):
         raise TypeError(f"cls must be BatchNorm1d, BatchNorm2d or BatchNorm3d, got {target!r}")
     plain = target(module.num_features, module.eps, module.momentum, module.affine,
                    module.track_running_stats, bias=module.bias is not None,
-                   dtype=module.dtype, n_threads=module.n_threads)
+                   dtype=module.dtype, param_dtype=module.param_dtype,
+                   n_threads=module.n_threads)
     _share_state(module, plain)
     return plain
 

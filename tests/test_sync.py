@@ -151,6 +151,70 @@ def test_output_and_no_grad(dtype):
         assert "no_grad" in message
 
 
+def test_backward_after_writing_over_the_input_raises_on_every_rank(dtype):
+    # The saved input holds the output then: the gradient would be silently wrong.
+    def step(comm):
+        m = bnfast.SyncBatchNorm(2, comm=comm, dtype=dtype)
+        x = make_input(np.random.default_rng(comm.rank), (4, 2, 3), dtype)
+        m(x, out=x)
+        try:
+            m.backward(np.ones_like(x))
+        except RuntimeError as exc:
+            return str(exc)
+
+    for message in ok(run_ranks(2, step)):
+        assert message is not None and "wrote its output over it" in message
+
+
+@pytest.mark.parametrize("shift", [1, -1], ids=["out-ahead", "out-behind"])
+@pytest.mark.parametrize("over", ["grad_output", "input"])
+def test_backward_out_overlapping_its_operands_gets_the_separate_bits(dtype, over, shift):
+    # out= one element off grad_output (or the saved input) in one buffer: written
+    # through a temporary, as the plain modules' backward.
+    shape = (4, 3, 5, 5)
+    n = int(np.prod(shape))
+
+    def step(comm):
+        rng = np.random.default_rng(10 + comm.rank)
+        base = rng.standard_normal(n + 1).astype(dtype)
+        ahead, behind = base[1:].reshape(shape), base[:-1].reshape(shape)
+        out, shared = (ahead, behind) if shift == 1 else (behind, ahead)
+        x = shared if over == "input" else make_input(rng, shape, dtype)
+        dy = shared if over == "grad_output" else make_input(rng, shape, dtype)
+        m = bnfast.SyncBatchNorm(3, comm=comm, dtype=dtype)
+        m(x)
+        expected = m.backward(dy.copy(), retain_graph=True)
+        assert m.backward(dy, out=out) is out
+        return expected, out
+
+    for expected, got in ok(run_ranks(2, step)):
+        assert_same(got, expected)
+
+
+@pytest.mark.parametrize("data, param", [("float16", "float32"), ("bfloat16", "float32"),
+                                         ("float32", "float64")])
+def test_parameter_gradients_take_the_parameters_dtype(data, param):
+    # 65536 values a channel: a float16 bias gradient would overflow to inf.
+    def step(comm):
+        m = bnfast.SyncBatchNorm(2, comm=comm, dtype=data, param_dtype=param)
+        plain = bnfast.BatchNorm2d(2, dtype=data, param_dtype=param)
+        x = make_input(np.random.default_rng(comm.rank), (16, 2, 64, 64), m.dtype)
+        dy = np.ones_like(x)
+        m(x)
+        m.backward(dy)
+        plain(x)
+        plain.backward(dy)
+        return m, plain
+
+    for m, plain in ok(run_ranks(2, step)):
+        for name in ("weight", "bias"):
+            grad = getattr(m, name + "_grad")
+            assert grad.dtype == np.dtype(param) == getattr(m, name).dtype
+        # Local gradients: this rank's batch, as the plain module's on it.
+        assert_same(m.bias_grad, plain.bias_grad)
+        assert np.all(m.bias_grad == 16 * 64 * 64)
+
+
 def test_input_dims_and_repr():
     comm = ThreadComm.group(1)[0]
     m = bnfast.SyncBatchNorm(3, comm=comm)
@@ -178,6 +242,19 @@ def test_convert_and_revert_share_arrays():
         is bnfast.BatchNorm2d
     with pytest.raises(TypeError, match="fused"):
         bnfast.convert_sync_batchnorm(bnfast.FusedBatchNorm2d(2), comm=comm)
+
+
+def test_convert_and_revert_keep_the_parameters_dtype():
+    comm = ThreadComm.group(1)[0]
+    bn = bnfast.BatchNorm2d(2, dtype="float32", param_dtype="float64")
+    sync = bnfast.convert_sync_batchnorm(bn, comm=comm)
+    assert sync.param_dtype == np.float64 and sync.weight is bn.weight
+    back = bnfast.revert_sync_batchnorm(sync)
+    assert back.param_dtype == np.float64 and back.weight is bn.weight
+    x = make_input(np.random.default_rng(0), (4, 2, 3, 3), np.float32)
+    back(x)
+    back.backward(np.ones_like(x))
+    assert back.weight_grad.dtype == back.bias_grad.dtype == np.float64
 
 
 def test_import_does_not_need_mpi4py():
