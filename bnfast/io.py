@@ -3,12 +3,14 @@
 Formats, chosen by the file's suffix:
 
 - ``.safetensors``: ``safetensors.numpy`` (``pip install "bnfast[safetensors]"``;
-  bfloat16 tensors load as ``ml_dtypes.bfloat16`` arrays, keeping their dtype);
+  bfloat16 and float8 tensors load as ``ml_dtypes`` arrays, keeping their dtype:
+  read by the format's own layout where ``safetensors.numpy`` has no NumPy type);
 - ``.npz``: NumPy, without pickles (no bfloat16: NumPy's format cannot name it);
 - ``.pt``/``.pth``: torch, if installed (``torch.load(..., weights_only=True)``).
 
 Nothing is cast: every array keeps the dtype it was stored with.
 """
+import json
 import os
 
 import numpy as np
@@ -45,6 +47,40 @@ def _torch():
     except ImportError:
         raise ImportError('.pt/.pth files need torch: pip install torch') from None
     return torch
+
+
+# safetensors' dtype names (all little-endian) whose NumPy types come from ml_dtypes.
+_ML_DTYPE_NAMES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                   "F8_E8M0": "float8_e8m0fnu"}
+_NUMPY_DTYPE_NAMES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                      "U8": "u1", "BOOL": "?", "C64": "<c8"}
+
+
+def _read_safetensors(path, ml_dtypes):
+    """A .safetensors file's tensors in its order, by the format's own layout (an 8-byte
+    little-endian header size, a JSON header, the data): for the dtypes
+    ``safetensors.numpy`` cannot give NumPy (float8), and bfloat16 before ml_dtypes was
+    imported."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = bytearray(f.read())  # writable arrays, as safetensors.numpy gives
+    header.pop("__metadata__", None)
+    state = {}
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        kind = info["dtype"]
+        if kind in _ML_DTYPE_NAMES and hasattr(ml_dtypes, _ML_DTYPE_NAMES[kind]):
+            dtype = np.dtype(getattr(ml_dtypes, _ML_DTYPE_NAMES[kind]))
+        elif kind in _NUMPY_DTYPE_NAMES:
+            dtype = np.dtype(_NUMPY_DTYPE_NAMES[kind])
+        else:
+            raise TypeError(f"{os.fspath(path)}: tensor {name!r} has dtype {kind}, which "
+                            "neither NumPy nor ml_dtypes has")
+        start, stop = info["data_offsets"]
+        state[name] = np.frombuffer(data, dtype, (stop - start) // dtype.itemsize,
+                                    start).reshape(info["shape"])
+    return state
 
 
 def load_state_dict(path):
@@ -86,13 +122,15 @@ def load_state_dict(path):
         st = _safetensors_numpy()
         try:
             return dict(st.load_file(os.fspath(path)))
-        except TypeError as exc:  # "data type 'bfloat16' not understood": no ml_dtypes
+        except (TypeError, AttributeError, KeyError) as exc:
+            # bfloat16 ("data type 'bfloat16' not understood" until ml_dtypes is imported)
+            # or float8 (no NumPy name safetensors knows): ml_dtypes' types, read here.
             try:
-                import ml_dtypes  # noqa: F401  (registers bfloat16 and float8 with NumPy)
+                import ml_dtypes
             except ImportError:
                 raise ImportError(f"{os.fspath(path)} holds a dtype NumPy lacks ({exc}): "
                                   'pip install "bnfast[safetensors]" (ml_dtypes)') from None
-            raise
+            return _read_safetensors(path, ml_dtypes)
     if fmt == "npz":
         with np.load(path, allow_pickle=False) as archive:
             state = {key: archive[key] for key in archive.files}

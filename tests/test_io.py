@@ -65,6 +65,39 @@ def test_files_written_by_torch_and_safetensors_load(tmp_path, rng, torch):
         assert got["n"].dtype == np.int64 and got["n"].shape == () and got["n"] == 3
 
 
+def test_float8_safetensors_load_as_ml_dtypes_arrays(tmp_path, torch):
+    # safetensors.numpy has no NumPy name for float8: read by the format's own layout.
+    st_torch = pytest.importorskip("safetensors.torch")
+    values = torch.tensor([1.0, -2.5, 0.125, 448.0])
+    tensors = {"e4m3": values.to(torch.float8_e4m3fn), "e5m2": values.to(torch.float8_e5m2),
+               "bf16": values.to(torch.bfloat16).reshape(2, 2), "f32": values}
+    path = tmp_path / "f8.safetensors"
+    st_torch.save_file(tensors, str(path))
+    got = io.load_state_dict(path)
+    assert sorted(got) == sorted(tensors)
+    expected_dtypes = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2,
+                       "bf16": ml_dtypes.bfloat16, "f32": np.float32}
+    for name, tensor in tensors.items():
+        assert got[name].dtype == expected_dtypes[name] and got[name].flags.writeable
+        np.testing.assert_array_equal(got[name].astype(np.float32), tensor.float().numpy())
+
+
+def test_bfloat16_safetensors_load_in_a_fresh_process(tmp_path):
+    # ml_dtypes installed but not yet imported: the first load must not fail.
+    path = tmp_path / "bf16.safetensors"
+    io.save_state_dict(path, {"w": np.array([1.5, -3.0], ml_dtypes.bfloat16),
+                              "v": np.array([2.0], np.float32)})
+    code = ("import sys\n"
+            "from bnfast import io\n"
+            "assert 'ml_dtypes' not in sys.modules\n"
+            f"state = io.load_state_dict({str(path)!r})\n"
+            "print(state['w'].dtype, state['w'].tolist(), state['v'].dtype, state['v'].tolist())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": _ROOT})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["bfloat16", "[1.5,", "-3.0]", "float32", "[2.0]"]
+
+
 def test_pt_written_by_us_loads_in_torch(tmp_path, rng, torch):
     state = _state(rng, ml_dtypes.bfloat16)
     io.save_state_dict(tmp_path / "m.pt", state)
