@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _forward, _layout
 from ._threads import resolve_threads
-from ._validation import check_input
+from ._validation import check_input, check_running_update
 
 __all__ = ["Record", "merge", "record_of"]
 
@@ -191,12 +191,20 @@ def running_update(running_mean, running_var, record, momentum):
     As the kernels' ``update_running``: computed in double and rounded once,
     ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
     variance ``var * count / (count - 1)``.
+
+    Raises ValueError for a record of one value per channel (no unbiased
+    variance) and, as the core, OverflowError before anything is written when a
+    half-precision buffer cannot hold its update.
     """
+    if record.count <= 1:
+        raise ValueError("the unbiased running variance needs more than 1 value per channel, "
+                         f"got {record.count}")
     keep = 1.0 - momentum
     count = float(record.count)
     unbias = count / (count - 1.0)
     var = record.m2 / count
     new_mean = keep * running_mean.astype(np.float64) + momentum * record.mean
     new_var = keep * running_var.astype(np.float64) + momentum * (var * unbias)
+    check_running_update((new_mean, new_var), running_mean, running_var)
     np.copyto(running_mean, new_mean, casting="unsafe")
     np.copyto(running_var, new_var, casting="unsafe")

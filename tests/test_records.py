@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnfast
+from bnfast._dtypes import resolve_dtype
 from bnfast._records import Record, empty_record, merge, record_of, running_update
 from conftest import (
     assert_close,
@@ -139,6 +140,32 @@ def test_running_update_matches_the_training_forward(rng, dtype):
     assert_within_ulps(rm2, rm, 1)
     assert_within_ulps(rv2, rv, 1)
     assert_close(rv2, rv, dtype)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_running_update_of_half_buffers_raises_as_the_core(rng, half):
+    # float16 holds at most 65504: the core raises OverflowError before writing anything
+    # (a float16 running_var of inf makes evaluation return zeros); so must every other
+    # updater (SyncBatchNorm, bnfast.dask, population_stats).
+    x = (rng.standard_normal((64, 2)) * (2000.0 if half == "float16" else 3e19)).astype(
+        np.float32)
+    dtype = resolve_dtype(half)
+    rm, rv = np.zeros(2, dtype), np.ones(2, dtype)
+    core_rm, core_rv = rm.copy(), rv.copy()
+    with pytest.raises(OverflowError, match="running_var of dtype") as core:
+        bnfast.batch_norm(x, core_rm, core_rv, training=True, momentum=1.0)
+    with pytest.raises(OverflowError, match="running_var of dtype") as ours:
+        running_update(rm, rv, record_of(x), 1.0)
+    assert str(ours.value) == str(core.value)
+    np.testing.assert_array_equal(rm.astype(np.float32), 0.0)  # nothing written, mean neither
+    np.testing.assert_array_equal(rv.astype(np.float32), 1.0)
+
+
+def test_running_update_needs_more_than_one_value(dtype):
+    rm, rv = np.zeros(2, dtype), np.ones(2, dtype)
+    with pytest.raises(ValueError, match="more than 1 value per channel, got 1"):
+        running_update(rm, rv, record_of(np.ones((1, 2), dtype)), 0.1)
+    np.testing.assert_array_equal(rv, 1.0)
 
 
 @settings(max_examples=40, deadline=None)
