@@ -1,5 +1,7 @@
 """bnfast.torch's eager road: each private torch entry it uses hidden in turn (as on a torch
 without it), the public road taken instead, torch's results all the same."""
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -95,6 +97,41 @@ def test_hidden_private_entry_takes_the_public_road(name, fused, dtype, hide):
             torch.testing.assert_close(mine, their, **TOL[dtype])
         torch.testing.assert_close(ours.running_mean, reference.running_mean, **TOL[vec])
         torch.testing.assert_close(ours.running_var, reference.running_var, **TOL[vec])
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["private-check", "public-check"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_batched_gradients_take_torchs_ops(private, training, fused, hide):
+    # is_grads_batched and jacobian(vectorize=True) hand the backward a batched grad
+    # without memory: torch's differentiable ops compute it (the kernels cannot).
+    if not private:
+        hide("is_legacy_batchedtensor")
+    stock = nn.BatchNorm1d(3, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        stock.weight.uniform_(0.5, 1.5)
+        stock.running_var.fill_(2.0)
+    ours = bt.convert(stock)
+    reference = copy.deepcopy(stock)
+    if fused:
+        ours.__class__ = bt.FusedBatchNorm1d
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    addend = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    grads = torch.randn((6,) + x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for module in (ours, _Reference(reference, fused)):
+        xs = x.clone().requires_grad_()
+        y = module(xs, addend) if fused else module(xs)
+        gx, gw = torch.autograd.grad(y, (xs, module.weight if module is ours else reference.weight),
+                                     grads, is_grads_batched=True)
+        small = addend[:2, :, :2]
+        jacobian = torch.autograd.functional.jacobian(
+            lambda t, m=module, a=small: m(t, a) if fused else m(t), x[:2, :, :2].clone(),
+            vectorize=True)
+        results.append((gx, gw, jacobian))
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, **TOL[torch.float64])
 
 
 class _Reference(nn.Module):

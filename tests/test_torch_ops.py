@@ -372,6 +372,55 @@ def test_forward_mode_ad_falls_back_to_torch(training, fused, fresh_warnings):
     _close(ours.running_var, stock.running_var, torch.float64)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_func_transforms_fall_back_to_torch(transform, training, fused, fresh_warnings):
+    # torch.func's reverse transforms and vmap: a custom operator's autograd has no
+    # setup_context for them and no batching rule; torch's op has every rule.
+    x = _tensor((4, 3, 2, 3), torch.float64)
+    addend = _tensor(x.shape, torch.float64, seed=8)
+    # torch.func forbids in-place buffer updates inside a transform: untracked in training.
+    stock = torch.nn.BatchNorm2d(3, dtype=torch.float64,
+                                 track_running_stats=not training).train(training)
+    with torch.no_grad():
+        stock.weight.uniform_(0.5, 1.5)
+        stock.bias.uniform_(-0.5, 0.5)
+    ours = bt.convert(stock)
+    if fused:
+        ours.__class__ = bt.FusedBatchNorm2d
+
+    def run(module, mine):
+        def f(params, x):
+            if mine:
+                y = torch.func.functional_call(module, params, (x, addend) if fused else (x,))
+            else:
+                y = torch.func.functional_call(module, params, (x,))
+                y = torch.relu(y + addend) if fused else y
+            return y
+        return f
+
+    params = {k: v.detach() for k, v in stock.named_parameters()}
+
+    def apply(f):
+        if transform == "grad":
+            return torch.func.grad(lambda p, x: f(p, x).pow(2).sum(), argnums=(0, 1))(params, x)
+        if transform == "vjp":
+            out, pull = torch.func.vjp(f, params, x)
+            return out, pull(torch.ones_like(out))
+        if transform == "jacrev":
+            return torch.func.jacrev(f, argnums=1)(params, x)
+        # vmap over a batch of three inputs
+        return torch.func.vmap(f, in_dims=(None, 0))(params, torch.stack([x, 2 * x, x - 1]))
+
+    with pytest.warns(UserWarning, match="torch.func transforms"):
+        got = apply(run(ours, True))
+    expected = apply(run(stock, False))
+    for mine, theirs in zip(torch.utils._pytree.tree_leaves(got),
+                            torch.utils._pytree.tree_leaves(expected)):
+        _close(mine, theirs, torch.float64)
+
+
 def test_fused_fallback(fresh_warnings):
     x = torch.randn(4, 3, 5, device="meta")
     with pytest.warns(UserWarning, match="meta"):

@@ -50,7 +50,7 @@ def _profiler_flag():
 # Set by bind() (see the module docstring).
 _dispatch_stack = _function_mode = _peek_interpreter = _unwrap_if_dead = None
 _modes_visible = False
-_apply = _increment_version = _profiling = _false
+_apply = _increment_version = _profiling = _batched = _false
 
 
 def eager(input, addend, running_mean, running_var, weight, bias):
@@ -83,7 +83,10 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if _grad_enabled():  # create_graph=True: gradients autograd can differentiate
+        # create_graph=True: gradients autograd can differentiate.  A batched grad
+        # (is_grads_batched, jacobian(vectorize=True): a legacy batched tensor; or under
+        # a functorch transform) has no memory the kernels could read: torch's ops take it.
+        if _grad_enabled() or _batched(grad) or _peek_interpreter() is not None:
             return _backward_differentiable(ctx, grad)
         return _backward(ctx, grad)
 
@@ -123,6 +126,15 @@ def _node_apply(node, grad):
     return _BatchNormFunction.backward(node, grad)
 
 
+def _no_storage(tensor):
+    # Without the private check: a tensor whose storage cannot be reached (batched).
+    try:
+        tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return True
+    return False
+
+
 def _public_increment_version(tensors):
     for tensor in tensors:
         torch.autograd.graph.increment_version(tensor)
@@ -139,9 +151,10 @@ def bind():
     Called once at import; again by tests that hide an entry (``_private``).
     """
     global _dispatch_stack, _function_mode, _peek_interpreter, _modes_visible
-    global _apply, _unwrap_if_dead, _increment_version, _profiling
+    global _apply, _unwrap_if_dead, _increment_version, _profiling, _batched
     C = torch._C
     functorch = _private(C, "_functorch")
+    _batched = _private(functorch, "is_legacy_batchedtensor") or _no_storage
     _dispatch_stack = _private(C, "_len_torch_dispatch_stack")
     _function_mode = _private(C, "_is_torch_function_mode_enabled")
     _peek_interpreter = _private(functorch, "peek_interpreter_stack")

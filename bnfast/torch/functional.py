@@ -51,6 +51,8 @@ def _fallback_reason(input, vectors, eps, training):
         return "parameters or buffers that are lazy negations (Tensor.is_neg())"
     if _forward_mode((input,) + vectors):
         return "forward-mode AD tangents (torch.func.jvp, torch.autograd.forward_ad)"
+    if _transformed():
+        return "torch.func transforms (grad, vjp, jacrev, vmap)"
     return None
 
 
@@ -58,7 +60,19 @@ _is_compiling = torch.compiler.is_compiling
 _forward_ad = torch.autograd.forward_ad
 _functorch = torch._C._functorch
 _interpreter_stack = getattr(_functorch, "get_interpreter_stack", None)
-_JVP = getattr(getattr(_functorch, "TransformType", None), "Jvp", None)
+_TRANSFORM_TYPE = getattr(_functorch, "TransformType", None)
+_JVP = getattr(_TRANSFORM_TYPE, "Jvp", None)
+# Functionalize is not here: the custom operators declare what they mutate.
+_TRANSFORMS = tuple(getattr(_TRANSFORM_TYPE, name) for name in ("Grad", "Vmap", "Jvp")
+                    if hasattr(_TRANSFORM_TYPE, name))
+
+
+def _transformed():
+    """True inside a torch.func transform (grad, vjp, jacrev, vmap): torch's custom
+    operators support none of them (an autograd.Function needs setup_context, an op
+    a batching rule), while torch's batch_norm has every rule."""
+    stack = _interpreter_stack() if _interpreter_stack is not None else None
+    return bool(stack) and any(interpreter.key() in _TRANSFORMS for interpreter in stack)
 
 
 def _forward_mode(tensors):
