@@ -387,3 +387,47 @@ def test_backward_twice_with_retain_graph(dtype):
         grads.append((first, xi.grad, module.weight.grad))
     for theirs, ours in zip(*grads):
         torch.testing.assert_close(ours, theirs, **TOL[dtype])
+
+
+class _Block(nn.Module):
+    """conv -> bn -> relu, and a second bn whose output is added back before a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv(x)))
+        return torch.relu(self.bn2(y) + y)
+
+
+@pytest.mark.parametrize("variant", ["converted", "fused"])
+def test_fx_traces_bnfast_modules_as_leaves(variant):
+    # torch.fx keeps torch's BatchNorm as a call_module (a leaf by its torch.nn module
+    # path); ours must trace the same, so fx-based tools (symbolic_trace, fx passes)
+    # keep the module, its train/eval switch and its counter.
+    stock = _Block()
+    for bn in (stock.bn1, stock.bn2):
+        _randomise(bn)
+    model = bt.convert(stock)
+    if variant == "fused":
+        model = bt.fuse(model)
+    traced = torch.fx.symbolic_trace(model)
+    modules = dict(traced.named_modules())
+    called = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    bns = [name for name in called if isinstance(modules[name], nn.BatchNorm2d)]
+    assert bns and all(type(modules[name]).__module__.startswith("bnfast.torch") for name in bns)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3, 5, 5, generator=g)
+    for training in (True, False):
+        reference, traced_copy = copy.deepcopy(stock), copy.deepcopy(traced)
+        reference.train(training)
+        traced_copy.train(training)
+        torch.testing.assert_close(traced_copy(x), reference(x), **TOL[torch.float32])
+        assert sorted(bns) == ["bn1", "bn2"]
+        for name in bns:  # the modules themselves ran: counted and updated as torch's
+            ours_bn, theirs = getattr(traced_copy, name), getattr(reference, name)
+            assert int(ours_bn.num_batches_tracked) == int(theirs.num_batches_tracked)
+            torch.testing.assert_close(ours_bn.running_mean, theirs.running_mean,
+                                       **TOL[torch.float32])

@@ -10,6 +10,8 @@ import torch
 from ._plan import ATTRIBUTE
 from .functional import call
 
+_Proxy = torch.fx.Proxy
+
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "FusedBatchNorm1d", "FusedBatchNorm2d", "FusedBatchNorm3d"]
 
@@ -42,9 +44,19 @@ def _arguments(module, input):
             weight, bias, batch_stats, factor, module.eps)
 
 
+def _traced(module, *args):
+    """Under ``torch.fx`` tracing, a ``call_module`` node for ``module``, as fx makes for
+    torch's own BatchNorm (a leaf by its ``torch.nn`` module path, which ours lack):
+    fx-based tools keep the module, its train/eval switch and its counter."""
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 class _BatchNorm:
     def forward(self, input):
         """Normalise ``input`` as torch's BatchNorm does, on bnfast's kernels."""
+        if isinstance(input, _Proxy):
+            return _traced(self, input)
         rm, rv, w, b, training, factor, eps = _arguments(self, input)
         return call(input, None, rm, rv, w, b, training, factor, eps, False, self)
 
@@ -59,6 +71,8 @@ class _BatchNorm:
 class _FusedBatchNorm:
     def forward(self, input, addend=None):
         """``relu(bn(input) + addend)`` (``addend`` optional, input's shape) in one pass."""
+        if isinstance(input, _Proxy):
+            return _traced(self, input) if addend is None else _traced(self, input, addend)
         rm, rv, w, b, training, factor, eps = _arguments(self, input)
         return call(input, addend, rm, rv, w, b, training, factor, eps, True, self)
 
