@@ -40,6 +40,8 @@ FUSED_TAILS = {
     "iadd_relu": _iadd_relu,
     "torch.add_relu": lambda m, y, x: F.relu(torch.add(y, x)),
     "add_method_relu": lambda m, y, x: y.add(x).relu(),
+    # fx cannot tell this int from a tensor: fused, and added unfused at run time
+    "add_int_relu": lambda m, y, x: torch.relu(y + x.shape[0]),
 }
 KEPT_TAILS = {
     "no_relu": lambda m, y, x: y + x,
@@ -127,3 +129,31 @@ def test_untraceable_model_is_returned_with_a_warning():
     assert type(model.bn) is nn.BatchNorm2d
     with pytest.raises(TypeError, match="torch.nn.Module"):
         bt.fuse("model")
+
+
+@pytest.mark.parametrize("where", ["bn_forward", "bn_pre", "bn_backward", "bn_state_dict",
+                                   "relu_forward"])
+def test_modules_with_hooks_are_not_fused(where):
+    # A fused module would not run them: kept, with a warning naming the BatchNorm.
+    model = Net(FUSED_TAILS["relu_module"]).double()
+    calls = []
+    bn, relu = model.bn, model.relu
+    relu.inplace = False  # torch forbids an in-place op on a backward hook's output
+    if where == "bn_forward":
+        bn.register_forward_hook(lambda *args: calls.append(where))
+    elif where == "bn_pre":
+        bn.register_forward_pre_hook(lambda *args: calls.append(where))
+    elif where == "bn_backward":
+        bn.register_full_backward_hook(lambda *args: calls.append(where))
+    elif where == "bn_state_dict":
+        bn._register_state_dict_hook(lambda *args: calls.append(where))
+    else:
+        relu.register_forward_hook(lambda *args: calls.append(where))
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="'bn' not fused: the BatchNorm or its ReLU has hooks"):
+        fused = bt.fuse(model)
+    assert type(fused.bn) is nn.BatchNorm2d
+    _check_same(reference, fused)
+    if where == "bn_state_dict":
+        fused.state_dict()
+    assert calls and set(calls) == {where}

@@ -41,6 +41,16 @@ def _is_relu(node, modules):
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+# A module's hook registries: a fused module would drop what they hold.
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+          "_load_state_dict_post_hooks")
+
+
+def _has_hooks(module):
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
 def _single_user(node):
     return len(node.users) == 1 and next(iter(node.users))
 
@@ -84,7 +94,8 @@ def fuse(model):
     output feeds only a ReLU (ResNet's basic and bottleneck blocks), becomes
     a :class:`bnfast.torch.FusedBatchNorm2d` & co. holding the same
     Parameters and buffers.  Other BatchNorms stay as they are (convert them
-    with :func:`bnfast.torch.convert`).
+    with :func:`bnfast.torch.convert`), and so do those whose module or ReLU
+    module has hooks (a warning names them: the fused module would not run them).
 
     Parameters
     ----------
@@ -118,6 +129,7 @@ def fuse(model):
     gm = fx.GraphModule(model, graph, type(model).__name__)
     modules = dict(gm.named_modules())
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    hooked = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules[node.target]) not in _FUSED:
             continue
@@ -135,6 +147,11 @@ def fuse(model):
             if not relu or not _is_relu(relu, modules):
                 continue
             add, user = user, relu
+        relu_module = modules.get(user.target) if user.op == "call_module" else None
+        if _has_hooks(modules[node.target]) or (relu_module is not None
+                                                and _has_hooks(relu_module)):
+            hooked.append(node.target)  # fusing would silently drop them
+            continue
         fused_name = node.target
         gm.add_submodule(fused_name, _fused_module(modules[node.target]))
         with gm.graph.inserting_after(user):
@@ -145,6 +162,10 @@ def fuse(model):
         if addend is not None:
             gm.graph.erase_node(add)
         gm.graph.erase_node(node)
+    if hooked:
+        names = ", ".join(map(repr, hooked))
+        warnings.warn(f"bnfast.torch.fuse: {names} not fused: the BatchNorm or its ReLU has "
+                      "hooks, which a fused module would not run", UserWarning, stacklevel=2)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
