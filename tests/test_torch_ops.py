@@ -278,6 +278,40 @@ def test_empty_input_with_one_buffer_passes_as_in_torch(training, missing, funct
     assert got.shape == expected.shape == x.shape and got.dtype == x.dtype
 
 
+@pytest.mark.parametrize("momentum, eps", [(torch.tensor(0.2), 1e-5), (0.1, torch.tensor(1e-3)),
+                                          (True, 1e-5), (0.1, True), (torch.tensor(0.3), 2),
+                                          (1, torch.tensor(0.5, dtype=torch.float64))],
+                         ids=["momentum-tensor", "eps-tensor", "momentum-bool", "eps-bool",
+                              "tensor-int", "int-double-tensor"])
+@pytest.mark.parametrize("module", [False, True], ids=["functional", "module"])
+def test_numbers_torch_takes_for_momentum_and_eps(momentum, eps, module):
+    # torch reads them as doubles: bools and one-element tensors are numbers too.
+    x = _tensor((4, 3, 5), torch.float64)
+    results = []
+    for mine in (False, True):
+        if module:
+            bn = (bt.BatchNorm1d if mine else torch.nn.BatchNorm1d)(
+                3, eps=eps, momentum=momentum, dtype=torch.float64)
+            results.append((bn(x), bn.running_mean, bn.running_var))
+        else:
+            rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+            y = (bt.batch_norm if mine else F.batch_norm)(x, rm, rv, training=True,
+                                                          momentum=momentum, eps=eps)
+            results.append((y, rm, rv))
+    for mine, theirs in zip(results[1], results[0]):
+        _close(mine, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("momentum", [torch.tensor([0.1]), torch.tensor([0.1, 0.2]), "0.1"],
+                         ids=["1-d", "2-elements", "str"])
+def test_momentum_torch_rejects_raises_its_error(momentum):
+    x = _tensor((4, 3, 5), torch.float64)
+    with pytest.raises(Exception) as theirs:
+        F.batch_norm(x, None, None, training=True, momentum=momentum)
+    with pytest.raises(theirs.type, match=re.escape(str(theirs.value).split(" (position")[0])):
+        bt.batch_norm(x, None, None, training=True, momentum=momentum)
+
+
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     monkeypatch.setattr(btf, "_warned", set())
@@ -419,6 +453,19 @@ def test_func_transforms_fall_back_to_torch(transform, training, fused, fresh_wa
     for mine, theirs in zip(torch.utils._pytree.tree_leaves(got),
                             torch.utils._pytree.tree_leaves(expected)):
         _close(mine, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("addend_dtype", [torch.float64, torch.float16])
+def test_fused_fallback_for_an_addend_of_another_dtype_names_the_addend(addend_dtype,
+                                                                      fresh_warnings):
+    x = _tensor((4, 3, 5), torch.float32)
+    addend = _tensor(x.shape, torch.float32, seed=3).to(addend_dtype)
+    with pytest.warns(UserWarning, match="an addend of another shape or dtype") as record:
+        y = bt.fused_batch_norm(x, None, None, addend=addend, training=True)
+    assert not any("parameters or buffers" in str(w.message) for w in record)
+    expected = torch.relu(F.batch_norm(x, None, None, training=True) + addend)
+    assert y.dtype == expected.dtype
+    _close(y.to(torch.float64), expected.to(torch.float64), torch.float32)
 
 
 def test_fused_fallback(fresh_warnings):

@@ -40,8 +40,9 @@ def _fallback_reason(input, vectors, eps, training):
         return f"layout {input.layout}"
     if dtype not in DTYPES:
         return f"dtype {dtype}"
-    if not all(v is None or v.dtype is dtype or vector_dtype_ok(v, dtype) for v in vectors):
-        dtypes = ", ".join(str(v.dtype) for v in vectors if v is not None)
+    # (vectors[4], an addend, must have input's dtype: _dispatched's own check says so.)
+    if not all(v is None or v.dtype is dtype or vector_dtype_ok(v, dtype) for v in vectors[:4]):
+        dtypes = ", ".join(str(v.dtype) for v in vectors[:4] if v is not None)
         return f"parameters or buffers of dtype {dtypes} with {dtype} input"
     if not training and eps <= 0.0:
         return "eps == 0 (bnfast needs eps > 0)"
@@ -193,6 +194,10 @@ def call(input, addend, running_mean, running_var, weight, bias, training, momen
          owner):
     """The road of both functions and of the modules: ``relu`` selects the fused op;
     ``owner`` is the module whose plan is kept across calls (None: a plan per call)."""
+    if type(eps) is not float:  # torch takes any real number, a bool or a 1-element tensor
+        eps = _number(eps, "eps")
+    if type(momentum) is not float and momentum is not None:
+        momentum = _number(momentum, "momentum")
     if _eager.eager(input, addend, running_mean, running_var, weight, bias):
         plan_key = _plan.key(input, running_mean, running_var, weight, bias, training, eps, relu)
         plan = None
@@ -208,6 +213,17 @@ def call(input, addend, running_mean, running_var, weight, bias, training, momen
                               momentum)
     return _dispatched(input, addend, running_mean, running_var, weight, bias, training,
                        momentum, eps, relu)
+
+
+def _number(value, name):
+    """``value`` as torch's batch_norm reads a double argument: bools and 0-d tensors
+    are numbers too; anything else raises torch's TypeError."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return float(value)
+    if isinstance(value, torch.Tensor) or not hasattr(value, "__float__"):
+        raise TypeError(f"batch_norm(): argument '{name}' must be float, not "
+                        f"{type(value).__name__}")
+    return value
 
 
 def _addend_fits(addend, input):
