@@ -16,7 +16,7 @@ That is the price of one multiply-add, the form a convolution absorbs.
 """
 import numpy as np
 
-from ._dtypes import resolve_dtype
+from ._dtypes import is_half, resolve_dtype
 from ._state_dict import affine_coefficients
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys, _BatchNorm
 
@@ -31,22 +31,27 @@ class _FrozenBatchNorm:
     _ndims: "tuple[int, ...]" = ()
     _ndim_text = ""
 
-    def __init__(self, num_features, eps=1e-5, *, dtype=np.float32):
+    def __init__(self, num_features, eps=1e-5, *, dtype=np.float32, param_dtype=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         dtype = resolve_dtype(dtype)
+        if param_dtype is None:  # as the BatchNorm modules: float32 buffers for half data
+            param_dtype = np.dtype(np.float32) if is_half(dtype) else dtype
+        else:
+            param_dtype = resolve_dtype(param_dtype, "param_dtype")
         self.num_features = int(num_features)
         self.eps = float(eps)
         if not self.eps > 0.0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.dtype = dtype
+        self.param_dtype = param_dtype
         self.training = False  # kept for train()/eval(): the forward ignores it
-        self.weight = np.ones(num_features, dtype)
-        self.bias = np.zeros(num_features, dtype)
-        self.running_mean = np.zeros(num_features, dtype)
-        self.running_var = np.ones(num_features, dtype)
+        self.weight = np.ones(num_features, param_dtype)
+        self.bias = np.zeros(num_features, param_dtype)
+        self.running_mean = np.zeros(num_features, param_dtype)
+        self.running_var = np.ones(num_features, param_dtype)
 
     def train(self, mode=True):
         """Record the mode and return self: a frozen BatchNorm computes the same in either."""
@@ -135,7 +140,12 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
     eps : float, default 1e-5
         Added to the variance.
     dtype : dtype, default np.float32
-        The buffers' dtype (any floating dtype: the map needs no kernel).
+        The data's dtype (any floating dtype: the map needs no kernel); the
+        scale and shift are rounded to it.
+    param_dtype : dtype, optional (keyword-only)
+        The buffers' dtype: by default float32 for half-precision data (as
+        the BatchNorm modules keep their statistics; a float16 running_var
+        above 65504 would be inf), else ``dtype``.
 
     Examples
     --------
@@ -166,7 +176,8 @@ _FROZEN = {BatchNorm1d: FrozenBatchNorm1d, BatchNorm2d: FrozenBatchNorm2d,
 
 def freeze(module):
     """The FrozenBatchNormXd of a BatchNormXd: its running statistics and affine
-    parameters (copies), ``eps`` and dtype; ``num_batches_tracked`` dropped.
+    parameters (copies, in the module's ``param_dtype``), ``eps`` and dtype;
+    ``num_batches_tracked`` dropped.
 
     Parameters
     ----------
@@ -198,7 +209,8 @@ def freeze(module):
     if module.running_mean is None or module.running_var is None:
         raise ValueError(f"{type(module).__name__} without running statistics "
                          "(track_running_stats=False) has no fixed map to freeze")
-    frozen = frozen_cls(module.num_features, module.eps, dtype=module.dtype)
+    frozen = frozen_cls(module.num_features, module.eps, dtype=module.dtype,
+                        param_dtype=module.param_dtype)
     frozen.running_mean[...] = module.running_mean
     frozen.running_var[...] = module.running_var
     if module.weight is not None:

@@ -74,6 +74,37 @@ def test_freeze_keeps_the_eval_output(rng, dtype):
     np.testing.assert_array_equal(frozen(x), y)
 
 
+@pytest.mark.parametrize("half", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+def test_freeze_of_half_data_keeps_the_parameters_dtype(rng, half):
+    # float32 statistics a float16 (bfloat16) buffer cannot hold (round): kept as they are.
+    bn = bnfast.BatchNorm2d(2, dtype=half).eval()
+    assert bn.param_dtype == np.float32
+    bn.running_mean[:] = [100.3, 0.0]
+    bn.running_var[:] = [7e4, 1e-7]
+    frozen = bnfast.freeze(bn)
+    assert frozen.dtype == np.dtype(half) and frozen.param_dtype == np.float32
+    for key, value in frozen.state_dict().items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, getattr(bn, key))
+    x = np.array([600.0, 0.01], np.float32).astype(half).reshape(1, 2, 1, 1)
+    expected = reference_batch_norm(x.astype(np.float64), bn.running_mean, bn.running_var,
+                                    bn.weight, bn.bias, eps=bn.eps).out
+    scale, shift = frozen.affine_coefficients()
+    y = frozen(x)
+    assert np.all(np.isfinite(y.astype(np.float64)))
+    assert np.all(np.abs(y.astype(np.float64) - expected) <= _bound(x, scale, shift,
+                                                                     (1, -1, 1, 1)))
+
+
+def test_param_dtype_of_frozen_modules():
+    assert bnfast.FrozenBatchNorm2d(2, dtype="float16").running_var.dtype == np.float32
+    assert bnfast.FrozenBatchNorm2d(2, dtype="float16",
+                                    param_dtype="float16").running_var.dtype == np.float16
+    assert bnfast.FrozenBatchNorm1d(2, dtype=np.float64).weight.dtype == np.float64
+    with pytest.raises(TypeError, match="param_dtype"):
+        bnfast.FrozenBatchNorm2d(2, param_dtype="int32")
+
+
 @pytest.mark.parametrize("affine, bias", [(False, False), (True, False)])
 def test_freeze_without_affine_or_bias(rng, affine, bias):
     bn = bnfast.BatchNorm1d(3, affine=affine, bias=bias, dtype=np.float64)
