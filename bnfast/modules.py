@@ -357,6 +357,8 @@ class _BatchNorm:
             if value.dtype.kind not in "biuf" and not is_bfloat16(value.dtype):
                 bad.append(f"{key!r} (dtype {value.dtype})")
                 continue
+            if target.ndim == 0 and value.shape == (1,):  # torch's rule for 0-d tensors
+                value = value.reshape(())
             if value.shape != target.shape:
                 errors.append(f"size mismatch for {key}: copying a param with shape "
                               f"{value.shape} from checkpoint, the shape in current model "
@@ -368,6 +370,10 @@ class _BatchNorm:
             # but a finite value that overflows the module's dtype is an error.
             with np.errstate(over="ignore", invalid="ignore"):
                 converted = value.astype(target.dtype, casting="unsafe")
+            if target.dtype.kind == "i" and not _count_fits(value, target.dtype):
+                errors.append(f"value out of range for {key}: a count of batches is a "
+                              f"non-negative integer of {target.dtype}, got {value!r}")
+                continue
             if target.dtype.kind != "i" and _overflowed(value, converted):
                 errors.append(f"value out of range for {key}: the checkpoint's {value.dtype} "
                               f"values overflow the module's {target.dtype} (largest "
@@ -469,6 +475,19 @@ class _BatchNorm:
         """
         from ._state_dict import affine_coefficients
         return affine_coefficients(self, self.dtype if dtype is None else dtype)
+
+
+def _count_fits(value, dtype):
+    """Whether ``value`` (any real dtype) holds counts ``dtype`` can take: finite, not
+    negative, in range (a float truncates, as torch's copy_ does)."""
+    if value.dtype.kind == "b":
+        return True
+    if value.dtype.kind == "u":
+        return bool(np.all(value <= np.iinfo(dtype).max))
+    if value.dtype.kind == "i":
+        return bool(np.all(value >= 0))
+    wide = value.astype(np.float64)
+    return bool(np.all(np.isfinite(wide) & (wide > -1.0) & (wide < 2.0 ** 63)))
 
 
 def _overflowed(value, converted):

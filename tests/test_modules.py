@@ -395,6 +395,34 @@ def test_size_mismatch_is_runtime_error_in_torch_too(torch):
         tm.load_state_dict(dict(tm.state_dict(), running_mean=torch.zeros(4)))
 
 
+@pytest.mark.parametrize("count", [np.array(1e30), np.array(np.nan), np.array(-np.inf),
+                                   np.array(-5), np.array([3, 4]), np.array(2.0 ** 63)],
+                         ids=["huge", "nan", "-inf", "negative", "two", "2**63"])
+def test_load_state_dict_rejects_counts_int64_cannot_hold(count):
+    # torch stores 1e30 and NaN as -2**63 without a word (and a negative count makes
+    # momentum=None's factor negative): an error naming the key, nothing loaded.
+    m = bnfast.BatchNorm2d(2, momentum=None)
+    state = dict(m.state_dict(), running_var=np.full(2, 4.0, np.float32),
+                 num_batches_tracked=count)
+    expected = "size mismatch" if count.shape == (2,) else "value out of range"
+    with pytest.raises(RuntimeError, match=f"{expected} for num_batches_tracked"):
+        m.load_state_dict(state)
+    assert int(m.num_batches_tracked) == 0 and np.all(m.running_var == 1.0)
+
+
+@pytest.mark.parametrize("count", [np.array([7]), np.array(7.9), np.array(True), [7]],
+                         ids=["shape-1", "float", "bool", "list"])
+def test_load_state_dict_counts_as_torch_reads_them(count, torch):
+    # A 1-element count loads into the 0-d buffer (torch's rule for 0-d tensors);
+    # a float truncates, as torch's copy_ does.
+    m, tm = bnfast.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    state = dict(m.state_dict(), num_batches_tracked=count)
+    m.load_state_dict(state)
+    tm.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    assert m.num_batches_tracked.shape == () and m.num_batches_tracked.dtype == np.int64
+    assert int(m.num_batches_tracked) == int(tm.num_batches_tracked)
+
+
 def test_load_state_dict_casts_to_module_dtype(torch):
     tm = torch.nn.BatchNorm1d(3, dtype=torch.float64)
     with torch.no_grad():
