@@ -85,8 +85,10 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
         double r = has_residual ? residual[c] : 0.0, folded = shift - r * a;
         double b = r != 0.0 ? folded : shift;
         float fm = (float)m, fa = (float)a;
-        /* The float rows' m is rounded: what that lost is folded into b too. */
-        float fb = (float)(b - (m - (double)fm) * a);
+        /* The float rows' m is rounded: what that lost is folded into b too (an
+         * infinite m loses nothing: its NaN difference must not make b NaN). */
+        double lost = m - (double)fm;
+        float fb = (float)((lost != 0.0) & (lost == lost) ? b - lost * a : b);
         coef[c] = m;
         coef[C + c] = invstd;
         coef[2 * C + c] = a;

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import bnfast
+from bnfast._dtypes import resolve_dtype
 from conftest import (
     STAT_TOL,
     TOL,
@@ -364,6 +365,23 @@ def test_non_finite_in_eval_stays_elementwise(dtype, rng, layout):
     rv[2] = np.nan
     y = bnfast.batch_norm(_in(x, layout), rm, rv)
     assert np.isnan(y[:, 2]).all() and np.isfinite(y[2:, :2]).all()
+
+
+@pytest.mark.parametrize("data", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_infinite_running_mean_gives_the_infinite_output(rng, data, layout):
+    # (x - inf) * a + b is -inf, as the float64 reference and torch give: the float rows'
+    # fold of m's rounding (m - (float)m) must not turn it into inf - inf = NaN.
+    dtype = resolve_dtype(data)
+    pdtype = np.float32 if dtype.itemsize == 2 else dtype
+    x = make_input(rng, (4, 3, 5, 6), np.float64).astype(dtype)
+    rm = np.array([np.inf, -np.inf, 0.25], pdtype)
+    rv, w, b = np.ones(3, pdtype), np.array([1.5, -2.0, 1.0], pdtype), np.full(3, 0.5, pdtype)
+    y = bnfast.batch_norm(_in(x, layout), rm, rv, w, b)
+    expected = reference_batch_norm(x.astype(np.float64), rm, rv, w, b).out
+    np.testing.assert_array_equal(y[:, :2].astype(np.float64), expected[:, :2])  # -inf, -inf
+    assert np.all(np.isneginf(y[:, :2].astype(np.float64)))
+    assert np.all(np.isfinite(y[:, 2].astype(np.float64)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
