@@ -96,7 +96,10 @@ def module_from_state_dict(cls, state_dict, prefix, dtype, kwargs):
         if not is_floating(first.dtype):
             raise TypeError(f"{prefix}{'weight' if affine else 'running_mean'} has dtype "
                             f"{first.dtype}: pass dtype= to choose the module's dtype")
-        dtype = first.dtype
+        # The stored dtype, in native byte order (an .npz keeps big-endian arrays).  The
+        # parameters take the module's default (float32 for half data, issue 10's rule:
+        # statistics a training step updates must not overflow), unless param_dtype= says.
+        dtype = first.dtype.newbyteorder("=")
     module = cls(first.shape[0], affine=affine, track_running_stats=tracking,
                  bias="bias" in own, dtype=dtype, **kwargs)
     target = np.dtype(module.dtype)

@@ -208,6 +208,8 @@ def _to_tensor(torch, arr):
     if arr.dtype.kind == "V":  # ml_dtypes: through an integer view of the same width
         tensor = torch.from_numpy(arr.view(f"i{arr.dtype.itemsize}"))
         return tensor.view(getattr(torch, arr.dtype.name))
+    if not arr.dtype.isnative:  # torch takes native byte order only (an .npz keeps others)
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return torch.from_numpy(arr)
 
 

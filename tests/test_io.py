@@ -9,7 +9,7 @@ import pytest
 
 import bnfast
 from bnfast import io
-from conftest import DTYPES, TOL, assert_close, make_input, make_params, make_running
+from conftest import TOL, assert_close, make_input, make_params, make_running
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
 # Every dtype a checkpoint may hold: stored and read back bit for bit.
@@ -227,10 +227,31 @@ def test_modules_from_any_stored_dtype(rng, stored, dtype):
     assert bn.num_batches_tracked == 12
 
 
-@pytest.mark.parametrize("dtype_", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype_", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_default_dtype_is_the_stored_one(rng, dtype_):
-    bn = bnfast.BatchNorm2d.from_state_dict(_state(rng, dtype_), "features.1.")
-    assert bn.dtype == dtype_ and bn.running_var.dtype == dtype_
+    # Half data keeps float32 parameters by default (the modules' rule); param_dtype=
+    # keeps a half checkpoint half when written back, bit for bit.
+    state = _state(rng, dtype_)
+    bn = bnfast.BatchNorm2d.from_state_dict(state, "features.1.")
+    param = np.float32 if np.dtype(dtype_).itemsize == 2 else dtype_
+    assert bn.dtype == dtype_ and bn.param_dtype == param and bn.running_var.dtype == param
+    back = io.state_dict(io.batch_norm_layers(state, param_dtype=dtype_))
+    for key, value in back.items():
+        assert value.dtype == state[key].dtype
+        np.testing.assert_array_equal(value, state[key])
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_big_endian_arrays_build_modules_and_save(tmp_path, rng, suffix, torch):
+    # An .npz keeps big-endian arrays; torch and the modules take native byte order.
+    state = {k: v.astype(v.dtype.newbyteorder(">")) for k, v in _state(rng, np.float32).items()}
+    bn = io.batch_norm_layers(state)["features.1."]
+    assert bn.dtype == np.float32 and bn.running_var.dtype.isnative
+    np.testing.assert_array_equal(bn.running_var, state["features.1.running_var"])
+    io.save_state_dict(tmp_path / f"be{suffix}", state)
+    loaded = io.load_state_dict(tmp_path / f"be{suffix}")
+    for key, value in state.items():
+        np.testing.assert_array_equal(loaded[key], value)
 
 
 def test_inferred_affine_bias_tracking(rng):
