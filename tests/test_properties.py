@@ -88,6 +88,8 @@ def _entry(kind, target, rng):
     """A state dict value of ``kind`` for ``target`` (None: leave the key out)."""
     shape, dtype = target.shape, target.dtype
     if kind == "same":
+        if dtype.kind == "i":  # num_batches_tracked: a count (negative ones are rejected)
+            return rng.integers(0, 9, shape).astype(dtype)
         return rng.uniform(-2, 2, shape).astype(dtype)
     if kind == "other_float":
         other = np.float64 if dtype == np.float32 else np.float32
