@@ -83,8 +83,8 @@ class BatchNormalization(OpRun):
         momentum = 0.9 if momentum is None else float(momentum)
         if self.version == 6:
             training = not is_test
-        elif self.version < 14:
-            training = len(self.onnx_node.output) > 1
+        elif self.version < 14:  # an optional output named "" is absent
+            training = any(self.onnx_node.output[1:])
         else:
             training = bool(training_mode)
         shape, stat_shape = x.shape, np.shape(mean)
@@ -118,6 +118,9 @@ def _batch_statistics(x, scale, bias, eps):
     """
     C = x.shape[1]
     n = x.size // C if C else 0
+    if n == 0:  # the mean of no values: NaN, as ONNX's reference computes it
+        nan = np.full(C, np.nan)
+        return np.empty_like(x), nan, nan.copy()
     if n == 1:
         batch_mean = x.reshape(C).astype(np.float64)
         batch_var = np.zeros(C)
@@ -154,7 +157,27 @@ def _constants(model):
     return values
 
 
-def batch_norm_layers(model, *, cls=BatchNorm2d):
+def _value_dtypes(model):
+    """Names to the NumPy dtypes the graph declares for them (inputs, outputs,
+    value_info, and what ONNX's shape inference adds where it can)."""
+    graph = model.graph
+    infos = list(graph.input) + list(graph.output) + list(graph.value_info)
+    try:
+        infos += list(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    except Exception:  # a model inference cannot type: the declared types only
+        pass
+    dtypes = {}
+    for info in infos:
+        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+        if elem:
+            try:
+                dtypes.setdefault(info.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)))
+            except (KeyError, TypeError, ValueError):
+                pass
+    return dtypes
+
+
+def batch_norm_layers(model, *, cls=BatchNorm2d, dtype=None):
     """Every BatchNormalization node of an ONNX model's graph, as a bnfast module in eval mode.
 
     Parameters come from the graph's initializers, ``Constant`` nodes or
@@ -168,6 +191,10 @@ def batch_norm_layers(model, *, cls=BatchNorm2d):
         The model, or its file.
     cls : class or callable, default :class:`bnfast.BatchNorm2d`
         The module class, or a function ``node name -> class``.
+    dtype : dtype, optional
+        The modules' data dtype; by default the node's input ``X`` as the
+        graph types it (opset 15 lets it differ from ``scale``'s), else the
+        dtype of ``scale``.
 
     Returns
     -------
@@ -178,8 +205,9 @@ def batch_norm_layers(model, *, cls=BatchNorm2d):
     Raises
     ------
     ValueError
-        A parameter that is no constant (computed in the graph), or a
-        non-spatial node (``spatial=0``), which no BatchNormXd computes.
+        A parameter that is no constant (computed in the graph), a
+        non-spatial node (``spatial=0``), which no BatchNormXd computes, or
+        two nodes of one name.
 
     Examples
     --------
@@ -198,11 +226,15 @@ def batch_norm_layers(model, *, cls=BatchNorm2d):
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(model)
     constants = _constants(model)
+    data_dtypes = _value_dtypes(model) if dtype is None else {}
     layers = {}
     for node in model.graph.node:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         name = node.name or node.output[0]
+        if name in layers:
+            raise ValueError(f"two BatchNormalization nodes are named {name!r}: the layers are "
+                             "keyed by node name: rename one of them")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("spatial", 1) == 0:
             raise ValueError(f"BatchNormalization node {name!r} has spatial=0 (statistics per "
@@ -216,7 +248,8 @@ def batch_norm_layers(model, *, cls=BatchNorm2d):
             state[key] = constants[input_name]
         momentum = float(attrs.get("momentum", 0.9))
         klass = cls if isinstance(cls, type) else cls(name)
-        module = klass.from_state_dict(state, eps=float(attrs.get("epsilon", 1e-5)),
+        module = klass.from_state_dict(state, dtype=dtype or data_dtypes.get(node.input[0]),
+                                       eps=float(attrs.get("epsilon", 1e-5)),
                                        momentum=1.0 - momentum)
         layers[name] = module.eval()
     return layers

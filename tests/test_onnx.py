@@ -8,6 +8,7 @@ the outputs the onnx wheel ships with its test models.
 """
 import glob
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -323,3 +324,66 @@ def test_batch_norm_layers_from_constants_and_errors():
                               opset_imports=[helper.make_opsetid("", 7)])
     with pytest.raises(ValueError, match="'flat' has spatial=0"):
         bnfast.onnx.batch_norm_layers(model)
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_absent_optional_outputs_leave_inference_mode(rng, dtype, opset):
+    # ["y", "", "", "", ""]: an output named "" is absent; versions 7 and 9 train only
+    # when the statistics outputs are there.
+    feeds = _feeds(rng, dtype)
+    model = _model(opset, dtype)
+    model.graph.node[0].output.extend(["", "", "", ""])
+    (y,) = _ours(model, feeds)
+    args = [feeds[k] for k in ("x", "scale", "B", "mean", "var")]
+    e = np.float32(1e-5)
+    assert_bn_close(y, _batchnorm_test_mode(*args, epsilon=e), *args, float(e))
+
+
+@pytest.mark.parametrize("opset", [14, 15])
+def test_training_on_an_empty_batch_gives_nan_statistics_as_the_reference(rng, opset):
+    # The mean of no values is NaN in ONNX's reference; no ZeroDivisionError.
+    feeds = _feeds(rng, np.float32, (0, 3, 2, 2))
+    model = _model(opset, np.float32, 3, training_mode=1)
+    got = _ours(model, feeds)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's mean of empty
+            expected = ReferenceEvaluator(model).run(None, feeds)
+    assert got[0].shape == expected[0].shape == (0, 3, 2, 2)
+    for ours, theirs in zip(got[1:], expected[1:]):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+
+
+def _two_nodes_model(scale_type, names=("bn1", "bn2")):
+    def vec(n, v, t=TensorProto.FLOAT):
+        return helper.make_tensor(n, t, [len(v)], v)
+    inits = [vec("s", [1.0, 2.0], scale_type), vec("b", [0.0, 1.0], scale_type),
+             vec("m", [0.5, 0.5]), vec("v", [1.0, 4.0]), vec("s2", [3.0, 3.0]),
+             vec("b2", [0.0, 0.0]), vec("m2", [0.0, 0.0]), vec("v2", [1.0, 1.0])]
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y1"],
+                              name=names[0]),
+             helper.make_node("BatchNormalization", ["y1", "s2", "b2", "m2", "v2"], ["y2"],
+                              name=names[1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 1, 1])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 2, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def test_batch_norm_layers_refuse_two_nodes_of_one_name():
+    with pytest.raises(ValueError, match="two BatchNormalization nodes are named 'bn'"):
+        bnfast.onnx.batch_norm_layers(_two_nodes_model(TensorProto.FLOAT, ("bn", "bn")))
+
+
+def test_batch_norm_layers_take_the_data_dtype_from_the_graph(rng):
+    # Opset 15: float16 scale and bias, float32 data (and the inferred y1 feeding bn2).
+    model = _two_nodes_model(TensorProto.FLOAT16)
+    layers = bnfast.onnx.batch_norm_layers(model)
+    assert [m.dtype for m in layers.values()] == [np.dtype(np.float32)] * 2
+    x = rng.standard_normal((2, 2, 1, 1)).astype(np.float32)
+    (expected,) = ReferenceEvaluator(model).run(None, {"x": x})
+    y = layers["bn2"](layers["bn1"](x))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    forced = bnfast.onnx.batch_norm_layers(model, dtype=np.float64)
+    assert [m.dtype for m in forced.values()] == [np.dtype(np.float64)] * 2
