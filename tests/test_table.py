@@ -82,7 +82,10 @@ def _expected(inputs, case, repeat):
         if case & 4:
             b = np.where(residual != 0.0, shift - residual * a, shift)
         fm, fa = mean.astype(np.float32), a.astype(np.float32)
-        fb = (b - (mean - fm.astype(np.float64)) * a).astype(np.float32)
+        # What rounding the mean lost, folded into b; an infinite (or NaN) mean loses
+        # nothing (its difference is NaN: inf - inf).
+        lost = mean - fm.astype(np.float64)
+        fb = np.where((lost != 0.0) & ~np.isnan(lost), b - lost * a, b).astype(np.float32)
         unfit = (((np.abs(fm) > 2.0**100) & (np.abs(mean) <= DBL_MAX))
                  | ((np.abs(fa) > FLT_MAX) & (np.abs(a) <= DBL_MAX))
                  | ((np.abs(fb) > FLT_MAX) & (np.abs(b) <= DBL_MAX))).any()
