@@ -5,7 +5,8 @@ Each rank holds a slice of the batch (any size, empty included).  In training:
 * forward: each rank computes its statistics record (:mod:`bnfast._records`:
   count, float64 mean and m2 per channel, from the training kernel) and ONE
   collective, ``comm.Allgather``, hands every rank all of them
-  (``P * (2C + 1) * 8`` bytes); every rank merges them in rank order with the
+  (``P * (2C + 2) * 8`` bytes: the record and C, which every rank checks);
+  every rank merges them in rank order with the
   one merge, so all ranks hold bit-identical statistics and running buffers.
   No ``E[x^2] - E[x]^2``, no variance rebuilt from ``invstd``.
 * backward: ONE ``comm.Allreduce`` of ``(sum_dy, sum_dy_xmu)`` per channel and
@@ -140,12 +141,13 @@ class SyncBatchNorm(_BatchNorm):
             return super()._forward(input, addend, relu, out)
         comm = self.comm
         C = self.num_features
-        send = np.empty(2 * C + 1)
+        send = np.empty(2 * C + 2)
+        send[-1] = C  # checked by every rank: modules of other sizes must not merge
         try:
             x, weight, bias, eps, factor, out, nt = self._check_training(input, out)
             x, layout = _layout.in_kernel_layout(x)
             local = _local_record(x, layout, nt)
-            local.to_buffer(send)
+            local.to_buffer(send[:-1])
         except Exception:
             send[0:1].view(np.int64)[0] = _REJECTED
             _gather(comm, send, C)  # take part, so the other ranks raise too
@@ -265,10 +267,19 @@ def merged_total(records, group_kind):
 
 
 def _gather(comm, send, C):
-    """Every rank's record, in rank order: the forward's one collective."""
-    recv = np.empty((comm.Get_size(), 2 * C + 1))
+    """Every rank's record, in rank order: the forward's one collective.
+
+    Each rank's last word is its module's C: a rank whose module has other
+    channels sends a record of another size, which MPI may truncate (an error
+    there) or leave short here (the NaN fill shows it): every rank raises.
+    """
+    recv = np.full((comm.Get_size(), 2 * C + 2), np.nan)
     comm.Allgather(send, recv)
-    return [Record.from_buffer(row) for row in recv]
+    if not np.all(recv[:, -1] == C):
+        raise RuntimeError(f"SyncBatchNorm: the ranks' modules differ in num_features (this "
+                           f"rank's: {C}; ranks {np.flatnonzero(recv[:, -1] != C).tolist()} "
+                           "sent records of another size)")
+    return [Record.from_buffer(row[:-1]) for row in recv]
 
 
 def _local_record(x, layout, nt):

@@ -55,7 +55,7 @@ def test_collectives_and_bytes():
         return comm.calls
 
     for calls in ok(run_ranks(3, step)):
-        assert calls == [("Allgather", (2 * C + 1) * 8), ("Allreduce", (2 * C + 1) * 8)]
+        assert calls == [("Allgather", (2 * C + 2) * 8), ("Allreduce", (2 * C + 1) * 8)]
 
 
 def test_global_count_of_one_raises_on_every_rank():
@@ -213,6 +213,36 @@ def test_parameter_gradients_take_the_parameters_dtype(data, param):
         # Local gradients: this rank's batch, as the plain module's on it.
         assert_same(m.bias_grad, plain.bias_grad)
         assert np.all(m.bias_grad == 16 * 64 * 64)
+
+
+class _ShortPeer:
+    """Two ranks, the other's module of ``other`` channels: its record arrives short, as
+    MPI may leave it where the sizes differ (the rest of the buffer is untouched)."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def Get_size(self):
+        return 2
+
+    def Get_rank(self):
+        return 0
+
+    def Allgather(self, send, recv):
+        recv[0] = send
+        peer = np.zeros(2 * self.other + 2)
+        peer[-1] = self.other
+        flat = recv.reshape(-1)
+        n = min(peer.size, recv.shape[1])
+        flat[recv.shape[1]:recv.shape[1] + n] = peer[:n]
+
+
+@pytest.mark.parametrize("other", [2, 4])
+def test_ranks_with_modules_of_other_sizes_raise(other):
+    m = bnfast.SyncBatchNorm(3, comm=_ShortPeer(other))
+    with pytest.raises(RuntimeError, match=r"differ in num_features \(this rank's: 3; ranks \[1\]"):
+        m(np.ones((4, 3), np.float32))
+    assert int(m.num_batches_tracked) == 0 and np.all(m.running_var == 1.0)
 
 
 def test_input_dims_and_repr():
