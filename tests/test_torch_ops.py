@@ -261,6 +261,32 @@ def test_invalid_calls_raise_as_torch(args, kwargs):
         bt.batch_norm(*args, **kwargs)
 
 
+@pytest.mark.parametrize("args", [
+    (np.ones((4, 3)), None, None, None),
+    (torch.ones(4, 3), [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], None),
+    (torch.ones(4, 3), None, None, np.ones(3)),
+    ([[1.0, 2.0], [3.0, 4.0]], None, None, None),
+], ids=["numpy-input", "list-buffers", "numpy-weight", "list-input"])
+def test_non_tensor_arguments_raise_as_torch(args):
+    # torch's own exception (type and message), not an AttributeError from our checks.
+    with pytest.raises(Exception) as theirs:
+        F.batch_norm(*args, training=args[1] is None)
+    with pytest.raises(theirs.type, match=re.escape(str(theirs.value))):
+        bt.batch_norm(*args, training=args[1] is None)
+
+
+@pytest.mark.parametrize("addend", [3, -0.5], ids=["int", "float"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fused_with_a_number_addend(addend, training):
+    x = _tensor((4, 3, 5), torch.float64)
+    w, b, rm, rv = _vectors(3, torch.float64)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    got = bt.fused_batch_norm(x, rm, rv, w, b, addend=addend, training=training)
+    expected = torch.relu(F.batch_norm(x, rm_t, rv_t, w, b, training) + addend)
+    _close(got, expected, torch.float64)
+    _close(rm, rm_t, torch.float64)
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("missing", ["running_mean", "running_var"])
 @pytest.mark.parametrize("function", ["batch_norm", "fused_batch_norm"])

@@ -73,9 +73,6 @@ class _FusedBatchNorm:
         """``relu(bn(input) + addend)`` (``addend`` optional, input's shape) in one pass."""
         if isinstance(input, _Proxy):
             return _traced(self, input) if addend is None else _traced(self, input, addend)
-        if addend is not None and not isinstance(addend, torch.Tensor):
-            # A number (fuse's fx graph cannot tell an int from a tensor): added unfused.
-            return torch.relu(_BatchNorm.forward(self, input) + addend)
         rm, rv, w, b, training, factor, eps = _arguments(self, input)
         return call(input, addend, rm, rv, w, b, training, factor, eps, True, self)
 

@@ -250,6 +250,14 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
                 relu):
     """Through ``torch.ops.bnfast`` (tracing, modes, subclasses), or torch's own op."""
     vectors = (running_mean, running_var, weight, bias)
+    if not all(isinstance(t, torch.Tensor) for t in (input,) + vectors if t is not None):
+        # Not tensors (NumPy arrays, lists): torch's op raises its own error for them.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    if addend is not None and not isinstance(addend, torch.Tensor):
+        # A number (fuse's fx graph cannot tell an int from a tensor): added after the op.
+        return torch.relu(call(input, None, running_mean, running_var, weight, bias, training,
+                               momentum, eps, False, None) + addend)
     _checks(input, training, eps, running_mean, running_var)
     reason = _fallback_reason(input, vectors + (addend,), eps, training)
     if addend is not None and reason is None and (addend.shape != input.shape
