@@ -431,3 +431,11 @@ def test_fx_traces_bnfast_modules_as_leaves(variant):
             assert int(ours_bn.num_batches_tracked) == int(theirs.num_batches_tracked)
             torch.testing.assert_close(ours_bn.running_mean, theirs.running_mean,
                                        **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("cls", [bt.BatchNorm2d, bt.FusedBatchNorm2d])
+def test_fx_trace_of_a_bnfast_module_as_root_raises_as_torchs(cls):
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(nn.BatchNorm2d(3))
+    with pytest.raises(torch.fx.proxy.TraceError, match="as the root module"):
+        torch.fx.symbolic_trace(cls(3))

@@ -1,4 +1,5 @@
 """bnfast.torch's operators and functional layer against torch's own batch_norm."""
+import copy
 import re
 import subprocess
 import sys
@@ -273,6 +274,35 @@ def test_non_tensor_arguments_raise_as_torch(args):
         F.batch_norm(*args, training=args[1] is None)
     with pytest.raises(theirs.type, match=re.escape(str(theirs.value))):
         bt.batch_norm(*args, training=args[1] is None)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fx_traced_fused_functional_keeps_addend_and_relu(training):
+    # An fx Proxy is no tensor: the call records torch's ops, the add and ReLU included.
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(4)
+            self.register_buffer("rm", torch.randn(3, generator=g, dtype=torch.float64))
+            self.register_buffer("rv", torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+
+        def forward(self, x, y):
+            return bt.fused_batch_norm(x, self.rm, self.rv, addend=y, training=training)
+
+    block = Block()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(block))
+    x, y = _tensor((4, 3, 5), torch.float64), _tensor((4, 3, 5), torch.float64, seed=9)
+    _close(traced(x, y), block(x, y), torch.float64)
+
+
+@pytest.mark.parametrize("eps", [torch.tensor(1e-3, requires_grad=True), "1e-3"],
+                         ids=["tensor-requiring-grad", "str"])
+def test_eps_torch_rejects_raises_its_type_error(eps):
+    x = _tensor((4, 3, 5), torch.float64)
+    with pytest.raises(TypeError):
+        F.batch_norm(x, None, None, training=True, eps=eps)
+    with pytest.raises(TypeError, match="argument 'eps' must be float"):
+        bt.batch_norm(x, None, None, training=True, eps=eps)
 
 
 @pytest.mark.parametrize("addend", [3, -0.5], ids=["int", "float"])

@@ -49,7 +49,11 @@ def _traced(module, *args):
     torch's own BatchNorm (a leaf by its ``torch.nn`` module path, which ours lack):
     fx-based tools keep the module, its train/eval switch and its counter."""
     tracer = args[0].tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    path = tracer.path_of_module(module)
+    if not path:  # the root itself: fx traces into it, as into torch's BatchNorm as root
+        raise torch.fx.proxy.TraceError(f"{type(module).__name__} as the root module cannot be "
+                                        "traced: trace a module that holds it")
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 class _BatchNorm:

@@ -18,6 +18,7 @@ go through ``torch.ops.bnfast``.
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -218,9 +219,11 @@ def call(input, addend, running_mean, running_var, weight, bias, training, momen
 def _number(value, name):
     """``value`` as torch's batch_norm reads a double argument: bools and 0-d tensors
     are numbers too; anything else raises torch's TypeError."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() == 0
+                                   and not value.requires_grad):
         return float(value)
-    if isinstance(value, torch.Tensor) or not hasattr(value, "__float__"):
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float, np.floating,
+                                                                  np.integer)):
         raise TypeError(f"batch_norm(): argument '{name}' must be float, not "
                         f"{type(value).__name__}")
     return value
@@ -251,9 +254,11 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
     """Through ``torch.ops.bnfast`` (tracing, modes, subclasses), or torch's own op."""
     vectors = (running_mean, running_var, weight, bias)
     if not all(isinstance(t, torch.Tensor) for t in (input,) + vectors if t is not None):
-        # Not tensors (NumPy arrays, lists): torch's op raises its own error for them.
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
+        # Not tensors: NumPy arrays or lists, for which torch's op raises its own error, or
+        # fx Proxies and other __torch_function__ objects, which record torch's ops.
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                         eps)
+        return torch.relu(y if addend is None else y + addend) if relu else y
     if addend is not None and not isinstance(addend, torch.Tensor):
         # A number (fuse's fx graph cannot tell an int from a tensor): added after the op.
         return torch.relu(call(input, None, running_mean, running_var, weight, bias, training,
