@@ -258,6 +258,8 @@ class _BatchNorm:
         dy = check_same_shape(grad_output, "grad_output", x)
         if out is not None:
             out = check_out(out, x)
+            if retain_graph and np.may_share_memory(out, x):
+                raise ValueError(_OUT_OVER_RETAINED)
         wanted = (True, saved.weight is not None, self.bias is not None, saved.has_addend)
         gx, gw, gb, ga = B._run(x, dy, saved.relu_mask, saved.weight, saved.mean, saved.invstd,
                                 saved.batch_stats, wanted, resolve_threads(self.n_threads), out,
@@ -488,6 +490,11 @@ def _count_fits(value, dtype):
         return bool(np.all(value >= 0))
     wide = value.astype(np.float64)
     return bool(np.all(np.isfinite(wide) & (wide > -1.0) & (wide < 2.0 ** 63)))
+
+
+# The saved input is a reference to the forward's: writing over it breaks the next backward.
+_OUT_OVER_RETAINED = ("out shares memory with the forward's input, which retain_graph=True "
+                      "keeps for another backward: write grad_input elsewhere")
 
 
 def _overflowed(value, converted):

@@ -42,7 +42,7 @@ from ._validation import (
     check_same_shape,
 )
 from .backward import is_grad_enabled
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .modules import _OUT_OVER_RETAINED, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -216,6 +216,8 @@ class SyncBatchNorm(_BatchNorm):
             dy = check_same_shape(grad_output, "grad_output", saved.input)
             if out is not None:
                 out = check_out(out, saved.input)
+                if retain_graph and np.may_share_memory(out, saved.input):
+                    raise ValueError(_OUT_OVER_RETAINED)
             dy = _layout.to_layout(dy, saved.layout)
             _local_sums(saved.input, dy, saved.mean, saved.layout, sums,
                         resolve_threads(self.n_threads))

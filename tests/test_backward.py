@@ -777,6 +777,23 @@ def test_module_backward_twice_needs_retain_graph(rng):
         m.backward(dy)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_module_backward_out_over_a_retained_input_raises(rng, fused):
+    # The saved input is the forward's own array: a grad_input written over it would be
+    # read back by the retained graph's next backward (silently wrong, 7.7 off).
+    m = (bnfast.FusedBatchNorm1d if fused else bnfast.BatchNorm1d)(3, dtype=np.float64)
+    x = make_input(rng, (6, 3, 4), np.float64)
+    dy = rng.standard_normal(x.shape)
+    m(x, np.zeros_like(x)) if fused else m(x)
+    expected = m.backward(dy, retain_graph=True)
+    for out in (x, x[:, :, ::-1]):
+        with pytest.raises(ValueError, match="retain_graph=True keeps for another backward"):
+            m.backward(dy, out=out, retain_graph=True)
+    got = m.backward(dy, out=x)  # the last backward may write over it
+    assert (got[0] if fused else got) is x
+    np.testing.assert_array_equal(x, expected[0] if fused else expected)
+
+
 def test_module_under_no_grad_saves_nothing(rng):
     m = bnfast.FusedBatchNorm2d(3, dtype=np.float64)
     x = make_input(rng, (2, 3, 4, 4), np.float64)

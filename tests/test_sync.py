@@ -166,6 +166,22 @@ def test_backward_after_writing_over_the_input_raises_on_every_rank(dtype):
         assert message is not None and "wrote its output over it" in message
 
 
+def test_backward_out_over_a_retained_input_raises_on_every_rank(dtype):
+    def step(comm):
+        m = bnfast.SyncBatchNorm(2, comm=comm, dtype=dtype)
+        x = make_input(np.random.default_rng(comm.rank), (4, 2, 3), dtype)
+        m(x)
+        expected = m.backward(np.ones_like(x), retain_graph=True).copy()
+        try:
+            m.backward(np.ones_like(x), out=x, retain_graph=True)
+        except ValueError as exc:
+            return str(exc), expected, m.backward(np.ones_like(x))
+
+    for message, expected, again in ok(run_ranks(2, step)):
+        assert "retain_graph=True keeps for another backward" in message
+        assert_same(again, expected)
+
+
 @pytest.mark.parametrize("shift", [1, -1], ids=["out-ahead", "out-behind"])
 @pytest.mark.parametrize("over", ["grad_output", "input"])
 def test_backward_out_overlapping_its_operands_gets_the_separate_bits(dtype, over, shift):
