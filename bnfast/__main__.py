@@ -13,6 +13,7 @@ Examples
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -32,15 +33,18 @@ def _arg_type(parse, what):
     return convert
 
 
-def _positive(cast, noun):
-    """A parser for positive numbers of type ``cast`` ("integer" or "number" in messages)."""
+def _positive(cast, noun, most=math.inf):
+    """A parser for positive finite numbers of type ``cast`` ("integer" or "number" in
+    messages), at most ``most``."""
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
             raise ValueError(f"expected a positive {noun}, got {text!r}") from None
-        if not value > 0:
+        if not 0 < value < math.inf:
             raise ValueError(f"expected a positive {noun}, got {text!r}")
+        if value > most:
+            raise ValueError(f"expected at most {most}, got {text!r}")
         return value
     return parse
 
@@ -53,6 +57,11 @@ def _non_negative_int(text):
         raise ValueError(f"expected a non-negative integer, got {text!r}")
     return int(text)
 _positive_float = _positive(float, "number")
+
+
+def _thread_count(text):
+    from ._threads import MAX_THREADS
+    return _positive(int, "integer", MAX_THREADS)(text)
 
 
 def build_parser():
@@ -90,7 +99,7 @@ def build_parser():
     suite.add_argument("--peers", type=_arg_type(parse_peers, "peers"), metavar="LIST",
                        help=f"comma-separated, from {','.join(PEERS)}, or none (default: all)")
     run = bench.add_argument_group("how to run")
-    run.add_argument("--threads", type=_arg_type(_positive_int, "threads"), metavar="N",
+    run.add_argument("--threads", type=_arg_type(_thread_count, "threads"), metavar="N",
                      help="run every implementation with N threads (default: each library's own)")
     run.add_argument("--outputs", choices=("preallocated", "allocate"), default="preallocated",
                      help="write into output buffers made once (default; isolates the kernels), "
@@ -142,9 +151,21 @@ def _bench(args, parser, argv):
     if args.plot and matplotlib_missing():
         parser.error(matplotlib_missing())
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            parser.error(f"{option} {path}: directory {os.path.dirname(os.path.abspath(path))} "
-                         "does not exist")
+        if not path or path == "-":
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"{option} {path}: directory {folder} does not exist")
+        if os.path.isdir(path):
+            parser.error(f"{option} {path}: is a directory (name a file)")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path)
+                                              and not os.access(path, os.W_OK)):
+            parser.error(f"{option} {path}: not writable")
+    if args.plot:
+        from .bench.report_plot import plot_format_problem
+        problem = plot_format_problem(args.plot)
+        if problem:
+            parser.error(f"--plot {args.plot}: {problem}")
     try:
         doc = run_benchmark(_settings(args), show_progress=not args.no_progress,
                             command=["bnfast"] + list(argv))
@@ -164,8 +185,10 @@ def _bench(args, parser, argv):
             f.write("\n")
     if args.plot:
         plot_speedups(doc, args.plot)
-    wrong = [r for r in doc["results"] if r["impl"] == "bnfast" and r["correct"] is False]
-    return 1 if wrong else 0
+    # A WRONG result or one that raised: either is a broken bnfast (CI runs this).
+    failed = [r for r in doc["results"] if r["impl"] == "bnfast"
+              and (r["correct"] is False or r["status"] == "error")]
+    return 1 if failed else 0
 
 
 def main(argv=None):
@@ -174,7 +197,7 @@ def main(argv=None):
     Returns
     -------
     int
-        Exit status: 0, 1 if a bnfast result was WRONG, 2 for a usage error
+        Exit status: 0, 1 if a bnfast result was WRONG or raised, 2 for a usage error
         (argparse exits with it directly).
     """
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -200,6 +200,19 @@ def test_peer_that_raises_is_an_error_row_not_a_crash(tmp_path, monkeypatch):
     assert all(r["status"] == "error" and "boom" in r["note"] for r in rows(doc, impl="numpy"))
 
 
+def test_bnfast_that_raises_fails_the_run(tmp_path, monkeypatch):
+    # CI runs `bnfast bench --quick`: a kernel that raises must not pass as exit 0.
+    from bnfast.bench import impl_bnfast
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel crashed")
+
+    monkeypatch.setattr(impl_bnfast.bnfast, "batch_norm", broken)
+    code, doc = run_json(tmp_path, "--modes", "eval", "--peers", "none")
+    assert code == 1
+    assert all(r["status"] == "error" for r in rows(doc, impl="bnfast"))
+
+
 def test_fast_wrong_answer_shows_as_wrong(tmp_path, capsys, monkeypatch):
     from bnfast.bench import impl_bnfast
 
@@ -255,6 +268,21 @@ def test_plot_without_matplotlib_is_a_clean_usage_error(tmp_path, capsys, monkey
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_output_paths_are_checked_before_the_run(tmp_path, option, capsys):
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    bad = [str(tmp_path)]  # a directory
+    if option == "--plot":
+        bad.append(str(tmp_path / "speedup.xyz"))  # a format matplotlib does not write
+    for path in bad:
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *TINY, option, path])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("is a directory" in err or "format 'xyz'" in err)
+
+
 # --- argument errors -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -269,6 +297,11 @@ def test_plot_without_matplotlib_is_a_clean_usage_error(tmp_path, capsys, monkey
     (["--threads", "0"], "positive integer"),
     (["--repeat", "two"], "positive integer"),
     (["--busy", "-1"], "non-negative integer"),
+    (["--threads", "100000"], "at most 65536"),
+    (["--min-time", "inf"], "positive number"),
+    (["--min-time", "nan"], "positive number"),
+    (["--shapes", "1000000x1000000"], "more than this machine's"),
+    (["--shapes", "x".join(["2"] * 65)], "at most 64 dimensions"),
 ])
 def test_bad_arguments_give_a_clean_argparse_error(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,5 +1,6 @@
 """``--plot FILE.png``: bnfast's speedup over each peer, bars per shape, one panel per mode."""
 import math
+import os
 
 from .suite import format_shape
 
@@ -14,6 +15,20 @@ def matplotlib_missing():
         import matplotlib  # noqa: F401
     except ImportError:
         return "--plot needs matplotlib: pip install 'bnfast[plot]' (or pip install matplotlib)"
+    return None
+
+
+def plot_format_problem(path):
+    """None if matplotlib's Agg canvas writes ``path``'s format (its suffix), else why not
+    (asked before a run, not after it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix not in formats:
+        return (f"format {suffix or '(no suffix)'!r} is not one matplotlib writes; name the "
+                f"file with one of {', '.join(sorted(formats))}")
     return None
 
 

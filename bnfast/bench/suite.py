@@ -5,6 +5,7 @@ BatchNorm layers of ResNet-50 at batch 32, BatchNorm1d in MLPs, single-image
 inference tensors and a few odd shapes (3 channels, large batch).
 """
 import math
+import os
 from dataclasses import dataclass
 
 from bnfast._dtypes import resolve_dtype
@@ -122,14 +123,26 @@ def format_shape(shape):
     return "x".join(str(d) for d in shape)
 
 
+_MAX_DIMS = 64  # NumPy's most dimensions
+
+
+def _physical_memory():
+    """The machine's memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def parse_shapes(text):
     """Parse ``"32x64x112x112,256x1024"`` into a tuple of shapes (repeats dropped).
 
     Raises
     ------
     ValueError
-        Empty list, a non-integer or non-positive dimension, or fewer than two
-        dimensions (BatchNorm needs ``(N, C, ...)``).
+        Empty list, a non-integer or non-positive dimension, fewer than two
+        dimensions (BatchNorm needs ``(N, C, ...)``) or more than NumPy's 64, or
+        a float64 array of the shape beyond the machine's memory.
     """
     shapes = []
     for item in str(text).split(","):
@@ -147,6 +160,13 @@ def parse_shapes(text):
                              "BatchNorm needs at least 2 dimensions (N, C, ...)")
         if any(d <= 0 for d in dims):
             raise ValueError(f"bad shape {item!r}: dimensions must be positive")
+        if len(dims) > _MAX_DIMS:
+            raise ValueError(f"bad shape {item!r}: at most {_MAX_DIMS} dimensions (NumPy's)")
+        memory = _physical_memory()
+        if memory and math.prod(dims) * 8 > memory:  # one float64 array of it
+            raise ValueError(f"bad shape {item!r}: one float64 array of it needs "
+                             f"{math.prod(dims) * 8 / 2**30:.3g} GiB, more than this "
+                             f"machine's {memory / 2**30:.3g} GiB")
         if dims not in shapes:
             shapes.append(dims)
     if not shapes:
