@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from . import functional as F
 from ._dtypes import SUPPORTED_TEXT, is_supported
 from ._records import Record, merge, record_of, running_update
+from ._threads import check_n_threads
 from ._validation import (
     check_channel_vector,
     check_eps,
@@ -140,8 +141,9 @@ def population_stats(data, *, module=None, split_every=None):
 
     Parameters
     ----------
-    data : dask.array.Array, or an iterable of array_like batches
-        ``(N, C, *spatial)`` values (batches may differ in N).
+    data : dask.array.Array, an ndarray, or an iterable of array_like batches
+        ``(N, C, *spatial)`` values (batches may differ in N; an ndarray is
+        one batch).
     module : bnfast BatchNorm module, optional
         If given, its ``running_mean`` and ``running_var`` are set to the
         population mean and the *unbiased* population variance (PyTorch's
@@ -167,6 +169,8 @@ def population_stats(data, *, module=None, split_every=None):
     if isinstance(data, da.Array):
         rec = _record(_stats(_check_dask_input(data, "data"), split_every).compute())
     else:
+        if isinstance(data, np.ndarray):  # one array is one batch, not an iterable of rows
+            data = [data]
         records = [record_of(batch) for batch in data]
         if not records:
             raise ValueError("population_stats needs at least one batch")
@@ -229,6 +233,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     array([0.3, 0.4], dtype=float32)
     """
     x = _check_dask_input(x)
+    n_threads = check_n_threads(n_threads)  # now, not at compute(): buffers update first
     C = x.shape[1]
     batch_stats_ = bool(training) or (running_mean is None and running_var is None)
     momentum = check_momentum(momentum) if training else 0.0

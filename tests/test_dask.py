@@ -133,6 +133,30 @@ def test_validation():
         bdask.batch_norm(x, training=True, eps=0.0)
 
 
+@pytest.mark.parametrize("n_threads, error", [(0, ValueError), (1.5, TypeError),
+                                              ("2", TypeError), (10**6, ValueError)])
+def test_bad_n_threads_raises_before_the_buffers_change(n_threads, error):
+    # As in-memory bnfast: at the call, not at compute() after the running update.
+    x = da.from_array(np.arange(24.0).reshape(6, 4), chunks=3)
+    rm, rv = np.zeros(4), np.ones(4)
+    with pytest.raises(error, match="n_threads"):
+        bdask.batch_norm(x, rm, rv, training=True, n_threads=n_threads)
+    with pytest.raises(error, match="n_threads"):
+        bnfast.batch_norm(x.compute(), rm.copy(), rv.copy(), training=True,
+                          n_threads=n_threads)
+    np.testing.assert_array_equal(rm, 0.0)
+    np.testing.assert_array_equal(rv, 1.0)
+
+
+def test_population_stats_of_one_ndarray_is_one_batch(rng):
+    x = rng.standard_normal((8, 3, 2)).astype(np.float32)
+    got = bdask.population_stats(x)
+    expected = bdask.population_stats([x])
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    assert got[2] == 16
+
+
 def test_population_stats(rng, dtype):
     batches = [make_input(rng, (n, 3, 4), dtype, loc=float(n)) for n in (5, 1, 8, 2)]
     whole = np.concatenate(batches)
