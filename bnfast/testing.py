@@ -48,7 +48,15 @@ def _channel_axes(x):
 
 def _per_channel(v, x):
     """A (C,) vector as float64, shaped to broadcast against ``x`` (N, C, *spatial)."""
-    return np.asarray(v, dtype=np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return _vector(v, x.shape[1]).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _vector(v, C, name="a per-channel vector"):
+    """``v`` as a float64 (C,) array; ValueError for another shape (torch raises too)."""
+    v = np.array(v, dtype=np.float64)
+    if v.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},), got shape {v.shape}")
+    return v
 
 
 def reference_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -108,18 +116,27 @@ def _forward(x, running_mean, running_var, weight, bias, training, momentum, eps
     x = np.asarray(x, dtype=np.float64)
     C = x.shape[1]
     count = x.size // C if C else 0
-    rm = None if running_mean is None else np.array(running_mean, dtype=np.float64)
-    rv = None if running_var is None else np.array(running_var, dtype=np.float64)
+    momentum = float(momentum)  # 1 - np.float32(0.1) would stay a float32
+    rm = None if running_mean is None else _vector(running_mean, C, "running_mean")
+    rv = None if running_var is None else _vector(running_var, C, "running_var")
+    for v, name in ((weight, "weight"), (bias, "bias")):
+        if v is not None:
+            _vector(v, C, name)
+    centered = None
     if training:
         if count == 0:
             mean, var = np.zeros(C), np.zeros(C)
         else:
-            # Shifted by one finite sample of each channel, then two-pass: exact to
-            # about an ulp of the mean even for data far from zero (mean 1e12, std 1).
+            # Shifted by one finite sample of each channel, then two-pass: the mean
+            # exact to about an ulp even for data far from zero (mean 1e12, std 1).
             first = x[(0, slice(None)) + (0,) * (x.ndim - 2)]
             shift = np.where(np.isfinite(first), first, 0.0)
             mean = (x - _per_channel(shift, x)).mean(axis=_channel_axes(x)) + shift
-            var = ((x - _per_channel(mean, x)) ** 2).mean(axis=_channel_axes(x))  # biased
+            # What rounding the mean to float64 lost, taken out too (corrected two-pass):
+            # data at 1e10 with std 1 normalises to ~1e-15, not ~1e-6.
+            centered = x - _per_channel(mean, x)
+            centered = centered - _per_channel(centered.mean(axis=_channel_axes(x)), x)
+            var = (centered ** 2).mean(axis=_channel_axes(x))  # biased
             if rm is not None:
                 unbiased = var * count / (count - 1) if count > 1 else np.full(C, np.nan)
                 rm = (1.0 - momentum) * rm + momentum * mean
@@ -129,7 +146,9 @@ def _forward(x, running_mean, running_var, weight, bias, training, momentum, eps
             raise ValueError("evaluation needs running_mean and running_var")
         mean, var = rm, rv
     invstd = 1.0 / np.sqrt(var + eps)
-    y = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
+    if centered is None:
+        centered = x - _per_channel(mean, x)
+    y = centered * _per_channel(invstd, x)
     if weight is not None:
         y = y * _per_channel(weight, x)
     if bias is not None:
@@ -198,11 +217,12 @@ def reference_batch_norm_backward(grad_output, x, weight, save_mean, save_invstd
     if output is not None:
         g = np.where(np.asarray(output) <= 0, 0.0, g)
     axes = _channel_axes(x)
-    invstd = np.asarray(save_invstd, dtype=np.float64)
-    xhat = (x - _per_channel(save_mean, x)) * _per_channel(invstd, x)
+    invstd = _vector(save_invstd, x.shape[1], "save_invstd")
+    xhat = (x - _per_channel(_vector(save_mean, x.shape[1], "save_mean"), x)) \
+        * _per_channel(invstd, x)
     grad_bias = g.sum(axis=axes)
     grad_weight = (g * xhat).sum(axis=axes)
-    scale = invstd if weight is None else invstd * np.asarray(weight, dtype=np.float64)
+    scale = invstd if weight is None else invstd * _vector(weight, x.shape[1], "weight")
     grad_input = g
     if training:
         n = max(x.size // x.shape[1], 1)

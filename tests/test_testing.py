@@ -192,3 +192,41 @@ def test_a_wrong_formula_fails(mistake):
     with pytest.raises(AssertionError):
         close(out, y)
         close(running_var, trv)
+
+
+def test_float32_momentum_is_read_as_torch_reads_it():
+    # 1 - np.float32(0.1) stays a float32 (2.5e-8 off torch's double arithmetic).
+    x, w, b, rm, rv, _, _ = case((6, 3, 4))
+    ref = reference_batch_norm(x, rm, rv, w, b, training=True, momentum=np.float32(0.1))
+    _, trm, trv, _ = torch_forward(x, rm, rv, w, b, True, float(np.float32(0.1)), 1e-5, None,
+                                   False)
+    close(ref.running_mean, trm)
+    close(ref.running_var, trv)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_vectors_of_another_shape_raise_as_torch(name):
+    x, w, b, rm, rv, _, dy = case((6, 3, 4))
+    args = dict(running_mean=rm, running_var=rv, weight=w, bias=b)
+    args[name] = np.ones(1)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(t(x), *(t(args[k]) for k in ("running_mean", "running_var", "weight",
+                                                 "bias")))
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(3,\), got shape \(1,\)"):
+        reference_batch_norm(x, **args)
+    with pytest.raises(ValueError, match=r"save_mean must have shape \(3,\)"):
+        reference_batch_norm_backward(dy, x, w, np.ones(1), np.ones(3))
+
+
+def test_data_far_from_zero_normalise_to_the_exact_result():
+    # mean 1e10, std ~1: the float64 mean errs by ~1e-6; its residual is taken out too.
+    from fractions import Fraction
+    rng = np.random.default_rng(3)
+    x = (1e10 + rng.standard_normal((64, 2))).astype(np.float64)
+    ref = reference_batch_norm(x, training=True, eps=0.0)
+    for c in range(2):
+        values = [Fraction(v) for v in x[:, c]]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / len(values)
+        exact = np.array([float((v - mean) / Fraction(np.sqrt(float(var)))) for v in values])
+        np.testing.assert_allclose(ref.out[:, c], exact, rtol=0, atol=1e-12)
