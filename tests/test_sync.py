@@ -233,7 +233,8 @@ def test_parameter_gradients_take_the_parameters_dtype(data, param):
 
 class _ShortPeer:
     """Two ranks, the other's module of ``other`` channels: its record arrives short, as
-    MPI may leave it where the sizes differ (the rest of the buffer is untouched)."""
+    MPICH leaves it for the rank of more channels (the rest of the buffer untouched; the
+    rank of fewer channels gets MPI's 'Message truncated' error instead)."""
 
     def __init__(self, other):
         self.other = other
@@ -253,9 +254,8 @@ class _ShortPeer:
         flat[recv.shape[1]:recv.shape[1] + n] = peer[:n]
 
 
-@pytest.mark.parametrize("other", [2, 4])
-def test_ranks_with_modules_of_other_sizes_raise(other):
-    m = bnfast.SyncBatchNorm(3, comm=_ShortPeer(other))
+def test_ranks_with_modules_of_other_sizes_raise():
+    m = bnfast.SyncBatchNorm(3, comm=_ShortPeer(2))
     with pytest.raises(RuntimeError, match=r"differ in num_features \(this rank's: 3; ranks \[1\]"):
         m(np.ones((4, 3), np.float32))
     assert int(m.num_batches_tracked) == 0 and np.all(m.running_var == 1.0)
