@@ -331,8 +331,10 @@ class _BatchNorm:
             A value that is not an array of real numbers (a string, a complex
             array, ...), naming its key.
         RuntimeError
-            Missing/unexpected keys (strict), a shape mismatch, or a finite
-            value that overflows the module's dtype, listing all of them.
+            Missing/unexpected keys (strict), a shape mismatch, a finite
+            value that overflows the module's dtype, or a
+            ``num_batches_tracked`` that is no count int64 holds (negative,
+            NaN, infinite: torch stores those as garbage), listing all of them.
 
         Examples
         --------
