@@ -64,17 +64,23 @@ _functorch = torch._C._functorch
 _interpreter_stack = getattr(_functorch, "get_interpreter_stack", None)
 _TRANSFORM_TYPE = getattr(_functorch, "TransformType", None)
 _JVP = getattr(_TRANSFORM_TYPE, "Jvp", None)
-# Functionalize is not here: the custom operators declare what they mutate.
-_TRANSFORMS = tuple(getattr(_TRANSFORM_TYPE, name) for name in ("Grad", "Vmap", "Jvp")
+# The reverse transforms and vmap (Jvp is forward-mode AD's; Functionalize is not
+# here: the custom operators declare what they mutate).
+_TRANSFORMS = tuple(getattr(_TRANSFORM_TYPE, name) for name in ("Grad", "Vmap")
                     if hasattr(_TRANSFORM_TYPE, name))
+
+
+def _transform_keys():
+    """The functorch transforms the call runs inside (their TransformType keys)."""
+    stack = _interpreter_stack() if _interpreter_stack is not None else None
+    return [interpreter.key() for interpreter in stack] if stack else []
 
 
 def _transformed():
     """True inside a torch.func transform (grad, vjp, jacrev, vmap): torch's custom
     operators support none of them (an autograd.Function needs setup_context, an op
     a batching rule), while torch's batch_norm has every rule."""
-    stack = _interpreter_stack() if _interpreter_stack is not None else None
-    return bool(stack) and any(interpreter.key() in _TRANSFORMS for interpreter in stack)
+    return any(key in _TRANSFORMS for key in _transform_keys())
 
 
 def _forward_mode(tensors):
@@ -84,8 +90,7 @@ def _forward_mode(tensors):
     if _forward_ad._current_level >= 0 and any(
             t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return True
-    stack = _interpreter_stack() if _interpreter_stack is not None else None
-    return bool(stack) and any(interpreter.key() == _JVP for interpreter in stack)
+    return _JVP in _transform_keys()
 
 
 def _warn_once(reason):
