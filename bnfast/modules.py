@@ -249,17 +249,10 @@ class _BatchNorm:
         saved = self._saved
         if saved is None:
             raise RuntimeError(self._saved_missing)
-        if saved.input_overwritten:
-            raise RuntimeError("backward() needs the forward's input, but that forward wrote "
-                               "its output over it (out=input): run it out of place")
         # Only grad_output and out come from the caller: what the forward saved
         # (its input, statistics, weight snapshot and ReLU mask) is trusted.
         x = saved.input
-        dy = check_same_shape(grad_output, "grad_output", x)
-        if out is not None:
-            out = check_out(out, x)
-            if retain_graph and np.may_share_memory(out, x):
-                raise ValueError(_OUT_OVER_RETAINED)
+        dy, out = _backward_arguments(saved, grad_output, out, retain_graph)
         wanted = (True, saved.weight is not None, self.bias is not None, saved.has_addend)
         gx, gw, gb, ga = B._run(x, dy, saved.relu_mask, saved.weight, saved.mean, saved.invstd,
                                 saved.batch_stats, wanted, resolve_threads(self.n_threads), out,
@@ -494,9 +487,23 @@ def _count_fits(value, dtype):
     return bool(np.all(np.isfinite(wide) & (wide > -1.0) & (wide < 2.0 ** 63)))
 
 
-# The saved input is a reference to the forward's: writing over it breaks the next backward.
-_OUT_OVER_RETAINED = ("out shares memory with the forward's input, which retain_graph=True "
-                      "keeps for another backward: write grad_input elsewhere")
+def _backward_arguments(saved, grad_output, out, retain_graph):
+    """``(grad_output, out)`` of a module's backward, checked against what its forward
+    saved (``saved.input``, ``saved.input_overwritten``): the modules' and
+    SyncBatchNorm's checks."""
+    x = saved.input
+    if saved.input_overwritten:
+        raise RuntimeError("backward() needs the forward's input, but that forward wrote "
+                           "its output over it (out=input): run it out of place")
+    dy = check_same_shape(grad_output, "grad_output", x)
+    if out is not None:
+        out = check_out(out, x)
+        # The saved input is the forward's own array: a retained graph reads it again.
+        if retain_graph and np.may_share_memory(out, x):
+            raise ValueError("out shares memory with the forward's input, which "
+                             "retain_graph=True keeps for another backward: write "
+                             "grad_input elsewhere")
+    return dy, out
 
 
 def _overflowed(value, converted):

@@ -39,10 +39,9 @@ from ._validation import (
     check_momentum,
     check_out,
     check_running_stats,
-    check_same_shape,
 )
 from .backward import is_grad_enabled
-from .modules import _OUT_OVER_RETAINED, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _backward_arguments, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -209,15 +208,9 @@ class SyncBatchNorm(_BatchNorm):
         C = self.num_features
         sums = np.empty(2 * C + 1)
         try:
-            if saved.input_overwritten:  # every rank's check, before the collective
-                raise RuntimeError("backward() needs the forward's input, but that forward "
-                                   "wrote its output over it (out=input): run it out of place")
+            # Every rank checks before the collective: a rank that raises still takes part.
             dy_given = grad_output
-            dy = check_same_shape(grad_output, "grad_output", saved.input)
-            if out is not None:
-                out = check_out(out, saved.input)
-                if retain_graph and np.may_share_memory(out, saved.input):
-                    raise ValueError(_OUT_OVER_RETAINED)
+            dy, out = _backward_arguments(saved, grad_output, out, retain_graph)
             dy = _layout.to_layout(dy, saved.layout)
             _local_sums(saved.input, dy, saved.mean, saved.layout, sums,
                         resolve_threads(self.n_threads))
