@@ -178,6 +178,10 @@ def population_stats(data, *, module=None, split_every=None):
     if rec.count == 0:
         raise ValueError("population_stats needs at least one value per channel")
     if module is not None:
+        if not isinstance(getattr(module, "running_mean", None), (np.ndarray, type(None))):
+            raise TypeError(f"module must be a bnfast BatchNorm (NumPy buffers), got "
+                            f"{type(module).__name__}: for a torch module, copy the returned "
+                            "mean and the unbiased variance into its buffers")
         if module.running_mean is None:
             raise ValueError("module has no running statistics (track_running_stats=False)")
         # running = 0 * running + 1 * population: the population's, rounded once.

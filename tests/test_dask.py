@@ -148,6 +148,15 @@ def test_bad_n_threads_raises_before_the_buffers_change(n_threads, error):
     np.testing.assert_array_equal(rv, 1.0)
 
 
+def test_population_stats_into_a_torch_module_is_a_type_error(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    bn = torch.nn.BatchNorm1d(3)
+    with pytest.raises(TypeError, match="module must be a bnfast BatchNorm .* BatchNorm1d"):
+        bdask.population_stats([x], module=bn)
+    assert torch.equal(bn.running_var, torch.ones(3))
+
+
 def test_population_stats_of_one_ndarray_is_one_batch(rng):
     x = rng.standard_normal((8, 3, 2)).astype(np.float32)
     got = bdask.population_stats(x)
