@@ -12,7 +12,7 @@ that reaches them passes :func:`is_supported` first.
 import numpy as np
 
 __all__ = ["NUMPY_FLOATS", "SUPPORTED_TEXT", "HALF_NAMES", "bfloat16_dtype", "is_bfloat16",
-           "is_half", "is_supported", "resolve_dtype"]
+           "is_half", "is_supported", "resolve_dtype", "resolve_param_dtype"]
 
 #: The dtypes known without ml_dtypes, the common ones first: ``dtype in
 #: NUMPY_FLOATS`` (identity first, then ``==``) costs float32 nothing extra.
@@ -108,3 +108,20 @@ def resolve_dtype(dtype, name="dtype"):
         order = " (in native byte order)" if not resolved.isnative else ""
         raise TypeError(f"{name} must be {SUPPORTED_TEXT}{order}, got {resolved}")
     return resolved
+
+
+def resolve_param_dtype(param_dtype, dtype):
+    """The parameters' and running statistics' dtype for data of the resolved ``dtype``:
+    ``param_dtype`` resolved, or by default PyTorch's CPU rule (float32 for half data,
+    else ``dtype``): a float16 running_var above 65504 would be inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast._dtypes import resolve_param_dtype
+    >>> resolve_param_dtype(None, np.dtype(np.float16)), resolve_param_dtype("float64", None)
+    (dtype('float32'), dtype('float64'))
+    """
+    if param_dtype is None:
+        return np.dtype(np.float32) if is_half(dtype) else dtype
+    return resolve_dtype(param_dtype, "param_dtype")

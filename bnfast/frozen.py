@@ -16,7 +16,7 @@ That is the price of one multiply-add, the form a convolution absorbs.
 """
 import numpy as np
 
-from ._dtypes import is_half, resolve_dtype
+from ._dtypes import resolve_dtype, resolve_param_dtype
 from ._state_dict import affine_coefficients
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys, _BatchNorm
 
@@ -37,10 +37,7 @@ class _FrozenBatchNorm:
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         dtype = resolve_dtype(dtype)
-        if param_dtype is None:  # as the BatchNorm modules: float32 buffers for half data
-            param_dtype = np.dtype(np.float32) if is_half(dtype) else dtype
-        else:
-            param_dtype = resolve_dtype(param_dtype, "param_dtype")
+        param_dtype = resolve_param_dtype(param_dtype, dtype)
         self.num_features = int(num_features)
         self.eps = float(eps)
         if not self.eps > 0.0:

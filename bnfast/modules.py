@@ -12,7 +12,7 @@ import numpy as np
 from . import _forward
 from . import backward as B
 from . import functional as F
-from ._dtypes import is_bfloat16, is_half, resolve_dtype
+from ._dtypes import is_bfloat16, resolve_dtype, resolve_param_dtype
 from ._threads import check_n_threads, resolve_threads
 from ._validation import (
     as_float_array,
@@ -65,10 +65,7 @@ class _BatchNorm:
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         dtype = resolve_dtype(dtype)
-        if param_dtype is None:  # PyTorch's CPU rule for half data: float32 parameters
-            param_dtype = np.dtype(np.float32) if is_half(dtype) else dtype
-        else:
-            param_dtype = resolve_dtype(param_dtype, "param_dtype")
+        param_dtype = resolve_param_dtype(param_dtype, dtype)
         if momentum is not None:
             check_momentum(momentum)
         n_threads = check_n_threads(n_threads)
