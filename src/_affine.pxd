@@ -13,6 +13,10 @@
 #                  rows cannot carry, computed in double and rounded once
 #   [m | a | b]    3 rows of floats: float32 data, computed in float32 (as fast
 #                  as a copy when in cache; double costs ~3x there)
+#   [m | a | b]    3 half rows (floats): half data, the same map about its zero
+#                  (m = z = mean - b / a, b = what rounding z moved), so float
+#                  arithmetic errs by ~2^-22 of |y|, not of the terms that cancel
+#                  in y: every output within an ulp of the half type
 #   flag           1.0 if the float rows are usable: every channel's finite a
 #                  and b fit float32 and its finite m has |m| <= 2^100, so
 #                  x - m cannot overflow for finite x.  (One choice per table,
@@ -63,8 +67,19 @@ cdef extern from "bnfast_table.h" nogil:
 
 
 cdef inline bint float_rows(const double* table, Py_ssize_t W) noexcept nogil:
-    """Whether float32 data may use the table's float rows."""
+    """Whether float32 and half data may use the table's float and half rows."""
     return table[table_len(W) - 1] != 0.0
+
+
+cdef inline const float* _rows_for(const real_t* kind, const double* table,
+                                   Py_ssize_t W) noexcept nogil:
+    """The float rows m, a, b (table_row(W) apart) that data of kind's type reads:
+    the float rows, or for half data the half rows."""
+    cdef Py_ssize_t R = table_row(W)
+    cdef const float* ft = <const float*>(table + 3 * R)
+    if real_t is bnfast_f16 or real_t is bnfast_bf16:
+        return ft + 3 * R
+    return ft
 
 
 cdef extern from "bnfast_simd.h" nogil:
@@ -259,7 +274,7 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
     # Channel c of the table: its float rows (use_float) or its double rows;
     # stream: non-temporal stores (float32 and half on float rows, float64).
     cdef Py_ssize_t R = table_row(W)
-    cdef const float* ft = <const float*>(table + 3 * R)
+    cdef const float* ft = _rows_for(x, table, W)
     if real_t is double:
         bnfast_affine_scalar_f64_s(x, addend, y, n, table[c], table[R + c], table[2 * R + c],
                                    relu, stream)
@@ -291,7 +306,7 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
     # n values from a W-aligned start, as pieces of the W-long tile (stream: see
     # _apply_scalar).
     cdef Py_ssize_t R = table_row(W)
-    cdef const float* ft = <const float*>(tile + 3 * R)
+    cdef const float* ft = _rows_for(x, tile, W)
     if real_t is double:
         bnfast_affine_tiled_f64_s(x, addend, y, n, W, tile, tile + R, tile + 2 * R, relu, stream)
     elif use_float:
@@ -331,7 +346,7 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
                               bint stream) noexcept nogil:
     """Runs [first, last) of (N, C, S): run t is channel t % C, S values long."""
     cdef Py_ssize_t t, off, c = first % C  # one division per block, then stepped
-    cdef const float* ft = <const float*>(table + 3 * table_row(C))
+    cdef const float* ft = _rows_for(xp, table, C)
     cdef const real_t* ax = ap if ap == NULL else ap + first * S
     # Float rows: the block's runs in one leaf call (the choice hoisted out of the
     # run loop, the call and pick paid per block, not per run).
@@ -445,7 +460,7 @@ cdef inline void _last_block(const real_t* xp, const real_t* ap, real_t* yp,
     in_rows: rows the registers hold (_rows_fit)."""
     if in_rows:
         _apply_rows(xp + start, ap if ap == NULL else ap + start, yp + start,
-                    (stop - start) // C, C, <const float*>(tile + 3 * table_row(W)),
+                    (stop - start) // C, C, _rows_for(xp, tile, W),
                     table_row(W), relu, stream)
     else:
         _apply_tiled(xp + start, ap if ap == NULL else ap + start, yp + start, stop - start, W,

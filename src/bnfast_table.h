@@ -4,7 +4,8 @@
  * bias and the mean's residual, the
  * coefficient rows (mean, invstd, scale, shift: what a backward reads) and the
  * apply table that _affine.pxd's top describes (double rows m, a, b; float
- * rows; the flag saying whether float32 data may use the float rows).
+ * rows; the half rows; the flag saying whether float data may use the float
+ * and half rows).
  *
  * Why C: as Cython it was eight loops over the channels, some of them scalar
  * (GCC could not rule out that the table overlaps the coefficient rows), others
@@ -35,10 +36,10 @@
 static inline ptrdiff_t bnfast_table_row(ptrdiff_t W) { return W + 16; }
 
 /* Doubles in an apply table with W coefficients per row: three double rows,
- * three float rows, the flag. */
+ * three float rows, three half rows (floats), the flag. */
 static inline ptrdiff_t bnfast_table_len(ptrdiff_t W) {
     ptrdiff_t R = bnfast_table_row(W);
-    return 3 * R + (3 * R + 1) / 2 + 1;
+    return 6 * R + 1;
 }
 
 /* A row's first C values (of `size` bytes each) repeated over the rest of its
@@ -89,6 +90,20 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
          * infinite m loses nothing: its NaN difference must not make b NaN). */
         double lost = m - (double)fm;
         float fb = (float)((lost != 0.0) & (lost == lost) ? b - lost * a : b);
+        /* The half rows: the same map written about its zero z = m - b / a, as
+         * (x - hz) * fa + hb with hz = z rounded and hb = (hz - z) * a what that
+         * rounding moved (|hb| < 2^-24 |z a|).  Float arithmetic then errs by a
+         * few 2^-24 of |y| itself, where on the float rows it errs by 2^-24 of
+         * (x - m) * a and b: more than half an ulp of a float16 y that cancels to
+         * below 2^-12 of them (bfloat16: 2^-15).  (So x = m gives b within a few
+         * 2^-24 of it, not b exactly as the float rows do: the same half value
+         * unless b lies that close to a rounding boundary of the half type.)
+         * Where z or hb is no float of reach (weight 0, a scale below float's
+         * normals, |z| > 2^100), the float rows' m and b. */
+        double z = m - b / a, zlost = z - (double)(float)z;
+        float hz = (float)z, hb = (float)(-(zlost * a));
+        int about_zero = (fabs(z) <= 0x1p100) & (fabsf(fa) >= 0x1p-126f)
+                         & (fabsf(fa) <= 0x1.fffffep127f) & (fabsf(hb) <= 0x1.fffffep127f);
         coef[c] = m;
         coef[C + c] = invstd;
         coef[2 * C + c] = a;
@@ -99,6 +114,9 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
         ft[c] = fm;
         ft[R + c] = fa;
         ft[2 * R + c] = fb;
+        ft[3 * R + c] = about_zero ? hz : fm;
+        ft[4 * R + c] = fa;
+        ft[5 * R + c] = about_zero ? hb : fb;
         unfit |= ((fabsf(fm) > 0x1p100f) & (fabs(m) <= 0x1.fffffffffffffp1023))
                  | ((fabsf(fa) > 0x1.fffffep127f) & (fabs(a) <= 0x1.fffffffffffffp1023))
                  | ((fabsf(fb) > 0x1.fffffep127f) & (fabs(b) <= 0x1.fffffffffffffp1023));
@@ -131,6 +149,7 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
         for (row = 0; row < 3; row++) {                                                 \
             bnfast_repeat_row(table + row * R, sizeof(double), C, W);                   \
             bnfast_repeat_row(ft + row * R, sizeof(float), C, W);                       \
+            bnfast_repeat_row(ft + (row + 3) * R, sizeof(float), C, W);                 \
         }                                                                               \
         table[bnfast_table_len(W) - 1] = unfit ? 0.0 : 1.0;                             \
     }

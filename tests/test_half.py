@@ -1,11 +1,14 @@
 """Half precision (float16, ``ml_dtypes.bfloat16``) through every public API.
 
-Each output is the float32 computation rounded once to the half dtype, so it
-is held to **1 ulp of the half dtype** of the float64 reference
-(:mod:`bnfast.testing`) rounded to it; statistics are summed in float and
-folded into double, as exact as from the same values stored as float32; in
-PyTorch's "mixed" mode (half data, float32
-parameters and running statistics) outputs are within 1 half ulp of
+Each output is a float32 computation rounded once to the half dtype.  The
+normalise alone (``relu?((x - m) * a + b)``) is held to **1 ulp of the half
+dtype** of the float64 reference (:mod:`bnfast.testing`) rounded to it, the
+true ulp, also where its terms cancel to ~0 (``bnfast_table.h``'s half rows).
+Where float arithmetic adds terms that may cancel (the addend's sum, the
+backward's three terms, training's statistics) the ulp is measured at no less
+than SUM_FLOOR.  Statistics are summed in float and folded into double, as
+exact as from the same values stored as float32; in PyTorch's "mixed" mode
+(half data, float32 parameters and running statistics) outputs are within 1 half ulp of
 ``torch.nn.functional.batch_norm`` and the running buffers are the reference
 rounded once to float32, as close to torch's as in float32 (torch's own are a
 few float32 ulps off the exact value: it computes them in float32).
@@ -38,11 +41,15 @@ SHAPES = [(8, 6, 5, 7), (64, 5), (4, 3, 33)]  # 4-d, (N, C) rows, 3-d
 #: dtype, and float64 (read as doubles all the same).
 PARAMS = ["float32", "half", "float64"]
 
-#: Below this magnitude an output's ulp is measured at it: the float32
-#: computation rounds to ~2**-24 of its terms (O(1) here), far below half an
-#: ulp of the half dtype at 2**-6, but not of a value that cancels to ~1e-6.
-ULP_FLOOR = 2.0 ** -6
+#: Where terms of O(1) (here) are added in float and may cancel (the addend's
+#: sum, the backward's, torch's and float32 data's outputs), an output's ulp is
+#: measured at no less than this: float32 rounds to ~2**-24 of the terms, far
+#: below half an ulp of the half dtype at 2**-6, not of a value that cancels to
+#: ~1e-6.
+SUM_FLOOR = 2.0 ** -6
 MANTISSA_BITS = {F16: 10, BF16: 7}
+#: The smallest normal value: the ulp below it is the subnormals' (2**-24, 2**-133).
+SMALLEST_NORMAL = {F16: 2.0 ** -14, BF16: 2.0 ** -126}
 
 
 @pytest.fixture(params=HALF, ids=lambda d: d.name)
@@ -54,9 +61,10 @@ def param_dtype(kind, half):
     return {"float32": np.dtype(np.float32), "half": half, "float64": np.dtype(np.float64)}[kind]
 
 
-def assert_half_ulps(got, ref64, dtype, ulps=1):
+def assert_half_ulps(got, ref64, dtype, ulps=1, floor=0.0):
     """``got`` (of ``dtype``) within ``ulps`` ulps of ``dtype`` of the float64 ``ref64``
-    rounded to it (ulps measured at ``max(|ref|, ULP_FLOOR)``); NaN where NaN, inf where inf."""
+    rounded to it (ulps measured at ``max(|ref|, floor)``: 0, the true ulp, or
+    SUM_FLOOR); NaN where NaN, inf where inf."""
     assert got.dtype == dtype and got.shape == ref64.shape
     g = got.astype(np.float64)
     with np.errstate(over="ignore"):  # beyond the largest half: inf, as the kernels round
@@ -65,7 +73,7 @@ def assert_half_ulps(got, ref64, dtype, ulps=1):
     finite = np.isfinite(r)
     np.testing.assert_array_equal(g[~finite & ~np.isnan(r)], r[~finite & ~np.isnan(r)])
     # ulp(v) = 2**(exponent - mantissa bits), also at the largest finite value.
-    exponent = np.frexp(np.maximum(np.abs(r[finite]), ULP_FLOOR))[1]
+    exponent = np.frexp(np.maximum(np.abs(r[finite]), max(floor, SMALLEST_NORMAL[dtype])))[1]
     scale = np.ldexp(1.0, exponent - 1 - MANTISSA_BITS[dtype])
     worst = float((np.abs(g[finite] - r[finite]) / scale).max(initial=0.0))
     assert worst <= ulps, f"{worst} ulps of {dtype} from the reference (allowed {ulps})"
@@ -129,13 +137,40 @@ def test_forward_against_reference(half, rng, mode, layout, params, shape):
     y, mean, invstd = bnfast.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-5, addend=addend,
                                         relu=relu, return_stats=True)
 
-    assert_half_ulps(y, ref.out, half)
+    # Training: the batch statistics, summed in float, err on the terms' scale.
+    assert_half_ulps(y, ref.out, half, floor=SUM_FLOOR if with_addend or training else 0.0)
     assert is_channels_last(y) == (layout == "channels_last" and len(shape) > 2
                                    or len(shape) == 2)
     assert rm.dtype == rv.dtype == p
     assert_stats_close(rm, ref.running_mean, p)
     assert_stats_close(rv, ref.running_var, p)
     assert_stats_as_exact_as_float32(x, mean, invstd, ref)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(40, 3, 4), (24, 5, 3, 3)], ids=str)
+def test_outputs_that_cancel_to_near_zero_within_an_ulp(half, rng, shape, layout, relu):
+    # Each channel's values lie on the half grid around 2, where its bias puts the
+    # output's zero: (x - m) * a and b, both O(1), cancel to |y| as small as
+    # ~1e-7.  Computed as (x - m) * a + b in float, that errs by 2**-24 of the
+    # terms, several ulps of such a y (tens in bfloat16).  (Evaluation: in
+    # training the batch statistics, summed in float, err on the terms' scale.)
+    C, p, training = shape[1], np.float32, False
+    near = (2.0 + rng.integers(-60, 61, shape) * 2.0 ** -12).astype(half)
+    x = np.where(rng.random(shape) < 0.1, rng.uniform(-3, 3, shape).astype(half), near)
+    x = with_layout(x, layout)
+    w = (rng.choice([-1.0, 1.0], C) * rng.uniform(0.5, 2.0, C)).astype(p)
+    rm, rv = make_running(rng, C, p)
+    mean, invstd = rm.astype(np.float64), 1.0 / np.sqrt(rv.astype(np.float64) + 1e-5)
+    b = (-(2.0 - mean) * invstd * w).astype(p)
+    ref = reference_batch_norm(x, rm, rv, w, b, training, relu=relu)
+
+    y = bnfast.batch_norm(x, rm, rv, w, b, training, relu=relu)
+
+    assert_half_ulps(y, ref.out, half)
+    terms = np.abs(b).min()
+    assert np.sum((ref.out != 0) & (np.abs(ref.out) < 2.0 ** -16 * terms)) >= C
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
@@ -237,9 +272,10 @@ def test_statistics_are_as_exact_as_from_float32_data(half, rng, layout, shape):
                   + F32_EPS * np.abs(ref.running_var))
     # float32 data of the same values: as close to the reference (it sums in double).
     assert np.all(np.abs(mean32 - ref.mean) <= f32_round)
-    # The output: the float32 result rounded once, to 1 ulp of the half dtype.
+    # The output: within 1 ulp of the half dtype, and of float32 data's result
+    # (which errs by 2**-24 of its terms: SUM_FLOOR).
     assert_half_ulps(y, ref.out, half)
-    assert_half_ulps(y, y32.astype(np.float64), half)
+    assert_half_ulps(y, y32.astype(np.float64), half, floor=SUM_FLOOR)
 
 
 def test_bfloat16_mean_accumulates_in_double_not_bfloat16(rng):
@@ -270,7 +306,8 @@ def test_mixed_matches_torch(half, rng, torch, training, layout, shape):
         to_torch(torch, x), trm, trv, torch.from_numpy(w), torch.from_numpy(b),
         training=training, momentum=0.1, eps=1e-5)
     y = bnfast.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
-    assert_half_ulps(y, from_torch(torch, expected).astype(np.float64), half)
+    # torch computes x * alpha + beta in float: its error is on the terms' scale.
+    assert_half_ulps(y, from_torch(torch, expected).astype(np.float64), half, floor=SUM_FLOOR)
     assert_close(rm, trm.numpy(), np.float32, TORCH_TOL)
     assert_close(rv, trv.numpy(), np.float32, TORCH_TOL)
     ref = reference_batch_norm(x, rm0, rv0, w, b, training, 0.1, 1e-5)
@@ -328,7 +365,7 @@ def test_float16_values_near_65504(rng):
     # exact result rounded to float16 is inf there (|y| >= 65520), and only there.
     ev = reference_batch_norm(x, rm, rv, w, b, addend=x)
     got = bnfast.batch_norm(x, rm, rv, w, b, addend=x)
-    assert_half_ulps(got, ev.out, F16)
+    assert_half_ulps(got, ev.out, F16, floor=SUM_FLOOR)
     assert np.isinf(got).sum() == (np.abs(ev.out) >= 65520).sum() > 0
 
 
@@ -340,7 +377,7 @@ def test_bfloat16_values_near_3e38(rng):
     # Evaluation with float64 statistics that float32 could not hold.
     rm, rv = np.zeros(2), np.full(2, 1e76)
     ev = reference_batch_norm(x, rm, rv, addend=x)
-    assert_half_ulps(bnfast.batch_norm(x, rm, rv, addend=x), ev.out, BF16)
+    assert_half_ulps(bnfast.batch_norm(x, rm, rv, addend=x), ev.out, BF16, floor=SUM_FLOOR)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -429,8 +466,8 @@ def test_one_and_many_threads_bit_identical(half, rng, shape, layout):
 
 # -- backward ----------------------------------------------------------------------------
 def _grad_ulps(got, ref64, dtype):
-    """Gradients of ``x``'s shape: rounded once from float32, like the forward."""
-    assert_half_ulps(got, ref64, dtype)
+    """Gradients of ``x``'s shape: rounded once from float32's sum of three terms."""
+    assert_half_ulps(got, ref64, dtype, floor=SUM_FLOOR)
 
 
 def _param_grad_close(got, ref64, terms=None):
@@ -531,7 +568,8 @@ def test_mixed_backward_matches_torch(half, rng, torch, training, layout):
     _, mean, invstd = bnfast.batch_norm(x, rm.copy(), rv.copy(), w, b, training,
                                         return_stats=True)
     gx, gw, gb = bnfast.batch_norm_backward(dy, x, w, mean, invstd, training)
-    assert_half_ulps(gx, from_torch(torch, tgx).astype(np.float64), half, ulps=2)
+    assert_half_ulps(gx, from_torch(torch, tgx).astype(np.float64), half, ulps=2,
+                     floor=SUM_FLOOR)
     # torch returns the parameters' gradients in their dtype (float32 here).
     assert gw.dtype == gb.dtype == np.float32
     # Sums in double here, in float32 there: as close as float32's own tolerance.
@@ -568,7 +606,8 @@ def test_module_forward_backward(half, rng, param_kind, fused):
     y = m(x, *extra)
     ref = reference_batch_norm(x, np.zeros(4), np.ones(4), w, b, True,
                                addend=extra[0] if fused else None, relu=fused)
-    assert_half_ulps(y, ref.out, half)
+    floor = SUM_FLOOR if fused else 0.0  # the addend's sum
+    assert_half_ulps(y, ref.out, half, floor=floor)
     assert_stats_close(m.running_mean, ref.running_mean, p)
     assert_stats_close(m.running_var, ref.running_var, p)
     dy = half_input(rng, x.shape, half, loc=0.0, scale=1.0)
@@ -576,12 +615,12 @@ def test_module_forward_backward(half, rng, param_kind, fused):
     gx = grads[0] if fused else grads
     gref = reference_batch_norm_backward(dy, x, w, ref.mean, ref.invstd, True,
                                          output=y if fused else None)
-    assert_half_ulps(gx, gref.grad_input, half)
+    _grad_ulps(gx, gref.grad_input, half)
     assert m.weight_grad.dtype == m.bias_grad.dtype == p  # as torch's .grad
     m.eval()
     ev = reference_batch_norm(x, m.running_mean, m.running_var, w, b,
                               addend=extra[0] if fused else None, relu=fused)
-    assert_half_ulps(m(x, *extra), ev.out, half)
+    assert_half_ulps(m(x, *extra), ev.out, half, floor=floor)
 
 
 def test_module_rejects_other_input_dtype(half):

@@ -33,8 +33,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _table_len(W):
-    R = W + 16
-    return 3 * R + (3 * R + 1) // 2 + 1
+    return 6 * (W + 16) + 1
 
 
 def _parse(out):
@@ -86,6 +85,14 @@ def _expected(inputs, case, repeat):
         # nothing (its difference is NaN: inf - inf).
         lost = mean - fm.astype(np.float64)
         fb = np.where((lost != 0.0) & ~np.isnan(lost), b - lost * a, b).astype(np.float32)
+        # The half rows: the map about its zero z (where z and what rounding it
+        # moved are floats of reach; else the float rows).
+        z = mean - b / a
+        hz = z.astype(np.float32)
+        hb = (-((z - hz.astype(np.float64)) * a)).astype(np.float32)
+        about_zero = ((np.abs(z) <= 2.0**100) & (np.abs(fa) >= 2.0**-126)
+                      & (np.abs(fa) <= FLT_MAX) & (np.abs(hb) <= FLT_MAX))
+        hz, hb = np.where(about_zero, hz, fm), np.where(about_zero, hb, fb)
         unfit = (((np.abs(fm) > 2.0**100) & (np.abs(mean) <= DBL_MAX))
                  | ((np.abs(fa) > FLT_MAX) & (np.abs(a) <= DBL_MAX))
                  | ((np.abs(fb) > FLT_MAX) & (np.abs(b) <= DBL_MAX))).any()
@@ -94,11 +101,12 @@ def _expected(inputs, case, repeat):
     R = W + 16
     table = np.zeros(_table_len(W))
     floats = table[3 * R:-1].view(np.float32)
-    for row, (d, f) in enumerate([(mean, fm), (a, fa), (b, fb)]):
+    for row, (d, f, h) in enumerate([(mean, fm, hz), (a, fa, fa), (b, fb, hb)]):
         table[row * R:row * R + W] = np.tile(d, repeat)
         floats[row * R:row * R + W] = np.tile(f, repeat)
+        floats[(row + 3) * R:(row + 3) * R + W] = np.tile(h, repeat)
     table[-1] = 0.0 if unfit else 1.0
-    return coef, table, not unfit
+    return coef, table, not unfit, about_zero
 
 
 def _same(actual, expected):
@@ -117,12 +125,14 @@ def test_leaf_gives_the_float64_formulas_bits(driver, leaf, value_set, case, rep
     if (leaf == "avx2" and not has[0]) or (leaf == "avx512" and not has[1]):
         pytest.skip(f"this CPU has no {leaf}")
     coef, table = results[value_set, case, repeat, leaf]
-    want_coef, want_table, fits = _expected(inputs[value_set], case, repeat)
+    want_coef, want_table, fits, about_zero = _expected(inputs[value_set], case, repeat)
     _same(coef, want_coef)
     _same(table, want_table)
     # Each limit is in play; non-finite channels alone never clear the flag.
     if case == 7:
         assert fits == (value_set in FITTING_SETS)
+        # The half rows: about the zero, and the float rows' where it is out of reach.
+        assert not about_zero[[19, 23]].any() and about_zero.sum() > C // 2
     assert np.isnan(coef).any() and np.isinf(coef).any()
 
 
