@@ -72,11 +72,15 @@ def _real(value, name):
     return float(value)
 
 
-def check_eps(eps):
-    """eps as a positive float."""
+def check_eps(eps, batch_stats=False):
+    """eps as a float, by torch's rules: non-negative, and positive where the
+    batch's statistics normalise (``batch_stats``: torch's training flag; a
+    batch's variance may be 0).  NaN is rejected too (torch returns NaNs)."""
     eps = _real(eps, "eps")
-    if not eps > 0.0:  # also rejects NaN
-        raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+    if batch_stats and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     return eps
 
 
@@ -140,7 +144,8 @@ def check_forward(x, running_mean, running_var, weight, bias, batch_stats, eps, 
     """The checks every forward makes, functional or module, on a checked input ``x``.
 
     Returns ``(running_mean, running_var, weight, bias, eps, addend, out, n_threads)``
-    as the layout step takes them: (C,) arrays or None, eps a positive float,
+    as the layout step takes them: (C,) arrays or None, eps a float (positive
+    with ``batch_stats``),
     ``n_threads`` resolved.  ``batch_stats``: the batch's statistics normalise
     (more than one value per channel needed; running buffers updated in place).
     """
@@ -148,7 +153,7 @@ def check_forward(x, running_mean, running_var, weight, bias, batch_stats, eps, 
     running_mean, running_var = check_running_stats(running_mean, running_var, C, batch_stats)
     weight = check_channel_vector(weight, "weight", C)
     bias = check_channel_vector(bias, "bias", C)
-    eps = check_eps(eps)
+    eps = check_eps(eps, batch_stats)
     if addend is not None:
         addend = check_same_shape(addend, "addend", x)
     if out is not None:
@@ -223,7 +228,8 @@ def check_distinct_outputs(out, addend_out):
                          "gradients")
 
 
-def check_backward(grad_output, input, weight, save_mean, save_invstd, eps, output_mask, n_mask):
+def check_backward(grad_output, input, weight, save_mean, save_invstd, training, eps,
+                   output_mask, n_mask):
     """What both backwards share: ``(x, dy, weight, mean, invstd, output_mask)``.
 
     The common case (ndarrays of the input's shape and dtype, a float eps, a
@@ -240,5 +246,5 @@ def check_backward(grad_output, input, weight, save_mean, save_invstd, eps, outp
     mean = check_saved_stat(save_mean, "save_mean", C)
     invstd = check_saved_stat(save_invstd, "save_invstd", C)
     if type(eps) is not float or not eps > 0.0:
-        check_eps(eps)
+        check_eps(eps, training)
     return x, dy, weight, mean, invstd, check_output_mask(output_mask, n_mask)

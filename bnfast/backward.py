@@ -247,7 +247,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     array([2., 2.])
     """
     x, dy, weight, mean, invstd, mask = check_backward(
-        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 3)
+        grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask, 3)
     nt = resolve_threads(n_threads)
     if out is not None:
         out = check_out(out, x)
@@ -308,7 +308,7 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
            [1., 1.]])
     """
     x, dy, weight, mean, invstd, mask = check_backward(
-        grad_output, input, weight, save_mean, save_invstd, eps, output_mask, 4)
+        grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask, 4)
     nt = resolve_threads(n_threads)
     if out is not None:
         out = check_out(out, x)

@@ -245,7 +245,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                                     batch_stats_)
     weight = check_channel_vector(weight, "weight", C)
     bias = check_channel_vector(bias, "bias", C)
-    eps = check_eps(eps)
+    eps = check_eps(eps, batch_stats_)
     if addend is not None:
         addend = _check_dask_input(addend, "addend")
         if addend.shape != x.shape:

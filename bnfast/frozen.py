@@ -40,8 +40,8 @@ class _FrozenBatchNorm:
         param_dtype = resolve_param_dtype(param_dtype, dtype)
         self.num_features = int(num_features)
         self.eps = float(eps)
-        if not self.eps > 0.0:
-            raise ValueError(f"eps must be positive, got {eps}")
+        if not self.eps >= 0.0:  # torch's rule for evaluation (also rejects NaN)
+            raise ValueError(f"eps must be non-negative, got {eps}")
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.training = False  # kept for train()/eval(): the forward ignores it

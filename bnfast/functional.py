@@ -42,7 +42,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     momentum : float
         ``running = (1 - momentum) * running + momentum * batch``.
     eps : float
-        Added to the variance; must be positive.
+        Added to the variance: non-negative, positive where batch statistics
+        normalise (torch's rules).
     addend : array_like of input's shape and dtype, optional
         Added after the affine map (a residual connection).
     relu : bool

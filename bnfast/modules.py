@@ -534,7 +534,8 @@ class BatchNorm1d(_BatchNorm):
     num_features : int
         C, the number of channels.
     eps : float, default 1e-5
-        Added to the variance; must be positive.
+        Added to the variance: non-negative, positive where batch statistics
+        normalise (torch's rules).
     momentum : float or None, default 0.1
         Running-stat update factor; None for a cumulative average.
     affine : bool, default True

@@ -126,8 +126,14 @@ def _batch_statistics(x, scale, bias, eps):
         batch_var = np.zeros(C)
         return batch_norm(x, batch_mean, batch_var, scale, bias, eps=eps), batch_mean, batch_var
     batch_mean, batch_var = np.zeros(C), np.zeros(C)
-    y = batch_norm(x, batch_mean, batch_var, scale, bias, training=True, momentum=1.0, eps=eps)
-    return y, batch_mean, batch_var * ((n - 1) / n)
+    # epsilon = 0 is ONNX's to allow (torch's rule, the kernel's, refuses it in
+    # training): the statistics (which eps does not change), then the normalise.
+    y = batch_norm(x, batch_mean, batch_var, scale, bias, training=True, momentum=1.0,
+                   eps=eps if eps > 0.0 else 1.0)
+    batch_var *= (n - 1) / n
+    if not eps > 0.0:
+        y = batch_norm(x, batch_mean, batch_var, scale, bias, eps=eps, out=y)
+    return y, batch_mean, batch_var
 
 
 #: The operators for ``ReferenceEvaluator(model, new_ops=bnfast.onnx.ops)``.

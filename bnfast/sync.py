@@ -195,7 +195,7 @@ class SyncBatchNorm(_BatchNorm):
             factor = 0.0
         weight = check_channel_vector(self.weight, "weight", C)
         bias = check_channel_vector(self.bias, "bias", C)
-        eps = check_eps(self.eps)
+        eps = check_eps(self.eps, True)
         if out is not None:
             out = check_out(out, x)
         return x, weight, bias, eps, factor, out, resolve_threads(self.n_threads)

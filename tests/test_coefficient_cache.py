@@ -287,10 +287,12 @@ def test_wrong_channel_count_and_bad_eps_raise_after_the_cache_is_filled(dtype, 
         m(x)
     m.running_mean = np.zeros(4, dtype)
     _assert_current(m, x, m(x), dtype)
-    for eps in (0.0, -1e-5, float("nan")):
+    for eps in (-1e-5, float("nan")):
         m.eps = eps
-        with pytest.raises(ValueError, match="eps must be positive"):
+        with pytest.raises(ValueError, match="eps must be non-negative"):
             m(x)
+    m.eps = 0.0  # torch's rule in evaluation: allowed, and seen
+    _assert_current(m, x, m(x), dtype)
     m.eps = 1e-5
     m.running_mean[...] = 0
     _assert_current(m, x, m(x), dtype)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bnfast
-from conftest import make_input
+from conftest import assert_close, make_input, reference_batch_norm
 
 MODULES = [bnfast.BatchNorm1d, bnfast.BatchNorm2d, bnfast.BatchNorm3d,
            bnfast.FusedBatchNorm1d, bnfast.FusedBatchNorm2d, bnfast.FusedBatchNorm3d]
@@ -124,15 +124,45 @@ def test_bad_num_features(num_features, exc):
         bnfast.BatchNorm1d(num_features)
 
 
-@pytest.mark.parametrize("eps", [0, 0.0, -1e-5, float("nan")])
-def test_eps_must_be_positive(eps):
-    with pytest.raises(ValueError, match="eps must be positive"):
+@pytest.mark.parametrize("eps", [-1e-5, -1, float("nan"), float("-inf")])
+def test_eps_must_be_non_negative(eps):
+    with pytest.raises(ValueError, match="eps must be non-negative"):
         bnfast.BatchNorm2d(3, eps=eps)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        bnfast.FrozenBatchNorm2d(3, eps=eps)
     x = np.ones((2, 3), np.float32)
-    with pytest.raises(ValueError, match="eps must be positive"):
+    with pytest.raises(ValueError, match="eps must be positive during training"):
         bnfast.batch_norm(x, None, None, training=True, eps=eps)
-    with pytest.raises(ValueError, match="eps must be positive"):
+    with pytest.raises(ValueError, match="eps must be non-negative"):
         bnfast.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), eps=eps)
+    g = np.ones_like(x)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        bnfast.batch_norm_backward(g, x, None, np.zeros(3), np.ones(3), False, eps=eps)
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, -0.0])
+def test_eps_zero_is_for_evaluation_only(rng, zero):
+    # torch's rules: eps = 0 where the batch's variance (which may be 0) normalises is
+    # an error; in evaluation it is the running variance alone.
+    x = make_input(rng, (6, 3, 4), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.array([0.5, 2.0, 0.0], np.float32)
+    with pytest.raises(ValueError, match="eps must be positive during training, but got"):
+        bnfast.batch_norm(x, rm, rv, training=True, eps=zero)
+    no_stats = bnfast.BatchNorm1d(3, eps=zero, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        no_stats(x)  # no running statistics: the batch's normalise
+    m = bnfast.BatchNorm1d(3, eps=zero)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        m(x)
+    assert int(m.num_batches_tracked) == 0
+    m.running_var[...] = rv
+    y = m.eval()(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = reference_batch_norm(x, rm, rv, eps=0.0)
+    assert_close(y, ref.out, np.float32)
+    # A zero running variance: (x - mean) / 0, +-inf (torch's x * inf + (-mean * inf)
+    # makes the whole channel NaN).
+    assert np.array_equal(np.isinf(y[:, 2]), x[:, 2] != 0) and np.isnan(y[:, 2]).sum() == 0
 
 
 @pytest.mark.parametrize("bad", ["0.1", True, [0.1]])

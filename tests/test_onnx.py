@@ -46,9 +46,13 @@ def _bn_bound(x, scale, bias, mean, var, eps):
 
 
 def assert_bn_close(actual, expected, x, scale, bias, mean, var, eps):
+    """Within _bn_bound; NaN exactly where expected (0 / 0 with epsilon = 0)."""
     assert actual.dtype == expected.dtype == x.dtype and actual.shape == x.shape
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    assert np.all(diff <= _bn_bound(x, scale, bias, mean, var, eps))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        assert np.all(diff[~nan] <= _bn_bound(x, scale, bias, mean, var, eps)[~nan])
 
 
 # -- single-node models ----------------------------------------------------------
@@ -84,7 +88,7 @@ def _mode_attrs(opset, training):
 
 
 @pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("eps", [None, 1e-3], ids=["eps_default", "eps"])
+@pytest.mark.parametrize("eps", [None, 1e-3, 0.0], ids=["eps_default", "eps", "eps_zero"])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 2), (6, 3), (2, 3, 2, 3, 2)])
 def test_inference_matches_onnx_reference(rng, dtype, opset, eps, shape):
     feeds = _feeds(rng, dtype, shape)
@@ -102,22 +106,24 @@ def test_inference_matches_onnx_reference(rng, dtype, opset, eps, shape):
 @pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("momentum", [None, 0.5], ids=["momentum_default", "momentum"])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 2), (6, 3), (1, 3)])
-def test_training_matches_onnx_reference(rng, dtype, opset, momentum, shape):
+@pytest.mark.parametrize("epsilon", [1e-3, 0.0], ids=["eps", "eps_zero"])
+def test_training_matches_onnx_reference(rng, dtype, opset, momentum, shape, epsilon):
     feeds = _feeds(rng, dtype, shape)
     n_outputs = 3 if opset >= 14 else 5
-    model = _model(opset, dtype, n_outputs, momentum=momentum, epsilon=1e-3,
+    model = _model(opset, dtype, n_outputs, momentum=momentum, epsilon=epsilon,
                    **_mode_attrs(opset, True))
     got = _ours(model, feeds)
     assert len(got) == n_outputs
     args = [feeds[k] for k in ("x", "scale", "B", "mean", "var")]
-    eps = float(np.float32(1e-3))
+    eps = float(np.float32(epsilon))
     m = float(np.float32(0.9 if momentum is None else momentum))  # float32 attributes
-    if opset >= 14:
-        expected = ReferenceEvaluator(model).run(None, feeds)
-    else:  # the reference's classes mishandle these outputs (onnx#8442): its formula
-        y, saved_mean, saved_var, run_mean, run_var = _batchnorm_training_mode(
-            *args, momentum=m, epsilon=eps)
-        expected = [y, run_mean, run_var, saved_mean, saved_var]
+    with np.errstate(invalid="ignore"):  # one value per channel, epsilon 0: 0 / 0
+        if opset >= 14:
+            expected = ReferenceEvaluator(model).run(None, feeds)
+        else:  # the reference's classes mishandle these outputs (onnx#8442): its formula
+            y, saved_mean, saved_var, run_mean, run_var = _batchnorm_training_mode(
+                *args, momentum=m, epsilon=eps)
+            expected = [y, run_mean, run_var, saved_mean, saved_var]
     # y: normalised with the batch's own statistics
     batch_mean = feeds["x"].astype(np.float64).mean(axis=(0,) + tuple(range(2, len(shape))))
     batch_var = feeds["x"].astype(np.float64).var(axis=(0,) + tuple(range(2, len(shape))))

@@ -241,6 +241,21 @@ def test_torch_errors_kept():
         bt.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0)
     with pytest.raises(RuntimeError):  # torch's own shape error, from the fallback
         bt.batch_norm(torch.randn(4, 3), torch.zeros(2), torch.ones(2))
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        bt.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), eps=-1e-5)
+
+
+def test_eval_with_eps_zero_as_torch():
+    # torch allows eps = 0 in evaluation; bnfast raised there before session 21.
+    x, rm, rv = torch.randn(6, 3, 5), torch.randn(3), torch.rand(3) + 0.5
+    stock = torch.nn.BatchNorm1d(3, eps=0.0).eval()
+    stock.running_mean.copy_(rm)
+    stock.running_var.copy_(rv)
+    ours = bt.convert(stock)
+    assert type(ours) is bt.BatchNorm1d
+    expected = stock(x)
+    torch.testing.assert_close(ours(x), expected)
+    torch.testing.assert_close(bt.batch_norm(x, rm, rv, eps=0.0), expected)
 
 
 @pytest.mark.parametrize("args, kwargs", [

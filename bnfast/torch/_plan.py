@@ -133,7 +133,7 @@ class Plan:
             rm = rv = b = None
             w = check_channel_vector(None if weight is None else as_numpy(weight.detach()),
                                      "weight", x.shape[1])
-            eps = check_eps(eps)
+            eps = check_eps(eps, training)
         else:
             rm, rv, w, b, eps, _, _, _ = check_forward(
                 x, *(None if v is None else as_numpy(v.detach())

@@ -49,7 +49,7 @@ class _SyncFunction(torch.autograd.Function):
             x = check_input(as_numpy(input))
             w = check_channel_vector(as_numpy(weight), "weight", C)
             b = check_channel_vector(as_numpy(bias), "bias", C)
-            eps = check_eps(eps)
+            eps = check_eps(eps, True)
             x, layout = _layout.in_kernel_layout(x)
             nt = torch.get_num_threads()
             local = _sync._local_record(x, layout, nt)
