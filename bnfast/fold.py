@@ -12,6 +12,7 @@ grouped transposed convolutions and BatchNorms without ``weight``
 import numpy as np
 
 from ._state_dict import as_numpy, is_floating
+from .fused import is_fused
 
 __all__ = ["conv", "linear"]
 
@@ -26,8 +27,15 @@ def _weight(weight, ndims, what):
     return w
 
 
-def _coefficients(bn, channels, what):
+def _coefficients(bn, channels, what, broadcast_one=False):
+    """The float64 (scale, shift) of bn, one per output channel (``broadcast_one``: a
+    BatchNorm of one channel serves them all, as torch's fuse_linear_bn_eval allows)."""
+    if is_fused(bn):
+        raise TypeError(f"{type(bn).__name__}'s ReLU and addend are no affine map: folding "
+                        f"it into the {what} would drop them; fold a BatchNorm")
     scale, shift = bn.affine_coefficients(np.float64)
+    if broadcast_one and scale.shape == (1,):
+        scale, shift = np.repeat(scale, channels), np.repeat(shift, channels)
     if scale.shape != (channels,):
         raise ValueError(f"the BatchNorm has {scale.shape[0]} channels but the {what} has "
                          f"{channels} output channels")
@@ -38,6 +46,8 @@ def _folded_bias(bias, scale, shift, dtype):
     if bias is None:
         return shift.astype(dtype)
     b = as_numpy(bias, "bias")
+    if not is_floating(b.dtype) and b.dtype.kind not in "biu":  # complex would lose its part
+        raise TypeError(f"bias must be an array of real numbers, got dtype {b.dtype}")
     if b.shape != scale.shape:
         raise ValueError(f"bias must have shape {scale.shape} (one per output channel), "
                          f"got shape {b.shape}")
@@ -116,7 +126,9 @@ def linear(weight, bias, bn):
         Its bias (None: no bias).
     bn : BatchNorm module
         A module with ``affine_coefficients`` (e.g. a BatchNorm1d of ``out``
-        features with running statistics; ``affine=False`` is fine).
+        features with running statistics; ``affine=False`` is fine), or of
+        one feature, which serves every output as in torch's
+        ``fuse_linear_bn_eval``.
 
     Returns
     -------
@@ -134,6 +146,6 @@ def linear(weight, bias, bn):
     array([-1.,  1.])
     """
     w = _weight(weight, (2,), "Linear")
-    scale, shift = _coefficients(bn, w.shape[0], "linear layer")
+    scale, shift = _coefficients(bn, w.shape[0], "linear layer", broadcast_one=True)
     return ((w.astype(np.float64) * scale[:, None]).astype(w.dtype),
             _folded_bias(bias, scale, shift, w.dtype))

@@ -8,16 +8,24 @@ sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``.
 How it differs from a BatchNorm in evaluation, in the last bits: bnfast's
 BatchNorm computes ``(x - mean) * a + b`` per element, where ``x - mean`` is
 exact when ``x`` is close to ``mean``, so the output is within a few ulps of
-*itself*.  The frozen map rounds ``scale`` and ``shift`` to the data's dtype
-(here in float64 first, rounded once) and then the product ``x * scale``
-and the sum: near ``x == mean`` the two large terms cancel, and the error is
-a few ulps of ``|x * scale|`` (of ``|shift|``), not of the small output.
-That is the price of one multiply-add, the form a convolution absorbs.
+*itself*.  The frozen map rounds ``scale`` and ``shift`` (computed in float64)
+once to the compute type (float32 for float32 and half data, float64 for
+float64) and then the product ``x * scale`` and the sum: near ``x == mean``
+the two large terms cancel, and the error is a few ulps of ``|x * scale|``
+(of ``|shift|``), not of the small output.  That is the price of one
+multiply-add, the form a convolution absorbs.  It runs as the BatchNorm
+kernels' one pass (threads, channels-last in place) with mean 0 and scale 1
+folded into ``weight = scale``, ``bias = shift``; half data is computed in
+float (as the BatchNorm modules, within an ulp of the half dtype), not in the
+half dtype, where a shift beyond 65504 would be inf.
 """
 import numpy as np
 
 from ._dtypes import resolve_dtype, resolve_param_dtype
 from ._state_dict import affine_coefficients
+from ._validation import check_eps
+from .functional import batch_norm
+from .fused import is_fused
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys, _BatchNorm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze"]
@@ -30,6 +38,7 @@ class _FrozenBatchNorm:
 
     _ndims: "tuple[int, ...]" = ()
     _ndim_text = ""
+    __setattr__ = _BatchNorm.__setattr__  # buffers: ndarrays (or None), as torch's
 
     def __init__(self, num_features, eps=1e-5, *, dtype=np.float32, param_dtype=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
@@ -39,9 +48,7 @@ class _FrozenBatchNorm:
         dtype = resolve_dtype(dtype)
         param_dtype = resolve_param_dtype(param_dtype, dtype)
         self.num_features = int(num_features)
-        self.eps = float(eps)
-        if not self.eps >= 0.0:  # torch's rule for evaluation (also rejects NaN)
-            raise ValueError(f"eps must be non-negative, got {eps}")
+        self.eps = check_eps(eps)  # torch's rule for evaluation: non-negative
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.training = False  # kept for train()/eval(): the forward ignores it
@@ -74,7 +81,8 @@ class _FrozenBatchNorm:
         input : array_like
             Of the module's dtype, channels on axis 1.
         out : ndarray, optional
-            Where to write the result (may be ``input``).
+            Where to write the result (may be ``input``), checked as
+            :func:`bnfast.batch_norm` checks it.
         """
         x = np.asarray(input)
         if x.ndim not in self._ndims:
@@ -85,16 +93,11 @@ class _FrozenBatchNorm:
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected input with {self.num_features} channels (axis 1), "
                              f"got input of shape {x.shape}")
-        if out is None:
-            out = np.empty_like(x)  # keeps a channels-last layout
-        elif not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != x.dtype:
-            raise ValueError(f"out must be an ndarray of the input's shape {x.shape} and "
-                             f"dtype {x.dtype}")
-        scale, shift = self.affine_coefficients()
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        np.multiply(x, scale.reshape(shape), out=out)
-        np.add(out, shift.reshape(shape), out=out)
-        return out
+        scale, shift = self.affine_coefficients(np.float64)
+        # (x - 0) * (scale / sqrt(1 + 0)) + shift: the kernel's coefficients are
+        # scale and shift exactly, its float rows round them once, as before.
+        zeros, ones = np.zeros_like(scale), np.ones_like(scale)
+        return batch_norm(x, zeros, ones, scale, shift, False, eps=0.0, out=out)
 
     def state_dict(self):
         """The four buffers under torch's names (arrays, not copies)."""
@@ -137,8 +140,7 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
     eps : float, default 1e-5
         Added to the variance.
     dtype : dtype, default np.float32
-        The data's dtype (any floating dtype: the map needs no kernel); the
-        scale and shift are rounded to it.
+        The data's dtype: float32, float64, float16 or bfloat16.
     param_dtype : dtype, optional (keyword-only)
         The buffers' dtype: by default float32 for half-precision data (as
         the BatchNorm modules keep their statistics; a float16 running_var
@@ -169,6 +171,7 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
 
 _FROZEN = {BatchNorm1d: FrozenBatchNorm1d, BatchNorm2d: FrozenBatchNorm2d,
            BatchNorm3d: FrozenBatchNorm3d}
+_FUSED_NOTE = " (its ReLU and addend are no affine map: freezing would drop them)"
 
 
 def freeze(module):
@@ -188,7 +191,7 @@ def freeze(module):
     Raises
     ------
     TypeError
-        Not a bnfast BatchNormXd.
+        Not a bnfast BatchNormXd (a FusedBatchNormXd's ReLU is no affine map).
     ValueError
         No running statistics (``track_running_stats=False``).
 
@@ -200,9 +203,9 @@ def freeze(module):
     FrozenBatchNorm2d(3, eps=0.001)
     """
     frozen_cls = next((f for cls, f in _FROZEN.items() if isinstance(module, cls)), None)
-    if frozen_cls is None:
+    if frozen_cls is None or is_fused(module):
         raise TypeError(f"freeze takes a bnfast BatchNorm1d, BatchNorm2d or BatchNorm3d, "
-                        f"got {type(module).__name__}")
+                        f"got {type(module).__name__}" + _FUSED_NOTE * is_fused(module))
     if module.running_mean is None or module.running_var is None:
         raise ValueError(f"{type(module).__name__} without running statistics "
                          "(track_running_stats=False) has no fixed map to freeze")

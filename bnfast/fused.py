@@ -10,6 +10,11 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 __all__ = ["FusedBatchNorm1d", "FusedBatchNorm2d", "FusedBatchNorm3d"]
 
 
+def is_fused(module):
+    """Whether ``module`` is a FusedBatchNormXd: relu(bn(x) + addend), no affine map."""
+    return isinstance(module, _FusedMixin)
+
+
 class _FusedMixin:
     def forward(self, input, addend=None, *, out=None):
         """Return ``relu(batch_norm(input) + addend)`` (``addend`` optional, input's shape).

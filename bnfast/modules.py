@@ -51,11 +51,23 @@ class _Saved:
         self.input_overwritten = input_overwritten
 
 
+#: The attributes that hold parameters and buffers (ndarrays or None).
+_ARRAYS = frozenset(("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+
+
 class _BatchNorm:
     """Shared implementation; subclasses set the accepted input dimensions."""
 
     _ndims: "tuple[int, ...]" = ()   # accepted input.ndim values
     _ndim_text = ""        # as PyTorch words it: "4D", "2D or 3D"
+
+    def __setattr__(self, name, value):
+        # torch's rule for parameters and buffers: a tensor (here an ndarray) or
+        # None.  A list would run, then break state_dict() and load_state_dict().
+        if name in _ARRAYS and value is not None and not isinstance(value, np.ndarray):
+            raise TypeError(f"cannot assign {type(value).__name__!r} as {name!r} "
+                            "(numpy.ndarray or None expected)")
+        object.__setattr__(self, name, value)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, bias=True, dtype=np.float32, param_dtype=None,
@@ -342,6 +354,10 @@ class _BatchNorm:
         staged = {}
         for key, target in own.items():
             if key not in state_dict:
+                continue
+            if not target.flags.writeable:  # found now, not after the others are written
+                errors.append(f"cannot load {key}: the module's {key} is a read-only array "
+                              "(assign a writable one first)")
                 continue
             try:
                 value = _to_numpy(state_dict[key])

@@ -263,3 +263,38 @@ def test_inputs_unchanged(rng, dtype_):
     fold.conv(w, b, _bn(rng, 4, dtype_))
     np.testing.assert_array_equal(w, w0)
     np.testing.assert_array_equal(b, b0)
+
+
+def test_fused_modules_do_not_fold(rng):
+    # relu(bn(x) + addend) is no affine map: folded, the ReLU would be lost.
+    fused = bnfast.FusedBatchNorm2d(4)
+    with pytest.raises(TypeError, match="FusedBatchNorm2d's ReLU and addend are no affine map"):
+        fold.conv(np.ones((4, 2, 3, 3), np.float32), None, fused)
+    with pytest.raises(TypeError, match="no affine map"):
+        fold.linear(np.ones((4, 2), np.float32), None, bnfast.FusedBatchNorm1d(4))
+
+
+def test_complex_bias_is_a_type_error(rng):
+    bn = _bn(rng, 4, np.float32)
+    with pytest.raises(TypeError, match="bias must be an array of real numbers, got dtype "
+                                        "complex128"):
+        fold.linear(np.ones((4, 2), np.float32), np.ones(4, complex), bn)
+
+
+def test_linear_takes_a_one_feature_batch_norm_as_torch(rng, torch):
+    # torch's fuse_linear_bn_eval: a BatchNorm1d(1) after Linear(3, 4) (its (N, 1, 4)
+    # output) scales every output alike.
+    from torch.nn.utils import fuse_linear_bn_eval
+    lin = torch.nn.Linear(3, 4).double().eval()
+    tbn = torch.nn.BatchNorm1d(1).double().eval()
+    bn = bnfast.BatchNorm1d(1, dtype=np.float64)
+    bn.running_mean[:], bn.running_var[:] = 0.7, 2.5
+    bn.weight[:], bn.bias[:] = -1.5, 0.25
+    tbn.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in bn.state_dict().items()})
+    fused = fuse_linear_bn_eval(lin, tbn)
+    w, b = fold.linear(lin.weight.detach().numpy(), lin.bias.detach().numpy(), bn)
+    np.testing.assert_allclose(w, fused.weight.detach().numpy(), rtol=1e-15)
+    np.testing.assert_allclose(b, fused.bias.detach().numpy(), rtol=1e-15, atol=1e-15)
+    x = rng.standard_normal((5, 3))
+    expected = tbn(lin(torch.from_numpy(x)).unsqueeze(1)).squeeze(1).detach().numpy()
+    np.testing.assert_allclose(x @ w.T + b, expected, rtol=1e-12, atol=1e-12)

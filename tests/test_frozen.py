@@ -186,3 +186,53 @@ def test_layout_out_and_errors(rng):
 @pytest.mark.parametrize("dtype_", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_repr(dtype_):
     assert repr(bnfast.FrozenBatchNorm2d(64, dtype=dtype_)) == "FrozenBatchNorm2d(64, eps=1e-05)"
+
+
+@pytest.mark.parametrize("dtype_", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float_output_is_the_multiply_add_of_the_rounded_coefficients(rng, dtype_, layout):
+    # The kernel's one pass gives NumPy's two: x * scale, then + shift, each rounded,
+    # with scale and shift rounded once to the dtype.
+    m = _frozen(rng, 5, dtype_)
+    x = make_input(rng, (3, 5, 4, 6), dtype_)
+    x = channels_last(x) if layout == "channels_last" else x
+    scale, shift = m.affine_coefficients()
+    expected = x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(m(x), expected)
+
+
+@pytest.mark.parametrize("half", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+def test_half_data_is_computed_in_float_not_in_the_half_dtype(half):
+    # shift = -1000 / sqrt(1e-4 + 1e-5) = -9.5e4: beyond float16's 65504 (it was -inf
+    # there, and the outputs NaN); in float, as BatchNorm2d.eval() computes.
+    bn = bnfast.BatchNorm2d(1, dtype=half).eval()
+    bn.running_mean[:], bn.running_var[:] = 1000.0, 1e-4
+    x = np.array([1000.0, 999.5, 1000.5], np.float32).astype(half).reshape(3, 1, 1, 1)
+    frozen = bnfast.freeze(bn)
+    y = frozen(x).astype(np.float64)
+    expected = reference_batch_norm(x.astype(np.float64), bn.running_mean, bn.running_var,
+                                    eps=bn.eps).out
+    scale, shift = frozen.affine_coefficients(np.float32)
+    bound = _bound(x.astype(np.float32), scale, shift, (1, -1, 1, 1))
+    half_ulp = np.spacing(np.abs(expected).astype(np.float32)) * 2.0 ** (
+        23 - {np.dtype(np.float16): 10, np.dtype(ml_dtypes.bfloat16): 7}[np.dtype(half)])
+    assert np.all(np.abs(y - expected) <= bound + half_ulp), (y, expected)
+
+
+def test_fused_modules_do_not_freeze():
+    # relu(bn(x) + addend) is no affine map: a frozen one would drop the ReLU.
+    with pytest.raises(TypeError, match="FusedBatchNorm2d.*ReLU and addend are no affine map"):
+        bnfast.freeze(bnfast.FusedBatchNorm2d(3))
+
+
+def test_argument_errors_as_the_modules_raise_them(rng):
+    with pytest.raises(TypeError, match="eps must be a real number, got str"):
+        bnfast.FrozenBatchNorm2d(3, eps="1e-3")
+    with pytest.raises(TypeError, match="eps must be a real number, got bool"):
+        bnfast.FrozenBatchNorm2d(3, eps=True)
+    m = _frozen(rng, 3, np.float32)
+    x = make_input(rng, (2, 3, 4, 5), np.float32)
+    with pytest.raises(TypeError, match="out must have the input's dtype"):
+        m(x, out=np.empty(x.shape, np.float64))
+    with pytest.raises(TypeError, match="cannot assign 'list' as 'weight'"):
+        m.weight = [1.0, 2.0, 3.0]
