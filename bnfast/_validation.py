@@ -72,6 +72,16 @@ def _real(value, name):
     return float(value)
 
 
+def check_flag(value, name):
+    """A bool or NumPy bool as a bool, else TypeError (as torch's ``training``): the
+    string "False" would be true."""
+    if type(value) is bool:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_eps(eps, batch_stats=False):
     """eps as a float, by torch's rules: non-negative, and positive where the
     batch's statistics normalise (``batch_stats``: torch's training flag; a
@@ -230,12 +240,13 @@ def check_distinct_outputs(out, addend_out):
 
 def check_backward(grad_output, input, weight, save_mean, save_invstd, training, eps,
                    output_mask, n_mask):
-    """What both backwards share: ``(x, dy, weight, mean, invstd, output_mask)``.
+    """What both backwards share: ``(x, dy, weight, mean, invstd, training, output_mask)``.
 
     The common case (ndarrays of the input's shape and dtype, a float eps, a
     tuple of bools) is recognised inline: this runs per call.
     """
     x = check_input(input)
+    training = check_flag(training, "training")
     if type(grad_output) is np.ndarray and grad_output.shape == x.shape \
             and grad_output.dtype == x.dtype:
         dy = grad_output
@@ -247,4 +258,4 @@ def check_backward(grad_output, input, weight, save_mean, save_invstd, training,
     invstd = check_saved_stat(save_invstd, "save_invstd", C)
     if type(eps) is not float or not eps > 0.0:
         check_eps(eps, training)
-    return x, dy, weight, mean, invstd, check_output_mask(output_mask, n_mask)
+    return x, dy, weight, mean, invstd, training, check_output_mask(output_mask, n_mask)

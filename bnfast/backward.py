@@ -222,9 +222,10 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
         Input's shape and dtype, and its memory layout (channels-last in,
         channels-last out).
     grad_weight, grad_bias : ndarray of shape (C,) or None
-        Computed in float64, rounded once to float64 for float64 input, else
-        to float32 (float16/bfloat16 input too: torch's mixed rule gives the
-        parameters' gradients in float32).
+        Computed in float64, rounded once to float32 (float64 for float64
+        input) and returned in torch's dtype: the weight's (float32 in torch's
+        mixed rule: half input, float32 weight), or without a weight the
+        input's.
 
     Raises
     ------
@@ -246,14 +247,14 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     >>> gb
     array([2., 2.])
     """
-    x, dy, weight, mean, invstd, mask = check_backward(
+    x, dy, weight, mean, invstd, training, mask = check_backward(
         grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask, 3)
     nt = resolve_threads(n_threads)
     if out is not None:
         out = check_out(out, x)
-    gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, bool(training), mask + (False,), nt,
+    gx, gw, gb, _ = _run(x, dy, None, weight, mean, invstd, training, mask + (False,), nt,
                          out, None)
-    return gx, gw, gb
+    return gx, _in_param_dtype(gw, weight, x), _in_param_dtype(gb, weight, x)
 
 
 def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, save_invstd,
@@ -307,7 +308,7 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
     array([[0., 0.],
            [1., 1.]])
     """
-    x, dy, weight, mean, invstd, mask = check_backward(
+    x, dy, weight, mean, invstd, training, mask = check_backward(
         grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask, 4)
     nt = resolve_threads(n_threads)
     if out is not None:
@@ -323,7 +324,15 @@ def fused_batch_norm_backward(grad_output, input, output, weight, save_mean, sav
     else:
         y = check_same_shape(output, "output", x)
         relu = _pack_mask(y, nt, _layout.kernel_layout(x))
-    return _run(x, dy, relu, weight, mean, invstd, bool(training), mask, nt, out, addend_out)
+    gx, gw, gb, g = _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out)
+    return gx, _in_param_dtype(gw, weight, x), _in_param_dtype(gb, weight, x), g
+
+
+def _in_param_dtype(grad, weight, x):
+    """A parameter's gradient in torch's dtype: the weight's, or without one the input's
+    (the kernel's is float32 for float32 and half data, float64 for float64)."""
+    dtype = x.dtype if weight is None else weight.dtype
+    return grad if grad is None or grad.dtype == dtype else grad.astype(dtype)
 
 
 def _run(x, dy, relu, weight, mean, invstd, training, mask, nt, out, addend_out):

@@ -35,6 +35,7 @@ from ._threads import check_n_threads
 from ._validation import (
     check_channel_vector,
     check_eps,
+    check_flag,
     check_momentum,
     check_running_stats,
 )
@@ -239,7 +240,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     x = _check_dask_input(x)
     n_threads = check_n_threads(n_threads)  # now, not at compute(): buffers update first
     C = x.shape[1]
-    batch_stats_ = bool(training) or (running_mean is None and running_var is None)
+    training = check_flag(training, "training")
+    batch_stats_ = training or (running_mean is None and running_var is None)
     momentum = check_momentum(momentum) if training else 0.0
     running_mean, running_var = check_running_stats(running_mean, running_var, C,
                                                     batch_stats_)

@@ -9,7 +9,13 @@ import numpy as np
 
 from . import _forward, _layout
 from ._dtypes import is_half
-from ._validation import check_forward, check_input, check_momentum, check_running_update
+from ._validation import (
+    check_flag,
+    check_forward,
+    check_input,
+    check_momentum,
+    check_running_update,
+)
 from .backward import ReluMask
 
 __all__ = ["batch_norm", "fused_batch_norm"]
@@ -99,6 +105,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     (dtype('float16'), array([-1.342 , -0.4473,  0.4473,  1.342 ], dtype=float16))
     """
     x = check_input(input)
+    training = check_flag(training, "training")
+    relu = check_flag(relu, "relu")
+    return_stats = check_flag(return_stats, "return_stats")
     # Unused in evaluation, where nothing is updated.
     momentum = check_momentum(momentum) if training else 0.0
     running_mean, running_var, weight, bias, eps, addend, out, nt = check_forward(

@@ -17,6 +17,7 @@ from ._threads import check_n_threads, resolve_threads
 from ._validation import (
     as_float_array,
     check_eps,
+    check_flag,
     check_forward,
     check_momentum,
     check_out,
@@ -255,6 +256,7 @@ class _BatchNorm:
 
     def _backward(self, grad_output, retain_graph, out=None):
         """(grad_input, grad_addend) of the last forward; accumulates parameter gradients."""
+        retain_graph = check_flag(retain_graph, "retain_graph")
         saved = self._saved
         if saved is None:
             raise RuntimeError(self._saved_missing)

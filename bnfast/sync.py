@@ -36,6 +36,7 @@ from ._validation import (
     as_float_array,
     check_channel_vector,
     check_eps,
+    check_flag,
     check_momentum,
     check_out,
     check_running_stats,
@@ -202,6 +203,7 @@ class SyncBatchNorm(_BatchNorm):
 
     # -- backward -----------------------------------------------------------------
     def _backward(self, grad_output, retain_graph, out=None):
+        retain_graph = check_flag(retain_graph, "retain_graph")
         saved = self._saved
         if not isinstance(saved, _SyncSaved):
             return super()._backward(grad_output, retain_graph, out)

@@ -406,8 +406,10 @@ def test_channel_vectors_of_any_dtype_and_stride(dtype, rng, training):
     for wv, mv, iv in [(strided(w, dtype), strided(mean, np.float64), strided(invstd, np.float64)),
                        (w.astype(other), mean, invstd)]:
         got = bnfast.batch_norm_backward(dy, x, wv, mv, iv, training)
+        # Parameter gradients come in the weight's dtype, as torch's.
+        assert got[1].dtype == got[2].dtype == wv.dtype
         for u, v in zip(got, expected):
-            np.testing.assert_array_equal(u, v)
+            np.testing.assert_array_equal(u, v.astype(u.dtype))
     # float32 statistics are exact in float64: the same bits as their float64 copies.
     m32, i32 = mean.astype(np.float32), invstd.astype(np.float32)
     got = bnfast.batch_norm_backward(dy, x, w, m32, i32, training)
@@ -1069,3 +1071,29 @@ def test_misaligned_out_of_a_streamed_size_gets_the_aligned_bits(rng, dtype, off
     assert got[0] is out and got[3] is addend_out
     assert_same(out, expected[0])
     assert_same(addend_out, expected[3])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_parameter_gradients_in_torchs_dtype(rng, torch, fused):
+    # native_batch_norm_backward: the weight's dtype, or without a weight the input's.
+    import ml_dtypes
+    to_torch = {np.dtype(np.float16): torch.float16, np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
+                np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+    cases = [(np.float16, np.float16), (np.float16, np.float32), (np.float16, None),
+             (ml_dtypes.bfloat16, ml_dtypes.bfloat16), (ml_dtypes.bfloat16, None),
+             (np.float32, np.float32), (np.float32, None), (np.float64, None)]
+    for xdt, wdt in cases:
+        x = make_input(rng, (4, 3, 5), np.float32).astype(xdt)
+        w = None if wdt is None else np.full(3, 1.5, wdt)
+        y, mean, invstd = bnfast.batch_norm(x, None, None, w, training=True, return_stats=True)
+        if fused:
+            got = bnfast.fused_batch_norm_backward(x, x, y, w, mean, invstd)[1:3]
+        else:
+            got = bnfast.batch_norm_backward(x, x, w, mean, invstd)[1:]
+        tx = torch.from_numpy(x.astype(np.float32)).to(to_torch[np.dtype(xdt)])
+        tw = None if w is None else torch.from_numpy(w.astype(np.float32)).to(
+            to_torch[np.dtype(wdt)])
+        _, tm, ti = torch.ops.aten.native_batch_norm(tx, tw, None, None, None, True, 0.1, 1e-5)
+        want = torch.ops.aten.native_batch_norm_backward(tx, tx, tw, None, None, tm, ti, True,
+                                                         1e-5, [True, True, True])[1:]
+        assert [to_torch[g.dtype] for g in got] == [t.dtype for t in want], (xdt, wdt)

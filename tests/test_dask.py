@@ -131,6 +131,8 @@ def test_validation():
         bdask.batch_norm(x, training=True, addend=da.ones((4, 3), dtype=np.float64))
     with pytest.raises(ValueError, match="eps must be positive"):
         bdask.batch_norm(x, training=True, eps=0.0)
+    with pytest.raises(TypeError, match="training must be a bool, got str"):
+        bdask.batch_norm(x, training="False")
 
 
 @pytest.mark.parametrize("n_threads, error", [(0, ValueError), (1.5, TypeError),

@@ -383,3 +383,34 @@ def test_errors_leave_running_buffers_untouched():
             bnfast.batch_norm(x, rm, rv, training=True, **kwargs)
         np.testing.assert_array_equal(rm, 0)
         np.testing.assert_array_equal(rv, 1)
+
+
+@pytest.mark.parametrize("bad", ["False", 1, None, 0.0])
+def test_flags_must_be_bools(rng, bad):
+    # torch's rule for training (argument 'training' must be bool): "False" would be true.
+    x = make_input(rng, (4, 3, 5), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    name = type(bad).__name__
+    with pytest.raises(TypeError, match=f"training must be a bool, got {name}"):
+        bnfast.batch_norm(x, rm, rv, training=bad)
+    with pytest.raises(TypeError, match=f"training must be a bool, got {name}"):
+        bnfast.fused_batch_norm(x, rm, rv, training=bad)
+    with pytest.raises(TypeError, match=f"relu must be a bool, got {name}"):
+        bnfast.batch_norm(x, rm, rv, relu=bad)
+    with pytest.raises(TypeError, match=f"return_stats must be a bool, got {name}"):
+        bnfast.batch_norm(x, rm, rv, return_stats=bad)
+    y, mean, invstd = bnfast.batch_norm(x, None, None, training=True, return_stats=True)
+    with pytest.raises(TypeError, match=f"training must be a bool, got {name}"):
+        bnfast.batch_norm_backward(x, x, None, mean, invstd, training=bad)
+    with pytest.raises(TypeError, match=f"training must be a bool, got {name}"):
+        bnfast.fused_batch_norm_backward(x, x, y, None, mean, invstd, training=bad)
+    m = bnfast.BatchNorm1d(3)
+    m(x)
+    with pytest.raises(TypeError, match=f"retain_graph must be a bool, got {name}"):
+        m.backward(x, retain_graph=bad)
+    assert rm[0] == 0 and rv[0] == 1  # nothing updated by the refused calls
+    # NumPy's bools are bools.
+    np.testing.assert_array_equal(bnfast.batch_norm(x, rm, rv, training=np.bool_(False)),
+                                  bnfast.batch_norm(x, rm, rv, training=False))
+    m.backward(x, retain_graph=np.True_)
+    m.backward(x)
