@@ -157,6 +157,23 @@ def _copied(x, layout):
     return copy
 
 
+#: NumPy's "overlap problem too hard" (np.exceptions from 1.25, np before).
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError
+
+
+def overlaps(a, b):
+    """Whether arrays a and b share an element: their bounds first (one cheap test),
+    then NumPy's exact check, so interleaved views of one buffer (the two halves of a
+    concatenation along channels, DenseNet's) are told apart; an overlap too costly
+    to decide counts as one."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except _TOO_HARD:
+        return True
+
+
 def same_memory(a, b):
     """True if a and b are the same elements of the same buffer (elementwise in-place is safe)."""
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
@@ -176,8 +193,8 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
         # x is in layout: empty_like keeps its memory order (C, F or channels-last).
         result = empty_like_aligned(x)
         return result, result
-    clash = any(o is not None and np.may_share_memory(out, o) for o in avoid)
-    clash = clash or any(o is not None and np.may_share_memory(out, o) and not same_memory(out, o)
+    clash = any(o is not None and overlaps(out, o) for o in avoid)
+    clash = clash or any(o is not None and overlaps(out, o) and not same_memory(out, o)
                          for o in same_ok)
     if not clash and layout_of(out) == layout:
         return out, out

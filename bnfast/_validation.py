@@ -8,12 +8,19 @@ import numbers
 import numpy as np
 
 from ._dtypes import NUMPY_FLOATS, SUPPORTED_TEXT, is_bfloat16, is_half
+from ._layout import overlaps
 from ._threads import resolve_threads
 
 
 def as_float_array(value, name):
     """``np.asarray(value)``, required to be float32, float64, float16 or bfloat16 (never cast)."""
-    arr = value if type(value) is np.ndarray else np.asarray(value)
+    if type(value) is np.ndarray:
+        arr = value
+    elif isinstance(value, np.ma.MaskedArray):  # np.asarray would drop the mask
+        raise TypeError(f"{name} is a masked array, whose mask bnfast would ignore: pass "
+                        f"a plain ndarray (e.g. {name}.filled(value))")
+    else:
+        arr = np.asarray(value)
     # A byte-swapped float32 compares unequal to the native one: rejected, not misread.
     # The kernels take any type number they do not know for bfloat16: exactly these pass.
     if arr.dtype not in NUMPY_FLOATS and not is_bfloat16(arr.dtype):
@@ -233,7 +240,7 @@ def check_relu_mask(relu, x):
 
 def check_distinct_outputs(out, addend_out):
     """out and addend_out (validated, or None) must not share memory."""
-    if out is not None and addend_out is not None and np.may_share_memory(out, addend_out):
+    if out is not None and addend_out is not None and overlaps(out, addend_out):
         raise ValueError("out and addend_out must not share memory: they receive different "
                          "gradients")
 

@@ -13,6 +13,7 @@ from . import _forward
 from . import backward as B
 from . import functional as F
 from ._dtypes import is_bfloat16, resolve_dtype, resolve_param_dtype
+from ._layout import overlaps
 from ._threads import check_n_threads, resolve_threads
 from ._validation import (
     as_float_array,
@@ -193,7 +194,7 @@ class _BatchNorm:
             # undefined.  Only a caller's out= can be the input: a fresh one cannot.
             self._saved = _Saved(x, saved_weight, mean, invstd, batch_stats, mask,
                                  addend is not None,
-                                 out is not None and bool(np.may_share_memory(out, x)))
+                                 out is not None and overlaps(out, x))
         else:
             self._saved = None
             self._saved_missing = _NO_GRAD
@@ -514,7 +515,7 @@ def _backward_arguments(saved, grad_output, out, retain_graph):
     if out is not None:
         out = check_out(out, x)
         # The saved input is the forward's own array: a retained graph reads it again.
-        if retain_graph and np.may_share_memory(out, x):
+        if retain_graph and overlaps(out, x):
             raise ValueError("out shares memory with the forward's input, which "
                              "retain_graph=True keeps for another backward: write "
                              "grad_input elsewhere")

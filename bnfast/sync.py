@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _backward, _forward, _layout
 from . import functional as F
+from ._layout import overlaps
 from ._records import Record, merge, running_update
 from ._threads import resolve_threads
 from ._validation import (
@@ -164,7 +165,7 @@ class SyncBatchNorm(_BatchNorm):
         if is_grad_enabled():
             self._saved = _SyncSaved(x, layout, None if weight is None else weight.copy(),
                                      coef[0], coef[1], total.count, local.count,
-                                     out is not None and bool(np.may_share_memory(out, x)))
+                                     out is not None and overlaps(out, x))
         else:
             self._saved = None
             self._saved_missing = ("the last forward() ran under bnfast.no_grad(), which saves "

@@ -415,3 +415,48 @@ def test_large_new_outputs_are_aligned_with_empty_like_strides(dtype, order):
     if x.ndim == 4:
         out = bnfast.batch_norm(x, None, None, training=True)
         assert out.ctypes.data % 64 == 0 and out.strides == x.strides
+
+
+def test_outputs_into_interleaved_halves_of_one_buffer(dtype, rng):
+    # DenseNet's pattern: a BatchNorm of one half of a concatenation along the channels
+    # written into the other half.  The halves' address ranges interleave without a
+    # shared element: no "wrote its output over it" error, no temporary.
+    buf = make_input(rng, (4, 6, 5, 5), dtype)
+    x, into = buf[:, :3], buf[:, 3:]
+    m = bnfast.BatchNorm2d(3, dtype=dtype)
+    expected = bnfast.BatchNorm2d(3, dtype=dtype)(x.copy())
+    assert m(x, out=into) is into
+    assert_same(into, expected)
+    g = make_input(rng, x.shape, dtype)
+    gx = m.backward(g, retain_graph=True)
+    reference = bnfast.BatchNorm2d(3, dtype=dtype)
+    reference(x.copy())
+    assert_same(gx, reference.backward(g.copy()))
+    # grad_input into the input's neighbour while the graph is kept; out and addend_out
+    # of the fused backward in the two halves of one buffer.
+    grads = np.zeros((4, 6, 5, 5), dtype)
+    assert_same(m.backward(g, out=grads[:, 3:]), gx)
+    y, mean, invstd = bnfast.fused_batch_norm(x, None, None, addend=g, training=True,
+                                              return_stats=True)
+    expected = bnfast.fused_batch_norm_backward(g, x, y, None, mean, invstd)
+    got = bnfast.fused_batch_norm_backward(g, x, y, None, mean, invstd, out=grads[:, :3],
+                                           addend_out=grads[:, 3:])
+    assert got[0] is not None and np.shares_memory(got[0], grads)
+    assert_same(grads[:, :3], expected[0])
+    assert_same(grads[:, 3:], expected[3])
+
+
+def test_masked_arrays_are_refused(rng):
+    # np.asarray drops the mask: masked values would enter the statistics unseen.
+    x = make_input(rng, (4, 2, 3), np.float32)
+    masked = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+    with pytest.raises(TypeError, match="input is a masked array, whose mask bnfast would "
+                                        "ignore"):
+        bnfast.batch_norm(masked, None, None, training=True)
+    with pytest.raises(TypeError, match="out is a masked array"):
+        bnfast.batch_norm(x, None, None, training=True, out=masked)
+    with pytest.raises(TypeError, match="addend is a masked array"):
+        bnfast.fused_batch_norm(x, None, None, addend=masked, training=True)
+    with pytest.raises(TypeError, match="weight is a masked array"):
+        bnfast.batch_norm(x, None, None, np.ma.masked_array(np.ones(2, np.float32)),
+                          training=True)
