@@ -44,8 +44,12 @@ def forward(
     weight: Optional[_F], bias: Optional[_F], batch_stats: bool, momentum: float, eps: float,
     addend: Optional[_F], relu: bool, out: _F, n_threads: int,
     coef: Optional[npt.NDArray[np.float64]], mask: Optional[npt.NDArray[np.uint8]],
-    cache: Optional[CoefficientCache],
+    cache: Optional[CoefficientCache], limits: Optional[tuple[float, float]] = None,
 ) -> Optional[CoefficientTable]: ...
+
+class RunningUpdateOverflow(OverflowError):
+    """A running buffer's update would round to inf in its own dtype: args (0 for
+    running_mean or 1 for running_var, channel, value)."""
 
 @disjoint_base
 class SavedStats:

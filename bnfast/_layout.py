@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from ._dtypes import is_bfloat16
+
 
 class Layout(enum.IntEnum):
     """The two memory layouts the kernels process; the value is what the compiled
@@ -205,19 +207,39 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
 _UPDATABLE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def updatable_pair(running_mean, running_var):
+def updatable_pair(running_mean, running_var, data_dtype=None):
     """The running buffers as the kernel updates them: both C-contiguous, float32
     or float64, of one dtype.
 
     Themselves when they are; otherwise float64 copies (lossless for the
     update, which is computed in double and rounded once) for
-    :func:`write_back_pair` to copy back: mixed dtypes, other strides, and
-    half-precision buffers (whose update is checked for overflow first).
+    :func:`write_back_pair` to copy back: mixed dtypes, other strides,
+    half-precision buffers, and float32 buffers of float64 data (the last two
+    checked for overflow: :func:`overflow_limits`).
     """
     if (running_mean.dtype == running_var.dtype and running_mean.dtype in _UPDATABLE
-            and running_mean.flags.c_contiguous and running_var.flags.c_contiguous):
+            and running_mean.flags.c_contiguous and running_var.flags.c_contiguous
+            and not (data_dtype == np.float64 and running_mean.dtype == np.float32)):
         return running_mean, running_var
     return running_mean.astype(np.float64), running_var.astype(np.float64)
+
+
+def overflow_limits(running_mean, running_var):
+    """``(mean_limit, var_limit)``: the magnitudes from which the buffers' dtypes round
+    a value to inf, for :func:`bnfast._forward.forward`; inf for float64."""
+    return (_overflow_limit(running_mean.dtype), _overflow_limit(running_var.dtype))
+
+
+def _overflow_limit(dtype):
+    # Half an ulp past the largest finite value (whose odd last bit rounds that tie
+    # up): float16 65504 + 16, float32 and bfloat16 likewise at 2^128.
+    if dtype == np.float16:
+        return float.fromhex("0x1.ffep15")
+    if dtype == np.float32:
+        return float.fromhex("0x1.ffffffp127")
+    if is_bfloat16(dtype):
+        return float.fromhex("0x1.ffp127")
+    return math.inf
 
 
 def write_back_pair(updated, running_mean, running_var):

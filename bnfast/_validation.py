@@ -128,10 +128,11 @@ def check_running_stats(running_mean, running_var, num_channels, batch_stats):
 def check_running_update(updated, running_mean, running_var):
     """Raise OverflowError if a half-precision running buffer cannot hold its update.
 
-    ``updated`` is the float64 (mean, var) the kernel computed for buffers it
-    could not update in place.  A float16 running_var above 65504 would become
-    inf, after which torch's evaluation returns all zeros without a word; here
-    the call raises before anything is written back.
+    ``updated`` is the float64 (mean, var) computed for the buffers.  A float16
+    running_var above 65504 would become inf, after which torch's evaluation
+    returns all zeros without a word; here the call raises before anything is
+    written back.  (The core's own training forward checks in its kernel:
+    bnfast._forward.forward's ``limits``.)
     """
     for value, buffer, name in ((updated[0], running_mean, "running_mean"),
                                 (updated[1], running_var, "running_var")):
@@ -142,10 +143,17 @@ def check_running_update(updated, running_mean, running_var):
         lost = np.isinf(rounded.astype(np.float64)) & np.isfinite(value)
         if lost.any():
             c = int(np.argmax(lost))
-            raise OverflowError(
-                f"{name} of dtype {buffer.dtype} cannot hold its update: channel {c} would be "
-                f"{value[c]:.6g}, which rounds to inf; keep the running statistics in float32 "
-                f"(e.g. {name}.astype(np.float32), or a module's default param_dtype)")
+            raise running_overflow(name, buffer.dtype, c, float(value[c]))
+
+
+def running_overflow(name, dtype, channel, value):
+    """The OverflowError of a running buffer that cannot hold its update."""
+    wider = "float64" if dtype == np.float32 else "float32"
+    return OverflowError(
+        f"{name} of dtype {dtype} cannot hold its update: channel {channel} would be "
+        f"{value:.6g}, which rounds to inf; keep the running statistics in {wider} "
+        f"(e.g. {name}.astype(np.{wider})" + (", or a module's default param_dtype)"
+                                              if wider == "float32" else ")"))
 
 
 def check_training_size(x):

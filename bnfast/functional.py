@@ -8,13 +8,12 @@ documented copy), then one compiled call (``bnfast._forward.forward``).
 import numpy as np
 
 from . import _forward, _layout
-from ._dtypes import is_half
 from ._validation import (
     check_flag,
     check_forward,
     check_input,
     check_momentum,
-    check_running_update,
+    running_overflow,
 )
 from .backward import ReluMask
 
@@ -139,17 +138,20 @@ def normalize(x, running_mean, running_var, weight, bias, batch_stats, momentum,
     coef = np.empty((4, x.shape[1])) if want_stats else None
     bits = np.zeros((x.size + 7) // 8, np.uint8) if want_mask and relu else None
     if batch_stats and running_mean is not None:
-        buffers = _layout.updatable_pair(running_mean, running_var)
-        half = buffers[0] is not running_mean and (is_half(running_mean.dtype)
-                                                   or is_half(running_var.dtype))
-        if half and out is not None and target is result:
-            # The update may overflow a half buffer (checked below): a caller's out
-            # (maybe x itself) is written only once nothing can raise any more.
-            target = _layout.empty_like_layout(x, layout, x.dtype)
-        entry = _forward.forward(x, layout, buffers[0], buffers[1], weight, bias, True, momentum,
-                                 eps, addend, relu, target, n_threads, coef, bits, None)
-        if half:
-            check_running_update(buffers, running_mean, running_var)
+        buffers = _layout.updatable_pair(running_mean, running_var, x.dtype)
+        # Copies of narrower buffers (half; float32 of float64 data): the kernel checks
+        # that their update fits before it writes anything, out (maybe x) included.
+        limits = (None if buffers[0] is running_mean
+                  else _layout.overflow_limits(running_mean, running_var))
+        try:
+            entry = _forward.forward(x, layout, buffers[0], buffers[1], weight, bias, True,
+                                     momentum, eps, addend, relu, target, n_threads, coef, bits,
+                                     None, limits)
+        except _forward.RunningUpdateOverflow as exc:
+            which, c, value = exc.args
+            buffer = (running_mean, running_var)[which]
+            raise running_overflow(("running_mean", "running_var")[which], buffer.dtype, c,
+                                   value) from None
         _layout.write_back_pair(buffers, running_mean, running_var)
     else:
         entry = _forward.forward(x, layout, running_mean, running_var, weight, bias,

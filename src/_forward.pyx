@@ -12,6 +12,7 @@ costs what the kernels cost plus well under a microsecond.
 """
 cimport cython
 cimport numpy as cnp
+from libc.math cimport fabs, isfinite
 from libc.string cimport memcmp, memcpy
 
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t
@@ -27,6 +28,8 @@ import numpy as _np
 from bnfast._layout import aligned_empty as _aligned_empty
 
 cnp.import_array()
+
+cdef double _INF = float("inf")
 
 cdef enum:
     # Outputs of at least this many bytes are written with non-temporal stores:
@@ -165,9 +168,14 @@ cdef cnp.ndarray _frozen_copy(object v):
     return copy
 
 
+class RunningUpdateOverflow(OverflowError):
+    """A running buffer's update would round to inf in its own dtype (``forward``'s
+    ``limits``); args: (0 for running_mean or 1 for running_var, channel, value)."""
+
+
 def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_stats,
             double momentum, double eps, addend, bint relu, out, int n_threads, coef, mask,
-            CoefficientCache cache):
+            CoefficientCache cache, limits=None):
     """Batch norm of ``x`` into ``out``: the one compiled forward.
 
     Parameters (all checked and laid out by the caller)
@@ -193,6 +201,11 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     mask : None, or a zeroed writable uint8 array of ``ceil(x.size / 8)`` bytes;
         OUT: the ReLU mask bits ``not (out <= 0)`` in memory order
     cache : None, or the module's CoefficientCache (evaluation only)
+    limits : None, or (mean_limit, var_limit): with ``batch_stats``, the running
+        buffers are float64 copies of buffers of a narrower dtype, which rounds
+        values of magnitude ``limit`` or more to inf.  A finite update that
+        would raises RunningUpdateOverflow before anything is written (neither
+        the copies nor ``out``).
 
     Returns
     -------
@@ -201,13 +214,16 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     """
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef bint update = batch_stats and running_mean is not None
+    cdef double mean_limit = _INF, var_limit = _INF
+    if limits is not None:
+        mean_limit, var_limit = limits
     return _forward(cnp.PyArray_DATA(xa), cnp.PyArray_TYPE(xa), _kernel_shape(xa, layout),
                     running_mean, running_var, weight, bias, batch_stats, momentum, eps,
                     _data(addend), _data(out), relu, n_threads,
                     NULL if coef is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>coef),
                     <unsigned char*>_data(mask), cache,
                     _data(running_mean) if update else NULL,
-                    _data(running_var) if update else NULL)
+                    _data(running_var) if update else NULL, mean_limit, var_limit)
 
 
 cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, object running_mean,
@@ -215,13 +231,14 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
                                bint batch_stats, double momentum, double eps, const void* ap,
                                void* yp, bint relu, int n_threads, double* coef,
                                unsigned char* bits, CoefficientCache cache, void* update_mean,
-                               void* update_var):
+                               void* update_var, double mean_limit=_INF, double var_limit=_INF):
     """:func:`forward` on the data's addresses (its arguments as there; coef NULL: none).
 
     The running update (with ``batch_stats``) goes to ``update_mean`` and
     ``update_var``: C contiguous values each, of ``running_mean``'s dtype,
     holding the running statistics to update (the buffers themselves, or copies
-    of them for a functional caller); NULL: none."""
+    of them for a functional caller); NULL: none.  ``mean_limit``/``var_limit``:
+    :func:`forward`'s ``limits`` (float64 copies only)."""
     cdef Py_ssize_t C = shape.C
     cdef Py_ssize_t count = shape.count
     cdef Py_ssize_t k
@@ -260,6 +277,9 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
             elif batch_stats:
                 status = _batch_moments(xp, data_type, shape, table_coef, residual, n_threads)
                 if status == 0 and update_mean != NULL and count > 0:
+                    if mean_limit != _INF or var_limit != _INF:
+                        _check_update(<const double*>update_mean, <const double*>update_var,
+                                      table_coef, C, count, momentum, mean_limit, var_limit)
                     _update_running(update_mean, update_var,
                                     cnp.PyArray_TYPE(<cnp.ndarray>running_mean), table_coef, C,
                                     count, momentum)
@@ -419,6 +439,24 @@ cdef int _moments(const real_t* xp, Shape shape, double* coef, double* residual,
         else:
             status = stats_last(xp, shape.N, shape.C, coef, coef + shape.C, n_threads, residual)
     return status
+
+
+cdef void _check_update(const double* running_mean, const double* running_var,
+                        const double* coef, Py_ssize_t C, Py_ssize_t count, double momentum,
+                        double mean_limit, double var_limit) except *:
+    """Raise RunningUpdateOverflow if update_running would give a finite value of at
+    least its buffer's limit (the same arithmetic: the same values)."""
+    cdef Py_ssize_t c
+    cdef double keep = 1.0 - momentum
+    cdef double unbias = <double>count / (<double>count - 1.0)
+    cdef double value
+    for c in range(C):
+        value = keep * running_mean[c] + momentum * coef[c]
+        if isfinite(value) and fabs(value) >= mean_limit:
+            raise RunningUpdateOverflow(0, c, value)
+        value = keep * running_var[c] + momentum * (coef[C + c] * unbias)
+        if isfinite(value) and fabs(value) >= var_limit:
+            raise RunningUpdateOverflow(1, c, value)
 
 
 cdef void _update_running(void* running_mean, void* running_var, int data_type,

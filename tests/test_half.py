@@ -13,6 +13,8 @@ exact as from the same values stored as float32; in PyTorch's "mixed" mode
 rounded once to float32, as close to torch's as in float32 (torch's own are a
 few float32 ulps off the exact value: it computes them in float32).
 """
+import tracemalloc
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -418,6 +420,61 @@ def test_float16_running_var_overflow_raises_and_changes_nothing(rng):
     bnfast.batch_norm(x, rm32, rv32, training=True)
     assert_stats_close(rv32, ref.running_var, np.dtype(np.float32))
     assert rv32.max() > 65504
+
+
+@pytest.mark.parametrize("dtype, largest", [(F16, 65504.0), (BF16, float.fromhex("0x1.fep127"))],
+                         ids=["float16", "bfloat16"])
+def test_running_update_overflows_exactly_where_it_rounds_to_inf(rng, dtype, largest):
+    # Momentum 1: the running mean becomes the batch mean.  Half an ulp past the
+    # largest value rounds to inf (the tie goes to the even inf); just below it, to
+    # the largest value.  The kernel checks before it writes the output too.
+    ulp = {F16: 32.0, BF16: 2.0 ** 120}[dtype]  # at the largest value
+    for mean, raises in ((largest + ulp / 2, True), (largest + ulp / 2 * (1 - 2 ** -20), False)):
+        x = np.array([mean, mean]).reshape(2, 1)  # float64 data: the mean exactly
+        rm, rv = np.zeros(1, dtype), np.ones(1, dtype)
+        out = np.full_like(x, 7.0)
+        if raises:
+            with pytest.raises(OverflowError, match="running_mean .* rounds to inf"):
+                bnfast.batch_norm(x, rm, rv, training=True, momentum=1.0, out=out)
+            assert_same(out, np.full_like(x, 7.0))
+            assert_same(rm, np.zeros(1, dtype))
+        else:
+            bnfast.batch_norm(x, rm, rv, training=True, momentum=1.0, out=out)
+            assert float(rm[0]) == largest
+
+
+def test_float32_running_buffers_of_float64_data_do_not_overflow_silently(rng):
+    # torch refuses the mix; bnfast reads it, and a variance of 1e39 would be inf in
+    # float32 (then an all-zero evaluation).  As for half buffers: raise, change nothing.
+    x = np.array([[1e20, 0.0], [-1e20, 1.0], [3e19, 2.0]])
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    out = np.full_like(x, 7.0)
+    with pytest.raises(OverflowError, match=r"running_var of dtype float32 cannot hold its "
+                                            r"update: channel 0 would be 1\.03e\+39.*float64"):
+        bnfast.batch_norm(x, rm, rv, training=True, out=out)
+    assert_same(rm, np.zeros(2, np.float32))
+    assert_same(rv, np.ones(2, np.float32))
+    assert_same(out, np.full_like(x, 7.0))
+    m = bnfast.BatchNorm1d(2, dtype=np.float64, param_dtype=np.float32)
+    with pytest.raises(OverflowError, match="running_var of dtype float32"):
+        m(x)
+    assert int(m.num_batches_tracked) == 0
+    # What fits is the float64 update rounded once (momentum 1: the batch's statistics).
+    y = x[:, 1:].copy()
+    rm1, rv1 = np.zeros(1, np.float32), np.ones(1, np.float32)
+    bnfast.batch_norm(y, rm1, rv1, training=True, momentum=1.0)
+    assert rm1[0] == np.float32(1.0) and rv1[0] == np.float32(1.0)
+
+
+def test_half_running_buffers_with_out_take_no_temporary(rng):
+    # The kernel checks the update before it writes anything: out is written directly.
+    x = make_input(rng, (64, 8, 32, 32), np.float32)
+    rm, rv = np.zeros(8, F16), np.ones(8, F16)
+    tracemalloc.start()
+    bnfast.batch_norm(x, rm, rv, training=True, out=x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes // 8, peak
 
 
 def test_half_running_buffers_without_overflow_are_rounded_once(half, rng):

@@ -246,16 +246,19 @@ def test_torch_errors_kept():
 
 
 def test_eval_with_eps_zero_as_torch():
-    # torch allows eps = 0 in evaluation; bnfast raised there before session 21.
+    # torch allows eps = 0 in evaluation; bnfast's kernels run it (no fallback, no
+    # warning) since session 21.
     x, rm, rv = torch.randn(6, 3, 5), torch.randn(3), torch.rand(3) + 0.5
     stock = torch.nn.BatchNorm1d(3, eps=0.0).eval()
     stock.running_mean.copy_(rm)
     stock.running_var.copy_(rv)
+    expected = stock(x)
     ours = bt.convert(stock)
     assert type(ours) is bt.BatchNorm1d
-    expected = stock(x)
-    torch.testing.assert_close(ours(x), expected)
-    torch.testing.assert_close(bt.batch_norm(x, rm, rv, eps=0.0), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(ours(x), expected)
+        torch.testing.assert_close(bt.batch_norm(x, rm, rv, eps=0.0), expected)
 
 
 @pytest.mark.parametrize("args, kwargs", [
@@ -426,7 +429,8 @@ def test_fallback_mixed_parameters(fresh_warnings):
 def test_fallback_sparse_layout_and_eval_eps_zero(fresh_warnings):
     x = _tensor((4, 3, 5), torch.float64)
     w, b, rm, rv = _vectors(3, torch.float64)
-    with pytest.warns(UserWarning, match="eps == 0"):
+    with warnings.catch_warnings():  # eps == 0 in evaluation: our kernels, no fallback
+        warnings.simplefilter("error")
         y = bt.batch_norm(x, rm, rv, w, b, False, 0.1, 0.0)
     _close(y, F.batch_norm(x, rm, rv, w, b, False, 0.1, 0.0), torch.float64)
     with pytest.warns(UserWarning, match="layout torch.sparse_coo"):

@@ -5,8 +5,7 @@ buffers alike) in torch's strided layout go to bnfast's kernels in place
 (contiguous, ``channels_last`` and ``channels_last_3d`` memory without a
 copy; other strides are copied once by the core).
 Everything else (another device, a sparse or mkldnn layout, another dtype,
-``eps == 0`` in evaluation, forward-mode AD) runs torch's own op, with a one-time
-warning.
+forward-mode AD) runs torch's own op, with a one-time warning.
 
 In plain eager mode a call runs a :class:`._plan.Plan` (its checks made once;
 a module keeps its plan until its configuration changes; a call passes its
@@ -45,8 +44,6 @@ def _fallback_reason(input, vectors, eps, training):
     if not all(v is None or v.dtype is dtype or vector_dtype_ok(v, dtype) for v in vectors[:4]):
         dtypes = ", ".join(str(v.dtype) for v in vectors[:4] if v is not None)
         return f"parameters or buffers of dtype {dtypes} with {dtype} input"
-    if not training and eps <= 0.0:
-        return "eps == 0 (bnfast needs eps > 0)"
     if _is_compiling():  # traced: neither applies (and both would break the graph)
         return None
     if any(v is not None and v.is_neg() for v in vectors[:4]):  # a plan reads their memory
