@@ -236,3 +236,26 @@ def test_argument_errors_as_the_modules_raise_them(rng):
         m(x, out=np.empty(x.shape, np.float64))
     with pytest.raises(TypeError, match="cannot assign 'list' as 'weight'"):
         m.weight = [1.0, 2.0, 3.0]
+
+
+def test_edits_of_buffers_and_eps_are_seen(rng):
+    # The kernel's vectors are kept while the buffers' bytes and eps are unchanged.
+    m = _frozen(rng, 3, np.float32)
+    x = make_input(rng, (2, 3, 4, 5), np.float32)
+
+    def fresh():
+        f = bnfast.FrozenBatchNorm2d(3, eps=m.eps)
+        f.load_state_dict(m.state_dict())
+        return f(x)
+
+    np.testing.assert_array_equal(m(x), fresh())
+    for edit in (lambda: m.weight.__setitem__(0, 2.5), lambda: m.bias.__imul__(-1),
+                 lambda: m.running_mean.__setitem__(2, 0.75),
+                 lambda: m.running_var.__setitem__(1, 9.0),
+                 lambda: setattr(m, "running_var", m.running_var.copy() * 4),
+                 lambda: setattr(m, "eps", 0.5)):
+        before = m(x)
+        edit()
+        after = m(x)
+        assert not np.array_equal(before, after)
+        np.testing.assert_array_equal(after, fresh())
