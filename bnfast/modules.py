@@ -320,8 +320,9 @@ class _BatchNorm:
         state_dict : mapping
             Keys as produced by :meth:`state_dict` or by ``torch.nn.BatchNormXd``;
             values array-likes of real numbers (float, int or bool).
-            A state dict without ``num_batches_tracked`` (from old PyTorch) keeps
-            the current count, as PyTorch does.
+            A state dict without ``num_batches_tracked`` (from old PyTorch, or a
+            plain dict) keeps the current count, as PyTorch does; one from torch's
+            ``state_dict()`` (``_metadata`` version 2) misses it, as in PyTorch.
         strict : bool
             Raise on missing or unexpected keys.
 
@@ -351,7 +352,15 @@ class _BatchNorm:
         array([1., 2.], dtype=float32)
         """
         own = self.state_dict()
-        missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
+        # torch's rule: a count may be absent from dicts before version 2 (PyTorch
+        # 0.4.1), and from those that carry no version (plain dicts); torch's own
+        # state_dict() carries _metadata with the module's version (2).
+        metadata = getattr(state_dict, "_metadata", None)
+        version = (metadata.get("", {}).get("version") if isinstance(metadata, dict)
+                   else None)
+        count_optional = version is None or version < 2
+        missing = [k for k in own if k not in state_dict
+                   and (k != "num_batches_tracked" or not count_optional)]
         unexpected = [k for k in state_dict if k not in own]
         bad, errors = [], []
         staged = {}

@@ -1050,3 +1050,28 @@ def test_copy_and_pickle_round_trip(dtype, rng, fused, how, training):
     m2.bias[...] += 1
     assert_close(m2(*args), _expected(m2, x, args[1] if fused else None, relu=fused).out, dtype)
     assert not np.array_equal(m2(*args), y2)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_versioned_torch_state_dict_needs_its_count(torch, strict):
+    # torch's state_dict() says it is version 2: without num_batches_tracked the key is
+    # missing (strict: an error), as torch's load_state_dict says.
+    sd = torch.nn.BatchNorm2d(3).state_dict()
+    del sd["num_batches_tracked"]
+    m = bnfast.BatchNorm2d(3)
+    m.num_batches_tracked[...] = 5
+    if strict:
+        with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: '
+                                               '"num_batches_tracked"'):
+            m.load_state_dict(sd)
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            torch.nn.BatchNorm2d(3).load_state_dict(sd)
+        np.testing.assert_array_equal(m.running_var, 1.0)  # nothing loaded
+    else:
+        result = m.load_state_dict(sd, strict=False)
+        t_result = torch.nn.BatchNorm2d(3).load_state_dict(sd, strict=False)
+        assert list(result.missing_keys) == list(t_result.missing_keys) == [
+            "num_batches_tracked"]
+        assert int(m.num_batches_tracked) == 5
+    # The same values in a plain dict (no version): the count is kept, as torch keeps it.
+    assert m.load_state_dict(dict(sd)).missing_keys == []
