@@ -91,8 +91,10 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
         double lost = m - (double)fm;
         float fb = (float)((lost != 0.0) & (lost == lost) ? b - lost * a : b);
         /* The half rows: the same map written about its zero z = m - b / a, as
-         * (x - hz) * fa + hb with hz = z rounded and hb = (hz - z) * a what that
-         * rounding moved (|hb| < 2^-24 |z a|).  Float arithmetic then errs by a
+         * (x - hz) * fa + hb with hz = z rounded and hb = b - (m - hz) * a (the
+         * same map exactly; |hb| ~ |(hz - z) a| < 2^-24 |z a|, and z's own rounding,
+         * 2^-53 |m| where |m| >> |b / a|, does not enter it: m - hz is exact there,
+         * Sterbenz).  Float arithmetic then errs by a
          * few 2^-24 of |y| itself, where on the float rows it errs by 2^-24 of
          * (x - m) * a and b: more than half an ulp of a float16 y that cancels to
          * below 2^-12 of them (bfloat16: 2^-15).  (So x = m gives b within a few
@@ -100,8 +102,8 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
          * unless b lies that close to a rounding boundary of the half type.)
          * Where z or hb is no float of reach (weight 0, a scale below float's
          * normals, |z| > 2^100), the float rows' m and b. */
-        double z = m - b / a, zlost = z - (double)(float)z;
-        float hz = (float)z, hb = (float)(-(zlost * a));
+        double z = m - b / a;
+        float hz = (float)z, hb = (float)(b - (m - (double)hz) * a);
         int about_zero = (fabs(z) <= 0x1p100) & (fabsf(fa) >= 0x1p-126f)
                          & (fabsf(fa) <= 0x1.fffffep127f) & (fabsf(hb) <= 0x1.fffffep127f);
         coef[c] = m;

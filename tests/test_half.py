@@ -175,6 +175,30 @@ def test_outputs_that_cancel_to_near_zero_within_an_ulp(half, rng, shape, layout
     assert np.sum((ref.out != 0) & (np.abs(ref.out) < 2.0 ** -16 * terms)) >= C
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_outputs_near_a_large_mean_within_an_ulp(half, rng, scale):
+    # The zero z = m - b / a loses b / a to m's rounding in double when |m a| 2^-53
+    # nears |b|: the half rows must not carry that into the output (bfloat16 at mean
+    # 4.7e7 was 44 ulps off; a constant channel at 1e17 gave 0 for a bias of 0.1).
+    big = {F16: [3e3, 6e4], BF16: [4.74e7, 1.5 * 2.0 ** 35, 1e17, 1e30]}[half]
+    for mean in big:
+        rm = np.full(3, mean, np.float32)
+        rv = np.array([0.0062, 1e-3, 2.0], np.float32)
+        w = np.array([957.0, -3.5, 0.25], np.float32) * scale
+        b = np.array([2.29e-4, 0.1, -7.0], np.float32)
+        near = np.asarray(np.float32(mean), np.float32).astype(half).astype(np.float32)
+        steps = rng.integers(-4, 5, (16, 3, 2)).astype(np.float32)
+        x = (near * (1.0 + steps * 2.0 ** -(MANTISSA_BITS[half] + 1))).astype(half)
+        ref = reference_batch_norm(x, rm, rv, w, b)
+        assert_half_ulps(bnfast.batch_norm(x, rm, rv, w, b), ref.out, half)
+        # A constant channel in training: exactly the bias, rounded to the half dtype.
+        c = np.broadcast_to(x[:1, :, :1], x.shape).copy()
+        y = bnfast.batch_norm(c, None, None, w, b, training=True)
+        np.testing.assert_array_equal(y.astype(np.float32),
+                                      np.broadcast_to(b.astype(half).astype(np.float32)
+                                                      .reshape(1, 3, 1), y.shape))
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("layout", LAYOUTS + ["strided"])
 def test_no_affine_no_running_stats(half, rng, fused, layout):

@@ -89,7 +89,7 @@ def _expected(inputs, case, repeat):
         # moved are floats of reach; else the float rows).
         z = mean - b / a
         hz = z.astype(np.float32)
-        hb = (-((z - hz.astype(np.float64)) * a)).astype(np.float32)
+        hb = (b - (mean - hz.astype(np.float64)) * a).astype(np.float32)
         about_zero = ((np.abs(z) <= 2.0**100) & (np.abs(fa) >= 2.0**-126)
                       & (np.abs(fa) <= FLT_MAX) & (np.abs(hb) <= FLT_MAX))
         hz, hb = np.where(about_zero, hz, fm), np.where(about_zero, hb, fb)
