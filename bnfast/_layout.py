@@ -214,8 +214,8 @@ def updatable_pair(running_mean, running_var, data_dtype=None):
     Themselves when they are; otherwise float64 copies (lossless for the
     update, which is computed in double and rounded once) for
     :func:`write_back_pair` to copy back: mixed dtypes, other strides,
-    half-precision buffers, and float32 buffers of float64 data (the last two
-    checked for overflow: :func:`overflow_limits`).
+    half-precision buffers, and float32 buffers of float64 data (a mix torch
+    refuses: the float64 update rounded once).
     """
     if (running_mean.dtype == running_var.dtype and running_mean.dtype in _UPDATABLE
             and running_mean.flags.c_contiguous and running_var.flags.c_contiguous
@@ -226,8 +226,9 @@ def updatable_pair(running_mean, running_var, data_dtype=None):
 
 def overflow_limits(running_mean, running_var):
     """``(mean_limit, var_limit)``: the magnitudes from which the buffers' dtypes round
-    a value to inf, for :func:`bnfast._forward.forward`; inf for float64."""
-    return (_overflow_limit(running_mean.dtype), _overflow_limit(running_var.dtype))
+    a value to inf, for :func:`bnfast._forward.forward`; None for float64 buffers."""
+    limits = (_overflow_limit(running_mean.dtype), _overflow_limit(running_var.dtype))
+    return None if limits == (math.inf, math.inf) else limits
 
 
 def _overflow_limit(dtype):

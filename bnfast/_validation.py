@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from ._dtypes import NUMPY_FLOATS, SUPPORTED_TEXT, is_bfloat16, is_half
+from ._dtypes import NUMPY_FLOATS, SUPPORTED_TEXT, is_bfloat16
 from ._layout import overlaps
 from ._threads import resolve_threads
 
@@ -126,7 +126,7 @@ def check_running_stats(running_mean, running_var, num_channels, batch_stats):
 
 
 def check_running_update(updated, running_mean, running_var):
-    """Raise OverflowError if a half-precision running buffer cannot hold its update.
+    """Raise OverflowError if a running buffer narrower than float64 cannot hold its update.
 
     ``updated`` is the float64 (mean, var) computed for the buffers.  A float16
     running_var above 65504 would become inf, after which torch's evaluation
@@ -136,7 +136,7 @@ def check_running_update(updated, running_mean, running_var):
     """
     for value, buffer, name in ((updated[0], running_mean, "running_mean"),
                                 (updated[1], running_var, "running_var")):
-        if not is_half(buffer.dtype):
+        if buffer.dtype == np.float64:
             continue
         with np.errstate(over="ignore"):
             rounded = value.astype(buffer.dtype)

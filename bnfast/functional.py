@@ -139,10 +139,11 @@ def normalize(x, running_mean, running_var, weight, bias, batch_stats, momentum,
     bits = np.zeros((x.size + 7) // 8, np.uint8) if want_mask and relu else None
     if batch_stats and running_mean is not None:
         buffers = _layout.updatable_pair(running_mean, running_var, x.dtype)
-        # Copies of narrower buffers (half; float32 of float64 data): the kernel checks
-        # that their update fits before it writes anything, out (maybe x) included.
-        limits = (None if buffers[0] is running_mean
-                  else _layout.overflow_limits(running_mean, running_var))
+        # Buffers narrower than double (float32 ones, or float64 copies of half ones):
+        # the kernel checks that their update fits before it writes anything, out
+        # (maybe x) included.  (A variance of 1e39 would be inf in float32: torch then
+        # normalises to all zeros without a word.)
+        limits = _layout.overflow_limits(running_mean, running_var)
         try:
             entry = _forward.forward(x, layout, buffers[0], buffers[1], weight, bias, True,
                                      momentum, eps, addend, relu, target, n_threads, coef, bits,

@@ -201,11 +201,11 @@ def forward(x, int layout, running_mean, running_var, weight, bias, bint batch_s
     mask : None, or a zeroed writable uint8 array of ``ceil(x.size / 8)`` bytes;
         OUT: the ReLU mask bits ``not (out <= 0)`` in memory order
     cache : None, or the module's CoefficientCache (evaluation only)
-    limits : None, or (mean_limit, var_limit): with ``batch_stats``, the running
-        buffers are float64 copies of buffers of a narrower dtype, which rounds
-        values of magnitude ``limit`` or more to inf.  A finite update that
-        would raises RunningUpdateOverflow before anything is written (neither
-        the copies nor ``out``).
+    limits : None, or (mean_limit, var_limit): with ``batch_stats``, the
+        magnitudes from which the running buffers' own dtypes round to inf (the
+        float32 buffers given, or those the float64 copies given stand for).  A
+        finite update that would raises RunningUpdateOverflow before anything is
+        written (neither the buffers nor ``out``).
 
     Returns
     -------
@@ -238,7 +238,7 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
     ``update_var``: C contiguous values each, of ``running_mean``'s dtype,
     holding the running statistics to update (the buffers themselves, or copies
     of them for a functional caller); NULL: none.  ``mean_limit``/``var_limit``:
-    :func:`forward`'s ``limits`` (float64 copies only)."""
+    :func:`forward`'s ``limits``."""
     cdef Py_ssize_t C = shape.C
     cdef Py_ssize_t count = shape.count
     cdef Py_ssize_t k
@@ -278,8 +278,9 @@ cdef CoefficientTable _forward(const void* xp, int data_type, Shape shape, objec
                 status = _batch_moments(xp, data_type, shape, table_coef, residual, n_threads)
                 if status == 0 and update_mean != NULL and count > 0:
                     if mean_limit != _INF or var_limit != _INF:
-                        _check_update(<const double*>update_mean, <const double*>update_var,
-                                      table_coef, C, count, momentum, mean_limit, var_limit)
+                        _check_update(update_mean, update_var,
+                                      cnp.PyArray_TYPE(<cnp.ndarray>running_mean), table_coef,
+                                      C, count, momentum, mean_limit, var_limit)
                     _update_running(update_mean, update_var,
                                     cnp.PyArray_TYPE(<cnp.ndarray>running_mean), table_coef, C,
                                     count, momentum)
@@ -441,7 +442,7 @@ cdef int _moments(const real_t* xp, Shape shape, double* coef, double* residual,
     return status
 
 
-cdef void _check_update(const double* running_mean, const double* running_var,
+cdef void _check_update(const void* running_mean, const void* running_var, int data_type,
                         const double* coef, Py_ssize_t C, Py_ssize_t count, double momentum,
                         double mean_limit, double var_limit) except *:
     """Raise RunningUpdateOverflow if update_running would give a finite value of at
@@ -449,12 +450,18 @@ cdef void _check_update(const double* running_mean, const double* running_var,
     cdef Py_ssize_t c
     cdef double keep = 1.0 - momentum
     cdef double unbias = <double>count / (<double>count - 1.0)
-    cdef double value
+    cdef double old_mean, old_var, value
     for c in range(C):
-        value = keep * running_mean[c] + momentum * coef[c]
+        if data_type == cnp.NPY_FLOAT32:
+            old_mean = (<const float*>running_mean)[c]
+            old_var = (<const float*>running_var)[c]
+        else:
+            old_mean = (<const double*>running_mean)[c]
+            old_var = (<const double*>running_var)[c]
+        value = keep * old_mean + momentum * coef[c]
         if isfinite(value) and fabs(value) >= mean_limit:
             raise RunningUpdateOverflow(0, c, value)
-        value = keep * running_var[c] + momentum * (coef[C + c] * unbias)
+        value = keep * old_var + momentum * (coef[C + c] * unbias)
         if isfinite(value) and fabs(value) >= var_limit:
             raise RunningUpdateOverflow(1, c, value)
 

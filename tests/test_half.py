@@ -490,6 +490,24 @@ def test_float32_running_buffers_of_float64_data_do_not_overflow_silently(rng):
     assert rm1[0] == np.float32(1.0) and rv1[0] == np.float32(1.0)
 
 
+def test_default_float32_buffers_of_bfloat16_data_do_not_overflow_silently():
+    # bfloat16 reaches 3e38: a batch of +-1e20 has a variance of 1.3e40, beyond the
+    # module's default float32 running_var (torch writes inf, then evaluates to zeros).
+    x = np.array([[1e20], [-1e20], [1e20], [-1e20]], np.float32).astype(BF16)
+    m = bnfast.BatchNorm1d(1, dtype="bfloat16")
+    with pytest.raises(OverflowError, match="running_var of dtype float32 cannot hold"):
+        m(x)
+    assert int(m.num_batches_tracked) == 0 and m.running_var[0] == 1.0
+    rm, rv = np.zeros(1, np.float32), np.ones(1, np.float32)
+    with pytest.raises(OverflowError, match="running_var of dtype float32"):
+        bnfast.batch_norm(x, rm, rv, training=True)
+    # The paths that update from statistics records (SyncBatchNorm, dask, population
+    # statistics) check the same way.
+    with pytest.raises(OverflowError, match="running_var of dtype float32"):
+        bnfast.SyncBatchNorm(1, dtype="bfloat16")(x)
+    assert rv[0] == 1.0
+
+
 def test_half_running_buffers_with_out_take_no_temporary(rng):
     # The kernel checks the update before it writes anything: out is written directly.
     x = make_input(rng, (64, 8, 32, 32), np.float32)

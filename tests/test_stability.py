@@ -249,15 +249,20 @@ def test_float64_extreme_magnitudes(rng, scale, layout):
 def test_float32_huge_values(rng, torch, layout):
     # Values ~1e30: the variance (~1e60) only exists in double, where bnfast computes it.
     x = (make_input(rng, (8, 3, 5, 5), np.float64) * 1e30).astype(np.float32)
-    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rm, rv = np.zeros(3), np.ones(3)  # float64: running_var = 1e59 fits
     ref = reference_batch_norm(x, rm, rv, training=True)
-    with np.errstate(over="ignore"):  # running_var = 1e59 does not fit float32
-        y = bnfast.batch_norm(_in(x, layout), rm, rv, training=True)
+    y = bnfast.batch_norm(_in(x, layout), rm, rv, training=True)
     assert np.isfinite(y).all()
     assert_close(y, ref.out, np.float32)
-    assert np.isfinite(rm).all()
     np.testing.assert_allclose(rm, ref.running_mean, rtol=1e-6)
-    assert np.all(np.isinf(rv))  # the float32 rounding of ~1e59, as torch's
+    np.testing.assert_allclose(rv, ref.running_var, rtol=1e-6)
+    # float32 buffers cannot hold 1e59: torch writes inf (its evaluation then gives
+    # all zeros without a word); bnfast raises and changes nothing, as for half buffers.
+    rm32, rv32, out = np.zeros(3, np.float32), np.ones(3, np.float32), np.full_like(x, 7)
+    with pytest.raises(OverflowError, match="running_var of dtype float32 cannot hold its "
+                                            "update: channel 0"):
+        bnfast.batch_norm(_in(x, layout), rm32, rv32, training=True, out=_in(out, layout))
+    assert (rm32 == 0).all() and (rv32 == 1).all() and (out == 7).all()
     t_rv = torch.ones(3)
     torch.nn.functional.batch_norm(torch.from_numpy(x), torch.zeros(3), t_rv, training=True)
     assert torch.isinf(t_rv).all()
