@@ -1,5 +1,6 @@
 """bnfast.torch's operators and functional layer against torch's own batch_norm."""
 import copy
+import io
 import re
 import subprocess
 import sys
@@ -584,3 +585,42 @@ def test_results_do_not_depend_on_torch_threads(fmt, dtype):
         torch.set_num_threads(before)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+class _ConvBnBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x, residual):
+        return self.relu(self.bn(self.conv(x)) + residual)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("fused", [False, True], ids=["converted", "fused"])
+def test_jit_trace_records_torchs_op(fresh_warnings, grad, fused):
+    # TorchScript's tracer sees aten ops only: the kernels' writes were missing from its
+    # graph (a no_grad trace returned uninitialised memory, 7e30 off).  Traced, the
+    # modules run torch's op (one warning), so the trace is stock torch's.
+    torch.manual_seed(0)
+    stock = _ConvBnBlock().eval()
+    stock.bn.running_mean.uniform_(-1, 1)
+    stock.bn.running_var.uniform_(0.5, 2)
+    model = bt.fuse(stock) if fused else bt.convert(stock)
+    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+    with pytest.warns(UserWarning, match="torch.jit.trace"):
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model, (x, r))
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x5, r5 = torch.randn(5, 3, 8, 8), torch.randn(5, 4, 8, 8)  # another batch size
+    with torch.no_grad():
+        expected = stock(x5, r5)
+        for run in (traced, loaded):
+            torch.testing.assert_close(run(x5, r5), expected)

@@ -32,6 +32,9 @@ __all__ = ["bind", "eager", "run"]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _forward_ad = torch.autograd.forward_ad
 _is_compiling = torch.compiler.is_compiling
+#: torch.jit.trace (and the TorchScript ONNX exporter) records aten ops only: the
+#: kernels' raw writes would be missing from its graph (the dispatched road falls back).
+_is_jit_tracing = torch._C._is_tracing
 _grad_enabled = torch.is_grad_enabled
 _record_function = profiler.record_function
 _FORWARD_LABELS = ("bnfast::batch_norm", "bnfast::fused_batch_norm")
@@ -56,7 +59,8 @@ _apply = _increment_version = _profiling = _batched = _false
 def eager(input, addend, running_mean, running_var, weight, bias):
     """True when these tensors can be handed to the kernels without the dispatcher."""
     if (not _modes_visible or _is_compiling() or _dispatch_stack() or _function_mode()
-            or _peek_interpreter() is not None or _forward_ad._current_level >= 0):
+            or _peek_interpreter() is not None or _forward_ad._current_level >= 0
+            or _is_jit_tracing()):
         return False  # (forward-mode AD: the dispatched road falls back where tangents are)
     plain = _PLAIN
     return (type(input) in plain and (addend is None or type(addend) in plain)

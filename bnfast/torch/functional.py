@@ -255,7 +255,11 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
                 relu):
     """Through ``torch.ops.bnfast`` (tracing, modes, subclasses), or torch's own op."""
     vectors = (running_mean, running_var, weight, bias)
-    if not all(isinstance(t, torch.Tensor) for t in (input,) + vectors if t is not None):
+    tracing = torch._C._is_tracing()  # TorchScript: its graph records torch's ops alone
+    if tracing:
+        _warn_once("torch.jit.trace (TorchScript, and torch.onnx.export(dynamo=False))")
+    if tracing or not all(isinstance(t, torch.Tensor) for t in (input,) + vectors
+                          if t is not None):
         # Not tensors: NumPy arrays or lists, for which torch's op raises its own error, or
         # fx Proxies and other __torch_function__ objects, which record torch's ops.
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
