@@ -30,6 +30,28 @@ def _iadd_relu(m, y, x):
     return m.relu(y)
 
 
+def _residual_zeroed_between(m, y, x):
+    # The fused module runs where the ReLU is: after the mul_, not before it.
+    r = x * 1.0
+    out = y + r
+    r.mul_(0.0)
+    return m.relu(out)
+
+
+def _weight_read_between(m, y, x):
+    # A parameter read between the BatchNorm and its ReLU (fx records it as get_attr;
+    # buffers it bakes in as constants at trace time, fused or not).
+    scale = m.bn.weight.sum()
+    return torch.relu(y) * scale
+
+
+def _residual_function_in_place_between(m, y, x):
+    z = x - 0.5
+    out = y + z
+    torch.relu_(z)  # an in-place function (fx cannot trace z[i] = v at all)
+    return torch.relu(out)
+
+
 FUSED_TAILS = {
     "relu_module": lambda m, y, x: m.relu(y),
     "F.relu": lambda m, y, x: F.relu(y),
@@ -50,6 +72,9 @@ KEPT_TAILS = {
     "add_two_users": lambda m, y, x: torch.relu(y + x) * (y + x),
     "sigmoid": lambda m, y, x: torch.sigmoid(y),
     "residual_written": lambda m, y, x: torch.relu(x.clone().add_(y)),
+    "residual_zeroed_between": _residual_zeroed_between,
+    "weight_read_between": _weight_read_between,
+    "in_place_function_between": _residual_function_in_place_between,
 }
 
 

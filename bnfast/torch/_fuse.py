@@ -75,6 +75,34 @@ def _residual(add, bn):
     return other if isinstance(other, fx.Node) else None
 
 
+# Operators that write a tensor they are given (fx records `a += b`, `a[i] = v`).
+_IN_PLACE_FUNCTIONS = frozenset((operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                 operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                                 operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                                 operator.imatmul, operator.setitem))
+
+
+def _side_effect_between(bn, relu, add, modules):
+    """Whether a node after ``bn`` and before ``relu`` (other than ``add``) writes a
+    tensor in place or reads ``bn``'s attributes: the fused module runs where the
+    ReLU was, so either would see (or make) the other order."""
+    node = bn.next
+    while node is not relu:
+        if node is not add:
+            if node.op == "call_method" and node.target.endswith("_"):
+                return True
+            if node.op == "call_function" and (
+                    node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace")
+                    or getattr(node.target, "__name__", "").endswith("_")):
+                return True
+            if node.op == "call_module" and getattr(modules[node.target], "inplace", False):
+                return True
+            if node.op == "get_attr" and node.target.startswith(bn.target + "."):
+                return True
+        node = node.next
+    return False
+
+
 def _fused_module(bn):
     """A fused module holding ``bn``'s very Parameters and buffers."""
     fused = _FUSED[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine,
@@ -95,7 +123,9 @@ def fuse(model):
     a :class:`bnfast.torch.FusedBatchNorm2d` & co. holding the same
     Parameters and buffers.  Other BatchNorms stay as they are (convert them
     with :func:`bnfast.torch.convert`), and so do those whose module or ReLU
-    module has hooks (a warning names them: the fused module would not run them).
+    module has hooks (a warning names them: the fused module would not run them),
+    and those with an in-place write or a read of the BatchNorm's attributes
+    between it and its ReLU (the fused module runs where the ReLU was).
 
     Parameters
     ----------
@@ -147,6 +177,8 @@ def fuse(model):
             if not relu or not _is_relu(relu, modules):
                 continue
             add, user = user, relu
+        if _side_effect_between(node, user, add if addend is not None else None, modules):
+            continue  # fusing would move the BatchNorm past it
         relu_module = modules.get(user.target) if user.op == "call_module" else None
         if _has_hooks(modules[node.target]) or (relu_module is not None
                                                 and _has_hooks(relu_module)):
