@@ -182,7 +182,7 @@ class SyncBatchNorm(_BatchNorm):
         if x.dtype != self.dtype:
             raise TypeError(
                 f"input dtype {x.dtype} does not match the module's dtype {self.dtype}: "
-                f"build the module with dtype=np.{x.dtype} or cast the input explicitly")
+                f"build the module with dtype={x.dtype.name!r} or cast the input explicitly")
         C = self.num_features
         if x.shape[1] != C:
             raise ValueError(f"expected input with {C} channels (axis 1), "

@@ -124,6 +124,24 @@ def test_fuse_shares_parameters_and_leaves_model_alone():
     assert not fused.bn.training
 
 
+@pytest.mark.parametrize("which", ["fused", "model"])
+def test_to_of_either_model_converts_both(which):
+    # .to() puts new buffer tensors into a module's registry: the fused module shares
+    # the registry, not only its tensors (the model raised 'expected scalar type
+    # Double but found Float' after fused.double()).
+    torch.manual_seed(0)
+    model = Net(FUSED_TAILS["add_relu"])
+    fused = bt.fuse(model)
+    (fused if which == "fused" else model).double()
+    for m in (model, fused):
+        assert m.bn.running_mean.dtype == m.bn.weight.dtype == torch.float64
+    assert fused.bn.running_var is model.bn.running_var
+    _check_same(copy.deepcopy(model), fused)
+    fused(_x())  # a training step updates the buffers both hold
+    assert fused.bn.running_mean is model.bn.running_mean
+    assert int(model.bn.num_batches_tracked) == 2
+
+
 def test_module_called_twice_is_not_fused():
     class Twice(nn.Module):
         def __init__(self):

@@ -104,12 +104,14 @@ def _side_effect_between(bn, relu, add, modules):
 
 
 def _fused_module(bn):
-    """A fused module holding ``bn``'s very Parameters and buffers."""
+    """A fused module holding ``bn``'s very Parameters and buffers: its registries
+    themselves, so a later ``.to()`` of either model (which puts new buffer tensors
+    into the registry) converts both."""
     fused = _FUSED[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine,
                              bn.track_running_stats, device="meta")
-    fused._parameters = dict(bn._parameters)
-    fused._buffers = dict(bn._buffers)
-    fused._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+    fused._parameters = bn._parameters
+    fused._buffers = bn._buffers
+    fused._non_persistent_buffers_set = bn._non_persistent_buffers_set
     fused.train(bn.training)
     return fused
 
