@@ -134,4 +134,18 @@ def affine_coefficients(module, dtype):
     if module.bias is not None:
         shift += np.asarray(module.bias, np.float64)
     dtype = resolve_dtype(dtype)
-    return scale.astype(dtype), shift.astype(dtype)
+    return rounded(scale, dtype, "scale"), rounded(shift, dtype, "shift")
+
+
+def rounded(values, dtype, name):
+    """float64 ``values`` rounded once to ``dtype``; OverflowError naming ``name`` where a
+    finite value would round to inf (float16's 65504: a folded weight or a scale)."""
+    with np.errstate(over="ignore"):
+        result = values.astype(dtype)
+    lost = np.isinf(result.astype(np.float64)) & np.isfinite(values)
+    if lost.any():
+        at = tuple(int(i) for i in np.unravel_index(int(np.argmax(lost)), lost.shape))
+        index = at[0] if len(at) == 1 else at
+        raise OverflowError(f"{name} {float(values[at]):.6g} (index {index}) rounds to inf "
+                            f"in {np.dtype(dtype).name}")
+    return result

@@ -11,7 +11,7 @@ grouped transposed convolutions and BatchNorms without ``weight``
 """
 import numpy as np
 
-from ._state_dict import as_numpy, is_floating
+from ._state_dict import as_numpy, is_floating, rounded
 from .fused import is_fused
 
 __all__ = ["conv", "linear"]
@@ -44,14 +44,14 @@ def _coefficients(bn, channels, what, broadcast_one=False):
 
 def _folded_bias(bias, scale, shift, dtype):
     if bias is None:
-        return shift.astype(dtype)
+        return rounded(shift, dtype, "folded bias")
     b = as_numpy(bias, "bias")
     if not is_floating(b.dtype) and b.dtype.kind not in "biu":  # complex would lose its part
         raise TypeError(f"bias must be an array of real numbers, got dtype {b.dtype}")
     if b.shape != scale.shape:
         raise ValueError(f"bias must have shape {scale.shape} (one per output channel), "
                          f"got shape {b.shape}")
-    return (b.astype(np.float64) * scale + shift).astype(dtype)
+    return rounded(b.astype(np.float64) * scale + shift, dtype, "folded bias")
 
 
 def conv(weight, bias, bn, *, transposed=False, groups=1):
@@ -112,7 +112,7 @@ def conv(weight, bias, bn, *, transposed=False, groups=1):
         grouped *= scale.reshape((groups, 1, w.shape[1]) + kernel)
     else:
         w64 *= scale.reshape((out, 1) + kernel)
-    return w64.astype(w.dtype), _folded_bias(bias, scale, shift, w.dtype)
+    return rounded(w64, w.dtype, "folded weight"), _folded_bias(bias, scale, shift, w.dtype)
 
 
 def linear(weight, bias, bn):
@@ -147,5 +147,5 @@ def linear(weight, bias, bn):
     """
     w = _weight(weight, (2,), "Linear")
     scale, shift = _coefficients(bn, w.shape[0], "linear layer", broadcast_one=True)
-    return ((w.astype(np.float64) * scale[:, None]).astype(w.dtype),
+    return (rounded(w.astype(np.float64) * scale[:, None], w.dtype, "folded weight"),
             _folded_bias(bias, scale, shift, w.dtype))

@@ -298,3 +298,24 @@ def test_linear_takes_a_one_feature_batch_norm_as_torch(rng, torch):
     x = rng.standard_normal((5, 3))
     expected = tbn(lin(torch.from_numpy(x)).unsqueeze(1)).squeeze(1).detach().numpy()
     np.testing.assert_allclose(x @ w.T + b, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_values_beyond_the_weights_dtype_raise(rng):
+    # A scale of 1e5 (running_var 1e-10) folds float16 weights past 65504: inf with a
+    # RuntimeWarning before, an OverflowError naming the value now.
+    bn = bnfast.BatchNorm2d(2, dtype=np.float64, eps=0.0)
+    bn.running_var[:] = [1.0, 1e-10]
+    w = np.ones((2, 3, 1, 1), np.float16)
+    with pytest.raises(OverflowError, match=r"folded weight 100000 \(index \(1, 0, 0, 0\)\) "
+                                            r"rounds to inf in float16"):
+        fold.conv(w, None, bn)
+    with pytest.raises(OverflowError, match=r"folded weight 100000 \(index \(1, 0\)\)"):
+        fold.linear(np.ones((2, 3), np.float16), None, bn)
+    with pytest.raises(OverflowError, match=r"scale 100000 \(index 1\) rounds to inf in float16"):
+        bn.affine_coefficients("float16")
+    bn.running_var[:] = 1.0
+    bn.running_mean[:] = [0.0, -1e5]
+    with pytest.raises(OverflowError, match=r"folded bias 100000 \(index 1\)"):
+        fold.linear(np.ones((2, 3), np.float16), np.zeros(2, np.float16), bn)
+    w32, b32 = fold.linear(np.ones((2, 3), np.float32), None, bn)  # float32 holds them
+    assert b32[1] == 1e5
