@@ -255,7 +255,9 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
                 relu):
     """Through ``torch.ops.bnfast`` (tracing, modes, subclasses), or torch's own op."""
     vectors = (running_mean, running_var, weight, bias)
-    tracing = torch._C._is_tracing()  # TorchScript: its graph records torch's ops alone
+    # TorchScript's tracer: its graph records torch's ops alone.  (Asked only outside
+    # torch.compile, whose dynamo would break the graph at the question.)
+    tracing = not _is_compiling() and torch._C._is_tracing()
     if tracing:
         _warn_once("torch.jit.trace (TorchScript, and torch.onnx.export(dynamo=False))")
     if tracing or not all(isinstance(t, torch.Tensor) for t in (input,) + vectors
