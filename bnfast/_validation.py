@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 
 from ._dtypes import NUMPY_FLOATS, SUPPORTED_TEXT, is_bfloat16
-from ._layout import overlaps
+from ._layout import overflow_limits, overlaps
 from ._threads import resolve_threads
 
 
@@ -131,16 +131,16 @@ def check_running_update(updated, running_mean, running_var):
     ``updated`` is the float64 (mean, var) computed for the buffers.  A float16
     running_var above 65504 would become inf, after which torch's evaluation
     returns all zeros without a word; here the call raises before anything is
-    written back.  (The core's own training forward checks in its kernel:
-    bnfast._forward.forward's ``limits``.)
+    written back.  The rule is the core kernel's (bnfast._forward.forward's
+    ``limits``): a finite value of at least the buffer dtype's
+    :func:`bnfast._layout.overflow_limits`.
     """
-    for value, buffer, name in ((updated[0], running_mean, "running_mean"),
-                                (updated[1], running_var, "running_var")):
-        if buffer.dtype == np.float64:
-            continue
-        with np.errstate(over="ignore"):
-            rounded = value.astype(buffer.dtype)
-        lost = np.isinf(rounded.astype(np.float64)) & np.isfinite(value)
+    limits = overflow_limits(running_mean, running_var)
+    if limits is None:
+        return
+    for value, buffer, name, limit in ((updated[0], running_mean, "running_mean", limits[0]),
+                                       (updated[1], running_var, "running_var", limits[1])):
+        lost = np.isfinite(value) & (np.abs(value) >= limit)
         if lost.any():
             c = int(np.argmax(lost))
             raise running_overflow(name, buffer.dtype, c, float(value[c]))
