@@ -257,7 +257,7 @@ def _dispatched(input, addend, running_mean, running_var, weight, bias, training
     vectors = (running_mean, running_var, weight, bias)
     # TorchScript's tracer: its graph records torch's ops alone.  (Asked only outside
     # torch.compile, whose dynamo would break the graph at the question.)
-    tracing = not _is_compiling() and torch._C._is_tracing()
+    tracing = not _is_compiling() and _eager._is_jit_tracing()
     if tracing:
         _warn_once("torch.jit.trace (TorchScript, and torch.onnx.export(dynamo=False))")
     if tracing or not all(isinstance(t, torch.Tensor) for t in (input,) + vectors
