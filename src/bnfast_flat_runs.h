@@ -50,19 +50,53 @@
 #define BNFAST_FLAT_SPLIT_ROW(r)                                                         \
     bnfast_h16f r##A = BNFAST_FLAT_BLEND(ka_, r##0, r##1), r##B = BNFAST_FLAT_BLEND(kb_, r##0, r##1);
 #define BNFAST_FLAT_SHIFT(r) r##0 = r##1; r##1 = BNFAST_FLAT_BCAST(r[cn]);
+/* The down walk's: channel cn into r##0 or r##1; the move to the channel below. */
+#define BNFAST_FLAT_AT0(r) r##0 = BNFAST_FLAT_BCAST(r[cn]);
+#define BNFAST_FLAT_AT1(r) r##1 = BNFAST_FLAT_BCAST(r[cn]);
+#define BNFAST_FLAT_SHIFT_DOWN(r) r##1 = r##0; r##0 = BNFAST_FLAT_BCAST(r[cn]);
 /* A step's coefficient of row r for one of its vectors: this channel's, or the
  * per-lane ones. */
 #define BNFAST_FLAT_THIS(r) r##0
+#define BNFAST_FLAT_UPPER(r) r##1
 #define BNFAST_FLAT_IN_A(r) r##A
 #define BNFAST_FLAT_IN_B(r) r##B
 
+/* Whether a walk that stores to OUT and reads IN1 and IN2 (or NULL) goes down
+ * its span: where OUT lies 1..BNFAST_ALIAS_NEAR bytes past an input modulo 4
+ * KiB, an upward walk's loads meet its own recent stores' low 12 address bits
+ * (4K aliasing): each waits on the store buffer.  Memory-bound (32x512x28x28
+ * eval, 2 threads, streamed, Xeon VM), half data took 3.3-3.7 ms instead of
+ * 1.6-2.0 with out= 16-64 bytes ahead of x, float32 3.3-3.7 instead of 2.9-3.3
+ * (np.copyto, which glibc walks down there, 2.4 and 4.7-5.4).  Going down
+ * turns the relation round: there, inputs 1..NEAR bytes past OUT would stall.
+ * The direction with fewer stalling inputs; up on a tie (in place: 0).
+ * -DBNFAST_WALK_DOWN_ALWAYS (tests/c/flat_runs.c) takes the down walk always. */
+#define BNFAST_ALIAS_NEAR 256
+static inline int bnfast_alias_near(const void *from, const void *to) {
+    size_t ahead = ((size_t)to - (size_t)from) & 4095u;
+    return from != NULL && ahead != 0 && ahead <= BNFAST_ALIAS_NEAR;
+}
+static inline int bnfast_walk_down(const void *out, const void *in1, const void *in2) {
+#ifdef BNFAST_WALK_DOWN_ALWAYS
+    (void)out; (void)in1; (void)in2;
+    return 1;
+#else
+    return bnfast_alias_near(in1, out) + bnfast_alias_near(in2, out)
+           > bnfast_alias_near(out, in1) + bnfast_alias_near(out, in2);
+#endif
+}
+
 /* The walk over runs * S values of output OUT: the head to ALIGN bytes (1: none)
- * and the tail in masked steps of this channel, MASKED(K, ...) for the first k
+ * and the tail in masked steps of their channel, MASKED(K, ...) for the first k
  * <= 16 values from p (K = 2^k - 1; both lie within one run: fewer than 32 <= S
  * values); between them STEP(CA, CB, ...), the 32 values from p, CA/CB giving
  * its two vectors' coefficients; MASKS(d, KA, KB): the lanes from the step's
- * d-th value on, where the next channel starts within the step. */
-#define BNFAST_FLAT_WALK(T, OUT, ALIGN, ROWS, MASKS, STEP, MASKED, ...)                  \
+ * d-th value on, where the next channel starts within the step.  Up the span,
+ * or (DOWN, bnfast_walk_down) the tail first and then the steps down from the
+ * top: each value computed by the same step body either way, the same bits.
+ * Per row r, r##0 holds the lower channel and r##1 the upper one of the two a
+ * step can meet. */
+#define BNFAST_FLAT_WALK(T, OUT, ALIGN, DOWN, ROWS, MASKS, STEP, MASKED, ...)            \
     {                                                                                    \
         ptrdiff_t total = runs * S, p = 0, next = S, cn = c + 1 == C ? 0 : c + 1, k_;    \
         ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)(OUT)) & ((ALIGN) - 1))       \
@@ -72,6 +106,38 @@
         for (; p < head; p += k_) {                                                      \
             k_ = BNFAST_MIN(head - p, 16);                                               \
             MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
+        }                                                                                \
+        if ((DOWN) && total - p >= 32) {                                                 \
+            ptrdiff_t low_ = p, end_ = p + (total - p) / 32 * 32, start_;                \
+            cn = (ptrdiff_t)((c + (total - 1) / S) % C);  /* the tail's channel */       \
+            ROWS(BNFAST_FLAT_AT0)                                                        \
+            for (p = end_; p < total; p += k_) {                                         \
+                k_ = BNFAST_MIN(total - p, 16);                                          \
+                MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                        \
+            }                                                                            \
+            /* the top step's last value: in channel cn + 1 (r##1), whose run */         \
+            /* starts at start_; r##0 the channel below */                               \
+            start_ = (end_ - 1) / S * S;                                                 \
+            cn = (ptrdiff_t)((c + (end_ - 1) / S) % C);                                  \
+            ROWS(BNFAST_FLAT_AT1)                                                        \
+            if (cn-- == 0) cn = C - 1;                                                   \
+            ROWS(BNFAST_FLAT_AT0)                                                        \
+            for (p = end_ - 32; p >= low_; p -= 32) {                                    \
+                if (start_ <= p) {                                                       \
+                    STEP(BNFAST_FLAT_UPPER, BNFAST_FLAT_UPPER, __VA_ARGS__)              \
+                } else {                                                                 \
+                    __mmask16 ka_, kb_;                                                  \
+                    MASKS((unsigned)(start_ - p), ka_, kb_);                             \
+                    ROWS(BNFAST_FLAT_SPLIT_ROW)                                          \
+                    STEP(BNFAST_FLAT_IN_A, BNFAST_FLAT_IN_B, __VA_ARGS__)                \
+                }                                                                        \
+                if (start_ >= p) {  /* the next step down lies below this run */         \
+                    if (cn-- == 0) cn = C - 1;                                           \
+                    ROWS(BNFAST_FLAT_SHIFT_DOWN)                                         \
+                    start_ -= S;                                                         \
+                }                                                                        \
+            }                                                                            \
+            p = total;                                                                   \
         }                                                                                \
         for (; total - p >= 32; p += 32) {                                               \
             if (next - p >= 32) {                                                        \
@@ -96,8 +162,12 @@
 
 /* The normalise: y = relu?(((float)x - m) * a + b [+ (float)add]). */
 #define BNFAST_FLAT_AFFINE_ROWS(X) X(m) X(a) X(b)
+/* The + b with the product as the first source (BNFAST_H16_ADD): the NaN payload
+ * the run-by-run leaves give where both are NaN.  GCC swapped the operands when
+ * the walk gained its down loop (bfloat16 NaN data and NaN bias: b's payload,
+ * tests/test_layouts.py). */
 #define BNFAST_FLAT_AFFINE(v, X, CO, ADD, RELU, D)                                        \
-    v = ((X) - CO(m)) * CO(a) + CO(b);                                                   \
+    v = BNFAST_H16_ADD(((X) - CO(m)) * CO(a), CO(b));                                    \
     if (ADD) v = BNFAST_H16_ADD(v, D);                                                   \
     if (RELU) v = BNFAST_H16_RELU(v);
 #define BNFAST_FLAT_AFFINE_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M, ADD, RELU)    \
@@ -117,7 +187,8 @@
         STORE16M(k, y + p, v_);                                                          \
     }
 #define BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, ADD, RELU, ...)                          \
-    BNFAST_FLAT_WALK(T, y, ALIGN, BNFAST_FLAT_AFFINE_ROWS, MASKS, BNFAST_FLAT_AFFINE_STEP, \
+    BNFAST_FLAT_WALK(T, y, ALIGN, bnfast_walk_down(y, x, add), BNFAST_FLAT_AFFINE_ROWS,  \
+                     MASKS, BNFAST_FLAT_AFFINE_STEP,                                     \
                      BNFAST_FLAT_AFFINE_MASKED, __VA_ARGS__, ADD, RELU)
 /* runs of S values from channel c on (of C, wrapping), rows m, a, b of C floats. */
 #define BNFAST_DEFINE_FLAT_RUNS(NAME, T, TARGET, MASKS, ALIGN, ...)                       \
@@ -167,7 +238,8 @@
     TARGET static inline void NAME(const T *x, const T *dy, T *dx, ptrdiff_t runs,      \
                                    ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
                                    const float *a, const float *b, const float *d)       \
-        BNFAST_FLAT_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS_##TRAINING, MASKS,          \
+        BNFAST_FLAT_WALK(T, dx, ALIGN, bnfast_walk_down(dx, dy, TRAINING ? x : NULL),    \
+                         BNFAST_FLAT_GRAD_ROWS_##TRAINING, MASKS,                        \
                          BNFAST_FLAT_GRAD_STEP, BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__, TRAINING)
 
 /* The same with the fused ReLU's mask: dy where bit pos + i of bits is set, else
@@ -203,7 +275,8 @@
                                    ptrdiff_t pos, T *g, T *dx, ptrdiff_t runs,           \
                                    ptrdiff_t S, ptrdiff_t c, ptrdiff_t C, const float *m, \
                                    const float *a, const float *b, const float *d)       \
-        BNFAST_FLAT_WALK(T, dx, 1, BNFAST_FLAT_GRAD_ROWS_##TRAINING, MASKS,              \
+        BNFAST_FLAT_WALK(T, dx, 1, bnfast_walk_down(dx, dy, TRAINING ? x : NULL),        \
+                         BNFAST_FLAT_GRAD_ROWS_##TRAINING, MASKS,                        \
                          BNFAST_FLAT_MGRAD_STEP, BNFAST_FLAT_MGRAD_MASKED, __VA_ARGS__,   \
                          TRAINING)
 /* n <= 32 bits of the mask from bit q on (bit i of the result: bit q + i), read

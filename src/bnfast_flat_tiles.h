@@ -54,8 +54,9 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
  * ALIGN bytes (1: none) and the tail in masked steps, MASKED(K, ...) (the first
  * k <= 16 values from p, K = 2^k - 1), 32-value steps STEP(CA, CB, ...) between
  * them: bnfast_flat_runs.h's bodies, with the coefficients of rows ROWS from
- * the tile. */
-#define BNFAST_TILES_WALK(T, OUT, ALIGN, ROWS, STEP, MASKED, ...)                        \
+ * the tile.  Up the span, or (DOWN: bnfast_walk_down's 4K aliasing) the tail
+ * first and then the steps down from the top, the same bits. */
+#define BNFAST_TILES_WALK(T, OUT, ALIGN, DOWN, ROWS, STEP, MASKED, ...)                  \
     {                                                                                    \
         ptrdiff_t p = 0, j = 0, k_;                                                      \
         ptrdiff_t head = (ptrdiff_t)(((size_t)0 - (size_t)(OUT)) & ((ALIGN) - 1))       \
@@ -65,6 +66,24 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
             ROWS(BNFAST_TILE_HERE)                                                       \
             k_ = BNFAST_MIN(head - p, 16);                                               \
             MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
+        }                                                                                \
+        if ((DOWN) && total - p >= 32) {  /* the tail, then the steps down */           \
+            ptrdiff_t low_ = p, end_ = p + (total - p) / 32 * 32, top_ = end_ % W;       \
+            for (p = end_, j = top_; p < total; p += k_, j = BNFAST_TILE_ON(j, k_)) {    \
+                ROWS(BNFAST_TILE_HERE)                                                   \
+                k_ = BNFAST_MIN(total - p, 16);                                          \
+                MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                        \
+            }                                                                            \
+            for (p = end_ - 32, j = top_; p >= low_; p -= 32) {                          \
+                for (j -= 32; j < 0;) j += W;                                            \
+                if (j + 32 <= W) {                                                       \
+                    STEP(BNFAST_TILE_IN_A, BNFAST_TILE_IN_B, __VA_ARGS__)                \
+                } else {                                                                 \
+                    ptrdiff_t jb_ = BNFAST_TILE_ON(j, 16);                               \
+                    STEP(BNFAST_TILE_WRAP_A, BNFAST_TILE_WRAP_B, __VA_ARGS__)            \
+                }                                                                        \
+            }                                                                            \
+            p = total;                                                                   \
         }                                                                                \
         for (; total - p >= 32; p += 32) {                                               \
             if (j + 32 <= W) {  /* within the tile: plain loads */                       \
@@ -85,7 +104,8 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
 /* The normalise of total values from a tile's start, rows m, a, b of W >= 16
  * floats. */
 #define BNFAST_TILES_AFFINE_BODY(T, ALIGN, ADD, RELU, ...)                                \
-    BNFAST_TILES_WALK(T, y, ALIGN, BNFAST_FLAT_AFFINE_ROWS, BNFAST_FLAT_AFFINE_STEP,      \
+    BNFAST_TILES_WALK(T, y, ALIGN, bnfast_walk_down(y, x, add), BNFAST_FLAT_AFFINE_ROWS,  \
+                      BNFAST_FLAT_AFFINE_STEP,                                           \
                       BNFAST_FLAT_AFFINE_MASKED, __VA_ARGS__, ADD, RELU)
 #define BNFAST_DEFINE_FLAT_TILES(NAME, T, ALIGN, ...)                                     \
     BNFAST_FLAT_TARGET static void NAME(const T *x, const T *add, T *y, ptrdiff_t total, \
@@ -106,7 +126,8 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
     BNFAST_FLAT_TARGET static void NAME(const T *x, const T *dy, T *dx, ptrdiff_t total, \
                                         ptrdiff_t W, const float *m, const float *a,     \
                                         const float *b, const float *d)                  \
-        BNFAST_TILES_WALK(T, dx, ALIGN, BNFAST_FLAT_GRAD_ROWS_##TRAINING,                \
+        BNFAST_TILES_WALK(T, dx, ALIGN, bnfast_walk_down(dx, dy, TRAINING ? x : NULL),   \
+                          BNFAST_FLAT_GRAD_ROWS_##TRAINING,                              \
                           BNFAST_FLAT_GRAD_STEP, BNFAST_FLAT_GRAD_MASKED, __VA_ARGS__,   \
                           TRAINING)
 

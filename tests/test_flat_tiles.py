@@ -28,5 +28,14 @@ def test_flat_tiles_give_the_portable_leaves_bits(tmp_path):
     assert (cases, mismatches) == (20000, 0)
 
 
+def test_the_down_walk_gives_the_same_bits(tmp_path):
+    """Every case walked down its span (bnfast_walk_down: outputs just past an
+    input modulo 4 KiB), the tail first: still the portable leaves' bits."""
+    cases, mismatches = _cases_and_mismatches(tmp_path, "-DBNFAST_WALK_DOWN_ALWAYS")
+    if cases == 0:
+        pytest.skip("this CPU has no AVX-512 (F, VL, BW): the flat tiles are not taken")
+    assert (cases, mismatches) == (20000, 0)
+
+
 def test_portable_build_has_no_flat_tiles(tmp_path):
     assert _cases_and_mismatches(tmp_path, "-DBNFAST_NO_SIMD") == (0, 0)
