@@ -185,6 +185,10 @@ cdef inline void _apply_rows(const real_t* x, const real_t* addend, real_t* y, P
         bnfast_affine_rows_bf16(x, addend, y, rows, C, ft, ft + R, ft + 2 * R, relu, stream)
 
 
+cdef extern from "bnfast_alias.h" nogil:
+    bint bnfast_stream_stalls(const void* out, const void* in1, const void* in2)
+
+
 cdef extern from "bnfast_affine_entries.h" nogil:
     # The leaves above on the float rows (and float64), cached or streamed by a flag.
     void bnfast_affine_scalar_f32_s(const float* x, const float* add, float* y, Py_ssize_t n,
@@ -372,15 +376,17 @@ cdef inline void _first_block(const real_t* xp, const real_t* ap, real_t* yp,
 
 
 cdef inline bint _streamable(const void* y, Py_ssize_t piece_bytes, bint use_float,
-                             bint float_data, bint half_data,
-                             unsigned char* bits) noexcept nogil:
-    """Whether an output may take non-temporal stores: pieces (runs, tiles) that
-    start on 16-byte boundaries (a line written partly by movnt and partly by
-    plain stores is very slow), a streaming leaf for the type (float32 and half
-    data on float rows, float64), and no mask to pack from the block just written
-    (it would come back from memory, not L1)."""
+                             bint float_data, bint half_data, unsigned char* bits,
+                             const void* x, const void* addend) noexcept nogil:
+    """Whether an output may take non-temporal stores in the run-by-run leaves:
+    pieces (runs, tiles) that start on 16-byte boundaries (a line written partly
+    by movnt and partly by plain stores is very slow), a streaming leaf for the
+    type (float32 and half data on float rows, float64), no mask to pack from the
+    block just written (it would come back from memory, not L1), and no input
+    just behind the output modulo 4 KiB (bnfast_alias.h: 13-17x slower)."""
     return ((<size_t>y) % 16 == 0 and piece_bytes % 16 == 0 and bits == NULL
-            and (use_float or not (float_data or half_data)))
+            and (use_float or not (float_data or half_data))
+            and not bnfast_stream_stalls(y, x, addend))
 
 
 cdef inline bint flat_runs_taken(const real_t* kind, Py_ssize_t S) noexcept nogil:
@@ -435,7 +441,8 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
         stream = stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
     else:
         stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
-                                        real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
+                                        real_t is bnfast_f16 or real_t is bnfast_bf16, bits,
+                                        xp, ap)
     if nt == 1:  # no parallel region at all: entering one costs ~1 us even for 1 thread
         for blk in range(blocks):
             _first_block(xp, ap, yp, runs, C, S, blk * per_block,
@@ -494,8 +501,17 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
         stream = stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
     else:
         stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
-                                        real_t is bnfast_f16 or real_t is bnfast_bf16, bits)
+                                        real_t is bnfast_f16 or real_t is bnfast_bf16, bits,
+                                        xp, ap)
     cdef bint in_rows = _rows_fit(yp, C, use_float, stream)
+    # The register rows walk up: where that stalls (bnfast_alias.h) the flat tiles
+    # take the rows (they walk down there), or else the rows store cached.
+    if in_rows and stream and bnfast_stream_stalls(yp, xp, ap):
+        if flat_tiles_taken(yp, W):
+            in_rows = False
+        else:
+            stream = False
+            in_rows = _rows_fit(yp, C, use_float, stream)
     if nt == 1:  # see apply_first
         for blk in range(blocks):
             _last_block(xp, ap, yp, blk * per_block, min(total, (blk + 1) * per_block), W, C,

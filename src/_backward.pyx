@@ -42,7 +42,7 @@ cimport numpy as cnp
 from cython.parallel cimport parallel
 from _aligned cimport aligned_free, aligned_malloc
 
-from _affine cimport flat_runs_taken, flat_tiles_taken, pack_block
+from _affine cimport bnfast_stream_stalls, flat_runs_taken, flat_tiles_taken, pack_block
 from _arrays cimport Shape, data_or_null, kernel_shape, load_doubles
 from _dtypes cimport CHANNELS_FIRST, bnfast_bf16, bnfast_f16, real_t, store_double, to_double
 from _openmp_helpers cimport (bnfast_claim, bnfast_claim_next, bnfast_claim_start, bnfast_shares,
@@ -481,6 +481,13 @@ cdef inline bint _aligned16(const void* p, Py_ssize_t piece_bytes) noexcept nogi
     return p != NULL and (<size_t>p) % 16 == 0 and piece_bytes % 16 == 0
 
 
+cdef inline bint _stalls(const void* dx, const void* dy, const void* x,
+                         bint training) noexcept nogil:
+    """Whether the run-by-run leaves' streamed dx would stall on an input just
+    behind it modulo 4 KiB (bnfast_alias.h): they store it cached there."""
+    return bnfast_stream_stalls(dx, dy, x if training else NULL)
+
+
 # -- pass 1 ---------------------------------------------------------------------------
 cdef inline void _reduce_first_task(Py_ssize_t t, const real_t* xp, const real_t* dyp,
                                     const unsigned char* bits, const double* mean,
@@ -847,11 +854,12 @@ cdef int _apply_first(const real_t* xp, const real_t* dyp, const unsigned char* 
     # The flat leaves stream a block's runs from any element-aligned start (they
     # align their 64-byte stores; an out= view may be misaligned, which only
     # plain stores take).  Otherwise streaming stores only where every run starts
-    # on a 16-byte boundary: a line written partly by movnt and partly by plain
-    # stores is very slow.
+    # on a 16-byte boundary (a line written partly by movnt and partly by plain
+    # stores is very slow) and no input lies just behind dx (bnfast_alias.h).
     cdef bint flat = dxp != NULL and flat_runs_taken(xp, S)
     stream = stream and bits == NULL and (
-        (flat and (<size_t>dxp) % sizeof(real_t) == 0) or _aligned16(dxp, S * sizeof(real_t)))
+        (flat and (<size_t>dxp) % sizeof(real_t) == 0)
+        or (_aligned16(dxp, S * sizeof(real_t)) and not _stalls(dxp, dyp, xp, training)))
     # The compute-type coefficients, once per channel.
     cdef void* table = aligned_malloc(4 * C * _compute_size(xp))
     if table == NULL:
@@ -930,13 +938,21 @@ cdef int _apply_last(const real_t* xp, const real_t* dyp, const unsigned char* b
         return -1
     cdef Py_ssize_t blk = 0
     # The flat tiles stream from any element-aligned start (they align their 64-byte
-    # stores), the others from 16-byte aligned whole pieces.
+    # stores), the others from 16-byte aligned whole pieces, no input just behind.
     stream = stream and bits == NULL and (
         (dxp != NULL and flat_tiles_taken(xp, W) and (<size_t>dxp) % sizeof(real_t) == 0)
-        or _aligned16(dxp, W * sizeof(real_t)))
+        or (_aligned16(dxp, W * sizeof(real_t)) and not _stalls(dxp, dyp, xp, training)))
     _fill_table(xp, tile, C, W // C, _tile_rows(W), k)
-    cdef bint in_rows = (real_t is float and training and bits == NULL and dxp != NULL
-                         and bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream))
+    cdef bint rows_kind = real_t is float and training and bits == NULL and dxp != NULL
+    cdef bint in_rows = rows_kind and bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream)
+    # The register rows walk up: where that stalls (bnfast_alias.h) the flat tiles
+    # take the rows (they walk down there), or else the rows store cached.
+    if in_rows and stream and _stalls(dxp, dyp, xp, training):
+        if flat_tiles_taken(xp, W):
+            in_rows = False
+        else:
+            stream = False
+            in_rows = bnfast_grad_rows_f32_fits(C, <const float*>dxp, stream)
     if nt == 1:  # see _reduce_first
         for blk in range(blocks):
             _apply_last_block(blk, xp, dyp, bits, tile, dxp, gp, total, W, C, per_block,

@@ -36,6 +36,7 @@
 #ifndef BNFAST_FLAT_RUNS_H
 #define BNFAST_FLAT_RUNS_H
 
+#include "bnfast_alias.h"
 #include "bnfast_half_leaves.h"
 #include "bnfast_backward_half.h"
 
@@ -61,39 +62,14 @@
 #define BNFAST_FLAT_IN_A(r) r##A
 #define BNFAST_FLAT_IN_B(r) r##B
 
-/* Whether a walk that stores to OUT and reads IN1 and IN2 (or NULL) goes down
- * its span: where OUT lies 1..BNFAST_ALIAS_NEAR bytes past an input modulo 4
- * KiB, an upward walk's loads meet its own recent stores' low 12 address bits
- * (4K aliasing): each waits on the store buffer.  Memory-bound (32x512x28x28
- * eval, 2 threads, streamed, Xeon VM), half data took 3.3-3.7 ms instead of
- * 1.6-2.0 with out= 16-64 bytes ahead of x, float32 3.3-3.7 instead of 2.9-3.3
- * (np.copyto, which glibc walks down there, 2.4 and 4.7-5.4).  Going down
- * turns the relation round: there, inputs 1..NEAR bytes past OUT would stall.
- * The direction with fewer stalling inputs; up on a tie (in place: 0).
- * -DBNFAST_WALK_DOWN_ALWAYS (tests/c/flat_runs.c) takes the down walk always. */
-#define BNFAST_ALIAS_NEAR 256
-static inline int bnfast_alias_near(const void *from, const void *to) {
-    size_t ahead = ((size_t)to - (size_t)from) & 4095u;
-    return from != NULL && ahead != 0 && ahead <= BNFAST_ALIAS_NEAR;
-}
-static inline int bnfast_walk_down(const void *out, const void *in1, const void *in2) {
-#ifdef BNFAST_WALK_DOWN_ALWAYS
-    (void)out; (void)in1; (void)in2;
-    return 1;
-#else
-    return bnfast_alias_near(in1, out) + bnfast_alias_near(in2, out)
-           > bnfast_alias_near(out, in1) + bnfast_alias_near(out, in2);
-#endif
-}
-
 /* The walk over runs * S values of output OUT: the head to ALIGN bytes (1: none)
  * and the tail in masked steps of their channel, MASKED(K, ...) for the first k
  * <= 16 values from p (K = 2^k - 1; both lie within one run: fewer than 32 <= S
  * values); between them STEP(CA, CB, ...), the 32 values from p, CA/CB giving
  * its two vectors' coefficients; MASKS(d, KA, KB): the lanes from the step's
  * d-th value on, where the next channel starts within the step.  Up the span,
- * or (DOWN, bnfast_walk_down) the tail first and then the steps down from the
- * top: each value computed by the same step body either way, the same bits.
+ * or (DOWN: bnfast_alias.h's bnfast_walk_down) the tail first and then the
+ * steps down from the top: each value computed by the same step either way.
  * Per row r, r##0 holds the lower channel and r##1 the upper one of the two a
  * step can meet. */
 #define BNFAST_FLAT_WALK(T, OUT, ALIGN, DOWN, ROWS, MASKS, STEP, MASKED, ...)            \

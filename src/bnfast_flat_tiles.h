@@ -54,7 +54,7 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
  * ALIGN bytes (1: none) and the tail in masked steps, MASKED(K, ...) (the first
  * k <= 16 values from p, K = 2^k - 1), 32-value steps STEP(CA, CB, ...) between
  * them: bnfast_flat_runs.h's bodies, with the coefficients of rows ROWS from
- * the tile.  Up the span, or (DOWN: bnfast_walk_down's 4K aliasing) the tail
+ * the tile.  Up the span, or (DOWN: bnfast_alias.h's bnfast_walk_down) the tail
  * first and then the steps down from the top, the same bits. */
 #define BNFAST_TILES_WALK(T, OUT, ALIGN, DOWN, ROWS, STEP, MASKED, ...)                  \
     {                                                                                    \
