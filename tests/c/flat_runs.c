@@ -9,7 +9,8 @@
  * channels (the wrap to channel 0), spans that start at every 2- or 4-byte
  * offset of a 64-byte line (the streamed head; the cached leaves also off
  * their itemsize), no runs at all, addend and
- * ReLU, in place (the normalise on x, dx on dy), and coefficient rows with NaN
+ * ReLU, in place (the normalise on x, dx on dy; the masked dx on dy, or its g
+ * on dy beside it), and coefficient rows with NaN
  * and infinities.  Both outputs sit in buffers filled with a guard pattern: the
  * bytes around the span must stay untouched.
  *
@@ -67,8 +68,9 @@
         T *dy1 = inplace ? (T *)y1 : (T *)add, *dy2 = inplace ? (T *)y2 : (T *)add;      \
         T *g1 = with_g ? (inplace ? dy1 : (T *)(void *)(g1buf + offset)) : NULL;         \
         T *g2 = with_g ? (inplace ? dy2 : (T *)(void *)(g2buf + offset)) : NULL;         \
-        T *dx1 = inplace ? (T *)(void *)(dx1buf + offset) : (T *)y1;                     \
-        T *dx2 = inplace ? (T *)(void *)(dx2buf + offset) : (T *)y2;                     \
+        /* in place: g over dy and dx beside it, or without g dx over dy */              \
+        T *dx1 = inplace ? (with_g ? (T *)(void *)(dx1buf + offset) : dy1) : (T *)y1;    \
+        T *dx2 = inplace ? (with_g ? (T *)(void *)(dx2buf + offset) : dy2) : (T *)y2;    \
         ptrdiff_t t, ch = c;                                                             \
         for (t = 0; t < runs; t++) {                                                     \
             REF((const T *)x + t * S, dy1 + t * S, mbits, mpos + t * S, S, m[ch], a[ch], \
