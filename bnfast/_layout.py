@@ -195,11 +195,18 @@ def write_target(out, x, layout, same_ok=(), avoid=()):
         # x is in layout: empty_like keeps its memory order (C, F or channels-last).
         result = empty_like_aligned(x)
         return result, result
-    clash = any(o is not None and overlaps(out, o) for o in avoid)
-    clash = clash or any(o is not None and overlaps(out, o) and not same_memory(out, o)
-                         for o in same_ok)
-    if not clash and layout_of(out) == layout:
-        return out, out
+    # Plain loops, the cheap tests first: this runs on every out= call (generators
+    # and any() had cost ~1 of its 3.4 us on (1, 512, 7, 7)).
+    if layout_of(out) == layout:
+        for o in avoid:
+            if o is not None and overlaps(out, o):
+                break
+        else:
+            for o in same_ok:
+                if o is not None and o is not out and overlaps(out, o) and not same_memory(out, o):
+                    break
+            else:
+                return out, out
     return out, empty_like_layout(x, layout, x.dtype)
 
 
