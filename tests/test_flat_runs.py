@@ -28,17 +28,15 @@ def _cases_and_mismatches(tmp_path, *flags):
     return int(cases), int(mismatches)
 
 
-def test_flat_runs_give_the_portable_leaves_bits(tmp_path):
-    cases, mismatches = _cases_and_mismatches(tmp_path)
-    if cases == 0:
-        pytest.skip("this CPU has no AVX-512 (F, VL, BW): the flat leaves are not taken")
-    assert (cases, mismatches) == (30000, 0)
+#: The walk up, and (-DBNFAST_WALK_DOWN_ALWAYS) every case walked down its span
+#: as bnfast_walk_down picks for outputs just past an input modulo 4 KiB: the
+#: tail first, then the steps from the top.
+WALKS = {"up": (), "down": ("-DBNFAST_WALK_DOWN_ALWAYS",)}
 
 
-def test_the_down_walk_gives_the_same_bits(tmp_path):
-    """Every case walked down its span (bnfast_walk_down: outputs just past an
-    input modulo 4 KiB), the tail first: still the portable leaves' bits."""
-    cases, mismatches = _cases_and_mismatches(tmp_path, "-DBNFAST_WALK_DOWN_ALWAYS")
+@pytest.mark.parametrize("walk", WALKS)
+def test_flat_runs_give_the_portable_leaves_bits(tmp_path, walk):
+    cases, mismatches = _cases_and_mismatches(tmp_path, *WALKS[walk])
     if cases == 0:
         pytest.skip("this CPU has no AVX-512 (F, VL, BW): the flat leaves are not taken")
     assert (cases, mismatches) == (30000, 0)
