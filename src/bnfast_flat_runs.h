@@ -68,8 +68,8 @@
  * values); between them STEP(CA, CB, ...), the 32 values from p, CA/CB giving
  * its two vectors' coefficients; MASKS(d, KA, KB): the lanes from the step's
  * d-th value on, where the next channel starts within the step.  Up the span,
- * or (DOWN: bnfast_alias.h's bnfast_walk_down) the tail first and then the
- * steps down from the top: each value computed by the same step either way.
+ * or (DOWN: bnfast_alias.h's bnfast_walk_down) the steps down from the top and
+ * then the tail: each value computed by the same step either way.
  * Per row r, r##0 holds the lower channel and r##1 the upper one of the two a
  * step can meet. */
 #define BNFAST_FLAT_WALK(T, OUT, ALIGN, DOWN, ROWS, MASKS, STEP, MASKED, ...)            \
@@ -85,12 +85,6 @@
         }                                                                                \
         if ((DOWN) && total - p >= 32) {                                                 \
             ptrdiff_t low_ = p, end_ = p + (total - p) / 32 * 32, start_;                \
-            cn = (ptrdiff_t)((c + (total - 1) / S) % C);  /* the tail's channel */       \
-            ROWS(BNFAST_FLAT_AT0)                                                        \
-            for (p = end_; p < total; p += k_) {                                         \
-                k_ = BNFAST_MIN(total - p, 16);                                          \
-                MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                        \
-            }                                                                            \
             /* the top step's last value: in channel cn + 1 (r##1), whose run */         \
             /* starts at start_; r##0 the channel below */                               \
             start_ = (end_ - 1) / S * S;                                                 \
@@ -113,7 +107,10 @@
                     start_ -= S;                                                         \
                 }                                                                        \
             }                                                                            \
-            p = total;                                                                   \
+            /* then the tail below, in the last run's channel */                         \
+            cn = (ptrdiff_t)((c + (total - 1) / S) % C);                                 \
+            ROWS(BNFAST_FLAT_AT0)                                                        \
+            p = end_;                                                                    \
         }                                                                                \
         for (; total - p >= 32; p += 32) {                                               \
             if (next - p >= 32) {                                                        \

@@ -54,8 +54,8 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
  * ALIGN bytes (1: none) and the tail in masked steps, MASKED(K, ...) (the first
  * k <= 16 values from p, K = 2^k - 1), 32-value steps STEP(CA, CB, ...) between
  * them: bnfast_flat_runs.h's bodies, with the coefficients of rows ROWS from
- * the tile.  Up the span, or (DOWN: bnfast_alias.h's bnfast_walk_down) the tail
- * first and then the steps down from the top, the same bits. */
+ * the tile.  Up the span, or (DOWN: bnfast_alias.h's bnfast_walk_down) the steps
+ * down from the top and then the tail, the same bits. */
 #define BNFAST_TILES_WALK(T, OUT, ALIGN, DOWN, ROWS, STEP, MASKED, ...)                  \
     {                                                                                    \
         ptrdiff_t p = 0, j = 0, k_;                                                      \
@@ -67,13 +67,8 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
             k_ = BNFAST_MIN(head - p, 16);                                               \
             MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                            \
         }                                                                                \
-        if ((DOWN) && total - p >= 32) {  /* the tail, then the steps down */           \
+        if ((DOWN) && total - p >= 32) {  /* the steps down, then the tail below */     \
             ptrdiff_t low_ = p, end_ = p + (total - p) / 32 * 32, top_ = end_ % W;       \
-            for (p = end_, j = top_; p < total; p += k_, j = BNFAST_TILE_ON(j, k_)) {    \
-                ROWS(BNFAST_TILE_HERE)                                                   \
-                k_ = BNFAST_MIN(total - p, 16);                                          \
-                MASKED((__mmask16)((1u << k_) - 1u), __VA_ARGS__)                        \
-            }                                                                            \
             for (p = end_ - 32, j = top_; p >= low_; p -= 32) {                          \
                 for (j -= 32; j < 0;) j += W;                                            \
                 if (j + 32 <= W) {                                                       \
@@ -83,7 +78,8 @@ BNFAST_FLAT_TARGET static inline bnfast_h16f bnfast_tile_coef(const float *r, pt
                     STEP(BNFAST_TILE_WRAP_A, BNFAST_TILE_WRAP_B, __VA_ARGS__)            \
                 }                                                                        \
             }                                                                            \
-            p = total;                                                                   \
+            p = end_;                                                                    \
+            j = top_;                                                                    \
         }                                                                                \
         for (; total - p >= 32; p += 32) {                                               \
             if (j + 32 <= W) {  /* within the tile: plain loads */                       \

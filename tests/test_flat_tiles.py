@@ -23,7 +23,7 @@ def _cases_and_mismatches(tmp_path, *flags):
 
 #: The walk up, and (-DBNFAST_WALK_DOWN_ALWAYS) every case walked down its span
 #: as bnfast_walk_down picks for outputs just past an input modulo 4 KiB: the
-#: tail first, then the steps from the top.
+#: steps from the top, then the tail.
 WALKS = {"up": (), "down": ("-DBNFAST_WALK_DOWN_ALWAYS",)}
 
 
