@@ -15,11 +15,13 @@ Two passes over the data, in the forward's two memory layouts:
    8 fixed lanes, see ``bnfast_simd.h``).  The work is cut by the shape only
    and the partials are merged in a fixed order, so any thread count gives
    the same bits.
-2. apply: ``dx = (dy * a + (x - m) * b) + d`` per element, in the compute
+2. apply: ``dx = (dy - d) * a + (x - m) * b`` per element, in the compute
    type: double for float64 data, float for float32, float16 and bfloat16.
-   ``m`` is the compute-type mean and its rounding error is folded into
-   ``d`` (in double): float32 data far from zero (mean 1e6, std 1) keeps
-   ``x - m`` exact.  From bnfast.backward.streams' size on (4 MiB), dx takes
+   ``d`` and ``m`` are the zeros of the two terms, dy's mean rounded to the
+   compute type and the mean with what that rounding lost (bnfast_table.h):
+   where dy lies near its mean, or x near its (mean 1e6, std 1), the
+   difference is exact and the float arithmetic errs by ~2^-24 of dx, not of
+   ``dy * a``.  From bnfast.backward.streams' size on (4 MiB), dx takes
    non-temporal stores.
 
 Half-precision data (float16, bfloat16) runs the same kernels: its leaves
@@ -255,18 +257,18 @@ cdef extern from "bnfast_table.h" nogil:
     void bnfast_grad_coefficients_f32(const double* invstd, const double* weight,
                                       const double* sum_dy, const double* sum_xdy,
                                       Py_ssize_t C, double inv_n,
-                                      double* scale, double* slope, double* offset,
+                                      double* scale, double* slope, double* dy_mean,
                                       float* grad_weight, float* grad_bias)
     void bnfast_grad_coefficients_f64(const double* invstd, const double* weight,
                                       const double* sum_dy, const double* sum_xdy,
                                       Py_ssize_t C, double inv_n,
-                                      double* scale, double* slope, double* offset,
+                                      double* scale, double* slope, double* dy_mean,
                                       double* grad_weight, double* grad_bias)
     void bnfast_grad_table_f32(const double* mean, const double* scale, const double* slope,
-                               const double* offset, Py_ssize_t C, Py_ssize_t repeat,
+                               const double* dy_mean, Py_ssize_t C, Py_ssize_t repeat,
                                Py_ssize_t R, float* table)
     void bnfast_grad_table_f64(const double* mean, const double* scale, const double* slope,
-                               const double* offset, Py_ssize_t C, Py_ssize_t repeat,
+                               const double* dy_mean, Py_ssize_t C, Py_ssize_t repeat,
                                Py_ssize_t R, double* table)
 
 
@@ -763,24 +765,23 @@ cdef int _reduce_last(const real_t* xp, const real_t* dyp, const unsigned char* 
 
 # -- pass 2 ---------------------------------------------------------------------------
 cdef struct Coef:
-    # Per channel (C doubles each): dx = dy * scale + (x - mean) * slope + offset.
+    # Per channel (C doubles each): dx = (dy - dy_mean) * scale + (x - mean) * slope.
     const double* mean
     const double* scale
     const double* slope
-    const double* offset
+    const double* dy_mean
 
 
 cdef inline void _fill_table(const real_t* kind, void* table, Py_ssize_t C, Py_ssize_t repeat,
                              Py_ssize_t rows, Coef k) noexcept nogil:
     """The channels' m, a, b, d into a compute-type table of 4 rows ``rows`` apart,
-    repeated ``repeat`` times: dx = (dy * a + (x - m) * b) + d, m the mean rounded
-    to the compute type and its rounding error moved into d, in double
-    (bnfast_table.h)."""
+    repeated ``repeat`` times: dx = (dy - d) * a + (x - m) * b, d dy's mean rounded
+    to the compute type and m the mean with what that lost (bnfast_table.h)."""
     if real_t is double:
-        bnfast_grad_table_f64(k.mean, k.scale, k.slope, k.offset, C, repeat, rows,
+        bnfast_grad_table_f64(k.mean, k.scale, k.slope, k.dy_mean, C, repeat, rows,
                               <double*>table)
     else:
-        bnfast_grad_table_f32(k.mean, k.scale, k.slope, k.offset, C, repeat, rows,
+        bnfast_grad_table_f32(k.mean, k.scale, k.slope, k.dy_mean, C, repeat, rows,
                               <float*>table)
 
 
@@ -998,7 +999,7 @@ cdef struct Job:
 cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
     """Both passes of one backward; ``kind`` (NULL) picks the storage type.
 
-    ``work`` holds 5 rows of C doubles: sum_dy, sum_xdy, scale, slope, offset.
+    ``work`` holds 5 rows of C doubles: sum_dy, sum_xdy, scale, slope, dy_mean.
     -1 if out of memory.
     """
     cdef Py_ssize_t c, C = job.shape.C
@@ -1016,7 +1017,7 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
     cdef double* sum_xdy = work + C
     cdef double* scale = work + 2 * C
     cdef double* slope = work + 3 * C
-    cdef double* offset = work + 4 * C
+    cdef double* dy_mean = work + 4 * C
     for c in range(C):
         sum_dy[c] = 0.0
         sum_xdy[c] = 0.0
@@ -1046,14 +1047,14 @@ cdef int _run(const Job* job, double* work, real_t* kind) noexcept nogil:
     cdef double inv_n = 1.0 / count if training and count > 0 else 0.0
     if real_t is double:
         bnfast_grad_coefficients_f64(invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
-                                     slope, offset, <double*>job.grad_weight,
+                                     slope, dy_mean, <double*>job.grad_weight,
                                      <double*>job.grad_bias)
     else:
         bnfast_grad_coefficients_f32(invstd, weight, sum_dy, sum_xdy, C, inv_n, scale,
-                                     slope, offset, <float*>job.grad_weight,
+                                     slope, dy_mean, <float*>job.grad_weight,
                                      <float*>job.grad_bias)
     cdef Coef k
-    k.mean, k.scale, k.slope, k.offset = mean, scale, slope, offset
+    k.mean, k.scale, k.slope, k.dy_mean = mean, scale, slope, dy_mean
     cdef bint stream
     if dxp != NULL or (gp != NULL and not g_done):
         stream = job.stream and dxp != NULL

@@ -10,7 +10,7 @@
  *     (bnfast_backward_simd.h) with half load kinds -- half -> float -> double
  *     is exact, so the same lanes, order and row groups (float's) give
  *     float32's sums bit for bit;
- *   pass 2 without a mask: dx = round((dy * a + (x - m) * b) + d) in float,
+ *   pass 2 without a mask: dx = round((dy - d) * a + (x - m) * b) in float,
  *     non-temporal stores where asked (bnfast.backward.streams: 16 MiB and more).
  * Staged elsewhere (bnfast_half.h): widen into float buffers, run the float32
  * leaf of the same job, narrow what it writes -- the portable build's masked
@@ -75,7 +75,7 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
 /* ---------------------------------------------------------------------------
  * Pass 2 without a mask, in registers (bnfast_half.h's load8/store8), as the
  * forward's normalise: the float32 leaves' arithmetic on the widened values,
- *   training  dx = round((dy * a + (x - m) * b) + d),   eval  dx = round(dy * a),
+ *   training  dx = round((dy - d) * a + (x - m) * b),   eval  dx = round(dy * a),
  * no staging (a store and a reload per value: pass 2 ran at ~0.9x float32's
  * time).  SCALAR: one (m, a, b, d); TILED: per element (a tile piece).
  * ------------------------------------------------------------------------- */
@@ -83,7 +83,7 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
 #define BNFAST_HALF_GRAD_VECTORS_TO(END, LOAD8, STORE8, MV, AV, BV, DV)                 \
     if (training) {                                                                      \
         for (; i < (END); i += 8)                                                        \
-            STORE8(dx + i, (LOAD8(dy + i) * AV + (LOAD8(x + i) - MV) * BV) + DV);        \
+            STORE8(dx + i, (LOAD8(dy + i) - DV) * AV + (LOAD8(x + i) - MV) * BV);        \
     } else {                                                                             \
         for (; i < (END); i += 8) STORE8(dx + i, LOAD8(dy + i) * AV);                    \
     }
@@ -99,10 +99,13 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
 #define BNFAST_HALF_GRAD_NO_WIDE(...)
 #if BNFAST_DISPATCH_AVX2
 #define BNFAST_HALF_GRAD16(j, M16, A16, B16, D16) ({                                     \
-        bnfast_h16f g_ = bnfast_load16_bf16_hw(dy + (j)) * A16(j);                        \
+        bnfast_h16f y_ = bnfast_load16_bf16_hw(dy + (j));                                \
+        bnfast_h16f g_;                                                                  \
         if (training)                                                                    \
-            g_ = BNFAST_H16_ADD(BNFAST_H16_ADD(g_, (bnfast_load16_bf16_hw(x + (j)) - M16(j)) \
-                                                   * B16(j)), D16(j));                   \
+            g_ = BNFAST_H16_ADD((y_ - D16(j)) * A16(j),                                  \
+                                (bnfast_load16_bf16_hw(x + (j)) - M16(j)) * B16(j));     \
+        else                                                                             \
+            g_ = y_ * A16(j);                                                            \
         g_; })
 #define BNFAST_HALF_GRAD_WIDE_OF(STORE32, M16, A16, B16, D16)                            \
     for (; i + 32 <= n8; i += 32) {                                                      \
@@ -121,10 +124,13 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
 #define BNFAST_HALF_GRAD_EO_(w, E) ((bnfast_h16f)((E) ? _mm512_slli_epi32(w, 16)          \
                                                  : _mm512_and_si512(w, BNFAST_BF16_Z_K_(512, 4))))
 #define BNFAST_HALF_GRAD16_EO_(j, gw, xw, E, M16, A16, B16, D16) ({                       \
-        bnfast_h16f g_ = BNFAST_HALF_GRAD_EO_(gw, E) * A16(j);                            \
+        bnfast_h16f y_ = BNFAST_HALF_GRAD_EO_(gw, E);                                    \
+        bnfast_h16f g_;                                                                  \
         if (training)                                                                    \
-            g_ = BNFAST_H16_ADD(BNFAST_H16_ADD(g_, (BNFAST_HALF_GRAD_EO_(xw, E) - M16(j)) \
-                                                   * B16(j)), D16(j));                   \
+            g_ = BNFAST_H16_ADD((y_ - D16(j)) * A16(j),                                  \
+                                (BNFAST_HALF_GRAD_EO_(xw, E) - M16(j)) * B16(j));        \
+        else                                                                             \
+            g_ = y_ * A16(j);                                                            \
         g_; })
 #define BNFAST_HALF_GRAD_EO_STEPS(STORE32EO, M16, A16, B16, D16)                        \
     for (; i + 32 <= n8; i += 32) {                                                      \
@@ -168,7 +174,7 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
 #endif
 #define BNFAST_HALF_GRAD_TAIL(TOF, FROMF, MS, AS, BS, DS)                                \
     for (i = n8; i < n; i++)                                                             \
-        dx[i] = FROMF(training ? (TOF(dy[i]) * AS + (TOF(x[i]) - MS) * BS) + DS          \
+        dx[i] = FROMF(training ? (TOF(dy[i]) - DS) * AS + (TOF(x[i]) - MS) * BS          \
                                : TOF(dy[i]) * AS);
 
 #define BNFAST_DEFINE_HALF_GRAD(H, T, VARIANT, ATTR, LOAD8, STORE8, WIDE)                \

@@ -12,8 +12,9 @@
  *                     threshold_backward (NaN passes the gradient).
  *   grad_* / scale_*  the elementwise dx in the storage type, one (m, a, b, d)
  *                     per run (SCALAR, channels-first) or per element of a
- *                     tile (TILED, channels-last):
- *                       training  dx = (dy * a + (x - m) * b) + d
+ *                     tile (TILED, channels-last), m and d the zeros of the
+ *                     x and dy terms (bnfast_table.h):
+ *                       training  dx = (dy - d) * a + (x - m) * b
  *                       eval      dx = dy * a
  *
  * Kept in a header of its own so the backward work does not edit the forward's
@@ -500,7 +501,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
             if (dx) {                                                                    \
                 if (training)                                                            \
                     *(BNFAST_V32_##T *)(dx + i + h) =                                    \
-                        (u * A + (*(const BNFAST_V32_##T *)(x + i + h) - M) * B) + D;    \
+                        (u - D) * A + (*(const BNFAST_V32_##T *)(x + i + h) - M) * B;    \
                 else                                                                     \
                     *(BNFAST_V32_##T *)(dx + i + h) = u * A;                             \
             }                                                                            \
@@ -509,7 +510,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
     for (; i < n; i++) {                                                                 \
         v = BNFAST_BIT(bits, pos + i) ? dy[i] : (T)0;                                    \
         if (g) g[i] = v;                                                                 \
-        if (dx) dx[i] = training ? (v * a_i + (x[i] - m_i) * b_i) + d_i : v * a_i;       \
+        if (dx) dx[i] = training ? (v - d_i) * a_i + (x[i] - m_i) * b_i : v * a_i;       \
     }
 
 #define BNFAST_TILE32(T, p) (*(const BNFAST_V32_##T *)((p) + i + h))
@@ -579,7 +580,7 @@ typedef double bnfast_m4d __attribute__((vector_size(32), aligned(8)));
     for (i = 0; i < n; i++) {                                                            \
         v = BNFAST_BIT(bits, pos + i) ? dy[i] : (T)0;                                    \
         if (g) g[i] = v;                                                                 \
-        if (dx) dx[i] = training ? (v * a_i + (x[i] - m_i) * b_i) + d_i : v * a_i;       \
+        if (dx) dx[i] = training ? (v - d_i) * a_i + (x[i] - m_i) * b_i : v * a_i;       \
     }
 #define BNFAST_DEFINE_GRAD_MASKED(SCALAR, TILED, T, ATTR)                                \
     static void SCALAR(const T *x, const T *dy, const unsigned char *bits,        \
@@ -752,7 +753,7 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
                           T m, T a, T b, T d) {                                          \
         ptrdiff_t i;                                                                     \
         BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-            dx[i] = (dy[i] * a + (x[i] - m) * b) + d;                                    \
+            dx[i] = (dy[i] - d) * a + (x[i] - m) * b;                                    \
         }                                                                                \
     }
 /* grad_scalar over `runs` consecutive runs of n values, run r with (m[r], a[r],
@@ -765,7 +766,7 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
             const T *xr = x + r * n, *yr = dy + r * n;                                   \
             T *zr = dx + r * n, mr = m[r], ar = a[r], br = b[r], dr = d[r];              \
             BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-                zr[i] = (yr[i] * ar + (xr[i] - mr) * br) + dr;                           \
+                zr[i] = (yr[i] - dr) * ar + (xr[i] - mr) * br;                           \
             }                                                                            \
         }                                                                                \
     }
@@ -774,7 +775,7 @@ BNFAST_DEFINE_PACK_POSITIVE(bnfast_pack_positive_f64, double)
                           const T *m, const T *a, const T *b, const T *d) {              \
         ptrdiff_t i;                                                                     \
         BNFAST_IVDEP for (i = 0; i < n; i++) {                                       \
-            dx[i] = (dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i];                        \
+            dx[i] = (dy[i] - d[i]) * a[i] + (x[i] - m[i]) * b[i];                        \
         }                                                                                \
     }
 #define BNFAST_DEFINE_SCALE_SCALAR(NAME, T, ATTR)                                        \
@@ -857,11 +858,11 @@ typedef double bnfast_v2d __attribute__((vector_size(16), aligned(8)));
 #define BNFAST_STREAM_NARROW(SFX, VECTOR)
 
 /* Per leaf: the scalar and the vector expression of one value / vector at i. */
-#define BNFAST_GRAD_S(i) ((dy[i] * a + (x[i] - m) * b) + d)
-#define BNFAST_GRAD_V(LD) ((LD(dy + i) * a + (LD(x + i) - m) * b) + d)
-#define BNFAST_GRAD_TS(i) ((dy[i] * a[i] + (x[i] - m[i]) * b[i]) + d[i])
-#define BNFAST_GRAD_TV(LD) ((LD(dy + i) * LD(a + i) + (LD(x + i) - LD(m + i)) * LD(b + i)) \
-                            + LD(d + i))
+#define BNFAST_GRAD_S(i) ((dy[i] - d) * a + (x[i] - m) * b)
+#define BNFAST_GRAD_V(LD) ((LD(dy + i) - d) * a + (LD(x + i) - m) * b)
+#define BNFAST_GRAD_TS(i) ((dy[i] - d[i]) * a[i] + (x[i] - m[i]) * b[i])
+#define BNFAST_GRAD_TV(LD) ((LD(dy + i) - LD(d + i)) * LD(a + i) \
+                            + (LD(x + i) - LD(m + i)) * LD(b + i))
 #define BNFAST_SCALE_S(i) (dy[i] * a)
 #define BNFAST_SCALE_V(LD) (LD(dy + i) * a)
 #define BNFAST_SCALE_TS(i) (dy[i] * a[i])

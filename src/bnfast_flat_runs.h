@@ -178,15 +178,15 @@
             BNFAST_FLAT_AFFINE_BODY(T, ALIGN, MASKS, 1, 1, __VA_ARGS__)                  \
     }
 
-/* The backward's dx: in training (TRAINING 1) ((float)dy * a + ((float)x - m) * b)
- * + d, the additions in the run-by-run leaves' operand order (BNFAST_H16_ADD); in
+/* The backward's dx: in training (TRAINING 1) ((float)dy - d) * a + ((float)x - m)
+ * * b, the addition in the run-by-run leaves' operand order (BNFAST_H16_ADD); in
  * evaluation (0) (float)dy * a, x unread.  Rows per TRAINING. */
 #define BNFAST_FLAT_GRAD_ROWS_1(X) X(m) X(a) X(b) X(d)
 /* (x's vectors in evaluation, where they stay unread.) */
 #define BNFAST_FLAT_UNREAD __attribute__((unused))
 #define BNFAST_FLAT_GRAD_ROWS_0(X) X(a)
 #define BNFAST_FLAT_DX_1(v, G, X, CO)                                                     \
-    v = BNFAST_H16_ADD(BNFAST_H16_ADD((G) * CO(a), ((X) - CO(m)) * CO(b)), CO(d));
+    v = BNFAST_H16_ADD(((G) - CO(d)) * CO(a), ((X) - CO(m)) * CO(b));
 #define BNFAST_FLAT_DX_0(v, G, X, CO) v = (G) * CO(a);
 #define BNFAST_FLAT_GRAD_STEP(CA, CB, LOAD32, STORE32, LOAD16M, STORE16M, TRAINING)       \
     {                                                                                    \

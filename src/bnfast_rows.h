@@ -15,14 +15,14 @@
  *   normalise:  float32, float16 (AVX512F's conversions) and bfloat16 (AVX512-
  *               BF16's, two vectors a conversion as bnfast_half.h's store32, or
  *               AVX512F's integer rounding where the CPU lacks it);
- *   backward:   pass 2 (training, no mask), float32: dx = (dy * a + (x - m) * b)
- *               + d with its four rows in 4 * C / 16 registers, C <= 96.
+ *   backward:   pass 2 (training, no mask), float32: dx = (dy - d) * a + (x - m)
+ *               * b with its four rows in 4 * C / 16 registers, C <= 96.
  *
  * The same arithmetic as the tiled leaves, element by element ((x - m) * a + b,
  * then + addend, then the ReLU's select, rounded once to the storage type; no
  * FMA), the additions pinned with BNFAST_H16_ADD to the operand order whose NaN
- * the other leaves return where both are NaN (the backward's: (x - m) * b
- * before dy * a, as GCC compiles the plain expression), so the same bits,
+ * the other leaves return where both are NaN (the backward's: (dy - d) * a
+ * before (x - m) * b, as GCC compiles the plain expression), so the same bits,
  * payloads included (tests/c/rows.c).  AVX-512 only (32 registers; AVX2's 16
  * would hold 32 channels): elsewhere the tables.
  */
@@ -93,13 +93,12 @@
     else if (z == NULL) { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 0, 1) }          \
     else if (!relu) { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 1, 0) }              \
     else { BNFAST_ROWS_LOOP(K, LOAD16, STORE32, STORE16, 1, 1) }
-/* The backward: rows of dx = ((x - M) * B + dy * A) + D (float32). */
+/* The backward: rows of dx = (dy - D) * A + (x - M) * B (float32). */
 #define BNFAST_GRAD_ROWS_LOOP(K, LOAD16, STORE32, STORE16)                               \
     for (r = 0; r < rows; r++, x += C, z += C, y += C) {                                 \
         _Pragma("GCC unroll 8") for (j = 0; j < (K); j++) {                             \
-            bnfast_h16f v_ = BNFAST_H16_ADD((LOAD16(x + 16 * j) - M[j]) * B[j],          \
-                                            LOAD16(z + 16 * j) * A[j]);                  \
-            STORE16(y + 16 * j, BNFAST_H16_ADD(v_, D[j]));                               \
+            STORE16(y + 16 * j, BNFAST_H16_ADD((LOAD16(z + 16 * j) - D[j]) * A[j],       \
+                                               (LOAD16(x + 16 * j) - M[j]) * B[j]));     \
         }                                                                                \
     }
 
@@ -178,7 +177,7 @@ BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_f16, f16, bnfast_affine_rows_f16_z)
 BNFAST_DEFINE_AFFINE_ROWS_ENTRY(bnfast_bf16, bf16,
                                 (bnfast_use_bf16_hw() ? bnfast_affine_rows_bf16_hw
                                                       : bnfast_affine_rows_bf16_z))
-/* dx = (dy * a + (x - m) * b) + d over rows rows of C values (fits(C) true). */
+/* dx = (dy - d) * a + (x - m) * b over rows rows of C values (fits(C) true). */
 static inline void bnfast_grad_rows_f32(const float *x, const float *dy, float *dx,
                                         ptrdiff_t rows, ptrdiff_t C, const float *m,
                                         const float *a, const float *b, const float *d,

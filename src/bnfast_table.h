@@ -173,19 +173,28 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
 /* ---------------------------------------------------------------------------
  * The backward's per-channel set-up (_backward.pyx), the same way: from the
  * forward's invstd, the weight and pass 1's sums,
- *   dx = dy * scale + (x - mean) * slope + offset     (torch's formula:
+ *   dx = (dy - dy_mean) * scale + (x - mean) * slope     (torch's formula:
  *   (dy - sum_dy/n - (x - mean) * invstd^2 * sum_xdy/n) * invstd * w),
  * grad_weight = sum_xdy * invstd and grad_bias = sum_dy (NULL: not wanted) in
  * the compute type T (float64 for float64 data, else float32); then pass 2's
- * table of m, a, b, d in T, rows R apart, the channels repeated `repeat` times
- * (dx = (dy * a + (x - m) * b) + d with m the mean rounded to T: the rounding
- * moves into d, in double).  As Cython these were scalar loops (~4 ns a
- * channel at C = 4096). */
+ * table of m, a, b, d in T, rows R apart, the channels repeated `repeat` times:
+ *   dx = (dy - d) * a + (x - m) * b,
+ * the same map written about its terms' zeros: d = dy_mean and m = mean, each
+ * rounded to T.  Where dy lies near its mean (dx cancels to ~0) dy - d is
+ * exact (Sterbenz), as x - m is where x lies near its mean (mean 1e6, std 1),
+ * and T's arithmetic errs by ~2^-24 of the terms, not of dy * a as the form
+ * dy * a + (x - m) * b + offset did (3 ulps of a float16 dx near 0 where dy's
+ * mean is 1).  With four rows only one zero's rounding can be made good, by
+ * moving what it lost into the other zero: the one whose term is larger
+ * (|dy_mean * a| against |mean * slope|), so what stays lost is 2^-24 of the
+ * smaller; where the mean would move out of reach (slope 0, |m| > 2^100), the
+ * mean's residual goes into d, as ever.  As Cython these were scalar loops (~4 ns
+ * a channel at C = 4096). */
 #define BNFAST_DEFINE_GRAD_LEAVES(SFX, T, TARGET)                                      \
     TARGET static void bnfast_grad_coefficients_##SFX(                                 \
         const double *invstd, const double *weight, const double *sum_dy,              \
         const double *sum_xdy, ptrdiff_t C, double inv_n,                              \
-        double *scale, double *slope, double *offset, T *grad_weight, T *grad_bias) {  \
+        double *scale, double *slope, double *dy_mean, T *grad_weight, T *grad_bias) { \
         ptrdiff_t c;                                                                   \
         if (weight != NULL) {                                                          \
             _Pragma("omp simd")                                                        \
@@ -197,7 +206,7 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
         for (c = 0; c < C; c++) {                                                      \
             double a = scale[c], s = invstd[c] * invstd[c] * (sum_xdy[c] * inv_n);     \
             slope[c] = -(s * a);                                                       \
-            offset[c] = -((sum_dy[c] * inv_n) * a);                                    \
+            dy_mean[c] = sum_dy[c] * inv_n;                                            \
         }                                                                              \
         if (grad_weight != NULL) {                                                     \
             _Pragma("omp simd")                                                        \
@@ -210,15 +219,25 @@ static inline void bnfast_fill_table(const double *mean, const double *var,
     }                                                                                  \
     TARGET static void bnfast_grad_table_##SFX(                                        \
         const double *mean, const double *scale, const double *slope,                  \
-        const double *offset, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) {  \
+        const double *dy_mean, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) { \
         ptrdiff_t c, row, W = repeat * C;                                              \
         _Pragma("omp simd")                                                            \
         for (c = 0; c < C; c++) {                                                      \
-            T m = (T)mean[c];                                                          \
+            double q = dy_mean[c], a = scale[c], s = slope[c], mu = mean[c];           \
+            T d = (T)q;                                                                \
+            double r = (q - (double)d) * a;                                            \
+            double z = r != 0.0 ? mu + r / s : mu;                                     \
+            /* false for NaN and inf too */                                            \
+            int into_m = (fabs(q * a) >= fabs(mu * s)) & (fabs(z) <= 0x1p100);         \
+            T m = (T)(into_m ? z : mu);                                                \
+            double lost = (mu - (double)m) * s;                                        \
+            /* (a NaN lost -- slope NaN or infinite -- leaves d alone: dx is NaN by */  \
+            /* the x term anyway, and one NaN source keeps every variant's bits) */     \
+            if (!into_m) d = (T)((lost != 0.0) & (lost == lost) ? q + lost / a : q);   \
             table[c] = m;                                                              \
-            table[R + c] = (T)scale[c];                                                \
-            table[2 * R + c] = (T)slope[c];                                            \
-            table[3 * R + c] = (T)(offset[c] - (mean[c] - (double)m) * slope[c]);      \
+            table[R + c] = (T)a;                                                       \
+            table[2 * R + c] = (T)s;                                                   \
+            table[3 * R + c] = d;                                                      \
         }                                                                              \
         for (row = 0; row < 4; row++)                                                  \
             bnfast_repeat_row(table + row * R, sizeof(T), C, W);                       \
@@ -238,19 +257,19 @@ BNFAST_DEFINE_GRAD_LEAVES(f64_z, double, BNFAST_FLOAT_Z_TARGET)
     static inline void bnfast_grad_coefficients_##SFX(                                 \
         const double *invstd, const double *weight, const double *sum_dy,              \
         const double *sum_xdy, ptrdiff_t C, double inv_n,                              \
-        double *scale, double *slope, double *offset, T *grad_weight, T *grad_bias) {  \
+        double *scale, double *slope, double *dy_mean, T *grad_weight, T *grad_bias) { \
         BNFAST_PICK_Z(bnfast_grad_coefficients_##SFX##_base,                           \
                       bnfast_grad_coefficients_##SFX##_avx2,                           \
                       bnfast_grad_coefficients_##SFX##_z)(                             \
-            invstd, weight, sum_dy, sum_xdy, C, inv_n, scale, slope, offset,           \
+            invstd, weight, sum_dy, sum_xdy, C, inv_n, scale, slope, dy_mean,          \
             grad_weight, grad_bias);                                                   \
     }                                                                                  \
     static inline void bnfast_grad_table_##SFX(                                        \
         const double *mean, const double *scale, const double *slope,                  \
-        const double *offset, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) {  \
+        const double *dy_mean, ptrdiff_t C, ptrdiff_t repeat, ptrdiff_t R, T *table) { \
         BNFAST_PICK_Z(bnfast_grad_table_##SFX##_base, bnfast_grad_table_##SFX##_avx2,  \
                       bnfast_grad_table_##SFX##_z)(                                    \
-            mean, scale, slope, offset, C, repeat, R, table);                          \
+            mean, scale, slope, dy_mean, C, repeat, R, table);                         \
     }
 BNFAST_DEFINE_GRAD_ENTRIES(f32, float)
 BNFAST_DEFINE_GRAD_ENTRIES(f64, double)

@@ -137,22 +137,30 @@ def test_leaf_gives_the_float64_formulas_bits(driver, leaf, value_set, case, rep
 
 
 def _expected_grads(inputs, case, inv_n, T, repeat):
-    """The backward's rows, gradients and table from NumPy's float64 arithmetic."""
+    """The backward's rows, gradients and table from NumPy's float64 arithmetic:
+    dx = (dy - d) * a + (x - m) * b, d and m dy's mean and the mean rounded to T,
+    what one of them lost moved into the other (the larger term's)."""
     mean, invstd, weight, sum_dy, sum_xdy = inputs
     with np.errstate(all="ignore"):
         a = invstd * weight if case & 1 else invstd.copy()
         s = invstd * invstd * (sum_xdy * inv_n)
-        slope, offset = -(s * a), -((sum_dy * inv_n) * a)
+        slope, dy_mean = -(s * a), sum_dy * inv_n
         grads = np.zeros(2 * C, T)
         if case & 2:
             grads[:C], grads[C:] = (sum_xdy * invstd).astype(T), sum_dy.astype(T)
-        m = mean.astype(T)
-        d = (offset - (mean - m.astype(np.float64)) * slope).astype(T)
+        d = dy_mean.astype(T)
+        r = (dy_mean - d.astype(np.float64)) * a
+        z = np.where(r != 0.0, mean + r / slope, mean)
+        into_m = (np.abs(dy_mean * a) >= np.abs(mean * slope)) & (np.abs(z) <= 2.0 ** 100)
+        m = np.where(into_m, z, mean).astype(T)
+        lost = (mean - m.astype(np.float64)) * slope
+        moved = np.where((lost != 0.0) & (lost == lost), dy_mean + lost / a, dy_mean)
+        d = np.where(into_m, d, moved.astype(T))
         R = repeat * C + 8
         table = np.zeros(4 * R, T)
         for row, values in enumerate([m, a.astype(T), slope.astype(T), d]):
             table[row * R:row * R + repeat * C] = np.tile(values, repeat)
-    return np.concatenate([a, slope, offset]), grads, table
+    return np.concatenate([a, slope, dy_mean]), grads, table
 
 
 @pytest.mark.parametrize("repeat", REPEATS)

@@ -38,7 +38,7 @@
         bnfast_flat_tiles_##H##_nt(src2, ad, (T *)y2, total, W, m, a, b, relu);          \
     }
 
-/* The backward's dx (TRAINING 1: dy * a + (x - m) * b + d; 0: dy * a), dy being
+/* The backward's dx (TRAINING 1: (dy - d) * a + (x - m) * b; 0: dy * a), dy being
  * `add` (or y itself, in place): the portable leaves tile by tile into y1, the
  * flat one into y2. */
 #define GRAD_CASE(H, T, TRAINING)                                                        \

@@ -78,7 +78,7 @@ int main(void) {
         emit(y, n);
         for (ptrdiff_t i = 0; i < n; i++) {
             ptrdiff_t c = i % C;
-            y[i] = (dy[i] * coef[1][c] + (x[i] - coef[0][c]) * coef[2][c]) + coef[3][c];
+            y[i] = (dy[i] - coef[3][c]) * coef[1][c] + (x[i] - coef[0][c]) * coef[2][c];
         }
         emit(y, n);
     }

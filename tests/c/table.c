@@ -109,7 +109,7 @@ int main(void) {
     /* The backward's: per (value set, case 0-3: bit 0 weight, bit 1 grad_weight and
      * grad_bias wanted, inv_n 1/7 then 0 (evaluation), compute type float then
      * double, repeat 1 and 3, leaf as above but the last: the picked one) scale,
-     * slope, offset (C doubles each), grad_weight, grad_bias (C of the compute type
+     * slope, dy_mean (C doubles each), grad_weight, grad_bias (C of the compute type
      * each, zeros when not wanted) and the table (4 rows W + 8 apart, zeroed
      * first).  Inputs: a set's rows as mean, invstd, weight, sum_dy, sum_xdy. */
     double *rows3 = malloc(3 * C * sizeof(double));
