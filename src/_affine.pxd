@@ -9,8 +9,10 @@
 #
 # The table (table_len(W) doubles for W = repeat * C coefficients per row,
 # the rows table_row(W) values apart):
-#   [m | a | b]    3 rows of doubles: float64 data, and float32 data the float
-#                  rows cannot carry, computed in double and rounded once
+#   [m | a | b]    3 rows of doubles: float64 data, and float32 and half data
+#                  the float rows cannot carry, computed in double and rounded
+#                  once (and half data's checked sum with an addend, beside the
+#                  half rows: _use_float_rows)
 #   [m | a | b]    3 rows of floats: float32 data, computed in float32 (as fast
 #                  as a copy when in cache; double costs ~3x there)
 #   [m | a | b]    3 half rows (floats): half data, the same map about its zero
@@ -71,6 +73,29 @@ cdef inline bint float_rows(const double* table, Py_ssize_t W) noexcept nogil:
     return table[table_len(W) - 1] != 0.0
 
 
+cdef inline bint _use_float_rows(const real_t* kind, const double* table, Py_ssize_t W,
+                                 const real_t* addend) noexcept nogil:
+    """Whether data of kind's type takes the float (or half) rows' leaves: where
+    the table allows (float_rows), but not half data with an addend, which the
+    checked leaves take (bnfast_half_leaves.h's end: the addend may cancel the
+    normalised value, and float's sum errs by 2^-24 of the terms, more than an
+    ulp of a half output near 0)."""
+    if real_t is bnfast_f16 or real_t is bnfast_bf16:
+        if addend != NULL:
+            return False
+    return float_rows(table, W)
+
+
+cdef inline bint _checked(const real_t* kind, const double* table, Py_ssize_t W,
+                          const real_t* addend) noexcept nogil:
+    """Whether the checked leaves take the call: half data with an addend, the
+    table fitting the float rows.  (They walk up and align their own streamed
+    lines; where an input lies just behind the output they store cached.)"""
+    if real_t is bnfast_f16 or real_t is bnfast_bf16:
+        return addend != NULL and float_rows(table, W)
+    return False
+
+
 cdef inline const float* _rows_for(const real_t* kind, const double* table,
                                    Py_ssize_t W) noexcept nogil:
     """The float rows m, a, b (table_row(W) apart) that data of kind's type reads:
@@ -103,6 +128,25 @@ cdef extern from "bnfast_simd.h" nogil:
                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t C, const float* m,
                                 const float* a, const float* b, int relu)
     void bnfast_nt_fence()
+
+
+cdef extern from "bnfast_half_leaves.h" nogil:
+    # Half data with an addend: float, the sum checked and taken again in double
+    # where it cancels (C: see there); add not NULL.
+    void bnfast_checked_scalar_f16(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                   Py_ssize_t n, float hz, float fa, float hb, double m,
+                                   double a, double b, int relu, int stream)
+    void bnfast_checked_scalar_bf16(const bnfast_bf16* x, const bnfast_bf16* add,
+                                    bnfast_bf16* y, Py_ssize_t n, float hz, float fa, float hb,
+                                    double m, double a, double b, int relu, int stream)
+    void bnfast_checked_tiled_f16(const bnfast_f16* x, const bnfast_f16* add, bnfast_f16* y,
+                                  Py_ssize_t n, Py_ssize_t W, const float* hz, const float* fa,
+                                  const float* hb, const double* m, const double* a,
+                                  const double* b, int relu, int stream)
+    void bnfast_checked_tiled_bf16(const bnfast_bf16* x, const bnfast_bf16* add,
+                                   bnfast_bf16* y, Py_ssize_t n, Py_ssize_t W, const float* hz,
+                                   const float* fa, const float* hb, const double* m,
+                                   const double* a, const double* b, int relu, int stream)
 
 
 cdef extern from "bnfast_backward_simd.h" nogil:
@@ -292,6 +336,12 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
         else:
             bnfast_affine_scalar_bf16_s(x, addend, y, n, ft[c], ft[R + c], ft[2 * R + c], relu,
                                         stream)
+    elif real_t is bnfast_f16 and float_rows(table, W):  # with an addend: _use_float_rows
+        bnfast_checked_scalar_f16(x, addend, y, n, ft[c], ft[R + c], ft[2 * R + c], table[c],
+                                  table[R + c], table[2 * R + c], relu, stream)
+    elif real_t is bnfast_bf16 and float_rows(table, W):
+        bnfast_checked_scalar_bf16(x, addend, y, n, ft[c], ft[R + c], ft[2 * R + c], table[c],
+                                   table[R + c], table[2 * R + c], relu, stream)
     else:
         if real_t is float:
             bnfast_affine_scalar_f32d(x, addend, y, n, table[c], table[R + c],
@@ -320,6 +370,12 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
             bnfast_affine_tiled_f16_s(x, addend, y, n, W, ft, ft + R, ft + 2 * R, relu, stream)
         else:
             bnfast_affine_tiled_bf16_s(x, addend, y, n, W, ft, ft + R, ft + 2 * R, relu, stream)
+    elif real_t is bnfast_f16 and float_rows(tile, W):  # with an addend: _use_float_rows
+        bnfast_checked_tiled_f16(x, addend, y, n, W, ft, ft + R, ft + 2 * R, tile, tile + R,
+                                 tile + 2 * R, relu, stream)
+    elif real_t is bnfast_bf16 and float_rows(tile, W):
+        bnfast_checked_tiled_bf16(x, addend, y, n, W, ft, ft + R, ft + 2 * R, tile, tile + R,
+                                  tile + 2 * R, relu, stream)
     else:
         if real_t is float:
             bnfast_affine_tiled_f32d(x, addend, y, n, W, tile, tile + R, tile + 2 * R, relu)
@@ -434,11 +490,12 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_shares shares
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
-    cdef bint use_float = float_rows(table, C)
-    if use_float and flat_runs_taken(yp, S):
+    cdef bint use_float = _use_float_rows(xp, table, C, ap)
+    if use_float and flat_runs_taken(yp, S) or _checked(xp, table, C, ap):
         # Any S, any element-aligned start: the leaves align their 64-byte stores
         # (an out= view may be misaligned, which only plain stores take).
-        stream = stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
+        stream = (stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
+                  and (use_float or not bnfast_stream_stalls(yp, xp, ap)))
     else:
         stream = stream and _streamable(yp, S * sizeof(real_t), use_float, real_t is float,
                                         real_t is bnfast_f16 or real_t is bnfast_bf16, bits,
@@ -494,11 +551,12 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_shares shares
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, total, n_threads)
-    cdef bint use_float = float_rows(tile, W)
-    if use_float and flat_tiles_taken(yp, W):
+    cdef bint use_float = _use_float_rows(xp, tile, W, ap)
+    if use_float and flat_tiles_taken(yp, W) or _checked(xp, tile, W, ap):
         # Any element-aligned start: the leaves align their 64-byte stores (see
         # apply_first).
-        stream = stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
+        stream = (stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
+                  and (use_float or not bnfast_stream_stalls(yp, xp, ap)))
     else:
         stream = stream and _streamable(yp, W * sizeof(real_t), use_float, real_t is float,
                                         real_t is bnfast_f16 or real_t is bnfast_bf16, bits,

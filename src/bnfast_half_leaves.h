@@ -20,6 +20,8 @@
 #ifndef BNFAST_HALF_LEAVES_H
 #define BNFAST_HALF_LEAVES_H
 
+#include <math.h>
+
 #include "bnfast_half.h"
 #include "bnfast_simd.h"
 #include "bnfast_backward_simd.h"
@@ -522,5 +524,209 @@ BNFAST_DEFINE_HALF_AFFINE_RUNS(f32, float, masked, BNFAST_F32_MASKED_TARGET,
     }
 BNFAST_DEFINE_HALF_AFFINE_PICKS()
 BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)
+
+/* ---------------------------------------------------------------------------
+ * The addend's sum for half data, checked (_affine.pxd: every half call with an
+ * addend whose table fits the float rows).  In float, as the leaves above,
+ *   t = ((float)x - hz) * fa + hb,   v = t + (float)add,
+ * errs by a few 2^-24 of |t| + |add| (the half rows keep t's error to its own
+ * scale, but the addend may cancel t): more than half an ulp of a half output
+ * near 0 (2 ulps of float16 seen, 85 of bfloat16).  Where |v| falls below 2^-9
+ * of |t| the value is taken again from the double rows,
+ *   v = (float)(((double)x - m) * a + b + (double)add),
+ * which errs by 2^-53 of the terms; elsewhere float's error, at most ~4 * 2^-24
+ * of |t| and 2^-24 of |v|, stays under 2^-13 |v|, a quarter of a float16 ulp
+ * (|add| < |t| + |v|: no check of its own).  Then the ReLU
+ * and one rounding to the half type.  The check is the value's own, so every
+ * variant gives the same bits: 16 lanes a step on AVX-512 (the double pass only
+ * for a step with a checked lane: ~2% of them on unit-scale data), one value at
+ * a time elsewhere and for the last values.
+ * ------------------------------------------------------------------------- */
+#define BNFAST_SUM_CHECK 0x1p-9f
+
+/* One value; PLUS(t, w) adds with t the first source (where both are NaN, t's
+ * payload, as BNFAST_H16_ADD: GCC put the addend first here). */
+#define BNFAST_CHECKED_SUM_(PLUS, xf, af, hz, fa, hb, m, a, b) ({                        \
+        float t_ = ((xf) - (hz)) * (fa) + (hb), v_ = PLUS(t_, (af));                     \
+        if (fabsf(v_) < BNFAST_SUM_CHECK * fabsf(t_))                                    \
+            v_ = (float)((((double)(xf) - (m)) * (a) + (b)) + (double)(af));             \
+        v_; })
+#define BNFAST_PLUS_PLAIN(t, w) ((t) + (w))
+#if BNFAST_DISPATCH_AVX2
+#define BNFAST_PLUS_AVX(t, w) ({                                                         \
+        float r_;                                                                        \
+        __asm__("vaddss %2, %1, %0" : "=x"(r_) : "x"(t), "x"(w));                        \
+        r_; })
+#endif
+#define BNFAST_CHECKED_ONE(TOF, FROMF, PLUS, i, HZ, FA, HB, M, A, B)                     \
+    {                                                                                    \
+        float v_ = BNFAST_CHECKED_SUM_(PLUS, TOF(x[i]), TOF(add[i]), HZ, FA, HB, M, A, B); \
+        y[i] = FROMF(relu && v_ < 0.0f ? 0.0f : v_);                                     \
+    }
+#define BNFAST_DEFINE_CHECKED_ONES(H, T, VARIANT, TARGET)                                \
+    TARGET static void bnfast_checked_scalar_##H##_##VARIANT(                            \
+            const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
+            double m, double a, double b, int relu) {                                    \
+        ptrdiff_t i;                                                                     \
+        for (i = 0; i < n; i++)                                                          \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
+                               BNFAST_PLUS_PLAIN, i, hz, fa, hb, m, a, b)                                   \
+    }                                                                                    \
+    TARGET static void bnfast_checked_tiled_##H##_##VARIANT(                             \
+            const T *x0, const T *add0, T *y0, ptrdiff_t total, ptrdiff_t W,             \
+            const float *hz, const float *fa, const float *hb, const double *m,          \
+            const double *a, const double *b, int relu) {                                \
+        ptrdiff_t i0, i, n;                                                              \
+        for (i0 = 0; i0 < total; i0 += W) {                                              \
+            const T *x = x0 + i0, *add = add0 + i0;                                      \
+            T *y = y0 + i0;                                                              \
+            n = total - i0 < W ? total - i0 : W;                                         \
+            for (i = 0; i < n; i++)                                                      \
+                BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
+                                   BNFAST_PLUS_PLAIN, i, hz[i], fa[i], hb[i], m[i], a[i], b[i])             \
+        }                                                                                \
+    }
+BNFAST_DEFINE_CHECKED_ONES(f16, bnfast_f16, base, )
+BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
+
+#if BNFAST_DISPATCH_AVX2
+/* Lanes 0-7 (H 0) or 8-15 (H 1) of the step in double: its x (XF) and addend (AF). */
+#define BNFAST_CHECKED_D8_(XF, AF, H, M, A, B)                                           \
+    _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(                           \
+        _mm512_sub_pd(BNFAST_W8_Z(XF, H), M), A), B), BNFAST_W8_Z(AF, H)))
+/* Sixteen values from i: the float rows' vectors HZ, FA, HB, the double rows'
+ * for lanes 0-7 (M0, A0, B0) and 8-15 (M1, A1, B1), loaded only when needed. */
+#define BNFAST_CHECKED_16_(LOAD16, STORE16, HZ, FA, HB, M0, A0, B0, M1, A1, B1)           \
+    {                                                                                    \
+        bnfast_h16f xf_ = LOAD16(x + i), af_ = LOAD16(add + i);                          \
+        bnfast_h16f t_ = (xf_ - (HZ)) * (FA) + (HB), v_ = BNFAST_H16_ADD(t_, af_);        \
+        __mmask16 k_ = _mm512_cmp_ps_mask(                                               \
+            _mm512_abs_ps((__m512)v_),                                                   \
+            _mm512_mul_ps(_mm512_set1_ps(BNFAST_SUM_CHECK), _mm512_abs_ps((__m512)t_)),  \
+            _CMP_LT_OQ);                                                                 \
+        if (__builtin_expect(k_ != 0, 0)) {                                              \
+            __m256 lo_ = BNFAST_CHECKED_D8_(xf_, af_, 0, M0, A0, B0);                    \
+            __m256 hi_ = BNFAST_CHECKED_D8_(xf_, af_, 1, M1, A1, B1);                    \
+            v_ = (bnfast_h16f)_mm512_mask_blend_ps(k_, (__m512)v_, _mm512_castpd_ps(     \
+                _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo_)),        \
+                                   _mm256_castps_pd(hi_), 1)));                          \
+        }                                                                                \
+        if (relu) v_ = BNFAST_H16_RELU(v_);                                              \
+        STORE16(y + i, v_);                                                              \
+    }
+/* Values [i, n): 16 a step, the rest one at a time; NEXT after each value or
+ * step (16).  NT 1: non-temporal stores from y's first 64-byte line boundary
+ * on, 32 values (a line) a step (a line both streamed and stored plainly is
+ * very slow: the head's and the tail's lines are stored plainly), for spans of
+ * 1024 values and more; the caller fences. */
+#define BNFAST_CHECKED_SPAN_(NT, ONE, STEP, NEXT, LOAD16, STORE16, STREAM16)             \
+    if (NT && n - i >= 1024) {                                                           \
+        for (; ((size_t)(y + i) & 31) != 0; i++) { ONE NEXT(1) }                         \
+        if (((size_t)(y + i) & 63) != 0) { STEP(LOAD16, STORE16) i += 16; NEXT(16) }     \
+        while (i + 32 <= n) {                                                            \
+            STEP(LOAD16, STREAM16) i += 16; NEXT(16)                                     \
+            STEP(LOAD16, STREAM16) i += 16; NEXT(16)                                     \
+        }                                                                                \
+    }                                                                                    \
+    for (; i + 16 <= n; i += 16) { STEP(LOAD16, STORE16) NEXT(16) }                      \
+    for (; i < n; i++) { ONE NEXT(1) }
+#define BNFAST_CHECKED_NO_NEXT(k)
+/* The tile position j of value i: j = i % W, stepped. */
+#define BNFAST_CHECKED_NEXT_J(k) j += (k); while (j >= W) j -= W;
+#define BNFAST_DEFINE_CHECKED_Z(H, T, VARIANT, TARGET, LOAD16, STORE16, STREAM16, NT)    \
+    TARGET static void bnfast_checked_scalar_##H##_##VARIANT(                            \
+            const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
+            double m, double a, double b, int relu) {                                    \
+        bnfast_h16f hzv = (bnfast_h16f){0} + hz, fav = (bnfast_h16f){0} + fa;             \
+        bnfast_h16f hbv = (bnfast_h16f){0} + hb;                                         \
+        __m512d mv = _mm512_set1_pd(m), av = _mm512_set1_pd(a), bv = _mm512_set1_pd(b);  \
+        ptrdiff_t i = 0;                                                                 \
+        BNFAST_CHECKED_SPAN_(NT,                                                         \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, i, hz, fa, \
+                               hb, m, a, b),                                             \
+            BNFAST_CHECKED_STEP_S_, BNFAST_CHECKED_NO_NEXT, LOAD16, STORE16, STREAM16)   \
+    }                                                                                    \
+    /* The block [0, total) flat, its tile position j stepped: a step's 16    */         \
+    /* coefficients from j on (the rows' 16 values past W repeat their start). */        \
+    TARGET static void bnfast_checked_tiled_##H##_##VARIANT(                             \
+            const T *x, const T *add, T *y, ptrdiff_t n, ptrdiff_t W,                    \
+            const float *hz, const float *fa, const float *hb, const double *m,          \
+            const double *a, const double *b, int relu) {                                \
+        ptrdiff_t i = 0, j = 0;                                                          \
+        BNFAST_CHECKED_SPAN_(NT,                                                         \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, i, \
+                               hz[j],                                                    \
+                               fa[j], hb[j], m[j], a[j], b[j]),                          \
+            BNFAST_CHECKED_STEP_T_, BNFAST_CHECKED_NEXT_J, LOAD16, STORE16, STREAM16)   \
+    }
+#define BNFAST_CHECKED_STEP_S_(LOAD16, STORE)                                            \
+    BNFAST_CHECKED_16_(LOAD16, STORE, hzv, fav, hbv, mv, av, bv, mv, av, bv)
+#define BNFAST_CHECKED_STEP_T_(LOAD16, STORE)                                            \
+    BNFAST_CHECKED_16_(LOAD16, STORE, BNFAST_H16_COEF(hz, j), BNFAST_H16_COEF(fa, j),    \
+                       BNFAST_H16_COEF(hb, j), _mm512_loadu_pd(m + j),                   \
+                       _mm512_loadu_pd(a + j), _mm512_loadu_pd(b + j),                   \
+                       _mm512_loadu_pd(m + j + 8), _mm512_loadu_pd(a + j + 8),           \
+                       _mm512_loadu_pd(b + j + 8))
+BNFAST_DEFINE_CHECKED_Z(f16, bnfast_f16, z, BNFAST_F16_Z_TARGET, bnfast_load16_f16_z,
+                        bnfast_store16_f16_z, bnfast_stream16_f16_z, 0)
+BNFAST_DEFINE_CHECKED_Z(f16, bnfast_f16, z_nt, BNFAST_F16_Z_TARGET, bnfast_load16_f16_z,
+                        bnfast_store16_f16_z, bnfast_stream16_f16_z, 1)
+BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, hw, BNFAST_BF16_HW_TARGET, bnfast_load16_bf16_hw,
+                        bnfast_store16_bf16_hw, bnfast_stream16_bf16_hw, 0)
+BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, hw_nt, BNFAST_BF16_HW_TARGET, bnfast_load16_bf16_hw,
+                        bnfast_store16_bf16_hw, bnfast_stream16_bf16_hw, 1)
+BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z, BNFAST_BF16_Z_TARGET, bnfast_load16_bf16_z,
+                        bnfast_store16_bf16_z, bnfast_stream16_bf16_z, 0)
+BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_load16_bf16_z,
+                        bnfast_store16_bf16_z, bnfast_stream16_bf16_z, 1)
+#define BNFAST_PICK_CHECKED_F16(base, z) (bnfast_use_f16_z() ? (z) : (base))
+#define BNFAST_PICK_CHECKED_BF16(base, z, hw) \
+    (bnfast_use_bf16_hw() ? (hw) : bnfast_use_bf16_z() ? (z) : (base))
+#else
+#define BNFAST_PICK_CHECKED_F16(base, z) (base)
+#define BNFAST_PICK_CHECKED_BF16(base, z, hw) (base)
+#endif
+
+/* The entries (add not NULL; stream: non-temporal stores where the CPU's
+ * variant has them, the caller fencing). */
+static inline void bnfast_checked_scalar_f16(const bnfast_f16 *x, const bnfast_f16 *add,
+                                             bnfast_f16 *y, ptrdiff_t n, float hz, float fa,
+                                             float hb, double m, double a, double b,
+                                             int relu, int stream) {
+    BNFAST_PICK_CHECKED_F16(bnfast_checked_scalar_f16_base,
+                            stream ? bnfast_checked_scalar_f16_z_nt : bnfast_checked_scalar_f16_z)(
+        x, add, y, n, hz, fa, hb, m, a, b, relu);
+}
+static inline void bnfast_checked_tiled_f16(const bnfast_f16 *x, const bnfast_f16 *add,
+                                            bnfast_f16 *y, ptrdiff_t n, ptrdiff_t W,
+                                            const float *hz, const float *fa, const float *hb,
+                                            const double *m, const double *a, const double *b,
+                                            int relu, int stream) {
+    BNFAST_PICK_CHECKED_F16(bnfast_checked_tiled_f16_base,
+                            stream ? bnfast_checked_tiled_f16_z_nt : bnfast_checked_tiled_f16_z)(
+        x, add, y, n, W, hz, fa, hb, m, a, b, relu);
+}
+static inline void bnfast_checked_scalar_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
+                                              bnfast_bf16 *y, ptrdiff_t n, float hz, float fa,
+                                              float hb, double m, double a, double b,
+                                              int relu, int stream) {
+    BNFAST_PICK_CHECKED_BF16(bnfast_checked_scalar_bf16_base,
+                             stream ? bnfast_checked_scalar_bf16_z_nt
+                                    : bnfast_checked_scalar_bf16_z,
+                             stream ? bnfast_checked_scalar_bf16_hw_nt
+                                    : bnfast_checked_scalar_bf16_hw)(
+        x, add, y, n, hz, fa, hb, m, a, b, relu);
+}
+static inline void bnfast_checked_tiled_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
+                                             bnfast_bf16 *y, ptrdiff_t n, ptrdiff_t W,
+                                             const float *hz, const float *fa, const float *hb,
+                                             const double *m, const double *a, const double *b,
+                                             int relu, int stream) {
+    BNFAST_PICK_CHECKED_BF16(bnfast_checked_tiled_bf16_base,
+                             stream ? bnfast_checked_tiled_bf16_z_nt : bnfast_checked_tiled_bf16_z,
+                             stream ? bnfast_checked_tiled_bf16_hw_nt
+                                    : bnfast_checked_tiled_bf16_hw)(
+        x, add, y, n, W, hz, fa, hb, m, a, b, relu);
+}
 
 #endif /* BNFAST_HALF_LEAVES_H */

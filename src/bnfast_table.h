@@ -148,10 +148,12 @@ static inline __attribute__((always_inline)) int bnfast_table_channels_(
         case 6: unfit = BNFAST_TABLE_CASE_(0, 1, 1); break;                             \
         default: unfit = BNFAST_TABLE_CASE_(1, 1, 1); break;                            \
         }                                                                               \
+        /* R = W + 16: the 16 values past W repeat the row's start, so a 16-value */ \
+        /* step from any tile position reads its coefficients in one load.        */ \
         for (row = 0; row < 3; row++) {                                                 \
-            bnfast_repeat_row(table + row * R, sizeof(double), C, W);                   \
-            bnfast_repeat_row(ft + row * R, sizeof(float), C, W);                       \
-            bnfast_repeat_row(ft + (row + 3) * R, sizeof(float), C, W);                 \
+            bnfast_repeat_row(table + row * R, sizeof(double), C, R);                   \
+            bnfast_repeat_row(ft + row * R, sizeof(float), C, R);                       \
+            bnfast_repeat_row(ft + (row + 3) * R, sizeof(float), C, R);                 \
         }                                                                               \
         table[bnfast_table_len(W) - 1] = unfit ? 0.0 : 1.0;                             \
     }

@@ -146,16 +146,16 @@ def run_racing(target, args_list):
         raise errors[0]
 
 
-def run_c_driver(tmp_path, source, *flags):
+def run_c_driver(tmp_path, source, *flags, stdin=b""):
     """Compile ``tests/c/<source>`` with the build's floating-point and vector
-    flags (no contraction into FMAs, ``omp simd`` loops, as setup.py), run it:
-    its stdout (bytes)."""
+    flags (no contraction into FMAs, ``omp simd`` loops, as setup.py), run it
+    on ``stdin`` (bytes): its stdout (bytes)."""
     compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
     exe = tmp_path / (source.removesuffix(".c") + "".join(f.strip("-") for f in flags))
     subprocess.run([*compiler, "-O2", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd",
                     *flags, f"-I{SRC}",
                     str(Path(__file__).parent / "c" / source), "-o", str(exe)], check=True)
-    return subprocess.run([str(exe)], check=True, capture_output=True).stdout
+    return subprocess.run([str(exe)], check=True, capture_output=True, input=stdin).stdout
 
 
 # -- fixtures ------------------------------------------------------------------------

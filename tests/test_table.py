@@ -102,9 +102,11 @@ def _expected(inputs, case, repeat):
     table = np.zeros(_table_len(W))
     floats = table[3 * R:-1].view(np.float32)
     for row, (d, f, h) in enumerate([(mean, fm, hz), (a, fa, fa), (b, fb, hb)]):
-        table[row * R:row * R + W] = np.tile(d, repeat)
-        floats[row * R:row * R + W] = np.tile(f, repeat)
-        floats[(row + 3) * R:(row + 3) * R + W] = np.tile(h, repeat)
+        # Each row repeats its C values over the whole R = W + 16: the 16 past W
+        # let a 16-value step from any tile position load its coefficients.
+        table[row * R:(row + 1) * R] = np.resize(d, R)
+        floats[row * R:(row + 1) * R] = np.resize(f, R)
+        floats[(row + 3) * R:(row + 4) * R] = np.resize(h, R)
     table[-1] = 0.0 if unfit else 1.0
     return coef, table, not unfit, about_zero
 

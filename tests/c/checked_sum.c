@@ -1,0 +1,104 @@
+/*
+ * Drives the checked addend sum of src/bnfast_half_leaves.h (half data with an
+ * addend: float, taken again in double where the addend cancels the normalised
+ * value) in every variant this build has, for tests/test_checked_sum.py.
+ *
+ * Input (stdin): for each half type (float16, then bfloat16), N x values, N
+ * addend values (uint16 bits), then the tile's W float rows hz, fa, hb and W
+ * double rows m, a, b (W + 16 values each are used: the 16 past W repeat the
+ * start, as the tables' rows do).  Output (stdout): one int32, the variants this
+ * CPU runs (bit 0: float16 on AVX512F, 1: bfloat16 on AVX-512, 2: AVX512-BF16),
+ * then per type, relu (0, 1), leaf (scalar: one channel, tile position 0's
+ * coefficients, called on spans of 37, 1100 and the rest; tiled: the tile over
+ * all N values) and variant (portable, cached, streamed: the vector variants
+ * give the portable one's bits where the CPU lacks them), N uint16 results.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "bnfast_half_leaves.h"
+
+#define N 8192
+#define W 48
+#define ROW (W + 16)
+
+typedef void (*scalar_fn)(const void *, const void *, void *, ptrdiff_t, float, float, float,
+                          double, double, double, int);
+typedef void (*tiled_fn)(const void *, const void *, void *, ptrdiff_t, ptrdiff_t,
+                         const float *, const float *, const float *, const double *,
+                         const double *, const double *, int);
+
+static uint16_t x[N], add[N], y[N + 64];
+static float hz[ROW], fa[ROW], hb[ROW];
+static double m[ROW], a[ROW], b[ROW];
+
+static void run_scalar(scalar_fn f, int relu) {
+    /* out= one value past a 64-byte line: the streamed variant's head */
+    uint16_t *out = y + 1;
+    ptrdiff_t spans[] = {0, 37, 37 + 1100, N};
+    for (int s = 0; s < 3; s++) {
+        ptrdiff_t i = spans[s], n = spans[s + 1] - i;
+        f(x + i, add + i, out + i, n, hz[0], fa[0], hb[0], m[0], a[0], b[0], relu);
+    }
+    fwrite(out, 2, N, stdout);
+}
+
+static void run_tiled(tiled_fn f, int relu) {
+    uint16_t *out = y + 1;
+    f(x, add, out, N, W, hz, fa, hb, m, a, b, relu);
+    fwrite(out, 2, N, stdout);
+}
+
+#define AS_S(fn) ((scalar_fn)(void (*)(void))(fn))
+#define AS_T(fn) ((tiled_fn)(void (*)(void))(fn))
+
+int main(void) {
+    int has = 0;
+#if BNFAST_DISPATCH_AVX2
+    has = bnfast_use_f16_z() | bnfast_use_bf16_z() << 1 | bnfast_use_bf16_hw() << 2;
+#endif
+    fwrite(&has, 4, 1, stdout);
+    for (int type = 0; type < 2; type++) {
+        if (fread(x, 2, N, stdin) != N || fread(add, 2, N, stdin) != N
+            || fread(hz, 4, ROW, stdin) != ROW || fread(fa, 4, ROW, stdin) != ROW
+            || fread(hb, 4, ROW, stdin) != ROW || fread(m, 8, ROW, stdin) != ROW
+            || fread(a, 8, ROW, stdin) != ROW || fread(b, 8, ROW, stdin) != ROW)
+            return 1;
+        for (int relu = 0; relu < 2; relu++) {
+            scalar_fn s[3];
+            tiled_fn t[3];
+            if (type == 0) {
+                s[0] = s[1] = s[2] = AS_S(bnfast_checked_scalar_f16_base);
+                t[0] = t[1] = t[2] = AS_T(bnfast_checked_tiled_f16_base);
+#if BNFAST_DISPATCH_AVX2
+                if (has & 1) {
+                    s[1] = AS_S(bnfast_checked_scalar_f16_z);
+                    s[2] = AS_S(bnfast_checked_scalar_f16_z_nt);
+                    t[1] = AS_T(bnfast_checked_tiled_f16_z);
+                    t[2] = AS_T(bnfast_checked_tiled_f16_z_nt);
+                }
+#endif
+            } else {
+                s[0] = s[1] = s[2] = AS_S(bnfast_checked_scalar_bf16_base);
+                t[0] = t[1] = t[2] = AS_T(bnfast_checked_tiled_bf16_base);
+#if BNFAST_DISPATCH_AVX2
+                if (has & 4) {
+                    s[1] = AS_S(bnfast_checked_scalar_bf16_hw);
+                    s[2] = AS_S(bnfast_checked_scalar_bf16_hw_nt);
+                    t[1] = AS_T(bnfast_checked_tiled_bf16_hw);
+                    t[2] = AS_T(bnfast_checked_tiled_bf16_hw_nt);
+                } else if (has & 2) {
+                    s[1] = AS_S(bnfast_checked_scalar_bf16_z);
+                    s[2] = AS_S(bnfast_checked_scalar_bf16_z_nt);
+                    t[1] = AS_T(bnfast_checked_tiled_bf16_z);
+                    t[2] = AS_T(bnfast_checked_tiled_bf16_z_nt);
+                }
+#endif
+            }
+            for (int v = 0; v < 3; v++) run_scalar(s[v], relu);
+            for (int v = 0; v < 3; v++) run_tiled(t[v], relu);
+        }
+    }
+    return 0;
+}
