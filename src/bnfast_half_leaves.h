@@ -679,54 +679,35 @@ BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z, BNFAST_BF16_Z_TARGET, bnfast_load1
                         bnfast_store16_bf16_z, bnfast_stream16_bf16_z, 0)
 BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_load16_bf16_z,
                         bnfast_store16_bf16_z, bnfast_stream16_bf16_z, 1)
-#define BNFAST_PICK_CHECKED_F16(base, z) (bnfast_use_f16_z() ? (z) : (base))
-#define BNFAST_PICK_CHECKED_BF16(base, z, hw) \
-    (bnfast_use_bf16_hw() ? (hw) : bnfast_use_bf16_z() ? (z) : (base))
+/* A leaf's variant for this CPU, streamed or not, from its stem. */
+#define BNFAST_CHECKED_NT_(name, stream) ((stream) ? name##_nt : name)
+#define BNFAST_PICK_CHECKED_f16(stem, stream) \
+    (bnfast_use_f16_z() ? BNFAST_CHECKED_NT_(stem##_z, stream) : stem##_base)
+#define BNFAST_PICK_CHECKED_bf16(stem, stream)                                           \
+    (bnfast_use_bf16_hw() ? BNFAST_CHECKED_NT_(stem##_hw, stream)                        \
+     : bnfast_use_bf16_z() ? BNFAST_CHECKED_NT_(stem##_z, stream) : stem##_base)
 #else
-#define BNFAST_PICK_CHECKED_F16(base, z) (base)
-#define BNFAST_PICK_CHECKED_BF16(base, z, hw) (base)
+#define BNFAST_PICK_CHECKED_f16(stem, stream) stem##_base
+#define BNFAST_PICK_CHECKED_bf16(stem, stream) stem##_base
 #endif
 
 /* The entries (add not NULL; stream: non-temporal stores where the CPU's
  * variant has them, the caller fencing). */
-static inline void bnfast_checked_scalar_f16(const bnfast_f16 *x, const bnfast_f16 *add,
-                                             bnfast_f16 *y, ptrdiff_t n, float hz, float fa,
-                                             float hb, double m, double a, double b,
-                                             int relu, int stream) {
-    BNFAST_PICK_CHECKED_F16(bnfast_checked_scalar_f16_base,
-                            stream ? bnfast_checked_scalar_f16_z_nt : bnfast_checked_scalar_f16_z)(
-        x, add, y, n, hz, fa, hb, m, a, b, relu);
-}
-static inline void bnfast_checked_tiled_f16(const bnfast_f16 *x, const bnfast_f16 *add,
-                                            bnfast_f16 *y, ptrdiff_t n, ptrdiff_t W,
-                                            const float *hz, const float *fa, const float *hb,
-                                            const double *m, const double *a, const double *b,
-                                            int relu, int stream) {
-    BNFAST_PICK_CHECKED_F16(bnfast_checked_tiled_f16_base,
-                            stream ? bnfast_checked_tiled_f16_z_nt : bnfast_checked_tiled_f16_z)(
-        x, add, y, n, W, hz, fa, hb, m, a, b, relu);
-}
-static inline void bnfast_checked_scalar_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
-                                              bnfast_bf16 *y, ptrdiff_t n, float hz, float fa,
-                                              float hb, double m, double a, double b,
-                                              int relu, int stream) {
-    BNFAST_PICK_CHECKED_BF16(bnfast_checked_scalar_bf16_base,
-                             stream ? bnfast_checked_scalar_bf16_z_nt
-                                    : bnfast_checked_scalar_bf16_z,
-                             stream ? bnfast_checked_scalar_bf16_hw_nt
-                                    : bnfast_checked_scalar_bf16_hw)(
-        x, add, y, n, hz, fa, hb, m, a, b, relu);
-}
-static inline void bnfast_checked_tiled_bf16(const bnfast_bf16 *x, const bnfast_bf16 *add,
-                                             bnfast_bf16 *y, ptrdiff_t n, ptrdiff_t W,
-                                             const float *hz, const float *fa, const float *hb,
-                                             const double *m, const double *a, const double *b,
-                                             int relu, int stream) {
-    BNFAST_PICK_CHECKED_BF16(bnfast_checked_tiled_bf16_base,
-                             stream ? bnfast_checked_tiled_bf16_z_nt : bnfast_checked_tiled_bf16_z,
-                             stream ? bnfast_checked_tiled_bf16_hw_nt
-                                    : bnfast_checked_tiled_bf16_hw)(
-        x, add, y, n, W, hz, fa, hb, m, a, b, relu);
-}
+#define BNFAST_DEFINE_CHECKED_ENTRIES(H, T)                                              \
+    static inline void bnfast_checked_scalar_##H(                                        \
+            const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
+            double m, double a, double b, int relu, int stream) {                        \
+        BNFAST_PICK_CHECKED_##H(bnfast_checked_scalar_##H, stream)(                      \
+            x, add, y, n, hz, fa, hb, m, a, b, relu);                                    \
+    }                                                                                    \
+    static inline void bnfast_checked_tiled_##H(                                         \
+            const T *x, const T *add, T *y, ptrdiff_t n, ptrdiff_t W, const float *hz,   \
+            const float *fa, const float *hb, const double *m, const double *a,          \
+            const double *b, int relu, int stream) {                                     \
+        BNFAST_PICK_CHECKED_##H(bnfast_checked_tiled_##H, stream)(                       \
+            x, add, y, n, W, hz, fa, hb, m, a, b, relu);                                 \
+    }
+BNFAST_DEFINE_CHECKED_ENTRIES(f16, bnfast_f16)
+BNFAST_DEFINE_CHECKED_ENTRIES(bf16, bnfast_bf16)
 
 #endif /* BNFAST_HALF_LEAVES_H */

@@ -38,9 +38,9 @@ def _inputs(rng, dtype):
     j = np.where(np.arange(N) % 2 == 0, np.arange(N) % W, 0)
     with np.errstate(all="ignore"):
         t = ((x.astype(np.float32) - rows[0][j]) * rows[1][j] + rows[2][j]).astype(np.float32)
-    add = rng.standard_normal(N).astype(dtype)
-    cancel = rng.random(N) < 0.5
-    add[cancel] = (-t[cancel]).astype(dtype)
+        add = rng.standard_normal(N).astype(dtype)
+        cancel = rng.random(N) < 0.5
+        add[cancel] = (-t[cancel]).astype(dtype)  # (beyond the half range: inf)
     add[::97] = np.array(np.inf, dtype)
     return x, add, rows, (m, a, b)
 
