@@ -12,7 +12,7 @@
 #   [m | a | b]    3 rows of doubles: float64 data, and float32 and half data
 #                  the float rows cannot carry, computed in double and rounded
 #                  once (and half data's checked sum with an addend, beside the
-#                  half rows: _use_float_rows)
+#                  half rows: _checked)
 #   [m | a | b]    3 rows of floats: float32 data, computed in float32 (as fast
 #                  as a copy when in cache; double costs ~3x there)
 #   [m | a | b]    3 half rows (floats): half data, the same map about its zero
@@ -73,24 +73,14 @@ cdef inline bint float_rows(const double* table, Py_ssize_t W) noexcept nogil:
     return table[table_len(W) - 1] != 0.0
 
 
-cdef inline bint _use_float_rows(const real_t* kind, const double* table, Py_ssize_t W,
-                                 const real_t* addend) noexcept nogil:
-    """Whether data of kind's type takes the float (or half) rows' leaves: where
-    the table allows (float_rows), but not half data with an addend, which the
-    checked leaves take (bnfast_half_leaves.h's end: the addend may cancel the
-    normalised value, and float's sum errs by 2^-24 of the terms, more than an
-    ulp of a half output near 0)."""
-    if real_t is bnfast_f16 or real_t is bnfast_bf16:
-        if addend != NULL:
-            return False
-    return float_rows(table, W)
-
-
 cdef inline bint _checked(const real_t* kind, const double* table, Py_ssize_t W,
                           const real_t* addend) noexcept nogil:
     """Whether the checked leaves take the call: half data with an addend, the
-    table fitting the float rows.  (They walk up and align their own streamed
-    lines; where an input lies just behind the output they store cached.)"""
+    table fitting the float rows (bnfast_half_leaves.h's end: the addend may
+    cancel the normalised value, and float's sum errs by 2^-24 of the terms,
+    more than an ulp of a half output near 0).  They walk up and align their
+    own streamed lines; where an input lies just behind the output they store
+    cached."""
     if real_t is bnfast_f16 or real_t is bnfast_bf16:
         return addend != NULL and float_rows(table, W)
     return False
@@ -336,7 +326,7 @@ cdef inline void _apply_scalar(const real_t* x, const real_t* addend, real_t* y,
         else:
             bnfast_affine_scalar_bf16_s(x, addend, y, n, ft[c], ft[R + c], ft[2 * R + c], relu,
                                         stream)
-    elif real_t is bnfast_f16 and float_rows(table, W):  # with an addend: _use_float_rows
+    elif real_t is bnfast_f16 and float_rows(table, W):  # use_float false: _checked
         bnfast_checked_scalar_f16(x, addend, y, n, ft[c], ft[R + c], ft[2 * R + c], table[c],
                                   table[R + c], table[2 * R + c], relu, stream)
     elif real_t is bnfast_bf16 and float_rows(table, W):
@@ -370,7 +360,7 @@ cdef inline void _apply_tiled(const real_t* x, const real_t* addend, real_t* y,
             bnfast_affine_tiled_f16_s(x, addend, y, n, W, ft, ft + R, ft + 2 * R, relu, stream)
         else:
             bnfast_affine_tiled_bf16_s(x, addend, y, n, W, ft, ft + R, ft + 2 * R, relu, stream)
-    elif real_t is bnfast_f16 and float_rows(tile, W):  # with an addend: _use_float_rows
+    elif real_t is bnfast_f16 and float_rows(tile, W):  # use_float false: _checked
         bnfast_checked_tiled_f16(x, addend, y, n, W, ft, ft + R, ft + 2 * R, tile, tile + R,
                                  tile + 2 * R, relu, stream)
     elif real_t is bnfast_bf16 and float_rows(tile, W):
@@ -490,8 +480,9 @@ cdef inline void apply_first(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_shares shares
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, runs * S, n_threads)
-    cdef bint use_float = _use_float_rows(xp, table, C, ap)
-    if use_float and flat_runs_taken(yp, S) or _checked(xp, table, C, ap):
+    cdef bint checked = _checked(xp, table, C, ap)
+    cdef bint use_float = float_rows(table, C) and not checked
+    if use_float and flat_runs_taken(yp, S) or checked:
         # Any S, any element-aligned start: the leaves align their 64-byte stores
         # (an out= view may be misaligned, which only plain stores take).
         stream = (stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
@@ -551,8 +542,9 @@ cdef inline void apply_last(const real_t* xp, const real_t* ap, real_t* yp,
     cdef bnfast_shares shares
     cdef bnfast_claim claim
     cdef int nt = threads_for(blocks, total, n_threads)
-    cdef bint use_float = _use_float_rows(xp, tile, W, ap)
-    if use_float and flat_tiles_taken(yp, W) or _checked(xp, tile, W, ap):
+    cdef bint checked = _checked(xp, tile, W, ap)
+    cdef bint use_float = float_rows(tile, W) and not checked
+    if use_float and flat_tiles_taken(yp, W) or checked:
         # Any element-aligned start: the leaves align their 64-byte stores (see
         # apply_first).
         stream = (stream and bits == NULL and (<size_t>yp) % sizeof(real_t) == 0
