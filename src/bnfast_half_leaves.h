@@ -570,7 +570,7 @@ BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)
         ptrdiff_t i;                                                                     \
         for (i = 0; i < n; i++)                                                          \
             BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
-                               BNFAST_PLUS_PLAIN, i, hz, fa, hb, m, a, b)                                   \
+                               BNFAST_PLUS_PLAIN, i, hz, fa, hb, m, a, b)                \
     }                                                                                    \
     TARGET static void bnfast_checked_tiled_##H##_##VARIANT(                             \
             const T *x0, const T *add0, T *y0, ptrdiff_t total, ptrdiff_t W,             \
@@ -583,7 +583,8 @@ BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)
             n = total - i0 < W ? total - i0 : W;                                         \
             for (i = 0; i < n; i++)                                                      \
                 BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
-                                   BNFAST_PLUS_PLAIN, i, hz[i], fa[i], hb[i], m[i], a[i], b[i])             \
+                                   BNFAST_PLUS_PLAIN, i, hz[i], fa[i], hb[i], m[i], a[i],  \
+                                   b[i])                                                 \
         }                                                                                \
     }
 BNFAST_DEFINE_CHECKED_ONES(f16, bnfast_f16, base, )
@@ -642,8 +643,8 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
         __m512d mv = _mm512_set1_pd(m), av = _mm512_set1_pd(a), bv = _mm512_set1_pd(b);  \
         ptrdiff_t i = 0;                                                                 \
         BNFAST_CHECKED_SPAN_(NT,                                                         \
-            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, i, hz, fa, \
-                               hb, m, a, b),                                             \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, \
+                               i, hz, fa, hb, m, a, b),                                  \
             BNFAST_CHECKED_STEP_S_, BNFAST_CHECKED_NO_NEXT, LOAD16, STORE16, STREAM16)   \
     }                                                                                    \
     /* The block [0, total) flat, its tile position j stepped: a step's 16    */         \
@@ -654,9 +655,8 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
             const double *a, const double *b, int relu) {                                \
         ptrdiff_t i = 0, j = 0;                                                          \
         BNFAST_CHECKED_SPAN_(NT,                                                         \
-            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, i, \
-                               hz[j],                                                    \
-                               fa[j], hb[j], m[j], a[j], b[j]),                          \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, \
+                               i, hz[j], fa[j], hb[j], m[j], a[j], b[j]),                \
             BNFAST_CHECKED_STEP_T_, BNFAST_CHECKED_NEXT_J, LOAD16, STORE16, STREAM16)   \
     }
 #define BNFAST_CHECKED_STEP_S_(LOAD16, STORE)                                            \
