@@ -163,10 +163,11 @@ static inline ptrdiff_t bnfast_coldot_stage_len(ptrdiff_t W, ptrdiff_t stride) {
     BNFAST_HALF_GRAD_ALIGN64(m, a, b, d)                                                 \
     BNFAST_HALF_GRAD_EO_STEPS(bnfast_stream32eo_bf16_z, M16, A16, B16, D16)
 /* Coefficient forms at j: the scalar leaves' one value, the tiled leaves' tile. */
-#define BNFAST_HALF_M16S(j) ((bnfast_h16f){0} + m)
-#define BNFAST_HALF_A16S(j) ((bnfast_h16f){0} + a)
-#define BNFAST_HALF_B16S(j) ((bnfast_h16f){0} + b)
-#define BNFAST_HALF_D16S(j) ((bnfast_h16f){0} + d)
+/* (set1: {0} + v would turn a -0 coefficient, d of a tiny negative dy mean, into +0) */
+#define BNFAST_HALF_M16S(j) ((bnfast_h16f)_mm512_set1_ps(m))
+#define BNFAST_HALF_A16S(j) ((bnfast_h16f)_mm512_set1_ps(a))
+#define BNFAST_HALF_B16S(j) ((bnfast_h16f)_mm512_set1_ps(b))
+#define BNFAST_HALF_D16S(j) ((bnfast_h16f)_mm512_set1_ps(d))
 #define BNFAST_HALF_M16T(j) BNFAST_H16_COEF(m, j)
 #define BNFAST_HALF_A16T(j) BNFAST_H16_COEF(a, j)
 #define BNFAST_HALF_B16T(j) BNFAST_H16_COEF(b, j)

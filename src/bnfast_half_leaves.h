@@ -545,13 +545,25 @@ BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)
 #define BNFAST_SUM_CHECK 0x1p-9f
 
 /* One value; PLUS(t, w) adds with t the first source (where both are NaN, t's
- * payload, as BNFAST_H16_ADD: GCC put the addend first here). */
+ * payload, as BNFAST_H16_ADD: GCC put the addend first here, at -O3). */
 #define BNFAST_CHECKED_SUM_(PLUS, xf, af, hz, fa, hb, m, a, b) ({                        \
         float t_ = ((xf) - (hz)) * (fa) + (hb), v_ = PLUS(t_, (af));                     \
         if (fabsf(v_) < BNFAST_SUM_CHECK * fabsf(t_))                                    \
             v_ = (float)((((double)(xf) - (m)) * (a) + (b)) + (double)(af));             \
         v_; })
+#if defined(__x86_64__) && defined(__AVX__)
+#define BNFAST_PLUS_PLAIN(t, w) ({                                                       \
+        float r_;                                                                        \
+        __asm__("vaddss %2, %1, %0" : "=x"(r_) : "x"(t), "x"(w));                        \
+        r_; })
+#elif defined(__x86_64__)
+#define BNFAST_PLUS_PLAIN(t, w) ({                                                       \
+        float r_ = (t);                                                                  \
+        __asm__("addss %1, %0" : "+x"(r_) : "x"(w));                                     \
+        r_; })
+#else
 #define BNFAST_PLUS_PLAIN(t, w) ((t) + (w))
+#endif
 #if BNFAST_DISPATCH_AVX2
 #define BNFAST_PLUS_AVX(t, w) ({                                                         \
         float r_;                                                                        \
@@ -638,8 +650,10 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
     TARGET static void bnfast_checked_scalar_##H##_##VARIANT(                            \
             const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
             double m, double a, double b, int relu) {                                    \
-        bnfast_h16f hzv = (bnfast_h16f){0} + hz, fav = (bnfast_h16f){0} + fa;             \
-        bnfast_h16f hbv = (bnfast_h16f){0} + hb;                                         \
+        /* (set1: {0} + v would turn a -0 coefficient into +0) */                       \
+        bnfast_h16f hzv = (bnfast_h16f)_mm512_set1_ps(hz);                               \
+        bnfast_h16f fav = (bnfast_h16f)_mm512_set1_ps(fa);                               \
+        bnfast_h16f hbv = (bnfast_h16f)_mm512_set1_ps(hb);                               \
         __m512d mv = _mm512_set1_pd(m), av = _mm512_set1_pd(a), bv = _mm512_set1_pd(b);  \
         ptrdiff_t i = 0;                                                                 \
         BNFAST_CHECKED_SPAN_(NT,                                                         \

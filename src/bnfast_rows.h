@@ -22,8 +22,9 @@
  * then + addend, then the ReLU's select, rounded once to the storage type; no
  * FMA), the additions pinned with BNFAST_H16_ADD to the operand order whose NaN
  * the other leaves return where both are NaN (the backward's: (dy - d) * a
- * before (x - m) * b, as GCC compiles the plain expression), so the same bits,
- * payloads included (tests/c/rows.c).  AVX-512 only (32 registers; AVX2's 16
+ * before (x - m) * b, as GCC compiled the plain table leaf at -O3 when this was
+ * written: the backward's payloads where both terms are NaN are not specified,
+ * tests/c/drivers.h), so the same bits, payloads included (tests/c/rows.c).  AVX-512 only (32 registers; AVX2's 16
  * would hold 32 channels): elsewhere the tables.
  */
 #ifndef BNFAST_ROWS_H

@@ -3,15 +3,16 @@
  * addend: float, taken again in double where the addend cancels the normalised
  * value) in every variant this build has, for tests/test_checked_sum.py.
  *
- * Input (stdin): for each half type (float16, then bfloat16), N x values, N
- * addend values (uint16 bits), then the tile's W float rows hz, fa, hb and W
- * double rows m, a, b (W + 16 values each are used: the 16 past W repeat the
- * start, as the tables' rows do).  Output (stdout): one int32, the variants this
- * CPU runs (bit 0: float16 on AVX512F, 1: bfloat16 on AVX-512, 2: AVX512-BF16),
- * then per type, relu (0, 1), leaf (scalar: one channel, tile position 0's
- * coefficients, called on spans of 37, 1100 and the rest; tiled: the tile over
- * all N values) and variant (portable, cached, streamed: the vector variants
- * give the portable one's bits where the CPU lacks them), N uint16 results.
+ * Input (stdin): an int32 count of cases, then per case an int32 type (0
+ * float16, 1 bfloat16), an int32 tile width W (<= MAXW), N x values, N addend
+ * values (uint16 bits), the tile's float rows hz, fa, hb and double rows m, a, b,
+ * W + 16 values each (the 16 past W repeat the start, as the tables' rows do).
+ * Output (stdout): one int32, the variants this CPU runs (bit 0: float16 on
+ * AVX512F, 1: bfloat16 on AVX-512, 2: AVX512-BF16), then per case, relu (0, 1),
+ * leaf (scalar: one channel, tile position 0's coefficients, called on spans of
+ * 37, 1100 and the rest; tiled: the tile over all N values) and variant
+ * (portable, cached, streamed: the vector variants give the portable one's bits
+ * where the CPU lacks them), N uint16 results.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -20,8 +21,7 @@
 #include "bnfast_half_leaves.h"
 
 #define N 8192
-#define W 48
-#define ROW (W + 16)
+#define MAXW 64
 
 typedef void (*scalar_fn)(const void *, const void *, void *, ptrdiff_t, float, float, float,
                           double, double, double, int);
@@ -30,8 +30,9 @@ typedef void (*tiled_fn)(const void *, const void *, void *, ptrdiff_t, ptrdiff_
                          const double *, const double *, int);
 
 static uint16_t x[N], add[N], y[N + 64];
-static float hz[ROW], fa[ROW], hb[ROW];
-static double m[ROW], a[ROW], b[ROW];
+static float hz[MAXW + 16], fa[MAXW + 16], hb[MAXW + 16];
+static double m[MAXW + 16], a[MAXW + 16], b[MAXW + 16];
+static int W;
 
 static void run_scalar(scalar_fn f, int relu) {
     /* out= one value past a 64-byte line: the streamed variant's head */
@@ -59,11 +60,17 @@ int main(void) {
     has = bnfast_use_f16_z() | bnfast_use_bf16_z() << 1 | bnfast_use_bf16_hw() << 2;
 #endif
     fwrite(&has, 4, 1, stdout);
-    for (int type = 0; type < 2; type++) {
+    int cases, type;
+    if (fread(&cases, 4, 1, stdin) != 1) return 1;
+    for (int k = 0; k < cases; k++) {
+        size_t row;
+        if (fread(&type, 4, 1, stdin) != 1 || fread(&W, 4, 1, stdin) != 1 || W < 1 || W > MAXW)
+            return 1;
+        row = (size_t)W + 16;
         if (fread(x, 2, N, stdin) != N || fread(add, 2, N, stdin) != N
-            || fread(hz, 4, ROW, stdin) != ROW || fread(fa, 4, ROW, stdin) != ROW
-            || fread(hb, 4, ROW, stdin) != ROW || fread(m, 8, ROW, stdin) != ROW
-            || fread(a, 8, ROW, stdin) != ROW || fread(b, 8, ROW, stdin) != ROW)
+            || fread(hz, 4, row, stdin) != row || fread(fa, 4, row, stdin) != row
+            || fread(hb, 4, row, stdin) != row || fread(m, 8, row, stdin) != row
+            || fread(a, 8, row, stdin) != row || fread(b, 8, row, stdin) != row)
             return 1;
         for (int relu = 0; relu < 2; relu++) {
             scalar_fn s[3];
