@@ -25,6 +25,7 @@
 #include "bnfast_half.h"
 #include "bnfast_simd.h"
 #include "bnfast_backward_simd.h"
+#include "bnfast_float_sums.h"  /* BNFAST_W4_AVX */
 
 /* Values per staged reduction call. */
 #define BNFAST_REDUCE_STAGE 4096
@@ -627,21 +628,21 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
         if (relu) v_ = BNFAST_H16_RELU(v_);                                              \
         STORE16(y + i, v_);                                                              \
     }
-/* Values [i, n): 16 a step, the rest one at a time; NEXT after each value or
- * step (16).  NT 1: non-temporal stores from y's first 64-byte line boundary
- * on, 32 values (a line) a step (a line both streamed and stored plainly is
- * very slow: the head's and the tail's lines are stored plainly), for spans of
- * 1024 values and more; the caller fences. */
-#define BNFAST_CHECKED_SPAN_(NT, ONE, STEP, NEXT, LOAD16, STORE16, STREAM16)             \
+/* Values [i, n): K (16 or 8) a step, the rest one at a time; NEXT after each
+ * value or step.  NT 1: non-temporal stores from y's first 64-byte line
+ * boundary on, 32 values (a line) a step (a line both streamed and stored
+ * plainly is very slow: the head's and the tail's lines are stored plainly),
+ * for spans of 1024 values and more; the caller fences. */
+#define BNFAST_CHECKED_SPAN_(NT, K, ONE, STEP, NEXT, LOAD, STORE, STREAM)               \
     if (NT && n - i >= 1024) {                                                           \
-        for (; ((size_t)(y + i) & 31) != 0; i++) { ONE NEXT(1) }                         \
-        if (((size_t)(y + i) & 63) != 0) { STEP(LOAD16, STORE16) i += 16; NEXT(16) }     \
+        for (; ((size_t)(y + i) & (2 * (K) - 1)) != 0; i++) { ONE NEXT(1) }              \
+        while (((size_t)(y + i) & 63) != 0) { STEP(LOAD, STORE) i += (K); NEXT(K) }      \
         while (i + 32 <= n) {                                                            \
-            STEP(LOAD16, STREAM16) i += 16; NEXT(16)                                     \
-            STEP(LOAD16, STREAM16) i += 16; NEXT(16)                                     \
+            int s_;                                                                      \
+            for (s_ = 0; s_ < 32 / (K); s_++) { STEP(LOAD, STREAM) i += (K); NEXT(K) }   \
         }                                                                                \
     }                                                                                    \
-    for (; i + 16 <= n; i += 16) { STEP(LOAD16, STORE16) NEXT(16) }                      \
+    for (; i + (K) <= n; i += (K)) { STEP(LOAD, STORE) NEXT(K) }                         \
     for (; i < n; i++) { ONE NEXT(1) }
 #define BNFAST_CHECKED_NO_NEXT(k)
 /* The tile position j of value i: j = i % W, stepped. */
@@ -656,7 +657,7 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
         bnfast_h16f hbv = (bnfast_h16f)_mm512_set1_ps(hb);                               \
         __m512d mv = _mm512_set1_pd(m), av = _mm512_set1_pd(a), bv = _mm512_set1_pd(b);  \
         ptrdiff_t i = 0;                                                                 \
-        BNFAST_CHECKED_SPAN_(NT,                                                         \
+        BNFAST_CHECKED_SPAN_(NT, 16,                                                     \
             BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, \
                                i, hz, fa, hb, m, a, b),                                  \
             BNFAST_CHECKED_STEP_S_, BNFAST_CHECKED_NO_NEXT, LOAD16, STORE16, STREAM16)   \
@@ -668,7 +669,7 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
             const float *hz, const float *fa, const float *hb, const double *m,          \
             const double *a, const double *b, int relu) {                                \
         ptrdiff_t i = 0, j = 0;                                                          \
-        BNFAST_CHECKED_SPAN_(NT,                                                         \
+        BNFAST_CHECKED_SPAN_(NT, 16,                                                     \
             BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, \
                                i, hz[j], fa[j], hb[j], m[j], a[j], b[j]),                \
             BNFAST_CHECKED_STEP_T_, BNFAST_CHECKED_NEXT_J, LOAD16, STORE16, STREAM16)   \
@@ -693,13 +694,81 @@ BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z, BNFAST_BF16_Z_TARGET, bnfast_load1
                         bnfast_store16_bf16_z, bnfast_stream16_bf16_z, 0)
 BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_load16_bf16_z,
                         bnfast_store16_bf16_z, bnfast_stream16_bf16_z, 1)
+/* AVX2 (float16 with F16C): eight values a step, each lane the same
+ * operations (the double pass in two four-lane halves, only for a step with a
+ * checked lane): the bits of the portable leaf.  (Without it an AVX2-only CPU
+ * ran the portable leaf, one value at a time: 30-40x slower.) */
+#define BNFAST_CHECKED_D4_(XF, AF, H, M, A, B)                                           \
+    _mm256_cvtpd_ps((bnfast_v4d)((BNFAST_W4_AVX(XF, H) - (M)) * (A) + (B))               \
+                    + BNFAST_W4_AVX(AF, H))
+#define BNFAST_CHECKED_8_(LOAD8, STORE8, HZ, FA, HB, M0, A0, B0, M1, A1, B1)             \
+    {                                                                                    \
+        bnfast_h8f xf_ = LOAD8(x + i), af_ = LOAD8(add + i);                             \
+        bnfast_h8f t_ = (xf_ - (HZ)) * (FA) + (HB), v_ = BNFAST_H8_ADD(t_, af_);          \
+        const __m256 abs_ = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));          \
+        __m256 k_ = _mm256_cmp_ps(                                                       \
+            _mm256_and_ps((__m256)v_, abs_),                                             \
+            _mm256_mul_ps(_mm256_set1_ps(BNFAST_SUM_CHECK), _mm256_and_ps((__m256)t_, abs_)), \
+            _CMP_LT_OQ);                                                                 \
+        if (__builtin_expect(_mm256_movemask_ps(k_) != 0, 0)) {                          \
+            __m128 lo_ = BNFAST_CHECKED_D4_(xf_, af_, 0, M0, A0, B0);                    \
+            __m128 hi_ = BNFAST_CHECKED_D4_(xf_, af_, 1, M1, A1, B1);                    \
+            v_ = (bnfast_h8f)_mm256_blendv_ps(                                           \
+                (__m256)v_, _mm256_insertf128_ps(_mm256_castps128_ps256(lo_), hi_, 1), k_); \
+        }                                                                                \
+        if (relu) v_ = BNFAST_H8_RELU(v_);                                               \
+        STORE8(y + i, v_);                                                               \
+    }
+#define BNFAST_DEFINE_CHECKED_Y(H, T, VARIANT, TARGET, LOAD8, STORE8, STREAM8, NT)       \
+    TARGET static void bnfast_checked_scalar_##H##_##VARIANT(                            \
+            const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
+            double m, double a, double b, int relu) {                                    \
+        bnfast_h8f hzv = (bnfast_h8f)_mm256_set1_ps(hz);                                 \
+        bnfast_h8f fav = (bnfast_h8f)_mm256_set1_ps(fa);                                 \
+        bnfast_h8f hbv = (bnfast_h8f)_mm256_set1_ps(hb);                                 \
+        bnfast_v4d mv = (bnfast_v4d)_mm256_set1_pd(m), av = (bnfast_v4d)_mm256_set1_pd(a); \
+        bnfast_v4d bv = (bnfast_v4d)_mm256_set1_pd(b);                                   \
+        ptrdiff_t i = 0;                                                                 \
+        BNFAST_CHECKED_SPAN_(NT, 8,                                                      \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
+                               BNFAST_PLUS_AVX, i, hz, fa, hb, m, a, b),                 \
+            BNFAST_CHECKED_STEP8_S_, BNFAST_CHECKED_NO_NEXT, LOAD8, STORE8, STREAM8)     \
+    }                                                                                    \
+    TARGET static void bnfast_checked_tiled_##H##_##VARIANT(                             \
+            const T *x, const T *add, T *y, ptrdiff_t n, ptrdiff_t W,                    \
+            const float *hz, const float *fa, const float *hb, const double *m,          \
+            const double *a, const double *b, int relu) {                                \
+        ptrdiff_t i = 0, j = 0;                                                          \
+        BNFAST_CHECKED_SPAN_(NT, 8,                                                      \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
+                               BNFAST_PLUS_AVX, i, hz[j], fa[j], hb[j], m[j], a[j], b[j]), \
+            BNFAST_CHECKED_STEP8_T_, BNFAST_CHECKED_NEXT_J, LOAD8, STORE8, STREAM8)      \
+    }
+#define BNFAST_CHECKED_STEP8_S_(LOAD8, STORE)                                            \
+    BNFAST_CHECKED_8_(LOAD8, STORE, hzv, fav, hbv, mv, av, bv, mv, av, bv)
+#define BNFAST_CHECKED_STEP8_T_(LOAD8, STORE)                                            \
+    BNFAST_CHECKED_8_(LOAD8, STORE, BNFAST_H8_COEF(hz, j), BNFAST_H8_COEF(fa, j),        \
+                      BNFAST_H8_COEF(hb, j), BNFAST_LOAD4(double, m + j),                \
+                      BNFAST_LOAD4(double, a + j), BNFAST_LOAD4(double, b + j),          \
+                      BNFAST_LOAD4(double, m + j + 4), BNFAST_LOAD4(double, a + j + 4),  \
+                      BNFAST_LOAD4(double, b + j + 4))
+BNFAST_DEFINE_CHECKED_Y(f16, bnfast_f16, f16c, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                        bnfast_store8_f16_f16c, bnfast_stream8_f16_f16c, 0)
+BNFAST_DEFINE_CHECKED_Y(f16, bnfast_f16, f16c_nt, BNFAST_F16C_TARGET, bnfast_load8_f16_f16c,
+                        bnfast_store8_f16_f16c, bnfast_stream8_f16_f16c, 1)
+BNFAST_DEFINE_CHECKED_Y(bf16, bnfast_bf16, avx2, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_store8_bf16_avx2, bnfast_stream8_bf16_avx2, 0)
+BNFAST_DEFINE_CHECKED_Y(bf16, bnfast_bf16, avx2_nt, BNFAST_AVX2_TARGET, bnfast_load8_bf16_avx2,
+                        bnfast_store8_bf16_avx2, bnfast_stream8_bf16_avx2, 1)
 /* A leaf's variant for this CPU, streamed or not, from its stem. */
 #define BNFAST_CHECKED_NT_(name, stream) ((stream) ? name##_nt : name)
-#define BNFAST_PICK_CHECKED_f16(stem, stream) \
-    (bnfast_use_f16_z() ? BNFAST_CHECKED_NT_(stem##_z, stream) : stem##_base)
+#define BNFAST_PICK_CHECKED_f16(stem, stream)                                            \
+    (bnfast_use_f16_z() ? BNFAST_CHECKED_NT_(stem##_z, stream)                           \
+     : bnfast_use_f16c() ? BNFAST_CHECKED_NT_(stem##_f16c, stream) : stem##_base)
 #define BNFAST_PICK_CHECKED_bf16(stem, stream)                                           \
     (bnfast_use_bf16_hw() ? BNFAST_CHECKED_NT_(stem##_hw, stream)                        \
-     : bnfast_use_bf16_z() ? BNFAST_CHECKED_NT_(stem##_z, stream) : stem##_base)
+     : bnfast_use_bf16_z() ? BNFAST_CHECKED_NT_(stem##_z, stream)                        \
+     : bnfast_use_avx2() ? BNFAST_CHECKED_NT_(stem##_avx2, stream) : stem##_base)
 #else
 #define BNFAST_PICK_CHECKED_f16(stem, stream) stem##_base
 #define BNFAST_PICK_CHECKED_bf16(stem, stream) stem##_base

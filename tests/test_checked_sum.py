@@ -4,7 +4,7 @@ Half data with an addend normalises in float, ``t = (x - hz) * fa + hb`` and
 ``v = t + add``, and where ``|v| < 2**-9 |t|`` (the addend cancels the
 normalised value) takes ``v`` again in double from the table's double rows.
 ``tests/c/checked_sum.c`` runs the scalar and tiled leaves in every variant
-(portable, AVX-512 cached and streamed), built at -O3 as the extension is, with
+(portable, AVX-512 and AVX2 cached and streamed), built at -O3 as the extension is, with
 and without ``-DBNFAST_NO_SIMD``, on values of every kind (cancelling addends,
 NaN, inf, subnormals, -0 coefficients) and tile widths below, across and above
 a 16-value step: each gives the bits of NumPy's transcription of that rule
@@ -21,6 +21,8 @@ import pytest
 from conftest import run_c_driver
 
 N = 8192
+#: The driver's variants: portable; the CPU's best cached, streamed; AVX2 cached, streamed.
+VARIANTS = 5
 HALF = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 #: (type index, tile width W): widths below, across and above a 16-value step.
 CASES = [(t, W) for t in (0, 1) for W in (5, 17, 48)]
@@ -86,7 +88,7 @@ def driver(request, tmp_path_factory):
     out = run_c_driver(tmp_path_factory.mktemp("checked"), "checked_sum.c", *request.param,
                        stdin=stdin)
     has = int(np.frombuffer(out[:4], np.int32)[0])
-    blocks = np.frombuffer(out[4:], np.uint16).reshape(len(CASES), 2, 2, 3, N)
+    blocks = np.frombuffer(out[4:], np.uint16).reshape(len(CASES), 2, 2, VARIANTS, N)
     return request.param, has, data, blocks
 
 
@@ -107,7 +109,7 @@ def test_every_variant_gives_the_rules_bits(driver, case, leaf, relu):
     assert nan.sum() > 10  # payloads in play
     if leaf == 1:
         assert (want[~nan] == 0x8000).any()  # and -0
-    for variant in (1, 2):  # every bit the portable leaf's, NaN payloads included
+    for variant in range(1, VARIANTS):  # every bit the portable leaf's, NaN payloads included
         np.testing.assert_array_equal(blocks[case, relu, leaf, variant], portable,
                                       err_msg=f"variant {variant}")
     # The double pass ran, and changed results: the check is not idle.
@@ -121,17 +123,20 @@ def test_every_variant_gives_the_rules_bits(driver, case, leaf, relu):
 
 
 def test_the_cpus_vector_variants_ran(driver):
-    """The SIMD build runs the AVX-512 leaves where the CPU has them (else every
-    block above is the portable leaf's twice over); the portable build none."""
+    """The SIMD build runs the AVX-512 and AVX2 leaves where the CPU has them
+    (else the blocks above are the portable leaf's over again); the portable
+    build none."""
     flags, has, _, _ = driver
     cpuinfo = Path("/proc/cpuinfo")
     if "-DBNFAST_NO_SIMD" in flags:
         assert has == 0
     elif cpuinfo.exists():
         cpu_flags = set(re.findall(r"\w+", cpuinfo.read_text()))
+        if {"f16c", "avx2"} <= cpu_flags:
+            assert has & 0b11000 == 0b11000
         if {"avx512f", "avx512vl", "avx512bw", "f16c", "avx2"} <= cpu_flags:
             assert has & 0b11 == 0b11
-        else:
-            pytest.skip("this CPU has no AVX-512: the portable leaves only")
+        elif not {"f16c", "avx2"} <= cpu_flags:
+            pytest.skip("this CPU has no AVX2: the portable leaves only")
     else:
         pytest.skip("no /proc/cpuinfo to tell what this CPU has")

@@ -8,11 +8,12 @@
  * values (uint16 bits), the tile's float rows hz, fa, hb and double rows m, a, b,
  * W + 16 values each (the 16 past W repeat the start, as the tables' rows do).
  * Output (stdout): one int32, the variants this CPU runs (bit 0: float16 on
- * AVX512F, 1: bfloat16 on AVX-512, 2: AVX512-BF16), then per case, relu (0, 1),
- * leaf (scalar: one channel, tile position 0's coefficients, called on spans of
- * 37, 1100 and the rest; tiled: the tile over all N values) and variant
- * (portable, cached, streamed: the vector variants give the portable one's bits
- * where the CPU lacks them), N uint16 results.
+ * AVX512F, 1: bfloat16 on AVX-512, 2: AVX512-BF16, 3: float16 on AVX2 + F16C,
+ * 4: bfloat16 on AVX2), then per case, relu (0, 1), leaf (scalar: one channel,
+ * tile position 0's coefficients, called on spans of 37, 1100 and the rest;
+ * tiled: the tile over all N values) and variant (portable; the best vector
+ * variant cached, streamed; the AVX2 one cached, streamed: the vector variants
+ * give the portable one's bits where the CPU lacks them), N uint16 results.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -51,13 +52,15 @@ static void run_tiled(tiled_fn f, int relu) {
     fwrite(out, 2, N, stdout);
 }
 
+#define VARIANTS 5
 #define AS_S(fn) ((scalar_fn)(void (*)(void))(fn))
 #define AS_T(fn) ((tiled_fn)(void (*)(void))(fn))
 
 int main(void) {
     int has = 0;
 #if BNFAST_DISPATCH_AVX2
-    has = bnfast_use_f16_z() | bnfast_use_bf16_z() << 1 | bnfast_use_bf16_hw() << 2;
+    has = bnfast_use_f16_z() | bnfast_use_bf16_z() << 1 | bnfast_use_bf16_hw() << 2
+          | bnfast_use_f16c() << 3 | bnfast_use_avx2() << 4;
 #endif
     fwrite(&has, 4, 1, stdout);
     int cases, type;
@@ -73,12 +76,20 @@ int main(void) {
             || fread(a, 8, row, stdin) != row || fread(b, 8, row, stdin) != row)
             return 1;
         for (int relu = 0; relu < 2; relu++) {
-            scalar_fn s[3];
-            tiled_fn t[3];
+            scalar_fn s[VARIANTS];
+            tiled_fn t[VARIANTS];
             if (type == 0) {
-                s[0] = s[1] = s[2] = AS_S(bnfast_checked_scalar_f16_base);
-                t[0] = t[1] = t[2] = AS_T(bnfast_checked_tiled_f16_base);
+                for (int v = 0; v < VARIANTS; v++) {
+                    s[v] = AS_S(bnfast_checked_scalar_f16_base);
+                    t[v] = AS_T(bnfast_checked_tiled_f16_base);
+                }
 #if BNFAST_DISPATCH_AVX2
+                if (has & 8) {
+                    s[3] = AS_S(bnfast_checked_scalar_f16_f16c);
+                    s[4] = AS_S(bnfast_checked_scalar_f16_f16c_nt);
+                    t[3] = AS_T(bnfast_checked_tiled_f16_f16c);
+                    t[4] = AS_T(bnfast_checked_tiled_f16_f16c_nt);
+                }
                 if (has & 1) {
                     s[1] = AS_S(bnfast_checked_scalar_f16_z);
                     s[2] = AS_S(bnfast_checked_scalar_f16_z_nt);
@@ -87,9 +98,17 @@ int main(void) {
                 }
 #endif
             } else {
-                s[0] = s[1] = s[2] = AS_S(bnfast_checked_scalar_bf16_base);
-                t[0] = t[1] = t[2] = AS_T(bnfast_checked_tiled_bf16_base);
+                for (int v = 0; v < VARIANTS; v++) {
+                    s[v] = AS_S(bnfast_checked_scalar_bf16_base);
+                    t[v] = AS_T(bnfast_checked_tiled_bf16_base);
+                }
 #if BNFAST_DISPATCH_AVX2
+                if (has & 16) {
+                    s[3] = AS_S(bnfast_checked_scalar_bf16_avx2);
+                    s[4] = AS_S(bnfast_checked_scalar_bf16_avx2_nt);
+                    t[3] = AS_T(bnfast_checked_tiled_bf16_avx2);
+                    t[4] = AS_T(bnfast_checked_tiled_bf16_avx2_nt);
+                }
                 if (has & 4) {
                     s[1] = AS_S(bnfast_checked_scalar_bf16_hw);
                     s[2] = AS_S(bnfast_checked_scalar_bf16_hw_nt);
@@ -103,8 +122,8 @@ int main(void) {
                 }
 #endif
             }
-            for (int v = 0; v < 3; v++) run_scalar(s[v], relu);
-            for (int v = 0; v < 3; v++) run_tiled(t[v], relu);
+            for (int v = 0; v < VARIANTS; v++) run_scalar(s[v], relu);
+            for (int v = 0; v < VARIANTS; v++) run_tiled(t[v], relu);
         }
     }
     return 0;
