@@ -647,33 +647,43 @@ BNFAST_DEFINE_CHECKED_ONES(bf16, bnfast_bf16, base, )
 #define BNFAST_CHECKED_NO_NEXT(k)
 /* The tile position j of value i: j = i % W, stepped. */
 #define BNFAST_CHECKED_NEXT_J(k) j += (k); while (j >= W) j -= W;
-#define BNFAST_DEFINE_CHECKED_Z(H, T, VARIANT, TARGET, LOAD16, STORE16, STREAM16, NT)    \
+/* A variant's scalar and tiled leaves, K lanes a step: DECLS declares the
+ * scalar leaf's broadcast coefficients, STEP_S and STEP_T are the two leaves'
+ * steps, CONV names the scalar conversions (BNFAST_TOF_<type>_<CONV>). */
+#define BNFAST_DEFINE_CHECKED_VEC(H, T, VARIANT, TARGET, K, CONV, DECLS, STEP_S, STEP_T,  \
+                                  LOAD, STORE, STREAM, NT)                               \
     TARGET static void bnfast_checked_scalar_##H##_##VARIANT(                            \
             const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
             double m, double a, double b, int relu) {                                    \
-        /* (set1: {0} + v would turn a -0 coefficient into +0) */                       \
-        bnfast_h16f hzv = (bnfast_h16f)_mm512_set1_ps(hz);                               \
-        bnfast_h16f fav = (bnfast_h16f)_mm512_set1_ps(fa);                               \
-        bnfast_h16f hbv = (bnfast_h16f)_mm512_set1_ps(hb);                               \
-        __m512d mv = _mm512_set1_pd(m), av = _mm512_set1_pd(a), bv = _mm512_set1_pd(b);  \
+        DECLS                                                                            \
         ptrdiff_t i = 0;                                                                 \
-        BNFAST_CHECKED_SPAN_(NT, 16,                                                     \
-            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, \
-                               i, hz, fa, hb, m, a, b),                                  \
-            BNFAST_CHECKED_STEP_S_, BNFAST_CHECKED_NO_NEXT, LOAD16, STORE16, STREAM16)   \
+        BNFAST_CHECKED_SPAN_(NT, K,                                                      \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##CONV, BNFAST_FROMF_##H##_##CONV,       \
+                               BNFAST_PLUS_AVX, i, hz, fa, hb, m, a, b),                 \
+            STEP_S, BNFAST_CHECKED_NO_NEXT, LOAD, STORE, STREAM)                         \
     }                                                                                    \
-    /* The block [0, total) flat, its tile position j stepped: a step's 16    */         \
+    /* The block [0, total) flat, its tile position j stepped: a step's K     */         \
     /* coefficients from j on (the rows' 16 values past W repeat their start). */        \
     TARGET static void bnfast_checked_tiled_##H##_##VARIANT(                             \
             const T *x, const T *add, T *y, ptrdiff_t n, ptrdiff_t W,                    \
             const float *hz, const float *fa, const float *hb, const double *m,          \
             const double *a, const double *b, int relu) {                                \
         ptrdiff_t i = 0, j = 0;                                                          \
-        BNFAST_CHECKED_SPAN_(NT, 16,                                                     \
-            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_z, BNFAST_FROMF_##H##_z, BNFAST_PLUS_AVX, \
-                               i, hz[j], fa[j], hb[j], m[j], a[j], b[j]),                \
-            BNFAST_CHECKED_STEP_T_, BNFAST_CHECKED_NEXT_J, LOAD16, STORE16, STREAM16)   \
+        BNFAST_CHECKED_SPAN_(NT, K,                                                      \
+            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##CONV, BNFAST_FROMF_##H##_##CONV,       \
+                               BNFAST_PLUS_AVX, i, hz[j], fa[j], hb[j], m[j], a[j], b[j]), \
+            STEP_T, BNFAST_CHECKED_NEXT_J, LOAD, STORE, STREAM)                          \
     }
+/* (set1: {0} + v would turn a -0 coefficient into +0) */
+#define BNFAST_CHECKED_DECLS16_                                                          \
+    bnfast_h16f hzv = (bnfast_h16f)_mm512_set1_ps(hz);                                   \
+    bnfast_h16f fav = (bnfast_h16f)_mm512_set1_ps(fa);                                   \
+    bnfast_h16f hbv = (bnfast_h16f)_mm512_set1_ps(hb);                                   \
+    __m512d mv = _mm512_set1_pd(m), av = _mm512_set1_pd(a), bv = _mm512_set1_pd(b);
+#define BNFAST_DEFINE_CHECKED_Z(H, T, VARIANT, TARGET, LOAD16, STORE16, STREAM16, NT)    \
+    BNFAST_DEFINE_CHECKED_VEC(H, T, VARIANT, TARGET, 16, z, BNFAST_CHECKED_DECLS16_,     \
+                              BNFAST_CHECKED_STEP_S_, BNFAST_CHECKED_STEP_T_, LOAD16,    \
+                              STORE16, STREAM16, NT)
 #define BNFAST_CHECKED_STEP_S_(LOAD16, STORE)                                            \
     BNFAST_CHECKED_16_(LOAD16, STORE, hzv, fav, hbv, mv, av, bv, mv, av, bv)
 #define BNFAST_CHECKED_STEP_T_(LOAD16, STORE)                                            \
@@ -719,31 +729,16 @@ BNFAST_DEFINE_CHECKED_Z(bf16, bnfast_bf16, z_nt, BNFAST_BF16_Z_TARGET, bnfast_lo
         if (relu) v_ = BNFAST_H8_RELU(v_);                                               \
         STORE8(y + i, v_);                                                               \
     }
+#define BNFAST_CHECKED_DECLS8_                                                           \
+    bnfast_h8f hzv = (bnfast_h8f)_mm256_set1_ps(hz);                                     \
+    bnfast_h8f fav = (bnfast_h8f)_mm256_set1_ps(fa);                                     \
+    bnfast_h8f hbv = (bnfast_h8f)_mm256_set1_ps(hb);                                     \
+    bnfast_v4d mv = (bnfast_v4d)_mm256_set1_pd(m), av = (bnfast_v4d)_mm256_set1_pd(a);   \
+    bnfast_v4d bv = (bnfast_v4d)_mm256_set1_pd(b);
 #define BNFAST_DEFINE_CHECKED_Y(H, T, VARIANT, TARGET, LOAD8, STORE8, STREAM8, NT)       \
-    TARGET static void bnfast_checked_scalar_##H##_##VARIANT(                            \
-            const T *x, const T *add, T *y, ptrdiff_t n, float hz, float fa, float hb,   \
-            double m, double a, double b, int relu) {                                    \
-        bnfast_h8f hzv = (bnfast_h8f)_mm256_set1_ps(hz);                                 \
-        bnfast_h8f fav = (bnfast_h8f)_mm256_set1_ps(fa);                                 \
-        bnfast_h8f hbv = (bnfast_h8f)_mm256_set1_ps(hb);                                 \
-        bnfast_v4d mv = (bnfast_v4d)_mm256_set1_pd(m), av = (bnfast_v4d)_mm256_set1_pd(a); \
-        bnfast_v4d bv = (bnfast_v4d)_mm256_set1_pd(b);                                   \
-        ptrdiff_t i = 0;                                                                 \
-        BNFAST_CHECKED_SPAN_(NT, 8,                                                      \
-            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
-                               BNFAST_PLUS_AVX, i, hz, fa, hb, m, a, b),                 \
-            BNFAST_CHECKED_STEP8_S_, BNFAST_CHECKED_NO_NEXT, LOAD8, STORE8, STREAM8)     \
-    }                                                                                    \
-    TARGET static void bnfast_checked_tiled_##H##_##VARIANT(                             \
-            const T *x, const T *add, T *y, ptrdiff_t n, ptrdiff_t W,                    \
-            const float *hz, const float *fa, const float *hb, const double *m,          \
-            const double *a, const double *b, int relu) {                                \
-        ptrdiff_t i = 0, j = 0;                                                          \
-        BNFAST_CHECKED_SPAN_(NT, 8,                                                      \
-            BNFAST_CHECKED_ONE(BNFAST_TOF_##H##_##VARIANT, BNFAST_FROMF_##H##_##VARIANT, \
-                               BNFAST_PLUS_AVX, i, hz[j], fa[j], hb[j], m[j], a[j], b[j]), \
-            BNFAST_CHECKED_STEP8_T_, BNFAST_CHECKED_NEXT_J, LOAD8, STORE8, STREAM8)      \
-    }
+    BNFAST_DEFINE_CHECKED_VEC(H, T, VARIANT, TARGET, 8, VARIANT, BNFAST_CHECKED_DECLS8_, \
+                              BNFAST_CHECKED_STEP8_S_, BNFAST_CHECKED_STEP8_T_, LOAD8,   \
+                              STORE8, STREAM8, NT)
 #define BNFAST_CHECKED_STEP8_S_(LOAD8, STORE)                                            \
     BNFAST_CHECKED_8_(LOAD8, STORE, hzv, fav, hbv, mv, av, bv, mv, av, bv)
 #define BNFAST_CHECKED_STEP8_T_(LOAD8, STORE)                                            \
