@@ -19,6 +19,8 @@ time for the columns): they lie within 20 float32 ulps of the magnitude of
 their terms of a float64 reference (bfloat16's whole range included: sums
 float cannot hold go through double), in both builds alike.
 """
+import platform
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -102,6 +104,17 @@ def test_native_build_gives_identical_bits(outputs, tmp_path):
     # instructions, the addend's addition pinned there (bnfast_half_leaves.h).
     simd, _ = outputs
     np.testing.assert_array_equal(_run_driver(tmp_path, "-march=native"), simd)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64", "i686"),
+                    reason="the picked variants are x86's")
+@pytest.mark.parametrize("flags", [(), ("-march=native",), ("-mavx2", "-mf16c")],
+                         ids=["default", "native", "avx2"])
+def test_every_x86_build_keeps_the_picked_variants(tmp_path, flags):
+    # A build whose own target had AVX2 once compiled no picked variants and ran
+    # its portable base leaves: float16 15-50x slower under BNFAST_NATIVE=1.
+    assert run_c_driver(tmp_path, "dispatch.c", "-O2", *flags).strip() == b"1"
+    assert run_c_driver(tmp_path, "dispatch.c", "-DBNFAST_NO_SIMD").strip() == b"0"
 
 
 # tests/c/backward_half_leaves.c: (count, width, kind) per case, as in its table;
