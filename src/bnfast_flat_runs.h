@@ -400,7 +400,7 @@ static inline int bnfast_flat_runs_taken_bf16(ptrdiff_t S) {
     return bnfast_flat_runs_taken_f32(S) && !bnfast_use_bf16_hw();
 }
 #else
-/* Builds without the run-time dispatch (portable, -march=native) never take the
+/* Builds without the run-time dispatch (portable, non-x86) never take the
  * flat leaves; the names stand for the run-by-run leaves, for the callers' one
  * code path. */
 #define BNFAST_FLAT_NONE(S) 0

@@ -539,9 +539,10 @@ BNFAST_DEFINE_HALF_AFFINE_PICKS(_nt)
  * of |t| and 2^-24 of |v|, stays under 2^-13 |v|, a quarter of a float16 ulp
  * (|add| < |t| + |v|: no check of its own).  Then the ReLU
  * and one rounding to the half type.  The check is the value's own, so every
- * variant gives the same bits: 16 lanes a step on AVX-512 (the double pass only
- * for a step with a checked lane: ~2% of them on unit-scale data), one value at
- * a time elsewhere and for the last values.
+ * variant gives the same bits: 16 lanes a step on AVX-512, 8 on AVX2 (the
+ * double pass only for a step with a checked lane: ~2% of 16-lane steps on
+ * unit-scale data), one value at a time in the portable leaf and for the last
+ * values.  The streamed head assumes y element-aligned (the callers check).
  * ------------------------------------------------------------------------- */
 #define BNFAST_SUM_CHECK 0x1p-9f
 

@@ -76,17 +76,20 @@ def _expected(x, add, rows, drows, relu, per_value, W):
         return v.astype(x.dtype), redo
 
 
+def _stdin(data):
+    return np.int32(len(CASES)).tobytes() + b"".join(
+        np.int32(t).tobytes() + np.int32(W).tobytes() + x.tobytes() + add.tobytes()
+        + b"".join(r.tobytes() for r in rows) + b"".join(r.tobytes() for r in drows)
+        for (t, W), (x, add, rows, drows) in zip(CASES, data))
+
+
 @pytest.fixture(scope="module", params=[("-O3",), ("-O3", "-DBNFAST_NO_SIMD")],
                 ids=["simd", "portable"])
 def driver(request, tmp_path_factory):
     rng = np.random.default_rng(7)
     data = [_inputs(rng, HALF[t], W) for t, W in CASES]
-    stdin = np.int32(len(CASES)).tobytes() + b"".join(
-        np.int32(t).tobytes() + np.int32(W).tobytes() + x.tobytes() + add.tobytes()
-        + b"".join(r.tobytes() for r in rows) + b"".join(r.tobytes() for r in drows)
-        for (t, W), (x, add, rows, drows) in zip(CASES, data))
     out = run_c_driver(tmp_path_factory.mktemp("checked"), "checked_sum.c", *request.param,
-                       stdin=stdin)
+                       stdin=_stdin(data))
     has = int(np.frombuffer(out[:4], np.int32)[0])
     blocks = np.frombuffer(out[4:], np.uint16).reshape(len(CASES), 2, 2, VARIANTS, N)
     return request.param, has, data, blocks
@@ -140,3 +143,20 @@ def test_the_cpus_vector_variants_ran(driver):
             pytest.skip("this CPU has no AVX2: the portable leaves only")
     else:
         pytest.skip("no /proc/cpuinfo to tell what this CPU has")
+
+
+def test_streamed_variants_stream_whole_aligned_lines(tmp_path):
+    """The streamed variants' non-temporal stores (logged: the driver built with
+    -DLOG_STORES) are aligned, cover whole 64-byte lines no plain store touches,
+    and happen (spans of 1100 and 7055 values); the cached variants stream
+    nothing."""
+    rng = np.random.default_rng(7)
+    data = [_inputs(rng, HALF[t], W) for t, W in CASES]
+    out = run_c_driver(tmp_path, "checked_sum.c", "-O3", "-DLOG_STORES", stdin=_stdin(data))
+    has = int(np.frombuffer(out[:4], np.int32)[0])
+    misaligned, mixed, streamed_nt, streamed_cached = np.frombuffer(out[-32:], np.int64)
+    assert (misaligned, mixed, streamed_cached) == (0, 0, 0)
+    if has & 0b11000 == 0b11000:  # AVX2 at least: every type has a streamed variant
+        assert streamed_nt > 1000
+    else:
+        pytest.skip("this CPU runs the portable leaves only")

@@ -14,11 +14,52 @@
  * tiled: the tile over all N values) and variant (portable; the best vector
  * variant cached, streamed; the AVX2 one cached, streamed: the vector variants
  * give the portable one's bits where the CPU lacks them), N uint16 results.
+ * Built with -DLOG_STORES the vector stores are logged (the leaves' own store
+ * macros redefined, the same stores) and four int64 follow the results: the
+ * non-temporal stores that were misaligned, the elements streamed in a 64-byte
+ * line also stored plainly (or beyond the output), the streamed stores of the
+ * streamed variants and of the cached ones.
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
+#ifdef LOG_STORES
+#include "bnfast_half.h"
+static void log_store(const void *p, int bytes, int nt);
+#define LOGGED_(p, bytes, nt, STORE) do { log_store((p), (bytes), (nt)); STORE; } while (0)
+#undef bnfast_store8_f16_f16c
+#undef bnfast_stream8_f16_f16c
+#undef bnfast_store8_bf16_avx2
+#undef bnfast_stream8_bf16_avx2
+#undef bnfast_store16_f16_z
+#undef bnfast_stream16_f16_z
+#undef bnfast_store16_bf16_z
+#undef bnfast_stream16_bf16_z
+#undef bnfast_store16_bf16_hw
+#undef bnfast_stream16_bf16_hw
+#define bnfast_store8_f16_f16c(p, f) \
+    LOGGED_(p, 16, 0, BNFAST_STORE8_HALF_(p, bnfast_pack8_f16_f16c(f)))
+#define bnfast_stream8_f16_f16c(p, f) \
+    LOGGED_(p, 16, 1, BNFAST_STREAM8_HALF_(p, bnfast_pack8_f16_f16c(f)))
+#define bnfast_store8_bf16_avx2(p, f) \
+    LOGGED_(p, 16, 0, BNFAST_STORE8_HALF_(p, bnfast_pack8_bf16_avx2(f)))
+#define bnfast_stream8_bf16_avx2(p, f) \
+    LOGGED_(p, 16, 1, BNFAST_STREAM8_HALF_(p, bnfast_pack8_bf16_avx2(f)))
+#define bnfast_store16_f16_z(p, v) \
+    LOGGED_(p, 32, 0, _mm256_storeu_si256((__m256i *)(void *)(p), bnfast_pack16_f16_z(v)))
+#define bnfast_stream16_f16_z(p, v) \
+    LOGGED_(p, 32, 1, _mm256_stream_si256((__m256i *)(void *)(p), bnfast_pack16_f16_z(v)))
+#define bnfast_store16_bf16_z(p, v) \
+    LOGGED_(p, 32, 0, _mm256_storeu_si256((__m256i *)(void *)(p), bnfast_pack16_bf16_z(v)))
+#define bnfast_stream16_bf16_z(p, v) \
+    LOGGED_(p, 32, 1, _mm256_stream_si256((__m256i *)(void *)(p), bnfast_pack16_bf16_z(v)))
+#define bnfast_store16_bf16_hw(p, v) \
+    LOGGED_(p, 32, 0, BNFAST_BF16_HW_16_(p, v, _mm256_storeu_si256, BNFAST_STORE8_HALF_))
+#define bnfast_stream16_bf16_hw(p, v) \
+    LOGGED_(p, 32, 1, BNFAST_BF16_HW_16_(p, v, _mm256_stream_si256, BNFAST_STREAM8_HALF_))
+#endif
 #include "bnfast_half_leaves.h"
 
 #define N 8192
@@ -30,7 +71,36 @@ typedef void (*tiled_fn)(const void *, const void *, void *, ptrdiff_t, ptrdiff_
                          const float *, const float *, const float *, const double *,
                          const double *, const double *, int);
 
-static uint16_t x[N], add[N], y[N + 64];
+static uint16_t x[N], add[N];
+static uint16_t y[N + 64] __attribute__((aligned(64)));
+
+#ifdef LOG_STORES
+/* Per element of y: streamed (1) or not; the counts reported at the end. */
+static unsigned char streamed[N + 64];
+static int64_t misaligned, mixed, streamed_nt, streamed_cached;
+static int streaming_variant;
+static void log_store(const void *p, int bytes, int nt) {
+    ptrdiff_t e = (const uint16_t *)p - y;
+    if (!nt) return;
+    if ((uintptr_t)p % (uintptr_t)bytes) misaligned++;
+    if (streaming_variant) streamed_nt++; else streamed_cached++;
+    for (int k = 0; k < bytes / 2; k++)
+        if (e + k >= 0 && e + k < N + 64) streamed[e + k] = 1;
+}
+/* After a call: a line with a streamed element is streamed whole, inside y + 1 .. + N. */
+static void check_lines(void) {
+    for (ptrdiff_t e = 0; e < N + 64; e++) {
+        if (!streamed[e]) continue;
+        ptrdiff_t line = e - e % 32;  /* y is 64-byte aligned: 32 values a line */
+        for (ptrdiff_t f = line; f < line + 32; f++)
+            if (f < 1 || f > N || !streamed[f]) { mixed++; break; }
+    }
+    memset(streamed, 0, sizeof streamed);
+}
+#else
+static int streaming_variant;
+static void check_lines(void) {}
+#endif
 static float hz[MAXW + 16], fa[MAXW + 16], hb[MAXW + 16];
 static double m[MAXW + 16], a[MAXW + 16], b[MAXW + 16];
 static int W;
@@ -122,9 +192,21 @@ int main(void) {
                 }
 #endif
             }
-            for (int v = 0; v < VARIANTS; v++) run_scalar(s[v], relu);
-            for (int v = 0; v < VARIANTS; v++) run_tiled(t[v], relu);
+            for (int v = 0; v < VARIANTS; v++) {
+                streaming_variant = v == 2 || v == 4;
+                run_scalar(s[v], relu);
+                check_lines();
+            }
+            for (int v = 0; v < VARIANTS; v++) {
+                streaming_variant = v == 2 || v == 4;
+                run_tiled(t[v], relu);
+                check_lines();
+            }
         }
     }
+#ifdef LOG_STORES
+    int64_t counts[4] = {misaligned, mixed, streamed_nt, streamed_cached};
+    fwrite(counts, 8, 4, stdout);
+#endif
     return 0;
 }
