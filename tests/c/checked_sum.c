@@ -125,6 +125,14 @@ static void run_tiled(tiled_fn f, int relu) {
 #define VARIANTS 5
 #define AS_S(fn) ((scalar_fn)(void (*)(void))(fn))
 #define AS_T(fn) ((tiled_fn)(void (*)(void))(fn))
+/* Variant slot k: type H's leaves of variant V; PUT2: the cached one at k and
+ * the streamed one at k + 1. */
+#define PUT1(k, H, V)                                                                    \
+    do {                                                                                 \
+        s[k] = AS_S(bnfast_checked_scalar_##H##_##V);                                    \
+        t[k] = AS_T(bnfast_checked_tiled_##H##_##V);                                     \
+    } while (0)
+#define PUT2(k, H, V) do { PUT1(k, H, V); PUT1((k) + 1, H, V##_nt); } while (0)
 
 int main(void) {
     int has = 0;
@@ -149,47 +157,17 @@ int main(void) {
             scalar_fn s[VARIANTS];
             tiled_fn t[VARIANTS];
             if (type == 0) {
-                for (int v = 0; v < VARIANTS; v++) {
-                    s[v] = AS_S(bnfast_checked_scalar_f16_base);
-                    t[v] = AS_T(bnfast_checked_tiled_f16_base);
-                }
+                for (int v = 0; v < VARIANTS; v++) PUT1(v, f16, base);
 #if BNFAST_DISPATCH_AVX2
-                if (has & 8) {
-                    s[3] = AS_S(bnfast_checked_scalar_f16_f16c);
-                    s[4] = AS_S(bnfast_checked_scalar_f16_f16c_nt);
-                    t[3] = AS_T(bnfast_checked_tiled_f16_f16c);
-                    t[4] = AS_T(bnfast_checked_tiled_f16_f16c_nt);
-                }
-                if (has & 1) {
-                    s[1] = AS_S(bnfast_checked_scalar_f16_z);
-                    s[2] = AS_S(bnfast_checked_scalar_f16_z_nt);
-                    t[1] = AS_T(bnfast_checked_tiled_f16_z);
-                    t[2] = AS_T(bnfast_checked_tiled_f16_z_nt);
-                }
+                if (has & 8) PUT2(3, f16, f16c);
+                if (has & 1) PUT2(1, f16, z);
 #endif
             } else {
-                for (int v = 0; v < VARIANTS; v++) {
-                    s[v] = AS_S(bnfast_checked_scalar_bf16_base);
-                    t[v] = AS_T(bnfast_checked_tiled_bf16_base);
-                }
+                for (int v = 0; v < VARIANTS; v++) PUT1(v, bf16, base);
 #if BNFAST_DISPATCH_AVX2
-                if (has & 16) {
-                    s[3] = AS_S(bnfast_checked_scalar_bf16_avx2);
-                    s[4] = AS_S(bnfast_checked_scalar_bf16_avx2_nt);
-                    t[3] = AS_T(bnfast_checked_tiled_bf16_avx2);
-                    t[4] = AS_T(bnfast_checked_tiled_bf16_avx2_nt);
-                }
-                if (has & 4) {
-                    s[1] = AS_S(bnfast_checked_scalar_bf16_hw);
-                    s[2] = AS_S(bnfast_checked_scalar_bf16_hw_nt);
-                    t[1] = AS_T(bnfast_checked_tiled_bf16_hw);
-                    t[2] = AS_T(bnfast_checked_tiled_bf16_hw_nt);
-                } else if (has & 2) {
-                    s[1] = AS_S(bnfast_checked_scalar_bf16_z);
-                    s[2] = AS_S(bnfast_checked_scalar_bf16_z_nt);
-                    t[1] = AS_T(bnfast_checked_tiled_bf16_z);
-                    t[2] = AS_T(bnfast_checked_tiled_bf16_z_nt);
-                }
+                if (has & 16) PUT2(3, bf16, avx2);
+                if (has & 4) PUT2(1, bf16, hw);
+                else if (has & 2) PUT2(1, bf16, z);
 #endif
             }
             for (int v = 0; v < VARIANTS; v++) {
